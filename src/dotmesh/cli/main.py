@@ -1,0 +1,449 @@
+"""``dm``: git for application state. Every error ends here as one line and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dotmesh import FORMAT_VERSION, __version__
+from dotmesh.cli.render import emit_json, human_size, iso, progress_bar, table, when
+from dotmesh.errors import DotmeshError
+from dotmesh.ops import checkout as checkout_ops
+from dotmesh.ops import commit as commit_ops
+from dotmesh.ops import dots as dot_ops
+from dotmesh.ops import fsck as fsck_ops
+from dotmesh.ops import history
+from dotmesh.ops.home import Home, default_home
+
+INTERNAL_ERROR = 70
+json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+class Ctx:
+    def __init__(self, home: Path) -> None:
+        self.path = home
+        self._home: Home | None = None
+
+    @property
+    def home(self) -> Home:
+        if self._home is None:
+            self._home = Home(self.path)
+        return self._home
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(path_type=Path), default=None,
+              help="The store to use (default: $DM_HOME or ~/.dotmesh).")
+@click.version_option(__version__, prog_name="dm")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """dotmesh: commit, branch, reset and share the state of your app's data.
+
+    \b
+    Example:
+      dm init app && dm path app.clicks-db
+      dm commit -m "clean state" && dm log
+    """
+    ctx.obj = Ctx(home or default_home())
+
+
+# ------------------------------------------------------------------ dots
+
+
+@cli.command()
+@click.argument("dot")
+@pass_ctx
+def init(c: Ctx, dot: str) -> None:
+    """Create a dot (made current if there is none).
+
+    \b
+    Example:  dm init app
+    """
+    made_current = dot_ops.init(c.home, dot)
+    click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
+
+
+@cli.command()
+@click.argument("dot")
+@pass_ctx
+def switch(c: Ctx, dot: str) -> None:
+    """Make DOT the current dot, which commit, log, checkout and reset act on.
+
+    \b
+    Example:  dm switch app
+    """
+    dot_ops.switch(c.home, dot)
+    click.echo(f"Current dot is now {dot}")
+
+
+@cli.command()
+@click.argument("name", metavar="DOT[.SUBDOT]")
+@pass_ctx
+def path(c: Ctx, name: str) -> None:
+    """Print a subdot's stable folder, creating the dot and subdot if needed.
+
+    The folder's contents follow the dot's current branch; point your app's data store at it.
+
+    \b
+    Example:  redis-server --dir "$(dm path app.clicks-db)"
+    """
+    click.echo(str(dot_ops.path(c.home, name)))
+
+
+def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
+    return {"name": s.name, "current": s.current, "branch": s.branch,
+            "head": s.head.hex() if s.head else None, "dirty": s.dirty, "size": s.size,
+            "last_commit": {"message": s.head_message, "timestamp": iso(s.head_timestamp_ns)}
+            if s.head_timestamp_ns else None,
+            "subdots": {k: str(v) for k, v in s.subdots.items()}, "branches": s.branches}
+
+
+@cli.command(name="list")
+@json_flag
+@pass_ctx
+def list_(c: Ctx, as_json: bool) -> None:
+    """List dots: current (*), branch, size, dirty, last commit.
+
+    \b
+    Example:  dm list --json
+    """
+    statuses = [dot_ops.status(c.home, d) for d in c.home.dots()]
+    if as_json:
+        emit_json([_status_json(s) for s in statuses])
+        return
+    if not statuses:
+        click.echo("No dots yet: create one with dm init DOT")
+        return
+    table([["*" if s.current else "", s.name, s.branch, human_size(s.size),
+            "dirty" if s.dirty else "clean",
+            f"{s.head.hex()[:12]} {s.head_message}" if s.head else "-"] for s in statuses],
+          ["", "DOT", "BRANCH", "SIZE", "STATE", "LAST COMMIT"])
+
+
+@cli.group()
+def dot() -> None:
+    """Show or delete dots."""
+
+
+@dot.command("show")
+@click.argument("name", required=False)
+@json_flag
+@pass_ctx
+def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
+    """Show a dot's branch, head, subdots and their folders (default: the current dot).
+
+    \b
+    Example:  dm dot show app
+    """
+    s = dot_ops.status(c.home, c.home.require_current(name))
+    if as_json:
+        emit_json(_status_json(s))
+        return
+    click.echo(f"Dot {s.name}" + (" (current)" if s.current else ""))
+    click.echo(f"  branch:   {s.branch}  (branches: {', '.join(s.branches)})")
+    click.echo(f"  head:     {s.head.hex() if s.head else '-'}")
+    click.echo(f"  state:    {'dirty' if s.dirty else 'clean'}, {human_size(s.size)}")
+    click.echo("  subdots:")
+    for sub, p in s.subdots.items():
+        click.echo(f"    {sub:<20} {p}")
+
+
+@dot.command("delete")
+@click.option("-f", "--force", is_flag=True, help="Really delete it.")
+@click.argument("name")
+@pass_ctx
+def dot_delete(c: Ctx, force: bool, name: str) -> None:
+    """Delete a dot: its folders, branches and history.
+
+    \b
+    Example:  dm dot delete -f app
+    """
+    dot_ops.delete(c.home, name, force)
+    click.echo(f"Deleted dot {name}")
+
+
+# ------------------------------------------------------------------ history
+
+
+@cli.command()
+@click.option("-m", "--message", required=True, help="What this state is.")
+@click.option("-d", "--metadata", multiple=True, metavar="KEY=VALUE",
+              help="Free-form metadata; repeatable.")
+@click.option("--author", default=None, help="Default: $DM_AUTHOR or your user name.")
+@json_flag
+@pass_ctx
+def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
+           as_json: bool) -> None:
+    """Commit every subdot of the current dot at once.
+
+    \b
+    Example:  dm commit -m "two users, ten clicks" -d ticket=BUG-42
+    """
+    home = c.home
+    dot_name = home.require_current()
+    meta = commit_ops.parse_metadata(list(metadata))
+    with progress_bar("Committing") as bar:
+        r = commit_ops.commit(home, dot_name, message, meta, author, progress=bar)
+    if as_json:
+        emit_json({"id": r.id.hex(), "dot": dot_name, "files_read": r.files_read,
+                   "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored})
+        return
+    click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {message}")
+    click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
+               f"stored {human_size(r.bytes_stored)}")
+
+
+def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
+    return {"id": oid.hex(), "parents": [p.hex() for p in cm.parents], "message": cm.message,
+            "author": cm.author, "timestamp": iso(cm.timestamp_ns), "metadata": cm.metadata,
+            "subdots": sorted(cm.subdots)}
+
+
+@cli.command()
+@click.option("-n", "--max-count", type=click.IntRange(min=0), default=None,
+              help="Show at most N commits.")
+@json_flag
+@pass_ctx
+def log(c: Ctx, max_count: int | None, as_json: bool) -> None:
+    """Show the current branch's commits, newest first.
+
+    \b
+    Example:  dm log -n 5
+    """
+    dot_name = c.home.require_current()
+    entries = list(history.log(c.home, dot_name, max_count))
+    if as_json:
+        emit_json([_commit_json(oid, cm) for oid, cm in entries])
+        return
+    if not entries:
+        click.echo("No commits yet: make one with dm commit -m MSG")
+    for oid, cm in entries:
+        click.echo(f"commit {oid.hex()}")
+        click.echo(f"Author: {cm.author}")
+        click.echo(f"Date:   {when(cm.timestamp_ns)}")
+        for k, v in sorted(cm.metadata.items()):
+            click.echo(f"        {k}={v}")
+        click.echo(f"\n    {cm.message}\n")
+
+
+@cli.command()
+@json_flag
+@pass_ctx
+def branch(c: Ctx, as_json: bool) -> None:
+    """List the current dot's branches (* marks the current one).
+
+    \b
+    Example:  dm branch
+    """
+    dot_name = c.home.require_current()
+    current = c.home.branch(dot_name)
+    branches = c.home.branches(dot_name)
+    if as_json:
+        emit_json([{"name": b, "current": b == current, "head": h.hex() if h else None}
+                   for b, h in branches.items()])
+        return
+    for b in branches:
+        click.echo(f"{'*' if b == current else ' '} {b}")
+
+
+@cli.command()
+@click.option("-b", "create", is_flag=True, help="Create BRANCH at HEAD first.")
+@click.argument("branch_name", metavar="BRANCH")
+@pass_ctx
+def checkout(c: Ctx, create: bool, branch_name: str) -> None:
+    """Switch the current dot to BRANCH; uncommitted changes stay with their branch.
+
+    \b
+    Example:  dm checkout -b experiment   # then later: dm checkout master
+    """
+    dot_name = c.home.require_current()
+    with progress_bar("Checking out") as bar:
+        changed = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar)
+    if not changed:
+        click.echo(f"Already on {branch_name}")
+    else:
+        click.echo(f"Switched to {'a new ' if create else ''}branch {branch_name}")
+
+
+@cli.command()
+@click.option("--hard", is_flag=True, help="Required: replace the working state.")
+@click.argument("ref", default="HEAD")
+@json_flag
+@pass_ctx
+def reset(c: Ctx, hard: bool, ref: str, as_json: bool) -> None:
+    """Move the current branch to REF and make the data match it.
+
+    The working state being discarded is stored first and listed by dm reflog.
+
+    \b
+    Example:  dm reset --hard HEAD^
+    """
+    if not hard:
+        raise click.UsageError("only 'dm reset --hard REF' is supported")
+    dot_name = c.home.require_current()
+    with progress_bar("Resetting") as bar:
+        r = checkout_ops.reset_hard(c.home, dot_name, ref, bar)
+    if as_json:
+        emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
+                   "saved": r.saved.hex() if r.saved else None})
+        return
+    click.echo(f"HEAD is now at {r.new.hex()[:12]} {c.home.commit(r.new).message}")
+    if r.saved:
+        click.echo(f"The discarded working state is saved as {r.saved.hex()[:12]} "
+                   f"(dm reflog; dm reset --hard {r.saved.hex()[:12]} brings it back)")
+
+
+@cli.command()
+@click.option("-n", "--max-count", type=click.IntRange(min=0), default=None)
+@json_flag
+@pass_ctx
+def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
+    """Show how the current dot's branches moved, and saved working states.
+
+    \b
+    Example:  dm reflog -n 10
+    """
+    dot_name = c.home.require_current()
+    entries = history.reflog(c.home, dot_name, max_count)
+
+    def hx(x: bytes | None) -> str | None:
+        return x.hex() if x else None
+
+    if as_json:
+        emit_json([{"branch": e.branch, "timestamp": iso(e.ts_ns), "action": e.action,
+                    "old": hx(e.old), "new": hx(e.new), "saved": hx(e.saved),
+                    "message": e.message} for e in entries])
+        return
+    for e in entries:
+        line = f"{(hx(e.new) or '-')[:12]:<12}  {e.branch}  {e.action}: {e.message}"
+        if e.saved:
+            line += f"  (working state saved as {e.saved.hex()[:12]})"
+        click.echo(f"{when(e.ts_ns)}  {line}")
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, metavar="[REF [REF]]")
+@click.option("--stat", "stat_only", is_flag=True, help="Only counts per subdot.")
+@json_flag
+@pass_ctx
+def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
+    """Show files added, removed and changed, per subdot.
+
+    With no REF: HEAD against the working state; one REF: REF against the working state;
+    two: the first against the second.
+
+    \b
+    Example:  dm diff HEAD^ HEAD --stat
+    """
+    if len(refs) > 2:
+        raise click.UsageError("dm diff takes at most two refs")
+    dot_name = c.home.require_current()
+    a = refs[0] if refs else None
+    b = refs[1] if len(refs) > 1 else None
+    changes = history.diff(c.home, dot_name, a, b)
+    stats: dict[str, dict[str, int]] = {}
+    for ch in changes:
+        s = stats.setdefault(ch.subdot, {"added": 0, "removed": 0, "changed": 0})
+        s[ch.status] += 1
+    if as_json:
+        emit_json({"stat": stats} if stat_only else [ch.__dict__ for ch in changes])
+        return
+    if stat_only:
+        for sub, s in stats.items():
+            click.echo(f"{sub}: {s['added']} added, {s['removed']} removed, "
+                       f"{s['changed']} changed")
+        if not stats:
+            click.echo("No changes")
+        return
+    marks = {"added": "+", "removed": "-", "changed": "M"}
+    for ch in changes:
+        click.echo(f"{marks[ch.status]} {ch.subdot}:{ch.path}")
+    if not changes:
+        click.echo("No changes")
+
+
+@cli.command()
+@json_flag
+@pass_ctx
+def fsck(c: Ctx, as_json: bool) -> None:
+    """Verify every stored object's hash and that all refs reach complete history.
+
+    \b
+    Example:  dm fsck
+    """
+    with progress_bar("Verifying", c.home.packs.count()) as bar:
+        r = fsck_ops.fsck(c.home, bar)
+    if as_json:
+        emit_json({"ok": r.ok, "objects": r.objects, "commits": r.commits, "trees": r.trees,
+                   "problems": r.problems})
+    else:
+        for p in r.problems:
+            click.echo(f"problem: {p}")
+        click.echo(f"checked {r.objects} objects, {r.commits} commits, {r.trees} trees: "
+                   + ("no problems" if r.ok else f"{len(r.problems)} problems"))
+    if not r.ok:
+        sys.exit(7)
+
+
+@cli.command()
+@json_flag
+def version(as_json: bool) -> None:
+    """Print dm's version and the store format it writes.
+
+    \b
+    Example:  dm version --json
+    """
+    if as_json:
+        emit_json({"version": __version__, "format": FORMAT_VERSION})
+    else:
+        click.echo(f"dm {__version__} (store format {FORMAT_VERSION})")
+
+
+# ------------------------------------------------------------------ the one error handler
+
+
+def run(args: list[str] | None = None, prog: str = "dm") -> int:
+    """Run the CLI and return its exit code; every failure is one line on stderr."""
+    err: Callable[[str], None] = lambda msg: click.echo(f"{prog}: error: {msg}", err=True)  # noqa: E731
+    try:
+        cli.main(args=args, prog_name=prog, standalone_mode=False)
+        return 0
+    except DotmeshError as e:
+        err(str(e))
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        err(e.format_message())
+        return e.exit_code
+    except click.exceptions.Abort:
+        err("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        err(f"{e.strerror or e}{where}")
+        return 1
+    except Exception as e:  # a bug: still one line, with the details on request
+        if os.environ.get("DM_DEBUG"):
+            traceback.print_exc()
+        err(f"internal error: {type(e).__name__}: {e} (set DM_DEBUG=1 for details)")
+        return INTERNAL_ERROR
+
+
+def main() -> None:
+    code = run()
+    sys.exit(code)

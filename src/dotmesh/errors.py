@@ -1,0 +1,53 @@
+"""Every error a user can meet, each with its exit code.
+
+The CLI catches :class:`DotmeshError` in one place and prints ``dm: error: <message>``; anything
+else is a bug. Messages say what went wrong and, where there is one, what to do next.
+"""
+
+from __future__ import annotations
+
+
+class DotmeshError(Exception):
+    """Base of all expected failures."""
+
+    exit_code = 1
+
+
+class UsageError(DotmeshError):
+    """The user asked for something malformed (a bad flag value, a bad name)."""
+
+    exit_code = 2
+
+
+class InvalidName(UsageError):
+    """A dot, subdot or branch name breaks the naming rules."""
+
+
+class NotFound(DotmeshError):
+    """A dot, branch, subdot, commit or object that does not exist."""
+
+    exit_code = 3
+
+
+class AlreadyExists(DotmeshError):
+    """Creating something whose name is taken."""
+
+    exit_code = 4
+
+
+class Conflict(DotmeshError):
+    """The operation would lose data or contradict state; the message says how to proceed."""
+
+    exit_code = 5
+
+
+class Locked(DotmeshError):
+    """Another dm process holds the dot's lock."""
+
+    exit_code = 6
+
+
+class Corrupt(DotmeshError):
+    """Stored data failed verification; run ``dm fsck``."""
+
+    exit_code = 7

@@ -1,0 +1,1 @@
+"""SQLite metadata: dots, subdots, branches, reflog, stat cache, object index."""

@@ -1,0 +1,80 @@
+"""The one SQLite database of a home (WAL mode); the only module that knows the schema.
+
+Objects are fsynced into pack files before their index rows are committed here, and index rows
+are committed before any ref that needs them, so a crash leaves at worst unreferenced data.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from dotmesh import FORMAT_VERSION
+from dotmesh.errors import Corrupt
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    id BLOB PRIMARY KEY, kind INTEGER NOT NULL, pack INTEGER NOT NULL,
+    offset INTEGER NOT NULL, stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL,
+    zstd INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dots (
+    name TEXT PRIMARY KEY, branch TEXT NOT NULL, created_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS subdots (
+    dot TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (dot, name));
+CREATE TABLE IF NOT EXISTS branches (
+    dot TEXT NOT NULL, name TEXT NOT NULL, head BLOB, PRIMARY KEY (dot, name));
+CREATE TABLE IF NOT EXISTS reflog (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, dot TEXT NOT NULL, branch TEXT NOT NULL,
+    ts_ns INTEGER NOT NULL, action TEXT NOT NULL, old BLOB, new BLOB, saved BLOB,
+    message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS statcache (
+    dot TEXT NOT NULL, branch TEXT NOT NULL, subdot TEXT NOT NULL, path BLOB NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL, content BLOB, chunked INTEGER NOT NULL,
+    PRIMARY KEY (dot, branch, subdot, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swaps (
+    dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database with the settings every caller relies on."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    version = _ensure_schema(conn)
+    if version != FORMAT_VERSION:
+        raise Corrupt(f"store format {version} is not supported (this dm reads {FORMAT_VERSION})")
+    return conn
+
+
+def _ensure_schema(conn: sqlite3.Connection) -> int:
+    row = None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    except sqlite3.OperationalError:
+        pass
+    if row is None:
+        conn.executescript(SCHEMA)  # idempotent: every statement is IF NOT EXISTS
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)", (str(time.time_ns()),))
+        row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    return int(row[0])
+
+
+class Tx:
+    """``with Tx(conn):`` runs the block in one IMMEDIATE transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,88 @@
+"""``dm checkout``, ``dm checkout -b`` and ``dm reset --hard``.
+
+Each branch keeps its own working folders, so a checkout parks the current ones and never loses
+uncommitted work. A hard reset first stores the working state it is about to discard and records
+it in the reflog, so a mistyped reset can always be undone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from dotmesh.errors import NotFound
+from dotmesh.meta.db import Tx
+from dotmesh.model.names import check_branch
+from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.ops.commit import default_author
+from dotmesh.ops.dots import is_dirty
+from dotmesh.ops.home import Home
+from dotmesh.ops.working import (
+    Progress,
+    materialize,
+    recover,
+    restore_dot,
+    snapshot_dot,
+    swap,
+    target_roots,
+)
+
+
+@dataclass
+class ResetResult:
+    old: ObjectId | None
+    new: ObjectId
+    saved: ObjectId | None  # the discarded working state, when it differed from the old head
+
+
+def checkout(home: Home, dot: str, branch: str, create: bool = False,
+             progress: Progress | None = None) -> bool:
+    """Switch the dot to ``branch``; returns False if it was already there."""
+    check_branch(branch)
+    with home.lock(dot):
+        recover(home, dot)
+        current = home.branch(dot)
+        if create:
+            home.create_branch(dot, branch, home.head(dot, current))
+            with Tx(home.conn) as tx:
+                head = home.head(dot, branch)
+                home.log_ref(tx, dot, branch, "branch", None, head, None,
+                             f"branched from {current}")
+        elif branch == current:
+            return False
+        head = home.head(dot, branch)
+        writer = home.packs.writer()
+        materialize(home, dot, branch, home.commit(head) if head else None, writer, progress)
+        swap(home, dot, branch)
+        return True
+
+
+def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None) -> ResetResult:
+    with home.lock(dot):
+        recover(home, dot)
+        branch = home.branch(dot)
+        old = home.head(dot, branch)
+        target_id = home.resolve(dot, ref)
+        if target_id not in home.all_commits(dot):
+            raise NotFound(f"{ref!r} is not a commit of dot {dot!r}")
+        target = home.commit(target_id)
+        writer = home.packs.writer()
+        snap = snapshot_dot(home, dot, writer, progress)
+        saved: ObjectId | None = None
+        if is_dirty(snap.roots, home.commit(old) if old else None):
+            saved = writer.put(KIND_COMMIT, Commit(
+                parents=(old,) if old else (), subdots=snap.roots,
+                message=f"working state discarded by reset to {ref}",
+                author=default_author(), timestamp_ns=time.time_ns(), metadata={},
+            ).encode())
+        roots = target_roots(home, dot, target, writer)
+        writer.flush()
+        with Tx(home.conn) as tx:  # record what is about to be discarded, before touching it
+            home.log_ref(tx, dot, branch, "reset", old, target_id, saved, f"reset --hard {ref}")
+        caches = restore_dot(home, dot, roots, snap, progress)
+        with Tx(home.conn) as tx:
+            home.move_head(tx, dot, branch, old, target_id)
+            for sub, cache in caches.items():
+                base = snap.caches.get(sub, {})
+                home.save_cache(tx, dot, branch, sub, base, cache)
+        return ResetResult(old, target_id, saved)

@@ -1,0 +1,70 @@
+"""``dm commit``: one commit capturing every subdot of the current dot."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from dataclasses import dataclass
+
+from dotmesh.errors import UsageError
+from dotmesh.meta.db import Tx
+from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.ops.home import Home
+from dotmesh.ops.working import Progress, recover, save_caches, snapshot_dot
+
+
+@dataclass
+class CommitResult:
+    id: ObjectId
+    commit: Commit
+    files_read: int
+    bytes_read: int
+    bytes_stored: int
+
+
+def default_author() -> str:
+    name = os.environ.get("DM_AUTHOR")
+    if name:
+        return name
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"bad metadata {p!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None = None,
+           author: str | None = None, progress: Progress | None = None) -> CommitResult:
+    if not message.strip():
+        raise UsageError("the commit message is empty: give one with -m")
+    with home.lock(dot):
+        recover(home, dot)
+        branch = home.branch(dot)
+        old = home.head(dot, branch)
+        writer = home.packs.writer()
+        snap = snapshot_dot(home, dot, writer, progress)
+        c = Commit(
+            parents=(old,) if old else (),
+            subdots=snap.roots,
+            message=message,
+            author=author or default_author(),
+            timestamp_ns=time.time_ns(),
+            metadata=metadata or {},
+        )
+        oid = writer.put(KIND_COMMIT, c.encode())
+        writer.flush()  # objects are durable before the ref names them
+        with Tx(home.conn) as tx:
+            home.move_head(tx, dot, branch, old, oid)
+            home.log_ref(tx, dot, branch, "commit", old, oid, None, message)
+            save_caches(home, tx, dot, branch, snap)
+        return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written)

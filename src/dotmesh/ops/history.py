@@ -1,0 +1,113 @@
+"""Reading history: ``dm log``, ``dm branch``, ``dm reflog`` and ``dm diff``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
+from dotmesh.ops.home import Home
+from dotmesh.ops.working import recover, snapshot_dot
+
+
+def log(home: Home, dot: str, limit: int | None = None,
+        start: str = "HEAD") -> Iterator[tuple[ObjectId, Commit]]:
+    """Commits from ``start`` back along first parents, newest first."""
+    if home.head(dot, home.branch(dot)) is None and start == "HEAD":
+        return
+    oid: ObjectId | None = home.resolve(dot, start)
+    n = 0
+    while oid is not None and (limit is None or n < limit):
+        c = home.commit(oid)
+        yield oid, c
+        oid = c.parents[0] if c.parents else None
+        n += 1
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    seq: int
+    branch: str
+    ts_ns: int
+    action: str
+    old: bytes | None
+    new: bytes | None
+    saved: bytes | None
+    message: str
+
+
+def reflog(home: Home, dot: str, limit: int | None = None) -> list[ReflogEntry]:
+    rows = home.conn.execute(
+        "SELECT seq, branch, ts_ns, action, old, new, saved, message FROM reflog WHERE dot=? "
+        "ORDER BY seq DESC LIMIT ?", (dot, -1 if limit is None else limit)).fetchall()
+    return [ReflogEntry(*r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Change:
+    subdot: str
+    status: str  # added, removed, changed
+    path: str
+    old_size: int
+    new_size: int
+
+
+def diff(home: Home, dot: str, a: str | None = None, b: str | None = None) -> list[Change]:
+    """Changes from ref ``a`` (default HEAD) to ref ``b`` (default: the working state)."""
+    extra: dict[bytes, bytes] = {}
+    if b is None:
+        with home.lock(dot):
+            recover(home, dot)
+            snap = snapshot_dot(home, dot, None)
+        new_roots: dict[str, Root] = snap.roots
+        for r in snap.results.values():
+            extra.update(r.unstored_trees)
+    else:
+        new_roots = home.commit(home.resolve(dot, b)).subdots
+    if a is None and home.head(dot, home.branch(dot)) is None:
+        old_roots: dict[str, Root] = {}
+    else:
+        old_roots = home.commit(home.resolve(dot, a or "HEAD")).subdots
+
+    def entries(tree: ObjectId | None) -> dict[str, Entry]:
+        if tree is None:
+            return {}
+        data = extra.get(tree)
+        return {e.name: e for e in Tree.decode(data if data else home.packs.get(tree)).entries}
+
+    out: list[Change] = []
+
+    def walk(sub: str, prefix: str, ta: ObjectId | None, tb: ObjectId | None) -> None:
+        ea, eb = entries(ta), entries(tb)
+        for name in sorted(ea.keys() | eb.keys()):
+            x, y = ea.get(name), eb.get(name)
+            path = prefix + name
+            xd = x is not None and x.kind == DIR
+            yd = y is not None and y.kind == DIR
+            if xd or yd:
+                if x is not None and not xd:
+                    out.append(Change(sub, "removed", path, x.size, 0))
+                if y is not None and not yd:
+                    out.append(Change(sub, "added", path, 0, y.size))
+                if xd and not yd:
+                    out.append(Change(sub, "removed", path + "/", 0, 0))
+                if yd and not xd:
+                    out.append(Change(sub, "added", path + "/", 0, 0))
+                ra = x.ref if xd and x is not None else None
+                rb = y.ref if yd and y is not None else None
+                if ra != rb:
+                    walk(sub, path + "/", ra if isinstance(ra, bytes) else None,
+                         rb if isinstance(rb, bytes) else None)
+            elif x is None and y is not None:
+                out.append(Change(sub, "added", path, 0, y.size))
+            elif y is None and x is not None:
+                out.append(Change(sub, "removed", path, x.size, 0))
+            elif x is not None and y is not None and (
+                    (x.kind, x.ref, x.size, x.mode) != (y.kind, y.ref, y.size, y.mode)):
+                out.append(Change(sub, "changed", path, x.size, y.size))
+
+    for sub in sorted(old_roots.keys() | new_roots.keys()):
+        ra, rb = old_roots.get(sub), new_roots.get(sub)
+        if ra is None or rb is None or ra.tree != rb.tree:
+            walk(sub, "", ra.tree if ra else None, rb.tree if rb else None)
+    return out

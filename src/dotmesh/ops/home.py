@@ -1,0 +1,252 @@
+"""A store on disk (``DM_HOME``): paths, metadata queries, locks and ref updates.
+
+Layout::
+
+    meta.db                          SQLite: refs, reflog, stat caches, object index
+    packs/*.pack                     append-only object packs
+    dots/DOT/subdots/SUB/            the stable folders; they hold the current branch
+    dots/DOT/branches/BRANCH/SUB/    working states parked by other branches
+    dots/DOT/tmp/                    scratch space for folders being built
+    locks/DOT.lock                   one dm process per dot at a time
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dotmesh.errors import AlreadyExists, Conflict, Locked, NotFound, UsageError
+from dotmesh.meta.db import Tx, connect
+from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
+from dotmesh.model.objects import Commit, ObjectId
+from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
+from dotmesh.store.packs import PackStore
+from dotmesh.workdir.snapshot import CacheEntry, StatCache
+
+
+def default_home() -> Path:
+    env = os.environ.get("DM_HOME")
+    return Path(env) if env else Path.home() / ".dotmesh"
+
+
+class Home:
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            (self.root / "dots").mkdir(exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot use {self.root} as the dotmesh home: {e.strerror}") from None
+        self.conn = connect(self.root / "meta.db")
+        self.packs = PackStore(self.root, self.conn)
+
+    def close(self) -> None:
+        self.packs.close()
+        self.conn.close()
+
+    # ------------------------------------------------------------ paths
+    def dot_dir(self, dot: str) -> Path:
+        return self.root / "dots" / dot
+
+    def stable(self, dot: str, subdot: str) -> Path:
+        return self.dot_dir(dot) / "subdots" / subdot
+
+    def parked(self, dot: str, branch: str, subdot: str) -> Path:
+        return self.dot_dir(dot) / "branches" / branch / subdot
+
+    def scratch(self, dot: str) -> Path:
+        p = self.dot_dir(dot) / "tmp"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # ------------------------------------------------------------ locking
+    @contextmanager
+    def lock(self, dot: str) -> Iterator[None]:
+        """Hold the dot's lock for the block; fail at once, naming the holder, if taken."""
+        path = self.root / "locks" / f"{dot}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise Locked(f"dot {dot!r} is busy: another dm process (pid {holder}) is "
+                             "working on it; try again when it has finished") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ dots
+    def current_dot(self) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='current_dot'").fetchone()
+        return row[0] if row and self.dot_exists(row[0]) else None
+
+    def set_current_dot(self, dot: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('current_dot', ?)", (dot,))
+
+    def require_current(self, dot: str | None = None) -> str:
+        if dot is not None:
+            self.require_dot(dot)
+            return dot
+        cur = self.current_dot()
+        if cur is None:
+            raise UsageError("no current dot: run dm switch DOT (or dm init DOT) first")
+        return cur
+
+    def dot_exists(self, dot: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone() is not None
+
+    def require_dot(self, dot: str) -> None:
+        check_name(dot, "dot name")
+        if not self.dot_exists(dot):
+            raise NotFound(f"no dot named {dot!r} (dm list shows the dots)")
+
+    def dots(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM dots ORDER BY name")]
+
+    def create_dot(self, dot: str) -> None:
+        check_name(dot, "dot name")
+        with Tx(self.conn) as c:
+            if c.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone():
+                raise AlreadyExists(f"dot {dot!r} already exists")
+            c.execute("INSERT INTO dots VALUES (?, ?, ?)", (dot, DEFAULT_BRANCH, time.time_ns()))
+            c.execute("INSERT INTO branches VALUES (?, ?, NULL)", (dot, DEFAULT_BRANCH))
+        (self.dot_dir(dot) / "subdots").mkdir(parents=True, exist_ok=True)
+
+    def delete_dot(self, dot: str) -> None:
+        """Forget the dot's refs and folders; its objects stay in the packs."""
+        with Tx(self.conn) as c:
+            for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
+                               ("statcache", "dot"), ("swaps", "dot")):
+                c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
+            c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
+                      " VALUES (?, '', ?, 'delete', NULL, NULL, NULL, 'dot deleted')",
+                      (dot, time.time_ns()))
+        shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
+
+    def subdots(self, dot: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT name FROM subdots WHERE dot=? ORDER BY name", (dot,))]
+
+    def add_subdot(self, dot: str, subdot: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (dot, subdot))
+
+    # ------------------------------------------------------------ branches and refs
+    def branch(self, dot: str) -> str:
+        row = self.conn.execute("SELECT branch FROM dots WHERE name=?", (dot,)).fetchone()
+        if row is None:
+            raise NotFound(f"no dot named {dot!r}")
+        return str(row[0])
+
+    def branches(self, dot: str) -> dict[str, ObjectId | None]:
+        return {r[0]: (ObjectId(r[1]) if r[1] else None) for r in self.conn.execute(
+            "SELECT name, head FROM branches WHERE dot=? ORDER BY name", (dot,))}
+
+    def head(self, dot: str, branch: str) -> ObjectId | None:
+        row = self.conn.execute("SELECT head FROM branches WHERE dot=? AND name=?",
+                                (dot, branch)).fetchone()
+        if row is None:
+            raise NotFound(f"dot {dot!r} has no branch {branch!r} (dm branch lists them)")
+        return ObjectId(row[0]) if row[0] else None
+
+    def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
+        check_branch(branch)
+        with Tx(self.conn) as c:
+            if c.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
+                         (dot, branch)).fetchone():
+                raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
+            c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+            c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+
+    def move_head(self, c: object, dot: str, branch: str, old: ObjectId | None,
+                  new: ObjectId) -> None:
+        """Compare-and-swap a branch head inside the caller's transaction."""
+        assert hasattr(c, "execute")
+        cur = c.execute("SELECT head FROM branches WHERE dot=? AND name=?",
+                        (dot, branch)).fetchone()
+        if cur is None or (cur[0] or None) != old:
+            raise Conflict(f"branch {branch!r} of {dot!r} moved while this command ran; rerun it")
+        c.execute("UPDATE branches SET head=? WHERE dot=? AND name=?", (new, dot, branch))
+
+    def log_ref(self, c: object, dot: str, branch: str, action: str, old: bytes | None,
+                new: bytes | None, saved: bytes | None, message: str) -> None:
+        assert hasattr(c, "execute")
+        c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (dot, branch, time.time_ns(), action, old, new, saved, message))
+
+    def commit(self, oid: bytes) -> Commit:
+        return Commit.decode(self.packs.get(oid))
+
+    def resolve(self, dot: str, text: str) -> ObjectId:
+        """A commit id for ``HEAD``, ``HEAD^``, ``HEAD~N``, a branch, or a unique id prefix."""
+        spec = parse_ref(text)
+        branches = self.branches(dot)
+        if spec.is_head:
+            oid = branches.get(self.branch(dot))
+            if oid is None:
+                raise NotFound("HEAD has no commit yet: run dm commit first")
+        elif spec.base in branches:
+            oid = branches[spec.base]
+            if oid is None:
+                raise NotFound(f"branch {spec.base!r} has no commit yet")
+        elif looks_like_id_prefix(spec.base):
+            oid = self._by_prefix(dot, spec.base)
+        else:
+            raise NotFound(f"unknown ref {text!r}: not HEAD, a branch or a commit id")
+        for i in range(spec.back):
+            parents = self.commit(oid).parents
+            if not parents:
+                raise NotFound(f"{text!r} goes back {spec.back} commits but history has only {i}")
+            oid = parents[0]
+        return oid
+
+    def _by_prefix(self, dot: str, prefix: str) -> ObjectId:
+        hits = {c for c in self.all_commits(dot) if c.hex().startswith(prefix)}
+        if not hits:
+            raise NotFound(f"no commit of dot {dot!r} starts with {prefix!r}")
+        if len(hits) > 1:
+            raise UsageError(f"commit id prefix {prefix!r} is ambiguous: give more characters")
+        return ObjectId(hits.pop())
+
+    def all_commits(self, dot: str) -> set[bytes]:
+        """Every commit reachable from the dot's branches and reflog."""
+        seen: set[bytes] = set()
+        stack = [h for h in self.branches(dot).values() if h]
+        for row in self.conn.execute("SELECT old, new, saved FROM reflog WHERE dot=?", (dot,)):
+            stack.extend(x for x in row if x)
+        while stack:
+            oid = stack.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            try:
+                stack.extend(self.commit(oid).parents)
+            except NotFound:
+                pass
+        return seen
+
+    # ------------------------------------------------------------ stat caches
+    def load_cache(self, dot: str, branch: str, subdot: str) -> StatCache:
+        return {r[0]: CacheEntry(r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in
+                self.conn.execute(
+                    "SELECT path, size, mtime_ns, ctime_ns, ino, content, chunked FROM statcache"
+                    " WHERE dot=? AND branch=? AND subdot=?", (dot, branch, subdot))}
+
+    def save_cache(self, c: object, dot: str, branch: str, subdot: str, old: StatCache,
+                   new: StatCache) -> None:
+        """Write only the differences, inside the caller's transaction."""
+        assert hasattr(c, "execute") and hasattr(c, "executemany")
+        gone = [(dot, branch, subdot, k) for k in old.keys() - new.keys()]
+        changed = [(dot, branch, subdot, k, v.size, v.mtime_ns, v.ctime_ns, v.ino, v.content,
+                    int(v.chunked)) for k, v in new.items() if old.get(k) != v]
+        c.executemany("DELETE FROM statcache WHERE dot=? AND branch=? AND subdot=? AND path=?",
+                      gone)
+        c.executemany("INSERT OR REPLACE INTO statcache VALUES (?,?,?,?,?,?,?,?,?,?)", changed)

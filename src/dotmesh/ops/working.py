@@ -1,0 +1,149 @@
+"""The working state of a dot: snapshot all its subdots, finish interrupted branch swaps, and
+build or swap the per-branch folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dotmesh.meta.db import Tx
+from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
+from dotmesh.ops.home import Home
+from dotmesh.store.packs import PackWriter
+from dotmesh.workdir.restore import RestoreResult, merge_cache, restore
+from dotmesh.workdir.snapshot import SnapshotResult, StatCache, snapshot
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class DotSnapshot:
+    roots: dict[str, Root]
+    results: dict[str, SnapshotResult]
+    caches: dict[str, StatCache]  # the caches the scan started from
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.results.values())
+
+    @property
+    def files_read(self) -> int:
+        return sum(r.files_read for r in self.results.values())
+
+
+def ensure_folders(home: Home, dot: str) -> None:
+    for sub in home.subdots(dot):
+        home.stable(dot, sub).mkdir(parents=True, exist_ok=True)
+
+
+def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
+                 progress: Progress | None = None) -> DotSnapshot:
+    """Snapshot every subdot of the current branch (``writer=None``: hash only, store nothing)."""
+    branch = home.branch(dot)
+    ensure_folders(home, dot)
+    snap = DotSnapshot({}, {}, {})
+    for sub in home.subdots(dot):
+        cache = home.load_cache(dot, branch, sub)
+        res = snapshot(home.stable(dot, sub), home.packs, writer, cache, progress)
+        snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
+    return snap
+
+
+def save_caches(home: Home, c: object, dot: str, branch: str, snap: DotSnapshot) -> None:
+    for sub, res in snap.results.items():
+        home.save_cache(c, dot, branch, sub, snap.caches[sub], res.cache)
+
+
+def empty_root(writer: PackWriter | None) -> Root:
+    data = EMPTY_TREE.encode()
+    oid = writer.put(KIND_TREE, data) if writer else object_id(data)
+    return Root(oid, 0o755, os.getuid(), os.getgid(), time.time_ns())
+
+
+def target_roots(home: Home, dot: str, commit: Commit | None,
+                 writer: PackWriter) -> dict[str, Root]:
+    """What each subdot should hold for ``commit``; subdots it lacks become empty."""
+    roots = dict(commit.subdots) if commit else {}
+    for sub in roots:
+        home.add_subdot(dot, sub)
+    for sub in home.subdots(dot):
+        roots.setdefault(sub, empty_root(writer))
+    return roots
+
+
+def restore_dot(home: Home, dot: str, roots: dict[str, Root], snap: DotSnapshot,
+                progress: Progress | None = None) -> dict[str, StatCache]:
+    """Restore the stable folders in place; returns each subdot's new stat cache."""
+    caches: dict[str, StatCache] = {}
+    for sub, root in roots.items():
+        res: RestoreResult = restore(home.stable(dot, sub), home.packs, root,
+                                     snap.roots.get(sub), progress)
+        base = snap.results[sub].cache if sub in snap.results else {}
+        caches[sub] = merge_cache(base, res)
+    return caches
+
+
+def materialize(home: Home, dot: str, branch: str, commit: Commit | None, writer: PackWriter,
+                progress: Progress | None = None) -> None:
+    """Build the parked folders of ``branch`` from ``commit`` (built aside, then renamed in)."""
+    roots = target_roots(home, dot, commit, writer)
+    writer.flush()
+    for sub, root in roots.items():
+        final = home.parked(dot, branch, sub)
+        if final.exists():
+            continue
+        tmp = home.scratch(dot) / uuid.uuid4().hex
+        res = restore(tmp, home.packs, root, None, progress)
+        with Tx(home.conn) as c:
+            home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
+                            merge_cache({}, res))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+
+
+def swap(home: Home, dot: str, to_branch: str) -> None:
+    """Park the current branch's folders and bring ``to_branch``'s in, crash-safely."""
+    from_branch = home.branch(dot)
+    with Tx(home.conn) as c:
+        c.execute("INSERT OR REPLACE INTO swaps VALUES (?, ?, ?)", (dot, from_branch, to_branch))
+    settle(home, dot)
+
+
+def settle(home: Home, dot: str) -> None:
+    """Finish a swap that a killed dm left half done (always rolls forward)."""
+    row = home.conn.execute("SELECT from_branch, to_branch FROM swaps WHERE dot=?",
+                            (dot,)).fetchone()
+    if row is None:
+        return
+    from_branch, to_branch = row
+    for sub in home.subdots(dot):
+        stable = home.stable(dot, sub)
+        old, new = home.parked(dot, from_branch, sub), home.parked(dot, to_branch, sub)
+        if stable.exists() and not old.exists() and new.exists():
+            old.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stable, old)
+        if not stable.exists():
+            if new.exists():
+                os.rename(new, stable)
+            else:
+                stable.mkdir(parents=True)
+    with Tx(home.conn) as c:
+        c.execute("UPDATE dots SET branch=? WHERE name=?", (to_branch, dot))
+        c.execute("DELETE FROM swaps WHERE dot=?", (dot,))
+    leftover = home.dot_dir(dot) / "branches" / to_branch
+    if leftover.exists() and not any(leftover.iterdir()):
+        leftover.rmdir()
+
+
+def recover(home: Home, dot: str) -> None:
+    """Run under the dot's lock before any change: finish swaps, drop half-built folders."""
+    settle(home, dot)
+    shutil.rmtree(home.dot_dir(dot) / "tmp", ignore_errors=True)
+
+
+def tree_ids(snap: DotSnapshot) -> dict[str, ObjectId]:
+    return {sub: r.tree for sub, r in snap.roots.items()}

@@ -1,0 +1,1 @@
+"""Content-addressed storage: chunking, pack files and their index."""

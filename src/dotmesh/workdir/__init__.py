@@ -1,0 +1,1 @@
+"""Working folders: snapshot them into the store, restore them from it."""
