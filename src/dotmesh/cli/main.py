@@ -30,6 +30,11 @@ class Ctx:
         self.path = home
         self._home: Home | None = None
 
+    def close(self) -> None:
+        if self._home is not None:
+            self._home.close()
+            self._home = None
+
     @property
     def home(self) -> Home:
         if self._home is None:
@@ -54,6 +59,7 @@ def cli(ctx: click.Context, home: Path | None) -> None:
       dm commit -m "clean state" && dm log
     """
     ctx.obj = Ctx(home or default_home())
+    ctx.call_on_close(ctx.obj.close)
 
 
 # ------------------------------------------------------------------ dots

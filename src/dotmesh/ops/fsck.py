@@ -31,7 +31,7 @@ def fsck(home: Home, progress: Callable[[int], None] | None = None) -> FsckRepor
     def verify(item: tuple[bytes, object]) -> str | None:
         oid, loc = item
         try:
-            home.packs.read_located(oid, loc)  # type: ignore[arg-type]
+            home.packs.verify_located(oid, loc)  # type: ignore[arg-type]
         except DotmeshError as e:
             return str(e).removesuffix("; run dm fsck")
         finally:

@@ -123,6 +123,18 @@ class PackStore:
             raise Corrupt(f"object {oid.hex()[:16]} fails its hash check; run dm fsck")
         return data
 
+    def verify_located(self, oid: bytes, loc: Location) -> None:
+        """What fsck checks: the record header agrees with the index, and the payload hashes."""
+        head = os.pread(self._fd(loc.pack), RECORD.size, loc.offset - RECORD.size)
+        if len(head) != RECORD.size:
+            raise Corrupt(f"object {oid.hex()[:16]} has a truncated record header")
+        kind, flags, hid, raw_len, stored_len = RECORD.unpack(head)
+        if (kind, bool(flags & FLAG_ZSTD), hid, raw_len, stored_len) != (
+                loc.kind, loc.zstd, oid, loc.raw_len, loc.stored_len):
+            raise Corrupt(f"object {oid.hex()[:16]} has a record header that disagrees with "
+                          "the index")
+        self.read_located(oid, loc)
+
     def get(self, oid: bytes) -> bytes:
         loc = self.locate(oid)
         if loc is None:

@@ -1,0 +1,65 @@
+"""Shared fixtures: a fresh store per test and helpers that run the real ``dm`` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DM_BIN = shutil.which("dm", path=str(Path(sys.executable).parent)) or "dm"
+
+
+class DM:
+    """Runs ``dm`` as a subprocess against one home; ``dm.ok(...)`` asserts success."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "DM_HOME": str(home), "DM_AUTHOR": "tester"}
+
+    def __call__(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run([DM_BIN, *args], env=self.env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=300)
+        if check and p.returncode != 0:
+            raise AssertionError(f"dm {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+        return p
+
+    def ok(self, *args: str) -> str:
+        return self(*args, check=True).stdout
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([DM_BIN, *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+    def path(self, name: str) -> Path:
+        return Path(self.ok("path", name).strip())
+
+
+@pytest.fixture
+def dm(tmp_path: Path) -> DM:
+    return DM(tmp_path / "home")
+
+
+def capture(top: Path) -> dict[str, tuple[object, ...]]:
+    """Everything dotmesh promises to preserve about a folder, for equality checks."""
+    out: dict[str, tuple[object, ...]] = {}
+    st = os.lstat(top)
+    out["."] = ("d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, top)
+            st = os.lstat(p)
+            common = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p), st.st_uid, st.st_gid, st.st_mtime_ns)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", *common)
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("f", *common, f.read())
+    return out

@@ -1,0 +1,114 @@
+"""Bad input gets one line, a non-zero exit and no change to the store."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+
+import pytest
+
+from tests.conftest import DM
+
+
+def _one_line_error(p: subprocess.CompletedProcess[str]) -> str:
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr and lines[0].startswith("dm: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["init", "bad name"], 2, "may only contain"),
+    (["init", "x" * 65], 2, "longer than 64"),
+    (["path", "app.a.b"], 2, "subdot name"),
+    (["path", ".x"], 2, "dot name"),
+    (["switch", "nope"], 3, "no dot named"),
+    (["log"], 2, "no current dot"),
+    (["dot", "delete", "nope"], 3, "no dot named"),
+])
+def test_bad_names_and_missing_things(dm, args, code, needle):
+    p = dm(*args)
+    assert p.returncode == code
+    assert needle in _one_line_error(p)
+
+
+def test_bad_refs_and_flags(dm):
+    dm.ok("init", "app")
+    assert "no commit yet" in _one_line_error(dm("reset", "--hard", "HEAD"))
+    (dm.path("app") / "f").write_text("x")
+    dm.ok("commit", "-m", "one")
+    before = dm.ok("log", "--json")
+    for ref, needle in [("HEAD~9", "goes back 9"), ("nope", "unknown ref"),
+                        ("HEAD^x", "bad ref"), ("abcdef01", "no commit")]:
+        assert needle in _one_line_error(dm("reset", "--hard", ref))
+    assert "only 'dm reset --hard" in _one_line_error(dm("reset", "HEAD"))
+    assert "KEY=VALUE" in _one_line_error(dm("commit", "-m", "x", "-d", "novalue"))
+    assert "empty" in _one_line_error(dm("commit", "-m", " "))
+    assert "already exists" in _one_line_error(dm("checkout", "-b", "master"))
+    assert "reserved" in _one_line_error(dm("checkout", "-b", "HEAD"))
+    assert "no branch" in _one_line_error(dm("checkout", "ghost"))
+    assert "at most two" in _one_line_error(dm("diff", "HEAD", "HEAD", "HEAD"))
+    assert "add -f" in _one_line_error(dm("dot", "delete", "app"))
+    assert dm.ok("log", "--json") == before
+
+
+def test_unusable_home_is_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    p = DM(f / "home")("list")
+    _one_line_error(p)
+
+
+def test_corrupted_pack_is_reported_by_fsck(dm):
+    dm.ok("init", "app")
+    (dm.path("app") / "f").write_bytes(os.urandom(100_000))
+    dm.ok("commit", "-m", "one")
+    with sqlite3.connect(dm.home / "meta.db") as db:
+        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
+                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
+    pack = dm.home / "packs" / name
+    data = bytearray(pack.read_bytes())
+    data[offset + 100] ^= 0x55
+    pack.write_bytes(bytes(data))
+    p = dm("fsck")
+    assert p.returncode == 7 and "problem:" in p.stdout
+    (dm.path("app") / "f").unlink()
+    assert "fails its hash check" in _one_line_error(dm("reset", "--hard", "HEAD"))
+
+
+def test_damaged_record_header_is_reported_by_fsck(dm):
+    dm.ok("init", "app")
+    (dm.path("app") / "f").write_bytes(os.urandom(100_000))
+    dm.ok("commit", "-m", "one")
+    with sqlite3.connect(dm.home / "meta.db") as db:
+        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
+                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
+    pack = dm.home / "packs" / name
+    data = bytearray(pack.read_bytes())
+    data[offset - 20] ^= 0x55  # inside the record's id field
+    pack.write_bytes(bytes(data))
+    p = dm("fsck")
+    assert p.returncode == 7 and "header" in p.stdout
+
+
+def test_second_process_on_a_dot_is_refused(dm):
+    """A dm that holds the lock (stopped mid-commit) makes a second one fail clearly."""
+    dm.ok("init", "app")
+    d = dm.path("app")
+    (d / "big").write_bytes(os.urandom(64 << 20))
+    proc = dm.popen("commit", "-m", "slow")
+    try:
+        lock = dm.home / "locks" / "app.lock"
+        for _ in range(500):
+            if lock.exists() and lock.read_text().strip() == str(proc.pid):
+                break
+            subprocess.run(["sleep", "0.01"])
+        os.kill(proc.pid, signal.SIGSTOP)
+        p = dm("commit", "-m", "other")
+        assert p.returncode == 6
+        assert f"pid {proc.pid}" in _one_line_error(p)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait()
+    assert proc.returncode == 0
