@@ -5,7 +5,16 @@ import pytest
 from dotmesh.errors import Corrupt, InvalidName, UsageError
 from dotmesh.model.names import DEFAULT_SUBDOT, VolumeName, check_branch
 from dotmesh.model.objects import (
-    DIR, FILE, HOLE, SYMLINK, Commit, Entry, FileList, Root, Tree, object_id,
+    DIR,
+    FILE,
+    HOLE,
+    SYMLINK,
+    Commit,
+    Entry,
+    FileList,
+    Root,
+    Tree,
+    object_id,
 )
 from dotmesh.model.refspec import parse_ref
 

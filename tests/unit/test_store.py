@@ -52,10 +52,6 @@ def test_unflushed_tail_is_ignored(store, tmp_path):
     assert store.get(a) == b"kept" * 100
 
 
-def _cuts_of(results):
-    return [r.length for r in results]
-
-
 def test_windowed_cdc_matches_whole_file(tmp_path, monkeypatch):
     rng = random.Random(5)
     data = rng.randbytes(3_000_000) + bytes(300_000) + rng.randbytes(777_777)
@@ -65,10 +61,10 @@ def test_windowed_cdc_matches_whole_file(tmp_path, monkeypatch):
     fd = os.open(p, os.O_RDONLY)
     try:
         buf = bytearray(1 << 20)  # much smaller than the file: many windows
-        parts = list(chunker.chunk_cdc(fd, len(data), buf, frozenset(), lambda ids: set()))
+        parts = list(chunker.chunk_cdc(fd, buf, frozenset(), lambda ids: set()))
     finally:
         os.close(fd)
-    got = [r.length for part in parts for r in part]
+    got = [n for part in parts for n in part.lengths]
     assert got == whole
     assert sum(got) == len(data)
 
@@ -81,7 +77,7 @@ def test_zero_blocks_become_holes(tmp_path):
         res = chunker.chunk_paged(fd, 0, 16384, bytearray(16384), frozenset(), lambda ids: set())
     finally:
         os.close(fd)
-    assert res[0].oid == HOLE and res[1].oid != HOLE
+    assert res.ids[0] == HOLE and res.ids[1] != HOLE
 
 
 def test_only_missing_chunks_are_compressed(tmp_path):
@@ -93,4 +89,4 @@ def test_only_missing_chunks_are_compressed(tmp_path):
                                     lambda ids: set(ids[:1]))
     finally:
         os.close(fd)
-    assert [r.payload is not None for r in first] == [True, False, False, False]
+    assert [r[1] for r in first.new] == first.ids[:1]

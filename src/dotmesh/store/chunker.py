@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import blake3
 from pyfastcdc import FastCDC
 
-from dotmesh.model.objects import HOLE, ObjectId
+from dotmesh.model.objects import HOLE, KIND_CHUNK
 from dotmesh.store.packs import compress
 
 if FastCDC.__module__ != "pyfastcdc.cy.fastcdc":  # the pure-Python fallback is 400x slower
@@ -37,48 +37,51 @@ def is_paged(size: int) -> bool:
     return size > SMALL_FILE and size % PAGE == 0
 
 
+Record = tuple[int, bytes, int, bytes | memoryview, bool]  # what PackWriter.add_many takes
+
+
 @dataclass
-class ChunkResult:
-    """One chunk as computed by a worker; ``payload`` is None when the store has it already."""
+class Chunks:
+    """A run of chunks as computed by a worker: ids and lengths in file order, and the
+    compressed records of those the store lacks."""
 
-    oid: ObjectId
-    length: int
-    payload: bytes | memoryview | None = None
-    zstd: bool = False
-
-
-Known = Callable[[list[bytes]], set[bytes]]  # returns the subset of ids that are missing
+    ids: list[bytes]
+    lengths: list[int]
+    new: list[Record]
 
 
-def _zero_id(n: int, cache: dict[int, bytes] = {}) -> bytes:  # noqa: B006 - deliberate memo
-    z = cache.get(n)
+Missing = Callable[[list[bytes]], set[bytes]]  # returns the subset of ids the store lacks
+_ZERO_IDS: dict[int, bytes] = {}
+
+
+def _zero_id(n: int) -> bytes:
+    z = _ZERO_IDS.get(n)
     if z is None:
-        z = cache[n] = blake3.blake3(bytes(n)).digest()
+        z = _ZERO_IDS[n] = blake3.blake3(bytes(n)).digest()
     return z
 
 
-def _finish(buf: memoryview, cuts: list[tuple[int, int]], known: frozenset[bytes],
-            missing: Known) -> list[ChunkResult]:
-    """Hash the chunks at ``cuts`` of ``buf``, then compress those the store lacks."""
-    out: list[ChunkResult] = []
-    for off, n in cuts:
-        view = buf[off:off + n]
-        digest = blake3.blake3(view).digest()
-        if view[0] == 0 and view[n - 1] == 0 and digest == _zero_id(n):
-            out.append(ChunkResult(HOLE, n))
-        else:
-            out.append(ChunkResult(ObjectId(digest), n))
-    unknown = [r.oid for r in out if r.oid != HOLE and r.oid not in known]
+def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: frozenset[bytes],
+            missing: Missing) -> Chunks:
+    """Hash the chunks of ``buf``, then compress those the store lacks."""
+    b3 = blake3.blake3
+    ids = [b3(buf[o:o + n]).digest() for o, n in zip(offsets, lengths, strict=True)]
+    for i, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+        if buf[o] == 0 and buf[o + n - 1] == 0 and ids[i] == _zero_id(n):
+            ids[i] = HOLE
+    unknown = [x for x in ids if x not in known and x != HOLE]
     need = missing(unknown) if unknown else set()
-    for r, (off, n) in zip(out, cuts, strict=False):
-        if r.oid in need:
-            need.discard(r.oid)  # compress a repeated chunk once
-            payload, r.zstd = compress(buf[off:off + n])
-            r.payload = bytes(payload) if isinstance(payload, memoryview) else payload
-    return out
+    new: list[Record] = []
+    if need:
+        for x, o, n in zip(ids, offsets, lengths, strict=True):
+            if x in need:
+                need.discard(x)  # compress a repeated chunk once
+                payload, z = compress(buf[o:o + n])
+                new.append((KIND_CHUNK, x, n, bytes(payload) if not z else payload, z))
+    return Chunks(ids, lengths, new)
 
 
-def _read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
+def read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
     """Fill ``buf[:n]`` from ``offset``; returns how many bytes the file really had."""
     view = memoryview(buf)
     got = 0
@@ -91,14 +94,17 @@ def _read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
 
 
 def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozenset[bytes],
-                missing: Known) -> list[ChunkResult]:
-    got = _read_exact(fd, buf, length, start)
-    cuts = [(o, min(PAGE_BLOCK, got - o)) for o in range(0, got, PAGE_BLOCK)]
-    return _finish(memoryview(buf), cuts, known, missing)
+                missing: Missing) -> Chunks:
+    got = read_exact(fd, buf, length, start)
+    offsets = list(range(0, got, PAGE_BLOCK))
+    lengths = [PAGE_BLOCK] * len(offsets)
+    if offsets and got % PAGE_BLOCK:
+        lengths[-1] = got % PAGE_BLOCK
+    return _finish(memoryview(buf), offsets, lengths, known, missing)
 
 
-def chunk_cdc(fd: int, size: int, buf: bytearray, known: frozenset[bytes],
-              missing: Known) -> Iterator[list[ChunkResult]]:
+def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes],
+              missing: Missing) -> Iterator[Chunks]:
     """Cut a whole file with FastCDC, window by window.
 
     Each window's last chunk is re-cut with the next window, so the cut points are exactly
@@ -106,20 +112,20 @@ def chunk_cdc(fd: int, size: int, buf: bytearray, known: frozenset[bytes],
     """
     pos = 0
     while True:
-        got = _read_exact(fd, buf, len(buf), pos)
+        got = read_exact(fd, buf, len(buf), pos)
         if got == 0:
             return
         view = memoryview(buf)[:got]
         cuts = [(c.offset, c.length) for c in CDC.cut_buf(view)]
-        at_end = got < len(buf) or pos + got >= size
+        at_end = got < len(buf)
         if not at_end and len(cuts) > 1:
             cuts.pop()
-        yield _finish(memoryview(buf), cuts, known, missing)
-        consumed = cuts[-1][0] + cuts[-1][1]
-        pos += consumed
+        yield _finish(memoryview(buf), [o for o, _ in cuts], [n for _, n in cuts], known,
+                      missing)
+        pos += cuts[-1][0] + cuts[-1][1]
         if at_end:
             return
 
 
-def chunk_small(data: bytes, known: frozenset[bytes], missing: Known) -> ChunkResult:
-    return _finish(memoryview(data), [(0, len(data))], known, missing)[0]
+def chunk_small(data: bytes | memoryview, known: frozenset[bytes], missing: Missing) -> Chunks:
+    return _finish(memoryview(data), [0], [len(data)], known, missing)

@@ -195,23 +195,41 @@ class PackWriter:
     def add(self, kind: int, oid: bytes, raw_len: int, payload: bytes | memoryview,
             zstd: bool) -> None:
         """Append one object (already compressed as ``zstd`` says) unless pending already."""
-        if raw_len > MAX_OBJECT:
-            raise Corrupt(f"object of {raw_len} bytes exceeds the {MAX_OBJECT} byte limit")
-        with self._lock:
-            if oid not in self._pending:
-                self._add_locked(kind, oid, raw_len, payload, zstd)
+        self.add_many([(kind, oid, raw_len, payload, zstd)])
 
-    def _add_locked(self, kind: int, oid: bytes, raw_len: int, payload: bytes | memoryview,
-                    zstd: bool) -> None:
-        if self._fd < 0 or self._pos > PACK_ROTATE:
-            self._rotate()
-        head = RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len, len(payload))
-        os.writev(self._fd, [head, payload])
-        offset = self._pos + RECORD.size
-        self._pending[oid] = (kind, self._pack_id, offset, len(payload), raw_len, int(zstd))
-        self._pos = offset + len(payload)
-        self.bytes_written += RECORD.size + len(payload)
-        self.objects_written += 1
+    def add_many(self, records: list[tuple[int, bytes, int, bytes | memoryview, bool]]) -> None:
+        """Append several objects with as few system calls as possible (thread-safe)."""
+        with self._lock:
+            iov: list[bytes | memoryview] = []
+            for kind, oid, raw_len, payload, zstd in records:
+                if oid in self._pending:
+                    continue
+                if raw_len > MAX_OBJECT:
+                    raise Corrupt(f"object of {raw_len} bytes exceeds the {MAX_OBJECT} byte limit")
+                if self._fd < 0 or self._pos > PACK_ROTATE:
+                    self._write(iov)
+                    self._rotate()
+                iov.append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len,
+                                       len(payload)))
+                iov.append(payload)
+                offset = self._pos + RECORD.size
+                self._pending[oid] = (kind, self._pack_id, offset, len(payload), raw_len,
+                                      int(zstd))
+                self._pos = offset + len(payload)
+                self.bytes_written += RECORD.size + len(payload)
+                self.objects_written += 1
+            self._write(iov)
+
+    def _write(self, iov: list[bytes | memoryview]) -> None:
+        for i in range(0, len(iov), 1024):  # IOV_MAX
+            part = iov[i:i + 1024]
+            want = sum(len(x) for x in part)
+            done = os.writev(self._fd, part)
+            if done != want:  # a short write: finish it piece by piece
+                rest = b"".join(bytes(x) for x in part)[done:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+        iov.clear()
 
     def put(self, kind: int, data: bytes) -> ObjectId:
         """Hash, compress and add a whole object; returns its id."""

@@ -3,12 +3,14 @@
 The stat cache maps a relative path to (size, mtime_ns, ctime_ns, inode) and the content id that
 those bytes had; an unchanged file costs one ``lstat``. Entries written less than RACY_NS before
 the scan began are not trusted next time, since a write in the same clock tick would not show.
+Each worker thread reuses one read buffer: first-touching fresh memory is slow on these VMs.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +21,6 @@ from dotmesh.model.objects import (
     DIR,
     FILE,
     HOLE,
-    KIND_CHUNK,
     KIND_FILELIST,
     KIND_TREE,
     SYMLINK,
@@ -33,7 +34,7 @@ from dotmesh.model.objects import (
 from dotmesh.store import chunker
 from dotmesh.store.packs import PackStore, PackWriter
 
-RACY_NS = 1_000_000_000
+RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
 SMALL_BATCH = 4 << 20
 
@@ -87,11 +88,10 @@ class _Sink:
         fresh = [o for o in oids if o not in self.writer]
         return self.store.missing(fresh) if fresh else set()
 
-    def take(self, results: list[chunker.ChunkResult]) -> list[tuple[bytes, int]]:
-        for r in results:
-            if r.payload is not None and self.writer is not None:
-                self.writer.add(KIND_CHUNK, r.oid, r.length, r.payload, r.zstd)
-        return [(r.oid, r.length) for r in results]
+    def take(self, chunks: chunker.Chunks) -> list[tuple[bytes, int]]:
+        if chunks.new and self.writer is not None:
+            self.writer.add_many(chunks.new)
+        return list(zip(chunks.ids, chunks.lengths, strict=True))
 
     def put(self, kind: int, data: bytes) -> ObjectId:
         if self.writer is None:
@@ -122,6 +122,16 @@ def _scan(top: str) -> tuple[list[tuple[str, list[tuple[str, os.stat_result]]]],
                 items.append((de.name, st))
         dirs.append((rel, items))
     return dirs, skipped
+
+
+_tls = threading.local()
+
+
+def _buffer() -> bytearray:
+    buf: bytearray | None = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = bytearray(chunker.SEGMENT)
+    return buf
 
 
 def _known_chunks(store: PackStore, old: CacheEntry | None) -> frozenset[bytes]:
@@ -207,22 +217,23 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     def small_job(batch: list[_File]) -> Callable[[], int]:
         def run() -> int:
             n = 0
+            buf = _buffer()
             for f in batch:
-                data = _read_small(f.path)
-                if data is None:
+                got = _read_small(f.path, buf)
+                if not got:
                     f.content, f.size = None, 0
                     continue
                 known = _known_chunks(store, cache.get(f.rel))
-                r = chunker.chunk_small(data, known, sink.missing)
-                f.parts = [sink.take([r])]
-                n += len(data)
+                r = chunker.chunk_small(memoryview(buf)[:got], known, sink.missing)
+                f.parts = [sink.take(r)]
+                n += got
             return n
         return run
 
     def big_job(f: _File, start: int, length: int, idx: int) -> Callable[[], int]:
         def run() -> int:
             known = _known_chunks(store, cache.get(f.rel))
-            buf = bytearray(min(length, chunker.SEGMENT))
+            buf = _buffer()
             try:
                 fd = _open_file(f.path)
             except FileNotFoundError:  # vanished since the scan: record it as empty
@@ -232,8 +243,8 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                     parts = [sink.take(chunker.chunk_paged(fd, start, length, buf, known,
                                                            sink.missing))]
                 else:
-                    parts = [sink.take(r) for r in chunker.chunk_cdc(
-                        fd, f.st.st_size, buf, known, sink.missing)]
+                    parts = [sink.take(r) for r in chunker.chunk_cdc(fd, buf, known,
+                                                                     sink.missing)]
             finally:
                 os.close(fd)
             f.parts[idx] = [c for p in parts for c in p]
@@ -293,12 +304,16 @@ def _open_file(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def _read_small(path: str) -> bytes | None:
+def _read_small(path: str, buf: bytearray) -> int:
+    """Read a small file into ``buf``; a file that grew past SMALL_FILE is cut (rescanned next
+    time, since its stat changed)."""
     try:
         fd = _open_file(path)
     except FileNotFoundError:  # vanished since the scan: record it as empty
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read() or None
+        return 0
+    try:
+        return chunker.read_exact(fd, buf, chunker.SMALL_FILE, 0)
+    finally:
+        os.close(fd)
 
 
