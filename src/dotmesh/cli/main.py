@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -445,6 +444,8 @@ def run(args: list[str] | None = None, prog: str = "dm") -> int:
         return 1
     except Exception as e:  # a bug: still one line, with the details on request
         if os.environ.get("DM_DEBUG"):
+            import traceback
+
             traceback.print_exc()
         err(f"internal error: {type(e).__name__}: {e} (set DM_DEBUG=1 for details)")
         return INTERNAL_ERROR

@@ -9,15 +9,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
 
 def emit_json(value: object) -> None:
@@ -55,6 +46,16 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[object]:
     if not sys.stderr.isatty():
         yield lambda n: None
         return
+    from rich.console import Console  # imported here: it costs 80 ms of start-up
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as p:

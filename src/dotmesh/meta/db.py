@@ -31,10 +31,8 @@ CREATE TABLE IF NOT EXISTS reflog (
     ts_ns INTEGER NOT NULL, action TEXT NOT NULL, old BLOB, new BLOB, saved BLOB,
     message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS statcache (
-    dot TEXT NOT NULL, branch TEXT NOT NULL, subdot TEXT NOT NULL, path BLOB NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
-    ino INTEGER NOT NULL, content BLOB, chunked INTEGER NOT NULL,
-    PRIMARY KEY (dot, branch, subdot, path)) WITHOUT ROWID;
+    dot TEXT NOT NULL, branch TEXT NOT NULL, subdot TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (dot, branch, subdot));
 CREATE TABLE IF NOT EXISTS swaps (
     dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
 """

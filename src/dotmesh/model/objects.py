@@ -149,13 +149,25 @@ class Entry:
         return cls(name, kind, mode, uid, gid, mtime_ns, size, oref, bool(chunked))
 
 
+def _row_key(row: list[object]) -> bytes:
+    return str(row[0]).encode("utf-8", "surrogateescape")
+
+
+def encode_tree_rows(rows: list[list[object]]) -> bytes:
+    """The canonical tree encoding of rows shaped like :meth:`Entry.to_json` (sorts ``rows``).
+
+    The snapshot builds rows directly, skipping Entry objects, so this is the one definition.
+    """
+    rows.sort(key=_row_key)
+    return MAGIC_TREE + b"\n" + json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 @dataclass(frozen=True)
 class Tree:
     entries: tuple[Entry, ...]
 
     def encode(self) -> bytes:
-        ordered = sorted(self.entries, key=lambda e: e.name.encode("utf-8", "surrogateescape"))
-        return MAGIC_TREE + b"\n" + _canonical_json([e.to_json() for e in ordered])
+        return encode_tree_rows([e.to_json() for e in self.entries])
 
     @classmethod
     def decode(cls, data: bytes) -> Tree:

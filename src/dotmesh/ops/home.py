@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
-from dotmesh.workdir.snapshot import CacheEntry, StatCache
+from dotmesh.workdir.snapshot import StatCache, decode_cache, encode_cache
 
 
 def default_home() -> Path:
@@ -235,18 +236,19 @@ class Home:
 
     # ------------------------------------------------------------ stat caches
     def load_cache(self, dot: str, branch: str, subdot: str) -> StatCache:
-        return {r[0]: CacheEntry(r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in
-                self.conn.execute(
-                    "SELECT path, size, mtime_ns, ctime_ns, ino, content, chunked FROM statcache"
-                    " WHERE dot=? AND branch=? AND subdot=?", (dot, branch, subdot))}
+        row = self.conn.execute("SELECT data FROM statcache WHERE dot=? AND branch=? AND subdot=?",
+                                (dot, branch, subdot)).fetchone()
+        if row is None:
+            return {}
+        try:
+            return decode_cache(row[0])
+        except (ValueError, struct.error):  # a damaged cache only costs a full re-read
+            return {}
 
     def save_cache(self, c: object, dot: str, branch: str, subdot: str, old: StatCache,
                    new: StatCache) -> None:
-        """Write only the differences, inside the caller's transaction."""
-        assert hasattr(c, "execute") and hasattr(c, "executemany")
-        gone = [(dot, branch, subdot, k) for k in old.keys() - new.keys()]
-        changed = [(dot, branch, subdot, k, v.size, v.mtime_ns, v.ctime_ns, v.ino, v.content,
-                    int(v.chunked)) for k, v in new.items() if old.get(k) != v]
-        c.executemany("DELETE FROM statcache WHERE dot=? AND branch=? AND subdot=? AND path=?",
-                      gone)
-        c.executemany("INSERT OR REPLACE INTO statcache VALUES (?,?,?,?,?,?,?,?,?,?)", changed)
+        """Replace the subdot's cache, inside the caller's transaction, if it changed."""
+        assert hasattr(c, "execute")
+        if new != old:
+            c.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
+                      (dot, branch, subdot, encode_cache(new)))

@@ -9,7 +9,6 @@ last, deepest first, since creating entries changes a folder's mtime.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import shutil
 import stat
@@ -24,7 +23,7 @@ from dotmesh.workdir.snapshot import CacheEntry, StatCache
 
 WORKERS = 2
 _IS_ROOT = os.geteuid() == 0
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 
@@ -118,9 +117,9 @@ class _Restorer:
 
     def note(self, path: str, rel: bytes, t: Entry) -> None:
         st = os.lstat(path)
-        self.result.touched[rel] = CacheEntry(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+        self.result.touched[rel] = CacheEntry.of(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                               st.st_ino, t.ref if isinstance(t.ref, bytes)
-                                              else None, t.chunked)
+                                              else None, int(t.chunked))
 
     # -- file contents (thread pool)
     def write_file(self, path: str, rel: bytes, t: Entry, c: Entry | None) -> int:
