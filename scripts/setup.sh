@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql postgresql-contrib)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v restic >/dev/null 2>&1 || need_apt+=(restic)        # benchmark peers
+command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
+command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS reflog (
 CREATE TABLE IF NOT EXISTS statcache (
     dot TEXT NOT NULL, branch TEXT NOT NULL, subdot TEXT NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (dot, branch, subdot));
+CREATE TABLE IF NOT EXISTS fingerprints (
+    content BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS swaps (
     dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
 """
@@ -76,3 +78,18 @@ class Tx:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def load_fingerprints(conn: sqlite3.Connection, content: bytes) -> bytes | None:
+    """A paged file's superblock fingerprints (a local cache, not part of any object)."""
+    row = conn.execute("SELECT data FROM fingerprints WHERE content=?", (content,)).fetchone()
+    return bytes(row[0]) if row else None
+
+
+def save_fingerprints(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]],
+                      superseded: list[bytes]) -> None:
+    """Store new fingerprints and drop those of the versions they replace (the cache then
+    holds about one version per file; another branch's files are just hashed in full)."""
+    with Tx(conn) as c:
+        c.executemany("DELETE FROM fingerprints WHERE content=?", [(x,) for x in superseded])
+        c.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", rows)

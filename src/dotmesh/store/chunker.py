@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import blake3
+import xxhash
 from pyfastcdc import FastCDC
 
 from dotmesh.model.objects import HOLE, KIND_CHUNK
@@ -31,6 +32,8 @@ PAGE_BLOCK = 8192
 CDC_AVG = 64 * 1024
 CDC = FastCDC(avg_size=CDC_AVG)
 SEGMENT = 32 << 20  # bytes per task for paged files; also the CDC read window
+SUPER = 64 * 1024  # superblock: the unit of the unchanged-region prefilter
+FP_LEN = 16
 
 
 def is_paged(size: int) -> bool:
@@ -42,12 +45,26 @@ Record = tuple[int, bytes, int, bytes | memoryview, bool]  # what PackWriter.add
 
 @dataclass
 class Chunks:
-    """A run of chunks as computed by a worker: ids and lengths in file order, and the
-    compressed records of those the store lacks."""
+    """A run of chunks as computed by a worker: ids and lengths in file order, the compressed
+    records of those the store lacks, and (paged files) the superblock fingerprints."""
 
     ids: list[bytes]
     lengths: list[int]
     new: list[Record]
+    fingerprints: bytes = b""
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A paged file's previous version: its block ids and its superblocks' fingerprints.
+
+    Re-reading a changed database file is most of a commit's cost; a superblock whose
+    fingerprint (xxh3-128, 7 GB/s) is unchanged keeps its block ids without hashing each
+    8 KiB block with BLAKE3 (a call per block, about 2 GB/s).
+    """
+
+    ids: list[bytes]
+    fingerprints: bytes
 
 
 Missing = Callable[[list[bytes]], set[bytes]]  # returns the subset of ids the store lacks
@@ -94,13 +111,35 @@ def read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
 
 
 def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozenset[bytes],
-                missing: Missing) -> Chunks:
+                missing: Missing, prev: Previous | None = None) -> Chunks:
     got = read_exact(fd, buf, length, start)
-    offsets = list(range(0, got, PAGE_BLOCK))
-    lengths = [PAGE_BLOCK] * len(offsets)
-    if offsets and got % PAGE_BLOCK:
+    mv = memoryview(buf)
+    per = SUPER // PAGE_BLOCK
+    first_block, first_super = start // PAGE_BLOCK, start // SUPER
+    ids: list[bytes] = [b""] * ((got + PAGE_BLOCK - 1) // PAGE_BLOCK)
+    lengths = [PAGE_BLOCK] * len(ids)
+    if ids and got % PAGE_BLOCK:
         lengths[-1] = got % PAGE_BLOCK
-    return _finish(memoryview(buf), offsets, lengths, known, missing)
+    fps: list[bytes] = []
+    todo: list[int] = []  # indexes of blocks that need hashing
+    fp_of = xxhash.xxh3_128_digest
+    old_supers = len(prev.fingerprints) // FP_LEN if prev else 0
+    for k, so in enumerate(range(0, got, SUPER)):
+        n = min(SUPER, got - so)
+        fp = fp_of(mv[so:so + n])
+        fps.append(fp)
+        si = first_super + k
+        b0 = k * per
+        if (prev is not None and n == SUPER and si < old_supers
+                and prev.fingerprints[si * FP_LEN:(si + 1) * FP_LEN] == fp):
+            ids[b0:b0 + per] = prev.ids[first_block + b0:first_block + b0 + per]
+        else:
+            todo.extend(range(b0, min(b0 + per, len(ids))))
+    chunks = _finish(mv, [i * PAGE_BLOCK for i in todo], [lengths[i] for i in todo], known,
+                     missing)
+    for i, oid in zip(todo, chunks.ids, strict=True):
+        ids[i] = oid
+    return Chunks(ids, lengths, chunks.new, b"".join(fps))
 
 
 def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes],

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -120,6 +121,7 @@ class _File:
     chunked: bool = False
     size: int = 0
     parts: list[list[tuple[bytes, int]]] = field(default_factory=list)
+    fingerprints: list[bytes] = field(default_factory=list)  # per segment, paged files only
 
 
 class _Sink:
@@ -159,17 +161,25 @@ def _buffer() -> bytearray:
     return buf
 
 
-def _known_chunks(store: PackStore, old: tuple[int, int, int, int, bytes, int] | None
-                  ) -> frozenset[bytes]:
-    """Chunk ids of the file's previous version: present in the store, so never re-checked."""
+def _previous(store: PackStore, old: tuple[int, int, int, int, bytes, int] | None
+              ) -> tuple[frozenset[bytes], chunker.Previous | None]:
+    """The previous version's chunk ids (in the store, so never re-checked) and, for a paged
+    file with fingerprints, its block ids by position."""
     if old is None or not old[5] & HAS_CONTENT:
-        return frozenset()
+        return frozenset(), None
     if not old[5] & CHUNKED:
-        return frozenset((old[4],))
+        return frozenset((old[4],)), None
     try:
-        return frozenset(c for c, _ in FileList.decode(store.get(old[4])).chunks)
+        chunks = FileList.decode(store.get(old[4])).chunks
     except Exception:  # a damaged cache only costs a lookup; fsck reports the damage
-        return frozenset()
+        return frozenset(), None
+    ids = [c for c, _ in chunks]
+    prev = None
+    fps = load_fingerprints(store.conn, old[4])
+    if fps and all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1]):
+        prev = chunker.Previous(ids, fps)
+    return frozenset(ids), prev
+
 
 
 @dataclass
@@ -293,16 +303,27 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 if not got:
                     f.content, f.size = None, 0
                     continue
-                known = _known_chunks(store, cache.get(f.rel))
+                known = _previous(store, cache.get(f.rel))[0]
                 r = chunker.chunk_small(memoryview(buf)[:got], known, sink.missing)
                 f.parts = [sink.take(r)]
                 n += got
             return n
         return run
 
+    memo_lock = threading.Lock()
+    memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]] = {}
+
+    def known_for(f: _File) -> tuple[frozenset[bytes], chunker.Previous | None]:
+        """The previous version's chunks, decoded once per file, not once per segment."""
+        with memo_lock:
+            got = memo.get(f.rel)
+            if got is None:
+                got = memo[f.rel] = _previous(store, cache.get(f.rel))
+            return got
+
     def big_job(f: _File, start: int, length: int, idx: int) -> Callable[[], int]:
         def run() -> int:
-            known = _known_chunks(store, cache.get(f.rel))
+            known, prev = known_for(f)
             buf = _buffer()
             try:
                 fd = _open_file(f.path)
@@ -310,14 +331,18 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 return 0
             try:
                 if chunker.is_paged(f.st.st_size):
-                    parts = [sink.take(chunker.chunk_paged(fd, start, length, buf, known,
-                                                           sink.missing))]
+                    got = chunker.chunk_paged(fd, start, length, buf, known, sink.missing,
+                                              prev)
+                    f.fingerprints[idx] = got.fingerprints
+                    parts = [sink.take(got)]
                 else:
                     parts = [sink.take(r) for r in chunker.chunk_cdc(fd, buf, known,
                                                                      sink.missing)]
             finally:
                 os.close(fd)
             f.parts[idx] = [c for p in parts for c in p]
+            if all(f.parts):
+                memo.pop(f.rel, None)  # the file is done: let its set go
             return sum(n for p in parts for _, n in p)
         return run
 
@@ -332,6 +357,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
         elif chunker.is_paged(size):
             n = (size + chunker.SEGMENT - 1) // chunker.SEGMENT
             f.parts = [[] for _ in range(n)]
+            f.fingerprints = [b""] * n
             for i in range(n):
                 seg = min(chunker.SEGMENT, size - i * chunker.SEGMENT)
                 jobs.append((big_job(f, i * chunker.SEGMENT, seg, i), None))
@@ -349,6 +375,8 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 _drain(window.pop(0), progress, result)
         for fut in window:
             _drain(fut, progress, result)
+    fingerprints: list[tuple[bytes, bytes]] = []
+    superseded: list[bytes] = []  # fingerprints of versions this commit replaces
     for f in to_read:
         chunks = [c for p in f.parts for c in p]
         f.size = sum(n for _, n in chunks)
@@ -361,6 +389,13 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             f.content = sink.put(KIND_FILELIST, FileList(
                 tuple((ObjectId(c), n) for c, n in chunks)).encode())
             f.chunked = True
+            if f.fingerprints and sink.writer is not None:
+                fingerprints.append((f.content, b"".join(f.fingerprints)))
+                old = cache.get(f.rel)
+                if old is not None and old[4] != f.content:
+                    superseded.append(old[4])
+    if fingerprints:
+        save_fingerprints(store.conn, fingerprints, superseded)
 
 
 def _drain(fut: Future[int], progress: Progress | None, result: SnapshotResult) -> None:

@@ -1,0 +1,24 @@
+"""CI runs the benchmark harness once, small, to prove it works end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_small_runs_every_scenario(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--small",
+                        "--many-files", "5000", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(out.read_text())
+    scenarios = list(result["summary"])
+    assert [s.split()[0] for s in scenarios] == ["1", "2", "3", "4", "5", "6", "7"]
+    for scenario in scenarios:
+        assert result["summary"][scenario]["dm"], scenario
+    assert result["summary"]["1 initial commit"]["restic"]["dm_ratio"]["median"] > 0
+    assert result["summary"]["4 bytes stored by step 3"]["bytes changed"]["stored"]["median"] > 0
+    assert "| target |" in p.stdout
