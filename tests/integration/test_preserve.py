@@ -67,7 +67,8 @@ def contents(draw: st.DrawFn) -> bytes:
     rng = random.Random(seed * 1000 + size)
     data = bytearray(rng.randbytes(size))
     if size > 16384 and draw(st.booleans()):
-        data[8192:16384] = bytes(8192)  # a zero page, stored as a hole
+        start = draw(st.sampled_from([0, 8192]))
+        data[start:start + 8192] = bytes(8192)  # a zero page, stored as a hole
     return bytes(data)
 
 

@@ -42,7 +42,7 @@ def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
     return data, False
 
 
-def _decompress(data: bytes, raw_len: int) -> bytes:
+def _decompress(data: bytes | memoryview, raw_len: int) -> bytes:
     d = getattr(_local, "dctx", None)
     if d is None:
         d = _local.dctx = zstandard.ZstdDecompressor()
@@ -115,8 +115,11 @@ class PackStore:
         raw = os.pread(self._fd(loc.pack), loc.stored_len, loc.offset)
         if len(raw) != loc.stored_len:
             raise Corrupt(f"object {oid.hex()[:16]} is truncated in its pack; run dm fsck")
+        return self._unpack(oid, loc, raw)
+
+    def _unpack(self, oid: bytes, loc: Location, raw: bytes | memoryview) -> bytes:
         try:
-            data = _decompress(raw, loc.raw_len) if loc.zstd else raw
+            data = _decompress(raw, loc.raw_len) if loc.zstd else bytes(raw)
         except zstandard.ZstdError:
             raise Corrupt(f"object {oid.hex()[:16]} does not decompress; run dm fsck") from None
         if len(data) != loc.raw_len or object_id(data) != oid:
@@ -151,6 +154,25 @@ class PackStore:
             for r in self.conn.execute(q, batch):
                 out[r[0]] = Location(r[1], r[2], r[3], r[4], r[5], bool(r[6]))
         return out
+
+    def locate_all(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
+        """Like :meth:`locate_many`, but reads the whole index when most of it is wanted."""
+        wanted = set(oids)
+        if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
+            return self.locate_many(wanted)
+        return {oid: loc for oid, loc in self.iter_index() if oid in wanted}
+
+    def read_run(self, run: list[tuple[bytes, Location]]) -> Iterator[bytes]:
+        """Objects stored back to back in one pack, read with one system call."""
+        first, last = run[0][1], run[-1][1]
+        start, end = first.offset, last.offset + last.stored_len
+        raw = os.pread(self._fd(first.pack), end - start, start)
+        if len(raw) != end - start:
+            raise Corrupt(f"pack #{first.pack} is truncated; run dm fsck")
+        view = memoryview(raw)
+        for oid, loc in run:
+            part = view[loc.offset - start:loc.offset - start + loc.stored_len]
+            yield self._unpack(oid, loc, part)
 
     def iter_index(self) -> Iterator[tuple[bytes, Location]]:
         for r in self.conn.execute(

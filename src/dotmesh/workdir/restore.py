@@ -12,16 +12,17 @@ import ctypes
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.model.objects import DIR, HOLE, SYMLINK, Entry, FileList, ObjectId, Root, Tree
-from dotmesh.store.packs import PackStore
+from dotmesh.store.packs import RECORD, Location, PackStore
 from dotmesh.workdir.snapshot import CacheEntry, StatCache
 
 WORKERS = 2
+READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
@@ -49,6 +50,7 @@ class _Restorer:
         self.result = RestoreResult()
         self.file_jobs: list[tuple[str, bytes, Entry, Entry | None]] = []
         self.dir_attrs: list[tuple[str, int, int, int, int]] = []  # children before parents
+        self.locations: dict[bytes, Location] = {}
 
     def tree(self, oid: ObjectId | str | None) -> dict[str, Entry]:
         if not isinstance(oid, bytes):
@@ -122,40 +124,90 @@ class _Restorer:
                                               else None, int(t.chunked))
 
     # -- file contents (thread pool)
-    def write_file(self, path: str, rel: bytes, t: Entry, c: Entry | None) -> int:
-        new = self.chunks(t)
-        old: dict[int, tuple[bytes, int]] = {}
-        in_place = c is not None and c.chunked and t.chunked and _is_regular(path)
-        if in_place:
-            assert c is not None
-            off = 0
-            for cid, n in self.chunks(c):
-                old[off] = (cid, n)
-                off += n
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        else:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-        written = 0
-        try:
-            wanted: list[tuple[int, bytes, int]] = []
-            off = 0
-            for cid, n in new:
+    def plan(self) -> list[tuple[str, bytes, Entry, bool, list[tuple[int, bytes, int]]]]:
+        """For each file to write: whether in place, and the (offset, id, length) to write.
+
+        Locations of every chunk are looked up in one go, before the writing threads start.
+        """
+        plans = []
+        for path, rel, t, c in self.file_jobs:
+            old: dict[int, tuple[bytes, int]] = {}
+            in_place = c is not None and c.chunked and t.chunked and _is_regular(path)
+            if in_place:
+                assert c is not None
+                off = 0
+                for cid, n in self.chunks(c):
+                    old[off] = (cid, n)
+                    off += n
+            wanted, off = [], 0
+            for cid, n in self.chunks(t):
                 if old.get(off) != (cid, n):
                     wanted.append((off, cid, n))
                 off += n
-            locs = self.store.locate_many([cid for _, cid, _ in wanted if cid != HOLE])
-            for off, cid, n in wanted:
-                if cid == HOLE:
+            plans.append((path, rel, t, in_place, wanted))
+        self.locations = self.store.locate_all(
+            cid for *_, wanted in plans for _, cid, _ in wanted if cid != HOLE)
+        return plans
+
+    def _contents(self, wanted: list[tuple[int, bytes, int]]) -> Iterator[tuple[int, bytes, int,
+                                                                              bytes | None]]:
+        """(offset, id, length, data) in file order; adjacent records read in one go."""
+        run: list[tuple[int, bytes, int, Location]] = []
+        size = 0
+
+        def flush() -> Iterator[tuple[int, bytes, int, bytes | None]]:
+            if not run:
+                return
+            datas = self.store.read_run([(cid, loc) for _, cid, _, loc in run])
+            for (off, cid, n, _), data in zip(run, datas, strict=True):
+                yield off, cid, n, data
+            run.clear()
+
+        for off, cid, n in wanted:
+            loc = self.locations.get(cid) if cid != HOLE else None
+            if loc is None:
+                yield from flush()
+                size = 0
+                yield off, cid, n, (None if cid == HOLE else self.store.get(cid))
+                continue
+            if run and (loc.pack != run[-1][3].pack or size > READ_RUN
+                        or loc.offset != run[-1][3].offset + run[-1][3].stored_len + RECORD.size):
+                yield from flush()
+                size = 0
+            run.append((off, cid, n, loc))
+            size += loc.stored_len
+        yield from flush()
+
+    def write_file(self, path: str, rel: bytes, t: Entry, in_place: bool,
+                   wanted: list[tuple[int, bytes, int]]) -> int:
+        if in_place:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(path, flags, 0o600)
+            except IsADirectoryError:  # a folder appeared there since the snapshot
+                shutil.rmtree(path)
+                fd = os.open(path, flags, 0o600)
+        written = 0
+        iov: list[bytes] = []
+        iov_at = iov_end = 0
+        try:
+            for off, _, n, data in self._contents(wanted):
+                if iov and (off != iov_end or len(iov) >= 1024):
+                    _pwritev_all(fd, iov, iov_at)
+                    iov = []
+                if data is None:  # a hole
                     if in_place:
                         _punch_hole(fd, off, n)
                     continue
-                loc = locs.get(cid)
-                data = self.store.read_located(cid, loc) if loc else self.store.get(cid)
-                os.pwrite(fd, data, off)
+                if not iov:
+                    iov_at = off
+                iov.append(data)
+                iov_end = off + n
                 written += n
+            if iov:
+                _pwritev_all(fd, iov, iov_at)
             os.ftruncate(fd, t.size)
             _chown_fd(fd, t.uid, t.gid)
             os.fchmod(fd, t.mode)
@@ -166,6 +218,17 @@ class _Restorer:
         if self.progress:
             self.progress(written)
         return written
+
+
+def _pwritev_all(fd: int, iov: list[bytes], offset: int) -> None:
+    done = os.pwritev(fd, iov, offset)
+    want = sum(len(b) for b in iov)
+    if done < want:  # a short write: finish the rest piece by piece
+        rest = b"".join(iov)[done:]
+        offset += done
+        while rest:
+            k = os.pwrite(fd, rest, offset)
+            rest, offset = rest[k:], offset + k
 
 
 def _attrs(e: Entry) -> tuple[int, int, int, int]:
@@ -220,8 +283,9 @@ def restore(top: Path, store: PackStore, target: Root, current: Root | None,
     os.makedirs(top_s, exist_ok=True)
     if current is None or current.tree != target.tree:
         r.sync_dir(top_s, b"", current.tree if current else None, target.tree)
+    plans = r.plan()
     with ThreadPoolExecutor(WORKERS) as pool:
-        for n in pool.map(lambda job: r.write_file(*job), r.file_jobs):
+        for n in pool.map(lambda job: r.write_file(*job), plans):
             r.result.bytes_written += n
             r.result.files_written += 1
     for path, mode, uid, gid, mtime_ns in r.dir_attrs:
