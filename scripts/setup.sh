@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql postgresql-contrib)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
 command -v restic >/dev/null 2>&1 || need_apt+=(restic)        # benchmark peers
 command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
 command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)

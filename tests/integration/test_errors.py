@@ -60,7 +60,8 @@ def test_unusable_home_is_one_line(tmp_path):
     _one_line_error(p)
 
 
-def test_corrupted_pack_is_reported_by_fsck(dm):
+def _flip_byte_of_largest_object(dm: DM, delta: int) -> None:
+    """Commit a file, then flip one byte at ``delta`` from its largest object's payload."""
     dm.ok("init", "app")
     (dm.path("app") / "f").write_bytes(os.urandom(100_000))
     dm.ok("commit", "-m", "one")
@@ -69,8 +70,12 @@ def test_corrupted_pack_is_reported_by_fsck(dm):
                                   "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
     pack = dm.home / "packs" / name
     data = bytearray(pack.read_bytes())
-    data[offset + 100] ^= 0x55
+    data[offset + delta] ^= 0x55
     pack.write_bytes(bytes(data))
+
+
+def test_corrupted_pack_is_reported_by_fsck(dm):
+    _flip_byte_of_largest_object(dm, 100)
     p = dm("fsck")
     assert p.returncode == 7 and "problem:" in p.stdout
     (dm.path("app") / "f").unlink()
@@ -78,16 +83,7 @@ def test_corrupted_pack_is_reported_by_fsck(dm):
 
 
 def test_damaged_record_header_is_reported_by_fsck(dm):
-    dm.ok("init", "app")
-    (dm.path("app") / "f").write_bytes(os.urandom(100_000))
-    dm.ok("commit", "-m", "one")
-    with sqlite3.connect(dm.home / "meta.db") as db:
-        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
-                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
-    pack = dm.home / "packs" / name
-    data = bytearray(pack.read_bytes())
-    data[offset - 20] ^= 0x55  # inside the record's id field
-    pack.write_bytes(bytes(data))
+    _flip_byte_of_largest_object(dm, -20)  # inside the record's id field
     p = dm("fsck")
     assert p.returncode == 7 and "header" in p.stdout
 

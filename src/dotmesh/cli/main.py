@@ -17,7 +17,7 @@ from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
 from dotmesh.ops import fsck as fsck_ops
-from dotmesh.ops import history
+from dotmesh.ops import history, live
 from dotmesh.ops.home import Home, default_home
 
 INTERNAL_ERROR = 70
@@ -109,7 +109,9 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
             "head": s.head.hex() if s.head else None, "dirty": s.dirty, "size": s.size,
             "last_commit": {"message": s.head_message, "timestamp": iso(s.head_timestamp_ns)}
             if s.head_timestamp_ns else None,
-            "subdots": {k: str(v) for k, v in s.subdots.items()}, "branches": s.branches}
+            "subdots": {k: str(v) for k, v in s.subdots.items()}, "branches": s.branches,
+            "writers": [{"pid": w.pid, "name": w.name, "paths": list(w.paths)}
+                        for w in s.writers]}
 
 
 @cli.command(name="list")
@@ -160,6 +162,7 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     click.echo("  subdots:")
     for sub, p in s.subdots.items():
         click.echo(f"    {sub:<20} {p}")
+    click.echo("  writers:  " + (", ".join(map(str, s.writers)) if s.writers else "none"))
 
 
 @dot.command("delete")
@@ -184,11 +187,17 @@ def dot_delete(c: Ctx, force: bool, name: str) -> None:
 @click.option("-d", "--metadata", multiple=True, metavar="KEY=VALUE",
               help="Free-form metadata; repeatable.")
 @click.option("--author", default=None, help="Default: $DM_AUTHOR or your user name.")
+@click.option("--no-freeze", is_flag=True, help="Do not stop running writers (quiet data).")
+@click.option("--freeze-timeout", type=float, default=5.0, show_default=True, metavar="SECONDS",
+              help="Thaw writers and fail if the capture takes longer.")
 @json_flag
 @pass_ctx
 def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
-           as_json: bool) -> None:
+           no_freeze: bool, freeze_timeout: float, as_json: bool) -> None:
     """Commit every subdot of the current dot at once.
+
+    Processes using the dot's folders are found and, after a first copy made while they run,
+    frozen together for a short final pass, so all subdots are captured at one point in time.
 
     \b
     Example:  dm commit -m "two users, ten clicks" -d ticket=BUG-42
@@ -196,15 +205,22 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     home = c.home
     dot_name = home.require_current()
     meta = commit_ops.parse_metadata(list(metadata))
+    if any(k.startswith("dm.") for k in meta):
+        raise click.UsageError("metadata keys starting with 'dm.' are reserved")
     with progress_bar("Committing") as bar:
-        r = commit_ops.commit(home, dot_name, message, meta, author, progress=bar)
+        r = commit_ops.commit(home, dot_name, message, meta, author, progress=bar,
+                              freeze=not no_freeze, freeze_timeout=freeze_timeout)
     if as_json:
         emit_json({"id": r.id.hex(), "dot": dot_name, "files_read": r.files_read,
-                   "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored})
+                   "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored,
+                   "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None})
         return
     click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {message}")
     click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
                f"stored {human_size(r.bytes_stored)}")
+    if "dm.freeze_ms" in r.commit.metadata:
+        click.echo(f"  froze {r.commit.metadata['dm.writers']} for "
+                   f"{r.commit.metadata['dm.freeze_ms']} ms")
 
 
 def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
@@ -235,8 +251,12 @@ def log(c: Ctx, max_count: int | None, as_json: bool) -> None:
         click.echo(f"commit {oid.hex()}")
         click.echo(f"Author: {cm.author}")
         click.echo(f"Date:   {when(cm.timestamp_ns)}")
+        if "dm.freeze_ms" in cm.metadata:
+            click.echo(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
+                       f"({cm.metadata.get('dm.writers', '')})")
         for k, v in sorted(cm.metadata.items()):
-            click.echo(f"        {k}={v}")
+            if not k.startswith("dm."):
+                click.echo(f"        {k}={v}")
         click.echo(f"\n    {cm.message}\n")
 
 
@@ -260,11 +280,23 @@ def branch(c: Ctx, as_json: bool) -> None:
         click.echo(f"{'*' if b == current else ' '} {b}")
 
 
+stop_writers_flag = click.option(
+    "--stop-writers", is_flag=True,
+    help="Stop processes using the dot (SIGTERM, then SIGKILL) instead of refusing.")
+
+
+def _report_stopped(stopped: list[Any]) -> None:
+    if stopped:
+        click.echo(f"Stopped {', '.join(map(str, stopped))}; dm does not restart processes "
+                   "it did not start: start them again on the restored data")
+
+
 @cli.command()
 @click.option("-b", "create", is_flag=True, help="Create BRANCH at HEAD first.")
+@stop_writers_flag
 @click.argument("branch_name", metavar="BRANCH")
 @pass_ctx
-def checkout(c: Ctx, create: bool, branch_name: str) -> None:
+def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str) -> None:
     """Switch the current dot to BRANCH; uncommitted changes stay with their branch.
 
     \b
@@ -272,7 +304,9 @@ def checkout(c: Ctx, create: bool, branch_name: str) -> None:
     """
     dot_name = c.home.require_current()
     with progress_bar("Checking out") as bar:
-        changed = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar)
+        changed, stopped = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar,
+                                                 stop_writers)
+    _report_stopped(stopped)
     if not changed:
         click.echo(f"Already on {branch_name}")
     else:
@@ -282,9 +316,10 @@ def checkout(c: Ctx, create: bool, branch_name: str) -> None:
 @cli.command()
 @click.option("--hard", is_flag=True, help="Required: replace the working state.")
 @click.argument("ref", default="HEAD")
+@stop_writers_flag
 @json_flag
 @pass_ctx
-def reset(c: Ctx, hard: bool, ref: str, as_json: bool) -> None:
+def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> None:
     """Move the current branch to REF and make the data match it.
 
     The working state being discarded is stored first and listed by dm reflog.
@@ -296,11 +331,13 @@ def reset(c: Ctx, hard: bool, ref: str, as_json: bool) -> None:
         raise click.UsageError("only 'dm reset --hard REF' is supported")
     dot_name = c.home.require_current()
     with progress_bar("Resetting") as bar:
-        r = checkout_ops.reset_hard(c.home, dot_name, ref, bar)
+        r = checkout_ops.reset_hard(c.home, dot_name, ref, bar, stop_writers)
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
-                   "saved": r.saved.hex() if r.saved else None})
+                   "saved": r.saved.hex() if r.saved else None,
+                   "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped]})
         return
+    _report_stopped(r.stopped)
     click.echo(f"HEAD is now at {r.new.hex()[:12]} {c.home.commit(r.new).message}")
     if r.saved:
         click.echo(f"The discarded working state is saved as {r.saved.hex()[:12]} "
@@ -374,6 +411,61 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
         click.echo(f"{marks[ch.status]} {ch.subdot}:{ch.path}")
     if not changes:
         click.echo("No changes")
+
+
+@cli.group()
+def hook() -> None:
+    """Commands run before the freeze and after the thaw of a commit."""
+
+
+@hook.command("add")
+@click.argument("stage", type=click.Choice(["pre-freeze", "post-thaw"]))
+@click.argument("command")
+@click.option("--subdot", default=None, help="Run it for this subdot (DM_PATH is its folder).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, metavar="SECONDS")
+@pass_ctx
+def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: float) -> None:
+    """Add a hook to the current dot; it runs with DM_DOT, DM_SUBDOT and DM_PATH set.
+
+    \b
+    Example:  dm hook add pre-freeze --subdot users-db 'psql -h /tmp -c CHECKPOINT'
+    """
+    dot_name = c.home.require_current()
+    hook_id = live.add_hook(c.home, dot_name, stage, command, subdot, timeout)
+    click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
+
+
+@hook.command("list")
+@json_flag
+@pass_ctx
+def hook_list(c: Ctx, as_json: bool) -> None:
+    """List the current dot's hooks.
+
+    \b
+    Example:  dm hook list --json
+    """
+    hooks = live.hooks(c.home, c.home.require_current())
+    if as_json:
+        emit_json([{"id": h.id, "stage": h.stage, "subdot": h.subdot, "command": h.command,
+                    "timeout": h.timeout} for h in hooks])
+        return
+    for h in hooks:
+        click.echo(f"#{h.id}  {h.stage:<10}  {h.subdot or '-':<12}  {h.timeout:g}s  {h.command}")
+    if not hooks:
+        click.echo("No hooks")
+
+
+@hook.command("rm")
+@click.argument("hook_id", type=int, metavar="ID")
+@pass_ctx
+def hook_rm(c: Ctx, hook_id: int) -> None:
+    """Remove a hook by its number.
+
+    \b
+    Example:  dm hook rm 2
+    """
+    live.remove_hook(c.home, c.home.require_current(), hook_id)
+    click.echo(f"Removed hook #{hook_id}")
 
 
 @cli.command()

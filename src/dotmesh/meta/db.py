@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS statcache (
     PRIMARY KEY (dot, branch, subdot));
 CREATE TABLE IF NOT EXISTS fingerprints (
     content BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, dot TEXT NOT NULL, subdot TEXT, stage TEXT NOT NULL,
+    command TEXT NOT NULL, timeout REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS swaps (
     dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
 """
@@ -53,16 +56,12 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> int:
-    row = None
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-    except sqlite3.OperationalError:
-        pass
-    if row is None:
-        conn.executescript(SCHEMA)  # idempotent: every statement is IF NOT EXISTS
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)", (str(time.time_ns()),))
-        row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    """Create what is missing (every statement is IF NOT EXISTS, so tables added within a
+    format version appear in older stores too) and return the store's format version."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)", (str(time.time_ns()),))
+    row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
     return int(row[0])
 
 

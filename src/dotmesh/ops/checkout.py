@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from dotmesh.capture.writers import Writer
 from dotmesh.errors import NotFound
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.ops import live
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
 from dotmesh.ops.home import Home
@@ -33,31 +35,37 @@ class ResetResult:
     old: ObjectId | None
     new: ObjectId
     saved: ObjectId | None  # the discarded working state, when it differed from the old head
+    stopped: list[Writer]  # processes stopped for the reset (dm does not restart them)
 
 
 def checkout(home: Home, dot: str, branch: str, create: bool = False,
-             progress: Progress | None = None) -> bool:
-    """Switch the dot to ``branch``; returns False if it was already there."""
+             progress: Progress | None = None, stop_writers: bool = False
+             ) -> tuple[bool, list[Writer]]:
+    """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped."""
     check_branch(branch)
     with home.lock(dot):
         recover(home, dot)
         current = home.branch(dot)
+        if not create and branch == current:
+            return False, []
+        if not create:
+            home.head(dot, branch)  # an unknown branch fails before anything is stopped
+        stopped = live.refuse_if_running(home, dot, stop_writers, "switching branches")
         if create:
             home.create_branch(dot, branch, home.head(dot, current))
             with Tx(home.conn) as tx:
                 head = home.head(dot, branch)
                 home.log_ref(tx, dot, branch, "branch", None, head, None,
                              f"branched from {current}")
-        elif branch == current:
-            return False
         head = home.head(dot, branch)
         writer = home.packs.writer()
         materialize(home, dot, branch, home.commit(head) if head else None, writer, progress)
         swap(home, dot, branch)
-        return True
+        return True, stopped
 
 
-def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None) -> ResetResult:
+def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
+               stop_writers: bool = False) -> ResetResult:
     with home.lock(dot):
         recover(home, dot)
         branch = home.branch(dot)
@@ -65,6 +73,7 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None)
         target_id = home.resolve(dot, ref)
         if target_id not in home.all_commits(dot):
             raise NotFound(f"{ref!r} is not a commit of dot {dot!r}")
+        stopped = live.refuse_if_running(home, dot, stop_writers, "a reset")
         target = home.commit(target_id)
         writer = home.packs.writer()
         snap = snapshot_dot(home, dot, writer, progress)
@@ -85,4 +94,4 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None)
             for sub, cache in caches.items():
                 base = snap.caches.get(sub, {})
                 home.save_cache(tx, dot, branch, sub, base, cache)
-        return ResetResult(old, target_id, saved)
+        return ResetResult(old, target_id, saved, stopped)

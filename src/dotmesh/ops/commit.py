@@ -7,9 +7,12 @@ import os
 import time
 from dataclasses import dataclass
 
+from dotmesh.capture.freeze import frozen
+from dotmesh.capture.hooks import HookFailed, run_hooks
 from dotmesh.errors import UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.ops import live
 from dotmesh.ops.home import Home
 from dotmesh.ops.working import Progress, recover, save_caches, snapshot_dot
 
@@ -44,22 +47,42 @@ def parse_metadata(pairs: list[str]) -> dict[str, str]:
 
 
 def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None = None,
-           author: str | None = None, progress: Progress | None = None) -> CommitResult:
+           author: str | None = None, progress: Progress | None = None, freeze: bool = True,
+           freeze_timeout: float = 5.0) -> CommitResult:
+    """Commit every subdot at once.
+
+    With writers running (and ``freeze``), everything is first copied while they run, then
+    they are all stopped together, only what changed meanwhile is read, and they are thawed:
+    one point in time across all subdots, with a short freeze.
+    """
     if not message.strip():
         raise UsageError("the commit message is empty: give one with -m")
+    if freeze_timeout <= 0:
+        raise UsageError("--freeze-timeout must be positive")
+    metadata = dict(metadata or {})
     with home.lock(dot):
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)
+        dot_hooks = live.hooks(home, dot)
+        folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
+        run_hooks(dot_hooks, "pre-freeze", folders)
         writer = home.packs.writer()
-        snap = snapshot_dot(home, dot, writer, progress)
+        snap = snapshot_dot(home, dot, writer, progress)  # the pre-copy, while writers run
+        writers = live.writers_of(home, dot) if freeze else []
+        if writers:
+            with frozen(writers, freeze_timeout) as fz:
+                snap = snapshot_dot(home, dot, writer, None, after=snap)
+                fz.ended = time.monotonic()
+            metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
+            metadata["dm.writers"] = ", ".join(map(str, writers))
         c = Commit(
             parents=(old,) if old else (),
             subdots=snap.roots,
             message=message,
             author=author or default_author(),
             timestamp_ns=time.time_ns(),
-            metadata=metadata or {},
+            metadata=metadata,
         )
         oid = writer.put(KIND_COMMIT, c.encode())
         writer.flush()  # objects are durable before the ref names them
@@ -67,4 +90,8 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
             home.move_head(tx, dot, branch, old, oid)
             home.log_ref(tx, dot, branch, "commit", old, oid, None, message)
             save_caches(home, tx, dot, branch, snap)
-        return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written)
+    try:
+        run_hooks(dot_hooks, "post-thaw", folders)
+    except HookFailed as e:
+        raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
+    return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written)

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotmesh.capture.writers import Writer
 from dotmesh.errors import UsageError
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
 from dotmesh.ops.home import Home
+from dotmesh.ops.live import writers_of
 from dotmesh.ops.working import recover, snapshot_dot
 
 
@@ -61,6 +63,7 @@ class DotStatus:
     size: int
     subdots: dict[str, Path] = field(default_factory=dict)
     branches: list[str] = field(default_factory=list)
+    writers: list[Writer] = field(default_factory=list)
 
 
 def status(home: Home, dot: str) -> DotStatus:
@@ -80,6 +83,7 @@ def status(home: Home, dot: str) -> DotStatus:
         dirty=dirty, size=size,
         subdots={s: home.stable(dot, s) for s in home.subdots(dot)},
         branches=list(home.branches(dot)),
+        writers=writers_of(home, dot),
     )
 
 

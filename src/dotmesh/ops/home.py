@@ -125,7 +125,7 @@ class Home:
         """Forget the dot's refs and folders; its objects stay in the packs."""
         with Tx(self.conn) as c:
             for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
-                               ("statcache", "dot"), ("swaps", "dot")):
+                               ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot")):
                 c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
             c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
                       " VALUES (?, '', ?, 'delete', NULL, NULL, NULL, 'dot deleted')",

@@ -41,12 +41,23 @@ def ensure_folders(home: Home, dot: str) -> None:
 
 
 def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
-                 progress: Progress | None = None) -> DotSnapshot:
-    """Snapshot every subdot of the current branch (``writer=None``: hash only, store nothing)."""
+                 progress: Progress | None = None,
+                 after: DotSnapshot | None = None) -> DotSnapshot:
+    """Snapshot every subdot of the current branch (``writer=None``: hash only, store nothing).
+
+    ``after``: a snapshot taken moments ago (the pre-copy of a live commit); only what changed
+    since is read. The stat caches to save are still relative to the stored ones.
+    """
     branch = home.branch(dot)
     ensure_folders(home, dot)
     snap = DotSnapshot({}, {}, {})
     for sub in home.subdots(dot):
+        if after is not None and sub in after.results:
+            res = snapshot(home.stable(dot, sub), home.packs, writer, after.results[sub].cache,
+                           progress)
+            snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, \
+                after.caches[sub]
+            continue
         cache = home.load_cache(dot, branch, sub)
         res = snapshot(home.stable(dot, sub), home.packs, writer, cache, progress)
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache

@@ -1,0 +1,117 @@
+"""Freeze writers with SIGSTOP and always thaw them with SIGCONT.
+
+Before stopping anything, dm starts a watchdog process that holds the other end of a pipe. When
+dm closes the pipe (it is done, it failed, or it was killed with -9 and the kernel closed it) or
+the freeze timeout passes, the watchdog sends SIGCONT to every frozen process. So no writer can
+stay stopped after dm is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from dotmesh.capture.writers import Writer
+from dotmesh.errors import DotmeshError
+
+
+class FreezeTimeout(DotmeshError):
+    """The capture took longer than the freeze timeout; writers were thawed, nothing committed."""
+
+    exit_code = 8
+
+
+@dataclass
+class Freeze:
+    started: float = 0.0
+    ended: float = 0.0
+
+    @property
+    def ms(self) -> float:
+        return (self.ended - self.started) * 1000
+
+
+def _continue(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def _continue_stopped(pids: list[int], grace: float = 0.05) -> None:
+    """Continue those of ``pids`` that stopped meanwhile, giving late ones ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while pids:
+        for pid in pids:
+            if _stopped(pid):
+                _continue(pid)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.002)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True  # gone: nothing left to stop
+    return state in ("T", "t", "Z", "X")
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _bystanders(pids: list[int]) -> list[int]:
+    """Running parents of the writers. A supervisor such as su or runuser stops itself when
+    its child stops (job control); these must be continued too, or they stay stopped."""
+    parents = {_parent(p) for p in pids} - set(pids) - {0, 1, os.getpid()}
+    return sorted(p for p in parents if not _stopped(p))
+
+
+@contextmanager
+def frozen(writers: list[Writer], timeout: float) -> Iterator[Freeze]:
+    """Stop ``writers`` for the block; the watchdog thaws them after ``timeout`` regardless."""
+    pids = [w.pid for w in writers]
+    bystanders = _bystanders(pids)
+    read_end, write_end = os.pipe()
+    dog = subprocess.Popen(
+        [sys.executable, "-m", "dotmesh.capture.watchdog", str(read_end), str(timeout),
+         *map(str, pids + bystanders)],
+        pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True)
+    os.close(read_end)
+    freeze = Freeze()
+    try:
+        freeze.started = time.monotonic()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + min(timeout, 5.0)
+        while not all(_stopped(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        yield freeze
+    finally:
+        for pid in pids:
+            _continue(pid)
+        freeze.ended = freeze.ended or time.monotonic()
+        _continue_stopped(bystanders)
+        os.close(write_end)  # tells the watchdog it can go
+        dog.wait()
+    if freeze.ms > timeout * 1000:
+        raise FreezeTimeout(f"the capture took {freeze.ms:.0f} ms, over the freeze timeout "
+                            f"of {timeout * 1000:.0f} ms; writers were thawed and nothing was "
+                            "committed (raise --freeze-timeout or use hooks to quiesce)")
+

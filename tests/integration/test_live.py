@@ -1,0 +1,187 @@
+"""Live capture of a running polyglot app: Redis, PostgreSQL and an uploads folder, committed
+while an app writes to all three, restore to states that start cleanly and agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from demo.miniapp import upload_bytes
+from tests.conftest import DM
+from tests.integration.servers import Postgres, Redis, shared_tmp
+
+APP = Path(__file__).resolve().parents[2] / "demo" / "miniapp.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_commits_of_a_running_app_are_consistent():
+    with shared_tmp() as top:
+        dm = DM(top / "home")
+        dm.ok("init", "app")
+        clicks, users, uploads = (dm.path(f"app.{s}")
+                                  for s in ("clicks-db", "users-db", "uploads"))
+        os.chmod(top / "home", 0o755)
+        pg = Postgres(users, top / "pgsock", 54331)
+        pg.initdb()
+        redis = Redis(clicks, top / "redis.sock")
+        pg.start()
+        redis.start()
+        app = None
+        try:
+            pg.sql("CREATE TABLE steps (n int PRIMARY KEY, payload text)")
+            pg.sql("CREATE INDEX ON steps (payload)")
+            pg.sql("CREATE EXTENSION amcheck")
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            app = subprocess.Popen([sys.executable, str(APP), str(pg.sock), str(pg.port),
+                                    str(redis.sock), str(uploads)], env=env,
+                                   stdin=subprocess.DEVNULL)
+            time.sleep(1.0)
+            shown = json.loads(dm.ok("dot", "show", "--json"))
+            names = {w["name"] for w in shown["writers"]}
+            assert {"redis-server", "postgres"} <= names and app.pid in {
+                w["pid"] for w in shown["writers"]}
+            ids = []
+            for i in range(20):
+                out = json.loads(dm.ok("commit", "-m", f"live {i}", "--json"))
+                assert out["freeze_ms"] is not None
+                ids.append(out["id"])
+                time.sleep(0.05)
+            assert app.poll() is None, "the app died while being committed"
+            log = json.loads(dm.ok("log", "--json"))
+            assert all("dm.freeze_ms" in c["metadata"] for c in log[:20])
+            refused = dm("reset", "--hard", ids[0])
+            assert refused.returncode == 5 and "--stop-writers" in refused.stderr
+        finally:
+            if app is not None:
+                app.kill()
+                app.wait()
+            redis.stop()
+            pg.stop()
+
+        last_counter = 0
+        for oid in ids:
+            dm.ok("reset", "--hard", oid)
+            pg.start()
+            redis.start()
+            try:
+                counter = int(redis.cli("GET", "counter") or 0)
+                max_n = int(pg.sql("SELECT coalesce(max(n), 0) FROM steps"))
+                rows = int(pg.sql("SELECT count(*) FROM steps"))
+                pg.amcheck()
+            finally:
+                redis.stop()
+                pg.stop()
+            assert counter <= max_n <= counter + 1, (oid, counter, max_n)
+            assert rows == max_n
+            assert counter >= last_counter  # commits are taken in order
+            last_counter = counter
+            # The app writes upload n after setting the counter to n, so a consistent state has
+            # every upload below the counter whole, and upload n absent or half written.
+            for n in range(1, counter):
+                assert (uploads / f"{n}.bin").read_bytes() == upload_bytes(n), (oid, n)
+            current = uploads / f"{counter}.bin"
+            if counter and current.exists():
+                assert upload_bytes(counter).startswith(current.read_bytes()), oid
+            assert not (uploads / f"{counter + 1}.bin").exists(), oid
+            aof = clicks / "appendonlydir" / "appendonly.aof.manifest"
+            check = subprocess.run(["redis-check-aof", str(aof)], capture_output=True,
+                                   text=True, stdin=subprocess.DEVNULL)
+            assert check.returncode == 0 and "is valid" in check.stdout, check.stdout
+        assert last_counter > 0
+
+
+def test_kill_during_the_freeze_leaves_no_writer_stopped(dm):
+    """kill -9 of dm while writers are frozen: the watchdog thaws them."""
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    big = d / "big.db"
+    big.write_bytes(os.urandom(96 << 20))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, random\n"
+            f"fd = os.open({str(big)!r}, os.O_WRONLY)\n"
+            "while True:\n"
+            "    os.pwrite(fd, os.urandom(8192), random.randrange(12288) * 8192)\n")],
+        cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        for _attempt in range(5):
+            proc = dm.popen("commit", "-m", "killed in the freeze")
+            deadline = time.monotonic() + 30
+            while _proc_state(writer.pid) not in "Tt" and time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.0005)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                break
+            proc.wait()
+        else:
+            raise AssertionError("never caught dm inside a freeze")
+        deadline = time.monotonic() + 5
+        while _proc_state(writer.pid) in "Tt" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _proc_state(writer.pid) not in "Tt", "the writer was left stopped"
+        assert json.loads(dm.ok("fsck", "--json"))["ok"]
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_hooks_run_around_the_freeze(dm, tmp_path):
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "f").write_text("x")
+    trace = tmp_path / "trace"
+    dm.ok("hook", "add", "pre-freeze", "--subdot", "db", f'echo "pre $DM_DOT $DM_PATH" >> {trace}')
+    dm.ok("hook", "add", "post-thaw", f"echo post >> {trace}")
+    dm.ok("commit", "-m", "with hooks")
+    assert trace.read_text().splitlines() == [f"pre app {d}", "post"]
+    hooks = json.loads(dm.ok("hook", "list", "--json"))
+    assert [h["stage"] for h in hooks] == ["pre-freeze", "post-thaw"]
+    dm.ok("hook", "add", "pre-freeze", "--timeout", "0.5", "sleep 5")
+    p = dm("commit", "-m", "slow hook")
+    assert p.returncode == 9 and "timeout" in p.stderr
+    dm.ok("hook", "rm", str(hooks[0]["id"] + 2))
+    dm.ok("hook", "add", "pre-freeze", "echo broken >&2; exit 4")
+    p = dm("commit", "-m", "failing hook")
+    assert p.returncode == 9 and "exit 4" in p.stderr and "broken" in p.stderr
+    assert len(json.loads(dm.ok("log", "--json"))) == 1  # nothing committed by failures
+    assert dm("hook", "add", "sometime", "true").returncode == 2
+    assert dm("hook", "rm", "99").returncode == 3
+
+
+def test_a_writers_supervisor_is_not_left_stopped(dm):
+    """runuser (like su) stops itself when its child stops; the thaw must continue it too."""
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    sup = subprocess.Popen(  # only the child works in the dot, like a server under su
+        ["runuser", "-u", "root", "--", "sh", "-c", f"cd {d} && exec sleep 1000"], cwd="/",
+        stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        child = None
+        while child is None and time.monotonic() < deadline:
+            kids = Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.01)
+        assert child is not None
+        out = json.loads(dm.ok("commit", "-m", "supervised", "--json"))
+        assert out["freeze_ms"] is not None
+        time.sleep(0.2)
+        assert _proc_state(child) not in "Tt"
+        assert _proc_state(sup.pid) not in "Tt", "runuser was left stopped"
+    finally:
+        sup.kill()
+        sup.wait()
+        subprocess.run(["pkill", "-f", "sleep 1000"])
