@@ -185,3 +185,30 @@ def test_a_writers_supervisor_is_not_left_stopped(dm):
         sup.kill()
         sup.wait()
         subprocess.run(["pkill", "-f", "sleep 1000"])
+
+
+def test_freeze_timeout_thaws_and_commits_nothing(dm):
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    big = d / "big.db"
+    big.write_bytes(os.urandom(64 << 20))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, random\n"
+            f"fd = os.open({str(big)!r}, os.O_WRONLY)\n"
+            "while True:\n"
+            "    os.pwrite(fd, os.urandom(8192), random.randrange(8192) * 8192)\n")],
+        cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        p = dm("commit", "-m", "too slow", "--freeze-timeout", "0.001")
+        assert p.returncode == 8, p.stderr
+        assert "freeze timeout" in p.stderr and "thawed" in p.stderr
+        assert _proc_state(writer.pid) not in "Tt"
+        assert json.loads(dm.ok("log", "--json")) == []
+        quiet = json.loads(dm.ok("commit", "-m", "no freeze", "--no-freeze", "--json"))
+        assert quiet["freeze_ms"] is None
+        assert dm("commit", "-m", "x", "--freeze-timeout", "0").returncode == 2
+    finally:
+        writer.kill()
+        writer.wait()

@@ -15,6 +15,7 @@ from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
 from dotmesh.ops import live
 from dotmesh.ops.home import Home
 from dotmesh.ops.working import Progress, recover, save_caches, snapshot_dot
+from dotmesh.workdir.snapshot import store_deferred
 
 
 @dataclass
@@ -72,8 +73,10 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         writers = live.writers_of(home, dot) if freeze else []
         if writers:
             with frozen(writers, freeze_timeout) as fz:
-                snap = snapshot_dot(home, dot, writer, None, after=snap)
+                snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True)
                 fz.ended = time.monotonic()
+            for res in snap.results.values():  # compressed after the thaw, not during
+                store_deferred(writer, res.deferred)
             metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
             metadata["dm.writers"] = ", ".join(map(str, writers))
         c = Commit(

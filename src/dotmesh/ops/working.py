@@ -42,7 +42,7 @@ def ensure_folders(home: Home, dot: str) -> None:
 
 def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
                  progress: Progress | None = None,
-                 after: DotSnapshot | None = None) -> DotSnapshot:
+                 after: DotSnapshot | None = None, defer: bool = False) -> DotSnapshot:
     """Snapshot every subdot of the current branch (``writer=None``: hash only, store nothing).
 
     ``after``: a snapshot taken moments ago (the pre-copy of a live commit); only what changed
@@ -54,7 +54,7 @@ def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
     for sub in home.subdots(dot):
         if after is not None and sub in after.results:
             res = snapshot(home.stable(dot, sub), home.packs, writer, after.results[sub].cache,
-                           progress)
+                           progress, defer)
             snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, \
                 after.caches[sub]
             continue

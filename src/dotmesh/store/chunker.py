@@ -68,6 +68,7 @@ class Previous:
 
 
 Missing = Callable[[list[bytes]], set[bytes]]  # returns the subset of ids the store lacks
+Packer = Callable[[memoryview], tuple[bytes | memoryview, bool]]  # (payload, compressed?)
 _ZERO_IDS: dict[int, bytes] = {}
 
 
@@ -79,7 +80,7 @@ def _zero_id(n: int) -> bytes:
 
 
 def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: frozenset[bytes],
-            missing: Missing) -> Chunks:
+            missing: Missing, pack: Packer = compress) -> Chunks:
     """Hash the chunks of ``buf``, then compress those the store lacks."""
     b3 = blake3.blake3
     ids = [b3(buf[o:o + n]).digest() for o, n in zip(offsets, lengths, strict=True)]
@@ -93,7 +94,7 @@ def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: froz
         for x, o, n in zip(ids, offsets, lengths, strict=True):
             if x in need:
                 need.discard(x)  # compress a repeated chunk once
-                payload, z = compress(buf[o:o + n])
+                payload, z = pack(buf[o:o + n])
                 new.append((KIND_CHUNK, x, n, bytes(payload) if not z else payload, z))
     return Chunks(ids, lengths, new)
 
@@ -111,7 +112,8 @@ def read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
 
 
 def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozenset[bytes],
-                missing: Missing, prev: Previous | None = None) -> Chunks:
+                missing: Missing, prev: Previous | None = None,
+                pack: Packer = compress) -> Chunks:
     got = read_exact(fd, buf, length, start)
     mv = memoryview(buf)
     per = SUPER // PAGE_BLOCK
@@ -136,14 +138,14 @@ def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozens
         else:
             todo.extend(range(b0, min(b0 + per, len(ids))))
     chunks = _finish(mv, [i * PAGE_BLOCK for i in todo], [lengths[i] for i in todo], known,
-                     missing)
+                     missing, pack)
     for i, oid in zip(todo, chunks.ids, strict=True):
         ids[i] = oid
     return Chunks(ids, lengths, chunks.new, b"".join(fps))
 
 
-def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes],
-              missing: Missing) -> Iterator[Chunks]:
+def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes], missing: Missing,
+              pack: Packer = compress) -> Iterator[Chunks]:
     """Cut a whole file with FastCDC, window by window.
 
     Each window's last chunk is re-cut with the next window, so the cut points are exactly
@@ -160,11 +162,12 @@ def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes],
         if not at_end and len(cuts) > 1:
             cuts.pop()
         yield _finish(memoryview(buf), [o for o, _ in cuts], [n for _, n in cuts], known,
-                      missing)
+                      missing, pack)
         pos += cuts[-1][0] + cuts[-1][1]
         if at_end:
             return
 
 
-def chunk_small(data: bytes | memoryview, known: frozenset[bytes], missing: Missing) -> Chunks:
-    return _finish(memoryview(data), [0], [len(data)], known, missing)
+def chunk_small(data: bytes | memoryview, known: frozenset[bytes], missing: Missing,
+                pack: Packer = compress) -> Chunks:
+    return _finish(memoryview(data), [0], [len(data)], known, missing, pack)

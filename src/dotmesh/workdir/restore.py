@@ -13,15 +13,13 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.model.objects import DIR, HOLE, SYMLINK, Entry, FileList, ObjectId, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
-from dotmesh.workdir.snapshot import CacheEntry, StatCache
+from dotmesh.workdir.snapshot import CacheEntry, StatCache, shared_pool
 
-WORKERS = 2
 READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
@@ -284,10 +282,9 @@ def restore(top: Path, store: PackStore, target: Root, current: Root | None,
     if current is None or current.tree != target.tree:
         r.sync_dir(top_s, b"", current.tree if current else None, target.tree)
     plans = r.plan()
-    with ThreadPoolExecutor(WORKERS) as pool:
-        for n in pool.map(lambda job: r.write_file(*job), plans):
-            r.result.bytes_written += n
-            r.result.files_written += 1
+    for n in shared_pool().map(lambda job: r.write_file(*job), plans):
+        r.result.bytes_written += n
+        r.result.files_written += 1
     for path, mode, uid, gid, mtime_ns in r.dir_attrs:
         _chown(path, uid, gid)
         os.chmod(path, mode)

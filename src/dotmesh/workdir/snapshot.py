@@ -34,8 +34,9 @@ from dotmesh.model.objects import (
     object_id,
 )
 from dotmesh.store import chunker
-from dotmesh.store.packs import PackStore, PackWriter
+from dotmesh.store.packs import PackStore, PackWriter, compress
 
+DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
 SMALL_BATCH = 4 << 20
@@ -107,6 +108,7 @@ class SnapshotResult:
     total_size: int = 0
     skipped: list[str] = field(default_factory=list)
     unstored_trees: dict[bytes, bytes] = field(default_factory=dict)
+    deferred: list[chunker.Record] = field(default_factory=list)  # see store_deferred
 
 
 @dataclass
@@ -125,11 +127,24 @@ class _File:
 
 
 class _Sink:
-    """Where workers send chunks: the pack writer, or nowhere when only hashing."""
+    """Where workers send chunks: the pack writer, or nowhere when only hashing.
 
-    def __init__(self, store: PackStore, writer: PackWriter | None) -> None:
+    With ``defer``, new chunks are only copied (up to DEFER_LIMIT bytes) and compressed and
+    written later by :func:`store_deferred`: inside a freeze, the writers wait only for reads.
+    """
+
+    def __init__(self, store: PackStore, writer: PackWriter | None, defer: bool = False) -> None:
         self.store, self.writer = store, writer
         self.trees: dict[bytes, bytes] = {}  # what was not stored, for callers that diff
+        self.deferred: list[chunker.Record] = []
+        self.deferred_bytes = 0
+        self.defer = defer and writer is not None
+        self._lock = threading.Lock()
+
+    def pack(self, data: memoryview) -> tuple[bytes | memoryview, bool]:
+        if self.defer and self.deferred_bytes < DEFER_LIMIT:
+            return bytes(data), False
+        return compress(data)
 
     def missing(self, oids: list[bytes]) -> set[bytes]:
         if self.writer is None:
@@ -139,7 +154,14 @@ class _Sink:
 
     def take(self, chunks: chunker.Chunks) -> list[tuple[bytes, int]]:
         if chunks.new and self.writer is not None:
-            self.writer.add_many(chunks.new)
+            now = [r for r in chunks.new if r[4] or not self.defer]
+            later = [r for r in chunks.new if not r[4] and self.defer]
+            if later:
+                with self._lock:
+                    self.deferred.extend(later)
+                    self.deferred_bytes += sum(r[2] for r in later)
+            if now:
+                self.writer.add_many(now)
         return list(zip(chunks.ids, chunks.lengths, strict=True))
 
     def put(self, kind: int, data: bytes) -> ObjectId:
@@ -152,6 +174,25 @@ class _Sink:
 
 
 _tls = threading.local()
+_pool: ThreadPoolExecutor | None = None
+
+
+def shared_pool() -> ThreadPoolExecutor:
+    """One pool of WORKERS threads per process: starting threads inside a freeze costs time."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="dm-io")
+    return _pool
+
+
+def store_deferred(writer: PackWriter, records: list[chunker.Record]) -> None:
+    """Compress and write chunks whose compression a freeze put off, on both cores."""
+    def pack(batch: list[chunker.Record]) -> None:
+        writer.add_many([(k, oid, n, *compress(raw)) for k, oid, n, raw, _ in batch])
+
+    batches = [records[i:i + 256] for i in range(0, len(records), 256)]
+    for _ in shared_pool().map(pack, batches):
+        pass
 
 
 def _buffer() -> bytearray:
@@ -236,7 +277,7 @@ def _scan_dir(top: str, rel: str, cache: StatCache) -> _DirScan:
 
 
 def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
-             progress: Progress | None = None) -> SnapshotResult:
+             progress: Progress | None = None, defer: bool = False) -> SnapshotResult:
     """Store (or, with ``writer=None``, only hash) the folder ``top``; returns its root.
 
     One pass over the folders builds each tree's rows directly (this loop is the whole cost of
@@ -245,7 +286,7 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
     started = time.time_ns()
     top_s = str(top)
     top_st = os.lstat(top_s)
-    sink = _Sink(store, writer)
+    sink = _Sink(store, writer, defer)
     new_cache: StatCache = {}
     dirs: list[tuple[str, list[list[object]]]] = []
     dir_rows: dict[str, list[object]] = {}
@@ -282,6 +323,7 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
             root_tree = oid
     result.total_size = total
     result.unstored_trees = sink.trees
+    result.deferred = sink.deferred
     result.root = Root(root_tree, stat.S_IMODE(top_st.st_mode), top_st.st_uid, top_st.st_gid,
                        top_st.st_mtime_ns)
     return result
@@ -304,7 +346,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                     f.content, f.size = None, 0
                     continue
                 known = _previous(store, cache.get(f.rel))[0]
-                r = chunker.chunk_small(memoryview(buf)[:got], known, sink.missing)
+                r = chunker.chunk_small(memoryview(buf)[:got], known, sink.missing, sink.pack)
                 f.parts = [sink.take(r)]
                 n += got
             return n
@@ -332,12 +374,12 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             try:
                 if chunker.is_paged(f.st.st_size):
                     got = chunker.chunk_paged(fd, start, length, buf, known, sink.missing,
-                                              prev)
+                                              prev, sink.pack)
                     f.fingerprints[idx] = got.fingerprints
                     parts = [sink.take(got)]
                 else:
                     parts = [sink.take(r) for r in chunker.chunk_cdc(fd, buf, known,
-                                                                     sink.missing)]
+                                                                     sink.missing, sink.pack)]
             finally:
                 os.close(fd)
             f.parts[idx] = [c for p in parts for c in p]
@@ -367,14 +409,14 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     if small:
         jobs.append((small_job(small), None))
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        window: list[Future[int]] = []
-        for job, _ in jobs:
-            window.append(pool.submit(job))
-            if len(window) >= WORKERS * 2:
-                _drain(window.pop(0), progress, result)
-        for fut in window:
-            _drain(fut, progress, result)
+    pool = shared_pool()
+    window: list[Future[int]] = []
+    for job, _ in jobs:
+        window.append(pool.submit(job))
+        if len(window) >= WORKERS * 2:
+            _drain(window.pop(0), progress, result)
+    for fut in window:
+        _drain(fut, progress, result)
     fingerprints: list[tuple[bytes, bytes]] = []
     superseded: list[bytes] = []  # fingerprints of versions this commit replaces
     for f in to_read:
