@@ -338,18 +338,26 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
 
     def small_job(batch: list[_File]) -> Callable[[], int]:
         def run() -> int:
-            n = 0
             buf = _buffer()
+            view = memoryview(buf)
+            pos, offsets, lengths, read = 0, [], [], []
             for f in batch:
-                got = _read_small(f.path, buf)
+                got = _read_small(f.path, view[pos:pos + chunker.SMALL_FILE])
                 if not got:
                     f.content, f.size = None, 0
                     continue
-                known = _previous(store, cache.get(f.rel))[0]
-                r = chunker.chunk_small(memoryview(buf)[:got], known, sink.missing, sink.pack)
-                f.parts = [sink.take(r)]
-                n += got
-            return n
+                offsets.append(pos)
+                lengths.append(got)
+                read.append(f)
+                pos += got
+            if not read:
+                return 0
+            known = frozenset(k for f in read for k in _previous(store, cache.get(f.rel))[0])
+            pairs = sink.take(chunker.chunk_files(view, offsets, lengths, known, sink.missing,
+                                                  sink.pack))
+            for f, pair in zip(read, pairs, strict=True):
+                f.parts = [[pair]]
+            return pos
         return run
 
     memo_lock = threading.Lock()
@@ -451,15 +459,21 @@ def _open_file(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def _read_small(path: str, buf: bytearray) -> int:
-    """Read a small file into ``buf``; a file that grew past SMALL_FILE is cut (rescanned next
+def _read_small(path: str, into: memoryview) -> int:
+    """Read a small file into ``into``; a file that grew past SMALL_FILE is cut (rescanned next
     time, since its stat changed)."""
     try:
         fd = _open_file(path)
     except FileNotFoundError:  # vanished since the scan: record it as empty
         return 0
     try:
-        return chunker.read_exact(fd, buf, chunker.SMALL_FILE, 0)
+        got = 0
+        while got < len(into):
+            k = os.preadv(fd, [into[got:]], got)
+            if k == 0:
+                break
+            got += k
+        return got
     finally:
         os.close(fd)
 
