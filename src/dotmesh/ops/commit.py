@@ -17,6 +17,10 @@ from dotmesh.ops.home import Home
 from dotmesh.ops.working import Progress, recover, save_caches, snapshot_dot
 from dotmesh.workdir.snapshot import store_deferred
 
+PRECOPY_PASSES = 3
+SMALL_DELTA_FILES = 32  # a pass that read less than this leaves little for the freeze
+SMALL_DELTA_BYTES = 4 << 20
+
 
 @dataclass
 class CommitResult:
@@ -72,6 +76,14 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         snap = snapshot_dot(home, dot, writer, progress)  # the pre-copy, while writers run
         writers = live.writers_of(home, dot) if freeze else []
         if writers:
+            # More copy passes while much changed during the last one: each is shorter, so
+            # less is left for the freeze (as in live migration of virtual machines).
+            for _ in range(PRECOPY_PASSES - 1):
+                if snap.files_read <= SMALL_DELTA_FILES and snap.bytes_read <= SMALL_DELTA_BYTES:
+                    break
+                writer.flush()  # the next pass reads this one's file lists as hints
+                snap = snapshot_dot(home, dot, writer, None, after=snap)
+            writer.flush()
             with frozen(writers, freeze_timeout) as fz:
                 snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True)
                 fz.ended = time.monotonic()

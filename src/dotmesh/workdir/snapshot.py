@@ -44,7 +44,7 @@ SMALL_BATCH = 4 << 20
 
 StatCache = dict[bytes, tuple[int, int, int, int, bytes, int]]  # laid out as CacheEntry
 NO_CONTENT = bytes(32)
-HAS_CONTENT, CHUNKED = 2, 1
+HAS_CONTENT, CHUNKED, HINT_ONLY = 2, 1, 4
 _CACHE_RECORD = struct.Struct("<QqqQ32sB")
 
 
@@ -249,7 +249,8 @@ def _scan_dir(top: str, rel: str, cache: StatCache) -> _DirScan:
                 size = st.st_size
                 out.total += size
                 old = cache.get(key)
-                if (old is not None and old[0] == size and old[1] == st.st_mtime_ns
+                if (old is not None and not old[5] & HINT_ONLY and old[0] == size
+                        and old[1] == st.st_mtime_ns
                         and old[2] == st.st_ctime_ns and old[3] == st.st_ino):
                     hits[key] = old
                     flags = old[5]
@@ -311,9 +312,13 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
             int(f.chunked)
         total += f.size - f.st.st_size
         st = f.st
-        if st.st_mtime_ns < limit and st.st_ctime_ns < limit:
-            new_cache[f.rel] = CacheEntry.of(f.size, st.st_mtime_ns, st.st_ctime_ns,
-                                             st.st_ino, f.content, f.chunked)
+        entry = CacheEntry.of(f.size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, f.content,
+                              f.chunked)
+        if st.st_mtime_ns >= limit or st.st_ctime_ns >= limit:
+            # Written too recently to trust its stat next time; its content is still the best
+            # guess of the next version, for the fingerprints and known chunks.
+            entry = entry._replace(flags=entry.flags | HINT_ONLY)
+        new_cache[f.rel] = entry
     root_tree = ObjectId(b"")
     for rel, rows in reversed(dirs):  # children before parents
         oid = sink.put(KIND_TREE, encode_tree_rows(rows))
