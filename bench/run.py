@@ -141,6 +141,17 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
                 res[tool] = s
             out[name] = res
 
+        def another_commit(label: str) -> dict[str, object]:
+            """Every tool's second and later commit, named ``label``."""
+            return {
+                "dm": lambda: measure([DM, "commit", "-m", label], env=dm_env),
+                "restic": lambda: measure([*restic, "backup", str(src)], env=r_env),
+                "borg": lambda: measure(["borg", "create", f"{borg}::{label}", str(src)],
+                                        env=b_env),
+                "btrfs": lambda: measure(["btrfs", "subvolume", "snapshot", "-r", str(live),
+                                          str(snaps / label)]),
+            }
+
         sync = ["sync"]
         step("1 initial commit", {
             "dm": lambda: measure([DM, "commit", "-m", "s1"], env=dm_env),
@@ -155,24 +166,12 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
         }, bytes_of=True)
         subprocess.run(sync)
         time.sleep(0.2)  # so that no file is within dotmesh's racy-stat window
-        step("2 no-change commit", {
-            "dm": lambda: measure([DM, "commit", "-m", "s2"], env=dm_env),
-            "restic": lambda: measure([*restic, "backup", str(src)], env=r_env),
-            "borg": lambda: measure(["borg", "create", f"{borg}::s2", str(src)], env=b_env),
-            "btrfs": lambda: measure(["btrfs", "subvolume", "snapshot", "-r", str(live),
-                                      str(snaps / "s2")]),
-        }, bytes_of=True)
+        step("2 no-change commit", another_commit("s2"), bytes_of=True)
         changed = 0
         for top in (src, dm_dir, live):
             changed = workload.modify(top, args.size)
         time.sleep(0.2)
-        step("3 commit after 1% change", {
-            "dm": lambda: measure([DM, "commit", "-m", "s3"], env=dm_env),
-            "restic": lambda: measure([*restic, "backup", str(src)], env=r_env),
-            "borg": lambda: measure(["borg", "create", f"{borg}::s3", str(src)], env=b_env),
-            "btrfs": lambda: measure(["btrfs", "subvolume", "snapshot", "-r", str(live),
-                                      str(snaps / "s3")]),
-        }, bytes_of=True)
+        step("3 commit after 1% change", another_commit("s3"), bytes_of=True)
         send = subprocess.run(f"btrfs send -q -p {snaps / 's2'} {snaps / 's3'} | wc -c",
                               shell=True, capture_output=True, text=True, check=True)
         out["4 bytes stored by step 3"] = {

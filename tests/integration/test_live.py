@@ -19,6 +19,19 @@ APP = Path(__file__).resolve().parents[2] / "demo" / "miniapp.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _page_writer(big: Path) -> subprocess.Popen[bytes]:
+    """A process that rewrites random 8 KiB pages of ``big`` without pause, working in its
+    folder (so dm finds it as a writer)."""
+    pages = big.stat().st_size // 8192
+    return subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, random\n"
+            f"fd = os.open({str(big)!r}, os.O_WRONLY)\n"
+            "while True:\n"
+            f"    os.pwrite(fd, os.urandom(8192), random.randrange({pages}) * 8192)\n")],
+        cwd=big.parent, stdin=subprocess.DEVNULL)
+
+
 def _proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
@@ -106,13 +119,7 @@ def test_kill_during_the_freeze_leaves_no_writer_stopped(dm):
     d = dm.path("app.db")
     big = d / "big.db"
     big.write_bytes(os.urandom(96 << 20))
-    writer = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import os, random\n"
-            f"fd = os.open({str(big)!r}, os.O_WRONLY)\n"
-            "while True:\n"
-            "    os.pwrite(fd, os.urandom(8192), random.randrange(12288) * 8192)\n")],
-        cwd=d, stdin=subprocess.DEVNULL)
+    writer = _page_writer(big)
     try:
         for _attempt in range(5):
             proc = dm.popen("commit", "-m", "killed in the freeze")
@@ -192,13 +199,7 @@ def test_freeze_timeout_thaws_and_commits_nothing(dm):
     d = dm.path("app.db")
     big = d / "big.db"
     big.write_bytes(os.urandom(64 << 20))
-    writer = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import os, random\n"
-            f"fd = os.open({str(big)!r}, os.O_WRONLY)\n"
-            "while True:\n"
-            "    os.pwrite(fd, os.urandom(8192), random.randrange(8192) * 8192)\n")],
-        cwd=d, stdin=subprocess.DEVNULL)
+    writer = _page_writer(big)
     try:
         time.sleep(0.2)
         p = dm("commit", "-m", "too slow", "--freeze-timeout", "0.001")
@@ -212,3 +213,22 @@ def test_freeze_timeout_thaws_and_commits_nothing(dm):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_restores_refuse_or_stop_writers(dm):
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "f").write_bytes(b"v1")
+    dm.ok("commit", "-m", "one", "--no-freeze")
+    sleeper = subprocess.Popen(["sleep", "1000"], cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        p = dm("checkout", "-b", "master", "--stop-writers")  # a bad request stops nothing
+        assert p.returncode == 4 and sleeper.poll() is None
+        p = dm("checkout", "-b", "other")
+        assert p.returncode == 5 and f"sleep (pid {sleeper.pid})" in p.stderr
+        out = dm.ok("checkout", "-b", "other", "--stop-writers")
+        assert f"Stopped sleep (pid {sleeper.pid})" in out and "does not restart" in out
+        assert sleeper.wait(timeout=15) is not None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

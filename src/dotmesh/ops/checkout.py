@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from dotmesh.capture.writers import Writer
-from dotmesh.errors import NotFound
+from dotmesh.errors import AlreadyExists, NotFound
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
@@ -48,8 +48,11 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
         current = home.branch(dot)
         if not create and branch == current:
             return False, []
+        # Bad requests fail before anything is stopped.
         if not create:
-            home.head(dot, branch)  # an unknown branch fails before anything is stopped
+            home.head(dot, branch)
+        elif branch in home.branches(dot):
+            raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
         stopped = live.refuse_if_running(home, dot, stop_writers, "switching branches")
         if create:
             home.create_branch(dot, branch, home.head(dot, current))
