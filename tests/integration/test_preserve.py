@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import sqlite3
-import stat
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -159,7 +158,3 @@ def _master_head(home: Path) -> str:
         row = db.execute("SELECT head FROM branches WHERE dot='app' AND name='master'").fetchone()
     return str(row[0].hex())
 
-
-def test_modes_the_tree_records(tmp_path):
-    # stat.S_IMODE keeps setuid/setgid/sticky: a regression guard for 12-bit modes
-    assert stat.S_IMODE(0o104755) == 0o4755

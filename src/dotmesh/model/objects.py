@@ -32,10 +32,6 @@ def object_id(data: bytes | memoryview) -> ObjectId:
     return ObjectId(blake3.blake3(data).digest())
 
 
-def hex_id(oid: bytes) -> str:
-    return oid.hex()
-
-
 def parse_hex_id(text: str) -> ObjectId:
     try:
         raw = bytes.fromhex(text)

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 from dotmesh.capture.writers import Writer
-from dotmesh.errors import AlreadyExists, NotFound
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
@@ -51,8 +50,8 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
         # Bad requests fail before anything is stopped.
         if not create:
             home.head(dot, branch)
-        elif branch in home.branches(dot):
-            raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
+        else:
+            home.check_new_branch(dot, branch)
         stopped = live.refuse_if_running(home, dot, stop_writers, "switching branches")
         if create:
             home.create_branch(dot, branch, home.head(dot, current))
@@ -73,9 +72,7 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)
-        target_id = home.resolve(dot, ref)
-        if target_id not in home.all_commits(dot):
-            raise NotFound(f"{ref!r} is not a commit of dot {dot!r}")
+        target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
         stopped = live.refuse_if_running(home, dot, stop_writers, "a reset")
         target = home.commit(target_id)
         writer = home.packs.writer()

@@ -157,12 +157,15 @@ class Home:
             raise NotFound(f"dot {dot!r} has no branch {branch!r} (dm branch lists them)")
         return ObjectId(row[0]) if row[0] else None
 
-    def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
+    def check_new_branch(self, dot: str, branch: str) -> None:
         check_branch(branch)
+        if self.conn.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
+                             (dot, branch)).fetchone():
+            raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
+
+    def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
         with Tx(self.conn) as c:
-            if c.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
-                         (dot, branch)).fetchone():
-                raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
+            self.check_new_branch(dot, branch)
             c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
             c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dotmesh.meta.db import Tx
-from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
+from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root, object_id
 from dotmesh.ops.home import Home
 from dotmesh.store.packs import PackWriter
 from dotmesh.workdir.restore import RestoreResult, merge_cache, restore
@@ -155,6 +155,3 @@ def recover(home: Home, dot: str) -> None:
     settle(home, dot)
     shutil.rmtree(home.dot_dir(dot) / "tmp", ignore_errors=True)
 
-
-def tree_ids(snap: DotSnapshot) -> dict[str, ObjectId]:
-    return {sub: r.tree for sub, r in snap.roots.items()}

@@ -168,11 +168,6 @@ def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes], missing: Missing
             return
 
 
-def chunk_small(data: bytes | memoryview, known: frozenset[bytes], missing: Missing,
-                pack: Packer = compress) -> Chunks:
-    return _finish(memoryview(data), [0], [len(data)], known, missing, pack)
-
-
 def chunk_files(buf: memoryview, offsets: list[int], lengths: list[int],
                 known: frozenset[bytes], missing: Missing, pack: Packer = compress) -> Chunks:
     """Many small files laid side by side in ``buf``, one chunk each: one index lookup for

@@ -337,7 +337,7 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
 def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
                 progress: Progress | None, result: SnapshotResult) -> None:
     """Chunk, hash and store the files in ``to_read`` on WORKERS threads."""
-    jobs: list[tuple[Callable[[], int], _File | None]] = []
+    jobs: list[Callable[[], int]] = []
     small: list[_File] = []
     small_bytes = 0
 
@@ -407,7 +407,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             small.append(f)
             small_bytes += size
             if small_bytes >= SMALL_BATCH or len(small) >= 512:
-                jobs.append((small_job(small), None))
+                jobs.append(small_job(small))
                 small, small_bytes = [], 0
         elif chunker.is_paged(size):
             n = (size + chunker.SEGMENT - 1) // chunker.SEGMENT
@@ -415,16 +415,16 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             f.fingerprints = [b""] * n
             for i in range(n):
                 seg = min(chunker.SEGMENT, size - i * chunker.SEGMENT)
-                jobs.append((big_job(f, i * chunker.SEGMENT, seg, i), None))
+                jobs.append(big_job(f, i * chunker.SEGMENT, seg, i))
         else:
             f.parts = [[]]
-            jobs.append((big_job(f, 0, size, 0), None))
+            jobs.append(big_job(f, 0, size, 0))
     if small:
-        jobs.append((small_job(small), None))
+        jobs.append(small_job(small))
 
     pool = shared_pool()
     window: list[Future[int]] = []
-    for job, _ in jobs:
+    for job in jobs:
         window.append(pool.submit(job))
         if len(window) >= WORKERS * 2:
             _drain(window.pop(0), progress, result)
