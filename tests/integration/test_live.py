@@ -232,3 +232,40 @@ def test_restores_refuse_or_stop_writers(dm):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+MMAP_WRITER = """
+import mmap, os, sys, time
+log, mapped = sys.argv[1], sys.argv[2]
+fd = os.open(mapped, os.O_RDWR)
+m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+n = 0
+with open(log, "ab", buffering=0) as out:
+    while True:
+        n += 1
+        out.write(b"%d\\n" % n)           # a write call: inotify sees it
+        m[0:16] = b"%016d" % n          # a store to shared memory: no event, no new mtime
+        time.sleep(0.001)
+"""
+
+
+def test_writes_through_a_shared_mapping_are_captured(dm):
+    """inotify and mtime miss stores to a shared mmap; the freeze must read such files again."""
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "mapped.bin").write_bytes(bytes(8192))
+    app = subprocess.Popen([sys.executable, "-c", MMAP_WRITER, str(d / "log"),
+                            str(d / "mapped.bin")], cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        for i in range(5):
+            dm.ok("commit", "-m", f"mapped {i}")
+            time.sleep(0.1)
+    finally:
+        app.kill()
+        app.wait()
+    for i, c in enumerate(json.loads(dm.ok("log", "--json"))):
+        dm.ok("reset", "--hard", c["id"])
+        logged = int((d / "log").read_bytes().split()[-1])
+        mapped = int((d / "mapped.bin").read_bytes()[:16])
+        assert logged - 1 <= mapped <= logged, (i, logged, mapped)

@@ -62,3 +62,23 @@ def find_writers(folders: Iterable[Path], exclude: Iterable[int] = ()) -> list[W
         if hits:
             found.append(Writer(pid, _comm(pid), tuple(sorted(set(hits)))))
     return sorted(found, key=lambda w: w.pid)
+
+
+def shared_mappings(pids: Iterable[int], folders: Iterable[Path]) -> set[str]:
+    """Files under ``folders`` that the processes map shared and writable: writes through such
+    a mapping change the file without a write call, so neither inotify nor mtime tells."""
+    roots = tuple(os.path.realpath(p) for p in folders)
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    fields = line.split(None, 5)
+                    if len(fields) < 6 or fields[1][1] != "w" or fields[1][3] != "s":
+                        continue
+                    path = fields[5].rstrip("\n").removesuffix(" (deleted)")
+                    if _inside(path, roots):
+                        found.add(path)
+        except OSError:
+            continue
+    return found

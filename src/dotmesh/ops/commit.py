@@ -5,17 +5,21 @@ from __future__ import annotations
 import getpass
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
+from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.capture.freeze import frozen
 from dotmesh.capture.hooks import HookFailed, run_hooks
+from dotmesh.capture.writers import Writer, shared_mappings
 from dotmesh.errors import UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
 from dotmesh.ops import live
 from dotmesh.ops.home import Home
-from dotmesh.ops.working import Progress, recover, save_caches, snapshot_dot
-from dotmesh.workdir.snapshot import store_deferred
+from dotmesh.ops.working import DotSnapshot, Progress, recover, save_caches, snapshot_dot
+from dotmesh.workdir.snapshot import HINT_ONLY, store_deferred
 
 PRECOPY_PASSES = 3
 SMALL_DELTA_FILES = 32  # a pass that read less than this leaves little for the freeze
@@ -73,24 +77,32 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
         run_hooks(dot_hooks, "pre-freeze", folders)
         writer = home.packs.writer()
-        snap = snapshot_dot(home, dot, writer, progress)  # the pre-copy, while writers run
-        writers = live.writers_of(home, dot) if freeze else []
-        if writers:
-            # More copy passes while much changed during the last one: each is shorter, so
-            # less is left for the freeze (as in live migration of virtual machines).
-            for _ in range(PRECOPY_PASSES - 1):
-                if snap.files_read <= SMALL_DELTA_FILES and snap.bytes_read <= SMALL_DELTA_BYTES:
-                    break
-                writer.flush()  # the next pass reads this one's file lists as hints
-                snap = snapshot_dot(home, dot, writer, None, after=snap)
-            writer.flush()
-            with frozen(writers, freeze_timeout) as fz:
-                snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True)
-                fz.ended = time.monotonic()
-            for res in snap.results.values():  # compressed after the thaw, not during
-                store_deferred(writer, res.deferred)
-            metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
-            metadata["dm.writers"] = ", ".join(map(str, writers))
+        with ChangeWatcher() if freeze else nullcontext() as watcher:
+            # The pre-copy, while writers run; from here on inotify names what changes.
+            snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
+            writers = live.writers_of(home, dot) if freeze else []
+            if writers:
+                assert watcher is not None
+                # More copy passes while much changed during the last one: each is shorter,
+                # so less is left for the freeze (as in live migration of virtual machines).
+                for _ in range(PRECOPY_PASSES - 1):
+                    if (snap.files_read <= SMALL_DELTA_FILES
+                            and snap.bytes_read <= SMALL_DELTA_BYTES):
+                        break
+                    writer.flush()  # the next pass reads this one's file lists as hints
+                    snap = snapshot_dot(home, dot, writer, None, after=snap, watcher=watcher,
+                                        changes=_changed(home, dot, watcher, snap, writers))
+                writer.flush()
+                with frozen(writers, freeze_timeout) as fz:
+                    snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
+                                        changes=_changed(home, dot, watcher, snap, writers))
+                    fz.ended = time.monotonic()
+                snap.finish()  # trees are encoded, and chunks compressed, after the thaw
+                _distrust_mapped(home, dot, snap, writers)  # for the next command, too
+                for res in snap.results.values():
+                    store_deferred(writer, res.deferred)
+                metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
+                metadata["dm.writers"] = ", ".join(map(str, writers))
         c = Commit(
             parents=(old,) if old else (),
             subdots=snap.roots,
@@ -110,3 +122,38 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
     except HookFailed as e:
         raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
     return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written)
+
+
+def _changed(home: Home, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,
+             writers: list[Writer]) -> dict[str, Changes] | None:
+    """What may have changed since ``snap``: inotify's names, plus its blind spots. Files with
+    other hard links are looked at again; files the writers map shared and writable are read
+    again (see :func:`_distrust_mapped`). None: inotify lost track, look at everything."""
+    changes = watcher.take()
+    mapped = _distrust_mapped(home, dot, snap, writers)
+    if changes is not None:
+        for sub, res in snap.results.items():
+            ch = changes.setdefault(sub, Changes())
+            for rel in (*res.linked, *mapped.get(sub, ())):
+                parent, _, name = rel.rpartition("/")
+                ch.add(parent, name)
+    return changes
+
+
+def _distrust_mapped(home: Home, dot: str, snap: DotSnapshot,
+                     writers: list[Writer]) -> dict[str, list[str]]:
+    """Mark files the writers map shared and writable as not to be trusted by their stat:
+    stores to such a mapping change the file without an event or a new mtime. Returns them
+    by subdot."""
+    tops = {sub: str(home.stable(dot, sub)) for sub in snap.results}
+    mapped = shared_mappings([w.pid for w in writers], [Path(t) for t in tops.values()])
+    out: dict[str, list[str]] = {}
+    for sub, res in snap.results.items():
+        top = os.path.realpath(tops[sub]) + "/"
+        out[sub] = [m[len(top):] for m in mapped if m.startswith(top)]
+        for rel in out[sub]:
+            key = os.fsencode(rel)
+            entry = res.cache.get(key)
+            if entry is not None:
+                res.cache[key] = (*entry[:5], entry[5] | HINT_ONLY)
+    return out

@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.meta.db import Tx
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root, object_id
 from dotmesh.ops.home import Home
 from dotmesh.store.packs import PackWriter
 from dotmesh.workdir.restore import RestoreResult, merge_cache, restore
-from dotmesh.workdir.snapshot import SnapshotResult, StatCache, snapshot
+from dotmesh.workdir.snapshot import SnapshotResult, StatCache, snapshot, update
 
 Progress = Callable[[int], None]
 
@@ -25,6 +26,12 @@ class DotSnapshot:
     roots: dict[str, Root]
     results: dict[str, SnapshotResult]
     caches: dict[str, StatCache]  # the caches the scan started from
+
+    def finish(self) -> None:
+        """Store the trees that a snapshot taken in a freeze (``defer``) left for the thaw."""
+        for sub, res in self.results.items():
+            res.finish()
+            self.roots[sub] = res.root
 
     @property
     def bytes_read(self) -> int:
@@ -42,24 +49,35 @@ def ensure_folders(home: Home, dot: str) -> None:
 
 def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
                  progress: Progress | None = None,
-                 after: DotSnapshot | None = None, defer: bool = False) -> DotSnapshot:
+                 after: DotSnapshot | None = None, defer: bool = False,
+                 changes: dict[str, Changes] | None = None,
+                 watcher: ChangeWatcher | None = None) -> DotSnapshot:
     """Snapshot every subdot of the current branch (``writer=None``: hash only, store nothing).
 
-    ``after``: a snapshot taken moments ago (the pre-copy of a live commit); only what changed
-    since is read. The stat caches to save are still relative to the stored ones.
+    ``after``: a snapshot taken moments ago (a live commit's pre-copy); only what changed since
+    is read: the names in ``changes`` if given (from ``watcher``), else every file whose stat
+    changed. The stat caches to save are still relative to the stored ones. ``watcher`` is told
+    every folder listed.
     """
     branch = home.branch(dot)
     ensure_folders(home, dot)
     snap = DotSnapshot({}, {}, {})
     for sub in home.subdots(dot):
+        top = home.stable(dot, sub)
+        watch = watcher.watcher(sub, str(top)) if watcher else None
         if after is not None and sub in after.results:
-            res = snapshot(home.stable(dot, sub), home.packs, writer, after.results[sub].cache,
-                           progress, defer)
+            prev = after.results[sub]
+            if changes is not None:
+                ch = changes.get(sub) or Changes()
+                res = update(top, home.packs, writer, prev, ch.names, ch.fresh, progress,
+                             defer, watch)
+            else:
+                res = snapshot(top, home.packs, writer, prev.cache, progress, defer, watch)
             snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, \
                 after.caches[sub]
             continue
         cache = home.load_cache(dot, branch, sub)
-        res = snapshot(home.stable(dot, sub), home.packs, writer, cache, progress)
+        res = snapshot(top, home.packs, writer, cache, progress, watch=watch)
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     return snap
 

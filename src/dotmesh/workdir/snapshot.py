@@ -13,7 +13,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,11 @@ def decode_cache(blob: bytes) -> StatCache:
 Progress = Callable[[int], None]
 
 
+Row = list[object]  # a tree row, shaped like Entry.to_json
+Recent = dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]]
+Watch = Callable[[str], None]  # told a folder's relative path just before it is listed
+
+
 @dataclass
 class SnapshotResult:
     root: Root
@@ -106,9 +111,23 @@ class SnapshotResult:
     files_read: int = 0
     bytes_read: int = 0
     total_size: int = 0
-    skipped: list[str] = field(default_factory=list)
     unstored_trees: dict[bytes, bytes] = field(default_factory=dict)
     deferred: list[chunker.Record] = field(default_factory=list)  # see store_deferred
+    # Every folder's complete tree rows by relative path ("" is the top), so that a later
+    # :func:`update` re-reads only the names it is told changed.
+    folders: dict[str, list[Row]] = field(default_factory=dict)
+    # Files with more than one hard link: a write through a name outside the watched folders
+    # sends no event there, so :func:`update` callers look at these every time.
+    linked: set[str] = field(default_factory=set)
+    pending: Callable[[], None] | None = None  # what a deferred snapshot still has to do
+    # The chunks of the files read, for the next pass of a live commit (no decoding again).
+    recent: Recent = field(default_factory=dict)
+
+    def finish(self) -> None:
+        """Store what a snapshot taken in a freeze left for after the thaw (sets ``root``)."""
+        if self.pending is not None:
+            self.pending()
+            self.pending = None
 
 
 @dataclass
@@ -223,31 +242,47 @@ def _previous(store: PackStore, old: tuple[int, int, int, int, bytes, int] | Non
 
 
 
-@dataclass
-class _DirScan:
-    rel: str
-    rows: list[list[object]] = field(default_factory=list)
-    subdirs: dict[str, list[object]] = field(default_factory=dict)  # path -> its row
-    hits: StatCache = field(default_factory=dict)
-    reads: list[_File] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    total: int = 0
+class _Walk:
+    """Lists folders into tree rows; files whose stat matches the cache keep their content id,
+    the others are queued in ``reads``. This loop is the whole cost of a no-change commit."""
 
+    def __init__(self, top: str, cache: StatCache, watch: Watch | None) -> None:
+        self.top, self.cache, self.watch = top, cache, watch
+        self.folders: dict[str, list[Row]] = {}
+        self.hits: StatCache = {}
+        self.reads: list[_File] = []
+        self.linked: list[tuple[str, int]] = []  # (path, inode) of files with several links
+        self.total = 0
 
-def _scan_dir(top: str, rel: str, cache: StatCache) -> _DirScan:
-    """One folder's tree rows; files whose stat matches the cache keep their content id."""
-    out = _DirScan(rel)
-    prefix = rel + "/" if rel else ""
-    rows, hits, fsencode = out.rows, out.hits, os.fsencode
-    is_reg, is_dir, is_lnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
-    with os.scandir(os.path.join(top, rel) if rel else top) as it:
-        for de in it:
-            st = de.stat(follow_symlinks=False)
-            mode, name = st.st_mode, de.name
+    def tree(self, rel: str) -> list[str]:
+        """Add the folder ``rel`` and everything beneath it; returns the folders listed."""
+        stack = [rel]
+        listed = []
+        while stack:  # one thread: the per-entry work holds the GIL, so threads only contend
+            rel = stack.pop()
+            listed.append(rel)
+            if self.watch is not None:
+                self.watch(rel)  # before listing: a change after this point sends an event
+            rows: list[Row] = []
+            self.folders[rel] = rows
+            stack.extend(self.rows(rel, _listing(os.path.join(self.top, rel)), rows))
+        return listed
+
+    def rows(self, rel: str, entries: Iterable[tuple[str, str, os.stat_result]],
+             rows: list[Row]) -> list[str]:
+        """Append the rows of ``entries`` (in folder ``rel``); returns the sub-folders met."""
+        prefix = rel + "/" if rel else ""
+        cache, hits, fsencode = self.cache, self.hits, os.fsencode
+        is_reg, is_dir, is_lnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
+        subdirs: list[str] = []
+        for name, path, st in entries:
+            mode = st.st_mode
             if is_reg(mode):
                 key = fsencode(prefix + name)
                 size = st.st_size
-                out.total += size
+                self.total += size
+                if st.st_nlink > 1:
+                    self.linked.append((prefix + name, st.st_ino))
                 old = cache.get(key)
                 if (old is not None and not old[5] & HINT_ONLY and old[0] == size
                         and old[1] == st.st_mtime_ns
@@ -259,84 +294,231 @@ def _scan_dir(top: str, rel: str, cache: StatCache) -> _DirScan:
                                  old[4].hex() if flags & HAS_CONTENT else None,
                                  flags & CHUNKED])
                     continue
-                row: list[object] = [name, FILE, mode & 0o7777, st.st_uid, st.st_gid,
-                                     st.st_mtime_ns, 0, None, 0]
+                row: Row = [name, FILE, mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
+                            0, None, 0]
                 rows.append(row)
                 if size:
-                    out.reads.append(_File(key, de.path, st, row))
+                    self.reads.append(_File(key, path, st, row))
+                else:  # nothing to read; cached all the same, for its inode (see update)
+                    hits[key] = (0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, NO_CONTENT, 0)
             elif is_dir(mode):
-                row = [name, DIR, mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns, 0,
-                       None, 0]
-                rows.append(row)
-                out.subdirs[prefix + name] = row
+                rows.append([name, DIR, mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns, 0,
+                             None, 0])
+                subdirs.append(prefix + name)
             elif is_lnk(mode):
+                try:
+                    target = os.readlink(path)
+                except FileNotFoundError:
+                    continue  # removed since it was listed
                 rows.append([name, SYMLINK, mode & 0o7777, st.st_uid, st.st_gid,
-                             st.st_mtime_ns, 0, os.readlink(de.path), 0])
-            else:
-                out.skipped.append(prefix + name)  # sockets, FIFOs, devices
-    return out
+                             st.st_mtime_ns, 0, target, 0])
+            # sockets, FIFOs and devices are not stored
+        return subdirs
+
+
+def _listing(path: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, path, lstat) of a folder's entries; what vanishes while it is listed is left out
+    (a running app removes files; in a live commit the freeze pass sees the final state)."""
+    try:
+        it = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with it:
+        for de in it:
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield de.name, de.path, st
 
 
 def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
-             progress: Progress | None = None, defer: bool = False) -> SnapshotResult:
+             progress: Progress | None = None, defer: bool = False,
+             watch: Watch | None = None) -> SnapshotResult:
     """Store (or, with ``writer=None``, only hash) the folder ``top``; returns its root.
 
-    One pass over the folders builds each tree's rows directly (this loop is the whole cost of
-    a commit with nothing changed); files that missed the stat cache are read afterwards.
+    One pass over the folders builds each tree's rows directly; files that missed the stat
+    cache are read afterwards. ``watch`` is told each folder before it is listed.
     """
     started = time.time_ns()
-    top_s = str(top)
-    top_st = os.lstat(top_s)
-    sink = _Sink(store, writer, defer)
-    new_cache: StatCache = {}
-    dirs: list[tuple[str, list[list[object]]]] = []
-    dir_rows: dict[str, list[object]] = {}
-    to_read: list[_File] = []
-    result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), new_cache)
-    total = 0
-    stack = [""]
-    while stack:  # one thread: the per-entry work holds the GIL, so threads only contend
-        scan = _scan_dir(top_s, stack.pop(), cache)
-        dirs.append((scan.rel, scan.rows))
-        dir_rows.update(scan.subdirs)
-        new_cache.update(scan.hits)
-        to_read.extend(scan.reads)
-        result.skipped.extend(scan.skipped)
-        total += scan.total
-        stack.extend(scan.subdirs)
-    if to_read:
-        _read_files(to_read, store, sink, cache, progress, result)
-    limit = started - RACY_NS
-    for f in to_read:
-        f.row[6], f.row[7], f.row[8] = f.size, f.content.hex() if f.content else None, \
-            int(f.chunked)
-        total += f.size - f.st.st_size
-        st = f.st
-        entry = CacheEntry.of(f.size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, f.content,
-                              f.chunked)
-        if st.st_mtime_ns >= limit or st.st_ctime_ns >= limit:
-            # Written too recently to trust its stat next time; its content is still the best
-            # guess of the next version, for the fingerprints and known chunks.
-            entry = entry._replace(flags=entry.flags | HINT_ONLY)
-        new_cache[f.rel] = entry
-    root_tree = ObjectId(b"")
-    for rel, rows in reversed(dirs):  # children before parents
-        oid = sink.put(KIND_TREE, encode_tree_rows(rows))
-        if rel:
-            dir_rows[rel][7] = oid.hex()
-        else:
-            root_tree = oid
-    result.total_size = total
-    result.unstored_trees = sink.trees
-    result.deferred = sink.deferred
-    result.root = Root(root_tree, stat.S_IMODE(top_st.st_mode), top_st.st_uid, top_st.st_gid,
-                       top_st.st_mtime_ns)
+    walk = _Walk(str(top), cache, watch)
+    walk.tree("")
+    result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
+                            linked={path for path, _ in walk.linked})
+    _complete(top, store, _Sink(store, writer, defer), walk, cache, progress, result, started,
+              set(walk.folders))
     return result
 
 
+def update(top: Path, store: PackStore, writer: PackWriter | None, prev: SnapshotResult,
+           changed: dict[str, set[str]], fresh: set[str] = frozenset(),  # type: ignore[assignment]
+           progress: Progress | None = None, defer: bool = False,
+           watch: Watch | None = None) -> SnapshotResult:
+    """The snapshot of ``top`` when only the names in ``changed`` (folder -> names) may differ
+    from ``prev``, a snapshot taken moments ago: only those are looked at, so the cost follows
+    the changes, not the folder. Folders in ``fresh`` (made or moved in since) are listed whole.
+
+    ``prev`` is consumed. The result equals what :func:`snapshot` would return.
+    """
+    started = time.time_ns()
+    walk = _Walk(str(top), prev.cache, watch)
+    folders = walk.folders = dict(prev.folders)
+    cache = dict(prev.cache)
+    linked = set(prev.linked)
+    total = prev.total_size
+    dirty: set[str] = set()  # folders whose trees are encoded again
+    walked: set[str] = set()  # folders listed whole
+
+    def drop(path: str, row: Row) -> None:
+        """Forget ``path`` (and, for a folder, everything beneath it)."""
+        nonlocal total
+        if row[1] == FILE:
+            total -= int(row[6])  # type: ignore[call-overload]
+            cache.pop(os.fsencode(path), None)
+            linked.discard(path)
+            return
+        if row[1] != DIR:
+            return
+        inner = path + "/"
+        for sub in [f for f in folders if f == path or f.startswith(inner)]:
+            for r in folders.pop(sub):
+                if r[1] == FILE:
+                    total -= int(r[6])  # type: ignore[call-overload]
+        key = os.fsencode(inner)
+        for k in [k for k in cache if k.startswith(key)]:
+            del cache[k]
+        linked.difference_update([p for p in linked if p.startswith(inner)])
+
+    def visit(rel: str, names: set[str]) -> None:
+        """Look again at ``names`` in folder ``rel``."""
+        rows = folders.get(rel)
+        if rows is None or rel in walked:
+            return  # removed, or new and listed whole: its parent's entry tells
+        prefix = rel + "/" if rel else ""
+        kept = [r for r in rows if r[0] not in names]
+        old = {str(r[0]): r for r in rows if r[0] in names}
+        present = []
+        for name in sorted(names):
+            path = os.path.join(walk.top, prefix + name)
+            try:
+                present.append((name, path, os.lstat(path)))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        new_rows: list[Row] = []
+        subdirs = walk.rows(rel, present, new_rows)
+        for name, r in old.items():
+            if not (r[1] == DIR and prefix + name in subdirs and prefix + name not in fresh):
+                drop(prefix + name, r)
+        for r in new_rows:
+            sub = prefix + str(r[0])
+            if sub in subdirs:
+                before = old.get(str(r[0]))
+                if (before is not None and before[1] == DIR and sub not in fresh
+                        and sub in folders):
+                    r[7] = before[7]  # the same folder: its contents change only by name
+                else:
+                    listed = walk.tree(sub)
+                    dirty.update(listed)
+                    walked.update(listed)
+        folders[rel] = kept + new_rows
+        while True:  # this folder and its parents get new trees
+            dirty.add(rel)
+            if not rel:
+                break
+            rel = rel.rpartition("/")[0]
+
+    for rel in sorted(changed, key=lambda r: (r.count("/"), r) if r else (-1, r)):
+        visit(rel, changed[rel])
+    # A file that just got another name here: its older names see no event for writes
+    # through the new one, so look at every name of that inode.
+    inodes = {ino for path, ino in walk.linked if path not in linked}
+    if inodes:
+        again: dict[str, set[str]] = {}
+        for key, entry in prev.cache.items():
+            if entry[3] in inodes:
+                parent, _, name = os.fsdecode(key).rpartition("/")
+                if name not in changed.get(parent, ()):
+                    again.setdefault(parent, set()).add(name)
+        for rel, names in again.items():
+            visit(rel, names)
+    cache.update(walk.hits)
+    linked.update(path for path, _ in walk.linked)
+    walk.total += total
+    result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), cache, folders=folders,
+                            linked=linked, recent=prev.recent if watch else {})
+    # Files under folders listed whole were counted by the walk; the rest already are in total.
+    _complete(top, store, _Sink(store, writer, defer), walk, prev.cache, progress, result,
+              started, dirty, prev.root.tree, prev.recent)
+    return result
+
+
+def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: StatCache,
+              progress: Progress | None, result: SnapshotResult, started: int,
+              dirty: set[str], unchanged_root: ObjectId | None = None,
+              recent: Recent | None = None) -> None:
+    """Read the queued files; then give them content ids, fill their rows and cache entries,
+    and store the trees of the ``dirty`` folders. With a deferring sink (in a freeze) only the
+    reading happens now; :meth:`SnapshotResult.finish` does the rest after the thaw."""
+    if walk.reads:
+        _read_files(walk.reads, store, sink, hints, recent or {}, progress, result)
+    top_st = os.lstat(top)
+
+    def rest() -> None:
+        # Only a live commit's pre-copy passes (which watch) are followed by another pass.
+        _assemble(walk.reads, store, sink, hints, result, walk.watch is not None)
+        limit = started - RACY_NS
+        total = walk.total
+        cache = result.cache
+        for f in walk.reads:
+            f.row[6], f.row[7], f.row[8] = f.size, f.content.hex() if f.content else None, \
+                int(f.chunked)
+            total += f.size - f.st.st_size
+            st = f.st
+            entry = CacheEntry.of(f.size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, f.content,
+                                  f.chunked)
+            if st.st_mtime_ns >= limit or st.st_ctime_ns >= limit:
+                # Written too recently to trust its stat next time; its content is still the
+                # best guess of the next version, for the fingerprints and known chunks.
+                entry = entry._replace(flags=entry.flags | HINT_ONLY)
+            cache[f.rel] = entry
+        result.total_size = total
+        result.root = Root(_store_trees(sink, result.folders, dirty, unchanged_root),
+                           stat.S_IMODE(top_st.st_mode), top_st.st_uid, top_st.st_gid,
+                           top_st.st_mtime_ns)
+        result.unstored_trees = sink.trees
+        result.deferred = sink.deferred
+
+    if sink.defer:
+        result.pending = rest  # in a freeze: only the reading could not wait for the thaw
+    else:
+        rest()
+
+
+def _store_trees(sink: _Sink, folders: dict[str, list[Row]], dirty: set[str],
+                 root_tree: ObjectId | None) -> ObjectId:
+    """Store the trees of the ``dirty`` folders, children before parents; returns the top's."""
+    where: dict[str, dict[object, int]] = {}  # folder -> its rows' positions by name
+    for rel in sorted(dirty, key=lambda r: r.count("/") + bool(r), reverse=True):
+        oid = sink.put(KIND_TREE, encode_tree_rows(folders[rel]))
+        if not rel:
+            root_tree = oid
+            continue
+        parent, _, name = rel.rpartition("/")
+        pos = where.get(parent)
+        if pos is None:  # copies: a folder's rows may be shared with the previous snapshot
+            siblings = folders[parent] = list(folders[parent])
+            pos = where[parent] = {r[0]: i for i, r in enumerate(siblings)}
+        siblings = folders[parent]
+        r = siblings[pos[name]]
+        siblings[pos[name]] = [*r[:7], oid.hex(), 0]
+    assert root_tree is not None
+    return root_tree
+
+
 def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
-                progress: Progress | None, result: SnapshotResult) -> None:
-    """Chunk, hash and store the files in ``to_read`` on WORKERS threads."""
+                recent: Recent, progress: Progress | None, result: SnapshotResult) -> None:
+    """Chunk, hash and store the files in ``to_read`` on WORKERS threads. Their previous
+    versions (to spare hashing) come from ``recent`` or, failing that, ``cache``."""
     jobs: list[Callable[[], int]] = []
     small: list[_File] = []
     small_bytes = 0
@@ -371,7 +553,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     def known_for(f: _File) -> tuple[frozenset[bytes], chunker.Previous | None]:
         """The previous version's chunks, decoded once per file, not once per segment."""
         with memo_lock:
-            got = memo.get(f.rel)
+            got = memo.get(f.rel) or recent.get(f.rel)
             if got is None:
                 got = memo[f.rel] = _previous(store, cache.get(f.rel))
             return got
@@ -430,12 +612,18 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             _drain(window.pop(0), progress, result)
     for fut in window:
         _drain(fut, progress, result)
+    result.files_read += len(to_read)
+
+
+def _assemble(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
+              result: SnapshotResult, keep_recent: bool) -> None:
+    """Give each read file its content id (a file list for several chunks), keep its chunks
+    in memory for a following pass, and save the fingerprints of paged files."""
     fingerprints: list[tuple[bytes, bytes]] = []
     superseded: list[bytes] = []  # fingerprints of versions this commit replaces
     for f in to_read:
         chunks = [c for p in f.parts for c in p]
         f.size = sum(n for _, n in chunks)
-        result.files_read += 1
         if not chunks:
             f.content, f.chunked = None, False
         elif len(chunks) == 1 and chunks[0][0] != HOLE:
@@ -444,8 +632,14 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             f.content = sink.put(KIND_FILELIST, FileList(
                 tuple((ObjectId(c), n) for c, n in chunks)).encode())
             f.chunked = True
-            if f.fingerprints and sink.writer is not None:
-                fingerprints.append((f.content, b"".join(f.fingerprints)))
+            ids = [c for c, _ in chunks]
+            fps = b"".join(f.fingerprints)
+            paged = bool(fps) and all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1])
+            if keep_recent:
+                result.recent[f.rel] = (frozenset(ids), chunker.Previous(ids, fps) if paged
+                                        else None)
+            if fps and sink.writer is not None:
+                fingerprints.append((f.content, fps))
                 old = cache.get(f.rel)
                 if old is not None and old[4] != f.content:
                     superseded.append(old[4])
