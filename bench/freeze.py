@@ -11,8 +11,8 @@ driven by the demo's app (demo/miniapp.py), which never stops writing. Two write
 - app + scattered pages: a second writer also rewrites random 8 KiB pages all over the big
   database-like files, the worst case for a file-level capture.
 
-The freeze covers only what changed since the pre-copy, so its length follows the size of the
-files written meanwhile. Needs root, PostgreSQL and Redis (scripts/setup.sh installs them).
+inotify names what changed since the pre-copy, so the freeze re-reads only those files: its
+length follows the size of the files written meanwhile, not the size of the dot. Needs root, PostgreSQL and Redis (scripts/setup.sh installs them).
 """
 
 from __future__ import annotations

@@ -269,3 +269,45 @@ def test_writes_through_a_shared_mapping_are_captured(dm):
         logged = int((d / "log").read_bytes().split()[-1])
         mapped = int((d / "mapped.bin").read_bytes()[:16])
         assert logged - 1 <= mapped <= logged, (i, logged, mapped)
+
+
+PAGE_SEQ_WRITER = """
+import os, sys, time
+big, log = sys.argv[1], sys.argv[2]
+fd = os.open(big, os.O_WRONLY)
+pages = os.fstat(fd).st_size // 8192
+out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+n = 0
+while True:
+    n += 1
+    os.pwrite(fd, (b"%016d" % n) * 512, (n * 7919 % pages) * 8192)  # a page of a database
+    os.write(out, b"%d\\n" % n)  # then its log
+    time.sleep(0.0002)
+"""
+
+
+def _newest_page(big: Path) -> int:
+    data = big.read_bytes()
+    return max(int(data[i:i + 16].strip(b"\0") or 0) for i in range(0, len(data), 8192))
+
+
+def test_big_files_written_all_over_are_captured_at_the_freeze(dm):
+    """A page written anywhere in a big file just before the freeze is in the commit."""
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "big.db").write_bytes(bytes(48 << 20))
+    dm.ok("commit", "-m", "before")
+    app = subprocess.Popen([sys.executable, "-c", PAGE_SEQ_WRITER, str(d / "big.db"),
+                            str(d / "log")], cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        outs = [json.loads(dm.ok("commit", "-m", f"live {i}", "--json")) for i in range(3)]
+    finally:
+        app.kill()
+        app.wait()
+    assert all(o["freeze_bytes_read"] >= 48 << 20 for o in outs)  # written all over
+    for o in outs:
+        dm.ok("reset", "--hard", o["id"])
+        logged = int((d / "log").read_bytes().split()[-1])
+        assert _newest_page(d / "big.db") in (logged, logged + 1), o
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]

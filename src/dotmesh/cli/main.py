@@ -213,14 +213,16 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     if as_json:
         emit_json({"id": r.id.hex(), "dot": dot_name, "files_read": r.files_read,
                    "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored,
-                   "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None})
+                   "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None,
+                   "freeze_bytes_read": r.frozen_bytes_read})
         return
     click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {message}")
     click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
                f"stored {human_size(r.bytes_stored)}")
     if "dm.freeze_ms" in r.commit.metadata:
         click.echo(f"  froze {r.commit.metadata['dm.writers']} for "
-                   f"{r.commit.metadata['dm.freeze_ms']} ms")
+                   f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
+                   f"{human_size(r.frozen_bytes_read)} meanwhile")
 
 
 def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:

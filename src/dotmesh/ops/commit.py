@@ -33,6 +33,7 @@ class CommitResult:
     files_read: int
     bytes_read: int
     bytes_stored: int
+    frozen_bytes_read: int = 0  # read while the writers were stopped
 
 
 def default_author() -> str:
@@ -77,6 +78,7 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
         run_hooks(dot_hooks, "pre-freeze", folders)
         writer = home.packs.writer()
+        frozen_read = 0
         with ChangeWatcher() if freeze else nullcontext() as watcher:
             # The pre-copy, while writers run; from here on inotify names what changes.
             snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
@@ -97,6 +99,7 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
                     snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
                                         changes=_changed(home, dot, watcher, snap, writers))
                     fz.ended = time.monotonic()
+                frozen_read = snap.frozen_bytes_read
                 snap.finish()  # trees are encoded, and chunks compressed, after the thaw
                 _distrust_mapped(home, dot, snap, writers)  # for the next command, too
                 for res in snap.results.values():
@@ -121,7 +124,8 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         run_hooks(dot_hooks, "post-thaw", folders)
     except HookFailed as e:
         raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
-    return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written)
+    return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written,
+                        frozen_read)
 
 
 def _changed(home: Home, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,

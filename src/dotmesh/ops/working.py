@@ -41,6 +41,10 @@ class DotSnapshot:
     def files_read(self) -> int:
         return sum(r.files_read for r in self.results.values())
 
+    @property
+    def frozen_bytes_read(self) -> int:
+        return sum(r.frozen_bytes_read for r in self.results.values())
+
 
 def ensure_folders(home: Home, dot: str) -> None:
     for sub in home.subdots(dot):

@@ -120,6 +120,7 @@ class SnapshotResult:
     # sends no event there, so :func:`update` callers look at these every time.
     linked: set[str] = field(default_factory=set)
     pending: Callable[[], None] | None = None  # what a deferred snapshot still has to do
+    frozen_bytes_read: int = 0  # read by a deferred snapshot (in a freeze)
     # The chunks of the files read, for the next pass of a live commit (no decoding again).
     recent: Recent = field(default_factory=dict)
 
@@ -462,6 +463,7 @@ def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: Stat
     if walk.reads:
         _read_files(walk.reads, store, sink, hints, recent or {}, progress, result)
     top_st = os.lstat(top)
+    result.frozen_bytes_read = result.bytes_read if sink.defer else 0
 
     def rest() -> None:
         # Only a live commit's pre-copy passes (which watch) are followed by another pass.
