@@ -12,7 +12,8 @@ driven by the demo's app (demo/miniapp.py), which never stops writing. Two write
   database-like files, the worst case for a file-level capture.
 
 inotify names what changed since the pre-copy, so the freeze re-reads only those files: its
-length follows the size of the files written meanwhile, not the size of the dot. Needs root, PostgreSQL and Redis (scripts/setup.sh installs them).
+length follows the size of the files written meanwhile, not the size of the dot. Needs root,
+PostgreSQL and Redis (scripts/setup.sh installs them).
 """
 
 from __future__ import annotations

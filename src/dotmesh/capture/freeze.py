@@ -2,12 +2,14 @@
 
 Before stopping anything, dm starts a watchdog process that holds the other end of a pipe. When
 dm closes the pipe (it is done, it failed, or it was killed with -9 and the kernel closed it) or
-the freeze timeout passes, the watchdog sends SIGCONT to every frozen process. So no writer can
-stay stopped after dm is gone.
+the freeze timeout passes, the watchdog sends SIGCONT to every frozen process and unpauses every
+paused container. So no writer can stay stopped after dm is gone. When dm thaws them itself it
+says so on the pipe first, and the watchdog just exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from dotmesh.capture.containers import Container, engine_url, pause, unpause
+from dotmesh.capture.watchdog import THAWED
 from dotmesh.capture.writers import Writer
 from dotmesh.errors import DotmeshError
 
@@ -81,17 +85,21 @@ def _bystanders(pids: list[int]) -> list[int]:
 
 
 @contextmanager
-def frozen(writers: list[Writer], timeout: float) -> Iterator[Freeze]:
-    """Stop ``writers`` for the block; the watchdog thaws them after ``timeout`` regardless."""
+def frozen(writers: list[Writer], timeout: float,
+           containers: list[Container] = ()) -> Iterator[Freeze]:  # type: ignore[assignment]
+    """Stop ``writers`` and pause ``containers`` for the block, all at once; the watchdog thaws
+    them after ``timeout`` regardless, or as soon as dm is gone."""
     pids = [w.pid for w in writers]
     bystanders = _bystanders(pids)
     read_end, write_end = os.pipe()
+    ids = ",".join(c.id for c in containers)
     dog = subprocess.Popen(
         [sys.executable, "-m", "dotmesh.capture.watchdog", str(read_end), str(timeout),
-         *map(str, pids + bystanders)],
+         engine_url() if ids else "", ids, *map(str, pids + bystanders)],
         pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True)
     os.close(read_end)
     freeze = Freeze()
+    paused = False
     try:
         freeze.started = time.monotonic()
         for pid in pids:
@@ -99,6 +107,8 @@ def frozen(writers: list[Writer], timeout: float) -> Iterator[Freeze]:
                 os.kill(pid, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
+        paused = bool(containers)
+        pause(list(containers))  # in parallel; the processes stop meanwhile
         deadline = time.monotonic() + min(timeout, 5.0)
         while not all(_stopped(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.0005)
@@ -106,12 +116,17 @@ def frozen(writers: list[Writer], timeout: float) -> Iterator[Freeze]:
     finally:
         for pid in pids:
             _continue(pid)
-        freeze.ended = freeze.ended or time.monotonic()
-        _continue_stopped(bystanders)
-        os.close(write_end)  # tells the watchdog it can go
-        dog.wait()
+        try:
+            if paused:
+                unpause(list(containers))
+            with contextlib.suppress(BrokenPipeError):  # gone: the timeout made it thaw
+                os.write(write_end, THAWED)  # the watchdog has nothing left to do
+        finally:  # if unpausing failed, the watchdog tries again as the pipe closes
+            freeze.ended = time.monotonic()
+            _continue_stopped(bystanders)
+            os.close(write_end)
+            dog.wait()
     if freeze.ms > timeout * 1000:
         raise FreezeTimeout(f"the capture took {freeze.ms:.0f} ms, over the freeze timeout "
                             f"of {timeout * 1000:.0f} ms; writers were thawed and nothing was "
                             "committed (raise --freeze-timeout or use hooks to quiesce)")
-

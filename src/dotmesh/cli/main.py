@@ -20,6 +20,8 @@ from dotmesh.ops import fsck as fsck_ops
 from dotmesh.ops import history, live
 from dotmesh.ops.home import Home, default_home
 
+DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
+
 INTERNAL_ERROR = 70
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -111,7 +113,9 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
             if s.head_timestamp_ns else None,
             "subdots": {k: str(v) for k, v in s.subdots.items()}, "branches": s.branches,
             "writers": [{"pid": w.pid, "name": w.name, "paths": list(w.paths)}
-                        for w in s.writers]}
+                        for w in s.writers],
+            "containers": [{"id": k.id, "name": k.name, "state": k.state,
+                            "volumes": list(k.volumes)} for k in s.containers]}
 
 
 @cli.command(name="list")
@@ -123,7 +127,7 @@ def list_(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm list --json
     """
-    statuses = [dot_ops.status(c.home, d) for d in c.home.dots()]
+    statuses = dot_ops.statuses(c.home)
     if as_json:
         emit_json([_status_json(s) for s in statuses])
         return
@@ -132,8 +136,9 @@ def list_(c: Ctx, as_json: bool) -> None:
         return
     table([["*" if s.current else "", s.name, s.branch, human_size(s.size),
             "dirty" if s.dirty else "clean",
+            ",".join(k.name for k in s.containers) or "-",
             f"{s.head.hex()[:12]} {s.head_message}" if s.head else "-"] for s in statuses],
-          ["", "DOT", "BRANCH", "SIZE", "STATE", "LAST COMMIT"])
+          ["", "DOT", "BRANCH", "SIZE", "STATE", "CONTAINERS", "LAST COMMIT"])
 
 
 @cli.group()
@@ -151,7 +156,7 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     \b
     Example:  dm dot show app
     """
-    s = dot_ops.status(c.home, c.home.require_current(name))
+    s = dot_ops.statuses(c.home, [c.home.require_current(name)])[0]
     if as_json:
         emit_json(_status_json(s))
         return
@@ -163,6 +168,8 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     for sub, p in s.subdots.items():
         click.echo(f"    {sub:<20} {p}")
     click.echo("  writers:  " + (", ".join(map(str, s.writers)) if s.writers else "none"))
+    click.echo("  containers: " + (", ".join(f"{k.name} ({k.state})" for k in s.containers)
+                                   if s.containers else "none"))
 
 
 @dot.command("delete")
@@ -287,10 +294,13 @@ stop_writers_flag = click.option(
     help="Stop processes using the dot (SIGTERM, then SIGKILL) instead of refusing.")
 
 
-def _report_stopped(stopped: list[Any]) -> None:
-    if stopped:
-        click.echo(f"Stopped {', '.join(map(str, stopped))}; dm does not restart processes "
-                   "it did not start: start them again on the restored data")
+def _report_stopped(stopped: live.Stopped) -> None:
+    if stopped.processes:
+        click.echo(f"Stopped {', '.join(map(str, stopped.processes))}; dm does not restart "
+                   "processes it did not start: start them again on the restored data")
+    if stopped.containers:
+        click.echo("Restarted " + ", ".join(map(str, stopped.containers))
+                   + " on the restored data")
 
 
 @cli.command()
@@ -337,7 +347,8 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None,
-                   "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped]})
+                   "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped.processes],
+                   "restarted": [c.name for c in r.stopped.containers]})
         return
     _report_stopped(r.stopped)
     click.echo(f"HEAD is now at {r.new.hex()[:12]} {c.home.commit(r.new).message}")
@@ -468,6 +479,56 @@ def hook_rm(c: Ctx, hook_id: int) -> None:
     """
     live.remove_hook(c.home, c.home.require_current(), hook_id)
     click.echo(f"Removed hook #{hook_id}")
+
+
+UNIT = """[Unit]
+Description=dotmesh: the dm Docker volume plugin
+Documentation=dm serve --help
+Before=docker.service
+
+[Service]
+Environment=DM_HOME={home}
+ExecStart={dm} serve --socket {socket}
+Restart=always
+
+[Install]
+WantedBy=multi-user.target docker.service
+"""
+
+
+@cli.command()
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              default=str(DEFAULT_SOCKET), show_default=True,
+              help="Where dockerd looks for the plugin named dm.")
+@click.option("--quiet", is_flag=True, help="Do not log each request on stderr.")
+@click.option("--install", is_flag=True,
+              help="Write a systemd unit that runs this server, instead of running it.")
+@click.option("--unit-path", type=click.Path(path_type=Path),
+              default="/etc/systemd/system/dm.service", show_default=True)
+@pass_ctx
+def serve(c: Ctx, socket_path: Path, quiet: bool, install: bool, unit_path: Path) -> None:
+    """Serve dots as Docker volumes (the volume driver "dm"), in the foreground.
+
+    A volume named DOT.SUBDOT is subdot SUBDOT of dot DOT; compose prefixes its project, so
+    app.clicks-db in project mobycounter is dot mobycounter_app. Start it before dockerd.
+
+    \b
+    Example:  dm serve &  docker volume create -d dm app.clicks-db
+              dm serve --install && systemctl enable --now dm
+    """
+    if install:
+        dm_bin = Path(sys.argv[0]).resolve()
+        unit_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = unit_path.with_suffix(".tmp")
+        tmp.write_text(UNIT.format(home=c.path.absolute(), dm=dm_bin,
+                                   socket=socket_path.absolute()))
+        os.replace(tmp, unit_path)
+        click.echo(f"Wrote {unit_path}; run: systemctl daemon-reload && systemctl enable --now "
+                   f"{unit_path.stem}")
+        return
+    from dotmesh.plugin.server import serve as run_server  # noqa: PLC0415 - server imports
+
+    run_server(c.home, socket_path.absolute(), quiet)
 
 
 @cli.command()

@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS hooks (
     command TEXT NOT NULL, timeout REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS swaps (
     dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mounts (
+    dot TEXT NOT NULL, subdot TEXT NOT NULL, id TEXT NOT NULL, created_ns INTEGER NOT NULL,
+    PRIMARY KEY (dot, subdot, id));
 """
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from dotmesh.capture.writers import Writer
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
@@ -18,6 +17,7 @@ from dotmesh.ops import live
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
 from dotmesh.ops.home import Home
+from dotmesh.ops.live import Stopped
 from dotmesh.ops.working import (
     Progress,
     materialize,
@@ -34,35 +34,36 @@ class ResetResult:
     old: ObjectId | None
     new: ObjectId
     saved: ObjectId | None  # the discarded working state, when it differed from the old head
-    stopped: list[Writer]  # processes stopped for the reset (dm does not restart them)
+    stopped: Stopped  # what the reset stopped (dm restarts containers, not processes)
 
 
 def checkout(home: Home, dot: str, branch: str, create: bool = False,
              progress: Progress | None = None, stop_writers: bool = False
-             ) -> tuple[bool, list[Writer]]:
+             ) -> tuple[bool, Stopped]:
     """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped."""
     check_branch(branch)
     with home.lock(dot):
         recover(home, dot)
         current = home.branch(dot)
         if not create and branch == current:
-            return False, []
+            return False, Stopped()
         # Bad requests fail before anything is stopped.
         if not create:
             home.head(dot, branch)
         else:
             home.check_new_branch(dot, branch)
-        stopped = live.refuse_if_running(home, dot, stop_writers, "switching branches")
-        if create:
-            home.create_branch(dot, branch, home.head(dot, current))
-            with Tx(home.conn) as tx:
-                head = home.head(dot, branch)
-                home.log_ref(tx, dot, branch, "branch", None, head, None,
-                             f"branched from {current}")
-        head = home.head(dot, branch)
-        writer = home.packs.writer()
-        materialize(home, dot, branch, home.commit(head) if head else None, writer, progress)
-        swap(home, dot, branch)
+        with live.stopped_for_restore(home, dot, stop_writers, "switching branches") as stopped:
+            if create:
+                home.create_branch(dot, branch, home.head(dot, current))
+                with Tx(home.conn) as tx:
+                    head = home.head(dot, branch)
+                    home.log_ref(tx, dot, branch, "branch", None, head, None,
+                                 f"branched from {current}")
+            head = home.head(dot, branch)
+            writer = home.packs.writer()
+            materialize(home, dot, branch, home.commit(head) if head else None, writer,
+                        progress)
+            swap(home, dot, branch)
         return True, stopped
 
 
@@ -73,25 +74,26 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
         branch = home.branch(dot)
         old = home.head(dot, branch)
         target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
-        stopped = live.refuse_if_running(home, dot, stop_writers, "a reset")
         target = home.commit(target_id)
-        writer = home.packs.writer()
-        snap = snapshot_dot(home, dot, writer, progress)
-        saved: ObjectId | None = None
-        if is_dirty(snap.roots, home.commit(old) if old else None):
-            saved = writer.put(KIND_COMMIT, Commit(
-                parents=(old,) if old else (), subdots=snap.roots,
-                message=f"working state discarded by reset to {ref}",
-                author=default_author(), timestamp_ns=time.time_ns(), metadata={},
-            ).encode())
-        roots = target_roots(home, dot, target, writer)
-        writer.flush()
-        with Tx(home.conn) as tx:  # record what is about to be discarded, before touching it
-            home.log_ref(tx, dot, branch, "reset", old, target_id, saved, f"reset --hard {ref}")
-        caches = restore_dot(home, dot, roots, snap, progress)
-        with Tx(home.conn) as tx:
-            home.move_head(tx, dot, branch, old, target_id)
-            for sub, cache in caches.items():
-                base = snap.caches.get(sub, {})
-                home.save_cache(tx, dot, branch, sub, base, cache)
+        with live.stopped_for_restore(home, dot, stop_writers, "a reset") as stopped:
+            writer = home.packs.writer()
+            snap = snapshot_dot(home, dot, writer, progress)
+            saved: ObjectId | None = None
+            if is_dirty(snap.roots, home.commit(old) if old else None):
+                saved = writer.put(KIND_COMMIT, Commit(
+                    parents=(old,) if old else (), subdots=snap.roots,
+                    message=f"working state discarded by reset to {ref}",
+                    author=default_author(), timestamp_ns=time.time_ns(), metadata={},
+                ).encode())
+            roots = target_roots(home, dot, target, writer)
+            writer.flush()
+            with Tx(home.conn) as tx:  # record what is about to be discarded, before touching it
+                home.log_ref(tx, dot, branch, "reset", old, target_id, saved,
+                             f"reset --hard {ref}")
+            caches = restore_dot(home, dot, roots, snap, progress)
+            with Tx(home.conn) as tx:
+                home.move_head(tx, dot, branch, old, target_id)
+                for sub, cache in caches.items():
+                    base = snap.caches.get(sub, {})
+                    home.save_cache(tx, dot, branch, sub, base, cache)
         return ResetResult(old, target_id, saved, stopped)

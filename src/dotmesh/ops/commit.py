@@ -83,7 +83,8 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
             # The pre-copy, while writers run; from here on inotify names what changes.
             snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
             writers = live.writers_of(home, dot) if freeze else []
-            if writers:
+            containers = live.running_containers(home, dot) if freeze else []
+            if writers or containers:
                 assert watcher is not None
                 # More copy passes while much changed during the last one: each is shorter,
                 # so less is left for the freeze (as in live migration of virtual machines).
@@ -95,17 +96,16 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
                     snap = snapshot_dot(home, dot, writer, None, after=snap, watcher=watcher,
                                         changes=_changed(home, dot, watcher, snap, writers))
                 writer.flush()
-                with frozen(writers, freeze_timeout) as fz:
+                with frozen(writers, freeze_timeout, containers) as fz:
                     snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
                                         changes=_changed(home, dot, watcher, snap, writers))
-                    fz.ended = time.monotonic()
                 frozen_read = snap.frozen_bytes_read
                 snap.finish()  # trees are encoded, and chunks compressed, after the thaw
                 _distrust_mapped(home, dot, snap, writers)  # for the next command, too
                 for res in snap.results.values():
                     store_deferred(writer, res.deferred)
                 metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
-                metadata["dm.writers"] = ", ".join(map(str, writers))
+                metadata["dm.writers"] = ", ".join(map(str, [*writers, *containers]))
         c = Commit(
             parents=(old,) if old else (),
             subdots=snap.roots,

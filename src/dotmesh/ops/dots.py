@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotmesh.capture.containers import Container, containers_using
 from dotmesh.capture.writers import Writer
 from dotmesh.errors import UsageError
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
 from dotmesh.ops.home import Home
-from dotmesh.ops.live import writers_of
+from dotmesh.ops.live import containers_of, writers_of
 from dotmesh.ops.working import recover, snapshot_dot
 
 
@@ -64,9 +65,17 @@ class DotStatus:
     subdots: dict[str, Path] = field(default_factory=dict)
     branches: list[str] = field(default_factory=list)
     writers: list[Writer] = field(default_factory=list)
+    containers: list[Container] = field(default_factory=list)
 
 
-def status(home: Home, dot: str) -> DotStatus:
+def statuses(home: Home, dots: list[str] | None = None) -> list[DotStatus]:
+    """The status of each dot (default: all), asking the Docker engine once for them all."""
+    names = home.dots() if dots is None else dots
+    found = containers_using(names)
+    return [status(home, d, found[d]) for d in names]
+
+
+def status(home: Home, dot: str, containers: list[Container] | None = None) -> DotStatus:
     """What ``dm list`` and ``dm dot show`` print; hashes only files whose stat changed."""
     home.require_dot(dot)
     with home.lock(dot):
@@ -84,6 +93,7 @@ def status(home: Home, dot: str) -> DotStatus:
         subdots={s: home.stable(dot, s) for s in home.subdots(dot)},
         branches=list(home.branches(dot)),
         writers=writers_of(home, dot),
+        containers=containers_of(home, dot) if containers is None else containers,
     )
 
 

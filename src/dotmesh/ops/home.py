@@ -125,7 +125,8 @@ class Home:
         """Forget the dot's refs and folders; its objects stay in the packs."""
         with Tx(self.conn) as c:
             for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
-                               ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot")):
+                               ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot"),
+                               ("mounts", "dot")):
                 c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
             c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
                       " VALUES (?, '', ?, 'delete', NULL, NULL, NULL, 'dot deleted')",
@@ -138,6 +139,18 @@ class Home:
 
     def add_subdot(self, dot: str, subdot: str) -> None:
         self.conn.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (dot, subdot))
+
+    def forget_subdot(self, dot: str, subdot: str) -> None:
+        """Drop a subdot from the working state (its stat caches, hooks and mounts too);
+        commits that hold it keep it."""
+        with Tx(self.conn) as c:
+            for table in ("subdots", "statcache", "mounts", "hooks"):
+                col = "name" if table == "subdots" else "subdot"
+                c.execute(f"DELETE FROM {table} WHERE dot=? AND {col}=?", (dot, subdot))
+
+    def swapping(self, dot: str) -> bool:
+        """Is a branch swap of ``dot`` journaled but not finished (a checkout was killed)?"""
+        return self.conn.execute("SELECT 1 FROM swaps WHERE dot=?", (dot,)).fetchone() is not None
 
     # ------------------------------------------------------------ branches and refs
     def branch(self, dot: str) -> str:

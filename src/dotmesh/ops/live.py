@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+from dotmesh.capture.containers import Container, containers_using
+from dotmesh.capture.containers import start as start_containers
+from dotmesh.capture.containers import stop as stop_containers
 from dotmesh.capture.hooks import Hook, check_stage
 from dotmesh.capture.writers import Writer, find_writers
-from dotmesh.errors import Conflict, NotFound, UsageError
+from dotmesh.errors import Conflict, DotmeshError, NotFound, UsageError
 from dotmesh.model.names import check_name
 from dotmesh.ops.home import Home
 
@@ -17,18 +23,49 @@ def writers_of(home: Home, dot: str) -> list[Writer]:
     return find_writers(home.stable(dot, s) for s in home.subdots(dot))
 
 
-def refuse_if_running(home: Home, dot: str, stop: bool, what: str,
-                      timeout: float = 10.0) -> list[Writer]:
-    """Before a restore: refuse while writers run, or stop them (SIGTERM, then SIGKILL)."""
-    writers = writers_of(home, dot)
-    if not writers:
-        return []
-    names = ", ".join(map(str, writers))
-    if not stop:
+def containers_of(home: Home, dot: str) -> list[Container]:
+    """Containers (any state) that mount one of the dot's volumes through the dm driver."""
+    return containers_using([dot])[dot]
+
+
+def running_containers(home: Home, dot: str) -> list[Container]:
+    return [c for c in containers_of(home, dot) if c.state == "running"]
+
+
+@dataclass
+class Stopped:
+    """What a restore stopped: processes (dm does not restart them) and containers (started
+    again on the restored data once the restore succeeded)."""
+
+    processes: list[Writer] = field(default_factory=list)
+    containers: list[Container] = field(default_factory=list)
+
+
+@contextmanager
+def stopped_for_restore(home: Home, dot: str, stop: bool, what: str,
+                        timeout: float = 10.0) -> Iterator[Stopped]:
+    """Run the block with nothing using the dot. Containers are stopped and, when the block
+    succeeds, started again: dockerd shows a volume's new contents only to a started
+    container. Host processes make it refuse, unless ``stop``: then they are stopped
+    (SIGTERM, then SIGKILL after ``timeout``) and left stopped."""
+    processes = writers_of(home, dot)
+    containers = [c for c in containers_of(home, dot) if c.state in ("running", "paused")]
+    if processes and not stop:
+        names = ", ".join(map(str, processes))
         raise Conflict(f"dot {dot!r} is in use by {names}: stop them before {what}, or add "
                        "--stop-writers to have dm stop them")
-    stop_processes(writers, timeout)
-    return writers
+    stop_processes(processes, timeout)
+    stop_containers(containers, int(timeout))
+    try:
+        yield Stopped(processes, containers)
+    except DotmeshError as e:
+        if containers:
+            names = " ".join(c.name for c in containers)
+            raise type(e)(f"{e} (the dot's containers were stopped for {what} and are not "
+                          f"started on a partial state: docker start {names} when done)"
+                          ) from None
+        raise
+    start_containers(containers)
 
 
 def stop_processes(writers: list[Writer], timeout: float) -> None:

@@ -1,0 +1,139 @@
+"""Docker volumes named ``DOT.SUBDOT``, backed by subdots: the use cases behind ``dm serve``.
+
+dockerd holds container locks while it waits for a volume plugin, so each of these answers at
+once: none reads or copies data, and only Remove takes the dot's lock (failing at once if the
+dot is busy). A volume's mountpoint is the subdot's stable folder, whose contents follow the
+dot's branch; ``dm checkout`` and ``dm reset`` restart the containers so they see new contents.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotmesh.errors import AlreadyExists, Conflict, InvalidName, NotFound, UsageError
+from dotmesh.meta.db import Tx
+from dotmesh.model.names import VolumeName
+from dotmesh.ops.home import Home
+from dotmesh.ops.working import recover
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    mountpoint: str
+    status: dict[str, object] = field(default_factory=dict)
+
+
+def _existing(home: Home, name: str) -> VolumeName:
+    """The volume ``name`` if dm has it; NotFound otherwise (also for names it cannot own,
+    since dockerd asks every plugin about every unknown name)."""
+    try:
+        vol = VolumeName.parse(name)
+    except InvalidName:
+        raise NotFound(f"no such volume {name!r}") from None
+    if not home.dot_exists(vol.dot) or vol.subdot not in home.subdots(vol.dot):
+        raise NotFound(f"no such volume {name!r}")
+    return vol
+
+
+def _not_swapping(home: Home, dot: str) -> None:
+    if home.swapping(dot):
+        raise Conflict(f"dot {dot!r} is between branches (a checkout was interrupted): run "
+                       f"dm list to finish it, then retry")
+
+
+def create(home: Home, name: str, opts: dict[str, object] | None) -> Volume:
+    """Make the subdot (and its dot) if missing. Creating an existing volume is fine, as
+    dockerd expects."""
+    try:
+        vol = VolumeName.parse(name)
+    except InvalidName as e:
+        raise InvalidName(f"volume name {name!r}: {e}; dm volumes are named DOT.SUBDOT, "
+                          "like app.clicks-db") from None
+    if opts:
+        raise UsageError(f"dm volumes take no options (got {', '.join(sorted(opts))})")
+    if not home.dot_exists(vol.dot):
+        try:
+            home.create_dot(vol.dot)
+        except AlreadyExists:
+            pass  # made meanwhile by another request
+    _not_swapping(home, vol.dot)
+    home.add_subdot(vol.dot, vol.subdot)
+    home.stable(vol.dot, vol.subdot).mkdir(parents=True, exist_ok=True)
+    return get(home, name)
+
+
+def get(home: Home, name: str) -> Volume:
+    vol = _existing(home, name)
+    mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=? AND subdot=?",
+                               (vol.dot, vol.subdot)).fetchone()[0]
+    return Volume(name, str(home.stable(vol.dot, vol.subdot)), {
+        "dot": vol.dot, "subdot": vol.subdot, "branch": home.branch(vol.dot),
+        "mounts": int(mounts)})
+
+
+def list_volumes(home: Home) -> list[Volume]:
+    rows = home.conn.execute("SELECT dot, name FROM subdots ORDER BY dot, name").fetchall()
+    return [Volume(str(VolumeName(d, s)), str(home.stable(d, s))) for d, s in rows]
+
+
+def mount(home: Home, name: str, mount_id: str) -> Volume:
+    """Record the mount (dockerd sends a random id per mount; a restarted ``dm serve`` must
+    still know it) and make sure the folder is there."""
+    vol = _existing(home, name)
+    if not mount_id:
+        raise UsageError("Mount needs an ID")
+    _not_swapping(home, vol.dot)
+    home.stable(vol.dot, vol.subdot).mkdir(parents=True, exist_ok=True)
+    home.conn.execute("INSERT OR IGNORE INTO mounts VALUES (?, ?, ?, ?)",
+                      (vol.dot, vol.subdot, mount_id, time.time_ns()))
+    return get(home, name)
+
+
+def unmount(home: Home, name: str, mount_id: str) -> None:
+    """Forget the mount; an id this store never saw is fine (dockerd decides)."""
+    vol = _existing(home, name)
+    home.conn.execute("DELETE FROM mounts WHERE dot=? AND subdot=? AND id=?",
+                      (vol.dot, vol.subdot, mount_id))
+
+
+def remove(home: Home, name: str) -> list[Path]:
+    """``docker volume rm``: drop the subdot's folders (on every branch) from the working
+    state; commits that hold it keep it, and the dot stays until ``dm dot delete``.
+
+    The folders are moved into the store's trash at once; returns them, for the caller to
+    delete in the background (deleting a big folder must not hold up dockerd)."""
+    vol = _existing(home, name)
+    trash = home.root / "trash"
+    trash.mkdir(exist_ok=True)
+    moved: list[Path] = []
+    with home.lock(vol.dot):
+        recover(home, vol.dot)
+        home.forget_subdot(vol.dot, vol.subdot)
+        branches = home.dot_dir(vol.dot) / "branches"
+        folders = [home.stable(vol.dot, vol.subdot)]
+        if branches.is_dir():
+            folders += [b / vol.subdot for b in branches.iterdir()]
+        for folder in folders:
+            if folder.exists():
+                target = trash / uuid.uuid4().hex
+                os.rename(folder, target)
+                moved.append(target)
+    with Tx(home.conn) as tx:
+        home.log_ref(tx, vol.dot, home.branch(vol.dot), "volume-rm", None, None, None,
+                     f"docker volume rm {name}: subdot {vol.subdot} left the working state")
+    return moved
+
+
+def empty_trash(root: Path) -> None:
+    """Delete what :func:`remove` moved aside in the store at ``root`` (also what a killed
+    ``dm serve`` left)."""
+    trash = root / "trash"
+    if trash.is_dir():
+        for item in trash.iterdir():
+            shutil.rmtree(item, ignore_errors=True)

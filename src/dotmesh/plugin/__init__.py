@@ -1,0 +1,1 @@
+"""The Docker volume plugin: ``dm serve``."""

@@ -1,0 +1,111 @@
+"""The volume plugin's handlers, without dockerd: answers, errors, and persisted mounts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from dotmesh.ops.home import Home
+from dotmesh.plugin.server import Plugin
+from tests.conftest import DM, DM_BIN
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    home = Home(tmp_path / "home")
+    yield Plugin(home, lambda line: None)
+    home.close()
+
+
+def test_a_volume_lives_as_a_subdot(plugin, tmp_path):
+    assert plugin.call("Plugin.Activate", {}) == {"Implements": ["VolumeDriver"]}
+    assert plugin.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Err"]  # not ours yet
+    assert plugin.call("VolumeDriver.Create", {"Name": "proj_app.db", "Opts": None}) == {
+        "Err": ""}
+    assert plugin.call("VolumeDriver.Create", {"Name": "proj_app.db", "Opts": {}}) == {
+        "Err": ""}  # again: fine
+    got = plugin.call("VolumeDriver.Mount", {"Name": "proj_app.db", "ID": "m1"})
+    mountpoint = got["Mountpoint"]
+    assert got["Err"] == "" and mountpoint.startswith("/")
+    assert mountpoint == str(tmp_path / "home" / "dots" / "proj_app" / "subdots" / "db")
+    vol = plugin.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Volume"]
+    assert vol["Status"] == {"dot": "proj_app", "subdot": "db", "branch": "master",
+                             "mounts": 1}
+    assert plugin.call("VolumeDriver.Path", {"Name": "proj_app.db"})["Mountpoint"] == mountpoint
+    assert plugin.call("VolumeDriver.List", {})["Volumes"] == [
+        {"Name": "proj_app.db", "Mountpoint": mountpoint}]
+
+    # a new server process (a restart) still knows the mount
+    again = Plugin(Home(tmp_path / "home"), lambda line: None)
+    assert again.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Volume"]["Status"][
+        "mounts"] == 1
+    assert again.call("VolumeDriver.Unmount", {"Name": "proj_app.db", "ID": "m1"}) == {
+        "Err": ""}
+    assert again.call("VolumeDriver.Unmount", {"Name": "proj_app.db", "ID": "never"}) == {
+        "Err": ""}  # ids it never saw are fine
+    (tmp_path / "home" / "dots" / "proj_app" / "subdots" / "db" / "f").write_text("x")
+    assert again.call("VolumeDriver.Remove", {"Name": "proj_app.db"}) == {"Err": ""}
+    assert again.call("VolumeDriver.List", {})["Volumes"] == []
+    assert again.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Err"]
+
+
+@pytest.mark.parametrize("body, err", [
+    ({"Name": ".db"}, "dot name must not be empty"),
+    ({"Name": "app.a/b"}, "may only contain"),
+    ({"Name": "app.db", "Opts": {"size": "1g"}}, "take no options (got size)"),
+    ({}, "no volume Name"),
+])
+def test_bad_creates_get_one_line(plugin, body, err):
+    out = plugin.call("VolumeDriver.Create", body)
+    assert err in out["Err"] and "\n" not in out["Err"]
+
+
+def test_unknown_methods_and_names(plugin):
+    assert "does not implement" in plugin.call("VolumeDriver.Snapshot", {})["Err"]
+    assert plugin.call("VolumeDriver.Get", {"Name": "no dot here!"})["Err"].startswith(
+        "no such volume")
+    assert plugin.call("VolumeDriver.Mount", {"Name": "ghost.x", "ID": "1"})["Err"]
+
+
+def test_install_writes_a_unit(tmp_path):
+    dm = DM(tmp_path / "home")
+    unit = tmp_path / "dm.service"
+    out = dm.ok("serve", "--install", "--unit-path", str(unit))
+    assert "systemctl" in out
+    text = unit.read_text()
+    assert f"Environment=DM_HOME={tmp_path / 'home'}" in text
+    assert "serve --socket /run/docker/plugins/dm.sock" in text
+    assert "Before=docker.service" in text
+
+
+def test_the_server_on_its_socket(tmp_path):
+    """One server per socket; malformed bodies get an Err; SIGTERM removes the socket."""
+    dm = DM(tmp_path / "home")
+    sock = tmp_path / "dm.sock"
+    first = subprocess.Popen([DM_BIN, "serve", "--socket", str(sock), "--quiet"], env=dm.env,
+                             stdin=subprocess.DEVNULL)
+
+    def post(method: str, body: bytes) -> dict[str, object]:
+        p = subprocess.run(["curl", "-s", "--unix-socket", str(sock), "-X", "POST",
+                            "--data-binary", "@-", f"http://dm/{method}"], input=body,
+                           capture_output=True)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    try:
+        for _ in range(400):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        assert post("Plugin.Activate", b"") == {"Implements": ["VolumeDriver"]}
+        assert "bad request body" in str(post("VolumeDriver.Create", b"{not json")["Err"])
+        assert post("VolumeDriver.Create", b'{"Name": "a.b"}') == {"Err": ""}
+        p = dm("serve", "--socket", str(sock))
+        assert p.returncode == 4 and "already answers" in p.stderr
+    finally:
+        first.terminate()
+        first.wait(timeout=30)
+    assert not sock.exists()
