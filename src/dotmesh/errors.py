@@ -51,3 +51,15 @@ class Corrupt(DotmeshError):
     """Stored data failed verification; run ``dm fsck``."""
 
     exit_code = 7
+
+
+class Unauthorized(DotmeshError):
+    """No API key, or one the hub does not know; the message says how to give one."""
+
+    exit_code = 12
+
+
+class Forbidden(DotmeshError):
+    """The API key is valid but may not do this (not the owner or a collaborator)."""
+
+    exit_code = 13

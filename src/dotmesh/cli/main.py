@@ -11,6 +11,9 @@ from typing import Any
 import click
 
 from dotmesh import FORMAT_VERSION, __version__
+from dotmesh.cli import hub as cli_hub
+from dotmesh.cli import remote as cli_remote
+from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, iso, progress_bar, table, when
 from dotmesh.errors import DotmeshError
 from dotmesh.ops import checkout as checkout_ops
@@ -18,32 +21,11 @@ from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
 from dotmesh.ops import fsck as fsck_ops
 from dotmesh.ops import history, live
-from dotmesh.ops.home import Home, default_home
+from dotmesh.ops.home import default_home
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
 INTERNAL_ERROR = 70
-json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-class Ctx:
-    def __init__(self, home: Path) -> None:
-        self.path = home
-        self._home: Home | None = None
-
-    def close(self) -> None:
-        if self._home is not None:
-            self._home.close()
-            self._home = None
-
-    @property
-    def home(self) -> Home:
-        if self._home is None:
-            self._home = Home(self.path)
-        return self._home
-
-
-pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -566,6 +548,10 @@ def version(as_json: bool) -> None:
         emit_json({"version": __version__, "format": FORMAT_VERSION})
     else:
         click.echo(f"dm {__version__} (store format {FORMAT_VERSION})")
+
+
+cli_remote.register(cli)
+cli_hub.register(cli)
 
 
 # ------------------------------------------------------------------ the one error handler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -40,11 +40,23 @@ def table(rows: list[list[str]], header: list[str]) -> None:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+class Meter:
+    """A progress callback: ``meter(n)`` adds n bytes done, ``meter.total(n)`` sets the total
+    once it is known. Silent unless stderr is a terminal."""
+
+    def __init__(self, advance: Callable[[int], None] = lambda n: None,
+                 set_total: Callable[[int], None] = lambda n: None) -> None:
+        self._advance, self.total = advance, set_total
+
+    def __call__(self, n: int) -> None:
+        self._advance(n)
+
+
 @contextmanager
-def progress_bar(label: str, total: int | None = None) -> Iterator[object]:
-    """Yields a callback taking a byte count; a no-op unless stderr is a terminal."""
+def progress_bar(label: str, total: int | None = None) -> Iterator[Meter]:
+    """A rich bar with bytes and rate on a terminal; a no-op when piped."""
     if not sys.stderr.isatty():
-        yield lambda n: None
+        yield Meter()
         return
     from rich.console import Console  # imported here: it costs 80 ms of start-up
     from rich.progress import (
@@ -60,4 +72,4 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[object]:
                   TransferSpeedColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as p:
         task = p.add_task(label, total=total)
-        yield lambda n: p.advance(task, n)
+        yield Meter(lambda n: p.advance(task, n), lambda n: p.update(task, total=n))

@@ -40,6 +40,15 @@ CREATE TABLE IF NOT EXISTS hooks (
     command TEXT NOT NULL, timeout REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS swaps (
     dot TEXT PRIMARY KEY, from_branch TEXT NOT NULL, to_branch TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS remotes (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, url TEXT NOT NULL, user TEXT NOT NULL,
+    secret TEXT NOT NULL, options TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dot_remotes (
+    dot TEXT NOT NULL, remote TEXT NOT NULL, remote_dot TEXT NOT NULL,
+    PRIMARY KEY (dot, remote));
+CREATE TABLE IF NOT EXISTS remote_refs (
+    dot TEXT NOT NULL, remote TEXT NOT NULL, branch TEXT NOT NULL, head BLOB NOT NULL,
+    PRIMARY KEY (dot, remote, branch));
 CREATE TABLE IF NOT EXISTS mounts (
     dot TEXT NOT NULL, subdot TEXT NOT NULL, id TEXT NOT NULL, created_ns INTEGER NOT NULL,
     PRIMARY KEY (dot, subdot, id));

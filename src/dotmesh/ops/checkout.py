@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from dotmesh.errors import Conflict
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
@@ -68,11 +69,16 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
 
 
 def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
-               stop_writers: bool = False) -> ResetResult:
+               stop_writers: bool = False, expect_old: bytes | None | bool = False,
+               action: str = "reset", message: str | None = None) -> ResetResult:
+    """Move the current branch to ``ref`` and make the working state match. ``expect_old``
+    (unless False): fail if the branch is not at that head any more (a pull decided on it)."""
     with home.lock(dot):
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)
+        if expect_old is not False and old != expect_old:
+            raise Conflict(f"branch {branch} moved while this command ran; run it again")
         target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
         target = home.commit(target_id)
         with live.stopped_for_restore(home, dot, stop_writers, "a reset") as stopped:
@@ -82,14 +88,14 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
             if is_dirty(snap.roots, home.commit(old) if old else None):
                 saved = writer.put(KIND_COMMIT, Commit(
                     parents=(old,) if old else (), subdots=snap.roots,
-                    message=f"working state discarded by reset to {ref}",
+                    message=f"working state discarded by {action} to {ref}",
                     author=default_author(), timestamp_ns=time.time_ns(), metadata={},
                 ).encode())
             roots = target_roots(home, dot, target, writer)
             writer.flush()
             with Tx(home.conn) as tx:  # record what is about to be discarded, before touching it
-                home.log_ref(tx, dot, branch, "reset", old, target_id, saved,
-                             f"reset --hard {ref}")
+                home.log_ref(tx, dot, branch, action, old, target_id, saved,
+                             message or f"reset --hard {ref}")
             caches = restore_dot(home, dot, roots, snap, progress)
             with Tx(home.conn) as tx:
                 home.move_head(tx, dot, branch, old, target_id)

@@ -117,4 +117,7 @@ def fsck(home: Home, progress: Callable[[int], None] | None = None) -> FsckRepor
         for x in (old, new, saved):
             if x:
                 walk_commit(x, f"{dot} reflog")
+    for dot in home.dots():
+        for (remote, branch), head in home.remote_heads(dot).items():
+            walk_commit(head, f"{dot}@{remote}/{branch}")
     return report

@@ -126,7 +126,8 @@ class Home:
         with Tx(self.conn) as c:
             for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
                                ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot"),
-                               ("mounts", "dot")):
+                               ("mounts", "dot"), ("dot_remotes", "dot"),
+                               ("remote_refs", "dot")):
                 c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
             c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
                       " VALUES (?, '', ?, 'delete', NULL, NULL, NULL, 'dot deleted')",
@@ -239,6 +240,7 @@ class Home:
         stack = [h for h in self.branches(dot).values() if h]
         for row in self.conn.execute("SELECT old, new, saved FROM reflog WHERE dot=?", (dot,)):
             stack.extend(x for x in row if x)
+        stack.extend(self.remote_heads(dot).values())
         while stack:
             oid = stack.pop()
             if oid in seen:
@@ -249,6 +251,12 @@ class Home:
             except NotFound:
                 pass
         return seen
+
+    def remote_heads(self, dot: str) -> dict[tuple[str, str], ObjectId]:
+        """The last heads seen on remotes, by (remote, branch): fetched commits stay
+        reachable (dm reset --hard can name them) until the next push or pull."""
+        return {(r[0], r[1]): ObjectId(r[2]) for r in self.conn.execute(
+            "SELECT remote, branch, head FROM remote_refs WHERE dot=?", (dot,))}
 
     # ------------------------------------------------------------ stat caches
     def load_cache(self, dot: str, branch: str, subdot: str) -> StatCache:

@@ -174,6 +174,35 @@ class PackStore:
             part = view[loc.offset - start:loc.offset - start + loc.stored_len]
             yield self._unpack(oid, loc, part)
 
+    def stored(self, oids: list[bytes]) -> Iterator[tuple[bytes, Location, bytes]]:
+        """(id, location, stored payload) of each object, as kept (compressed or not), for
+        sending elsewhere without recompressing; neighbours are read with one call. Raises
+        NotFound for an id not in the store."""
+        locs = self.locate_many(oids)
+        lost = [o for o in oids if o not in locs]
+        if lost:
+            raise NotFound(f"object {lost[0].hex()[:16]} is not in the store")
+        order = sorted(oids, key=lambda o: (locs[o].pack, locs[o].offset))
+        i = 0
+        while i < len(order):
+            run = [order[i]]
+            while (i + len(run) < len(order)
+                   and locs[order[i + len(run)]].pack == locs[run[0]].pack
+                   and locs[order[i + len(run)]].offset == locs[run[-1]].offset
+                   + locs[run[-1]].stored_len + RECORD.size
+                   and locs[run[-1]].offset - locs[run[0]].offset < 8 << 20):
+                run.append(order[i + len(run)])
+            first, last = locs[run[0]], locs[run[-1]]
+            raw = os.pread(self._fd(first.pack), last.offset + last.stored_len - first.offset,
+                           first.offset)
+            if len(raw) != last.offset + last.stored_len - first.offset:
+                raise Corrupt(f"pack #{first.pack} is truncated; run dm fsck")
+            for oid in run:
+                loc = locs[oid]
+                yield oid, loc, raw[loc.offset - first.offset:
+                                    loc.offset - first.offset + loc.stored_len]
+            i += len(run)
+
     def iter_index(self) -> Iterator[tuple[bytes, Location]]:
         for r in self.conn.execute(
             "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects"

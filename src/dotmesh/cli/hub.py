@@ -1,0 +1,183 @@
+"""``dm hub``: run a hub, and manage its accounts and collaborators.
+
+Where a hub keeps things comes from flags, or a TOML config file with the same keys:
+
+    data = "/var/lib/dm-hub"          # the embedded default: SQLite and a folder, in here
+    db = "postgresql+psycopg://hub@127.0.0.1/hub"   # or a database of its own
+    s3 = "KEY:SECRET@http://127.0.0.1:8333/hub"      # and a bucket for the objects
+    host = "127.0.0.1"
+    port = 8080
+    cert = "hub.pem"                 # TLS, with key
+    key = "hub.key"
+
+Several ``dm hub serve`` processes with the same ``db`` and ``s3`` serve the same hub.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dotmesh.cli.context import json_flag
+from dotmesh.cli.render import emit_json
+from dotmesh.errors import UsageError
+from dotmesh.remote.blobs import LocalBlobs, S3Blobs
+
+if TYPE_CHECKING:
+    from dotmesh.remote.hub.storage import HubStore
+
+KEYS = ("data", "db", "s3", "host", "port", "cert", "key")
+
+
+class HubConfig:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.values.get(key)
+        return default if v is None else v
+
+    def store(self) -> HubStore:
+        from dotmesh.remote.hub.storage import HubStore  # noqa: PLC0415 - 150 ms of imports
+
+        data = Path(self.get("data") or os.environ.get("DM_HUB_DATA")
+                    or Path.home() / ".dotmesh-hub")
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot use {data} for the hub's data: {e.strerror}") from None
+        db = self.get("db") or f"sqlite:///{data.absolute() / 'hub.db'}"
+        spec = self.get("s3")
+        if spec:
+            from dotmesh.ops.remotes import parse_s3  # noqa: PLC0415
+
+            access, secret, endpoint, bucket = parse_s3(spec)
+            s3 = S3Blobs(endpoint, bucket, access, secret, prefix="hub/")
+            s3.ensure_bucket()
+            return HubStore(db, s3)
+        return HubStore(db, LocalBlobs(data / "blobs"))
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    @click.option("--config", type=click.Path(path_type=Path, exists=True), default=None,
+                  help="A TOML file with data, db, s3, host, port, cert, key.")
+    @click.option("--data", default=None, help="Folder for the embedded SQLite and objects "
+                  "(default: $DM_HUB_DATA or ~/.dotmesh-hub).")
+    @click.option("--db", default=None, metavar="URL",
+                  help="Database URL, e.g. postgresql+psycopg://user@127.0.0.1/hub.")
+    @click.option("--s3", default=None, metavar="KEY:SECRET@ENDPOINT/BUCKET",
+                  help="Keep objects in this bucket instead of the data folder.")
+    @click.pass_context
+    def hub(ctx: click.Context, config: Path | None, data: str | None, db: str | None,
+            s3: str | None) -> None:
+        """Run a hub that people push to and clone from; manage its users.
+
+        \b
+        Example:  dm hub user add alice && dm hub serve --port 8080
+        """
+        values: dict[str, Any] = {}
+        if config is not None:
+            try:
+                values = tomllib.loads(config.read_text())
+            except (tomllib.TOMLDecodeError, OSError) as e:
+                raise UsageError(f"cannot read {config}: {e}") from None
+            unknown = set(values) - set(KEYS)
+            if unknown:
+                raise UsageError(f"{config}: unknown keys {', '.join(sorted(unknown))}")
+        for k, v in (("data", data), ("db", db), ("s3", s3)):
+            if v is not None:
+                values[k] = v
+        ctx.obj = HubConfig(values)
+
+    @hub.command()
+    @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+    @click.option("--port", type=int, default=None, help="Default 8080.")
+    @click.option("--cert", type=click.Path(path_type=Path, exists=True), default=None,
+                  help="TLS certificate (PEM); with --key.")
+    @click.option("--key", type=click.Path(path_type=Path, exists=True), default=None)
+    @click.pass_obj
+    def serve(cfg: HubConfig, host: str | None, port: int | None, cert: Path | None,
+              key: Path | None) -> None:
+        """Serve the hub's HTTP API (OpenAPI at /api/v1/openapi.yaml) in the foreground.
+
+        \b
+        Example:  dm hub serve --port 8443 --cert hub.pem --key hub.key
+        """
+        import uvicorn  # noqa: PLC0415
+
+        from dotmesh.remote.hub.server import create_app  # noqa: PLC0415
+
+        cert = cert or cfg.get("cert")
+        key = key or cfg.get("key")
+        if bool(cert) != bool(key):
+            raise UsageError("TLS needs both --cert and --key")
+        store = cfg.store()
+        host = host or cfg.get("host", "127.0.0.1")
+        port = port or int(cfg.get("port", 8080))
+        scheme = "https" if cert else "http"
+        click.echo(f"dm hub: serving {scheme}://{host}:{port} (objects in "
+                   f"{store.blobs.describe()})", err=True)
+        uvicorn.run(create_app(store), host=host, port=port, log_level="warning",
+                    ssl_certfile=str(cert) if cert else None,
+                    ssl_keyfile=str(key) if key else None)
+
+    @hub.group()
+    def user() -> None:
+        """Accounts and their API keys."""
+
+    @user.command("add")
+    @click.argument("name")
+    @json_flag
+    @click.pass_obj
+    def user_add(cfg: HubConfig, name: str, as_json: bool) -> None:
+        """Create an account; prints its API key once (only a hash is kept).
+
+        \b
+        Example:  dm hub user add alice
+        """
+        key = cfg.store().add_user(name)
+        if as_json:
+            emit_json({"user": name, "api_key": key})
+        else:
+            click.echo(f"Created user {name}. API key (shown once): {key}")
+
+    @user.command("key")
+    @click.argument("name")
+    @json_flag
+    @click.pass_obj
+    def user_key(cfg: HubConfig, name: str, as_json: bool) -> None:
+        """Make another API key for an account.
+
+        \b
+        Example:  dm hub user key alice
+        """
+        key = cfg.store().new_key(name)
+        if as_json:
+            emit_json({"user": name, "api_key": key})
+        else:
+            click.echo(f"New API key for {name} (shown once): {key}")
+
+    @hub.group()
+    def collaborator() -> None:
+        """Who may push to a dot besides its owner."""
+
+    @collaborator.command("add")
+    @click.argument("dot", metavar="NAMESPACE/DOT")
+    @click.argument("name", metavar="USER")
+    @click.pass_obj
+    def collaborator_add(cfg: HubConfig, dot: str, name: str) -> None:
+        """Let USER read and push NAMESPACE/DOT.
+
+        \b
+        Example:  dm hub collaborator add alice/app bob
+        """
+        ns, slash, dot_name = dot.partition("/")
+        if not slash:
+            raise UsageError(f"expected NAMESPACE/DOT, not {dot!r}")
+        cfg.store().add_collaborator(ns, dot_name, name)
+        click.echo(f"{name} may now read and push {dot}")

@@ -1,0 +1,212 @@
+"""``dm remote``, ``dm s3 remote``, ``dm push``, ``dm pull`` and ``dm clone``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dotmesh.cli.context import Ctx, json_flag, pass_ctx
+from dotmesh.cli.render import emit_json, human_size, progress_bar
+from dotmesh.errors import UsageError
+from dotmesh.ops import remotes, sync
+
+
+def _api_key(key_file: Path | None) -> str:
+    """From --api-key-file, else $DM_API_KEY, else asked for on a terminal."""
+    if key_file is not None:
+        try:
+            return key_file.read_text().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read {key_file}: {e.strerror}") from None
+    if os.environ.get("DM_API_KEY"):
+        return os.environ["DM_API_KEY"]
+    if not sys.stdin.isatty():
+        raise UsageError("no API key: give --api-key-file FILE or set DM_API_KEY")
+    return str(click.prompt("API key", hide_input=True))
+
+
+def register(cli: click.Group) -> None:
+    @cli.group(invoke_without_command=True)
+    @click.option("-v", "--verbose", is_flag=True, help="Show where each remote is.")
+    @json_flag
+    @click.pass_context
+    def remote(ctx: click.Context, verbose: bool, as_json: bool) -> None:
+        """List remotes (* marks the default), or add, remove or switch them.
+
+        \b
+        Example:  dm remote add hub alice@hub.example.com && dm remote -v
+        """
+        if ctx.invoked_subcommand is not None:
+            return
+        home = ctx.find_object(Ctx).home  # type: ignore[union-attr]
+        default = remotes.default(home)
+        found = remotes.all_remotes(home)
+        if as_json:
+            emit_json([{"name": r.name, "kind": r.kind, "url": r.url, "user": r.user,
+                        "bucket": r.options.get("bucket"), "default": r.name == default}
+                       for r in found])
+            return
+        for r in found:
+            mark = "*" if r.name == default else " "
+            click.echo(f"{mark} {r.name}" + (f"\t{r.describe()}" if verbose else ""))
+        if not found:
+            click.echo("No remotes: add one with dm remote add NAME USER@HOST")
+
+    @remote.command("add")
+    @click.argument("name")
+    @click.argument("address", metavar="USER@HOST[:PORT]")
+    @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+                  help="Read the API key from this file (else $DM_API_KEY, else asked).")
+    @click.option("--http", "plain", is_flag=True, help="Plain HTTP (default: HTTPS).")
+    @click.option("--ca-cert", type=click.Path(path_type=Path, exists=True), default=None,
+                  help="Trust the hub's certificate from this CA file.")
+    @pass_ctx
+    def remote_add(c: Ctx, name: str, address: str, api_key_file: Path | None, plain: bool,
+                   ca_cert: Path | None) -> None:
+        """Add a hub as a remote; the API key is checked with the hub first.
+
+        \b
+        Example:  DM_API_KEY=dmk_... dm remote add hub alice@127.0.0.1:8080 --http
+        """
+        r, who = remotes.add_hub(c.home, name, address, _api_key(api_key_file), plain,
+                                 ca_cert)
+        click.echo(f"Added remote {r.name} ({r.describe()}), signed in as {who}")
+
+    @remote.command("rm")
+    @click.argument("name")
+    @pass_ctx
+    def remote_rm(c: Ctx, name: str) -> None:
+        """Forget a remote and its key.
+
+        \b
+        Example:  dm remote rm hub
+        """
+        remotes.remove(c.home, name)
+        click.echo(f"Removed remote {name}")
+
+    @remote.command("switch")
+    @click.argument("name")
+    @pass_ctx
+    def remote_switch(c: Ctx, name: str) -> None:
+        """Make NAME the remote that push, pull and clone use by default.
+
+        \b
+        Example:  dm remote switch hub
+        """
+        remotes.switch(c.home, name)
+        click.echo(f"Default remote is now {name}")
+
+    @cli.group()
+    def s3() -> None:
+        """S3 buckets as remotes."""
+
+    @s3.group("remote")
+    def s3_remote() -> None:
+        """Add an S3 bucket as a remote."""
+
+    @s3_remote.command("add")
+    @click.argument("name")
+    @click.argument("spec", metavar="ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET")
+    @pass_ctx
+    def s3_remote_add(c: Ctx, name: str, spec: str) -> None:
+        """Add a bucket as a remote (the endpoint may start with http:// or https://).
+
+        \b
+        Example:  dm s3 remote add backup AKIA...:secret@http://127.0.0.1:8333/dots
+        """
+        r = remotes.add_s3(c.home, name, spec)
+        click.echo(f"Added remote {r.name} ({r.describe()})")
+
+    @cli.command()
+    @click.argument("remote_name", metavar="[REMOTE]", required=False)
+    @click.argument("dot", required=False)
+    @click.option("--branch", default=None, help="Default: the dot's current branch.")
+    @click.option("--remote-name", "remote_dot", default=None, metavar="NAMESPACE/DOT",
+                  help="The dot's name on the remote (default: USER/DOT, or as before).")
+    @click.option("-f", "--force", is_flag=True,
+                  help="Replace the remote branch even if it has commits yours lacks.")
+    @json_flag
+    @pass_ctx
+    def push(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
+             remote_dot: str | None, force: bool, as_json: bool) -> None:
+        """Send a branch's commits to a remote; only what it lacks travels.
+
+        \b
+        Example:  dm push hub --remote-name alice/app
+        """
+        home = c.home
+        dot_name = home.require_current(dot)
+        with progress_bar("Pushing") as bar:
+            res = sync.push(home, dot_name, remote_name, branch, remote_dot, force, bar,
+                            bar.total)
+        _report(res, as_json, "sent")
+
+    @cli.command()
+    @click.argument("remote_name", metavar="[REMOTE]", required=False)
+    @click.argument("dot", required=False)
+    @click.argument("branch", required=False)
+    @click.option("--stop-writers", is_flag=True,
+                  help="Stop processes using the dot when the checked-out branch moves.")
+    @json_flag
+    @pass_ctx
+    def pull(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
+             stop_writers: bool, as_json: bool) -> None:
+        """Fetch a branch's new commits from a remote and fast-forward to them.
+
+        \b
+        Example:  dm pull hub app master
+        """
+        home = c.home
+        dot_name = home.require_current(dot)
+        with progress_bar("Pulling") as bar:
+            res = sync.pull(home, dot_name, remote_name, branch, bar, stop_writers)
+        _report(res, as_json, "fetched")
+
+    @cli.command()
+    @click.argument("remote_name", metavar="REMOTE")
+    @click.argument("remote_dot", metavar="NAMESPACE/DOT")
+    @click.argument("branch", required=False)
+    @click.option("--local-name", default=None, help="Default: the remote dot's name.")
+    @json_flag
+    @pass_ctx
+    def clone(c: Ctx, remote_name: str, remote_dot: str, branch: str | None,
+              local_name: str | None, as_json: bool) -> None:
+        """Copy a dot from a remote, with its folders ready to use.
+
+        \b
+        Example:  dm clone hub alice/app --local-name bug-42
+        """
+        with progress_bar("Cloning") as bar:
+            res = sync.clone(c.home, remote_name, remote_dot, branch, local_name, bar)
+        _report(res, as_json, "fetched")
+
+
+def _report(res: sync.Transfer, as_json: bool, verb: str) -> None:
+    if as_json:
+        out: dict[str, Any] = {
+            "remote": res.remote, "remote_dot": res.remote_dot, "branch": res.branch,
+            "status": res.status, "old": res.old.hex() if res.old else None,
+            "new": res.new.hex() if res.new else None, "objects": res.objects,
+            "bytes": res.bytes}
+        if res.restored is not None:
+            out["saved"] = res.restored.saved.hex() if res.restored.saved else None
+        emit_json(out)
+        return
+    where = f"{res.remote} {res.remote_dot} {res.branch}"
+    if res.status == "up to date":
+        click.echo(f"{where}: up to date")
+        return
+    if res.status == "ahead":
+        click.echo(f"{where}: your branch has commits the remote lacks; nothing to pull "
+                   "(dm push sends them)")
+        return
+    old = res.old.hex()[:12] if res.old else "(none)"
+    new = res.new.hex()[:12] if res.new else "(none)"
+    click.echo(f"{where}: {res.status} {old} -> {new}, {verb} {res.objects} objects "
+               f"({human_size(res.bytes)})")
+    if res.restored is not None and res.restored.saved:
+        click.echo(f"The working state it replaced is saved as {res.restored.saved.hex()[:12]}")

@@ -1,0 +1,182 @@
+"""``dm remote`` and ``dm s3 remote``: the remotes a store knows, and how to reach one.
+
+A remote is a hub (``USER@HOST[:PORT]``, an API key) or an S3 bucket
+(``ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET``). Secrets live in ``meta.db``, which is made
+readable by its owner only when a remote is added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotmesh.errors import AlreadyExists, NotFound, UsageError
+from dotmesh.meta.db import Tx
+from dotmesh.model.names import check_name
+from dotmesh.ops.home import Home
+from dotmesh.remote.blobs import S3Blobs
+from dotmesh.remote.transport import HubTransport, S3Transport, Transport
+
+HUB, S3 = "hub", "s3"
+_HOST = re.compile(r"^([A-Za-z0-9_-]{1,64})@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?$")
+
+
+@dataclass(frozen=True)
+class Remote:
+    name: str
+    kind: str
+    url: str  # the hub's base URL, or the S3 endpoint
+    user: str  # hub user, or S3 access key
+    secret: str
+    options: dict[str, str] = field(default_factory=dict)  # bucket, ca_cert
+
+    def describe(self) -> str:
+        if self.kind == HUB:
+            return f"{self.user}@{self.url}"
+        return f"s3 {self.url}/{self.options['bucket']} (key {self.user})"
+
+    def verify(self) -> bool | str:
+        return self.options.get("ca_cert") or True
+
+
+def parse_hub(spec: str, http: bool) -> tuple[str, str]:
+    """``USER@HOST[:PORT]`` -> (user, base URL); https on 443 unless ``http`` (port 80)."""
+    m = _HOST.match(spec)
+    if not m:
+        raise UsageError(f"bad hub address {spec!r}: expected USER@HOST[:PORT]")
+    user, host, port = m.groups()
+    scheme = "http" if http else "https"
+    if port is not None and not 0 < int(port) < 65536:
+        raise UsageError(f"bad port in {spec!r}")
+    return user, f"{scheme}://{host}" + (f":{port}" if port else "")
+
+
+def parse_s3(spec: str) -> tuple[str, str, str, str]:
+    """``ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET`` -> (access, secret, endpoint URL, bucket).
+    The endpoint may name its scheme (``http://127.0.0.1:8333``); https otherwise."""
+    creds, at, rest = spec.rpartition("@")
+    access, colon, secret = creds.partition(":")
+    if not at or not colon or not access or not secret:
+        raise UsageError("bad S3 remote: expected ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET")
+    scheme = "https"
+    if "://" in rest:
+        scheme, _, rest = rest.partition("://")
+        if scheme not in ("http", "https"):
+            raise UsageError(f"bad S3 endpoint scheme {scheme!r}: use http or https")
+    endpoint, slash, bucket = rest.rpartition("/")
+    if not slash or not endpoint or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]",
+                                                    bucket):
+        raise UsageError("bad S3 remote: expected ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET, "
+                         "with a bucket name of 3-63 lowercase letters, digits, '.' and '-'")
+    return access, secret, f"{scheme}://{endpoint}", bucket
+
+
+def _save(home: Home, r: Remote) -> None:
+    check_name(r.name, "remote name")
+    with Tx(home.conn) as c:
+        if c.execute("SELECT 1 FROM remotes WHERE name=?", (r.name,)).fetchone():
+            raise AlreadyExists(f"remote {r.name!r} already exists (dm remote rm {r.name} "
+                                "first)")
+        c.execute("INSERT INTO remotes VALUES (?, ?, ?, ?, ?, ?)",
+                  (r.name, r.kind, r.url, r.user, r.secret, json.dumps(r.options)))
+        if not c.execute("SELECT 1 FROM meta WHERE key='default_remote'").fetchone():
+            c.execute("INSERT INTO meta VALUES ('default_remote', ?)", (r.name,))
+    os.chmod(home.root / "meta.db", 0o600)  # it holds the secret now
+
+
+def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
+            ca_cert: Path | None = None) -> tuple[Remote, str]:
+    """Add a hub remote after checking the key with it; returns it and the user it names."""
+    check_name(name, "remote name")
+    if not key.strip():
+        raise UsageError("the API key is empty")
+    user, url = parse_hub(spec, http)
+    options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
+    r = Remote(name, HUB, url, user, key.strip(), options)
+    t = HubTransport(r.url, r.user, r.secret, f"{user}/x", r.verify())
+    try:
+        who = t.whoami()
+    finally:
+        t.close()
+    _save(home, r)
+    return r, who
+
+
+def add_s3(home: Home, name: str, spec: str) -> Remote:
+    check_name(name, "remote name")
+    access, secret, endpoint, bucket = parse_s3(spec)
+    r = Remote(name, S3, endpoint, access, secret, {"bucket": bucket})
+    blobs(r).list("dots/")  # the bucket is there and the keys work
+    _save(home, r)
+    return r
+
+
+def blobs(r: Remote) -> S3Blobs:
+    return S3Blobs(r.url, r.options["bucket"], r.user, r.secret)
+
+
+def remove(home: Home, name: str) -> None:
+    with Tx(home.conn) as c:
+        if not c.execute("DELETE FROM remotes WHERE name=?", (name,)).rowcount:
+            raise NotFound(f"no remote named {name!r} (dm remote -v lists them)")
+        c.execute("DELETE FROM dot_remotes WHERE remote=?", (name,))
+        c.execute("DELETE FROM remote_refs WHERE remote=?", (name,))
+        c.execute("DELETE FROM meta WHERE key='default_remote' AND value=?", (name,))
+
+
+def switch(home: Home, name: str) -> None:
+    get(home, name)
+    home.conn.execute("INSERT OR REPLACE INTO meta VALUES ('default_remote', ?)", (name,))
+
+
+def default(home: Home) -> str | None:
+    row = home.conn.execute("SELECT value FROM meta WHERE key='default_remote'").fetchone()
+    return str(row[0]) if row else None
+
+
+def all_remotes(home: Home) -> list[Remote]:
+    return [Remote(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in home.conn.execute(
+        "SELECT name, kind, url, user, secret, options FROM remotes ORDER BY name")]
+
+
+def get(home: Home, name: str | None) -> Remote:
+    """The remote ``name``, or the default one."""
+    if name is None:
+        name = default(home)
+        if name is None:
+            raise UsageError("no remote yet: add one with dm remote add NAME USER@HOST")
+    for r in all_remotes(home):
+        if r.name == name:
+            return r
+    raise NotFound(f"no remote named {name!r} (dm remote -v lists them)")
+
+
+def remote_dot_for(home: Home, r: Remote, dot: str, given: str | None) -> str:
+    """Which dot on the remote a local dot goes to: as given (``NAMESPACE/DOT`` on a hub),
+    else as it went before, else the user's namespace and the same name."""
+    if given is None:
+        row = home.conn.execute("SELECT remote_dot FROM dot_remotes WHERE dot=? AND remote=?",
+                                (dot, r.name)).fetchone()
+        if row:
+            return str(row[0])
+        given = f"{r.user}/{dot}" if r.kind == HUB else dot
+    ns, slash, name = given.partition("/")
+    if r.kind == HUB:
+        if not slash:
+            raise UsageError(f"a hub names dots NAMESPACE/DOT, not {given!r}")
+        check_name(ns, "namespace")
+        check_name(name, "dot name")
+    else:
+        for part in given.split("/"):
+            check_name(part, "remote dot name")
+    return given
+
+
+def transport(home: Home, r: Remote, remote_dot: str) -> Transport:
+    if r.kind == HUB:
+        return HubTransport(r.url, r.user, r.secret, remote_dot, r.verify())
+    cache = home.root / "remotes" / r.name
+    return S3Transport(blobs(r), remote_dot, cache)

@@ -1,0 +1,343 @@
+"""``dm push``, ``dm pull`` and ``dm clone``: share a dot's commits through a remote.
+
+Push sends what its commits add to what the remote's heads already hold (found by diffing
+trees locally, then asking the remote which of those objects it lacks), in the order chunks,
+file lists, trees, commits, in batches; then moves the remote branch by compare-and-swap.
+Pull fetches the commits it lacks, then the trees and file lists it lacks level by level,
+then the chunks, in batches that are made durable as they come (a rerun fetches only what
+is still missing); only when everything is verified and stored does a ref move. A fetched
+tree whose symlinks would point out of the subdot is refused before anything names it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zstandard
+
+from dotmesh.errors import AlreadyExists, Conflict, NotFound
+from dotmesh.meta.db import Tx
+from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
+from dotmesh.model.objects import (
+    KIND_CHUNK,
+    KIND_COMMIT,
+    KIND_FILELIST,
+    KIND_TREE,
+    Commit,
+    FileList,
+    ObjectId,
+)
+from dotmesh.ops import checkout as checkout_ops
+from dotmesh.ops import remotes
+from dotmesh.ops.dots import is_dirty
+from dotmesh.ops.home import Home
+from dotmesh.ops.working import recover, target_roots
+from dotmesh.remote import graph
+from dotmesh.remote.transport import Transport
+from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta
+from dotmesh.workdir.restore import merge_cache, restore
+from dotmesh.workdir.snapshot import snapshot
+
+Progress = Callable[[int], None]
+CHUNK_FETCH = 4000  # chunks asked for at once (the answer comes in parts of a few MiB)
+
+
+@dataclass
+class Transfer:
+    """What a push, pull or clone did."""
+
+    remote: str
+    remote_dot: str
+    branch: str
+    old: ObjectId | None  # the branch's head before (on the remote for a push)
+    new: ObjectId | None
+    status: str = ""  # pushed, up to date, fast-forward, created, ahead, cloned
+    objects: int = 0  # sent or fetched
+    bytes: int = 0  # stored bytes sent or fetched (what crossed the wire, less headers)
+    restored: checkout_ops.ResetResult | None = None  # a pull into the checked-out branch
+
+
+def _track(home: Home, dot: str, remote: str, remote_dot: str, branch: str,
+           head: bytes | None) -> None:
+    with Tx(home.conn) as c:
+        c.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)", (dot, remote,
+                                                                          remote_dot))
+        if head is not None:
+            c.execute("INSERT OR REPLACE INTO remote_refs VALUES (?, ?, ?, ?)",
+                      (dot, remote, branch, head))
+
+
+# ------------------------------------------------------------------ push
+
+
+def push(home: Home, dot: str, remote_name: str | None = None, branch: str | None = None,
+         remote_dot: str | None = None, force: bool = False,
+         progress: Progress | None = None, total: Progress | None = None) -> Transfer:
+    home.require_dot(dot)
+    r = remotes.get(home, remote_name)
+    rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
+    branch = check_branch(branch or home.branch(dot))
+    head = home.head(dot, branch)
+    if head is None:
+        raise NotFound(f"branch {branch} of {dot} has no commits to push: dm commit first")
+    t = remotes.transport(home, r, rdot)
+    try:
+        heads = t.heads()
+        old = heads.get(branch)
+        res = Transfer(r.name, rdot, branch, ObjectId(old) if old else None, head)
+        if old == head:
+            res.status = "up to date"
+        else:
+            if old is not None and not force and old not in _ancestry(home, head):
+                raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours lacks: "
+                               f"dm pull {r.name} first, or dm push --force to replace them")
+            _send(home, t, head, list(heads.values()), res, progress, total)
+            t.set_ref(branch, old, head, force)
+            res.status = "pushed"
+        _track(home, dot, r.name, rdot, branch, head)
+        return res
+    finally:
+        t.close()
+
+
+def _ancestry(home: Home, head: bytes) -> set[bytes]:
+    return graph.ancestors(home.packs.get, [head], home.packs.has)
+
+
+def _send(home: Home, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
+          progress: Progress | None, total: Progress | None) -> None:
+    get = home.packs.get
+    known = graph.ancestors(get, remote_heads, home.packs.has)
+    d = graph.delta(get, graph.commits_between(get, head, known))
+    ids = d.ordered()
+    lack = t.lacking(ids)
+    todo = [o for o in ids if o in lack]
+    locs = home.packs.locate_many(todo)
+    if total:
+        total(sum(loc.stored_len for loc in locs.values()))
+    cctx = zstandard.ZstdCompressor(level=1)
+
+    def records(kind: int) -> list[Record]:
+        phase = [o for o in todo if d.kinds[o] == kind]
+        out = []
+        for oid, loc, payload in home.packs.stored(phase):
+            base = d.bases.get(oid)
+            if kind == KIND_FILELIST and t.can_delta and base and base not in lack:
+                delta = encode_delta(base, FileList.decode(get(base)),
+                                     FileList.decode(get(oid)))
+                packed = cctx.compress(delta)
+                if len(packed) < len(payload):
+                    out.append(Record(KIND_FILELIST_DELTA, oid, len(delta), packed, True))
+                    continue
+            out.append(Record(loc.kind, oid, loc.raw_len, payload, loc.zstd))
+        return out
+
+    for kind in (KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT):
+        for batch in batches(records(kind)):
+            t.send(batch)
+            sent = sum(len(r.payload) for r in batch)
+            res.objects += len(batch)
+            res.bytes += sent
+            if progress:
+                progress(sent)
+
+
+# ------------------------------------------------------------------ fetching
+
+
+def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
+          progress: Progress | None = None) -> tuple[int, int]:
+    """Bring ``head`` and everything it needs into the store, verified; returns how many
+    objects and stored bytes were fetched. ``have``: local heads, where the remote may stop
+    sending history."""
+    if home.packs.has(head):
+        return 0, 0  # a commit in the store comes with all it names
+    counted = [0, 0]
+
+    def note(records: list[Record]) -> None:
+        n = sum(len(r.payload) for r in records)
+        counted[0] += len(records)
+        counted[1] += n
+        if progress:
+            progress(n)
+
+    commits: dict[bytes, Record] = {}
+    parsed: dict[bytes, Commit] = {}
+    frontier = [head]
+    while frontier:
+        want = frontier.pop()
+        if want in commits or home.packs.has(want):
+            continue
+        got = t.history(want, have)
+        note(got)
+        for rec in got:
+            if rec.oid not in commits and not home.packs.has(rec.oid):
+                commits[rec.oid] = rec
+                parsed[rec.oid] = Commit.decode(rec.raw())
+        for c in parsed.values():
+            frontier.extend(p for p in c.parents if p not in commits and not
+                            home.packs.has(p))
+
+    fetched: dict[bytes, Record] = {}
+
+    def ask(want: dict[bytes, int]) -> dict[bytes, bytes]:
+        got = t.fetch(want)
+        note(list(got.values()))
+        fetched.update(got)
+        return {oid: r.raw() for oid, r in got.items()}
+
+    trees, lists, chunks = graph.discover(list(parsed.values()), home.packs.missing, ask)
+    local = home.packs.get
+
+    def get(oid: bytes) -> bytes:
+        data = trees.get(oid) or lists.get(oid)
+        if data is None:
+            c = commits.get(oid)
+            return c.raw() if c is not None else local(oid)
+        return data
+
+    check = graph.SymlinkCheck(get)
+    for c in parsed.values():
+        for sub, root in c.subdots.items():
+            bad = check.check_root(root.tree, sub)
+            if bad:
+                raise BadTransfer(f"{t.where} sent a tree whose symlink {bad} points out of "
+                                  "its subdot; nothing was changed")
+    writer = home.packs.writer()
+    todo = sorted(chunks)
+    for i in range(0, len(todo), CHUNK_FETCH):
+        got = t.fetch(dict.fromkeys(todo[i:i + CHUNK_FETCH], KIND_CHUNK))
+        note(list(got.values()))
+        writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in got.values()])
+        writer.flush()  # durable now: a rerun does not fetch these again
+    for group in (lists, trees):
+        writer.add_many([(fetched[o].kind, o, fetched[o].raw_len, fetched[o].payload,
+                          fetched[o].zstd) for o in group])
+    writer.add_many([(KIND_COMMIT, o, r.raw_len, r.payload, r.zstd) for o, r in commits.items()])
+    writer.flush()
+    return counted[0], counted[1]
+
+
+# ------------------------------------------------------------------ pull
+
+
+def pull(home: Home, dot: str, remote_name: str | None = None, branch: str | None = None,
+         progress: Progress | None = None, stop_writers: bool = False) -> Transfer:
+    home.require_dot(dot)
+    r = remotes.get(home, remote_name)
+    rdot = remotes.remote_dot_for(home, r, dot, None)
+    branch = check_branch(branch or home.branch(dot))
+    t = remotes.transport(home, r, rdot)
+    try:
+        heads = t.heads()
+        if branch not in heads:
+            raise NotFound(f"{r.name} has no branch {branch} of {rdot}")
+        new = ObjectId(heads[branch])
+        have = [h for h in home.branches(dot).values() if h]
+        have += list(home.remote_heads(dot).values())
+        objects, nbytes = fetch(home, t, new, have, progress)
+    finally:
+        t.close()
+    _track(home, dot, r.name, rdot, branch, new)
+    branches = home.branches(dot)
+    old = branches.get(branch)
+    res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes)
+    if branch not in branches:
+        with home.lock(dot):
+            home.create_branch(dot, branch, new)
+            with Tx(home.conn) as tx:
+                home.log_ref(tx, dot, branch, "pull", None, new, None,
+                             f"pull {r.name} {rdot} {branch}")
+        res.status = "created"
+    elif old == new:
+        res.status = "up to date"
+    elif old is None or old in _ancestry(home, new):
+        res.status = "fast-forward"
+        if branch == home.branch(dot):
+            res.restored = checkout_ops.reset_hard(
+                home, dot, new.hex(), stop_writers=stop_writers, expect_old=old,
+                action="pull", message=f"pull {r.name} {rdot} {branch}")
+        else:
+            _move_parked(home, dot, branch, old, new, f"pull {r.name} {rdot} {branch}")
+    elif new in _ancestry(home, old):
+        res.status = "ahead"
+    else:
+        raise Conflict(
+            f"{branch} has commits that {r.name}'s {rdot} lacks, and it has others: its state "
+            f"is fetched as {new.hex()[:12]}. Keep yours on a new branch (dm checkout -b NAME), "
+            f"then take {r.name}'s with dm reset --hard {new.hex()[:12]} on {branch}; or "
+            f"replace {r.name}'s with dm push --force")
+    return res
+
+
+def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: ObjectId,
+                 message: str) -> None:
+    """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
+    are dropped so that the next checkout builds them from the new head."""
+    with home.lock(dot):
+        recover(home, dot)
+        before = home.commit(old) if old else None
+        parked = {s: home.parked(dot, branch, s) for s in home.subdots(dot)}
+        parked = {s: p for s, p in parked.items() if p.exists()}
+        roots = {s: snapshot(p, home.packs, None, home.load_cache(dot, branch, s)).root
+                 for s, p in parked.items()}
+        if roots and is_dirty(roots, before):
+            raise Conflict(f"branch {branch} has changes that are not committed: dm checkout "
+                           f"{branch} and commit them, then pull again")
+        with Tx(home.conn) as tx:
+            home.move_head(tx, dot, branch, ObjectId(old) if old else None, new)
+            home.log_ref(tx, dot, branch, "pull", old, new, None, message)
+            tx.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+        for p in parked.values():
+            shutil.rmtree(p)
+
+
+# ------------------------------------------------------------------ clone
+
+
+def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | None = None,
+          local_name: str | None = None, progress: Progress | None = None) -> Transfer:
+    r = remotes.get(home, remote_name)
+    rdot = remotes.remote_dot_for(home, r, "x", remote_dot)
+    branch = check_branch(branch or DEFAULT_BRANCH)
+    name = check_name(local_name or rdot.rpartition("/")[2], "local dot name")
+    if home.dot_exists(name):
+        raise AlreadyExists(f"dot {name!r} already exists: choose another with --local-name")
+    t = remotes.transport(home, r, rdot)
+    try:
+        heads = t.heads()
+        if not heads:
+            raise NotFound(f"{r.name} has no dot {rdot}")
+        if branch not in heads:
+            raise NotFound(f"{r.name}'s {rdot} has no branch {branch} (it has "
+                           f"{', '.join(sorted(heads))})")
+        new = ObjectId(heads[branch])
+        objects, nbytes = fetch(home, t, new, [], progress)
+    finally:
+        t.close()
+    home.create_dot(name)
+    with home.lock(name):
+        with Tx(home.conn) as tx:
+            if branch == DEFAULT_BRANCH:
+                home.move_head(tx, name, branch, None, new)
+            else:
+                tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (name, branch, new))
+                tx.execute("UPDATE dots SET branch=? WHERE name=?", (branch, name))
+            home.log_ref(tx, name, branch, "clone", None, new, None,
+                         f"clone {r.name} {rdot} {branch}")
+        writer = home.packs.writer()
+        roots = target_roots(home, name, home.commit(new), writer)
+        writer.flush()
+        for sub, root in roots.items():
+            done = restore(home.stable(name, sub), home.packs, root, None)
+            with Tx(home.conn) as tx:
+                home.save_cache(tx, name, branch, sub, {}, merge_cache({}, done))
+    if home.current_dot() is None:
+        home.set_current_dot(name)
+    _track(home, name, r.name, rdot, branch, new)
+    return Transfer(r.name, rdot, branch, None, new, "cloned", objects, nbytes)
+
+
+__all__ = ["Transfer", "clone", "fetch", "pull", "push"]

@@ -1,0 +1,1 @@
+"""Sharing states: the wire format, graph walks, transports (hub, S3) and the hub."""

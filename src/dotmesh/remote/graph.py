@@ -1,0 +1,233 @@
+"""Walks over the object graph (commits -> trees -> file lists -> chunks), with no I/O of their
+own: objects come from a ``get`` function, so the same walks serve a local store, a batch just
+received, or a hub's storage.
+
+The central idea: a commit is sent together with what differs from its first parent, found by
+walking both trees and skipping equal subtrees by id; the other side already holds the parent's
+closure (refs only ever name commits whose closure is complete), so that is all it can lack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, field
+
+from dotmesh.errors import NotFound
+from dotmesh.model.objects import (
+    DIR,
+    FILE,
+    HOLE,
+    KIND_CHUNK,
+    KIND_COMMIT,
+    KIND_FILELIST,
+    KIND_TREE,
+    SYMLINK,
+    Commit,
+    Entry,
+    FileList,
+    Tree,
+)
+
+Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
+INF = 1 << 30
+
+
+def ancestors(get: Get, heads: Iterable[bytes], have: Callable[[bytes], bool]) -> set[bytes]:
+    """Every commit reachable from ``heads`` (those ``have`` says are present only)."""
+    seen: set[bytes] = set()
+    stack = [h for h in heads if have(h)]
+    while stack:
+        c = stack.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        stack.extend(p for p in Commit.decode(get(c)).parents if have(p))
+    return seen
+
+
+def commits_between(get: Get, head: bytes, stop: Container[bytes]) -> list[bytes]:
+    """Commits reachable from ``head`` and not from ``stop`` (closed under parents), parents
+    before children."""
+    order: list[bytes] = []
+    seen: set[bytes] = set()
+    stack: list[tuple[bytes, bool]] = [(head, False)]
+    while stack:
+        c, expanded = stack.pop()
+        if expanded:
+            order.append(c)
+            continue
+        if c in seen or c in stop:
+            continue
+        seen.add(c)
+        stack.append((c, True))
+        stack.extend((p, False) for p in Commit.decode(get(c)).parents)
+    return order
+
+
+@dataclass
+class Delta:
+    """Objects a set of commits adds to what their parents hold, by kind, in an order that
+    puts every object after those it names (chunks, file lists, trees, commits)."""
+
+    kinds: dict[bytes, int] = field(default_factory=dict)
+    # file list -> the file list of the same path in the parent (a base for a delta)
+    bases: dict[bytes, bytes] = field(default_factory=dict)
+
+    def add(self, oid: bytes, kind: int) -> None:
+        self.kinds.setdefault(oid, kind)
+
+    def ordered(self) -> list[bytes]:
+        rank = {KIND_CHUNK: 0, KIND_FILELIST: 1, KIND_TREE: 2, KIND_COMMIT: 3}
+        return sorted(self.kinds, key=lambda o: rank[self.kinds[o]])
+
+
+def delta(get: Get, commits: list[bytes]) -> Delta:
+    """The objects of ``commits`` that are not in their first parents (whole trees for a
+    commit without parents)."""
+    out = Delta()
+    walker = _Differ(get, out)
+    for cid in commits:
+        out.add(cid, KIND_COMMIT)
+        c = Commit.decode(get(cid))
+        base = Commit.decode(get(c.parents[0])).subdots if c.parents else {}
+        for sub, root in c.subdots.items():
+            old = base.get(sub)
+            walker.tree(root.tree, old.tree if old else None)
+    return out
+
+
+class _Differ:
+    def __init__(self, get: Get, out: Delta) -> None:
+        self.get, self.out = get, out
+        self.done: set[tuple[bytes, bytes | None]] = set()
+
+    def tree(self, new: bytes, old: bytes | None) -> None:
+        if new == old or (new, old) in self.done:
+            return
+        self.done.add((new, old))
+        self.out.add(new, KIND_TREE)
+        before = {e.name: e for e in Tree.decode(self.get(old)).entries} if old else {}
+        for e in Tree.decode(self.get(new)).entries:
+            o = before.get(e.name)
+            if e.kind == DIR:
+                assert isinstance(e.ref, bytes)
+                self.tree(e.ref, o.ref if o is not None and o.kind == DIR and isinstance(
+                    o.ref, bytes) else None)
+            elif e.kind == FILE and isinstance(e.ref, bytes):
+                if o is not None and o.kind == FILE and o.ref == e.ref:
+                    continue
+                self.file(e, o if o is not None and o.kind == FILE else None)
+
+    def file(self, e: Entry, old: Entry | None) -> None:
+        assert isinstance(e.ref, bytes)
+        if not e.chunked:
+            self.out.add(e.ref, KIND_CHUNK)
+            return
+        self.out.add(e.ref, KIND_FILELIST)
+        known: set[bytes] = set()
+        if old is not None and isinstance(old.ref, bytes):
+            known = ({c for c, _ in FileList.decode(self.get(old.ref)).chunks} if old.chunked
+                     else {old.ref})
+            if old.chunked:
+                self.out.bases.setdefault(e.ref, old.ref)
+        for cid, _ in FileList.decode(self.get(e.ref)).chunks:
+            if cid != HOLE and cid not in known:
+                self.out.add(cid, KIND_CHUNK)
+
+
+def climb(target: str) -> int:
+    """How many folders above its own a symlink's target reaches (INF if absolute)."""
+    if target.startswith("/"):
+        return INF
+    level = lowest = 0
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        level += -1 if part == ".." else 1
+        lowest = min(lowest, level)
+    return -lowest
+
+
+class SymlinkCheck:
+    """Rejects trees whose symlinks point out of the subdot they would be restored in.
+
+    ``reach(tree)`` is how far above that folder its deepest-reaching symlink points; a tree
+    restored ``depth`` folders below the subdot's top is safe if its reach is at most that.
+    Memoized by tree id, since subtrees repeat across commits.
+    """
+
+    def __init__(self, get: Get) -> None:
+        self.get = get
+        self.memo: dict[bytes, tuple[int, str]] = {}
+
+    def check_root(self, tree: bytes, subdot: str) -> str | None:
+        """None if safe; else the path of an escaping symlink."""
+        r, where = self.reach(tree)
+        return None if r <= 0 else f"{subdot}:{where}"
+
+    def reach(self, tree: bytes) -> tuple[int, str]:
+        got = self.memo.get(tree)
+        if got is not None:
+            return got
+        best, where = 0, ""
+        for e in Tree.decode(self.get(tree)).entries:
+            if e.kind == SYMLINK:
+                assert isinstance(e.ref, str)
+                r, w = climb(e.ref), e.name
+            elif e.kind == DIR and isinstance(e.ref, bytes):
+                inner, path = self.reach(e.ref)
+                r, w = inner - 1, f"{e.name}/{path}"
+            else:
+                continue
+            if r > best:
+                best, where = r, w
+        self.memo[tree] = (best, where)
+        return best, where
+
+
+Fetch = Callable[[dict[bytes, int]], dict[bytes, bytes]]  # ids and kinds -> their bytes
+Lacking = Callable[[list[bytes]], set[bytes]]  # which of these ids the receiver lacks
+
+
+def discover(commits: list[Commit], lacking: Lacking, fetch: Fetch, batch: int = 2000
+             ) -> tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]]:
+    """What a receiver lacks to hold ``commits``: fetches the trees and file lists it lacks,
+    level by level from the roots, and returns them (id -> bytes) with the ids of the chunks
+    it lacks. It does not descend into trees it has: a tree it holds comes with everything it
+    names."""
+    trees: dict[bytes, bytes] = {}
+    lists: dict[bytes, bytes] = {}
+    chunks: set[bytes] = set()
+    level = list({r.tree for c in commits for r in c.subdots.values()})
+    while level:
+        want = [t for t in lacking(level) if t not in trees]
+        level, files, singles = [], [], []
+        for i in range(0, len(want), batch):
+            got = fetch({t: KIND_TREE for t in want[i:i + batch]})
+            trees.update(got)
+            for data in got.values():
+                for e in Tree.decode(data).entries:
+                    if e.kind == DIR and isinstance(e.ref, bytes):
+                        level.append(e.ref)
+                    elif e.kind == FILE and isinstance(e.ref, bytes):
+                        (files if e.chunked else singles).append(e.ref)
+        level = list(dict.fromkeys(level))
+        chunks.update(singles)
+        wanted = [f for f in lacking(list(dict.fromkeys(files))) if f not in lists]
+        for i in range(0, len(wanted), batch):
+            got = fetch({f: KIND_FILELIST for f in wanted[i:i + batch]})
+            lists.update(got)
+            for data in got.values():
+                chunks.update(c for c, _ in FileList.decode(data).chunks if c != HOLE)
+    return trees, lists, lacking(list(chunks)) if chunks else set()
+
+
+def chunks_of(get: Get, lists: Iterable[bytes]) -> set[bytes]:
+    out: set[bytes] = set()
+    for fl in lists:
+        out.update(c for c, _ in FileList.decode(get(fl)).chunks if c != HOLE)
+    return out
+
+
+__all__ = ["Delta", "NotFound", "SymlinkCheck", "ancestors", "chunks_of", "climb",
+           "commits_between", "delta", "discover"]

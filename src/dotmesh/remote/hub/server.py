@@ -1,0 +1,196 @@
+"""``dm hub serve``: the hub's HTTP API (described in ``openapi.yaml`` beside this file).
+
+Each route authenticates (HTTP Basic: user name and API key), parses, calls one method of
+:class:`HubStore` on a worker thread and answers; :func:`status_of` is the one place that maps
+errors to HTTP statuses. Object batches travel as ``application/octet-stream`` in the pack
+format; id lists as concatenated 32-byte ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dotmesh.errors import (
+    AlreadyExists,
+    Conflict,
+    Corrupt,
+    DotmeshError,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    UsageError,
+)
+from dotmesh.model.objects import ID_LEN
+from dotmesh.remote.blobs import StorageError
+from dotmesh.remote.hub.storage import HubStore
+from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
+
+OCTETS = "application/octet-stream"
+FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for the rest
+_STATUS: list[tuple[type[DotmeshError], int]] = [
+    (Unauthorized, 401), (Forbidden, 403), (NotFound, 404), (AlreadyExists, 409),
+    (Conflict, 409), (BadTransfer, 422), (Corrupt, 422), (UsageError, 400),
+    (StorageError, 503)]
+
+
+class TooLarge(UsageError):
+    """A request body over the limit."""
+
+
+def status_of(e: DotmeshError) -> int:
+    if isinstance(e, TooLarge):
+        return 413
+    for cls, status in _STATUS:
+        if isinstance(e, cls):
+            return status
+    return 500
+
+
+def openapi() -> str:
+    return resources.files("dotmesh.remote.hub").joinpath("openapi.yaml").read_text()
+
+
+def ids_of(data: bytes) -> list[bytes]:
+    if len(data) % ID_LEN:
+        raise UsageError(f"an id list must be a multiple of {ID_LEN} bytes")
+    return [data[i:i + ID_LEN] for i in range(0, len(data), ID_LEN)]
+
+
+def hex_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != ID_LEN:
+        raise UsageError(f"bad commit id {text!r}")
+    return raw
+
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+def create_app(store: HubStore) -> Starlette:
+    def user_of(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "basic" or not token:
+            raise Unauthorized("this hub needs an API key: dm remote add NAME USER@HOST")
+        try:
+            name, sep, key = base64.b64decode(token, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("malformed Authorization header") from None
+        if not sep or not store.authenticate(name, key):
+            raise Unauthorized(f"the hub does not know this API key for {name!r}")
+        return name
+
+    def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
+        """Wrap a handler: authenticate, run it on a worker thread, map errors."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                user = await run_in_threadpool(user_of, request)  # before reading a body
+                body = await _body(request) if method in ("POST", "PUT") else b""
+                return await run_in_threadpool(fn, user, request.path_params, body,
+                                               request.query_params)
+            except DotmeshError as e:
+                headers = {"WWW-Authenticate": 'Basic realm="dm hub"'} if isinstance(
+                    e, Unauthorized) else None
+                return JSONResponse({"error": str(e)}, status_code=status_of(e),
+                                    headers=headers)
+        return Route(path, endpoint, methods=[method])
+
+    def whoami(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        return JSONResponse({"name": user})
+
+    def show(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        return JSONResponse(store.describe(store.dot_for(user, p["ns"], p["dot"])))
+
+    def lacking(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        ids = ids_of(body)
+        store.dot_for(user, p["ns"], p["dot"], create=user == p["ns"])
+        dot = store.find(p["ns"], p["dot"])
+        missing = store.lacking(dot, ids)
+        return Response(b"".join(i for i in ids if i in missing), media_type=OCTETS)
+
+    def receive(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"], create=True)
+        records = decode(body, None, "the pusher", base=store.getter(dot))
+        return JSONResponse({"received": len(records), "new": store.receive(dot, records)})
+
+    def fetch(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        if len(body) % (ID_LEN + 1):
+            raise UsageError(f"a fetch lists {ID_LEN + 1}-byte (kind, id) pairs")
+        want = {body[i + 1:i + 1 + ID_LEN]: body[i]
+                for i in range(0, len(body), ID_LEN + 1)}
+        return Response(encode(store.read(dot, want, FETCH_LIMIT)), media_type=OCTETS)
+
+    def history(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        try:
+            limit = max(1, min(int(q.get("limit", "1000")), 10_000))
+        except ValueError:
+            raise UsageError("limit must be a number") from None
+        have = {hex_id(h) for h in q.getlist("have")[:100]}
+        return Response(encode(store.history(dot, hex_id(p["commit"]), limit, have)),
+                        media_type=OCTETS)
+
+    def set_ref(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"], create=True)
+        try:
+            req = json.loads(body)
+            old = hex_id(req["old"]) if req.get("old") else None
+            new = hex_id(req["new"])
+            force = bool(req.get("force", False))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError('expected {"old": hex or null, "new": hex, "force": '
+                             'bool}') from None
+        store.set_ref(dot, p["branch"], old, new, force)
+        return JSONResponse({"branch": p["branch"], "head": new.hex()})
+
+    def collaborator(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        if user != p["ns"]:
+            raise Forbidden(f"only {p['ns']} may add collaborators to {p['ns']}/{p['dot']}")
+        store.add_collaborator(p["ns"], p["dot"], p["user"])
+        return JSONResponse({"collaborator": p["user"]})
+
+    async def spec(request: Request) -> Response:
+        return Response(openapi(), media_type="application/yaml")
+
+    base = "/api/v1/dots/{ns}/{dot}"
+    return Starlette(routes=[
+        Route("/api/v1/openapi.yaml", spec, methods=["GET"]),
+        route("/api/v1/user", "GET", whoami),
+        route(base, "GET", show),
+        route(base + "/lacking", "POST", lacking),
+        route(base + "/objects", "POST", receive),
+        route(base + "/fetch", "POST", fetch),
+        route(base + "/history/{commit}", "GET", history),
+        route(base + "/branches/{branch}", "PUT", set_ref),
+        route(base + "/collaborators/{user}", "PUT", collaborator),
+    ])
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused past MAX_BATCH bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BATCH:
+        raise TooLarge(f"request body of {declared} bytes is over the {MAX_BATCH}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BATCH:
+            raise TooLarge(f"request body is over the {MAX_BATCH}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,374 @@
+"""What a hub knows: accounts, dots, refs and the object index in a database (SQLite for one
+process, PostgreSQL for several), object bytes in a blob store (a folder, or an S3 bucket).
+
+Hub processes keep no state of their own, so any number can serve the same database and
+bucket. Every object is stored once, but belongs to the dots it was pushed to: a dot's
+readers see only its own objects, and a pusher must send an object for it to join a dot,
+even if the hub has it for another dot (else a push could probe other dots' contents).
+A ref only moves to a commit whose whole closure belongs to the dot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import zstandard
+
+from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound
+from dotmesh.model.names import check_branch, check_name
+from dotmesh.model.objects import KIND_COMMIT, Commit
+from dotmesh.remote import graph
+from dotmesh.remote.blobs import Blobs
+from dotmesh.remote.packed import Loc, read_records, write_pack
+from dotmesh.remote.wire import KIND_NAMES, Record
+
+md = sa.MetaData()
+users = sa.Table("users", md, sa.Column("name", sa.String(64), primary_key=True),
+                 sa.Column("created_ns", sa.BigInteger, nullable=False))
+api_keys = sa.Table("api_keys", md, sa.Column("digest", sa.String(64), primary_key=True),
+                    sa.Column("username", sa.String(64), nullable=False),
+                    sa.Column("created_ns", sa.BigInteger, nullable=False))
+dots = sa.Table("dots", md, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                sa.Column("namespace", sa.String(64), nullable=False),
+                sa.Column("name", sa.String(64), nullable=False),
+                sa.Column("created_ns", sa.BigInteger, nullable=False),
+                sa.UniqueConstraint("namespace", "name"))
+collaborators = sa.Table("collaborators", md,
+                         sa.Column("dot_id", sa.Integer, primary_key=True),
+                         sa.Column("username", sa.String(64), primary_key=True))
+branches = sa.Table("branches", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                    sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("head", sa.LargeBinary(32), nullable=False))
+objects = sa.Table("objects", md, sa.Column("oid", sa.LargeBinary(32), primary_key=True),
+                   sa.Column("kind", sa.SmallInteger, nullable=False),
+                   sa.Column("pack", sa.String(200), nullable=False),
+                   sa.Column("offset", sa.BigInteger, nullable=False),
+                   sa.Column("stored_len", sa.Integer, nullable=False),
+                   sa.Column("raw_len", sa.Integer, nullable=False),
+                   sa.Column("zstd", sa.Boolean, nullable=False))
+members = sa.Table("members", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                   sa.Column("oid", sa.LargeBinary(32), primary_key=True))
+verified = sa.Table("verified", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                    sa.Column("oid", sa.LargeBinary(32), primary_key=True))
+QUERY_BATCH = 500
+HISTORY_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Dot:
+    id: int
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def key_digest(key: str) -> str:
+    """Keys are 256 random bits, so one SHA-256 is as good as a slow hash to store them."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def engine_for(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        eng = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(eng, "connect")
+        def _wal(conn: Any, _: Any) -> None:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+
+        return eng
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=8)
+
+
+class HubStore:
+    def __init__(self, db_url: str, blobs: Blobs) -> None:
+        self.engine = engine_for(db_url)
+        self.blobs = blobs
+        md.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def tx(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as c:
+            yield c
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert  # noqa: PLC0415
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # noqa: PLC0415
+        return insert(table).on_conflict_do_nothing()
+
+    # ------------------------------------------------------------ accounts
+    def add_user(self, name: str) -> str:
+        """Create an account; returns its API key, which is stored only hashed."""
+        check_name(name, "user name")
+        key = "dmk_" + secrets.token_urlsafe(32)
+        with self.tx() as c:
+            if c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+                raise AlreadyExists(f"user {name!r} already exists")
+            c.execute(users.insert().values(name=name, created_ns=time.time_ns()))
+            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
+                                               created_ns=time.time_ns()))
+        return key
+
+    def new_key(self, name: str) -> str:
+        """Another API key for an existing user (the old ones keep working)."""
+        key = "dmk_" + secrets.token_urlsafe(32)
+        with self.tx() as c:
+            if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+                raise NotFound(f"no user named {name!r}")
+            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
+                                               created_ns=time.time_ns()))
+        return key
+
+    def authenticate(self, name: str, key: str) -> bool:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(api_keys.c.username).where(
+                api_keys.c.digest == key_digest(key))).first()
+        return row is not None and secrets.compare_digest(row[0], name)
+
+    # ------------------------------------------------------------ dots and permissions
+    def find(self, namespace: str, name: str) -> Dot | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(dots.c.id).where(dots.c.namespace == namespace,
+                                                      dots.c.name == name)).first()
+        return Dot(row[0], namespace, name) if row else None
+
+    def may(self, user: str, namespace: str, dot: Dot | None) -> bool:
+        """Owners and collaborators may read and push; nobody else."""
+        if user == namespace:
+            return True
+        if dot is None:
+            return False
+        with self.engine.connect() as c:
+            return c.execute(sa.select(collaborators.c.username).where(
+                collaborators.c.dot_id == dot.id,
+                collaborators.c.username == user)).first() is not None
+
+    def dot_for(self, user: str, namespace: str, name: str, create: bool = False) -> Dot:
+        """The dot, if ``user`` may use it; its owner may create it."""
+        check_name(namespace, "namespace")
+        check_name(name, "dot name")
+        dot = self.find(namespace, name)
+        if not self.may(user, namespace, dot):
+            raise Forbidden(f"{user} may not use {namespace}/{name}: only its owner and "
+                            "collaborators may")
+        if dot is None:
+            if not create:
+                raise NotFound(f"the hub has no dot {namespace}/{name}")
+            with self.tx() as c:
+                c.execute(self._insert_ignore(dots).values(
+                    namespace=namespace, name=name, created_ns=time.time_ns()))
+            dot = self.find(namespace, name)
+            assert dot is not None
+        return dot
+
+    def add_collaborator(self, namespace: str, name: str, user: str) -> None:
+        check_name(user, "user name")
+        with self.engine.connect() as c:
+            if not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
+                raise NotFound(f"no user named {user!r}")
+        dot = self.dot_for(namespace, namespace, name, create=True)
+        with self.tx() as c:
+            c.execute(self._insert_ignore(collaborators).values(dot_id=dot.id, username=user))
+
+    def describe(self, dot: Dot) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            heads = {r[0]: r[1].hex() for r in c.execute(
+                sa.select(branches.c.name, branches.c.head).where(branches.c.dot_id == dot.id))}
+            collab = sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
+                collaborators.c.dot_id == dot.id)))
+        return {"namespace": dot.namespace, "name": dot.name, "owner": dot.namespace,
+                "branches": heads, "collaborators": collab}
+
+    # ------------------------------------------------------------ objects
+    def _present(self, table: sa.Table, ids: list[bytes], dot: Dot | None) -> set[bytes]:
+        found: set[bytes] = set()
+        with self.engine.connect() as c:
+            for i in range(0, len(ids), QUERY_BATCH):
+                q = sa.select(table.c.oid).where(table.c.oid.in_(ids[i:i + QUERY_BATCH]))
+                if dot is not None:
+                    q = q.where(table.c.dot_id == dot.id)
+                found.update(bytes(r[0]) for r in c.execute(q))
+        return found
+
+    def lacking(self, dot: Dot | None, ids: list[bytes]) -> set[bytes]:
+        """Which of ``ids`` the dot does not have (all, for a dot not made yet)."""
+        if dot is None:
+            return set(ids)
+        return set(ids) - self._present(members, ids, dot)
+
+    def receive(self, dot: Dot, records: list[Record]) -> int:
+        """Keep verified records for ``dot``: bytes the hub lacks go into a new pack blob,
+        then the index, then the dot's membership. Returns how many objects were new."""
+        known = self._present(objects, [r.oid for r in records], None)
+        fresh = [r for r in records if r.oid not in known]
+        if fresh:
+            _, locs = write_pack(self.blobs, "packs/", fresh)  # durable before indexed
+            with self.tx() as c:
+                c.execute(self._insert_ignore(objects), [
+                    {"oid": oid, "kind": loc.kind, "pack": loc.pack, "offset": loc.offset,
+                     "stored_len": loc.stored_len, "raw_len": loc.raw_len, "zstd": loc.zstd}
+                    for oid, loc in locs.items()])
+        with self.tx() as c:
+            c.execute(self._insert_ignore(members),
+                      [{"dot_id": dot.id, "oid": r.oid} for r in records])
+        return len(fresh)
+
+    def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, Loc]:
+        out: dict[bytes, Loc] = {}
+        with self.engine.connect() as c:
+            for i in range(0, len(ids), QUERY_BATCH):
+                batch = ids[i:i + QUERY_BATCH]
+                q = sa.select(objects).join(members, members.c.oid == objects.c.oid).where(
+                    members.c.dot_id == dot.id, objects.c.oid.in_(batch))
+                for r in c.execute(q):
+                    out[bytes(r.oid)] = Loc(r.pack, r.offset, r.stored_len, r.raw_len, r.kind,
+                                            bool(r.zstd))
+        return out
+
+    def read(self, dot: Dot, want: dict[bytes, int], limit: int) -> list[Record]:
+        """The records asked for, of the kinds asked for, up to about ``limit`` bytes (the
+        client asks again for the rest)."""
+        locs = self._locs(dot, list(want))
+        for oid, kind in want.items():
+            loc = locs.get(oid)
+            if loc is None:
+                raise NotFound(f"{dot} has no object {oid.hex()[:16]}")
+            if loc.kind != kind:
+                raise NotFound(f"{dot}'s object {oid.hex()[:16]} is a {KIND_NAMES[loc.kind]}, "
+                               f"not a {KIND_NAMES.get(kind, '?')}")
+        chosen: dict[bytes, Loc] = {}
+        size = 0
+        for oid in want:
+            if chosen and size + locs[oid].stored_len > limit:
+                break
+            chosen[oid] = locs[oid]
+            size += locs[oid].stored_len
+        return read_records(self.blobs, chosen)
+
+    def getter(self, dot: Dot) -> graph.Get:
+        """Reads the dot's objects (decompressed), with a small cache; NotFound for others."""
+        cache: dict[bytes, bytes] = {}
+        dctx = zstandard.ZstdDecompressor()
+
+        def get(oid: bytes) -> bytes:
+            data = cache.get(oid)
+            if data is None:
+                locs = self._locs(dot, [oid])
+                if oid not in locs:
+                    raise NotFound(f"{dot} has no object {oid.hex()[:16]}")
+                (rec,) = read_records(self.blobs, locs)
+                data = (dctx.decompress(rec.payload, max_output_size=rec.raw_len) if rec.zstd
+                        else bytes(rec.payload))
+                if len(cache) > 10_000:
+                    cache.clear()
+                cache[oid] = data
+            return data
+        return get
+
+    def history(self, dot: Dot, head: bytes, limit: int = HISTORY_LIMIT,
+                have: set[bytes] | frozenset[bytes] = frozenset()) -> list[Record]:
+        """Commit ``head`` and its ancestors, nearest first, up to ``limit`` commits, not
+        going past commits in ``have`` (the asker has those and what they descend from)."""
+        order: list[bytes] = []
+        seen: set[bytes] = set(have)
+        queue = [head]
+        get = self.getter(dot)
+        while queue and len(order) < limit:
+            c = queue.pop(0)
+            if c in seen:
+                continue
+            seen.add(c)
+            order.append(c)
+            queue.extend(Commit.decode(get(c)).parents)
+        return self.read(dot, dict.fromkeys(order, KIND_COMMIT), 1 << 62)
+
+    # ------------------------------------------------------------ refs
+    def set_ref(self, dot: Dot, branch: str, old: bytes | None, new: bytes,
+                force: bool) -> None:
+        """Move ``branch`` from ``old`` to ``new`` (compare-and-swap). ``new`` and all it
+        needs must belong to the dot; without ``force``, ``old`` must be its ancestor."""
+        check_branch(branch)
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(branches.c.head).where(
+                branches.c.dot_id == dot.id, branches.c.name == branch)).first()
+        current = bytes(row[0]) if row else None
+        if current != old:
+            raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
+                           f"{current.hex()[:12] if current else 'nothing'}): pull first")
+        get = self.getter(dot)
+        if self.lacking(dot, [new]) or not self._is_commit(get, new):
+            raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
+        done = self._present(verified, [new], dot)
+        if not done:
+            fresh = graph.commits_between(get, new, _Verified(self, dot))
+            needed = graph.delta(get, fresh)
+            lost = self.lacking(dot, list(needed.kinds))
+            if lost:
+                raise Conflict(f"{dot} lacks {len(lost)} objects that commit "
+                               f"{new.hex()[:12]} needs: push again")
+            with self.tx() as c:
+                c.execute(self._insert_ignore(verified),
+                          [{"dot_id": dot.id, "oid": x} for x in fresh])
+        if current is not None and not force and not _descends(get, new, current):
+            raise Conflict(f"{dot} branch {branch} has commits that {new.hex()[:12]} does not "
+                           "include (not a fast-forward): pull first, or push --force")
+        with self.tx() as c:
+            if current is None:
+                try:
+                    c.execute(branches.insert().values(dot_id=dot.id, name=branch, head=new))
+                except sa.exc.IntegrityError:
+                    raise Conflict(f"{dot} branch {branch} was made meanwhile: pull "
+                                   "first") from None
+            else:
+                moved = c.execute(branches.update().where(
+                    branches.c.dot_id == dot.id, branches.c.name == branch,
+                    branches.c.head == current).values(head=new)).rowcount
+                if moved != 1:
+                    raise Conflict(f"{dot} branch {branch} moved meanwhile: pull first")
+
+    @staticmethod
+    def _is_commit(get: graph.Get, oid: bytes) -> bool:
+        try:
+            Commit.decode(get(oid))
+        except Corrupt:
+            return False
+        return True
+
+
+class _Verified:
+    """Membership test for commits already known to have their whole closure."""
+
+    def __init__(self, store: HubStore, dot: Dot) -> None:
+        self.store, self.dot = store, dot
+
+    def __contains__(self, oid: object) -> bool:
+        assert isinstance(oid, bytes)
+        return bool(self.store._present(verified, [oid], self.dot))
+
+
+def _descends(get: graph.Get, new: bytes, old: bytes, limit: int = 1_000_000) -> bool:
+    seen: set[bytes] = set()
+    stack = [new]
+    while stack and len(seen) < limit:
+        c = stack.pop()
+        if c == old:
+            return True
+        if c in seen:
+            continue
+        seen.add(c)
+        stack.extend(Commit.decode(get(c)).parents)
+    return False

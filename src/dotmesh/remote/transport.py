@@ -1,0 +1,293 @@
+"""One dot on a remote, as push, pull and clone see it: a hub (HTTP) or an S3 bucket.
+
+The contract, which one test suite checks for both:
+- ``heads()``: the dot's branches and their head commits ({} if the dot is not there);
+- ``lacking(ids)``: which of ``ids`` the dot lacks (any number of ids);
+- ``send(records)``: store one batch of objects (idempotent; a rerun of a killed push sends
+  only what ``lacking`` still names); ``can_delta`` says whether file lists may travel as
+  deltas against ones the dot has;
+- ``fetch(want)``: the objects asked for, verified (hash, kind, size, structure);
+- ``history(head)``: commit ``head`` and its ancestors there, verified;
+- ``set_ref(branch, old, new, force)``: compare-and-swap of a branch; Conflict if it moved,
+  or (without force) if ``new`` does not descend from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from dotmesh.errors import Conflict, DotmeshError, Forbidden, NotFound, Unauthorized, UsageError
+from dotmesh.model.objects import ID_LEN, KIND_COMMIT, Commit
+from dotmesh.remote.blobs import Blobs
+from dotmesh.remote.packed import Loc, decode_index, encode_index, read_records, write_pack
+from dotmesh.remote.wire import BadTransfer, Record, decode, encode
+
+LACKING_BATCH = 50_000
+FETCH_BATCH_BYTES = 16 << 20
+
+
+class Unreachable(DotmeshError):
+    """The remote did not answer, or answered something that is not its protocol."""
+
+    exit_code = 14
+
+
+class Transport(Protocol):
+    where: str  # for messages: "hub (alice/app)"
+    can_delta: bool
+
+    def heads(self) -> dict[str, bytes]: ...
+    def lacking(self, ids: list[bytes]) -> set[bytes]: ...
+    def send(self, records: list[Record]) -> None: ...
+    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]: ...
+    def history(self, head: bytes, have: list[bytes]) -> list[Record]: ...
+    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+def check_history(records: list[Record], head: bytes, where: str) -> list[Record]:
+    """Commits sent as ``head``'s history: all commits, ``head`` among them, each reachable
+    from it through the others (nothing unasked for)."""
+    by_id: dict[bytes, Record] = {}
+    parents: dict[bytes, tuple[bytes, ...]] = {}
+    for r in records:
+        if r.kind != KIND_COMMIT:
+            raise BadTransfer(f"{where} sent a non-commit as history")
+        by_id[r.oid] = r
+        parents[r.oid] = Commit.decode(r.raw()).parents
+    if head not in by_id:
+        raise BadTransfer(f"{where} did not send commit {head.hex()[:12]}")
+    seen: set[bytes] = set()
+    stack = [head]
+    while stack:
+        c = stack.pop()
+        if c in seen or c not in by_id:
+            continue
+        seen.add(c)
+        stack.extend(parents[c])
+    if len(seen) != len(by_id):
+        raise BadTransfer(f"{where} sent commits that are not in {head.hex()[:12]}'s history")
+    return list(by_id.values())
+
+
+def fetch_all(want: dict[bytes, int], where: str,
+              ask: Any) -> dict[bytes, Record]:
+    """Ask (``ask(want) -> batch bytes``) until every wanted object came; each answer is
+    verified against what was asked for."""
+    got: dict[bytes, Record] = {}
+    todo = dict(want)
+    while todo:
+        records = decode(ask(todo), todo, where)
+        if not records:
+            raise BadTransfer(f"{where} sent none of the {len(todo)} objects asked for")
+        for r in records:
+            got[r.oid] = r
+            todo.pop(r.oid, None)
+    return got
+
+
+# ------------------------------------------------------------------ hub
+
+
+class HubTransport:
+    """A dot on a hub, over HTTP(S) with httpx; HTTP statuses become dm's errors."""
+
+    can_delta = True
+    _ERRORS: dict[int, type[DotmeshError]] = {400: UsageError, 401: Unauthorized,
+                                              403: Forbidden, 404: NotFound, 409: Conflict,
+                                              413: UsageError, 422: BadTransfer}
+
+    def __init__(self, url: str, user: str, key: str, remote_dot: str,
+                 verify: bool | str = True) -> None:
+        import httpx  # noqa: PLC0415
+
+        self.url, self.remote_dot = url.rstrip("/"), remote_dot
+        self.where = f"the hub at {self.url} ({remote_dot})"
+        self.http = httpx.Client(base_url=self.url, auth=(user, key), verify=verify,
+                                 timeout=httpx.Timeout(120, connect=10))
+        self._httpx = httpx
+
+    def _req(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except self._httpx.HTTPError as e:
+            raise Unreachable(f"cannot reach {self.where}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {r.status_code}: {r.text[:200]!r}"
+            raise self._ERRORS.get(r.status_code, Unreachable)(f"{self.where}: {msg}")
+        return r
+
+    def _dot(self, suffix: str = "") -> str:
+        ns, _, name = self.remote_dot.partition("/")
+        return f"/api/v1/dots/{ns}/{name}{suffix}"
+
+    def whoami(self) -> str:
+        return str(self._req("GET", "/api/v1/user").json()["name"])
+
+    def heads(self) -> dict[str, bytes]:
+        try:
+            info = self._req("GET", self._dot()).json()
+        except NotFound:
+            return {}
+        try:
+            return {str(b): bytes.fromhex(h) for b, h in info["branches"].items()}
+        except (KeyError, ValueError, AttributeError):
+            raise BadTransfer(f"{self.where} described the dot malformed") from None
+
+    def lacking(self, ids: list[bytes]) -> set[bytes]:
+        out: set[bytes] = set()
+        for i in range(0, len(ids), LACKING_BATCH):
+            batch = ids[i:i + LACKING_BATCH]
+            data = self._req("POST", self._dot("/lacking"), content=b"".join(batch),
+                             headers={"content-type": "application/octet-stream"}).content
+            if len(data) % ID_LEN:
+                raise BadTransfer(f"{self.where} sent a malformed id list")
+            found = {data[j:j + ID_LEN] for j in range(0, len(data), ID_LEN)}
+            if not found <= set(batch):
+                raise BadTransfer(f"{self.where} named objects that were not asked about")
+            out |= found
+        return out
+
+    def send(self, records: list[Record]) -> None:
+        self._req("POST", self._dot("/objects"), content=encode(records),
+                  headers={"content-type": "application/octet-stream"})
+
+    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+        def ask(todo: dict[bytes, int]) -> bytes:
+            body = b"".join(bytes([k]) + oid for oid, k in todo.items())
+            return bytes(self._req("POST", self._dot("/fetch"), content=body, headers={
+                "content-type": "application/octet-stream"}).content)
+        return fetch_all(want, self.where, ask)
+
+    def history(self, head: bytes, have: list[bytes]) -> list[Record]:
+        params = [("have", h.hex()) for h in have[:50]]
+        data = self._req("GET", self._dot(f"/history/{head.hex()}"), params=params).content
+        return check_history(decode(data, None, self.where), head, self.where)
+
+    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
+        self._req("PUT", self._dot(f"/branches/{branch}"), json={
+            "old": old.hex() if old else None, "new": new.hex(), "force": force})
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# ------------------------------------------------------------------ S3
+
+
+class S3Transport:
+    """A dot in a bucket: ``dots/NAME/packs/*.pack`` with an ``.idx`` each (written after its
+    pack: a pack without one is an interrupted upload, ignored), and ``dots/NAME/refs/BRANCH``
+    (JSON), changed only by conditional writes. Indexes are immutable, so they are cached
+    under ``cache``. The bucket is trusted as far as its users are: everything read from it is
+    verified all the same."""
+
+    can_delta = False
+
+    def __init__(self, blobs: Blobs, remote_dot: str, cache: Path) -> None:
+        self.blobs, self.remote_dot, self.cache = blobs, remote_dot, cache
+        self.where = f"bucket {blobs.describe()} ({remote_dot})"
+        self.base = f"dots/{remote_dot}/"
+        self._index: dict[bytes, Loc] | None = None
+
+    def index(self) -> dict[bytes, Loc]:
+        if self._index is None:
+            self._index = {}
+            self.cache.mkdir(parents=True, exist_ok=True)
+            for key in self.blobs.list(self.base + "packs/"):
+                if not key.endswith(".idx"):
+                    continue
+                local = self.cache / key.replace("/", "_")
+                try:
+                    data = local.read_bytes()
+                except FileNotFoundError:
+                    data = self.blobs.get(key)
+                    tmp = local.with_suffix(".tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, local)
+                self._index.update(decode_index(key.removesuffix(".idx") + ".pack", data))
+        return self._index
+
+    def heads(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for key in self.blobs.list(self.base + "refs/"):
+            got = self.blobs.read_versioned(key)
+            if got is not None:
+                out[key.rpartition("/")[2]] = _parse_ref(got[0], self.where)
+        return out
+
+    def lacking(self, ids: list[bytes]) -> set[bytes]:
+        index = self.index()
+        return {i for i in ids if i not in index}
+
+    def send(self, records: list[Record]) -> None:
+        key, locs = write_pack(self.blobs, self.base + "packs/", records)
+        self.blobs.put(key.removesuffix(".pack") + ".idx", encode_index(locs))
+        self.index().update(locs)
+
+    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+        index = self.index()
+        lost = [o for o in want if o not in index]
+        if lost:
+            raise NotFound(f"{self.where} has no object {lost[0].hex()[:16]}")
+
+        def ask(todo: dict[bytes, int]) -> bytes:
+            chosen: dict[bytes, Loc] = {}
+            size = 0
+            for oid in todo:
+                if chosen and size + index[oid].stored_len > FETCH_BATCH_BYTES:
+                    break
+                chosen[oid] = index[oid]
+                size += index[oid].stored_len
+            return encode(read_records(self.blobs, chosen))
+        return fetch_all(want, self.where, ask)
+
+    def history(self, head: bytes, have: list[bytes]) -> list[Record]:
+        """The dot's commits (the index tells which objects are commits), all at once."""
+        commits = {o: KIND_COMMIT for o, loc in self.index().items() if loc.kind == KIND_COMMIT}
+        if head not in commits:
+            raise NotFound(f"{self.where} has no commit {head.hex()[:12]}")
+        got = self.fetch(commits)
+        return check_history([got[o] for o in _reachable(got, head)], head, self.where)
+
+    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
+        key = f"{self.base}refs/{branch}"
+        now = self.blobs.read_versioned(key)
+        current = _parse_ref(now[0], self.where) if now else None
+        if current != old:
+            raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
+        self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
+                          now[1] if now else None)
+
+    def close(self) -> None:
+        pass
+
+
+def _parse_ref(data: bytes, where: str) -> bytes:
+    try:
+        head = bytes.fromhex(json.loads(data)["head"])
+    except (ValueError, KeyError, TypeError):
+        raise BadTransfer(f"{where} has a malformed ref") from None
+    if len(head) != ID_LEN:
+        raise BadTransfer(f"{where} has a malformed ref")
+    return head
+
+
+def _reachable(records: dict[bytes, Record], head: bytes) -> list[bytes]:
+    seen: list[bytes] = []
+    stack = [head]
+    done: set[bytes] = set()
+    while stack:
+        c = stack.pop()
+        if c in done or c not in records:
+            continue
+        done.add(c)
+        seen.append(c)
+        stack.extend(Commit.decode(records[c].raw()).parents)
+    return seen

@@ -1,0 +1,189 @@
+"""Real servers for the remote tests, on loopback: SeaweedFS (an S3 server), PostgreSQL for
+a scaled-out hub, and ``dm hub serve`` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import DM, DM_BIN
+from tests.integration.servers import Postgres, shared_tmp
+
+WEED = str(Path(sys.executable).parent / "weed")
+S3_KEY, S3_SECRET = "AKDMTEST", "secret-dm-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(check, what: str, proc: subprocess.Popen[bytes] | None, log: Path | None,
+          timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"{what} did not start:\n{tail}")
+        time.sleep(0.1)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+
+    def spec(self, bucket: str) -> str:
+        return f"{S3_KEY}:{S3_SECRET}@{self.endpoint}/{bucket}"
+
+    def bucket(self, name: str) -> None:
+        import boto3  # noqa: PLC0415
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        s3.create_bucket(Bucket=name)
+
+
+@contextmanager
+def seaweedfs() -> Iterator[S3Server]:
+    """``weed server`` with its S3 gateway, every port on 127.0.0.1; killed with SIGKILL (it
+    takes long to stop otherwise)."""
+    top = Path(tempfile.mkdtemp(prefix="dm-weed-", dir="/var/tmp"))
+    (top / "data").mkdir()
+    cfg = top / "s3.json"
+    cfg.write_text(json.dumps({"identities": [{
+        "name": "dm", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    grpc = {k: free_port() for k in ports}
+    log = top / "weed.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [WEED, "server", f"-dir={top / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
+             f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
+             "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
+             "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
+             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}")
+        _wait(lambda: _answers(ports["s3"]), "SeaweedFS", proc, log)
+        deadline = time.monotonic() + 60
+        while True:  # the gateway answers before the filer is ready for writes
+            try:
+                server.bucket("dm-probe")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@contextmanager
+def postgres_db() -> Iterator[str]:
+    """A PostgreSQL server of its own; yields a SQLAlchemy URL (unix socket, trust)."""
+    with shared_tmp() as top:
+        data = top / "pgdata"
+        data.mkdir()
+        pg = Postgres(data, top / "pgsock", free_port())
+        pg.initdb()
+        pg.start()
+        try:
+            pg.sql("CREATE DATABASE hub")
+            yield f"postgresql+psycopg://postgres@/hub?host={pg.sock}&port={pg.port}"
+        finally:
+            pg.stop()
+
+
+class Hub:
+    """One or more ``dm hub serve`` processes over the same storage."""
+
+    def __init__(self, args: list[str], top: Path, processes: int = 1,
+                 tls: tuple[Path, ...] | None = None) -> None:
+        self.args, self.top, self.tls = args, top, tls
+        self.ports = [free_port() for _ in range(processes)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.keys: dict[str, str] = {}
+        self.s3: S3Server | None = None
+        self.bucket = ""
+
+    def packs(self) -> int:
+        """How many pack blobs the hub holds (a sign that a push is under way)."""
+        if self.s3 is not None:
+            import boto3  # noqa: PLC0415
+
+            c = boto3.client("s3", endpoint_url=self.s3.endpoint, aws_access_key_id=S3_KEY,
+                             aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+            pages = c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                Prefix="hub/packs/")
+            return sum(len(p.get("Contents", [])) for p in pages)
+        folder = self.top / "data" / "blobs" / "packs"
+        return len(list(folder.iterdir())) if folder.exists() else 0
+
+    def dm_hub(self, *args: str) -> str:
+        p = subprocess.run([DM_BIN, "hub", *self.args, *args], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    def user(self, name: str) -> str:
+        return str(json.loads(self.dm_hub("user", "add", name, "--json"))["api_key"])
+
+    def start(self) -> None:
+        for port in self.ports:
+            extra = ["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []
+            log = self.top / f"hub-{port}.log"
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([DM_BIN, "hub", *self.args, "serve", "--port",
+                                         str(port), *extra], stdout=out, stderr=out,
+                                        stdin=subprocess.DEVNULL)
+            self.procs.append(proc)
+            _wait(lambda port=port: _answers(port), "dm hub serve", proc, log)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+    def address(self, user: str, i: int = 0) -> str:
+        return f"{user}@127.0.0.1:{self.ports[i % len(self.ports)]}"
+
+    def join(self, dm: DM, user: str, key: str, i: int = 0, name: str = "hub") -> None:
+        """Add this hub as ``name`` to ``dm``'s remotes (process ``i`` of the hub)."""
+        flags = ["--ca-cert", str(self.tls[2])] if self.tls and len(self.tls) > 2 else (
+            [] if self.tls else ["--http"])
+        p = subprocess.run([DM_BIN, "remote", "add", name, self.address(user, i), *flags],
+                           env={**dm.env, "DM_API_KEY": key}, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr

@@ -1,0 +1,197 @@
+"""Sharing states: two developers (two stores) and a hub on loopback, embedded (SQLite and a
+folder) and scaled out (two hub processes over PostgreSQL and SeaweedFS); S3 buckets as
+remotes; interrupted transfers; refused pushes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DM, DM_BIN
+from tests.integration.remote_env import Hub, postgres_db, seaweedfs
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with seaweedfs() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["embedded", "scale-out"])
+def hub(request, tmp_path_factory):
+    top = tmp_path_factory.mktemp("hub")
+    if request.param == "embedded":
+        h = Hub(["--data", str(top / "data")], top)
+        yield from _running(h)
+    else:
+        server = request.getfixturevalue("s3")
+        server.bucket("dm-hub")
+        with postgres_db() as url:
+            h = Hub(["--db", url, "--s3", server.spec("dm-hub"), "--data", str(top / "d")],
+                    top, processes=2)
+            h.s3, h.bucket = server, "dm-hub"
+            yield from _running(h)
+
+
+def _running(h: Hub):
+    h.keys = {u: h.user(u) for u in ("alice", "bob", "carol")}
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+def _dev(tmp_path: Path, name: str, hub: Hub, i: int = 0) -> DM:
+    dm = DM(tmp_path / name)
+    hub.join(dm, name, hub.keys[name], i)
+    return dm
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_alice_pushes_bob_clones_and_pushes_back(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub, 0)
+    bob = _dev(tmp_path, "bob", hub, 1)  # the other hub process when scaled out
+    alice.ok("init", "shared")
+    db, up = alice.path("shared.db"), alice.path("shared.uploads")
+    (db / "pages.db").write_bytes(os.urandom(64 << 10) * 40)  # paged, 2.5 MiB
+    (up / "a.txt").write_text("first upload")
+    (up / "link").symlink_to("a.txt")
+    alice.ok("commit", "-m", "first")
+    out = json.loads(alice.ok("push", "--json"))
+    assert out["status"] == "pushed" and out["remote_dot"] == "alice/shared"
+    assert json.loads(alice.ok("push", "--json"))["status"] == "up to date"
+
+    assert bob("clone", "hub", "alice/shared").returncode == 13  # not a collaborator yet
+    hub.dm_hub("collaborator", "add", "alice/shared", "bob")
+    out = json.loads(bob.ok("clone", "hub", "alice/shared", "--json"))
+    assert out["status"] == "cloned"
+    assert _files(bob.path("shared.db")) == _files(db)
+    assert os.readlink(bob.path("shared.uploads") / "link") == "a.txt"
+    with open(bob.path("shared.db") / "pages.db", "r+b") as f:  # one page changes
+        f.seek(8192 * 7)
+        f.write(os.urandom(8192))
+    (bob.path("shared.uploads") / "b.txt").write_text("bob's upload")
+    bob.ok("commit", "-m", "bob's change")
+    pushed = json.loads(bob.ok("push", "--json"))  # goes back to alice/shared
+    assert pushed["remote_dot"] == "alice/shared" and pushed["status"] == "pushed"
+    assert pushed["bytes"] < 64 << 10  # one page and what names it, not the whole file
+
+    pulled = json.loads(alice.ok("pull", "--json"))
+    assert pulled["status"] == "fast-forward" and pulled["new"] == pushed["new"]
+    assert _files(db) == _files(bob.path("shared.db"))
+    assert (up / "b.txt").read_text() == "bob's upload"
+    assert [c["message"] for c in json.loads(alice.ok("log", "--json"))] == [
+        "bob's change", "first"]
+    assert json.loads(alice.ok("fsck", "--json"))["ok"]
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
+def test_only_keys_the_hub_knows_and_collaborators_get_in(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    alice.ok("init", "private")
+    (alice.path("private") / "f").write_text("secret")
+    alice.ok("commit", "-m", "mine")
+    alice.ok("push")
+    stranger = DM(tmp_path / "stranger")
+    p = subprocess.run([DM_BIN, "remote", "add", "hub", hub.address("alice"), "--http"],
+                       env={**stranger.env, "DM_API_KEY": "dmk_wrong"}, capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 12 and "does not know this API key" in p.stderr
+    assert stranger.ok("remote").startswith("No remotes")
+    carol = _dev(tmp_path, "carol", hub)
+    p = carol("clone", "hub", "alice/private")
+    assert p.returncode == 13 and "only its owner and collaborators" in p.stderr
+    carol.ok("init", "private")
+    (carol.path("private") / "f").write_text("overwrite")
+    carol.ok("commit", "-m", "carol's")
+    p = carol("push", "--remote-name", "alice/private")
+    assert p.returncode == 13
+    assert alice.ok("pull") .count("up to date") == 1  # nothing changed on the hub
+    without_key = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  f"http://127.0.0.1:{hub.ports[0]}/api/v1/dots/alice/private"],
+                                 capture_output=True, text=True)
+    assert without_key.stdout == "401"
+
+
+def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    bob = _dev(tmp_path, "bob", hub, 1)
+    alice.ok("init", "race")
+    (alice.path("race") / "f").write_text("base")
+    alice.ok("commit", "-m", "base")
+    alice.ok("push")
+    hub.dm_hub("collaborator", "add", "alice/race", "bob")
+    bob.ok("clone", "hub", "alice/race")
+    (bob.path("race") / "f").write_text("bob")
+    bob.ok("commit", "-m", "bob")
+    bob.ok("push")
+    (alice.path("race") / "f").write_text("alice")
+    alice.ok("commit", "-m", "alice")
+    p = alice("push")
+    assert p.returncode == 5 and "dm pull" in p.stderr and "--force" in p.stderr
+    p = alice("pull")
+    assert p.returncode == 5 and "dm checkout -b" in p.stderr and "reset --hard" in p.stderr
+    assert (alice.path("race") / "f").read_text() == "alice"  # nothing moved
+    hint = p.stderr.split("reset --hard ")[1].split()[0]
+    alice.ok("checkout", "-b", "mine")
+    alice.ok("checkout", "master")
+    alice.ok("reset", "--hard", hint)  # the fetched state is reachable by its id
+    assert (alice.path("race") / "f").read_text() == "bob"
+    alice.ok("checkout", "mine")
+    assert json.loads(alice.ok("push", "--branch", "mine", "--json"))["status"] == "pushed"
+    alice.ok("push", "--branch", "mine", "--force")
+    assert json.loads(alice.ok("fsck", "--json"))["ok"]
+
+
+def _big_dot(dm: DM, name: str, mib: int) -> None:
+    dm.ok("init", name)
+    d = dm.path(f"{name}.data")
+    for i in range(mib // 8):
+        (d / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
+    dm.ok("commit", "-m", "big", "--no-freeze")
+
+
+def _kill_midway(dm: DM, args: list[str], marker) -> None:
+    """Start ``dm args`` and kill -9 it once ``marker()`` says it is halfway."""
+    for delay in (0.4, 0.2, 0.1, 0.05):
+        proc = dm.popen(*args)
+        deadline = time.monotonic() + 60
+        while not marker() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        proc.wait()
+    raise AssertionError("the transfer always finished before it could be killed")
+
+
+def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    _big_dot(alice, "resume", 192)
+    before = hub.packs()
+    _kill_midway(alice, ["push"], lambda: hub.packs() >= before + 3)
+    out = json.loads(alice.ok("push", "--json"))
+    assert 0 < out["bytes"] < 190 << 20, out  # only what had not arrived
+    bob = _dev(tmp_path, "bob", hub)
+    hub.dm_hub("collaborator", "add", "alice/resume", "bob")
+    packs = bob.home / "packs"
+    _kill_midway(bob, ["clone", "hub", "alice/resume"],
+                 lambda: packs.exists() and sum(p.stat().st_size for p in packs.iterdir())
+                 > 20 << 20)
+    assert "resume" not in bob.ok("list")  # no dot until the clone is complete
+    out = json.loads(bob.ok("clone", "hub", "alice/resume", "--json"))
+    assert 0 < out["bytes"] < 190 << 20, out
+    assert _files(bob.path("resume.data")) == _files(alice.path("resume.data"))
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
