@@ -55,6 +55,14 @@ class S3Server:
     def spec(self, bucket: str) -> str:
         return f"{S3_KEY}:{S3_SECRET}@{self.endpoint}/{bucket}"
 
+    def count(self, bucket: str, prefix: str) -> int:
+        import boto3  # noqa: PLC0415
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sum(len(p.get("Contents", [])) for p in pages)
+
     def bucket(self, name: str) -> None:
         import boto3  # noqa: PLC0415
 
@@ -135,13 +143,7 @@ class Hub:
     def packs(self) -> int:
         """How many pack blobs the hub holds (a sign that a push is under way)."""
         if self.s3 is not None:
-            import boto3  # noqa: PLC0415
-
-            c = boto3.client("s3", endpoint_url=self.s3.endpoint, aws_access_key_id=S3_KEY,
-                             aws_secret_access_key=S3_SECRET, region_name="us-east-1")
-            pages = c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                Prefix="hub/packs/")
-            return sum(len(p.get("Contents", [])) for p in pages)
+            return self.s3.count(self.bucket, "hub/packs/")
         folder = self.top / "data" / "blobs" / "packs"
         return len(list(folder.iterdir())) if folder.exists() else 0
 

@@ -14,13 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DM, DM_BIN
-from tests.integration.remote_env import Hub, postgres_db, seaweedfs
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with seaweedfs() as server:
-        yield server
+from tests.integration.remote_env import Hub, postgres_db
 
 
 @pytest.fixture(scope="module", params=["embedded", "scale-out"])
@@ -155,6 +149,7 @@ def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
 
 def _big_dot(dm: DM, name: str, mib: int) -> None:
     dm.ok("init", name)
+    dm.ok("switch", name)
     d = dm.path(f"{name}.data")
     for i in range(mib // 8):
         (d / f"blob{i}.bin").write_bytes(os.urandom(8 << 20))
@@ -195,3 +190,90 @@ def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
     assert 0 < out["bytes"] < 190 << 20, out
     assert _files(bob.path("resume.data")) == _files(alice.path("resume.data"))
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
+def test_an_s3_bucket_is_a_remote(s3, tmp_path):
+    s3.bucket("dm-team")
+    alice, bob = DM(tmp_path / "alice"), DM(tmp_path / "bob")
+    for dev in (alice, bob):
+        assert "Added remote bucket" in dev.ok("s3", "remote", "add", "bucket",
+                                                s3.spec("dm-team"))
+    alice.ok("init", "app")
+    (alice.path("app.db") / "rows").write_bytes(os.urandom(8192) * 30)
+    alice.ok("commit", "-m", "in the bucket")
+    out = json.loads(alice.ok("push", "--json"))
+    assert out["status"] == "pushed" and out["remote_dot"] == "app"
+    bob.ok("clone", "bucket", "app")
+    assert _files(bob.path("app.db")) == _files(alice.path("app.db"))
+    (bob.path("app.db") / "more").write_text("bob")
+    bob.ok("commit", "-m", "bob")
+    bob.ok("push")
+    assert json.loads(alice.ok("pull", "--json"))["status"] == "fast-forward"
+    assert (alice.path("app.db") / "more").read_text() == "bob"
+    (alice.path("app.db") / "more").write_text("alice")
+    alice.ok("commit", "-m", "alice")
+    (bob.path("app.db") / "more").write_text("bob again")
+    bob.ok("commit", "-m", "bob again")
+    alice.ok("push")
+    assert bob("push").returncode == 5  # would lose alice's commit
+    _big_dot(alice, "large", 96)
+    _kill_midway(alice, ["push", "bucket", "large"],
+                 lambda: s3.count("dm-team", "dots/large/packs/") >= 4)
+    out = json.loads(alice.ok("push", "bucket", "large", "--json"))
+    assert 0 < out["bytes"] < 95 << 20, out
+    bob.ok("clone", "bucket", "large")
+    assert _files(bob.path("large.data")) == _files(alice.path("large.data"))
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
+def test_conditional_writes_keep_concurrent_pushers_commits(s3):
+    """Two pushers race on one ref: If-Match lets exactly one of them win each round."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dotmesh.errors import Conflict
+    from dotmesh.remote.blobs import S3Blobs
+    from tests.integration.remote_env import S3_KEY, S3_SECRET
+
+    s3.bucket("dm-race")
+    blobs = S3Blobs(s3.endpoint, "dm-race", S3_KEY, S3_SECRET)
+    blobs.put_if("refs/master", b"0", None)
+
+    def bump(_: int) -> bool:
+        data, version = blobs.read_versioned("refs/master")
+        try:
+            blobs.put_if("refs/master", str(int(data) + 1).encode(), version)
+            return True
+        except Conflict:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        won = sum(pool.map(bump, range(40)))
+    assert int(blobs.get("refs/master")) == won  # no increment was lost
+    with pytest.raises(Conflict):
+        blobs.put_if("refs/master", b"x", None)  # If-None-Match: * on an existing key
+
+
+def test_a_hub_over_tls(tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    pem, key, ca_pem = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(pem)
+    cert.private_key_pem.write_to_path(key)
+    ca.cert_pem.write_to_path(ca_pem)
+    h = Hub(["--data", str(tmp_path / "data")], tmp_path, tls=(pem, key, ca_pem))
+    alice_key = h.user("alice")
+    h.start()
+    try:
+        alice = DM(tmp_path / "alice")
+        p = subprocess.run([DM_BIN, "remote", "add", "hub", h.address("alice")],
+                           env={**alice.env, "DM_API_KEY": alice_key}, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        assert p.returncode == 14 and "certificate" in p.stderr  # not trusted by default
+        h.join(alice, "alice", alice_key)
+        alice.ok("init", "tls")
+        (alice.path("tls") / "f").write_text("over TLS")
+        alice.ok("commit", "-m", "tls")
+        assert json.loads(alice.ok("push", "--json"))["status"] == "pushed"
+    finally:
+        h.stop()

@@ -27,7 +27,7 @@ from dotmesh.model.objects import (
     Tree,
     object_id,
 )
-from dotmesh.store.packs import FLAG_ZSTD, MAX_OBJECT, PACK_MAGIC, RECORD
+from dotmesh.store.packs import FLAG_ZSTD, MAX_OBJECT, PACK_MAGIC, RECORD, decompress
 
 KIND_FILELIST_DELTA = 4  # on the wire only: a file list as changes to one the receiver has
 MAX_BATCH = 64 << 20  # bytes of one request or answer; senders aim at BATCH_TARGET
@@ -59,7 +59,7 @@ class Record:
         """The object's bytes (decompressed); only for verified records."""
         if not self.zstd:
             return bytes(self.payload)
-        return zstandard.ZstdDecompressor().decompress(self.payload, max_output_size=self.raw_len)
+        return decompress(self.payload, self.raw_len)
 
 
 def encode(records: Iterable[Record]) -> bytes:
@@ -100,7 +100,6 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
     pos = len(PACK_MAGIC)
     out: list[Record] = []
     seen: set[bytes] = set()
-    dctx = zstandard.ZstdDecompressor()
     while pos < len(view):
         if pos + RECORD.size > len(view):
             raise BadTransfer(f"{source} sent a truncated object header")
@@ -126,7 +125,7 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
         pos += stored_len
         zstd = bool(flags & FLAG_ZSTD)
         try:
-            raw = dctx.decompress(payload, max_output_size=raw_len) if zstd else payload
+            raw = decompress(payload, raw_len) if zstd else payload
         except zstandard.ZstdError:
             raise BadTransfer(f"{source} sent object {short}, which does not "
                               "decompress") from None

@@ -42,7 +42,15 @@ def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
     return data, False
 
 
-def _decompress(data: bytes | memoryview, raw_len: int) -> bytes:
+def decompress(data: bytes | memoryview, raw_len: int) -> bytes:
+    """Decompress a payload that must come out ``raw_len`` bytes long.
+
+    zstd frames may declare their size, and python-zstandard then allocates what they
+    declare, whatever ``max_output_size`` says: a 16 KiB frame can claim gigabytes. So the
+    declared size is checked first (ZstdError if it is not ``raw_len``)."""
+    declared = zstandard.frame_content_size(data)
+    if declared not in (raw_len, -1):
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, not {raw_len}")
     d = getattr(_local, "dctx", None)
     if d is None:
         d = _local.dctx = zstandard.ZstdDecompressor()
@@ -119,7 +127,7 @@ class PackStore:
 
     def _unpack(self, oid: bytes, loc: Location, raw: bytes | memoryview) -> bytes:
         try:
-            data = _decompress(raw, loc.raw_len) if loc.zstd else bytes(raw)
+            data = decompress(raw, loc.raw_len) if loc.zstd else bytes(raw)
         except zstandard.ZstdError:
             raise Corrupt(f"object {oid.hex()[:16]} does not decompress; run dm fsck") from None
         if len(data) != loc.raw_len or object_id(data) != oid:

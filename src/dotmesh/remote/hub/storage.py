@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-import zstandard
 
 from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound
 from dotmesh.model.names import check_branch, check_name
@@ -262,7 +261,6 @@ class HubStore:
     def getter(self, dot: Dot) -> graph.Get:
         """Reads the dot's objects (decompressed), with a small cache; NotFound for others."""
         cache: dict[bytes, bytes] = {}
-        dctx = zstandard.ZstdDecompressor()
 
         def get(oid: bytes) -> bytes:
             data = cache.get(oid)
@@ -271,8 +269,7 @@ class HubStore:
                 if oid not in locs:
                     raise NotFound(f"{dot} has no object {oid.hex()[:16]}")
                 (rec,) = read_records(self.blobs, locs)
-                data = (dctx.decompress(rec.payload, max_output_size=rec.raw_len) if rec.zstd
-                        else bytes(rec.payload))
+                data = rec.raw()
                 if len(cache) > 10_000:
                     cache.clear()
                 cache[oid] = data

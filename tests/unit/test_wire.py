@@ -1,0 +1,138 @@
+"""The wire format, file list deltas, and the graph walks that push and pull rely on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dotmesh.model.objects import (
+    DIR,
+    FILE,
+    KIND_CHUNK,
+    KIND_FILELIST,
+    SYMLINK,
+    FileList,
+    ObjectId,
+    encode_tree_rows,
+    object_id,
+)
+from dotmesh.remote import graph
+from dotmesh.remote.wire import (
+    KIND_FILELIST_DELTA,
+    BadTransfer,
+    Record,
+    batches,
+    decode,
+    encode,
+    encode_delta,
+)
+from dotmesh.store.packs import compress
+
+IDS = [object_id(bytes([i])) for i in range(40)]
+
+
+def _record(kind: int, data: bytes) -> Record:
+    payload, z = compress(data)
+    return Record(kind, object_id(data), len(data), bytes(payload), z)
+
+
+def test_a_batch_round_trips_and_checks_what_was_asked():
+    recs = [_record(KIND_CHUNK, os.urandom(100)), _record(KIND_CHUNK, b"a" * 5000)]
+    data = encode(recs)
+    got = decode(data, {r.oid: KIND_CHUNK for r in recs})
+    assert [r.oid for r in got] == [r.oid for r in recs]
+    assert got[1].raw() == b"a" * 5000
+    with pytest.raises(BadTransfer, match="not asked for"):
+        decode(data, {recs[0].oid: KIND_CHUNK})
+    with pytest.raises(BadTransfer, match="where a file list was expected"):
+        decode(data, {r.oid: KIND_FILELIST for r in recs})
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.lists(st.sampled_from(IDS), max_size=60),
+       edits=st.lists(st.tuples(st.integers(0, 60), st.sampled_from(IDS + [None])),
+                      max_size=20))
+def test_a_file_list_delta_rebuilds_the_list(base, edits):
+    old = FileList(tuple((ObjectId(i), 8192) for i in base))
+    new_ids = list(base)
+    for pos, oid in edits:  # replace, insert or delete entries
+        pos = min(pos, len(new_ids))
+        if oid is None:
+            if new_ids:
+                del new_ids[min(pos, len(new_ids) - 1)]
+        elif pos % 2:
+            new_ids.insert(pos, oid)
+        elif new_ids:
+            new_ids[min(pos, len(new_ids) - 1)] = oid
+    new = FileList(tuple((ObjectId(i), 8192 + (i[0] % 3)) for i in new_ids))
+    base_id = object_id(old.encode())
+    delta = encode_delta(base_id, old, new)
+    rec = _record(KIND_FILELIST_DELTA, delta)
+    rec = Record(KIND_FILELIST_DELTA, object_id(new.encode()), len(delta), rec.payload, rec.zstd)
+    (got,) = decode(encode([rec]), {rec.oid: KIND_FILELIST},
+                    base=lambda oid: old.encode() if oid == base_id else b"")
+    assert got.kind == KIND_FILELIST and FileList.decode(got.raw()) == new
+
+
+def test_a_delta_is_small_for_a_few_changed_pages():
+    old = FileList(tuple((ObjectId(object_id(i.to_bytes(4, "big"))), 8192)
+                         for i in range(65536)))
+    chunks = list(old.chunks)
+    for i in range(0, 65536, 4096):
+        chunks[i] = (ObjectId(object_id(b"new" + i.to_bytes(4, "big"))), 8192)
+    delta = encode_delta(object_id(old.encode()), old, FileList(tuple(chunks)))
+    assert len(delta) < 2000 < len(old.encode()) // 1000
+
+
+def test_deltas_are_refused_without_a_base_or_against_a_missing_one():
+    old = FileList(((ObjectId(IDS[0]), 10),))
+    new = FileList(((ObjectId(IDS[1]), 10),))
+    delta = encode_delta(object_id(old.encode()), old, new)
+    rec = Record(KIND_FILELIST_DELTA, object_id(new.encode()), len(delta), delta, False)
+    with pytest.raises(BadTransfer, match="not taken here"):
+        decode(encode([rec]), None)
+
+    def nothing(oid: bytes) -> bytes:
+        from dotmesh.errors import NotFound
+        raise NotFound("no")
+    with pytest.raises(BadTransfer, match="which is not here"):
+        decode(encode([rec]), None, base=nothing)
+    bad = Record(KIND_FILELIST_DELTA, rec.oid, 5, b"\x00" * 5, False)
+    with pytest.raises(BadTransfer, match="malformed file list delta"):
+        decode(encode([bad]), None, base=lambda oid: old.encode())
+
+
+def test_batches_split_by_size():
+    recs = [_record(KIND_CHUNK, os.urandom(1000)) for _ in range(10)]
+    parts = list(batches(recs, target=3000))
+    assert [len(p) for p in parts] == [3, 3, 3, 1]
+
+
+@pytest.mark.parametrize("target, climb", [
+    ("a", 0), ("../a", 1), ("../../x/y", 2), ("a/../../b", 1), ("./././a", 0),
+    ("/etc/passwd", graph.INF), ("a/b/../../..", 1), ("", 0)])
+def test_how_far_a_symlink_climbs(target, climb):
+    assert graph.climb(target) == climb
+
+
+def test_symlinks_are_checked_at_the_depth_their_tree_is_restored():
+    store: dict[bytes, bytes] = {}
+
+    def tree(rows: list[list[object]]) -> bytes:
+        data = encode_tree_rows(rows)
+        store[object_id(data)] = data
+        return object_id(data)
+
+    up_one = tree([["l", SYMLINK, 0o777, 0, 0, 1, 0, "../x", 0]])
+    safe = tree([["d", DIR, 0o755, 0, 0, 1, 0, up_one.hex(), 0]])
+    check = graph.SymlinkCheck(store.__getitem__)
+    assert check.check_root(safe, "s") is None  # d/l -> ../x stays inside
+    assert check.check_root(up_one, "s") == "s:l"  # the same tree at the top climbs out
+    deep = tree([["a", DIR, 0o755, 0, 0, 1, 0, tree([
+        ["f", FILE, 0o644, 0, 0, 1, 0, None, 0],
+        ["b", DIR, 0o755, 0, 0, 1, 0, tree([
+            ["l", SYMLINK, 0o777, 0, 0, 1, 0, "../../../etc", 0]]).hex(), 0]]).hex(), 0]])
+    assert check.check_root(deep, "s") == "s:a/b/l"
