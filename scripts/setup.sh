@@ -10,6 +10,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
 command -v restic >/dev/null 2>&1 || need_apt+=(restic)        # benchmark peers
 command -v borg >/dev/null 2>&1 || need_apt+=(borgbackup)
 command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)         # the transfer bench's peer
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)     # the volume driver's tests
 [ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # test images, no registry

@@ -22,3 +22,14 @@ def test_bench_small_runs_every_scenario(tmp_path):
     assert result["summary"]["1 initial commit"]["restic"]["dm_ratio"]["median"] > 0
     assert result["summary"]["4 bytes stored by step 3"]["bytes changed"]["stored"]["median"] > 0
     assert "| target |" in p.stdout
+
+
+def test_transfer_bench_small_runs(tmp_path):
+    out = tmp_path / "transfer.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--small",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["new_chunks"] > 0 and result["wire"] > 0 and result["rsync_sent_1pct"] > 0
+    assert "1% push:" in p.stdout and "| 2 clone, throughput |" in p.stdout

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import DM
+from tests.conftest import DM, DM_BIN
 
 
 def _one_line_error(p: subprocess.CompletedProcess[str]) -> str:
@@ -108,3 +108,32 @@ def test_second_process_on_a_dot_is_refused(dm):
         os.kill(proc.pid, signal.SIGCONT)
         proc.wait()
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["remote", "add", "hub", "no-at-sign"], 2, "USER@HOST"),
+    (["remote", "add", "hub", "a@host:99999"], 2, "bad port"),
+    (["remote", "add", "bad name", "a@host"], 2, "may only contain"),
+    (["remote", "add", "hub", "a@host"], 2, "no API key"),
+    (["s3", "remote", "add", "s3", "nokeys"], 2, "ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET"),
+    (["s3", "remote", "add", "s3", "k:s@ftp://host/bucket"], 2, "scheme"),
+    (["s3", "remote", "add", "s3", "k:s@host/B"], 2, "bucket name"),
+    (["push"], 2, "no remote yet"),
+    (["pull", "nope"], 3, "no remote named"),
+    (["clone", "nope", "a/b"], 3, "no remote named"),
+    (["remote", "rm", "nope"], 3, "no remote named"),
+    (["remote", "switch", "nope"], 3, "no remote named"),
+])
+def test_bad_remote_commands(dm, args, code, needle):
+    dm.ok("init", "app")
+    p = dm(*args)
+    assert p.returncode == code, p.stderr
+    assert needle in _one_line_error(p)
+
+
+def test_an_unreachable_hub_is_one_line(dm):
+    p = subprocess.run([DM_BIN, "remote", "add", "hub", "a@127.0.0.1:1", "--http"],
+                       env={**dm.env, "DM_API_KEY": "k"}, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 14 and "cannot reach" in _one_line_error(p)
+    assert dm.ok("remote").startswith("No remotes")

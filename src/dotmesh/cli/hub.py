@@ -7,6 +7,7 @@ Where a hub keeps things comes from flags, or a TOML config file with the same k
     s3 = "KEY:SECRET@http://127.0.0.1:8333/hub"      # and a bucket for the objects
     host = "127.0.0.1"
     port = 8080
+    workers = 2                      # processes (default: one per core)
     cert = "hub.pem"                 # TLS, with key
     key = "hub.key"
 
@@ -15,6 +16,7 @@ Several ``dm hub serve`` processes with the same ``db`` and ``s3`` serve the sam
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -30,7 +32,7 @@ from dotmesh.remote.blobs import LocalBlobs, S3Blobs
 if TYPE_CHECKING:
     from dotmesh.remote.hub.storage import HubStore
 
-KEYS = ("data", "db", "s3", "host", "port", "cert", "key")
+KEYS = ("data", "db", "s3", "host", "port", "cert", "key", "workers")
 
 
 class HubConfig:
@@ -41,16 +43,26 @@ class HubConfig:
         v = self.values.get(key)
         return default if v is None else v
 
+    def resolved(self) -> dict[str, Any]:
+        """The storage settings with defaults filled in (for worker processes)."""
+        return {"data": str(self.data()), "db": self.db(), "s3": self.get("s3")}
+
+    def data(self) -> Path:
+        return Path(self.get("data") or os.environ.get("DM_HUB_DATA")
+                    or Path.home() / ".dotmesh-hub").absolute()
+
+    def db(self) -> str:
+        return str(self.get("db") or f"sqlite:///{self.data() / 'hub.db'}")
+
     def store(self) -> HubStore:
         from dotmesh.remote.hub.storage import HubStore  # noqa: PLC0415 - 150 ms of imports
 
-        data = Path(self.get("data") or os.environ.get("DM_HUB_DATA")
-                    or Path.home() / ".dotmesh-hub")
+        data = self.data()
         try:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot use {data} for the hub's data: {e.strerror}") from None
-        db = self.get("db") or f"sqlite:///{data.absolute() / 'hub.db'}"
+        db = self.db()
         spec = self.get("s3")
         if spec:
             from dotmesh.ops.remotes import parse_s3  # noqa: PLC0415
@@ -100,9 +112,11 @@ def register(cli: click.Group) -> None:
     @click.option("--cert", type=click.Path(path_type=Path, exists=True), default=None,
                   help="TLS certificate (PEM); with --key.")
     @click.option("--key", type=click.Path(path_type=Path, exists=True), default=None)
+    @click.option("--workers", type=click.IntRange(min=1), default=None,
+                  help="Processes serving the same port (default: one per core).")
     @click.pass_obj
     def serve(cfg: HubConfig, host: str | None, port: int | None, cert: Path | None,
-              key: Path | None) -> None:
+              key: Path | None, workers: int | None) -> None:
         """Serve the hub's HTTP API (OpenAPI at /api/v1/openapi.yaml) in the foreground.
 
         \b
@@ -110,19 +124,21 @@ def register(cli: click.Group) -> None:
         """
         import uvicorn  # noqa: PLC0415
 
-        from dotmesh.remote.hub.server import create_app  # noqa: PLC0415
-
         cert = cert or cfg.get("cert")
         key = key or cfg.get("key")
         if bool(cert) != bool(key):
             raise UsageError("TLS needs both --cert and --key")
-        store = cfg.store()
+        store = cfg.store()  # checks the storage (and makes the tables) before serving
+        store.close()
         host = host or cfg.get("host", "127.0.0.1")
         port = port or int(cfg.get("port", 8080))
+        workers = workers or int(cfg.get("workers", os.cpu_count() or 1))
         scheme = "https" if cert else "http"
-        click.echo(f"dm hub: serving {scheme}://{host}:{port} (objects in "
-                   f"{store.blobs.describe()})", err=True)
-        uvicorn.run(create_app(store), host=host, port=port, log_level="warning",
+        click.echo(f"dm hub: serving {scheme}://{host}:{port} with {workers} processes "
+                   f"(objects in {store.blobs.describe()})", err=True)
+        os.environ["DM_HUB_CONFIG"] = json.dumps(cfg.resolved())
+        uvicorn.run("dotmesh.remote.hub.server:app_from_env", factory=True, workers=workers,
+                    host=host, port=port, log_level="warning",
                     ssl_certfile=str(cert) if cert else None,
                     ssl_keyfile=str(key) if key else None)
 

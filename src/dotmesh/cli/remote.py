@@ -12,6 +12,7 @@ import click
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, progress_bar
 from dotmesh.errors import UsageError
+from dotmesh.model.names import check_name
 from dotmesh.ops import remotes, sync
 
 
@@ -72,6 +73,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  DM_API_KEY=dmk_... dm remote add hub alice@127.0.0.1:8080 --http
         """
+        check_name(name, "remote name")
+        remotes.parse_hub(address, plain)  # a bad address fails before the key is asked for
         r, who = remotes.add_hub(c.home, name, address, _api_key(api_key_file), plain,
                                  ca_cert)
         click.echo(f"Added remote {r.name} ({r.describe()}), signed in as {who}")

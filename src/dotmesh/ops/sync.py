@@ -12,7 +12,9 @@ tree whose symlinks would point out of the subdot is refused before anything nam
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zstandard
@@ -41,7 +43,8 @@ from dotmesh.workdir.restore import merge_cache, restore
 from dotmesh.workdir.snapshot import snapshot
 
 Progress = Callable[[int], None]
-CHUNK_FETCH = 4000  # chunks asked for at once (the answer comes in parts of a few MiB)
+CHUNK_FETCH = 2000  # chunks asked for at once (the answer comes in parts of a few MiB)
+IN_FLIGHT = 2  # batches under way at once, each way
 
 
 @dataclass
@@ -119,29 +122,39 @@ def _send(home: Home, t: Transport, head: bytes, remote_heads: list[bytes], res:
         total(sum(loc.stored_len for loc in locs.values()))
     cctx = zstandard.ZstdCompressor(level=1)
 
-    def records(kind: int) -> list[Record]:
-        phase = [o for o in todo if d.kinds[o] == kind]
-        out = []
-        for oid, loc, payload in home.packs.stored(phase):
-            base = d.bases.get(oid)
-            if kind == KIND_FILELIST and t.can_delta and base and base not in lack:
-                delta = encode_delta(base, FileList.decode(get(base)),
-                                     FileList.decode(get(oid)))
-                packed = cctx.compress(delta)
-                if len(packed) < len(payload):
-                    out.append(Record(KIND_FILELIST_DELTA, oid, len(delta), packed, True))
-                    continue
-            out.append(Record(loc.kind, oid, loc.raw_len, payload, loc.zstd))
-        return out
+    def records() -> Iterator[Record]:
+        """What to send, read from the packs as it goes: chunks, file lists, trees, commits."""
+        for kind in (KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT):
+            phase = [o for o in todo if d.kinds[o] == kind]
+            for oid, loc, payload in home.packs.stored(phase):
+                base = d.bases.get(oid)
+                if kind == KIND_FILELIST and t.can_delta and base and base not in lack:
+                    delta = encode_delta(base, FileList.decode(get(base)),
+                                         FileList.decode(get(oid)))
+                    packed = cctx.compress(delta)
+                    if len(packed) < len(payload):
+                        yield Record(KIND_FILELIST_DELTA, oid, len(delta), packed, True)
+                        continue
+                yield Record(loc.kind, oid, loc.raw_len, payload, loc.zstd)
 
-    for kind in (KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT):
-        for batch in batches(records(kind)):
-            t.send(batch)
-            sent = sum(len(r.payload) for r in batch)
-            res.objects += len(batch)
-            res.bytes += sent
-            if progress:
-                progress(sent)
+    def send(batch: list[Record]) -> None:
+        t.send(batch)
+        sent = sum(len(r.payload) for r in batch)
+        res.objects += len(batch)
+        res.bytes += sent
+        if progress:
+            progress(sent)
+
+    # Two batches in flight: the next one is read and sent while the remote stores the last.
+    # (Their order does not matter: the remote checks completeness only when the ref moves.)
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        flying: deque[Future[None]] = deque()
+        for batch in batches(records()):
+            flying.append(pool.submit(send, batch))
+            if len(flying) >= IN_FLIGHT:
+                flying.popleft().result()
+        for f in flying:
+            f.result()
 
 
 # ------------------------------------------------------------------ fetching
@@ -207,11 +220,19 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
                                   "its subdot; nothing was changed")
     writer = home.packs.writer()
     todo = sorted(chunks)
-    for i in range(0, len(todo), CHUNK_FETCH):
-        got = t.fetch(dict.fromkeys(todo[i:i + CHUNK_FETCH], KIND_CHUNK))
-        note(list(got.values()))
-        writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in got.values()])
-        writer.flush()  # durable now: a rerun does not fetch these again
+    parts = [dict.fromkeys(todo[i:i + CHUNK_FETCH], KIND_CHUNK)
+             for i in range(0, len(todo), CHUNK_FETCH)]
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:  # the next batch comes while one is stored
+        flying: deque[Future[dict[bytes, Record]]] = deque()
+        for i in range(len(parts) + IN_FLIGHT):
+            if i < len(parts):
+                flying.append(pool.submit(t.fetch, parts[i]))
+            if len(flying) >= IN_FLIGHT or (i >= len(parts) and flying):
+                got = flying.popleft().result()
+                note(list(got.values()))
+                writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd)
+                                 for r in got.values()])
+                writer.flush()  # durable now: a rerun does not fetch these again
     for group in (lists, trees):
         writer.add_many([(fetched[o].kind, o, fetched[o].raw_len, fetched[o].payload,
                           fetched[o].zstd) for o in group])

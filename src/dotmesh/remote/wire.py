@@ -31,7 +31,7 @@ from dotmesh.store.packs import FLAG_ZSTD, MAX_OBJECT, PACK_MAGIC, RECORD, decom
 
 KIND_FILELIST_DELTA = 4  # on the wire only: a file list as changes to one the receiver has
 MAX_BATCH = 64 << 20  # bytes of one request or answer; senders aim at BATCH_TARGET
-BATCH_TARGET = 8 << 20
+BATCH_TARGET = 24 << 20
 KIND_NAMES = {KIND_CHUNK: "chunk", KIND_FILELIST: "file list", KIND_TREE: "tree",
               KIND_COMMIT: "commit", KIND_FILELIST_DELTA: "file list delta"}
 MAX_METADATA_OBJECT = 64 << 20  # trees, file lists and commits are parsed in memory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -179,6 +180,14 @@ def create_app(store: HubStore) -> Starlette:
         route(base + "/branches/{branch}", "PUT", set_ref),
         route(base + "/collaborators/{user}", "PUT", collaborator),
     ])
+
+
+def app_from_env() -> Starlette:
+    """The app of one of several worker processes: its storage comes from DM_HUB_CONFIG
+    (JSON with the keys of ``dm hub``'s config), set by ``dm hub serve --workers``."""
+    from dotmesh.cli.hub import HubConfig  # noqa: PLC0415 - the CLI's one way to read it
+
+    return create_app(HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store())
 
 
 async def _body(request: Request) -> bytes:

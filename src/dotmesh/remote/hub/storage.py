@@ -109,6 +109,18 @@ class HubStore:
             from sqlalchemy.dialects.sqlite import insert  # noqa: PLC0415
         return insert(table).on_conflict_do_nothing()
 
+    def _bulk_insert_ignore(self, c: sa.Connection, table: sa.Table,
+                            rows: list[tuple[Any, ...]]) -> None:
+        """Insert many rows (in column order), skipping existing keys: straight to the
+        driver, since SQLAlchemy's per-row work would cost more than the database's here."""
+        if not rows:
+            return
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        cols = ", ".join(f'"{col.name}"' for col in table.columns)
+        marks = ", ".join([mark] * len(table.columns))
+        c.exec_driver_sql(f'INSERT INTO "{table.name}" ({cols}) VALUES ({marks}) '
+                          "ON CONFLICT DO NOTHING", rows)
+
     # ------------------------------------------------------------ accounts
     def add_user(self, name: str) -> str:
         """Create an account; returns its API key, which is stored only hashed."""
@@ -214,16 +226,12 @@ class HubStore:
         then the index, then the dot's membership. Returns how many objects were new."""
         known = self._present(objects, [r.oid for r in records], None)
         fresh = [r for r in records if r.oid not in known]
-        if fresh:
-            _, locs = write_pack(self.blobs, "packs/", fresh)  # durable before indexed
-            with self.tx() as c:
-                c.execute(self._insert_ignore(objects), [
-                    {"oid": oid, "kind": loc.kind, "pack": loc.pack, "offset": loc.offset,
-                     "stored_len": loc.stored_len, "raw_len": loc.raw_len, "zstd": loc.zstd}
-                    for oid, loc in locs.items()])
+        locs = write_pack(self.blobs, "packs/", fresh)[1] if fresh else {}  # durable first
         with self.tx() as c:
-            c.execute(self._insert_ignore(members),
-                      [{"dot_id": dot.id, "oid": r.oid} for r in records])
+            self._bulk_insert_ignore(c, objects, [
+                (oid, loc.kind, loc.pack, loc.offset, loc.stored_len, loc.raw_len, loc.zstd)
+                for oid, loc in locs.items()])
+            self._bulk_insert_ignore(c, members, [(dot.id, r.oid) for r in records])
         return len(fresh)
 
     def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, Loc]:
