@@ -121,3 +121,36 @@ def test_the_openapi_description_covers_every_route(tmp_path):
             if m != "HEAD":
                 served.add((path, m))
     assert served == documented
+
+
+def test_a_hub_trusts_no_pusher(tmp_path):
+    """Corrupt objects are refused, and a branch never moves to a commit whose closure the
+    dot lacks; the hub's storage comes from a config file."""
+    from dotmesh.model.objects import KIND_TREE, Root
+    from dotmesh.remote.wire import BadTransfer
+
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text(f'data = "{tmp_path / "data"}"\nworkers = 1\n')
+    h = Hub(["--config", str(cfg)], tmp_path)
+    key = h.user("pat")
+    h.start()
+    t = HubTransport(f"http://127.0.0.1:{h.ports[0]}", "pat", key, "pat/app")
+    try:
+        good = _rec(KIND_CHUNK, b"fine")
+        with pytest.raises(BadTransfer, match="does not match its id"):
+            t.send([Record(KIND_CHUNK, good.oid, 4, b"evil", False)])
+        tree_data = b'DMT1\n[["f","f",420,0,0,1,4,"' + good.oid.hex().encode() + b'",0]]'
+        tree = _rec(KIND_TREE, tree_data)
+        commit = _rec(KIND_COMMIT, Commit((), {"db": Root(tree.oid, 0o755, 0, 0, 1)}, "m",
+                                          "pat", 1).encode())
+        t.send([tree, commit])  # the chunk the tree names is missing
+        with pytest.raises(Conflict, match="lacks 1 objects"):
+            t.set_ref("master", None, commit.oid, False)
+        assert t.heads() == {}
+        t.send([good])
+        t.set_ref("master", None, commit.oid, False)
+        assert t.heads() == {"master": commit.oid}
+    finally:
+        t.close()
+        h.stop()
+    assert (tmp_path / "data" / "hub.db").exists()  # the config file chose the folder

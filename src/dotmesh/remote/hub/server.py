@@ -34,7 +34,7 @@ from dotmesh.errors import (
 )
 from dotmesh.model.objects import ID_LEN
 from dotmesh.remote.blobs import StorageError
-from dotmesh.remote.hub.storage import HubStore
+from dotmesh.remote.hub.storage import Dot, HubStore
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
 
 OCTETS = "application/octet-stream"
@@ -118,8 +118,10 @@ def create_app(store: HubStore) -> Starlette:
 
     def lacking(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         ids = ids_of(body)
-        store.dot_for(user, p["ns"], p["dot"], create=user == p["ns"])
-        dot = store.find(p["ns"], p["dot"])
+        try:
+            dot: Dot | None = store.dot_for(user, p["ns"], p["dot"])
+        except NotFound:
+            dot = None  # its owner is about to push it: it lacks everything
         missing = store.lacking(dot, ids)
         return Response(b"".join(i for i in ids if i in missing), media_type=OCTETS)
 
