@@ -48,6 +48,19 @@ def locate(key: str, records: Iterable[Record]) -> dict[bytes, Loc]:
     return out
 
 
+def first_within(locs: dict[bytes, Loc], ids: Iterable[bytes], limit: int) -> dict[bytes, Loc]:
+    """The leading ``ids`` whose payloads fit in ``limit`` bytes (at least one): an answer
+    of bounded size; the asker comes back for the rest."""
+    chosen: dict[bytes, Loc] = {}
+    size = 0
+    for oid in ids:
+        if chosen and size + locs[oid].stored_len > limit:
+            break
+        chosen[oid] = locs[oid]
+        size += locs[oid].stored_len
+    return chosen
+
+
 def read_records(blobs: Blobs, locs: dict[bytes, Loc]) -> list[Record]:
     """The records at ``locs``; neighbours in a pack are read with one request. Not verified
     here: whoever receives them checks every hash."""

@@ -22,7 +22,14 @@ from typing import Any, Protocol
 from dotmesh.errors import Conflict, DotmeshError, Forbidden, NotFound, Unauthorized, UsageError
 from dotmesh.model.objects import ID_LEN, KIND_COMMIT, Commit
 from dotmesh.remote.blobs import Blobs
-from dotmesh.remote.packed import Loc, decode_index, encode_index, read_records, write_pack
+from dotmesh.remote.packed import (
+    Loc,
+    decode_index,
+    encode_index,
+    first_within,
+    read_records,
+    write_pack,
+)
 from dotmesh.remote.wire import BadTransfer, Record, decode, encode
 
 LACKING_BATCH = 50_000
@@ -238,14 +245,8 @@ class S3Transport:
             raise NotFound(f"{self.where} has no object {lost[0].hex()[:16]}")
 
         def ask(todo: dict[bytes, int]) -> bytes:
-            chosen: dict[bytes, Loc] = {}
-            size = 0
-            for oid in todo:
-                if chosen and size + index[oid].stored_len > FETCH_BATCH_BYTES:
-                    break
-                chosen[oid] = index[oid]
-                size += index[oid].stored_len
-            return encode(read_records(self.blobs, chosen))
+            return encode(read_records(self.blobs, first_within(index, todo,
+                                                                FETCH_BATCH_BYTES)))
         return fetch_all(want, self.where, ask)
 
     def history(self, head: bytes, have: list[bytes]) -> list[Record]:

@@ -25,7 +25,7 @@ from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
 from dotmesh.remote.blobs import Blobs
-from dotmesh.remote.packed import Loc, read_records, write_pack
+from dotmesh.remote.packed import Loc, first_within, read_records, write_pack
 from dotmesh.remote.wire import KIND_NAMES, Record
 
 md = sa.MetaData()
@@ -257,14 +257,7 @@ class HubStore:
             if loc.kind != kind:
                 raise NotFound(f"{dot}'s object {oid.hex()[:16]} is a {KIND_NAMES[loc.kind]}, "
                                f"not a {KIND_NAMES.get(kind, '?')}")
-        chosen: dict[bytes, Loc] = {}
-        size = 0
-        for oid in want:
-            if chosen and size + locs[oid].stored_len > limit:
-                break
-            chosen[oid] = locs[oid]
-            size += locs[oid].stored_len
-        return read_records(self.blobs, chosen)
+        return read_records(self.blobs, first_within(locs, want, limit))
 
     def getter(self, dot: Dot) -> graph.Get:
         """Reads the dot's objects (decompressed), with a small cache; NotFound for others."""
