@@ -69,6 +69,8 @@ def test_alice_pushes_bob_clones_and_pushes_back(hub, tmp_path):
     hub.dm_hub("collaborator", "add", "alice/shared", "bob")
     out = json.loads(bob.ok("clone", "hub", "alice/shared", "--json"))
     assert out["status"] == "cloned"
+    assert json.loads(bob.ok("dot", "show", "shared", "--json"))["remotes"] == {
+        "hub": "alice/shared"}
     assert _files(bob.path("shared.db")) == _files(db)
     assert os.readlink(bob.path("shared.uploads") / "link") == "a.txt"
     with open(bob.path("shared.db") / "pages.db", "r+b") as f:  # one page changes

@@ -97,7 +97,8 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
             "writers": [{"pid": w.pid, "name": w.name, "paths": list(w.paths)}
                         for w in s.writers],
             "containers": [{"id": k.id, "name": k.name, "state": k.state,
-                            "volumes": list(k.volumes)} for k in s.containers]}
+                            "volumes": list(k.volumes)} for k in s.containers],
+            "remotes": s.remotes}
 
 
 @cli.command(name="list")
@@ -152,6 +153,8 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     click.echo("  writers:  " + (", ".join(map(str, s.writers)) if s.writers else "none"))
     click.echo("  containers: " + (", ".join(f"{k.name} ({k.state})" for k in s.containers)
                                    if s.containers else "none"))
+    click.echo("  remotes:  " + (", ".join(f"{r} ({d})" for r, d in s.remotes.items())
+                                 if s.remotes else "none"))
 
 
 @dot.command("delete")

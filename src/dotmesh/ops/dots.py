@@ -66,6 +66,7 @@ class DotStatus:
     branches: list[str] = field(default_factory=list)
     writers: list[Writer] = field(default_factory=list)
     containers: list[Container] = field(default_factory=list)
+    remotes: dict[str, str] = field(default_factory=dict)  # remote -> the dot's name there
 
 
 def statuses(home: Home, dots: list[str] | None = None) -> list[DotStatus]:
@@ -94,6 +95,8 @@ def status(home: Home, dot: str, containers: list[Container] | None = None) -> D
         branches=list(home.branches(dot)),
         writers=writers_of(home, dot),
         containers=containers_of(home, dot) if containers is None else containers,
+        remotes={r[0]: r[1] for r in home.conn.execute(
+            "SELECT remote, remote_dot FROM dot_remotes WHERE dot=? ORDER BY remote", (dot,))},
     )
 
 
