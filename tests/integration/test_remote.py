@@ -279,3 +279,28 @@ def test_a_hub_over_tls(tmp_path):
         assert json.loads(alice.ok("push", "--json"))["status"] == "pushed"
     finally:
         h.stop()
+
+
+def test_remote_add_asks_for_the_key_on_a_terminal(hub, tmp_path):
+    import pty
+
+    dm = DM(tmp_path / "tty")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([DM_BIN, "remote", "add", "hub", hub.address("carol"), "--http"],
+                            env=dm.env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 30
+    while b"API key" not in out and time.monotonic() < deadline:
+        out += os.read(leader, 1024)
+    os.write(leader, hub.keys["carol"].encode() + b"\n")
+    assert proc.wait(timeout=30) == 0
+    rest = b""
+    try:
+        while chunk := os.read(leader, 1024):
+            rest += chunk
+    except OSError:
+        pass
+    os.close(leader)
+    assert hub.keys["carol"].encode() not in rest  # typed, not echoed
+    assert b"signed in as carol" in rest
