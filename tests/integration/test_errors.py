@@ -137,3 +137,20 @@ def test_an_unreachable_hub_is_one_line(dm):
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 14 and "cannot reach" in _one_line_error(p)
     assert dm.ok("remote").startswith("No remotes")
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--db", "nonsense", "user", "add", "x"], 11, "cannot use database"),
+    (["--db", "postgresql+psycopg://u:secret@127.0.0.1:1/x", "user", "add", "x"], 11,
+     "Connection refused"),
+    (["--s3", "bad", "user", "add", "x"], 2, "ACCESS_KEY"),
+    (["user", "add", "bad name"], 2, "may only contain"),
+    (["collaborator", "add", "noslash", "bob"], 2, "NAMESPACE/DOT"),
+    (["collaborator", "add", "a/b", "nobody"], 3, "no user named"),
+    (["serve", "--cert", "/etc/hostname"], 2, "both --cert and --key"),
+])
+def test_bad_hub_commands(dm, tmp_path, args, code, needle):
+    p = dm("hub", "--data", str(tmp_path / "hub"), *args)
+    assert p.returncode == code, p.stderr
+    line = _one_line_error(p)
+    assert needle in line and "secret" not in line

@@ -20,11 +20,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound
+from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound, UsageError
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
-from dotmesh.remote.blobs import Blobs
+from dotmesh.remote.blobs import Blobs, StorageError
 from dotmesh.remote.packed import Loc, first_within, read_records, write_pack
 from dotmesh.remote.wire import KIND_NAMES, Record
 
@@ -90,9 +90,18 @@ def engine_for(url: str) -> sa.Engine:
 
 class HubStore:
     def __init__(self, db_url: str, blobs: Blobs) -> None:
-        self.engine = engine_for(db_url)
+        safe = db_url.split("@")[-1] if "@" in db_url else db_url  # no password in messages
+        try:
+            self.engine = engine_for(db_url)
+            md.create_all(self.engine)
+        except ImportError as e:
+            raise UsageError(f"no driver for database {safe!r} ({e.name}): use sqlite:///PATH "
+                             "or postgresql+psycopg://...") from None
+        except (sa.exc.SQLAlchemyError, ValueError) as e:
+            cause = getattr(e, "orig", None) or e
+            raise StorageError(f"cannot use database {safe!r}: "
+                               f"{str(cause).strip().splitlines()[0]}") from None
         self.blobs = blobs
-        md.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
