@@ -160,7 +160,8 @@ def measure(top: Path, size: int, procs: list[subprocess.Popen[bytes]]) -> dict[
     hub_port = free_port()
     hub = ["--data", str(top / "hub")]
     key = json.loads(run(DM, "hub", *hub, "user", "add", "alice", "--json"))["api_key"]
-    procs.append(subprocess.Popen([DM, "hub", *hub, "serve", "--port", str(hub_port)],
+    procs.append(subprocess.Popen([DM, "hub", *hub, "serve", "--port", str(hub_port),
+                                   "--workers", str(os.cpu_count() or 1)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL))
     for _ in range(200):

@@ -7,7 +7,7 @@ Where a hub keeps things comes from flags, or a TOML config file with the same k
     s3 = "KEY:SECRET@http://127.0.0.1:8333/hub"      # and a bucket for the objects
     host = "127.0.0.1"
     port = 8080
-    workers = 2                      # processes (default: one per core)
+    workers = 2                      # processes on the same port (default 1)
     cert = "hub.pem"                 # TLS, with key
     key = "hub.key"
 
@@ -113,7 +113,7 @@ def register(cli: click.Group) -> None:
                   help="TLS certificate (PEM); with --key.")
     @click.option("--key", type=click.Path(path_type=Path, exists=True), default=None)
     @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Processes serving the same port (default: one per core).")
+                  help="Processes serving the same port (default 1).")
     @click.pass_obj
     def serve(cfg: HubConfig, host: str | None, port: int | None, cert: Path | None,
               key: Path | None, workers: int | None) -> None:
@@ -132,7 +132,7 @@ def register(cli: click.Group) -> None:
         store.close()
         host = host or cfg.get("host", "127.0.0.1")
         port = port or int(cfg.get("port", 8080))
-        workers = workers or int(cfg.get("workers", os.cpu_count() or 1))
+        workers = workers or int(cfg.get("workers", 1))
         scheme = "https" if cert else "http"
         click.echo(f"dm hub: serving {scheme}://{host}:{port} with {workers} processes "
                    f"(objects in {store.blobs.describe()})", err=True)
