@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,23 @@ class DM:
 
     def path(self, name: str) -> Path:
         return Path(self.ok("path", name).strip())
+
+
+def kill_inside(start: Callable[[], subprocess.Popen[str]], inside: Callable[[], bool],
+                attempts: int, what: str, wait: float = 60) -> None:
+    """Start a process (``start``) and kill -9 it as soon as ``inside()`` says it is where
+    it should die; start again if it finished first."""
+    for _attempt in range(attempts):
+        proc = start()
+        deadline = time.monotonic() + wait
+        while not inside() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        proc.wait()
+    raise AssertionError(f"never caught dm inside {what}")
 
 
 @pytest.fixture

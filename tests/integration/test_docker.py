@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import kill_inside
 from tests.integration.docker_env import IMAGE, docker_world
 
 # The seed's excerpt, with three services writing to its three volumes.
@@ -191,20 +192,9 @@ def test_kill_during_the_freeze_leaves_no_container_paused(world):
     state = _freezer_state(pid)
     dm.ok("switch", "paused")
     try:
-        for _attempt in range(10):
-            proc = dm.popen("commit", "-m", "killed in the freeze")
-            deadline = time.monotonic() + 60
-            while "FROZEN" not in state.read_text() and state.read_text().strip() != "1":
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.0005)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                break
-            proc.wait()
-        else:
-            raise AssertionError("never caught dm inside a freeze")
+        kill_inside(lambda: dm.popen("commit", "-m", "killed in the freeze"),
+                    lambda: "FROZEN" in state.read_text() or state.read_text().strip() == "1",
+                    10, "a freeze")
         deadline = time.monotonic() + 30
         while engine.run("inspect", "-f", "{{.State.Paused}}", "pager").stdout.strip() != \
                 "false":

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from demo.miniapp import upload_bytes
-from tests.conftest import DM
+from tests.conftest import DM, kill_inside
 from tests.integration.servers import Postgres, Redis, shared_tmp
 
 APP = Path(__file__).resolve().parents[2] / "demo" / "miniapp.py"
@@ -121,20 +120,8 @@ def test_kill_during_the_freeze_leaves_no_writer_stopped(dm):
     big.write_bytes(os.urandom(96 << 20))
     writer = _page_writer(big)
     try:
-        for _attempt in range(5):
-            proc = dm.popen("commit", "-m", "killed in the freeze")
-            deadline = time.monotonic() + 30
-            while _proc_state(writer.pid) not in "Tt" and time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.0005)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                break
-            proc.wait()
-        else:
-            raise AssertionError("never caught dm inside a freeze")
+        kill_inside(lambda: dm.popen("commit", "-m", "killed in the freeze"),
+                    lambda: _proc_state(writer.pid) in "Tt", 5, "a freeze", wait=30)
         deadline = time.monotonic() + 5
         while _proc_state(writer.pid) in "Tt" and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DM, DM_BIN
+from tests.conftest import DM, DM_BIN, kill_inside
 from tests.integration.remote_env import Hub, postgres_db
 
 
@@ -159,19 +158,9 @@ def _big_dot(dm: DM, name: str, mib: int) -> None:
 
 
 def _kill_midway(dm: DM, args: list[str], marker) -> None:
-    """Start ``dm args`` and kill -9 it once ``marker()`` says it is halfway."""
-    for delay in (0.4, 0.2, 0.1, 0.05):
-        proc = dm.popen(*args)
-        deadline = time.monotonic() + 60
-        while not marker() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        proc.wait()
-    raise AssertionError("the transfer always finished before it could be killed")
+    """Run ``dm args`` and kill -9 it as soon as ``marker()`` says the transfer is under way
+    (one try: a transfer that finished leaves nothing to resume)."""
+    kill_inside(lambda: dm.popen(*args), marker, 1, "a transfer")
 
 
 def test_an_interrupted_push_and_clone_resume(hub, tmp_path):

@@ -96,7 +96,7 @@ def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
     user, url = parse_hub(spec, http)
     options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
     r = Remote(name, HUB, url, user, key.strip(), options)
-    t = HubTransport(r.url, r.user, r.secret, f"{user}/x", r.verify())
+    t = HubTransport(r.url, r.user, r.secret, "", r.verify())
     try:
         who = t.whoami()
     finally:
@@ -163,6 +163,11 @@ def remote_dot_for(home: Home, r: Remote, dot: str, given: str | None) -> str:
         if row:
             return str(row[0])
         given = f"{r.user}/{dot}" if r.kind == HUB else dot
+    return check_remote_dot(r, given)
+
+
+def check_remote_dot(r: Remote, given: str) -> str:
+    """A dot's name on ``r``: ``NAMESPACE/DOT`` on a hub, ``/``-separated names in a bucket."""
     ns, slash, name = given.partition("/")
     if r.kind == HUB:
         if not slash:

@@ -185,13 +185,13 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
             continue
         got = t.history(want, have)
         note(got)
-        for rec in got:
-            if rec.oid not in commits and not home.packs.has(rec.oid):
-                commits[rec.oid] = rec
-                parsed[rec.oid] = Commit.decode(rec.raw())
-        for c in parsed.values():
-            frontier.extend(p for p in c.parents if p not in commits and not
-                            home.packs.has(p))
+        fresh = [r for r in got if r.oid not in commits and not home.packs.has(r.oid)]
+        for rec in fresh:
+            commits[rec.oid] = rec
+            parsed[rec.oid] = Commit.decode(rec.raw())
+        for rec in fresh:
+            frontier.extend(p for p in parsed[rec.oid].parents
+                            if p not in commits and not home.packs.has(p))
 
     fetched: dict[bytes, Record] = {}
 
@@ -321,7 +321,7 @@ def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: Obje
 def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | None = None,
           local_name: str | None = None, progress: Progress | None = None) -> Transfer:
     r = remotes.get(home, remote_name)
-    rdot = remotes.remote_dot_for(home, r, "x", remote_dot)
+    rdot = remotes.check_remote_dot(r, remote_dot)
     branch = check_branch(branch or DEFAULT_BRANCH)
     name = check_name(local_name or rdot.rpartition("/")[2], "local dot name")
     if home.dot_exists(name):

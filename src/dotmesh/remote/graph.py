@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
-from dotmesh.errors import NotFound
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -222,12 +221,5 @@ def discover(commits: list[Commit], lacking: Lacking, fetch: Fetch, batch: int =
     return trees, lists, lacking(list(chunks)) if chunks else set()
 
 
-def chunks_of(get: Get, lists: Iterable[bytes]) -> set[bytes]:
-    out: set[bytes] = set()
-    for fl in lists:
-        out.update(c for c, _ in FileList.decode(get(fl)).chunks if c != HOLE)
-    return out
-
-
-__all__ = ["Delta", "NotFound", "SymlinkCheck", "ancestors", "chunks_of", "climb",
-           "commits_between", "delta", "discover"]
+__all__ = ["Delta", "SymlinkCheck", "ancestors", "climb", "commits_between", "delta",
+           "discover"]

@@ -109,6 +109,7 @@ class HubTransport:
 
     def __init__(self, url: str, user: str, key: str, remote_dot: str,
                  verify: bool | str = True) -> None:
+        """``remote_dot`` is NAMESPACE/DOT ("" when only asking who the key belongs to)."""
         import httpx  # noqa: PLC0415
 
         self.url, self.remote_dot = url.rstrip("/"), remote_dot

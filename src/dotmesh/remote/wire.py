@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from dotmesh.errors import DotmeshError, NotFound
+from dotmesh.errors import DotmeshError
 from dotmesh.model.objects import (
     KIND_CHUNK,
     KIND_COMMIT,
@@ -202,7 +202,7 @@ def apply_delta(data: bytes, base: Get, short: str, source: str) -> bytes:
     base_id, nops = _DELTA_HEAD.unpack_from(data)
     try:
         old = FileList.decode(base(base_id)).chunks
-    except (NotFound, DotmeshError):
+    except DotmeshError:
         raise BadTransfer(f"{source} sent {short} as changes to file list "
                           f"{base_id.hex()[:16]}, which is not here") from None
     out: list[tuple[bytes, int]] = []

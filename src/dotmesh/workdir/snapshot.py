@@ -13,7 +13,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +352,7 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
 
 
 def update(top: Path, store: PackStore, writer: PackWriter | None, prev: SnapshotResult,
-           changed: dict[str, set[str]], fresh: set[str] = frozenset(),  # type: ignore[assignment]
+           changed: dict[str, set[str]], fresh: Collection[str] = frozenset(),
            progress: Progress | None = None, defer: bool = False,
            watch: Watch | None = None) -> SnapshotResult:
     """The snapshot of ``top`` when only the names in ``changed`` (folder -> names) may differ
