@@ -53,6 +53,16 @@ class Corrupt(DotmeshError):
     exit_code = 7
 
 
+class TooLarge(UsageError):
+    """Something over one of the size limits of dotmesh's format (docs/format.md)."""
+
+
+class OutOfSpace(DotmeshError):
+    """The disk is full; nothing was recorded, and the store works again once there is room."""
+
+    exit_code = 11
+
+
 class Unauthorized(DotmeshError):
     """No API key, or one the hub does not know; the message says how to give one."""
 

@@ -3,6 +3,8 @@ a scaled-out hub, and ``dm hub serve`` processes."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -84,6 +86,9 @@ def seaweedfs() -> Iterator[S3Server]:
     ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
     grpc = {k: free_port() for k in ports}
     log = top / "weed.log"
+    # Newer releases also serve Iceberg and Lance catalogs on fixed ports: two servers at
+    # once (two test runs on one machine) would collide there.
+    extra = [f"-s3.port.{k}=0" for k in ("iceberg", "lance") if f"-s3.port.{k}" in _weed_flags()]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [WEED, "server", f"-dir={top / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -91,7 +96,7 @@ def seaweedfs() -> Iterator[S3Server]:
              f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
              "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
              "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
-             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
+             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=50", *extra],
             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         server = S3Server(f"http://127.0.0.1:{ports['s3']}")
@@ -107,9 +112,15 @@ def seaweedfs() -> Iterator[S3Server]:
                 time.sleep(0.2)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(top, ignore_errors=True)
+
+
+@functools.cache
+def _weed_flags() -> str:
+    return subprocess.run([WEED, "server", "-h"], capture_output=True, text=True).stderr
 
 
 @contextmanager

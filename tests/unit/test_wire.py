@@ -111,11 +111,46 @@ def test_batches_split_by_size():
     assert [len(p) for p in parts] == [3, 3, 3, 1]
 
 
-@pytest.mark.parametrize("target, climb", [
-    ("a", 0), ("../a", 1), ("../../x/y", 2), ("a/../../b", 1), ("./././a", 0),
-    ("/etc/passwd", graph.INF), ("a/b/../../..", 1), ("", 0)])
-def test_how_far_a_symlink_climbs(target, climb):
-    assert graph.climb(target) == climb
+def _link(name: str, target: str) -> list[object]:
+    return [name, SYMLINK, 0o777, 0, 0, 1, 0, target, 0]
+
+
+@pytest.mark.parametrize("rows, bad", [
+    ([_link("a", "b")], None),
+    ([_link("a", "../a")], "a"),
+    ([_link("a", "x/y/../../../b")], "a"),
+    ([_link("a", "./././b")], None),
+    ([_link("a", "/etc/passwd")], "a"),
+    ([_link("a", "b/../c")], None),  # b is missing: b/.. is where a is
+    # Each text alone stays inside; together they climb out (the chain).
+    ([_link("s0", "."), _link("s1", "s0/.."), _link("s2", "s1/s1/s1")], "s1"),
+    ([_link("s0", "."), *[_link(f"s{i}", f"s{i - 1}/..") for i in range(1, 13)],
+      _link("escape", "s12/etc/passwd")], "s9"),
+    ([_link("up", "d/.."), ["d", DIR, 0o755, 0, 0, 1, 0, object_id(
+        encode_tree_rows([])).hex(), 0]], None),  # d is a real folder: d/.. is the top
+    ([_link("l", "f/.."), ["f", FILE, 0o644, 0, 0, 1, 0, None, 0]], None),
+])
+def test_symlinks_are_followed_through_the_tree(rows, bad):
+    store = {object_id(encode_tree_rows([])): encode_tree_rows([])}
+    data = encode_tree_rows(list(rows))
+    store[object_id(data)] = data
+    check = graph.SymlinkCheck(store.__getitem__)
+    assert check.check_root(object_id(data), "s") == (f"s:{bad}" if bad else None)
+
+
+def test_a_chain_through_a_link_in_another_folder_is_refused():
+    store: dict[bytes, bytes] = {}
+
+    def tree(rows: list[list[object]]) -> bytes:
+        data = encode_tree_rows(rows)
+        store[object_id(data)] = data
+        return object_id(data)
+
+    inner = tree([_link("top", "..")])  # d/top -> .. is the subdot's top: inside
+    root = tree([["d", DIR, 0o755, 0, 0, 1, 0, inner.hex(), 0],
+                 _link("x", "d/top/d/top"),  # down through links only: inside
+                 _link("y", "d/top/..")])  # climbs from where d/top points: out
+    assert graph.SymlinkCheck(store.__getitem__).check_root(root, "s") == "s:y"
 
 
 def test_symlinks_are_checked_at_the_depth_their_tree_is_restored():

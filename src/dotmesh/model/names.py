@@ -15,10 +15,13 @@ DEFAULT_SUBDOT = "__default__"
 DEFAULT_BRANCH = "master"
 MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 
 
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is 1-64 letters, digits, ``-`` or ``_``; raise :class:`InvalidName`."""
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} must be text")
     if not _NAME.fullmatch(name):
         if not name:
             raise InvalidName(f"{what} must not be empty")
@@ -26,6 +29,15 @@ def check_name(name: str, what: str = "name") -> str:
             raise InvalidName(f"{what} {name!r} is longer than {MAX_NAME} characters")
         raise InvalidName(f"{what} {name!r} may only contain letters, digits, '-' and '_'")
     return name
+
+
+def check_metadata_key(key: str) -> str:
+    """Commit metadata keys: 1-128 letters, digits and ``_.:/@+-``, starting with a letter or
+    digit (``ticket``, ``ci/run-id``); ``dm.`` keys are dotmesh's own."""
+    if not _METADATA_KEY.fullmatch(key):
+        raise InvalidName(f"metadata key {key[:80]!r} must be 1-128 letters, digits or "
+                          "'_.:/@+-', starting with a letter or digit")
+    return key
 
 
 def check_branch(name: str) -> str:

@@ -9,20 +9,43 @@ what it gets.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import NewType
 
 import blake3
 
-from dotmesh.errors import Corrupt
+from dotmesh.errors import Corrupt, InvalidName
+from dotmesh.model.names import check_metadata_key, check_name
 
 ObjectId = NewType("ObjectId", bytes)
 ID_LEN = 32
 HOLE = ObjectId(bytes(ID_LEN))  # a run of zero bytes, restored as a sparse hole
 
 KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT = 0, 1, 2, 3
+KIND_NAMES = {KIND_CHUNK: "chunk", KIND_FILELIST: "file list", KIND_TREE: "tree",
+              KIND_COMMIT: "commit"}
 MAGIC_FILELIST, MAGIC_TREE, MAGIC_COMMIT = b"DMF1", b"DMT1", b"DMC1"
+
+# The largest object of each kind that dm itself makes (docs/format.md lists them). Everything
+# that comes from outside is held to these before it is decompressed or parsed.
+MAX_CHUNK = 256 << 10  # FastCDC's largest cut; small files and pages are smaller
+MAX_FILELIST = 64 << 20  # 1.8 million chunks: files up to ~14 GiB of pages, ~450 GiB of CDC
+MAX_TREE = 64 << 20  # about 500,000 entries in one folder
+MAX_COMMIT = 1 << 20
+MAX_SIZE = {KIND_CHUNK: MAX_CHUNK, KIND_FILELIST: MAX_FILELIST, KIND_TREE: MAX_TREE,
+            KIND_COMMIT: MAX_COMMIT}
+MAX_NAME_BYTES = 255  # NAME_MAX: a longer file name cannot be restored anywhere
+MAX_LINK_BYTES = 4095  # PATH_MAX - 1: the longest symlink target Linux accepts
+MAX_MESSAGE = 64 << 10
+MAX_AUTHOR = 256
+MAX_METADATA = 256  # keys of one commit
+MAX_PARENTS = 64
+MAX_SUBDOTS = 1024
+MAX_DEPTH = 256  # folders nested in a subdot
+INT64 = 1 << 63
+UINT32 = 1 << 32
 
 # Tree entry kinds.
 FILE, DIR, SYMLINK = "f", "d", "l"
@@ -32,14 +55,14 @@ def object_id(data: bytes | memoryview) -> ObjectId:
     return ObjectId(blake3.blake3(data).digest())
 
 
-def parse_hex_id(text: str) -> ObjectId:
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raise Corrupt(f"bad object id {text!r}") from None
-    if len(raw) != ID_LEN:
-        raise Corrupt(f"bad object id {text!r}")
-    return ObjectId(raw)
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_hex_id(text: object) -> ObjectId:
+    """An object id from its canonical text: 64 lowercase hex digits."""
+    if not isinstance(text, str) or not _HEX_ID.fullmatch(text):
+        raise Corrupt(f"bad object id {str(text)[:80]!r}")
+    return ObjectId(bytes.fromhex(text))
 
 
 def _canonical_json(value: object) -> bytes:
@@ -70,14 +93,23 @@ class FileList:
 
     @classmethod
     def decode(cls, data: bytes) -> FileList:
+        """Parse and check a file list: every chunk 1..MAX_CHUNK bytes (holes too, as dm cuts
+        them), the total what the header says."""
         if len(data) < _FL_HEAD.size:
             raise Corrupt("file list object is truncated")
+        if len(data) > MAX_FILELIST:
+            raise Corrupt(f"file list object of {len(data)} bytes is over the "
+                          f"{MAX_FILELIST}-byte limit")
         magic, size, count = _FL_HEAD.unpack_from(data)
         if magic != MAGIC_FILELIST or len(data) != _FL_HEAD.size + count * _FL_ENTRY.size:
             raise Corrupt("file list object is malformed")
         chunks = tuple(
             (ObjectId(cid), n) for cid, n in _FL_ENTRY.iter_unpack(data[_FL_HEAD.size:])
         )
+        if chunks and not 0 < min(n for _, n in chunks) <= max(n for _, n in chunks) \
+                <= MAX_CHUNK:
+            raise Corrupt(f"file list object names a chunk of a length dm never makes "
+                          f"(0 or over {MAX_CHUNK} bytes)")
         fl = cls(chunks)
         if fl.size != size:
             raise Corrupt("file list object's size does not match its chunks")
@@ -87,10 +119,34 @@ class FileList:
 # ---------------------------------------------------------------- trees
 
 
+def _fs_bytes(text: str) -> bytes | None:
+    """The bytes a name or link text stands for on disk (file names that are not UTF-8 appear
+    as lone surrogates \\udc80-\\udcff); None if it stands for none."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+
+
 def check_entry_name(name: str) -> None:
-    """Reject names that could escape the folder a tree is restored into."""
-    if name in ("", ".", "..") or "/" in name or "\x00" in name:
-        raise Corrupt(f"tree entry has an unsafe name {name!r}")
+    """Reject names that could escape the folder a tree is restored into, or that no folder
+    could hold."""
+    raw = _fs_bytes(name)
+    if (raw is None or name in ("", ".", "..") or b"/" in raw or b"\x00" in raw
+            or len(raw) > MAX_NAME_BYTES):
+        raise Corrupt(f"tree entry has an unsafe name {name[:80]!r}")
+
+
+def check_link_target(name: str, target: str) -> None:
+    """A symlink's text must be one Linux can hold (its escapes are judged elsewhere, against
+    the whole tree: see remote.graph.SymlinkCheck)."""
+    raw = _fs_bytes(target)
+    if raw is None or not raw or b"\x00" in raw or len(raw) > MAX_LINK_BYTES:
+        raise Corrupt(f"symlink {name[:80]!r} has a malformed target")
+
+
+def _is_int(n: object, low: int, high: int) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and low <= n < high
 
 
 @dataclass(frozen=True)
@@ -119,28 +175,35 @@ class Entry:
 
     @classmethod
     def from_json(cls, row: object) -> Entry:
-        try:
-            assert isinstance(row, list) and len(row) == 9
-            name, kind, mode, uid, gid, mtime_ns, size, ref, chunked = row
-            assert isinstance(name, str) and kind in (FILE, DIR, SYMLINK)
-            for n in (mode, uid, gid, mtime_ns, size, chunked):
-                assert isinstance(n, int) and not isinstance(n, bool)
-            assert 0 <= mode < 0o10000 and uid >= 0 and gid >= 0 and size >= 0
-        except AssertionError:
-            raise Corrupt(f"tree entry is malformed: {str(row)[:80]}") from None
+        """Parse one row, holding it to what dm writes: the kind's fields only, numbers in the
+        ranges the kernel takes, a file's size matching what its content id can be."""
+        if not (isinstance(row, list) and len(row) == 9):
+            raise Corrupt(f"tree entry is malformed: {str(row)[:80]}")
+        name, kind, mode, uid, gid, mtime_ns, size, ref, chunked = row
+        if not (isinstance(name, str) and kind in (FILE, DIR, SYMLINK)
+                and _is_int(mode, 0, 0o10000) and _is_int(uid, 0, UINT32)
+                and _is_int(gid, 0, UINT32) and _is_int(mtime_ns, -INT64, INT64)
+                and _is_int(size, 0, INT64) and chunked in (0, 1)
+                and not isinstance(chunked, bool)):
+            raise Corrupt(f"tree entry is malformed: {str(row)[:80]}")
         check_entry_name(name)
         oref: ObjectId | str | None
         if kind == SYMLINK:
-            if not isinstance(ref, str) or "\x00" in ref:
-                raise Corrupt(f"symlink {name!r} has a malformed target")
+            if not isinstance(ref, str) or size or chunked:
+                raise Corrupt(f"symlink {name[:80]!r} is malformed")
+            check_link_target(name, ref)
             oref = ref
+        elif kind == DIR:
+            if not isinstance(ref, str) or size or chunked:
+                raise Corrupt(f"folder {name[:80]!r} is malformed")
+            oref = parse_hex_id(ref)
         elif ref is None:
-            if kind == DIR or size:
-                raise Corrupt(f"entry {name!r} lacks its content id")
+            if size or chunked:
+                raise Corrupt(f"entry {name[:80]!r} lacks its content id")
             oref = None
         else:
-            if not isinstance(ref, str):
-                raise Corrupt(f"entry {name!r} has a malformed content id")
+            if not isinstance(ref, str) or not size or (not chunked and size > MAX_CHUNK):
+                raise Corrupt(f"file {name[:80]!r} has a size its content cannot have")
             oref = parse_hex_id(ref)
         return cls(name, kind, mode, uid, gid, mtime_ns, size, oref, bool(chunked))
 
@@ -158,6 +221,16 @@ def encode_tree_rows(rows: list[list[object]]) -> bytes:
     return MAGIC_TREE + b"\n" + json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+# The shape of an encoded tree, checked before json.loads builds anything: rows of exactly
+# nine fields of the right types. Parsing a checked tree allocates a few times its size, where
+# unchecked JSON (``[[],[],...]``, which zstd shrinks to nothing) would cost twenty times.
+_STR = rb'"[^"\\\x00-\x1f\x80-\xff]*(?:\\[^\x00-\x1f\x80-\xff][^"\\\x00-\x1f\x80-\xff]*)*"'
+_UINT = rb"(?:0|[1-9][0-9]{0,19})"
+_ROW = (rb'\[' + _STR + rb',"[fdl]",' + _UINT + rb"," + _UINT + rb"," + _UINT + rb",-?" + _UINT
+        + rb"," + _UINT + rb",(?:" + _STR + rb"|null),[01]\]")
+_TREE_SHAPE = re.compile(rb"\[(?:" + _ROW + rb"(?:," + _ROW + rb")*)?\]")
+
+
 @dataclass(frozen=True)
 class Tree:
     entries: tuple[Entry, ...]
@@ -169,15 +242,19 @@ class Tree:
     def decode(cls, data: bytes) -> Tree:
         if not data.startswith(MAGIC_TREE + b"\n"):
             raise Corrupt("tree object is malformed")
+        if len(data) > MAX_TREE:
+            raise Corrupt(f"tree object of {len(data)} bytes is over the {MAX_TREE}-byte limit")
+        body = memoryview(data)[5:]
+        if not _TREE_SHAPE.fullmatch(body):
+            raise Corrupt("tree object is not a list of tree entries")
         try:
-            rows = json.loads(data[5:])
-        except ValueError:
+            rows = json.loads(bytes(body))
+        except (ValueError, RecursionError):
             raise Corrupt("tree object is not valid JSON") from None
-        if not isinstance(rows, list):
-            raise Corrupt("tree object is malformed")
         entries = tuple(Entry.from_json(r) for r in rows)
-        if len({e.name for e in entries}) != len(entries):
-            raise Corrupt("tree object has duplicate names")
+        keys = [_row_key([e.name]) for e in entries]
+        if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
+            raise Corrupt("tree object's names are not sorted or not unique")
         return cls(entries)
 
 
@@ -203,14 +280,11 @@ class Root:
 
     @classmethod
     def from_json(cls, d: object) -> Root:
-        if not isinstance(d, dict):
-            raise TypeError
-        ints = [d["mode"], d["uid"], d["gid"], d["mtime_ns"]]
-        if not all(isinstance(n, int) and n >= 0 for n in ints[:3]) or not isinstance(ints[3], int):
-            raise TypeError
-        if ints[0] >= 0o10000:
-            raise TypeError
-        return cls(parse_hex_id(d["tree"]), *ints)
+        if not (isinstance(d, dict) and set(d) == {"tree", "mode", "uid", "gid", "mtime_ns"}
+                and _is_int(d["mode"], 0, 0o10000) and _is_int(d["uid"], 0, UINT32)
+                and _is_int(d["gid"], 0, UINT32) and _is_int(d["mtime_ns"], -INT64, INT64)):
+            raise Corrupt("commit object has a malformed subdot")
+        return cls(parse_hex_id(d["tree"]), d["mode"], d["uid"], d["gid"], d["mtime_ns"])
 
 
 @dataclass(frozen=True)
@@ -225,7 +299,7 @@ class Commit:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return MAGIC_COMMIT + b"\n" + _canonical_json({
+        data = MAGIC_COMMIT + b"\n" + _canonical_json({
             "parents": [p.hex() for p in self.parents],
             "subdots": {k: v.to_json() for k, v in self.subdots.items()},
             "message": self.message,
@@ -233,19 +307,41 @@ class Commit:
             "timestamp_ns": self.timestamp_ns,
             "metadata": self.metadata,
         })
+        if len(data) > MAX_COMMIT:
+            raise Corrupt(f"a commit of {len(data)} bytes is over the {MAX_COMMIT}-byte limit")
+        return data
 
     @classmethod
     def decode(cls, data: bytes) -> Commit:
-        if not data.startswith(MAGIC_COMMIT + b"\n"):
+        """Parse a commit, holding every name to the rules local input follows (a subdot name
+        becomes a folder name: it must never be a path)."""
+        if not data.startswith(MAGIC_COMMIT + b"\n") or len(data) > MAX_COMMIT:
             raise Corrupt("commit object is malformed")
         try:
             d = json.loads(data[5:])
-            parents = tuple(parse_hex_id(p) for p in d["parents"])
-            subdots = {str(k): Root.from_json(v) for k, v in d["subdots"].items()}
-            meta = {str(k): str(v) for k, v in d["metadata"].items()}
-            ts = d["timestamp_ns"]
-            if not isinstance(ts, int):
-                raise TypeError
-            return cls(parents, subdots, str(d["message"]), str(d["author"]), ts, meta)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise Corrupt("commit object is malformed") from None
+        except (ValueError, RecursionError):
+            raise Corrupt("commit object is not valid JSON") from None
+        if not (isinstance(d, dict) and set(d) == {"parents", "subdots", "message", "author",
+                                                   "timestamp_ns", "metadata"}
+                and isinstance(d["parents"], list) and isinstance(d["subdots"], dict)
+                and isinstance(d["metadata"], dict) and isinstance(d["message"], str)
+                and isinstance(d["author"], str) and _is_int(d["timestamp_ns"], -INT64, INT64)):
+            raise Corrupt("commit object is malformed")
+        parents = tuple(parse_hex_id(p) for p in d["parents"])
+        if len(parents) > MAX_PARENTS or len(set(parents)) != len(parents):
+            raise Corrupt("commit object has too many or repeated parents")
+        if (len(d["subdots"]) > MAX_SUBDOTS or len(d["metadata"]) > MAX_METADATA
+                or len(d["message"]) > MAX_MESSAGE or len(d["author"]) > MAX_AUTHOR):
+            raise Corrupt("commit object is over the limits of a commit")
+        try:
+            for sub in d["subdots"]:
+                check_name(sub, "subdot name")
+            for key in d["metadata"]:
+                check_metadata_key(key)
+        except InvalidName as e:
+            raise Corrupt(f"commit object names something badly: {e}") from None
+        if not all(isinstance(v, str) for v in d["metadata"].values()):
+            raise Corrupt("commit object has malformed metadata")
+        subdots = {k: Root.from_json(v) for k, v in d["subdots"].items()}
+        return cls(parents, subdots, d["message"], d["author"], d["timestamp_ns"],
+                   dict(d["metadata"]))

@@ -2,7 +2,8 @@
 
 The contract (one test suite runs it against every implementation):
 - ``put`` is atomic (a reader sees all of it or nothing) and idempotent;
-- ``get_range`` reads part of a value; NotFound if the key is absent;
+- ``get`` reads a value (refusing one over ``limit`` bytes), ``get_range`` part of one
+  (never more than asked); NotFound if the key is absent;
 - ``list`` returns every key under a prefix, sorted;
 - ``read_versioned`` returns a value with a version tag, and ``put_if`` replaces it only if
   the tag still matches (or, with ``None``, only if the key is absent): the compare-and-swap
@@ -39,12 +40,19 @@ def check_key(key: str) -> str:
     return key
 
 
+def _within(data: bytes, limit: int | None, key: str) -> bytes:
+    if limit is not None and len(data) > limit:
+        raise StorageError(f"{key} is larger than the {limit} bytes it may have")
+    return data
+
+
 class Blobs(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, limit: int | None = None) -> bytes: ...
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def list(self, prefix: str) -> list[str]: ...
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None: ...
+    def read_versioned(self, key: str, limit: int | None = None
+                       ) -> tuple[bytes, str] | None: ...
     def put_if(self, key: str, data: bytes, version: str | None) -> str: ...
     def describe(self) -> str: ...
 
@@ -82,11 +90,13 @@ class LocalBlobs:
         finally:
             os.close(dfd)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
         except FileNotFoundError:
             raise NotFound(f"{key} is not in {self.root}") from None
+        return _within(data, limit, key)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         try:
@@ -106,9 +116,9 @@ class LocalBlobs:
                     out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return sorted(out)
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
         try:
-            data = self.get(key)
+            data = self.get(key, limit)
         except NotFound:
             return None
         return data, hashlib.sha256(data).hexdigest()
@@ -171,15 +181,17 @@ class S3Blobs:
     def put(self, key: str, data: bytes) -> None:
         self._call("put", self.s3.put_object, Key=self._key(key), Body=data)
 
-    def get(self, key: str) -> bytes:
-        return bytes(self._call("get", self.s3.get_object, Key=self._key(key))["Body"].read())
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        body = self._call("get", self.s3.get_object, Key=self._key(key))["Body"]
+        return _within(bytes(body.read() if limit is None else body.read(limit + 1)), limit,
+                       key)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if length <= 0:
             return b""
         r = self._call("get", self.s3.get_object, Key=self._key(key),
                        Range=f"bytes={start}-{start + length - 1}")
-        return bytes(r["Body"].read())
+        return bytes(r["Body"].read(length))
 
     def list(self, prefix: str) -> list[str]:
         out: list[str] = []
@@ -199,12 +211,14 @@ class S3Blobs:
             if not page.get("IsTruncated") or not token:
                 return
 
-    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+    def read_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
         try:
             r = self._call("get", self.s3.get_object, Key=self._key(key))
         except NotFound:
             return None
-        return bytes(r["Body"].read()), str(r["ETag"])
+        body = r["Body"]
+        data = bytes(body.read() if limit is None else body.read(limit + 1))
+        return _within(data, limit, key), str(r["ETag"])
 
     def put_if(self, key: str, data: bytes, version: str | None) -> str:
         cond = {"IfMatch": version} if version else {"IfNoneMatch": "*"}

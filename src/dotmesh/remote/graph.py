@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
+from dotmesh.errors import Corrupt
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -20,6 +21,7 @@ from dotmesh.model.objects import (
     KIND_COMMIT,
     KIND_FILELIST,
     KIND_TREE,
+    MAX_DEPTH,
     SYMLINK,
     Commit,
     Entry,
@@ -28,7 +30,6 @@ from dotmesh.model.objects import (
 )
 
 Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
-INF = 1 << 30
 
 
 def ancestors(get: Get, heads: Iterable[bytes], have: Callable[[bytes], bool]) -> set[bytes]:
@@ -101,21 +102,28 @@ class _Differ:
         self.done: set[tuple[bytes, bytes | None]] = set()
 
     def tree(self, new: bytes, old: bytes | None) -> None:
-        if new == old or (new, old) in self.done:
-            return
-        self.done.add((new, old))
-        self.out.add(new, KIND_TREE)
-        before = {e.name: e for e in Tree.decode(self.get(old)).entries} if old else {}
-        for e in Tree.decode(self.get(new)).entries:
-            o = before.get(e.name)
-            if e.kind == DIR:
-                assert isinstance(e.ref, bytes)
-                self.tree(e.ref, o.ref if o is not None and o.kind == DIR and isinstance(
-                    o.ref, bytes) else None)
-            elif e.kind == FILE and isinstance(e.ref, bytes):
-                if o is not None and o.kind == FILE and o.ref == e.ref:
-                    continue
-                self.file(e, o if o is not None and o.kind == FILE else None)
+        """Add what ``new`` has and ``old`` lacks (iteratively: trees from outside may be
+        nested deep)."""
+        stack = [(new, old, 0)]
+        while stack:
+            new, old, depth = stack.pop()
+            if new == old or (new, old) in self.done:
+                continue
+            if depth > MAX_DEPTH:
+                raise Corrupt(f"tree {new.hex()[:16]} is nested over {MAX_DEPTH} folders deep")
+            self.done.add((new, old))
+            self.out.add(new, KIND_TREE)
+            before = {e.name: e for e in Tree.decode(self.get(old)).entries} if old else {}
+            for e in Tree.decode(self.get(new)).entries:
+                o = before.get(e.name)
+                if e.kind == DIR:
+                    assert isinstance(e.ref, bytes)
+                    stack.append((e.ref, o.ref if o is not None and o.kind == DIR and isinstance(
+                        o.ref, bytes) else None, depth + 1))
+                elif e.kind == FILE and isinstance(e.ref, bytes):
+                    if o is not None and o.kind == FILE and o.ref == e.ref:
+                        continue
+                    self.file(e, o if o is not None and o.kind == FILE else None)
 
     def file(self, e: Entry, old: Entry | None) -> None:
         assert isinstance(e.ref, bytes)
@@ -134,54 +142,88 @@ class _Differ:
                 self.out.add(cid, KIND_CHUNK)
 
 
-def climb(target: str) -> int:
-    """How many folders above its own a symlink's target reaches (INF if absolute)."""
-    if target.startswith("/"):
-        return INF
-    level = lowest = 0
-    for part in target.split("/"):
-        if part in ("", "."):
-            continue
-        level += -1 if part == ".." else 1
-        lowest = min(lowest, level)
-    return -lowest
-
-
 class SymlinkCheck:
-    """Rejects trees whose symlinks point out of the subdot they would be restored in.
+    """Rejects trees whose symlinks could lead out of the subdot they are restored in, alone or
+    chained: each link text is followed through the tree being received, as the kernel would.
 
-    ``reach(tree)`` is how far above that folder its deepest-reaching symlink points; a tree
-    restored ``depth`` folders below the subdot's top is safe if its reach is at most that.
-    Memoized by tree id, since subtrees repeat across commits.
+    The rule: a target is relative, and each ``..`` climbs out of a real folder of the tree,
+    never above the subdot's top, and never after the walk went through a name that is itself
+    a link (from there the kernel climbs from wherever that link points: ``s1 -> s0/..`` with
+    ``s0 -> .`` is the parent of the top). Names the tree lacks (or files) count as one level
+    each, so ``missing/..`` stays where it was. A target without ``..`` after a link only goes
+    down from places inside, so by induction every chain stays inside.
+
+    A folder whose links never climb above it is judged once (by tree id) wherever it appears;
+    the others are judged at each place, since what ``..`` reaches depends on it.
     """
 
     def __init__(self, get: Get) -> None:
         self.get = get
-        self.memo: dict[bytes, tuple[int, str]] = {}
+        self.contained: set[bytes] = set()
+        self._entries: dict[bytes, dict[str, Entry]] = {}
+
+    def entries(self, tree: bytes) -> dict[str, Entry]:
+        got = self._entries.get(tree)
+        if got is None:
+            if len(self._entries) > 4096:
+                self._entries.clear()
+            got = self._entries[tree] = {e.name: e for e in Tree.decode(self.get(tree)).entries}
+        return got
 
     def check_root(self, tree: bytes, subdot: str) -> str | None:
-        """None if safe; else the path of an escaping symlink."""
-        r, where = self.reach(tree)
-        return None if r <= 0 else f"{subdot}:{where}"
-
-    def reach(self, tree: bytes) -> tuple[int, str]:
-        got = self.memo.get(tree)
-        if got is not None:
-            return got
-        best, where = 0, ""
-        for e in Tree.decode(self.get(tree)).entries:
+        """None if safe; else ``SUBDOT:PATH`` of a link that leads out."""
+        # Depth-first, children before their folder; a frame is (chain of tree ids from the
+        # top, path, the lowest level any link below reaches, entries still to look at).
+        frames: list[tuple[list[bytes], str, list[int], list[Entry]]] = [
+            ([tree], "", [0], list(self.entries(tree).values()))]
+        while frames:
+            chain, where, low, todo = frames[-1]
+            if not todo:
+                frames.pop()
+                if low[0] >= len(chain) - 1:
+                    self.contained.add(chain[-1])
+                if frames:
+                    frames[-1][2][0] = min(frames[-1][2][0], low[0])
+                continue
+            e = todo.pop()
             if e.kind == SYMLINK:
                 assert isinstance(e.ref, str)
-                r, w = climb(e.ref), e.name
-            elif e.kind == DIR and isinstance(e.ref, bytes):
-                inner, path = self.reach(e.ref)
-                r, w = inner - 1, f"{e.name}/{path}"
-            else:
+                reached = self.resolve(chain, e.ref)
+                if reached is None:
+                    return f"{subdot}:{where}{e.name}"
+                low[0] = min(low[0], reached)
+            elif e.kind == DIR and isinstance(e.ref, bytes) and e.ref not in self.contained:
+                if len(chain) >= MAX_DEPTH:
+                    return f"{subdot}:{where}{e.name} (folders nested over {MAX_DEPTH} deep)"
+                frames.append(([*chain, e.ref], f"{where}{e.name}/", [len(chain)],
+                               list(self.entries(e.ref).values())))
+        return None
+
+    def resolve(self, chain: list[bytes], target: str) -> int | None:
+        """The lowest level (0 is the top) that ``target``, written in the folder at the end
+        of ``chain``, passes through; None if it leads out."""
+        if target.startswith("/"):
+            return None
+        path: list[bytes | None] = list(chain)
+        low = len(path) - 1
+        through_link = False
+        for part in target.split("/"):
+            if part in ("", "."):
                 continue
-            if r > best:
-                best, where = r, w
-        self.memo[tree] = (best, where)
-        return best, where
+            if part == "..":
+                if through_link or len(path) == 1:
+                    return None
+                path.pop()
+                low = min(low, len(path) - 1)
+                continue
+            here = path[-1]
+            e = self.entries(here).get(part) if here is not None else None
+            if e is not None and e.kind == DIR and isinstance(e.ref, bytes):
+                path.append(e.ref)
+            else:
+                through_link = through_link or (e is not None and e.kind == SYMLINK)
+                path.append(None)
+        return low
 
 
 Fetch = Callable[[dict[bytes, int]], dict[bytes, bytes]]  # ids and kinds -> their bytes
@@ -198,7 +240,11 @@ def discover(commits: list[Commit], lacking: Lacking, fetch: Fetch, batch: int =
     lists: dict[bytes, bytes] = {}
     chunks: set[bytes] = set()
     level = list({r.tree for c in commits for r in c.subdots.values()})
+    depth = 0
     while level:
+        depth += 1
+        if depth > MAX_DEPTH + 1:
+            raise Corrupt(f"the trees sent are nested over {MAX_DEPTH} folders deep")
         want = [t for t in lacking(level) if t not in trees]
         level, files, singles = [], [], []
         for i in range(0, len(want), batch):
@@ -221,5 +267,4 @@ def discover(commits: list[Commit], lacking: Lacking, fetch: Fetch, batch: int =
     return trees, lists, lacking(list(chunks)) if chunks else set()
 
 
-__all__ = ["Delta", "SymlinkCheck", "ancestors", "climb", "commits_between", "delta",
-           "discover"]
+__all__ = ["Delta", "SymlinkCheck", "ancestors", "commits_between", "delta", "discover"]

@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dotmesh.errors import Corrupt
+from dotmesh.model.objects import MAX_SIZE
 from dotmesh.remote.blobs import Blobs
-from dotmesh.remote.wire import Record, encode
-from dotmesh.store.packs import PACK_MAGIC, RECORD
+from dotmesh.remote.wire import MAX_BATCH, Record, encode
+from dotmesh.store.packs import PACK_MAGIC, RECORD, ZSTD_SLACK
 
 RUN_GAP = 256 << 10  # objects closer than this in a pack are read with one request
 RUN_MAX = 16 << 20
@@ -104,7 +105,16 @@ def encode_index(locs: dict[bytes, Loc]) -> bytes:
 
 
 def decode_index(pack: str, data: bytes) -> dict[bytes, Loc]:
+    """A pack's index as stored beside it; every entry held to what a batch can hold (it is
+    read from a bucket: anyone with its keys may have written it)."""
     if not data.startswith(IDX_MAGIC) or (len(data) - len(IDX_MAGIC)) % _IDX.size:
         raise Corrupt(f"the index of {pack} is malformed")
-    return {oid: Loc(pack, off, stored, raw, kind, bool(z))
-            for oid, kind, z, off, stored, raw in _IDX.iter_unpack(data[len(IDX_MAGIC):])}
+    out: dict[bytes, Loc] = {}
+    for oid, kind, z, off, stored, raw in _IDX.iter_unpack(data[len(IDX_MAGIC):]):
+        if (kind not in MAX_SIZE or z not in (0, 1) or not 0 < raw <= MAX_SIZE[kind]
+                or not 0 < stored <= raw + ZSTD_SLACK or (not z and stored != raw)
+                or off < len(PACK_MAGIC) + RECORD.size or off + stored > MAX_BATCH
+                or oid in out):
+            raise Corrupt(f"the index of {pack} has a malformed entry")
+        out[oid] = Loc(pack, off, stored, raw, kind, bool(z))
+    return out

@@ -19,7 +19,16 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from dotmesh.errors import Conflict, DotmeshError, Forbidden, NotFound, Unauthorized, UsageError
+from dotmesh.errors import (
+    Conflict,
+    DotmeshError,
+    Forbidden,
+    InvalidName,
+    NotFound,
+    Unauthorized,
+    UsageError,
+)
+from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import ID_LEN, KIND_COMMIT, Commit
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.packed import (
@@ -30,10 +39,14 @@ from dotmesh.remote.packed import (
     read_records,
     write_pack,
 )
-from dotmesh.remote.wire import BadTransfer, Record, decode, encode
+from dotmesh.remote.wire import MAX_BATCH, BadTransfer, Record, decode, encode
 
 LACKING_BATCH = 50_000
 FETCH_BATCH_BYTES = 16 << 20
+MAX_ANSWER = MAX_BATCH  # bytes of one answer of a hub
+MAX_JSON_ANSWER = 16 << 20
+MAX_REF_BLOB = 4096
+MAX_INDEX_BLOB = 64 << 20  # an S3 pack's index: 50 bytes per object of a batch
 
 
 class Unreachable(DotmeshError):
@@ -53,6 +66,28 @@ class Transport(Protocol):
     def history(self, head: bytes, have: list[bytes]) -> list[Record]: ...
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None: ...
     def close(self) -> None: ...
+
+
+def printable(text: str) -> str:
+    """A remote's words, safe to print on a terminal (no escape sequences)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, bytes]:
+    """Branch names and heads as a remote states them, held to local rules."""
+    out: dict[str, bytes] = {}
+    for name, head in branches.items():
+        try:
+            check_branch(name)
+        except InvalidName as e:
+            raise BadTransfer(f"{where} has a branch named badly: {e}") from None
+        if not isinstance(head, str) or len(head) != 2 * ID_LEN:
+            raise BadTransfer(f"{where} has a malformed head for branch {name}")
+        try:
+            out[name] = bytes.fromhex(head)
+        except ValueError:
+            raise BadTransfer(f"{where} has a malformed head for branch {name}") from None
+    return out
 
 
 def check_history(records: list[Record], head: bytes, where: str) -> list[Record]:
@@ -118,42 +153,65 @@ class HubTransport:
                                  timeout=httpx.Timeout(120, connect=10))
         self._httpx = httpx
 
-    def _req(self, method: str, path: str, **kw: Any) -> Any:
+    def _req(self, method: str, path: str, limit: int = MAX_ANSWER, **kw: Any) -> bytes:
+        """The answer's body, read up to ``limit`` bytes (a hub cannot make the client hold
+        more); HTTP errors become dm's errors."""
         try:
-            r = self.http.request(method, path, **kw)
+            with self.http.stream(method, path, **kw) as r:
+                body = bytearray()
+                for part in r.iter_bytes():
+                    body += part
+                    if len(body) > limit:
+                        raise BadTransfer(f"{self.where} answered with more than {limit} "
+                                          "bytes")
         except self._httpx.HTTPError as e:
             raise Unreachable(f"cannot reach {self.where}: {e}") from None
         if r.status_code >= 400:
             try:
-                msg = r.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                msg = f"HTTP {r.status_code}: {r.text[:200]!r}"
+                msg = printable(str(json.loads(body)["error"]).splitlines()[0][:500])
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                msg = f"HTTP {r.status_code}: {bytes(body[:200])!r}"
             raise self._ERRORS.get(r.status_code, Unreachable)(f"{self.where}: {msg}")
-        return r
+        return bytes(body)
+
+    def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        try:
+            got = json.loads(self._req(method, path, MAX_JSON_ANSWER, **kw))
+        except (ValueError, RecursionError):
+            got = None
+        if not isinstance(got, dict):
+            raise BadTransfer(f"{self.where} answered something that is not a JSON object")
+        return got
 
     def _dot(self, suffix: str = "") -> str:
         ns, _, name = self.remote_dot.partition("/")
         return f"/api/v1/dots/{ns}/{name}{suffix}"
 
     def whoami(self) -> str:
-        return str(self._req("GET", "/api/v1/user").json()["name"])
+        name = self._json("GET", "/api/v1/user").get("name")
+        if not isinstance(name, str):
+            raise BadTransfer(f"{self.where} did not say whose key this is")
+        try:
+            return check_name(name, "user name")
+        except InvalidName as e:
+            raise BadTransfer(f"{self.where} named the key's user badly: {e}") from None
 
     def heads(self) -> dict[str, bytes]:
         try:
-            info = self._req("GET", self._dot()).json()
+            info = self._json("GET", self._dot())
         except NotFound:
             return {}
-        try:
-            return {str(b): bytes.fromhex(h) for b, h in info["branches"].items()}
-        except (KeyError, ValueError, AttributeError):
-            raise BadTransfer(f"{self.where} described the dot malformed") from None
+        branches = info.get("branches")
+        if not isinstance(branches, dict):
+            raise BadTransfer(f"{self.where} described the dot malformed")
+        return parse_heads(branches, self.where)
 
     def lacking(self, ids: list[bytes]) -> set[bytes]:
         out: set[bytes] = set()
         for i in range(0, len(ids), LACKING_BATCH):
             batch = ids[i:i + LACKING_BATCH]
             data = self._req("POST", self._dot("/lacking"), content=b"".join(batch),
-                             headers={"content-type": "application/octet-stream"}).content
+                             headers={"content-type": "application/octet-stream"})
             if len(data) % ID_LEN:
                 raise BadTransfer(f"{self.where} sent a malformed id list")
             found = {data[j:j + ID_LEN] for j in range(0, len(data), ID_LEN)}
@@ -169,17 +227,17 @@ class HubTransport:
     def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
         def ask(todo: dict[bytes, int]) -> bytes:
             body = b"".join(bytes([k]) + oid for oid, k in todo.items())
-            return bytes(self._req("POST", self._dot("/fetch"), content=body, headers={
-                "content-type": "application/octet-stream"}).content)
+            return self._req("POST", self._dot("/fetch"), content=body, headers={
+                "content-type": "application/octet-stream"})
         return fetch_all(want, self.where, ask)
 
     def history(self, head: bytes, have: list[bytes]) -> list[Record]:
         params = [("have", h.hex()) for h in have[:50]]
-        data = self._req("GET", self._dot(f"/history/{head.hex()}"), params=params).content
+        data = self._req("GET", self._dot(f"/history/{head.hex()}"), params=params)
         return check_history(decode(data, None, self.where), head, self.where)
 
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
-        self._req("PUT", self._dot(f"/branches/{branch}"), json={
+        self._json("PUT", self._dot(f"/branches/{branch}"), json={
             "old": old.hex() if old else None, "new": new.hex(), "force": force})
 
     def close(self) -> None:
@@ -207,7 +265,7 @@ class S3Transport:
     def index(self) -> dict[bytes, Loc]:
         if self._index is None:
             self._index = {}
-            self.cache.mkdir(parents=True, exist_ok=True)
+            self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
             for key in self.blobs.list(self.base + "packs/"):
                 if not key.endswith(".idx"):
                     continue
@@ -215,7 +273,7 @@ class S3Transport:
                 try:
                     data = local.read_bytes()
                 except FileNotFoundError:
-                    data = self.blobs.get(key)
+                    data = self.blobs.get(key, MAX_INDEX_BLOB)
                     tmp = local.with_suffix(".tmp")
                     tmp.write_bytes(data)
                     os.replace(tmp, local)
@@ -225,9 +283,14 @@ class S3Transport:
     def heads(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for key in self.blobs.list(self.base + "refs/"):
-            got = self.blobs.read_versioned(key)
+            branch = key.rpartition("/")[2]
+            try:
+                check_branch(branch)
+            except InvalidName as e:
+                raise BadTransfer(f"{self.where} has a branch named badly: {e}") from None
+            got = self.blobs.read_versioned(key, MAX_REF_BLOB)
             if got is not None:
-                out[key.rpartition("/")[2]] = _parse_ref(got[0], self.where)
+                out[branch] = _parse_ref(got[0], self.where)
         return out
 
     def lacking(self, ids: list[bytes]) -> set[bytes]:
@@ -260,7 +323,7 @@ class S3Transport:
 
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
         key = f"{self.base}refs/{branch}"
-        now = self.blobs.read_versioned(key)
+        now = self.blobs.read_versioned(key, MAX_REF_BLOB)
         current = _parse_ref(now[0], self.where) if now else None
         if current != old:
             raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
@@ -274,7 +337,7 @@ class S3Transport:
 def _parse_ref(data: bytes, where: str) -> bytes:
     try:
         head = bytes.fromhex(json.loads(data)["head"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise BadTransfer(f"{where} has a malformed ref") from None
     if len(head) != ID_LEN:
         raise BadTransfer(f"{where} has a malformed ref")

@@ -16,25 +16,28 @@ from dataclasses import dataclass
 import zstandard
 
 from dotmesh.errors import DotmeshError
+from dotmesh.model import objects
 from dotmesh.model.objects import (
     KIND_CHUNK,
     KIND_COMMIT,
     KIND_FILELIST,
     KIND_TREE,
+    MAX_FILELIST,
+    MAX_SIZE,
     Commit,
     FileList,
     ObjectId,
     Tree,
     object_id,
 )
-from dotmesh.store.packs import FLAG_ZSTD, MAX_OBJECT, PACK_MAGIC, RECORD, decompress
+from dotmesh.store.packs import FLAG_ZSTD, PACK_MAGIC, RECORD, ZSTD_SLACK, decompress
 
 KIND_FILELIST_DELTA = 4  # on the wire only: a file list as changes to one the receiver has
 MAX_BATCH = 64 << 20  # bytes of one request or answer; senders aim at BATCH_TARGET
+MAX_INFLATED = 256 << 20  # bytes its objects may take once decompressed (deltas rebuilt)
 BATCH_TARGET = 24 << 20
-KIND_NAMES = {KIND_CHUNK: "chunk", KIND_FILELIST: "file list", KIND_TREE: "tree",
-              KIND_COMMIT: "commit", KIND_FILELIST_DELTA: "file list delta"}
-MAX_METADATA_OBJECT = 64 << 20  # trees, file lists and commits are parsed in memory
+KIND_NAMES = {**objects.KIND_NAMES, KIND_FILELIST_DELTA: "file list delta"}
+_RAW_LIMIT = {**MAX_SIZE, KIND_FILELIST_DELTA: MAX_FILELIST}
 Get = Callable[[bytes], bytes]
 
 
@@ -90,16 +93,21 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
     """Parse and verify a batch. ``expected``: the ids asked for and their kinds (None: the
     sender chooses, as in a push to a server, which then checks everything else). ``base``
     reads the file lists that deltas refer to; without it, deltas are refused. Deltas come
-    out as whole file lists."""
+    out as whole file lists.
+
+    Every header is checked before anything is decompressed: kinds, sizes within what dm
+    makes (so no frame can make this allocate more than the largest object of its kind), no
+    object twice, and no more than MAX_INFLATED bytes for the whole batch."""
     view = memoryview(data)
     if bytes(view[:len(PACK_MAGIC)]) != PACK_MAGIC:
         raise BadTransfer(f"{source} sent something that is not a batch of objects")
     if len(view) > MAX_BATCH:
         raise BadTransfer(f"{source} sent {len(view)} bytes at once, over the "
                           f"{MAX_BATCH}-byte limit")
-    pos = len(PACK_MAGIC)
-    out: list[Record] = []
+    heads: list[tuple[int, bool, bytes, int, memoryview]] = []
     seen: set[bytes] = set()
+    inflated = 0
+    pos = len(PACK_MAGIC)
     while pos < len(view):
         if pos + RECORD.size > len(view):
             raise BadTransfer(f"{source} sent a truncated object header")
@@ -108,6 +116,9 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
         short = oid.hex()[:16]
         if kind not in KIND_NAMES or flags & ~FLAG_ZSTD:
             raise BadTransfer(f"{source} sent object {short} of an unknown kind")
+        if oid in seen:
+            raise BadTransfer(f"{source} sent object {short} twice")
+        seen.add(oid)
         if expected is not None:
             want = expected.get(oid)
             if want is None:
@@ -115,15 +126,25 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
             if want != kind and not (want == KIND_FILELIST and kind == KIND_FILELIST_DELTA):
                 raise BadTransfer(f"{source} sent object {short} as a {KIND_NAMES[kind]}, "
                                   f"where a {KIND_NAMES[want]} was expected")
-        limit = MAX_OBJECT if kind == KIND_CHUNK else MAX_METADATA_OBJECT
-        if raw_len > limit or stored_len > limit:
-            raise BadTransfer(f"{source} sent object {short} of {raw_len} bytes, over the "
-                              f"{limit}-byte limit")
+        zstd = bool(flags & FLAG_ZSTD)
+        limit = _RAW_LIMIT[kind]
+        if raw_len > limit or stored_len > raw_len + ZSTD_SLACK or (
+                not zstd and stored_len != raw_len) or (kind != KIND_FILELIST_DELTA
+                                                        and not raw_len):
+            raise BadTransfer(f"{source} sent {KIND_NAMES[kind]} {short} of {raw_len} bytes "
+                              f"({stored_len} stored), over the {limit}-byte limit of its "
+                              "kind or not a size dm makes")
         if pos + stored_len > len(view):
             raise BadTransfer(f"{source} sent a truncated object {short}")
-        payload = view[pos:pos + stored_len]
+        inflated += raw_len
+        heads.append((kind, zstd, oid, raw_len, view[pos:pos + stored_len]))
         pos += stored_len
-        zstd = bool(flags & FLAG_ZSTD)
+    if inflated > MAX_INFLATED:
+        raise BadTransfer(f"{source} sent objects of {inflated} bytes in all, over the "
+                          f"{MAX_INFLATED}-byte limit of one batch")
+    out: list[Record] = []
+    for kind, zstd, oid, raw_len, payload in heads:
+        short = oid.hex()[:16]
         try:
             raw = decompress(payload, raw_len) if zstd else payload
         except zstandard.ZstdError:
@@ -136,15 +157,17 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
             if base is None:
                 raise BadTransfer(f"{source} sent a file list delta, which is not taken here")
             raw = apply_delta(bytes(raw), base, short, source)
-            payload, zstd = zstandard.ZstdCompressor(level=1).compress(raw), True
-            kind, raw_len = KIND_FILELIST, len(raw)
+            inflated += len(raw)
+            if inflated > MAX_INFLATED:
+                raise BadTransfer(f"{source} sent file list deltas that grow past the "
+                                  f"{MAX_INFLATED}-byte limit of one batch")
+            payload = memoryview(zstandard.ZstdCompressor(level=1).compress(raw))
+            zstd, kind, raw_len = True, KIND_FILELIST, len(raw)
         if object_id(raw) != oid:
             raise BadTransfer(f"{source} sent object {short}, whose content does not match "
                               "its id")
         _parse(kind, bytes(raw) if kind != KIND_CHUNK else b"", short, source)
-        if oid not in seen:
-            seen.add(oid)
-            out.append(Record(kind, oid, raw_len, bytes(payload), zstd))
+        out.append(Record(kind, oid, raw_len, bytes(payload), zstd))
     return out
 
 
@@ -207,7 +230,7 @@ def apply_delta(data: bytes, base: Get, short: str, source: str) -> bytes:
                           f"{base_id.hex()[:16]}, which is not here") from None
     out: list[tuple[bytes, int]] = []
     pos = _DELTA_HEAD.size
-    limit = MAX_METADATA_OBJECT // _ENTRY.size
+    limit = MAX_FILELIST // _ENTRY.size
     try:
         for _ in range(nops):
             op = data[pos:pos + 1]

@@ -7,6 +7,7 @@ only then commits the index rows; bytes after the last indexed record (a crash) 
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
@@ -18,15 +19,15 @@ from pathlib import Path
 
 import zstandard
 
-from dotmesh.errors import Corrupt, NotFound
-from dotmesh.model.objects import ID_LEN, ObjectId, object_id
+from dotmesh.errors import Corrupt, NotFound, OutOfSpace, TooLarge
+from dotmesh.model.objects import ID_LEN, KIND_NAMES, MAX_SIZE, ObjectId, object_id
 
 PACK_MAGIC = b"DMPACK1\n"
 RECORD = struct.Struct(f"<BB{ID_LEN}sII")
 FLAG_ZSTD = 1
-MAX_OBJECT = 1 << 30
 PACK_ROTATE = 512 << 20
 ZSTD_LEVEL = 1
+ZSTD_SLACK = 1024  # a zstd frame is at most this much larger than what it holds
 
 _local = threading.local()
 
@@ -67,6 +68,23 @@ class Location:
     zstd: bool
 
 
+def _location(oid: bytes, kind: object, pack: object, offset: object, stored_len: object,
+              raw_len: object, zstd: object) -> Location:
+    """An index row, checked: a damaged row must not make a read allocate or seek wildly."""
+    ok = (isinstance(oid, bytes) and len(oid) == ID_LEN and kind in MAX_SIZE
+          and all(isinstance(n, int) for n in (pack, offset, stored_len, raw_len))
+          and zstd in (0, 1))
+    if ok:
+        assert isinstance(raw_len, int) and isinstance(stored_len, int)
+        ok = (0 < raw_len <= MAX_SIZE[kind]  # type: ignore[index]
+              and 0 < stored_len <= raw_len + ZSTD_SLACK and offset > len(PACK_MAGIC)  # type: ignore[operator]
+              and (zstd or stored_len == raw_len))
+    if not ok:
+        raise Corrupt(f"the index entry of object {bytes(oid).hex()[:16]} is damaged; "
+                      "run dm fsck --repair")
+    return Location(kind, pack, offset, stored_len, raw_len, bool(zstd))  # type: ignore[arg-type]
+
+
 class PackStore:
     """Reads objects by id; hands out writers. Safe to read from several threads."""
 
@@ -82,7 +100,7 @@ class PackStore:
         row = self.conn.execute(
             "SELECT kind, pack, offset, stored_len, raw_len, zstd FROM objects WHERE id=?", (oid,)
         ).fetchone()
-        return Location(row[0], row[1], row[2], row[3], row[4], bool(row[5])) if row else None
+        return _location(oid, *row) if row else None
 
     def has(self, oid: bytes) -> bool:
         return self.conn.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone() is not None
@@ -160,7 +178,7 @@ class PackStore:
             q = ("SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects "
                  "WHERE id IN ({})".format(",".join("?" * len(batch))))
             for r in self.conn.execute(q, batch):
-                out[r[0]] = Location(r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+                out[r[0]] = _location(*r)
         return out
 
     def locate_all(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
@@ -215,7 +233,7 @@ class PackStore:
         for r in self.conn.execute(
             "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects"
         ).fetchall():
-            yield r[0], Location(r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+            yield r[0], _location(*r)
 
     def writer(self) -> PackWriter:
         return PackWriter(self)
@@ -227,7 +245,11 @@ class PackStore:
 
 
 class PackWriter:
-    """Appends objects to a new pack; :meth:`flush` makes them durable, then indexes them."""
+    """Appends objects to new packs; :meth:`flush` makes them durable, then indexes them.
+
+    If writing fails (a full disk, an I/O error), the writer gives back what it wrote and was
+    not indexed yet, so that the space is free again and the store usable as before; it then
+    refuses further work."""
 
     def __init__(self, store: PackStore) -> None:
         self.store = store
@@ -235,6 +257,8 @@ class PackWriter:
         self._pack_id = 0
         self._pos = 0
         self._pending: dict[bytes, tuple[int, int, int, int, int, int]] = {}
+        self._files: dict[int, tuple[str, int]] = {}  # pack id -> (name, end of indexed data)
+        self._failed: BaseException | None = None
         self.bytes_written = 0
         self.objects_written = 0
         self._lock = threading.Lock()  # workers add chunks from several threads
@@ -242,11 +266,12 @@ class PackWriter:
     def _open(self) -> None:
         name = f"{uuid.uuid4().hex}.pack"
         path = self.store.dir / name
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(self._fd, PACK_MAGIC)
-        self._pos = len(PACK_MAGIC)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         conn = self.store.conn
         self._pack_id = conn.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid or 0
+        self._files[self._pack_id] = (name, 0)
+        _write_all(self._fd, PACK_MAGIC)
+        self._pos = len(PACK_MAGIC)
 
     def __contains__(self, oid: bytes) -> bool:
         return oid in self._pending
@@ -259,25 +284,71 @@ class PackWriter:
     def add_many(self, records: list[tuple[int, bytes, int, bytes | memoryview, bool]]) -> None:
         """Append several objects with as few system calls as possible (thread-safe)."""
         with self._lock:
+            self._check()
             iov: list[bytes | memoryview] = []
-            for kind, oid, raw_len, payload, zstd in records:
-                if oid in self._pending:
-                    continue
-                if raw_len > MAX_OBJECT:
-                    raise Corrupt(f"object of {raw_len} bytes exceeds the {MAX_OBJECT} byte limit")
-                if self._fd < 0 or self._pos > PACK_ROTATE:
-                    self._write(iov)
-                    self._rotate()
-                iov.append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len,
-                                       len(payload)))
-                iov.append(payload)
-                offset = self._pos + RECORD.size
-                self._pending[oid] = (kind, self._pack_id, offset, len(payload), raw_len,
-                                      int(zstd))
-                self._pos = offset + len(payload)
-                self.bytes_written += RECORD.size + len(payload)
-                self.objects_written += 1
-            self._write(iov)
+            try:
+                for kind, oid, raw_len, payload, zstd in records:
+                    if oid in self._pending:
+                        continue
+                    if raw_len > MAX_SIZE[kind]:
+                        raise TooLarge(f"a {KIND_NAMES[kind]} of {raw_len} bytes is over the "
+                                       f"{MAX_SIZE[kind]}-byte limit of dotmesh's format "
+                                       "(docs/format.md)")
+                    if self._fd < 0 or self._pos > PACK_ROTATE:
+                        self._write(iov)
+                        self._rotate()
+                    iov.append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len,
+                                           len(payload)))
+                    iov.append(payload)
+                    offset = self._pos + RECORD.size
+                    self._pending[oid] = (kind, self._pack_id, offset, len(payload), raw_len,
+                                          int(zstd))
+                    self._pos = offset + len(payload)
+                    self.bytes_written += RECORD.size + len(payload)
+                    self.objects_written += 1
+                self._write(iov)
+            except OSError as e:
+                raise self._fail(e) from None
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise OutOfSpace(str(self._failed)) if isinstance(self._failed, OutOfSpace) \
+                else Corrupt(f"writing to the store failed earlier: {self._failed}")
+
+    def _fail(self, e: BaseException) -> BaseException:
+        """Give back the unindexed bytes of every pack this writer made; returns the error to
+        raise (one line, naming the folder)."""
+        self._discard()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            err: BaseException = OutOfSpace(
+                f"no space left in {self.store.dir}: free some space and run the command "
+                "again (nothing was recorded)")
+        elif isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+            err = OutOfSpace(f"no space left for the index in {self.store.dir.parent}: free "
+                             "some space and run the command again (nothing was recorded)")
+        elif isinstance(e, OSError):
+            err = OSError(e.errno, e.strerror, str(self.store.dir))
+        else:
+            err = e
+        self._failed = err
+        return err
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._pending.clear()
+        for pack_id, (name, indexed) in self._files.items():
+            path = self.store.dir / name
+            try:
+                if indexed:
+                    os.truncate(path, indexed)
+                else:
+                    os.unlink(path)
+                    self.store.conn.execute("DELETE FROM packs WHERE id=?", (pack_id,))
+            except (OSError, sqlite3.Error):
+                pass  # what cannot be given back now is an unindexed tail: never read
+        self._files.clear()
 
     def _write(self, iov: list[bytes | memoryview]) -> None:
         for i in range(0, len(iov), 1024):  # IOV_MAX
@@ -285,9 +356,7 @@ class PackWriter:
             want = sum(len(x) for x in part)
             done = os.writev(self._fd, part)
             if done != want:  # a short write: finish it piece by piece
-                rest = b"".join(bytes(x) for x in part)[done:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest):]
+                _write_all(self._fd, b"".join(bytes(x) for x in part)[done:])
         iov.clear()
 
     def put(self, kind: int, data: bytes) -> ObjectId:
@@ -315,18 +384,36 @@ class PackWriter:
 
     def flush(self) -> None:
         """Make every added object durable and visible; the writer can go on afterwards."""
-        if self._fd >= 0:
-            self._sync_file()
-        if self._pending:
-            conn = self.store.conn
-            conn.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            self._check()
             try:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?)",
-                    [(k, *v) for k, v in self._pending.items()],
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                if self._fd >= 0:
+                    self._sync_file()
+                if not self._pending:
+                    return
+                conn = self.store.conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?)",
+                        [(k, *v) for k, v in self._pending.items()],
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except (OSError, sqlite3.OperationalError) as e:
+                raise self._fail(e) from None
+            ends: dict[int, int] = {}
+            for _, pack, offset, stored_len, _, _ in self._pending.values():
+                ends[pack] = max(ends.get(pack, 0), offset + stored_len)
+            for pack, end in ends.items():
+                name, indexed = self._files[pack]
+                self._files[pack] = (name, max(indexed, end))
             self._pending.clear()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
