@@ -1,5 +1,6 @@
 """Bad input gets one line, a non-zero exit and no change to the store."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -154,3 +155,38 @@ def test_bad_hub_commands(dm, tmp_path, args, code, needle):
     assert p.returncode == code, p.stderr
     line = _one_line_error(p)
     assert needle in line and "secret" not in line
+
+
+def test_reads_never_wait_for_a_writer(dm):
+    """While another dm works on the dot, reads answer: refs and history as they are, and
+    "busy" where the working state is in flux."""
+    dm.ok("init", "app")
+    d = dm.path("app")
+    (d / "f").write_text("one")
+    dm.ok("commit", "-m", "one")
+    (d / "f").write_text("two")
+    dm.ok("commit", "-m", "two")
+    (d / "big").write_bytes(os.urandom(64 << 20))
+    proc = dm.popen("reset", "--hard", "HEAD^")
+    try:
+        lock = dm.home / "locks" / "app.lock"
+        for _ in range(500):
+            if lock.exists() and lock.read_text().startswith(str(proc.pid)):
+                break
+            subprocess.run(["sleep", "0.01"])
+        os.kill(proc.pid, signal.SIGSTOP)
+        listing = json.loads(dm.ok("list", "--json"))[0]
+        assert listing["state"] == "busy" and listing["dirty"] is None, listing
+        assert listing["busy"] == {"pid": proc.pid, "command": "reset"}
+        assert "busy (dm reset, pid" in dm.ok("list")
+        assert json.loads(dm.ok("dot", "show", "--json"))["state"] == "busy"
+        assert [c["message"] for c in json.loads(dm.ok("log", "--json"))] == ["two", "one"]
+        assert "* master" in dm.ok("branch") and dm.ok("reflog")
+        assert json.loads(dm.ok("diff", "HEAD^", "HEAD", "--json"))[0]["path"] == "f"
+        p = dm("diff")  # the working state is being replaced: say so, do not guess
+        assert p.returncode == 6 and "dm reset" in _one_line_error(p)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert json.loads(dm.ok("list", "--json"))[0]["state"] == "clean"

@@ -1,13 +1,17 @@
 """A hostile hub (a test double speaking the hub's API) cannot damage the client's store:
-whatever it sends wrong, clone and pull fail with one line, and no ref moves."""
+whatever it sends wrong, clone and pull fail with one line, no ref moves and nothing outside
+the store is touched; what it sends right but dangerous (setuid bits, owners) is defused."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,18 +25,23 @@ from starlette.routing import Route
 from dotmesh.model.objects import (
     DIR,
     FILE,
+    HOLE,
     KIND_CHUNK,
     KIND_COMMIT,
+    KIND_FILELIST,
     KIND_TREE,
+    MAX_CHUNK,
     SYMLINK,
     Commit,
+    FileList,
+    ObjectId,
     Root,
     encode_tree_rows,
     object_id,
 )
 from dotmesh.ops.home import Home
 from dotmesh.remote.wire import Record, encode
-from dotmesh.store.packs import MAX_OBJECT, PACK_MAGIC, RECORD
+from dotmesh.store.packs import PACK_MAGIC, RECORD
 from tests.conftest import DM, DM_BIN
 from tests.integration.remote_env import free_port
 
@@ -51,6 +60,8 @@ class EvilHub:
         self.objects, self.head = objects, head
         self.mutate: Mutate = honest  # answers to fetch
         self.mutate_history: Mutate = honest
+        self.branches: dict[str, str] = {"master": head.hex()}
+        self.error: str | None = None  # answer every fetch with this error
         self.port = free_port()
 
     def records(self, ids: list[bytes]) -> list[Record]:
@@ -63,13 +74,15 @@ class EvilHub:
 
         async def dot(request: Request) -> Response:
             return JSONResponse({"namespace": "evil", "name": "app", "owner": "evil",
-                                 "branches": {"master": self.head.hex()}, "collaborators": []})
+                                 "branches": self.branches, "collaborators": []})
 
         async def history(request: Request) -> Response:
             commits = [i for i, (k, _) in self.objects.items() if k == KIND_COMMIT]
             return Response(self.mutate_history(self.records(commits)))
 
         async def fetch(request: Request) -> Response:
+            if self.error is not None:
+                return JSONResponse({"error": self.error}, status_code=400)
             body = await request.body()
             ids = [body[i + 1:i + 33] for i in range(0, len(body), 33)]
             return Response(self.mutate(self.records(ids)))
@@ -95,26 +108,49 @@ class EvilHub:
 
 
 def _tree(rows: list[list[object]]) -> tuple[bytes, bytes]:
-    data = encode_tree_rows(rows)
+    try:
+        data = encode_tree_rows(rows)
+    except UnicodeEncodeError:  # a name no file system holds: dm would never encode it
+        data = b"DMT1\n" + json.dumps(rows, separators=(",", ":")).encode()
     return object_id(data), data
 
 
-def _commit(tree: bytes) -> tuple[bytes, bytes]:
-    data = Commit((), {"db": Root(tree, 0o755, 0, 0, 1)}, "evil", "mallory", 1).encode()
+def _commit(tree: bytes, subdot: str = "db", metadata: dict[str, str] | None = None,
+            mode: int = 0o755, uid: int = 0) -> tuple[bytes, bytes]:
+    data = Commit((), {subdot: Root(ObjectId(tree), mode, uid, uid, 1)}, "evil", "mallory", 1,
+                  metadata or {}).encode()
     return object_id(data), data
-
-
-def _dot(rows: list[list[object]], extra: Objects | None = None) -> tuple[Objects, bytes]:
-    tid, tdata = _tree(rows)
-    cid, cdata = _commit(tid)
-    objects: Objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata)}
-    objects.update(extra or {})
-    return objects, cid
 
 
 GOOD = b"honest content"
 GOOD_ID = object_id(GOOD)
 GOOD_ROWS: list[list[object]] = [["f", FILE, 0o644, 0, 0, 1, len(GOOD), GOOD_ID.hex(), 0]]
+
+
+def _link(name: str, target: str) -> list[object]:
+    return [name, SYMLINK, 0o777, 0, 0, 1, 0, target, 0]
+
+
+def _filelist(chunks: list[tuple[bytes, int]]) -> tuple[bytes, bytes]:
+    data = FileList(tuple((ObjectId(c), n) for c, n in chunks)).encode()
+    return object_id(data), data
+
+
+def _nested(depth: int) -> tuple[list[list[object]], Objects]:
+    """Rows of a folder nested ``depth`` deep, and the trees beneath it."""
+    objects: Objects = {}
+    tid, data = _tree([])
+    objects[tid] = (KIND_TREE, data)
+    for _ in range(depth - 1):
+        tid, data = _tree([["d", DIR, 0o755, 0, 0, 1, 0, tid.hex(), 0]])
+        objects[tid] = (KIND_TREE, data)
+    return [["d", DIR, 0o755, 0, 0, 1, 0, tid.hex(), 0]], objects
+
+
+LIST_OF_1TIB = _filelist([(GOOD_ID, len(GOOD))])  # a true list of 14 bytes...
+HOLE_OF_4GIB = _filelist([(HOLE, (1 << 32) - 1)])  # ...and one with a hole no chunker makes
+LONG_BLOCK = _filelist([(GOOD_ID, 4096), (GOOD_ID, 4096)])  # blocks said longer than they are
+DEEP_ROWS, DEEP_TREES = _nested(300)
 
 
 def _flip_chunk(records: list[Record]) -> bytes:
@@ -130,16 +166,25 @@ def _unasked(records: list[Record]) -> bytes:
 def _oversized(records: list[Record]) -> bytes:
     if all(r.oid != GOOD_ID for r in records):
         return encode(records)
-    head = RECORD.pack(KIND_CHUNK, 0, GOOD_ID, MAX_OBJECT + 1, 10)
+    head = RECORD.pack(KIND_CHUNK, 0, GOOD_ID, MAX_CHUNK + 1, 10)
     return PACK_MAGIC + head + b"0123456789"
 
 
 def _bomb(records: list[Record]) -> bytes:
-    """A chunk that says 14 bytes but decompresses to 64 MiB."""
+    """A chunk that claims 256 KiB, in a frame that does not say its size and inflates to
+    64 MiB: the client may allocate at most what it was told."""
     if all(r.oid != GOOD_ID for r in records):
         return encode(records)
-    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
-    return PACK_MAGIC + RECORD.pack(KIND_CHUNK, 1, GOOD_ID, len(GOOD), len(bomb)) + bomb
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
+    return PACK_MAGIC + RECORD.pack(KIND_CHUNK, 1, GOOD_ID, MAX_CHUNK, len(bomb)) + bomb
+
+
+def _twice(records: list[Record]) -> bytes:
+    return encode([*records, *records])
+
+
+def _huge_answer(records: list[Record]) -> bytes:
+    return PACK_MAGIC + bytes(80 << 20)
 
 
 def _truncated(records: list[Record]) -> bytes:
@@ -160,51 +205,95 @@ def _stray_commit(records: list[Record]) -> bytes:
     return encode([*records, Record(KIND_COMMIT, object_id(other), len(other), other, False)])
 
 
+@dataclass
+class Case:
+    rows: list[list[object]]
+    needle: str
+    mutate: Mutate = honest
+    history: bool = False  # mutate the history answer instead of fetch answers
+    subdot: str = "db"
+    metadata: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] | None = None
+    error: str | None = None
+    extra: Objects = field(default_factory=dict)
+
+
 CASES = {
-    "a chunk that does not match its id": (GOOD_ROWS, _flip_chunk, "does not match its id"),
-    "an object that was not asked for": (GOOD_ROWS, _unasked, "not asked for"),
-    "an oversized object": (GOOD_ROWS, _oversized, "over the"),
-    "a decompression bomb": (GOOD_ROWS, _bomb, "decompress"),
-    "a truncated batch": (GOOD_ROWS, _truncated, "truncated"),
-    "something else than objects": (GOOD_ROWS, _not_a_pack, "not a batch"),
-    "a chunk sent as a tree": (GOOD_ROWS, _wrong_kind, "where a chunk was expected"),
-    "a tree entry named ..": ([["..", FILE, 0o644, 0, 0, 1, 0, None, 0]], honest,
-                              "unsafe name"),
-    "a tree entry with a slash": ([["a/b", FILE, 0o644, 0, 0, 1, 0, None, 0]], honest,
-                                  "unsafe name"),
-    "an absolute symlink": ([["l", SYMLINK, 0o777, 0, 0, 1, 0, "/etc/passwd", 0]], honest,
-                            "points out of its subdot"),
-    "a commit outside the history": (GOOD_ROWS, _stray_commit, "not in"),
-    "a symlink climbing out": (
-        [["sub", DIR, 0o755, 0, 0, 1, 0,
-          _tree([["l", SYMLINK, 0o777, 0, 0, 1, 0, "../../x", 0]])[0].hex(), 0]],
-        honest, "points out of its subdot"),
+    "a chunk that does not match its id": Case(GOOD_ROWS, "does not match its id", _flip_chunk),
+    "an object that was not asked for": Case(GOOD_ROWS, "not asked for", _unasked),
+    "an oversized object": Case(GOOD_ROWS, "over the 262144-byte limit", _oversized),
+    "a decompression bomb": Case(GOOD_ROWS, "does not decompress", _bomb),
+    "an object sent twice": Case(GOOD_ROWS, "twice", _twice),
+    "an answer of 80 MiB": Case(GOOD_ROWS, "more than", _huge_answer),
+    "a truncated batch": Case(GOOD_ROWS, "truncated", _truncated),
+    "something else than objects": Case(GOOD_ROWS, "not a batch", _not_a_pack),
+    "a chunk sent as a tree": Case(GOOD_ROWS, "where a chunk was expected", _wrong_kind),
+    "a tree entry named ..": Case([["..", FILE, 0o644, 0, 0, 1, 0, None, 0]], "unsafe name"),
+    "a tree entry with a slash": Case([["a/b", FILE, 0o644, 0, 0, 1, 0, None, 0]],
+                                      "unsafe name"),
+    "a tree entry no file system holds": Case([["\ud800", FILE, 0o644, 0, 0, 1, 0, None, 0]],
+                                              "unsafe name"),
+    "an absolute symlink": Case([_link("l", "/etc/passwd")], "points out of its subdot"),
+    "a symlink climbing out": Case(
+        [["sub", DIR, 0o755, 0, 0, 1, 0, _tree([_link("l", "../../x")])[0].hex(), 0]],
+        "points out of its subdot",
+        extra={_tree([_link("l", "../../x")])[0]: (KIND_TREE, _tree([_link("l", "../../x")])[1])}),
+    "a chain of symlinks climbing out": Case(
+        [_link("s0", "."), *[_link(f"s{i}", f"s{i - 1}/..") for i in range(1, 13)],
+         _link("escape", "s12/etc/passwd")], "points out of its subdot"),
+    "a commit outside the history": Case(GOOD_ROWS, "not in", _stray_commit, history=True),
+    "a subdot named ../../x": Case(GOOD_ROWS, "subdot name", subdot="../../x"),
+    "a subdot named by an absolute path": Case(GOOD_ROWS, "subdot name", subdot="/tmp/dm-evil"),
+    "a metadata key with a newline": Case(GOOD_ROWS, "metadata key",
+                                          metadata={"ticket\n": "x"}),
+    "a branch named ../x": Case(GOOD_ROWS, "branch named badly",
+                                branches={"master": "", "../x": ""}),
+    "a file of 1 TiB said of 14 bytes": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 1 << 40, GOOD_ID.hex(), 0]], "size its content cannot"),
+    "a file list of 14 bytes said 1 TiB": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 1 << 40, LIST_OF_1TIB[0].hex(), 1]],
+        "where its content has 14",
+        extra={LIST_OF_1TIB[0]: (KIND_FILELIST, LIST_OF_1TIB[1])}),
+    "a hole of 4 GiB": Case(
+        [["f", FILE, 0o644, 0, 0, 1, (1 << 32) - 1, HOLE_OF_4GIB[0].hex(), 1]],
+        "length dm never makes", extra={HOLE_OF_4GIB[0]: (KIND_FILELIST, HOLE_OF_4GIB[1])}),
+    "blocks said longer than they are": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_BLOCK[0].hex(), 1]], "is not 4096 bytes long",
+        extra={LONG_BLOCK[0]: (KIND_FILELIST, LONG_BLOCK[1])}),
+    "folders nested 300 deep": Case(DEEP_ROWS, "nested over 256", extra=DEEP_TREES),
+    "an error message with terminal escapes": Case(GOOD_ROWS, "?[2J", error="\x1b[2Jgone"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
-    rows, mutate, needle = CASES[case]
-    extra: Objects = {GOOD_ID: (KIND_CHUNK, GOOD)}
-    inner = _tree([["l", SYMLINK, 0o777, 0, 0, 1, 0, "../../x", 0]])
-    extra[inner[0]] = (KIND_TREE, inner[1])
-    objects, head = _dot(rows, extra)
+    c = CASES[case]
+    extra: Objects = {GOOD_ID: (KIND_CHUNK, GOOD), **c.extra}
+    tid, tdata = _tree(c.rows)
+    cid, cdata = _commit(tid, c.subdot, c.metadata)
+    objects: Objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), **extra}
     dm = DM(tmp_path / "victim")
     dm.ok("init", "app")
     (dm.path("app.db") / "mine").write_text("precious")
     dm.ok("commit", "-m", "mine")
     before = dm.ok("log", "--json")
-    with EvilHub(objects, head) as evil:
-        if case == "a commit outside the history":
-            evil.mutate_history = mutate
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with EvilHub(objects, cid) as evil:
+        if c.history:
+            evil.mutate_history = c.mutate
         else:
-            evil.mutate = mutate
+            evil.mutate = c.mutate
+        if c.branches is not None:
+            evil.branches = {b: h or cid.hex() for b, h in c.branches.items()}
+        evil.error = c.error
         p = _add_remote(dm, evil.port)
         assert p.returncode == 0, p.stderr
         p = dm("clone", "evil", "evil/app", "--local-name", "stolen")
-        assert p.returncode == 7, p.stderr
+        assert p.returncode != 0, p.stderr
         lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr, p.stderr
+        assert len(lines) == 1 and c.needle in lines[0] and "Traceback" not in p.stderr, p.stderr
+        assert "\x1b" not in p.stderr
         home = Home(dm.home)
         try:
             assert home.remote_heads("app") == {}
@@ -213,20 +302,59 @@ def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
             home.close()
         _track(dm, "app", "evil", "evil/app")
         p = dm("pull", "evil", "app")
-        assert p.returncode == 7 and needle in p.stderr, p.stderr
+        assert p.returncode != 0 and c.needle in p.stderr, p.stderr
     assert dm.ok("log", "--json") == before  # no ref moved
     assert (dm.path("app.db") / "mine").read_text() == "precious"
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
+    assert list(outside.iterdir()) == [] and not Path("/tmp/dm-evil").exists()
+    assert sorted(p.name for p in (dm.home / "dots").iterdir()) == ["app"]
 
 
 def test_an_honest_double_works(tmp_path):
     """The double itself is right: with nothing corrupted, the clone succeeds."""
-    objects, head = _dot(GOOD_ROWS, {GOOD_ID: (KIND_CHUNK, GOOD)})
+    tid, tdata = _tree(GOOD_ROWS)
+    cid, cdata = _commit(tid)
+    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD)}
     dm = DM(tmp_path / "victim")
-    with EvilHub(objects, head) as evil:
+    with EvilHub(objects, cid) as evil:
         assert _add_remote(dm, evil.port).returncode == 0
         dm.ok("clone", "evil", "evil/app")
     assert (dm.path("app.db") / "f").read_bytes() == GOOD
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners can only be given away by root")
+def test_a_pusher_chooses_neither_owners_nor_setuid_bits(tmp_path):
+    """As tar does for an archive from elsewhere: a state from a remote is restored with the
+    files owned by whoever runs dm, and without setuid, setgid or sticky bits, unless the
+    dot was cloned with --same-owner; every later restore of that state does the same."""
+    rows: list[list[object]] = [["f", FILE, 0o6755, 4242, 4242, 1, len(GOOD), GOOD_ID.hex(), 0],
+                                ["d", DIR, 0o1777, 4242, 4242, 1, 0, _tree([])[0].hex(), 0]]
+    tid, tdata = _tree(rows)
+    cid, cdata = _commit(tid, mode=0o2755, uid=4242)
+    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD),
+               _tree([])[0]: (KIND_TREE, _tree([])[1])}
+    dm = DM(tmp_path / "victim")
+    with EvilHub(objects, cid) as evil:
+        assert _add_remote(dm, evil.port).returncode == 0
+        dm.ok("clone", "evil", "evil/app")
+        dm.ok("clone", "evil", "evil/app", "--local-name", "trusted", "--same-owner")
+
+    def attrs(p: Path) -> tuple[int, int, int]:
+        st = os.lstat(p)
+        return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+    top = dm.path("app.db")
+    assert attrs(top / "f") == (0o755, 0, 0) and attrs(top / "d") == (0o777, 0, 0)
+    assert attrs(top) == (0o755, 0, 0)
+    (top / "f").write_text("changed")
+    dm.ok("reset", "--hard", cid.hex())  # the same state again: still defused
+    assert attrs(top / "f") == (0o755, 0, 0)
+    dm.ok("checkout", "-b", "other")
+    assert attrs(dm.path("app.db") / "f") == (0o755, 0, 0)
+    trusted = dm.path("trusted.db")
+    assert attrs(trusted / "f") == (0o6755, 4242, 4242)
+    assert attrs(trusted / "d") == (0o1777, 4242, 4242)
+    assert attrs(trusted) == (0o2755, 4242, 4242)
 
 
 def _add_remote(dm: DM, port: int) -> subprocess.CompletedProcess[str]:

@@ -293,3 +293,29 @@ def test_remote_add_asks_for_the_key_on_a_terminal(hub, tmp_path):
     os.close(leader)
     assert hub.keys["carol"].encode() not in rest  # typed, not echoed
     assert b"signed in as carol" in rest
+
+
+def test_a_clone_killed_while_building_its_folders_is_finished_by_running_it_again(
+        hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    alice.ok("init", "many")
+    d = alice.path("many.files")
+    for i in range(3000):
+        (d / f"f{i}").write_bytes(os.urandom(2000))
+    alice.ok("commit", "-m", "many files")
+    alice.ok("push")
+    bob = _dev(tmp_path, "bob", hub)
+    hub.dm_hub("collaborator", "add", "alice/many", "bob")
+
+    def building() -> bool:  # the dot is recorded, its folders are being built
+        folder = bob.home / "dots" / "many" / "tmp"
+        return folder.exists() and any(folder.iterdir())
+
+    kill_inside(lambda: bob.popen("clone", "hub", "alice/many"), building, 5,
+                "a clone's restore")
+    out = json.loads(bob.ok("clone", "hub", "alice/many", "--json"))
+    assert out["status"] == "cloned"
+    assert _files(bob.path("many.files")) == _files(d)
+    assert json.loads(bob.ok("list", "--json"))[0]["state"] == "clean"
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
+    assert bob("clone", "hub", "alice/many").returncode == 4  # done: now it exists

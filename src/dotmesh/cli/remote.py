@@ -30,6 +30,13 @@ def _api_key(key_file: Path | None) -> str:
     return str(click.prompt("API key", hide_input=True))
 
 
+same_owner_flag = click.option(
+    "--same-owner", is_flag=True,
+    help="Restore owners and setuid/setgid/sticky bits as the pusher recorded them (by "
+         "default, as tar does for archives from elsewhere, files belong to you and those "
+         "bits are dropped); remembered for the dot.")
+
+
 def register(cli: click.Group) -> None:
     @cli.group(invoke_without_command=True)
     @click.option("-v", "--verbose", is_flag=True, help="Show where each remote is.")
@@ -154,10 +161,11 @@ def register(cli: click.Group) -> None:
     @click.argument("branch", required=False)
     @click.option("--stop-writers", is_flag=True,
                   help="Stop processes using the dot when the checked-out branch moves.")
+    @same_owner_flag
     @json_flag
     @pass_ctx
     def pull(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
-             stop_writers: bool, as_json: bool) -> None:
+             stop_writers: bool, same_owner: bool, as_json: bool) -> None:
         """Fetch a branch's new commits from a remote and fast-forward to them.
 
         \b
@@ -166,7 +174,7 @@ def register(cli: click.Group) -> None:
         home = c.home
         dot_name = home.require_current(dot)
         with progress_bar("Pulling") as bar:
-            res = sync.pull(home, dot_name, remote_name, branch, bar, stop_writers)
+            res = sync.pull(home, dot_name, remote_name, branch, bar, stop_writers, same_owner)
         _report(res, as_json, "fetched")
 
     @cli.command()
@@ -174,17 +182,19 @@ def register(cli: click.Group) -> None:
     @click.argument("remote_dot", metavar="NAMESPACE/DOT")
     @click.argument("branch", required=False)
     @click.option("--local-name", default=None, help="Default: the remote dot's name.")
+    @same_owner_flag
     @json_flag
     @pass_ctx
     def clone(c: Ctx, remote_name: str, remote_dot: str, branch: str | None,
-              local_name: str | None, as_json: bool) -> None:
+              local_name: str | None, same_owner: bool, as_json: bool) -> None:
         """Copy a dot from a remote, with its folders ready to use.
 
         \b
         Example:  dm clone hub alice/app --local-name bug-42
         """
         with progress_bar("Cloning") as bar:
-            res = sync.clone(c.home, remote_name, remote_dot, branch, local_name, bar)
+            res = sync.clone(c.home, remote_name, remote_dot, branch, local_name, bar,
+                             same_owner)
         _report(res, as_json, "fetched")
 
 

@@ -49,6 +49,12 @@ CREATE TABLE IF NOT EXISTS dot_remotes (
 CREATE TABLE IF NOT EXISTS remote_refs (
     dot TEXT NOT NULL, remote TEXT NOT NULL, branch TEXT NOT NULL, head BLOB NOT NULL,
     PRIMARY KEY (dot, remote, branch));
+CREATE TABLE IF NOT EXISTS restores (
+    dot TEXT PRIMARY KEY, kind TEXT NOT NULL, branch TEXT NOT NULL, old BLOB, target BLOB NOT NULL,
+    saved BLOB, action TEXT NOT NULL, message TEXT NOT NULL, started_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fetched (commit_id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dot_options (
+    dot TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (dot, key));
 CREATE TABLE IF NOT EXISTS mounts (
     dot TEXT NOT NULL, subdot TEXT NOT NULL, id TEXT NOT NULL, created_ns INTEGER NOT NULL,
     PRIMARY KEY (dot, subdot, id));

@@ -17,16 +17,16 @@ from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
 from dotmesh.ops import live
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
-from dotmesh.ops.home import Home
+from dotmesh.ops.home import Home, Journal
 from dotmesh.ops.live import Stopped
 from dotmesh.ops.working import (
     Progress,
+    finish_restore,
     materialize,
     recover,
-    restore_dot,
+    restore_folders,
     snapshot_dot,
     swap,
-    target_roots,
 )
 
 
@@ -62,8 +62,7 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
                                  f"branched from {current}")
             head = home.head(dot, branch)
             writer = home.packs.writer()
-            materialize(home, dot, branch, home.commit(head) if head else None, writer,
-                        progress)
+            materialize(home, dot, branch, head, writer, progress)
             swap(home, dot, branch)
         return True, stopped
 
@@ -72,15 +71,22 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
                stop_writers: bool = False, expect_old: bytes | None | bool = False,
                action: str = "reset", message: str | None = None) -> ResetResult:
     """Move the current branch to ``ref`` and make the working state match. ``expect_old``
-    (unless False): fail if the branch is not at that head any more (a pull decided on it)."""
+    (unless False): fail if the branch is not at that head any more (a pull decided on it).
+
+    The working state is stored first (nothing is lost), then everything the target needs is
+    read, verified and staged; only then is the restore journaled and the folders changed,
+    and the branch moved and the reflog written once they hold the target. A kill in between
+    is finished by the next command; a damaged object fails before any folder is touched."""
     with home.lock(dot):
-        recover(home, dot)
+        recover(home, dot, finish=False)
+        _supersede(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)
         if expect_old is not False and old != expect_old:
             raise Conflict(f"branch {branch} moved while this command ran; run it again")
         target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
-        target = home.commit(target_id)
+        home.commit(target_id)
+        message = message or f"reset --hard {ref}"
         with live.stopped_for_restore(home, dot, stop_writers, "a reset") as stopped:
             writer = home.packs.writer()
             snap = snapshot_dot(home, dot, writer, progress)
@@ -91,15 +97,33 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
                     message=f"working state discarded by {action} to {ref}",
                     author=default_author(), timestamp_ns=time.time_ns(), metadata={},
                 ).encode())
-            roots = target_roots(home, dot, target, writer)
             writer.flush()
-            with Tx(home.conn) as tx:  # record what is about to be discarded, before touching it
-                home.log_ref(tx, dot, branch, action, old, target_id, saved,
-                             message or f"reset --hard {ref}")
-            caches = restore_dot(home, dot, roots, snap, progress)
+
+            def journal() -> None:  # what is about to be discarded is named before it goes
+                with Tx(home.conn) as tx:
+                    home.begin_restore(tx, dot, Journal("reset", branch, old, target_id, saved,
+                                                        action, message))
+
+            caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
             with Tx(home.conn) as tx:
                 home.move_head(tx, dot, branch, old, target_id)
+                home.log_ref(tx, dot, branch, action, old, target_id, saved, message)
                 for sub, cache in caches.items():
                     base = snap.caches.get(sub, {})
                     home.save_cache(tx, dot, branch, sub, base, cache)
+                home.end_restore(tx, dot)
         return ResetResult(old, target_id, saved, stopped)
+
+
+def _supersede(home: Home, dot: str) -> None:
+    """A reset replaces a restore that a kill interrupted: its working state was saved and is
+    named in the reflog, and the half-restored folders are saved by this reset in turn."""
+    j = home.pending_restore(dot)
+    if j is None or j.kind == "clone":
+        if j is not None:
+            finish_restore(home, dot)
+        return
+    with Tx(home.conn) as tx:
+        home.log_ref(tx, dot, j.branch, f"{j.action} (interrupted)", j.old, j.target, j.saved,
+                     f"{j.message}: interrupted, replaced by a later reset")
+        home.end_restore(tx, dot)

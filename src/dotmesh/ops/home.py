@@ -19,6 +19,7 @@ import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dotmesh.errors import AlreadyExists, Conflict, Locked, NotFound, UsageError
@@ -28,6 +29,24 @@ from dotmesh.model.objects import Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
 from dotmesh.workdir.snapshot import StatCache, decode_cache, encode_cache
+
+
+@dataclass(frozen=True)
+class Journal:
+    """A restore of a dot's folders in progress: ``kind`` is reset (the branch moves from
+    ``old`` to ``target`` when done) or clone (the dot's first folders)."""
+
+    kind: str
+    branch: str
+    old: ObjectId | None
+    target: ObjectId
+    saved: ObjectId | None
+    action: str
+    message: str
+
+
+def _oid(value: bytes | None) -> ObjectId | None:
+    return ObjectId(value) if value else None
 
 
 def default_home() -> Path:
@@ -112,26 +131,33 @@ class Home:
     def dots(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM dots ORDER BY name")]
 
-    def create_dot(self, dot: str) -> None:
+    def create_dot(self, dot: str, c: object | None = None, branch: str = DEFAULT_BRANCH,
+                   head: ObjectId | None = None) -> None:
+        """Add a dot whose current branch is ``branch`` (at ``head``); inside the caller's
+        transaction ``c`` if given, so that what else makes the dot lands with it."""
         check_name(dot, "dot name")
-        with Tx(self.conn) as c:
-            if c.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone():
-                raise AlreadyExists(f"dot {dot!r} already exists")
-            c.execute("INSERT INTO dots VALUES (?, ?, ?)", (dot, DEFAULT_BRANCH, time.time_ns()))
-            c.execute("INSERT INTO branches VALUES (?, ?, NULL)", (dot, DEFAULT_BRANCH))
+        check_branch(branch)
+        if c is None:
+            with Tx(self.conn) as tx:
+                self.create_dot(dot, tx, branch, head)
+            return
+        assert hasattr(c, "execute")
+        if c.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone():
+            raise AlreadyExists(f"dot {dot!r} already exists")
+        c.execute("INSERT INTO dots VALUES (?, ?, ?)", (dot, branch, time.time_ns()))
+        c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
         (self.dot_dir(dot) / "subdots").mkdir(parents=True, exist_ok=True)
 
     def delete_dot(self, dot: str) -> None:
-        """Forget the dot's refs and folders; its objects stay in the packs."""
+        """Forget the dot: refs, history, folders and settings (a new dot of the same name
+        starts empty); its objects stay in the packs until gc."""
         with Tx(self.conn) as c:
             for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
                                ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot"),
                                ("mounts", "dot"), ("dot_remotes", "dot"),
-                               ("remote_refs", "dot")):
+                               ("remote_refs", "dot"), ("reflog", "dot"), ("restores", "dot"),
+                               ("dot_options", "dot")):
                 c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
-            c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
-                      " VALUES (?, '', ?, 'delete', NULL, NULL, NULL, 'dot deleted')",
-                      (dot, time.time_ns()))
         shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
 
     def subdots(self, dot: str) -> list[str]:
@@ -148,6 +174,42 @@ class Home:
             for table in ("subdots", "statcache", "mounts", "hooks"):
                 col = "name" if table == "subdots" else "subdot"
                 c.execute(f"DELETE FROM {table} WHERE dot=? AND {col}=?", (dot, subdot))
+
+    # ------------------------------------------------------------ journaled restores
+    def pending_restore(self, dot: str) -> Journal | None:
+        """A restore of the dot's folders that was started and not finished (a kill)."""
+        row = self.conn.execute(
+            "SELECT kind, branch, old, target, saved, action, message FROM restores WHERE dot=?",
+            (dot,)).fetchone()
+        if row is None:
+            return None
+        kind, branch, old, target, saved, action, message = row
+        return Journal(kind, branch, _oid(old), ObjectId(target), _oid(saved), action, message)
+
+    def begin_restore(self, c: object, dot: str, j: Journal) -> None:
+        """Journal a restore (inside the caller's transaction) before any folder changes."""
+        assert hasattr(c, "execute")
+        c.execute("INSERT OR REPLACE INTO restores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (dot, j.kind, j.branch, j.old, j.target, j.saved, j.action, j.message,
+                   time.time_ns()))
+
+    def end_restore(self, c: object, dot: str) -> None:
+        assert hasattr(c, "execute")
+        c.execute("DELETE FROM restores WHERE dot=?", (dot,))
+
+    def is_fetched(self, commit: bytes) -> bool:
+        """Did this commit come from a remote (rather than being made here)?"""
+        return self.conn.execute("SELECT 1 FROM fetched WHERE commit_id=?",
+                                 (commit,)).fetchone() is not None
+
+    def dot_option(self, dot: str, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM dot_options WHERE dot=? AND key=?",
+                                (dot, key)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_dot_option(self, dot: str, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO dot_options VALUES (?, ?, ?)",
+                          (dot, key, value))
 
     def swapping(self, dot: str) -> bool:
         """Is a branch swap of ``dot`` journaled but not finished (a checkout was killed)?"""
@@ -238,7 +300,9 @@ class Home:
         """Every commit reachable from the dot's branches and reflog."""
         seen: set[bytes] = set()
         stack = [h for h in self.branches(dot).values() if h]
-        for row in self.conn.execute("SELECT old, new, saved FROM reflog WHERE dot=?", (dot,)):
+        for row in self.conn.execute("SELECT old, new, saved FROM reflog WHERE dot=? UNION ALL "
+                                     "SELECT old, target, saved FROM restores WHERE dot=?",
+                                     (dot, dot)):
             stack.extend(x for x in row if x)
         stack.extend(self.remote_heads(dot).values())
         while stack:

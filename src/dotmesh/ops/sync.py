@@ -23,6 +23,8 @@ from dotmesh.errors import AlreadyExists, Conflict, NotFound
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import (
+    FILE,
+    HOLE,
     KIND_CHUNK,
     KIND_COMMIT,
     KIND_FILELIST,
@@ -30,16 +32,16 @@ from dotmesh.model.objects import (
     Commit,
     FileList,
     ObjectId,
+    Tree,
 )
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import remotes
 from dotmesh.ops.dots import is_dirty
-from dotmesh.ops.home import Home
-from dotmesh.ops.working import recover, target_roots
+from dotmesh.ops.home import Home, Journal
+from dotmesh.ops.working import recover
 from dotmesh.remote import graph
 from dotmesh.remote.transport import Transport
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta
-from dotmesh.workdir.restore import merge_cache, restore
 from dotmesh.workdir.snapshot import snapshot
 
 Progress = Callable[[int], None]
@@ -65,11 +67,17 @@ class Transfer:
 def _track(home: Home, dot: str, remote: str, remote_dot: str, branch: str,
            head: bytes | None) -> None:
     with Tx(home.conn) as c:
-        c.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)", (dot, remote,
-                                                                          remote_dot))
-        if head is not None:
-            c.execute("INSERT OR REPLACE INTO remote_refs VALUES (?, ?, ?, ?)",
-                      (dot, remote, branch, head))
+        _track_in(c, dot, remote, remote_dot, branch, head)
+
+
+def _track_in(c: object, dot: str, remote: str, remote_dot: str, branch: str,
+              head: bytes | None) -> None:
+    """Remember where the dot is shared and the head seen there (inside ``c``)."""
+    assert hasattr(c, "execute")
+    c.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)", (dot, remote, remote_dot))
+    if head is not None:
+        c.execute("INSERT OR REPLACE INTO remote_refs VALUES (?, ?, ?, ?)",
+                  (dot, remote, branch, head))
 
 
 # ------------------------------------------------------------------ push
@@ -219,6 +227,7 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
                 raise BadTransfer(f"{t.where} sent a tree whose symlink {bad} points out of "
                                   "its subdot; nothing was changed")
     writer = home.packs.writer()
+    chunk_lens: dict[bytes, int] = {}
     todo = sorted(chunks)
     parts = [dict.fromkeys(todo[i:i + CHUNK_FETCH], KIND_CHUNK)
              for i in range(0, len(todo), CHUNK_FETCH)]
@@ -230,23 +239,59 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
             if len(flying) >= IN_FLIGHT or (i >= len(parts) and flying):
                 got = flying.popleft().result()
                 note(list(got.values()))
+                chunk_lens.update((r.oid, r.raw_len) for r in got.values())
                 writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd)
                                  for r in got.values()])
                 writer.flush()  # durable now: a rerun does not fetch these again
+    _check_sizes(home, trees, lists, chunk_lens, t.where)
     for group in (lists, trees):
         writer.add_many([(fetched[o].kind, o, fetched[o].raw_len, fetched[o].payload,
                           fetched[o].zstd) for o in group])
+    with Tx(home.conn) as tx:  # before the commits land: what came from outside is known
+        tx.executemany("INSERT OR IGNORE INTO fetched VALUES (?)", [(o,) for o in commits])
     writer.add_many([(KIND_COMMIT, o, r.raw_len, r.payload, r.zstd) for o, r in commits.items()])
     writer.flush()
     return counted[0], counted[1]
+
+
+def _check_sizes(home: Home, trees: dict[bytes, bytes], lists: dict[bytes, bytes],
+                 chunk_lens: dict[bytes, int], where: str) -> None:
+    """Every file's size is what its content has, and every block what its list says, before
+    anything names them (a tree saying 1 TiB for 28 bytes would make a 1 TiB file)."""
+    lens = dict(chunk_lens)
+    parsed = {oid: FileList.decode(data) for oid, data in lists.items()}
+    need = {c for fl in parsed.values() for c, _ in fl.chunks if c != HOLE and c not in lens}
+    files = [(e, tid) for tid, data in trees.items() for e in Tree.decode(data).entries
+             if e.kind == FILE and isinstance(e.ref, bytes)]
+    need.update(e.ref for e, _ in files if not e.chunked and e.ref not in lens)  # type: ignore[misc]
+    lens.update((o, loc.raw_len) for o, loc in home.packs.locate_many(need).items())
+    for oid, fl in parsed.items():
+        for c, n in fl.chunks:
+            if c != HOLE and lens.get(c) != n:
+                raise BadTransfer(f"{where} sent file list {oid.hex()[:16]} whose block "
+                                  f"{c.hex()[:16]} is not {n} bytes long; nothing was changed")
+    for e, tid in files:
+        assert isinstance(e.ref, bytes)
+        if e.chunked:
+            fl = parsed.get(e.ref)
+            real = fl.size if fl is not None else FileList.decode(home.packs.get(e.ref)).size
+        else:
+            real = lens.get(e.ref, -1)
+        if real != e.size:
+            raise BadTransfer(f"{where} sent tree {tid.hex()[:16]} whose file {e.name[:80]!r} "
+                              f"says {e.size} bytes where its content has {real}; nothing "
+                              "was changed")
 
 
 # ------------------------------------------------------------------ pull
 
 
 def pull(home: Home, dot: str, remote_name: str | None = None, branch: str | None = None,
-         progress: Progress | None = None, stop_writers: bool = False) -> Transfer:
+         progress: Progress | None = None, stop_writers: bool = False,
+         same_owner: bool = False) -> Transfer:
     home.require_dot(dot)
+    if same_owner:
+        home.set_dot_option(dot, "same_owner", "1")
     r = remotes.get(home, remote_name)
     rdot = remotes.remote_dot_for(home, r, dot, None)
     branch = check_branch(branch or home.branch(dot))
@@ -319,13 +364,23 @@ def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: Obje
 
 
 def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | None = None,
-          local_name: str | None = None, progress: Progress | None = None) -> Transfer:
+          local_name: str | None = None, progress: Progress | None = None,
+          same_owner: bool = False) -> Transfer:
+    """Fetch a remote dot, then make a local one at its head and build its folders. The dot
+    and a journal of the restore are recorded together, so a clone killed while building its
+    folders is finished by running it again (or by any command on the dot)."""
     r = remotes.get(home, remote_name)
     rdot = remotes.check_remote_dot(r, remote_dot)
     branch = check_branch(branch or DEFAULT_BRANCH)
     name = check_name(local_name or rdot.rpartition("/")[2], "local dot name")
     if home.dot_exists(name):
-        raise AlreadyExists(f"dot {name!r} already exists: choose another with --local-name")
+        j = home.pending_restore(name)
+        if j is None or j.kind != "clone":
+            raise AlreadyExists(f"dot {name!r} already exists: choose another with "
+                                "--local-name")
+        with home.lock(name):  # a clone that was killed while building its folders
+            recover(home, name)
+        return Transfer(r.name, rdot, j.branch, None, j.target, "cloned")
     t = remotes.transport(home, r, rdot)
     try:
         heads = t.heads()
@@ -338,26 +393,19 @@ def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | No
         objects, nbytes = fetch(home, t, new, [], progress)
     finally:
         t.close()
-    home.create_dot(name)
+    message = f"clone {r.name} {rdot} {branch}"
+    with Tx(home.conn) as tx:
+        home.create_dot(name, tx, branch, new)
+        home.log_ref(tx, name, branch, "clone", None, new, None, message)
+        home.begin_restore(tx, name, Journal("clone", branch, new, new, None, "clone", message))
+        _track_in(tx, name, r.name, rdot, branch, new)
+        if same_owner:
+            tx.execute("INSERT OR REPLACE INTO dot_options VALUES (?, 'same_owner', '1')",
+                       (name,))
     with home.lock(name):
-        with Tx(home.conn) as tx:
-            if branch == DEFAULT_BRANCH:
-                home.move_head(tx, name, branch, None, new)
-            else:
-                tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (name, branch, new))
-                tx.execute("UPDATE dots SET branch=? WHERE name=?", (branch, name))
-            home.log_ref(tx, name, branch, "clone", None, new, None,
-                         f"clone {r.name} {rdot} {branch}")
-        writer = home.packs.writer()
-        roots = target_roots(home, name, home.commit(new), writer)
-        writer.flush()
-        for sub, root in roots.items():
-            done = restore(home.stable(name, sub), home.packs, root, None)
-            with Tx(home.conn) as tx:
-                home.save_cache(tx, name, branch, sub, {}, merge_cache({}, done))
+        recover(home, name)  # builds the folders, then ends the journal
     if home.current_dot() is None:
         home.set_current_dot(name)
-    _track(home, name, r.name, rdot, branch, new)
     return Transfer(r.name, rdot, branch, None, new, "cloned", objects, nbytes)
 
 

@@ -9,13 +9,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dotmesh.capture.changes import Changes, ChangeWatcher
+from dotmesh.errors import DotmeshError
 from dotmesh.meta.db import Tx
-from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root, object_id
+from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
 from dotmesh.ops.home import Home
 from dotmesh.store.packs import PackWriter
-from dotmesh.workdir.restore import RestoreResult, merge_cache, restore
+from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, build, merge_cache, prepare
 from dotmesh.workdir.snapshot import SnapshotResult, StatCache, snapshot, update
 
 Progress = Callable[[int], None]
@@ -108,34 +110,107 @@ def target_roots(home: Home, dot: str, commit: Commit | None,
     return roots
 
 
-def restore_dot(home: Home, dot: str, roots: dict[str, Root], snap: DotSnapshot,
-                progress: Progress | None = None) -> dict[str, StatCache]:
-    """Restore the stable folders in place; returns each subdot's new stat cache."""
+def policy_for(home: Home, dot: str, commit: bytes | None) -> Policy:
+    """States that came from a remote are restored as tar restores a stranger's archive (no
+    setuid bits, files owned by whoever runs dm), unless the dot was cloned or pulled with
+    ``--same-owner``."""
+    if commit is None or not home.is_fetched(commit):
+        return Policy()
+    return Policy(foreign=home.dot_option(dot, "same_owner") != "1")
+
+
+def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
+                    writer: PackWriter, progress: Progress | None = None,
+                    before_touching: Callable[[], None] | None = None) -> dict[str, StatCache]:
+    """Make the stable folders hold ``target`` (``snap``: what they hold now); returns each
+    subdot's new stat cache.
+
+    Every subdot is prepared first: its data read, verified and staged, folders that do not
+    exist built aside. Only then (after ``before_touching``, which journals the restore) is
+    any folder changed, so a damaged object leaves every folder as it was."""
+    roots = target_roots(home, dot, home.commit(target), writer)
+    writer.flush()
+    policy = policy_for(home, dot, target)
+    staged: dict[str, Prepared] = {}
+    built: dict[str, tuple[Path, RestoreResult]] = {}
+    try:
+        for sub, root in roots.items():
+            top = home.stable(dot, sub)
+            scratch = home.scratch(dot) / uuid.uuid4().hex
+            if top.is_dir() and sub in snap.roots:
+                staged[sub] = prepare(top, home.packs, root, snap.roots[sub], scratch, policy,
+                                      progress)
+            else:
+                built[sub] = (scratch, build(scratch, home.packs, root, policy, progress))
+    except BaseException:
+        for p in staged.values():
+            p.abort()
+        for tmp, _ in built.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if before_touching is not None:
+        before_touching()
     caches: dict[str, StatCache] = {}
-    for sub, root in roots.items():
-        res: RestoreResult = restore(home.stable(dot, sub), home.packs, root,
-                                     snap.roots.get(sub), progress)
+    for sub, (tmp, res) in built.items():
+        top = home.stable(dot, sub)
+        top.parent.mkdir(parents=True, exist_ok=True)
+        if top.is_dir() and not any(top.iterdir()):
+            top.rmdir()
+        os.rename(tmp, top)
+        caches[sub] = merge_cache({}, res)
+    for sub, prepared in staged.items():
         base = snap.results[sub].cache if sub in snap.results else {}
-        caches[sub] = merge_cache(base, res)
+        caches[sub] = merge_cache(base, prepared.apply())
     return caches
 
 
-def materialize(home: Home, dot: str, branch: str, commit: Commit | None, writer: PackWriter,
+def materialize(home: Home, dot: str, branch: str, commit: ObjectId | None, writer: PackWriter,
                 progress: Progress | None = None) -> None:
     """Build the parked folders of ``branch`` from ``commit`` (built aside, then renamed in)."""
-    roots = target_roots(home, dot, commit, writer)
+    roots = target_roots(home, dot, home.commit(commit) if commit else None, writer)
     writer.flush()
+    policy = policy_for(home, dot, commit)
     for sub, root in roots.items():
         final = home.parked(dot, branch, sub)
         if final.exists():
             continue
         tmp = home.scratch(dot) / uuid.uuid4().hex
-        res = restore(tmp, home.packs, root, None, progress)
+        res = build(tmp, home.packs, root, policy, progress)
         with Tx(home.conn) as c:
             home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
                             merge_cache({}, res))
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)
+
+
+def finish_restore(home: Home, dot: str, progress: Progress | None = None) -> bool:
+    """Finish a journaled restore that a killed dm left (a reset, a pull, a clone): the
+    folders are made to hold its target, then the branch moves. Returns whether there was one."""
+    j = home.pending_restore(dot)
+    if j is None:
+        return False
+    try:
+        writer = home.packs.writer()
+        snap = snapshot_dot(home, dot, writer, progress)
+        caches = restore_folders(home, dot, j.target, snap, writer, progress)
+        with Tx(home.conn) as tx:
+            head = home.head(dot, j.branch)
+            if head != j.target:
+                home.move_head(tx, dot, j.branch, j.old, j.target)
+            if j.kind != "clone":
+                home.log_ref(tx, dot, j.branch, j.action, j.old, j.target, j.saved,
+                             f"{j.message} (finished after an interruption)")
+            for sub, cache in caches.items():
+                home.save_cache(tx, dot, j.branch, sub, snap.caches.get(sub, {}), cache)
+            home.end_restore(tx, dot)
+    except DotmeshError as e:
+        back = j.saved or j.old
+        way = (f"dm reset --hard {back.hex()[:12]} puts back the state from before it"
+               if back and j.kind != "clone" else
+               f"dm dot delete -f {dot} and clone it again")
+        raise type(e)(f"dot {dot!r} has an unfinished {j.action} to {j.target.hex()[:12]} "
+                      f"that cannot be finished: {e}. {way}") from None
+    return True
 
 
 def swap(home: Home, dot: str, to_branch: str) -> None:
@@ -172,8 +247,11 @@ def settle(home: Home, dot: str) -> None:
         leftover.rmdir()
 
 
-def recover(home: Home, dot: str) -> None:
-    """Run under the dot's lock before any change: finish swaps, drop half-built folders."""
+def recover(home: Home, dot: str, finish: bool = True) -> None:
+    """Run under the dot's lock before any change: finish swaps, drop half-built folders,
+    and (``finish``) finish a journaled restore."""
     settle(home, dot)
     shutil.rmtree(home.dot_dir(dot) / "tmp", ignore_errors=True)
+    if finish:
+        finish_restore(home, dot)
 

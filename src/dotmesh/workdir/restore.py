@@ -1,29 +1,70 @@
-"""Make a folder equal to a stored tree, touching only what differs.
+"""Make a folder equal to a stored tree, touching only what differs, never through a link.
 
-The caller passes the tree the folder holds now (a snapshot it just took), so equal subtrees are
-skipped by id without a look at the disk, and a changed database file is patched in place chunk by
-chunk: the cost follows the changed bytes, not the folder's size. Folder attributes are applied
-last, deepest first, since creating entries changes a folder's mtime.
+Two ways, both fed the tree the folder holds now (a snapshot just taken) so that equal subtrees
+are skipped by id and a changed database file is patched block by block:
+
+- :func:`build` writes a folder that does not exist yet (a clone, a branch's folders built
+  aside): nothing there can be lost, so files go straight to their place.
+- :func:`prepare` then :meth:`Prepared.apply` changes a folder in use (a reset). ``prepare``
+  reads and verifies everything the restore needs before the folder is touched: whole files
+  are written into a staging folder on the same filesystem, with their final attributes, and
+  the blocks of files patched in place are read and checked (kept in memory up to
+  PATCH_MEMORY). A damaged or missing object, or sizes that disagree, fail there, with the
+  folder untouched. ``apply`` only renames, patches, removes and sets attributes; if it is
+  killed, the caller's journal finishes it.
+
+Every step works relative to folder descriptors opened with O_NOFOLLOW, so no link (in the
+tree, or planted meanwhile) can send a write out of the folder, and files are only written in
+place if they are regular files with a single link: anything else (a FIFO, a device node, a
+hard link to a file elsewhere) is replaced, never opened for writing. Folder attributes are
+applied last, deepest first, since creating entries changes a folder's mtime.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotmesh.errors import Conflict, Corrupt, NotFound
 from dotmesh.model.objects import DIR, HOLE, SYMLINK, Entry, FileList, ObjectId, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
-from dotmesh.workdir.snapshot import CacheEntry, StatCache, shared_pool
+from dotmesh.workdir.snapshot import CacheEntry, StatCache, run_all
 
 READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
+PATCH_MEMORY = 64 << 20  # verified blocks of in-place patches kept for apply; beyond, read twice
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+Progress = Callable[[int], None]
+Parts = tuple[str, ...]  # a folder, as names from the top
+Want = tuple[int, bytes, int]  # (offset, chunk id, length) to write
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a tree's attributes are applied: exactly (a state made on this machine), or, for a
+    state that came from a remote without ``--same-owner``, as tar treats a stranger's archive:
+    no setuid, setgid or sticky bits, and files owned by whoever runs dm."""
+
+    foreign: bool = False
+
+    def mode(self, mode: int) -> int:
+        return mode & 0o777 if self.foreign else mode
+
+    def attrs(self, e: Entry | Root) -> tuple[int, int, int, int]:
+        """What applying ``e`` leaves: ownership is only compared when it is applied."""
+        if self.foreign:
+            return (e.mode & 0o777, -1, -1, e.mtime_ns)
+        return (e.mode, e.uid, e.gid, e.mtime_ns)
 
 
 @dataclass
@@ -36,119 +77,205 @@ class RestoreResult:
     removed_dirs: list[bytes] = field(default_factory=list)  # each ends with b"/"
 
 
+@dataclass
+class _File:
+    """A file whose content is (re)written: whole (staged, or straight to its place in a
+    build), or patched in place at the offsets in ``wanted``."""
+
+    parts: Parts
+    name: str
+    rel: bytes
+    entry: Entry
+    in_place: bool
+    wanted: list[Want]
+    staged: str = ""  # its name in the staging folder
+    blocks: list[tuple[int, int, bytes | None]] | None = None  # verified, for a patch
+
+
+# Structural steps, replayed in order by apply (and by build, before the files).
+Step = tuple[str, Parts, str, object]
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
         os.pwrite(fd, bytes(length), offset)  # the filesystem cannot punch: write zeros
 
 
-class _Restorer:
-    def __init__(self, store: PackStore, progress: Callable[[int], None] | None) -> None:
-        self.store = store
-        self.progress = progress
-        self.result = RestoreResult()
-        self.file_jobs: list[tuple[str, bytes, Entry, Entry | None]] = []
-        self.dir_attrs: list[tuple[str, int, int, int, int]] = []  # children before parents
-        self.locations: dict[bytes, Location] = {}
+def _rel(parts: Parts, name: str) -> bytes:
+    return os.fsencode("/".join((*parts, name)))
+
+
+def _where(top: Path, parts: Parts, name: str = "") -> str:
+    return os.path.join(str(top), *parts, name) if name else os.path.join(str(top), *parts)
+
+
+class _Dirs:
+    """Descriptors of the folders under ``top``, each opened relative to its parent without
+    following links. Steps come in depth-first order, so only the current chain stays open."""
+
+    def __init__(self, top: Path, top_fd: int) -> None:
+        self.top = top
+        self.fds: dict[Parts, int] = {(): top_fd}
+
+    def get(self, parts: Parts) -> int:
+        fd = self.fds.get(parts)
+        if fd is not None:
+            return fd
+        for held in [p for p in self.fds if p and p != parts[:len(p)]]:
+            os.close(self.fds.pop(held))
+        parent = self.get(parts[:-1])
+        try:
+            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+        except (NotADirectoryError, FileNotFoundError) as e:
+            raise Conflict(f"{_where(self.top, parts)} is not a folder any more (something "
+                           f"changed it during the restore: {e.strerror})") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a link where a folder should be
+                raise Conflict(f"{_where(self.top, parts)} became a link during the restore; "
+                               "nothing was written through it") from None
+            raise
+        self.fds[parts] = fd
+        return fd
+
+    def close(self) -> None:
+        for parts, fd in self.fds.items():
+            if parts:
+                os.close(fd)
+        self.fds = {}
+
+
+def open_top(top: Path, create: bool) -> int:
+    if create:
+        os.makedirs(top, exist_ok=True)
+    try:
+        return os.open(top, _DIR_FLAGS)
+    except OSError as e:
+        raise Conflict(f"{top} is not a folder dm can restore into: {e.strerror}") from None
+
+
+class _Planner:
+    """Compares the trees (no change to the folder): what to remove, make and write."""
+
+    def __init__(self, top: Path, top_fd: int | None, store: PackStore, policy: Policy) -> None:
+        self.top, self.top_fd, self.store, self.policy = top, top_fd, store, policy
+        self.steps: list[Step] = []
+        self.files: list[_File] = []
+        self.dir_attrs: list[tuple[Parts, Entry]] = []  # children before parents
+        self.removed: list[tuple[bytes, bool]] = []
 
     def tree(self, oid: ObjectId | str | None) -> dict[str, Entry]:
         if not isinstance(oid, bytes):
             return {}
         return {e.name: e for e in Tree.decode(self.store.get(oid)).entries}
 
-    def chunks(self, e: Entry) -> list[tuple[ObjectId, int]]:
+    def chunks(self, e: Entry, rel: bytes) -> list[tuple[ObjectId, int]]:
         if e.ref is None or not isinstance(e.ref, bytes):
             return []
         if not e.chunked:
             return [(e.ref, e.size)]
-        return list(FileList.decode(self.store.get(e.ref)).chunks)
+        fl = FileList.decode(self.store.get(e.ref))
+        if fl.size != e.size:
+            raise Corrupt(f"{os.fsdecode(rel)} says {e.size} bytes but its content has "
+                          f"{fl.size}; nothing was changed")
+        return list(fl.chunks)
 
-    # -- planning (single thread): removals, folders and links now, file contents later
-    def sync_dir(self, path: str, rel: bytes, cur: ObjectId | None, tgt: ObjectId) -> None:
+    def folder(self, parts: Parts, cur: ObjectId | None, tgt: ObjectId, exists: bool) -> None:
         cur_entries, tgt_entries = self.tree(cur), self.tree(tgt)
         for name, c in cur_entries.items():
             t = tgt_entries.get(name)
             if t is None or t.kind != c.kind:
-                self.remove(os.path.join(path, name), rel + os.fsencode(name), c)
+                self.steps.append(("rm", parts, name, c.kind == DIR))
+                rel = _rel(parts, name)
+                self.removed.append((rel, c.kind == DIR))
         for name, t in tgt_entries.items():
             c = cur_entries.get(name)
             if c is not None and c.kind != t.kind:
                 c = None
-            self.sync_entry(os.path.join(path, name), rel + os.fsencode(name), c, t)
+            self.entry(parts, name, c, t, exists)
 
-    def remove(self, path: str, rel: bytes, c: Entry) -> None:
-        self.result.removed += 1
-        try:
-            if c.kind == DIR and not os.path.islink(path):
-                shutil.rmtree(path)
-                self.result.removed_dirs.append(rel + b"/")
-            else:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.result.removed_paths.add(rel)
-
-    def sync_entry(self, path: str, rel: bytes, c: Entry | None, t: Entry) -> None:
+    def entry(self, parts: Parts, name: str, c: Entry | None, t: Entry, exists: bool) -> None:
+        rel = _rel(parts, name)
         if t.kind == DIR:
             if c is None:
-                _mkdir_fresh(path)
+                self.steps.append(("mkdir", parts, name, None))
             if c is None or c.ref != t.ref:
                 assert isinstance(t.ref, bytes)
-                self.sync_dir(path, rel + b"/", c.ref if c else None, ObjectId(t.ref))
-            if c is None or c.ref != t.ref or _attrs(c) != _attrs(t):
-                self.dir_attrs.append((path, t.mode, t.uid, t.gid, t.mtime_ns))
+                self.folder((*parts, name), c.ref if c else None, ObjectId(t.ref),
+                            exists and c is not None)
+            if c is None or c.ref != t.ref or self.policy.attrs(c) != self.policy.attrs(t):
+                self.dir_attrs.append(((*parts, name), t))
         elif t.kind == SYMLINK:
             if c is None or c.ref != t.ref:
-                if c is not None or os.path.lexists(path):
-                    _unlink_any(path)
-                assert isinstance(t.ref, str)
-                os.symlink(t.ref, path)
-            elif _attrs(c) == _attrs(t):
-                return
-            _chown(path, t.uid, t.gid, follow=False)
-            os.utime(path, ns=(t.mtime_ns, t.mtime_ns), follow_symlinks=False)
+                self.steps.append(("link", parts, name, t))
+            elif self.policy.attrs(c) != self.policy.attrs(t):
+                self.steps.append(("linkattrs", parts, name, t))
         elif c is not None and c.ref == t.ref and c.size == t.size:
-            if _attrs(c) != _attrs(t):
-                _chown(path, t.uid, t.gid)
-                os.chmod(path, t.mode)
-                os.utime(path, ns=(t.mtime_ns, t.mtime_ns))
-                self.note(path, rel, t)
+            if self.policy.attrs(c) != self.policy.attrs(t):
+                self.steps.append(("attrs", parts, name, t))
         else:
-            self.file_jobs.append((path, rel, t, c))
-
-    def note(self, path: str, rel: bytes, t: Entry) -> None:
-        st = os.lstat(path)
-        self.result.touched[rel] = CacheEntry.of(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                              st.st_ino, t.ref if isinstance(t.ref, bytes)
-                                              else None, int(t.chunked))
-
-    # -- file contents (thread pool)
-    def plan(self) -> list[tuple[str, bytes, Entry, bool, list[tuple[int, bytes, int]]]]:
-        """For each file to write: whether in place, and the (offset, id, length) to write.
-
-        Locations of every chunk are looked up in one go, before the writing threads start.
-        """
-        plans = []
-        for path, rel, t, c in self.file_jobs:
+            in_place = (exists and c is not None and c.chunked and t.chunked
+                        and self._patchable(parts, name))
             old: dict[int, tuple[bytes, int]] = {}
-            in_place = c is not None and c.chunked and t.chunked and _is_regular(path)
             if in_place:
                 assert c is not None
                 off = 0
-                for cid, n in self.chunks(c):
+                for cid, n in self.chunks(c, rel):
                     old[off] = (cid, n)
                     off += n
             wanted, off = [], 0
-            for cid, n in self.chunks(t):
+            for cid, n in self.chunks(t, rel):
                 if old.get(off) != (cid, n):
                     wanted.append((off, cid, n))
                 off += n
-            plans.append((path, rel, t, in_place, wanted))
-        self.locations = self.store.locate_all(
-            cid for *_, wanted in plans for _, cid, _ in wanted if cid != HOLE)
-        return plans
+            f = _File(parts, name, rel, t, in_place, wanted)
+            self.files.append(f)
+            self.steps.append(("patch" if in_place else "put", parts, name, f))
 
-    def _contents(self, wanted: list[tuple[int, bytes, int]]) -> Iterator[tuple[int, bytes, int,
-                                                                              bytes | None]]:
+    def _patchable(self, parts: Parts, name: str) -> bool:
+        """A regular file with no other name: writing it in place changes nothing else."""
+        if self.top_fd is None:
+            return False
+        fd = self.top_fd
+        opened: list[int] = []
+        try:
+            for p in parts:
+                fd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+                opened.append(fd)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        finally:
+            for x in opened:
+                os.close(x)
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+    def check_sizes(self, locations: dict[bytes, Location]) -> None:
+        """Every block is as long as its list says, every file as long as its content."""
+        for f in self.files:
+            for _, cid, n in f.wanted:
+                if cid == HOLE:
+                    continue
+                loc = locations.get(cid)
+                if loc is None:
+                    raise NotFound(f"block {cid.hex()[:16]} of {os.fsdecode(f.rel)} is not in "
+                                   "the store; nothing was changed (dm fsck)")
+                if loc.raw_len != n:
+                    raise Corrupt(f"{os.fsdecode(f.rel)} names a block of {n} bytes that has "
+                                  f"{loc.raw_len}; nothing was changed (dm fsck)")
+
+
+class _Writer:
+    """Reads what files need from the packs (verified) and writes it out."""
+
+    def __init__(self, store: PackStore, policy: Policy, progress: Progress | None) -> None:
+        self.store, self.policy, self.progress = store, policy, progress
+        self.locations: dict[bytes, Location] = {}
+
+    def locate(self, files: list[_File]) -> None:
+        self.locations = self.store.locate_all(
+            cid for f in files for _, cid, _ in f.wanted if cid != HOLE)
+
+    def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
         """(offset, id, length, data) in file order; adjacent records read in one go."""
         run: list[tuple[int, bytes, int, Location]] = []
         size = 0
@@ -162,12 +289,12 @@ class _Restorer:
             run.clear()
 
         for off, cid, n in wanted:
-            loc = self.locations.get(cid) if cid != HOLE else None
-            if loc is None:
+            if cid == HOLE:
                 yield from flush()
                 size = 0
-                yield off, cid, n, (None if cid == HOLE else self.store.get(cid))
+                yield off, cid, n, None
                 continue
+            loc = self.locations[cid]
             if run and (loc.pack != run[-1][3].pack or size > READ_RUN
                         or loc.offset != run[-1][3].offset + run[-1][3].stored_len + RECORD.size):
                 yield from flush()
@@ -176,46 +303,109 @@ class _Restorer:
             size += loc.stored_len
         yield from flush()
 
-    def write_file(self, path: str, rel: bytes, t: Entry, in_place: bool,
-                   wanted: list[tuple[int, bytes, int]]) -> int:
-        if in_place:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                fd = os.open(path, flags, 0o600)
-            except IsADirectoryError:  # a folder appeared there since the snapshot
-                shutil.rmtree(path)
-                fd = os.open(path, flags, 0o600)
+    def write(self, fd: int, f: _File, blocks: Iterator[tuple[int, int, bytes | None]]) -> int:
+        """Write ``blocks`` (offset, length, data or None for a hole) into ``fd``, then size
+        and attributes; returns the bytes written."""
         written = 0
         iov: list[bytes] = []
         iov_at = iov_end = 0
-        try:
-            for off, _, n, data in self._contents(wanted):
-                if iov and (off != iov_end or len(iov) >= 1024):
-                    _pwritev_all(fd, iov, iov_at)
-                    iov = []
-                if data is None:  # a hole
-                    if in_place:
-                        _punch_hole(fd, off, n)
-                    continue
-                if not iov:
-                    iov_at = off
-                iov.append(data)
-                iov_end = off + n
-                written += n
-            if iov:
+        for off, n, data in blocks:
+            if iov and (off != iov_end or len(iov) >= 1024):
                 _pwritev_all(fd, iov, iov_at)
-            os.ftruncate(fd, t.size)
+                iov = []
+            if data is None:  # a hole
+                if f.in_place:
+                    _punch_hole(fd, off, n)
+                continue
+            if not iov:
+                iov_at = off
+            iov.append(data)
+            iov_end = off + n
+            written += n
+        if iov:
+            _pwritev_all(fd, iov, iov_at)
+        t = f.entry
+        os.ftruncate(fd, t.size)
+        if not self.policy.foreign:
             _chown_fd(fd, t.uid, t.gid)
-            os.fchmod(fd, t.mode)
-            os.utime(fd, ns=(t.mtime_ns, t.mtime_ns))
-        finally:
-            os.close(fd)
-        self.note(path, rel, t)
+        os.fchmod(fd, self.policy.mode(t.mode))
+        os.utime(fd, ns=(t.mtime_ns, t.mtime_ns))
         if self.progress:
             self.progress(written)
         return written
+
+    def read(self, f: _File) -> Iterator[tuple[int, int, bytes | None]]:
+        for off, _, n, data in self.contents(f.wanted):
+            yield off, n, data
+
+    def new_file(self, dir_fd: int, name: str, f: _File) -> tuple[int, os.stat_result]:
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
+        try:
+            n = self.write(fd, f, self.read(f))
+            return n, os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+def _note(st: os.stat_result, t: Entry) -> CacheEntry:
+    return CacheEntry.of(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                         t.ref if isinstance(t.ref, bytes) else None, bool(t.chunked))
+
+
+class _Apply:
+    """The structural steps on a folder, relative to descriptors."""
+
+    def __init__(self, dirs: _Dirs, policy: Policy, result: RestoreResult) -> None:
+        self.dirs, self.policy, self.result = dirs, policy, result
+
+    def remove(self, fd: int, name: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+
+    def mkdir(self, fd: int, name: str) -> None:
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                return
+            os.unlink(name, dir_fd=fd)
+            os.mkdir(name, 0o700, dir_fd=fd)
+
+    def link(self, fd: int, name: str, t: Entry) -> None:
+        self.remove(fd, name)  # whatever is there (the snapshot skips FIFOs and devices)
+        assert isinstance(t.ref, str)
+        os.symlink(t.ref, name, dir_fd=fd)
+        self.link_attrs(fd, name, t)
+
+    def link_attrs(self, fd: int, name: str, t: Entry) -> None:
+        if not self.policy.foreign:
+            _chown_at(fd, name, t.uid, t.gid)
+        os.utime(name, ns=(t.mtime_ns, t.mtime_ns), dir_fd=fd, follow_symlinks=False)
+
+    def file_attrs(self, fd: int, name: str, t: Entry, where: str) -> os.stat_result:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise Conflict(f"{where} is not a regular file any more (something changed it "
+                           "during the restore)")
+        if not self.policy.foreign:
+            _chown_at(fd, name, t.uid, t.gid)
+        os.chmod(name, self.policy.mode(t.mode), dir_fd=fd)  # lstat said: a regular file
+        os.utime(name, ns=(t.mtime_ns, t.mtime_ns), dir_fd=fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def dir_attrs(self, parts: Parts, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
+        fd = self.dirs.get(parts)
+        if not self.policy.foreign:
+            _chown_fd(fd, uid, gid)
+        os.fchmod(fd, self.policy.mode(mode))
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
 def _pwritev_all(fd: int, iov: list[bytes], offset: int) -> None:
@@ -229,37 +419,9 @@ def _pwritev_all(fd: int, iov: list[bytes], offset: int) -> None:
             rest, offset = rest[k:], offset + k
 
 
-def _attrs(e: Entry) -> tuple[int, int, int, int]:
-    return (e.mode, e.uid, e.gid, e.mtime_ns)
-
-
-def _is_regular(path: str) -> bool:
+def _chown_at(fd: int, name: str, uid: int, gid: int) -> None:
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _mkdir_fresh(path: str) -> None:
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if os.path.isdir(path) and not os.path.islink(path):
-            return
-        os.unlink(path)
-        os.mkdir(path, 0o700)
-
-
-def _unlink_any(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def _chown(path: str, uid: int, gid: int, follow: bool = True) -> None:
-    try:
-        os.chown(path, uid, gid, follow_symlinks=follow)
+        os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
     except PermissionError:
         if _IS_ROOT:
             raise  # a non-root user keeps their own ids, as tar does
@@ -273,26 +435,203 @@ def _chown_fd(fd: int, uid: int, gid: int) -> None:
             raise
 
 
-def restore(top: Path, store: PackStore, target: Root, current: Root | None,
-            progress: Callable[[int], None] | None = None) -> RestoreResult:
-    """Make ``top`` hold ``target``; ``current`` is what it holds now (None: treat as empty)."""
-    r = _Restorer(store, progress)
-    top_s = str(top)
-    os.makedirs(top_s, exist_ok=True)
+def _plan(top: Path, top_fd: int | None, store: PackStore, target: Root, current: Root | None,
+          policy: Policy) -> _Planner:
+    p = _Planner(top, top_fd, store, policy)
     if current is None or current.tree != target.tree:
-        r.sync_dir(top_s, b"", current.tree if current else None, target.tree)
-    plans = r.plan()
-    for n in shared_pool().map(lambda job: r.write_file(*job), plans):
-        r.result.bytes_written += n
-        r.result.files_written += 1
-    for path, mode, uid, gid, mtime_ns in r.dir_attrs:
-        _chown(path, uid, gid)
-        os.chmod(path, mode)
-        os.utime(path, ns=(mtime_ns, mtime_ns))
-    _chown(top_s, target.uid, target.gid)
-    os.chmod(top_s, target.mode)
-    os.utime(top_s, ns=(target.mtime_ns, target.mtime_ns))
-    return r.result
+        p.folder((), current.tree if current else None, target.tree, top_fd is not None)
+    return p
+
+
+def _replay(p: _Planner, dirs: _Dirs, act: _Apply, result: RestoreResult, top: Path,
+            place: Callable[[int, _File], None]) -> None:
+    """Run the planned steps in order; ``place`` puts a written or patched file."""
+    for kind, parts, name, arg in p.steps:
+        fd = dirs.get(parts)
+        where = _where(top, parts, name)
+        if kind == "rm":
+            act.remove(fd, name)
+            result.removed += 1
+        elif kind == "mkdir":
+            act.mkdir(fd, name)
+        elif kind == "link":
+            assert isinstance(arg, Entry)
+            act.link(fd, name, arg)
+        elif kind == "linkattrs":
+            assert isinstance(arg, Entry)
+            act.link_attrs(fd, name, arg)
+        elif kind == "attrs":
+            assert isinstance(arg, Entry)
+            result.touched[_rel(parts, name)] = _note(act.file_attrs(fd, name, arg, where), arg)
+        else:
+            assert isinstance(arg, _File)
+            place(fd, arg)
+    for rel, is_dir in p.removed:
+        result.removed_paths.add(rel)
+        if is_dir:
+            result.removed_dirs.append(rel + b"/")
+
+
+def _top_attrs(act: _Apply, target: Root, p: _Planner) -> None:
+    for parts, e in p.dir_attrs:
+        act.dir_attrs(parts, e.mode, e.uid, e.gid, e.mtime_ns)
+    act.dir_attrs((), target.mode, target.uid, target.gid, target.mtime_ns)
+
+
+def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
+          progress: Progress | None = None) -> RestoreResult:
+    """Write ``target`` into ``top``, a folder that must not exist yet (made here). A failure
+    leaves a partial folder, which the caller throws away."""
+    os.makedirs(top.parent, exist_ok=True)
+    os.mkdir(top, 0o700)
+    top_fd = open_top(top, False)
+    result = RestoreResult()
+    dirs = _Dirs(top, top_fd)
+    try:
+        p = _plan(top, None, store, target, None, policy)
+        w = _Writer(store, policy, progress)
+        w.locate(p.files)
+        p.check_sizes(w.locations)
+        act = _Apply(dirs, policy, result)
+        placed: list[_File] = []
+        _replay(p, dirs, act, result, top, lambda fd, f: placed.append(f))
+        dirs.close()
+        dirs.fds = {(): top_fd}
+
+        def one(group: list[_File]) -> list[tuple[_File, int, os.stat_result]]:
+            """The files of one folder (a descriptor of their own: threads share nothing)."""
+            local = _Dirs(top, top_fd)
+            try:
+                fd = local.get(group[0].parts)
+                return [(f, *w.new_file(fd, f.name, f)) for f in group]
+            finally:
+                local.close()
+
+        groups: dict[Parts, list[_File]] = {}
+        for f in placed:
+            groups.setdefault(f.parts, []).append(f)
+        batches = [g[i:i + 64] for g in groups.values() for i in range(0, len(g), 64)]
+        for done in run_all(one, batches):
+            for f, n, st in done:
+                result.bytes_written += n
+                result.files_written += 1
+                result.touched[f.rel] = _note(st, f.entry)
+        _top_attrs(act, target, p)
+    finally:
+        dirs.close()
+        os.close(top_fd)
+    return result
+
+
+class Prepared:
+    """A restore of a folder in use whose data is verified and staged; :meth:`apply` puts it in
+    place, :meth:`abort` throws the staging away (the folder was never touched)."""
+
+    def __init__(self, top: Path, store: PackStore, target: Root, p: _Planner, w: _Writer,
+                 staging: Path, policy: Policy) -> None:
+        self.top, self.store, self.target, self.p, self.w = top, store, target, p, w
+        self.staging, self.policy = staging, policy
+
+    def apply(self) -> RestoreResult:
+        result = RestoreResult()
+        top_fd = open_top(self.top, True)
+        staging_fd = os.open(self.staging, _DIR_FLAGS)
+        dirs = _Dirs(self.top, top_fd)
+        act = _Apply(dirs, self.policy, result)
+        patches: list[tuple[_File, int]] = []
+
+        def place(fd: int, f: _File) -> None:
+            if f.in_place:
+                patches.append((f, os.dup(fd)))
+                return
+            try:  # rename replaces whatever non-folder is there: FIFO, device, link
+                os.rename(f.staged, f.name, src_dir_fd=staging_fd, dst_dir_fd=fd)
+            except IsADirectoryError:  # a folder appeared where the file goes
+                act.remove(fd, f.name)
+                os.rename(f.staged, f.name, src_dir_fd=staging_fd, dst_dir_fd=fd)
+            st = os.stat(f.name, dir_fd=fd, follow_symlinks=False)
+            result.touched[f.rel] = _note(st, f.entry)
+            result.files_written += 1
+            result.bytes_written += f.entry.size
+
+        try:
+            _replay(self.p, dirs, act, result, self.top, place)
+            for n, st, f in run_all(lambda job: self._patch(*job), patches):
+                result.touched[f.rel] = _note(st, f.entry)
+                result.files_written += 1
+                result.bytes_written += n
+            _top_attrs(act, self.target, self.p)
+        finally:
+            for _, fd in patches:
+                os.close(fd)
+            dirs.close()
+            os.close(top_fd)
+            os.close(staging_fd)
+        self.abort()
+        return result
+
+    def _patch(self, f: _File, dir_fd: int) -> tuple[int, os.stat_result, _File]:
+        where = _where(self.top, f.parts, f.name)
+        fd = os.open(f.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise Conflict(f"{where} is not the file it was a moment ago (something changed "
+                               "it during the restore)")
+            blocks = iter(f.blocks) if f.blocks is not None else self.w.read(f)
+            n = self.w.write(fd, f, blocks)
+            return n, os.fstat(fd), f
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def prepare(top: Path, store: PackStore, target: Root, current: Root | None, staging: Path,
+            policy: Policy = Policy(), progress: Progress | None = None) -> Prepared:
+    """Plan making ``top`` hold ``target`` (``current``: what it holds now, None if it does not
+    exist), and stage and verify everything it needs in ``staging`` (a new folder on the
+    same filesystem); the folder itself is not touched."""
+    top_fd = open_top(top, False) if current is not None and os.path.isdir(top) else None
+    try:
+        p = _plan(top, top_fd, store, target, current, policy)
+    finally:
+        if top_fd is not None:
+            os.close(top_fd)
+    w = _Writer(store, policy, progress)
+    w.locate(p.files)
+    p.check_sizes(w.locations)
+    os.makedirs(staging.parent, exist_ok=True)
+    os.mkdir(staging, 0o700)
+    prepared = Prepared(top, store, target, p, w, staging, policy)
+    staging_fd = os.open(staging, _DIR_FLAGS)
+    budget = [PATCH_MEMORY]
+    lock = threading.Lock()
+
+    def stage(item: tuple[int, _File]) -> int:
+        i, f = item
+        if not f.in_place:
+            f.staged = str(i)
+            n, _ = w.new_file(staging_fd, f.staged, f)
+            return n
+        blocks = list(w.read(f))  # verified as read
+        size = sum(n for _, n, d in blocks if d is not None)
+        with lock:
+            budget[0] -= size
+            keep = budget[0] >= 0
+        f.blocks = blocks if keep else None  # over the budget: read again in apply
+        return size
+
+    try:
+        run_all(stage, enumerate(p.files))
+    except BaseException:
+        prepared.abort()
+        raise
+    finally:
+        os.close(staging_fd)
+    return prepared
 
 
 def merge_cache(old: StatCache, result: RestoreResult) -> StatCache:
@@ -303,4 +642,4 @@ def merge_cache(old: StatCache, result: RestoreResult) -> StatCache:
     return new
 
 
-__all__ = ["RestoreResult", "merge_cache", "restore"]
+__all__ = ["Policy", "Prepared", "RestoreResult", "build", "merge_cache", "prepare"]

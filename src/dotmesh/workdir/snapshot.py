@@ -14,10 +14,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.model.objects import (
@@ -203,6 +203,18 @@ def shared_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="dm-io")
     return _pool
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_all(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` over ``items`` on the shared pool, results in order; waits for every one before
+    raising the first failure, so no worker still uses a descriptor the caller then closes."""
+    futures = [shared_pool().submit(fn, x) for x in items]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def store_deferred(writer: PackWriter, records: list[chunker.Record]) -> None:
