@@ -98,7 +98,7 @@ def test_second_process_on_a_dot_is_refused(dm):
     try:
         lock = dm.home / "locks" / "app.lock"
         for _ in range(500):
-            if lock.exists() and lock.read_text().strip() == str(proc.pid):
+            if lock.exists() and lock.read_text().split(" ")[0] == str(proc.pid):
                 break
             subprocess.run(["sleep", "0.01"])
         os.kill(proc.pid, signal.SIGSTOP)

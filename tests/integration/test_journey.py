@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import time
 
 from tests.conftest import capture
@@ -135,3 +136,36 @@ def test_switch_and_dot_show_and_delete(dm):
     dm.ok("dot", "delete", "-f", "a")
     assert [d["name"] for d in json.loads(dm.ok("list", "--json"))] == ["b"]
     assert dm("dot", "show", "a").returncode == 3
+
+
+def test_a_dot_in_use_is_not_deleted(dm):
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "f").write_text("data")
+    user = subprocess.Popen(["sleep", "300"], cwd=d)
+    try:
+        p = dm("dot", "delete", "-f", "app")
+        assert p.returncode == 5 and "sleep" in p.stderr and "--stop-writers" in p.stderr
+        assert (d / "f").read_text() == "data"
+        out = dm.ok("dot", "delete", "-f", "app", "--stop-writers")
+        assert "Stopped process sleep" in out or "sleep" in out
+        assert user.wait(timeout=30) != 0
+    finally:
+        user.kill()
+        user.wait()
+    assert not d.exists() and dm.ok("list").startswith("No dots")
+
+
+def test_a_deleted_dot_is_forgotten(dm):
+    """A new dot of a deleted dot's name starts empty: no history, no reflog, no old ids."""
+    dm.ok("init", "app")
+    (dm.path("app") / "f").write_text("old")
+    dm.ok("commit", "-m", "old")
+    old = json.loads(dm.ok("log", "--json"))[0]["id"]
+    dm.ok("dot", "delete", "-f", "app")
+    dm.ok("init", "app")
+    assert json.loads(dm.ok("log", "--json")) == []
+    assert json.loads(dm.ok("reflog", "--json")) == []
+    p = dm("reset", "--hard", old[:12])
+    assert p.returncode == 3 and "no commit" in p.stderr
+    assert not (dm.path("app") / "f").exists()

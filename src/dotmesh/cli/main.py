@@ -88,9 +88,18 @@ def path(c: Ctx, name: str) -> None:
     click.echo(str(dot_ops.path(c.home, name)))
 
 
+def _state(s: dot_ops.DotStatus) -> str:
+    if s.busy is not None:
+        pid, command = s.busy
+        return f"busy (dm {command}, pid {pid})" if command else f"busy (pid {pid})"
+    return s.state
+
+
 def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
     return {"name": s.name, "current": s.current, "branch": s.branch,
-            "head": s.head.hex() if s.head else None, "dirty": s.dirty, "size": s.size,
+            "head": s.head.hex() if s.head else None, "state": s.state, "dirty": s.dirty,
+            "busy": {"pid": s.busy[0], "command": s.busy[1]} if s.busy else None,
+            "size": s.size,
             "last_commit": {"message": s.head_message, "timestamp": iso(s.head_timestamp_ns)}
             if s.head_timestamp_ns else None,
             "subdots": {k: str(v) for k, v in s.subdots.items()}, "branches": s.branches,
@@ -105,7 +114,7 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
 @json_flag
 @pass_ctx
 def list_(c: Ctx, as_json: bool) -> None:
-    """List dots: current (*), branch, size, dirty, last commit.
+    """List dots: current (*), branch, size, state (clean, dirty, busy), last commit.
 
     \b
     Example:  dm list --json
@@ -117,8 +126,8 @@ def list_(c: Ctx, as_json: bool) -> None:
     if not statuses:
         click.echo("No dots yet: create one with dm init DOT")
         return
-    table([["*" if s.current else "", s.name, s.branch, human_size(s.size),
-            "dirty" if s.dirty else "clean",
+    table([["*" if s.current else "", s.name, s.branch,
+            human_size(s.size) if s.size is not None else "-", _state(s),
             ",".join(k.name for k in s.containers) or "-",
             f"{s.head.hex()[:12]} {s.head_message}" if s.head else "-"] for s in statuses],
           ["", "DOT", "BRANCH", "SIZE", "STATE", "CONTAINERS", "LAST COMMIT"])
@@ -146,7 +155,11 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     click.echo(f"Dot {s.name}" + (" (current)" if s.current else ""))
     click.echo(f"  branch:   {s.branch}  (branches: {', '.join(s.branches)})")
     click.echo(f"  head:     {s.head.hex() if s.head else '-'}")
-    click.echo(f"  state:    {'dirty' if s.dirty else 'clean'}, {human_size(s.size)}")
+    size = f", {human_size(s.size)}" if s.size is not None else ""
+    click.echo(f"  state:    {_state(s)}{size}")
+    if s.state.startswith("unfinished"):
+        click.echo("            (interrupted: the next dm command that changes the dot "
+                   "finishes it, e.g. dm commit)")
     click.echo("  subdots:")
     for sub, p in s.subdots.items():
         click.echo(f"    {sub:<20} {p}")
@@ -159,15 +172,20 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
 
 @dot.command("delete")
 @click.option("-f", "--force", is_flag=True, help="Really delete it.")
+@click.option("--stop-writers", is_flag=True,
+              help="Stop processes and containers using the dot instead of refusing.")
 @click.argument("name")
 @pass_ctx
-def dot_delete(c: Ctx, force: bool, name: str) -> None:
-    """Delete a dot: its folders, branches and history.
+def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
+    """Delete a dot: its folders, branches and history (a new dot of that name starts
+    empty). Refused while processes or containers use it.
 
     \b
     Example:  dm dot delete -f app
     """
-    dot_ops.delete(c.home, name, force)
+    stopped = dot_ops.delete(c.home, name, force, stop_writers)
+    if stopped.processes or stopped.containers:
+        click.echo("Stopped " + ", ".join(map(str, [*stopped.processes, *stopped.containers])))
     click.echo(f"Deleted dot {name}")
 
 

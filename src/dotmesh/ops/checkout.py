@@ -43,7 +43,7 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
              ) -> tuple[bool, Stopped]:
     """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped."""
     check_branch(branch)
-    with home.lock(dot):
+    with home.lock(dot, "checkout"):
         recover(home, dot)
         current = home.branch(dot)
         if not create and branch == current:
@@ -77,7 +77,7 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
     read, verified and staged; only then is the restore journaled and the folders changed,
     and the branch moved and the reflog written once they hold the target. A kill in between
     is finished by the next command; a damaged object fails before any folder is touched."""
-    with home.lock(dot):
+    with home.lock(dot, "reset"):
         recover(home, dot, finish=False)
         _supersede(home, dot)
         branch = home.branch(dot)

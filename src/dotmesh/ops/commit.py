@@ -70,7 +70,7 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
     if freeze_timeout <= 0:
         raise UsageError("--freeze-timeout must be positive")
     metadata = dict(metadata or {})
-    with home.lock(dot):
+    with home.lock(dot, "commit"):
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.capture.containers import Container, containers_using
+from dotmesh.capture.containers import stop as stop_containers
 from dotmesh.capture.writers import Writer
-from dotmesh.errors import UsageError
+from dotmesh.errors import Conflict, UsageError
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
 from dotmesh.ops.home import Home
-from dotmesh.ops.live import containers_of, writers_of
+from dotmesh.ops.live import Stopped, containers_of, stop_processes, writers_of
 from dotmesh.ops.working import recover, snapshot_dot
 
 
@@ -36,7 +37,7 @@ def path(home: Home, name: str) -> Path:
     vol = VolumeName.parse(name)
     if not home.dot_exists(vol.dot):
         init(home, vol.dot)
-    with home.lock(vol.dot):
+    with home.lock(vol.dot, "path"):
         recover(home, vol.dot)
         home.add_subdot(vol.dot, vol.subdot)
         p = home.stable(vol.dot, vol.subdot)
@@ -44,12 +45,28 @@ def path(home: Home, name: str) -> Path:
     return p
 
 
-def delete(home: Home, dot: str, force: bool) -> None:
+def delete(home: Home, dot: str, force: bool, stop_writers: bool = False) -> Stopped:
+    """Forget the dot and remove its folders. Refused while processes or containers use it
+    (they would be left on folders that are gone), unless ``stop_writers``: then they are
+    stopped, and not started again. Returns what was stopped."""
     home.require_dot(dot)
     if not force:
         raise UsageError(f"deleting dot {dot!r} removes its data and history: add -f to confirm")
-    with home.lock(dot):
+    with home.lock(dot, "dot delete"):
+        processes = writers_of(home, dot)
+        containers = [c for c in containers_of(home, dot) if c.state in ("running", "paused")]
+        mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=?",
+                                   (dot,)).fetchone()[0]
+        users = [*map(str, processes), *map(str, containers)]
+        if mounts and not containers:
+            users.append(f"{mounts} Docker mount(s) of its volumes")
+        if users and not stop_writers:
+            raise Conflict(f"dot {dot!r} is in use by {', '.join(users)}: stop them first, or "
+                           "add --stop-writers to have dm stop them")
+        stop_processes(processes, 10.0)
+        stop_containers(containers, 10)
         home.delete_dot(dot)
+    return Stopped(processes, containers)
 
 
 @dataclass
@@ -60,8 +77,10 @@ class DotStatus:
     head: ObjectId | None
     head_message: str | None
     head_timestamp_ns: int | None
-    dirty: bool
-    size: int
+    state: str  # clean, dirty, busy, or "unfinished reset" (a kill: the next command finishes)
+    dirty: bool | None  # None when the working state is not looked at (busy, unfinished)
+    size: int | None
+    busy: tuple[int, str] | None = None  # (pid, command) of the dm working on it
     subdots: dict[str, Path] = field(default_factory=dict)
     branches: list[str] = field(default_factory=list)
     writers: list[Writer] = field(default_factory=list)
@@ -76,21 +95,39 @@ def statuses(home: Home, dots: list[str] | None = None) -> list[DotStatus]:
     return [status(home, d, found[d]) for d in names]
 
 
+def unsettled(home: Home, dot: str) -> str | None:
+    """Why the working state cannot be looked at now: another dm changing it, or an operation
+    a kill interrupted (which the next command that changes the dot finishes); else None."""
+    busy = home.holder(dot)
+    if busy is not None:
+        return "busy"
+    j = home.pending_restore(dot)
+    if j is not None:
+        return f"unfinished {j.action}"
+    if home.swapping(dot):
+        return "unfinished checkout"
+    return None
+
+
 def status(home: Home, dot: str, containers: list[Container] | None = None) -> DotStatus:
-    """What ``dm list`` and ``dm dot show`` print; hashes only files whose stat changed."""
+    """What ``dm list`` and ``dm dot show`` print; hashes only files whose stat changed. Takes
+    no lock: while another dm works on the dot, its working state shows as busy."""
     home.require_dot(dot)
-    with home.lock(dot):
-        recover(home, dot)
-        branch = home.branch(dot)
-        head = home.head(dot, branch)
+    branch = home.branch(dot)
+    head = home.head(dot, branch)
+    c = home.commit(head) if head else None
+    state = unsettled(home, dot)
+    dirty: bool | None = None
+    size: int | None = None
+    if state is None:
         snap = snapshot_dot(home, dot, None)
-        c = home.commit(head) if head else None
-    dirty = is_dirty(snap.roots, c)
-    size = sum(r.total_size for r in snap.results.values())
+        dirty = is_dirty(snap.roots, c)
+        size = sum(r.total_size for r in snap.results.values())
+        state = "dirty" if dirty else "clean"
     return DotStatus(
         name=dot, current=home.current_dot() == dot, branch=branch, head=head,
         head_message=c.message if c else None, head_timestamp_ns=c.timestamp_ns if c else None,
-        dirty=dirty, size=size,
+        state=state, dirty=dirty, size=size, busy=home.holder(dot) if state == "busy" else None,
         subdots={s: home.stable(dot, s) for s in home.subdots(dot)},
         branches=list(home.branches(dot)),
         writers=writers_of(home, dot),

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dotmesh.errors import Conflict, Locked
 from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
 from dotmesh.ops.home import Home
-from dotmesh.ops.working import recover, snapshot_dot
+from dotmesh.ops.working import snapshot_dot
+
+# What a dm holding a dot's lock may be changing in its folders (a commit only reads them).
+CHANGES_FOLDERS = {"reset", "checkout", "clone", "pull", "volume rm", "dot delete"}
 
 
 def log(home: Home, dot: str, limit: int | None = None,
@@ -56,9 +60,17 @@ def diff(home: Home, dot: str, a: str | None = None, b: str | None = None) -> li
     """Changes from ref ``a`` (default HEAD) to ref ``b`` (default: the working state)."""
     extra: dict[bytes, bytes] = {}
     if b is None:
-        with home.lock(dot):
-            recover(home, dot)
-            snap = snapshot_dot(home, dot, None)
+        busy = home.holder(dot)
+        if busy is not None and busy[1] in CHANGES_FOLDERS:
+            raise Locked(f"the working state of dot {dot!r} is changing (dm {busy[1]}, pid "
+                         f"{busy[0]}): try again when it has finished (dm diff REF REF works "
+                         "meanwhile)")
+        j = home.pending_restore(dot)
+        if j is not None or home.swapping(dot):
+            what = j.action if j is not None else "checkout"
+            raise Conflict(f"dot {dot!r} has an unfinished {what} (interrupted): the next dm "
+                           "command that changes the dot finishes it, e.g. dm commit")
+        snap = snapshot_dot(home, dot, None)
         new_roots: dict[str, Root] = snap.roots
         for r in snap.results.values():
             extra.update(r.unstored_trees)

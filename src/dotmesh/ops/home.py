@@ -45,6 +45,12 @@ class Journal:
     message: str
 
 
+def _holder_of(fd: int) -> tuple[int, str]:
+    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    pid, _, command = text.partition(" ")
+    return (int(pid) if pid.isdigit() else 0), command
+
+
 def _oid(value: bytes | None) -> ObjectId | None:
     return ObjectId(value) if value else None
 
@@ -86,22 +92,43 @@ class Home:
 
     # ------------------------------------------------------------ locking
     @contextmanager
-    def lock(self, dot: str) -> Iterator[None]:
-        """Hold the dot's lock for the block; fail at once, naming the holder, if taken."""
+    def lock(self, dot: str, command: str = "") -> Iterator[None]:
+        """Hold the dot's lock for the block; fail at once, naming the holder, if taken.
+        ``command`` is written beside the pid, so that reads can say what is going on."""
         path = self.root / "locks" / f"{dot}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise Locked(f"dot {dot!r} is busy: another dm process (pid {holder}) is "
-                             "working on it; try again when it has finished") from None
+            for attempt in range(3):  # a read peeking at the lock holds it for a moment
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 2:
+                        pid, what = _holder_of(fd)
+                        doing = f"dm {what}, pid {pid}" if what else f"pid {pid}"
+                        raise Locked(f"dot {dot!r} is busy: another dm process ({doing}) is "
+                                     "working on it; try again when it has finished") from None
+                    time.sleep(0.02)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {command}".strip().encode(), 0)
             yield
         finally:
             os.close(fd)
+
+    def holder(self, dot: str) -> tuple[int, str] | None:
+        """(pid, command) of the dm process working on the dot, or None; never waits."""
+        try:
+            fd = os.open(self.root / "locks" / f"{dot}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder_of(fd)
+            return None
+        finally:
+            os.close(fd)  # also lets go of a shared lock at once
 
     # ------------------------------------------------------------ dots
     def current_dot(self) -> str | None:

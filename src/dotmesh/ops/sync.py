@@ -311,7 +311,7 @@ def pull(home: Home, dot: str, remote_name: str | None = None, branch: str | Non
     old = branches.get(branch)
     res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes)
     if branch not in branches:
-        with home.lock(dot):
+        with home.lock(dot, "pull"):
             home.create_branch(dot, branch, new)
             with Tx(home.conn) as tx:
                 home.log_ref(tx, dot, branch, "pull", None, new, None,
@@ -342,7 +342,7 @@ def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: Obje
                  message: str) -> None:
     """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
     are dropped so that the next checkout builds them from the new head."""
-    with home.lock(dot):
+    with home.lock(dot, "pull"):
         recover(home, dot)
         before = home.commit(old) if old else None
         parked = {s: home.parked(dot, branch, s) for s in home.subdots(dot)}
@@ -378,7 +378,7 @@ def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | No
         if j is None or j.kind != "clone":
             raise AlreadyExists(f"dot {name!r} already exists: choose another with "
                                 "--local-name")
-        with home.lock(name):  # a clone that was killed while building its folders
+        with home.lock(name, "clone"):  # a clone that was killed while building its folders
             recover(home, name)
         return Transfer(r.name, rdot, j.branch, None, j.target, "cloned")
     t = remotes.transport(home, r, rdot)
@@ -402,7 +402,7 @@ def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | No
         if same_owner:
             tx.execute("INSERT OR REPLACE INTO dot_options VALUES (?, 'same_owner', '1')",
                        (name,))
-    with home.lock(name):
+    with home.lock(name, "clone"):
         recover(home, name)  # builds the folders, then ends the journal
     if home.current_dot() is None:
         home.set_current_dot(name)

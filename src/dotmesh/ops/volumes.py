@@ -112,7 +112,7 @@ def remove(home: Home, name: str) -> list[Path]:
     trash = home.root / "trash"
     trash.mkdir(exist_ok=True)
     moved: list[Path] = []
-    with home.lock(vol.dot):
+    with home.lock(vol.dot, "volume rm"):
         recover(home, vol.dot)
         home.forget_subdot(vol.dot, vol.subdot)
         branches = home.dot_dir(vol.dot) / "branches"
