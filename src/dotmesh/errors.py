@@ -63,6 +63,10 @@ class OutOfSpace(DotmeshError):
     exit_code = 11
 
 
+class DamagedIndex(Corrupt):
+    """``meta.db`` cannot be read; ``dm fsck --repair`` rebuilds it from the packs."""
+
+
 class Unauthorized(DotmeshError):
     """No API key, or one the hub does not know; the message says how to give one."""
 

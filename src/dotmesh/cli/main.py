@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, iso, progress_bar, table, when
-from dotmesh.errors import DotmeshError
+from dotmesh.errors import DamagedIndex, DotmeshError
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
@@ -26,6 +28,7 @@ from dotmesh.ops.home import default_home
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
 INTERNAL_ERROR = 70
+_home_path: Path | None = None  # for messages about the store's index
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +44,9 @@ def cli(ctx: click.Context, home: Path | None) -> None:
       dm init app && dm path app.clicks-db
       dm commit -m "clean state" && dm log
     """
+    global _home_path
     ctx.obj = Ctx(home or default_home())
+    _home_path = ctx.obj.path
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -535,26 +540,53 @@ def serve(c: Ctx, socket_path: Path, quiet: bool, install: bool, unit_path: Path
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="Drop what cannot be trusted and keep all that can; rebuild an unreadable "
+                   "index from the packs.")
 @json_flag
 @pass_ctx
-def fsck(c: Ctx, as_json: bool) -> None:
-    """Verify every stored object's hash and that all refs reach complete history.
+def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
+    """Verify every stored object, every row of the index and that refs reach whole history.
+
+    With --repair: damaged rows and stat caches are dropped, a branch whose head is lost
+    moves back to the newest whole commit of its reflog, and an index that cannot be read is
+    rebuilt from the packs (what is lost is listed). Packed data is never deleted.
 
     \b
-    Example:  dm fsck
+    Example:  dm fsck --repair
     """
-    with progress_bar("Verifying", c.home.packs.count()) as bar:
-        r = fsck_ops.fsck(c.home, bar)
+    rebuilt: list[str] = []
+    try:
+        r = _fsck(c, repair)
+    except DamagedIndex:
+        if not repair:
+            raise
+        c.close()
+        rebuilt = fsck_ops.rebuild(c.path.absolute())
+        r = _fsck(c, True)
+    if repair:
+        found, repaired = r.problems, [*rebuilt, *r.repaired]
+        r = _fsck(c, False)  # what is left
+        remaining = r.problems
+    else:
+        found, repaired, remaining = r.problems, [], r.problems
     if as_json:
         emit_json({"ok": r.ok, "objects": r.objects, "commits": r.commits, "trees": r.trees,
-                   "problems": r.problems})
+                   "problems": found, "repaired": repaired, "remaining": remaining})
     else:
-        for p in r.problems:
+        for p in found:
             click.echo(f"problem: {p}")
+        for p in repaired:
+            click.echo(f"repaired: {p}")
         click.echo(f"checked {r.objects} objects, {r.commits} commits, {r.trees} trees: "
-                   + ("no problems" if r.ok else f"{len(r.problems)} problems"))
+                   + ("no problems" if r.ok else f"{len(remaining)} problems"))
     if not r.ok:
         sys.exit(7)
+
+
+def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
+    with progress_bar("Verifying", c.home.packs.count()) as bar:
+        return fsck_ops.fsck(c.home, bar, repair)
 
 
 @cli.command()
@@ -602,8 +634,22 @@ def run(args: list[str] | None = None, prog: str = "dm") -> int:
         return 0
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            err(f"no space left on the device{where}; free some space and run the command "
+                "again")
+            return 11
         err(f"{e.strerror or e}{where}")
         return 1
+    except sqlite3.OperationalError as e:
+        if "full" in str(e):
+            err(f"no space left for the store's index in {_home_path}; free some space and "
+                "run the command again")
+            return 11
+        err(f"the store's index in {_home_path} failed: {e}")
+        return 11
+    except sqlite3.DatabaseError as e:
+        err(f"the store's index in {_home_path} is damaged ({e}): run dm fsck --repair")
+        return 7
     except Exception as e:  # a bug: still one line, with the details on request
         if os.environ.get("DM_DEBUG"):
             import traceback

@@ -16,18 +16,22 @@ from dotmesh.model.names import check_name
 from dotmesh.ops import remotes, sync
 
 
-def _api_key(key_file: Path | None) -> str:
-    """From --api-key-file, else $DM_API_KEY, else asked for on a terminal."""
-    if key_file is not None:
+def _secret(path: Path | None, env: str, what: str, how: str) -> str:
+    """From a file, else the environment, else asked for on a terminal (never echoed)."""
+    if path is not None:
         try:
-            return key_file.read_text().strip()
+            return path.read_text().strip()
         except OSError as e:
-            raise UsageError(f"cannot read {key_file}: {e.strerror}") from None
-    if os.environ.get("DM_API_KEY"):
-        return os.environ["DM_API_KEY"]
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if os.environ.get(env):
+        return os.environ[env]
     if not sys.stdin.isatty():
-        raise UsageError("no API key: give --api-key-file FILE or set DM_API_KEY")
-    return str(click.prompt("API key", hide_input=True))
+        raise UsageError(f"no {what}: give {how}")
+    return str(click.prompt(what[0].upper() + what[1:], hide_input=True))
+
+
+def _api_key(key_file: Path | None) -> str:
+    return _secret(key_file, "DM_API_KEY", "API key", "--api-key-file FILE or set DM_API_KEY")
 
 
 same_owner_flag = click.option(
@@ -120,15 +124,27 @@ def register(cli: click.Group) -> None:
 
     @s3_remote.command("add")
     @click.argument("name")
-    @click.argument("spec", metavar="ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET")
+    @click.argument("spec", metavar="ACCESS_KEY@ENDPOINT/BUCKET")
+    @click.option("--secret-key-file", type=click.Path(path_type=Path), default=None,
+                  help="Read the secret key from this file (else $DM_S3_SECRET_KEY, else "
+                       "asked for).")
     @pass_ctx
-    def s3_remote_add(c: Ctx, name: str, spec: str) -> None:
+    def s3_remote_add(c: Ctx, name: str, spec: str, secret_key_file: Path | None) -> None:
         """Add a bucket as a remote (the endpoint may start with http:// or https://).
 
+        The secret key is read from a file, $DM_S3_SECRET_KEY or the terminal, never from
+        the command line, where every local user could see it.
+
         \b
-        Example:  dm s3 remote add backup AKIA...:secret@http://127.0.0.1:8333/dots
+        Example:  DM_S3_SECRET_KEY=... dm s3 remote add backup AKIA...@http://127.0.0.1:8333/dots
         """
-        r = remotes.add_s3(c.home, name, spec)
+        check_name(name, "remote name")
+        secret = None
+        if ":" not in spec.rpartition("@")[0]:
+            remotes.parse_s3(spec, "checked")  # a bad spec fails before the secret is asked
+            secret = _secret(secret_key_file, "DM_S3_SECRET_KEY", "S3 secret key",
+                             "--secret-key-file FILE or set DM_S3_SECRET_KEY")
+        r = remotes.add_s3(c.home, name, spec, secret)
         click.echo(f"Added remote {r.name} ({r.describe()})")
 
     @cli.command()

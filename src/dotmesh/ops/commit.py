@@ -13,7 +13,7 @@ from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.capture.freeze import frozen
 from dotmesh.capture.hooks import HookFailed, run_hooks
 from dotmesh.capture.writers import Writer, shared_mappings
-from dotmesh.errors import UsageError
+from dotmesh.errors import Corrupt, DotmeshError, UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
 from dotmesh.ops import live
@@ -74,6 +74,13 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)
+        if old is not None:
+            try:  # a new commit must never name a parent the store cannot give back
+                home.commit(old)
+            except DotmeshError as e:
+                raise Corrupt(f"branch {branch} of {dot!r} points to {old.hex()[:12]}, which "
+                              f"cannot be read ({e}); nothing was committed: run dm fsck "
+                              "--repair") from None
         dot_hooks = live.hooks(home, dot)
         folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
         run_hooks(dot_hooks, "pre-freeze", folders)

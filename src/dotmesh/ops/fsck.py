@@ -1,14 +1,35 @@
-"""``dm fsck``: verify every stored object's hash and that every ref reaches whole history."""
+"""``dm fsck [--repair]``: verify every stored object and every row of ``meta.db``, and say
+what is wrong; with ``--repair``, drop what cannot be trusted and keep all that can.
+
+fsck never stops at the first problem: each object, each row and each ref is judged on its
+own. Repair only removes rows that are damaged or name what is gone (stat caches, index rows
+of damaged objects, orphans), moves a branch whose head is lost back to the newest commit its
+reflog names that is still whole, and never deletes pack data. When ``meta.db`` itself cannot
+be read, :func:`rebuild` makes a new one: the object index from the packs (which describe
+themselves) and every row it can still read of the old one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dotmesh.errors import DotmeshError
-from dotmesh.model.objects import DIR, FILE, HOLE, Commit, FileList, Tree
+from dotmesh.errors import Corrupt, DotmeshError, InvalidName
+from dotmesh.meta.db import Tx, connect
+from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
+from dotmesh.model.objects import DIR, FILE, HOLE, ID_LEN, KIND_COMMIT, Commit, FileList, Tree
 from dotmesh.ops.home import Home
+from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
+from dotmesh.workdir.snapshot import HAS_CONTENT, decode_cache
+
+Progress = Callable[[int], None]
+LOST_FOUND = "lost-found"
 
 
 @dataclass
@@ -17,107 +38,454 @@ class FsckReport:
     commits: int = 0
     trees: int = 0
     problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def fsck(home: Home, progress: Callable[[int], None] | None = None) -> FsckReport:
-    report = FsckReport()
-    index = dict(home.packs.iter_index())
-    report.objects = len(index)
+def _is_id(x: object) -> bool:
+    return isinstance(x, bytes) and len(x) == ID_LEN
 
-    def verify(item: tuple[bytes, object]) -> str | None:
-        oid, loc = item
-        try:
-            home.packs.verify_located(oid, loc)  # type: ignore[arg-type]
-        except DotmeshError as e:
-            return str(e).removesuffix("; run dm fsck")
-        finally:
-            if progress:
-                progress(1)
-        return None
 
-    with ThreadPoolExecutor(2) as pool:
-        report.problems.extend(p for p in pool.map(verify, index.items()) if p)
+def _name_ok(name: object, branch: bool = False) -> bool:
+    try:
+        (check_branch if branch else check_name)(name)  # type: ignore[arg-type]
+    except InvalidName:
+        return False
+    return True
 
-    seen: set[bytes] = set()
 
-    def need(oid: bytes, what: str) -> bytes | None:
-        if oid not in index:
-            report.problems.append(f"{what} {oid.hex()[:16]} is missing")
+class _Fsck:
+    def __init__(self, home: Home, repair: bool, progress: Progress | None) -> None:
+        self.home, self.repair, self.progress = home, repair, progress
+        self.conn = home.conn
+        self.r = FsckReport()
+        self.index: dict[bytes, Location] = {}
+        self.seen: set[bytes] = set()
+        self.good_commits: set[bytes] = set()
+        self.bad_commits: set[bytes] = set()
+
+    def problem(self, text: str, fix: str | None = None, *sql: tuple[str, tuple[object, ...]]
+                ) -> None:
+        """Report ``text``; when repairing, run ``sql`` and say ``fix``."""
+        self.r.problems.append(text)
+        if self.repair and sql:
+            with Tx(self.conn) as c:
+                for q, args in sql:
+                    c.execute(q, args)
+            self.r.repaired.append(fix or f"dropped: {text}")
+
+    # ------------------------------------------------------------ the database and the index
+    def database(self) -> None:
+        rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+        if rows != ["ok"]:
+            raise Corrupt(f"meta.db is damaged ({rows[0][:120]}): run dm fsck --repair")
+
+    def objects(self) -> None:
+        packs: dict[object, str] = {}
+        for pid, name in self.conn.execute("SELECT id, name FROM packs").fetchall():
+            if not (isinstance(name, str) and PACK_NAME.fullmatch(name)):
+                self.problem(f"pack row #{pid} names no pack file ({str(name)[:40]!r})", None,
+                             ("DELETE FROM packs WHERE id=?", (pid,)))
+                continue
+            packs[pid] = name
+        rows = self.home.packs.index_rows()
+        self.r.objects = len(rows)
+        located: list[tuple[bytes, Location]] = []
+        for row in rows:
+            oid = row[0]
+            try:
+                loc = _location(*row)  # type: ignore[arg-type]
+                if loc.pack not in packs:
+                    raise Corrupt(f"the index entry of object {oid.hex()[:16]} names a pack "
+                                  "that is not there")
+            except (Corrupt, TypeError, AttributeError) as e:
+                self._drop_object(oid, str(e).removesuffix("; run dm fsck --repair"))
+                continue
+            located.append((oid, loc))
+
+        def verify(item: tuple[bytes, Location]) -> str | None:
+            oid, loc = item
+            try:
+                self.home.packs.verify_located(oid, loc)
+            except DotmeshError as e:
+                return str(e).removesuffix("; run dm fsck")
+            finally:
+                if self.progress:
+                    self.progress(1)
+            return None
+
+        with ThreadPoolExecutor(2) as pool:
+            for (oid, loc), bad in zip(located, pool.map(verify, located), strict=True):
+                if bad:
+                    self._drop_object(oid, bad)
+                else:
+                    self.index[oid] = loc
+
+    def _drop_object(self, oid: object, why: str) -> None:
+        self.problem(why, f"dropped the index entry of object {bytes(oid).hex()[:16]} "
+                     "(its data is damaged: a copy pushed or pulled again restores it)"
+                     if isinstance(oid, bytes) else None,
+                     ("DELETE FROM objects WHERE id=?", (oid,)))
+
+    # ------------------------------------------------------------ walks
+    def need(self, oid: bytes, what: str) -> bytes | None:
+        if oid not in self.index:
+            self.r.problems.append(f"{what} {oid.hex()[:16]} is missing")
             return None
         try:
-            return home.packs.get(oid)
+            return self.home.packs.get(oid)
         except DotmeshError as e:
-            report.problems.append(f"{what} {oid.hex()[:16]}: {e}")
+            self.r.problems.append(f"{what} {oid.hex()[:16]}: {e}")
             return None
 
-    def walk_tree(oid: bytes, where: str) -> None:
-        if oid in seen:
-            return
-        seen.add(oid)
-        data = need(oid, f"tree of {where}")
+    def tree(self, oid: bytes, where: str) -> bool:
+        """Walk a tree; False if anything beneath it is missing or damaged."""
+        stack = [(oid, where)]
+        whole = True
+        while stack:
+            oid, where = stack.pop()
+            if oid in self.seen:
+                continue
+            self.seen.add(oid)
+            data = self.need(oid, f"tree of {where}")
+            if data is None:
+                whole = False
+                continue
+            self.r.trees += 1
+            try:
+                tree = Tree.decode(data)
+            except DotmeshError as e:
+                self.r.problems.append(f"tree {oid.hex()[:16]} of {where}: {e}")
+                whole = False
+                continue
+            for e in tree.entries:
+                if e.kind == DIR and isinstance(e.ref, bytes):
+                    stack.append((e.ref, f"{where}/{e.name}"))
+                elif e.kind == FILE and isinstance(e.ref, bytes):
+                    whole = self.file(e.ref, e.chunked, e.size, f"{where}/{e.name}") and whole
+        return whole
+
+    def file(self, ref: bytes, chunked: bool, size: int, where: str) -> bool:
+        if not chunked:
+            loc = self.index.get(ref)
+            if loc is None:
+                self.r.problems.append(f"content of {where} is missing")
+                return False
+            if loc.raw_len != size:
+                self.r.problems.append(f"content of {where} has {loc.raw_len} bytes, not "
+                                       f"{size}")
+                return False
+            return True
+        if ref in self.seen:
+            return True
+        self.seen.add(ref)
+        data = self.need(ref, f"file list of {where}")
         if data is None:
-            return
-        report.trees += 1
+            return False
         try:
-            tree = Tree.decode(data)
+            fl = FileList.decode(data)
         except DotmeshError as e:
-            report.problems.append(f"tree {oid.hex()[:16]} of {where}: {e}")
-            return
-        for e in tree.entries:
-            if e.kind == DIR and isinstance(e.ref, bytes):
-                walk_tree(e.ref, f"{where}/{e.name}")
-            elif e.kind == FILE and isinstance(e.ref, bytes):
-                if not e.chunked:
-                    if e.ref not in index:
-                        report.problems.append(f"content of {where}/{e.name} is missing")
-                elif e.ref not in seen:
-                    seen.add(e.ref)
-                    fl = need(e.ref, f"file list of {where}/{e.name}")
-                    if fl is None:
-                        continue
-                    try:
-                        chunks = FileList.decode(fl).chunks
-                    except DotmeshError as err:
-                        report.problems.append(f"file list of {where}/{e.name}: {err}")
-                        continue
-                    lost = sum(1 for c, _ in chunks if c != HOLE and c not in index)
-                    if lost:
-                        report.problems.append(f"{lost} chunks of {where}/{e.name} are missing")
+            self.r.problems.append(f"file list of {where}: {e}")
+            return False
+        lost = sum(1 for c, n in fl.chunks if c != HOLE and (
+            c not in self.index or self.index[c].raw_len != n))
+        if lost:
+            self.r.problems.append(f"{lost} chunks of {where} are missing or damaged")
+        if fl.size != size:
+            self.r.problems.append(f"file list of {where} has {fl.size} bytes, not {size}")
+        return not lost and fl.size == size
 
-    def walk_commit(oid: bytes, where: str) -> None:
+    def commit(self, oid: bytes, where: str) -> bool:
+        """Walk a commit and its history; False if it cannot be read or lacks anything."""
         stack = [oid]
+        order: list[tuple[bytes, tuple[bytes, ...], bool]] = []
         while stack:
             cid = stack.pop()
-            if cid in seen:
+            if cid in self.good_commits or cid in self.bad_commits or cid in self.seen:
                 continue
-            seen.add(cid)
-            data = need(cid, f"commit reachable from {where}")
+            self.seen.add(cid)
+            data = self.need(cid, f"commit reachable from {where}")
             if data is None:
+                self.bad_commits.add(cid)
                 continue
             try:
                 c = Commit.decode(data)
             except DotmeshError as e:
-                report.problems.append(f"commit {cid.hex()[:16]}: {e}")
+                self.r.problems.append(f"commit {cid.hex()[:16]}: {e}")
+                self.bad_commits.add(cid)
                 continue
-            report.commits += 1
-            for sub, root in c.subdots.items():
-                walk_tree(root.tree, f"{where}:{sub}")
+            if self.index[cid].kind != KIND_COMMIT:
+                self.r.problems.append(f"{where} names {cid.hex()[:16]}, which is not a commit")
+                self.bad_commits.add(cid)
+                continue
+            self.r.commits += 1
+            whole = all([self.tree(root.tree, f"{where}:{sub}")
+                         for sub, root in c.subdots.items()])
+            order.append((cid, c.parents, whole))
             stack.extend(c.parents)
+        for cid, _parents, whole in order:
+            (self.good_commits if whole else self.bad_commits).add(cid)
+        return oid in self.good_commits
 
+    # ------------------------------------------------------------ rows
+    def rows(self) -> None:
+        c = self.conn
+        dots = {}
+        for rowid, name, branch in c.execute("SELECT rowid, name, branch FROM dots").fetchall():
+            if not _name_ok(name):
+                self.problem(f"meta.db has a dot with a bad name {str(name)[:40]!r}", None,
+                             ("DELETE FROM dots WHERE rowid=?", (rowid,)))
+                continue
+            dots[name] = branch
+        self.dots = dots
+        for table, col in (("subdots", "dot"), ("branches", "dot"), ("statcache", "dot"),
+                           ("swaps", "dot"), ("restores", "dot"), ("hooks", "dot"),
+                           ("mounts", "dot"), ("dot_remotes", "dot"), ("remote_refs", "dot"),
+                           ("dot_options", "dot"), ("reflog", "dot")):
+            orphans = c.execute(f"SELECT count(*) FROM {table} WHERE {col} NOT IN "
+                                "(SELECT name FROM dots)").fetchone()[0]
+            if orphans and self.repair:  # left by an older dm's dot delete: harmless
+                with Tx(c) as tx:
+                    tx.execute(f"DELETE FROM {table} WHERE {col} NOT IN (SELECT name FROM dots)")
+                self.r.repaired.append(f"dropped {orphans} rows of {table} of deleted dots")
+        for rowid, dot, name in c.execute("SELECT rowid, dot, name FROM subdots").fetchall():
+            if dot in dots and not _name_ok(name):
+                self.problem(f"dot {dot} has a subdot with a bad name {str(name)[:40]!r}", None,
+                             ("DELETE FROM subdots WHERE rowid=?", (rowid,)))
+        for rowid, dot, name, head in c.execute(
+                "SELECT rowid, dot, name, head FROM branches").fetchall():
+            if dot not in dots:
+                continue
+            if not _name_ok(name, branch=True):
+                self.problem(f"dot {dot} has a branch with a bad name {str(name)[:40]!r}", None,
+                             ("DELETE FROM branches WHERE rowid=?", (rowid,)))
+                continue
+            if head is None:
+                continue
+            if not _is_id(head) or not self.commit(head, f"{dot}@{name}"):
+                shown = head.hex()[:16] if _is_id(head) else repr(head)[:40]
+                self.lost_head(dot, name, rowid, f"branch {name} of {dot} points to {shown}, "
+                               "which cannot be read whole")
+        for dot, branch in dots.items():
+            if not c.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
+                             (dot, branch)).fetchone():
+                self.problem(f"dot {dot} is on branch {str(branch)[:40]!r}, which does not exist",
+                             f"dot {dot} is on branch {DEFAULT_BRANCH} now",
+                             ("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)",
+                              (dot, DEFAULT_BRANCH)),
+                             ("UPDATE dots SET branch=? WHERE name=?", (DEFAULT_BRANCH, dot)))
+        for rowid, dot, old, new, saved in c.execute(
+                "SELECT rowid, dot, old, new, saved FROM reflog").fetchall():
+            if dot not in dots:
+                continue
+            if not all(x is None or _is_id(x) for x in (old, new, saved)):
+                self.problem(f"a reflog entry of {dot} is damaged", None,
+                             ("DELETE FROM reflog WHERE rowid=?", (rowid,)))
+                continue
+            for x in (old, new, saved):
+                if x:
+                    self.commit(x, f"{dot} reflog")
+        for dot, old, target, saved in c.execute(
+                "SELECT dot, old, target, saved FROM restores").fetchall():
+            for x in (old, target, saved):
+                if dot in dots and _is_id(x):
+                    self.commit(x, f"{dot} unfinished restore")
+        for rowid, dot, remote, branch, head in c.execute(
+                "SELECT rowid, dot, remote, branch, head FROM remote_refs").fetchall():
+            if dot not in dots:
+                continue
+            if not _is_id(head) or not self.commit(head, f"{dot}@{remote}/{branch}"):
+                self.problem(f"the last head seen of {dot} on {remote} ({branch}) cannot be read",
+                             None, ("DELETE FROM remote_refs WHERE rowid=?", (rowid,)))
+        for name, kind, options in c.execute(
+                "SELECT name, kind, options FROM remotes").fetchall():
+            try:
+                ok = _name_ok(name) and kind in ("hub", "s3") and isinstance(
+                    json.loads(options), dict)
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                self.problem(f"remote {str(name)[:40]!r} is damaged", None,
+                             ("DELETE FROM remotes WHERE name=?", (name,)))
+
+    def lost_head(self, dot: str, branch: str, rowid: int, text: str) -> None:
+        """A branch whose head is gone: back to the newest whole commit its reflog names."""
+        back = None
+        for old, new in self.conn.execute(
+                "SELECT old, new FROM reflog WHERE dot=? AND branch=? ORDER BY seq DESC",
+                (dot, branch)).fetchall():
+            for x in (new, old):
+                if _is_id(x) and x not in self.bad_commits and self.commit(x, f"{dot} reflog"):
+                    back = x
+                    break
+            if back:
+                break
+        where = back.hex()[:12] if back else "no commit"
+        self.problem(text, f"branch {branch} of {dot} moved back to {where}",
+                     ("UPDATE branches SET head=? WHERE rowid=?", (back, rowid)),
+                     ("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
+                      " VALUES (?, ?, ?, 'repair', NULL, ?, NULL, 'dm fsck --repair: the head "
+                      "could not be read')", (dot, branch, time.time_ns(), back)))
+
+    def caches(self) -> None:
+        for dot, branch, sub, data in self.conn.execute(
+                "SELECT dot, branch, subdot, data FROM statcache").fetchall():
+            if dot not in self.dots:
+                continue
+            where = f"{dot}@{branch}:{sub}"
+            try:
+                cache = decode_cache(data)
+            except (ValueError, TypeError, IndexError):
+                self.problem(f"the stat cache of {where} is damaged (the next commit reads "
+                             "every file again)", None,
+                             ("DELETE FROM statcache WHERE dot=? AND branch=? AND subdot=?",
+                              (dot, branch, sub)))
+                continue
+            lost = sum(1 for e in cache.values() if e[5] & HAS_CONTENT and e[4] not in
+                       self.index)
+            if lost:
+                self.problem(f"the stat cache of {where} names {lost} objects the store lacks",
+                             None, ("DELETE FROM statcache WHERE dot=? AND branch=? AND "
+                                    "subdot=?", (dot, branch, sub)))
+
+
+def fsck(home: Home, progress: Progress | None = None, repair: bool = False) -> FsckReport:
+    f = _Fsck(home, repair, progress)
+    f.database()
+    f.objects()
+    f.rows()
+    f.caches()
+    return f.r
+
+
+# ------------------------------------------------------------------ rebuilding meta.db
+
+SALVAGED = ("meta", "dots", "subdots", "branches", "reflog", "hooks", "swaps", "remotes",
+            "dot_remotes", "remote_refs", "mounts", "restores", "fetched", "dot_options")
+
+
+def rebuild(root: Path) -> list[str]:
+    """Replace a ``meta.db`` that cannot be read: the damaged one is kept aside, the object
+    index is rebuilt from the packs, every row of the old one that can still be read is
+    copied, dots whose folders exist but whose rows are lost are added again, and commits no
+    ref names any more are kept as branches of dot lost-found. Returns what it did."""
+    notes: list[str] = []
+    aside = root / f"meta.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):
+        src = root / f"meta.db{suffix}"
+        if src.exists():
+            os.rename(src, Path(f"{aside}{suffix}"))
+    notes.append(f"kept the damaged index as {aside.name}")
+    conn = connect(root / "meta.db")
+    try:
+        _salvage(aside, conn, notes)
+        _reindex(root / "packs", conn, notes)
+    finally:
+        conn.close()
+    home = Home(root)
+    try:
+        _readopt(home, notes)
+    finally:
+        home.close()
+    return notes
+
+
+def _salvage(old: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
+    try:
+        src = sqlite3.connect(old)
+        src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        notes.append(f"nothing of the old index could be read ({e}): every dot's refs are "
+                     "lost")
+        return
+    for table in SALVAGED:
+        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        copied, failed = 0, ""
+        try:
+            for row in src.execute(f"SELECT {', '.join(cols)} FROM {table}"):
+                conn.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(cols)}) VALUES "
+                             f"({', '.join('?' * len(cols))})", row)
+                copied += 1
+        except sqlite3.Error as e:
+            failed = str(e)
+        if failed:
+            notes.append(f"lost rows of {table} (kept {copied}): {failed}")
+    conn.commit()
+    src.close()
+
+
+def _reindex(packs: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
+    conn.execute("DELETE FROM objects")
+    conn.execute("DELETE FROM packs")
+    objects = damaged = tails = 0
+    for path in sorted(packs.iterdir()) if packs.is_dir() else []:
+        if not PACK_NAME.fullmatch(path.name):
+            continue
+        got = scan_pack(path)
+        with Tx(conn) as c:
+            pid = c.execute("INSERT INTO packs (name) VALUES (?)", (path.name,)).lastrowid
+            c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [(oid, kind, pid, off, stored, raw, int(z))
+                           for oid, kind, off, stored, raw, z in got.records])
+        objects += len(got.records)
+        damaged += got.damaged
+        tails += got.tail
+    notes.append(f"indexed {objects} objects from the packs"
+                 + (f"; {damaged} damaged records left out" if damaged else "")
+                 + (f"; {tails} bytes of unfinished writes ignored" if tails else ""))
+
+
+def _readopt(home: Home, notes: list[str]) -> None:
+    """Dots whose folders are there but whose rows were lost, and commits nobody names."""
+    for folder in sorted((home.root / "dots").iterdir()):
+        name = folder.name
+        if not _name_ok(name) or home.dot_exists(name) or not (folder / "subdots").is_dir():
+            continue
+        branches = home.branches(name)
+        branch = DEFAULT_BRANCH if DEFAULT_BRANCH in branches or not branches else min(branches)
+        with Tx(home.conn) as c:
+            c.execute("INSERT INTO dots VALUES (?, ?, ?)", (name, branch, time.time_ns()))
+            c.execute("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)", (name, branch))
+            for sub in (folder / "subdots").iterdir():
+                if _name_ok(sub.name) and sub.is_dir():
+                    c.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (name, sub.name))
+        kept = "with its branches" if any(branches.values()) else "without history (see " \
+            f"dot {LOST_FOUND})"
+        notes.append(f"dot {name} was lost from the index: added again from its folders, "
+                     f"{kept}")
+    named = set()
     for dot in home.dots():
-        for branch, head in home.branches(dot).items():
-            if head:
-                walk_commit(head, f"{dot}@{branch}")
-    for dot, old, new, saved in home.conn.execute(
-            "SELECT dot, old, new, saved FROM reflog WHERE dot IN (SELECT name FROM dots)"):
-        for x in (old, new, saved):
-            if x:
-                walk_commit(x, f"{dot} reflog")
-    for dot in home.dots():
-        for (remote, branch), head in home.remote_heads(dot).items():
-            walk_commit(head, f"{dot}@{remote}/{branch}")
-    return report
+        named |= home.all_commits(dot)
+    commits = [oid for oid, loc in home.packs.iter_index() if loc.kind == KIND_COMMIT]
+    parents: set[bytes] = set()
+    dated: dict[bytes, int] = {}
+    for oid in commits:
+        if oid in named:
+            continue
+        try:
+            c = home.commit(oid)
+        except DotmeshError:
+            continue
+        parents.update(c.parents)
+        dated[oid] = c.timestamp_ns
+    tips = sorted((o for o in dated if o not in parents), key=lambda o: dated[o])
+    if not tips:
+        return
+    dot = LOST_FOUND
+    n = 1
+    while home.dot_exists(dot):
+        n += 1
+        dot = f"{LOST_FOUND}-{n}"
+    home.create_dot(dot)
+    with Tx(home.conn) as c:
+        for i, tip in enumerate(tips, 1):
+            branch = DEFAULT_BRANCH if i == len(tips) else f"lost-{i}"
+            c.execute("INSERT OR REPLACE INTO branches VALUES (?, ?, ?)", (dot, branch, tip))
+            home.log_ref(c, dot, branch, "repair", None, tip, None,
+                         "dm fsck --repair: a commit no ref named any more")
+    notes.append(f"{len(tips)} commits no ref names any more are branches of dot {dot} "
+                 f"(dm switch {dot}; dm branch)")
+

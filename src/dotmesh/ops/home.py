@@ -15,6 +15,8 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sqlite3
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -22,13 +24,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dotmesh.errors import AlreadyExists, Conflict, Locked, NotFound, UsageError
+from dotmesh.errors import (
+    AlreadyExists,
+    Conflict,
+    Corrupt,
+    DamagedIndex,
+    Locked,
+    NotFound,
+    UsageError,
+)
 from dotmesh.meta.db import Tx, connect
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
 from dotmesh.workdir.snapshot import StatCache, decode_cache, encode_cache
+
+# Tables of rows that belong to one dot (column ``dot``): a dot's delete forgets them all.
+_PER_DOT = ("subdots", "branches", "statcache", "swaps", "hooks", "mounts", "dot_remotes",
+            "remote_refs", "reflog", "restores", "dot_options")
 
 
 @dataclass(frozen=True)
@@ -51,8 +65,52 @@ def _holder_of(fd: int) -> tuple[int, str]:
     return (int(pid) if pid.isdigit() else 0), command
 
 
+def _head(dot: str, branch: str, value: object) -> ObjectId | None:
+    """A head as stored; a damaged one is an error, never a wrong id."""
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise Corrupt(f"the head of branch {branch} of {dot!r} is damaged in meta.db; run dm "
+                      "fsck --repair")
+    return ObjectId(value)
+
+
 def _oid(value: bytes | None) -> ObjectId | None:
     return ObjectId(value) if value else None
+
+
+# Who may see what: the store's own files (the index with remotes' keys, committed data) are
+# its owner's alone; the folders on the way to a subdot may be passed through (not listed) by
+# anyone, since the services using a subdot (PostgreSQL as user postgres) must reach it; a
+# subdot's folder keeps the permissions its data has.
+PRIVATE_DIRS = ("locks", "packs", "remotes", "trash")
+PASSAGE = 0o711
+
+
+def _make_private(root: Path) -> None:
+    if not root.is_dir():
+        root.mkdir(parents=True, mode=PASSAGE)
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if mode & 0o066:
+        os.chmod(root, mode & ~0o066)
+    for name in PRIVATE_DIRS:
+        _tighten(root / name, 0o700)
+    _tighten(root / "dots", PASSAGE)
+    db = root / "meta.db"
+    if not db.exists():
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # SQLite gives
+    for suffix in ("", "-wal", "-shm"):  # its WAL and SHM the database file's permissions
+        path = Path(f"{db}{suffix}")
+        if path.exists() and stat.S_IMODE(path.stat().st_mode) != 0o600:
+            os.chmod(path, 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
 
 
 def default_home() -> Path:
@@ -64,11 +122,15 @@ class Home:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
         try:
-            (self.root / "locks").mkdir(parents=True, exist_ok=True)
-            (self.root / "dots").mkdir(exist_ok=True)
+            _make_private(self.root)
+            self.conn = connect(self.root / "meta.db")
         except OSError as e:
             raise UsageError(f"cannot use {self.root} as the dotmesh home: {e.strerror}") from None
-        self.conn = connect(self.root / "meta.db")
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise DamagedIndex(f"the store's index {self.root / 'meta.db'} cannot be read "
+                               f"({e}): run dm fsck --repair") from None
         self.packs = PackStore(self.root, self.conn)
 
     def close(self) -> None:
@@ -87,7 +149,7 @@ class Home:
 
     def scratch(self, dot: str) -> Path:
         p = self.dot_dir(dot) / "tmp"
-        p.mkdir(parents=True, exist_ok=True)
+        p.mkdir(parents=True, exist_ok=True, mode=0o700)
         return p
 
     # ------------------------------------------------------------ locking
@@ -171,20 +233,20 @@ class Home:
         assert hasattr(c, "execute")
         if c.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone():
             raise AlreadyExists(f"dot {dot!r} already exists")
+        for table in _PER_DOT:  # what an older dm left of a deleted dot of this name
+            c.execute(f"DELETE FROM {table} WHERE dot=?", (dot,))
         c.execute("INSERT INTO dots VALUES (?, ?, ?)", (dot, branch, time.time_ns()))
         c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
-        (self.dot_dir(dot) / "subdots").mkdir(parents=True, exist_ok=True)
+        self.dot_dir(dot).mkdir(mode=PASSAGE, exist_ok=True)
+        (self.dot_dir(dot) / "subdots").mkdir(mode=PASSAGE, exist_ok=True)
 
     def delete_dot(self, dot: str) -> None:
         """Forget the dot: refs, history, folders and settings (a new dot of the same name
         starts empty); its objects stay in the packs until gc."""
         with Tx(self.conn) as c:
-            for table, col in (("dots", "name"), ("subdots", "dot"), ("branches", "dot"),
-                               ("statcache", "dot"), ("swaps", "dot"), ("hooks", "dot"),
-                               ("mounts", "dot"), ("dot_remotes", "dot"),
-                               ("remote_refs", "dot"), ("reflog", "dot"), ("restores", "dot"),
-                               ("dot_options", "dot")):
-                c.execute(f"DELETE FROM {table} WHERE {col}=?", (dot,))
+            c.execute("DELETE FROM dots WHERE name=?", (dot,))
+            for table in _PER_DOT:
+                c.execute(f"DELETE FROM {table} WHERE dot=?", (dot,))
         shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
 
     def subdots(self, dot: str) -> list[str]:
@@ -250,7 +312,7 @@ class Home:
         return str(row[0])
 
     def branches(self, dot: str) -> dict[str, ObjectId | None]:
-        return {r[0]: (ObjectId(r[1]) if r[1] else None) for r in self.conn.execute(
+        return {r[0]: _head(dot, r[0], r[1]) for r in self.conn.execute(
             "SELECT name, head FROM branches WHERE dot=? ORDER BY name", (dot,))}
 
     def head(self, dot: str, branch: str) -> ObjectId | None:
@@ -258,7 +320,7 @@ class Home:
                                 (dot, branch)).fetchone()
         if row is None:
             raise NotFound(f"dot {dot!r} has no branch {branch!r} (dm branch lists them)")
-        return ObjectId(row[0]) if row[0] else None
+        return _head(dot, branch, row[0])
 
     def check_new_branch(self, dot: str, branch: str) -> None:
         check_branch(branch)
@@ -357,7 +419,7 @@ class Home:
             return {}
         try:
             return decode_cache(row[0])
-        except (ValueError, struct.error):  # a damaged cache only costs a full re-read
+        except (ValueError, struct.error, TypeError):  # a damaged cache costs a re-read
             return {}
 
     def save_cache(self, c: object, dot: str, branch: str, subdot: str, old: StatCache,

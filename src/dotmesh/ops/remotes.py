@@ -1,14 +1,13 @@
 """``dm remote`` and ``dm s3 remote``: the remotes a store knows, and how to reach one.
 
 A remote is a hub (``USER@HOST[:PORT]``, an API key) or an S3 bucket
-(``ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET``). Secrets live in ``meta.db``, which is made
-readable by its owner only when a remote is added.
+(``ACCESS_KEY@ENDPOINT/BUCKET``, the secret key given apart). Secrets live in ``meta.db``,
+which, like everything dm keeps in a store, only its owner may read.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +53,18 @@ def parse_hub(spec: str, http: bool) -> tuple[str, str]:
     return user, f"{scheme}://{host}" + (f":{port}" if port else "")
 
 
-def parse_s3(spec: str) -> tuple[str, str, str, str]:
-    """``ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET`` -> (access, secret, endpoint URL, bucket).
-    The endpoint may name its scheme (``http://127.0.0.1:8333``); https otherwise."""
+def parse_s3(spec: str, secret: str | None = None) -> tuple[str, str, str, str]:
+    """``ACCESS_KEY[:SECRET_KEY]@ENDPOINT/BUCKET`` -> (access, secret, endpoint URL, bucket);
+    without a secret in ``spec``, ``secret`` is used (a secret on a command line is seen by
+    every local user in ps). The endpoint may name its scheme; https otherwise."""
     creds, at, rest = spec.rpartition("@")
-    access, colon, secret = creds.partition(":")
-    if not at or not colon or not access or not secret:
-        raise UsageError("bad S3 remote: expected ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET")
+    access, colon, given = creds.partition(":")
+    secret = given if colon else secret
+    if not at or not access or not secret:
+        raise UsageError("bad S3 remote: expected ACCESS_KEY@ENDPOINT/BUCKET (the secret key "
+                         "from --secret-key-file, $DM_S3_SECRET_KEY or asked for)"
+                         if not colon and at and access else
+                         "bad S3 remote: expected ACCESS_KEY@ENDPOINT/BUCKET")
     scheme = "https"
     if "://" in rest:
         scheme, _, rest = rest.partition("://")
@@ -69,8 +73,8 @@ def parse_s3(spec: str) -> tuple[str, str, str, str]:
     endpoint, slash, bucket = rest.rpartition("/")
     if not slash or not endpoint or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]",
                                                     bucket):
-        raise UsageError("bad S3 remote: expected ACCESS_KEY:SECRET_KEY@ENDPOINT/BUCKET, "
-                         "with a bucket name of 3-63 lowercase letters, digits, '.' and '-'")
+        raise UsageError("bad S3 remote: expected ACCESS_KEY@ENDPOINT/BUCKET, with a bucket "
+                         "name of 3-63 lowercase letters, digits, '.' and '-'")
     return access, secret, f"{scheme}://{endpoint}", bucket
 
 
@@ -84,7 +88,6 @@ def _save(home: Home, r: Remote) -> None:
                   (r.name, r.kind, r.url, r.user, r.secret, json.dumps(r.options)))
         if not c.execute("SELECT 1 FROM meta WHERE key='default_remote'").fetchone():
             c.execute("INSERT INTO meta VALUES ('default_remote', ?)", (r.name,))
-    os.chmod(home.root / "meta.db", 0o600)  # it holds the secret now
 
 
 def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
@@ -105,9 +108,9 @@ def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
     return r, who
 
 
-def add_s3(home: Home, name: str, spec: str) -> Remote:
+def add_s3(home: Home, name: str, spec: str, secret: str | None = None) -> Remote:
     check_name(name, "remote name")
-    access, secret, endpoint, bucket = parse_s3(spec)
+    access, secret, endpoint, bucket = parse_s3(spec, secret)
     r = Remote(name, S3, endpoint, access, secret, {"bucket": bucket})
     blobs(r).list("dots/")  # the bucket is there and the keys work
     _save(home, r)

@@ -179,7 +179,8 @@ def materialize(home: Home, dot: str, branch: str, commit: ObjectId | None, writ
         with Tx(home.conn) as c:
             home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
                             merge_cache({}, res))
-        final.parent.mkdir(parents=True, exist_ok=True)
+        (home.dot_dir(dot) / "branches").mkdir(mode=0o700, exist_ok=True)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
         os.rename(tmp, final)
 
 
@@ -232,7 +233,8 @@ def settle(home: Home, dot: str) -> None:
         stable = home.stable(dot, sub)
         old, new = home.parked(dot, from_branch, sub), home.parked(dot, to_branch, sub)
         if stable.exists() and not old.exists() and new.exists():
-            old.parent.mkdir(parents=True, exist_ok=True)
+            (home.dot_dir(dot) / "branches").mkdir(mode=0o700, exist_ok=True)
+            old.parent.mkdir(exist_ok=True, mode=0o700)
             os.rename(stable, old)
         if not stable.exists():
             if new.exists():

@@ -8,7 +8,9 @@ only then commits the index rows; bytes after the last indexed record (a crash) 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import re
 import sqlite3
 import struct
 import threading
@@ -229,6 +231,11 @@ class PackStore:
                                     loc.offset - first.offset + loc.stored_len]
             i += len(run)
 
+    def index_rows(self) -> list[tuple[object, ...]]:
+        """The index as stored, unchecked (fsck judges each row)."""
+        return self.conn.execute(
+            "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects").fetchall()
+
     def iter_index(self) -> Iterator[tuple[bytes, Location]]:
         for r in self.conn.execute(
             "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects"
@@ -242,6 +249,58 @@ class PackStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+PACK_NAME = re.compile(r"[0-9a-f]{32}\.pack")
+
+
+@dataclass
+class Scanned:
+    """What a pack file holds, read from the file alone (to rebuild a lost index)."""
+
+    records: list[tuple[bytes, int, int, int, int, bool]]  # id, kind, offset, stored, raw, zstd
+    damaged: int = 0  # records whose hash failed
+    tail: int = 0  # bytes after the last readable record (a killed writer, or damage)
+
+
+def scan_pack(path: Path) -> Scanned:
+    """Every record of a pack whose header is sane and whose payload hashes to its id; reading
+    stops at the first header that makes no sense."""
+    out = Scanned([])
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < len(PACK_MAGIC):
+            out.tail = size
+            return out
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _scan(data, out)
+    return out
+
+
+def _scan(data: mmap.mmap, out: Scanned) -> None:
+    if data[:len(PACK_MAGIC)] != PACK_MAGIC:
+        out.tail = len(data)
+        return
+    pos = len(PACK_MAGIC)
+    while pos + RECORD.size <= len(data):
+        kind, flags, oid, raw_len, stored_len = RECORD.unpack_from(data, pos)
+        end = pos + RECORD.size + stored_len
+        if (kind not in MAX_SIZE or flags & ~FLAG_ZSTD or not 0 < raw_len <= MAX_SIZE[kind]
+                or not 0 < stored_len <= raw_len + ZSTD_SLACK or end > len(data)):
+            break
+        payload = data[pos + RECORD.size:end]
+        try:
+            raw = decompress(payload, raw_len) if flags & FLAG_ZSTD else payload
+            ok = len(raw) == raw_len and object_id(raw) == oid
+        except zstandard.ZstdError:
+            ok = False
+        if ok:
+            out.records.append((oid, kind, pos + RECORD.size, stored_len, raw_len,
+                                bool(flags & FLAG_ZSTD)))
+        else:
+            out.damaged += 1
+        pos = end
+    out.tail = len(data) - pos
 
 
 class PackWriter:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import xxhash
+
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.model.objects import (
     DIR,
@@ -78,21 +80,36 @@ class CacheEntry(NamedTuple):
         return bool(self.flags & CHUNKED)
 
 
+CACHE_MAGIC = b"DMSC2"
+
+
 def encode_cache(cache: StatCache) -> bytes:
-    """One blob per subdot: NUL-separated paths, then fixed-size records in the same order."""
+    """One blob per subdot: NUL-separated paths, then fixed-size records in the same order,
+    behind a checksum: an entry decides whether a file is read at all, so a damaged one
+    must never be trusted (it would record a content id the store does not have)."""
     paths = list(cache)
     names = b"\0".join(paths)
     pack = _CACHE_RECORD.pack
-    return (struct.pack("<II", len(paths), len(names)) + names
+    body = (struct.pack("<II", len(paths), len(names)) + names
             + b"".join(pack(*cache[p]) for p in paths))
+    return CACHE_MAGIC + xxhash.xxh3_64_digest(body) + body
 
 
 def decode_cache(blob: bytes) -> StatCache:
-    count, names_len = struct.unpack_from("<II", blob)
+    """The cache in ``blob``; ValueError if it is damaged (or of an older format): it is then
+    dropped, which only costs reading every file once."""
+    head = len(CACHE_MAGIC) + 8
+    body = memoryview(blob)[head:]
+    if blob[:len(CACHE_MAGIC)] != CACHE_MAGIC or xxhash.xxh3_64_digest(body) != blob[
+            len(CACHE_MAGIC):head]:
+        raise ValueError("stat cache is damaged")
+    count, names_len = struct.unpack_from("<II", body)
     if not count:
         return {}
-    paths = blob[8:8 + names_len].split(b"\0")  # paths never contain NUL
-    records = _CACHE_RECORD.iter_unpack(memoryview(blob)[8 + names_len:])
+    if len(body) != 8 + names_len + count * _CACHE_RECORD.size:
+        raise ValueError("stat cache is damaged")
+    paths = bytes(body[8:8 + names_len]).split(b"\0")  # paths never contain NUL
+    records = _CACHE_RECORD.iter_unpack(body[8 + names_len:])
     return dict(zip(paths, records, strict=True))  # plain tuples: CacheEntry's layout
 
 
