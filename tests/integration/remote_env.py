@@ -91,7 +91,8 @@ def seaweedfs() -> Iterator[S3Server]:
              f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
              "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
              "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
-             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
+             f"-s3.config={cfg}", "-master.volumeSizeLimitMB=64", "-volume.max=50",
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],  # fixed ports: a second run fails
             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         server = S3Server(f"http://127.0.0.1:{ports['s3']}")
