@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -123,3 +124,31 @@ def test_bytes_held_as_another_kind_elsewhere_are_neither_seen_nor_in_the_way(hu
         r = alice.post("/api/v1/dots/alice/vault/fetch", content=bytes([KIND_TREE]) + tree.oid)
         assert r.status_code == 200, r.text
         assert [x.kind for x in decode(r.content, {tree.oid: KIND_TREE}, "hub")] == [KIND_TREE]
+
+
+# ------------------------------------------------------------------ the same push twice
+
+
+def _twin_pushes(tmp_path: Path, first: DM, remote: str, dot: str, rounds: int = 10) -> None:
+    """Commit in ``first``, copy its store, and push the same commit from both copies at
+    the same moment, ``rounds`` times: both must succeed every time."""
+    first.ok("init", dot)
+    for i in range(rounds):
+        (first.path(dot) / "f").write_bytes(os.urandom(2 << 20))
+        first.ok("commit", "-m", f"round {i}", "--no-freeze")
+        twin = DM(tmp_path / f"twin{i}")
+        shutil.copytree(first.home, twin.home, symlinks=True)
+        procs = [d.popen("push", remote, dot) for d in (first, twin)]
+        results = [(p.wait(), p.communicate()[1]) for p in procs]
+        assert [code for code, _ in results] == [0, 0], (i, results)
+
+
+def test_the_same_commit_pushed_twice_at_once_to_a_hub(hub, tmp_path):
+    _twin_pushes(tmp_path, _dev(tmp_path, "alice", hub), "hub", "twins")
+
+
+def test_the_same_commit_pushed_twice_at_once_to_a_bucket(s3, tmp_path):
+    s3.bucket("dm-twins")
+    first = DM(tmp_path / "first")
+    first.ok("s3", "remote", "add", "bucket", s3.spec("dm-twins"))
+    _twin_pushes(tmp_path, first, "bucket", "twins")

@@ -312,12 +312,12 @@ class HubStore:
     def set_ref(self, dot: Dot, branch: str, old: bytes | None, new: bytes,
                 force: bool) -> None:
         """Move ``branch`` from ``old`` to ``new`` (compare-and-swap). ``new`` and all it
-        needs must belong to the dot; without ``force``, ``old`` must be its ancestor."""
+        needs must belong to the dot; without ``force``, ``old`` must be its ancestor. A
+        branch already at ``new`` is success: two pushes of one commit both succeed."""
         check_branch(branch)
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(branches.c.head).where(
-                branches.c.dot_id == dot.id, branches.c.name == branch)).first()
-        current = bytes(row[0]) if row else None
+        current = self._head(dot, branch)
+        if current == new:
+            return
         if current != old:
             raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
                            f"{current.hex()[:12] if current else 'nothing'}): pull first")
@@ -338,19 +338,25 @@ class HubStore:
         if current is not None and not force and not _descends(get, new, current):
             raise Conflict(f"{dot} branch {branch} has commits that {new.hex()[:12]} does not "
                            "include (not a fast-forward): pull first, or push --force")
-        with self.tx() as c:
-            if current is None:
-                try:
+        try:
+            with self.tx() as c:
+                if current is None:
                     c.execute(branches.insert().values(dot_id=dot.id, name=branch, head=new))
-                except sa.exc.IntegrityError:
-                    raise Conflict(f"{dot} branch {branch} was made meanwhile: pull "
-                                   "first") from None
-            else:
-                moved = c.execute(branches.update().where(
-                    branches.c.dot_id == dot.id, branches.c.name == branch,
-                    branches.c.head == current).values(head=new)).rowcount
-                if moved != 1:
-                    raise Conflict(f"{dot} branch {branch} moved meanwhile: pull first")
+                elif c.execute(branches.update().where(
+                        branches.c.dot_id == dot.id, branches.c.name == branch,
+                        branches.c.head == current).values(head=new)).rowcount != 1:
+                    raise _Raced
+        except (sa.exc.IntegrityError, _Raced):
+            now = self._head(dot, branch)  # after the failed transaction, on a new connection
+            if now != new:
+                raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
+                               f"{now.hex()[:12] if now else 'nothing'}): pull first") from None
+
+    def _head(self, dot: Dot, branch: str) -> bytes | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(branches.c.head).where(
+                branches.c.dot_id == dot.id, branches.c.name == branch)).first()
+        return bytes(row[0]) if row else None
 
     @staticmethod
     def _is_commit(get: graph.Get, oid: bytes) -> bool:
@@ -359,6 +365,10 @@ class HubStore:
         except Corrupt:
             return False
         return True
+
+
+class _Raced(Exception):
+    """A branch's compare-and-swap found another head than the one read just before."""
 
 
 class _Verified:
