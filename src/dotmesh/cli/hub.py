@@ -16,6 +16,7 @@ Several ``dm hub serve`` processes with the same ``db`` and ``s3`` serve the sam
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tomllib
@@ -26,7 +27,7 @@ import click
 
 from dotmesh.cli.context import json_flag
 from dotmesh.cli.render import emit_json
-from dotmesh.errors import UsageError
+from dotmesh.errors import Locked, UsageError
 from dotmesh.remote.blobs import LocalBlobs, S3Blobs
 
 if TYPE_CHECKING:
@@ -72,6 +73,24 @@ class HubConfig:
             s3.ensure_bucket()
             return HubStore(db, s3)
         return HubStore(db, LocalBlobs(data / "blobs"))
+
+
+def hold_serve_lock(data: Path) -> int:
+    """Lock ``data`` for this process's lifetime (the fd stays open): a serve that keeps
+    objects in the folder deletes temporary files at start, which must not be another live
+    serve's. Fails at once, naming the holder."""
+    path = data / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Locked(f"another dm hub serve (pid {holder}) serves {data}: stop it first "
+                     "(for more processes use --workers)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def register(cli: click.Group) -> None:
@@ -130,6 +149,12 @@ def register(cli: click.Group) -> None:
             raise UsageError("TLS needs both --cert and --key")
         store = cfg.store()  # checks the storage (and makes the tables) before serving
         store.close()
+        if isinstance(store.blobs, LocalBlobs):
+            hold_serve_lock(cfg.data())  # until this process ends; workers do not sweep
+            removed = store.blobs.remove_unfinished()
+            if removed:
+                click.echo(f"dm hub: deleted {removed} unfinished temporary files of a "
+                           "killed hub", err=True)
         host = host or cfg.get("host", "127.0.0.1")
         port = port or int(cfg.get("port", 8080))
         workers = workers or int(cfg.get("workers", 1))

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -108,6 +108,8 @@ def create_app(store: HubStore) -> Starlette:
                     e, Unauthorized) else None
                 return JSONResponse({"error": str(e)}, status_code=status_of(e),
                                     headers=headers)
+            except ClientDisconnect:  # the client hung up mid-body: nobody to answer
+                return Response(status_code=400)
         return Route(path, endpoint, methods=[method])
 
     def whoami(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
