@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows, object_id
 from dotmesh.remote.wire import Record, decode, encode
@@ -131,6 +133,210 @@ def test_bytes_held_as_another_kind_elsewhere_are_neither_seen_nor_in_the_way(hu
         r = alice.post("/api/v1/dots/alice/vault/fetch", content=bytes([KIND_TREE]) + tree.oid)
         assert r.status_code == 200, r.text
         assert [x.kind for x in decode(r.content, {tree.oid: KIND_TREE}, "hub")] == [KIND_TREE]
+
+
+# ------------------------------------------------------------------ taking access back
+
+
+def test_a_removed_collaborator_is_refused_at_once(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    bob = _dev(tmp_path, "bob", hub)
+    _shared_dot(alice, "team", "v1")
+    hub.dm_hub("collaborator", "add", "alice/team", "bob")
+    hub.dm_hub("collaborator", "add", "alice/team", "carol")
+    assert json.loads(hub.dm_hub("collaborator", "list", "alice/team", "--json")) == {
+        "dot": "alice/team", "owner": "alice", "collaborators": ["bob", "carol"]}
+    assert "bob" in hub.dm_hub("collaborator", "list", "alice/team")
+    bob.ok("clone", "hub", "alice/team")
+    with _http(hub, "bob") as c:
+        r = c.get("/api/v1/dots/alice/team/collaborators")
+        assert r.status_code == 200 and r.json()["collaborators"] == ["bob", "carol"]
+        assert c.delete("/api/v1/dots/alice/team/collaborators/carol").status_code == 403
+
+    hub.dm_hub("collaborator", "rm", "alice/team", "bob")
+    (bob.path("team") / "f").write_text("bob's")
+    bob.ok("commit", "-m", "bob's", "--no-freeze")
+    assert bob("push").returncode == 13
+    assert bob("pull").returncode == 13
+    p = bob("clone", "hub", "alice/team", "--local-name", "again")
+    assert p.returncode == 13 and "only its owner and collaborators" in _one_line_error(p)
+    with _http(hub, "bob") as c:
+        assert c.get("/api/v1/dots/alice/team/collaborators").status_code == 403
+
+    with _http(hub, "alice") as c:  # the owner takes carol off over HTTP
+        r = c.delete("/api/v1/dots/alice/team/collaborators/carol")
+        assert r.status_code == 200 and r.json() == {"removed": "carol"}
+        r = c.delete("/api/v1/dots/alice/team/collaborators/carol")
+        assert r.status_code == 404 and "not a collaborator" in r.json()["error"]
+        assert c.get("/api/v1/dots/alice/team/collaborators").json()["collaborators"] == []
+    assert json.loads(hub.dm_hub("collaborator", "list", "alice/team", "--json"))[
+        "collaborators"] == []
+    assert alice.ok("pull", "hub", "team").count("up to date") == 1  # bob's push never landed
+
+
+def test_keys_are_listed_made_and_revoked_taking_effect_at_once(hub, tmp_path):
+    first = hub.keys["carol"]
+    listed = json.loads(hub.dm_hub("key", "list", "carol", "--json"))
+    assert [set(k) for k in listed] == [{"id", "created"}]
+    assert first not in hub.dm_hub("key", "list", "carol", "--json")
+    with _http(hub, "carol") as c:
+        assert c.get("/api/v1/user/keys").json() == {"keys": listed}
+        r = c.post("/api/v1/user/keys")
+        assert r.status_code == 201
+        made = r.json()
+        assert set(made) == {"id", "created", "api_key"}
+    ids = [k["id"] for k in json.loads(hub.dm_hub("key", "list", "carol", "--json"))]
+    assert sorted(ids) == sorted([listed[0]["id"], made["id"]])
+    with _http(hub, "carol", made["api_key"]) as c:
+        assert c.get("/api/v1/user").json() == {"name": "carol"}
+        r = c.delete(f"/api/v1/user/keys/{made['id']}")  # the key in use
+        assert r.status_code == 200 and r.json() == {"revoked": made["id"]}
+        r = c.get("/api/v1/user")
+        assert r.status_code == 401 and "does not know this API key" in r.json()["error"]
+    with _http(hub, "mallory") as c:  # nobody revokes another user's key
+        r = c.delete(f"/api/v1/user/keys/{listed[0]['id']}")
+        assert r.status_code == 404
+
+    carol = _dev(tmp_path, "carol", hub)
+    _shared_dot(carol, "notes", "v1")
+    hub.dm_hub("key", "revoke", listed[0]["id"])
+    (carol.path("notes") / "f").write_text("v2")
+    carol.ok("commit", "-m", "v2", "--no-freeze")
+    p = carol("push")
+    assert p.returncode == 12 and "does not know this API key" in _one_line_error(p)
+    hub.keys["carol"] = json.loads(hub.dm_hub("user", "key", "carol", "--json"))["api_key"]
+    assert json.loads(hub.dm_hub("key", "list", "carol", "--json"))[0]["id"] not in ids
+
+
+def test_a_disabled_user_is_refused_until_enabled(hub, tmp_path):
+    key = hub.user("dora")
+    dora = _dev(tmp_path, "dora", hub, key)
+    _shared_dot(dora, "diary", "v1")
+    hub.dm_hub("user", "disable", "dora")
+    p = dora("pull")
+    assert p.returncode == 12 and "disabled" in _one_line_error(p)
+    with _http(hub, "dora", key) as c:
+        r = c.get("/api/v1/user")
+        assert r.status_code == 401 and "disabled" in r.json()["error"]
+    with _http(hub, "dora", "dmk_wrong") as c:  # a wrong key learns nothing of the account
+        assert "disabled" not in c.get("/api/v1/user").json()["error"]
+    with _http(hub, "döra", key) as c:  # another name with her key, not ASCII
+        assert c.get("/api/v1/user").status_code == 401
+    users = {u["name"]: u for u in json.loads(hub.dm_hub("user", "list", "--json"))}
+    assert users["dora"]["disabled"] and users["dora"]["dots"] == ["dora/diary"]
+    assert users["dora"]["keys"] == 1 and not users["alice"]["disabled"]
+    assert "disabled" in hub.dm_hub("user", "list")
+    hub.dm_hub("user", "enable", "dora")
+    assert "up to date" in dora.ok("pull")
+
+
+def test_a_removed_user_leaves_nothing_to_a_namesake(hub, tmp_path):
+    key = hub.user("erin")
+    erin = _dev(tmp_path, "erin", hub, key)
+    _shared_dot(erin, "app", "erin's")
+    _shared_dot(erin, "web", "erin's web")
+    alice = _dev(tmp_path, "alice", hub)
+    _shared_dot(alice, "lab", "alice's")
+    hub.dm_hub("collaborator", "add", "alice/lab", "erin")
+    hub.dm_hub("collaborator", "add", "erin/app", "bob")
+
+    p = hub.run("user", "rm", "erin")
+    assert p.returncode == 5 and "--with-dots" in _one_line_error(p)
+    assert "erin" in [u["name"] for u in json.loads(hub.dm_hub("user", "list", "--json"))]
+    assert "erin/app" in hub.dm_hub("user", "rm", "erin", "--with-dots")
+    assert "erin" not in [u["name"] for u in json.loads(hub.dm_hub("user", "list", "--json"))]
+    assert erin("pull").returncode == 12
+    assert "erin" not in json.loads(hub.dm_hub("collaborator", "list", "alice/lab",
+                                               "--json"))["collaborators"]
+    with _http(hub, "bob") as c:
+        assert c.get("/api/v1/dots/erin/app").status_code == 403
+
+    again = hub.user("erin")  # a namesake: owns nothing, collaborates on nothing
+    namesake = _dev(tmp_path, "erin", hub, again, home="erin2")
+    users = {u["name"]: u for u in json.loads(hub.dm_hub("user", "list", "--json"))}
+    assert users["erin"]["dots"] == [] and users["erin"]["keys"] == 1
+    assert namesake("clone", "hub", "erin/app").returncode == 3
+    assert namesake("clone", "hub", "alice/lab").returncode == 13
+    with _http(hub, "erin", again) as c:
+        assert c.get("/api/v1/dots/erin/web").status_code == 404
+    with _http(hub, "bob") as c:  # bob's old access to erin/app did not come back
+        assert c.get("/api/v1/dots/erin/app").status_code == 403
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["collaborator", "rm", "noslash", "bob"], 2, "NAMESPACE/DOT"),
+    (["collaborator", "rm", "alice/nodot", "bob"], 3, "no dot alice/nodot"),
+    (["collaborator", "rm", "alice/bad name", "bob"], 2, "may only contain"),
+    (["collaborator", "list", "alice/nodot"], 3, "no dot alice/nodot"),
+    (["collaborator", "add", "ghost/app", "bob"], 3, "no user named 'ghost'"),
+    (["user", "disable", "ghost"], 3, "no user named"),
+    (["user", "enable", "ghost"], 3, "no user named"),
+    (["user", "rm", "ghost"], 3, "no user named"),
+    (["user", "rm", "bad name"], 2, "may only contain"),
+    (["key", "list", "ghost"], 3, "no user named"),
+    (["key", "revoke", "xyz"], 2, "12 hex digits"),
+    (["key", "revoke", "0123456789ab"], 3, "no API key"),
+])
+def test_bad_access_commands(hub, args, code, needle):
+    p = hub.run(*args)
+    assert p.returncode == code, p.stderr
+    assert needle in _one_line_error(p)
+
+
+def test_a_collaborator_not_there_is_one_line(hub, tmp_path):
+    _shared_dot(_dev(tmp_path, "alice", hub), "solo", "v1")
+    p = hub.run("collaborator", "rm", "alice/solo", "bob")
+    assert p.returncode == 3 and "bob is not a collaborator" in _one_line_error(p)
+
+
+def test_the_openapi_description_says_what_it_means(hub):
+    """Every route is described elsewhere; here, no YAML flow mapping split a description
+    at a comma into a stray key."""
+    spec = yaml.safe_load(httpx.get(f"http://127.0.0.1:{hub.ports[0]}/api/v1/openapi.yaml",
+                                    timeout=30).text)
+    stray: list[str] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if v is None and " " in str(k):
+                    stray.append(f"{where}: {k!r}")
+                walk(v, f"{where}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}/{i}")
+
+    walk(spec, "")
+    assert stray == []
+    assert "/api/v1/user/keys/{id}" in spec["paths"]
+
+
+# ------------------------------------------------------------------ the same push twice
+
+
+def _twin_pushes(tmp_path: Path, first: DM, remote: str, dot: str, rounds: int = 10) -> None:
+    """Commit in ``first``, copy its store, and push the same commit from both copies at
+    the same moment, ``rounds`` times: both must succeed every time."""
+    first.ok("init", dot)
+    for i in range(rounds):
+        (first.path(dot) / "f").write_bytes(os.urandom(2 << 20))
+        first.ok("commit", "-m", f"round {i}", "--no-freeze")
+        twin = DM(tmp_path / f"twin{i}")
+        shutil.copytree(first.home, twin.home, symlinks=True)
+        procs = [d.popen("push", remote, dot) for d in (first, twin)]
+        results = [(p.wait(), p.communicate()[1]) for p in procs]
+        assert [code for code, _ in results] == [0, 0], (i, results)
+
+
+def test_the_same_commit_pushed_twice_at_once_to_a_hub(hub, tmp_path):
+    _twin_pushes(tmp_path, _dev(tmp_path, "alice", hub), "hub", "twins")
+
+
+def test_the_same_commit_pushed_twice_at_once_to_a_bucket(s3, tmp_path):
+    s3.bucket("dm-twins")
+    first = DM(tmp_path / "first")
+    first.ok("s3", "remote", "add", "bucket", s3.spec("dm-twins"))
+    _twin_pushes(tmp_path, first, "bucket", "twins")
 
 
 # ------------------------------------------------------------------ hanging up, dying

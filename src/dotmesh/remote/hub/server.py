@@ -13,6 +13,7 @@ import binascii
 import json
 import os
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -34,7 +35,7 @@ from dotmesh.errors import (
 )
 from dotmesh.model.objects import ID_LEN
 from dotmesh.remote.blobs import StorageError
-from dotmesh.remote.hub.storage import Dot, HubStore
+from dotmesh.remote.hub.storage import Dot, HubStore, check_key_id
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
 
 OCTETS = "application/octet-stream"
@@ -60,6 +61,10 @@ def status_of(e: DotmeshError) -> int:
 
 def openapi() -> str:
     return resources.files("dotmesh.remote.hub").joinpath("openapi.yaml").read_text()
+
+
+def iso(ts_ns: int) -> str:
+    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
 def ids_of(data: bytes) -> list[bytes]:
@@ -91,8 +96,9 @@ def create_app(store: HubStore) -> Starlette:
             name, sep, key = base64.b64decode(token, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthorized("malformed Authorization header") from None
-        if not sep or not store.authenticate(name, key):
-            raise Unauthorized(f"the hub does not know this API key for {name!r}")
+        if not sep:
+            raise Unauthorized("malformed Authorization header: expected USER:API_KEY")
+        store.authenticate(name, key)
         return name
 
     def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
@@ -169,6 +175,32 @@ def create_app(store: HubStore) -> Starlette:
         store.add_collaborator(p["ns"], p["dot"], p["user"])
         return JSONResponse({"collaborator": p["user"]})
 
+    def collaborator_rm(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        if user != p["ns"]:
+            raise Forbidden(f"only {p['ns']} may remove collaborators of "
+                            f"{p['ns']}/{p['dot']}")
+        store.remove_collaborator(p["ns"], p["dot"], p["user"])
+        return JSONResponse({"removed": p["user"]})
+
+    def collaborators(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        return JSONResponse({"dot": str(dot), "owner": dot.namespace,
+                             "collaborators": store.collaborators_of(dot)})
+
+    def keys(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        return JSONResponse({"keys": [{"id": kid, "created": iso(ns)}
+                                      for kid, ns in store.list_keys(user)]})
+
+    def key_new(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        new = store.new_key(user)
+        return JSONResponse({"id": new.id, "created": iso(new.created_ns),
+                             "api_key": new.key}, status_code=201)
+
+    def key_revoke(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        kid = check_key_id(p["id"])
+        store.revoke_key(kid, user)
+        return JSONResponse({"revoked": kid})
+
     async def spec(request: Request) -> Response:
         return Response(openapi(), media_type="application/yaml")
 
@@ -176,13 +208,18 @@ def create_app(store: HubStore) -> Starlette:
     return Starlette(routes=[
         Route("/api/v1/openapi.yaml", spec, methods=["GET"]),
         route("/api/v1/user", "GET", whoami),
+        route("/api/v1/user/keys", "GET", keys),
+        route("/api/v1/user/keys", "POST", key_new),
+        route("/api/v1/user/keys/{id}", "DELETE", key_revoke),
         route(base, "GET", show),
         route(base + "/lacking", "POST", lacking),
         route(base + "/objects", "POST", receive),
         route(base + "/fetch", "POST", fetch),
         route(base + "/history/{commit}", "GET", history),
         route(base + "/branches/{branch}", "PUT", set_ref),
+        route(base + "/collaborators", "GET", collaborators),
         route(base + "/collaborators/{user}", "PUT", collaborator),
+        route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
     ])
 
 

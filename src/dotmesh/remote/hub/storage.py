@@ -11,6 +11,7 @@ A ref only moves to a commit whose whole closure belongs to the dot.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -20,7 +21,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound, UsageError
+from dotmesh.errors import (
+    AlreadyExists,
+    Conflict,
+    Corrupt,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    UsageError,
+)
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
@@ -56,6 +65,10 @@ members = sa.Table("members", md, sa.Column("dot_id", sa.Integer, primary_key=Tr
                    sa.Column("oid", sa.LargeBinary(32), primary_key=True))
 verified = sa.Table("verified", md, sa.Column("dot_id", sa.Integer, primary_key=True),
                     sa.Column("oid", sa.LargeBinary(32), primary_key=True))
+# Added after version 1's tables: create_all makes missing tables, never missing columns.
+disabled = sa.Table("disabled_users", md, sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("disabled_ns", sa.BigInteger, nullable=False))
+KEY_ID = re.compile(r"[0-9a-f]{12}")
 QUERY_BATCH = 500
 HISTORY_LIMIT = 1000
 
@@ -70,9 +83,31 @@ class Dot:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True)
+class NewKey:
+    key: str  # shown once: only its digest is kept
+    id: str
+    created_ns: int
+
+
 def key_digest(key: str) -> str:
     """Keys are 256 random bits, so one SHA-256 is as good as a slow hash to store them."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(digest: str) -> str:
+    """A key's public name: the start of its stored digest (api_keys has no id column, and
+    create_all does not add columns to a deployed hub's tables). 48 bits of a hash of 256
+    random bits tell nothing of the key."""
+    return digest[:12]
+
+
+def check_key_id(text: str) -> str:
+    kid = text.strip().lower()
+    if not KEY_ID.fullmatch(kid):
+        raise UsageError(f"bad key id {text!r}: a key id is 12 hex digits, as "
+                         "dm hub key list USER shows")
+    return kid
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -131,33 +166,132 @@ class HubStore:
                           "ON CONFLICT DO NOTHING", rows)
 
     # ------------------------------------------------------------ accounts
-    def add_user(self, name: str) -> str:
+    def add_user(self, name: str) -> NewKey:
         """Create an account; returns its API key, which is stored only hashed."""
         check_name(name, "user name")
-        key = "dmk_" + secrets.token_urlsafe(32)
         with self.tx() as c:
             if c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
                 raise AlreadyExists(f"user {name!r} already exists")
             c.execute(users.insert().values(name=name, created_ns=time.time_ns()))
-            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
-                                               created_ns=time.time_ns()))
-        return key
+            return self._insert_key(c, name)
 
-    def new_key(self, name: str) -> str:
+    def new_key(self, name: str) -> NewKey:
         """Another API key for an existing user (the old ones keep working)."""
-        key = "dmk_" + secrets.token_urlsafe(32)
+        check_name(name, "user name")
         with self.tx() as c:
-            if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
-                raise NotFound(f"no user named {name!r}")
-            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
-                                               created_ns=time.time_ns()))
-        return key
+            self._require_user(c, name)
+            return self._insert_key(c, name)
 
-    def authenticate(self, name: str, key: str) -> bool:
+    @staticmethod
+    def _insert_key(c: sa.Connection, name: str) -> NewKey:
+        key = "dmk_" + secrets.token_urlsafe(32)
+        digest, now = key_digest(key), time.time_ns()
+        c.execute(api_keys.insert().values(digest=digest, username=name, created_ns=now))
+        return NewKey(key, key_id(digest), now)
+
+    @staticmethod
+    def _require_user(c: sa.Connection, name: str) -> None:
+        if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+            raise NotFound(f"no user named {name!r}")
+
+    def authenticate(self, name: str, key: str) -> None:
+        """Unauthorized unless ``key`` is one of ``name``'s and the account is enabled. Read
+        from the database on every request, never cached: a revoked key or a disabled
+        account is refused from the next request on."""
         with self.engine.connect() as c:
-            row = c.execute(sa.select(api_keys.c.username).where(
+            row = c.execute(sa.select(api_keys.c.username, disabled.c.name).outerjoin(
+                disabled, disabled.c.name == api_keys.c.username).where(
                 api_keys.c.digest == key_digest(key))).first()
-        return row is not None and secrets.compare_digest(row[0], name)
+        if row is None or not secrets.compare_digest(row[0].encode(), name.encode()):
+            raise Unauthorized(f"the hub does not know this API key for {name!r}")
+        if row[1] is not None:  # said only to whoever holds a valid key
+            raise Unauthorized(f"the account {name!r} is disabled on this hub: ask its "
+                               "admin (dm hub user enable)")
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every account: name, created_ns, disabled, keys (how many), dots (owned)."""
+        with self.engine.connect() as c:
+            out = {r.name: {"name": r.name, "created_ns": r.created_ns, "disabled": False,
+                            "keys": 0, "dots": []}
+                   for r in c.execute(sa.select(users).order_by(users.c.name))}
+            for name, n in c.execute(sa.select(api_keys.c.username, sa.func.count()).group_by(
+                    api_keys.c.username)):
+                if name in out:
+                    out[name]["keys"] = n
+            for (name,) in c.execute(sa.select(disabled.c.name)):
+                if name in out:
+                    out[name]["disabled"] = True
+            for ns, dot in c.execute(sa.select(dots.c.namespace, dots.c.name).order_by(
+                    dots.c.namespace, dots.c.name)):
+                if ns in out:
+                    out[ns]["dots"].append(f"{ns}/{dot}")
+        return list(out.values())
+
+    def set_disabled(self, name: str, off: bool) -> bool:
+        """Disable (``off``) or enable an account; False if it already was."""
+        check_name(name, "user name")
+        with self.tx() as c:
+            self._require_user(c, name)
+            if off:
+                return c.execute(self._insert_ignore(disabled).values(
+                    name=name, disabled_ns=time.time_ns())).rowcount == 1
+            return c.execute(disabled.delete().where(disabled.c.name == name)).rowcount == 1
+
+    def remove_user(self, name: str, with_dots: bool = False) -> list[str]:
+        """Delete an account, its keys and its collaborations; with ``with_dots`` also the
+        dots it owns (their refs, memberships and collaborators: ownership is the
+        namespace, so a later user of the same name would get them). Returns those dots."""
+        check_name(name, "user name")
+        with self.tx() as c:
+            # The user's row goes first: PostgreSQL then makes a concurrent dot creation
+            # (which reads the row FOR SHARE) wait, and this sees the dot it made.
+            if c.execute(users.delete().where(users.c.name == name)).rowcount == 0:
+                raise NotFound(f"no user named {name!r}")
+            owned = {r.id: f"{name}/{r.name}" for r in c.execute(
+                sa.select(dots.c.id, dots.c.name).where(dots.c.namespace == name))}
+            if owned and not with_dots:
+                listed = ", ".join(sorted(owned.values())[:5]) + (", ..." if len(owned) > 5
+                                                                  else "")
+                raise Conflict(f"{name} owns {len(owned)} dots ({listed}): "
+                               f"dm hub user rm {name} --with-dots deletes them too")
+            c.execute(api_keys.delete().where(api_keys.c.username == name))
+            c.execute(collaborators.delete().where(collaborators.c.username == name))
+            c.execute(disabled.delete().where(disabled.c.name == name))
+            ids = list(owned)
+            for i in range(0, len(ids), QUERY_BATCH):
+                batch = ids[i:i + QUERY_BATCH]
+                for table in (branches, members, verified, collaborators):
+                    c.execute(table.delete().where(table.c.dot_id.in_(batch)))
+                c.execute(dots.delete().where(dots.c.id.in_(batch)))
+        return sorted(owned.values())
+
+    def list_keys(self, name: str) -> list[tuple[str, int]]:
+        """(id, created_ns) of each of ``name``'s API keys, oldest first."""
+        check_name(name, "user name")
+        with self.engine.connect() as c:
+            self._require_user(c, name)
+            rows = c.execute(sa.select(api_keys.c.digest, api_keys.c.created_ns).where(
+                api_keys.c.username == name).order_by(api_keys.c.created_ns))
+            return [(key_id(r.digest), r.created_ns) for r in rows]
+
+    def revoke_key(self, kid: str, user: str | None = None) -> str:
+        """Delete the API key named ``kid`` (only among ``user``'s, if given); returns whose
+        it was. Requests with it fail from the next one on."""
+        kid = check_key_id(kid)
+        with self.tx() as c:
+            q = sa.select(api_keys.c.digest, api_keys.c.username).where(
+                api_keys.c.digest.startswith(kid))
+            if user is not None:
+                q = q.where(api_keys.c.username == user)
+            rows = c.execute(q).all()
+            if not rows:
+                raise NotFound(f"{user} has no API key {kid}" if user else
+                               f"no API key {kid} on this hub")
+            if len(rows) > 1:
+                raise Conflict(f"{len(rows)} API keys have id {kid}: revoke them with "
+                               "dm hub user rm, or ask for a new key first")
+            c.execute(api_keys.delete().where(api_keys.c.digest == rows[0].digest))
+        return str(rows[0].username)
 
     # ------------------------------------------------------------ dots and permissions
     def find(self, namespace: str, name: str) -> Dot | None:
@@ -188,30 +322,54 @@ class HubStore:
         if dot is None:
             if not create:
                 raise NotFound(f"the hub has no dot {namespace}/{name}")
-            with self.tx() as c:
-                c.execute(self._insert_ignore(dots).values(
-                    namespace=namespace, name=name, created_ns=time.time_ns()))
+            self._create(namespace, name)
             dot = self.find(namespace, name)
-            assert dot is not None
+            if dot is None:
+                raise NotFound(f"no user named {namespace!r}")
         return dot
+
+    def _create(self, namespace: str, name: str) -> None:
+        """Make a dot, only while its owner's account exists (in one statement for SQLite,
+        holding the owner's row for PostgreSQL): else a removed user's in-flight push
+        could leave a dot to a later user of the same name."""
+        with self.tx() as c:
+            c.execute(sa.select(users.c.name).where(users.c.name == namespace)
+                      .with_for_update(read=True))
+            owner = sa.exists().where(users.c.name == namespace)
+            c.execute(self._insert_ignore(dots).from_select(
+                ["namespace", "name", "created_ns"],
+                sa.select(sa.literal(namespace, sa.String), sa.literal(name, sa.String),
+                          sa.literal(time.time_ns(), sa.BigInteger)).where(owner)))
 
     def add_collaborator(self, namespace: str, name: str, user: str) -> None:
         check_name(user, "user name")
         with self.engine.connect() as c:
-            if not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
-                raise NotFound(f"no user named {user!r}")
+            self._require_user(c, user)
         dot = self.dot_for(namespace, namespace, name, create=True)
         with self.tx() as c:
             c.execute(self._insert_ignore(collaborators).values(dot_id=dot.id, username=user))
+
+    def remove_collaborator(self, namespace: str, name: str, user: str) -> None:
+        """Take ``user``'s access to the dot away, from their next request on."""
+        check_name(user, "user name")
+        dot = self.dot_for(namespace, namespace, name)
+        with self.tx() as c:
+            gone = c.execute(collaborators.delete().where(
+                collaborators.c.dot_id == dot.id, collaborators.c.username == user)).rowcount
+        if not gone:
+            raise NotFound(f"{user} is not a collaborator of {dot}")
+
+    def collaborators_of(self, dot: Dot) -> list[str]:
+        with self.engine.connect() as c:
+            return sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
+                collaborators.c.dot_id == dot.id)))
 
     def describe(self, dot: Dot) -> dict[str, Any]:
         with self.engine.connect() as c:
             heads = {r[0]: r[1].hex() for r in c.execute(
                 sa.select(branches.c.name, branches.c.head).where(branches.c.dot_id == dot.id))}
-            collab = sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
-                collaborators.c.dot_id == dot.id)))
         return {"namespace": dot.namespace, "name": dot.name, "owner": dot.namespace,
-                "branches": heads, "collaborators": collab}
+                "branches": heads, "collaborators": self.collaborators_of(dot)}
 
     # ------------------------------------------------------------ objects
     def _present(self, table: sa.Table, ids: list[bytes], dot: Dot | None) -> set[bytes]:
