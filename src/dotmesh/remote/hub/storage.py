@@ -250,10 +250,11 @@ class HubStore:
             owned = {r.id: f"{name}/{r.name}" for r in c.execute(
                 sa.select(dots.c.id, dots.c.name).where(dots.c.namespace == name))}
             if owned and not with_dots:
-                listed = ", ".join(sorted(owned.values())[:5]) + (", ..." if len(owned) > 5
-                                                                  else "")
-                raise Conflict(f"{name} owns {len(owned)} dots ({listed}): "
-                               f"dm hub user rm {name} --with-dots deletes them too")
+                names = sorted(owned.values())
+                listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                what = f"{len(names)} dots" if len(names) > 1 else "a dot"
+                raise Conflict(f"{name} owns {what} ({listed}): dm hub user rm {name} "
+                               "--with-dots deletes them too")
             c.execute(api_keys.delete().where(api_keys.c.username == name))
             c.execute(collaborators.delete().where(collaborators.c.username == name))
             c.execute(disabled.delete().where(disabled.c.name == name))
