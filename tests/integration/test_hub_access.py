@@ -25,7 +25,7 @@ from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows,
 from dotmesh.remote.wire import Record, decode, encode
 from dotmesh.store.packs import compress
 from tests.conftest import DM, DM_BIN
-from tests.integration.remote_env import Hub, free_port
+from tests.integration.remote_env import Hub, _answers, free_port
 from tests.integration.test_errors import _one_line_error
 
 USERS = ("alice", "bob", "carol", "mallory")
@@ -414,3 +414,23 @@ def test_a_killed_hub_leaves_no_temporary_files_and_only_one_serves_a_folder(tmp
     finally:
         h.stop()
     assert "Traceback" not in h.logs()
+
+
+def test_the_workers_of_a_killed_hub_end_with_it(tmp_path):
+    """kill -9 of a dm hub serve with --workers: its workers must not serve on (the next
+    serve, finding the folder's lock free, would delete their temporary files)."""
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text(f'data = "{tmp_path / "data"}"\nworkers = 2\n')
+    h = Hub(["--config", str(cfg)], tmp_path)
+    h.start()
+    try:
+        h.procs[0].send_signal(signal.SIGKILL)
+        h.procs[0].wait()
+        deadline = time.monotonic() + 10
+        while _answers(h.ports[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _answers(h.ports[0]), "a worker still serves"
+        h.procs = []
+        h.start()  # the same folder and port
+    finally:
+        h.stop()

@@ -163,6 +163,7 @@ def register(cli: click.Group) -> None:
         click.echo(f"dm hub: serving {scheme}://{host}:{port} with {workers} processes "
                    f"(objects in {store.blobs.describe()})", err=True)
         os.environ["DM_HUB_CONFIG"] = json.dumps(cfg.resolved())
+        os.environ["DM_HUB_SUPERVISOR"] = str(os.getpid())  # workers end with this process
         uvicorn.run("dotmesh.remote.hub.server:app_from_env", factory=True, workers=workers,
                     host=host, port=port, log_level="warning",
                     ssl_certfile=str(cert) if cert else None,

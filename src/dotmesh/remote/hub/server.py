@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
@@ -228,7 +229,22 @@ def app_from_env() -> Starlette:
     (JSON with the keys of ``dm hub``'s config), set by ``dm hub serve --workers``."""
     from dotmesh.cli.hub import HubConfig  # noqa: PLC0415 - the CLI's one way to read it
 
+    supervisor = int(os.environ.get("DM_HUB_SUPERVISOR", "0"))
+    if supervisor and supervisor != os.getpid():
+        _die_with(supervisor)
     return create_app(HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store())
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker process end when ``dm hub serve`` does, even by kill -9: uvicorn's
+    workers would go on serving, and the next serve, finding the data folder's lock free,
+    would delete their temporary files while they write them."""
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _body(request: Request) -> bytes:
