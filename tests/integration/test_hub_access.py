@@ -21,7 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from dotmesh.errors import NotFound
 from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows, object_id
+from dotmesh.remote.blobs import LocalBlobs
+from dotmesh.remote.hub.storage import HubStore
 from dotmesh.remote.wire import Record, decode, encode
 from dotmesh.store.packs import compress
 from tests.conftest import DM, DM_BIN
@@ -261,6 +264,25 @@ def test_a_removed_user_leaves_nothing_to_a_namesake(hub, tmp_path):
         assert c.get("/api/v1/dots/erin/web").status_code == 404
     with _http(hub, "bob") as c:  # bob's old access to erin/app did not come back
         assert c.get("/api/v1/dots/erin/app").status_code == 403
+
+
+def test_a_push_under_way_when_its_dot_is_removed_leaves_nothing(tmp_path):
+    """dm hub user rm --with-dots while the owner pushes: what the push adds once the dot is
+    gone must not stay under its id, which SQLite gives to the next dot made."""
+    store = HubStore(f"sqlite:///{tmp_path / 'hub.db'}", LocalBlobs(tmp_path / "blobs"))
+    try:
+        store.add_user("zed")
+        dot = store.dot_for("zed", "zed", "app", create=True)  # as a request under way has it
+        store.remove_user("zed", with_dots=True)
+        late = _rec(KIND_CHUNK, b"zed's last batch")
+        with pytest.raises(NotFound):
+            store.receive(dot, [late])
+        store.add_user("yan")
+        later = store.dot_for("yan", "yan", "app", create=True)
+        assert later.id == dot.id  # why it matters
+        assert store.lacking(later, [late.oid]) == {late.oid}
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("args,code,needle", [

@@ -261,9 +261,11 @@ class HubStore:
             ids = list(owned)
             for i in range(0, len(ids), QUERY_BATCH):
                 batch = ids[i:i + QUERY_BATCH]
+                # The dots first: PostgreSQL then waits for pushes holding them (_hold),
+                # and the deletes below see the rows those pushes added.
+                c.execute(dots.delete().where(dots.c.id.in_(batch)))
                 for table in (branches, members, verified, collaborators):
                     c.execute(table.delete().where(table.c.dot_id.in_(batch)))
-                c.execute(dots.delete().where(dots.c.id.in_(batch)))
         return sorted(owned.values())
 
     def list_keys(self, name: str) -> list[tuple[str, int]]:
@@ -349,6 +351,7 @@ class HubStore:
         dot = self.dot_for(namespace, namespace, name, create=True)
         with self.tx() as c:
             c.execute(self._insert_ignore(collaborators).values(dot_id=dot.id, username=user))
+            self._hold(c, dot)
 
     def remove_collaborator(self, namespace: str, name: str, user: str) -> None:
         """Take ``user``'s access to the dot away, from their next request on."""
@@ -403,6 +406,7 @@ class HubStore:
                 (oid, loc.kind, loc.pack, loc.offset, loc.stored_len, loc.raw_len, loc.zstd)
                 for oid, loc in locs.items()])
             self._bulk_insert_ignore(c, members, [(dot.id, r.oid) for r in records])
+            self._hold(c, dot)
         return joining
 
     def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, Loc]:
@@ -494,6 +498,7 @@ class HubStore:
             with self.tx() as c:
                 c.execute(self._insert_ignore(verified),
                           [{"dot_id": dot.id, "oid": x} for x in fresh])
+                self._hold(c, dot)
         if current is not None and not force and not _descends(get, new, current):
             raise Conflict(f"{dot} branch {branch} has commits that {new.hex()[:12]} does not "
                            "include (not a fast-forward): pull first, or push --force")
@@ -505,11 +510,22 @@ class HubStore:
                         branches.c.dot_id == dot.id, branches.c.name == branch,
                         branches.c.head == current).values(head=new)).rowcount != 1:
                     raise _Raced
+                self._hold(c, dot)
         except (sa.exc.IntegrityError, _Raced):
             now = self._head(dot, branch)  # after the failed transaction, on a new connection
             if now != new:
                 raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
                                f"{now.hex()[:12] if now else 'nothing'}): pull first") from None
+
+    @staticmethod
+    def _hold(c: sa.Connection, dot: Dot) -> None:
+        """In a transaction that just added rows for ``dot``: fail if the dot was deleted
+        meanwhile (dm hub user rm --with-dots during a push), else keep it until commit.
+        Rows left under a deleted dot's id would belong to a later dot given that id.
+        After a write, SQLite's one writer makes this hold; PostgreSQL needs FOR SHARE."""
+        if c.execute(sa.select(dots.c.id).where(dots.c.id == dot.id)
+                     .with_for_update(read=True)).first() is None:
+            raise NotFound(f"the hub has no dot {dot} any more")
 
     def _head(self, dot: Dot, branch: str) -> bytes | None:
         with self.engine.connect() as c:
