@@ -291,8 +291,8 @@ class HubStore:
                 raise NotFound(f"{user} has no API key {kid}" if user else
                                f"no API key {kid} on this hub")
             if len(rows) > 1:
-                raise Conflict(f"{len(rows)} API keys have id {kid}: revoke them with "
-                               "dm hub user rm, or ask for a new key first")
+                raise Conflict(f"{len(rows)} API keys share id {kid} (a 1 in 2^48 chance): "
+                               "none revoked")
             c.execute(api_keys.delete().where(api_keys.c.digest == rows[0].digest))
         return str(rows[0].username)
 
