@@ -160,7 +160,8 @@ def register(cli: click.Group) -> None:
         port = port or int(cfg.get("port", 8080))
         workers = workers or int(cfg.get("workers", 1))
         scheme = "https" if cert else "http"
-        click.echo(f"dm hub: serving {scheme}://{host}:{port} with {workers} processes "
+        procs = f"{workers} processes" if workers > 1 else "1 process"
+        click.echo(f"dm hub: serving {scheme}://{host}:{port} with {procs} "
                    f"(objects in {store.blobs.describe()})", err=True)
         os.environ["DM_HUB_CONFIG"] = json.dumps(cfg.resolved())
         os.environ["DM_HUB_SUPERVISOR"] = str(os.getpid())  # workers end with this process
