@@ -158,11 +158,19 @@ class Hub:
         folder = self.top / "data" / "blobs" / "packs"
         return len(list(folder.iterdir())) if folder.exists() else 0
 
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``dm hub ARGS`` on this hub's storage, whatever its exit code."""
+        return subprocess.run([DM_BIN, "hub", *self.args, *args], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=120)
+
     def dm_hub(self, *args: str) -> str:
-        p = subprocess.run([DM_BIN, "hub", *self.args, *args], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=120)
+        p = self.run(*args)
         assert p.returncode == 0, p.stderr
         return p.stdout
+
+    def logs(self) -> str:
+        """What every hub process printed (each writes hub-PORT.log)."""
+        return "".join(p.read_text() for p in sorted(self.top.glob("hub-*.log")))
 
     def user(self, name: str) -> str:
         return str(json.loads(self.dm_hub("user", "add", name, "--json"))["api_key"])

@@ -16,6 +16,7 @@ Several ``dm hub serve`` processes with the same ``db`` and ``s3`` serve the sam
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tomllib
@@ -25,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli.context import json_flag
-from dotmesh.cli.render import emit_json
-from dotmesh.errors import UsageError
+from dotmesh.cli.render import emit_json, iso, table, when
+from dotmesh.errors import Locked, UsageError
+from dotmesh.model.names import check_name
 from dotmesh.remote.blobs import LocalBlobs, S3Blobs
 
 if TYPE_CHECKING:
@@ -72,6 +74,24 @@ class HubConfig:
             s3.ensure_bucket()
             return HubStore(db, s3)
         return HubStore(db, LocalBlobs(data / "blobs"))
+
+
+def hold_serve_lock(data: Path) -> int:
+    """Lock ``data`` for this process's lifetime (the fd stays open): a serve that keeps
+    objects in the folder deletes temporary files at start, which must not be another live
+    serve's. Fails at once, naming the holder."""
+    path = data / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Locked(f"another dm hub serve (pid {holder}) serves {data}: stop it first "
+                     "(for more processes use --workers)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def register(cli: click.Group) -> None:
@@ -130,13 +150,21 @@ def register(cli: click.Group) -> None:
             raise UsageError("TLS needs both --cert and --key")
         store = cfg.store()  # checks the storage (and makes the tables) before serving
         store.close()
+        if isinstance(store.blobs, LocalBlobs):
+            hold_serve_lock(cfg.data())  # until this process ends; workers do not sweep
+            removed = store.blobs.remove_unfinished()
+            if removed:
+                click.echo(f"dm hub: deleted {removed} unfinished temporary files of a "
+                           "killed hub", err=True)
         host = host or cfg.get("host", "127.0.0.1")
         port = port or int(cfg.get("port", 8080))
         workers = workers or int(cfg.get("workers", 1))
         scheme = "https" if cert else "http"
-        click.echo(f"dm hub: serving {scheme}://{host}:{port} with {workers} processes "
+        procs = f"{workers} processes" if workers > 1 else "1 process"
+        click.echo(f"dm hub: serving {scheme}://{host}:{port} with {procs} "
                    f"(objects in {store.blobs.describe()})", err=True)
         os.environ["DM_HUB_CONFIG"] = json.dumps(cfg.resolved())
+        os.environ["DM_HUB_SUPERVISOR"] = str(os.getpid())  # workers end with this process
         uvicorn.run("dotmesh.remote.hub.server:app_from_env", factory=True, workers=workers,
                     host=host, port=port, log_level="warning",
                     ssl_certfile=str(cert) if cert else None,
@@ -144,7 +172,11 @@ def register(cli: click.Group) -> None:
 
     @hub.group()
     def user() -> None:
-        """Accounts and their API keys."""
+        """Accounts and their API keys.
+
+        \b
+        Example:  dm hub user add alice; dm hub user list
+        """
 
     @user.command("add")
     @click.argument("name")
@@ -156,11 +188,11 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm hub user add alice
         """
-        key = cfg.store().add_user(name)
+        new = cfg.store().add_user(name)
         if as_json:
-            emit_json({"user": name, "api_key": key})
+            emit_json({"user": name, "api_key": new.key, "key_id": new.id})
         else:
-            click.echo(f"Created user {name}. API key (shown once): {key}")
+            click.echo(f"Created user {name}. API key (shown once): {new.key}")
 
     @user.command("key")
     @click.argument("name")
@@ -172,15 +204,121 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm hub user key alice
         """
-        key = cfg.store().new_key(name)
+        new = cfg.store().new_key(name)
         if as_json:
-            emit_json({"user": name, "api_key": key})
+            emit_json({"user": name, "api_key": new.key, "key_id": new.id})
         else:
-            click.echo(f"New API key for {name} (shown once): {key}")
+            click.echo(f"New API key for {name} (shown once, id {new.id}): {new.key}")
+
+    @user.command("list")
+    @json_flag
+    @click.pass_obj
+    def user_list(cfg: HubConfig, as_json: bool) -> None:
+        """List the accounts: created, disabled or not, how many keys, dots owned.
+
+        \b
+        Example:  dm hub user list --json
+        """
+        rows = cfg.store().list_users()
+        if as_json:
+            emit_json([{**{k: v for k, v in u.items() if k != "created_ns"},
+                        "created": iso(u["created_ns"])} for u in rows])
+            return
+        if not rows:
+            click.echo("No users yet: dm hub user add NAME")
+            return
+        table([[u["name"], when(u["created_ns"]), "disabled" if u["disabled"] else "enabled",
+                str(u["keys"]), str(len(u["dots"]))] for u in rows],
+              ["NAME", "CREATED", "STATUS", "KEYS", "DOTS"])
+
+    @user.command("disable")
+    @click.argument("name")
+    @click.pass_obj
+    def user_disable(cfg: HubConfig, name: str) -> None:
+        """Refuse every request of an account (401) until it is enabled again; its keys,
+        dots and collaborations stay.
+
+        \b
+        Example:  dm hub user disable bob
+        """
+        changed = cfg.store().set_disabled(name, True)
+        click.echo(f"Disabled {name}" if changed else f"{name} was already disabled")
+
+    @user.command("enable")
+    @click.argument("name")
+    @click.pass_obj
+    def user_enable(cfg: HubConfig, name: str) -> None:
+        """Let a disabled account in again, with the keys it had.
+
+        \b
+        Example:  dm hub user enable bob
+        """
+        changed = cfg.store().set_disabled(name, False)
+        click.echo(f"Enabled {name}" if changed else f"{name} was not disabled")
+
+    @user.command("rm")
+    @click.argument("name")
+    @click.option("--with-dots", is_flag=True,
+                  help="Also delete the dots the user owns (their branches and who may use "
+                  "them), which a later user of the same name would otherwise own.")
+    @click.pass_obj
+    def user_rm(cfg: HubConfig, name: str, with_dots: bool) -> None:
+        """Delete an account, its API keys and its collaborations. Refuses while it owns
+        dots, unless --with-dots.
+
+        \b
+        Example:  dm hub user rm bob --with-dots
+        """
+        gone = cfg.store().remove_user(name, with_dots)
+        click.echo(f"Removed user {name}" + (f" and its dots {', '.join(gone)}" if gone
+                                             else ""))
+
+    @hub.group()
+    def key() -> None:
+        """API keys: list an account's, revoke one (dm hub user key makes one).
+
+        \b
+        Example:  dm hub key list alice; dm hub key revoke 3f9c0a1b2c4d
+        """
+
+    @key.command("list")
+    @click.argument("name", metavar="USER")
+    @json_flag
+    @click.pass_obj
+    def key_list(cfg: HubConfig, name: str, as_json: bool) -> None:
+        """List USER's API keys by id (never the keys: only their hashes are kept).
+
+        \b
+        Example:  dm hub key list alice --json
+        """
+        rows = cfg.store().list_keys(name)
+        if as_json:
+            emit_json([{"id": kid, "created": iso(ns)} for kid, ns in rows])
+        elif not rows:
+            click.echo(f"{name} has no API keys: dm hub user key {name}")
+        else:
+            table([[kid, when(ns)] for kid, ns in rows], ["ID", "CREATED"])
+
+    @key.command("revoke")
+    @click.argument("kid", metavar="KEY_ID")
+    @click.pass_obj
+    def key_revoke(cfg: HubConfig, kid: str) -> None:
+        """Revoke an API key (its id from dm hub key list): the next request with it gets
+        401.
+
+        \b
+        Example:  dm hub key revoke 3f9c0a1b2c4d
+        """
+        owner = cfg.store().revoke_key(kid)
+        click.echo(f"Revoked {owner}'s API key {kid.strip().lower()}")
 
     @hub.group()
     def collaborator() -> None:
-        """Who may push to a dot besides its owner."""
+        """Who may read and push a dot besides its owner.
+
+        \b
+        Example:  dm hub collaborator add alice/app bob
+        """
 
     @collaborator.command("add")
     @click.argument("dot", metavar="NAMESPACE/DOT")
@@ -192,8 +330,49 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm hub collaborator add alice/app bob
         """
-        ns, slash, dot_name = dot.partition("/")
-        if not slash:
-            raise UsageError(f"expected NAMESPACE/DOT, not {dot!r}")
+        ns, dot_name = _dot_arg(dot)
         cfg.store().add_collaborator(ns, dot_name, name)
         click.echo(f"{name} may now read and push {dot}")
+
+    @collaborator.command("rm")
+    @click.argument("dot", metavar="NAMESPACE/DOT")
+    @click.argument("name", metavar="USER")
+    @click.pass_obj
+    def collaborator_rm(cfg: HubConfig, dot: str, name: str) -> None:
+        """Take USER's access to NAMESPACE/DOT away, from their next request on.
+
+        \b
+        Example:  dm hub collaborator rm alice/app bob
+        """
+        ns, dot_name = _dot_arg(dot)
+        cfg.store().remove_collaborator(ns, dot_name, name)
+        click.echo(f"{name} may no longer read or push {dot}")
+
+    @collaborator.command("list")
+    @click.argument("dot", metavar="NAMESPACE/DOT")
+    @json_flag
+    @click.pass_obj
+    def collaborator_list(cfg: HubConfig, dot: str, as_json: bool) -> None:
+        """List who may read and push NAMESPACE/DOT besides its owner.
+
+        \b
+        Example:  dm hub collaborator list alice/app --json
+        """
+        ns, dot_name = _dot_arg(dot)
+        store = cfg.store()
+        names = store.collaborators_of(store.dot_for(ns, ns, dot_name))
+        if as_json:
+            emit_json({"dot": f"{ns}/{dot_name}", "owner": ns, "collaborators": names})
+        elif not names:
+            click.echo(f"{dot} has no collaborators (only {ns} may use it)")
+        else:
+            click.echo("\n".join(names))
+
+
+def _dot_arg(text: str) -> tuple[str, str]:
+    ns, slash, name = text.partition("/")
+    if not slash:
+        raise UsageError(f"expected NAMESPACE/DOT, not {text!r}")
+    check_name(ns, "namespace")
+    check_name(name, "dot name")
+    return ns, name

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from dotmesh.errors import Conflict, DotmeshError, NotFound, UsageError
 
 _PART = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_TMP = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # LocalBlobs.put's file before its rename
 
 
 class StorageError(DotmeshError):
@@ -89,6 +90,21 @@ class LocalBlobs:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def remove_unfinished(self) -> int:
+        """Delete what killed writers left: temporary files of puts that never got renamed.
+        Only while no other process puts here (it would lose a put under way). Returns how
+        many were deleted."""
+        removed = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if _TMP.fullmatch(name):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def get(self, key: str, limit: int | None = None) -> bytes:
         try:

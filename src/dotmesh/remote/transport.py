@@ -322,13 +322,23 @@ class S3Transport:
         return check_history([got[o] for o in _reachable(got, head)], head, self.where)
 
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
+        """A conditional write; a ref already at ``new``, before or after losing the race to
+        another pusher, is success (two pushes of one commit both succeed)."""
         key = f"{self.base}refs/{branch}"
         now = self.blobs.read_versioned(key, MAX_REF_BLOB)
         current = _parse_ref(now[0], self.where) if now else None
+        if current == new:
+            return
         if current != old:
             raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
-        self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
-                          now[1] if now else None)
+        try:
+            self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
+                              now[1] if now else None)
+        except Conflict:
+            again = self.blobs.read_versioned(key)
+            if again is None or _parse_ref(again[0], self.where) != new:
+                raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull "
+                               "first") from None
 
     def close(self) -> None:
         pass

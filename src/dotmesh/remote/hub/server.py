@@ -12,13 +12,15 @@ import base64
 import binascii
 import json
 import os
+import signal
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -34,7 +36,7 @@ from dotmesh.errors import (
 )
 from dotmesh.model.objects import ID_LEN
 from dotmesh.remote.blobs import StorageError
-from dotmesh.remote.hub.storage import Dot, HubStore
+from dotmesh.remote.hub.storage import Dot, HubStore, check_key_id
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
 
 OCTETS = "application/octet-stream"
@@ -60,6 +62,10 @@ def status_of(e: DotmeshError) -> int:
 
 def openapi() -> str:
     return resources.files("dotmesh.remote.hub").joinpath("openapi.yaml").read_text()
+
+
+def iso(ts_ns: int) -> str:
+    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
 def ids_of(data: bytes) -> list[bytes]:
@@ -91,8 +97,9 @@ def create_app(store: HubStore) -> Starlette:
             name, sep, key = base64.b64decode(token, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthorized("malformed Authorization header") from None
-        if not sep or not store.authenticate(name, key):
-            raise Unauthorized(f"the hub does not know this API key for {name!r}")
+        if not sep:
+            raise Unauthorized("malformed Authorization header: expected USER:API_KEY")
+        store.authenticate(name, key)
         return name
 
     def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
@@ -108,6 +115,8 @@ def create_app(store: HubStore) -> Starlette:
                     e, Unauthorized) else None
                 return JSONResponse({"error": str(e)}, status_code=status_of(e),
                                     headers=headers)
+            except ClientDisconnect:  # the client hung up mid-body: nobody to answer
+                return Response(status_code=400)
         return Route(path, endpoint, methods=[method])
 
     def whoami(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
@@ -167,6 +176,32 @@ def create_app(store: HubStore) -> Starlette:
         store.add_collaborator(p["ns"], p["dot"], p["user"])
         return JSONResponse({"collaborator": p["user"]})
 
+    def collaborator_rm(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        if user != p["ns"]:
+            raise Forbidden(f"only {p['ns']} may remove collaborators of "
+                            f"{p['ns']}/{p['dot']}")
+        store.remove_collaborator(p["ns"], p["dot"], p["user"])
+        return JSONResponse({"removed": p["user"]})
+
+    def collaborators(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        return JSONResponse({"dot": str(dot), "owner": dot.namespace,
+                             "collaborators": store.collaborators_of(dot)})
+
+    def keys(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        return JSONResponse({"keys": [{"id": kid, "created": iso(ns)}
+                                      for kid, ns in store.list_keys(user)]})
+
+    def key_new(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        new = store.new_key(user)
+        return JSONResponse({"id": new.id, "created": iso(new.created_ns),
+                             "api_key": new.key}, status_code=201)
+
+    def key_revoke(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        kid = check_key_id(p["id"])
+        store.revoke_key(kid, user)
+        return JSONResponse({"revoked": kid})
+
     async def spec(request: Request) -> Response:
         return Response(openapi(), media_type="application/yaml")
 
@@ -174,13 +209,18 @@ def create_app(store: HubStore) -> Starlette:
     return Starlette(routes=[
         Route("/api/v1/openapi.yaml", spec, methods=["GET"]),
         route("/api/v1/user", "GET", whoami),
+        route("/api/v1/user/keys", "GET", keys),
+        route("/api/v1/user/keys", "POST", key_new),
+        route("/api/v1/user/keys/{id}", "DELETE", key_revoke),
         route(base, "GET", show),
         route(base + "/lacking", "POST", lacking),
         route(base + "/objects", "POST", receive),
         route(base + "/fetch", "POST", fetch),
         route(base + "/history/{commit}", "GET", history),
         route(base + "/branches/{branch}", "PUT", set_ref),
+        route(base + "/collaborators", "GET", collaborators),
         route(base + "/collaborators/{user}", "PUT", collaborator),
+        route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
     ])
 
 
@@ -189,7 +229,22 @@ def app_from_env() -> Starlette:
     (JSON with the keys of ``dm hub``'s config), set by ``dm hub serve --workers``."""
     from dotmesh.cli.hub import HubConfig  # noqa: PLC0415 - the CLI's one way to read it
 
+    supervisor = int(os.environ.get("DM_HUB_SUPERVISOR", "0"))
+    if supervisor and supervisor != os.getpid():
+        _die_with(supervisor)
     return create_app(HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store())
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker process end when ``dm hub serve`` does, even by kill -9: uvicorn's
+    workers would go on serving, and the next serve, finding the data folder's lock free,
+    would delete their temporary files while they write them."""
+    import ctypes  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _body(request: Request) -> bytes:

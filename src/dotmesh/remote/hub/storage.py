@@ -11,6 +11,7 @@ A ref only moves to a commit whose whole closure belongs to the dot.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -20,13 +21,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dotmesh.errors import AlreadyExists, Conflict, Corrupt, Forbidden, NotFound, UsageError
+from dotmesh.errors import (
+    AlreadyExists,
+    Conflict,
+    Corrupt,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    UsageError,
+)
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
 from dotmesh.remote.blobs import Blobs, StorageError
 from dotmesh.remote.packed import Loc, first_within, read_records, write_pack
-from dotmesh.remote.wire import KIND_NAMES, Record
+from dotmesh.remote.wire import KIND_FILELIST_DELTA, KIND_NAMES, Record
 
 md = sa.MetaData()
 users = sa.Table("users", md, sa.Column("name", sa.String(64), primary_key=True),
@@ -56,6 +65,10 @@ members = sa.Table("members", md, sa.Column("dot_id", sa.Integer, primary_key=Tr
                    sa.Column("oid", sa.LargeBinary(32), primary_key=True))
 verified = sa.Table("verified", md, sa.Column("dot_id", sa.Integer, primary_key=True),
                     sa.Column("oid", sa.LargeBinary(32), primary_key=True))
+# Added after version 1's tables: create_all makes missing tables, never missing columns.
+disabled = sa.Table("disabled_users", md, sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("disabled_ns", sa.BigInteger, nullable=False))
+KEY_ID = re.compile(r"[0-9a-f]{12}")
 QUERY_BATCH = 500
 HISTORY_LIMIT = 1000
 
@@ -70,9 +83,31 @@ class Dot:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True)
+class NewKey:
+    key: str  # shown once: only its digest is kept
+    id: str
+    created_ns: int
+
+
 def key_digest(key: str) -> str:
     """Keys are 256 random bits, so one SHA-256 is as good as a slow hash to store them."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(digest: str) -> str:
+    """A key's public name: the start of its stored digest (api_keys has no id column, and
+    create_all does not add columns to a deployed hub's tables). 48 bits of a hash of 256
+    random bits tell nothing of the key."""
+    return digest[:12]
+
+
+def check_key_id(text: str) -> str:
+    kid = text.strip().lower()
+    if not KEY_ID.fullmatch(kid):
+        raise UsageError(f"bad key id {text!r}: a key id is 12 hex digits, as "
+                         "dm hub key list USER shows")
+    return kid
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -131,33 +166,135 @@ class HubStore:
                           "ON CONFLICT DO NOTHING", rows)
 
     # ------------------------------------------------------------ accounts
-    def add_user(self, name: str) -> str:
+    def add_user(self, name: str) -> NewKey:
         """Create an account; returns its API key, which is stored only hashed."""
         check_name(name, "user name")
-        key = "dmk_" + secrets.token_urlsafe(32)
         with self.tx() as c:
             if c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
                 raise AlreadyExists(f"user {name!r} already exists")
             c.execute(users.insert().values(name=name, created_ns=time.time_ns()))
-            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
-                                               created_ns=time.time_ns()))
-        return key
+            return self._insert_key(c, name)
 
-    def new_key(self, name: str) -> str:
+    def new_key(self, name: str) -> NewKey:
         """Another API key for an existing user (the old ones keep working)."""
-        key = "dmk_" + secrets.token_urlsafe(32)
+        check_name(name, "user name")
         with self.tx() as c:
-            if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
-                raise NotFound(f"no user named {name!r}")
-            c.execute(api_keys.insert().values(digest=key_digest(key), username=name,
-                                               created_ns=time.time_ns()))
-        return key
+            self._require_user(c, name)
+            return self._insert_key(c, name)
 
-    def authenticate(self, name: str, key: str) -> bool:
+    @staticmethod
+    def _insert_key(c: sa.Connection, name: str) -> NewKey:
+        key = "dmk_" + secrets.token_urlsafe(32)
+        digest, now = key_digest(key), time.time_ns()
+        c.execute(api_keys.insert().values(digest=digest, username=name, created_ns=now))
+        return NewKey(key, key_id(digest), now)
+
+    @staticmethod
+    def _require_user(c: sa.Connection, name: str) -> None:
+        if not c.execute(sa.select(users.c.name).where(users.c.name == name)).first():
+            raise NotFound(f"no user named {name!r}")
+
+    def authenticate(self, name: str, key: str) -> None:
+        """Unauthorized unless ``key`` is one of ``name``'s and the account is enabled. Read
+        from the database on every request, never cached: a revoked key or a disabled
+        account is refused from the next request on."""
         with self.engine.connect() as c:
-            row = c.execute(sa.select(api_keys.c.username).where(
+            row = c.execute(sa.select(api_keys.c.username, disabled.c.name).outerjoin(
+                disabled, disabled.c.name == api_keys.c.username).where(
                 api_keys.c.digest == key_digest(key))).first()
-        return row is not None and secrets.compare_digest(row[0], name)
+        if row is None or not secrets.compare_digest(row[0].encode(), name.encode()):
+            raise Unauthorized(f"the hub does not know this API key for {name!r}")
+        if row[1] is not None:  # said only to whoever holds a valid key
+            raise Unauthorized(f"the account {name!r} is disabled on this hub: ask its "
+                               "admin (dm hub user enable)")
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every account: name, created_ns, disabled, keys (how many), dots (owned)."""
+        with self.engine.connect() as c:
+            out = {r.name: {"name": r.name, "created_ns": r.created_ns, "disabled": False,
+                            "keys": 0, "dots": []}
+                   for r in c.execute(sa.select(users).order_by(users.c.name))}
+            for name, n in c.execute(sa.select(api_keys.c.username, sa.func.count()).group_by(
+                    api_keys.c.username)):
+                if name in out:
+                    out[name]["keys"] = n
+            for (name,) in c.execute(sa.select(disabled.c.name)):
+                if name in out:
+                    out[name]["disabled"] = True
+            for ns, dot in c.execute(sa.select(dots.c.namespace, dots.c.name).order_by(
+                    dots.c.namespace, dots.c.name)):
+                if ns in out:
+                    out[ns]["dots"].append(f"{ns}/{dot}")
+        return list(out.values())
+
+    def set_disabled(self, name: str, off: bool) -> bool:
+        """Disable (``off``) or enable an account; False if it already was."""
+        check_name(name, "user name")
+        with self.tx() as c:
+            self._require_user(c, name)
+            if off:
+                return c.execute(self._insert_ignore(disabled).values(
+                    name=name, disabled_ns=time.time_ns())).rowcount == 1
+            return c.execute(disabled.delete().where(disabled.c.name == name)).rowcount == 1
+
+    def remove_user(self, name: str, with_dots: bool = False) -> list[str]:
+        """Delete an account, its keys and its collaborations; with ``with_dots`` also the
+        dots it owns (their refs, memberships and collaborators: ownership is the
+        namespace, so a later user of the same name would get them). Returns those dots."""
+        check_name(name, "user name")
+        with self.tx() as c:
+            # The user's row goes first: PostgreSQL then makes a concurrent dot creation
+            # (which reads the row FOR SHARE) wait, and this sees the dot it made.
+            if c.execute(users.delete().where(users.c.name == name)).rowcount == 0:
+                raise NotFound(f"no user named {name!r}")
+            owned = {r.id: f"{name}/{r.name}" for r in c.execute(
+                sa.select(dots.c.id, dots.c.name).where(dots.c.namespace == name))}
+            if owned and not with_dots:
+                names = sorted(owned.values())
+                listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                what = f"{len(names)} dots" if len(names) > 1 else "a dot"
+                raise Conflict(f"{name} owns {what} ({listed}): dm hub user rm {name} "
+                               "--with-dots deletes them too")
+            c.execute(api_keys.delete().where(api_keys.c.username == name))
+            c.execute(collaborators.delete().where(collaborators.c.username == name))
+            c.execute(disabled.delete().where(disabled.c.name == name))
+            ids = list(owned)
+            for i in range(0, len(ids), QUERY_BATCH):
+                batch = ids[i:i + QUERY_BATCH]
+                # The dots first: PostgreSQL then waits for pushes holding them (_hold),
+                # and the deletes below see the rows those pushes added.
+                c.execute(dots.delete().where(dots.c.id.in_(batch)))
+                for table in (branches, members, verified, collaborators):
+                    c.execute(table.delete().where(table.c.dot_id.in_(batch)))
+        return sorted(owned.values())
+
+    def list_keys(self, name: str) -> list[tuple[str, int]]:
+        """(id, created_ns) of each of ``name``'s API keys, oldest first."""
+        check_name(name, "user name")
+        with self.engine.connect() as c:
+            self._require_user(c, name)
+            rows = c.execute(sa.select(api_keys.c.digest, api_keys.c.created_ns).where(
+                api_keys.c.username == name).order_by(api_keys.c.created_ns))
+            return [(key_id(r.digest), r.created_ns) for r in rows]
+
+    def revoke_key(self, kid: str, user: str | None = None) -> str:
+        """Delete the API key named ``kid`` (only among ``user``'s, if given); returns whose
+        it was. Requests with it fail from the next one on."""
+        kid = check_key_id(kid)
+        with self.tx() as c:
+            q = sa.select(api_keys.c.digest, api_keys.c.username).where(
+                api_keys.c.digest.startswith(kid))
+            if user is not None:
+                q = q.where(api_keys.c.username == user)
+            rows = c.execute(q).all()
+            if not rows:
+                raise NotFound(f"{user} has no API key {kid}" if user else
+                               f"no API key {kid} on this hub")
+            if len(rows) > 1:
+                raise Conflict(f"{len(rows)} API keys share id {kid} (a 1 in 2^48 chance): "
+                               "none revoked")
+            c.execute(api_keys.delete().where(api_keys.c.digest == rows[0].digest))
+        return str(rows[0].username)
 
     # ------------------------------------------------------------ dots and permissions
     def find(self, namespace: str, name: str) -> Dot | None:
@@ -188,30 +325,55 @@ class HubStore:
         if dot is None:
             if not create:
                 raise NotFound(f"the hub has no dot {namespace}/{name}")
-            with self.tx() as c:
-                c.execute(self._insert_ignore(dots).values(
-                    namespace=namespace, name=name, created_ns=time.time_ns()))
+            self._create(namespace, name)
             dot = self.find(namespace, name)
-            assert dot is not None
+            if dot is None:
+                raise NotFound(f"no user named {namespace!r}")
         return dot
+
+    def _create(self, namespace: str, name: str) -> None:
+        """Make a dot, only while its owner's account exists (in one statement for SQLite,
+        holding the owner's row for PostgreSQL): else a removed user's in-flight push
+        could leave a dot to a later user of the same name."""
+        with self.tx() as c:
+            c.execute(sa.select(users.c.name).where(users.c.name == namespace)
+                      .with_for_update(read=True))
+            owner = sa.exists().where(users.c.name == namespace)
+            c.execute(self._insert_ignore(dots).from_select(
+                ["namespace", "name", "created_ns"],
+                sa.select(sa.literal(namespace, sa.String), sa.literal(name, sa.String),
+                          sa.literal(time.time_ns(), sa.BigInteger)).where(owner)))
 
     def add_collaborator(self, namespace: str, name: str, user: str) -> None:
         check_name(user, "user name")
         with self.engine.connect() as c:
-            if not c.execute(sa.select(users.c.name).where(users.c.name == user)).first():
-                raise NotFound(f"no user named {user!r}")
+            self._require_user(c, user)
         dot = self.dot_for(namespace, namespace, name, create=True)
         with self.tx() as c:
             c.execute(self._insert_ignore(collaborators).values(dot_id=dot.id, username=user))
+            self._hold(c, dot)
+
+    def remove_collaborator(self, namespace: str, name: str, user: str) -> None:
+        """Take ``user``'s access to the dot away, from their next request on."""
+        check_name(user, "user name")
+        dot = self.dot_for(namespace, namespace, name)
+        with self.tx() as c:
+            gone = c.execute(collaborators.delete().where(
+                collaborators.c.dot_id == dot.id, collaborators.c.username == user)).rowcount
+        if not gone:
+            raise NotFound(f"{user} is not a collaborator of {dot}")
+
+    def collaborators_of(self, dot: Dot) -> list[str]:
+        with self.engine.connect() as c:
+            return sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
+                collaborators.c.dot_id == dot.id)))
 
     def describe(self, dot: Dot) -> dict[str, Any]:
         with self.engine.connect() as c:
             heads = {r[0]: r[1].hex() for r in c.execute(
                 sa.select(branches.c.name, branches.c.head).where(branches.c.dot_id == dot.id))}
-            collab = sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
-                collaborators.c.dot_id == dot.id)))
         return {"namespace": dot.namespace, "name": dot.name, "owner": dot.namespace,
-                "branches": heads, "collaborators": collab}
+                "branches": heads, "collaborators": self.collaborators_of(dot)}
 
     # ------------------------------------------------------------ objects
     def _present(self, table: sa.Table, ids: list[bytes], dot: Dot | None) -> set[bytes]:
@@ -232,8 +394,11 @@ class HubStore:
 
     def receive(self, dot: Dot, records: list[Record]) -> int:
         """Keep verified records for ``dot``: bytes the hub lacks go into a new pack blob,
-        then the index, then the dot's membership. Returns how many objects were new."""
-        known = self._present(objects, [r.oid for r in records], None)
+        then the index, then the dot's membership. Returns how many objects were new to
+        the dot: whether the hub held them for another dot must not show."""
+        ids = [r.oid for r in records]
+        joining = len(set(ids) - self._present(members, ids, dot))
+        known = self._present(objects, ids, None)
         fresh = [r for r in records if r.oid not in known]
         locs = write_pack(self.blobs, "packs/", fresh)[1] if fresh else {}  # durable first
         with self.tx() as c:
@@ -241,7 +406,8 @@ class HubStore:
                 (oid, loc.kind, loc.pack, loc.offset, loc.stored_len, loc.raw_len, loc.zstd)
                 for oid, loc in locs.items()])
             self._bulk_insert_ignore(c, members, [(dot.id, r.oid) for r in records])
-        return len(fresh)
+            self._hold(c, dot)
+        return joining
 
     def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, Loc]:
         out: dict[bytes, Loc] = {}
@@ -256,17 +422,19 @@ class HubStore:
         return out
 
     def read(self, dot: Dot, want: dict[bytes, int], limit: int) -> list[Record]:
-        """The records asked for, of the kinds asked for, up to about ``limit`` bytes (the
-        client asks again for the rest)."""
+        """The records asked for, up to about ``limit`` bytes (the client asks again for the
+        rest), labelled with the kinds asked for. The index keeps the kind of the first
+        pusher of those bytes, maybe into another dot: telling it would tell what that dot
+        holds, and insisting on it would fail this dot's reads. The asker verifies the bytes
+        as the kind it asked for."""
         locs = self._locs(dot, list(want))
         for oid, kind in want.items():
-            loc = locs.get(oid)
-            if loc is None:
+            if oid not in locs:
                 raise NotFound(f"{dot} has no object {oid.hex()[:16]}")
-            if loc.kind != kind:
-                raise NotFound(f"{dot}'s object {oid.hex()[:16]} is a {KIND_NAMES[loc.kind]}, "
-                               f"not a {KIND_NAMES.get(kind, '?')}")
-        return read_records(self.blobs, first_within(locs, want, limit))
+            if kind not in KIND_NAMES or kind == KIND_FILELIST_DELTA:
+                raise UsageError(f"bad object kind {kind}")
+        return [Record(want[r.oid], r.oid, r.raw_len, r.payload, r.zstd)
+                for r in read_records(self.blobs, first_within(locs, want, limit))]
 
     def getter(self, dot: Dot) -> graph.Get:
         """Reads the dot's objects (decompressed), with a small cache; NotFound for others."""
@@ -307,12 +475,12 @@ class HubStore:
     def set_ref(self, dot: Dot, branch: str, old: bytes | None, new: bytes,
                 force: bool) -> None:
         """Move ``branch`` from ``old`` to ``new`` (compare-and-swap). ``new`` and all it
-        needs must belong to the dot; without ``force``, ``old`` must be its ancestor."""
+        needs must belong to the dot; without ``force``, ``old`` must be its ancestor. A
+        branch already at ``new`` is success: two pushes of one commit both succeed."""
         check_branch(branch)
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(branches.c.head).where(
-                branches.c.dot_id == dot.id, branches.c.name == branch)).first()
-        current = bytes(row[0]) if row else None
+        current = self._head(dot, branch)
+        if current == new:
+            return
         if current != old:
             raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
                            f"{current.hex()[:12] if current else 'nothing'}): pull first")
@@ -330,22 +498,40 @@ class HubStore:
             with self.tx() as c:
                 c.execute(self._insert_ignore(verified),
                           [{"dot_id": dot.id, "oid": x} for x in fresh])
+                self._hold(c, dot)
         if current is not None and not force and not _descends(get, new, current):
             raise Conflict(f"{dot} branch {branch} has commits that {new.hex()[:12]} does not "
                            "include (not a fast-forward): pull first, or push --force")
-        with self.tx() as c:
-            if current is None:
-                try:
+        try:
+            with self.tx() as c:
+                if current is None:
                     c.execute(branches.insert().values(dot_id=dot.id, name=branch, head=new))
-                except sa.exc.IntegrityError:
-                    raise Conflict(f"{dot} branch {branch} was made meanwhile: pull "
-                                   "first") from None
-            else:
-                moved = c.execute(branches.update().where(
-                    branches.c.dot_id == dot.id, branches.c.name == branch,
-                    branches.c.head == current).values(head=new)).rowcount
-                if moved != 1:
-                    raise Conflict(f"{dot} branch {branch} moved meanwhile: pull first")
+                elif c.execute(branches.update().where(
+                        branches.c.dot_id == dot.id, branches.c.name == branch,
+                        branches.c.head == current).values(head=new)).rowcount != 1:
+                    raise _Raced
+                self._hold(c, dot)
+        except (sa.exc.IntegrityError, _Raced):
+            now = self._head(dot, branch)  # after the failed transaction, on a new connection
+            if now != new:
+                raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
+                               f"{now.hex()[:12] if now else 'nothing'}): pull first") from None
+
+    @staticmethod
+    def _hold(c: sa.Connection, dot: Dot) -> None:
+        """In a transaction that just added rows for ``dot``: fail if the dot was deleted
+        meanwhile (dm hub user rm --with-dots during a push), else keep it until commit.
+        Rows left under a deleted dot's id would belong to a later dot given that id.
+        After a write, SQLite's one writer makes this hold; PostgreSQL needs FOR SHARE."""
+        if c.execute(sa.select(dots.c.id).where(dots.c.id == dot.id)
+                     .with_for_update(read=True)).first() is None:
+            raise NotFound(f"the hub has no dot {dot} any more")
+
+    def _head(self, dot: Dot, branch: str) -> bytes | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(branches.c.head).where(
+                branches.c.dot_id == dot.id, branches.c.name == branch)).first()
+        return bytes(row[0]) if row else None
 
     @staticmethod
     def _is_commit(get: graph.Get, oid: bytes) -> bool:
@@ -354,6 +540,10 @@ class HubStore:
         except Corrupt:
             return False
         return True
+
+
+class _Raced(Exception):
+    """A branch's compare-and-swap found another head than the one read just before."""
 
 
 class _Verified:
