@@ -215,3 +215,34 @@ def test_a_full_disk_leaves_the_store_usable_once_there_is_room(tmp_path):
         dm.ok("checkout", "side")
         dm.ok("checkout", "master")
         assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+def test_a_link_planted_during_a_restore_redirects_no_write(tmp_path):
+    """Between the verified staging and the apply, a folder is swapped for a link to a folder
+    outside: the apply refuses, and writes nothing there."""
+    from dotmesh.errors import Conflict
+    from dotmesh.model.objects import Root
+    from dotmesh.ops.home import Home
+    from dotmesh.workdir.restore import prepare
+    from dotmesh.workdir.snapshot import snapshot
+
+    home = Home(tmp_path / "home")
+    top = tmp_path / "folder"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "f").write_text("committed")
+    try:
+        writer = home.packs.writer()
+        target: Root = snapshot(top, home.packs, writer, {}).root
+        (top / "sub" / "f").write_text("changed")
+        current = snapshot(top, home.packs, writer, {}).root
+        writer.flush()
+        prepared = prepare(top, home.packs, target, current, tmp_path / "staging")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (top / "sub").rename(tmp_path / "moved")
+        (top / "sub").symlink_to(outside)
+        with pytest.raises(Conflict, match="became a link"):
+            prepared.apply()
+        assert list(outside.iterdir()) == []
+    finally:
+        home.close()

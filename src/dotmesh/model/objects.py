@@ -12,7 +12,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 import blake3
 
@@ -63,6 +63,17 @@ def parse_hex_id(text: object) -> ObjectId:
     if not isinstance(text, str) or not _HEX_ID.fullmatch(text):
         raise Corrupt(f"bad object id {str(text)[:80]!r}")
     return ObjectId(bytes.fromhex(text))
+
+
+def _ref_id(text: str) -> ObjectId:
+    """parse_hex_id for the many ids of a tree, without a regex per id."""
+    try:
+        raw = bytes.fromhex(text) if len(text) == 2 * ID_LEN else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != ID_LEN:
+        raise Corrupt(f"bad object id {text[:80]!r}")
+    return ObjectId(raw)
 
 
 def _canonical_json(value: object) -> bytes:
@@ -149,7 +160,7 @@ def _is_int(n: object, low: int, high: int) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and low <= n < high
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One name in a directory.
 
@@ -177,35 +188,44 @@ class Entry:
     def from_json(cls, row: object) -> Entry:
         """Parse one row, holding it to what dm writes: the kind's fields only, numbers in the
         ranges the kernel takes, a file's size matching what its content id can be."""
-        if not (isinstance(row, list) and len(row) == 9):
+        if not (isinstance(row, list) and len(row) == 9 and isinstance(row[0], str)
+                and all(_is_int(n, -INT64, INT64) for n in row[2:7])
+                and isinstance(row[8], int) and not isinstance(row[8], bool)):
             raise Corrupt(f"tree entry is malformed: {str(row)[:80]}")
-        name, kind, mode, uid, gid, mtime_ns, size, ref, chunked = row
-        if not (isinstance(name, str) and kind in (FILE, DIR, SYMLINK)
-                and _is_int(mode, 0, 0o10000) and _is_int(uid, 0, UINT32)
-                and _is_int(gid, 0, UINT32) and _is_int(mtime_ns, -INT64, INT64)
-                and _is_int(size, 0, INT64) and chunked in (0, 1)
-                and not isinstance(chunked, bool)):
-            raise Corrupt(f"tree entry is malformed: {str(row)[:80]}")
-        check_entry_name(name)
-        oref: ObjectId | str | None
-        if kind == SYMLINK:
-            if not isinstance(ref, str) or size or chunked:
-                raise Corrupt(f"symlink {name[:80]!r} is malformed")
-            check_link_target(name, ref)
-            oref = ref
-        elif kind == DIR:
-            if not isinstance(ref, str) or size or chunked:
-                raise Corrupt(f"folder {name[:80]!r} is malformed")
-            oref = parse_hex_id(ref)
-        elif ref is None:
-            if size or chunked:
-                raise Corrupt(f"entry {name[:80]!r} lacks its content id")
-            oref = None
-        else:
-            if not isinstance(ref, str) or not size or (not chunked and size > MAX_CHUNK):
-                raise Corrupt(f"file {name[:80]!r} has a size its content cannot have")
-            oref = parse_hex_id(ref)
-        return cls(name, kind, mode, uid, gid, mtime_ns, size, oref, bool(chunked))
+        return _entry(row)[0]
+
+
+def _entry(row: list[Any]) -> tuple[Entry, bytes]:
+    """An entry from a row whose fields have the right types (checked by the caller), and the
+    bytes of its name (its sort key)."""
+    name, kind, mode, uid, gid, mtime_ns, size, ref, chunked = row
+    raw = _fs_bytes(name)
+    if (raw is None or raw in (b"", b".", b"..") or b"/" in raw or b"\x00" in raw
+            or len(raw) > MAX_NAME_BYTES):
+        raise Corrupt(f"tree entry has an unsafe name {name[:80]!r}")
+    if (kind not in (FILE, DIR, SYMLINK) or not 0 <= mode < 0o10000 or not 0 <= uid < UINT32
+            or not 0 <= gid < UINT32 or not -INT64 <= mtime_ns < INT64
+            or not 0 <= size < INT64 or chunked not in (0, 1)):
+        raise Corrupt(f"tree entry is malformed: {str(row)[:80]}")
+    oref: ObjectId | str | None
+    if kind == SYMLINK:
+        if not isinstance(ref, str) or size or chunked:
+            raise Corrupt(f"symlink {name[:80]!r} is malformed")
+        check_link_target(name, ref)
+        oref = ref
+    elif kind == DIR:
+        if not isinstance(ref, str) or size or chunked:
+            raise Corrupt(f"folder {name[:80]!r} is malformed")
+        oref = _ref_id(ref)
+    elif ref is None:
+        if size or chunked:
+            raise Corrupt(f"entry {name[:80]!r} lacks its content id")
+        oref = None
+    else:
+        if not isinstance(ref, str) or not size or (not chunked and size > MAX_CHUNK):
+            raise Corrupt(f"file {name[:80]!r} has a size its content cannot have")
+        oref = _ref_id(ref)
+    return Entry(name, kind, mode, uid, gid, mtime_ns, size, oref, bool(chunked)), raw
 
 
 def _row_key(row: list[object]) -> bytes:
@@ -221,14 +241,15 @@ def encode_tree_rows(rows: list[list[object]]) -> bytes:
     return MAGIC_TREE + b"\n" + json.dumps(rows, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-# The shape of an encoded tree, checked before json.loads builds anything: rows of exactly
-# nine fields of the right types. Parsing a checked tree allocates a few times its size, where
-# unchecked JSON (``[[],[],...]``, which zstd shrinks to nothing) would cost twenty times.
+# The shape of a tree row, checked before json.loads builds anything: exactly nine fields of
+# the right types. Rows are parsed a batch at a time and held to their order as they come, so
+# what a tree costs to parse follows its entries, whatever JSON or repetition a sender tries
+# (``[[],[],...]`` or one row a million times, which zstd shrinks to nothing).
 _STR = rb'"[^"\\\x00-\x1f\x80-\xff]*(?:\\[^\x00-\x1f\x80-\xff][^"\\\x00-\x1f\x80-\xff]*)*"'
 _UINT = rb"(?:0|[1-9][0-9]{0,19})"
-_ROW = (rb'\[' + _STR + rb',"[fdl]",' + _UINT + rb"," + _UINT + rb"," + _UINT + rb",-?" + _UINT
-        + rb"," + _UINT + rb",(?:" + _STR + rb"|null),[01]\]")
-_TREE_SHAPE = re.compile(rb"\[(?:" + _ROW + rb"(?:," + _ROW + rb")*)?\]")
+_ROW = re.compile(rb'\[' + _STR + rb',"[fdl]",' + _UINT + rb"," + _UINT + rb"," + _UINT
+                  + rb",-?" + _UINT + rb"," + _UINT + rb",(?:" + _STR + rb"|null),[01]\]")
+_ROWS_PER_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -245,17 +266,47 @@ class Tree:
         if len(data) > MAX_TREE:
             raise Corrupt(f"tree object of {len(data)} bytes is over the {MAX_TREE}-byte limit")
         body = memoryview(data)[5:]
-        if not _TREE_SHAPE.fullmatch(body):
-            raise Corrupt("tree object is not a list of tree entries")
-        try:
-            rows = json.loads(bytes(body))
-        except (ValueError, RecursionError):
-            raise Corrupt("tree object is not valid JSON") from None
-        entries = tuple(Entry.from_json(r) for r in rows)
-        keys = [_row_key([e.name]) for e in entries]
-        if any(a >= b for a, b in zip(keys, keys[1:], strict=False)):
-            raise Corrupt("tree object's names are not sorted or not unique")
-        return cls(entries)
+        bad = Corrupt("tree object is not a sorted list of tree entries")
+        if body == b"[]":
+            return EMPTY_TREE
+        if body[:1] != b"[":
+            raise bad
+        entries: list[Entry] = []
+        last = b""
+        expect = batch = 1
+        rows = 0
+
+        def take(end: int) -> None:
+            nonlocal last
+            try:
+                parsed = json.loads(b"[" + bytes(body[batch:end]) + b"]")
+            except (ValueError, RecursionError):
+                raise bad from None
+            for row in parsed:  # its shape was checked: the field types are right
+                e, key = _entry(row)
+                if entries and key <= last:
+                    raise bad
+                last = key
+                entries.append(e)
+
+        for m in _ROW.finditer(body, 1):
+            if m.start() != expect:
+                raise bad
+            end = m.end()
+            sep = body[end:end + 1]
+            rows += 1
+            if sep == b"]":
+                if end + 1 != len(body):
+                    raise bad
+                take(end)
+                return cls(tuple(entries))
+            if sep != b",":
+                raise bad
+            expect = end + 1
+            if rows % _ROWS_PER_BATCH == 0:
+                take(end)
+                batch = end + 1
+        raise bad
 
 
 EMPTY_TREE = Tree(())

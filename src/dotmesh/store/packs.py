@@ -30,6 +30,7 @@ FLAG_ZSTD = 1
 PACK_ROTATE = 512 << 20
 ZSTD_LEVEL = 1
 ZSTD_SLACK = 1024  # a zstd frame is at most this much larger than what it holds
+STREAM_PIECE = 1 << 20
 
 _local = threading.local()
 
@@ -46,18 +47,32 @@ def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
 
 
 def decompress(data: bytes | memoryview, raw_len: int) -> bytes:
-    """Decompress a payload that must come out ``raw_len`` bytes long.
+    """Decompress a payload that must come out ``raw_len`` bytes long, allocating no more
+    than that whatever the frame says.
 
-    zstd frames may declare their size, and python-zstandard then allocates what they
-    declare, whatever ``max_output_size`` says: a 16 KiB frame can claim gigabytes. So the
-    declared size is checked first (ZstdError if it is not ``raw_len``)."""
+    A frame may declare its size: python-zstandard then allocates what it declares, so that
+    must be ``raw_len`` (the caller bounds it by the object's kind). A frame that does not say
+    is read as a stream, up to one byte past ``raw_len``: memory follows what really comes
+    out, not what a header claims (ZstdError if the length is wrong either way)."""
     declared = zstandard.frame_content_size(data)
-    if declared not in (raw_len, -1):
-        raise zstandard.ZstdError(f"frame declares {declared} bytes, not {raw_len}")
     d = getattr(_local, "dctx", None)
     if d is None:
         d = _local.dctx = zstandard.ZstdDecompressor()
-    return d.decompress(data, max_output_size=raw_len)
+    if declared == raw_len:
+        return d.decompress(data)
+    if declared != -1:
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, not {raw_len}")
+    out = bytearray()
+    with d.stream_reader(memoryview(data)) as reader:
+        while len(out) <= raw_len:  # a piece at a time: a read allocates what it asks for
+            more = reader.read(min(STREAM_PIECE, raw_len + 1 - len(out)))
+            if not more:
+                break
+            out += more
+    if len(out) != raw_len:
+        raise zstandard.ZstdError(f"frame holds {'more' if len(out) > raw_len else 'less'} "
+                                  f"than {raw_len} bytes")
+    return bytes(out)
 
 
 @dataclass(frozen=True)

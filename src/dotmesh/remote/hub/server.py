@@ -8,6 +8,7 @@ format; id lists as concatenated 32-byte ids.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -31,6 +32,7 @@ from dotmesh.errors import (
     DotmeshError,
     Forbidden,
     NotFound,
+    TooLarge,
     Unauthorized,
     UsageError,
 )
@@ -41,14 +43,14 @@ from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
 
 OCTETS = "application/octet-stream"
 FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for the rest
+# Requests with a body handled at once by one process (the others wait their turn): each
+# holds up to MAX_BATCH bytes, and decoding one may take a few times its largest object, so
+# this is what bounds a hub's memory whatever pushers send (docs/format.md).
+BODIES_AT_ONCE = 2
 _STATUS: list[tuple[type[DotmeshError], int]] = [
     (Unauthorized, 401), (Forbidden, 403), (NotFound, 404), (AlreadyExists, 409),
     (Conflict, 409), (BadTransfer, 422), (Corrupt, 422), (UsageError, 400),
     (StorageError, 503)]
-
-
-class TooLarge(UsageError):
-    """A request body over the limit."""
 
 
 def status_of(e: DotmeshError) -> int:
@@ -102,14 +104,20 @@ def create_app(store: HubStore) -> Starlette:
         store.authenticate(name, key)
         return name
 
+    bodies = asyncio.Semaphore(BODIES_AT_ONCE)
+
     def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
         """Wrap a handler: authenticate, run it on a worker thread, map errors."""
         async def endpoint(request: Request) -> Response:
             try:
                 user = await run_in_threadpool(user_of, request)  # before reading a body
-                body = await _body(request) if method in ("POST", "PUT") else b""
-                return await run_in_threadpool(fn, user, request.path_params, body,
-                                               request.query_params)
+                if method not in ("POST", "PUT"):
+                    return await run_in_threadpool(fn, user, request.path_params, b"",
+                                                   request.query_params)
+                async with bodies:
+                    body = await _body(request)
+                    return await run_in_threadpool(fn, user, request.path_params, body,
+                                                   request.query_params)
             except DotmeshError as e:
                 headers = {"WWW-Authenticate": 'Basic realm="dm hub"'} if isinstance(
                     e, Unauthorized) else None
