@@ -126,14 +126,19 @@ class _Dirs:
         parent = self.get(parts[:-1])
         try:
             fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
-        except (NotADirectoryError, FileNotFoundError) as e:
-            raise Conflict(f"{_where(self.top, parts)} is not a folder any more (something "
-                           f"changed it during the restore: {e.strerror})") from None
         except OSError as e:
-            if e.errno == errno.ELOOP:  # a link where a folder should be
+            if e.errno not in (errno.ENOTDIR, errno.ENOENT, errno.ELOOP):
+                raise
+            try:
+                link = stat.S_ISLNK(os.stat(parts[-1], dir_fd=parent,
+                                            follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            if link:
                 raise Conflict(f"{_where(self.top, parts)} became a link during the restore; "
                                "nothing was written through it") from None
-            raise
+            raise Conflict(f"{_where(self.top, parts)} is not a folder any more (something "
+                           f"changed it during the restore: {e.strerror})") from None
         self.fds[parts] = fd
         return fd
 
