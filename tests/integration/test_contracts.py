@@ -21,7 +21,7 @@ from dotmesh.store.packs import compress
 from tests.integration.remote_env import S3_KEY, S3_SECRET, Hub
 
 
-@pytest.fixture(params=["folder", "s3"])
+@pytest.fixture(params=["folder", pytest.param("s3", marks=pytest.mark.slow)])
 def blobs(request, tmp_path):
     if request.param == "folder":
         return LocalBlobs(tmp_path / "blobs")
@@ -59,7 +59,7 @@ def test_blob_store_contract(blobs):
             blobs.put(bad, b"")
 
 
-@pytest.fixture(params=["hub", "s3"])
+@pytest.fixture(params=[pytest.param(p, marks=pytest.mark.slow) for p in ("hub", "s3")])
 def transport(request, tmp_path):
     if request.param == "hub":
         h = Hub(["--data", str(tmp_path / "hub")], tmp_path)

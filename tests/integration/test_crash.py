@@ -9,7 +9,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DM, capture
+
+pytestmark = pytest.mark.slow  # kill -9 at random moments
 
 BIG_FILES, BIG_SIZE, SMALL_FILES = 4, 8 << 20, 200
 

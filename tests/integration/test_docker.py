@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import kill_inside
 from tests.integration.docker_env import IMAGE, docker_world
 
+pytestmark = pytest.mark.slow  # a dockerd of its own
+
 # The seed's excerpt, with three services writing to its three volumes.
 SERVICE = """
   {name}:

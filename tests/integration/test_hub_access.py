@@ -31,6 +31,8 @@ from tests.conftest import DM, DM_BIN
 from tests.integration.remote_env import Hub, _answers, free_port
 from tests.integration.test_errors import _one_line_error
 
+pytestmark = pytest.mark.slow  # hub processes and big pushes: minutes
+
 USERS = ("alice", "bob", "carol", "mallory")
 
 
@@ -368,7 +370,7 @@ def test_a_client_that_hangs_up_leaves_no_traceback(hub):
     """Requests whose client goes away while the hub reads the body, or while it sends the
     answer: the hub says nothing of them."""
     with _http(hub, "mallory") as c:
-        big = [_rec(KIND_CHUNK, os.urandom(1 << 20)) for _ in range(24)]
+        big = [_rec(KIND_CHUNK, os.urandom(256 << 10)) for _ in range(96)]
         assert c.post("/api/v1/dots/mallory/hangup/objects",
                       content=encode(big)).status_code == 200
     auth = base64.b64encode(f"mallory:{hub.keys['mallory']}".encode()).decode()

@@ -5,6 +5,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from tests.conftest import capture
 
 
@@ -116,6 +118,7 @@ def test_page_write_stores_about_one_page(dm):
     assert r["bytes_stored"] < 8192 + file_list + 4096
 
 
+@pytest.mark.slow
 def test_dm_version_and_help(dm):
     assert json.loads(dm.ok("version", "--json"))["format"] == 1
     for cmd in ("init", "list", "switch", "path", "commit", "log", "branch", "checkout",

@@ -10,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from demo.miniapp import upload_bytes
 from tests.conftest import DM, kill_inside
 from tests.integration.servers import Postgres, Redis, shared_tmp
+
+pytestmark = pytest.mark.slow  # real servers and frozen writers: each test takes seconds
 
 APP = Path(__file__).resolve().parents[2] / "demo" / "miniapp.py"
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -132,6 +133,7 @@ def _fresh_home(tmp_path_factory) -> Path:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first=ops(), second=ops(), third=ops())
+@pytest.mark.slow
 def test_commit_mutate_reset_restores_exactly(tmp_path_factory, first, second, third):
     """Random trees and mutations: a reset gives back each committed tree exactly."""
     home = _fresh_home(tmp_path_factory)

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import DM, DM_BIN, kill_inside
 from tests.integration.remote_env import Hub, postgres_db
 
+pytestmark = pytest.mark.slow  # hubs, PostgreSQL and SeaweedFS: minutes
+
 
 @pytest.fixture(scope="module", params=["embedded", "scale-out"])
 def hub(request, tmp_path_factory):
