@@ -129,6 +129,8 @@ def _link(name: str, target: str) -> list[object]:
     ([_link("up", "d/.."), ["d", DIR, 0o755, 0, 0, 1, 0, object_id(
         encode_tree_rows([])).hex(), 0]], None),  # d is a real folder: d/.. is the top
     ([_link("l", "f/.."), ["f", FILE, 0o644, 0, 0, 1, 0, None, 0]], None),
+    # The link is named "é"; the text spells the same bytes (c3 a9) another way.
+    ([_link("é", "."), _link("x", "\udcc3\udca9/../outside")], "x"),
 ])
 def test_symlinks_are_followed_through_the_tree(rows, bad):
     store = {object_id(encode_tree_rows([])): encode_tree_rows([])}
@@ -171,3 +173,39 @@ def test_symlinks_are_checked_at_the_depth_their_tree_is_restored():
         ["b", DIR, 0o755, 0, 0, 1, 0, tree([
             ["l", SYMLINK, 0o777, 0, 0, 1, 0, "../../../etc", 0]]).hex(), 0]]).hex(), 0]])
     assert check.check_root(deep, "s") == "s:a/b/l"
+
+
+def test_a_name_has_one_spelling():
+    """Bytes that are valid UTF-8 are characters in a tree, never lone surrogates: two
+    spellings of one name could alias each other (on disk they are the same file)."""
+    from dotmesh.errors import Corrupt
+    from dotmesh.model.objects import Tree
+
+    good = encode_tree_rows([["\u00e9", FILE, 0o644, 0, 0, 1, 0, None, 0],
+                             ["\udcff", FILE, 0o644, 0, 0, 1, 0, None, 0]])
+    assert len(Tree.decode(good).entries) == 2
+    bad = good.replace(b"\\u00e9", b"\\udcc3\\udca9")
+    with pytest.raises(Corrupt, match="unsafe name"):
+        Tree.decode(bad)
+
+
+def test_a_tree_shared_at_many_places_is_judged_once_per_context():
+    """A few KiB of trees can name a folder 2^40 times (two names for one child, forty
+    levels); each folder climbs out of itself (l -> ..), so none is judged once for all."""
+    import time
+
+    store: dict[bytes, bytes] = {}
+
+    def tree(rows: list[list[object]]) -> bytes:
+        data = encode_tree_rows(rows)
+        store[object_id(data)] = data
+        return object_id(data)
+
+    t = tree([])
+    for _ in range(40):
+        t = tree([["a", DIR, 0o755, 0, 0, 1, 0, t.hex(), 0],
+                  ["b", DIR, 0o755, 0, 0, 1, 0, t.hex(), 0], _link("l", "..")])
+    top = tree([["a", DIR, 0o755, 0, 0, 1, 0, t.hex(), 0]])
+    started = time.monotonic()
+    assert graph.SymlinkCheck(store.__getitem__).check_root(top, "s") is None
+    assert time.monotonic() - started < 5

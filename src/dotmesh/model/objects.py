@@ -9,6 +9,7 @@ what it gets.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -140,11 +141,12 @@ def _fs_bytes(text: str) -> bytes | None:
 
 
 def check_entry_name(name: str) -> None:
-    """Reject names that could escape the folder a tree is restored into, or that no folder
-    could hold."""
+    """Reject names that could escape the folder a tree is restored into, that no folder could
+    hold, or that spell bytes otherwise than a snapshot does (valid UTF-8 as characters, other
+    bytes as lone surrogates): one name, one spelling, so two spellings never alias."""
     raw = _fs_bytes(name)
     if (raw is None or name in ("", ".", "..") or b"/" in raw or b"\x00" in raw
-            or len(raw) > MAX_NAME_BYTES):
+            or len(raw) > MAX_NAME_BYTES or os.fsdecode(raw) != name):
         raise Corrupt(f"tree entry has an unsafe name {name[:80]!r}")
 
 
@@ -201,7 +203,7 @@ def _entry(row: list[Any]) -> tuple[Entry, bytes]:
     name, kind, mode, uid, gid, mtime_ns, size, ref, chunked = row
     raw = _fs_bytes(name)
     if (raw is None or raw in (b"", b".", b"..") or b"/" in raw or b"\x00" in raw
-            or len(raw) > MAX_NAME_BYTES):
+            or len(raw) > MAX_NAME_BYTES or os.fsdecode(raw) != name):
         raise Corrupt(f"tree entry has an unsafe name {name[:80]!r}")
     if (kind not in (FILE, DIR, SYMLINK) or not 0 <= mode < 0o10000 or not 0 <= uid < UINT32
             or not 0 <= gid < UINT32 or not -INT64 <= mtime_ns < INT64

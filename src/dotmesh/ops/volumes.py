@@ -42,9 +42,12 @@ def _existing(home: Home, name: str) -> VolumeName:
 
 
 def _not_swapping(home: Home, dot: str) -> None:
-    if home.swapping(dot):
-        raise Conflict(f"dot {dot!r} is between branches (a checkout was interrupted): run "
-                       f"dm list to finish it, then retry")
+    """A container must not start on folders a killed checkout or reset left half done."""
+    j = home.pending_restore(dot)
+    if home.swapping(dot) or j is not None:
+        what = f"an interrupted {j.action}" if j is not None else "an interrupted checkout"
+        raise Conflict(f"dot {dot!r} has {what} to finish: run dm path {dot} (or any dm "
+                       "command that changes the dot), then retry")
 
 
 def create(home: Home, name: str, opts: dict[str, object] | None) -> Volume:

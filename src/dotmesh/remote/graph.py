@@ -9,6 +9,7 @@ closure (refs only ever name commits whose closure is complete), so that is all 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
@@ -153,37 +154,51 @@ class SymlinkCheck:
     each, so ``missing/..`` stays where it was. A target without ``..`` after a link only goes
     down from places inside, so by induction every chain stays inside.
 
-    A folder whose links never climb above it is judged once (by tree id) wherever it appears;
-    the others are judged at each place, since what ``..`` reaches depends on it.
+    How far a folder's links climb above it (its reach) follows from their texts alone, so a
+    folder is judged once per set of ancestors within its reach: once in all for one whose
+    links never climb out of it, and a tree shared at many places (a few KiB can name a
+    folder 2^30 times) costs one walk, not one per place.
     """
 
     def __init__(self, get: Get) -> None:
         self.get = get
-        self.contained: set[bytes] = set()
-        self._entries: dict[bytes, dict[str, Entry]] = {}
+        self.reach: dict[bytes, tuple[int, int]] = {}  # tree -> (reach, height)
+        self.judged: set[tuple[bytes, tuple[bytes, ...]]] = set()
+        self._entries: dict[bytes, dict[bytes, Entry]] = {}
 
-    def entries(self, tree: bytes) -> dict[str, Entry]:
+    def entries(self, tree: bytes) -> dict[bytes, Entry]:
+        """A tree's entries by the bytes of their names: a link's text is followed as the
+        kernel follows it, byte for byte, whatever spelling a sender chose."""
         got = self._entries.get(tree)
         if got is None:
             if len(self._entries) > 4096:
                 self._entries.clear()
-            got = self._entries[tree] = {e.name: e for e in Tree.decode(self.get(tree)).entries}
+            got = self._entries[tree] = {os.fsencode(e.name): e
+                                         for e in Tree.decode(self.get(tree)).entries}
         return got
+
+    @staticmethod
+    def _key(chain: list[bytes], reach: int) -> tuple[bytes, tuple[bytes, ...]]:
+        return chain[-1], tuple(chain[max(0, len(chain) - 1 - reach):-1])
 
     def check_root(self, tree: bytes, subdot: str) -> str | None:
         """None if safe; else ``SUBDOT:PATH`` of a link that leads out."""
         # Depth-first, children before their folder; a frame is (chain of tree ids from the
-        # top, path, the lowest level any link below reaches, entries still to look at).
+        # top, path, [lowest level any link below reaches, deepest level below], entries
+        # still to look at).
         frames: list[tuple[list[bytes], str, list[int], list[Entry]]] = [
-            ([tree], "", [0], list(self.entries(tree).values()))]
+            ([tree], "", [0, 0], list(self.entries(tree).values()))]
         while frames:
-            chain, where, low, todo = frames[-1]
+            chain, where, seen, todo = frames[-1]
             if not todo:
                 frames.pop()
-                if low[0] >= len(chain) - 1:
-                    self.contained.add(chain[-1])
+                level = len(chain) - 1
+                reach = level - seen[0]
+                self.reach[chain[-1]] = (reach, seen[1] - level)
+                self.judged.add(self._key(chain, reach))
                 if frames:
-                    frames[-1][2][0] = min(frames[-1][2][0], low[0])
+                    up = frames[-1][2]
+                    up[0], up[1] = min(up[0], seen[0]), max(up[1], seen[1])
                 continue
             e = todo.pop()
             if e.kind == SYMLINK:
@@ -191,26 +206,35 @@ class SymlinkCheck:
                 reached = self.resolve(chain, e.ref)
                 if reached is None:
                     return f"{subdot}:{where}{e.name}"
-                low[0] = min(low[0], reached)
-            elif e.kind == DIR and isinstance(e.ref, bytes) and e.ref not in self.contained:
-                if len(chain) >= MAX_DEPTH:
+                seen[0] = min(seen[0], reached)
+            elif e.kind == DIR and isinstance(e.ref, bytes):
+                level = len(chain)
+                if level >= MAX_DEPTH:
                     return f"{subdot}:{where}{e.name} (folders nested over {MAX_DEPTH} deep)"
-                frames.append(([*chain, e.ref], f"{where}{e.name}/", [len(chain)],
+                inner = [*chain, e.ref]
+                known = self.reach.get(e.ref)
+                if (known is not None and known[0] <= level and level + known[1] < MAX_DEPTH
+                        and self._key(inner, known[0]) in self.judged):
+                    seen[0] = min(seen[0], level - known[0])
+                    seen[1] = max(seen[1], level + known[1])
+                    continue
+                frames.append((inner, f"{where}{e.name}/", [level, level],
                                list(self.entries(e.ref).values())))
         return None
 
     def resolve(self, chain: list[bytes], target: str) -> int | None:
         """The lowest level (0 is the top) that ``target``, written in the folder at the end
         of ``chain``, passes through; None if it leads out."""
-        if target.startswith("/"):
+        text = os.fsencode(target)
+        if text.startswith(b"/"):
             return None
         path: list[bytes | None] = list(chain)
         low = len(path) - 1
         through_link = False
-        for part in target.split("/"):
-            if part in ("", "."):
+        for part in text.split(b"/"):
+            if part in (b"", b"."):
                 continue
-            if part == "..":
+            if part == b"..":
                 if through_link or len(path) == 1:
                     return None
                 path.pop()
