@@ -79,6 +79,7 @@ class EvilHub:
                                  "branches": self.branches, "collaborators": []})
 
         async def history(request: Request) -> Response:
+            self.asked = bytes.fromhex(request.path_params["commit"])
             commits = [i for i, (k, _) in self.objects.items() if k == KIND_COMMIT]
             return Response(self.mutate_history(self.records(commits)))
 
@@ -261,7 +262,7 @@ CASES = {
         [["f", FILE, 0o644, 0, 0, 1, (1 << 32) - 1, HOLE_OF_4GIB[0].hex(), 1]],
         "length dm never makes", extra={HOLE_OF_4GIB[0]: (KIND_FILELIST, HOLE_OF_4GIB[1])}),
     "blocks said longer than they are": Case(
-        [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_BLOCK[0].hex(), 1]], "is not 4096 bytes long",
+        [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_BLOCK[0].hex(), 1]], "where its list says 4096",
         extra={LONG_BLOCK[0]: (KIND_FILELIST, LONG_BLOCK[1])}),
     "folders nested 300 deep": Case(DEEP_ROWS, "nested over 256", extra=DEEP_TREES),
     "an error message with terminal escapes": Case(GOOD_ROWS, "?[2J", error="\x1b[2Jgone"),
@@ -378,3 +379,44 @@ def _track(dm: DM, dot: str, remote: str, remote_dot: str) -> None:
                           (dot, remote, remote_dot))
     finally:
         home.close()
+
+
+def test_a_long_history_of_fat_commits_costs_the_client_one_answer(tmp_path):
+    """300 commits of 1 MiB each (a few hundred bytes each once compressed), sent a hundred
+    at a time as a hub does: the clone works, holding ids in memory, not commits."""
+    tid, tdata = _tree([])
+    pad = "A" * ((1 << 20) - 600)
+    chain: list[Record] = []
+    parents: tuple[ObjectId, ...] = ()
+    for i in range(300):
+        data = Commit(parents, {"db": Root(ObjectId(tid), 0o755, 0, 0, 1)}, "m", "mallory", i,
+                      {"pad": pad}).encode()
+        oid = object_id(data)
+        chain.append(Record(KIND_COMMIT, oid, len(data),
+                            zstandard.ZstdCompressor().compress(data), True))
+        parents = (ObjectId(oid),)
+    where = {r.oid: i for i, r in enumerate(chain)}
+    evil = EvilHub({tid: (KIND_TREE, tdata)}, chain[-1].oid)
+
+    def history(records: list[Record]) -> bytes:  # the asked commit and 99 before it
+        k = where[evil.asked]
+        return encode(chain[max(0, k - 99):k + 1][::-1])
+
+    evil.mutate_history = history
+    dm = DM(tmp_path / "victim")
+    with evil:
+        assert _add_remote(dm, evil.port).returncode == 0
+        proc = dm.popen("clone", "evil", "evil/app")
+        peak = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM"):
+                            peak = max(peak, int(line.split()[1]) << 10)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
+    assert len(json.loads(dm.ok("log", "--json"))) == 300
+    assert peak < 200 << 20, f"the client's peak memory was {peak >> 20} MiB"

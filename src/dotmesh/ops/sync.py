@@ -46,6 +46,8 @@ from dotmesh.workdir.snapshot import snapshot
 
 Progress = Callable[[int], None]
 CHUNK_FETCH = 2000  # chunks asked for at once (the answer comes in parts of a few MiB)
+CHUNK_BYTES = 24 << 20  # and no more than this many bytes of them, as their lists say
+MAX_FETCHED_COMMITS = 1_000_000  # of one pull or clone
 IN_FLIGHT = 2  # batches under way at once, each way
 
 
@@ -172,7 +174,12 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
           progress: Progress | None = None) -> tuple[int, int]:
     """Bring ``head`` and everything it needs into the store, verified; returns how many
     objects and stored bytes were fetched. ``have``: local heads, where the remote may stop
-    sending history."""
+    sending history.
+
+    Chunks are indexed batch by batch as they come (a rerun does not fetch them again);
+    commits, trees and file lists are written aside as they come (memory holds their ids,
+    not them) and indexed last, after every check passed, lists before trees before commits:
+    a tree in the index always comes with all it names."""
     if home.packs.has(head):
         return 0, 0  # a commit in the store comes with all it names
     counted = [0, 0]
@@ -184,103 +191,119 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
         if progress:
             progress(n)
 
-    commits: dict[bytes, Record] = {}
-    parsed: dict[bytes, Commit] = {}
+    aside = {kind: home.packs.writer() for kind in (KIND_FILELIST, KIND_TREE, KIND_COMMIT)}
+
+    def keep(records: list[Record]) -> None:
+        note(records)
+        for kind, writer in aside.items():
+            writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in records
+                             if r.kind == kind])
+
+    commits: set[bytes] = set()
+    roots: dict[tuple[str, bytes], None] = {}  # (subdot, tree) of every commit fetched
     frontier = [head]
     while frontier:
         want = frontier.pop()
         if want in commits or home.packs.has(want):
             continue
         got = t.history(want, have)
-        note(got)
         fresh = [r for r in got if r.oid not in commits and not home.packs.has(r.oid)]
+        keep(fresh)
         for rec in fresh:
-            commits[rec.oid] = rec
-            parsed[rec.oid] = Commit.decode(rec.raw())
-        for rec in fresh:
-            frontier.extend(p for p in parsed[rec.oid].parents
-                            if p not in commits and not home.packs.has(p))
+            commits.add(rec.oid)
+            if len(commits) > MAX_FETCHED_COMMITS:
+                raise BadTransfer(f"{t.where} sent over {MAX_FETCHED_COMMITS} commits at "
+                                  "once; nothing was changed")
+            c = Commit.decode(rec.raw())
+            roots.update(((sub, r.tree), None) for sub, r in c.subdots.items())
+            frontier.extend(p for p in c.parents if p not in commits and not home.packs.has(p))
 
-    fetched: dict[bytes, Record] = {}
-
-    def ask(want: dict[bytes, int]) -> dict[bytes, bytes]:
-        got = t.fetch(want)
-        note(list(got.values()))
-        fetched.update(got)
-        return {oid: r.raw() for oid, r in got.items()}
-
-    trees, lists, chunks = graph.discover(list(parsed.values()), home.packs.missing, ask)
-    local = home.packs.get
+    found = graph.discover((tree for _, tree in roots), home.packs.missing, t.fetch_iter, keep)
 
     def get(oid: bytes) -> bytes:
-        data = trees.get(oid) or lists.get(oid)
-        if data is None:
-            c = commits.get(oid)
-            return c.raw() if c is not None else local(oid)
-        return data
+        for writer in aside.values():
+            data = writer.read_pending(oid)
+            if data is not None:
+                return data
+        return home.packs.get(oid)
 
     check = graph.SymlinkCheck(get)
-    for c in parsed.values():
-        for sub, root in c.subdots.items():
-            bad = check.check_root(root.tree, sub)
-            if bad:
-                raise BadTransfer(f"{t.where} sent a tree whose symlink {bad} points out of "
-                                  "its subdot; nothing was changed")
+    for sub, tree in roots:
+        bad = check.check_root(tree, sub)
+        if bad:
+            raise BadTransfer(f"{t.where} sent a tree whose symlink {bad} points out of "
+                              "its subdot; nothing was changed")
+    _check_sizes(home, found, get, t.where)
     writer = home.packs.writer()
-    chunk_lens: dict[bytes, int] = {}
-    todo = sorted(chunks)
-    parts = [dict.fromkeys(todo[i:i + CHUNK_FETCH], KIND_CHUNK)
-             for i in range(0, len(todo), CHUNK_FETCH)]
-    with ThreadPoolExecutor(IN_FLIGHT) as pool:  # the next batch comes while one is stored
-        flying: deque[Future[dict[bytes, Record]]] = deque()
+    todo = sorted(found.chunks)
+    parts: list[dict[bytes, int]] = [{}]
+    size = 0
+    for c in todo:  # parts of a bounded size: an answer holds what its lists said, no more
+        if len(parts[-1]) >= CHUNK_FETCH or size + found.chunks[c] > CHUNK_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][c] = KIND_CHUNK
+        size += found.chunks[c]
+
+    def fetch_part(part: dict[bytes, int]) -> list[Record]:
+        got: list[Record] = []
+        for answer in t.fetch_iter(part):
+            for r in answer:
+                if r.raw_len != found.chunks[r.oid]:
+                    raise BadTransfer(f"{t.where} sent block {r.oid.hex()[:16]} of "
+                                      f"{r.raw_len} bytes where its list says "
+                                      f"{found.chunks[r.oid]}; nothing was changed")
+            got.extend(answer)
+        return got
+
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:  # the next part comes while one is stored
+        flying: deque[Future[list[Record]]] = deque()
         for i in range(len(parts) + IN_FLIGHT):
-            if i < len(parts):
-                flying.append(pool.submit(t.fetch, parts[i]))
+            if i < len(parts) and parts[i]:
+                flying.append(pool.submit(fetch_part, parts[i]))
             if len(flying) >= IN_FLIGHT or (i >= len(parts) and flying):
                 got = flying.popleft().result()
-                note(list(got.values()))
-                chunk_lens.update((r.oid, r.raw_len) for r in got.values())
-                writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd)
-                                 for r in got.values()])
+                note(got)
+                writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in got])
                 writer.flush()  # durable now: a rerun does not fetch these again
-    _check_sizes(home, trees, lists, chunk_lens, t.where)
-    for group in (lists, trees):
-        writer.add_many([(fetched[o].kind, o, fetched[o].raw_len, fetched[o].payload,
-                          fetched[o].zstd) for o in group])
+    writer.flush()
+    aside[KIND_FILELIST].flush()
+    aside[KIND_TREE].flush()
     with Tx(home.conn) as tx:  # before the commits land: what came from outside is known
         tx.executemany("INSERT OR IGNORE INTO fetched VALUES (?)", [(o,) for o in commits])
-    writer.add_many([(KIND_COMMIT, o, r.raw_len, r.payload, r.zstd) for o, r in commits.items()])
-    writer.flush()
+    aside[KIND_COMMIT].flush()
     return counted[0], counted[1]
 
 
-def _check_sizes(home: Home, trees: dict[bytes, bytes], lists: dict[bytes, bytes],
-                 chunk_lens: dict[bytes, int], where: str) -> None:
-    """Every file's size is what its content has, and every block what its list says, before
-    anything names them (a tree saying 1 TiB for 28 bytes would make a 1 TiB file)."""
-    lens = dict(chunk_lens)
-    parsed = {oid: FileList.decode(data) for oid, data in lists.items()}
-    need = {c for fl in parsed.values() for c, _ in fl.chunks if c != HOLE and c not in lens}
-    files = [(e, tid) for tid, data in trees.items() for e in Tree.decode(data).entries
-             if e.kind == FILE and isinstance(e.ref, bytes)]
-    need.update(e.ref for e, _ in files if not e.chunked and e.ref not in lens)  # type: ignore[misc]
-    lens.update((o, loc.raw_len) for o, loc in home.packs.locate_many(need).items())
-    for oid, fl in parsed.items():
-        for c, n in fl.chunks:
-            if c != HOLE and lens.get(c) != n:
-                raise BadTransfer(f"{where} sent file list {oid.hex()[:16]} whose block "
-                                  f"{c.hex()[:16]} is not {n} bytes long; nothing was changed")
-    for e, tid in files:
-        assert isinstance(e.ref, bytes)
-        if e.chunked:
-            fl = parsed.get(e.ref)
-            real = fl.size if fl is not None else FileList.decode(home.packs.get(e.ref)).size
-        else:
-            real = lens.get(e.ref, -1)
-        if real != e.size:
-            raise BadTransfer(f"{where} sent tree {tid.hex()[:16]} whose file {e.name[:80]!r} "
-                              f"says {e.size} bytes where its content has {real}; nothing "
-                              "was changed")
+def _check_sizes(home: Home, found: graph.Discovered, get: Callable[[bytes], bytes],
+                 where: str) -> None:
+    """Every file's size is what its content has, before anything names it (a tree saying
+    1 TiB for 28 bytes would make a 1 TiB file); the blocks themselves are checked against
+    their lists as they come. Objects are read back one at a time."""
+    for tid in found.trees:
+        for e in Tree.decode(get(tid)).entries:
+            if e.kind != FILE or not isinstance(e.ref, bytes):
+                continue
+            if e.chunked:
+                real = FileList.decode(get(e.ref)).size
+            elif e.ref in found.chunks:  # checked again as it comes
+                real = found.chunks[e.ref]
+            else:
+                loc = home.packs.locate(e.ref)
+                real = loc.raw_len if loc is not None else -1
+            if real != e.size:
+                raise BadTransfer(f"{where} sent tree {tid.hex()[:16]} whose file "
+                                  f"{e.name[:80]!r} says {e.size} bytes where its content "
+                                  f"has {real}; nothing was changed")
+    for lid in found.lists:
+        for c, n in FileList.decode(get(lid)).chunks:
+            if c == HOLE or c in found.chunks:
+                continue
+            loc = home.packs.locate(c)
+            if loc is None or loc.raw_len != n:
+                raise BadTransfer(f"{where} sent file list {lid.hex()[:16]} whose block "
+                                  f"{c.hex()[:16]} is not {n} bytes long here; nothing was "
+                                  "changed")
 
 
 # ------------------------------------------------------------------ pull

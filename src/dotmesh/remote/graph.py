@@ -29,6 +29,7 @@ from dotmesh.model.objects import (
     FileList,
     Tree,
 )
+from dotmesh.remote.wire import Record
 
 Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
 
@@ -250,45 +251,75 @@ class SymlinkCheck:
         return low
 
 
-Fetch = Callable[[dict[bytes, int]], dict[bytes, bytes]]  # ids and kinds -> their bytes
+def _claim(lengths: dict[bytes, int], chunk: bytes, n: int) -> None:
+    """One chunk has one length: objects that say otherwise of it are not dm's."""
+    if lengths.setdefault(chunk, n) != n:
+        raise Corrupt(f"chunk {chunk.hex()[:16]} is said to be {lengths[chunk]} and {n} bytes "
+                      "long")
+
+
+FetchIter = Callable[[dict[bytes, int]], Iterable[list[Record]]]  # answers, as they come
 Lacking = Callable[[list[bytes]], set[bytes]]  # which of these ids the receiver lacks
+Keep = Callable[[list[Record]], None]  # puts received trees and file lists aside
 
 
-def discover(commits: list[Commit], lacking: Lacking, fetch: Fetch, batch: int = 2000
-             ) -> tuple[dict[bytes, bytes], dict[bytes, bytes], set[bytes]]:
-    """What a receiver lacks to hold ``commits``: fetches the trees and file lists it lacks,
-    level by level from the roots, and returns them (id -> bytes) with the ids of the chunks
-    it lacks. It does not descend into trees it has: a tree it holds comes with everything it
-    names."""
-    trees: dict[bytes, bytes] = {}
-    lists: dict[bytes, bytes] = {}
-    chunks: set[bytes] = set()
-    level = list({r.tree for c in commits for r in c.subdots.values()})
+@dataclass
+class Discovered:
+    """What a receiver fetched (trees and file lists, put aside) and the chunks it still
+    lacks, with the length each must have (as its file list or tree entry says)."""
+
+    trees: list[bytes] = field(default_factory=list)
+    lists: list[bytes] = field(default_factory=list)
+    chunks: dict[bytes, int] = field(default_factory=dict)
+
+
+def discover(roots: Iterable[bytes], lacking: Lacking, fetch: FetchIter, keep: Keep,
+             batch: int = 2000) -> Discovered:
+    """What a receiver lacks to hold the trees ``roots``: fetches the trees and file lists
+    it lacks, level by level, handing each answer to ``keep`` as it comes (so memory holds
+    one answer and ids, not a whole history), and lists the chunks it lacks. It does not
+    descend into trees it has: a tree it holds comes with everything it names."""
+    out = Discovered()
+    got: set[bytes] = set()
+    wanted: dict[bytes, int] = {}
+    level = list(dict.fromkeys(roots))
     depth = 0
     while level:
         depth += 1
         if depth > MAX_DEPTH + 1:
             raise Corrupt(f"the trees sent are nested over {MAX_DEPTH} folders deep")
-        want = [t for t in lacking(level) if t not in trees]
-        level, files, singles = [], [], []
+        want = [t for t in lacking(level) if t not in got]
+        level, files = [], []
         for i in range(0, len(want), batch):
-            got = fetch({t: KIND_TREE for t in want[i:i + batch]})
-            trees.update(got)
-            for data in got.values():
-                for e in Tree.decode(data).entries:
-                    if e.kind == DIR and isinstance(e.ref, bytes):
-                        level.append(e.ref)
-                    elif e.kind == FILE and isinstance(e.ref, bytes):
-                        (files if e.chunked else singles).append(e.ref)
+            for answer in fetch({t: KIND_TREE for t in want[i:i + batch]}):
+                keep(answer)
+                for r in answer:
+                    got.add(r.oid)
+                    out.trees.append(r.oid)
+                    for e in Tree.decode(r.raw()).entries:
+                        if e.kind == DIR and isinstance(e.ref, bytes):
+                            level.append(e.ref)
+                        elif e.kind == FILE and isinstance(e.ref, bytes):
+                            if e.chunked:
+                                files.append(e.ref)
+                            else:
+                                _claim(wanted, e.ref, e.size)
         level = list(dict.fromkeys(level))
-        chunks.update(singles)
-        wanted = [f for f in lacking(list(dict.fromkeys(files))) if f not in lists]
-        for i in range(0, len(wanted), batch):
-            got = fetch({f: KIND_FILELIST for f in wanted[i:i + batch]})
-            lists.update(got)
-            for data in got.values():
-                chunks.update(c for c, _ in FileList.decode(data).chunks if c != HOLE)
-    return trees, lists, lacking(list(chunks)) if chunks else set()
+        lists = [f for f in lacking(list(dict.fromkeys(files))) if f not in got]
+        for i in range(0, len(lists), batch):
+            for answer in fetch({f: KIND_FILELIST for f in lists[i:i + batch]}):
+                keep(answer)
+                for r in answer:
+                    got.add(r.oid)
+                    out.lists.append(r.oid)
+                    for c, n in FileList.decode(r.raw()).chunks:
+                        if c != HOLE:
+                            _claim(wanted, c, n)
+    if wanted:
+        missing = lacking(list(wanted))
+        out.chunks = {c: n for c, n in wanted.items() if c in missing}
+    return out
 
 
-__all__ = ["Delta", "SymlinkCheck", "ancestors", "commits_between", "delta", "discover"]
+__all__ = ["Delta", "Discovered", "SymlinkCheck", "ancestors", "commits_between", "delta",
+           "discover"]

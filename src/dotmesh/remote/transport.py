@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,6 +64,7 @@ class Transport(Protocol):
     def lacking(self, ids: list[bytes]) -> set[bytes]: ...
     def send(self, records: list[Record]) -> None: ...
     def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]: ...
+    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]: ...
     def history(self, head: bytes, have: list[bytes]) -> list[Record]: ...
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None: ...
     def close(self) -> None: ...
@@ -115,20 +117,23 @@ def check_history(records: list[Record], head: bytes, where: str) -> list[Record
     return list(by_id.values())
 
 
-def fetch_all(want: dict[bytes, int], where: str,
-              ask: Any) -> dict[bytes, Record]:
-    """Ask (``ask(want) -> batch bytes``) until every wanted object came; each answer is
-    verified against what was asked for."""
-    got: dict[bytes, Record] = {}
+def fetch_answers(want: dict[bytes, int], where: str,
+                  ask: Callable[[dict[bytes, int]], bytes]) -> Iterator[list[Record]]:
+    """Ask (``ask(todo) -> batch bytes``) until every wanted object came, yielding each
+    answer's records as they come (verified against what was asked for): what a caller holds
+    at once is one answer, whatever a remote sends."""
     todo = dict(want)
     while todo:
         records = decode(ask(todo), todo, where)
         if not records:
             raise BadTransfer(f"{where} sent none of the {len(todo)} objects asked for")
         for r in records:
-            got[r.oid] = r
             todo.pop(r.oid, None)
-    return got
+        yield records
+
+
+def collect(answers: Iterable[list[Record]]) -> dict[bytes, Record]:
+    return {r.oid: r for answer in answers for r in answer}
 
 
 # ------------------------------------------------------------------ hub
@@ -225,11 +230,14 @@ class HubTransport:
                   headers={"content-type": "application/octet-stream"})
 
     def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+        return collect(self.fetch_iter(want))
+
+    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]:
         def ask(todo: dict[bytes, int]) -> bytes:
             body = b"".join(bytes([k]) + oid for oid, k in todo.items())
             return self._req("POST", self._dot("/fetch"), content=body, headers={
                 "content-type": "application/octet-stream"})
-        return fetch_all(want, self.where, ask)
+        return fetch_answers(want, self.where, ask)
 
     def history(self, head: bytes, have: list[bytes]) -> list[Record]:
         params = [("have", h.hex()) for h in have[:50]]
@@ -303,6 +311,9 @@ class S3Transport:
         self.index().update(locs)
 
     def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+        return collect(self.fetch_iter(want))
+
+    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]:
         index = self.index()
         lost = [o for o in want if o not in index]
         if lost:
@@ -311,15 +322,29 @@ class S3Transport:
         def ask(todo: dict[bytes, int]) -> bytes:
             return encode(read_records(self.blobs, first_within(index, todo,
                                                                 FETCH_BATCH_BYTES)))
-        return fetch_all(want, self.where, ask)
+        return fetch_answers(want, self.where, ask)
 
     def history(self, head: bytes, have: list[bytes]) -> list[Record]:
-        """The dot's commits (the index tells which objects are commits), all at once."""
-        commits = {o: KIND_COMMIT for o, loc in self.index().items() if loc.kind == KIND_COMMIT}
-        if head not in commits:
+        """Commit ``head`` and its ancestors, nearest first, up to about FETCH_BATCH_BYTES
+        (the client asks again from the parents it still lacks), not past ``have``."""
+        index = self.index()
+        loc = index.get(head)
+        if loc is None or loc.kind != KIND_COMMIT:
             raise NotFound(f"{self.where} has no commit {head.hex()[:12]}")
-        got = self.fetch(commits)
-        return check_history([got[o] for o in _reachable(got, head)], head, self.where)
+        out: list[Record] = []
+        seen, size, queue = set(have), 0, [head]
+        while queue and size < FETCH_BATCH_BYTES:
+            c = queue.pop(0)
+            loc = index.get(c)
+            if c in seen or loc is None or loc.kind != KIND_COMMIT:
+                continue
+            seen.add(c)
+            (rec,) = decode(encode(read_records(self.blobs, {c: loc})), {c: KIND_COMMIT},
+                            self.where)
+            out.append(rec)
+            size += len(rec.payload)
+            queue.extend(Commit.decode(rec.raw()).parents)
+        return check_history(out, head, self.where)
 
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
         """A conditional write; a ref already at ``new``, before or after losing the race to
@@ -352,17 +377,3 @@ def _parse_ref(data: bytes, where: str) -> bytes:
     if len(head) != ID_LEN:
         raise BadTransfer(f"{where} has a malformed ref")
     return head
-
-
-def _reachable(records: dict[bytes, Record], head: bytes) -> list[bytes]:
-    seen: list[bytes] = []
-    stack = [head]
-    done: set[bytes] = set()
-    while stack:
-        c = stack.pop()
-        if c in done or c not in records:
-            continue
-        done.add(c)
-        seen.append(c)
-        stack.extend(Commit.decode(records[c].raw()).parents)
-    return seen

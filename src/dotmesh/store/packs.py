@@ -350,6 +350,27 @@ class PackWriter:
     def __contains__(self, oid: bytes) -> bool:
         return oid in self._pending
 
+    def read_pending(self, oid: bytes) -> bytes | None:
+        """An object this writer holds and has not indexed yet (from its file, not memory),
+        verified; None if it holds none by that id."""
+        with self._lock:
+            rec = self._pending.get(oid)
+            if rec is None:
+                return None
+            _, pack, offset, stored_len, raw_len, zstd = rec
+            name = self._files[pack][0]
+        fd = os.open(self.store.dir / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            payload = os.pread(fd, stored_len, offset)
+        finally:
+            os.close(fd)
+        loc = Location(rec[0], pack, offset, stored_len, raw_len, bool(zstd))
+        return self.store._unpack(oid, loc, payload)
+
+    def ids(self) -> list[bytes]:
+        with self._lock:
+            return list(self._pending)
+
     def add(self, kind: int, oid: bytes, raw_len: int, payload: bytes | memoryview,
             zstd: bool) -> None:
         """Append one object (already compressed as ``zstd`` says) unless pending already."""

@@ -71,6 +71,8 @@ disabled = sa.Table("disabled_users", md, sa.Column("name", sa.String(64), prima
 KEY_ID = re.compile(r"[0-9a-f]{12}")
 QUERY_BATCH = 500
 HISTORY_LIMIT = 1000
+HISTORY_BYTES = 32 << 20  # of one history answer
+GETTER_CACHE = 64 << 20  # decompressed objects a walk over a dot keeps at hand
 
 
 @dataclass(frozen=True)
@@ -437,8 +439,10 @@ class HubStore:
                 for r in read_records(self.blobs, first_within(locs, want, limit))]
 
     def getter(self, dot: Dot) -> graph.Get:
-        """Reads the dot's objects (decompressed), with a small cache; NotFound for others."""
+        """Reads the dot's objects (decompressed), with a cache of at most GETTER_CACHE
+        bytes (commits may be 1 MiB each); NotFound for others."""
         cache: dict[bytes, bytes] = {}
+        held = [0]
 
         def get(oid: bytes) -> bytes:
             data = cache.get(oid)
@@ -448,28 +452,34 @@ class HubStore:
                     raise NotFound(f"{dot} has no object {oid.hex()[:16]}")
                 (rec,) = read_records(self.blobs, locs)
                 data = rec.raw()
-                if len(cache) > 10_000:
+                if held[0] + len(data) > GETTER_CACHE:
                     cache.clear()
+                    held[0] = 0
                 cache[oid] = data
+                held[0] += len(data)
             return data
         return get
 
     def history(self, dot: Dot, head: bytes, limit: int = HISTORY_LIMIT,
                 have: set[bytes] | frozenset[bytes] = frozenset()) -> list[Record]:
-        """Commit ``head`` and its ancestors, nearest first, up to ``limit`` commits, not
-        going past commits in ``have`` (the asker has those and what they descend from)."""
+        """Commit ``head`` and its ancestors, nearest first, up to ``limit`` commits and
+        HISTORY_BYTES of them, not going past commits in ``have`` (the asker has those and
+        what they descend from); the asker comes back for the parents it still lacks."""
         order: list[bytes] = []
         seen: set[bytes] = set(have)
         queue = [head]
         get = self.getter(dot)
-        while queue and len(order) < limit:
+        size = 0
+        while queue and len(order) < limit and size < HISTORY_BYTES:
             c = queue.pop(0)
             if c in seen:
                 continue
             seen.add(c)
             order.append(c)
-            queue.extend(Commit.decode(get(c)).parents)
-        return self.read(dot, dict.fromkeys(order, KIND_COMMIT), 1 << 62)
+            data = get(c)
+            size += len(data)
+            queue.extend(Commit.decode(data).parents)
+        return self.read(dot, dict.fromkeys(order, KIND_COMMIT), HISTORY_BYTES)
 
     # ------------------------------------------------------------ refs
     def set_ref(self, dot: Dot, branch: str, old: bytes | None, new: bytes,
