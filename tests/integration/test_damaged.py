@@ -164,3 +164,19 @@ def test_what_a_store_keeps_is_its_owners_alone():
     assert stat.S_IMODE(home.stat().st_mode) == 0o711
     assert stat.S_IMODE((home / "meta.db").stat().st_mode) == 0o600
     assert stat.S_IMODE((home / "packs").stat().st_mode) == 0o700
+
+
+def test_damaged_index_rows_are_rebuilt_from_the_packs(dm):
+    first, second, d = _two_commits(dm)
+    before = capture(d)
+    with _db(dm) as db:  # every commit's index row damaged, and one row lost
+        db.execute("UPDATE objects SET id=hex(id) WHERE kind=3")
+        db.execute("DELETE FROM objects WHERE kind=2")  # the trees' rows are gone
+    assert dm("fsck").returncode == 7
+    out = json.loads(dm("fsck", "--repair", "--json").stdout)
+    assert out["ok"] and out["remaining"] == [], out
+    assert any("indexed" in x and "the packs hold" in x for x in out["repaired"]), out
+    assert [c["id"] for c in json.loads(dm.ok("log", "--json"))] == [second, first]
+    dm.ok("reset", "--hard", first)
+    dm.ok("reset", "--hard", second)
+    assert capture(d) == before

@@ -124,6 +124,32 @@ class _Fsck:
                 else:
                     self.index[oid] = loc
 
+    def reindex(self) -> None:
+        """Index what the packs hold and the index lacks (rows lost or dropped as damaged):
+        packs describe themselves, and every record found is verified by its hash."""
+        names = {name: pid for pid, name in self.conn.execute("SELECT id, name FROM packs")}
+        found = 0
+        folder = self.home.packs.dir
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if not PACK_NAME.fullmatch(path.name):
+                continue
+            records = [r for r in scan_pack(path).records if r[0] not in self.index]
+            if not records:
+                continue
+            with Tx(self.conn) as c:
+                pid = names.get(path.name)
+                if pid is None:
+                    pid = c.execute("INSERT INTO packs (name) VALUES (?)",
+                                    (path.name,)).lastrowid
+                for oid, kind, off, stored, raw, z in records:
+                    c.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (oid, kind, pid, off, stored, raw, int(z)))
+                    self.index[oid] = Location(kind, pid, off, stored, raw, z)
+            found += len(records)
+        if found:
+            self.r.repaired.append(f"indexed {found} objects the packs hold and the index "
+                                   "lacked")
+
     def _drop_object(self, oid: object, why: str) -> None:
         self.problem(why, f"dropped the index entry of object {bytes(oid).hex()[:16]} "
                      "(its data is damaged: a copy pushed or pulled again restores it)"
@@ -285,14 +311,20 @@ class _Fsck:
                 self.problem(f"a reflog entry of {dot} is damaged", None,
                              ("DELETE FROM reflog WHERE rowid=?", (rowid,)))
                 continue
-            for x in (old, new, saved):
-                if x:
-                    self.commit(x, f"{dot} reflog")
+            for col, x in (("old", old), ("new", new), ("saved", saved)):
+                if x and not self.commit(x, f"{dot} reflog"):
+                    self.problem(f"a reflog entry of {dot} names {x.hex()[:16]}, which cannot "
+                                 "be read whole", f"a reflog entry of {dot} no longer names "
+                                 f"{x.hex()[:16]}",
+                                 (f"UPDATE reflog SET {col}=NULL WHERE rowid=?", (rowid,)))
         for dot, old, target, saved in c.execute(
                 "SELECT dot, old, target, saved FROM restores").fetchall():
-            for x in (old, target, saved):
-                if dot in dots and _is_id(x):
-                    self.commit(x, f"{dot} unfinished restore")
+            if dot in dots and not all(x is None or (_is_id(x) and self.commit(
+                    x, f"{dot} unfinished restore")) for x in (old, target, saved)):
+                self.problem(f"the unfinished restore of {dot} names a state that cannot be "
+                             "read whole", f"dropped the unfinished restore of {dot} (its "
+                             "folders stay as they are: dm reset --hard brings a state back)",
+                             ("DELETE FROM restores WHERE dot=?", (dot,)))
         for rowid, dot, remote, branch, head in c.execute(
                 "SELECT rowid, dot, remote, branch, head FROM remote_refs").fetchall():
             if dot not in dots:
@@ -356,6 +388,8 @@ def fsck(home: Home, progress: Progress | None = None, repair: bool = False) -> 
     f = _Fsck(home, repair, progress)
     f.database()
     f.objects()
+    if repair:
+        f.reindex()
     f.rows()
     f.caches()
     return f.r
