@@ -4,7 +4,10 @@ caps allow, even several at once."""
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -128,3 +131,36 @@ def test_bombs_cost_the_hub_little_even_three_at_once(hub, bomb, needle):
     assert grew < 300 << 20, f"the hub's peak memory grew by {grew >> 20} MiB"
     for r in answers:
         assert r.status_code == 422 and needle in r.json()["error"], r.text
+
+
+def test_idle_uploads_hold_up_nobody_else(hub):
+    """Connections that declare a body and send none take their user's turns only, and are
+    dropped once they stall."""
+    auth = base64.b64encode(f"mallory:{hub.keys['mallory']}".encode()).decode()
+    idle = []
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", hub.ports[0]))
+        s.sendall((f"POST /api/v1/dots/mallory/app/objects HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Basic {auth}\r\nContent-Length: 1000000\r\n\r\n").encode())
+        idle.append(s)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{hub.ports[0]}/api/v1/dots/alice/app/lacking",
+                       content=object_id(b"x"), auth=("alice", hub.keys["alice"]), timeout=20)
+        assert r.status_code == 200 and time.monotonic() - started < 5
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_odd_requests_are_answered_without_a_traceback(hub):
+    base = f"http://127.0.0.1:{hub.ports[0]}/api/v1"
+    with socket.create_connection(("127.0.0.1", hub.ports[0])) as s:  # not ASCII
+        s.sendall(b"GET /api/v1/user HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+                  + "ñññ".encode() + b"\r\nConnection: close\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 401")
+    r = httpx.put(base + "/dots/mallory/app/branches/master", content=b"[" * 100_000,
+                  auth=("mallory", hub.keys["mallory"]))
+    assert r.status_code == 400
+    assert "Traceback" not in hub.logs()

@@ -246,3 +246,36 @@ def test_a_link_planted_during_a_restore_redirects_no_write(tmp_path):
         assert list(outside.iterdir()) == []
     finally:
         home.close()
+
+
+def test_a_write_during_a_reset_is_never_hidden(tmp_path):
+    """A file patched in place must be as the snapshot saw it: a write since (by something
+    dm could not see) fails the patch, where patching only the blocks the snapshot knew of
+    would keep the write and record the target's content id for it."""
+    from dotmesh.errors import Conflict
+    from dotmesh.ops.home import Home
+    from dotmesh.workdir.restore import prepare
+    from dotmesh.workdir.snapshot import snapshot
+
+    home = Home(tmp_path / "home")
+    top = tmp_path / "folder"
+    top.mkdir()
+    table = top / "table"
+    table.write_bytes(os.urandom(8192 * 32))
+    try:
+        writer = home.packs.writer()
+        target = snapshot(top, home.packs, writer, {}).root
+        with open(table, "r+b") as f:
+            f.write(os.urandom(8192))
+        time.sleep(0.01)
+        now = snapshot(top, home.packs, writer, {})
+        writer.flush()
+        prepared = prepare(top, home.packs, target, now.root, tmp_path / "staging",
+                           seen=now.cache)
+        with open(table, "r+b") as f:  # unseen: after the snapshot
+            f.seek(8192 * 20)
+            f.write(b"W" * 8192)
+        with pytest.raises(Conflict, match="changed during the reset"):
+            prepared.apply()
+    finally:
+        home.close()

@@ -557,7 +557,13 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
     """
     rebuilt: list[str] = []
     try:
-        r = _fsck(c, repair)
+        try:
+            r = _fsck(c, repair)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as e:  # a damaged page met while reading the rows
+            raise DamagedIndex(f"the store's index is damaged ({e}): run dm fsck "
+                               "--repair") from None
     except DamagedIndex:
         if not repair:
             raise

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from dotmesh import FORMAT_VERSION
-from dotmesh.errors import Corrupt
+from dotmesh.errors import Corrupt, DamagedIndex
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,13 +73,23 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+SCHEMA_REVISION = 2  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
+
+
 def _ensure_schema(conn: sqlite3.Connection) -> int:
     """Create what is missing (every statement is IF NOT EXISTS, so tables added within a
-    format version appear in older stores too) and return the store's format version."""
-    conn.executescript(SCHEMA)
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
-    conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)", (str(time.time_ns()),))
+    format version appear in older stores too) and return the store's format version. Only
+    a store whose tables are not all made yet is written to: reads never wait on writers."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_REVISION:
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)",
+                     (str(time.time_ns()),))
+        conn.execute(f"PRAGMA user_version={SCHEMA_REVISION}")
     row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+    if row is None or not isinstance(row[0], str) or not row[0].isdigit():
+        raise DamagedIndex("the store's index has no readable format version: run dm fsck "
+                           "--repair")
     return int(row[0])
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dotmesh.errors import Corrupt, DotmeshError, InvalidName
+from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
 from dotmesh.meta.db import Tx, connect
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import DIR, FILE, HOLE, ID_LEN, KIND_COMMIT, Commit, FileList, Tree
@@ -79,9 +79,13 @@ class _Fsck:
 
     # ------------------------------------------------------------ the database and the index
     def database(self) -> None:
-        rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+        try:
+            rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as e:
+            rows = [str(e)]
         if rows != ["ok"]:
-            raise Corrupt(f"meta.db is damaged ({rows[0][:120]}): run dm fsck --repair")
+            raise DamagedIndex(f"meta.db is damaged ({str(rows[0])[:120]}): run dm fsck "
+                               "--repair")
 
     def objects(self) -> None:
         packs: dict[object, str] = {}
@@ -428,6 +432,10 @@ def rebuild(root: Path) -> list[str]:
 
 
 def _salvage(old: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
+    if not old.exists() or old.stat().st_size == 0:
+        notes.append("the old index was missing or empty: refs are taken back from the "
+                     "folders and the packs alone")
+        return
     try:
         src = sqlite3.connect(old)
         src.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -472,6 +480,32 @@ def _reindex(packs: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
                  + (f"; {tails} bytes of unfinished writes ignored" if tails else ""))
 
 
+def _heads_from_reflogs(home: Home, notes: list[str]) -> None:
+    """Branches whose rows (or heads) were lost, while their reflog survived: back to the
+    newest commit their reflog names that the packs hold (a new commit must not start a new
+    root beside a history that is still there)."""
+    for dot in home.dots():
+        heads = home.branches(dot)
+        logged = [r[0] for r in home.conn.execute(
+            "SELECT DISTINCT branch FROM reflog WHERE dot=? AND branch != ''", (dot,))]
+        for branch in logged:
+            if heads.get(branch) is not None or not _name_ok(branch, branch=True):
+                continue
+            back = None
+            for old, new in home.conn.execute(
+                    "SELECT old, new FROM reflog WHERE dot=? AND branch=? ORDER BY seq DESC",
+                    (dot, branch)).fetchall():
+                back = next((x for x in (new, old) if _is_id(x) and home.packs.has(x)), None)
+                if back:
+                    break
+            if back is None:
+                continue
+            with Tx(home.conn) as c:
+                c.execute("INSERT OR REPLACE INTO branches VALUES (?, ?, ?)", (dot, branch, back))
+            notes.append(f"branch {branch} of {dot} is back at {back.hex()[:12]}, the newest "
+                         "commit its reflog names")
+
+
 def _readopt(home: Home, notes: list[str]) -> None:
     """Dots whose folders are there but whose rows were lost, and commits nobody names."""
     for folder in sorted((home.root / "dots").iterdir()):
@@ -486,10 +520,8 @@ def _readopt(home: Home, notes: list[str]) -> None:
             for sub in (folder / "subdots").iterdir():
                 if _name_ok(sub.name) and sub.is_dir():
                     c.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (name, sub.name))
-        kept = "with its branches" if any(branches.values()) else "without history (see " \
-            f"dot {LOST_FOUND})"
-        notes.append(f"dot {name} was lost from the index: added again from its folders, "
-                     f"{kept}")
+        notes.append(f"dot {name} was lost from the index: added again from its folders")
+    _heads_from_reflogs(home, notes)
     named = set()
     for dot in home.dots():
         named |= home.all_commits(dot)

@@ -87,6 +87,20 @@ PRIVATE_DIRS = ("locks", "packs", "remotes", "trash")
 PASSAGE = 0o711
 
 
+def _check_index_present(root: Path) -> None:
+    """A store that holds packs but no index lost its meta.db: starting a new one would show
+    an empty store and bury its history, so say so instead."""
+    db = root / "meta.db"
+    try:
+        empty = not db.exists() or db.stat().st_size == 0
+    except OSError:
+        return
+    packs = root / "packs"
+    if empty and packs.is_dir() and any(p.suffix == ".pack" for p in packs.iterdir()):
+        raise DamagedIndex(f"the store {root} holds packs but its index meta.db is missing or "
+                           "empty: run dm fsck --repair to rebuild it from the packs")
+
+
 def _make_private(root: Path) -> None:
     if not root.is_dir():
         root.mkdir(parents=True, mode=PASSAGE)
@@ -121,6 +135,7 @@ def default_home() -> Path:
 class Home:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
+        _check_index_present(self.root)
         try:
             _make_private(self.root)
             self.conn = connect(self.root / "meta.db")

@@ -139,7 +139,7 @@ def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
             scratch = home.scratch(dot) / uuid.uuid4().hex
             if top.is_dir() and sub in snap.roots:
                 staged[sub] = prepare(top, home.packs, root, snap.roots[sub], scratch, policy,
-                                      progress)
+                                      progress, snap.results[sub].cache)
             else:
                 built[sub] = (scratch, build(scratch, home.packs, root, policy, progress))
     except BaseException:

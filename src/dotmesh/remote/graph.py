@@ -32,6 +32,8 @@ from dotmesh.model.objects import (
 from dotmesh.remote.wire import Record
 
 Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
+MAX_PATH = 3072  # bytes of a path inside a subdot: PATH_MAX less room for the store's own
+MAX_ENTRIES = 10_000_000  # entries of a subdot's tree, shared subtrees counted at each place
 
 
 def ancestors(get: Get, heads: Iterable[bytes], have: Callable[[bytes], bool]) -> set[bytes]:
@@ -144,111 +146,117 @@ class _Differ:
                 self.out.add(cid, KIND_CHUNK)
 
 
-class SymlinkCheck:
-    """Rejects trees whose symlinks could lead out of the subdot they are restored in, alone or
-    chained: each link text is followed through the tree being received, as the kernel would.
+def link_climb(target: str) -> int | None:
+    """How many folders a symlink's text climbs before it goes down, if it is of the one
+    shape a received link may have: relative, its ``..`` all at the start (``../../a/b``,
+    ``a/b``; ``.`` and empty parts are no-ops). None for any other: absolute, or with a
+    ``..`` after a name (``s0/..``: if ``s0`` is itself a link, the kernel climbs from
+    wherever it points, which is how chains of harmless-looking links escape)."""
+    text = os.fsencode(target)
+    if text.startswith(b"/"):
+        return None
+    climb, named = 0, False
+    for part in text.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if named:
+                return None
+            climb += 1
+        else:
+            named = True
+    return climb
 
-    The rule: a target is relative, and each ``..`` climbs out of a real folder of the tree,
-    never above the subdot's top, and never after the walk went through a name that is itself
-    a link (from there the kernel climbs from wherever that link points: ``s1 -> s0/..`` with
-    ``s0 -> .`` is the parent of the top). Names the tree lacks (or files) count as one level
-    each, so ``missing/..`` stays where it was. A target without ``..`` after a link only goes
-    down from places inside, so by induction every chain stays inside.
 
-    How far a folder's links climb above it (its reach) follows from their texts alone, so a
-    folder is judged once per set of ancestors within its reach: once in all for one whose
-    links never climb out of it, and a tree shared at many places (a few KiB can name a
-    folder 2^30 times) costs one walk, not one per place.
+class TreeCheck:
+    """Judges the trees a receiver is about to restore, in time linear in their size, however
+    a sender shares subtrees between places (a few KiB of trees can name a folder 2^40 times):
+
+    - symlinks: each is of the shape :func:`link_climb` accepts and climbs no higher than the
+      shallowest place its folder appears at. Then no link, alone or chained, leads out: the
+      kernel climbs real folders only (each place a link is resolved from is a real folder
+      inside, at least as deep as the link climbs), then only goes down;
+    - nesting: at most MAX_DEPTH folders deep, MAX_PATH bytes of path;
+    - size: at most MAX_ENTRIES entries once every shared subtree is counted at each place
+      (what a restore makes, and plans in memory).
     """
 
     def __init__(self, get: Get) -> None:
         self.get = get
-        self.reach: dict[bytes, tuple[int, int]] = {}  # tree -> (reach, height)
-        self.judged: set[tuple[bytes, tuple[bytes, ...]]] = set()
-        self._entries: dict[bytes, dict[bytes, Entry]] = {}
+        self.shallowest: dict[bytes, int] = {}
+        self.measured: dict[bytes, tuple[int, int, int]] = {}  # entries, height, path bytes
 
-    def entries(self, tree: bytes) -> dict[bytes, Entry]:
-        """A tree's entries by the bytes of their names: a link's text is followed as the
-        kernel follows it, byte for byte, whatever spelling a sender chose."""
-        got = self._entries.get(tree)
-        if got is None:
-            if len(self._entries) > 4096:
-                self._entries.clear()
-            got = self._entries[tree] = {os.fsencode(e.name): e
-                                         for e in Tree.decode(self.get(tree)).entries}
-        return got
-
-    @staticmethod
-    def _key(chain: list[bytes], reach: int) -> tuple[bytes, tuple[bytes, ...]]:
-        return chain[-1], tuple(chain[max(0, len(chain) - 1 - reach):-1])
+    def _entries(self, tree: bytes) -> tuple[Entry, ...]:
+        return Tree.decode(self.get(tree)).entries
 
     def check_root(self, tree: bytes, subdot: str) -> str | None:
-        """None if safe; else ``SUBDOT:PATH`` of a link that leads out."""
-        # Depth-first, children before their folder; a frame is (chain of tree ids from the
-        # top, path, [lowest level any link below reaches, deepest level below], entries
-        # still to look at).
-        frames: list[tuple[list[bytes], str, list[int], list[Entry]]] = [
-            ([tree], "", [0, 0], list(self.entries(tree).values()))]
-        while frames:
-            chain, where, seen, todo = frames[-1]
-            if not todo:
-                frames.pop()
-                level = len(chain) - 1
-                reach = level - seen[0]
-                self.reach[chain[-1]] = (reach, seen[1] - level)
-                self.judged.add(self._key(chain, reach))
-                if frames:
-                    up = frames[-1][2]
-                    up[0], up[1] = min(up[0], seen[0]), max(up[1], seen[1])
-                continue
-            e = todo.pop()
-            if e.kind == SYMLINK:
-                assert isinstance(e.ref, str)
-                reached = self.resolve(chain, e.ref)
-                if reached is None:
-                    return f"{subdot}:{where}{e.name}"
-                seen[0] = min(seen[0], reached)
-            elif e.kind == DIR and isinstance(e.ref, bytes):
-                level = len(chain)
-                if level >= MAX_DEPTH:
-                    return f"{subdot}:{where}{e.name} (folders nested over {MAX_DEPTH} deep)"
-                inner = [*chain, e.ref]
-                known = self.reach.get(e.ref)
-                if (known is not None and known[0] <= level and level + known[1] < MAX_DEPTH
-                        and self._key(inner, known[0]) in self.judged):
-                    seen[0] = min(seen[0], level - known[0])
-                    seen[1] = max(seen[1], level + known[1])
+        """None if the tree may be restored as subdot ``subdot``; else what is wrong."""
+        entries, height, path = self._measure(tree)
+        if height > MAX_DEPTH:
+            return f"{subdot}: folders nested over {MAX_DEPTH} deep"
+        if path > MAX_PATH:
+            return f"{subdot}: a path of {path} bytes (over {MAX_PATH})"
+        if entries > MAX_ENTRIES:
+            return f"{subdot}: {entries} entries once shared folders are counted at each " \
+                   f"place (over {MAX_ENTRIES})"
+        # Breadth first, so each tree is first met at the shallowest place it appears; one
+        # judged deeper under another root is judged again here, shallower.
+        depth = 0
+        level = {tree: ""} if self.shallowest.get(tree, 1 << 30) > depth else {}
+        while level:
+            following: dict[bytes, str] = {}
+            for t, where in level.items():
+                if self.shallowest.get(t, 1 << 30) <= depth:
                     continue
-                frames.append((inner, f"{where}{e.name}/", [level, level],
-                               list(self.entries(e.ref).values())))
+                self.shallowest[t] = depth
+                for e in self._entries(t):
+                    if e.kind == SYMLINK:
+                        assert isinstance(e.ref, str)
+                        climb = link_climb(e.ref)
+                        if climb is None or climb > depth:
+                            return f"{subdot}:{where}{e.name}"
+                    elif e.kind == DIR and isinstance(e.ref, bytes):
+                        following.setdefault(e.ref, f"{where}{e.name}/")
+            depth += 1
+            level = {t: w for t, w in following.items()
+                     if self.shallowest.get(t, 1 << 30) > depth}
         return None
 
-    def resolve(self, chain: list[bytes], target: str) -> int | None:
-        """The lowest level (0 is the top) that ``target``, written in the folder at the end
-        of ``chain``, passes through; None if it leads out."""
-        text = os.fsencode(target)
-        if text.startswith(b"/"):
-            return None
-        path: list[bytes | None] = list(chain)
-        low = len(path) - 1
-        through_link = False
-        for part in text.split(b"/"):
-            if part in (b"", b"."):
+    def _measure(self, tree: bytes) -> tuple[int, int, int]:
+        """(entries, folders deep, longest path in bytes) beneath ``tree``, each shared
+        subtree computed once (children before their folder; no recursion: a sender chooses
+        the depth)."""
+        stack: list[tuple[bytes, bool]] = [(tree, False)]
+        on_path: set[bytes] = set()
+        while stack:
+            t, done = stack.pop()
+            if t in self.measured:
                 continue
-            if part == b"..":
-                if through_link or len(path) == 1:
-                    return None
-                path.pop()
-                low = min(low, len(path) - 1)
+            if not done:
+                if t in on_path:
+                    raise Corrupt(f"tree {t.hex()[:16]} contains itself")
+                if len(on_path) > MAX_DEPTH:
+                    self.measured[t] = (0, MAX_DEPTH + 1, 0)  # too deep: judged as such
+                    continue
+                on_path.add(t)
+                stack.append((t, True))
+                stack.extend((e.ref, False) for e in self._entries(t)
+                             if e.kind == DIR and isinstance(e.ref, bytes))
                 continue
-            here = path[-1]
-            e = self.entries(here).get(part) if here is not None else None
-            if e is not None and e.kind == DIR and isinstance(e.ref, bytes):
-                path.append(e.ref)
-            else:
-                through_link = through_link or (e is not None and e.kind == SYMLINK)
-                path.append(None)
-        return low
+            on_path.discard(t)
+            entries = height = path = 0
+            for e in self._entries(t):
+                entries += 1
+                name = len(os.fsencode(e.name)) + 1
+                path = max(path, name)
+                if e.kind == DIR and isinstance(e.ref, bytes):
+                    n, h, p = self.measured[e.ref]
+                    entries, height, path = entries + n, max(height, h), max(path, name + p)
+            self.measured[t] = (min(entries, MAX_ENTRIES + 1), height + 1, path)
+        return self.measured[tree]
+
+
+SymlinkCheck = TreeCheck  # the name the callers knew
 
 
 def _claim(lengths: dict[bytes, int], chunk: bytes, n: int) -> None:
@@ -321,5 +329,5 @@ def discover(roots: Iterable[bytes], lacking: Lacking, fetch: FetchIter, keep: K
     return out
 
 
-__all__ = ["Delta", "Discovered", "SymlinkCheck", "ancestors", "commits_between", "delta",
-           "discover"]
+__all__ = ["Delta", "Discovered", "SymlinkCheck", "TreeCheck", "ancestors", "commits_between",
+           "delta", "discover", "link_climb"]

@@ -533,9 +533,9 @@ class Prepared:
     place, :meth:`abort` throws the staging away (the folder was never touched)."""
 
     def __init__(self, top: Path, store: PackStore, target: Root, p: _Planner, w: _Writer,
-                 staging: Path, policy: Policy) -> None:
+                 staging: Path, policy: Policy, seen: StatCache) -> None:
         self.top, self.store, self.target, self.p, self.w = top, store, target, p, w
-        self.staging, self.policy = staging, policy
+        self.staging, self.policy, self.seen = staging, policy, seen
 
     def apply(self) -> RestoreResult:
         result = RestoreResult()
@@ -581,9 +581,12 @@ class Prepared:
                      dir_fd=dir_fd)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise Conflict(f"{where} is not the file it was a moment ago (something changed "
-                               "it during the restore)")
+            was = self.seen.get(f.rel)
+            if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or was is None
+                    or (was[0], was[1], was[2], was[3]) != (st.st_size, st.st_mtime_ns,
+                                                            st.st_ctime_ns, st.st_ino)):
+                raise Conflict(f"{where} changed during the reset (something writes to the "
+                               "dot unseen): stop it, then run the command again to finish")
             blocks = iter(f.blocks) if f.blocks is not None else self.w.read(f)
             n = self.w.write(fd, f, blocks)
             return n, os.fstat(fd), f
@@ -595,10 +598,13 @@ class Prepared:
 
 
 def prepare(top: Path, store: PackStore, target: Root, current: Root | None, staging: Path,
-            policy: Policy = Policy(), progress: Progress | None = None) -> Prepared:
+            policy: Policy = Policy(), progress: Progress | None = None,
+            seen: StatCache | None = None) -> Prepared:
     """Plan making ``top`` hold ``target`` (``current``: what it holds now, None if it does not
     exist), and stage and verify everything it needs in ``staging`` (a new folder on the
-    same filesystem); the folder itself is not touched."""
+    same filesystem); the folder itself is not touched. ``seen``: the stat of each file when
+    ``current`` was taken; a file patched in place must still have it (a write since would
+    be mixed into the patch, unseen)."""
     top_fd = open_top(top, False) if current is not None and os.path.isdir(top) else None
     try:
         p = _plan(top, top_fd, store, target, current, policy)
@@ -610,7 +616,7 @@ def prepare(top: Path, store: PackStore, target: Root, current: Root | None, sta
     p.check_sizes(w.locations)
     os.makedirs(staging.parent, exist_ok=True)
     os.mkdir(staging, 0o700)
-    prepared = Prepared(top, store, target, p, w, staging, policy)
+    prepared = Prepared(top, store, target, p, w, staging, policy, seen or {})
     staging_fd = os.open(staging, _DIR_FLAGS)
     budget = [PATCH_MEMORY]
     lock = threading.Lock()

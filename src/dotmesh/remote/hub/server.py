@@ -47,6 +47,8 @@ FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for
 # holds up to MAX_BATCH bytes, and decoding one may take a few times its largest object, so
 # this is what bounds a hub's memory whatever pushers send (docs/format.md).
 BODIES_AT_ONCE = 2
+BODIES_PER_USER = 2
+BODY_IDLE = 30.0  # seconds a client may send nothing in the middle of a body
 _STATUS: list[tuple[type[DotmeshError], int]] = [
     (Unauthorized, 401), (Forbidden, 403), (NotFound, 404), (AlreadyExists, 409),
     (Conflict, 409), (BadTransfer, 422), (Corrupt, 422), (UsageError, 400),
@@ -97,14 +99,15 @@ def create_app(store: HubStore) -> Starlette:
             raise Unauthorized("this hub needs an API key: dm remote add NAME USER@HOST")
         try:
             name, sep, key = base64.b64decode(token, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # also a header that is not ASCII
             raise Unauthorized("malformed Authorization header") from None
         if not sep:
             raise Unauthorized("malformed Authorization header: expected USER:API_KEY")
         store.authenticate(name, key)
         return name
 
-    bodies = asyncio.Semaphore(BODIES_AT_ONCE)
+    handling = asyncio.Semaphore(BODIES_AT_ONCE)
+    per_user: dict[str, asyncio.Semaphore] = {}
 
     def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
         """Wrap a handler: authenticate, run it on a worker thread, map errors."""
@@ -114,10 +117,14 @@ def create_app(store: HubStore) -> Starlette:
                 if method not in ("POST", "PUT"):
                     return await run_in_threadpool(fn, user, request.path_params, b"",
                                                    request.query_params)
-                async with bodies:
+                # A user reads BODIES_PER_USER bodies at once (so nobody's slow uploads hold
+                # up anyone else's), and a process handles BODIES_AT_ONCE read bodies.
+                mine = per_user.setdefault(user, asyncio.Semaphore(BODIES_PER_USER))
+                async with mine:
                     body = await _body(request)
-                    return await run_in_threadpool(fn, user, request.path_params, body,
-                                                   request.query_params)
+                    async with handling:
+                        return await run_in_threadpool(fn, user, request.path_params, body,
+                                                       request.query_params)
             except DotmeshError as e:
                 headers = {"WWW-Authenticate": 'Basic realm="dm hub"'} if isinstance(
                     e, Unauthorized) else None
@@ -172,7 +179,7 @@ def create_app(store: HubStore) -> Starlette:
             old = hex_id(req["old"]) if req.get("old") else None
             new = hex_id(req["new"])
             force = bool(req.get("force", False))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UsageError('expected {"old": hex or null, "new": hex, "force": '
                              'bool}') from None
         store.set_ref(dot, p["branch"], old, new, force)
@@ -262,7 +269,14 @@ async def _body(request: Request) -> bytes:
         raise TooLarge(f"request body of {declared} bytes is over the {MAX_BATCH}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), BODY_IDLE)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise UsageError(f"the request body stalled for {BODY_IDLE:.0f} s") from None
         size += len(chunk)
         if size > MAX_BATCH:
             raise TooLarge(f"request body is over the {MAX_BATCH}-byte limit")
