@@ -83,3 +83,16 @@ def capture(top: Path) -> dict[str, tuple[object, ...]]:
                 with open(p, "rb") as f:
                     out[rel] = ("f", *common, f.read())
     return out
+
+
+def raw_commit(parents: tuple[bytes, ...], subdots: dict[str, object], message: str,
+               author: str, timestamp_ns: int, metadata: dict[str, str] | None = None) -> bytes:
+    """A commit's bytes as a hostile sender would make them: no check on what it names
+    (``Commit.encode`` refuses to write what dm could not read back)."""
+    import json
+
+    return b"DMC1\n" + json.dumps({
+        "parents": [p.hex() for p in parents],
+        "subdots": {k: v.to_json() for k, v in subdots.items()},  # type: ignore[attr-defined]
+        "message": message, "author": author, "timestamp_ns": timestamp_ns,
+        "metadata": metadata or {}}, sort_keys=True, separators=(",", ":")).encode()

@@ -223,3 +223,31 @@ def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
     dm.ok("switch", "app")
     dm.ok("commit", "-m", "after the repair")
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE branches SET name='../../../../outbr' WHERE name='side'",
+    "UPDATE dots SET branch='../../../../outbr'",
+    "INSERT INTO subdots VALUES ('app', '../../../../escapee')",
+    "UPDATE reflog SET ts_ns='soon', old=x'00'",
+    "UPDATE packs SET name='' WHERE id=(SELECT min(id) FROM packs)",
+    "UPDATE meta SET value='abc' WHERE key='format'",
+])
+def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, sql):
+    first, second, d = _two_commits(dm)
+    dm.ok("checkout", "-b", "side")
+    dm.ok("checkout", "master")
+    with _db(dm) as db:
+        db.execute(sql)
+    outside = dm.home.parent
+    before = sorted(p.name for p in outside.iterdir())
+    for args in (["list"], ["log"], ["reflog"], ["diff"], ["commit", "-m", "x"],
+                 ["checkout", "side"], ["reset", "--hard", "HEAD"], ["dot", "show"]):
+        p = dm(*args)
+        assert p.returncode != 70 and "Traceback" not in p.stderr, (args, p.stderr)
+        assert sorted(p.name for p in outside.iterdir()) == before, args
+    out = json.loads(dm("fsck", "--repair", "--json").stdout)
+    assert out["ok"], out
+    assert sorted(p.name for p in outside.iterdir()) == before
+    dm.ok("commit", "-m", "after the repair")
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]

@@ -44,7 +44,7 @@ from dotmesh.model.objects import (
 from dotmesh.ops.home import Home
 from dotmesh.remote.wire import Record, encode
 from dotmesh.store.packs import PACK_MAGIC, RECORD
-from tests.conftest import DM, DM_BIN
+from tests.conftest import DM, DM_BIN, raw_commit
 from tests.integration.remote_env import free_port
 
 Objects = dict[bytes, tuple[int, bytes]]
@@ -120,8 +120,8 @@ def _tree(rows: list[list[object]]) -> tuple[bytes, bytes]:
 
 def _commit(tree: bytes, subdot: str = "db", metadata: dict[str, str] | None = None,
             mode: int = 0o755, uid: int = 0) -> tuple[bytes, bytes]:
-    data = Commit((), {subdot: Root(ObjectId(tree), mode, uid, uid, 1)}, "evil", "mallory", 1,
-                  metadata or {}).encode()
+    data = raw_commit((), {subdot: Root(ObjectId(tree), mode, uid, uid, 1)}, "evil", "mallory",
+                      1, metadata)
     return object_id(data), data
 
 

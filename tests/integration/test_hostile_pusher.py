@@ -21,7 +21,6 @@ from dotmesh.model.objects import (
     KIND_FILELIST,
     KIND_TREE,
     MAX_CHUNK,
-    Commit,
     ObjectId,
     Root,
     encode_tree_rows,
@@ -29,6 +28,7 @@ from dotmesh.model.objects import (
 )
 from dotmesh.remote.wire import Record, encode
 from dotmesh.store.packs import PACK_MAGIC, RECORD
+from tests.conftest import raw_commit
 from tests.integration.remote_env import Hub
 
 
@@ -55,8 +55,8 @@ def _plain(kind: int, data: bytes) -> Record:
 
 
 def _commit(subdots: dict[str, bytes], metadata: dict[str, str] | None = None) -> bytes:
-    return Commit((), {k: Root(ObjectId(t), 0o755, 0, 0, 1) for k, t in subdots.items()},
-                  "evil", "mallory", 1, metadata or {}).encode()
+    return raw_commit((), {k: Root(ObjectId(t), 0o755, 0, 0, 1) for k, t in subdots.items()},
+                      "evil", "mallory", 1, metadata)
 
 
 EMPTY = encode_tree_rows([])

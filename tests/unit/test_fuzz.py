@@ -37,6 +37,7 @@ from dotmesh.remote.transport import check_history, parse_heads, printable
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, Record, decode, encode, encode_delta
 from dotmesh.store.packs import PACK_MAGIC, RECORD, compress, scan_pack
 from dotmesh.workdir.snapshot import CacheEntry, decode_cache, encode_cache
+from tests.conftest import raw_commit
 
 MEMORY_CAP = 160 << 20  # two objects of the largest kind, and what parsing them takes
 FUZZ = settings(max_examples=150, deadline=None,
@@ -115,9 +116,9 @@ def test_file_lists(data):
 
 
 COMMITS = st.builds(
-    lambda subs, meta, parents: Commit(
+    lambda subs, meta, parents: raw_commit(
         tuple(ObjectId(p) for p in parents),
-        {s: Root(ObjectId(IDS[0]), 0o755, 0, 0, 1) for s in subs}, "m", "a", 1, meta).encode(),
+        {s: Root(ObjectId(IDS[0]), 0o755, 0, 0, 1) for s in subs}, "m", "a", 1, meta),
     st.lists(st.text(max_size=10), max_size=3), st.dictionaries(st.text(max_size=6),
                                                                st.text(max_size=6), max_size=3),
     st.lists(st.sampled_from(IDS), max_size=3))

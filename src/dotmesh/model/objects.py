@@ -352,6 +352,14 @@ class Commit:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
+        """The canonical bytes; a commit dm could not decode itself is never written."""
+        try:
+            for sub in self.subdots:
+                check_name(sub, "subdot name")
+            for key in self.metadata:
+                check_metadata_key(key)
+        except InvalidName as e:
+            raise Corrupt(f"a commit cannot name that: {e}") from None
         data = MAGIC_COMMIT + b"\n" + _canonical_json({
             "parents": [p.hex() for p in self.parents],
             "subdots": {k: v.to_json() for k, v in self.subdots.items()},

@@ -307,11 +307,14 @@ class _Fsck:
                              ("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)",
                               (dot, DEFAULT_BRANCH)),
                              ("UPDATE dots SET branch=? WHERE name=?", (DEFAULT_BRANCH, dot)))
-        for rowid, dot, old, new, saved in c.execute(
-                "SELECT rowid, dot, old, new, saved FROM reflog").fetchall():
+        for rowid, dot, old, new, saved, ts, action, message in c.execute(
+                "SELECT rowid, dot, old, new, saved, ts_ns, action, message "
+                "FROM reflog").fetchall():
             if dot not in dots:
                 continue
-            if not all(x is None or _is_id(x) for x in (old, new, saved)):
+            if not (all(x is None or _is_id(x) for x in (old, new, saved))
+                    and isinstance(ts, int) and isinstance(action, str)
+                    and isinstance(message, str)):
                 self.problem(f"a reflog entry of {dot} is damaged", None,
                              ("DELETE FROM reflog WHERE rowid=?", (rowid,)))
                 continue
@@ -485,7 +488,10 @@ def _heads_from_reflogs(home: Home, notes: list[str]) -> None:
     newest commit their reflog names that the packs hold (a new commit must not start a new
     root beside a history that is still there)."""
     for dot in home.dots():
-        heads = home.branches(dot)
+        try:
+            heads = home.branches(dot)
+        except DotmeshError:
+            continue
         logged = [r[0] for r in home.conn.execute(
             "SELECT DISTINCT branch FROM reflog WHERE dot=? AND branch != ''", (dot,))]
         for branch in logged:
@@ -524,7 +530,10 @@ def _readopt(home: Home, notes: list[str]) -> None:
     _heads_from_reflogs(home, notes)
     named = set()
     for dot in home.dots():
-        named |= home.all_commits(dot)
+        try:
+            named |= home.all_commits(dot)
+        except DotmeshError:  # a damaged row: fsck --repair goes on to judge it
+            continue
     commits = [oid for oid, loc in home.packs.iter_index() if loc.kind == KIND_COMMIT]
     parents: set[bytes] = set()
     dated: dict[bytes, int] = {}

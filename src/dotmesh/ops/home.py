@@ -29,6 +29,7 @@ from dotmesh.errors import (
     Conflict,
     Corrupt,
     DamagedIndex,
+    InvalidName,
     Locked,
     NotFound,
     UsageError,
@@ -63,6 +64,19 @@ def _holder_of(fd: int) -> tuple[int, str]:
     text = os.pread(fd, 200, 0).decode(errors="replace").strip()
     pid, _, command = text.partition(" ")
     return (int(pid) if pid.isdigit() else 0), command
+
+
+def _named(value: object, what: str, dot: str) -> str:
+    """A name read from meta.db, held to the rules it was written with: names become parts
+    of paths, and a damaged one must never lead out of the store."""
+    try:
+        if what == "branch":
+            return check_branch(value)  # type: ignore[arg-type]
+        return check_name(value, f"{what} name")  # type: ignore[arg-type]
+    except InvalidName:
+        of = f" of dot {dot!r}" if dot else ""
+        raise Corrupt(f"meta.db has a damaged {what} name{of} ({str(value)[:40]!r}): run dm "
+                      "fsck --repair") from None
 
 
 def _head(dot: str, branch: str, value: object) -> ObjectId | None:
@@ -233,7 +247,8 @@ class Home:
             raise NotFound(f"no dot named {dot!r} (dm list shows the dots)")
 
     def dots(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT name FROM dots ORDER BY name")]
+        return [_named(r[0], "dot", "") for r in self.conn.execute(
+            "SELECT name FROM dots ORDER BY name")]
 
     def create_dot(self, dot: str, c: object | None = None, branch: str = DEFAULT_BRANCH,
                    head: ObjectId | None = None) -> None:
@@ -265,7 +280,7 @@ class Home:
         shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
 
     def subdots(self, dot: str) -> list[str]:
-        return [r[0] for r in self.conn.execute(
+        return [_named(r[0], "subdot", dot) for r in self.conn.execute(
             "SELECT name FROM subdots WHERE dot=? ORDER BY name", (dot,))]
 
     def add_subdot(self, dot: str, subdot: str) -> None:
@@ -324,10 +339,10 @@ class Home:
         row = self.conn.execute("SELECT branch FROM dots WHERE name=?", (dot,)).fetchone()
         if row is None:
             raise NotFound(f"no dot named {dot!r}")
-        return str(row[0])
+        return _named(row[0], "branch", dot)
 
     def branches(self, dot: str) -> dict[str, ObjectId | None]:
-        return {r[0]: _head(dot, r[0], r[1]) for r in self.conn.execute(
+        return {_named(r[0], "branch", dot): _head(dot, r[0], r[1]) for r in self.conn.execute(
             "SELECT name, head FROM branches WHERE dot=? ORDER BY name", (dot,))}
 
     def head(self, dot: str, branch: str) -> ObjectId | None:

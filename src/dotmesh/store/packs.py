@@ -139,7 +139,9 @@ class PackStore:
         row = self.conn.execute("SELECT name FROM packs WHERE id=?", (pack,)).fetchone()
         if row is None:
             raise Corrupt(f"pack #{pack} is missing from the index; run dm fsck")
-        return str(row[0])
+        if not isinstance(row[0], str) or not PACK_NAME.fullmatch(row[0]):
+            raise Corrupt(f"the index names pack #{pack} badly; run dm fsck --repair")
+        return row[0]
 
     def _fd(self, pack: int) -> int:
         with self._lock:
