@@ -217,6 +217,74 @@ def test_a_full_disk_leaves_the_store_usable_once_there_is_room(tmp_path):
         assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
+def _one_line_out_of_space(p: subprocess.CompletedProcess[str], disk: Path) -> None:
+    assert p.returncode == 11, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left" in lines[0] and str(disk) in lines[0], lines
+
+
+def _nothing_half_built(dot_dir: Path) -> None:
+    scratch = dot_dir / "tmp"
+    assert not scratch.exists() or not any(scratch.iterdir()), list(scratch.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
+def test_a_checkout_b_on_a_full_disk_creates_no_branch_and_leaves_nothing_half_built(tmp_path):
+    with _small_disk(tmp_path / "disk", 80) as disk:
+        dm = DM(disk / "home")
+        dm.ok("init", "app")
+        d = dm.path("app.db")
+        data = os.urandom(16 << 20)
+        (d / "big").write_bytes(data)
+        dm.ok("commit", "-m", "big")
+        ballast = disk / "ballast"
+        ballast.write_bytes(bytes(40 << 20))
+        _one_line_out_of_space(dm("checkout", "-b", "side"), disk)
+        _nothing_half_built(dm.home / "dots" / "app")
+        assert dm.ok("branch").split() == ["*", "master"]
+        assert not (dm.home / "dots" / "app" / "branches" / "side").exists()
+        (d / "big").write_bytes(data[:1000])  # uncommitted: stays on master
+        ballast.unlink()
+        dm.ok("checkout", "-b", "side")
+        assert (d / "big").read_bytes() == data
+        dm.ok("checkout", "master")
+        assert (d / "big").read_bytes() == data[:1000]
+        assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
+def test_a_clone_on_a_full_disk_leaves_nothing_half_built_and_resumes(tmp_path):
+    from tests.integration.remote_env import Hub
+
+    (tmp_path / "hub").mkdir()
+    hub = Hub(["--data", str(tmp_path / "hub" / "data")], tmp_path / "hub")
+    key = hub.user("alice")
+    hub.start()
+    try:
+        alice = DM(tmp_path / "alice")
+        hub.join(alice, "alice", key)
+        alice.ok("init", "app")
+        data = os.urandom(16 << 20)
+        (alice.path("app.db") / "big").write_bytes(data)
+        alice.ok("commit", "-m", "big")
+        alice.ok("push")
+        with _small_disk(tmp_path / "disk", 80) as disk:
+            bob = DM(disk / "home")
+            hub.join(bob, "alice", key)
+            ballast = disk / "ballast"
+            ballast.write_bytes(bytes(50 << 20))  # room for the pack, not for the folder too
+            _one_line_out_of_space(bob("clone", "hub", "alice/app"), disk)
+            _nothing_half_built(bob.home / "dots" / "app")
+            ballast.unlink()
+            assert json.loads(bob.ok("clone", "hub", "alice/app", "--json"))["status"] == \
+                "cloned"
+            assert (bob.path("app.db") / "big").read_bytes() == data
+            assert json.loads(bob.ok("fsck", "--json"))["ok"]
+    finally:
+        hub.stop()
+
+
 def test_a_link_planted_during_a_restore_redirects_no_write(tmp_path):
     """Between the verified staging and the apply, a folder is swapped for a link to a folder
     outside: the apply refuses, and writes nothing there."""

@@ -641,8 +641,9 @@ def run(args: list[str] | None = None, prog: str = "dm") -> int:
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            err(f"no space left on the device{where}; free some space and run the command "
-                "again")
+            # A write through a descriptor names no file: the store is where dm writes.
+            err(f"no space left on the device holding {e.filename or _home_path}; free some "
+                "space and run the command again")
             return 11
         err(f"{e.strerror or e}{where}")
         return 1

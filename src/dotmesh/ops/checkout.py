@@ -54,15 +54,23 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
         else:
             home.check_new_branch(dot, branch)
         with live.stopped_for_restore(home, dot, stop_writers, "switching branches") as stopped:
+            writer = home.packs.writer()
             if create:
-                home.create_branch(dot, branch, home.head(dot, current))
+                # The branch exists only once its folders are built: a full disk leaves none.
+                head = home.head(dot, current)
+                home.drop_parked(dot, branch)
+                try:
+                    materialize(home, dot, branch, head, writer, progress)
+                except BaseException:
+                    home.drop_parked(dot, branch)
+                    raise
                 with Tx(home.conn) as tx:
-                    head = home.head(dot, branch)
+                    home.check_new_branch(dot, branch)
+                    tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
                     home.log_ref(tx, dot, branch, "branch", None, head, None,
                                  f"branched from {current}")
-            head = home.head(dot, branch)
-            writer = home.packs.writer()
-            materialize(home, dot, branch, head, writer, progress)
+            else:
+                materialize(home, dot, branch, home.head(dot, branch), writer, progress)
             swap(home, dot, branch)
         return True, stopped
 

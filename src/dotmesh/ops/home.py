@@ -364,6 +364,13 @@ class Home:
             c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
             c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
 
+    def drop_parked(self, dot: str, branch: str) -> None:
+        """Forget the folders and stat caches parked under ``branch``, a branch that does not
+        exist (what a failed ``dm checkout -b`` had built)."""
+        with Tx(self.conn) as c:
+            c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+        shutil.rmtree(self.dot_dir(dot) / "branches" / branch, ignore_errors=True)
+
     def move_head(self, c: object, dot: str, branch: str, old: ObjectId | None,
                   new: ObjectId) -> None:
         """Compare-and-swap a branch head inside the caller's transaction."""

@@ -133,10 +133,12 @@ def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
     policy = policy_for(home, dot, target)
     staged: dict[str, Prepared] = {}
     built: dict[str, tuple[Path, RestoreResult]] = {}
+    scratches: list[Path] = []
     try:
         for sub, root in roots.items():
             top = home.stable(dot, sub)
             scratch = home.scratch(dot) / uuid.uuid4().hex
+            scratches.append(scratch)
             if top.is_dir() and sub in snap.roots:
                 staged[sub] = prepare(top, home.packs, root, snap.roots[sub], scratch, policy,
                                       progress, snap.results[sub].cache)
@@ -145,7 +147,7 @@ def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
     except BaseException:
         for p in staged.values():
             p.abort()
-        for tmp, _ in built.values():
+        for tmp in scratches:  # a half-built folder (a full disk) goes at once
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if before_touching is not None:
@@ -175,7 +177,11 @@ def materialize(home: Home, dot: str, branch: str, commit: ObjectId | None, writ
         if final.exists():
             continue
         tmp = home.scratch(dot) / uuid.uuid4().hex
-        res = build(tmp, home.packs, root, policy, progress)
+        try:
+            res = build(tmp, home.packs, root, policy, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         with Tx(home.conn) as c:
             home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
                             merge_cache({}, res))
