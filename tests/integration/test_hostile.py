@@ -333,36 +333,82 @@ def test_an_honest_double_works(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners can only be given away by root")
 def test_a_pusher_chooses_neither_owners_nor_setuid_bits(tmp_path):
     """As tar does for an archive from elsewhere: a state from a remote is restored with the
-    files owned by whoever runs dm, and without setuid, setgid or sticky bits, unless the
-    dot was cloned with --same-owner; every later restore of that state does the same."""
+    files owned by whoever runs dm, without setuid, setgid or sticky bits and with the user's
+    umask applied, unless the dot was cloned with --same-owner; every later restore of that
+    state does the same."""
     rows: list[list[object]] = [["f", FILE, 0o6755, 4242, 4242, 1, len(GOOD), GOOD_ID.hex(), 0],
-                                ["d", DIR, 0o1777, 4242, 4242, 1, 0, _tree([])[0].hex(), 0]]
+                                ["d", DIR, 0o1777, 4242, 4242, 1, 0, _tree([])[0].hex(), 0],
+                                ["g", FILE, 0o666, 4242, 4242, 1, len(GOOD), GOOD_ID.hex(), 0]]
     tid, tdata = _tree(rows)
-    cid, cdata = _commit(tid, mode=0o2755, uid=4242)
+    cid, cdata = _commit(tid, mode=0o2777, uid=4242)
     objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD),
                _tree([])[0]: (KIND_TREE, _tree([])[1])}
     dm = DM(tmp_path / "victim")
-    with EvilHub(objects, cid) as evil:
-        assert _add_remote(dm, evil.port).returncode == 0
-        dm.ok("clone", "evil", "evil/app")
-        dm.ok("clone", "evil", "evil/app", "--local-name", "trusted", "--same-owner")
+    umask = os.umask(0o027)  # dm inherits it
+    try:
+        with EvilHub(objects, cid) as evil:
+            assert _add_remote(dm, evil.port).returncode == 0
+            dm.ok("clone", "evil", "evil/app")
+            dm.ok("clone", "evil", "evil/app", "--local-name", "trusted", "--same-owner")
+        _check_stranger_attrs(dm, cid)
+    finally:
+        os.umask(umask)
+
+
+def _check_stranger_attrs(dm: DM, cid: bytes) -> None:
 
     def attrs(p: Path) -> tuple[int, int, int]:
         st = os.lstat(p)
         return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
     top = dm.path("app.db")
-    assert attrs(top / "f") == (0o755, 0, 0) and attrs(top / "d") == (0o777, 0, 0)
-    assert attrs(top) == (0o755, 0, 0)
+    assert attrs(top / "f") == (0o750, 0, 0) and attrs(top / "d") == (0o750, 0, 0)
+    assert attrs(top / "g") == (0o640, 0, 0) and attrs(top) == (0o750, 0, 0)
     (top / "f").write_text("changed")
+    os.chmod(top / "g", 0o600)
     dm.ok("reset", "--hard", cid.hex())  # the same state again: still defused
-    assert attrs(top / "f") == (0o755, 0, 0)
+    assert attrs(top / "f") == (0o750, 0, 0) and attrs(top / "g") == (0o640, 0, 0)
     dm.ok("checkout", "-b", "other")
-    assert attrs(dm.path("app.db") / "f") == (0o755, 0, 0)
+    assert attrs(dm.path("app.db") / "f") == (0o750, 0, 0)
     trusted = dm.path("trusted.db")
     assert attrs(trusted / "f") == (0o6755, 4242, 4242)
     assert attrs(trusted / "d") == (0o1777, 4242, 4242)
-    assert attrs(trusted) == (0o2755, 4242, 4242)
+    assert attrs(trusted / "g") == (0o666, 4242, 4242)
+    assert attrs(trusted) == (0o2777, 4242, 4242)
+
+
+def test_a_pushers_words_cannot_drive_the_terminal(tmp_path):
+    """Messages, authors, metadata and file names come from whoever pushed: dm shows their
+    control characters, bidi overrides and stray bytes as escapes, and a message's later
+    lines indented, so none can clear the screen, retitle the window or fake a line."""
+    evil = "\x1b]0;pwned\x07\x1b[2J\r\u202egnp.exe"
+    name = "f\x1b[31m"
+    rows: list[list[object]] = [[name, FILE, 0o644, 0, 0, 1, len(GOOD), GOOD_ID.hex(), 0]]
+    tid, tdata = _tree(rows)
+    cdata = raw_commit((), {"db": Root(ObjectId(tid), 0o755, 0, 0, 1)},
+                       f"subject {evil}\ncommit 0000000000 (a faked line)", f"eve {evil}", 1,
+                       {"note": evil})
+    cid = object_id(cdata)
+    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD)}
+    dm = DM(tmp_path / "victim")
+    with EvilHub(objects, cid) as evil_hub:
+        assert _add_remote(dm, evil_hub.port).returncode == 0
+        dm.ok("clone", "evil", "evil/app")
+    assert (dm.path("app.db") / name).read_bytes() == GOOD  # the file itself is as sent
+    (dm.path("app.db") / name).unlink()
+    shown = ""
+    for args in (["log"], ["reflog"], ["list"], ["diff"], ["dot", "show"],
+                 ["reset", "--hard", "HEAD"], ["log"]):
+        p = dm(*args)
+        assert p.returncode == 0, p.stderr
+        shown += p.stdout + p.stderr
+    for bad in ("\x1b", "\x07", "\r", "\u202e"):
+        assert bad not in shown, (bad, shown)
+    assert "f\\x1b[31m" in shown and "\\u202egnp.exe" in shown
+    log = dm.ok("log")
+    assert "\n    commit 0000000000 (a faked line)" in log  # indented: no line of dm's own
+    assert not any(line.startswith("commit 0000000000") for line in log.splitlines())
+    assert json.loads(dm.ok("log", "--json"))[0]["author"] == f"eve {evil}"  # data intact
 
 
 def _add_remote(dm: DM, port: int) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,17 @@ from dotmesh import FORMAT_VERSION, __version__
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
-from dotmesh.cli.render import emit_json, human_size, iso, progress_bar, table, when
+from dotmesh.cli.render import (
+    emit_json,
+    first_line,
+    human_size,
+    indented,
+    iso,
+    progress_bar,
+    safe,
+    table,
+    when,
+)
 from dotmesh.errors import DamagedIndex, DotmeshError
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
@@ -134,7 +144,8 @@ def list_(c: Ctx, as_json: bool) -> None:
     table([["*" if s.current else "", s.name, s.branch,
             human_size(s.size) if s.size is not None else "-", _state(s),
             ",".join(k.name for k in s.containers) or "-",
-            f"{s.head.hex()[:12]} {s.head_message}" if s.head else "-"] for s in statuses],
+            f"{s.head.hex()[:12]} {first_line(s.head_message)}" if s.head else "-"]
+           for s in statuses],
           ["", "DOT", "BRANCH", "SIZE", "STATE", "CONTAINERS", "LAST COMMIT"])
 
 
@@ -231,7 +242,7 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
                    "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None,
                    "freeze_bytes_read": r.frozen_bytes_read})
         return
-    click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {message}")
+    click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {first_line(message)}")
     click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
                f"stored {human_size(r.bytes_stored)}")
     if "dm.freeze_ms" in r.commit.metadata:
@@ -266,15 +277,15 @@ def log(c: Ctx, max_count: int | None, as_json: bool) -> None:
         click.echo("No commits yet: make one with dm commit -m MSG")
     for oid, cm in entries:
         click.echo(f"commit {oid.hex()}")
-        click.echo(f"Author: {cm.author}")
+        click.echo(f"Author: {safe(cm.author)}")
         click.echo(f"Date:   {when(cm.timestamp_ns)}")
         if "dm.freeze_ms" in cm.metadata:
-            click.echo(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
-                       f"({cm.metadata.get('dm.writers', '')})")
+            click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
+                            f"({cm.metadata.get('dm.writers', '')})"))
         for k, v in sorted(cm.metadata.items()):
             if not k.startswith("dm."):
-                click.echo(f"        {k}={v}")
-        click.echo(f"\n    {cm.message}\n")
+                click.echo(f"        {safe(k)}={safe(v)}")
+        click.echo(f"\n{indented(cm.message)}\n")
 
 
 @cli.command()
@@ -359,7 +370,7 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
                    "restarted": [c.name for c in r.stopped.containers]})
         return
     _report_stopped(r.stopped)
-    click.echo(f"HEAD is now at {r.new.hex()[:12]} {c.home.commit(r.new).message}")
+    click.echo(f"HEAD is now at {r.new.hex()[:12]} {first_line(c.home.commit(r.new).message)}")
     if r.saved:
         click.echo(f"The discarded working state is saved as {r.saved.hex()[:12]} "
                    f"(dm reflog; dm reset --hard {r.saved.hex()[:12]} brings it back)")
@@ -387,7 +398,7 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
                     "message": e.message} for e in entries])
         return
     for e in entries:
-        line = f"{(hx(e.new) or '-')[:12]:<12}  {e.branch}  {e.action}: {e.message}"
+        line = f"{(hx(e.new) or '-')[:12]:<12}  {e.branch}  {e.action}: {first_line(e.message)}"
         if e.saved:
             line += f"  (working state saved as {e.saved.hex()[:12]})"
         click.echo(f"{when(e.ts_ns)}  {line}")
@@ -429,7 +440,7 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
         return
     marks = {"added": "+", "removed": "-", "changed": "M"}
     for ch in changes:
-        click.echo(f"{marks[ch.status]} {ch.subdot}:{ch.path}")
+        click.echo(f"{marks[ch.status]} {ch.subdot}:{safe(ch.path)}")
     if not changes:
         click.echo("No changes")
 
@@ -581,9 +592,9 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
                    "problems": found, "repaired": repaired, "remaining": remaining})
     else:
         for p in found:
-            click.echo(f"problem: {p}")
+            click.echo(f"problem: {safe(p)}")
         for p in repaired:
-            click.echo(f"repaired: {p}")
+            click.echo(f"repaired: {safe(p)}")
         click.echo(f"checked {r.objects} objects, {r.commits} commits, {r.trees} trees: "
                    + ("no problems" if r.ok else f"{len(remaining)} problems"))
     if not r.ok:
@@ -618,7 +629,7 @@ cli_hub.register(cli)
 
 def run(args: list[str] | None = None, prog: str = "dm") -> int:
     """Run the CLI and return its exit code; every failure is one line on stderr."""
-    err: Callable[[str], None] = lambda msg: click.echo(f"{prog}: error: {msg}", err=True)  # noqa: E731
+    err: Callable[[str], None] = lambda msg: click.echo(f"{prog}: error: {safe(msg)}", err=True)  # noqa: E731
     try:
         cli.main(args=args, prog_name=prog, standalone_mode=False)
         return 0

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import click
+
+# C0 and C1 controls but the tab, bidi overrides and isolates, and bytes that were not UTF-8
+# (kept as lone surrogates).
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e"
+                     "\u2066-\u2069\ud800-\udfff]")
+
+
+def _escaped(m: re.Match[str]) -> str:
+    o = ord(m.group())
+    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` from elsewhere (a pusher's message or author, a file name, a hub's error) made
+    harmless on a terminal: escape sequences, carriage returns, bidi overrides and undecodable
+    bytes are shown as escapes, so they can neither drive the terminal nor disguise a line."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+def first_line(text: str) -> str:
+    """A message's first line, for one-line contexts (the rest is in ``dm log``)."""
+    return safe(text.split("\n", 1)[0])
+
+
+def indented(text: str, indent: str = "    ") -> str:
+    """A multi-line message, every line indented as git log shows them."""
+    return "\n".join(indent + safe(line) for line in text.split("\n"))
 
 
 def emit_json(value: object) -> None:
@@ -35,9 +65,10 @@ def human_size(n: int) -> str:
 
 
 def table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    cells = [[safe(str(c)) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 class Meter:

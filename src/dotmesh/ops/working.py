@@ -112,11 +112,11 @@ def target_roots(home: Home, dot: str, commit: Commit | None,
 
 def policy_for(home: Home, dot: str, commit: bytes | None) -> Policy:
     """States that came from a remote are restored as tar restores a stranger's archive (no
-    setuid bits, files owned by whoever runs dm), unless the dot was cloned or pulled with
-    ``--same-owner``."""
+    setuid bits, the umask applied, files owned by whoever runs dm), unless the dot was
+    cloned or pulled with ``--same-owner``."""
     if commit is None or not home.is_fetched(commit):
         return Policy()
-    return Policy(foreign=home.dot_option(dot, "same_owner") != "1")
+    return Policy() if home.dot_option(dot, "same_owner") == "1" else Policy.for_stranger()
 
 
 def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,

@@ -53,17 +53,25 @@ Want = tuple[int, bytes, int]  # (offset, chunk id, length) to write
 class Policy:
     """How a tree's attributes are applied: exactly (a state made on this machine), or, for a
     state that came from a remote without ``--same-owner``, as tar treats a stranger's archive:
-    no setuid, setgid or sticky bits, and files owned by whoever runs dm."""
+    no setuid, setgid or sticky bits, the user's umask applied (a pusher cannot make a folder
+    writable by everyone), and files owned by whoever runs dm."""
 
     foreign: bool = False
+    umask: int = 0o022  # applied to foreign states only
+
+    @classmethod
+    def for_stranger(cls) -> Policy:
+        current = os.umask(0o077)
+        os.umask(current)
+        return cls(foreign=True, umask=current)
 
     def mode(self, mode: int) -> int:
-        return mode & 0o777 if self.foreign else mode
+        return mode & 0o777 & ~self.umask if self.foreign else mode
 
     def attrs(self, e: Entry | Root) -> tuple[int, int, int, int]:
         """What applying ``e`` leaves: ownership is only compared when it is applied."""
         if self.foreign:
-            return (e.mode & 0o777, -1, -1, e.mtime_ns)
+            return (self.mode(e.mode), -1, -1, e.mtime_ns)
         return (e.mode, e.uid, e.gid, e.mtime_ns)
 
 
