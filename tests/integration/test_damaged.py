@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,10 +120,20 @@ def test_an_unreadable_index_is_rebuilt_from_the_packs(dm):
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs another user to try")
-def test_what_a_store_keeps_is_its_owners_alone():
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A folder other users can pass through (pytest's own is its owner's alone)."""
     top = Path(tempfile.mkdtemp(prefix="dm-perm-", dir="/var/tmp"))
     os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs another user to try")
+def test_what_a_store_keeps_is_its_owners_alone(public_tmp):
+    top = public_tmp
     dm = DM(top / "home")
     dm.ok("init", "app")
     d = dm.path("app.db")

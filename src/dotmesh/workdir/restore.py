@@ -28,7 +28,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -523,8 +523,7 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         groups: dict[Parts, list[_File]] = {}
         for f in placed:
             groups.setdefault(f.parts, []).append(f)
-        batches = [g[i:i + 64] for g in groups.values() for i in range(0, len(g), 64)]
-        for done in run_all(one, batches):
+        for done in run_all(one, _batches(groups.values())):
             for f, n, st in done:
                 result.bytes_written += n
                 result.files_written += 1
@@ -534,6 +533,27 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         dirs.close()
         os.close(top_fd)
     return result
+
+
+def _batches(groups: Iterable[list[_File]], files: int = 64,
+             size: int = 8 << 20) -> list[list[_File]]:
+    """Work for the pool: a folder's files in batches of at most ``files`` files or ``size``
+    bytes (many small files share a descriptor, big ones are written side by side), the
+    biggest first so that the workers finish together."""
+    out: list[list[_File]] = []
+    for group in groups:
+        batch: list[_File] = []
+        total = 0
+        for f in group:
+            if batch and (len(batch) >= files or total + f.entry.size > size):
+                out.append(batch)
+                batch, total = [], 0
+            batch.append(f)
+            total += f.entry.size
+        if batch:
+            out.append(batch)
+    out.sort(key=lambda b: -sum(f.entry.size for f in b))
+    return out
 
 
 class Prepared:
