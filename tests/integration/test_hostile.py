@@ -381,7 +381,7 @@ def test_a_pushers_words_cannot_drive_the_terminal(tmp_path):
     """Messages, authors, metadata and file names come from whoever pushed: dm shows their
     control characters, bidi overrides and stray bytes as escapes, and a message's later
     lines indented, so none can clear the screen, retitle the window or fake a line."""
-    evil = "\x1b]0;pwned\x07\x1b[2J\r\u202egnp.exe"
+    evil = "\x1b]0;pwned\x07\x1b[2J\r\u202egnp.exe\u2028\u200bend\x9b1m"
     name = "f\x1b[31m"
     rows: list[list[object]] = [[name, FILE, 0o644, 0, 0, 1, len(GOOD), GOOD_ID.hex(), 0]]
     tid, tdata = _tree(rows)
@@ -402,13 +402,33 @@ def test_a_pushers_words_cannot_drive_the_terminal(tmp_path):
         p = dm(*args)
         assert p.returncode == 0, p.stderr
         shown += p.stdout + p.stderr
-    for bad in ("\x1b", "\x07", "\r", "\u202e"):
+    for bad in ("\x1b", "\x07", "\r", "\u202e", "\u2028", "\u200b", "\x9b"):
         assert bad not in shown, (bad, shown)
     assert "f\\x1b[31m" in shown and "\\u202egnp.exe" in shown
     log = dm.ok("log")
     assert "\n    commit 0000000000 (a faked line)" in log  # indented: no line of dm's own
     assert not any(line.startswith("commit 0000000000") for line in log.splitlines())
     assert json.loads(dm.ok("log", "--json"))[0]["author"] == f"eve {evil}"  # data intact
+
+
+def test_folders_a_killed_checkout_b_left_never_stand_in_for_a_pulled_branch(tmp_path):
+    """A ``dm checkout -b feature`` killed after building its folders leaves them with no
+    branch; a later pull that creates ``feature`` must not let them pose as its state."""
+    tid, tdata = _tree(GOOD_ROWS)
+    cid, cdata = _commit(tid)
+    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD)}
+    dm = DM(tmp_path / "victim")
+    with EvilHub(objects, cid) as evil:
+        assert _add_remote(dm, evil.port).returncode == 0
+        dm.ok("clone", "evil", "evil/app")
+        left = dm.home / "dots" / "app" / "branches" / "feature" / "db"
+        left.mkdir(parents=True)
+        (left / "f").write_text("what a killed checkout -b built")
+        evil.branches["feature"] = cid.hex()
+        dm.ok("pull", "evil", "app", "feature")
+    dm.ok("checkout", "feature")
+    assert (dm.path("app.db") / "f").read_bytes() == GOOD
+    assert "No changes" in dm.ok("diff")
 
 
 def _add_remote(dm: DM, port: int) -> subprocess.CompletedProcess[str]:

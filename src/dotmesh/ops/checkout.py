@@ -61,14 +61,14 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
                 home.drop_parked(dot, branch)
                 try:
                     materialize(home, dot, branch, head, writer, progress)
-                except BaseException:
+                    with Tx(home.conn) as tx:
+                        home.check_new_branch(dot, branch)
+                        tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+                        home.log_ref(tx, dot, branch, "branch", None, head, None,
+                                     f"branched from {current}")
+                except BaseException:  # no row: the folders built for it go too
                     home.drop_parked(dot, branch)
                     raise
-                with Tx(home.conn) as tx:
-                    home.check_new_branch(dot, branch)
-                    tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
-                    home.log_ref(tx, dot, branch, "branch", None, head, None,
-                                 f"branched from {current}")
             else:
                 materialize(home, dot, branch, home.head(dot, branch), writer, progress)
             swap(home, dot, branch)

@@ -359,10 +359,13 @@ class Home:
             raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
 
     def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
+        """A new branch whose folders are built when it is checked out (what a killed
+        ``dm checkout -b`` of the same name left is dropped first)."""
+        self.check_new_branch(dot, branch)
+        self.drop_parked(dot, branch)
         with Tx(self.conn) as c:
             self.check_new_branch(dot, branch)
             c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
-            c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
 
     def drop_parked(self, dot: str, branch: str) -> None:
         """Forget the folders and stat caches parked under ``branch``, a branch that does not
