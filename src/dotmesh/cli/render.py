@@ -3,32 +3,35 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import click
 
-# C0 and C1 controls but the tab, bidi overrides and isolates, and bytes that were not UTF-8
-# (kept as lone surrogates).
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e"
-                     "\u2066-\u2069\ud800-\udfff]")
+# Controls (C0, C1, tab included), format characters (bidi overrides and marks, zero-width
+# ones), line and paragraph separators, and undecodable bytes (kept as lone surrogates).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def _escaped(m: re.Match[str]) -> str:
-    o = ord(m.group())
+def _escaped(c: str) -> str:
+    o = ord(c)
     if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte, as surrogateescape keeps it
         return f"\\x{o - 0xDC00:02x}"
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def safe(text: str) -> str:
     """``text`` from elsewhere (a pusher's message or author, a file name, a hub's error) made
-    harmless on a terminal: escape sequences, carriage returns, bidi overrides and undecodable
-    bytes are shown as escapes, so they can neither drive the terminal nor disguise a line."""
-    return _UNSAFE.sub(_escaped, text)
+    harmless on a terminal: escape sequences, carriage returns, bidi overrides, invisible
+    characters and undecodable bytes are shown as escapes, so they can neither drive the
+    terminal nor disguise a line."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE_CATEGORIES else c
+                   for c in text)
 
 
 def first_line(text: str) -> str:

@@ -49,6 +49,20 @@ Parts = tuple[str, ...]  # a folder, as names from the top
 Want = tuple[int, bytes, int]  # (offset, chunk id, length) to write
 
 
+def _current_umask() -> int:
+    """Read without changing it (setting it to read it back would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o077)
+    os.umask(current)
+    return current
+
+
 @dataclass(frozen=True)
 class Policy:
     """How a tree's attributes are applied: exactly (a state made on this machine), or, for a
@@ -61,9 +75,7 @@ class Policy:
 
     @classmethod
     def for_stranger(cls) -> Policy:
-        current = os.umask(0o077)
-        os.umask(current)
-        return cls(foreign=True, umask=current)
+        return cls(foreign=True, umask=_current_umask())
 
     def mode(self, mode: int) -> int:
         return mode & 0o777 & ~self.umask if self.foreign else mode
