@@ -318,13 +318,18 @@ def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
     assert sorted(p.name for p in (dm.home / "dots").iterdir()) == ["app"]
 
 
-def test_an_honest_double_works(tmp_path):
-    """The double itself is right: with nothing corrupted, the clone succeeds."""
+def _honest_hub() -> EvilHub:
+    """The double serving one honest commit: file ``f`` holding GOOD in subdot ``db``."""
     tid, tdata = _tree(GOOD_ROWS)
     cid, cdata = _commit(tid)
-    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD)}
+    return EvilHub({tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata),
+                    GOOD_ID: (KIND_CHUNK, GOOD)}, cid)
+
+
+def test_an_honest_double_works(tmp_path):
+    """The double itself is right: with nothing corrupted, the clone succeeds."""
     dm = DM(tmp_path / "victim")
-    with EvilHub(objects, cid) as evil:
+    with _honest_hub() as evil:
         assert _add_remote(dm, evil.port).returncode == 0
         dm.ok("clone", "evil", "evil/app")
     assert (dm.path("app.db") / "f").read_bytes() == GOOD
@@ -414,17 +419,14 @@ def test_a_pushers_words_cannot_drive_the_terminal(tmp_path):
 def test_folders_a_killed_checkout_b_left_never_stand_in_for_a_pulled_branch(tmp_path):
     """A ``dm checkout -b feature`` killed after building its folders leaves them with no
     branch; a later pull that creates ``feature`` must not let them pose as its state."""
-    tid, tdata = _tree(GOOD_ROWS)
-    cid, cdata = _commit(tid)
-    objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), GOOD_ID: (KIND_CHUNK, GOOD)}
     dm = DM(tmp_path / "victim")
-    with EvilHub(objects, cid) as evil:
+    with _honest_hub() as evil:
         assert _add_remote(dm, evil.port).returncode == 0
         dm.ok("clone", "evil", "evil/app")
         left = dm.home / "dots" / "app" / "branches" / "feature" / "db"
         left.mkdir(parents=True)
         (left / "f").write_text("what a killed checkout -b built")
-        evil.branches["feature"] = cid.hex()
+        evil.branches["feature"] = evil.head.hex()
         dm.ok("pull", "evil", "app", "feature")
     dm.ok("checkout", "feature")
     assert (dm.path("app.db") / "f").read_bytes() == GOOD
