@@ -186,12 +186,17 @@ def _small_disk(path: Path, mib: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def _dot_on(disk: Path) -> tuple[DM, Path]:
+    """A store on ``disk`` with dot app, and its subdot db's folder."""
+    dm = DM(disk / "home")
+    dm.ok("init", "app")
+    return dm, dm.path("app.db")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
 def test_a_full_disk_leaves_the_store_usable_once_there_is_room(tmp_path):
     with _small_disk(tmp_path / "disk", 64) as disk:
-        dm = DM(disk / "home")
-        dm.ok("init", "app")
-        d = dm.path("app.db")
+        dm, d = _dot_on(disk)
         (d / "small").write_text("first")
         dm.ok("commit", "-m", "first")
         dm.ok("checkout", "-b", "side")
@@ -231,9 +236,7 @@ def _nothing_half_built(dot_dir: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
 def test_a_checkout_b_on_a_full_disk_creates_no_branch_and_leaves_nothing_half_built(tmp_path):
     with _small_disk(tmp_path / "disk", 80) as disk:
-        dm = DM(disk / "home")
-        dm.ok("init", "app")
-        d = dm.path("app.db")
+        dm, d = _dot_on(disk)
         data = os.urandom(16 << 20)
         (d / "big").write_bytes(data)
         dm.ok("commit", "-m", "big")

@@ -62,8 +62,7 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
                 try:
                     materialize(home, dot, branch, head, writer, progress)
                     with Tx(home.conn) as tx:
-                        home.check_new_branch(dot, branch)
-                        tx.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+                        home.add_branch(tx, dot, branch, head)
                         home.log_ref(tx, dot, branch, "branch", None, head, None,
                                      f"branched from {current}")
                 except BaseException:  # no row: the folders built for it go too

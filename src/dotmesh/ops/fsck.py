@@ -24,7 +24,7 @@ from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
 from dotmesh.meta.db import Tx, connect
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import DIR, FILE, HOLE, ID_LEN, KIND_COMMIT, Commit, FileList, Tree
-from dotmesh.ops.home import Home
+from dotmesh.ops.home import Home, sound_reflog_row
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.workdir.snapshot import HAS_CONTENT, decode_cache
 
@@ -307,14 +307,12 @@ class _Fsck:
                              ("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)",
                               (dot, DEFAULT_BRANCH)),
                              ("UPDATE dots SET branch=? WHERE name=?", (DEFAULT_BRANCH, dot)))
-        for rowid, dot, old, new, saved, ts, action, message in c.execute(
-                "SELECT rowid, dot, old, new, saved, ts_ns, action, message "
+        for rowid, dot, branch, ts, action, old, new, saved, message in c.execute(
+                "SELECT rowid, dot, branch, ts_ns, action, old, new, saved, message "
                 "FROM reflog").fetchall():
             if dot not in dots:
                 continue
-            if not (all(x is None or _is_id(x) for x in (old, new, saved))
-                    and isinstance(ts, int) and isinstance(action, str)
-                    and isinstance(message, str)):
+            if not sound_reflog_row(branch, ts, action, old, new, saved, message):
                 self.problem(f"a reflog entry of {dot} is damaged", None,
                              ("DELETE FROM reflog WHERE rowid=?", (rowid,)))
                 continue

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
-from dotmesh.ops.home import Home
+from dotmesh.ops.home import Home, sound_reflog_row
 from dotmesh.ops.working import snapshot_dot
 
 # What a dm holding a dot's lock may be changing in its folders (a commit only reads them).
@@ -44,12 +44,8 @@ def reflog(home: Home, dot: str, limit: int | None = None) -> list[ReflogEntry]:
     rows = home.conn.execute(
         "SELECT seq, branch, ts_ns, action, old, new, saved, message FROM reflog WHERE dot=? "
         "ORDER BY seq DESC LIMIT ?", (dot, -1 if limit is None else limit)).fetchall()
-    for r in rows:
-        if not (isinstance(r[1], str) and isinstance(r[2], int) and isinstance(r[3], str)
-                and isinstance(r[7], str) and all(x is None or (isinstance(x, bytes)
-                                                               and len(x) == 32)
-                                                  for x in r[4:7])):
-            raise Corrupt(f"a reflog entry of dot {dot!r} is damaged: run dm fsck --repair")
+    if not all(sound_reflog_row(*r[1:]) for r in rows):
+        raise Corrupt(f"a reflog entry of dot {dot!r} is damaged: run dm fsck --repair")
     return [ReflogEntry(*r) for r in rows]
 
 

@@ -36,7 +36,7 @@ from dotmesh.errors import (
 )
 from dotmesh.meta.db import Tx, connect
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
-from dotmesh.model.objects import Commit, ObjectId
+from dotmesh.model.objects import ID_LEN, Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
 from dotmesh.workdir.snapshot import StatCache, decode_cache, encode_cache
@@ -77,6 +77,15 @@ def _named(value: object, what: str, dot: str) -> str:
         of = f" of dot {dot!r}" if dot else ""
         raise Corrupt(f"meta.db has a damaged {what} name{of} ({str(value)[:40]!r}): run dm "
                       "fsck --repair") from None
+
+
+def sound_reflog_row(branch: object, ts_ns: object, action: object, old: object, new: object,
+                     saved: object, message: object) -> bool:
+    """A reflog row has the types it was written with (read by ``dm reflog``, judged by fsck)."""
+    return (isinstance(branch, str) and isinstance(ts_ns, int) and isinstance(action, str)
+            and isinstance(message, str)
+            and all(x is None or (isinstance(x, bytes) and len(x) == ID_LEN)
+                    for x in (old, new, saved)))
 
 
 def _head(dot: str, branch: str, value: object) -> ObjectId | None:
@@ -364,8 +373,13 @@ class Home:
         self.check_new_branch(dot, branch)
         self.drop_parked(dot, branch)
         with Tx(self.conn) as c:
-            self.check_new_branch(dot, branch)
-            c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+            self.add_branch(c, dot, branch, head)
+
+    def add_branch(self, c: object, dot: str, branch: str, head: ObjectId | None) -> None:
+        """Insert a branch row inside the caller's transaction (checked again there)."""
+        assert hasattr(c, "execute")
+        self.check_new_branch(dot, branch)
+        c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
 
     def drop_parked(self, dot: str, branch: str) -> None:
         """Forget the folders and stat caches parked under ``branch``, a branch that does not
