@@ -1,6 +1,5 @@
 """dotmesh: git for application state."""
 
-__version__ = "0.1.0"
-FORMAT_VERSION = 1
+from dotmesh.version import FORMAT_VERSION, __version__
 
 __all__ = ["FORMAT_VERSION", "__version__"]

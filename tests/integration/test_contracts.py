@@ -13,10 +13,10 @@ import yaml
 from dotmesh.errors import Conflict, NotFound, UsageError
 from dotmesh.model.objects import KIND_CHUNK, KIND_COMMIT, Commit, object_id
 from dotmesh.remote.blobs import LocalBlobs, S3Blobs
-from dotmesh.remote.hub.server import create_app, openapi
-from dotmesh.remote.hub.storage import HubStore
 from dotmesh.remote.transport import HubTransport, S3Transport
 from dotmesh.remote.wire import Record
+from dotmesh.server.hub.app import create_app, openapi
+from dotmesh.server.hub.storage import HubStore
 from dotmesh.store.packs import compress
 from tests.integration.remote_env import S3_KEY, S3_SECRET, Hub
 

@@ -224,9 +224,9 @@ def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
     out = json.loads(dm("fsck", "--repair", "--json").stdout)
     assert out["ok"] and out["remaining"] == [], out
     assert capture(d) == before  # the working folders were never touched
-    from dotmesh.ops.home import Home
+    from dotmesh.store.repo import Repo
 
-    home = Home(dm.home)
+    home = Repo(dm.home)
     try:
         reachable = {c.hex() for dot in home.dots() for c in home.all_commits(dot)}
     finally:

@@ -41,9 +41,9 @@ from dotmesh.model.objects import (
     encode_tree_rows,
     object_id,
 )
-from dotmesh.ops.home import Home
 from dotmesh.remote.wire import Record, encode
 from dotmesh.store.packs import PACK_MAGIC, RECORD
+from dotmesh.store.repo import Repo
 from tests.conftest import DM, DM_BIN, raw_commit
 from tests.integration.remote_env import free_port
 
@@ -302,7 +302,7 @@ def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and c.needle in lines[0] and "Traceback" not in p.stderr, p.stderr
         assert "\x1b" not in p.stderr
-        home = Home(dm.home)
+        home = Repo(dm.home)
         try:
             assert home.remote_heads("app") == {}
             assert not home.dot_exists("stolen")
@@ -441,7 +441,7 @@ def _add_remote(dm: DM, port: int) -> subprocess.CompletedProcess[str]:
 
 def _track(dm: DM, dot: str, remote: str, remote_dot: str) -> None:
     """Make ``dot`` pull from ``remote_dot`` (as a clone or push would have recorded)."""
-    home = Home(Path(dm.home))
+    home = Repo(Path(dm.home))
     try:
         home.conn.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)",
                           (dot, remote, remote_dot))

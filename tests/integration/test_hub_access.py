@@ -24,8 +24,8 @@ import yaml
 from dotmesh.errors import NotFound
 from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows, object_id
 from dotmesh.remote.blobs import LocalBlobs
-from dotmesh.remote.hub.storage import HubStore
 from dotmesh.remote.wire import Record, decode, encode
+from dotmesh.server.hub.storage import HubStore
 from dotmesh.store.packs import compress
 from tests.conftest import DM, DM_BIN
 from tests.integration.remote_env import Hub, _answers, free_port

@@ -293,11 +293,11 @@ def test_a_link_planted_during_a_restore_redirects_no_write(tmp_path):
     outside: the apply refuses, and writes nothing there."""
     from dotmesh.errors import Conflict
     from dotmesh.model.objects import Root
-    from dotmesh.ops.home import Home
+    from dotmesh.store.repo import Repo
     from dotmesh.workdir.restore import prepare
     from dotmesh.workdir.snapshot import snapshot
 
-    home = Home(tmp_path / "home")
+    home = Repo(tmp_path / "home")
     top = tmp_path / "folder"
     (top / "sub").mkdir(parents=True)
     (top / "sub" / "f").write_text("committed")
@@ -324,11 +324,11 @@ def test_a_write_during_a_reset_is_never_hidden(tmp_path):
     dm could not see) fails the patch, where patching only the blocks the snapshot knew of
     would keep the write and record the target's content id for it."""
     from dotmesh.errors import Conflict
-    from dotmesh.ops.home import Home
+    from dotmesh.store.repo import Repo
     from dotmesh.workdir.restore import prepare
     from dotmesh.workdir.snapshot import snapshot
 
-    home = Home(tmp_path / "home")
+    home = Repo(tmp_path / "home")
     top = tmp_path / "folder"
     top.mkdir()
     table = top / "table"

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dotmesh.errors import DotmeshError
+from dotmesh.meta.statcache import CacheEntry, decode_cache, encode_cache
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -36,7 +37,6 @@ from dotmesh.remote.packed import Loc, decode_index, encode_index
 from dotmesh.remote.transport import check_history, parse_heads, printable
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, Record, decode, encode, encode_delta
 from dotmesh.store.packs import PACK_MAGIC, RECORD, compress, scan_pack
-from dotmesh.workdir.snapshot import CacheEntry, decode_cache, encode_cache
 from tests.conftest import raw_commit
 
 MEMORY_CAP = 160 << 20  # two objects of the largest kind, and what parsing them takes

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from dotmesh.ops.home import Home
-from dotmesh.plugin.server import Plugin
+from dotmesh.server.plugin import Plugin
+from dotmesh.store.repo import Repo
 from tests.conftest import DM, DM_BIN
 
 
 @pytest.fixture
 def plugin(tmp_path):
-    home = Home(tmp_path / "home")
+    home = Repo(tmp_path / "home")
     yield Plugin(home, lambda line: None)
     home.close()
 
@@ -39,7 +39,7 @@ def test_a_volume_lives_as_a_subdot(plugin, tmp_path):
         {"Name": "proj_app.db", "Mountpoint": mountpoint}]
 
     # a new server process (a restart) still knows the mount
-    again = Plugin(Home(tmp_path / "home"), lambda line: None)
+    again = Plugin(Repo(tmp_path / "home"), lambda line: None)
     assert again.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Volume"]["Status"][
         "mounts"] == 1
     assert again.call("VolumeDriver.Unmount", {"Name": "proj_app.db", "ID": "m1"}) == {

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from dotmesh.capture import proc, watchdog
 from dotmesh.capture.containers import Container, engine_url, pause, unpause
 from dotmesh.capture.watchdog import THAWED
 from dotmesh.capture.writers import Writer
@@ -41,47 +42,23 @@ class Freeze:
         return (self.ended - self.started) * 1000
 
 
-def _continue(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
-
-
 def _continue_stopped(pids: list[int], grace: float = 0.05) -> None:
     """Continue those of ``pids`` that stopped meanwhile, giving late ones ``grace`` seconds."""
     deadline = time.monotonic() + grace
     while pids:
         for pid in pids:
-            if _stopped(pid):
-                _continue(pid)
+            if proc.stopped(pid):
+                proc.send(pid, signal.SIGCONT)
         if time.monotonic() >= deadline:
             break
         time.sleep(0.002)
 
 
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True  # gone: nothing left to stop
-    return state in ("T", "t", "Z", "X")
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _bystanders(pids: list[int]) -> list[int]:
     """Running parents of the writers. A supervisor such as su or runuser stops itself when
     its child stops (job control); these must be continued too, or they stay stopped."""
-    parents = {_parent(p) for p in pids} - set(pids) - {0, 1, os.getpid()}
-    return sorted(p for p in parents if not _stopped(p))
+    parents = {proc.parent(p) for p in pids} - set(pids) - {0, 1, os.getpid()}
+    return sorted(p for p in parents if not proc.stopped(p))
 
 
 @contextmanager
@@ -94,7 +71,7 @@ def frozen(writers: list[Writer], timeout: float,
     read_end, write_end = os.pipe()
     ids = ",".join(c.id for c in containers)
     dog = subprocess.Popen(
-        [sys.executable, "-m", "dotmesh.capture.watchdog", str(read_end), str(timeout),
+        [sys.executable, "-m", watchdog.__name__, str(read_end), str(timeout),
          engine_url() if ids else "", ids, *map(str, pids + bystanders)],
         pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True)
     os.close(read_end)
@@ -103,19 +80,16 @@ def frozen(writers: list[Writer], timeout: float,
     try:
         freeze.started = time.monotonic()
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+            proc.send(pid, signal.SIGSTOP)
         paused = bool(containers)
         pause(list(containers))  # in parallel; the processes stop meanwhile
         deadline = time.monotonic() + min(timeout, 5.0)
-        while not all(_stopped(p) for p in pids) and time.monotonic() < deadline:
+        while not all(proc.stopped(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.0005)
         yield freeze
     finally:
         for pid in pids:
-            _continue(pid)
+            proc.send(pid, signal.SIGCONT)
         try:
             if paused:
                 unpause(list(containers))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dotmesh.ops.home import Home
+from dotmesh.store.repo import Repo
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -16,7 +16,7 @@ class Ctx:
 
     def __init__(self, home: Path) -> None:
         self.path = home
-        self._home: Home | None = None
+        self._home: Repo | None = None
 
     def close(self) -> None:
         if self._home is not None:
@@ -24,9 +24,9 @@ class Ctx:
             self._home = None
 
     @property
-    def home(self) -> Home:
+    def home(self) -> Repo:
         if self._home is None:
-            self._home = Home(self.path)
+            self._home = Repo(self.path)
         return self._home
 
 

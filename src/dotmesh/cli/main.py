@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from dotmesh import FORMAT_VERSION, __version__
+from dotmesh.capture.stop import Stopped
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
@@ -32,8 +32,10 @@ from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
 from dotmesh.ops import fsck as fsck_ops
-from dotmesh.ops import history, live
-from dotmesh.ops.home import default_home
+from dotmesh.ops import history
+from dotmesh.ops import hooks as hook_ops
+from dotmesh.store.repo import default_home
+from dotmesh.version import FORMAT_VERSION, __version__
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
@@ -313,7 +315,7 @@ stop_writers_flag = click.option(
     help="Stop processes using the dot (SIGTERM, then SIGKILL) instead of refusing.")
 
 
-def _report_stopped(stopped: live.Stopped) -> None:
+def _report_stopped(stopped: Stopped) -> None:
     if stopped.processes:
         click.echo(f"Stopped {', '.join(map(str, stopped.processes))}; dm does not restart "
                    "processes it did not start: start them again on the restored data")
@@ -463,7 +465,7 @@ def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: floa
     Example:  dm hook add pre-freeze --subdot users-db 'psql -h /tmp -c CHECKPOINT'
     """
     dot_name = c.home.require_current()
-    hook_id = live.add_hook(c.home, dot_name, stage, command, subdot, timeout)
+    hook_id = hook_ops.add_hook(c.home, dot_name, stage, command, subdot, timeout)
     click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
 
 
@@ -476,7 +478,7 @@ def hook_list(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm hook list --json
     """
-    hooks = live.hooks(c.home, c.home.require_current())
+    hooks = hook_ops.hooks(c.home, c.home.require_current())
     if as_json:
         emit_json([{"id": h.id, "stage": h.stage, "subdot": h.subdot, "command": h.command,
                     "timeout": h.timeout} for h in hooks])
@@ -496,7 +498,7 @@ def hook_rm(c: Ctx, hook_id: int) -> None:
     \b
     Example:  dm hook rm 2
     """
-    live.remove_hook(c.home, c.home.require_current(), hook_id)
+    hook_ops.remove_hook(c.home, c.home.require_current(), hook_id)
     click.echo(f"Removed hook #{hook_id}")
 
 
@@ -545,7 +547,7 @@ def serve(c: Ctx, socket_path: Path, quiet: bool, install: bool, unit_path: Path
         click.echo(f"Wrote {unit_path}; run: systemctl daemon-reload && systemctl enable --now "
                    f"{unit_path.stem}")
         return
-    from dotmesh.plugin.server import serve as run_server  # noqa: PLC0415 - server imports
+    from dotmesh.server.plugin import serve as run_server  # noqa: PLC0415 - server imports
 
     run_server(c.home, socket_path.absolute(), quiet)
 

@@ -10,8 +10,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from dotmesh import FORMAT_VERSION
 from dotmesh.errors import Corrupt, DamagedIndex
+from dotmesh.version import FORMAT_VERSION
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -10,16 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from dotmesh.capture.stop import Stopped, stopped_for_restore
 from dotmesh.errors import Conflict
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
-from dotmesh.ops import live
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
-from dotmesh.ops.home import Home, Journal
-from dotmesh.ops.live import Stopped
-from dotmesh.ops.working import (
+from dotmesh.store.repo import Journal, Repo
+from dotmesh.workdir.branches import (
     Progress,
     finish_restore,
     materialize,
@@ -38,7 +37,7 @@ class ResetResult:
     stopped: Stopped  # what the reset stopped (dm restarts containers, not processes)
 
 
-def checkout(home: Home, dot: str, branch: str, create: bool = False,
+def checkout(home: Repo, dot: str, branch: str, create: bool = False,
              progress: Progress | None = None, stop_writers: bool = False
              ) -> tuple[bool, Stopped]:
     """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped."""
@@ -53,7 +52,8 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
             home.head(dot, branch)
         else:
             home.check_new_branch(dot, branch)
-        with live.stopped_for_restore(home, dot, stop_writers, "switching branches") as stopped:
+        with stopped_for_restore(home.stable_folders(dot), dot, stop_writers,
+                                 "switching branches") as stopped:
             writer = home.packs.writer()
             if create:
                 # The branch exists only once its folders are built: a full disk leaves none.
@@ -74,7 +74,7 @@ def checkout(home: Home, dot: str, branch: str, create: bool = False,
         return True, stopped
 
 
-def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
+def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                stop_writers: bool = False, expect_old: bytes | None | bool = False,
                action: str = "reset", message: str | None = None) -> ResetResult:
     """Move the current branch to ``ref`` and make the working state match. ``expect_old``
@@ -94,7 +94,7 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
         target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
         home.commit(target_id)
         message = message or f"reset --hard {ref}"
-        with live.stopped_for_restore(home, dot, stop_writers, "a reset") as stopped:
+        with stopped_for_restore(home.stable_folders(dot), dot, stop_writers, "a reset") as stopped:
             writer = home.packs.writer()
             snap = snapshot_dot(home, dot, writer, progress)
             saved: ObjectId | None = None
@@ -122,7 +122,7 @@ def reset_hard(home: Home, dot: str, ref: str, progress: Progress | None = None,
         return ResetResult(old, target_id, saved, stopped)
 
 
-def _supersede(home: Home, dot: str) -> None:
+def _supersede(home: Repo, dot: str) -> None:
     """A reset replaces a restore that a kill interrupted: its working state was saved and is
     named in the reflog, and the half-restored folders are saved by this reset in turn."""
     j = home.pending_restore(dot)

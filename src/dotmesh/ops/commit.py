@@ -12,14 +12,16 @@ from pathlib import Path
 from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.capture.freeze import frozen
 from dotmesh.capture.hooks import HookFailed, run_hooks
-from dotmesh.capture.writers import Writer, shared_mappings
+from dotmesh.capture.stop import running_containers
+from dotmesh.capture.writers import Writer, find_writers, shared_mappings
 from dotmesh.errors import Corrupt, DotmeshError, UsageError
 from dotmesh.meta.db import Tx
+from dotmesh.meta.statcache import HINT_ONLY
 from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
-from dotmesh.ops import live
-from dotmesh.ops.home import Home
-from dotmesh.ops.working import DotSnapshot, Progress, recover, save_caches, snapshot_dot
-from dotmesh.workdir.snapshot import HINT_ONLY, store_deferred
+from dotmesh.ops.hooks import hooks as hooks_of
+from dotmesh.store.repo import Repo
+from dotmesh.workdir.branches import DotSnapshot, Progress, recover, save_caches, snapshot_dot
+from dotmesh.workdir.snapshot import store_deferred
 
 PRECOPY_PASSES = 3
 SMALL_DELTA_FILES = 32  # a pass that read less than this leaves little for the freeze
@@ -56,7 +58,7 @@ def parse_metadata(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None = None,
+def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None = None,
            author: str | None = None, progress: Progress | None = None, freeze: bool = True,
            freeze_timeout: float = 5.0) -> CommitResult:
     """Commit every subdot at once.
@@ -81,7 +83,7 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
                 raise Corrupt(f"branch {branch} of {dot!r} points to {old.hex()[:12]}, which "
                               f"cannot be read ({e}); nothing was committed: run dm fsck "
                               "--repair") from None
-        dot_hooks = live.hooks(home, dot)
+        dot_hooks = hooks_of(home, dot)
         folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
         run_hooks(dot_hooks, "pre-freeze", folders)
         writer = home.packs.writer()
@@ -89,8 +91,8 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
         with ChangeWatcher() if freeze else nullcontext() as watcher:
             # The pre-copy, while writers run; from here on inotify names what changes.
             snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
-            writers = live.writers_of(home, dot) if freeze else []
-            containers = live.running_containers(home, dot) if freeze else []
+            writers = find_writers(home.stable_folders(dot)) if freeze else []
+            containers = running_containers(dot) if freeze else []
             if writers or containers:
                 assert watcher is not None
                 # More copy passes while much changed during the last one: each is shorter,
@@ -135,7 +137,7 @@ def commit(home: Home, dot: str, message: str, metadata: dict[str, str] | None =
                         frozen_read)
 
 
-def _changed(home: Home, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,
+def _changed(home: Repo, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,
              writers: list[Writer]) -> dict[str, Changes] | None:
     """What may have changed since ``snap``: inotify's names, plus its blind spots. Files with
     other hard links are looked at again; files the writers map shared and writable are read
@@ -151,7 +153,7 @@ def _changed(home: Home, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,
     return changes
 
 
-def _distrust_mapped(home: Home, dot: str, snap: DotSnapshot,
+def _distrust_mapped(home: Repo, dot: str, snap: DotSnapshot,
                      writers: list[Writer]) -> dict[str, list[str]]:
     """Mark files the writers map shared and writable as not to be trusted by their stat:
     stores to such a mapping change the file without an event or a new mtime. Returns them

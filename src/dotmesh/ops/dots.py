@@ -8,16 +8,16 @@ from pathlib import Path
 
 from dotmesh.capture.containers import Container, containers_using
 from dotmesh.capture.containers import stop as stop_containers
-from dotmesh.capture.writers import Writer
+from dotmesh.capture.stop import Stopped, active_containers, containers_of, stop_processes
+from dotmesh.capture.writers import Writer, find_writers
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
-from dotmesh.ops.home import Home
-from dotmesh.ops.live import Stopped, containers_of, stop_processes, writers_of
-from dotmesh.ops.working import recover, snapshot_dot
+from dotmesh.store.repo import Repo
+from dotmesh.workdir.branches import recover, snapshot_dot
 
 
-def init(home: Home, dot: str) -> bool:
+def init(home: Repo, dot: str) -> bool:
     """Create ``dot``; returns True if it became the current dot (there was none)."""
     check_name(dot, "dot name")
     home.create_dot(dot)
@@ -27,12 +27,12 @@ def init(home: Home, dot: str) -> bool:
     return False
 
 
-def switch(home: Home, dot: str) -> None:
+def switch(home: Repo, dot: str) -> None:
     home.require_dot(dot)
     home.set_current_dot(dot)
 
 
-def path(home: Home, name: str) -> Path:
+def path(home: Repo, name: str) -> Path:
     """The stable folder of ``DOT[.SUBDOT]``, creating the dot and subdot if needed."""
     vol = VolumeName.parse(name)
     if not home.dot_exists(vol.dot):
@@ -45,7 +45,7 @@ def path(home: Home, name: str) -> Path:
     return p
 
 
-def delete(home: Home, dot: str, force: bool, stop_writers: bool = False) -> Stopped:
+def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Stopped:
     """Forget the dot and remove its folders. Refused while processes or containers use it
     (they would be left on folders that are gone), unless ``stop_writers``: then they are
     stopped, and not started again. Returns what was stopped."""
@@ -53,8 +53,8 @@ def delete(home: Home, dot: str, force: bool, stop_writers: bool = False) -> Sto
     if not force:
         raise UsageError(f"deleting dot {dot!r} removes its data and history: add -f to confirm")
     with home.lock(dot, "dot delete"):
-        processes = writers_of(home, dot)
-        containers = [c for c in containers_of(home, dot) if c.state in ("running", "paused")]
+        processes = find_writers(home.stable_folders(dot))
+        containers = active_containers(dot)
         mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=?",
                                    (dot,)).fetchone()[0]
         users = [*map(str, processes), *map(str, containers)]
@@ -88,14 +88,14 @@ class DotStatus:
     remotes: dict[str, str] = field(default_factory=dict)  # remote -> the dot's name there
 
 
-def statuses(home: Home, dots: list[str] | None = None) -> list[DotStatus]:
+def statuses(home: Repo, dots: list[str] | None = None) -> list[DotStatus]:
     """The status of each dot (default: all), asking the Docker engine once for them all."""
     names = home.dots() if dots is None else dots
     found = containers_using(names)
     return [status(home, d, found[d]) for d in names]
 
 
-def unsettled(home: Home, dot: str) -> str | None:
+def unsettled(home: Repo, dot: str) -> str | None:
     """Why the working state cannot be looked at now: another dm changing it, or an operation
     a kill interrupted (which the next command that changes the dot finishes); else None."""
     busy = home.holder(dot)
@@ -109,7 +109,7 @@ def unsettled(home: Home, dot: str) -> str | None:
     return None
 
 
-def status(home: Home, dot: str, containers: list[Container] | None = None) -> DotStatus:
+def status(home: Repo, dot: str, containers: list[Container] | None = None) -> DotStatus:
     """What ``dm list`` and ``dm dot show`` print; hashes only files whose stat changed. Takes
     no lock: while another dm works on the dot, its working state shows as busy."""
     home.require_dot(dot)
@@ -130,8 +130,8 @@ def status(home: Home, dot: str, containers: list[Container] | None = None) -> D
         state=state, dirty=dirty, size=size, busy=home.holder(dot) if state == "busy" else None,
         subdots={s: home.stable(dot, s) for s in home.subdots(dot)},
         branches=list(home.branches(dot)),
-        writers=writers_of(home, dot),
-        containers=containers_of(home, dot) if containers is None else containers,
+        writers=find_writers(home.stable_folders(dot)),
+        containers=containers_of(dot) if containers is None else containers,
         remotes={r[0]: r[1] for r in home.conn.execute(
             "SELECT remote, remote_dot FROM dot_remotes WHERE dot=? ORDER BY remote", (dot,))},
     )

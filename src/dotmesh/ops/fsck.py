@@ -22,11 +22,11 @@ from pathlib import Path
 
 from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
 from dotmesh.meta.db import Tx, connect
+from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import DIR, FILE, HOLE, ID_LEN, KIND_COMMIT, Commit, FileList, Tree
-from dotmesh.ops.home import Home, sound_reflog_row
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
-from dotmesh.workdir.snapshot import HAS_CONTENT, decode_cache
+from dotmesh.store.repo import Repo, sound_reflog_row
 
 Progress = Callable[[int], None]
 LOST_FOUND = "lost-found"
@@ -58,7 +58,7 @@ def _name_ok(name: object, branch: bool = False) -> bool:
 
 
 class _Fsck:
-    def __init__(self, home: Home, repair: bool, progress: Progress | None) -> None:
+    def __init__(self, home: Repo, repair: bool, progress: Progress | None) -> None:
         self.home, self.repair, self.progress = home, repair, progress
         self.conn = home.conn
         self.r = FsckReport()
@@ -389,7 +389,7 @@ class _Fsck:
                                     "subdot=?", (dot, branch, sub)))
 
 
-def fsck(home: Home, progress: Progress | None = None, repair: bool = False) -> FsckReport:
+def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:
     f = _Fsck(home, repair, progress)
     f.database()
     f.objects()
@@ -424,7 +424,7 @@ def rebuild(root: Path) -> list[str]:
         _reindex(root / "packs", conn, notes)
     finally:
         conn.close()
-    home = Home(root)
+    home = Repo(root)
     try:
         _readopt(home, notes)
     finally:
@@ -481,7 +481,7 @@ def _reindex(packs: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
                  + (f"; {tails} bytes of unfinished writes ignored" if tails else ""))
 
 
-def _heads_from_reflogs(home: Home, notes: list[str]) -> None:
+def _heads_from_reflogs(home: Repo, notes: list[str]) -> None:
     """Branches whose rows (or heads) were lost, while their reflog survived: back to the
     newest commit their reflog names that the packs hold (a new commit must not start a new
     root beside a history that is still there)."""
@@ -510,7 +510,7 @@ def _heads_from_reflogs(home: Home, notes: list[str]) -> None:
                          "commit its reflog names")
 
 
-def _readopt(home: Home, notes: list[str]) -> None:
+def _readopt(home: Repo, notes: list[str]) -> None:
     """Dots whose folders are there but whose rows were lost, and commits nobody names."""
     for folder in sorted((home.root / "dots").iterdir()):
         name = folder.name

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
-from dotmesh.ops.home import Home, sound_reflog_row
-from dotmesh.ops.working import snapshot_dot
+from dotmesh.store.repo import Repo, sound_reflog_row
+from dotmesh.workdir.branches import snapshot_dot
 
 # What a dm holding a dot's lock may be changing in its folders (a commit only reads them).
 CHANGES_FOLDERS = {"reset", "checkout", "clone", "pull", "volume rm", "dot delete"}
 
 
-def log(home: Home, dot: str, limit: int | None = None,
+def log(home: Repo, dot: str, limit: int | None = None,
         start: str = "HEAD") -> Iterator[tuple[ObjectId, Commit]]:
     """Commits from ``start`` back along first parents, newest first."""
     if home.head(dot, home.branch(dot)) is None and start == "HEAD":
@@ -40,7 +40,7 @@ class ReflogEntry:
     message: str
 
 
-def reflog(home: Home, dot: str, limit: int | None = None) -> list[ReflogEntry]:
+def reflog(home: Repo, dot: str, limit: int | None = None) -> list[ReflogEntry]:
     rows = home.conn.execute(
         "SELECT seq, branch, ts_ns, action, old, new, saved, message FROM reflog WHERE dot=? "
         "ORDER BY seq DESC LIMIT ?", (dot, -1 if limit is None else limit)).fetchall()
@@ -58,7 +58,7 @@ class Change:
     new_size: int
 
 
-def diff(home: Home, dot: str, a: str | None = None, b: str | None = None) -> list[Change]:
+def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> list[Change]:
     """Changes from ref ``a`` (default HEAD) to ref ``b`` (default: the working state)."""
     extra: dict[bytes, bytes] = {}
     if b is None:

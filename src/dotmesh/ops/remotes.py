@@ -15,9 +15,9 @@ from pathlib import Path
 from dotmesh.errors import AlreadyExists, NotFound, UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_name
-from dotmesh.ops.home import Home
 from dotmesh.remote.blobs import S3Blobs
 from dotmesh.remote.transport import HubTransport, S3Transport, Transport
+from dotmesh.store.repo import Repo
 
 HUB, S3 = "hub", "s3"
 _HOST = re.compile(r"^([A-Za-z0-9_-]{1,64})@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?$")
@@ -78,7 +78,7 @@ def parse_s3(spec: str, secret: str | None = None) -> tuple[str, str, str, str]:
     return access, secret, f"{scheme}://{endpoint}", bucket
 
 
-def _save(home: Home, r: Remote) -> None:
+def _save(home: Repo, r: Remote) -> None:
     check_name(r.name, "remote name")
     with Tx(home.conn) as c:
         if c.execute("SELECT 1 FROM remotes WHERE name=?", (r.name,)).fetchone():
@@ -90,7 +90,7 @@ def _save(home: Home, r: Remote) -> None:
             c.execute("INSERT INTO meta VALUES ('default_remote', ?)", (r.name,))
 
 
-def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
+def add_hub(home: Repo, name: str, spec: str, key: str, http: bool = False,
             ca_cert: Path | None = None) -> tuple[Remote, str]:
     """Add a hub remote after checking the key with it; returns it and the user it names."""
     check_name(name, "remote name")
@@ -108,7 +108,7 @@ def add_hub(home: Home, name: str, spec: str, key: str, http: bool = False,
     return r, who
 
 
-def add_s3(home: Home, name: str, spec: str, secret: str | None = None) -> Remote:
+def add_s3(home: Repo, name: str, spec: str, secret: str | None = None) -> Remote:
     check_name(name, "remote name")
     access, secret, endpoint, bucket = parse_s3(spec, secret)
     r = Remote(name, S3, endpoint, access, secret, {"bucket": bucket})
@@ -121,7 +121,7 @@ def blobs(r: Remote) -> S3Blobs:
     return S3Blobs(r.url, r.options["bucket"], r.user, r.secret)
 
 
-def remove(home: Home, name: str) -> None:
+def remove(home: Repo, name: str) -> None:
     with Tx(home.conn) as c:
         if not c.execute("DELETE FROM remotes WHERE name=?", (name,)).rowcount:
             raise NotFound(f"no remote named {name!r} (dm remote -v lists them)")
@@ -130,22 +130,22 @@ def remove(home: Home, name: str) -> None:
         c.execute("DELETE FROM meta WHERE key='default_remote' AND value=?", (name,))
 
 
-def switch(home: Home, name: str) -> None:
+def switch(home: Repo, name: str) -> None:
     get(home, name)
     home.conn.execute("INSERT OR REPLACE INTO meta VALUES ('default_remote', ?)", (name,))
 
 
-def default(home: Home) -> str | None:
+def default(home: Repo) -> str | None:
     row = home.conn.execute("SELECT value FROM meta WHERE key='default_remote'").fetchone()
     return str(row[0]) if row else None
 
 
-def all_remotes(home: Home) -> list[Remote]:
+def all_remotes(home: Repo) -> list[Remote]:
     return [Remote(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in home.conn.execute(
         "SELECT name, kind, url, user, secret, options FROM remotes ORDER BY name")]
 
 
-def get(home: Home, name: str | None) -> Remote:
+def get(home: Repo, name: str | None) -> Remote:
     """The remote ``name``, or the default one."""
     if name is None:
         name = default(home)
@@ -157,7 +157,7 @@ def get(home: Home, name: str | None) -> Remote:
     raise NotFound(f"no remote named {name!r} (dm remote -v lists them)")
 
 
-def remote_dot_for(home: Home, r: Remote, dot: str, given: str | None) -> str:
+def remote_dot_for(home: Repo, r: Remote, dot: str, given: str | None) -> str:
     """Which dot on the remote a local dot goes to: as given (``NAMESPACE/DOT`` on a hub),
     else as it went before, else the user's namespace and the same name."""
     if given is None:
@@ -183,7 +183,7 @@ def check_remote_dot(r: Remote, given: str) -> str:
     return given
 
 
-def transport(home: Home, r: Remote, remote_dot: str) -> Transport:
+def transport(home: Repo, r: Remote, remote_dot: str) -> Transport:
     if r.kind == HUB:
         return HubTransport(r.url, r.user, r.secret, remote_dot, r.verify())
     cache = home.root / "remotes" / r.name

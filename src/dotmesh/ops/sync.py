@@ -37,11 +37,11 @@ from dotmesh.model.objects import (
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import remotes
 from dotmesh.ops.dots import is_dirty
-from dotmesh.ops.home import Home, Journal
-from dotmesh.ops.working import recover
 from dotmesh.remote import graph
 from dotmesh.remote.transport import Transport
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta
+from dotmesh.store.repo import Journal, Repo
+from dotmesh.workdir.branches import recover
 from dotmesh.workdir.snapshot import snapshot
 
 Progress = Callable[[int], None]
@@ -66,7 +66,7 @@ class Transfer:
     restored: checkout_ops.ResetResult | None = None  # a pull into the checked-out branch
 
 
-def _track(home: Home, dot: str, remote: str, remote_dot: str, branch: str,
+def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
            head: bytes | None) -> None:
     with Tx(home.conn) as c:
         _track_in(c, dot, remote, remote_dot, branch, head)
@@ -85,7 +85,7 @@ def _track_in(c: object, dot: str, remote: str, remote_dot: str, branch: str,
 # ------------------------------------------------------------------ push
 
 
-def push(home: Home, dot: str, remote_name: str | None = None, branch: str | None = None,
+def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          remote_dot: str | None = None, force: bool = False,
          progress: Progress | None = None, total: Progress | None = None) -> Transfer:
     home.require_dot(dot)
@@ -115,11 +115,11 @@ def push(home: Home, dot: str, remote_name: str | None = None, branch: str | Non
         t.close()
 
 
-def _ancestry(home: Home, head: bytes) -> set[bytes]:
+def _ancestry(home: Repo, head: bytes) -> set[bytes]:
     return graph.ancestors(home.packs.get, [head], home.packs.has)
 
 
-def _send(home: Home, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
+def _send(home: Repo, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
           progress: Progress | None, total: Progress | None) -> None:
     get = home.packs.get
     known = graph.ancestors(get, remote_heads, home.packs.has)
@@ -170,7 +170,7 @@ def _send(home: Home, t: Transport, head: bytes, remote_heads: list[bytes], res:
 # ------------------------------------------------------------------ fetching
 
 
-def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
+def fetch(home: Repo, t: Transport, head: bytes, have: list[bytes],
           progress: Progress | None = None) -> tuple[int, int]:
     """Bring ``head`` and everything it needs into the store, verified; returns how many
     objects and stored bytes were fetched. ``have``: local heads, where the remote may stop
@@ -275,7 +275,7 @@ def fetch(home: Home, t: Transport, head: bytes, have: list[bytes],
     return counted[0], counted[1]
 
 
-def _check_sizes(home: Home, found: graph.Discovered, get: Callable[[bytes], bytes],
+def _check_sizes(home: Repo, found: graph.Discovered, get: Callable[[bytes], bytes],
                  where: str) -> None:
     """Every file's size is what its content has, before anything names it (a tree saying
     1 TiB for 28 bytes would make a 1 TiB file); the blocks themselves are checked against
@@ -309,7 +309,7 @@ def _check_sizes(home: Home, found: graph.Discovered, get: Callable[[bytes], byt
 # ------------------------------------------------------------------ pull
 
 
-def pull(home: Home, dot: str, remote_name: str | None = None, branch: str | None = None,
+def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          progress: Progress | None = None, stop_writers: bool = False,
          same_owner: bool = False) -> Transfer:
     home.require_dot(dot)
@@ -361,7 +361,7 @@ def pull(home: Home, dot: str, remote_name: str | None = None, branch: str | Non
     return res
 
 
-def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: ObjectId,
+def _move_parked(home: Repo, dot: str, branch: str, old: bytes | None, new: ObjectId,
                  message: str) -> None:
     """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
     are dropped so that the next checkout builds them from the new head."""
@@ -386,7 +386,7 @@ def _move_parked(home: Home, dot: str, branch: str, old: bytes | None, new: Obje
 # ------------------------------------------------------------------ clone
 
 
-def clone(home: Home, remote_name: str | None, remote_dot: str, branch: str | None = None,
+def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | None = None,
           local_name: str | None = None, progress: Progress | None = None,
           same_owner: bool = False) -> Transfer:
     """Fetch a remote dot, then make a local one at its head and build its folders. The dot

@@ -18,8 +18,8 @@ from pathlib import Path
 from dotmesh.errors import AlreadyExists, Conflict, InvalidName, NotFound, UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import VolumeName
-from dotmesh.ops.home import Home
-from dotmesh.ops.working import recover
+from dotmesh.store.repo import Repo
+from dotmesh.workdir.branches import recover
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Volume:
     status: dict[str, object] = field(default_factory=dict)
 
 
-def _existing(home: Home, name: str) -> VolumeName:
+def _existing(home: Repo, name: str) -> VolumeName:
     """The volume ``name`` if dm has it; NotFound otherwise (also for names it cannot own,
     since dockerd asks every plugin about every unknown name)."""
     try:
@@ -41,7 +41,7 @@ def _existing(home: Home, name: str) -> VolumeName:
     return vol
 
 
-def _not_swapping(home: Home, dot: str) -> None:
+def _not_swapping(home: Repo, dot: str) -> None:
     """A container must not start on folders a killed checkout or reset left half done."""
     j = home.pending_restore(dot)
     if home.swapping(dot) or j is not None:
@@ -50,7 +50,7 @@ def _not_swapping(home: Home, dot: str) -> None:
                        "command that changes the dot), then retry")
 
 
-def create(home: Home, name: str, opts: dict[str, object] | None) -> Volume:
+def create(home: Repo, name: str, opts: dict[str, object] | None) -> Volume:
     """Make the subdot (and its dot) if missing. Creating an existing volume is fine, as
     dockerd expects."""
     try:
@@ -71,7 +71,7 @@ def create(home: Home, name: str, opts: dict[str, object] | None) -> Volume:
     return get(home, name)
 
 
-def get(home: Home, name: str) -> Volume:
+def get(home: Repo, name: str) -> Volume:
     vol = _existing(home, name)
     mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=? AND subdot=?",
                                (vol.dot, vol.subdot)).fetchone()[0]
@@ -80,12 +80,12 @@ def get(home: Home, name: str) -> Volume:
         "mounts": int(mounts)})
 
 
-def list_volumes(home: Home) -> list[Volume]:
+def list_volumes(home: Repo) -> list[Volume]:
     rows = home.conn.execute("SELECT dot, name FROM subdots ORDER BY dot, name").fetchall()
     return [Volume(str(VolumeName(d, s)), str(home.stable(d, s))) for d, s in rows]
 
 
-def mount(home: Home, name: str, mount_id: str) -> Volume:
+def mount(home: Repo, name: str, mount_id: str) -> Volume:
     """Record the mount (dockerd sends a random id per mount; a restarted ``dm serve`` must
     still know it) and make sure the folder is there."""
     vol = _existing(home, name)
@@ -98,14 +98,14 @@ def mount(home: Home, name: str, mount_id: str) -> Volume:
     return get(home, name)
 
 
-def unmount(home: Home, name: str, mount_id: str) -> None:
+def unmount(home: Repo, name: str, mount_id: str) -> None:
     """Forget the mount; an id this store never saw is fine (dockerd decides)."""
     vol = _existing(home, name)
     home.conn.execute("DELETE FROM mounts WHERE dot=? AND subdot=? AND id=?",
                       (vol.dot, vol.subdot, mount_id))
 
 
-def remove(home: Home, name: str) -> list[Path]:
+def remove(home: Repo, name: str) -> list[Path]:
     """``docker volume rm``: drop the subdot's folders (on every branch) from the working
     state; commits that hold it keep it, and the dot stays until ``dm dot delete``.
 

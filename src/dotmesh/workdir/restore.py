@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import Conflict, Corrupt, NotFound
+from dotmesh.meta.statcache import CacheEntry, StatCache
 from dotmesh.model.objects import DIR, HOLE, SYMLINK, Entry, FileList, ObjectId, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
-from dotmesh.workdir.snapshot import CacheEntry, StatCache, run_all
+from dotmesh.workdir.snapshot import run_all
 
 READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
 PATCH_MEMORY = 64 << 20  # verified blocks of in-place patches kept for apply; beyond, read twice

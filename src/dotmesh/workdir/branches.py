@@ -14,11 +14,12 @@ from pathlib import Path
 from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.errors import DotmeshError
 from dotmesh.meta.db import Tx
+from dotmesh.meta.statcache import StatCache
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
-from dotmesh.ops.home import Home
 from dotmesh.store.packs import PackWriter
+from dotmesh.store.repo import Repo
 from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, build, merge_cache, prepare
-from dotmesh.workdir.snapshot import SnapshotResult, StatCache, snapshot, update
+from dotmesh.workdir.snapshot import SnapshotResult, snapshot, update
 
 Progress = Callable[[int], None]
 
@@ -48,12 +49,12 @@ class DotSnapshot:
         return sum(r.frozen_bytes_read for r in self.results.values())
 
 
-def ensure_folders(home: Home, dot: str) -> None:
+def ensure_folders(home: Repo, dot: str) -> None:
     for sub in home.subdots(dot):
         home.stable(dot, sub).mkdir(parents=True, exist_ok=True)
 
 
-def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
+def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
                  progress: Progress | None = None,
                  after: DotSnapshot | None = None, defer: bool = False,
                  changes: dict[str, Changes] | None = None,
@@ -88,7 +89,7 @@ def snapshot_dot(home: Home, dot: str, writer: PackWriter | None,
     return snap
 
 
-def save_caches(home: Home, c: object, dot: str, branch: str, snap: DotSnapshot) -> None:
+def save_caches(home: Repo, c: object, dot: str, branch: str, snap: DotSnapshot) -> None:
     for sub, res in snap.results.items():
         home.save_cache(c, dot, branch, sub, snap.caches[sub], res.cache)
 
@@ -99,7 +100,7 @@ def empty_root(writer: PackWriter | None) -> Root:
     return Root(oid, 0o755, os.getuid(), os.getgid(), time.time_ns())
 
 
-def target_roots(home: Home, dot: str, commit: Commit | None,
+def target_roots(home: Repo, dot: str, commit: Commit | None,
                  writer: PackWriter) -> dict[str, Root]:
     """What each subdot should hold for ``commit``; subdots it lacks become empty."""
     roots = dict(commit.subdots) if commit else {}
@@ -110,7 +111,7 @@ def target_roots(home: Home, dot: str, commit: Commit | None,
     return roots
 
 
-def policy_for(home: Home, dot: str, commit: bytes | None) -> Policy:
+def policy_for(home: Repo, dot: str, commit: bytes | None) -> Policy:
     """States that came from a remote are restored as tar restores a stranger's archive (no
     setuid bits, the umask applied, files owned by whoever runs dm), unless the dot was
     cloned or pulled with ``--same-owner``."""
@@ -119,7 +120,7 @@ def policy_for(home: Home, dot: str, commit: bytes | None) -> Policy:
     return Policy() if home.dot_option(dot, "same_owner") == "1" else Policy.for_stranger()
 
 
-def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
+def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
                     writer: PackWriter, progress: Progress | None = None,
                     before_touching: Callable[[], None] | None = None) -> dict[str, StatCache]:
     """Make the stable folders hold ``target`` (``snap``: what they hold now); returns each
@@ -166,7 +167,7 @@ def restore_folders(home: Home, dot: str, target: ObjectId, snap: DotSnapshot,
     return caches
 
 
-def materialize(home: Home, dot: str, branch: str, commit: ObjectId | None, writer: PackWriter,
+def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writer: PackWriter,
                 progress: Progress | None = None) -> None:
     """Build the parked folders of ``branch`` from ``commit`` (built aside, then renamed in)."""
     roots = target_roots(home, dot, home.commit(commit) if commit else None, writer)
@@ -190,7 +191,7 @@ def materialize(home: Home, dot: str, branch: str, commit: ObjectId | None, writ
         os.rename(tmp, final)
 
 
-def finish_restore(home: Home, dot: str, progress: Progress | None = None) -> bool:
+def finish_restore(home: Repo, dot: str, progress: Progress | None = None) -> bool:
     """Finish a journaled restore that a killed dm left (a reset, a pull, a clone): the
     folders are made to hold its target, then the branch moves. Returns whether there was one."""
     j = home.pending_restore(dot)
@@ -220,7 +221,7 @@ def finish_restore(home: Home, dot: str, progress: Progress | None = None) -> bo
     return True
 
 
-def swap(home: Home, dot: str, to_branch: str) -> None:
+def swap(home: Repo, dot: str, to_branch: str) -> None:
     """Park the current branch's folders and bring ``to_branch``'s in, crash-safely."""
     from_branch = home.branch(dot)
     with Tx(home.conn) as c:
@@ -228,7 +229,7 @@ def swap(home: Home, dot: str, to_branch: str) -> None:
     settle(home, dot)
 
 
-def settle(home: Home, dot: str) -> None:
+def settle(home: Repo, dot: str) -> None:
     """Finish a swap that a killed dm left half done (always rolls forward)."""
     row = home.conn.execute("SELECT from_branch, to_branch FROM swaps WHERE dot=?",
                             (dot,)).fetchone()
@@ -255,7 +256,7 @@ def settle(home: Home, dot: str) -> None:
         leftover.rmdir()
 
 
-def recover(home: Home, dot: str, finish: bool = True) -> None:
+def recover(home: Repo, dot: str, finish: bool = True) -> None:
     """Run under the dot's lock before any change: finish swaps, drop half-built folders,
     and (``finish``) finish a journaled restore."""
     settle(home, dot)

@@ -38,8 +38,10 @@ from dotmesh.errors import (
 )
 from dotmesh.model.objects import ID_LEN
 from dotmesh.remote.blobs import StorageError
-from dotmesh.remote.hub.storage import Dot, HubStore, check_key_id
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
+from dotmesh.server import hub
+from dotmesh.server.hub.config import HubConfig
+from dotmesh.server.hub.storage import Dot, HubStore, check_key_id
 
 OCTETS = "application/octet-stream"
 FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for the rest
@@ -65,7 +67,7 @@ def status_of(e: DotmeshError) -> int:
 
 
 def openapi() -> str:
-    return resources.files("dotmesh.remote.hub").joinpath("openapi.yaml").read_text()
+    return resources.files(hub).joinpath("openapi.yaml").read_text()
 
 
 def iso(ts_ns: int) -> str:
@@ -242,7 +244,6 @@ def create_app(store: HubStore) -> Starlette:
 def app_from_env() -> Starlette:
     """The app of one of several worker processes: its storage comes from DM_HUB_CONFIG
     (JSON with the keys of ``dm hub``'s config), set by ``dm hub serve --workers``."""
-    from dotmesh.cli.hub import HubConfig  # noqa: PLC0415 - the CLI's one way to read it
 
     supervisor = int(os.environ.get("DM_HUB_SUPERVISOR", "0"))
     if supervisor and supervisor != os.getpid():

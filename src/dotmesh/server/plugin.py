@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from dotmesh.errors import AlreadyExists, DotmeshError, UsageError
 from dotmesh.ops import volumes
-from dotmesh.ops.home import Home
+from dotmesh.store.repo import Repo
 
 Body = dict[str, Any]
 
@@ -38,7 +38,7 @@ Body = dict[str, Any]
 class Plugin:
     """The handlers, by method name; each takes the request body and returns the answer."""
 
-    def __init__(self, home: Home, log: Callable[[str], None]) -> None:
+    def __init__(self, home: Repo, log: Callable[[str], None]) -> None:
         self.home = home
         self.log = log
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dm-plugin")
@@ -158,7 +158,7 @@ def bind(path: Path) -> socket.socket:
     return sock
 
 
-def serve(home: Home, path: Path, quiet: bool = False) -> None:
+def serve(home: Repo, path: Path, quiet: bool = False) -> None:
     """Answer on ``path`` until SIGTERM or SIGINT; then remove the socket."""
     import uvicorn  # noqa: PLC0415 - only the server needs it
 

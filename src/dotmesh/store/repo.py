@@ -35,11 +35,11 @@ from dotmesh.errors import (
     UsageError,
 )
 from dotmesh.meta.db import Tx, connect
+from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import ID_LEN, Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
-from dotmesh.workdir.snapshot import StatCache, decode_cache, encode_cache
 
 # Tables of rows that belong to one dot (column ``dot``): a dot's delete forgets them all.
 _PER_DOT = ("subdots", "branches", "statcache", "swaps", "hooks", "mounts", "dot_remotes",
@@ -155,7 +155,7 @@ def default_home() -> Path:
     return Path(env) if env else Path.home() / ".dotmesh"
 
 
-class Home:
+class Repo:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
         _check_index_present(self.root)
@@ -181,6 +181,10 @@ class Home:
 
     def stable(self, dot: str, subdot: str) -> Path:
         return self.dot_dir(dot) / "subdots" / subdot
+
+    def stable_folders(self, dot: str) -> list[Path]:
+        """Where the dot's apps see its data: what writers and restores look at."""
+        return [self.stable(dot, s) for s in self.subdots(dot)]
 
     def parked(self, dot: str, branch: str, subdot: str) -> Path:
         return self.dot_dir(dot) / "branches" / branch / subdot

@@ -1,1 +1,0 @@
-"""The Docker volume plugin: ``dm serve``."""
