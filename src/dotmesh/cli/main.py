@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,15 @@ from dotmesh.cli.render import (
     table,
     when,
 )
-from dotmesh.errors import DamagedIndex, DotmeshError
+from dotmesh.errors import (
+    Corrupt,
+    DamagedIndex,
+    DotmeshError,
+    InternalError,
+    Interrupted,
+    OutOfSpace,
+    UsageError,
+)
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
@@ -39,7 +47,6 @@ from dotmesh.version import FORMAT_VERSION, __version__
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
-INTERNAL_ERROR = 70
 _home_path: Path | None = None  # for messages about the store's index
 
 
@@ -600,7 +607,8 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
         click.echo(f"checked {r.objects} objects, {r.commits} commits, {r.trees} trees: "
                    + ("no problems" if r.ok else f"{len(remaining)} problems"))
     if not r.ok:
-        sys.exit(7)
+        raise Corrupt(f"the store has {len(remaining)} problems (listed above)"
+                      + ("" if repair else ": dm fsck --repair drops what cannot be trusted"))
 
 
 def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
@@ -629,54 +637,64 @@ cli_hub.register(cli)
 # ------------------------------------------------------------------ the one error handler
 
 
-def run(args: list[str] | None = None, prog: str = "dm") -> int:
-    """Run the CLI and return its exit code; every failure is one line on stderr."""
-    err: Callable[[str], None] = lambda msg: click.echo(f"{prog}: error: {safe(msg)}", err=True)  # noqa: E731
-    try:
-        cli.main(args=args, prog_name=prog, standalone_mode=False)
-        return 0
-    except DotmeshError as e:
-        err(str(e))
-        return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        err(e.format_message())
-        return e.exit_code
-    except click.exceptions.Abort:
-        err("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err("interrupted")
-        return 130
-    except BrokenPipeError:
-        return 0
-    except OSError as e:
-        where = f": {e.filename}" if e.filename else ""
+def _as_error(e: BaseException) -> DotmeshError | None:
+    """What went wrong, as one of dm's errors (with its exit code); None for a clean end."""
+    if isinstance(e, DotmeshError):
+        return e
+    if isinstance(e, click.exceptions.Exit | BrokenPipeError):
+        return None
+    if isinstance(e, click.ClickException):
+        return (UsageError if e.exit_code == UsageError.exit_code else DotmeshError)(
+            e.format_message())
+    if isinstance(e, click.exceptions.Abort):
+        return Interrupted("aborted")
+    if isinstance(e, KeyboardInterrupt):
+        return Interrupted("interrupted")
+    if isinstance(e, OSError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             # A write through a descriptor names no file: the store is where dm writes.
-            err(f"no space left on the device holding {e.filename or _home_path}; free some "
-                "space and run the command again")
-            return 11
-        err(f"{e.strerror or e}{where}")
-        return 1
-    except sqlite3.OperationalError as e:
+            return OutOfSpace(f"no space left on the device holding {e.filename or _home_path};"
+                              " free some space and run the command again")
+        return DotmeshError(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    if isinstance(e, sqlite3.OperationalError):
         if "full" in str(e):
-            err(f"no space left for the store's index in {_home_path}; free some space and "
-                "run the command again")
-            return 11
-        err(f"the store's index in {_home_path} failed: {e}")
-        return 11
-    except sqlite3.DatabaseError as e:
-        err(f"the store's index in {_home_path} is damaged ({e}): run dm fsck --repair")
-        return 7
-    except Exception as e:  # a bug: still one line, with the details on request
-        if os.environ.get("DM_DEBUG"):
-            import traceback
+            return OutOfSpace(f"no space left for the store's index in {_home_path}; free some "
+                              "space and run the command again")
+        return OutOfSpace(f"the store's index in {_home_path} failed: {e}")
+    if isinstance(e, sqlite3.DatabaseError):
+        return DamagedIndex(f"the store's index in {_home_path} is damaged ({e}): run dm fsck "
+                            "--repair")
+    if os.environ.get("DM_DEBUG"):  # a bug: still one line, with the details on request
+        import traceback
 
-            traceback.print_exc()
-        err(f"internal error: {type(e).__name__}: {e} (set DM_DEBUG=1 for details)")
-        return INTERNAL_ERROR
+        traceback.print_exception(e)
+    return InternalError(f"internal error: {type(e).__name__}: {e} (set DM_DEBUG=1 for details)")
+
+
+def _wants_json(args: list[str]) -> bool:
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def run(args: list[str] | None = None, prog: str = "dm") -> int:
+    """Run the CLI and return its exit code; every failure is one line on stderr (one JSON
+    object under --json: ``{"error": message, "type": class, "exit_code": n}``)."""
+    argv = sys.argv[1:] if args is None else args
+    try:
+        cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        return 0
+    except Exception as e:  # noqa: BLE001 - the one place every failure ends
+        failure = _as_error(e)
+        exit_code = e.exit_code if isinstance(e, click.exceptions.Exit) else 0
+    except KeyboardInterrupt as e:
+        failure, exit_code = _as_error(e), 0
+    if failure is None:
+        return exit_code
+    if _wants_json(argv):
+        click.echo(json.dumps({"error": str(failure), "type": type(failure).__name__,
+                               "exit_code": failure.exit_code}), err=True)
+    else:
+        click.echo(f"{prog}: error: {safe(str(failure))}", err=True)
+    return failure.exit_code
 
 
 def main() -> None:

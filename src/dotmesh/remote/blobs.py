@@ -32,6 +32,7 @@ class StorageError(DotmeshError):
     """The blob store (a folder or an S3 bucket) failed or refused a request."""
 
     exit_code = 11
+    http_status = 503
 
 
 def check_key(key: str) -> str:

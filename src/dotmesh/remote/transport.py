@@ -20,15 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from dotmesh.errors import (
-    Conflict,
-    DotmeshError,
-    Forbidden,
-    InvalidName,
-    NotFound,
-    Unauthorized,
-    UsageError,
-)
+from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import ID_LEN, KIND_COMMIT, Commit
 from dotmesh.remote.blobs import Blobs
@@ -143,9 +135,6 @@ class HubTransport:
     """A dot on a hub, over HTTP(S) with httpx; HTTP statuses become dm's errors."""
 
     can_delta = True
-    _ERRORS: dict[int, type[DotmeshError]] = {400: UsageError, 401: Unauthorized,
-                                              403: Forbidden, 404: NotFound, 409: Conflict,
-                                              413: UsageError, 422: BadTransfer}
 
     def __init__(self, url: str, user: str, key: str, remote_dot: str,
                  verify: bool | str = True) -> None:
@@ -176,7 +165,7 @@ class HubTransport:
                 msg = printable(str(json.loads(body)["error"]).splitlines()[0][:500])
             except (ValueError, KeyError, TypeError, IndexError, RecursionError):
                 msg = f"HTTP {r.status_code}: {bytes(body[:200])!r}"
-            raise self._ERRORS.get(r.status_code, Unreachable)(f"{self.where}: {msg}")
+            raise (error_for_status(r.status_code) or Unreachable)(f"{self.where}: {msg}")
         return bytes(body)
 
     def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:

@@ -41,11 +41,12 @@ _RAW_LIMIT = {**MAX_SIZE, KIND_FILELIST_DELTA: MAX_FILELIST}
 Get = Callable[[bytes], bytes]
 
 
-class BadTransfer(DotmeshError):
+class BadTransfer(DotmeshError, answers_status=True):
     """The other side sent something malformed, unasked for or not matching its id; nothing
     from it was kept and no ref moved."""
 
     exit_code = 7
+    http_status = 422
 
 
 @dataclass(frozen=True)

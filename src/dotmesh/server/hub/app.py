@@ -1,8 +1,8 @@
 """``dm hub serve``: the hub's HTTP API (described in ``openapi.yaml`` beside this file).
 
 Each route authenticates (HTTP Basic: user name and API key), parses, calls one method of
-:class:`HubStore` on a worker thread and answers; :func:`status_of` is the one place that maps
-errors to HTTP statuses. Object batches travel as ``application/octet-stream`` in the pack
+:class:`HubStore` on a worker thread and answers; an error answers with the HTTP status its
+class carries (``errors.py``). Object batches travel as ``application/octet-stream`` in the pack
 format; id lists as concatenated 32-byte ids.
 """
 
@@ -25,20 +25,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dotmesh.errors import (
-    AlreadyExists,
-    Conflict,
-    Corrupt,
-    DotmeshError,
-    Forbidden,
-    NotFound,
-    TooLarge,
-    Unauthorized,
-    UsageError,
-)
+from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.objects import ID_LEN
-from dotmesh.remote.blobs import StorageError
-from dotmesh.remote.wire import MAX_BATCH, BadTransfer, decode, encode
+from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
 from dotmesh.server.hub.config import HubConfig
 from dotmesh.server.hub.storage import Dot, HubStore, check_key_id
@@ -51,21 +40,6 @@ FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for
 BODIES_AT_ONCE = 2
 BODIES_PER_USER = 2
 BODY_IDLE = 30.0  # seconds a client may send nothing in the middle of a body
-_STATUS: list[tuple[type[DotmeshError], int]] = [
-    (Unauthorized, 401), (Forbidden, 403), (NotFound, 404), (AlreadyExists, 409),
-    (Conflict, 409), (BadTransfer, 422), (Corrupt, 422), (UsageError, 400),
-    (StorageError, 503)]
-
-
-def status_of(e: DotmeshError) -> int:
-    if isinstance(e, TooLarge):
-        return 413
-    for cls, status in _STATUS:
-        if isinstance(e, cls):
-            return status
-    return 500
-
-
 def openapi() -> str:
     return resources.files(hub).joinpath("openapi.yaml").read_text()
 
@@ -130,7 +104,7 @@ def create_app(store: HubStore) -> Starlette:
             except DotmeshError as e:
                 headers = {"WWW-Authenticate": 'Basic realm="dm hub"'} if isinstance(
                     e, Unauthorized) else None
-                return JSONResponse({"error": str(e)}, status_code=status_of(e),
+                return JSONResponse({"error": str(e)}, status_code=e.http_status,
                                     headers=headers)
             except ClientDisconnect:  # the client hung up mid-body: nobody to answer
                 return Response(status_code=400)
