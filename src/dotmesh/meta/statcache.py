@@ -3,6 +3,7 @@ given id, so that a commit reads only files whose stat changed."""
 
 from __future__ import annotations
 
+import sqlite3
 import struct
 from typing import NamedTuple
 
@@ -75,3 +76,29 @@ def decode_cache(blob: bytes) -> StatCache:
     paths = bytes(body[8:8 + names_len]).split(b"\0")  # paths never contain NUL
     records = _CACHE_RECORD.iter_unpack(body[8 + names_len:])
     return dict(zip(paths, records, strict=True))  # plain tuples: CacheEntry's layout
+
+
+def load(conn: sqlite3.Connection, dot: str, branch: str, subdot: str) -> StatCache:
+    """The subdot's cache on ``branch``; empty when there is none or it is damaged (which
+    only costs reading every file once)."""
+    row = conn.execute("SELECT data FROM statcache WHERE dot=? AND branch=? AND subdot=?",
+                       (dot, branch, subdot)).fetchone()
+    if row is None:
+        return {}
+    try:
+        return decode_cache(row[0])
+    except (ValueError, struct.error, TypeError):
+        return {}
+
+
+def save(conn: sqlite3.Connection, dot: str, branch: str, subdot: str, old: StatCache,
+         new: StatCache) -> None:
+    """Replace the subdot's cache (inside the caller's transaction) if it changed."""
+    if new != old:
+        conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
+                     (dot, branch, subdot, encode_cache(new)))
+
+
+def drop_branch(conn: sqlite3.Connection, dot: str, branch: str) -> None:
+    """Forget the caches of a branch whose folders go."""
+    conn.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))

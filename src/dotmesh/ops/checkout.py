@@ -113,8 +113,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
 
             caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
             with Tx(home.conn) as tx:
-                home.move_head(tx, dot, branch, old, target_id)
-                home.log_ref(tx, dot, branch, action, old, target_id, saved, message)
+                home.set_head(tx, dot, branch, old, target_id, action, saved, message)
                 for sub, cache in caches.items():
                     base = snap.caches.get(sub, {})
                     home.save_cache(tx, dot, branch, sub, base, cache)

@@ -126,8 +126,7 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
         oid = writer.put(KIND_COMMIT, c.encode())
         writer.flush()  # objects are durable before the ref names them
         with Tx(home.conn) as tx:
-            home.move_head(tx, dot, branch, old, oid)
-            home.log_ref(tx, dot, branch, "commit", old, oid, None, message)
+            home.set_head(tx, dot, branch, old, oid, "commit", None, message)
             save_caches(home, tx, dot, branch, snap)
     try:
         run_hooks(dot_hooks, "post-thaw", folders)

@@ -11,6 +11,7 @@ from dotmesh.capture.containers import stop as stop_containers
 from dotmesh.capture.stop import Stopped, active_containers, containers_of, stop_processes
 from dotmesh.capture.writers import Writer, find_writers
 from dotmesh.errors import Conflict, UsageError
+from dotmesh.meta import config
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
 from dotmesh.store.repo import Repo
@@ -55,8 +56,7 @@ def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Sto
     with home.lock(dot, "dot delete"):
         processes = find_writers(home.stable_folders(dot))
         containers = active_containers(dot)
-        mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=?",
-                                   (dot,)).fetchone()[0]
+        mounts = config.mount_count(home.conn, dot)
         users = [*map(str, processes), *map(str, containers)]
         if mounts and not containers:
             users.append(f"{mounts} Docker mount(s) of its volumes")
@@ -132,8 +132,7 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         branches=list(home.branches(dot)),
         writers=find_writers(home.stable_folders(dot)),
         containers=containers_of(dot) if containers is None else containers,
-        remotes={r[0]: r[1] for r in home.conn.execute(
-            "SELECT remote, remote_dot FROM dot_remotes WHERE dot=? ORDER BY remote", (dot,))},
+        remotes=config.remote_dots(home.conn, dot),
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dotmesh.errors import Conflict, Corrupt, Locked
+from dotmesh.meta import refs
 from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
 from dotmesh.store.repo import Repo, sound_reflog_row
 from dotmesh.workdir.branches import snapshot_dot
@@ -41,9 +42,7 @@ class ReflogEntry:
 
 
 def reflog(home: Repo, dot: str, limit: int | None = None) -> list[ReflogEntry]:
-    rows = home.conn.execute(
-        "SELECT seq, branch, ts_ns, action, old, new, saved, message FROM reflog WHERE dot=? "
-        "ORDER BY seq DESC LIMIT ?", (dot, -1 if limit is None else limit)).fetchall()
+    rows = refs.reflog_rows(home.conn, dot, limit)
     if not all(sound_reflog_row(*r[1:]) for r in rows):
         raise Corrupt(f"a reflog entry of dot {dot!r} is damaged: run dm fsck --repair")
     return [ReflogEntry(*r) for r in rows]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dotmesh.capture.hooks import Hook, check_stage
 from dotmesh.errors import NotFound, UsageError
+from dotmesh.meta import config
 from dotmesh.model.names import check_name
 from dotmesh.store.repo import Repo
 
 
 def hooks(home: Repo, dot: str) -> list[Hook]:
-    return [Hook(*r) for r in home.conn.execute(
-        "SELECT id, dot, subdot, stage, command, timeout FROM hooks WHERE dot=? ORDER BY id",
-        (dot,))]
+    return [Hook(*r) for r in config.hook_rows(home.conn, dot)]
 
 
 def add_hook(home: Repo, dot: str, stage: str, command: str, subdot: str | None,
@@ -26,12 +25,9 @@ def add_hook(home: Repo, dot: str, stage: str, command: str, subdot: str | None,
         raise UsageError("the hook command is empty")
     if timeout <= 0:
         raise UsageError("the hook timeout must be positive")
-    cur = home.conn.execute(
-        "INSERT INTO hooks (dot, subdot, stage, command, timeout) VALUES (?, ?, ?, ?, ?)",
-        (dot, subdot, stage, command, timeout))
-    return int(cur.lastrowid or 0)
+    return config.add_hook(home.conn, dot, stage, command, subdot, timeout)
 
 
 def remove_hook(home: Repo, dot: str, hook_id: int) -> None:
-    if not home.conn.execute("DELETE FROM hooks WHERE dot=? AND id=?", (dot, hook_id)).rowcount:
+    if not config.remove_hook(home.conn, dot, hook_id):
         raise NotFound(f"dot {dot!r} has no hook #{hook_id} (dm hook list shows them)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import AlreadyExists, NotFound, UsageError
+from dotmesh.meta import config
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_name
 from dotmesh.remote.blobs import S3Blobs
@@ -20,6 +21,7 @@ from dotmesh.remote.transport import HubTransport, S3Transport, Transport
 from dotmesh.store.repo import Repo
 
 HUB, S3 = "hub", "s3"
+DEFAULT_REMOTE = "default_remote"  # the store setting naming the remote push and pull use
 _HOST = re.compile(r"^([A-Za-z0-9_-]{1,64})@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?$")
 
 
@@ -81,13 +83,11 @@ def parse_s3(spec: str, secret: str | None = None) -> tuple[str, str, str, str]:
 def _save(home: Repo, r: Remote) -> None:
     check_name(r.name, "remote name")
     with Tx(home.conn) as c:
-        if c.execute("SELECT 1 FROM remotes WHERE name=?", (r.name,)).fetchone():
+        if config.remote_exists(c, r.name):
             raise AlreadyExists(f"remote {r.name!r} already exists (dm remote rm {r.name} "
                                 "first)")
-        c.execute("INSERT INTO remotes VALUES (?, ?, ?, ?, ?, ?)",
-                  (r.name, r.kind, r.url, r.user, r.secret, json.dumps(r.options)))
-        if not c.execute("SELECT 1 FROM meta WHERE key='default_remote'").fetchone():
-            c.execute("INSERT INTO meta VALUES ('default_remote', ?)", (r.name,))
+        config.add_remote(c, r.name, r.kind, r.url, r.user, r.secret, json.dumps(r.options))
+        config.set_setting_once(c, DEFAULT_REMOTE, r.name)
 
 
 def add_hub(home: Repo, name: str, spec: str, key: str, http: bool = False,
@@ -123,26 +123,23 @@ def blobs(r: Remote) -> S3Blobs:
 
 def remove(home: Repo, name: str) -> None:
     with Tx(home.conn) as c:
-        if not c.execute("DELETE FROM remotes WHERE name=?", (name,)).rowcount:
+        if not config.remove_remote(c, name):
             raise NotFound(f"no remote named {name!r} (dm remote -v lists them)")
-        c.execute("DELETE FROM dot_remotes WHERE remote=?", (name,))
-        c.execute("DELETE FROM remote_refs WHERE remote=?", (name,))
-        c.execute("DELETE FROM meta WHERE key='default_remote' AND value=?", (name,))
+        config.clear_setting(c, DEFAULT_REMOTE, name)
 
 
 def switch(home: Repo, name: str) -> None:
     get(home, name)
-    home.conn.execute("INSERT OR REPLACE INTO meta VALUES ('default_remote', ?)", (name,))
+    config.set_setting(home.conn, DEFAULT_REMOTE, name)
 
 
 def default(home: Repo) -> str | None:
-    row = home.conn.execute("SELECT value FROM meta WHERE key='default_remote'").fetchone()
-    return str(row[0]) if row else None
+    return config.setting(home.conn, DEFAULT_REMOTE)
 
 
 def all_remotes(home: Repo) -> list[Remote]:
-    return [Remote(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in home.conn.execute(
-        "SELECT name, kind, url, user, secret, options FROM remotes ORDER BY name")]
+    return [Remote(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]))
+            for r in config.remote_rows(home.conn)]
 
 
 def get(home: Repo, name: str | None) -> Remote:
@@ -161,10 +158,9 @@ def remote_dot_for(home: Repo, r: Remote, dot: str, given: str | None) -> str:
     """Which dot on the remote a local dot goes to: as given (``NAMESPACE/DOT`` on a hub),
     else as it went before, else the user's namespace and the same name."""
     if given is None:
-        row = home.conn.execute("SELECT remote_dot FROM dot_remotes WHERE dot=? AND remote=?",
-                                (dot, r.name)).fetchone()
-        if row:
-            return str(row[0])
+        before = config.remote_dot(home.conn, dot, r.name)
+        if before:
+            return before
         given = f"{r.user}/{dot}" if r.kind == HUB else dot
     return check_remote_dot(r, given)
 

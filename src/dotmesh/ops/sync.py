@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import zstandard
 
 from dotmesh.errors import AlreadyExists, Conflict, NotFound
+from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import (
@@ -69,17 +70,7 @@ class Transfer:
 def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
            head: bytes | None) -> None:
     with Tx(home.conn) as c:
-        _track_in(c, dot, remote, remote_dot, branch, head)
-
-
-def _track_in(c: object, dot: str, remote: str, remote_dot: str, branch: str,
-              head: bytes | None) -> None:
-    """Remember where the dot is shared and the head seen there (inside ``c``)."""
-    assert hasattr(c, "execute")
-    c.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)", (dot, remote, remote_dot))
-    if head is not None:
-        c.execute("INSERT OR REPLACE INTO remote_refs VALUES (?, ?, ?, ?)",
-                  (dot, remote, branch, head))
+        refs.track(c, dot, remote, remote_dot, branch, head)
 
 
 # ------------------------------------------------------------------ push
@@ -270,7 +261,7 @@ def fetch(home: Repo, t: Transport, head: bytes, have: list[bytes],
     aside[KIND_FILELIST].flush()
     aside[KIND_TREE].flush()
     with Tx(home.conn) as tx:  # before the commits land: what came from outside is known
-        tx.executemany("INSERT OR IGNORE INTO fetched VALUES (?)", [(o,) for o in commits])
+        refs.mark_fetched(tx, commits)
     aside[KIND_COMMIT].flush()
     return counted[0], counted[1]
 
@@ -376,9 +367,9 @@ def _move_parked(home: Repo, dot: str, branch: str, old: bytes | None, new: Obje
             raise Conflict(f"branch {branch} has changes that are not committed: dm checkout "
                            f"{branch} and commit them, then pull again")
         with Tx(home.conn) as tx:
-            home.move_head(tx, dot, branch, ObjectId(old) if old else None, new)
-            home.log_ref(tx, dot, branch, "pull", old, new, None, message)
-            tx.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+            home.set_head(tx, dot, branch, ObjectId(old) if old else None, new, "pull", None,
+                          message)
+            home.drop_caches(tx, dot, branch)
         for p in parked.values():
             shutil.rmtree(p)
 
@@ -421,10 +412,9 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
         home.create_dot(name, tx, branch, new)
         home.log_ref(tx, name, branch, "clone", None, new, None, message)
         home.begin_restore(tx, name, Journal("clone", branch, new, new, None, "clone", message))
-        _track_in(tx, name, r.name, rdot, branch, new)
+        refs.track(tx, name, r.name, rdot, branch, new)
         if same_owner:
-            tx.execute("INSERT OR REPLACE INTO dot_options VALUES (?, 'same_owner', '1')",
-                       (name,))
+            config.set_dot_option(tx, name, "same_owner", "1")
     with home.lock(name, "clone"):
         recover(home, name)  # builds the folders, then ends the journal
     if home.current_dot() is None:

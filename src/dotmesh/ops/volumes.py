@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import AlreadyExists, Conflict, InvalidName, NotFound, UsageError
+from dotmesh.meta import config
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import VolumeName
 from dotmesh.store.repo import Repo
@@ -73,15 +73,14 @@ def create(home: Repo, name: str, opts: dict[str, object] | None) -> Volume:
 
 def get(home: Repo, name: str) -> Volume:
     vol = _existing(home, name)
-    mounts = home.conn.execute("SELECT count(*) FROM mounts WHERE dot=? AND subdot=?",
-                               (vol.dot, vol.subdot)).fetchone()[0]
+    mounts = config.mount_count(home.conn, vol.dot, vol.subdot)
     return Volume(name, str(home.stable(vol.dot, vol.subdot)), {
         "dot": vol.dot, "subdot": vol.subdot, "branch": home.branch(vol.dot),
         "mounts": int(mounts)})
 
 
 def list_volumes(home: Repo) -> list[Volume]:
-    rows = home.conn.execute("SELECT dot, name FROM subdots ORDER BY dot, name").fetchall()
+    rows = config.all_subdots(home.conn)
     return [Volume(str(VolumeName(d, s)), str(home.stable(d, s))) for d, s in rows]
 
 
@@ -93,16 +92,14 @@ def mount(home: Repo, name: str, mount_id: str) -> Volume:
         raise UsageError("Mount needs an ID")
     _not_swapping(home, vol.dot)
     home.stable(vol.dot, vol.subdot).mkdir(parents=True, exist_ok=True)
-    home.conn.execute("INSERT OR IGNORE INTO mounts VALUES (?, ?, ?, ?)",
-                      (vol.dot, vol.subdot, mount_id, time.time_ns()))
+    config.add_mount(home.conn, vol.dot, vol.subdot, mount_id)
     return get(home, name)
 
 
 def unmount(home: Repo, name: str, mount_id: str) -> None:
     """Forget the mount; an id this store never saw is fine (dockerd decides)."""
     vol = _existing(home, name)
-    home.conn.execute("DELETE FROM mounts WHERE dot=? AND subdot=? AND id=?",
-                      (vol.dot, vol.subdot, mount_id))
+    config.remove_mount(home.conn, vol.dot, vol.subdot, mount_id)
 
 
 def remove(home: Repo, name: str) -> list[Path]:

@@ -17,7 +17,6 @@ import os
 import shutil
 import sqlite3
 import stat
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from pathlib import Path
 
 from dotmesh.errors import (
     AlreadyExists,
-    Conflict,
     Corrupt,
     DamagedIndex,
     InvalidName,
@@ -34,16 +32,13 @@ from dotmesh.errors import (
     NotFound,
     UsageError,
 )
+from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
-from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
+from dotmesh.meta.statcache import StatCache
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import ID_LEN, Commit, ObjectId
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
-
-# Tables of rows that belong to one dot (column ``dot``): a dot's delete forgets them all.
-_PER_DOT = ("subdots", "branches", "statcache", "swaps", "hooks", "mounts", "dot_remotes",
-            "remote_refs", "reflog", "restores", "dot_options")
 
 
 @dataclass(frozen=True)
@@ -236,11 +231,11 @@ class Repo:
 
     # ------------------------------------------------------------ dots
     def current_dot(self) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key='current_dot'").fetchone()
-        return row[0] if row and self.dot_exists(row[0]) else None
+        dot = config.setting(self.conn, "current_dot")
+        return dot if dot is not None and self.dot_exists(dot) else None
 
     def set_current_dot(self, dot: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('current_dot', ?)", (dot,))
+        config.set_setting(self.conn, "current_dot", dot)
 
     def require_current(self, dot: str | None = None) -> str:
         if dot is not None:
@@ -252,7 +247,7 @@ class Repo:
         return cur
 
     def dot_exists(self, dot: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone() is not None
+        return config.dot_exists(self.conn, dot)
 
     def require_dot(self, dot: str) -> None:
         check_name(dot, "dot name")
@@ -260,11 +255,10 @@ class Repo:
             raise NotFound(f"no dot named {dot!r} (dm list shows the dots)")
 
     def dots(self) -> list[str]:
-        return [_named(r[0], "dot", "") for r in self.conn.execute(
-            "SELECT name FROM dots ORDER BY name")]
+        return [_named(name, "dot", "") for name in config.dot_names(self.conn)]
 
-    def create_dot(self, dot: str, c: object | None = None, branch: str = DEFAULT_BRANCH,
-                   head: ObjectId | None = None) -> None:
+    def create_dot(self, dot: str, c: sqlite3.Connection | None = None,
+                   branch: str = DEFAULT_BRANCH, head: ObjectId | None = None) -> None:
         """Add a dot whose current branch is ``branch`` (at ``head``); inside the caller's
         transaction ``c`` if given, so that what else makes the dot lands with it."""
         check_name(dot, "dot name")
@@ -273,13 +267,9 @@ class Repo:
             with Tx(self.conn) as tx:
                 self.create_dot(dot, tx, branch, head)
             return
-        assert hasattr(c, "execute")
-        if c.execute("SELECT 1 FROM dots WHERE name=?", (dot,)).fetchone():
+        if config.dot_exists(c, dot):
             raise AlreadyExists(f"dot {dot!r} already exists")
-        for table in _PER_DOT:  # what an older dm left of a deleted dot of this name
-            c.execute(f"DELETE FROM {table} WHERE dot=?", (dot,))
-        c.execute("INSERT INTO dots VALUES (?, ?, ?)", (dot, branch, time.time_ns()))
-        c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+        config.add_dot(c, dot, branch, head)
         self.dot_dir(dot).mkdir(mode=PASSAGE, exist_ok=True)
         (self.dot_dir(dot) / "subdots").mkdir(mode=PASSAGE, exist_ok=True)
 
@@ -287,88 +277,72 @@ class Repo:
         """Forget the dot: refs, history, folders and settings (a new dot of the same name
         starts empty); its objects stay in the packs until gc."""
         with Tx(self.conn) as c:
-            c.execute("DELETE FROM dots WHERE name=?", (dot,))
-            for table in _PER_DOT:
-                c.execute(f"DELETE FROM {table} WHERE dot=?", (dot,))
+            config.delete_dot(c, dot)
         shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
 
     def subdots(self, dot: str) -> list[str]:
-        return [_named(r[0], "subdot", dot) for r in self.conn.execute(
-            "SELECT name FROM subdots WHERE dot=? ORDER BY name", (dot,))]
+        return [_named(name, "subdot", dot) for name in config.subdot_names(self.conn, dot)]
 
     def add_subdot(self, dot: str, subdot: str) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (dot, subdot))
+        config.add_subdot(self.conn, dot, subdot)
 
     def forget_subdot(self, dot: str, subdot: str) -> None:
         """Drop a subdot from the working state (its stat caches, hooks and mounts too);
         commits that hold it keep it."""
         with Tx(self.conn) as c:
-            for table in ("subdots", "statcache", "mounts", "hooks"):
-                col = "name" if table == "subdots" else "subdot"
-                c.execute(f"DELETE FROM {table} WHERE dot=? AND {col}=?", (dot, subdot))
+            config.forget_subdot(c, dot, subdot)
 
     # ------------------------------------------------------------ journaled restores
     def pending_restore(self, dot: str) -> Journal | None:
         """A restore of the dot's folders that was started and not finished (a kill)."""
-        row = self.conn.execute(
-            "SELECT kind, branch, old, target, saved, action, message FROM restores WHERE dot=?",
-            (dot,)).fetchone()
+        row = refs.pending_restore(self.conn, dot)
         if row is None:
             return None
         kind, branch, old, target, saved, action, message = row
         return Journal(kind, branch, _oid(old), ObjectId(target), _oid(saved), action, message)
 
-    def begin_restore(self, c: object, dot: str, j: Journal) -> None:
+    def begin_restore(self, c: sqlite3.Connection, dot: str, j: Journal) -> None:
         """Journal a restore (inside the caller's transaction) before any folder changes."""
-        assert hasattr(c, "execute")
-        c.execute("INSERT OR REPLACE INTO restores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (dot, j.kind, j.branch, j.old, j.target, j.saved, j.action, j.message,
-                   time.time_ns()))
+        refs.begin_restore(c, dot, j.kind, j.branch, j.old, j.target, j.saved, j.action,
+                           j.message)
 
-    def end_restore(self, c: object, dot: str) -> None:
-        assert hasattr(c, "execute")
-        c.execute("DELETE FROM restores WHERE dot=?", (dot,))
+    def end_restore(self, c: sqlite3.Connection, dot: str) -> None:
+        refs.end_restore(c, dot)
 
     def is_fetched(self, commit: bytes) -> bool:
         """Did this commit come from a remote (rather than being made here)?"""
-        return self.conn.execute("SELECT 1 FROM fetched WHERE commit_id=?",
-                                 (commit,)).fetchone() is not None
+        return refs.is_fetched(self.conn, commit)
 
     def dot_option(self, dot: str, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM dot_options WHERE dot=? AND key=?",
-                                (dot, key)).fetchone()
-        return str(row[0]) if row else None
+        return config.dot_option(self.conn, dot, key)
 
     def set_dot_option(self, dot: str, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO dot_options VALUES (?, ?, ?)",
-                          (dot, key, value))
+        config.set_dot_option(self.conn, dot, key, value)
 
     def swapping(self, dot: str) -> bool:
         """Is a branch swap of ``dot`` journaled but not finished (a checkout was killed)?"""
-        return self.conn.execute("SELECT 1 FROM swaps WHERE dot=?", (dot,)).fetchone() is not None
+        return refs.pending_swap(self.conn, dot) is not None
 
     # ------------------------------------------------------------ branches and refs
     def branch(self, dot: str) -> str:
-        row = self.conn.execute("SELECT branch FROM dots WHERE name=?", (dot,)).fetchone()
-        if row is None:
+        name = refs.current_branch(self.conn, dot)
+        if name is None:
             raise NotFound(f"no dot named {dot!r}")
-        return _named(row[0], "branch", dot)
+        return _named(name, "branch", dot)
 
     def branches(self, dot: str) -> dict[str, ObjectId | None]:
-        return {_named(r[0], "branch", dot): _head(dot, r[0], r[1]) for r in self.conn.execute(
-            "SELECT name, head FROM branches WHERE dot=? ORDER BY name", (dot,))}
+        return {_named(name, "branch", dot): _head(dot, str(name), head)
+                for name, head in refs.branch_rows(self.conn, dot)}
 
     def head(self, dot: str, branch: str) -> ObjectId | None:
-        row = self.conn.execute("SELECT head FROM branches WHERE dot=? AND name=?",
-                                (dot, branch)).fetchone()
+        row = refs.head_row(self.conn, dot, branch)
         if row is None:
             raise NotFound(f"dot {dot!r} has no branch {branch!r} (dm branch lists them)")
         return _head(dot, branch, row[0])
 
     def check_new_branch(self, dot: str, branch: str) -> None:
         check_branch(branch)
-        if self.conn.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
-                             (dot, branch)).fetchone():
+        if refs.branch_exists(self.conn, dot, branch):
             raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
 
     def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
@@ -379,35 +353,33 @@ class Repo:
         with Tx(self.conn) as c:
             self.add_branch(c, dot, branch, head)
 
-    def add_branch(self, c: object, dot: str, branch: str, head: ObjectId | None) -> None:
+    def add_branch(self, c: sqlite3.Connection, dot: str, branch: str,
+                   head: ObjectId | None) -> None:
         """Insert a branch row inside the caller's transaction (checked again there)."""
-        assert hasattr(c, "execute")
         self.check_new_branch(dot, branch)
-        c.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+        refs.add_branch(c, dot, branch, head)
+
+    def drop_caches(self, c: sqlite3.Connection, dot: str, branch: str) -> None:
+        """Forget a branch's stat caches (its folders are going), in the caller's transaction."""
+        statcache.drop_branch(c, dot, branch)
 
     def drop_parked(self, dot: str, branch: str) -> None:
         """Forget the folders and stat caches parked under ``branch``, a branch that does not
         exist (what a failed ``dm checkout -b`` had built)."""
         with Tx(self.conn) as c:
-            c.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+            statcache.drop_branch(c, dot, branch)
         shutil.rmtree(self.dot_dir(dot) / "branches" / branch, ignore_errors=True)
 
-    def move_head(self, c: object, dot: str, branch: str, old: ObjectId | None,
-                  new: ObjectId) -> None:
-        """Compare-and-swap a branch head inside the caller's transaction."""
-        assert hasattr(c, "execute")
-        cur = c.execute("SELECT head FROM branches WHERE dot=? AND name=?",
-                        (dot, branch)).fetchone()
-        if cur is None or (cur[0] or None) != old:
-            raise Conflict(f"branch {branch!r} of {dot!r} moved while this command ran; rerun it")
-        c.execute("UPDATE branches SET head=? WHERE dot=? AND name=?", (new, dot, branch))
+    def set_head(self, c: sqlite3.Connection, dot: str, branch: str, old: ObjectId | None,
+                 new: ObjectId, action: str, saved: ObjectId | None, message: str,
+                 logged: bool = True) -> None:
+        """Compare-and-swap a branch head and log it, inside the caller's transaction."""
+        refs.set_head(c, dot, branch, old, new, action, saved, message, logged)
 
-    def log_ref(self, c: object, dot: str, branch: str, action: str, old: bytes | None,
-                new: bytes | None, saved: bytes | None, message: str) -> None:
-        assert hasattr(c, "execute")
-        c.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  (dot, branch, time.time_ns(), action, old, new, saved, message))
+    def log_ref(self, c: sqlite3.Connection, dot: str, branch: str, action: str,
+                old: bytes | None, new: bytes | None, saved: bytes | None, message: str) -> None:
+        """A reflog row for a change that moved no existing head."""
+        refs.log(c, dot, branch, action, old, new, saved, message)
 
     def commit(self, oid: bytes) -> Commit:
         return Commit.decode(self.packs.get(oid))
@@ -447,10 +419,7 @@ class Repo:
         """Every commit reachable from the dot's branches and reflog."""
         seen: set[bytes] = set()
         stack = [h for h in self.branches(dot).values() if h]
-        for row in self.conn.execute("SELECT old, new, saved FROM reflog WHERE dot=? UNION ALL "
-                                     "SELECT old, target, saved FROM restores WHERE dot=?",
-                                     (dot, dot)):
-            stack.extend(x for x in row if x)
+        stack.extend(refs.logged_ids(self.conn, dot))
         stack.extend(self.remote_heads(dot).values())
         while stack:
             oid = stack.pop()
@@ -466,24 +435,13 @@ class Repo:
     def remote_heads(self, dot: str) -> dict[tuple[str, str], ObjectId]:
         """The last heads seen on remotes, by (remote, branch): fetched commits stay
         reachable (dm reset --hard can name them) until the next push or pull."""
-        return {(r[0], r[1]): ObjectId(r[2]) for r in self.conn.execute(
-            "SELECT remote, branch, head FROM remote_refs WHERE dot=?", (dot,))}
+        return {(r, b): ObjectId(h) for r, b, h in refs.remote_head_rows(self.conn, dot)}
 
     # ------------------------------------------------------------ stat caches
     def load_cache(self, dot: str, branch: str, subdot: str) -> StatCache:
-        row = self.conn.execute("SELECT data FROM statcache WHERE dot=? AND branch=? AND subdot=?",
-                                (dot, branch, subdot)).fetchone()
-        if row is None:
-            return {}
-        try:
-            return decode_cache(row[0])
-        except (ValueError, struct.error, TypeError):  # a damaged cache costs a re-read
-            return {}
+        return statcache.load(self.conn, dot, branch, subdot)
 
-    def save_cache(self, c: object, dot: str, branch: str, subdot: str, old: StatCache,
-                   new: StatCache) -> None:
+    def save_cache(self, c: sqlite3.Connection, dot: str, branch: str, subdot: str,
+                   old: StatCache, new: StatCache) -> None:
         """Replace the subdot's cache, inside the caller's transaction, if it changed."""
-        assert hasattr(c, "execute")
-        if new != old:
-            c.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
-                      (dot, branch, subdot, encode_cache(new)))
+        statcache.save(c, dot, branch, subdot, old, new)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.errors import DotmeshError
+from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
@@ -203,11 +204,12 @@ def finish_restore(home: Repo, dot: str, progress: Progress | None = None) -> bo
         caches = restore_folders(home, dot, j.target, snap, writer, progress)
         with Tx(home.conn) as tx:
             head = home.head(dot, j.branch)
+            message = f"{j.message} (finished after an interruption)"
             if head != j.target:
-                home.move_head(tx, dot, j.branch, j.old, j.target)
-            if j.kind != "clone":
-                home.log_ref(tx, dot, j.branch, j.action, j.old, j.target, j.saved,
-                             f"{j.message} (finished after an interruption)")
+                home.set_head(tx, dot, j.branch, j.old, j.target, j.action, j.saved, message,
+                              logged=j.kind != "clone")
+            elif j.kind != "clone":
+                home.log_ref(tx, dot, j.branch, j.action, j.old, j.target, j.saved, message)
             for sub, cache in caches.items():
                 home.save_cache(tx, dot, j.branch, sub, snap.caches.get(sub, {}), cache)
             home.end_restore(tx, dot)
@@ -225,17 +227,16 @@ def swap(home: Repo, dot: str, to_branch: str) -> None:
     """Park the current branch's folders and bring ``to_branch``'s in, crash-safely."""
     from_branch = home.branch(dot)
     with Tx(home.conn) as c:
-        c.execute("INSERT OR REPLACE INTO swaps VALUES (?, ?, ?)", (dot, from_branch, to_branch))
+        refs.begin_swap(c, dot, from_branch, to_branch)
     settle(home, dot)
 
 
 def settle(home: Repo, dot: str) -> None:
     """Finish a swap that a killed dm left half done (always rolls forward)."""
-    row = home.conn.execute("SELECT from_branch, to_branch FROM swaps WHERE dot=?",
-                            (dot,)).fetchone()
-    if row is None:
+    pending = refs.pending_swap(home.conn, dot)
+    if pending is None:
         return
-    from_branch, to_branch = row
+    from_branch, to_branch = pending
     for sub in home.subdots(dot):
         stable = home.stable(dot, sub)
         old, new = home.parked(dot, from_branch, sub), home.parked(dot, to_branch, sub)
@@ -249,8 +250,7 @@ def settle(home: Repo, dot: str) -> None:
             else:
                 stable.mkdir(parents=True)
     with Tx(home.conn) as c:
-        c.execute("UPDATE dots SET branch=? WHERE name=?", (to_branch, dot))
-        c.execute("DELETE FROM swaps WHERE dot=?", (dot,))
+        refs.end_swap(c, dot, to_branch)
     leftover = home.dot_dir(dot) / "branches" / to_branch
     if leftover.exists() and not any(leftover.iterdir()):
         leftover.rmdir()

@@ -1,0 +1,142 @@
+"""Refs: branches and their heads, the reflog, journaled restores and swaps, and what was
+seen on remotes. A head moves only by compare-and-swap, with its reflog row in the same call,
+inside the caller's transaction (so that it lands with whatever else the command records).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from dotmesh.errors import Conflict
+
+Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
+
+
+# ------------------------------------------------------------------ branches
+def current_branch(conn: sqlite3.Connection, dot: str) -> object | None:
+    """The dot's checked-out branch as stored (None: no such dot)."""
+    row = conn.execute("SELECT branch FROM dots WHERE name=?", (dot,)).fetchone()
+    return None if row is None else row[0]
+
+
+def branch_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
+    """(name, head) of each branch, by name."""
+    return conn.execute("SELECT name, head FROM branches WHERE dot=? ORDER BY name",
+                        (dot,)).fetchall()
+
+
+def head_row(conn: sqlite3.Connection, dot: str, branch: str) -> Row | None:
+    """(head,) of the branch, or None when it does not exist."""
+    row: Row | None = conn.execute("SELECT head FROM branches WHERE dot=? AND name=?",
+                                   (dot, branch)).fetchone()
+    return row
+
+
+def branch_exists(conn: sqlite3.Connection, dot: str, branch: str) -> bool:
+    return head_row(conn, dot, branch) is not None
+
+
+def add_branch(conn: sqlite3.Connection, dot: str, branch: str, head: bytes | None) -> None:
+    conn.execute("INSERT INTO branches VALUES (?, ?, ?)", (dot, branch, head))
+
+
+def set_head(conn: sqlite3.Connection, dot: str, branch: str, old: bytes | None,
+             new: bytes, action: str, saved: bytes | None, message: str,
+             logged: bool = True) -> None:
+    """Move the branch from ``old`` to ``new`` and log it (unless not ``logged``: a clone's
+    row is written when it starts); Conflict if it is not at ``old`` any more (another dm
+    moved it meanwhile)."""
+    cur = head_row(conn, dot, branch)
+    if cur is None or (cur[0] or None) != old:
+        raise Conflict(f"branch {branch!r} of {dot!r} moved while this command ran; rerun it")
+    conn.execute("UPDATE branches SET head=? WHERE dot=? AND name=?", (new, dot, branch))
+    if logged:
+        log(conn, dot, branch, action, old, new, saved, message)
+
+
+def log(conn: sqlite3.Connection, dot: str, branch: str, action: str, old: bytes | None,
+        new: bytes | None, saved: bytes | None, message: str) -> None:
+    """A reflog row for a change that moved no existing head (a new branch, a clone...)."""
+    conn.execute("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (dot, branch, time.time_ns(), action, old, new, saved, message))
+
+
+def reflog_rows(conn: sqlite3.Connection, dot: str, limit: int | None) -> list[Row]:
+    """(seq, branch, ts_ns, action, old, new, saved, message), newest first."""
+    return conn.execute(
+        "SELECT seq, branch, ts_ns, action, old, new, saved, message FROM reflog WHERE dot=? "
+        "ORDER BY seq DESC LIMIT ?", (dot, -1 if limit is None else limit)).fetchall()
+
+
+def logged_ids(conn: sqlite3.Connection, dot: str) -> list[bytes]:
+    """Every commit id the reflog and the restore journal of ``dot`` name: all of them stay
+    reachable (dm reset --hard can name a discarded state)."""
+    return [x for row in conn.execute(
+        "SELECT old, new, saved FROM reflog WHERE dot=? UNION ALL "
+        "SELECT old, target, saved FROM restores WHERE dot=?", (dot, dot)) for x in row if x]
+
+
+# ------------------------------------------------------------------ journals
+def pending_restore(conn: sqlite3.Connection, dot: str) -> Row | None:
+    """(kind, branch, old, target, saved, action, message) of an unfinished restore."""
+    row: Row | None = conn.execute(
+        "SELECT kind, branch, old, target, saved, action, message FROM restores WHERE dot=?",
+        (dot,)).fetchone()
+    return row
+
+
+def begin_restore(conn: sqlite3.Connection, dot: str, kind: str, branch: str,
+                  old: bytes | None, target: bytes, saved: bytes | None, action: str,
+                  message: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO restores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (dot, kind, branch, old, target, saved, action, message, time.time_ns()))
+
+
+def end_restore(conn: sqlite3.Connection, dot: str) -> None:
+    conn.execute("DELETE FROM restores WHERE dot=?", (dot,))
+
+
+def begin_swap(conn: sqlite3.Connection, dot: str, from_branch: str, to_branch: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO swaps VALUES (?, ?, ?)", (dot, from_branch, to_branch))
+
+
+def pending_swap(conn: sqlite3.Connection, dot: str) -> tuple[str, str] | None:
+    """(from_branch, to_branch) of a swap of the dot's folders a killed dm left."""
+    row = conn.execute("SELECT from_branch, to_branch FROM swaps WHERE dot=?",
+                       (dot,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def end_swap(conn: sqlite3.Connection, dot: str, to_branch: str) -> None:
+    """The swap is done: ``to_branch`` is the checked-out branch."""
+    conn.execute("UPDATE dots SET branch=? WHERE name=?", (to_branch, dot))
+    conn.execute("DELETE FROM swaps WHERE dot=?", (dot,))
+
+
+# ------------------------------------------------------------------ remotes
+def remote_head_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
+    """(remote, branch, head) last seen on remotes."""
+    return conn.execute("SELECT remote, branch, head FROM remote_refs WHERE dot=?",
+                        (dot,)).fetchall()
+
+
+def track(conn: sqlite3.Connection, dot: str, remote: str, remote_dot: str, branch: str,
+          head: bytes | None) -> None:
+    """Remember where the dot is shared and the head seen there."""
+    conn.execute("INSERT OR REPLACE INTO dot_remotes VALUES (?, ?, ?)", (dot, remote, remote_dot))
+    if head is not None:
+        conn.execute("INSERT OR REPLACE INTO remote_refs VALUES (?, ?, ?, ?)",
+                     (dot, remote, branch, head))
+
+
+def mark_fetched(conn: sqlite3.Connection, commits: Iterable[bytes]) -> None:
+    conn.executemany("INSERT OR IGNORE INTO fetched VALUES (?)", [(c,) for c in commits])
+
+
+def is_fetched(conn: sqlite3.Connection, commit: bytes) -> bool:
+    return conn.execute("SELECT 1 FROM fetched WHERE commit_id=?",
+                        (commit,)).fetchone() is not None
