@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from dotmesh.errors import Conflict, NotFound, UsageError
-from dotmesh.model.objects import KIND_CHUNK, KIND_COMMIT, Commit, object_id
+from dotmesh.model.ids import object_id
+from dotmesh.model.objects import KIND_CHUNK, KIND_COMMIT, Commit
 from dotmesh.remote.blobs import LocalBlobs, S3Blobs
 from dotmesh.remote.transport import HubTransport, S3Transport
 from dotmesh.remote.wire import Record

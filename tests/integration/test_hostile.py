@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dotmesh.model.ids import HOLE, ObjectId, object_id
 from dotmesh.model.objects import (
     DIR,
     FILE,
-    HOLE,
     KIND_CHUNK,
     KIND_COMMIT,
     KIND_FILELIST,
@@ -36,10 +36,8 @@ from dotmesh.model.objects import (
     SYMLINK,
     Commit,
     FileList,
-    ObjectId,
     Root,
     encode_tree_rows,
-    object_id,
 )
 from dotmesh.remote.wire import Record, encode
 from dotmesh.store.packs import PACK_MAGIC, RECORD

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import zstandard
 
+from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import (
     FILE,
     KIND_CHUNK,
@@ -21,10 +22,8 @@ from dotmesh.model.objects import (
     KIND_FILELIST,
     KIND_TREE,
     MAX_CHUNK,
-    ObjectId,
     Root,
     encode_tree_rows,
-    object_id,
 )
 from dotmesh.remote.wire import Record, encode
 from dotmesh.store.packs import PACK_MAGIC, RECORD

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from dotmesh.errors import NotFound
-from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows, object_id
+from dotmesh.model.ids import object_id
+from dotmesh.model.objects import FILE, KIND_CHUNK, KIND_TREE, encode_tree_rows
 from dotmesh.remote.blobs import LocalBlobs
 from dotmesh.remote.wire import Record, decode, encode
 from dotmesh.server.hub.storage import HubStore

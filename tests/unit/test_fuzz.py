@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from dotmesh.errors import DotmeshError
 from dotmesh.meta.statcache import CacheEntry, decode_cache, encode_cache
+from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -26,11 +27,9 @@ from dotmesh.model.objects import (
     SYMLINK,
     Commit,
     FileList,
-    ObjectId,
     Root,
     Tree,
     encode_tree_rows,
-    object_id,
 )
 from dotmesh.remote import graph
 from dotmesh.remote.packed import Loc, decode_index, encode_index

@@ -3,19 +3,9 @@ import json
 import pytest
 
 from dotmesh.errors import Corrupt, InvalidName, UsageError
+from dotmesh.model.ids import HOLE, object_id
 from dotmesh.model.names import DEFAULT_SUBDOT, VolumeName, check_branch
-from dotmesh.model.objects import (
-    DIR,
-    FILE,
-    HOLE,
-    SYMLINK,
-    Commit,
-    Entry,
-    FileList,
-    Root,
-    Tree,
-    object_id,
-)
+from dotmesh.model.objects import DIR, FILE, SYMLINK, Commit, Entry, FileList, Root, Tree
 from dotmesh.model.refspec import parse_ref
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from dotmesh.errors import Corrupt
 from dotmesh.meta.db import connect
-from dotmesh.model.objects import HOLE, KIND_CHUNK, object_id
+from dotmesh.model.ids import HOLE, object_id
+from dotmesh.model.objects import KIND_CHUNK
 from dotmesh.store import chunker
 from dotmesh.store.packs import PackStore
 

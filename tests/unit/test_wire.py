@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -15,9 +16,7 @@ from dotmesh.model.objects import (
     KIND_FILELIST,
     SYMLINK,
     FileList,
-    ObjectId,
     encode_tree_rows,
-    object_id,
 )
 from dotmesh.remote import graph
 from dotmesh.remote.wire import (

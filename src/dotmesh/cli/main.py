@@ -240,8 +240,6 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     home = c.home
     dot_name = home.require_current()
     meta = commit_ops.parse_metadata(list(metadata))
-    if any(k.startswith("dm.") for k in meta):
-        raise click.UsageError("metadata keys starting with 'dm.' are reserved")
     with progress_bar("Committing") as bar:
         r = commit_ops.commit(home, dot_name, message, meta, author, progress=bar,
                               freeze=not no_freeze, freeze_timeout=freeze_timeout)
@@ -367,11 +365,9 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     \b
     Example:  dm reset --hard HEAD^
     """
-    if not hard:
-        raise click.UsageError("only 'dm reset --hard REF' is supported")
     dot_name = c.home.require_current()
     with progress_bar("Resetting") as bar:
-        r = checkout_ops.reset_hard(c.home, dot_name, ref, bar, stop_writers)
+        r = checkout_ops.reset(c.home, dot_name, ref, hard, bar, stop_writers)
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None,

@@ -13,16 +13,11 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, NewType
-
-import blake3
+from typing import Any
 
 from dotmesh.errors import Corrupt, InvalidName
+from dotmesh.model.ids import ID_LEN, ObjectId, parse_hex_id
 from dotmesh.model.names import check_metadata_key, check_name
-
-ObjectId = NewType("ObjectId", bytes)
-ID_LEN = 32
-HOLE = ObjectId(bytes(ID_LEN))  # a run of zero bytes, restored as a sparse hole
 
 KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT = 0, 1, 2, 3
 KIND_NAMES = {KIND_CHUNK: "chunk", KIND_FILELIST: "file list", KIND_TREE: "tree",
@@ -50,20 +45,6 @@ UINT32 = 1 << 32
 
 # Tree entry kinds.
 FILE, DIR, SYMLINK = "f", "d", "l"
-
-
-def object_id(data: bytes | memoryview) -> ObjectId:
-    return ObjectId(blake3.blake3(data).digest())
-
-
-_HEX_ID = re.compile(r"[0-9a-f]{64}")
-
-
-def parse_hex_id(text: object) -> ObjectId:
-    """An object id from its canonical text: 64 lowercase hex digits."""
-    if not isinstance(text, str) or not _HEX_ID.fullmatch(text):
-        raise Corrupt(f"bad object id {str(text)[:80]!r}")
-    return ObjectId(bytes.fromhex(text))
 
 
 def _ref_id(text: str) -> ObjectId:

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass
 
 from dotmesh.capture.stop import Stopped, stopped_for_restore
-from dotmesh.errors import Conflict
+from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta.db import Tx
+from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch
-from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
 from dotmesh.store.repo import Journal, Repo
@@ -72,6 +73,15 @@ def checkout(home: Repo, dot: str, branch: str, create: bool = False,
                 materialize(home, dot, branch, home.head(dot, branch), writer, progress)
             swap(home, dot, branch)
         return True, stopped
+
+
+def reset(home: Repo, dot: str, ref: str, hard: bool, progress: Progress | None = None,
+          stop_writers: bool = False) -> ResetResult:
+    """``dm reset``: only ``--hard`` exists (there is no index whose state a soft reset
+    would keep), and it must be asked for, since it replaces the working state."""
+    if not hard:
+        raise UsageError("only 'dm reset --hard REF' is supported")
+    return reset_hard(home, dot, ref, progress, stop_writers)
 
 
 def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,

@@ -17,7 +17,8 @@ from dotmesh.capture.writers import Writer, find_writers, shared_mappings
 from dotmesh.errors import Corrupt, DotmeshError, UsageError
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import HINT_ONLY
-from dotmesh.model.objects import KIND_COMMIT, Commit, ObjectId
+from dotmesh.model.ids import ObjectId
+from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.ops.hooks import hooks as hooks_of
 from dotmesh.store.repo import Repo
 from dotmesh.workdir.branches import DotSnapshot, Progress, recover, save_caches, snapshot_dot
@@ -36,6 +37,9 @@ class CommitResult:
     bytes_read: int
     bytes_stored: int
     frozen_bytes_read: int = 0  # read while the writers were stopped
+
+
+RESERVED_PREFIX = "dm."  # metadata keys dm writes itself (dm.freeze_ms, dm.writers)
 
 
 def default_author() -> str:
@@ -67,6 +71,8 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
     they are all stopped together, only what changed meanwhile is read, and they are thawed:
     one point in time across all subdots, with a short freeze.
     """
+    if any(k.startswith(RESERVED_PREFIX) for k in metadata or {}):
+        raise UsageError(f"metadata keys starting with {RESERVED_PREFIX!r} are reserved")
     if not message.strip():
         raise UsageError("the commit message is empty: give one with -m")
     if freeze_timeout <= 0:

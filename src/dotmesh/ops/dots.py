@@ -12,10 +12,11 @@ from dotmesh.capture.stop import Stopped, active_containers, containers_of, stop
 from dotmesh.capture.writers import Writer, find_writers
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta import config
+from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.names import VolumeName, check_name
-from dotmesh.model.objects import EMPTY_TREE, Commit, ObjectId, Root, object_id
+from dotmesh.model.objects import EMPTY_TREE, Commit, Root
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.branches import recover, snapshot_dot
+from dotmesh.workdir.branches import make_stable, recover, snapshot_dot
 
 
 def init(home: Repo, dot: str) -> bool:
@@ -41,9 +42,7 @@ def path(home: Repo, name: str) -> Path:
     with home.lock(vol.dot, "path"):
         recover(home, vol.dot)
         home.add_subdot(vol.dot, vol.subdot)
-        p = home.stable(vol.dot, vol.subdot)
-        p.mkdir(parents=True, exist_ok=True)
-    return p
+        return make_stable(home, vol.dot, vol.subdot)
 
 
 def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Stopped:

@@ -23,8 +23,9 @@ from pathlib import Path
 from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
+from dotmesh.model.ids import HOLE, ID_LEN
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
-from dotmesh.model.objects import DIR, FILE, HOLE, ID_LEN, KIND_COMMIT, Commit, FileList, Tree
+from dotmesh.model.objects import DIR, FILE, KIND_COMMIT, Commit, FileList, Tree
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.store.repo import Repo, sound_reflog_row
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.meta import refs
-from dotmesh.model.objects import DIR, Commit, Entry, ObjectId, Root, Tree
+from dotmesh.model.ids import ObjectId
+from dotmesh.model.objects import DIR, Commit, Entry, Root, Tree
 from dotmesh.store.repo import Repo, sound_reflog_row
 from dotmesh.workdir.branches import snapshot_dot
 

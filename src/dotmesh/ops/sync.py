@@ -22,17 +22,16 @@ import zstandard
 from dotmesh.errors import AlreadyExists, Conflict, NotFound
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
+from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import (
     FILE,
-    HOLE,
     KIND_CHUNK,
     KIND_COMMIT,
     KIND_FILELIST,
     KIND_TREE,
     Commit,
     FileList,
-    ObjectId,
     Tree,
 )
 from dotmesh.ops import checkout as checkout_ops
@@ -42,8 +41,7 @@ from dotmesh.remote import graph
 from dotmesh.remote.transport import Transport
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta
 from dotmesh.store.repo import Journal, Repo
-from dotmesh.workdir.branches import recover
-from dotmesh.workdir.snapshot import snapshot
+from dotmesh.workdir.branches import backend_of, recover
 
 Progress = Callable[[int], None]
 CHUNK_FETCH = 2000  # chunks asked for at once (the answer comes in parts of a few MiB)
@@ -361,7 +359,8 @@ def _move_parked(home: Repo, dot: str, branch: str, old: bytes | None, new: Obje
         before = home.commit(old) if old else None
         parked = {s: home.parked(dot, branch, s) for s in home.subdots(dot)}
         parked = {s: p for s, p in parked.items() if p.exists()}
-        roots = {s: snapshot(p, home.packs, None, home.load_cache(dot, branch, s)).root
+        backend = backend_of(home)
+        roots = {s: backend.snapshot(p, home.packs, None, home.load_cache(dot, branch, s)).root
                  for s, p in parked.items()}
         if roots and is_dirty(roots, before):
             raise Conflict(f"branch {branch} has changes that are not committed: dm checkout "

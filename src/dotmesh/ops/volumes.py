@@ -19,7 +19,7 @@ from dotmesh.meta import config
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import VolumeName
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.branches import recover
+from dotmesh.workdir.branches import make_stable, recover
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def create(home: Repo, name: str, opts: dict[str, object] | None) -> Volume:
             pass  # made meanwhile by another request
     _not_swapping(home, vol.dot)
     home.add_subdot(vol.dot, vol.subdot)
-    home.stable(vol.dot, vol.subdot).mkdir(parents=True, exist_ok=True)
+    make_stable(home, vol.dot, vol.subdot)
     return get(home, name)
 
 
@@ -91,7 +91,7 @@ def mount(home: Repo, name: str, mount_id: str) -> Volume:
     if not mount_id:
         raise UsageError("Mount needs an ID")
     _not_swapping(home, vol.dot)
-    home.stable(vol.dot, vol.subdot).mkdir(parents=True, exist_ok=True)
+    make_stable(home, vol.dot, vol.subdot)
     config.add_mount(home.conn, vol.dot, vol.subdot, mount_id)
     return get(home, name)
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from dotmesh.errors import Corrupt
+from dotmesh.model.ids import HOLE
 from dotmesh.model.objects import (
     DIR,
     FILE,
-    HOLE,
     KIND_CHUNK,
     KIND_COMMIT,
     KIND_FILELIST,

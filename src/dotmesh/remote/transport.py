@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
+from dotmesh.model.ids import ID_LEN
 from dotmesh.model.names import check_branch, check_name
-from dotmesh.model.objects import ID_LEN, KIND_COMMIT, Commit
+from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.packed import (
     Loc,

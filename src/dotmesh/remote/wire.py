@@ -17,6 +17,7 @@ import zstandard
 
 from dotmesh.errors import DotmeshError
 from dotmesh.model import objects
+from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import (
     KIND_CHUNK,
     KIND_COMMIT,
@@ -26,9 +27,7 @@ from dotmesh.model.objects import (
     MAX_SIZE,
     Commit,
     FileList,
-    ObjectId,
     Tree,
-    object_id,
 )
 from dotmesh.store.packs import FLAG_ZSTD, PACK_MAGIC, RECORD, ZSTD_SLACK, decompress
 

@@ -20,7 +20,8 @@ import blake3
 import xxhash
 from pyfastcdc import FastCDC
 
-from dotmesh.model.objects import HOLE, KIND_CHUNK
+from dotmesh.model.ids import HOLE
+from dotmesh.model.objects import KIND_CHUNK
 from dotmesh.store.packs import compress
 
 if FastCDC.__module__ != "pyfastcdc.cy.fastcdc":  # the pure-Python fallback is 400x slower

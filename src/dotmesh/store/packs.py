@@ -22,7 +22,8 @@ from pathlib import Path
 import zstandard
 
 from dotmesh.errors import Corrupt, NotFound, OutOfSpace, TooLarge
-from dotmesh.model.objects import ID_LEN, KIND_NAMES, MAX_SIZE, ObjectId, object_id
+from dotmesh.model.ids import ID_LEN, ObjectId, object_id
+from dotmesh.model.objects import KIND_NAMES, MAX_SIZE
 
 PACK_MAGIC = b"DMPACK1\n"
 RECORD = struct.Struct(f"<BB{ID_LEN}sII")

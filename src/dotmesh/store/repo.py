@@ -35,8 +35,9 @@ from dotmesh.errors import (
 from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import StatCache
+from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
-from dotmesh.model.objects import ID_LEN, Commit, ObjectId
+from dotmesh.model.objects import Commit
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
 
@@ -59,6 +60,31 @@ def _holder_of(fd: int) -> tuple[int, str]:
     text = os.pread(fd, 200, 0).decode(errors="replace").strip()
     pid, _, command = text.partition(" ")
     return (int(pid) if pid.isdigit() else 0), command
+
+
+@contextmanager
+def _flocked(path: Path, mode: int, command: str, busy: str) -> Iterator[None]:
+    """Hold ``flock(mode)`` on ``path`` for the block, the holder's pid and command written in
+    it (an exclusive holder's); Locked at once, naming the holder, if another has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        for attempt in range(3):  # a read peeking at the lock holds it for a moment
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    pid, what = _holder_of(fd)
+                    doing = f"dm {what}, pid {pid}" if what else f"pid {pid}"
+                    raise Locked(f"{busy}: another dm process ({doing}) is working on it; "
+                                 "try again when it has finished") from None
+                time.sleep(0.02)
+        if mode == fcntl.LOCK_EX:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {command}".strip().encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _named(value: object, what: str, dot: str) -> str:
@@ -193,26 +219,21 @@ class Repo:
     @contextmanager
     def lock(self, dot: str, command: str = "") -> Iterator[None]:
         """Hold the dot's lock for the block; fail at once, naming the holder, if taken.
-        ``command`` is written beside the pid, so that reads can say what is going on."""
-        path = self.root / "locks" / f"{dot}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            for attempt in range(3):  # a read peeking at the lock holds it for a moment
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == 2:
-                        pid, what = _holder_of(fd)
-                        doing = f"dm {what}, pid {pid}" if what else f"pid {pid}"
-                        raise Locked(f"dot {dot!r} is busy: another dm process ({doing}) is "
-                                     "working on it; try again when it has finished") from None
-                    time.sleep(0.02)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {command}".strip().encode(), 0)
+        ``command`` is written beside the pid, so that reads can say what is going on.
+        The store lock is held shared meanwhile: work on different dots runs side by side,
+        and a store-wide operation (gc) waits for none of it and lets none of it start."""
+        with self.store_lock(command, exclusive=False), \
+                _flocked(self.root / "locks" / f"{dot}.lock", fcntl.LOCK_EX, command,
+                         f"dot {dot!r} is busy"):
             yield
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def store_lock(self, command: str = "", exclusive: bool = True) -> Iterator[None]:
+        """The whole store's lock: exclusive for work that must see every dot at rest (gc),
+        shared under every dot's lock."""
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        with _flocked(self.root / "locks" / "store.lock", mode, command, "the store is busy"):
+            yield
 
     def holder(self, dot: str) -> tuple[int, str] | None:
         """(pid, command) of the dm process working on the dot, or None; never waits."""

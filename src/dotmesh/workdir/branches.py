@@ -16,11 +16,13 @@ from dotmesh.errors import DotmeshError
 from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache
-from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, ObjectId, Root, object_id
+from dotmesh.model.ids import ObjectId, object_id
+from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, build, merge_cache, prepare
-from dotmesh.workdir.snapshot import SnapshotResult, snapshot, update
+from dotmesh.workdir.backend import PLAIN, FolderBackend
+from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, merge_cache
+from dotmesh.workdir.snapshot import SnapshotResult
 
 Progress = Callable[[int], None]
 
@@ -50,9 +52,21 @@ class DotSnapshot:
         return sum(r.frozen_bytes_read for r in self.results.values())
 
 
+def backend_of(home: Repo) -> FolderBackend:
+    """The store's folder backend (plain folders; a store on btrfs will choose its own)."""
+    return PLAIN
+
+
+def make_stable(home: Repo, dot: str, subdot: str) -> Path:
+    """The one place a subdot's stable folder (where apps see its data) comes into being."""
+    folder = home.stable(dot, subdot)
+    backend_of(home).make(folder)
+    return folder
+
+
 def ensure_folders(home: Repo, dot: str) -> None:
     for sub in home.subdots(dot):
-        home.stable(dot, sub).mkdir(parents=True, exist_ok=True)
+        make_stable(home, dot, sub)
 
 
 def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
@@ -69,6 +83,7 @@ def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
     """
     branch = home.branch(dot)
     ensure_folders(home, dot)
+    backend = backend_of(home)
     snap = DotSnapshot({}, {}, {})
     for sub in home.subdots(dot):
         top = home.stable(dot, sub)
@@ -77,15 +92,16 @@ def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
             prev = after.results[sub]
             if changes is not None:
                 ch = changes.get(sub) or Changes()
-                res = update(top, home.packs, writer, prev, ch.names, ch.fresh, progress,
-                             defer, watch)
+                res = backend.update(top, home.packs, writer, prev, ch.names, ch.fresh,
+                                     progress, defer, watch)
             else:
-                res = snapshot(top, home.packs, writer, prev.cache, progress, defer, watch)
+                res = backend.snapshot(top, home.packs, writer, prev.cache, progress, defer,
+                                       watch)
             snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, \
                 after.caches[sub]
             continue
         cache = home.load_cache(dot, branch, sub)
-        res = snapshot(top, home.packs, writer, cache, progress, watch=watch)
+        res = backend.snapshot(top, home.packs, writer, cache, progress, watch=watch)
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     return snap
 
@@ -133,6 +149,7 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     roots = target_roots(home, dot, home.commit(target), writer)
     writer.flush()
     policy = policy_for(home, dot, target)
+    backend = backend_of(home)
     staged: dict[str, Prepared] = {}
     built: dict[str, tuple[Path, RestoreResult]] = {}
     scratches: list[Path] = []
@@ -142,10 +159,12 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
             scratch = home.scratch(dot) / uuid.uuid4().hex
             scratches.append(scratch)
             if top.is_dir() and sub in snap.roots:
-                staged[sub] = prepare(top, home.packs, root, snap.roots[sub], scratch, policy,
-                                      progress, snap.results[sub].cache)
+                staged[sub] = backend.prepare_restore(top, home.packs, root, snap.roots[sub],
+                                                      scratch, policy, progress,
+                                                      snap.results[sub].cache)
             else:
-                built[sub] = (scratch, build(scratch, home.packs, root, policy, progress))
+                built[sub] = (scratch, backend.build_aside(scratch, home.packs, root, policy,
+                                                           progress))
     except BaseException:
         for p in staged.values():
             p.abort()
@@ -156,11 +175,7 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
         before_touching()
     caches: dict[str, StatCache] = {}
     for sub, (tmp, res) in built.items():
-        top = home.stable(dot, sub)
-        top.parent.mkdir(parents=True, exist_ok=True)
-        if top.is_dir() and not any(top.iterdir()):
-            top.rmdir()
-        os.rename(tmp, top)
+        backend.swap_in(tmp, home.stable(dot, sub))
         caches[sub] = merge_cache({}, res)
     for sub, prepared in staged.items():
         base = snap.results[sub].cache if sub in snap.results else {}
@@ -174,13 +189,14 @@ def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writ
     roots = target_roots(home, dot, home.commit(commit) if commit else None, writer)
     writer.flush()
     policy = policy_for(home, dot, commit)
+    backend = backend_of(home)
     for sub, root in roots.items():
         final = home.parked(dot, branch, sub)
         if final.exists():
             continue
         tmp = home.scratch(dot) / uuid.uuid4().hex
         try:
-            res = build(tmp, home.packs, root, policy, progress)
+            res = backend.build_aside(tmp, home.packs, root, policy, progress)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -189,7 +205,7 @@ def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writ
                             merge_cache({}, res))
         (home.dot_dir(dot) / "branches").mkdir(mode=0o700, exist_ok=True)
         final.parent.mkdir(exist_ok=True, mode=0o700)
-        os.rename(tmp, final)
+        backend.swap_in(tmp, final)
 
 
 def finish_restore(home: Repo, dot: str, progress: Progress | None = None) -> bool:
@@ -237,18 +253,19 @@ def settle(home: Repo, dot: str) -> None:
     if pending is None:
         return
     from_branch, to_branch = pending
+    backend = backend_of(home)
     for sub in home.subdots(dot):
         stable = home.stable(dot, sub)
         old, new = home.parked(dot, from_branch, sub), home.parked(dot, to_branch, sub)
         if stable.exists() and not old.exists() and new.exists():
             (home.dot_dir(dot) / "branches").mkdir(mode=0o700, exist_ok=True)
             old.parent.mkdir(exist_ok=True, mode=0o700)
-            os.rename(stable, old)
+            backend.swap_in(stable, old)
         if not stable.exists():
             if new.exists():
-                os.rename(new, stable)
+                backend.swap_in(new, stable)
             else:
-                stable.mkdir(parents=True)
+                make_stable(home, dot, sub)
     with Tx(home.conn) as c:
         refs.end_swap(c, dot, to_branch)
     leftover = home.dot_dir(dot) / "branches" / to_branch

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from dotmesh.errors import Conflict, Corrupt, NotFound
 from dotmesh.meta.statcache import CacheEntry, StatCache
-from dotmesh.model.objects import DIR, HOLE, SYMLINK, Entry, FileList, ObjectId, Root, Tree
+from dotmesh.model.ids import HOLE, ObjectId
+from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
 from dotmesh.workdir.snapshot import run_all
 

@@ -27,18 +27,16 @@ from dotmesh.meta.statcache import (
     CacheEntry,
     StatCache,
 )
+from dotmesh.model.ids import HOLE, ObjectId, object_id
 from dotmesh.model.objects import (
     DIR,
     FILE,
-    HOLE,
     KIND_FILELIST,
     KIND_TREE,
     SYMLINK,
     FileList,
-    ObjectId,
     Root,
     encode_tree_rows,
-    object_id,
 )
 from dotmesh.store import chunker
 from dotmesh.store.packs import PackStore, PackWriter, compress

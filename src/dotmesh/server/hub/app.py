@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
-from dotmesh.model.objects import ID_LEN
+from dotmesh.model.ids import ID_LEN
 from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
 from dotmesh.server.hub.config import HubConfig

@@ -1,0 +1,139 @@
+"""The verbs of ops/, in process on a temporary repository: what a library caller gets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dotmesh.errors import AlreadyExists, Conflict, Locked, NotFound, UsageError
+from dotmesh.ops import checkout as checkout_ops
+from dotmesh.ops import commit as commit_ops
+from dotmesh.ops import dots, history, hooks
+from dotmesh.store.repo import Repo
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repo]:
+    r = Repo(tmp_path / "home")
+    dots.init(r, "app")
+    yield r
+    r.close()
+
+
+def _write(repo: Repo, name: str, text: str) -> None:
+    (dots.path(repo, "app.db") / name).write_text(text)
+
+
+def _read(repo: Repo, name: str) -> str:
+    return (repo.stable("app", "db") / name).read_text()
+
+
+def _commit(repo: Repo, message: str, **meta: str) -> bytes:
+    return commit_ops.commit(repo, "app", message, meta, freeze=False).id
+
+
+def test_init_makes_the_first_dot_current(repo: Repo) -> None:
+    assert repo.current_dot() == "app"
+    assert dots.init(repo, "other") is False  # a second one does not take over
+    with pytest.raises(AlreadyExists):
+        dots.init(repo, "app")
+
+
+def test_commit_log_and_diff(repo: Repo) -> None:
+    _write(repo, "a", "one")
+    first = _commit(repo, "first", ticket="BUG-42")
+    _write(repo, "a", "two")
+    _write(repo, "b", "new")
+    second = _commit(repo, "second")
+    log = list(history.log(repo, "app"))
+    assert [oid for oid, _ in log] == [second, first]
+    assert log[1][1].metadata["ticket"] == "BUG-42"
+    changes = {(c.subdot, c.path): c.status for c in history.diff(repo, "app", "HEAD^", "HEAD")}
+    assert changes == {("db", "a"): "changed", ("db", "b"): "added"}
+    assert history.diff(repo, "app") == []  # nothing changed since
+
+
+def test_reserved_metadata_and_empty_messages_are_refused_by_the_verb(repo: Repo) -> None:
+    with pytest.raises(UsageError, match="reserved"):
+        _commit(repo, "x", **{"dm.freeze_ms": "1"})
+    with pytest.raises(UsageError, match="empty"):
+        _commit(repo, "  ")
+    assert list(history.log(repo, "app")) == []
+
+
+def test_reset_needs_hard_and_keeps_the_discarded_state(repo: Repo) -> None:
+    _write(repo, "a", "one")
+    first = _commit(repo, "first")
+    _write(repo, "a", "two")
+    _commit(repo, "second")
+    _write(repo, "a", "uncommitted")
+    with pytest.raises(UsageError, match="--hard"):
+        checkout_ops.reset(repo, "app", "HEAD^", hard=False)
+    r = checkout_ops.reset(repo, "app", "HEAD^", hard=True)
+    assert r.new == first and _read(repo, "a") == "one"
+    assert r.saved is not None
+    entry = history.reflog(repo, "app")[0]
+    assert entry.saved == r.saved and entry.action == "reset"
+    checkout_ops.reset(repo, "app", r.saved.hex(), hard=True)
+    assert _read(repo, "a") == "uncommitted"
+
+
+def test_branches_keep_their_own_folders(repo: Repo) -> None:
+    _write(repo, "a", "main")
+    _commit(repo, "on master")
+    moved, _ = checkout_ops.checkout(repo, "app", "fix", create=True)
+    assert moved and repo.branch("app") == "fix"
+    _write(repo, "a", "fix, not committed")
+    checkout_ops.checkout(repo, "app", "master")
+    assert _read(repo, "a") == "main"
+    checkout_ops.checkout(repo, "app", "fix")
+    assert _read(repo, "a") == "fix, not committed"
+    with pytest.raises(AlreadyExists):
+        checkout_ops.checkout(repo, "app", "master", create=True)
+    with pytest.raises(NotFound):
+        checkout_ops.checkout(repo, "app", "nope")
+
+
+def test_a_failed_hook_leaves_no_commit(repo: Repo) -> None:
+    _write(repo, "a", "one")
+    hooks.add_hook(repo, "app", "pre-freeze", "exit 3", None, 5.0)
+    with pytest.raises(Exception, match="hook"):
+        _commit(repo, "blocked")
+    assert list(history.log(repo, "app")) == []
+    [hook] = hooks.hooks(repo, "app")
+    hooks.remove_hook(repo, "app", hook.id)
+    with pytest.raises(NotFound):
+        hooks.remove_hook(repo, "app", hook.id)
+    _commit(repo, "free")
+
+
+def test_a_stale_head_is_a_conflict(repo: Repo) -> None:
+    _write(repo, "a", "one")
+    first = _commit(repo, "first")
+    _write(repo, "a", "two")
+    _commit(repo, "second")
+    with pytest.raises(Conflict):
+        checkout_ops.reset_hard(repo, "app", "HEAD^", expect_old=first)
+
+
+def test_delete_needs_force(repo: Repo) -> None:
+    with pytest.raises(UsageError):
+        dots.delete(repo, "app", force=False)
+    dots.delete(repo, "app", force=True)
+    assert repo.dots() == [] and repo.current_dot() is None
+
+
+def test_the_store_lock_excludes_dot_work_and_dots_do_not_exclude_each_other(
+        repo: Repo) -> None:
+    dots.init(repo, "other")
+    with repo.lock("app", "commit"), repo.lock("other", "commit"):
+        with pytest.raises(Locked, match="store is busy"), repo.store_lock("gc"):
+            pass
+    with repo.store_lock("gc"):
+        with pytest.raises(Locked, match=r"dm gc, pid \d+"), repo.lock("app", "commit"):
+            pass
+    with repo.lock("app", "commit"):
+        with pytest.raises(Locked, match="dot 'app' is busy"), repo.lock("app", "reset"):
+            pass
