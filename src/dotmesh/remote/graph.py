@@ -1,6 +1,6 @@
-"""Walks over the object graph (commits -> trees -> file lists -> chunks), with no I/O of their
-own: objects come from a ``get`` function, so the same walks serve a local store, a batch just
-received, or a hub's storage.
+"""Walks over the object graph below commits (trees -> file lists -> chunks), with no I/O of
+their own: objects come from a ``get`` function, so the same walks serve a local store, a batch
+just received, or a hub's storage. Walks over commits are in :mod:`dotmesh.model.graph`.
 
 The central idea: a commit is sent together with what differs from its first parent, found by
 walking both trees and skipping equal subtrees by id; the other side already holds the parent's
@@ -10,10 +10,11 @@ closure (refs only ever name commits whose closure is complete), so that is all 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dotmesh.errors import Corrupt
+from dotmesh.model.graph import ancestors, commits_between  # re-exported: ops/sync.py's names
 from dotmesh.model.ids import HOLE
 from dotmesh.model.objects import (
     DIR,
@@ -34,38 +35,6 @@ from dotmesh.remote.wire import Record
 Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
 MAX_PATH = 3072  # bytes of a path inside a subdot: PATH_MAX less room for the store's own
 MAX_ENTRIES = 10_000_000  # entries of a subdot's tree, shared subtrees counted at each place
-
-
-def ancestors(get: Get, heads: Iterable[bytes], have: Callable[[bytes], bool]) -> set[bytes]:
-    """Every commit reachable from ``heads`` (those ``have`` says are present only)."""
-    seen: set[bytes] = set()
-    stack = [h for h in heads if have(h)]
-    while stack:
-        c = stack.pop()
-        if c in seen:
-            continue
-        seen.add(c)
-        stack.extend(p for p in Commit.decode(get(c)).parents if have(p))
-    return seen
-
-
-def commits_between(get: Get, head: bytes, stop: Container[bytes]) -> list[bytes]:
-    """Commits reachable from ``head`` and not from ``stop`` (closed under parents), parents
-    before children."""
-    order: list[bytes] = []
-    seen: set[bytes] = set()
-    stack: list[tuple[bytes, bool]] = [(head, False)]
-    while stack:
-        c, expanded = stack.pop()
-        if expanded:
-            order.append(c)
-            continue
-        if c in seen or c in stop:
-            continue
-        seen.add(c)
-        stack.append((c, True))
-        stack.extend((p, False) for p in Commit.decode(get(c)).parents)
-    return order
 
 
 @dataclass

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
+from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ID_LEN
 from dotmesh.model.names import check_branch, check_name
-from dotmesh.model.objects import KIND_COMMIT, Commit
+from dotmesh.model.objects import KIND_COMMIT
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.packed import (
     Loc,
@@ -89,23 +90,14 @@ def check_history(records: list[Record], head: bytes, where: str) -> list[Record
     """Commits sent as ``head``'s history: all commits, ``head`` among them, each reachable
     from it through the others (nothing unasked for)."""
     by_id: dict[bytes, Record] = {}
-    parents: dict[bytes, tuple[bytes, ...]] = {}
     for r in records:
         if r.kind != KIND_COMMIT:
             raise BadTransfer(f"{where} sent a non-commit as history")
         by_id[r.oid] = r
-        parents[r.oid] = Commit.decode(r.raw()).parents
     if head not in by_id:
         raise BadTransfer(f"{where} did not send commit {head.hex()[:12]}")
-    seen: set[bytes] = set()
-    stack = [head]
-    while stack:
-        c = stack.pop()
-        if c in seen or c not in by_id:
-            continue
-        seen.add(c)
-        stack.extend(parents[c])
-    if len(seen) != len(by_id):
+    reached = walk_commits(lambda c: by_id[c].raw(), [head], stop=lambda c: c not in by_id)
+    if sum(1 for _ in reached) != len(by_id):
         raise BadTransfer(f"{where} sent commits that are not in {head.hex()[:12]}'s history")
     return list(by_id.values())
 
@@ -317,24 +309,36 @@ class S3Transport:
     def history(self, head: bytes, have: list[bytes]) -> list[Record]:
         """Commit ``head`` and its ancestors, nearest first, up to about FETCH_BATCH_BYTES
         (the client asks again from the parents it still lacks), not past ``have``."""
-        index = self.index()
-        loc = index.get(head)
-        if loc is None or loc.kind != KIND_COMMIT:
+        if not self._has_commit(head):
             raise NotFound(f"{self.where} has no commit {head.hex()[:12]}")
         out: list[Record] = []
-        seen, size, queue = set(have), 0, [head]
-        while queue and size < FETCH_BATCH_BYTES:
-            c = queue.pop(0)
-            loc = index.get(c)
-            if c in seen or loc is None or loc.kind != KIND_COMMIT:
-                continue
-            seen.add(c)
-            (rec,) = decode(encode(read_records(self.blobs, {c: loc})), {c: KIND_COMMIT},
-                            self.where)
+        size = 0
+
+        def get(c: bytes) -> bytes:
+            nonlocal size
+            rec = self._commit_record(c)
             out.append(rec)
             size += len(rec.payload)
-            queue.extend(Commit.decode(rec.raw()).parents)
+            return rec.raw()
+        skip = set(have)
+        for _ in walk_commits(get, [head], order="breadth",
+                              stop=lambda c: c in skip or not self._has_commit(c)):
+            if size >= FETCH_BATCH_BYTES:  # what the commits before this one weigh
+                break
         return check_history(out, head, self.where)
+
+    def _has_commit(self, oid: bytes) -> bool:
+        loc = self.index().get(oid)
+        return loc is not None and loc.kind == KIND_COMMIT
+
+    def _commit_record(self, oid: bytes) -> Record:
+        """Commit ``oid``, read through the index and verified."""
+        loc = self.index().get(oid)
+        if loc is None or loc.kind != KIND_COMMIT:
+            raise NotFound(f"{self.where} has no commit {oid.hex()[:12]}")
+        (rec,) = decode(encode(read_records(self.blobs, {oid: loc})), {oid: KIND_COMMIT},
+                        self.where)
+        return rec
 
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
         """A conditional write; a ref already at ``new``, before or after losing the race to

@@ -30,6 +30,7 @@ from dotmesh.errors import (
     Unauthorized,
     UsageError,
 )
+from dotmesh.model.graph import check_fast_forward, commits_between, walk_commits
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
@@ -465,20 +466,20 @@ class HubStore:
         """Commit ``head`` and its ancestors, nearest first, up to ``limit`` commits and
         HISTORY_BYTES of them, not going past commits in ``have`` (the asker has those and
         what they descend from); the asker comes back for the parents it still lacks."""
-        order: list[bytes] = []
-        seen: set[bytes] = set(have)
-        queue = [head]
-        get = self.getter(dot)
+        getter = self.getter(dot)
         size = 0
-        while queue and len(order) < limit and size < HISTORY_BYTES:
-            c = queue.pop(0)
-            if c in seen:
-                continue
-            seen.add(c)
-            order.append(c)
-            data = get(c)
+
+        def get(oid: bytes) -> bytes:
+            nonlocal size
+            data = getter(oid)
             size += len(data)
-            queue.extend(Commit.decode(data).parents)
+            return data
+        order: list[bytes] = []
+        for c in walk_commits(get, [head], stop=have.__contains__, order="breadth",
+                              limit=limit):
+            if size >= HISTORY_BYTES:  # what the commits before this one weigh
+                break
+            order.append(c)
         return self.read(dot, dict.fromkeys(order, KIND_COMMIT), HISTORY_BYTES)
 
     # ------------------------------------------------------------ refs
@@ -499,7 +500,7 @@ class HubStore:
             raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
         done = self._present(verified, [new], dot)
         if not done:
-            fresh = graph.commits_between(get, new, _Verified(self, dot))
+            fresh = commits_between(get, new, _Verified(self, dot))
             needed = graph.delta(get, fresh)
             lost = self.lacking(dot, list(needed.kinds))
             if lost:
@@ -509,9 +510,8 @@ class HubStore:
                 c.execute(self._insert_ignore(verified),
                           [{"dot_id": dot.id, "oid": x} for x in fresh])
                 self._hold(c, dot)
-        if current is not None and not force and not _descends(get, new, current):
-            raise Conflict(f"{dot} branch {branch} has commits that {new.hex()[:12]} does not "
-                           "include (not a fast-forward): pull first, or push --force")
+        if current is not None and not force:
+            check_fast_forward(get, new, current, f"{dot} branch {branch}")
         try:
             with self.tx() as c:
                 if current is None:
@@ -566,16 +566,3 @@ class _Verified:
         assert isinstance(oid, bytes)
         return bool(self.store._present(verified, [oid], self.dot))
 
-
-def _descends(get: graph.Get, new: bytes, old: bytes, limit: int = 1_000_000) -> bool:
-    seen: set[bytes] = set()
-    stack = [new]
-    while stack and len(seen) < limit:
-        c = stack.pop()
-        if c == old:
-            return True
-        if c in seen:
-            continue
-        seen.add(c)
-        stack.extend(Commit.decode(get(c)).parents)
-    return False
