@@ -60,9 +60,12 @@ def test_blob_store_contract(blobs):
             blobs.put(bad, b"")
 
 
-@pytest.fixture(params=[pytest.param(p, marks=pytest.mark.slow) for p in ("hub", "s3")])
+@pytest.fixture(params=["folder", *(pytest.param(p, marks=pytest.mark.slow)
+                                     for p in ("hub", "s3"))])
 def transport(request, tmp_path):
-    if request.param == "hub":
+    if request.param == "folder":  # a bucket in a folder: what the S3 transport assumes
+        yield S3Transport(LocalBlobs(tmp_path / "bucket"), "contract", tmp_path / "cache")
+    elif request.param == "hub":
         h = Hub(["--data", str(tmp_path / "hub")], tmp_path)
         key = h.user("tess")
         h.start()
@@ -106,6 +109,17 @@ def test_transport_contract(transport):
     transport.set_ref("master", c1.oid, c2.oid, False)
     assert transport.heads() == {"master": c2.oid}
     assert {r.oid for r in transport.history(c2.oid, [])} == {c1.oid, c2.oid}
+    # Without force a branch only moves forward, whatever ``old`` says: not sideways to a
+    # commit that lacks the head, nor back to an ancestor.
+    c3 = _rec(KIND_COMMIT, Commit((c1.oid,), {}, "sideways", "t", 3).encode())
+    transport.send([c3])
+    for other in (c3.oid, c1.oid):
+        with pytest.raises(Conflict, match=r"does not include \(not a fast-forward\): pull "
+                                           "first, or push --force"):
+            transport.set_ref("master", c2.oid, other, False)
+        assert transport.heads() == {"master": c2.oid}
+    transport.set_ref("master", c2.oid, c3.oid, True)  # forced, it moves
+    assert transport.heads() == {"master": c3.oid}
     with pytest.raises(Conflict):
         transport.set_ref("master", c1.oid, c1.oid, True)  # stale old, even forced
 

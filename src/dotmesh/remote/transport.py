@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
-from dotmesh.model.graph import walk_commits
+from dotmesh.model.graph import check_fast_forward, walk_commits
 from dotmesh.model.ids import ID_LEN
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT
@@ -340,9 +340,14 @@ class S3Transport:
                         self.where)
         return rec
 
+    def _commit(self, oid: bytes) -> bytes:
+        return self._commit_record(oid).raw()
+
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
         """A conditional write; a ref already at ``new``, before or after losing the race to
-        another pusher, is success (two pushes of one commit both succeed)."""
+        another pusher, is success (two pushes of one commit both succeed). Without
+        ``force``, ``new`` must include the branch's head, as on a hub (its history is read
+        from the bucket, through the index)."""
         key = f"{self.base}refs/{branch}"
         now = self.blobs.read_versioned(key, MAX_REF_BLOB)
         current = _parse_ref(now[0], self.where) if now else None
@@ -350,6 +355,8 @@ class S3Transport:
             return
         if current != old:
             raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
+        if current is not None and not force:
+            check_fast_forward(self._commit, new, current, f"{self.where} branch {branch}")
         try:
             self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
                               now[1] if now else None)
