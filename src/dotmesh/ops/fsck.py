@@ -19,8 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
+from dotmesh.meta import check, config, index, refs
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
 from dotmesh.model.ids import HOLE, ID_LEN
@@ -30,6 +32,7 @@ from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.store.repo import Repo, sound_reflog_row
 
 Progress = Callable[[int], None]
+Repair = tuple[Callable[..., Any], tuple[Any, ...]]  # a function of meta/ and its arguments
 LOST_FOUND = "lost-found"
 
 
@@ -68,20 +71,20 @@ class _Fsck:
         self.good_commits: set[bytes] = set()
         self.bad_commits: set[bytes] = set()
 
-    def problem(self, text: str, fix: str | None = None, *sql: tuple[str, tuple[object, ...]]
-                ) -> None:
-        """Report ``text``; when repairing, run ``sql`` and say ``fix``."""
+    def problem(self, text: str, fix: str | None = None, *repairs: Repair) -> None:
+        """Report ``text``; when repairing, make the ``repairs`` (each ``(f, args)`` runs
+        ``f(conn, *args)``) in one transaction and say ``fix``."""
         self.r.problems.append(text)
-        if self.repair and sql:
+        if self.repair and repairs:
             with Tx(self.conn) as c:
-                for q, args in sql:
-                    c.execute(q, args)
+                for f, args in repairs:
+                    f(c, *args)
             self.r.repaired.append(fix or f"dropped: {text}")
 
     # ------------------------------------------------------------ the database and the index
     def database(self) -> None:
         try:
-            rows = [r[0] for r in self.conn.execute("PRAGMA quick_check")]
+            rows = check.quick_check(self.conn)
         except sqlite3.DatabaseError as e:
             rows = [str(e)]
         if rows != ["ok"]:
@@ -90,10 +93,10 @@ class _Fsck:
 
     def objects(self) -> None:
         packs: dict[object, str] = {}
-        for pid, name in self.conn.execute("SELECT id, name FROM packs").fetchall():
+        for pid, name in index.pack_rows(self.conn):
             if not (isinstance(name, str) and PACK_NAME.fullmatch(name)):
                 self.problem(f"pack row #{pid} names no pack file ({str(name)[:40]!r})", None,
-                             ("DELETE FROM packs WHERE id=?", (pid,)))
+                             (index.drop_pack, (pid,)))
                 continue
             packs[pid] = name
         rows = self.home.packs.index_rows()
@@ -132,7 +135,7 @@ class _Fsck:
     def reindex(self) -> None:
         """Index what the packs hold and the index lacks (rows lost or dropped as damaged):
         packs describe themselves, and every record found is verified by its hash."""
-        names = {name: pid for pid, name in self.conn.execute("SELECT id, name FROM packs")}
+        names = {name: pid for pid, name in index.pack_rows(self.conn)}
         found = 0
         folder = self.home.packs.dir
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -144,11 +147,10 @@ class _Fsck:
             with Tx(self.conn) as c:
                 pid = names.get(path.name)
                 if pid is None:
-                    pid = c.execute("INSERT INTO packs (name) VALUES (?)",
-                                    (path.name,)).lastrowid
+                    pid = index.add_pack(c, path.name)
+                index.replace_object_rows(c, [(oid, kind, pid, off, stored, raw, int(z))
+                                              for oid, kind, off, stored, raw, z in records])
                 for oid, kind, off, stored, raw, z in records:
-                    c.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (oid, kind, pid, off, stored, raw, int(z)))
                     self.index[oid] = Location(kind, pid, off, stored, raw, z)
             found += len(records)
         if found:
@@ -159,7 +161,7 @@ class _Fsck:
         self.problem(why, f"dropped the index entry of object {bytes(oid).hex()[:16]} "
                      "(its data is damaged: a copy pushed or pulled again restores it)"
                      if isinstance(oid, bytes) else None,
-                     ("DELETE FROM objects WHERE id=?", (oid,)))
+                     (index.drop_object_row, (oid,)))
 
     # ------------------------------------------------------------ walks
     def need(self, oid: bytes, what: str) -> bytes | None:
@@ -265,34 +267,29 @@ class _Fsck:
     def rows(self) -> None:
         c = self.conn
         dots = {}
-        for rowid, name, branch in c.execute("SELECT rowid, name, branch FROM dots").fetchall():
+        for rowid, name, branch in check.dot_rows(c):
             if not _name_ok(name):
                 self.problem(f"meta.db has a dot with a bad name {str(name)[:40]!r}", None,
-                             ("DELETE FROM dots WHERE rowid=?", (rowid,)))
+                             (check.drop_dot_row, (rowid,)))
                 continue
             dots[name] = branch
         self.dots = dots
-        for table, col in (("subdots", "dot"), ("branches", "dot"), ("statcache", "dot"),
-                           ("swaps", "dot"), ("restores", "dot"), ("hooks", "dot"),
-                           ("mounts", "dot"), ("dot_remotes", "dot"), ("remote_refs", "dot"),
-                           ("dot_options", "dot"), ("reflog", "dot")):
-            orphans = c.execute(f"SELECT count(*) FROM {table} WHERE {col} NOT IN "
-                                "(SELECT name FROM dots)").fetchone()[0]
+        for table in check.DOT_TABLES:
+            orphans = check.count_orphans(c, table)
             if orphans and self.repair:  # left by an older dm's dot delete: harmless
                 with Tx(c) as tx:
-                    tx.execute(f"DELETE FROM {table} WHERE {col} NOT IN (SELECT name FROM dots)")
+                    check.drop_orphans(tx, table)
                 self.r.repaired.append(f"dropped {orphans} rows of {table} of deleted dots")
-        for rowid, dot, name in c.execute("SELECT rowid, dot, name FROM subdots").fetchall():
+        for rowid, dot, name in check.subdot_rows(c):
             if dot in dots and not _name_ok(name):
                 self.problem(f"dot {dot} has a subdot with a bad name {str(name)[:40]!r}", None,
-                             ("DELETE FROM subdots WHERE rowid=?", (rowid,)))
-        for rowid, dot, name, head in c.execute(
-                "SELECT rowid, dot, name, head FROM branches").fetchall():
+                             (check.drop_subdot_row, (rowid,)))
+        for rowid, dot, name, head in check.branch_rows(c):
             if dot not in dots:
                 continue
             if not _name_ok(name, branch=True):
                 self.problem(f"dot {dot} has a branch with a bad name {str(name)[:40]!r}", None,
-                             ("DELETE FROM branches WHERE rowid=?", (rowid,)))
+                             (check.drop_branch_row, (rowid,)))
                 continue
             if head is None:
                 continue
@@ -301,45 +298,38 @@ class _Fsck:
                 self.lost_head(dot, name, rowid, f"branch {name} of {dot} points to {shown}, "
                                "which cannot be read whole")
         for dot, branch in dots.items():
-            if not c.execute("SELECT 1 FROM branches WHERE dot=? AND name=?",
-                             (dot, branch)).fetchone():
+            if not refs.branch_exists(c, dot, branch):
                 self.problem(f"dot {dot} is on branch {str(branch)[:40]!r}, which does not exist",
                              f"dot {dot} is on branch {DEFAULT_BRANCH} now",
-                             ("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)",
-                              (dot, DEFAULT_BRANCH)),
-                             ("UPDATE dots SET branch=? WHERE name=?", (DEFAULT_BRANCH, dot)))
-        for rowid, dot, branch, ts, action, old, new, saved, message in c.execute(
-                "SELECT rowid, dot, branch, ts_ns, action, old, new, saved, message "
-                "FROM reflog").fetchall():
+                             (check.add_branch_if_missing, (dot, DEFAULT_BRANCH)),
+                             (check.set_dot_branch, (dot, DEFAULT_BRANCH)))
+        for rowid, dot, branch, ts, action, old, new, saved, message in check.reflog_rows(c):
             if dot not in dots:
                 continue
             if not sound_reflog_row(branch, ts, action, old, new, saved, message):
                 self.problem(f"a reflog entry of {dot} is damaged", None,
-                             ("DELETE FROM reflog WHERE rowid=?", (rowid,)))
+                             (check.drop_reflog_row, (rowid,)))
                 continue
             for col, x in (("old", old), ("new", new), ("saved", saved)):
                 if x and not self.commit(x, f"{dot} reflog"):
                     self.problem(f"a reflog entry of {dot} names {x.hex()[:16]}, which cannot "
                                  "be read whole", f"a reflog entry of {dot} no longer names "
                                  f"{x.hex()[:16]}",
-                                 (f"UPDATE reflog SET {col}=NULL WHERE rowid=?", (rowid,)))
-        for dot, old, target, saved in c.execute(
-                "SELECT dot, old, target, saved FROM restores").fetchall():
+                                 (check.forget_reflog_id, (rowid, col)))
+        for dot, old, target, saved in check.restore_rows(c):
             if dot in dots and not all(x is None or (_is_id(x) and self.commit(
                     x, f"{dot} unfinished restore")) for x in (old, target, saved)):
                 self.problem(f"the unfinished restore of {dot} names a state that cannot be "
                              "read whole", f"dropped the unfinished restore of {dot} (its "
                              "folders stay as they are: dm reset --hard brings a state back)",
-                             ("DELETE FROM restores WHERE dot=?", (dot,)))
-        for rowid, dot, remote, branch, head in c.execute(
-                "SELECT rowid, dot, remote, branch, head FROM remote_refs").fetchall():
+                             (refs.end_restore, (dot,)))
+        for rowid, dot, remote, branch, head in check.remote_ref_rows(c):
             if dot not in dots:
                 continue
             if not _is_id(head) or not self.commit(head, f"{dot}@{remote}/{branch}"):
                 self.problem(f"the last head seen of {dot} on {remote} ({branch}) cannot be read",
-                             None, ("DELETE FROM remote_refs WHERE rowid=?", (rowid,)))
-        for name, kind, options in c.execute(
-                "SELECT name, kind, options FROM remotes").fetchall():
+                             None, (check.drop_remote_ref_row, (rowid,)))
+        for name, kind, options in check.remote_rows(c):
             try:
                 ok = _name_ok(name) and kind in ("hub", "s3") and isinstance(
                     json.loads(options), dict)
@@ -347,14 +337,12 @@ class _Fsck:
                 ok = False
             if not ok:
                 self.problem(f"remote {str(name)[:40]!r} is damaged", None,
-                             ("DELETE FROM remotes WHERE name=?", (name,)))
+                             (check.drop_remote_row, (name,)))
 
     def lost_head(self, dot: str, branch: str, rowid: int, text: str) -> None:
         """A branch whose head is gone: back to the newest whole commit its reflog names."""
         back = None
-        for old, new in self.conn.execute(
-                "SELECT old, new FROM reflog WHERE dot=? AND branch=? ORDER BY seq DESC",
-                (dot, branch)).fetchall():
+        for old, new in check.reflog_moves(self.conn, dot, branch):
             for x in (new, old):
                 if _is_id(x) and x not in self.bad_commits and self.commit(x, f"{dot} reflog"):
                     back = x
@@ -363,14 +351,12 @@ class _Fsck:
                 break
         where = back.hex()[:12] if back else "no commit"
         self.problem(text, f"branch {branch} of {dot} moved back to {where}",
-                     ("UPDATE branches SET head=? WHERE rowid=?", (back, rowid)),
-                     ("INSERT INTO reflog (dot, branch, ts_ns, action, old, new, saved, message)"
-                      " VALUES (?, ?, ?, 'repair', NULL, ?, NULL, 'dm fsck --repair: the head "
-                      "could not be read')", (dot, branch, time.time_ns(), back)))
+                     (check.move_branch_row, (rowid, back)),
+                     (refs.log, (dot, branch, "repair", None, back, None,
+                                 "dm fsck --repair: the head could not be read")))
 
     def caches(self) -> None:
-        for dot, branch, sub, data in self.conn.execute(
-                "SELECT dot, branch, subdot, data FROM statcache").fetchall():
+        for dot, branch, sub, data in check.statcache_rows(self.conn):
             if dot not in self.dots:
                 continue
             where = f"{dot}@{branch}:{sub}"
@@ -379,15 +365,13 @@ class _Fsck:
             except (ValueError, TypeError, IndexError):
                 self.problem(f"the stat cache of {where} is damaged (the next commit reads "
                              "every file again)", None,
-                             ("DELETE FROM statcache WHERE dot=? AND branch=? AND subdot=?",
-                              (dot, branch, sub)))
+                             (check.drop_statcache, (dot, branch, sub)))
                 continue
             lost = sum(1 for e in cache.values() if e[5] & HAS_CONTENT and e[4] not in
                        self.index)
             if lost:
                 self.problem(f"the stat cache of {where} names {lost} objects the store lacks",
-                             None, ("DELETE FROM statcache WHERE dot=? AND branch=? AND "
-                                    "subdot=?", (dot, branch, sub)))
+                             None, (check.drop_statcache, (dot, branch, sub)))
 
 
 def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:
@@ -402,9 +386,6 @@ def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> 
 
 
 # ------------------------------------------------------------------ rebuilding meta.db
-
-SALVAGED = ("meta", "dots", "subdots", "branches", "reflog", "hooks", "swaps", "remotes",
-            "dot_remotes", "remote_refs", "mounts", "restores", "fetched", "dot_options")
 
 
 def rebuild(root: Path) -> list[str]:
@@ -439,22 +420,13 @@ def _salvage(old: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
                      "folders and the packs alone")
         return
     try:
-        src = sqlite3.connect(old)
-        src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        src = check.open_damaged(old)
     except sqlite3.Error as e:
         notes.append(f"nothing of the old index could be read ({e}): every dot's refs are "
                      "lost")
         return
-    for table in SALVAGED:
-        cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-        copied, failed = 0, ""
-        try:
-            for row in src.execute(f"SELECT {', '.join(cols)} FROM {table}"):
-                conn.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(cols)}) VALUES "
-                             f"({', '.join('?' * len(cols))})", row)
-                copied += 1
-        except sqlite3.Error as e:
-            failed = str(e)
+    for table in check.SALVAGED:
+        copied, failed = check.copy_table(src, conn, table)
         if failed:
             notes.append(f"lost rows of {table} (kept {copied}): {failed}")
     conn.commit()
@@ -462,18 +434,16 @@ def _salvage(old: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
 
 
 def _reindex(packs: Path, conn: sqlite3.Connection, notes: list[str]) -> None:
-    conn.execute("DELETE FROM objects")
-    conn.execute("DELETE FROM packs")
+    index.clear(conn)
     objects = damaged = tails = 0
     for path in sorted(packs.iterdir()) if packs.is_dir() else []:
         if not PACK_NAME.fullmatch(path.name):
             continue
         got = scan_pack(path)
         with Tx(conn) as c:
-            pid = c.execute("INSERT INTO packs (name) VALUES (?)", (path.name,)).lastrowid
-            c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          [(oid, kind, pid, off, stored, raw, int(z))
-                           for oid, kind, off, stored, raw, z in got.records])
+            pid = index.add_pack(c, path.name)
+            index.add_object_rows(c, [(oid, kind, pid, off, stored, raw, int(z))
+                                      for oid, kind, off, stored, raw, z in got.records])
         objects += len(got.records)
         damaged += got.damaged
         tails += got.tail
@@ -491,22 +461,19 @@ def _heads_from_reflogs(home: Repo, notes: list[str]) -> None:
             heads = home.branches(dot)
         except DotmeshError:
             continue
-        logged = [r[0] for r in home.conn.execute(
-            "SELECT DISTINCT branch FROM reflog WHERE dot=? AND branch != ''", (dot,))]
+        logged = check.reflog_branches(home.conn, dot)
         for branch in logged:
             if heads.get(branch) is not None or not _name_ok(branch, branch=True):
                 continue
             back = None
-            for old, new in home.conn.execute(
-                    "SELECT old, new FROM reflog WHERE dot=? AND branch=? ORDER BY seq DESC",
-                    (dot, branch)).fetchall():
+            for old, new in check.reflog_moves(home.conn, dot, branch):
                 back = next((x for x in (new, old) if _is_id(x) and home.packs.has(x)), None)
                 if back:
                     break
             if back is None:
                 continue
             with Tx(home.conn) as c:
-                c.execute("INSERT OR REPLACE INTO branches VALUES (?, ?, ?)", (dot, branch, back))
+                check.put_branch(c, dot, branch, back)
             notes.append(f"branch {branch} of {dot} is back at {back.hex()[:12]}, the newest "
                          "commit its reflog names")
 
@@ -520,11 +487,10 @@ def _readopt(home: Repo, notes: list[str]) -> None:
         branches = home.branches(name)
         branch = DEFAULT_BRANCH if DEFAULT_BRANCH in branches or not branches else min(branches)
         with Tx(home.conn) as c:
-            c.execute("INSERT INTO dots VALUES (?, ?, ?)", (name, branch, time.time_ns()))
-            c.execute("INSERT OR IGNORE INTO branches VALUES (?, ?, NULL)", (name, branch))
+            check.readd_dot(c, name, branch)
             for sub in (folder / "subdots").iterdir():
                 if _name_ok(sub.name) and sub.is_dir():
-                    c.execute("INSERT OR IGNORE INTO subdots VALUES (?, ?)", (name, sub.name))
+                    config.add_subdot(c, name, sub.name)
         notes.append(f"dot {name} was lost from the index: added again from its folders")
     _heads_from_reflogs(home, notes)
     named = set()
@@ -557,7 +523,7 @@ def _readopt(home: Repo, notes: list[str]) -> None:
     with Tx(home.conn) as c:
         for i, tip in enumerate(tips, 1):
             branch = DEFAULT_BRANCH if i == len(tips) else f"lost-{i}"
-            c.execute("INSERT OR REPLACE INTO branches VALUES (?, ?, ?)", (dot, branch, tip))
+            check.put_branch(c, dot, branch, tip)
             home.log_ref(c, dot, branch, "repair", None, tip, None,
                          "dm fsck --repair: a commit no ref named any more")
     notes.append(f"{len(tips)} commits no ref names any more are branches of dot {dot} "

@@ -1,4 +1,4 @@
-"""Pack files: append-only sequences of compressed objects, indexed in SQLite.
+"""Pack files: append-only sequences of compressed objects, indexed in SQLite (meta/index.py).
 
 A record is a fixed header (kind, flags, id, raw length, stored length) followed by the payload,
 so a pack can be verified or re-indexed on its own. A writer owns a fresh pack file, fsyncs it and
@@ -22,6 +22,7 @@ from pathlib import Path
 import zstandard
 
 from dotmesh.errors import Corrupt, NotFound, OutOfSpace, TooLarge
+from dotmesh.meta import index
 from dotmesh.model.ids import ID_LEN, ObjectId, object_id
 from dotmesh.model.objects import KIND_NAMES, MAX_SIZE
 
@@ -113,29 +114,23 @@ class PackStore:
 
     # -- index
     def locate(self, oid: bytes) -> Location | None:
-        row = self.conn.execute(
-            "SELECT kind, pack, offset, stored_len, raw_len, zstd FROM objects WHERE id=?", (oid,)
-        ).fetchone()
+        row = index.object_row(self.conn, oid)
         return _location(oid, *row) if row else None
 
     def has(self, oid: bytes) -> bool:
-        return self.conn.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone() is not None
+        return index.has_object(self.conn, oid)
 
     def count(self) -> int:
-        return int(self.conn.execute("SELECT count(*) FROM objects").fetchone()[0])
+        return index.count_objects(self.conn)
 
     def missing(self, oids: Iterable[bytes]) -> set[bytes]:
         """The subset of ``oids`` not in the index (batched queries)."""
         todo = list(set(oids))
-        found: set[bytes] = set()
-        for i in range(0, len(todo), 500):
-            batch = todo[i:i + 500]
-            q = "SELECT id FROM objects WHERE id IN ({})".format(",".join("?" * len(batch)))
-            found.update(r[0] for r in self.conn.execute(q, batch))
+        found = set(index.indexed_ids(self.conn, todo))
         return set(todo) - found
 
     def pack_name(self, pack: int) -> str:
-        row = self.conn.execute("SELECT name FROM packs WHERE id=?", (pack,)).fetchone()
+        row = index.pack_row(self.conn, pack)
         if row is None:
             raise Corrupt(f"pack #{pack} is missing from the index; run dm fsck")
         if not isinstance(row[0], str) or not PACK_NAME.fullmatch(row[0]):
@@ -191,12 +186,8 @@ class PackStore:
     def locate_many(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
         todo = list(set(oids))
         out: dict[bytes, Location] = {}
-        for i in range(0, len(todo), 500):
-            batch = todo[i:i + 500]
-            q = ("SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects "
-                 "WHERE id IN ({})".format(",".join("?" * len(batch))))
-            for r in self.conn.execute(q, batch):
-                out[r[0]] = _location(*r)
+        for r in index.object_rows_of(self.conn, todo):
+            out[r[0]] = _location(*r)
         return out
 
     def locate_all(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
@@ -204,8 +195,7 @@ class PackStore:
         wanted = set(oids)
         if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
             return self.locate_many(wanted)
-        rows = self.conn.execute(
-            "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects").fetchall()
+        rows = index.all_object_rows(self.conn)
         return {r[0]: _location(*r) for r in rows if r[0] in wanted}
 
     def read_run(self, run: list[tuple[bytes, Location]]) -> Iterator[bytes]:
@@ -251,13 +241,10 @@ class PackStore:
 
     def index_rows(self) -> list[tuple[object, ...]]:
         """The index as stored, unchecked (fsck judges each row)."""
-        return self.conn.execute(
-            "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects").fetchall()
+        return index.all_object_rows(self.conn)
 
     def iter_index(self) -> Iterator[tuple[bytes, Location]]:
-        for r in self.conn.execute(
-            "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects"
-        ).fetchall():
+        for r in index.all_object_rows(self.conn):
             yield r[0], _location(*r)
 
     def writer(self) -> PackWriter:
@@ -344,8 +331,7 @@ class PackWriter:
         name = f"{uuid.uuid4().hex}.pack"
         path = self.store.dir / name
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        conn = self.store.conn
-        self._pack_id = conn.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid or 0
+        self._pack_id = index.add_pack(self.store.conn, name)
         self._files[self._pack_id] = (name, 0)
         _write_all(self._fd, PACK_MAGIC)
         self._pos = len(PACK_MAGIC)
@@ -443,7 +429,7 @@ class PackWriter:
                     os.truncate(path, indexed)
                 else:
                     os.unlink(path)
-                    self.store.conn.execute("DELETE FROM packs WHERE id=?", (pack_id,))
+                    index.drop_pack(self.store.conn, pack_id)
             except (OSError, sqlite3.Error):
                 pass  # what cannot be given back now is an unindexed tail: never read
         self._files.clear()
@@ -489,17 +475,8 @@ class PackWriter:
                     self._sync_file()
                 if not self._pending:
                     return
-                conn = self.store.conn
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?)",
-                        [(k, *v) for k, v in self._pending.items()],
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                index.commit_object_rows(self.store.conn,
+                                         [(k, *v) for k, v in self._pending.items()])
             except (OSError, sqlite3.OperationalError) as e:
                 raise self._fail(e) from None
             ends: dict[int, int] = {}

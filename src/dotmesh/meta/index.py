@@ -1,0 +1,120 @@
+"""The object index: which pack holds each object, where, and how it is stored (tables
+``packs`` and ``objects``).
+
+Rows are plain tuples as sqlite3 returns them; store/packs.py checks each one before a read
+trusts it. An object's row is committed only after its pack file is fsynced, so a crash leaves
+at worst pack bytes no row names (never read).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
+
+BATCH = 500  # ids per ``IN (...)`` query: well under SQLite's limit on bound parameters
+
+
+# ------------------------------------------------------------------ objects
+def object_row(conn: sqlite3.Connection, oid: bytes) -> Row | None:
+    """(kind, pack, offset, stored_len, raw_len, zstd) of one object, or None if unindexed."""
+    row: Row | None = conn.execute(
+        "SELECT kind, pack, offset, stored_len, raw_len, zstd FROM objects WHERE id=?", (oid,)
+    ).fetchone()
+    return row
+
+
+def has_object(conn: sqlite3.Connection, oid: bytes) -> bool:
+    """Is the object indexed (without reading its row)?"""
+    return conn.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone() is not None
+
+
+def count_objects(conn: sqlite3.Connection) -> int:
+    """How many objects are indexed (fsck's progress total, and whether to read it all)."""
+    return int(conn.execute("SELECT count(*) FROM objects").fetchone()[0])
+
+
+def indexed_ids(conn: sqlite3.Connection, oids: list[bytes]) -> Iterator[bytes]:
+    """Those of ``oids`` that are indexed, asked in batches (a commit asks about thousands)."""
+    for i in range(0, len(oids), BATCH):
+        batch = oids[i:i + BATCH]
+        q = "SELECT id FROM objects WHERE id IN ({})".format(",".join("?" * len(batch)))
+        yield from (r[0] for r in conn.execute(q, batch))
+
+
+def object_rows_of(conn: sqlite3.Connection, oids: list[bytes]) -> Iterator[Row]:
+    """(id, kind, pack, offset, stored_len, raw_len, zstd) of those of ``oids`` that are
+    indexed, asked in batches."""
+    for i in range(0, len(oids), BATCH):
+        batch = oids[i:i + BATCH]
+        q = ("SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects "
+             "WHERE id IN ({})".format(",".join("?" * len(batch))))
+        yield from conn.execute(q, batch)
+
+
+def all_object_rows(conn: sqlite3.Connection) -> list[Row]:
+    """(id, kind, pack, offset, stored_len, raw_len, zstd) of every indexed object, unchecked:
+    one scan is cheaper than batches when most of the index is wanted, and fsck judges every
+    row."""
+    return conn.execute(
+        "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects").fetchall()
+
+
+def add_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """Index objects (id, kind, pack, offset, stored_len, raw_len, zstd), inside the caller's
+    transaction; an id indexed already keeps its row (any copy of an object will do)."""
+    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?)", rows)
+
+
+def replace_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """Index objects, replacing what rows of those ids there are (fsck re-indexes objects whose
+    rows it dropped as damaged), inside the caller's transaction."""
+    conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+    """Index objects already fsynced into their packs, in one transaction of its own (rolled
+    back if anything fails, the COMMIT included: a full disk leaves nothing half-indexed)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        add_object_rows(conn, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def drop_object_row(conn: sqlite3.Connection, oid: object) -> None:
+    """Forget an object whose row or data is damaged (its pack bytes stay: never deleted)."""
+    conn.execute("DELETE FROM objects WHERE id=?", (oid,))
+
+
+# ------------------------------------------------------------------ packs
+def pack_row(conn: sqlite3.Connection, pack: int) -> Row | None:
+    """(name,) of a pack file by its number, unchecked; None if no row has that number."""
+    row: Row | None = conn.execute("SELECT name FROM packs WHERE id=?", (pack,)).fetchone()
+    return row
+
+
+def pack_rows(conn: sqlite3.Connection) -> list[Row]:
+    """(id, name) of every pack file, unchecked (fsck judges each name)."""
+    return conn.execute("SELECT id, name FROM packs").fetchall()
+
+
+def add_pack(conn: sqlite3.Connection, name: str) -> int:
+    """Number a new pack file (its objects' rows name it by that number); returns it."""
+    return conn.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid or 0
+
+
+def drop_pack(conn: sqlite3.Connection, pack: object) -> None:
+    """Forget a pack file: one that was removed, or a row that names no file."""
+    conn.execute("DELETE FROM packs WHERE id=?", (pack,))
+
+
+def clear(conn: sqlite3.Connection) -> None:
+    """Empty the index (each statement on its own: a rebuild then indexes every pack file
+    found, one transaction per pack)."""
+    conn.execute("DELETE FROM objects")
+    conn.execute("DELETE FROM packs")
