@@ -17,6 +17,7 @@ import errno
 import os
 import select
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from inotify_simple import INotify
@@ -58,7 +59,7 @@ class ChangeWatcher:
         self._thread = threading.Thread(target=self._run, name="dm-watch", daemon=True)
         self._thread.start()
 
-    def watcher(self, key: str, top: str):  # type: ignore[no-untyped-def]
+    def watcher(self, key: str, top: str) -> Callable[[str], None]:
         """The callback a snapshot of ``top`` calls with each folder before listing it."""
         def watch(rel: str) -> None:
             self.watch(key, top, rel)

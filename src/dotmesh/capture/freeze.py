@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,7 +63,7 @@ def _bystanders(pids: list[int]) -> list[int]:
 
 @contextmanager
 def frozen(writers: list[Writer], timeout: float,
-           containers: list[Container] = ()) -> Iterator[Freeze]:  # type: ignore[assignment]
+           containers: Sequence[Container] = ()) -> Iterator[Freeze]:
     """Stop ``writers`` and pause ``containers`` for the block, all at once; the watchdog thaws
     them after ``timeout`` regardless, or as soon as dm is gone."""
     pids = [w.pid for w in writers]

@@ -153,7 +153,7 @@ def list_(c: Ctx, as_json: bool) -> None:
     table([["*" if s.current else "", s.name, s.branch,
             human_size(s.size) if s.size is not None else "-", _state(s),
             ",".join(k.name for k in s.containers) or "-",
-            f"{s.head.hex()[:12]} {first_line(s.head_message)}" if s.head else "-"]
+            f"{s.head.hex()[:12]} {first_line(s.head_message or '')}" if s.head else "-"]
            for s in statuses],
           ["", "DOT", "BRANCH", "SIZE", "STATE", "CONTAINERS", "LAST COMMIT"])
 

@@ -250,9 +250,9 @@ class Tree:
             raise Corrupt(f"tree object of {len(data)} bytes is over the {MAX_TREE}-byte limit")
         body = memoryview(data)[5:]
         bad = Corrupt("tree object is not a sorted list of tree entries")
-        if body == b"[]":
+        if len(body) == 2 and bytes(body) == b"[]":
             return EMPTY_TREE
-        if body[:1] != b"[":
+        if bytes(body[:1]) != b"[":
             raise bad
         entries: list[Entry] = []
         last = b""
@@ -276,7 +276,7 @@ class Tree:
             if m.start() != expect:
                 raise bad
             end = m.end()
-            sep = body[end:end + 1]
+            sep = bytes(body[end:end + 1])
             rows += 1
             if sep == b"]":
                 if end + 1 != len(body):

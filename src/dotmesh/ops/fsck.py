@@ -106,6 +106,7 @@ class _Fsck:
             oid = row[0]
             try:
                 loc = _location(*row)  # type: ignore[arg-type]
+                assert isinstance(oid, bytes)  # _location checked it
                 if loc.pack not in packs:
                     raise Corrupt(f"the index entry of object {oid.hex()[:16]} names a pack "
                                   "that is not there")
@@ -190,8 +191,8 @@ class _Fsck:
             self.r.trees += 1
             try:
                 tree = Tree.decode(data)
-            except DotmeshError as e:
-                self.r.problems.append(f"tree {oid.hex()[:16]} of {where}: {e}")
+            except DotmeshError as err:
+                self.r.problems.append(f"tree {oid.hex()[:16]} of {where}: {err}")
                 whole = False
                 continue
             for e in tree.entries:
@@ -506,11 +507,11 @@ def _readopt(home: Repo, notes: list[str]) -> None:
         if oid in named:
             continue
         try:
-            c = home.commit(oid)
+            commit = home.commit(oid)
         except DotmeshError:
             continue
-        parents.update(c.parents)
-        dated[oid] = c.timestamp_ns
+        parents.update(commit.parents)
+        dated[oid] = commit.timestamp_ns
     tips = sorted((o for o in dated if o not in parents), key=lambda o: dated[o])
     if not tips:
         return

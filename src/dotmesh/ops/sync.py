@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -159,7 +159,7 @@ def _send(home: Repo, t: Transport, head: bytes, remote_heads: list[bytes], res:
 # ------------------------------------------------------------------ fetching
 
 
-def fetch(home: Repo, t: Transport, head: bytes, have: list[bytes],
+def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
           progress: Progress | None = None) -> tuple[int, int]:
     """Bring ``head`` and everything it needs into the store, verified; returns how many
     objects and stored bytes were fetched. ``have``: local heads, where the remote may stop
@@ -227,12 +227,12 @@ def fetch(home: Repo, t: Transport, head: bytes, have: list[bytes],
     todo = sorted(found.chunks)
     parts: list[dict[bytes, int]] = [{}]
     size = 0
-    for c in todo:  # parts of a bounded size: an answer holds what its lists said, no more
-        if len(parts[-1]) >= CHUNK_FETCH or size + found.chunks[c] > CHUNK_BYTES:
+    for cid in todo:  # parts of a bounded size: an answer holds what its lists said, no more
+        if len(parts[-1]) >= CHUNK_FETCH or size + found.chunks[cid] > CHUNK_BYTES:
             parts.append({})
             size = 0
-        parts[-1][c] = KIND_CHUNK
-        size += found.chunks[c]
+        parts[-1][cid] = KIND_CHUNK
+        size += found.chunks[cid]
 
     def fetch_part(part: dict[bytes, int]) -> list[Record]:
         got: list[Record] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,7 +59,7 @@ class Transport(Protocol):
     def send(self, records: list[Record]) -> None: ...
     def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]: ...
     def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]: ...
-    def history(self, head: bytes, have: list[bytes]) -> list[Record]: ...
+    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]: ...
     def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None: ...
     def close(self) -> None: ...
 
@@ -221,7 +221,7 @@ class HubTransport:
                 "content-type": "application/octet-stream"})
         return fetch_answers(want, self.where, ask)
 
-    def history(self, head: bytes, have: list[bytes]) -> list[Record]:
+    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]:
         params = [("have", h.hex()) for h in have[:50]]
         data = self._req("GET", self._dot(f"/history/{head.hex()}"), params=params)
         return check_history(decode(data, None, self.where), head, self.where)
@@ -306,7 +306,7 @@ class S3Transport:
                                                                 FETCH_BATCH_BYTES)))
         return fetch_answers(want, self.where, ask)
 
-    def history(self, head: bytes, have: list[bytes]) -> list[Record]:
+    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]:
         """Commit ``head`` and its ancestors, nearest first, up to about FETCH_BATCH_BYTES
         (the client asks again from the parents it still lacks), not past ``have``."""
         if not self._has_commit(head):

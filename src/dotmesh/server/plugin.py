@@ -173,7 +173,8 @@ def serve(home: Repo, path: Path, quiet: bool = False) -> None:
                             lifespan="off")
     server = uvicorn.Server(config)
     # uvicorn re-raises SIGTERM after its shutdown, which would skip removing the socket.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    # (uvicorn types the method as returning a generator context manager: hence the ignore.)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
 
     def stop(signum: int, frame: object) -> None:
         server.should_exit = True

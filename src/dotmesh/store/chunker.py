@@ -13,7 +13,7 @@ two threads use both cores.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import blake3
@@ -64,7 +64,7 @@ class Previous:
     8 KiB block with BLAKE3 (a call per block, about 2 GB/s).
     """
 
-    ids: list[bytes]
+    ids: Sequence[bytes]
     fingerprints: bytes
 
 

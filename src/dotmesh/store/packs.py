@@ -94,10 +94,10 @@ def _location(oid: bytes, kind: object, pack: object, offset: object, stored_len
     if (type(oid) is bytes and len(oid) == ID_LEN and type(pack) is int
             and type(offset) is int and type(stored_len) is int and type(raw_len) is int
             and (zstd == 0 or zstd == 1) and kind in MAX_SIZE
-            and 0 < raw_len <= MAX_SIZE[kind]  # type: ignore[index]
+            and 0 < raw_len <= MAX_SIZE[kind]
             and 0 < stored_len <= raw_len + ZSTD_SLACK and offset > len(PACK_MAGIC)
             and (zstd or stored_len == raw_len)):
-        return Location(kind, pack, offset, stored_len, raw_len, bool(zstd))  # type: ignore[arg-type]
+        return Location(kind, pack, offset, stored_len, raw_len, bool(zstd))
     raise Corrupt(f"the index entry of object {bytes(oid).hex()[:16]} is damaged; "
                   "run dm fsck --repair")
 

@@ -439,7 +439,7 @@ class Repo:
     def all_commits(self, dot: str) -> set[bytes]:
         """Every commit reachable from the dot's branches and reflog."""
         seen: set[bytes] = set()
-        stack = [h for h in self.branches(dot).values() if h]
+        stack: list[bytes] = [h for h in self.branches(dot).values() if h]
         stack.extend(refs.logged_ids(self.conn, dot))
         stack.extend(self.remote_heads(dot).values())
         while stack:

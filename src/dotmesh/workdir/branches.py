@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -106,7 +107,8 @@ def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
     return snap
 
 
-def save_caches(home: Repo, c: object, dot: str, branch: str, snap: DotSnapshot) -> None:
+def save_caches(home: Repo, c: sqlite3.Connection, dot: str, branch: str,
+                snap: DotSnapshot) -> None:
     for sub, res in snap.results.items():
         home.save_cache(c, dot, branch, sub, snap.caches[sub], res.cache)
 

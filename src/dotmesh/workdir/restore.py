@@ -48,7 +48,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 Progress = Callable[[int], None]
 Parts = tuple[str, ...]  # a folder, as names from the top
-Want = tuple[int, bytes, int]  # (offset, chunk id, length) to write
+Want = tuple[int, ObjectId, int]  # (offset, chunk id, length) to write
 
 
 def _current_umask() -> int:
@@ -215,10 +215,10 @@ class _Planner:
                 rel = _rel(parts, name)
                 self.removed.append((rel, c.kind == DIR))
         for name, t in tgt_entries.items():
-            c = cur_entries.get(name)
-            if c is not None and c.kind != t.kind:
-                c = None
-            self.entry(parts, name, c, t, exists)
+            was = cur_entries.get(name)
+            if was is not None and was.kind != t.kind:
+                was = None
+            self.entry(parts, name, was, t, exists)
 
     def entry(self, parts: Parts, name: str, c: Entry | None, t: Entry, exists: bool) -> None:
         rel = _rel(parts, name)
@@ -227,7 +227,9 @@ class _Planner:
                 self.steps.append(("mkdir", parts, name, None))
             if c is None or c.ref != t.ref:
                 assert isinstance(t.ref, bytes)
-                self.folder((*parts, name), c.ref if c else None, ObjectId(t.ref),
+                cur = c.ref if c else None
+                assert cur is None or isinstance(cur, bytes)  # a folder's ref is a tree id
+                self.folder((*parts, name), cur, ObjectId(t.ref),
                             exists and c is not None)
             if c is None or c.ref != t.ref or self.policy.attrs(c) != self.policy.attrs(t):
                 self.dir_attrs.append(((*parts, name), t))

@@ -151,10 +151,10 @@ class HubStore:
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert  # noqa: PLC0415
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # noqa: PLC0415
-        return insert(table).on_conflict_do_nothing()
+            from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: PLC0415
+            return pg_insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert  # noqa: PLC0415
+        return sqlite_insert(table).on_conflict_do_nothing()
 
     def _bulk_insert_ignore(self, c: sa.Connection, table: sa.Table,
                             rows: list[tuple[Any, ...]]) -> None:
