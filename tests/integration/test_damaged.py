@@ -263,3 +263,17 @@ def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, sql):
     assert sorted(p.name for p in outside.iterdir()) == before
     dm.ok("commit", "-m", "after the repair")
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.parametrize("bad_id", [-1, 10**12, 3, "abc"], ids=["negative", "huge", "small",
+                                                                 "text"])
+def test_an_index_row_whose_id_is_not_bytes_is_a_problem_not_a_crash(dm, bad_id):
+    _two_commits(dm)
+    with _db(dm) as db:
+        db.execute("INSERT INTO objects SELECT ?, kind, pack, offset, stored_len, raw_len, zstd "
+                   "FROM objects LIMIT 1", (bad_id,))
+    p = dm("fsck")
+    assert p.returncode == 7, p.stderr
+    assert "internal error" not in p.stderr and "damaged" in p.stdout, p.stdout
+    repaired = dm("fsck", "--repair")
+    assert repaired.returncode == 0, repaired.stderr

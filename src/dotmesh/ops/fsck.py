@@ -105,7 +105,7 @@ class _Fsck:
         for row in rows:
             oid = row[0]
             try:
-                loc = _location(*row)  # type: ignore[arg-type]
+                loc = _location(*row)
                 assert isinstance(oid, bytes)  # _location checked it
                 if loc.pack not in packs:
                     raise Corrupt(f"the index entry of object {oid.hex()[:16]} names a pack "

@@ -22,6 +22,7 @@ import zstandard
 from dotmesh.errors import AlreadyExists, Conflict, NotFound
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
+from dotmesh.model.graph import ancestors, commits_between
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import (
@@ -104,15 +105,15 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         t.close()
 
 
-def _ancestry(home: Repo, head: bytes) -> set[bytes]:
-    return graph.ancestors(home.packs.get, [head], home.packs.has)
+def _ancestry(home: Repo, head: bytes) -> set[ObjectId]:
+    return ancestors(home.packs.get, [ObjectId(head)], home.packs.has)
 
 
 def _send(home: Repo, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
           progress: Progress | None, total: Progress | None) -> None:
     get = home.packs.get
-    known = graph.ancestors(get, remote_heads, home.packs.has)
-    d = graph.delta(get, graph.commits_between(get, head, known))
+    known = ancestors(get, [ObjectId(h) for h in remote_heads], home.packs.has)
+    d = graph.delta(get, commits_between(get, ObjectId(head), known))
     ids = d.ordered()
     lack = t.lacking(ids)
     todo = [o for o in ids if o in lack]

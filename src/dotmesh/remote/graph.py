@@ -10,11 +10,10 @@ closure (refs only ever name commits whose closure is complete), so that is all 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dotmesh.errors import Corrupt
-from dotmesh.model.graph import ancestors, commits_between  # re-exported: ops/sync.py's names
 from dotmesh.model.ids import HOLE
 from dotmesh.model.objects import (
     DIR,
@@ -54,7 +53,7 @@ class Delta:
         return sorted(self.kinds, key=lambda o: rank[self.kinds[o]])
 
 
-def delta(get: Get, commits: list[bytes]) -> Delta:
+def delta(get: Get, commits: Sequence[bytes]) -> Delta:
     """The objects of ``commits`` that are not in their first parents (whole trees for a
     commit without parents)."""
     out = Delta()
@@ -298,5 +297,5 @@ def discover(roots: Iterable[bytes], lacking: Lacking, fetch: FetchIter, keep: K
     return out
 
 
-__all__ = ["Delta", "Discovered", "SymlinkCheck", "TreeCheck", "ancestors", "commits_between",
+__all__ = ["Delta", "Discovered", "SymlinkCheck", "TreeCheck",
            "delta", "discover", "link_climb"]

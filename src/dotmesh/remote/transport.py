@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
 from dotmesh.model.graph import check_fast_forward, walk_commits
-from dotmesh.model.ids import ID_LEN
+from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT
 from dotmesh.remote.blobs import Blobs
@@ -96,7 +96,8 @@ def check_history(records: list[Record], head: bytes, where: str) -> list[Record
         by_id[r.oid] = r
     if head not in by_id:
         raise BadTransfer(f"{where} did not send commit {head.hex()[:12]}")
-    reached = walk_commits(lambda c: by_id[c].raw(), [head], stop=lambda c: c not in by_id)
+    reached = walk_commits(lambda c: by_id[c].raw(), [ObjectId(head)],
+                           stop=lambda c: c not in by_id)
     if sum(1 for _ in reached) != len(by_id):
         raise BadTransfer(f"{where} sent commits that are not in {head.hex()[:12]}'s history")
     return list(by_id.values())
@@ -321,7 +322,7 @@ class S3Transport:
             size += len(rec.payload)
             return rec.raw()
         skip = set(have)
-        for _ in walk_commits(get, [head], order="breadth",
+        for _ in walk_commits(get, [ObjectId(head)], order="breadth",
                               stop=lambda c: c in skip or not self._has_commit(c)):
             if size >= FETCH_BATCH_BYTES:  # what the commits before this one weigh
                 break
@@ -356,7 +357,8 @@ class S3Transport:
         if current != old:
             raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
         if current is not None and not force:
-            check_fast_forward(self._commit, new, current, f"{self.where} branch {branch}")
+            check_fast_forward(self._commit, ObjectId(new), ObjectId(current),
+                               f"{self.where} branch {branch}")
         try:
             self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
                               now[1] if now else None)

@@ -87,7 +87,7 @@ class Location:
     zstd: bool
 
 
-def _location(oid: bytes, kind: object, pack: object, offset: object, stored_len: object,
+def _location(oid: object, kind: object, pack: object, offset: object, stored_len: object,
               raw_len: object, zstd: object) -> Location:
     """An index row, checked: a damaged row must not make a read allocate or seek wildly.
     (Plain comparisons: a full restore checks a hundred thousand rows.)"""
@@ -98,7 +98,8 @@ def _location(oid: bytes, kind: object, pack: object, offset: object, stored_len
             and 0 < stored_len <= raw_len + ZSTD_SLACK and offset > len(PACK_MAGIC)
             and (zstd or stored_len == raw_len)):
         return Location(kind, pack, offset, stored_len, raw_len, bool(zstd))
-    raise Corrupt(f"the index entry of object {bytes(oid).hex()[:16]} is damaged; "
+    shown = oid.hex()[:16] if isinstance(oid, bytes) else repr(oid)[:16]  # a damaged row
+    raise Corrupt(f"the index entry of object {shown} is damaged; "
                   "run dm fsck --repair")
 
 

@@ -31,6 +31,7 @@ from dotmesh.errors import (
     UsageError,
 )
 from dotmesh.model.graph import check_fast_forward, commits_between, walk_commits
+from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
@@ -475,7 +476,7 @@ class HubStore:
             size += len(data)
             return data
         order: list[bytes] = []
-        for c in walk_commits(get, [head], stop=have.__contains__, order="breadth",
+        for c in walk_commits(get, [ObjectId(head)], stop=have.__contains__, order="breadth",
                               limit=limit):
             if size >= HISTORY_BYTES:  # what the commits before this one weigh
                 break
@@ -500,7 +501,7 @@ class HubStore:
             raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
         done = self._present(verified, [new], dot)
         if not done:
-            fresh = commits_between(get, new, _Verified(self, dot))
+            fresh = commits_between(get, ObjectId(new), _Verified(self, dot))
             needed = graph.delta(get, fresh)
             lost = self.lacking(dot, list(needed.kinds))
             if lost:
@@ -511,7 +512,7 @@ class HubStore:
                           [{"dot_id": dot.id, "oid": x} for x in fresh])
                 self._hold(c, dot)
         if current is not None and not force:
-            check_fast_forward(get, new, current, f"{dot} branch {branch}")
+            check_fast_forward(get, ObjectId(new), ObjectId(current), f"{dot} branch {branch}")
         try:
             with self.tx() as c:
                 if current is None:
