@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.meta import refs
+from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.objects import DIR, Commit, Entry, Root, Tree
 from dotmesh.store.repo import Repo, sound_reflog_row
@@ -21,13 +22,14 @@ def log(home: Repo, dot: str, limit: int | None = None,
     """Commits from ``start`` back along first parents, newest first."""
     if home.head(dot, home.branch(dot)) is None and start == "HEAD":
         return
-    oid: ObjectId | None = home.resolve(dot, start)
-    n = 0
-    while oid is not None and (limit is None or n < limit):
-        c = home.commit(oid)
-        yield oid, c
-        oid = c.parents[0] if c.parents else None
-        n += 1
+    read: dict[ObjectId, bytes] = {}  # the walk yields a commit before reading it: once
+
+    def get(oid: ObjectId) -> bytes:
+        return read.pop(oid, b"") or home.packs.get(oid)
+
+    for oid in walk_commits(get, [home.resolve(dot, start)], first_parent=True, limit=limit):
+        read[oid] = home.packs.get(oid)
+        yield oid, Commit.decode(read[oid])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dotmesh.errors import (
 from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import StatCache
+from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import Commit
@@ -438,20 +439,10 @@ class Repo:
 
     def all_commits(self, dot: str) -> set[bytes]:
         """Every commit reachable from the dot's branches and reflog."""
-        seen: set[bytes] = set()
-        stack: list[bytes] = [h for h in self.branches(dot).values() if h]
-        stack.extend(refs.logged_ids(self.conn, dot))
-        stack.extend(self.remote_heads(dot).values())
-        while stack:
-            oid = stack.pop()
-            if oid in seen:
-                continue
-            seen.add(oid)
-            try:
-                stack.extend(self.commit(oid).parents)
-            except NotFound:
-                pass
-        return seen
+        heads = [h for h in self.branches(dot).values() if h]
+        heads.extend(ObjectId(x) for x in refs.logged_ids(self.conn, dot))
+        heads.extend(self.remote_heads(dot).values())
+        return set(walk_commits(self.packs.get, heads, missing_ok=True))
 
     def remote_heads(self, dot: str) -> dict[tuple[str, str], ObjectId]:
         """The last heads seen on remotes, by (remote, branch): fetched commits stay
