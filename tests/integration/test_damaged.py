@@ -43,6 +43,7 @@ def _two_commits(dm: DM) -> tuple[str, str, Path]:
     return ids[1], ids[0], d
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_stat_cache_is_caught(dm):
     first, second, d = _two_commits(dm)
     with _db(dm) as db:
@@ -60,6 +61,7 @@ def test_a_flipped_byte_in_the_stat_cache_is_caught(dm):
     assert capture(d) == state
 
 
+@pytest.mark.slow
 def test_fsck_reports_every_bad_row_and_repair_keeps_what_it_can(dm):
     first, second, d = _two_commits(dm)
     dm.ok("checkout", "-b", "side")
@@ -91,6 +93,7 @@ def test_fsck_reports_every_bad_row_and_repair_keeps_what_it_can(dm):
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_index_is_rebuilt_from_the_packs(dm):
     first, second, d = _two_commits(dm)
     dm.ok("init", "other")
@@ -131,6 +134,7 @@ def public_tmp() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs another user to try")
 def test_what_a_store_keeps_is_its_owners_alone(public_tmp):
     top = public_tmp
@@ -178,6 +182,7 @@ def test_what_a_store_keeps_is_its_owners_alone(public_tmp):
     assert stat.S_IMODE((home / "packs").stat().st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_damaged_index_rows_are_rebuilt_from_the_packs(dm):
     first, second, d = _two_commits(dm)
     before = capture(d)
@@ -201,6 +206,7 @@ def _zero_page(db: Path, page: int) -> None:
     db.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["a zeroed page", "an empty file", "no file"])
 def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
     """Whatever happened to meta.db, commands say so in one line, and --repair gives back
@@ -237,6 +243,7 @@ def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sql", [
     "UPDATE branches SET name='../../../../outbr' WHERE name='side'",
     "UPDATE dots SET branch='../../../../outbr'",
@@ -265,8 +272,10 @@ def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, sql):
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
-@pytest.mark.parametrize("bad_id", [-1, 10**12, 3, "abc"], ids=["negative", "huge", "small",
-                                                                 "text"])
+@pytest.mark.parametrize("bad_id", [
+    pytest.param(-1, id="negative"), pytest.param(10**12, id="huge", marks=pytest.mark.slow),
+    pytest.param(3, id="small", marks=pytest.mark.slow),
+    pytest.param("abc", id="text", marks=pytest.mark.slow)])
 def test_an_index_row_whose_id_is_not_bytes_is_a_problem_not_a_crash(dm, bad_id):
     _two_commits(dm)
     with _db(dm) as db:

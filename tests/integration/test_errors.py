@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import DM, DM_BIN
 
+SLOW = pytest.mark.slow  # each case runs dm at least once: the fast loop keeps a few
+
 
 def _one_line_error(p: subprocess.CompletedProcess[str]) -> str:
     assert p.returncode != 0
@@ -21,12 +23,12 @@ def _one_line_error(p: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("args,code,needle", [
     (["init", "bad name"], 2, "may only contain"),
-    (["init", "x" * 65], 2, "longer than 64"),
+    pytest.param(["init", "x" * 65], 2, "longer than 64", marks=SLOW),
     (["path", "app.a.b"], 2, "subdot name"),
-    (["path", ".x"], 2, "dot name"),
+    pytest.param(["path", ".x"], 2, "dot name", marks=SLOW),
     (["switch", "nope"], 3, "no dot named"),
-    (["log"], 2, "no current dot"),
-    (["dot", "delete", "nope"], 3, "no dot named"),
+    pytest.param(["log"], 2, "no current dot", marks=SLOW),
+    pytest.param(["dot", "delete", "nope"], 3, "no dot named", marks=SLOW),
 ])
 def test_bad_names_and_missing_things(dm, args, code, needle):
     p = dm(*args)
@@ -34,6 +36,7 @@ def test_bad_names_and_missing_things(dm, args, code, needle):
     assert needle in _one_line_error(p)
 
 
+@pytest.mark.slow
 def test_bad_refs_and_flags(dm):
     dm.ok("init", "app")
     assert "no commit yet" in _one_line_error(dm("reset", "--hard", "HEAD"))
@@ -83,12 +86,14 @@ def test_corrupted_pack_is_reported_by_fsck(dm):
     assert "fails its hash check" in _one_line_error(dm("reset", "--hard", "HEAD"))
 
 
+@pytest.mark.slow
 def test_damaged_record_header_is_reported_by_fsck(dm):
     _flip_byte_of_largest_object(dm, -20)  # inside the record's id field
     p = dm("fsck")
     assert p.returncode == 7 and "header" in p.stdout
 
 
+@pytest.mark.slow
 def test_second_process_on_a_dot_is_refused(dm):
     """A dm that holds the lock (stopped mid-commit) makes a second one fail clearly."""
     dm.ok("init", "app")
@@ -113,18 +118,20 @@ def test_second_process_on_a_dot_is_refused(dm):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["remote", "add", "hub", "no-at-sign"], 2, "USER@HOST"),
-    (["remote", "add", "hub", "a@host:99999"], 2, "bad port"),
-    (["remote", "add", "bad name", "a@host"], 2, "may only contain"),
-    (["remote", "add", "hub", "a@host"], 2, "no API key"),
+    pytest.param(["remote", "add", "hub", "a@host:99999"], 2, "bad port", marks=SLOW),
+    pytest.param(["remote", "add", "bad name", "a@host"], 2, "may only contain", marks=SLOW),
+    pytest.param(["remote", "add", "hub", "a@host"], 2, "no API key", marks=SLOW),
     (["s3", "remote", "add", "s3", "nokeys"], 2, "ACCESS_KEY@ENDPOINT/BUCKET"),
-    (["s3", "remote", "add", "s3", "key@http://127.0.0.1:1/bucket"], 2, "no S3 secret key"),
-    (["s3", "remote", "add", "s3", "k:s@ftp://host/bucket"], 2, "scheme"),
-    (["s3", "remote", "add", "s3", "k:s@host/B"], 2, "bucket name"),
-    (["push"], 2, "no remote yet"),
-    (["pull", "nope"], 3, "no remote named"),
-    (["clone", "nope", "a/b"], 3, "no remote named"),
-    (["remote", "rm", "nope"], 3, "no remote named"),
-    (["remote", "switch", "nope"], 3, "no remote named"),
+    pytest.param(["s3", "remote", "add", "s3", "key@http://127.0.0.1:1/bucket"], 2,
+                 "no S3 secret key", marks=SLOW),
+    pytest.param(["s3", "remote", "add", "s3", "k:s@ftp://host/bucket"], 2, "scheme",
+                 marks=SLOW),
+    pytest.param(["s3", "remote", "add", "s3", "k:s@host/B"], 2, "bucket name", marks=SLOW),
+    pytest.param(["push"], 2, "no remote yet", marks=SLOW),
+    pytest.param(["pull", "nope"], 3, "no remote named", marks=SLOW),
+    pytest.param(["clone", "nope", "a/b"], 3, "no remote named", marks=SLOW),
+    pytest.param(["remote", "rm", "nope"], 3, "no remote named", marks=SLOW),
+    pytest.param(["remote", "switch", "nope"], 3, "no remote named", marks=SLOW),
 ])
 def test_bad_remote_commands(dm, args, code, needle):
     dm.ok("init", "app")
@@ -143,13 +150,13 @@ def test_an_unreachable_hub_is_one_line(dm):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["--db", "nonsense", "user", "add", "x"], 11, "cannot use database"),
-    (["--db", "postgresql+psycopg://u:secret@127.0.0.1:1/x", "user", "add", "x"], 11,
-     "Connection refused"),
-    (["--s3", "bad", "user", "add", "x"], 2, "ACCESS_KEY"),
-    (["user", "add", "bad name"], 2, "may only contain"),
-    (["collaborator", "add", "noslash", "bob"], 2, "NAMESPACE/DOT"),
-    (["collaborator", "add", "a/b", "nobody"], 3, "no user named"),
-    (["serve", "--cert", "/etc/hostname"], 2, "both --cert and --key"),
+    pytest.param(["--db", "postgresql+psycopg://u:secret@127.0.0.1:1/x", "user", "add", "x"],
+                 11, "Connection refused", marks=SLOW),
+    pytest.param(["--s3", "bad", "user", "add", "x"], 2, "ACCESS_KEY", marks=SLOW),
+    pytest.param(["user", "add", "bad name"], 2, "may only contain", marks=SLOW),
+    pytest.param(["collaborator", "add", "noslash", "bob"], 2, "NAMESPACE/DOT", marks=SLOW),
+    pytest.param(["collaborator", "add", "a/b", "nobody"], 3, "no user named", marks=SLOW),
+    pytest.param(["serve", "--cert", "/etc/hostname"], 2, "both --cert and --key", marks=SLOW),
 ])
 def test_bad_hub_commands(dm, tmp_path, args, code, needle):
     p = dm("hub", "--data", str(tmp_path / "hub"), *args)
@@ -158,6 +165,7 @@ def test_bad_hub_commands(dm, tmp_path, args, code, needle):
     assert needle in line and "secret" not in line
 
 
+@pytest.mark.slow
 def test_reads_never_wait_for_a_writer(dm):
     """While another dm works on the dot, reads answer: refs and history as they are, and
     "busy" where the working state is in flux."""

@@ -30,6 +30,8 @@ from dotmesh.store.packs import PACK_MAGIC, RECORD
 from tests.conftest import raw_commit
 from tests.integration.remote_env import Hub
 
+pytestmark = pytest.mark.slow  # one hub for the module: a service, started once
+
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):

@@ -102,6 +102,7 @@ def _flip_chunk_of(dm: DM, content: bytes) -> None:
         f.write(bytes([byte[0] ^ 0x55]))
 
 
+@pytest.mark.slow
 def test_a_restore_meeting_a_damaged_object_changes_nothing(dm):
     dm.ok("init", "app")
     d = dm.path("app.db")
@@ -140,6 +141,7 @@ def _loop_device(backing: Path) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="device nodes need root")
 def test_special_files_where_files_go_are_replaced_never_written(dm, tmp_path):
     """A FIFO must not make a reset hang, a device node must not receive the file's bytes,
@@ -193,6 +195,7 @@ def _dot_on(disk: Path) -> tuple[DM, Path]:
     return dm, dm.path("app.db")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
 def test_a_full_disk_leaves_the_store_usable_once_there_is_room(tmp_path):
     with _small_disk(tmp_path / "disk", 64) as disk:
@@ -233,6 +236,7 @@ def _nothing_half_built(dot_dir: Path) -> None:
     assert not scratch.exists() or not any(scratch.iterdir()), list(scratch.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small disk needs root")
 def test_a_checkout_b_on_a_full_disk_creates_no_branch_and_leaves_nothing_half_built(tmp_path):
     with _small_disk(tmp_path / "disk", 80) as disk:

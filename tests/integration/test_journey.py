@@ -60,6 +60,7 @@ def test_seed_journey(dm):
     assert "no problems" in dm.ok("fsck")
 
 
+@pytest.mark.slow
 def test_reset_saves_the_discarded_working_state(dm):
     dm.ok("init", "app")
     d = dm.path("app")
@@ -75,6 +76,7 @@ def test_reset_saves_the_discarded_working_state(dm):
     assert (d / "f").read_text() == "precious uncommitted work"
 
 
+@pytest.mark.slow
 def test_uncommitted_changes_stay_on_their_branch(dm):
     dm.ok("init", "app")
     d = dm.path("app.db")
@@ -90,6 +92,7 @@ def test_uncommitted_changes_stay_on_their_branch(dm):
     assert (d / "g").read_text() == "other wip"
 
 
+@pytest.mark.slow
 def test_unchanged_files_are_not_read_again(dm, tmp_path):
     dm.ok("init", "app")
     d = dm.path("app")
@@ -105,6 +108,7 @@ def test_unchanged_files_are_not_read_again(dm, tmp_path):
     assert r3["files_read"] == 1
 
 
+@pytest.mark.slow
 def test_page_write_stores_about_one_page(dm):
     dm.ok("init", "app")
     d = dm.path("app.pg")
@@ -128,6 +132,7 @@ def test_dm_version_and_help(dm):
     assert "Example" in dm.ok("dot", "delete", "--help")
 
 
+@pytest.mark.slow
 def test_switch_and_dot_show_and_delete(dm):
     dm.ok("init", "a")
     dm.ok("init", "b")
@@ -141,6 +146,7 @@ def test_switch_and_dot_show_and_delete(dm):
     assert dm("dot", "show", "a").returncode == 3
 
 
+@pytest.mark.slow
 def test_a_dot_in_use_is_not_deleted(dm):
     dm.ok("init", "app")
     d = dm.path("app.db")
@@ -159,6 +165,7 @@ def test_a_dot_in_use_is_not_deleted(dm):
     assert not d.exists() and dm.ok("list").startswith("No dots")
 
 
+@pytest.mark.slow
 def test_a_deleted_dot_is_forgotten(dm):
     """A new dot of a deleted dot's name starts empty: no history, no reflog, no old ids."""
     dm.ok("init", "app")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.conftest import DM
 from tests.integration.servers import Postgres, shared_tmp
+
+pytestmark = pytest.mark.slow  # a PostgreSQL server of its own
 
 
 def test_reset_postgres_data_dir():

@@ -38,8 +38,10 @@ MAX_ENTRIES = 10_000_000  # entries of a subdot's tree, shared subtrees counted 
 
 @dataclass
 class Delta:
-    """Objects a set of commits adds to what their parents hold, by kind, in an order that
-    puts every object after those it names (chunks, file lists, trees, commits)."""
+    """Objects a set of commits adds to what their parents hold, ordered by kind (chunks,
+    file lists, trees, commits: each after the other kinds it names; within the trees a
+    folder comes before its subfolders, which is fine, since a receiver checks a commit's
+    closure only when a ref moves)."""
 
     kinds: dict[bytes, int] = field(default_factory=dict)
     # file list -> the file list of the same path in the parent (a base for a delta)
