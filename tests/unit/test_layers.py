@@ -94,7 +94,7 @@ def test_no_string_imports() -> None:
     assert hidden == []
 
 
-def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
+def test_the_walk_finds_module_level_and_lazy_imports() -> None:
     """The walk above finds imports inside functions too (lazy imports are still edges)."""
     module = PACKAGE / "store" / "repo.py"
     assert "dotmesh.meta.db" in _imports(module)
