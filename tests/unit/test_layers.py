@@ -13,7 +13,7 @@ PACKAGE = Path(dotmesh.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
     ("model",),
-    ("meta", "capture"),
+    ("meta", "capture", "fs"),
     ("store",),
     ("remote", "workdir"),
     ("ops",),

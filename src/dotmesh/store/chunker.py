@@ -35,6 +35,7 @@ CDC = FastCDC(avg_size=CDC_AVG)
 SEGMENT = 32 << 20  # bytes per task for paged files; also the CDC read window
 SUPER = 64 * 1024  # superblock: the unit of the unchanged-region prefilter
 FP_LEN = 16
+UNKNOWN_FP = bytes(FP_LEN)  # a superblock whose bytes were not all read
 
 
 def is_paged(size: int) -> bool:
@@ -53,6 +54,7 @@ class Chunks:
     lengths: list[int]
     new: list[Record]
     fingerprints: bytes = b""
+    skipped: int = 0  # bytes known unchanged without being read
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: froz
     return Chunks(ids, lengths, new)
 
 
-def read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
+def read_exact(fd: int, buf: bytearray | memoryview, n: int, offset: int) -> int:
     """Fill ``buf[:n]`` from ``offset``; returns how many bytes the file really had."""
     view = memoryview(buf)
     got = 0
@@ -114,11 +116,22 @@ def read_exact(fd: int, buf: bytearray, n: int, offset: int) -> int:
 
 def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozenset[bytes],
                 missing: Missing, prev: Previous | None = None,
-                pack: Packer = compress) -> Chunks:
-    got = read_exact(fd, buf, length, start)
-    mv = memoryview(buf)
+                pack: Packer = compress, same: frozenset[int] = frozenset()) -> Chunks:
+    """Cut ``length`` bytes from ``start`` (a multiple of SUPER) into page blocks.
+
+    ``same``: blocks (absolute indexes) known to hold the same bytes as in ``prev``, as a
+    copy-on-write filesystem's extent maps tell: they are not even read. A superblock only
+    partly known gets an unknown fingerprint (it never matches, so it is hashed next time)."""
     per = SUPER // PAGE_BLOCK
     first_block, first_super = start // PAGE_BLOCK, start // SUPER
+    old_supers = len(prev.fingerprints) // FP_LEN if prev else 0
+    skip: set[int] = set()
+    if prev is not None and same:
+        end = min(first_block + (length + PAGE_BLOCK - 1) // PAGE_BLOCK, len(prev.ids))
+        skip = {b - first_block for b in same if first_block <= b < end}
+    got = (_read_except(fd, buf, start, length, skip) if skip
+           else read_exact(fd, buf, length, start))
+    mv = memoryview(buf)
     ids: list[bytes] = [b""] * ((got + PAGE_BLOCK - 1) // PAGE_BLOCK)
     lengths = [PAGE_BLOCK] * len(ids)
     if ids and got % PAGE_BLOCK:
@@ -126,23 +139,57 @@ def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozens
     fps: list[bytes] = []
     todo: list[int] = []  # indexes of blocks that need hashing
     fp_of = xxhash.xxh3_128_digest
-    old_supers = len(prev.fingerprints) // FP_LEN if prev else 0
+    skipped = 0
     for k, so in enumerate(range(0, got, SUPER)):
         n = min(SUPER, got - so)
+        si = first_super + k
+        b0, b1 = k * per, min(k * per + per, len(ids))
+        known_here = [b for b in range(b0, b1) if b in skip] if skip else []
+        if known_here:
+            assert prev is not None
+            for b in known_here:
+                ids[b] = prev.ids[first_block + b]
+            skipped += len(known_here) * PAGE_BLOCK
+            if len(known_here) == b1 - b0 and n == SUPER and si < old_supers:
+                fps.append(prev.fingerprints[si * FP_LEN:(si + 1) * FP_LEN])
+            else:
+                fps.append(UNKNOWN_FP)
+                todo.extend(b for b in range(b0, b1) if b not in skip)
+            continue
         fp = fp_of(mv[so:so + n])
         fps.append(fp)
-        si = first_super + k
-        b0 = k * per
         if (prev is not None and n == SUPER and si < old_supers
                 and prev.fingerprints[si * FP_LEN:(si + 1) * FP_LEN] == fp):
             ids[b0:b0 + per] = prev.ids[first_block + b0:first_block + b0 + per]
         else:
-            todo.extend(range(b0, min(b0 + per, len(ids))))
+            todo.extend(range(b0, b1))
     chunks = _finish(mv, [i * PAGE_BLOCK for i in todo], [lengths[i] for i in todo], known,
                      missing, pack)
     for i, oid in zip(todo, chunks.ids, strict=True):
         ids[i] = oid
-    return Chunks(ids, lengths, chunks.new, b"".join(fps))
+    return Chunks(ids, lengths, chunks.new, b"".join(fps), skipped)
+
+
+def _read_except(fd: int, buf: bytearray, start: int, length: int, skip: set[int]) -> int:
+    """Read ``length`` bytes from ``start`` into ``buf`` but the blocks in ``skip`` (indexes
+    from ``start``); returns how many bytes the file has in that range."""
+    size = min(length, max(0, os.fstat(fd).st_size - start))
+    count = (size + PAGE_BLOCK - 1) // PAGE_BLOCK
+    view = memoryview(buf)
+    k = 0
+    while k < count:
+        if k in skip:
+            k += 1
+            continue
+        end = k + 1
+        while end < count and end not in skip:
+            end += 1
+        lo, hi = k * PAGE_BLOCK, min(end * PAGE_BLOCK, size)
+        got = read_exact(fd, view[lo:], hi - lo, start + lo)
+        if got < hi - lo:
+            return lo + got
+        k = end
+    return size
 
 
 def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes], missing: Missing,

@@ -1,0 +1,287 @@
+"""btrfs through its ioctls: subvolumes, snapshots, and which byte ranges two snapshots of a
+file still share.
+
+Calls go straight to the kernel (no ``btrfs`` program, no process per call): a snapshot costs a
+few milliseconds, so a fork and an exec would be most of it. The structures are those of
+``linux/btrfs.h`` and ``linux/fiemap.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from dotmesh.errors import DotmeshError
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+XFS_SUPER_MAGIC = 0x58465342
+FIRST_SUBVOLUME_INODE = 256  # the root folder of every subvolume has this inode number
+
+_IOC_WRITE, _IOC_READ = 1, 2
+
+
+def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
+_VOL_ARGS = 4096  # struct btrfs_ioctl_vol_args and ..._v2 are both 4096 bytes
+SUBVOL_CREATE = _ioc(_IOC_WRITE, 0x94, 14, _VOL_ARGS)
+SNAP_DESTROY = _ioc(_IOC_WRITE, 0x94, 15, _VOL_ARGS)
+SNAP_CREATE_V2 = _ioc(_IOC_WRITE, 0x94, 23, _VOL_ARGS)
+SUBVOL_RDONLY = 1 << 1
+FICLONE = _ioc(_IOC_WRITE, 0x94, 9, 4)
+FIEMAP = _ioc(_IOC_READ | _IOC_WRITE, ord("f"), 11, 32)
+
+_FIEMAP_HEAD = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQ2Q4I")
+FIEMAP_FLAG_SYNC = 1
+EXTENT_LAST = 0x1
+# An extent whose address says nothing about its bytes: not yet placed, compressed (the
+# address is that of a shared compressed run), inline in metadata, or packed with others.
+_UNTRUSTED = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
+_IGNORED = 0x1 | 0x1000 | 0x2000  # last, merged, shared: true of the same bytes either way
+_BATCH = 512
+
+
+class SnapshotError(DotmeshError):
+    """A snapshot, a subvolume or a clone could not be made or removed."""
+
+    exit_code = 15
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def fs_magic(path: Path | str) -> int:
+    """The filesystem type (statfs's f_type) of the nearest existing folder of ``path``."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(str(p)), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(p))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def on_btrfs(path: Path | str) -> bool:
+    return fs_magic(path) == BTRFS_SUPER_MAGIC
+
+
+def is_subvolume(path: Path | str) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_ino == FIRST_SUBVOLUME_INODE
+            and on_btrfs(path))
+
+
+def _name_arg(name: str, size: int, at: int) -> bytearray:
+    raw = os.fsencode(name)
+    if not raw or b"/" in raw or len(raw) >= size - at:
+        raise SnapshotError(f"bad subvolume name {name!r}")
+    buf = bytearray(size)
+    buf[at:at + len(raw)] = raw
+    return buf
+
+
+def _in_parent(path: Path, fn: str) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotError(f"cannot {fn} {path}: {e.strerror}") from None
+
+
+def create_subvolume(path: Path) -> None:
+    """An empty subvolume at ``path`` (its parents made as needed)."""
+    parent = _in_parent(path, "create subvolume")
+    try:
+        fcntl.ioctl(parent, SUBVOL_CREATE, _name_arg(path.name, _VOL_ARGS, 8))
+    except OSError as e:
+        raise SnapshotError(f"cannot create subvolume {path}: {e.strerror}") from None
+    finally:
+        os.close(parent)
+
+
+def snapshot(source: Path, dest: Path, read_only: bool) -> None:
+    """A snapshot of the subvolume ``source`` at ``dest``: shares every block, costs no copy."""
+    src = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent = _in_parent(dest, "snapshot into")
+        try:
+            args = _name_arg(dest.name, _VOL_ARGS, 56)
+            struct.pack_into("=qQQ", args, 0, src, 0, SUBVOL_RDONLY if read_only else 0)
+            fcntl.ioctl(parent, SNAP_CREATE_V2, args)
+        except OSError as e:
+            raise SnapshotError(f"cannot snapshot {source} to {dest}: {e.strerror}") from None
+        finally:
+            os.close(parent)
+    finally:
+        os.close(src)
+
+
+def destroy_subvolume(path: Path) -> None:
+    """Remove a subvolume (read-only or not) with everything in it, at once."""
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(parent, SNAP_DESTROY, _name_arg(path.name, _VOL_ARGS, 8))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise SnapshotError(f"cannot remove subvolume {path}: {e.strerror}") from None
+    finally:
+        os.close(parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything under it; subvolumes in it go whole, by ioctl (a
+    read-only snapshot cannot be emptied file by file)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if st.st_ino == FIRST_SUBVOLUME_INODE and on_btrfs(path):
+        destroy_subvolume(path)
+        return
+    with os.scandir(path) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(Path(entry.path))
+        else:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
+def clone_file(source: int, dest: int) -> None:
+    """Make ``dest`` share all of ``source``'s blocks (reflink); both are open descriptors."""
+    fcntl.ioctl(dest, FICLONE, source)
+
+
+Extent = tuple[int, int, int, int]  # logical, physical, length, flags
+
+
+def extents(fd: int) -> list[Extent]:
+    """The file's extents as the filesystem maps them (FIEMAP), in file order."""
+    out: list[Extent] = []
+    start = 0
+    while True:
+        buf = bytearray(_FIEMAP_HEAD.size + _BATCH * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEAD.pack_into(buf, 0, start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC, 0, _BATCH, 0)
+        fcntl.ioctl(fd, FIEMAP, buf)
+        mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return out
+        last = False
+        for i in range(mapped):
+            logical, physical, length, _, _, flags, _, _, _ = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+            out.append((logical, physical, length, flags))
+            last = bool(flags & EXTENT_LAST)
+        if last:
+            return out
+        start = out[-1][0] + out[-1][2]
+
+
+def _covered(ext: list[Extent]) -> Iterator[tuple[int, int]]:
+    for logical, _, length, _ in ext:
+        yield logical, logical + length
+
+
+def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:
+    """The byte ranges (start, end) of ``[0, size)`` that hold the same bytes in two versions
+    of a file, judged from their extent maps alone: ranges that map to the same disk address
+    (a copy-on-write filesystem never rewrites a block another snapshot still uses), and
+    ranges that are holes in both."""
+    same: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(old) and j < len(new):
+        lo, po, no, fo = old[i]
+        ln, pn, nn, fn = new[j]
+        start, end = max(lo, ln), min(lo + no, ln + nn)
+        if (start < end and lo - po == ln - pn and not (fo | fn) & _UNTRUSTED
+                and fo & ~_IGNORED == fn & ~_IGNORED):
+            same.append((start, min(end, size)))
+        if lo + no <= ln + nn:
+            i += 1
+        else:
+            j += 1
+    # Holes in both: what neither map covers.
+    covered = sorted([*_covered(old), *_covered(new)])
+    pos = 0
+    for s, e in covered:
+        if s > pos:
+            same.append((pos, min(s, size)))
+        pos = max(pos, e)
+    if pos < size:
+        same.append((pos, size))
+    return _merge([(s, e) for s, e in same if s < e])
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def unchanged_blocks(ranges: list[tuple[int, int]], block: int) -> set[int]:
+    """The indexes of the ``block``-sized blocks wholly inside ``ranges`` (merged, sorted)."""
+    out: set[int] = set()
+    for s, e in ranges:
+        first = (s + block - 1) // block
+        last = e // block  # exclusive
+        out.update(range(first, last))
+    return out
+
+
+_SUBVOL_GETFLAGS = _ioc(_IOC_READ, 0x94, 25, 8)
+_SUBVOL_SETFLAGS = _ioc(_IOC_WRITE, 0x94, 26, 8)
+
+
+def make_read_only(path: Path) -> None:
+    """Mark the subvolume at ``path`` read-only, as a snapshot taken read-only is."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, _SUBVOL_GETFLAGS, flags)
+        value = struct.unpack("=Q", flags)[0] | SUBVOL_RDONLY
+        fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", value))
+    except OSError as e:
+        raise SnapshotError(f"cannot make {path} read-only: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: Path) -> None:
+    """Write the filesystem's dirty data out now, so that a snapshot taken in a freeze moments
+    later has little left to write."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
