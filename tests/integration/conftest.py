@@ -12,3 +12,12 @@ def s3():
     """A SeaweedFS S3 server on loopback."""
     with seaweedfs() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def btrfs_mount():
+    """A btrfs filesystem on a loop device, shared by the tests that need one."""
+    from tests.integration.cow_env import loop_filesystem
+
+    with loop_filesystem("btrfs") as mount:
+        yield mount

@@ -42,6 +42,7 @@ from dotmesh.ops import dots as dot_ops
 from dotmesh.ops import fsck as fsck_ops
 from dotmesh.ops import history
 from dotmesh.ops import hooks as hook_ops
+from dotmesh.ops import settings as settings_ops
 from dotmesh.store.repo import default_home
 from dotmesh.version import FORMAT_VERSION, __version__
 
@@ -74,14 +75,19 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 @cli.command()
 @click.argument("dot")
+@click.option("--backend", type=click.Choice(["plain", "btrfs"]), default=None,
+              help="How the store keeps folders (only before its first dot). Default: btrfs "
+                   "subvolumes (snapshots in milliseconds) where the store is on btrfs, else "
+                   "plain folders.")
 @pass_ctx
-def init(c: Ctx, dot: str) -> None:
+def init(c: Ctx, dot: str, backend: str | None) -> None:
     """Create a dot (made current if there is none).
 
     \b
     Example:  dm init app
+              dm init app --backend plain
     """
-    made_current = dot_ops.init(c.home, dot)
+    made_current = dot_ops.init(c.home, dot, backend)
     click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
 
 
@@ -131,7 +137,7 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
                         for w in s.writers],
             "containers": [{"id": k.id, "name": k.name, "state": k.state,
                             "volumes": list(k.volumes)} for k in s.containers],
-            "remotes": s.remotes}
+            "remotes": s.remotes, "backend": s.backend, "kept_states": s.kept_states}
 
 
 @cli.command(name="list")
@@ -193,6 +199,8 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
                                    if s.containers else "none"))
     click.echo("  remotes:  " + (", ".join(f"{r} ({d})" for r, d in s.remotes.items())
                                  if s.remotes else "none"))
+    kept_note = f" ({s.kept_states} kept states)" if s.backend != "plain" else ""
+    click.echo(f"  backend:  {s.backend}{kept_note}")
 
 
 @dot.command("delete")
@@ -614,16 +622,52 @@ def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
 
 @cli.command()
 @json_flag
-def version(as_json: bool) -> None:
-    """Print dm's version and the store format it writes.
+@pass_ctx
+def version(c: Ctx, as_json: bool) -> None:
+    """Print dm's version, the store format it writes, and the store's folder backend.
 
     \b
     Example:  dm version --json
     """
+    backend = dot_ops.store_backend(c.path)
     if as_json:
-        emit_json({"version": __version__, "format": FORMAT_VERSION})
+        emit_json({"version": __version__, "format": FORMAT_VERSION, "backend": backend})
     else:
-        click.echo(f"dm {__version__} (store format {FORMAT_VERSION})")
+        click.echo(f"dm {__version__} (store format {FORMAT_VERSION}, {backend} backend)")
+
+
+@cli.command("config")
+@click.argument("key", required=False)
+@click.argument("value", required=False)
+@click.option("--unset", is_flag=True, help="Go back to the default.")
+@json_flag
+@pass_ctx
+def config_(c: Ctx, key: str | None, value: str | None, unset: bool, as_json: bool) -> None:
+    """Show or change the store's settings (no KEY: all of them, with their meaning).
+
+    \b
+    Example:  dm config snapshots.keep-commits 5
+              dm config snapshots.keep-days
+    """
+    if key is None:
+        values = settings_ops.all_values(c.home)
+        if as_json:
+            emit_json(values)
+            return
+        for k, v in values.items():
+            click.echo(f"{k} = {v}    # {settings_ops.SETTINGS[k].help}")
+        return
+    if unset:
+        if value is not None:
+            raise UsageError("--unset takes no VALUE")
+        settings_ops.unset(c.home, key)
+    elif value is not None:
+        settings_ops.set_value(c.home, key, value)
+    now = settings_ops.get(c.home, key)
+    if as_json:
+        emit_json({key: now})
+    else:
+        click.echo(now)
 
 
 cli_remote.register(cli)

@@ -30,6 +30,10 @@ def set_setting_once(conn: sqlite3.Connection, key: str, value: str) -> None:
     conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
 
 
+def unset_setting(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("DELETE FROM meta WHERE key=?", (key,))
+
+
 def clear_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
     """Forget ``key`` if it still holds ``value``."""
     conn.execute("DELETE FROM meta WHERE key=? AND value=?", (key, value))

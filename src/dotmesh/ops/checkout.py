@@ -19,6 +19,7 @@ from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.ops.commit import default_author
 from dotmesh.ops.dots import is_dirty
 from dotmesh.store.repo import Journal, Repo
+from dotmesh.workdir import kept
 from dotmesh.workdir.branches import (
     Progress,
     finish_restore,
@@ -26,6 +27,8 @@ from dotmesh.workdir.branches import (
     recover,
     restore_folders,
     snapshot_dot,
+    snapshot_dot_frozen,
+    snapshots_of,
     swap,
 )
 
@@ -106,7 +109,12 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
         message = message or f"reset --hard {ref}"
         with stopped_for_restore(home.stable_folders(dot), dot, stop_writers, "a reset") as stopped:
             writer = home.packs.writer()
-            snap = snapshot_dot(home, dot, writer, progress)
+            cow = snapshots_of(home)
+            staging = None
+            if cow is not None:  # the working state is kept as a snapshot, too
+                staging, snap = snapshot_dot_frozen(home, dot, cow, writer, progress)
+            else:
+                snap = snapshot_dot(home, dot, writer, progress)
             saved: ObjectId | None = None
             if is_dirty(snap.roots, home.commit(old) if old else None):
                 saved = writer.put(KIND_COMMIT, Commit(
@@ -121,13 +129,26 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                     home.begin_restore(tx, dot, Journal("reset", branch, old, target_id, saved,
                                                         action, message))
 
-            caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
-            with Tx(home.conn) as tx:
-                home.set_head(tx, dot, branch, old, target_id, action, saved, message)
-                for sub, cache in caches.items():
-                    base = snap.caches.get(sub, {})
-                    home.save_cache(tx, dot, branch, sub, base, cache)
-                home.end_restore(tx, dot)
+            try:
+                caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
+                with Tx(home.conn) as tx:
+                    home.set_head(tx, dot, branch, old, target_id, action, saved, message)
+                    for sub, cache in caches.items():
+                        base = snap.caches.get(sub, {})
+                        home.save_cache(tx, dot, branch, sub, base, cache)
+                    home.end_restore(tx, dot)
+            except BaseException:
+                if cow is not None and staging is not None:
+                    cow.discard(staging)
+                raise
+            if cow is not None and staging is not None:
+                state = saved or old
+                if state is not None:
+                    kept.keep(home, dot, staging, state,
+                              {s: r.cache for s, r in snap.results.items()}, cow)
+                else:
+                    cow.discard(staging)
+                kept.prune(home, dot, cow)
         return ResetResult(old, target_id, saved, stopped)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import getpass
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,20 @@ from dotmesh.meta.statcache import HINT_ONLY
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.ops.hooks import hooks as hooks_of
+from dotmesh.store.packs import PackWriter
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.branches import DotSnapshot, Progress, recover, save_caches, snapshot_dot
+from dotmesh.workdir import kept
+from dotmesh.workdir.backend import SnapshotBackend
+from dotmesh.workdir.branches import (
+    DotSnapshot,
+    Progress,
+    backend_of,
+    recover,
+    save_caches,
+    snapshot_dot,
+    snapshot_dot_frozen,
+    snapshots_of,
+)
 from dotmesh.workdir.snapshot import store_deferred
 
 PRECOPY_PASSES = 3
@@ -93,53 +106,106 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
         folders = {s: str(home.stable(dot, s)) for s in home.subdots(dot)}
         run_hooks(dot_hooks, "pre-freeze", folders)
         writer = home.packs.writer()
-        frozen_read = 0
-        with ChangeWatcher() if freeze else nullcontext() as watcher:
-            # The pre-copy, while writers run; from here on inotify names what changes.
-            snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
-            writers = find_writers(home.stable_folders(dot)) if freeze else []
-            containers = running_containers(dot) if freeze else []
-            if writers or containers:
-                assert watcher is not None
-                # More copy passes while much changed during the last one: each is shorter,
-                # so less is left for the freeze (as in live migration of virtual machines).
-                for _ in range(PRECOPY_PASSES - 1):
-                    if (snap.files_read <= SMALL_DELTA_FILES
-                            and snap.bytes_read <= SMALL_DELTA_BYTES):
-                        break
-                    writer.flush()  # the next pass reads this one's file lists as hints
-                    snap = snapshot_dot(home, dot, writer, None, after=snap, watcher=watcher,
-                                        changes=_changed(home, dot, watcher, snap, writers))
-                writer.flush()
-                with frozen(writers, freeze_timeout, containers) as fz:
-                    snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
-                                        changes=_changed(home, dot, watcher, snap, writers))
-                frozen_read = snap.frozen_bytes_read
-                snap.finish()  # trees are encoded, and chunks compressed, after the thaw
-                _distrust_mapped(home, dot, snap, writers)  # for the next command, too
-                for res in snap.results.values():
-                    store_deferred(writer, res.deferred)
-                metadata["dm.freeze_ms"] = f"{fz.ms:.1f}"
-                metadata["dm.writers"] = ", ".join(map(str, [*writers, *containers]))
-        c = Commit(
-            parents=(old,) if old else (),
-            subdots=snap.roots,
-            message=message,
-            author=author or default_author(),
-            timestamp_ns=time.time_ns(),
-            metadata=metadata,
-        )
-        oid = writer.put(KIND_COMMIT, c.encode())
-        writer.flush()  # objects are durable before the ref names them
-        with Tx(home.conn) as tx:
-            home.set_head(tx, dot, branch, old, oid, "commit", None, message)
-            save_caches(home, tx, dot, branch, snap)
+        cow = snapshots_of(home)
+        staging: Path | None = None
+        try:
+            if cow is not None:
+                staging, snap = _capture_by_snapshots(home, dot, cow, writer, progress, freeze,
+                                                      freeze_timeout, metadata)
+                frozen_read = 0
+            else:
+                snap, frozen_read = _capture_live(home, dot, writer, progress, freeze,
+                                                  freeze_timeout, metadata)
+            c = Commit(
+                parents=(old,) if old else (),
+                subdots=snap.roots,
+                message=message,
+                author=author or default_author(),
+                timestamp_ns=time.time_ns(),
+                metadata=metadata,
+            )
+            oid = writer.put(KIND_COMMIT, c.encode())
+            writer.flush()  # objects are durable before the ref names them
+            with Tx(home.conn) as tx:
+                home.set_head(tx, dot, branch, old, oid, "commit", None, message)
+                save_caches(home, tx, dot, branch, snap)
+        except BaseException:
+            if staging is not None:
+                backend_of(home).discard(staging)
+            raise
+        if cow is not None and staging is not None:
+            kept.keep(home, dot, staging, oid, {s: r.cache for s, r in snap.results.items()},
+                      cow)
+            kept.prune(home, dot, cow)
     try:
         run_hooks(dot_hooks, "post-thaw", folders)
     except HookFailed as e:
         raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
     return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written,
                         frozen_read)
+
+
+def _capture_live(home: Repo, dot: str, writer: PackWriter, progress: Progress | None,
+                  freeze: bool, freeze_timeout: float, metadata: dict[str, str]
+                  ) -> tuple[DotSnapshot, int]:
+    """Plain folders: copy while the writers run, then stop them all and read only what
+    changed meanwhile. Returns the snapshot and the bytes read while they were stopped."""
+    with ChangeWatcher() if freeze else nullcontext() as watcher:
+        # The pre-copy, while writers run; from here on inotify names what changes.
+        snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
+        writers = find_writers(home.stable_folders(dot)) if freeze else []
+        containers = running_containers(dot) if freeze else []
+        if not (writers or containers):
+            return snap, 0
+        assert watcher is not None
+        # More copy passes while much changed during the last one: each is shorter,
+        # so less is left for the freeze (as in live migration of virtual machines).
+        for _ in range(PRECOPY_PASSES - 1):
+            if snap.files_read <= SMALL_DELTA_FILES and snap.bytes_read <= SMALL_DELTA_BYTES:
+                break
+            writer.flush()  # the next pass reads this one's file lists as hints
+            snap = snapshot_dot(home, dot, writer, None, after=snap, watcher=watcher,
+                                changes=_changed(home, dot, watcher, snap, writers))
+        writer.flush()
+        with frozen(writers, freeze_timeout, containers) as fz:
+            snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
+                                changes=_changed(home, dot, watcher, snap, writers))
+        frozen_read = snap.frozen_bytes_read
+        snap.finish()  # trees are encoded, and chunks compressed, after the thaw
+        _distrust_mapped(home, dot, snap, writers)  # for the next command, too
+        for res in snap.results.values():
+            store_deferred(writer, res.deferred)
+        _note_freeze(metadata, fz.ms, [*writers, *containers])
+    return snap, frozen_read
+
+
+def _capture_by_snapshots(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
+                          progress: Progress | None, freeze: bool, freeze_timeout: float,
+                          metadata: dict[str, str]) -> tuple[Path, DotSnapshot]:
+    """A snapshot backend: the writers are stopped only while every subdot is snapshotted
+    read-only (milliseconds); the snapshots are read after they run again."""
+    writers = find_writers(home.stable_folders(dot)) if freeze else []
+    containers = running_containers(dot) if freeze else []
+    timing: list[float] = []
+
+    @contextmanager
+    def freezing() -> Iterator[None]:
+        if not (writers or containers):
+            yield
+            return
+        with frozen(writers, freeze_timeout, containers) as fz:
+            yield
+        timing.append(fz.ms)
+
+    staging, snap = snapshot_dot_frozen(home, dot, cow, writer, progress, freezing)
+    if timing:
+        _note_freeze(metadata, timing[0], [*writers, *containers])
+    return staging, snap
+
+
+def _note_freeze(metadata: dict[str, str], ms: float, stopped: list[object]) -> None:
+    metadata["dm.freeze_ms"] = f"{ms:.1f}"
+    metadata["dm.writers"] = ", ".join(map(str, stopped))
 
 
 def _changed(home: Repo, dot: str, watcher: ChangeWatcher, snap: DotSnapshot,

@@ -16,17 +16,33 @@ from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import EMPTY_TREE, Commit, Root
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.branches import make_stable, recover, snapshot_dot
+from dotmesh.workdir import kept
+from dotmesh.workdir.branches import backend_of, choose, detect, make_stable, recover, snapshot_dot
 
 
-def init(home: Repo, dot: str) -> bool:
-    """Create ``dot``; returns True if it became the current dot (there was none)."""
+def init(home: Repo, dot: str, backend: str | None = None) -> bool:
+    """Create ``dot``; returns True if it became the current dot (there was none).
+    ``backend``: the store's folder backend, which only a store without dots can choose."""
     check_name(dot, "dot name")
+    if backend is not None:
+        choose(home, backend)
     home.create_dot(dot)
     if home.current_dot() is None:
         home.set_current_dot(dot)
         return True
     return False
+
+
+def store_backend(root: Path) -> str:
+    """The backend of the store at ``root`` (without making one): its setting, or what a
+    store made there would get."""
+    if (root / "meta.db").exists():
+        home = Repo(root)
+        try:
+            return backend_of(home).name
+        finally:
+            home.close()
+    return detect(root)
 
 
 def switch(home: Repo, dot: str) -> None:
@@ -85,6 +101,8 @@ class DotStatus:
     writers: list[Writer] = field(default_factory=list)
     containers: list[Container] = field(default_factory=list)
     remotes: dict[str, str] = field(default_factory=dict)  # remote -> the dot's name there
+    backend: str = "plain"  # how its folders are kept (plain folders, btrfs subvolumes)
+    kept_states: int = 0  # commits whose folders a snapshot backend keeps as snapshots
 
 
 def statuses(home: Repo, dots: list[str] | None = None) -> list[DotStatus]:
@@ -132,6 +150,7 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         writers=find_writers(home.stable_folders(dot)),
         containers=containers_of(dot) if containers is None else containers,
         remotes=config.remote_dots(home.conn, dot),
+        backend=backend_of(home).name, kept_states=len(kept.kept_ids(home, dot)),
     )
 
 

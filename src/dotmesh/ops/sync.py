@@ -11,7 +11,6 @@ tree whose symlinks would point out of the subdot is refused before anything nam
 
 from __future__ import annotations
 
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -371,7 +370,7 @@ def _move_parked(home: Repo, dot: str, branch: str, old: bytes | None, new: Obje
                           message)
             home.drop_caches(tx, dot, branch)
         for p in parked.values():
-            shutil.rmtree(p)
+            backend.discard(p)
 
 
 # ------------------------------------------------------------------ clone

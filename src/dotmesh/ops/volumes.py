@@ -9,12 +9,12 @@ dot's branch; ``dm checkout`` and ``dm reset`` restart the containers so they se
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import AlreadyExists, Conflict, InvalidName, NotFound, UsageError
+from dotmesh.fs.btrfs import remove_tree
 from dotmesh.meta import config
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import VolumeName
@@ -136,4 +136,4 @@ def empty_trash(root: Path) -> None:
     trash = root / "trash"
     if trash.is_dir():
         for item in trash.iterdir():
-            shutil.rmtree(item, ignore_errors=True)
+            remove_tree(item)  # by path alone: any backend's folders (subvolumes go whole)

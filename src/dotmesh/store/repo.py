@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import sqlite3
 import stat
 import time
@@ -32,6 +31,7 @@ from dotmesh.errors import (
     NotFound,
     UsageError,
 )
+from dotmesh.fs.btrfs import remove_tree
 from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import StatCache
@@ -300,7 +300,7 @@ class Repo:
         starts empty); its objects stay in the packs until gc."""
         with Tx(self.conn) as c:
             config.delete_dot(c, dot)
-        shutil.rmtree(self.dot_dir(dot), ignore_errors=True)
+        remove_tree(self.dot_dir(dot))  # snapshots in it go whole
 
     def subdots(self, dot: str) -> list[str]:
         return [_named(name, "subdot", dot) for name in config.subdot_names(self.conn, dot)]
@@ -390,7 +390,7 @@ class Repo:
         exist (what a failed ``dm checkout -b`` had built)."""
         with Tx(self.conn) as c:
             statcache.drop_branch(c, dot, branch)
-        shutil.rmtree(self.dot_dir(dot) / "branches" / branch, ignore_errors=True)
+        remove_tree(self.dot_dir(dot) / "branches" / branch)
 
     def set_head(self, c: sqlite3.Connection, dot: str, branch: str, old: ObjectId | None,
                  new: ObjectId, action: str, saved: ObjectId | None, message: str,

@@ -12,17 +12,20 @@ on different backends share states.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
+from dotmesh.fs import btrfs
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.objects import Root
 from dotmesh.store.packs import PackStore, PackWriter
 from dotmesh.workdir import restore
 from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.restore import Policy, Prepared, RestoreResult
-from dotmesh.workdir.snapshot import SnapshotResult
+from dotmesh.workdir.snapshot import Reference, SnapshotResult
 
 Progress = Callable[[int], None]
 Watch = Callable[[str], None]
@@ -38,8 +41,11 @@ class FolderBackend(Protocol):
 
     def snapshot(self, folder: Path, store: PackStore, writer: PackWriter | None,
                  cache: StatCache, progress: Progress | None = None, defer: bool = False,
-                 watch: Watch | None = None) -> SnapshotResult:
-        """Capture the folder: its root tree, stored through ``writer`` (None: hash only)."""
+                 watch: Watch | None = None, reference: Reference | None = None,
+                 taken_ns: int | None = None) -> SnapshotResult:
+        """Capture the folder: its root tree, stored through ``writer`` (None: hash only).
+        ``reference``: a kept snapshot of the head, whose shared blocks need no reading;
+        ``taken_ns``: when ``folder`` (a read-only snapshot) was taken."""
 
     def update(self, folder: Path, store: PackStore, writer: PackWriter | None,
                prev: SnapshotResult, changed: dict[str, set[str]],
@@ -62,6 +68,20 @@ class FolderBackend(Protocol):
         """Put a folder built aside (or parked) where ``folder`` is, atomically; ``folder``
         must not exist or be empty."""
 
+    def discard(self, path: Path) -> None:
+        """Remove a folder this backend made (and anything in it), if it exists."""
+
+
+class SnapshotBackend(FolderBackend, Protocol):
+    """A backend whose folders can be snapshotted in constant time (btrfs subvolumes; a ZFS
+    backend would map these calls to ``zfs snapshot`` and ``zfs clone``)."""
+
+    def freeze_copy(self, folder: Path, dest: Path) -> None:
+        """A read-only copy of ``folder`` at ``dest`` as it is at this instant."""
+
+    def writable_copy(self, source: Path, dest: Path) -> None:
+        """A writable copy at ``dest`` of a copy made by :meth:`freeze_copy`."""
+
 
 class PlainFolders:
     """Ordinary folders on any filesystem."""
@@ -73,8 +93,10 @@ class PlainFolders:
 
     def snapshot(self, folder: Path, store: PackStore, writer: PackWriter | None,
                  cache: StatCache, progress: Progress | None = None, defer: bool = False,
-                 watch: Watch | None = None) -> SnapshotResult:
-        return scan.snapshot(folder, store, writer, cache, progress, defer, watch)
+                 watch: Watch | None = None, reference: Reference | None = None,
+                 taken_ns: int | None = None) -> SnapshotResult:
+        return scan.snapshot(folder, store, writer, cache, progress, defer, watch, reference,
+                             taken_ns)
 
     def update(self, folder: Path, store: PackStore, writer: PackWriter | None,
                prev: SnapshotResult, changed: dict[str, set[str]],
@@ -98,5 +120,51 @@ class PlainFolders:
             folder.rmdir()
         os.rename(built, folder)
 
+    def discard(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class BtrfsFolders(PlainFolders):
+    """Every subdot folder (each branch's, each kept state's) is a btrfs subvolume: a commit
+    snapshots them read-only in milliseconds, and a branch or a reset to a kept state is a
+    writable snapshot of one, sharing every block until it is written."""
+
+    name = "btrfs"
+
+    def make(self, folder: Path) -> None:
+        if not folder.exists():
+            btrfs.create_subvolume(folder)
+
+    def build_aside(self, aside: Path, store: PackStore, target: Root, policy: Policy,
+                    progress: Progress | None = None) -> RestoreResult:
+        btrfs.create_subvolume(aside)
+        return restore.build(aside, store, target, policy, progress)
+
+    def discard(self, path: Path) -> None:
+        btrfs.remove_tree(path)
+
+    def freeze_copy(self, folder: Path, dest: Path) -> None:
+        if btrfs.is_subvolume(folder):
+            btrfs.snapshot(folder, dest, read_only=True)
+        else:
+            _reflink_copy(folder, dest)
+
+    def writable_copy(self, source: Path, dest: Path) -> None:
+        btrfs.snapshot(source, dest, read_only=False)
+
+
+def _reflink_copy(folder: Path, dest: Path) -> None:
+    """A copy of ``folder`` in a new subvolume ``dest`` whose files share their blocks with
+    the originals (a folder that is not a subvolume: made by hand, or by an older dm)."""
+    btrfs.create_subvolume(dest)
+    done = subprocess.run(["cp", "-a", "--reflink=always", "--", f"{folder}/.", str(dest)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        btrfs.remove_tree(dest)
+        raise btrfs.SnapshotError(f"cannot copy {folder}: {done.stderr.strip()}")
+    btrfs.make_read_only(dest)
+
 
 PLAIN = PlainFolders()
+BTRFS = BtrfsFolders()
+BACKENDS: dict[str, FolderBackend] = {"plain": PLAIN, "btrfs": BTRFS}

@@ -4,26 +4,29 @@ build or swap the per-branch folders."""
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from dotmesh.capture.changes import Changes, ChangeWatcher
-from dotmesh.errors import DotmeshError
-from dotmesh.meta import refs
+from dotmesh.errors import DotmeshError, UsageError
+from dotmesh.fs import btrfs
+from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
 from dotmesh.store.repo import Repo
-from dotmesh.workdir.backend import PLAIN, FolderBackend
+from dotmesh.workdir import kept
+from dotmesh.workdir.backend import BACKENDS, PLAIN, FolderBackend, SnapshotBackend
 from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, merge_cache
-from dotmesh.workdir.snapshot import SnapshotResult
+from dotmesh.workdir.snapshot import Reference, SnapshotResult
 
 Progress = Callable[[int], None]
 
@@ -53,9 +56,44 @@ class DotSnapshot:
         return sum(r.frozen_bytes_read for r in self.results.values())
 
 
+BACKEND_SETTING = "backend"
+
+
 def backend_of(home: Repo) -> FolderBackend:
-    """The store's folder backend (plain folders; a store on btrfs will choose its own)."""
-    return PLAIN
+    """The store's folder backend: chosen by ``dm init --backend``, else from where the store
+    is when a command first needs it (see :func:`choose`)."""
+    name = config.setting(home.conn, BACKEND_SETTING) or choose(home, None)
+    return BACKENDS.get(name, PLAIN)
+
+
+def snapshots_of(home: Repo) -> SnapshotBackend | None:
+    """The store's backend if it snapshots folders in constant time."""
+    backend = backend_of(home)
+    return cast(SnapshotBackend, backend) if hasattr(backend, "freeze_copy") else None
+
+
+def detect(root: Path) -> str:
+    """The backend a store at ``root`` gets by default: btrfs where its folders are on btrfs."""
+    return "btrfs" if btrfs.on_btrfs(root) else "plain"
+
+
+def choose(home: Repo, name: str | None) -> str:
+    """Set the store's backend (``name``, or detected) unless it has one; returns it. A
+    store's backend is fixed once it has a dot: its folders were made for it."""
+    current = config.setting(home.conn, BACKEND_SETTING)
+    wanted = name or detect(home.root)
+    if name is not None and name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "btrfs" and not btrfs.on_btrfs(home.root):
+        raise UsageError(f"the btrfs backend needs the store on btrfs; {home.root} is not")
+    if current is None or (current != wanted and name is not None and not home.dots()):
+        config.set_setting(home.conn, BACKEND_SETTING, wanted)
+        home.conn.commit()
+        return wanted
+    if name is not None and current != name:
+        raise UsageError(f"this store uses the {current} backend, chosen when its first dot "
+                           f"was made; a store of another backend needs another --home")
+    return current
 
 
 def make_stable(home: Repo, dot: str, subdot: str) -> Path:
@@ -152,15 +190,22 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     writer.flush()
     policy = policy_for(home, dot, target)
     backend = backend_of(home)
+    cow = snapshots_of(home)
+    state = kept.folder(home, dot, target) if cow else None
+    state_caches = kept.caches(home, dot, target) if state else {}
     staged: dict[str, Prepared] = {}
     built: dict[str, tuple[Path, RestoreResult]] = {}
+    cloned: dict[str, Path] = {}
     scratches: list[Path] = []
     try:
         for sub, root in roots.items():
             top = home.stable(dot, sub)
             scratch = home.scratch(dot) / uuid.uuid4().hex
             scratches.append(scratch)
-            if top.is_dir() and sub in snap.roots:
+            if cow is not None and state is not None and (state / sub).is_dir():
+                cow.writable_copy(state / sub, scratch)  # O(1): shares every block
+                cloned[sub] = scratch
+            elif top.is_dir() and sub in snap.roots:
                 staged[sub] = backend.prepare_restore(top, home.packs, root, snap.roots[sub],
                                                       scratch, policy, progress,
                                                       snap.results[sub].cache)
@@ -171,11 +216,19 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
         for p in staged.values():
             p.abort()
         for tmp in scratches:  # a half-built folder (a full disk) goes at once
-            shutil.rmtree(tmp, ignore_errors=True)
+            backend.discard(tmp)
         raise
     if before_touching is not None:
         before_touching()
     caches: dict[str, StatCache] = {}
+    for sub, tmp in cloned.items():
+        top = home.stable(dot, sub)
+        old = home.scratch(dot) / uuid.uuid4().hex
+        if top.exists():
+            os.rename(top, old)  # a kill from here on: the journal finishes the restore
+        backend.swap_in(tmp, top)
+        backend.discard(old)
+        caches[sub] = state_caches.get(sub, {})
     for sub, (tmp, res) in built.items():
         backend.swap_in(tmp, home.stable(dot, sub))
         caches[sub] = merge_cache({}, res)
@@ -192,19 +245,26 @@ def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writ
     writer.flush()
     policy = policy_for(home, dot, commit)
     backend = backend_of(home)
+    cow = snapshots_of(home)
+    state = kept.folder(home, dot, commit) if cow else None
+    state_caches = kept.caches(home, dot, commit) if state and commit else {}
     for sub, root in roots.items():
         final = home.parked(dot, branch, sub)
         if final.exists():
             continue
         tmp = home.scratch(dot) / uuid.uuid4().hex
         try:
-            res = backend.build_aside(tmp, home.packs, root, policy, progress)
+            if cow is not None and state is not None and (state / sub).is_dir():
+                cow.writable_copy(state / sub, tmp)  # a branch costs no copy
+                cache = state_caches.get(sub, {})
+            else:
+                cache = merge_cache({}, backend.build_aside(tmp, home.packs, root, policy,
+                                                            progress))
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            backend.discard(tmp)
             raise
         with Tx(home.conn) as c:
-            home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
-                            merge_cache({}, res))
+            home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub), cache)
         (home.dot_dir(dot) / "branches").mkdir(mode=0o700, exist_ok=True)
         final.parent.mkdir(exist_ok=True, mode=0o700)
         backend.swap_in(tmp, final)
@@ -279,7 +339,46 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
     """Run under the dot's lock before any change: finish swaps, drop half-built folders,
     and (``finish``) finish a journaled restore."""
     settle(home, dot)
-    shutil.rmtree(home.dot_dir(dot) / "tmp", ignore_errors=True)
+    backend = backend_of(home)
+    backend.discard(home.dot_dir(dot) / "tmp")
+    kept.recover(home, dot, backend)
     if finish:
         finish_restore(home, dot)
+
+
+def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
+                        progress: Progress | None = None,
+                        freeze: Callable[[], AbstractContextManager[Any]] = nullcontext
+                        ) -> tuple[Path, DotSnapshot]:
+    """Snapshot every subdot read-only inside ``freeze`` (milliseconds, whatever the writers
+    did), then scan the snapshots after it: a paged file is read only where its blocks are
+    not shared with the head's kept state. Returns the snapshots' folder (for
+    :func:`kept.keep` once the commit exists) and what they hold."""
+    branch = home.branch(dot)
+    ensure_folders(home, dot)
+    subs = home.subdots(dot)
+    staging = kept.begin(home, dot)
+    try:
+        btrfs.syncfs(home.dot_dir(dot))  # what is dirty now is not written in the freeze
+        with freeze():
+            taken = time.time_ns()
+            for sub in subs:
+                cow.freeze_copy(home.stable(dot, sub), staging / sub)
+        head = home.head(dot, branch)
+        state = kept.folder(home, dot, head)
+        before = home.commit(head) if head is not None and state is not None else None
+        snap = DotSnapshot({}, {}, {})
+        for sub in subs:
+            reference = None
+            if before is not None and state is not None and sub in before.subdots \
+                    and (state / sub).is_dir():
+                reference = Reference(state / sub, before.subdots[sub].tree)
+            cache = home.load_cache(dot, branch, sub)
+            res = cow.snapshot(staging / sub, home.packs, writer, cache, progress,
+                               reference=reference, taken_ns=taken)
+            snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
+    except BaseException:
+        cow.discard(staging)
+        raise
+    return staging, snap
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from dotmesh.fs import btrfs
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.meta.statcache import (
     CHUNKED,
@@ -36,6 +37,7 @@ from dotmesh.model.objects import (
     SYMLINK,
     FileList,
     Root,
+    Tree,
     encode_tree_rows,
 )
 from dotmesh.store import chunker
@@ -80,6 +82,67 @@ class SnapshotResult:
         if self.pending is not None:
             self.pending()
             self.pending = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A read-only snapshot of this folder as a commit holds it (``tree``: that commit's tree
+    of it). A paged file that changed since has its blocks compared by their disk addresses
+    with the same file there: the blocks both still share are not read again."""
+
+    folder: Path
+    tree: ObjectId
+
+    def content(self, store: PackStore, rel: bytes) -> ObjectId | None:
+        """The content id the file at ``rel`` has in the reference (None: no such file)."""
+        tree = self.tree
+        *dirs, name = os.fsdecode(rel).split("/")
+        try:
+            for part in dirs:
+                found = [e for e in Tree.decode(store.get(tree)).entries
+                         if e.name == part and e.kind == DIR]
+                if not found or not isinstance(found[0].ref, bytes):
+                    return None
+                tree = found[0].ref
+            files = [e for e in Tree.decode(store.get(tree)).entries
+                     if e.name == name and e.kind == FILE and e.chunked]
+        except Exception:  # a damaged tree only costs reads
+            return None
+        ref = files[0].ref if files else None
+        return ref if isinstance(ref, bytes) else None
+
+    def blocks(self, store: PackStore, rel: bytes, path: str
+               ) -> tuple[chunker.Previous, frozenset[int]] | None:
+        """The reference's version of a paged file and the blocks that, by the extent maps,
+        still hold the same bytes in the file at ``path``."""
+        content = self.content(store, rel)
+        if content is None:
+            return None
+        try:
+            chunks = FileList.decode(store.get(content)).chunks
+        except Exception:
+            return None
+        fps = load_fingerprints(store.conn, content)
+        if not fps or not all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1]):
+            return None
+        try:
+            old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
+        except OSError:
+            return None
+        try:
+            new_fd = _open_file(path)
+            try:
+                size = min(os.fstat(old_fd).st_size, os.fstat(new_fd).st_size)
+                ranges = btrfs.shared_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
+                                             size)
+            finally:
+                os.close(new_fd)
+        except OSError:
+            return None
+        finally:
+            os.close(old_fd)
+        same = frozenset(btrfs.unchanged_blocks(ranges, chunker.PAGE_BLOCK))
+        return chunker.Previous([c for c, _ in chunks], fps), same
 
 
 @dataclass
@@ -298,19 +361,22 @@ def _listing(path: str) -> Iterator[tuple[str, str, os.stat_result]]:
 
 def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
              progress: Progress | None = None, defer: bool = False,
-             watch: Watch | None = None) -> SnapshotResult:
+             watch: Watch | None = None, reference: Reference | None = None,
+             taken_ns: int | None = None) -> SnapshotResult:
     """Store (or, with ``writer=None``, only hash) the folder ``top``; returns its root.
 
     One pass over the folders builds each tree's rows directly; files that missed the stat
     cache are read afterwards. ``watch`` is told each folder before it is listed.
+    ``taken_ns``: ``top`` is a read-only snapshot taken then; stats are judged against that
+    moment (a write just after it, in the same clock tick, must not pass for this one).
     """
-    started = time.time_ns()
+    started = time.time_ns() if taken_ns is None else taken_ns
     walk = _Walk(str(top), cache, watch)
     walk.tree("")
     result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
                             linked={path for path, _ in walk.linked})
     _complete(top, store, _Sink(store, writer, defer), walk, cache, progress, result, started,
-              set(walk.folders))
+              set(walk.folders), reference=reference)
     return result
 
 
@@ -419,12 +485,12 @@ def update(top: Path, store: PackStore, writer: PackWriter | None, prev: Snapsho
 def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: StatCache,
               progress: Progress | None, result: SnapshotResult, started: int,
               dirty: set[str], unchanged_root: ObjectId | None = None,
-              recent: Recent | None = None) -> None:
+              recent: Recent | None = None, reference: Reference | None = None) -> None:
     """Read the queued files; then give them content ids, fill their rows and cache entries,
     and store the trees of the ``dirty`` folders. With a deferring sink (in a freeze) only the
     reading happens now; :meth:`SnapshotResult.finish` does the rest after the thaw."""
     if walk.reads:
-        _read_files(walk.reads, store, sink, hints, recent or {}, progress, result)
+        _read_files(walk.reads, store, sink, hints, recent or {}, progress, result, reference)
     top_st = os.lstat(top)
     result.frozen_bytes_read = result.bytes_read if sink.defer else 0
 
@@ -481,9 +547,11 @@ def _store_trees(sink: _Sink, folders: dict[str, list[Row]], dirty: set[str],
 
 
 def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
-                recent: Recent, progress: Progress | None, result: SnapshotResult) -> None:
+                recent: Recent, progress: Progress | None, result: SnapshotResult,
+                reference: Reference | None = None) -> None:
     """Chunk, hash and store the files in ``to_read`` on WORKERS threads. Their previous
-    versions (to spare hashing) come from ``recent`` or, failing that, ``cache``."""
+    versions (to spare hashing) come from ``recent`` or, failing that, ``cache``; a paged
+    file that ``reference`` shares blocks with is read only where it does not."""
     jobs: list[Callable[[], int]] = []
     small: list[_File] = []
     small_bytes = 0
@@ -515,10 +583,17 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     memo_lock = threading.Lock()
     memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]] = {}
 
+    shared: dict[bytes, frozenset[int]] = {}  # superblocks the reference shares, by file
+
     def known_for(f: _File) -> tuple[frozenset[bytes], chunker.Previous | None]:
         """The previous version's chunks, decoded once per file, not once per segment."""
         with memo_lock:
             got = memo.get(f.rel) or recent.get(f.rel)
+            if got is None and reference is not None and chunker.is_paged(f.st.st_size):
+                ref = reference.blocks(store, f.rel, f.path)
+                if ref is not None:
+                    shared[f.rel] = ref[1]
+                    got = memo[f.rel] = frozenset(ref[0].ids), ref[0]
             if got is None:
                 got = memo[f.rel] = _previous(store, cache.get(f.rel))
             return got
@@ -531,12 +606,14 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 fd = _open_file(f.path)
             except FileNotFoundError:  # vanished since the scan: record it as empty
                 return 0
+            skipped = 0
             try:
                 if chunker.is_paged(f.st.st_size):
                     got = chunker.chunk_paged(fd, start, length, buf, known, sink.missing,
-                                              prev, sink.pack)
+                                              prev, sink.pack, shared.get(f.rel, frozenset()))
                     f.fingerprints[idx] = got.fingerprints
                     parts = [sink.take(got)]
+                    skipped = got.skipped
                 else:
                     parts = [sink.take(r) for r in chunker.chunk_cdc(fd, buf, known,
                                                                      sink.missing, sink.pack)]
@@ -545,7 +622,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             f.parts[idx] = [c for p in parts for c in p]
             if all(f.parts):
                 memo.pop(f.rel, None)  # the file is done: let its set go
-            return sum(n for p in parts for _, n in p)
+            return sum(n for p in parts for _, n in p) - skipped
         return run
 
     for f in to_read:

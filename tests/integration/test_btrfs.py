@@ -1,0 +1,220 @@
+"""The btrfs backend on a real btrfs filesystem (a loop device): subdots are subvolumes,
+commits are read-only snapshots read only where they changed, and resets and new branches at
+kept states are writable snapshots. Content ids stay those of plain folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dotmesh.fs import btrfs
+from dotmesh.store.repo import Repo
+from tests.conftest import DM, capture, kill_inside
+
+PAGE = 8192
+
+
+@pytest.fixture
+def bdm(btrfs_mount: Path) -> DM:
+    """A store on btrfs (so with the btrfs backend)."""
+    return DM(btrfs_mount / uuid.uuid4().hex / "home")
+
+
+def _paged_file(path: Path, pages: int) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(pages * PAGE))
+
+
+def _rewrite_pages(path: Path, every: int, start: int = 0) -> int:
+    """Rewrite one 8 KiB page in every ``every``; returns the bytes written."""
+    pages = path.stat().st_size // PAGE
+    n = 0
+    with open(path, "r+b") as f:
+        for p in range(start, pages, every):
+            f.seek(p * PAGE)
+            f.write(os.urandom(PAGE))
+            n += PAGE
+    return n
+
+
+def _commit(dm: DM, message: str) -> dict[str, object]:
+    out: dict[str, object] = json.loads(dm.ok("commit", "-m", message, "--json"))
+    return out
+
+
+def _kept(home: Path, dot: str = "app") -> set[str]:
+    snaps = home / "dots" / dot / "snaps"
+    return {p.name for p in snaps.iterdir()} if snaps.is_dir() else set()
+
+
+def test_a_store_on_btrfs_uses_subvolumes_and_says_so(bdm: DM) -> None:
+    assert json.loads(bdm.ok("version", "--json"))["backend"] == "btrfs"
+    bdm.ok("init", "app")
+    folder = bdm.path("app.db")
+    assert btrfs.is_subvolume(folder)
+    show = json.loads(bdm.ok("dot", "show", "--json"))
+    assert show["backend"] == "btrfs" and show["kept_states"] == 0
+
+
+def test_plain_can_be_forced_and_btrfs_cannot_be_asked_for_off_btrfs(btrfs_mount: Path,
+                                                                     tmp_path: Path) -> None:
+    forced = DM(btrfs_mount / uuid.uuid4().hex / "home")
+    forced.ok("init", "app", "--backend", "plain")
+    assert not btrfs.is_subvolume(forced.path("app.db"))
+    forced.ok("commit", "-m", "plain")
+    assert not (forced.home / "dots" / "app" / "snaps").exists()
+    other = DM(tmp_path / "home")
+    bad = other("init", "app", "--backend", "btrfs")
+    assert bad.returncode == 2 and "needs the store on btrfs" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+
+
+def test_a_commit_reads_only_the_blocks_that_changed_and_ids_match_plain(
+        bdm: DM, tmp_path: Path) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 4096)  # 32 MiB
+    (db / "notes.txt").write_text("hello")
+    first = _commit(bdm, "one")
+    assert first["bytes_read"] == 4096 * PAGE + 5
+    assert _kept(bdm.home) == {first["id"]}
+    changed = _rewrite_pages(db / "table", every=100, start=7)
+    second = _commit(bdm, "two")
+    # Only the rewritten pages are read: the rest is shared with the kept snapshot of "one".
+    assert second["bytes_read"] == changed
+    assert _kept(bdm.home) == {first["id"], second["id"]}
+    # The same folder committed as plain folders gives the same tree.
+    plain = DM(tmp_path / "plain")
+    plain.ok("init", "app", "--backend", "plain")
+    copy = plain.path("app.db")
+    copy.rmdir()
+    shutil.copytree(db, copy, copy_function=shutil.copy2)
+    shutil.copystat(db, copy)
+    third = _commit(plain, "same")
+    theirs = Repo(plain.home).commit(bytes.fromhex(str(third["id"])))
+    ours = Repo(bdm.home).commit(bytes.fromhex(str(second["id"])))
+    assert ours.subdots == theirs.subdots
+
+
+def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 512)
+    (db / "a.txt").write_text("one")
+    _commit(bdm, "one")
+    before = capture(db)
+    _rewrite_pages(db / "table", every=7)
+    (db / "a.txt").write_text("two")
+    _commit(bdm, "two")
+    (db / "a.txt").write_text("not committed")
+    out = bdm.ok("reset", "--hard", "HEAD^")
+    assert capture(db) == before
+    assert btrfs.is_subvolume(db)
+    saved = out.split("saved as ")[1].split()[0]
+    assert any(k.startswith(saved) for k in _kept(bdm.home))
+    bdm.ok("reset", "--hard", saved)
+    assert (db / "a.txt").read_text() == "not committed"
+    # The stat cache came with the kept state: nothing to read, and a clean state.
+    assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
+    assert _commit(bdm, "again")["bytes_read"] == 0
+
+
+def test_a_new_branch_is_a_snapshot_sharing_every_block(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 1024)
+    _commit(bdm, "base")
+    os.sync()  # btrfs counts space once its transaction commits
+    used = shutil.disk_usage(db).used
+    bdm.ok("checkout", "-b", "feature")
+    os.sync()
+    fd = os.open(db / "table", os.O_RDONLY)
+    try:
+        ext = btrfs.extents(fd)
+    finally:
+        os.close(fd)
+    assert ext and all(flags & 0x2000 for _, _, _, flags in ext)  # FIEMAP_EXTENT_SHARED
+    assert shutil.disk_usage(db).used - used < 1 << 20
+    (db / "feature.txt").write_text("only here")
+    _commit(bdm, "on feature")
+    bdm.ok("checkout", "master")
+    assert not (db / "feature.txt").exists()
+    bdm.ok("checkout", "feature")
+    assert (db / "feature.txt").read_text() == "only here"
+
+
+def test_kept_states_are_pruned_to_what_is_configured(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    bdm.ok("config", "snapshots.keep-commits", "2")
+    ids = []
+    for i in range(4):
+        (db / "f").write_text(str(i))
+        ids.append(_commit(bdm, f"c{i}")["id"])
+    assert _kept(bdm.home) == set(ids[-2:])
+    bdm.ok("config", "snapshots.keep-commits", "0")
+    (db / "f").write_text("last")
+    _commit(bdm, "last")
+    assert _kept(bdm.home) == set()
+
+
+def test_deleting_a_dot_removes_its_read_only_snapshots(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    (bdm.path("app.db") / "f").write_text("x")
+    _commit(bdm, "one")
+    bdm.ok("dot", "delete", "-f", "app")
+    assert not (bdm.home / "dots" / "app").exists()
+
+
+@pytest.mark.slow
+def test_a_live_commit_freezes_only_for_the_snapshots(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 8192)
+    _commit(bdm, "base")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, random\n"
+            "fd = os.open('table', os.O_WRONLY)\n"
+            "while True:\n"
+            "    os.pwrite(fd, os.urandom(8192), random.randrange(8192) * 8192)\n")],
+        cwd=db, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        c = Repo(bdm.home).commit(bytes.fromhex(str(_commit(bdm, "live")["id"])))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert str(writer.pid) in c.metadata["dm.writers"]
+    assert float(c.metadata["dm.freeze_ms"]) >= 0
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_commit_leaves_old_or_new_and_no_stray_snapshot(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 2048)
+    first = _commit(bdm, "one")["id"]
+    snaps = bdm.home / "dots" / "app" / "snaps"
+    for attempt in range(3):
+        _rewrite_pages(db / "table", every=3, start=attempt)
+        kill_inside(lambda: bdm.popen("commit", "-m", "killed"),
+                    lambda: any(p.name.startswith(".new-") for p in snaps.iterdir()),
+                    20, "a btrfs commit")
+    head = json.loads(bdm.ok("dot", "show", "--json"))["head"]
+    repo = Repo(bdm.home)
+    assert head == first or repo.commit(bytes.fromhex(head)).message == "killed"
+    repo.close()
+    bdm.ok("commit", "-m", "after")  # the next command clears what the kill left
+    assert not [p for p in (bdm.home / "dots" / "app" / "snaps").iterdir()
+                if p.name.startswith(".new-")]
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
