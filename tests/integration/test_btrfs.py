@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_plain_can_be_forced_and_btrfs_cannot_be_asked_for_off_btrfs(btrfs_mount
     assert not (forced.home / "dots" / "app" / "snaps").exists()
     other = DM(tmp_path / "home")
     bad = other("init", "app", "--backend", "btrfs")
-    assert bad.returncode == 2 and "needs the store on btrfs" in bad.stderr
+    assert bad.returncode == 2 and "needs the dots' folders on btrfs" in bad.stderr
     assert bad.stderr.count("\n") == 1
 
 
@@ -218,3 +219,31 @@ def test_kill_9_in_a_commit_leaves_old_or_new_and_no_stray_snapshot(bdm: DM) -> 
     assert not [p for p in (bdm.home / "dots" / "app" / "snaps").iterdir()
                 if p.name.startswith(".new-")]
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+def test_a_pool_in_a_file_gives_a_plain_disk_the_btrfs_backend(tmp_path: Path) -> None:
+    home = Path(tempfile.mkdtemp(prefix="dm-pool-", dir="/var/tmp")) / "home"
+    dm = DM(home)
+    try:
+        bad = dm("pool", "create", "--size", "lots")
+        assert bad.returncode == 2 and "bad size" in bad.stderr
+        dm.ok("pool", "create", "--size", "1G")
+        assert os.path.ismount(home / "dots")
+        assert json.loads(dm.ok("version", "--json"))["backend"] == "btrfs"
+        dm.ok("init", "app")
+        db = dm.path("app.db")
+        assert btrfs.is_subvolume(db)
+        (db / "f").write_text("kept")
+        _commit(dm, "one")
+        again = dm("pool", "create", "--size", "1G")
+        assert again.returncode == 5 and "has a pool already" in again.stderr
+        subprocess.run(["umount", str(home / "dots")], check=True)  # as a reboot leaves it
+        assert "one" in dm.ok("log")  # any command mounts it again
+        assert (db / "f").read_text() == "kept"
+        grown = json.loads(dm.ok("pool", "grow", "--size", "2G", "--json"))
+        assert grown["size"] == 2 << 30 and grown["free"] > 1 << 30
+        shrink = dm("pool", "grow", "--size", "1G")
+        assert shrink.returncode == 2 and "only grows" in shrink.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(home / "dots")], capture_output=True)
+        shutil.rmtree(home.parent, ignore_errors=True)

@@ -13,6 +13,7 @@ from dotmesh.capture.freeze import FreezeTimeout
 from dotmesh.capture.hooks import HookFailed
 from dotmesh.cli.main import run
 from dotmesh.fs.btrfs import SnapshotError
+from dotmesh.fs.pool import PoolError
 from dotmesh.remote.blobs import StorageError
 from dotmesh.remote.transport import Unreachable
 from dotmesh.remote.wire import BadTransfer
@@ -26,7 +27,7 @@ TABLE = [
     (errors.Forbidden, 13, 403), (errors.Interrupted, 130, 500), (errors.InternalError, 70, 500),
     (BadTransfer, 7, 422), (StorageError, 11, 503), (Unreachable, 14, 500),
     (FreezeTimeout, 8, 500), (HookFailed, 9, 500), (EngineError, 10, 500),
-    (SnapshotError, 15, 500),
+    (SnapshotError, 15, 500), (PoolError, 15, 500),
 ]
 
 

@@ -36,12 +36,14 @@ from dotmesh.errors import (
     OutOfSpace,
     UsageError,
 )
+from dotmesh.fs.pool import PoolInfo, parse_size
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import commit as commit_ops
 from dotmesh.ops import dots as dot_ops
 from dotmesh.ops import fsck as fsck_ops
 from dotmesh.ops import history
 from dotmesh.ops import hooks as hook_ops
+from dotmesh.ops import pool as pool_ops
 from dotmesh.ops import settings as settings_ops
 from dotmesh.store.repo import default_home
 from dotmesh.version import FORMAT_VERSION, __version__
@@ -668,6 +670,64 @@ def config_(c: Ctx, key: str | None, value: str | None, unset: bool, as_json: bo
         emit_json({key: now})
     else:
         click.echo(now)
+
+
+@cli.group()
+def pool() -> None:
+    """A btrfs pool in a file, for a store whose disk cannot snapshot (root only)."""
+
+
+def _pool_out(p: PoolInfo, as_json: bool) -> None:
+    if as_json:
+        emit_json({"image": str(p.image), "mount": str(p.mount), "mounted": p.mounted,
+                   "size": p.size, "used": p.used, "free": p.free})
+        return
+    click.echo(f"pool {p.image} ({human_size(p.size)}) "
+               + (f"mounted on {p.mount}: {human_size(p.used or 0)} used, "
+                  f"{human_size(p.free or 0)} free" if p.mounted else "not mounted"))
+
+
+size_option = click.option("--size", required=True, metavar="SIZE",
+                           help="e.g. 20G (sparse: the file grows as the pool fills).")
+
+
+@pool.command("create")
+@size_option
+@json_flag
+@pass_ctx
+def pool_create(c: Ctx, size: str, as_json: bool) -> None:
+    """Make a btrfs filesystem in a file under the store and mount it where the dots'
+    folders go: commits, resets and branches then cost milliseconds. Before the first dot.
+
+    \b
+    Example:  sudo dm pool create --size 20G
+    """
+    _pool_out(pool_ops.create(c.home, parse_size(size)), as_json)
+
+
+@pool.command("show")
+@json_flag
+@pass_ctx
+def pool_show(c: Ctx, as_json: bool) -> None:
+    """Show the pool's file, size and use.
+
+    \b
+    Example:  dm pool show --json
+    """
+    _pool_out(pool_ops.show(c.home), as_json)
+
+
+@pool.command("grow")
+@size_option
+@json_flag
+@pass_ctx
+def pool_grow(c: Ctx, size: str, as_json: bool) -> None:
+    """Make the pool bigger, while it is in use.
+
+    \b
+    Example:  sudo dm pool grow --size 40G
+    """
+    _pool_out(pool_ops.grow(c.home, parse_size(size)), as_json)
 
 
 cli_remote.register(cli)

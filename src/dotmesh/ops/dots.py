@@ -42,7 +42,7 @@ def store_backend(root: Path) -> str:
             return backend_of(home).name
         finally:
             home.close()
-    return detect(root)
+    return detect(root / "dots")
 
 
 def switch(home: Repo, dot: str) -> None:

@@ -109,8 +109,8 @@ def remove(home: Repo, name: str) -> list[Path]:
     The folders are moved into the store's trash at once; returns them, for the caller to
     delete in the background (deleting a big folder must not hold up dockerd)."""
     vol = _existing(home, name)
-    trash = home.root / "trash"
-    trash.mkdir(exist_ok=True)
+    trash = _trash(home.root)  # beside the dots: a rename never leaves their filesystem
+    trash.mkdir(exist_ok=True, mode=0o700)
     moved: list[Path] = []
     with home.lock(vol.dot, "volume rm"):
         recover(home, vol.dot)
@@ -133,7 +133,11 @@ def remove(home: Repo, name: str) -> list[Path]:
 def empty_trash(root: Path) -> None:
     """Delete what :func:`remove` moved aside in the store at ``root`` (also what a killed
     ``dm serve`` left)."""
-    trash = root / "trash"
-    if trash.is_dir():
-        for item in trash.iterdir():
-            remove_tree(item)  # by path alone: any backend's folders (subvolumes go whole)
+    for trash in (_trash(root), root / "trash"):  # the second: where older versions put it
+        if trash.is_dir():
+            for item in trash.iterdir():
+                remove_tree(item)  # by path alone: any backend's folders (subvolumes go whole)
+
+
+def _trash(root: Path) -> Path:
+    return root / "dots" / ".trash"

@@ -31,6 +31,7 @@ from dotmesh.errors import (
     NotFound,
     UsageError,
 )
+from dotmesh.fs import pool
 from dotmesh.fs.btrfs import remove_tree
 from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
@@ -192,6 +193,7 @@ class Repo:
             raise DamagedIndex(f"the store's index {self.root / 'meta.db'} cannot be read "
                                f"({e}): run dm fsck --repair") from None
         self.packs = PackStore(self.root, self.conn)
+        pool.ensure_mounted(self.root)  # after a reboot: the dots' folders are in the pool
 
     def close(self) -> None:
         self.packs.close()

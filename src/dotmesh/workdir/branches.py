@@ -72,20 +72,22 @@ def snapshots_of(home: Repo) -> SnapshotBackend | None:
     return cast(SnapshotBackend, backend) if hasattr(backend, "freeze_copy") else None
 
 
-def detect(root: Path) -> str:
-    """The backend a store at ``root`` gets by default: btrfs where its folders are on btrfs."""
-    return "btrfs" if btrfs.on_btrfs(root) else "plain"
+def detect(dots: Path) -> str:
+    """The backend a store gets by default: btrfs where its dots' folders (``dots``) are on
+    btrfs (the store is, or its pool is mounted there)."""
+    return "btrfs" if btrfs.on_btrfs(dots) else "plain"
 
 
 def choose(home: Repo, name: str | None) -> str:
     """Set the store's backend (``name``, or detected) unless it has one; returns it. A
     store's backend is fixed once it has a dot: its folders were made for it."""
     current = config.setting(home.conn, BACKEND_SETTING)
-    wanted = name or detect(home.root)
+    wanted = name or detect(home.root / "dots")
     if name is not None and name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name == "btrfs" and not btrfs.on_btrfs(home.root):
-        raise UsageError(f"the btrfs backend needs the store on btrfs; {home.root} is not")
+    if name == "btrfs" and not btrfs.on_btrfs(home.root / "dots"):
+        raise UsageError(f"the btrfs backend needs the dots' folders on btrfs; {home.root} is "
+                         "not (dm pool create makes a btrfs pool in a file)")
     if current is None or (current != wanted and name is not None and not home.dots()):
         config.set_setting(home.conn, BACKEND_SETTING, wanted)
         home.conn.commit()
