@@ -247,3 +247,105 @@ def test_a_pool_in_a_file_gives_a_plain_disk_the_btrfs_backend(tmp_path: Path) -
     finally:
         subprocess.run(["umount", "-l", str(home / "dots")], capture_output=True)
         shutil.rmtree(home.parent, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_reset_to_a_kept_state_leaves_old_or_new(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 256)
+    (db / "a.txt").write_text("one")
+    first = _commit(bdm, "one")["id"]
+    one = capture(db)
+    (db / "a.txt").write_text("two")
+    _rewrite_pages(db / "table", every=5)
+    second = _commit(bdm, "two")["id"]
+    two = capture(db)
+    scratch = bdm.home / "dots" / "app" / "tmp"
+    for target in (first, second, first):
+        def reset(t: object = target) -> subprocess.Popen[str]:
+            return bdm.popen("reset", "--hard", str(t))
+
+        kill_inside(reset, lambda: scratch.is_dir() and any(scratch.iterdir()), 20,
+                    "a reset at a kept state")
+        bdm.ok("commit", "-m", "after the kill")  # finishes (or drops) what the kill left
+        assert capture(db) in (one, two)  # one whole state, never a mix
+        assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
+    for commit, want in ((first, one), (second, two)):
+        bdm.ok("reset", "--hard", str(commit))
+        assert capture(db) == want
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+def test_without_kept_states_restores_go_through_the_store(bdm: DM) -> None:
+    """Resets and branches at commits that have no kept state: a reset patches a writable
+    snapshot of the folder and swaps it in, a new branch is built in a new subvolume."""
+    bdm.ok("init", "app")
+    bdm.ok("config", "snapshots.keep-commits", "0")
+    bdm.ok("config", "snapshots.keep-days", "0")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 64)
+    (db / "sub").mkdir()
+    (db / "sub" / "a.txt").write_text("one")
+    _commit(bdm, "one")
+    one = capture(db)
+    _rewrite_pages(db / "table", every=3)
+    (db / "sub" / "a.txt").write_text("two")
+    (db / "b.txt").write_text("new")
+    _commit(bdm, "two")
+    two = capture(db)
+    assert _kept(bdm.home) == set()
+    bdm.ok("reset", "--hard", "HEAD^")
+    assert capture(db) == one and btrfs.is_subvolume(db)
+    assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
+    assert not list(db.rglob(".dm-restore*"))
+    bdm.ok("checkout", "-b", "other")
+    assert capture(db) == one and btrfs.is_subvolume(db)
+    bdm.ok("checkout", "master")
+    bdm.ok("reset", "--hard", _reflog_id(bdm, "commit: two"))
+    assert capture(db) == two
+
+
+def _reflog_id(dm: DM, action: str) -> str:
+    """The commit id of the reflog line that says ``action``."""
+    for line in dm.ok("reflog").splitlines():
+        if action in line:
+            return line.split()[3]
+    raise AssertionError(f"{action!r} is not in the reflog")
+
+
+@pytest.mark.slow
+def test_states_pushed_from_btrfs_clone_onto_plain_and_back(btrfs_mount: Path,
+                                                             tmp_path: Path) -> None:
+    from tests.integration.remote_env import Hub
+
+    hub = Hub(["--data", str(tmp_path / "hubdata")], tmp_path)
+    key = hub.user("alice")
+    hub.start()
+    try:
+        ours = DM(btrfs_mount / uuid.uuid4().hex / "home")
+        plain = DM(tmp_path / "plain")
+        for dm in (ours, plain):
+            hub.join(dm, "alice", key)
+        ours.ok("init", "app")
+        db = ours.path("app.db")
+        _paged_file(db / "table", 128)
+        (db / "a.txt").write_text("from btrfs")
+        _commit(ours, "on btrfs")
+        ours.ok("push", "hub", "app")
+        plain.ok("clone", "hub", "alice/app")
+        assert capture(plain.path("app.db")) == capture(db)
+        (plain.path("app.db") / "a.txt").write_text("from ext4")
+        _commit(plain, "on ext4")
+        plain.ok("push")
+        other = DM(btrfs_mount / uuid.uuid4().hex / "home")
+        hub.join(other, "alice", key)
+        other.ok("clone", "hub", "alice/app")
+        odb = other.path("app.db")
+        assert btrfs.is_subvolume(odb) and capture(odb) == capture(plain.path("app.db"))
+        _rewrite_pages(odb / "table", every=9)
+        assert _commit(other, "after a clone")["bytes_read"] > 0
+        ours.ok("pull")
+        assert (db / "a.txt").read_text() == "from ext4"
+    finally:
+        hub.stop()

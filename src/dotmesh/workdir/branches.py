@@ -207,6 +207,14 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
             if cow is not None and state is not None and (state / sub).is_dir():
                 cow.writable_copy(state / sub, scratch)  # O(1): shares every block
                 cloned[sub] = scratch
+            elif cow is not None and sub in snap.roots and btrfs.is_subvolume(top):
+                # Patch a writable snapshot of the folder, staging inside it (a file cannot
+                # be renamed into a subvolume from outside), then swap it in whole.
+                cow.writable_copy(top, scratch)
+                cloned[sub] = scratch
+                staged[sub] = backend.prepare_restore(scratch, home.packs, root, snap.roots[sub],
+                                                      scratch / ".dm-restore", policy, progress,
+                                                      snap.results[sub].cache)
             elif top.is_dir() and sub in snap.roots:
                 staged[sub] = backend.prepare_restore(top, home.packs, root, snap.roots[sub],
                                                       scratch, policy, progress,
@@ -223,6 +231,9 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     if before_touching is not None:
         before_touching()
     caches: dict[str, StatCache] = {}
+    for sub, prepared in staged.items():
+        base = snap.results[sub].cache if sub in snap.results else {}
+        caches[sub] = merge_cache(base, prepared.apply())
     for sub, tmp in cloned.items():
         top = home.stable(dot, sub)
         old = home.scratch(dot) / uuid.uuid4().hex
@@ -230,13 +241,11 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
             os.rename(top, old)  # a kill from here on: the journal finishes the restore
         backend.swap_in(tmp, top)
         backend.discard(old)
-        caches[sub] = state_caches.get(sub, {})
+        if sub not in caches:
+            caches[sub] = state_caches.get(sub, {})
     for sub, (tmp, res) in built.items():
         backend.swap_in(tmp, home.stable(dot, sub))
         caches[sub] = merge_cache({}, res)
-    for sub, prepared in staged.items():
-        base = snap.results[sub].cache if sub in snap.results else {}
-        caches[sub] = merge_cache(base, prepared.apply())
     return caches
 
 

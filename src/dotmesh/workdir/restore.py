@@ -512,7 +512,11 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
     """Write ``target`` into ``top``, a folder that must not exist yet (made here). A failure
     leaves a partial folder, which the caller throws away."""
     os.makedirs(top.parent, exist_ok=True)
-    os.mkdir(top, 0o700)
+    try:
+        os.mkdir(top, 0o700)
+    except FileExistsError:  # an empty folder made by a backend (a new subvolume) will do
+        if any(os.scandir(top)):
+            raise
     top_fd = open_top(top, False)
     result = RestoreResult()
     dirs = _Dirs(top, top_fd)
@@ -608,6 +612,9 @@ class Prepared:
                 result.touched[f.rel] = _note(st, f.entry)
                 result.files_written += 1
                 result.bytes_written += n
+            # Before the top's times are set: the staging may be inside it (a snapshot
+            # backend patches a private writable snapshot, and stages in it).
+            shutil.rmtree(self.staging, ignore_errors=True)
             _top_attrs(act, self.target, self.p)
         finally:
             for _, fd in patches:
