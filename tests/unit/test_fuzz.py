@@ -32,10 +32,10 @@ from dotmesh.model.objects import (
     encode_tree_rows,
 )
 from dotmesh.remote import graph
-from dotmesh.remote.packed import Loc, decode_index, encode_index
+from dotmesh.remote.packed import decode_index, encode_index
 from dotmesh.remote.transport import check_history, parse_heads, printable
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, Record, decode, encode, encode_delta
-from dotmesh.store.packs import PACK_MAGIC, RECORD, compress, scan_pack
+from dotmesh.store.packs import PACK_MAGIC, RECORD, PackLocation, compress, scan_pack
 from tests.conftest import raw_commit
 
 MEMORY_CAP = 160 << 20  # two objects of the largest kind, and what parsing them takes
@@ -193,7 +193,7 @@ def test_stat_caches(data):
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(IDS), st.integers(0, 3), st.integers(0, 1 << 20)),
                 max_size=4).map(lambda xs: encode_index({
-                    oid: Loc("p", 46 + i * 100, n % 100 + 1, n % 100 + 1, k, False)
+                    oid: PackLocation(k, "p", 46 + i * 100, n % 100 + 1, n % 100 + 1, False)
                     for i, (oid, k, n) in enumerate(xs)})).flatmap(_mutations))
 def test_bucket_indexes(data):
     _survives(lambda: decode_index("p.pack", data))

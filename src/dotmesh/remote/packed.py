@@ -6,13 +6,12 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from dotmesh.errors import Corrupt
 from dotmesh.model.objects import MAX_SIZE
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.wire import MAX_BATCH, Record, encode
-from dotmesh.store.packs import PACK_MAGIC, RECORD, ZSTD_SLACK
+from dotmesh.store.packs import PACK_MAGIC, RECORD, ZSTD_SLACK, PackLocation
 
 RUN_GAP = 256 << 10  # objects closer than this in a pack are read with one request
 RUN_MAX = 16 << 20
@@ -20,17 +19,8 @@ _IDX = struct.Struct("<32sBBQII")  # id, kind, zstd, offset, stored_len, raw_len
 IDX_MAGIC = b"DMIDX1\n"
 
 
-@dataclass(frozen=True)
-class Loc:
-    pack: str  # the blob's key
-    offset: int  # of the payload
-    stored_len: int
-    raw_len: int
-    kind: int
-    zstd: bool
-
-
-def write_pack(blobs: Blobs, prefix: str, records: list[Record]) -> tuple[str, dict[bytes, Loc]]:
+def write_pack(blobs: Blobs, prefix: str,
+               records: list[Record]) -> tuple[str, dict[bytes, PackLocation[str]]]:
     """Store ``records`` as one new pack blob under ``prefix``; returns its key and where
     each object is."""
     key = f"{prefix}{uuid.uuid4().hex}.pack"
@@ -38,21 +28,22 @@ def write_pack(blobs: Blobs, prefix: str, records: list[Record]) -> tuple[str, d
     return key, locate(key, records)
 
 
-def locate(key: str, records: Iterable[Record]) -> dict[bytes, Loc]:
+def locate(key: str, records: Iterable[Record]) -> dict[bytes, PackLocation[str]]:
     """Where :func:`encode` puts each record's payload."""
-    out: dict[bytes, Loc] = {}
+    out: dict[bytes, PackLocation[str]] = {}
     pos = len(PACK_MAGIC)
     for r in records:
         pos += RECORD.size
-        out[r.oid] = Loc(key, pos, len(r.payload), r.raw_len, r.kind, r.zstd)
+        out[r.oid] = PackLocation(r.kind, key, pos, len(r.payload), r.raw_len, r.zstd)
         pos += len(r.payload)
     return out
 
 
-def first_within(locs: dict[bytes, Loc], ids: Iterable[bytes], limit: int) -> dict[bytes, Loc]:
+def first_within(locs: dict[bytes, PackLocation[str]], ids: Iterable[bytes],
+                 limit: int) -> dict[bytes, PackLocation[str]]:
     """The leading ``ids`` whose payloads fit in ``limit`` bytes (at least one): an answer
     of bounded size; the asker comes back for the rest."""
-    chosen: dict[bytes, Loc] = {}
+    chosen: dict[bytes, PackLocation[str]] = {}
     size = 0
     for oid in ids:
         if chosen and size + locs[oid].stored_len > limit:
@@ -62,16 +53,16 @@ def first_within(locs: dict[bytes, Loc], ids: Iterable[bytes], limit: int) -> di
     return chosen
 
 
-def read_records(blobs: Blobs, locs: dict[bytes, Loc]) -> list[Record]:
+def read_records(blobs: Blobs, locs: dict[bytes, PackLocation[str]]) -> list[Record]:
     """The records at ``locs``; neighbours in a pack are read with one request. Not verified
     here: whoever receives them checks every hash."""
     out: list[Record] = []
-    by_pack: dict[str, list[tuple[bytes, Loc]]] = {}
+    by_pack: dict[str, list[tuple[bytes, PackLocation[str]]]] = {}
     for oid, loc in locs.items():
         by_pack.setdefault(loc.pack, []).append((oid, loc))
     for pack, items in by_pack.items():
         items.sort(key=lambda x: x[1].offset)
-        run: list[tuple[bytes, Loc]] = []
+        run: list[tuple[bytes, PackLocation[str]]] = []
         for item in items:
             if run:
                 start = run[0][1].offset
@@ -86,7 +77,7 @@ def read_records(blobs: Blobs, locs: dict[bytes, Loc]) -> list[Record]:
     return out
 
 
-def _read_run(blobs: Blobs, pack: str, run: list[tuple[bytes, Loc]]) -> list[Record]:
+def _read_run(blobs: Blobs, pack: str, run: list[tuple[bytes, PackLocation[str]]]) -> list[Record]:
     start = run[0][1].offset
     end = run[-1][1].offset + run[-1][1].stored_len
     data = blobs.get_range(pack, start, end - start)
@@ -97,24 +88,24 @@ def _read_run(blobs: Blobs, pack: str, run: list[tuple[bytes, Loc]]) -> list[Rec
                    loc.zstd) for oid, loc in run]
 
 
-def encode_index(locs: dict[bytes, Loc]) -> bytes:
+def encode_index(locs: dict[bytes, PackLocation[str]]) -> bytes:
     """A pack's index as a blob of its own (S3 remotes, which have no database)."""
     return IDX_MAGIC + b"".join(_IDX.pack(oid, loc.kind, int(loc.zstd), loc.offset,
                                           loc.stored_len, loc.raw_len)
                                 for oid, loc in locs.items())
 
 
-def decode_index(pack: str, data: bytes) -> dict[bytes, Loc]:
+def decode_index(pack: str, data: bytes) -> dict[bytes, PackLocation[str]]:
     """A pack's index as stored beside it; every entry held to what a batch can hold (it is
     read from a bucket: anyone with its keys may have written it)."""
     if not data.startswith(IDX_MAGIC) or (len(data) - len(IDX_MAGIC)) % _IDX.size:
         raise Corrupt(f"the index of {pack} is malformed")
-    out: dict[bytes, Loc] = {}
+    out: dict[bytes, PackLocation[str]] = {}
     for oid, kind, z, off, stored, raw in _IDX.iter_unpack(data[len(IDX_MAGIC):]):
         if (kind not in MAX_SIZE or z not in (0, 1) or not 0 < raw <= MAX_SIZE[kind]
                 or not 0 < stored <= raw + ZSTD_SLACK or (not z and stored != raw)
                 or off < len(PACK_MAGIC) + RECORD.size or off + stored > MAX_BATCH
                 or oid in out):
             raise Corrupt(f"the index of {pack} has a malformed entry")
-        out[oid] = Loc(pack, off, stored, raw, kind, bool(z))
+        out[oid] = PackLocation(kind, pack, off, stored, raw, bool(z))
     return out

@@ -26,15 +26,9 @@ from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT
 from dotmesh.remote.blobs import Blobs
-from dotmesh.remote.packed import (
-    Loc,
-    decode_index,
-    encode_index,
-    first_within,
-    read_records,
-    write_pack,
-)
+from dotmesh.remote.packed import decode_index, encode_index, first_within, read_records, write_pack
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, Record, decode, encode
+from dotmesh.store.packs import PackLocation
 
 LACKING_BATCH = 50_000
 FETCH_BATCH_BYTES = 16 << 20
@@ -251,9 +245,9 @@ class S3Transport:
         self.blobs, self.remote_dot, self.cache = blobs, remote_dot, cache
         self.where = f"bucket {blobs.describe()} ({remote_dot})"
         self.base = f"dots/{remote_dot}/"
-        self._index: dict[bytes, Loc] | None = None
+        self._index: dict[bytes, PackLocation[str]] | None = None
 
-    def index(self) -> dict[bytes, Loc]:
+    def index(self) -> dict[bytes, PackLocation[str]]:
         if self._index is None:
             self._index = {}
             self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeAlias, TypeVar
 
 import zstandard
 
@@ -77,14 +78,25 @@ def decompress(data: bytes | memoryview, raw_len: int) -> bytes:
     return bytes(out)
 
 
+PackKey = TypeVar("PackKey", int, str)
+
+
 @dataclass(frozen=True)
-class Location:
+class PackLocation(Generic[PackKey]):
+    """Where an object's payload sits in a pack, and how it is stored: the one type for the
+    local index (``pack`` is the index's pack number, :data:`Location`) and for packs kept
+    remotely (``pack`` is the blob's key, ``PackLocation[str]`` in remote/packed.py).
+    ``offset`` is that of the payload, after its record header."""
+
     kind: int
-    pack: int
+    pack: PackKey
     offset: int
     stored_len: int
     raw_len: int
     zstd: bool
+
+
+Location: TypeAlias = PackLocation[int]  # a location in the local store's packs
 
 
 def _location(oid: object, kind: object, pack: object, offset: object, stored_len: object,
@@ -97,7 +109,7 @@ def _location(oid: object, kind: object, pack: object, offset: object, stored_le
             and 0 < raw_len <= MAX_SIZE[kind]
             and 0 < stored_len <= raw_len + ZSTD_SLACK and offset > len(PACK_MAGIC)
             and (zstd or stored_len == raw_len)):
-        return Location(kind, pack, offset, stored_len, raw_len, bool(zstd))
+        return PackLocation(kind, pack, offset, stored_len, raw_len, bool(zstd))
     shown = oid.hex()[:16] if isinstance(oid, bytes) else repr(oid)[:16]  # a damaged row
     raise Corrupt(f"the index entry of object {shown} is damaged; "
                   "run dm fsck --repair")
@@ -354,7 +366,7 @@ class PackWriter:
             payload = os.pread(fd, stored_len, offset)
         finally:
             os.close(fd)
-        loc = Location(rec[0], pack, offset, stored_len, raw_len, bool(zstd))
+        loc = PackLocation(rec[0], pack, offset, stored_len, raw_len, bool(zstd))
         return self.store._unpack(oid, loc, payload)
 
     def ids(self) -> list[bytes]:

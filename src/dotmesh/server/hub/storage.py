@@ -36,8 +36,9 @@ from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.remote import graph
 from dotmesh.remote.blobs import Blobs, StorageError
-from dotmesh.remote.packed import Loc, first_within, read_records, write_pack
+from dotmesh.remote.packed import first_within, read_records, write_pack
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, KIND_NAMES, Record
+from dotmesh.store.packs import PackLocation
 
 md = sa.MetaData()
 users = sa.Table("users", md, sa.Column("name", sa.String(64), primary_key=True),
@@ -413,16 +414,16 @@ class HubStore:
             self._hold(c, dot)
         return joining
 
-    def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, Loc]:
-        out: dict[bytes, Loc] = {}
+    def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, PackLocation[str]]:
+        out: dict[bytes, PackLocation[str]] = {}
         with self.engine.connect() as c:
             for i in range(0, len(ids), QUERY_BATCH):
                 batch = ids[i:i + QUERY_BATCH]
                 q = sa.select(objects).join(members, members.c.oid == objects.c.oid).where(
                     members.c.dot_id == dot.id, objects.c.oid.in_(batch))
                 for r in c.execute(q):
-                    out[bytes(r.oid)] = Loc(r.pack, r.offset, r.stored_len, r.raw_len, r.kind,
-                                            bool(r.zstd))
+                    out[bytes(r.oid)] = PackLocation(r.kind, r.pack, r.offset, r.stored_len,
+                                                     r.raw_len, bool(r.zstd))
         return out
 
     def read(self, dot: Dot, want: dict[bytes, int], limit: int) -> list[Record]:
