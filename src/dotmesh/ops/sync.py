@@ -21,7 +21,7 @@ import zstandard
 from dotmesh.errors import AlreadyExists, Conflict, NotFound
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.model.graph import ancestors, commits_between
+from dotmesh.model.graph import ancestors, check_fast_forward, commits_between
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import (
@@ -92,9 +92,13 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         if old == head:
             res.status = "up to date"
         else:
-            if old is not None and not force and old not in _ancestry(home, head):
-                raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours lacks: "
-                               f"dm pull {r.name} first, or dm push --force to replace them")
+            if old is not None and not force:
+                try:  # the rule the remote enforces again when the ref moves
+                    check_fast_forward(home.packs.get, head, ObjectId(old), branch)
+                except Conflict:  # worded for this command: which remote, what to run
+                    raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
+                                   f"lacks: dm pull {r.name} first, or dm push --force to "
+                                   "replace them") from None
             _send(home, t, head, list(heads.values()), res, progress, total)
             t.set_ref(branch, old, head, force)
             res.status = "pushed"
