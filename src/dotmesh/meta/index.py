@@ -9,7 +9,7 @@ at worst pack bytes no row names (never read).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
@@ -36,7 +36,7 @@ def count_objects(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM objects").fetchone()[0])
 
 
-def indexed_ids(conn: sqlite3.Connection, oids: list[bytes]) -> Iterator[bytes]:
+def indexed_ids(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[bytes]:
     """Those of ``oids`` that are indexed, asked in batches (a commit asks about thousands)."""
     for i in range(0, len(oids), BATCH):
         batch = oids[i:i + BATCH]
@@ -44,7 +44,7 @@ def indexed_ids(conn: sqlite3.Connection, oids: list[bytes]) -> Iterator[bytes]:
         yield from (r[0] for r in conn.execute(q, batch))
 
 
-def object_rows_of(conn: sqlite3.Connection, oids: list[bytes]) -> Iterator[Row]:
+def object_rows_of(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[Row]:
     """(id, kind, pack, offset, stored_len, raw_len, zstd) of those of ``oids`` that are
     indexed, asked in batches."""
     for i in range(0, len(oids), BATCH):

@@ -25,7 +25,7 @@ from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
 from dotmesh.meta import check, config, index, refs
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
-from dotmesh.model.ids import HOLE, ID_LEN
+from dotmesh.model.ids import HOLE, ID_LEN, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
 from dotmesh.model.objects import DIR, FILE, KIND_COMMIT, Commit, FileList, Tree
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
@@ -118,7 +118,7 @@ class _Fsck:
         def verify(item: tuple[bytes, Location]) -> str | None:
             oid, loc = item
             try:
-                self.home.packs.verify_located(oid, loc)
+                self.home.packs.verify_located(ObjectId(oid), loc)  # checked by _location
             except DotmeshError as e:
                 return str(e).removesuffix("; run dm fsck")
             finally:
@@ -170,7 +170,7 @@ class _Fsck:
             self.r.problems.append(f"{what} {oid.hex()[:16]} is missing")
             return None
         try:
-            return self.home.packs.get(oid)
+            return self.home.packs.get(ObjectId(oid))  # in the index, so 32 bytes
         except DotmeshError as e:
             self.r.problems.append(f"{what} {oid.hex()[:16]}: {e}")
             return None

@@ -108,18 +108,20 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         t.close()
 
 
-def _ancestry(home: Repo, head: bytes) -> set[ObjectId]:
-    return ancestors(home.packs.get, [ObjectId(head)], home.packs.has)
+def _ancestry(home: Repo, head: ObjectId) -> set[ObjectId]:
+    return ancestors(home.packs.get, [head], home.packs.has)
 
 
 def _send(home: Repo, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
           progress: Progress | None, total: Progress | None) -> None:
-    get = home.packs.get
-    known = ancestors(get, [ObjectId(h) for h in remote_heads], home.packs.has)
+    def get(oid: bytes) -> bytes:  # remote/graph names ids as plain bytes
+        return home.packs.get(ObjectId(oid))
+
+    known = ancestors(home.packs.get, [ObjectId(h) for h in remote_heads], home.packs.has)
     d = graph.delta(get, commits_between(get, ObjectId(head), known))
     ids = d.ordered()
     lack = t.lacking(ids)
-    todo = [o for o in ids if o in lack]
+    todo = [ObjectId(o) for o in ids if o in lack]  # read from this store's objects
     locs = home.packs.locate_many(todo)
     if total:
         total(sum(loc.stored_len for loc in locs.values()))
@@ -189,8 +191,8 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
     def keep(records: list[Record]) -> None:
         note(records)
         for kind, writer in aside.items():
-            writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in records
-                             if r.kind == kind])
+            writer.add_many([(r.kind, ObjectId(r.oid), r.raw_len, r.payload, r.zstd)
+                             for r in records if r.kind == kind])  # verified by decode
 
     commits: set[bytes] = set()
     roots: dict[tuple[str, bytes], None] = {}  # (subdot, tree) of every commit fetched
@@ -200,7 +202,8 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
         if want in commits or home.packs.has(want):
             continue
         got = t.history(want, have)
-        fresh = [r for r in got if r.oid not in commits and not home.packs.has(r.oid)]
+        fresh = [r for r in got
+                 if r.oid not in commits and not home.packs.has(ObjectId(r.oid))]
         keep(fresh)
         for rec in fresh:
             commits.add(rec.oid)
@@ -211,14 +214,17 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
             roots.update(((sub, r.tree), None) for sub, r in c.subdots.items())
             frontier.extend(p for p in c.parents if p not in commits and not home.packs.has(p))
 
-    found = graph.discover((tree for _, tree in roots), home.packs.missing, t.fetch_iter, keep)
+    def lacking(ids: list[bytes]) -> set[bytes]:  # remote/graph names ids as plain bytes
+        return set(home.packs.missing(ObjectId(i) for i in ids))
+
+    found = graph.discover((tree for _, tree in roots), lacking, t.fetch_iter, keep)
 
     def get(oid: bytes) -> bytes:
         for writer in aside.values():
-            data = writer.read_pending(oid)
+            data = writer.read_pending(ObjectId(oid))
             if data is not None:
                 return data
-        return home.packs.get(oid)
+        return home.packs.get(ObjectId(oid))
 
     check = graph.SymlinkCheck(get)
     for sub, tree in roots:
@@ -257,7 +263,8 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
             if len(flying) >= IN_FLIGHT or (i >= len(parts) and flying):
                 got = flying.popleft().result()
                 note(got)
-                writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd) for r in got])
+                writer.add_many([(r.kind, ObjectId(r.oid), r.raw_len, r.payload, r.zstd)
+                                 for r in got])  # verified by decode
                 writer.flush()  # durable now: a rerun does not fetch these again
     writer.flush()
     aside[KIND_FILELIST].flush()
@@ -354,7 +361,7 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
     return res
 
 
-def _move_parked(home: Repo, dot: str, branch: str, old: bytes | None, new: ObjectId,
+def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: ObjectId,
                  message: str) -> None:
     """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
     are dropped so that the next checkout builds them from the new head."""

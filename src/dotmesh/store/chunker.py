@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import blake3
 import xxhash
 from pyfastcdc import FastCDC
 
-from dotmesh.model.ids import HOLE
+from dotmesh.model.ids import HOLE, ObjectId, object_id
 from dotmesh.model.objects import KIND_CHUNK
 from dotmesh.store.packs import compress
 
@@ -42,7 +43,7 @@ def is_paged(size: int) -> bool:
     return size > SMALL_FILE and size % PAGE == 0
 
 
-Record = tuple[int, bytes, int, bytes | memoryview, bool]  # what PackWriter.add_many takes
+Record = tuple[int, ObjectId, int, bytes | memoryview, bool]  # what PackWriter.add_many takes
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Chunks:
     """A run of chunks as computed by a worker: ids and lengths in file order, the compressed
     records of those the store lacks, and (paged files) the superblock fingerprints."""
 
-    ids: list[bytes]
+    ids: list[ObjectId]
     lengths: list[int]
     new: list[Record]
     fingerprints: bytes = b""
@@ -66,19 +67,19 @@ class Previous:
     8 KiB block with BLAKE3 (a call per block, about 2 GB/s).
     """
 
-    ids: Sequence[bytes]
+    ids: Sequence[ObjectId]
     fingerprints: bytes
 
 
-Missing = Callable[[list[bytes]], set[bytes]]  # returns the subset of ids the store lacks
+Missing = Callable[[list[ObjectId]], set[ObjectId]]  # returns the subset of ids the store lacks
 Packer = Callable[[memoryview], tuple[bytes | memoryview, bool]]  # (payload, compressed?)
-_ZERO_IDS: dict[int, bytes] = {}
+_ZERO_IDS: dict[int, ObjectId] = {}
 
 
-def _zero_id(n: int) -> bytes:
+def _zero_id(n: int) -> ObjectId:
     z = _ZERO_IDS.get(n)
     if z is None:
-        z = _ZERO_IDS[n] = blake3.blake3(bytes(n)).digest()
+        z = _ZERO_IDS[n] = object_id(bytes(n))
     return z
 
 
@@ -86,7 +87,9 @@ def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: froz
             missing: Missing, pack: Packer = compress) -> Chunks:
     """Hash the chunks of ``buf``, then compress those the store lacks."""
     b3 = blake3.blake3
-    ids = [b3(buf[o:o + n]).digest() for o, n in zip(offsets, lengths, strict=True)]
+    # BLAKE3 digests, as object_id makes them (one cast for the list, not a call per chunk)
+    ids = cast(list[ObjectId],
+               [b3(buf[o:o + n]).digest() for o, n in zip(offsets, lengths, strict=True)])
     for i, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
         if buf[o] == 0 and buf[o + n - 1] == 0 and ids[i] == _zero_id(n):
             ids[i] = HOLE
@@ -132,7 +135,7 @@ def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozens
     got = (_read_except(fd, buf, start, length, skip) if skip
            else read_exact(fd, buf, length, start))
     mv = memoryview(buf)
-    ids: list[bytes] = [b""] * ((got + PAGE_BLOCK - 1) // PAGE_BLOCK)
+    ids = [ObjectId(b"")] * ((got + PAGE_BLOCK - 1) // PAGE_BLOCK)  # all filled below
     lengths = [PAGE_BLOCK] * len(ids)
     if ids and got % PAGE_BLOCK:
         lengths[-1] = got % PAGE_BLOCK

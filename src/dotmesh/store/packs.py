@@ -126,17 +126,17 @@ class PackStore:
         self._lock = threading.Lock()
 
     # -- index
-    def locate(self, oid: bytes) -> Location | None:
+    def locate(self, oid: ObjectId) -> Location | None:
         row = index.object_row(self.conn, oid)
         return _location(oid, *row) if row else None
 
-    def has(self, oid: bytes) -> bool:
+    def has(self, oid: ObjectId) -> bool:
         return index.has_object(self.conn, oid)
 
     def count(self) -> int:
         return index.count_objects(self.conn)
 
-    def missing(self, oids: Iterable[bytes]) -> set[bytes]:
+    def missing(self, oids: Iterable[ObjectId]) -> set[ObjectId]:
         """The subset of ``oids`` not in the index (batched queries)."""
         todo = list(set(oids))
         found = set(index.indexed_ids(self.conn, todo))
@@ -163,13 +163,13 @@ class PackStore:
             return fd
 
     # -- reads
-    def read_located(self, oid: bytes, loc: Location) -> bytes:
+    def read_located(self, oid: ObjectId, loc: Location) -> bytes:
         raw = os.pread(self._fd(loc.pack), loc.stored_len, loc.offset)
         if len(raw) != loc.stored_len:
             raise Corrupt(f"object {oid.hex()[:16]} is truncated in its pack; run dm fsck")
         return self._unpack(oid, loc, raw)
 
-    def _unpack(self, oid: bytes, loc: Location, raw: bytes | memoryview) -> bytes:
+    def _unpack(self, oid: ObjectId, loc: Location, raw: bytes | memoryview) -> bytes:
         try:
             data = decompress(raw, loc.raw_len) if loc.zstd else bytes(raw)
         except zstandard.ZstdError:
@@ -178,7 +178,7 @@ class PackStore:
             raise Corrupt(f"object {oid.hex()[:16]} fails its hash check; run dm fsck")
         return data
 
-    def verify_located(self, oid: bytes, loc: Location) -> None:
+    def verify_located(self, oid: ObjectId, loc: Location) -> None:
         """What fsck checks: the record header agrees with the index, and the payload hashes."""
         head = os.pread(self._fd(loc.pack), RECORD.size, loc.offset - RECORD.size)
         if len(head) != RECORD.size:
@@ -190,28 +190,28 @@ class PackStore:
                           "the index")
         self.read_located(oid, loc)
 
-    def get(self, oid: bytes) -> bytes:
+    def get(self, oid: ObjectId) -> bytes:
         loc = self.locate(oid)
         if loc is None:
             raise NotFound(f"object {oid.hex()[:16]} is not in the store")
         return self.read_located(oid, loc)
 
-    def locate_many(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
+    def locate_many(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
         todo = list(set(oids))
-        out: dict[bytes, Location] = {}
+        out: dict[ObjectId, Location] = {}
         for r in index.object_rows_of(self.conn, todo):
-            out[r[0]] = _location(*r)
+            out[ObjectId(r[0])] = _location(*r)  # _location checks the id too
         return out
 
-    def locate_all(self, oids: Iterable[bytes]) -> dict[bytes, Location]:
+    def locate_all(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
         """Like :meth:`locate_many`, but reads the whole index when most of it is wanted."""
         wanted = set(oids)
         if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
             return self.locate_many(wanted)
         rows = index.all_object_rows(self.conn)
-        return {r[0]: _location(*r) for r in rows if r[0] in wanted}
+        return {ObjectId(r[0]): _location(*r) for r in rows if r[0] in wanted}
 
-    def read_run(self, run: list[tuple[bytes, Location]]) -> Iterator[bytes]:
+    def read_run(self, run: list[tuple[ObjectId, Location]]) -> Iterator[bytes]:
         """Objects stored back to back in one pack, read with one system call."""
         first, last = run[0][1], run[-1][1]
         start, end = first.offset, last.offset + last.stored_len
@@ -223,7 +223,7 @@ class PackStore:
             part = view[loc.offset - start:loc.offset - start + loc.stored_len]
             yield self._unpack(oid, loc, part)
 
-    def stored(self, oids: list[bytes]) -> Iterator[tuple[bytes, Location, bytes]]:
+    def stored(self, oids: list[ObjectId]) -> Iterator[tuple[ObjectId, Location, bytes]]:
         """(id, location, stored payload) of each object, as kept (compressed or not), for
         sending elsewhere without recompressing; neighbours are read with one call. Raises
         NotFound for an id not in the store."""
@@ -256,9 +256,10 @@ class PackStore:
         """The index as stored, unchecked (fsck judges each row)."""
         return index.all_object_rows(self.conn)
 
-    def iter_index(self) -> Iterator[tuple[bytes, Location]]:
+    def iter_index(self) -> Iterator[tuple[ObjectId, Location]]:
         for r in index.all_object_rows(self.conn):
-            yield r[0], _location(*r)
+            loc = _location(*r)  # checks the id too
+            yield ObjectId(r[0]), loc
 
     def writer(self) -> PackWriter:
         return PackWriter(self)
@@ -333,7 +334,7 @@ class PackWriter:
         self._fd = -1
         self._pack_id = 0
         self._pos = 0
-        self._pending: dict[bytes, tuple[int, int, int, int, int, int]] = {}
+        self._pending: dict[ObjectId, tuple[int, int, int, int, int, int]] = {}
         self._files: dict[int, tuple[str, int]] = {}  # pack id -> (name, end of indexed data)
         self._failed: BaseException | None = None
         self.bytes_written = 0
@@ -349,10 +350,10 @@ class PackWriter:
         _write_all(self._fd, PACK_MAGIC)
         self._pos = len(PACK_MAGIC)
 
-    def __contains__(self, oid: bytes) -> bool:
+    def __contains__(self, oid: object) -> bool:
         return oid in self._pending
 
-    def read_pending(self, oid: bytes) -> bytes | None:
+    def read_pending(self, oid: ObjectId) -> bytes | None:
         """An object this writer holds and has not indexed yet (from its file, not memory),
         verified; None if it holds none by that id."""
         with self._lock:
@@ -369,16 +370,17 @@ class PackWriter:
         loc = PackLocation(rec[0], pack, offset, stored_len, raw_len, bool(zstd))
         return self.store._unpack(oid, loc, payload)
 
-    def ids(self) -> list[bytes]:
+    def ids(self) -> list[ObjectId]:
         with self._lock:
             return list(self._pending)
 
-    def add(self, kind: int, oid: bytes, raw_len: int, payload: bytes | memoryview,
+    def add(self, kind: int, oid: ObjectId, raw_len: int, payload: bytes | memoryview,
             zstd: bool) -> None:
         """Append one object (already compressed as ``zstd`` says) unless pending already."""
         self.add_many([(kind, oid, raw_len, payload, zstd)])
 
-    def add_many(self, records: list[tuple[int, bytes, int, bytes | memoryview, bool]]) -> None:
+    def add_many(self, records: list[tuple[int, ObjectId, int, bytes | memoryview, bool]]
+                 ) -> None:
         """Append several objects with as few system calls as possible (thread-safe)."""
         with self._lock:
             self._check()

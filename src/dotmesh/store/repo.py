@@ -405,7 +405,7 @@ class Repo:
         """A reflog row for a change that moved no existing head."""
         refs.log(c, dot, branch, action, old, new, saved, message)
 
-    def commit(self, oid: bytes) -> Commit:
+    def commit(self, oid: ObjectId) -> Commit:
         return Commit.decode(self.packs.get(oid))
 
     def resolve(self, dot: str, text: str) -> ObjectId:
@@ -437,9 +437,9 @@ class Repo:
             raise NotFound(f"no commit of dot {dot!r} starts with {prefix!r}")
         if len(hits) > 1:
             raise UsageError(f"commit id prefix {prefix!r} is ambiguous: give more characters")
-        return ObjectId(hits.pop())
+        return hits.pop()
 
-    def all_commits(self, dot: str) -> set[bytes]:
+    def all_commits(self, dot: str) -> set[ObjectId]:
         """Every commit reachable from the dot's branches and reflog."""
         heads = [h for h in self.branches(dot).values() if h]
         heads.extend(ObjectId(x) for x in refs.logged_ids(self.conn, dot))

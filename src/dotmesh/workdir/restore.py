@@ -278,7 +278,7 @@ class _Planner:
                 os.close(x)
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
-    def check_sizes(self, locations: dict[bytes, Location]) -> None:
+    def check_sizes(self, locations: dict[ObjectId, Location]) -> None:
         """Every block is as long as its list says, every file as long as its content."""
         for f in self.files:
             for _, cid, n in f.wanted:
@@ -298,7 +298,7 @@ class _Writer:
 
     def __init__(self, store: PackStore, policy: Policy, progress: Progress | None) -> None:
         self.store, self.policy, self.progress = store, policy, progress
-        self.locations: dict[bytes, Location] = {}
+        self.locations: dict[ObjectId, Location] = {}
 
     def locate(self, files: list[_File]) -> None:
         self.locations = self.store.locate_all(
@@ -306,7 +306,7 @@ class _Writer:
 
     def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
         """(offset, id, length, data) in file order; adjacent records read in one go."""
-        run: list[tuple[int, bytes, int, Location]] = []
+        run: list[tuple[int, ObjectId, int, Location]] = []
         size = 0
 
         def flush() -> Iterator[tuple[int, bytes, int, bytes | None]]:

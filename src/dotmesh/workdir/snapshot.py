@@ -156,7 +156,7 @@ class _File:
     content: bytes | None = None
     chunked: bool = False
     size: int = 0
-    parts: list[list[tuple[bytes, int]]] = field(default_factory=list)
+    parts: list[list[tuple[ObjectId, int]]] = field(default_factory=list)
     fingerprints: list[bytes] = field(default_factory=list)  # per segment, paged files only
 
 
@@ -180,13 +180,13 @@ class _Sink:
             return bytes(data), False
         return compress(data)
 
-    def missing(self, oids: list[bytes]) -> set[bytes]:
+    def missing(self, oids: list[ObjectId]) -> set[ObjectId]:
         if self.writer is None:
             return set()
         fresh = [o for o in oids if o not in self.writer]
         return self.store.missing(fresh) if fresh else set()
 
-    def take(self, chunks: chunker.Chunks) -> list[tuple[bytes, int]]:
+    def take(self, chunks: chunker.Chunks) -> list[tuple[ObjectId, int]]:
         if chunks.new and self.writer is not None:
             now = [r for r in chunks.new if r[4] or not self.defer]
             later = [r for r in chunks.new if not r[4] and self.defer]
@@ -257,7 +257,7 @@ def _previous(store: PackStore, old: tuple[int, int, int, int, bytes, int] | Non
     if not old[5] & CHUNKED:
         return frozenset((old[4],)), None
     try:
-        chunks = FileList.decode(store.get(old[4])).chunks
+        chunks = FileList.decode(store.get(ObjectId(old[4]))).chunks  # 32 bytes, as cached
     except Exception:  # a damaged cache only costs a lookup; fsck reports the damage
         return frozenset(), None
     ids = [c for c, _ in chunks]
