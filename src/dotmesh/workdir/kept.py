@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from dotmesh.errors import Corrupt
+from dotmesh.errors import Corrupt, DotmeshError
 from dotmesh.meta import config, refs
 from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id
 from dotmesh.store.repo import Repo
+from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.backend import FolderBackend
 
 CACHES = ".dm-caches"
@@ -160,3 +161,38 @@ def _sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def verify(home: Repo, dot: str) -> list[tuple[ObjectId, str]]:
+    """Each kept state read in full and compared with its commit: (commit, problem) pairs.
+    A kept state is a cache, so a bad one is dropped by a repair, never trusted."""
+    problems: list[tuple[ObjectId, str]] = []
+    for c in sorted(kept_ids(home, dot)):
+        state = folder(home, dot, c)
+        if state is None:
+            problems.append((c, "has no saved stat caches (left half made)"))
+            continue
+        try:
+            commit = home.commit(c)
+        except DotmeshError as e:
+            problems.append((c, f"is the state of a commit the store cannot read ({e})"))
+            continue
+        subs = {p.name for p in state.iterdir() if p.is_dir()}
+        if subs != set(commit.subdots):
+            problems.append((c, f"holds subdots {sorted(subs)}, the commit "
+                                f"{sorted(commit.subdots)}"))
+            continue
+        for sub in sorted(subs):
+            try:
+                got = scan.snapshot(state / sub, home.packs, None, {}).root
+            except OSError as e:
+                problems.append((c, f"cannot be read in subdot {sub}: {e.strerror}"))
+                break
+            if got != commit.subdots[sub]:
+                problems.append((c, f"differs from its commit in subdot {sub}"))
+                break
+    return problems
+
+
+def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
+    backend.discard(snaps_dir(home, dot) / commit.hex())
