@@ -149,9 +149,10 @@ def prune(home: Repo, dot: str, backend: FolderBackend,
           also_keep: Iterable[bytes] = ()) -> list[ObjectId]:
     """Drop the kept states :func:`wanted` does not name; returns those dropped."""
     keep_set = wanted(home, dot) | set(also_keep)
-    dropped = [c for c in kept_ids(home, dot) if c not in keep_set]
+    dropped = [c for c in kept_ids(home, dot)
+               if c not in keep_set or folder(home, dot, c) is None]
     for c in dropped:
-        backend.discard(snaps_dir(home, dot) / c.hex())
+        drop(home, dot, c, backend)
     return dropped
 
 
@@ -195,4 +196,8 @@ def verify(home: Repo, dot: str) -> list[tuple[ObjectId, str]]:
 
 
 def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
-    backend.discard(snaps_dir(home, dot) / commit.hex())
+    """Remove a kept state; its caches file goes first, so that a kill midway leaves a state
+    no command uses (and the next prune finishes removing it)."""
+    state = snaps_dir(home, dot) / commit.hex()
+    (state / CACHES).unlink(missing_ok=True)
+    backend.discard(state)
