@@ -21,3 +21,12 @@ def btrfs_mount():
 
     with loop_filesystem("btrfs") as mount:
         yield mount
+
+
+@pytest.fixture(scope="session")
+def xfs_mount():
+    """An XFS filesystem with reflinks on a loop device."""
+    from tests.integration.cow_env import loop_filesystem
+
+    with loop_filesystem("xfs") as mount:
+        yield mount

@@ -349,3 +349,22 @@ def test_states_pushed_from_btrfs_clone_onto_plain_and_back(btrfs_mount: Path,
         assert (db / "a.txt").read_text() == "from ext4"
     finally:
         hub.stop()
+
+
+def test_a_subdot_folder_that_is_not_a_subvolume_is_copied_by_reflinks(bdm: DM) -> None:
+    """A folder made by hand (or by an older dm) where a subvolume should be: a commit copies
+    it by reflinks into its kept state, and its stat cache still works."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    btrfs.remove_tree(db)
+    db.mkdir()
+    _paged_file(db / "table", 64)
+    (db / "a.txt").write_text("by hand")
+    first = _commit(bdm, "one")
+    assert _kept(bdm.home) == {first["id"]}
+    state = bdm.home / "dots" / "app" / "snaps" / str(first["id"]) / "db"
+    assert btrfs.is_subvolume(state) and (state / "a.txt").read_text() == "by hand"
+    assert _commit(bdm, "again")["bytes_read"] == 0
+    (db / "a.txt").write_text("changed")
+    bdm.ok("reset", "--hard", "HEAD")
+    assert (db / "a.txt").read_text() == "by hand"

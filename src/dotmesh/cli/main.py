@@ -77,10 +77,10 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 @cli.command()
 @click.argument("dot")
-@click.option("--backend", type=click.Choice(["plain", "btrfs"]), default=None,
+@click.option("--backend", type=click.Choice(["plain", "btrfs", "reflink"]), default=None,
               help="How the store keeps folders (only before its first dot). Default: btrfs "
-                   "subvolumes (snapshots in milliseconds) where the store is on btrfs, else "
-                   "plain folders.")
+                   "subvolumes (snapshots in milliseconds) where the store is on btrfs, "
+                   "reflinked copies on XFS made with reflink=1, else plain folders.")
 @pass_ctx
 def init(c: Ctx, dot: str, backend: str | None) -> None:
     """Create a dot (made current if there is none).

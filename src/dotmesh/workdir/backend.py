@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
-from dotmesh.fs import btrfs
+from dotmesh.fs import btrfs, reflink
+from dotmesh.fs.reflink import Stats
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.objects import Root
 from dotmesh.store.packs import PackStore, PackWriter
@@ -42,10 +42,11 @@ class FolderBackend(Protocol):
     def snapshot(self, folder: Path, store: PackStore, writer: PackWriter | None,
                  cache: StatCache, progress: Progress | None = None, defer: bool = False,
                  watch: Watch | None = None, reference: Reference | None = None,
-                 taken_ns: int | None = None) -> SnapshotResult:
+                 taken_ns: int | None = None, stats: Stats | None = None) -> SnapshotResult:
         """Capture the folder: its root tree, stored through ``writer`` (None: hash only).
         ``reference``: a kept snapshot of the head, whose shared blocks need no reading;
-        ``taken_ns``: when ``folder`` (a read-only snapshot) was taken."""
+        ``taken_ns``: when ``folder`` (a read-only snapshot) was taken; ``stats``: what
+        :meth:`SnapshotBackend.freeze_copy` returned for it."""
 
     def update(self, folder: Path, store: PackStore, writer: PackWriter | None,
                prev: SnapshotResult, changed: dict[str, set[str]],
@@ -76,11 +77,14 @@ class SnapshotBackend(FolderBackend, Protocol):
     """A backend whose folders can be snapshotted in constant time (btrfs subvolumes; a ZFS
     backend would map these calls to ``zfs snapshot`` and ``zfs clone``)."""
 
-    def freeze_copy(self, folder: Path, dest: Path) -> None:
-        """A read-only copy of ``folder`` at ``dest`` as it is at this instant."""
+    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
+        """A read-only copy of ``folder`` at ``dest`` as it is at this instant. For a copy
+        whose files are new inodes (reflinks), returns the originals' stats when copied, by
+        which a scan of the copy judges its stat cache; None for a true snapshot."""
 
-    def writable_copy(self, source: Path, dest: Path) -> None:
-        """A writable copy at ``dest`` of a copy made by :meth:`freeze_copy`."""
+    def writable_copy(self, source: Path, dest: Path) -> Stats | None:
+        """A writable copy at ``dest`` of a copy made by :meth:`freeze_copy`; returns the new
+        files' stats if they are new inodes (None for a true snapshot: same inodes)."""
 
 
 class PlainFolders:
@@ -94,9 +98,9 @@ class PlainFolders:
     def snapshot(self, folder: Path, store: PackStore, writer: PackWriter | None,
                  cache: StatCache, progress: Progress | None = None, defer: bool = False,
                  watch: Watch | None = None, reference: Reference | None = None,
-                 taken_ns: int | None = None) -> SnapshotResult:
+                 taken_ns: int | None = None, stats: Stats | None = None) -> SnapshotResult:
         return scan.snapshot(folder, store, writer, cache, progress, defer, watch, reference,
-                             taken_ns)
+                             taken_ns, stats)
 
     def update(self, folder: Path, store: PackStore, writer: PackWriter | None,
                prev: SnapshotResult, changed: dict[str, set[str]],
@@ -143,28 +147,46 @@ class BtrfsFolders(PlainFolders):
     def discard(self, path: Path) -> None:
         btrfs.remove_tree(path)
 
-    def freeze_copy(self, folder: Path, dest: Path) -> None:
+    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
         if btrfs.is_subvolume(folder):
             btrfs.snapshot(folder, dest, read_only=True)
-        else:
-            _reflink_copy(folder, dest)
+            return None
+        return _reflink_copy(folder, dest)
 
-    def writable_copy(self, source: Path, dest: Path) -> None:
+    def writable_copy(self, source: Path, dest: Path) -> Stats | None:
         btrfs.snapshot(source, dest, read_only=False)
+        return None
 
 
-def _reflink_copy(folder: Path, dest: Path) -> None:
-    """A copy of ``folder`` in a new subvolume ``dest`` whose files share their blocks with
-    the originals (a folder that is not a subvolume: made by hand, or by an older dm)."""
+class ReflinkFolders(PlainFolders):
+    """Plain folders on a filesystem that shares blocks between files but has no subvolumes
+    (XFS made with ``reflink=1``): a commit's copy, a kept state and a branch made from one
+    are reflinked trees. A copy costs a few system calls per file, no data: the freeze lasts
+    as long as copying the folders' file list, not their bytes (btrfs does better: one
+    snapshot per subdot)."""
+
+    name = "reflink"
+
+    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
+        before, _ = reflink.copy_tree(folder, dest)
+        return before
+
+    def writable_copy(self, source: Path, dest: Path) -> Stats | None:
+        _, after = reflink.copy_tree(source, dest)
+        return after
+
+
+def _reflink_copy(folder: Path, dest: Path) -> Stats:
+    """A read-only subvolume ``dest`` holding a copy of ``folder`` whose files share their
+    blocks with the originals (a folder that is not a subvolume: made by hand, or by an older
+    dm); returns the originals' stats."""
     btrfs.create_subvolume(dest)
-    done = subprocess.run(["cp", "-a", "--reflink=always", "--", f"{folder}/.", str(dest)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        btrfs.remove_tree(dest)
-        raise btrfs.SnapshotError(f"cannot copy {folder}: {done.stderr.strip()}")
+    before, _ = reflink.copy_tree(folder, dest, into=True)
     btrfs.make_read_only(dest)
+    return before
 
 
 PLAIN = PlainFolders()
 BTRFS = BtrfsFolders()
-BACKENDS: dict[str, FolderBackend] = {"plain": PLAIN, "btrfs": BTRFS}
+REFLINK = ReflinkFolders()
+BACKENDS: dict[str, FolderBackend] = {"plain": PLAIN, "btrfs": BTRFS, "reflink": REFLINK}

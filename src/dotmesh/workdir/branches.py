@@ -15,7 +15,8 @@ from typing import Any, cast
 
 from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.errors import DotmeshError, UsageError
-from dotmesh.fs import btrfs
+from dotmesh.fs import btrfs, reflink
+from dotmesh.fs.reflink import Stats
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache
@@ -75,7 +76,15 @@ def snapshots_of(home: Repo) -> SnapshotBackend | None:
 def detect(dots: Path) -> str:
     """The backend a store gets by default: btrfs where its dots' folders (``dots``) are on
     btrfs (the store is, or its pool is mounted there)."""
-    return "btrfs" if btrfs.on_btrfs(dots) else "plain"
+    if btrfs.on_btrfs(dots):
+        return "btrfs"
+    if btrfs.fs_magic(dots) == btrfs.XFS_SUPER_MAGIC:
+        probe = dots
+        while not probe.is_dir():  # a store not made yet: where it will be
+            probe = probe.parent
+        if reflink.supported(probe):
+            return "reflink"
+    return "plain"
 
 
 def choose(home: Repo, name: str | None) -> str:
@@ -85,6 +94,9 @@ def choose(home: Repo, name: str | None) -> str:
     wanted = name or detect(home.root / "dots")
     if name is not None and name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "reflink" and detect(home.root / "dots") == "plain":
+        raise UsageError(f"the reflink backend needs the dots' folders on a filesystem that "
+                         f"shares blocks (XFS made with reflink=1); {home.root} is not")
     if name == "btrfs" and not btrfs.on_btrfs(home.root / "dots"):
         raise UsageError(f"the btrfs backend needs the dots' folders on btrfs; {home.root} is "
                          "not (dm pool create makes a btrfs pool in a file)")
@@ -205,8 +217,9 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
             scratch = home.scratch(dot) / uuid.uuid4().hex
             scratches.append(scratch)
             if cow is not None and state is not None and (state / sub).is_dir():
-                cow.writable_copy(state / sub, scratch)  # O(1): shares every block
+                made = cow.writable_copy(state / sub, scratch)  # shares every block
                 cloned[sub] = scratch
+                state_caches[sub] = _for_copy(state_caches.get(sub, {}), made)
             elif cow is not None and sub in snap.roots and btrfs.is_subvolume(top):
                 # Patch a writable snapshot of the folder, staging inside it (a file cannot
                 # be renamed into a subvolume from outside), then swap it in whole.
@@ -266,8 +279,8 @@ def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writ
         tmp = home.scratch(dot) / uuid.uuid4().hex
         try:
             if cow is not None and state is not None and (state / sub).is_dir():
-                cow.writable_copy(state / sub, tmp)  # a branch costs no copy
-                cache = state_caches.get(sub, {})
+                made = cow.writable_copy(state / sub, tmp)  # a branch costs no copy
+                cache = _for_copy(state_caches.get(sub, {}), made)
             else:
                 cache = merge_cache({}, backend.build_aside(tmp, home.packs, root, policy,
                                                             progress))
@@ -357,6 +370,20 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
         finish_restore(home, dot)
 
 
+def _for_copy(cache: StatCache, made: Stats | None) -> StatCache:
+    """A kept state's stat cache, for a writable copy of it: as is for a snapshot (same
+    inodes); for a reflinked copy (new inodes), each entry moved to its new file's stat."""
+    if made is None:
+        return cache
+    out: StatCache = {}
+    for rel, entry in cache.items():
+        st = made.get(rel)
+        if st is not None and st.st_size == entry[0] and st.st_mtime_ns == entry[1]:
+            out[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry[4],
+                        entry[5])
+    return out
+
+
 def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
                         progress: Progress | None = None,
                         freeze: Callable[[], AbstractContextManager[Any]] = nullcontext
@@ -371,10 +398,11 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
     staging = kept.begin(home, dot)
     try:
         btrfs.syncfs(home.dot_dir(dot))  # what is dirty now is not written in the freeze
+        copied: dict[str, Stats | None] = {}
         with freeze():
             taken = time.time_ns()
             for sub in subs:
-                cow.freeze_copy(home.stable(dot, sub), staging / sub)
+                copied[sub] = cow.freeze_copy(home.stable(dot, sub), staging / sub)
         head = home.head(dot, branch)
         state = kept.folder(home, dot, head)
         before = home.commit(head) if head is not None and state is not None else None
@@ -386,7 +414,7 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
                 reference = Reference(state / sub, before.subdots[sub].tree)
             cache = home.load_cache(dot, branch, sub)
             res = cow.snapshot(staging / sub, home.packs, writer, cache, progress,
-                               reference=reference, taken_ns=taken)
+                               reference=reference, taken_ns=taken, stats=copied[sub])
             snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     except BaseException:
         cow.discard(staging)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dotmesh.fs import btrfs
+from dotmesh.fs.reflink import Stats
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.meta.statcache import (
     CHUNKED,
@@ -273,8 +274,10 @@ class _Walk:
     """Lists folders into tree rows; files whose stat matches the cache keep their content id,
     the others are queued in ``reads``. This loop is the whole cost of a no-change commit."""
 
-    def __init__(self, top: str, cache: StatCache, watch: Watch | None) -> None:
+    def __init__(self, top: str, cache: StatCache, watch: Watch | None,
+                 stats: Stats | None = None) -> None:
         self.top, self.cache, self.watch = top, cache, watch
+        self.stats = stats  # a copy's files judged by their originals' stats (see snapshot)
         self.folders: dict[str, list[Row]] = {}
         self.hits: StatCache = {}
         self.reads: list[_File] = []
@@ -302,10 +305,13 @@ class _Walk:
         cache, hits, fsencode = self.cache, self.hits, os.fsencode
         is_reg, is_dir, is_lnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
         subdirs: list[str] = []
+        stats = self.stats
         for name, path, st in entries:
             mode = st.st_mode
             if is_reg(mode):
                 key = fsencode(prefix + name)
+                if stats is not None:
+                    st = stats.get(key, st)
                 size = st.st_size
                 self.total += size
                 if st.st_nlink > 1:
@@ -362,16 +368,19 @@ def _listing(path: str) -> Iterator[tuple[str, str, os.stat_result]]:
 def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
              progress: Progress | None = None, defer: bool = False,
              watch: Watch | None = None, reference: Reference | None = None,
-             taken_ns: int | None = None) -> SnapshotResult:
+             taken_ns: int | None = None, stats: Stats | None = None) -> SnapshotResult:
     """Store (or, with ``writer=None``, only hash) the folder ``top``; returns its root.
 
     One pass over the folders builds each tree's rows directly; files that missed the stat
     cache are read afterwards. ``watch`` is told each folder before it is listed.
     ``taken_ns``: ``top`` is a read-only snapshot taken then; stats are judged against that
     moment (a write just after it, in the same clock tick, must not pass for this one).
+    ``stats``: ``top`` is a copy whose files are new inodes (reflinks); each file is judged,
+    and cached, by the stat its original had when copied, so that the cache serves the
+    original folder and the next copy alike.
     """
     started = time.time_ns() if taken_ns is None else taken_ns
-    walk = _Walk(str(top), cache, watch)
+    walk = _Walk(str(top), cache, watch, stats)
     walk.tree("")
     result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
                             linked={path for path, _ in walk.linked})
