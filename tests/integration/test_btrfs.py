@@ -65,6 +65,7 @@ def test_a_store_on_btrfs_uses_subvolumes_and_says_so(bdm: DM) -> None:
     assert show["backend"] == "btrfs" and show["kept_states"] == 0
 
 
+@pytest.mark.slow
 def test_plain_can_be_forced_and_btrfs_cannot_be_asked_for_off_btrfs(btrfs_mount: Path,
                                                                      tmp_path: Path) -> None:
     forced = DM(btrfs_mount / uuid.uuid4().hex / "home")
@@ -128,6 +129,7 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     assert _commit(bdm, "again")["bytes_read"] == 0
 
 
+@pytest.mark.slow
 def test_a_new_branch_is_a_snapshot_sharing_every_block(bdm: DM) -> None:
     bdm.ok("init", "app")
     db = bdm.path("app.db")
@@ -152,6 +154,7 @@ def test_a_new_branch_is_a_snapshot_sharing_every_block(bdm: DM) -> None:
     assert (db / "feature.txt").read_text() == "only here"
 
 
+@pytest.mark.slow
 def test_kept_states_are_pruned_to_what_is_configured(bdm: DM) -> None:
     bdm.ok("init", "app")
     db = bdm.path("app.db")
@@ -167,6 +170,7 @@ def test_kept_states_are_pruned_to_what_is_configured(bdm: DM) -> None:
     assert _kept(bdm.home) == set()
 
 
+@pytest.mark.slow
 def test_deleting_a_dot_removes_its_read_only_snapshots(bdm: DM) -> None:
     bdm.ok("init", "app")
     (bdm.path("app.db") / "f").write_text("x")
@@ -221,6 +225,7 @@ def test_kill_9_in_a_commit_leaves_old_or_new_and_no_stray_snapshot(bdm: DM) -> 
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow
 def test_a_pool_in_a_file_gives_a_plain_disk_the_btrfs_backend(tmp_path: Path) -> None:
     home = Path(tempfile.mkdtemp(prefix="dm-pool-", dir="/var/tmp")) / "home"
     dm = DM(home)
@@ -277,6 +282,7 @@ def test_kill_9_in_a_reset_to_a_kept_state_leaves_old_or_new(bdm: DM) -> None:
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow
 def test_without_kept_states_restores_go_through_the_store(bdm: DM) -> None:
     """Resets and branches at commits that have no kept state: a reset patches a writable
     snapshot of the folder and swaps it in, a new branch is built in a new subvolume."""
@@ -351,6 +357,7 @@ def test_states_pushed_from_btrfs_clone_onto_plain_and_back(btrfs_mount: Path,
         hub.stop()
 
 
+@pytest.mark.slow
 def test_a_subdot_folder_that_is_not_a_subvolume_is_copied_by_reflinks(bdm: DM) -> None:
     """A folder made by hand (or by an older dm) where a subvolume should be: a commit copies
     it by reflinks into its kept state, and its stat cache still works."""

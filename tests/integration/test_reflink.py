@@ -30,6 +30,7 @@ def test_a_store_on_xfs_with_reflinks_uses_the_reflink_backend(xdm: DM) -> None:
     assert json.loads(xdm.ok("dot", "show", "--json"))["backend"] == "reflink"
 
 
+@pytest.mark.slow
 def test_commits_read_what_changed_and_match_plain_folders(xdm: DM, tmp_path: Path) -> None:
     xdm.ok("init", "app")
     db = xdm.path("app.db")
@@ -56,6 +57,7 @@ def test_commits_read_what_changed_and_match_plain_folders(xdm: DM, tmp_path: Pa
     assert ours.subdots == theirs.subdots
 
 
+@pytest.mark.slow
 def test_reset_and_branches_at_kept_states(xdm: DM) -> None:
     xdm.ok("init", "app")
     db = xdm.path("app.db")
