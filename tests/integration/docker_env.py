@@ -144,11 +144,12 @@ def _answers(sock: Path) -> bool:
 
 
 @contextmanager
-def docker_world() -> Iterator[tuple[DM, Engine, Plugin]]:
-    """dm serve, then a fresh engine; torn down in the opposite order."""
+def docker_world(home: Path | None = None) -> Iterator[tuple[DM, Engine, Plugin]]:
+    """dm serve (on the store at ``home``, default a fresh one), then a fresh engine; torn
+    down in the opposite order."""
     require_docker()
     top = Path(tempfile.mkdtemp(prefix="dm-docker-", dir="/var/tmp"))
-    dm = DM(top / "home")
+    dm = DM(home or top / "home")
     engine = Engine(top / "engine")
     engine.top.mkdir()
     engine_env = {"DOCKER_HOST": engine.host}

@@ -375,3 +375,38 @@ def test_a_subdot_folder_that_is_not_a_subvolume_is_copied_by_reflinks(bdm: DM) 
     (db / "a.txt").write_text("changed")
     bdm.ok("reset", "--hard", "HEAD")
     assert (db / "a.txt").read_text() == "by hand"
+
+
+@pytest.mark.slow
+def test_docker_volumes_on_btrfs_commit_live_and_restore_into_restarted_containers(
+        btrfs_mount: Path) -> None:
+    """A container writing to two dm volumes on the btrfs backend: commits are consistent
+    across both, and a reset swaps snapshots in under the same mount paths: the container,
+    stopped and started again by dm, sees the restored state."""
+    from tests.integration.docker_env import IMAGE, docker_world
+
+    load = ("trap 'exit 0' TERM; i=0; while true; do i=$((i+1)); "
+            "echo $i > /a/n.tmp && mv /a/n.tmp /a/n; echo $i >> /b/log; done")
+    with docker_world(btrfs_mount / uuid.uuid4().hex / "home") as (dm, engine, _):
+        engine.run("run", "-d", "--name", "loader", "--network", "none",
+                   "--volume-driver", "dm", "-v", "load.a:/a", "-v", "load.b:/b", IMAGE,
+                   "sh", "-c", load)
+        dm.ok("switch", "load")
+        a, b = dm.path("load.a"), dm.path("load.b")
+        assert btrfs.is_subvolume(a) and btrfs.is_subvolume(b)
+        time.sleep(0.5)
+        ids = [str(_commit(dm, f"load {i}")["id"]) for i in range(5)]
+        for oid in ids:
+            c = Repo(dm.home).commit(bytes.fromhex(oid))
+            assert "loader" in c.metadata["dm.writers"]
+        dm.ok("reset", "--hard", ids[0], "--stop-writers")
+        running = engine.run("inspect", "-f", "{{.State.Running}}", "loader").stdout.strip()
+        assert running == "true"  # started again by dm
+        (a / "marker").write_text("seen")  # in the folder swapped in: the container sees it
+        assert engine.run("exec", "loader", "cat", "/a/marker").stdout == "seen"
+        engine.run("rm", "-f", "loader")
+        for oid in ids:
+            dm.ok("reset", "--hard", oid)
+            n = int((a / "n").read_text())
+            last = int((b / "log").read_text().split()[-1])
+            assert last in (n, n - 1), (oid, n, last)
