@@ -60,7 +60,7 @@ def test_a_store_on_btrfs_uses_subvolumes_and_says_so(bdm: DM) -> None:
     assert json.loads(bdm.ok("version", "--json"))["backend"] == "btrfs"
     bdm.ok("init", "app")
     folder = bdm.path("app.db")
-    assert btrfs.is_subvolume(folder)
+    assert btrfs.is_subvolume(folder.parent)  # the working set: one subvolume
     show = json.loads(bdm.ok("dot", "show", "--json"))
     assert show["backend"] == "btrfs" and show["kept_states"] == 0
 
@@ -70,7 +70,7 @@ def test_plain_can_be_forced_and_btrfs_cannot_be_asked_for_off_btrfs(btrfs_mount
                                                                      tmp_path: Path) -> None:
     forced = DM(btrfs_mount / uuid.uuid4().hex / "home")
     forced.ok("init", "app", "--backend", "plain")
-    assert not btrfs.is_subvolume(forced.path("app.db"))
+    assert not btrfs.is_subvolume(forced.path("app.db").parent)
     forced.ok("commit", "-m", "plain")
     assert not (forced.home / "dots" / "app" / "snaps").exists()
     other = DM(tmp_path / "home")
@@ -119,7 +119,7 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     (db / "a.txt").write_text("not committed")
     out = bdm.ok("reset", "--hard", "HEAD^")
     assert capture(db) == before
-    assert btrfs.is_subvolume(db)
+    assert btrfs.is_subvolume(db.parent)
     saved = out.split("saved as ")[1].split()[0]
     assert any(k.startswith(saved) for k in _kept(bdm.home))
     bdm.ok("reset", "--hard", saved)
@@ -237,7 +237,7 @@ def test_a_pool_in_a_file_gives_a_plain_disk_the_btrfs_backend(tmp_path: Path) -
         assert json.loads(dm.ok("version", "--json"))["backend"] == "btrfs"
         dm.ok("init", "app")
         db = dm.path("app.db")
-        assert btrfs.is_subvolume(db)
+        assert btrfs.is_subvolume(db.parent)
         (db / "f").write_text("kept")
         _commit(dm, "one")
         again = dm("pool", "create", "--size", "1G")
@@ -302,11 +302,11 @@ def test_without_kept_states_restores_go_through_the_store(bdm: DM) -> None:
     two = capture(db)
     assert _kept(bdm.home) == set()
     bdm.ok("reset", "--hard", "HEAD^")
-    assert capture(db) == one and btrfs.is_subvolume(db)
+    assert capture(db) == one and btrfs.is_subvolume(db.parent)
     assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
     assert not list(db.rglob(".dm-restore*"))
     bdm.ok("checkout", "-b", "other")
-    assert capture(db) == one and btrfs.is_subvolume(db)
+    assert capture(db) == one and btrfs.is_subvolume(db.parent)
     bdm.ok("checkout", "master")
     bdm.ok("reset", "--hard", _reflog_id(bdm, "commit: two"))
     assert capture(db) == two
@@ -348,7 +348,7 @@ def test_states_pushed_from_btrfs_clone_onto_plain_and_back(btrfs_mount: Path,
         hub.join(other, "alice", key)
         other.ok("clone", "hub", "alice/app")
         odb = other.path("app.db")
-        assert btrfs.is_subvolume(odb) and capture(odb) == capture(plain.path("app.db"))
+        assert btrfs.is_subvolume(odb.parent) and capture(odb) == capture(plain.path("app.db"))
         _rewrite_pages(odb / "table", every=9)
         assert _commit(other, "after a clone")["bytes_read"] > 0
         ours.ok("pull")
@@ -358,22 +358,24 @@ def test_states_pushed_from_btrfs_clone_onto_plain_and_back(btrfs_mount: Path,
 
 
 @pytest.mark.slow
-def test_a_subdot_folder_that_is_not_a_subvolume_is_copied_by_reflinks(bdm: DM) -> None:
-    """A folder made by hand (or by an older dm) where a subvolume should be: a commit copies
-    it by reflinks into its kept state, and its stat cache still works."""
+def test_a_working_set_of_an_older_layout_is_copied_by_reflinks(bdm: DM) -> None:
+    """A working set that is a plain folder with data (made by an older dm, or by hand): a
+    commit copies each subdot by reflinks into its kept state, and the stat cache works."""
     bdm.ok("init", "app")
     db = bdm.path("app.db")
-    btrfs.remove_tree(db)
-    db.mkdir()
+    btrfs.remove_tree(db.parent)
+    db.mkdir(parents=True)
     _paged_file(db / "table", 64)
     (db / "a.txt").write_text("by hand")
     first = _commit(bdm, "one")
     assert _kept(bdm.home) == {first["id"]}
-    state = bdm.home / "dots" / "app" / "snaps" / str(first["id"]) / "db"
-    assert btrfs.is_subvolume(state) and (state / "a.txt").read_text() == "by hand"
+    state = bdm.home / "dots" / "app" / "snaps" / str(first["id"]) / "subdots" / "db"
+    assert (state / "a.txt").read_text() == "by hand"
     assert _commit(bdm, "again")["bytes_read"] == 0
     (db / "a.txt").write_text("changed")
     bdm.ok("reset", "--hard", "HEAD")
+    assert (db / "a.txt").read_text() == "by hand"
+    bdm.ok("checkout", "-b", "other")
     assert (db / "a.txt").read_text() == "by hand"
 
 
@@ -393,7 +395,7 @@ def test_docker_volumes_on_btrfs_commit_live_and_restore_into_restarted_containe
                    "sh", "-c", load)
         dm.ok("switch", "load")
         a, b = dm.path("load.a"), dm.path("load.b")
-        assert btrfs.is_subvolume(a) and btrfs.is_subvolume(b)
+        assert btrfs.is_subvolume(a.parent) and a.parent == b.parent
         time.sleep(0.5)
         ids = [str(_commit(dm, f"load {i}")["id"]) for i in range(5)]
         for oid in ids:

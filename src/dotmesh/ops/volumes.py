@@ -106,11 +106,10 @@ def remove(home: Repo, name: str) -> list[Path]:
     """``docker volume rm``: drop the subdot's folders (on every branch) from the working
     state; commits that hold it keep it, and the dot stays until ``dm dot delete``.
 
-    The folders are moved into the store's trash at once; returns them, for the caller to
-    delete in the background (deleting a big folder must not hold up dockerd)."""
+    The folders are moved aside at once (renamed to ``.dm-trash-*`` beside themselves);
+    returns them, for the caller to delete in the background (deleting a big folder must not
+    hold up dockerd); the dot's next command removes any left."""
     vol = _existing(home, name)
-    trash = _trash(home.root)  # beside the dots: a rename never leaves their filesystem
-    trash.mkdir(exist_ok=True, mode=0o700)
     moved: list[Path] = []
     with home.lock(vol.dot, "volume rm"):
         recover(home, vol.dot)
@@ -120,8 +119,8 @@ def remove(home: Repo, name: str) -> list[Path]:
         if branches.is_dir():
             folders += [b / vol.subdot for b in branches.iterdir()]
         for folder in folders:
-            if folder.exists():
-                target = trash / uuid.uuid4().hex
+            if folder.exists():  # beside itself: a rename never leaves its filesystem
+                target = folder.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
                 os.rename(folder, target)
                 moved.append(target)
     with Tx(home.conn) as tx:
@@ -133,11 +132,12 @@ def remove(home: Repo, name: str) -> list[Path]:
 def empty_trash(root: Path) -> None:
     """Delete what :func:`remove` moved aside in the store at ``root`` (also what a killed
     ``dm serve`` left)."""
-    for trash in (_trash(root), root / "trash"):  # the second: where older versions put it
-        if trash.is_dir():
-            for item in trash.iterdir():
-                remove_tree(item)  # by path alone: any backend's folders (subvolumes go whole)
+    legacy = root / "trash"  # where older versions put them
+    found = list(legacy.iterdir()) if legacy.is_dir() else []
+    found += root.glob(f"dots/*/subdots/{TRASH_PREFIX}*")
+    found += root.glob(f"dots/*/branches/*/{TRASH_PREFIX}*")
+    for item in found:
+        remove_tree(item)  # by path alone: any backend's folders (subvolumes go whole)
 
 
-def _trash(root: Path) -> Path:
-    return root / "dots" / ".trash"
+TRASH_PREFIX = ".dm-trash-"  # starts like what workdir.branches.recover removes

@@ -74,8 +74,17 @@ class FolderBackend(Protocol):
 
 
 class SnapshotBackend(FolderBackend, Protocol):
-    """A backend whose folders can be snapshotted in constant time (btrfs subvolumes; a ZFS
-    backend would map these calls to ``zfs snapshot`` and ``zfs clone``)."""
+    """A backend that copies a dot's whole working set (the folder of its subdot folders) at
+    once: a btrfs subvolume snapshotted in one call (so the freeze costs one transaction),
+    or a reflinked tree. A ZFS backend would map these calls to a dataset per working set,
+    ``zfs snapshot`` and ``zfs clone``."""
+
+    def make_set(self, path: Path) -> None:
+        """Make ``path`` a working set (a folder to hold subdot folders) if it is not one;
+        an existing folder with data in it is left as it is (see :meth:`is_set`)."""
+
+    def is_set(self, path: Path) -> bool:
+        """Can ``path`` be copied as a whole by this backend?"""
 
     def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
         """A read-only copy of ``folder`` at ``dest`` as it is at this instant. For a copy
@@ -129,20 +138,28 @@ class PlainFolders:
 
 
 class BtrfsFolders(PlainFolders):
-    """Every subdot folder (each branch's, each kept state's) is a btrfs subvolume: a commit
-    snapshots them read-only in milliseconds, and a branch or a reset to a kept state is a
-    writable snapshot of one, sharing every block until it is written."""
+    """A dot's working set (``dots/DOT/subdots``, each branch's parked set, each kept state)
+    is one btrfs subvolume holding its subdot folders, as a Dotmesh dot was one ZFS
+    filesystem: a commit snapshots it read-only in one call (milliseconds, one transaction,
+    however many subdots), and a branch or a reset to a kept state is a writable snapshot,
+    sharing every block until it is written."""
 
     name = "btrfs"
 
-    def make(self, folder: Path) -> None:
-        if not folder.exists():
-            btrfs.create_subvolume(folder)
+    def make_set(self, path: Path) -> None:
+        if not path.exists():
+            btrfs.create_subvolume(path)
+            return
+        if btrfs.is_subvolume(path) or any(path.iterdir()):
+            return  # a folder of an older layout: copied by reflinks, see freeze_copy
+        st = path.stat()
+        path.rmdir()
+        btrfs.create_subvolume(path)
+        os.chmod(path, st.st_mode & 0o7777)
+        os.chown(path, st.st_uid, st.st_gid)
 
-    def build_aside(self, aside: Path, store: PackStore, target: Root, policy: Policy,
-                    progress: Progress | None = None) -> RestoreResult:
-        btrfs.create_subvolume(aside)
-        return restore.build(aside, store, target, policy, progress)
+    def is_set(self, path: Path) -> bool:
+        return btrfs.is_subvolume(path)
 
     def discard(self, path: Path) -> None:
         btrfs.remove_tree(path)
@@ -166,6 +183,12 @@ class ReflinkFolders(PlainFolders):
     snapshot per subdot)."""
 
     name = "reflink"
+
+    def make_set(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True, mode=0o711)
+
+    def is_set(self, path: Path) -> bool:
+        return path.is_dir()
 
     def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
         before, _ = reflink.copy_tree(folder, dest)

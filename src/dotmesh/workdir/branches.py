@@ -110,10 +110,38 @@ def choose(home: Repo, name: str | None) -> str:
     return current
 
 
+def working_set(home: Repo, dot: str) -> Path:
+    """The folder of the current branch's subdot folders (one subvolume on btrfs)."""
+    return home.dot_dir(dot) / "subdots"
+
+
+def parked_set(home: Repo, dot: str, branch: str) -> Path:
+    return home.dot_dir(dot) / "branches" / branch
+
+
+def _set_mode(home: Repo, dot: str) -> SnapshotBackend | None:
+    """The store's snapshot backend if this dot's working set is one it copies whole (a
+    working set of an older layout is handled subdot by subdot, as plain folders are)."""
+    cow = snapshots_of(home)
+    ws = working_set(home, dot)
+    if cow is None:
+        return None
+    if ws.exists() and not cow.is_set(ws):
+        cow.make_set(ws)  # an empty folder (a new dot's) becomes a set
+        if not cow.is_set(ws):
+            return None
+    return cow
+
+
 def make_stable(home: Repo, dot: str, subdot: str) -> Path:
     """The one place a subdot's stable folder (where apps see its data) comes into being."""
     folder = home.stable(dot, subdot)
-    backend_of(home).make(folder)
+    cow = snapshots_of(home)
+    if cow is not None:
+        cow.make_set(working_set(home, dot))
+        folder.mkdir(exist_ok=True, mode=0o755)
+    else:
+        backend_of(home).make(folder)
     return folder
 
 
@@ -204,31 +232,19 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     writer.flush()
     policy = policy_for(home, dot, target)
     backend = backend_of(home)
-    cow = snapshots_of(home)
-    state = kept.folder(home, dot, target) if cow else None
-    state_caches = kept.caches(home, dot, target) if state else {}
+    cow = _set_mode(home, dot)
+    if cow is not None:
+        return _restore_set(home, dot, cow, target, roots, policy, snap, progress,
+                            before_touching)
     staged: dict[str, Prepared] = {}
     built: dict[str, tuple[Path, RestoreResult]] = {}
-    cloned: dict[str, Path] = {}
     scratches: list[Path] = []
     try:
         for sub, root in roots.items():
             top = home.stable(dot, sub)
             scratch = home.scratch(dot) / uuid.uuid4().hex
             scratches.append(scratch)
-            if cow is not None and state is not None and (state / sub).is_dir():
-                made = cow.writable_copy(state / sub, scratch)  # shares every block
-                cloned[sub] = scratch
-                state_caches[sub] = _for_copy(state_caches.get(sub, {}), made)
-            elif cow is not None and sub in snap.roots and btrfs.is_subvolume(top):
-                # Patch a writable snapshot of the folder, staging inside it (a file cannot
-                # be renamed into a subvolume from outside), then swap it in whole.
-                cow.writable_copy(top, scratch)
-                cloned[sub] = scratch
-                staged[sub] = backend.prepare_restore(scratch, home.packs, root, snap.roots[sub],
-                                                      scratch / ".dm-restore", policy, progress,
-                                                      snap.results[sub].cache)
-            elif top.is_dir() and sub in snap.roots:
+            if top.is_dir() and sub in snap.roots:
                 staged[sub] = backend.prepare_restore(top, home.packs, root, snap.roots[sub],
                                                       scratch, policy, progress,
                                                       snap.results[sub].cache)
@@ -247,15 +263,6 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     for sub, prepared in staged.items():
         base = snap.results[sub].cache if sub in snap.results else {}
         caches[sub] = merge_cache(base, prepared.apply())
-    for sub, tmp in cloned.items():
-        top = home.stable(dot, sub)
-        old = home.scratch(dot) / uuid.uuid4().hex
-        if top.exists():
-            os.rename(top, old)  # a kill from here on: the journal finishes the restore
-        backend.swap_in(tmp, top)
-        backend.discard(old)
-        if sub not in caches:
-            caches[sub] = state_caches.get(sub, {})
     for sub, (tmp, res) in built.items():
         backend.swap_in(tmp, home.stable(dot, sub))
         caches[sub] = merge_cache({}, res)
@@ -269,21 +276,18 @@ def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writ
     writer.flush()
     policy = policy_for(home, dot, commit)
     backend = backend_of(home)
-    cow = snapshots_of(home)
-    state = kept.folder(home, dot, commit) if cow else None
-    state_caches = kept.caches(home, dot, commit) if state and commit else {}
+    cow = _set_mode(home, dot)
+    if cow is not None:
+        _materialize_set(home, dot, cow, branch, commit, roots, policy, progress)
+        return
     for sub, root in roots.items():
         final = home.parked(dot, branch, sub)
         if final.exists():
             continue
         tmp = home.scratch(dot) / uuid.uuid4().hex
         try:
-            if cow is not None and state is not None and (state / sub).is_dir():
-                made = cow.writable_copy(state / sub, tmp)  # a branch costs no copy
-                cache = _for_copy(state_caches.get(sub, {}), made)
-            else:
-                cache = merge_cache({}, backend.build_aside(tmp, home.packs, root, policy,
-                                                            progress))
+            cache = merge_cache({}, backend.build_aside(tmp, home.packs, root, policy,
+                                                        progress))
         except BaseException:
             backend.discard(tmp)
             raise
@@ -340,6 +344,18 @@ def settle(home: Repo, dot: str) -> None:
         return
     from_branch, to_branch = pending
     backend = backend_of(home)
+    cow = _set_mode(home, dot)
+    if cow is not None:  # the working set moves whole
+        stable, old, new = (working_set(home, dot), parked_set(home, dot, from_branch),
+                            parked_set(home, dot, to_branch))
+        if stable.exists() and not old.exists() and new.exists():
+            old.parent.mkdir(mode=0o700, exist_ok=True)
+            os.rename(stable, old)
+        if not stable.exists():
+            if new.exists():
+                os.rename(new, stable)
+            else:
+                cow.make_set(stable)
     for sub in home.subdots(dot):
         stable = home.stable(dot, sub)
         old, new = home.parked(dot, from_branch, sub), home.parked(dot, to_branch, sub)
@@ -366,6 +382,12 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
     backend = backend_of(home)
     backend.discard(home.dot_dir(dot) / "tmp")
     kept.recover(home, dot, backend)
+    parked = home.dot_dir(dot) / "branches"
+    for folder in [working_set(home, dot), *(parked.iterdir() if parked.is_dir() else [])]:
+        if folder.is_dir():  # what a killed build inside a set left
+            for entry in os.scandir(folder):
+                if entry.name.startswith(BUILDING):
+                    backend.discard(Path(entry.path))
     if finish:
         finish_restore(home, dot)
 
@@ -399,10 +421,17 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
     try:
         btrfs.syncfs(home.dot_dir(dot))  # what is dirty now is not written in the freeze
         copied: dict[str, Stats | None] = {}
+        whole = cow.is_set(working_set(home, dot))
+        into = staging / kept.SET
         with freeze():
             taken = time.time_ns()
-            for sub in subs:
-                copied[sub] = cow.freeze_copy(home.stable(dot, sub), staging / sub)
+            if whole:  # one call: one instant, one btrfs transaction
+                made = cow.freeze_copy(working_set(home, dot), into)
+                copied = {sub: _within(made, sub) for sub in subs}
+            else:  # an older layout: subdot by subdot
+                into.mkdir()
+                for sub in subs:
+                    copied[sub] = cow.freeze_copy(home.stable(dot, sub), into / sub)
         head = home.head(dot, branch)
         state = kept.folder(home, dot, head)
         before = home.commit(head) if head is not None and state is not None else None
@@ -410,10 +439,10 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
         for sub in subs:
             reference = None
             if before is not None and state is not None and sub in before.subdots \
-                    and (state / sub).is_dir():
-                reference = Reference(state / sub, before.subdots[sub].tree)
+                    and kept.sub_path(state, sub).is_dir():
+                reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree)
             cache = home.load_cache(dot, branch, sub)
-            res = cow.snapshot(staging / sub, home.packs, writer, cache, progress,
+            res = cow.snapshot(into / sub, home.packs, writer, cache, progress,
                                reference=reference, taken_ns=taken, stats=copied[sub])
             snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     except BaseException:
@@ -421,3 +450,117 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
         raise
     return staging, snap
 
+
+
+BUILDING = ".dm-"  # a folder being built or staged inside a working set
+
+
+def _within(stats: Stats | None, sub: str) -> Stats | None:
+    """A working set copy's file stats, for one subdot (paths relative to its folder)."""
+    if stats is None:
+        return None
+    prefix = os.fsencode(sub) + b"/"
+    return {rel[len(prefix):]: st for rel, st in stats.items() if rel.startswith(prefix)}
+
+
+def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
+                 roots: dict[str, Root], policy: Policy, snap: DotSnapshot,
+                 progress: Progress | None,
+                 before_touching: Callable[[], None] | None) -> dict[str, StatCache]:
+    """:func:`restore_folders` for a working set copied whole: a new set is made aside (a
+    writable copy of the target's kept state, else of the current set, patched), every
+    subdot folder in it made to hold the target, then the sets are swapped by two renames.
+    The current set is not touched until the swap, so a kill leaves it or the new one."""
+    state = kept.folder(home, dot, target)
+    new = home.scratch(dot) / uuid.uuid4().hex
+    staged: dict[str, Prepared] = {}
+    built: dict[str, RestoreResult] = {}
+    caches: dict[str, StatCache] = {}
+    try:
+        if state is not None:
+            made = cow.writable_copy(state / kept.SET, new)  # shares every block
+            state_caches = kept.caches(home, dot, target)
+        else:
+            made = cow.writable_copy(working_set(home, dot), new)
+            state_caches = {}
+        for sub, root in roots.items():
+            folder = new / sub
+            if state is not None and sub in state_caches and folder.is_dir():
+                caches[sub] = _for_copy(state_caches[sub], _within(made, sub))
+            elif state is None and folder.is_dir() and sub in snap.roots:
+                seen = snap.results[sub].cache
+                if made is not None:  # a copy's files are new inodes: judge them by theirs
+                    seen = _for_copy(seen, _within(made, sub))
+                staged[sub] = cow.prepare_restore(folder, home.packs, root, snap.roots[sub],
+                                                  new / f"{BUILDING}staging-{sub}", policy,
+                                                  progress, seen)
+            else:
+                if folder.exists():
+                    cow.discard(folder)
+                aside = new / f"{BUILDING}build-{sub}"
+                built[sub] = cow.build_aside(aside, home.packs, root, policy, progress)
+    except BaseException:
+        for p in staged.values():
+            p.abort()
+        cow.discard(new)
+        raise
+    if before_touching is not None:
+        before_touching()
+    for sub, prepared in staged.items():
+        caches[sub] = merge_cache(_for_copy(snap.results[sub].cache,
+                                            _within(made, sub)) if made is not None
+                                  else snap.results[sub].cache, prepared.apply())
+    for sub, res in built.items():
+        os.rename(new / f"{BUILDING}build-{sub}", new / sub)
+        caches[sub] = merge_cache({}, res)
+    ws = working_set(home, dot)
+    old = home.scratch(dot) / uuid.uuid4().hex
+    if ws.exists():
+        os.rename(ws, old)  # a kill from here on: the journal finishes the restore
+    os.rename(new, ws)
+    cow.discard(old)
+    return caches
+
+
+def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
+                     commit: ObjectId | None, roots: dict[str, Root], policy: Policy,
+                     progress: Progress | None) -> None:
+    """:func:`materialize` for a working set copied whole: the branch's parked set is a
+    writable copy of the commit's kept state (no data copied) or a new set; the subdot
+    folders it lacks are built inside it, then renamed into place."""
+    parked = parked_set(home, dot, branch)
+    state = kept.folder(home, dot, commit)
+    state_caches = kept.caches(home, dot, commit) if state is not None and commit else {}
+    made: Stats | None = None
+    if not parked.exists():
+        tmp = home.scratch(dot) / uuid.uuid4().hex
+        try:
+            if state is not None:
+                made = cow.writable_copy(state / kept.SET, tmp)
+            else:
+                cow.make_set(tmp)
+                state_caches = {}
+        except BaseException:
+            cow.discard(tmp)
+            raise
+        parked.parent.mkdir(mode=0o700, exist_ok=True)
+        os.rename(tmp, parked)
+    else:
+        state_caches = {}
+    for sub, root in roots.items():
+        final = parked / sub
+        if final.exists():
+            if sub in state_caches:
+                with Tx(home.conn) as c:
+                    home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
+                                    _for_copy(state_caches[sub], _within(made, sub)))
+            continue
+        aside = parked / f"{BUILDING}build-{uuid.uuid4().hex}"
+        try:
+            cache = merge_cache({}, cow.build_aside(aside, home.packs, root, policy, progress))
+        except BaseException:
+            cow.discard(aside)
+            raise
+        with Tx(home.conn) as c:
+            home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub), cache)
+        os.rename(aside, final)

@@ -1,9 +1,10 @@
 """Kept states: the read-only snapshots a snapshot backend keeps of recent commits, so that a
 reset, a checkout or a new branch at one of them is a writable snapshot, not a restore.
 
-Layout, per dot: ``snaps/<commit id>/<subdot>`` (one read-only subvolume per subdot) and
-``snaps/<commit id>/.dm-caches`` (the stat caches of the scan that made the commit from them,
-so that a folder cloned from a kept state starts with a cache as good as the commit's).
+Layout, per dot: ``snaps/<commit id>/subdots/<subdot>`` (the working set's read-only copy:
+one subvolume on btrfs) and ``snaps/<commit id>/.dm-caches`` (the stat caches of the scan
+that made the commit from them, so that a folder cloned from a kept state starts with a
+cache as good as the commit's).
 A state being made lives in ``snaps/.new-*`` until its commit's ref is written; the next
 command removes what a kill left there. Which states stay is decided by :func:`prune`.
 """
@@ -36,6 +37,14 @@ _LEN = struct.Struct("<I")
 
 def snaps_dir(home: Repo, dot: str) -> Path:
     return home.dot_dir(dot) / "snaps"
+
+
+SET = "subdots"  # a kept state's copy of the working set
+
+
+def sub_path(state: Path, subdot: str) -> Path:
+    """Where a kept state holds ``subdot``'s folder."""
+    return state / SET / subdot
 
 
 def folder(home: Repo, dot: str, commit: bytes | None) -> Path | None:
@@ -178,14 +187,13 @@ def verify(home: Repo, dot: str) -> list[tuple[ObjectId, str]]:
         except DotmeshError as e:
             problems.append((c, f"is the state of a commit the store cannot read ({e})"))
             continue
-        subs = {p.name for p in state.iterdir() if p.is_dir()}
-        if subs != set(commit.subdots):
-            problems.append((c, f"holds subdots {sorted(subs)}, the commit "
-                                f"{sorted(commit.subdots)}"))
+        missing = [s for s in commit.subdots if not sub_path(state, s).is_dir()]
+        if missing:
+            problems.append((c, f"lacks the folders of subdots {sorted(missing)}"))
             continue
-        for sub in sorted(subs):
+        for sub in sorted(commit.subdots):
             try:
-                got = scan.snapshot(state / sub, home.packs, None, {}).root
+                got = scan.snapshot(sub_path(state, sub), home.packs, None, {}).root
             except OSError as e:
                 problems.append((c, f"cannot be read in subdot {sub}: {e.strerror}"))
                 break
