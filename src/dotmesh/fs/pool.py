@@ -103,6 +103,10 @@ def ensure_mounted(root: Path) -> bool:
     _need_root(f"mounting the store's pool {image}")
     mount.mkdir(exist_ok=True, mode=0o711)
     _run("mount", "-o", "loop", str(image), str(mount))
+    try:  # no second page cache of the image's bytes: snapshots under writes commit faster
+        _run("losetup", "--direct-io=on", _loop_device(image))
+    except PoolError:
+        pass  # a filesystem under the store without O_DIRECT: buffered, still correct
     return True
 
 
