@@ -5,8 +5,10 @@
     python bench/run.py                    # ~2 GiB, 3 runs: the real measurement
 
 Each scenario runs every tool back to back, in an order that rotates between runs, and ratios are
-computed pair by pair within a run. Needs root (btrfs on a loop device); installs restic,
-borgbackup and btrfs-progs from Debian if they are missing.
+computed pair by pair within a run. "dm" is a store on the scratch folder's filesystem (ext4
+here, so plain folders); "dm (btrfs)" is the same steps with the store's home on a btrfs loop
+device (so the btrfs backend: subvolumes and kept snapshots). Needs root (loop devices);
+installs restic, borgbackup and btrfs-progs from Debian if they are missing.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ DM = str(Path(sys.executable).parent / "dm")
 MiB = 1 << 20
 
 
+BDM = "dm (btrfs)"  # dm with its store's home on btrfs (the btrfs backend)
+
+
 @dataclass
 class Sample:
     wall: float
     cpu: float
     rss_mib: float
     stored: int | None = None
+    freeze_ms: list[float] | None = None  # scenario 10: each commit's dm.freeze_ms
 
 
 def sh(*cmd: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
@@ -85,8 +91,8 @@ def ensure_tools() -> None:
 class Btrfs:
     """A btrfs filesystem on a loop device, created and removed by the harness."""
 
-    def __init__(self, work: Path, size: int) -> None:
-        self.image, self.mnt = work / "btrfs.img", work / "btrfs"
+    def __init__(self, work: Path, size: int, name: str = "btrfs") -> None:
+        self.image, self.mnt = work / f"{name}.img", work / name
         with open(self.image, "wb") as f:
             f.truncate(max(size, 1 << 30))
         sh("mkfs.btrfs", "-q", str(self.image))
@@ -98,7 +104,56 @@ class Btrfs:
         self.image.unlink(missing_ok=True)
 
 
-def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
+def disk_used(path: Path) -> int:
+    """What ``df`` says is used on the filesystem of ``path``, once everything is written."""
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def dm_out(env: dict[str, str], *args: str) -> str:
+    return subprocess.run([DM, *args], env=env, capture_output=True, text=True, check=True,
+                          stdin=subprocess.DEVNULL).stdout
+
+
+def dm_store(home: Path, data: Path, backend: str) -> tuple[dict[str, str], Path]:
+    """A store at ``home`` whose dot "app" holds a copy of ``data``; its env and folder."""
+    env = {**os.environ, "DM_HOME": str(home), "DM_AUTHOR": "bench"}
+    sh(DM, "init", "app", env=env)
+    got = json.loads(dm_out(env, "version", "--json"))["backend"]
+    if got != backend:
+        raise SystemExit(f"bench: the store in {home} has the {got} backend, not {backend}")
+    folder = Path(dm_out(env, "path", "app").strip())
+    if backend == "btrfs":  # the folder is a subvolume: fill it, do not replace it
+        sh("cp", "-a", f"{data}/.", str(folder))
+    else:
+        os.rmdir(folder)
+        sh("cp", "-a", str(data), str(folder))
+    return env, folder
+
+
+def freeze_windows(env: dict[str, str], folder: Path, commits: int) -> list[float]:
+    """``commits`` commits of ``folder``'s dot while a writer rewrites random pages all over
+    its database-like files; each commit's freeze window (its dm.freeze_ms), in ms."""
+    heaps = sorted(str(p) for p in (folder / "pg").iterdir())
+    writer = subprocess.Popen([sys.executable, "-c", workload.PAGE_WRITER, *heaps],
+                              stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = []
+        for i in range(commits):
+            time.sleep(0.3)
+            res = json.loads(dm_out(env, "commit", "-m", f"live {i}", "--json"))
+            if res["freeze_ms"] is None:
+                raise SystemExit("bench: a live commit froze nothing (writer not found)")
+            out.append(float(res["freeze_ms"]))
+        return out
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path, quarter: Path,
             work: Path) -> dict[str, dict[str, Sample]]:
     """All scenarios once; returns scenario -> tool -> sample."""
     out: dict[str, dict[str, Sample]] = {}
@@ -110,12 +165,7 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
 
     src = work / "src"
     sh("cp", "-a", str(pristine), str(src))
-    dm_env = {**os.environ, "DM_HOME": str(work / "dm"), "DM_AUTHOR": "bench"}
-    sh(DM, "init", "app", env=dm_env)
-    dm_dir = Path(subprocess.run([DM, "path", "app"], env=dm_env, capture_output=True,
-                                 text=True, check=True).stdout.strip())
-    os.rmdir(dm_dir)
-    sh("cp", "-a", str(pristine), str(dm_dir))
+    dm_env, dm_dir = dm_store(work / "dm", pristine, "plain")
     r_env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(work / "rc")}
     restic = ["restic", "-r", str(work / "restic"), "--quiet"]
     b_env = {**os.environ, "BORG_BASE_DIR": str(work / "bb"),
@@ -123,21 +173,25 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
     borg = str(work / "borg")
     btrfs = Btrfs(work, int(args.size * 3.2))
     live, snaps = btrfs.mnt / "live", btrfs.mnt
+    bfs: Btrfs | None = None
     try:
+        # A second btrfs for dm's store, so that its df figures are dm's alone.
+        bfs = Btrfs(work, int(args.size * 4.5), name="dm-btrfs")
         sh("btrfs", "subvolume", "create", str(live))
+        bdm_env, bdm_dir = dm_store(bfs.mnt / "dm", pristine, "btrfs")
 
-        def stored(tool: str) -> int:
-            return {"dm": lambda: size_of(work / "dm", exclude="dots"),
-                    "restic": lambda: size_of(work / "restic"),
-                    "borg": lambda: size_of(work / "borg")}[tool]()
+        stores = {"dm": lambda: size_of(work / "dm", exclude="dots"),
+                  BDM: lambda: size_of(bfs.mnt / "dm", exclude="dots"),
+                  "restic": lambda: size_of(work / "restic"),
+                  "borg": lambda: size_of(work / "borg")}
 
         def step(name: str, runners: dict[str, object], bytes_of: bool = False) -> None:
             res: dict[str, Sample] = {}
             for tool in order(list(runners)):
-                before = stored(tool) if bytes_of and tool in ("dm", "restic", "borg") else 0
+                before = stores[tool]() if bytes_of and tool in stores else 0
                 s = runners[tool]()  # type: ignore[operator]
-                if bytes_of and tool in ("dm", "restic", "borg"):
-                    s.stored = stored(tool) - before
+                if bytes_of and tool in stores:
+                    s.stored = stores[tool]() - before
                 res[tool] = s
             out[name] = res
 
@@ -145,6 +199,7 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
             """Every tool's second and later commit, named ``label``."""
             return {
                 "dm": lambda: measure([DM, "commit", "-m", label], env=dm_env),
+                BDM: lambda: measure([DM, "commit", "-m", label], env=bdm_env),
                 "restic": lambda: measure([*restic, "backup", str(src)], env=r_env),
                 "borg": lambda: measure(["borg", "create", f"{borg}::{label}", str(src)],
                                         env=b_env),
@@ -155,6 +210,7 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
         sync = ["sync"]
         step("1 initial commit", {
             "dm": lambda: measure([DM, "commit", "-m", "s1"], env=dm_env),
+            BDM: lambda: measure([DM, "commit", "-m", "s1"], env=bdm_env),
             "restic": lambda: measure([*restic, "init"], [*restic, "backup", str(src)],
                                       env=r_env),
             "borg": lambda: measure(["borg", "init", "--encryption=none", borg],
@@ -168,7 +224,7 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
         time.sleep(0.2)  # so that no file is within dotmesh's racy-stat window
         step("2 no-change commit", another_commit("s2"), bytes_of=True)
         changed = 0
-        for top in (src, dm_dir, live):
+        for top in (src, dm_dir, bdm_dir, live):
             changed = workload.modify(top, args.size)
         time.sleep(0.2)
         step("3 commit after 1% change", another_commit("s3"), bytes_of=True)
@@ -181,68 +237,136 @@ def one_run(run: int, args: argparse.Namespace, pristine: Path, many: Path,
         out["4 bytes stored by step 3"]["bytes changed"] = Sample(0, 0, 0, changed)
         for name in ("restic-out", "borg-out", "restic-first"):
             (work / name).mkdir()
+        used: dict[str, tuple[int, int]] = {}
+
+        def checkout_b(env: dict[str, str], tool: str, fs: Path) -> Sample:
+            before = disk_used(fs)
+            s = measure([DM, "checkout", "-b", "restored"], env=env)
+            used[tool] = (before, disk_used(fs))
+            return s
+
         step("5 full restore of latest", {
-            "dm": lambda: measure([DM, "checkout", "-b", "restored"], env=dm_env),
+            "dm": lambda: checkout_b(dm_env, "dm", work),
+            BDM: lambda: checkout_b(bdm_env, BDM, bfs.mnt),
             "restic": lambda: measure([*restic, "restore", "latest", "--target",
                                        str(work / "restic-out")], env=r_env),
             "borg": lambda: measure(["borg", "extract", f"{borg}::s3"], cwd=work / "borg-out",
                                     env=b_env),
         })
         sh(DM, "checkout", "master", env=dm_env)
+        sh(DM, "checkout", "master", env=bdm_env)
         first = json.loads(subprocess.run(
             [*restic, "snapshots", "--json"], env=r_env, capture_output=True, text=True,
             check=True).stdout)[0]["short_id"]
-        dm_first = json.loads(subprocess.run(
-            [DM, "log", "--json"], env=dm_env, capture_output=True, text=True,
-            check=True).stdout)[-1]["id"]
-        workload.modify(dm_dir, args.size, seed=11)  # a working state to throw away
-        workload.modify(live, args.size, seed=11)
+        dm_first = json.loads(dm_out(dm_env, "log", "--json"))[-1]["id"]
+        bdm_first = json.loads(dm_out(bdm_env, "log", "--json"))[-1]["id"]
+        for top in (dm_dir, bdm_dir, live):  # a working state to throw away
+            workload.modify(top, args.size, seed=11)
         time.sleep(0.2)
         step("6 reset --hard to the first commit", {
             "dm": lambda: measure([DM, "reset", "--hard", dm_first], env=dm_env),
+            BDM: lambda: measure([DM, "reset", "--hard", bdm_first], env=bdm_env),
             "restic": lambda: measure([*restic, "restore", first, "--target",
                                        str(work / "restic-first")], env=r_env),
             "btrfs": lambda: measure(["btrfs", "subvolume", "delete", str(live)],
                                      ["btrfs", "subvolume", "snapshot", str(snaps / "s1"),
                                       str(live)]),
         })
-        if workload.dir_bytes(dm_dir) != workload.dir_bytes(pristine):
-            raise SystemExit("bench: dm reset did not restore the first commit")
-        many_env = {**dm_env, "DM_HOME": str(work / "dm-many")}
-        sh(DM, "init", "many", env=many_env)
-        many_dir = Path(subprocess.run([DM, "path", "many"], env=many_env, capture_output=True,
-                                       text=True, check=True).stdout.strip())
-        os.rmdir(many_dir)
-        sh("cp", "-a", str(many), str(many_dir))
+        for top in (dm_dir, bdm_dir):
+            if workload.dir_bytes(top) != workload.dir_bytes(pristine):
+                raise SystemExit(f"bench: dm reset did not restore the first commit in {top}")
+        many_env, _ = dm_store(work / "dm-many", many, "plain")
         sh(DM, "commit", "-m", "all files", env=many_env)
         time.sleep(0.2)
         step(f"7 no-change commit, {args.many_files:,} files", {
             "dm": lambda: measure([DM, "commit", "-m", "again"], env=many_env),
         })
+
+        # 8: what the branch of step 5 added to df's "used" (after a sync), against the data.
+        out["8 disk used by checkout -b"] = {
+            tool: Sample(0, 0, 0, after - before) for tool, (before, after) in used.items()}
+        out["8 disk used by checkout -b"]["dataset"] = Sample(0, 0, 0, args.dataset_bytes)
+
+        # 9: step 6 again on a quarter of the data: a reset to a kept state should not grow
+        # with the dot (the same history: first commit, a 1% change, a commit, another 1%).
+        q_env, q_dir = dm_store(bfs.mnt / "dm-quarter", quarter, "btrfs")
+        sh(DM, "commit", "-m", "q1", env=q_env)
+        workload.modify(q_dir, args.size // 4)
+        time.sleep(0.2)
+        sh(DM, "commit", "-m", "q2", env=q_env)
+        q_first = json.loads(dm_out(q_env, "log", "--json"))[-1]["id"]
+        workload.modify(q_dir, args.size // 4, seed=11)
+        time.sleep(0.2)
+        step("9 reset --hard to the first commit, 1/4 of the data", {
+            BDM: lambda: measure([DM, "reset", "--hard", q_first], env=q_env),
+        })
+
+        # 10: live commits while a writer rewrites pages all over the database-like files.
+        res: dict[str, Sample] = {}
+        for tool in order(["dm", BDM]):
+            env, folder = (dm_env, dm_dir) if tool == "dm" else (bdm_env, bdm_dir)
+            res[tool] = Sample(0, 0, 0, freeze_ms=freeze_windows(env, folder,
+                                                                  args.live_commits))
+        out["10 freeze window, pages written all over"] = res
+
+        # 11: what every dm command above pays before doing anything (imports, opening the
+        # store): a floor under each of its wall times.
+        step("11 dm start-up (dm version)", {
+            "dm": lambda: measure([DM, "version"], env=dm_env),
+            BDM: lambda: measure([DM, "version"], env=bdm_env),
+        })
     finally:
         btrfs.close()
+        if bfs is not None:
+            bfs.close()
     return out
+
+
+def _value(s: Sample, field: str) -> float:
+    if field == "freeze_ms":
+        return statistics.median(s.freeze_ms) if s.freeze_ms else 0.0
+    return float(getattr(s, field) or 0)
+
+
+def _spread(vals: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def ratio_field(scenario: str) -> str:
+    """What a scenario compares between tools."""
+    if scenario.split()[0] in ("4", "8"):
+        return "stored"
+    return "freeze_ms" if scenario.split()[0] == "10" else "wall"
 
 
 def summarize(runs: list[dict[str, dict[str, Sample]]]) -> dict[str, object]:
     summary: dict[str, object] = {}
     for scenario in runs[0]:
         tools: dict[str, object] = {}
+        field = ratio_field(scenario)
         for tool in runs[0][scenario]:
             samples = [r[scenario][tool] for r in runs]
             entry: dict[str, object] = {}
-            for field in ("wall", "cpu", "rss_mib", "stored"):
-                vals = [getattr(s, field) for s in samples if getattr(s, field) is not None]
+            for f in ("wall", "cpu", "rss_mib", "stored"):
+                vals = [getattr(s, f) for s in samples if getattr(s, f) is not None]
                 if vals and any(vals):
-                    entry[field] = {"median": statistics.median(vals), "min": min(vals),
-                                    "max": max(vals)}
-            if tool != "dm" and "dm" in runs[0][scenario]:
-                field = "stored" if scenario.startswith("4") else "wall"
-                ratios = [getattr(r[scenario]["dm"], field) / getattr(r[scenario][tool], field)
-                          for r in runs if getattr(r[scenario][tool], field)]
+                    entry[f] = _spread(vals)
+            windows = [ms for s in samples for ms in s.freeze_ms or []]
+            if windows:
+                entry["freeze_ms"] = {**_spread(windows), "commits": len(windows)}
+            # dm/tool (dm on ext4) and dm (btrfs)/tool, each within a run
+            for mine, key in (("dm", "dm_ratio"), (BDM, "btrfs_ratio")):
+                if tool in ("dm", BDM) and mine == "dm" or tool == mine \
+                        or mine not in runs[0][scenario]:
+                    continue
+                ratios = [_value(r[scenario][mine], field) / _value(r[scenario][tool], field)
+                          for r in runs if _value(r[scenario][tool], field)]
                 if ratios:
-                    entry["dm_ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                         "max": max(ratios), "of": field}
+                    entry[key] = {**_spread(ratios), "of": field}
+            if scenario.startswith("9 "):  # full size (step 6) / this quarter size
+                full = next(k for k in runs[0] if k.startswith("6 "))
+                entry["full_over_quarter"] = _spread(
+                    [r[full][tool].wall / r[scenario][tool].wall for r in runs])
             tools[tool] = entry
         summary[scenario] = tools
     return summary
@@ -254,6 +378,18 @@ TARGETS = [  # (scenario, peer, max dm/peer ratio)
     ("4 bytes stored by step 3", "bytes changed", 2.0),
     ("6 reset --hard to the first commit", "restic", 0.15),
     ("5 full restore of latest", "restic", 0.5),
+]
+# dm on btrfs (issue 12): (scenario, what, limit); "wall" is seconds, "ms" the freeze window,
+# a tool name is the ratio dm (btrfs)/that tool.
+BTRFS_TARGETS = [
+    ("3 commit after 1% change", "wall", 0.25), ("3 commit after 1% change", "dm", 0.1),
+    ("4 bytes stored by step 3", "bytes changed", 2.0),
+    ("5 full restore of latest", "wall", 0.1),  # checkout -b at a kept state
+    ("8 disk used by checkout -b", "dataset", 0.01),
+    ("6 reset --hard to the first commit", "wall", 0.1),
+    ("9 reset --hard to the first commit, 1/4 of the data", "wall", 0.1),
+    ("10 freeze window, pages written all over", "median ms", 10.0),
+    ("10 freeze window, pages written all over", "max ms", 25.0),
 ]
 
 
@@ -269,8 +405,30 @@ def check_targets(summary: dict[str, dict[str, dict[str, dict[str, float]]]],
     if many and many_files >= 200_000:
         w = many["dm"]["wall"]["median"]
         rows.append(("7 no-change commit of 200,000 files <= 1.5 s", f"{w:.2f} s", w <= 1.5))
+    for scenario, what, limit in BTRFS_TARGETS:
+        tools = summary.get(scenario, {})
+        if BDM not in tools:
+            continue
+        if what == "wall":
+            v = tools[BDM]["wall"]["max"]  # every run
+            rows.append((f"{scenario}: {BDM} <= {limit} s (slowest run)", f"{v:.3f} s",
+                         v <= limit))
+        elif what.endswith(" ms"):
+            v = tools[BDM]["freeze_ms"][what.split()[0]]
+            rows.append((f"{scenario}: {BDM} freeze {what.split()[0]} <= {limit:.0f} ms",
+                         f"{v:.1f} ms", v <= limit))
+        elif what in tools and "btrfs_ratio" in tools[what]:
+            r = tools[what]["btrfs_ratio"]
+            rows.append((f"{scenario}: {BDM}/{what} <= {limit}", f"{r['median']:.3f}",
+                         r["median"] <= limit))
+    scale = summary.get("9 reset --hard to the first commit, 1/4 of the data", {}).get(BDM)
+    if scale:
+        r = scale["full_over_quarter"]
+        worst = max(r["max"], 1 / r["min"])
+        rows.append((f"6 vs 9 reset --hard: {BDM} full size / 1/4 size within 30%",
+                     f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]", worst <= 1.3))
     peak = max(t.get("rss_mib", {}).get("max", 0) for k, s in summary.items()
-               for n, t in s.items() if n == "dm")
+               for n, t in s.items() if n in ("dm", BDM))
     rows.append(("dm peak memory <= 300 MiB at every step", f"{peak:.0f} MiB", peak <= 300))
     return rows
 
@@ -282,18 +440,29 @@ def fmt(v: dict[str, float] | None, unit: str) -> str:
         return f"{v['median'] / MiB:,.1f} MiB"
     if unit == "x":
         return f"{v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}]"
+    if unit == "ms":
+        return f"{v['median']:.1f} [{v['min']:.1f}-{v['max']:.1f}]"
     return f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"
 
 
 def print_table(summary: dict[str, dict[str, dict[str, dict[str, float]]]],
                 targets: list[tuple[str, str, bool]]) -> str:
-    lines = ["| scenario | tool | wall s | CPU s | peak MiB | stored | dm/tool |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | tool | wall s | CPU s | peak MiB | stored | dm/tool | dm (btrfs)/tool |",
+             "|---|---|---|---|---|---|---|---|"]
+    freeze = []
     for scenario, tools in summary.items():
         for tool, e in tools.items():
+            if "freeze_ms" in e:
+                freeze.append(f"| {scenario} | {tool} | {e['freeze_ms']['commits']} | "
+                              f"{fmt(e['freeze_ms'], 'ms')} | {fmt(e.get('btrfs_ratio'), 'x')} |")
+                continue
             lines.append(f"| {scenario} | {tool} | {fmt(e.get('wall'), 's')} | "
                          f"{fmt(e.get('cpu'), 's')} | {fmt(e.get('rss_mib'), 's')} | "
-                         f"{fmt(e.get('stored'), 'B')} | {fmt(e.get('dm_ratio'), 'x')} |")
+                         f"{fmt(e.get('stored'), 'B')} | {fmt(e.get('dm_ratio'), 'x')} | "
+                         f"{fmt(e.get('btrfs_ratio'), 'x')} |")
+    if freeze:
+        lines += ["", "| scenario | tool | commits | freeze ms, median [min-max] | "
+                  "dm (btrfs)/tool (medians) |", "|---|---|---|---|---|", *freeze]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**MISSED**'} |" for t, m, ok in targets]
     text = "\n".join(lines)
@@ -308,12 +477,15 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=None, help="dataset size (default 2048)")
     ap.add_argument("--runs", type=int, default=None, help="runs per scenario (default 3)")
     ap.add_argument("--many-files", type=int, default=None, help="files in scenario 7")
+    ap.add_argument("--live-commits", type=int, default=None,
+                    help="live commits per store in scenario 10 (default 3, 5 full size)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch space (default /var/tmp)")
     args = ap.parse_args()
     args.size = (args.size_mib or (100 if args.small else 2048)) * MiB
     args.runs = args.runs or (1 if args.small else 3)
     args.many_files = args.many_files or (20_000 if args.small else 200_000)
+    args.live_commits = args.live_commits or (3 if args.small else 5)
     out = args.out or Path(__file__).parent / "results" / (
         "latest-small.json" if args.small else "latest.json")
     if os.geteuid() != 0:
@@ -323,15 +495,17 @@ def main() -> None:
     try:
         print(f"bench: generating {args.size / MiB:.0f} MiB and {args.many_files:,} small files "
               f"in {base}", flush=True)
-        pristine, many = base / "pristine", base / "many"
+        pristine, many, quarter = base / "pristine", base / "many", base / "quarter"
         info = workload.generate(pristine, args.size)
+        args.dataset_bytes = info["bytes"]
+        workload.generate(quarter, args.size // 4)
         workload.many_files(many, args.many_files)
         runs = []
         for i in range(args.runs):
             print(f"bench: run {i + 1}/{args.runs}", flush=True)
             work = base / f"run{i}"
             work.mkdir()
-            runs.append(one_run(i, args, pristine, many, work))
+            runs.append(one_run(i, args, pristine, many, quarter, work))
             shutil.rmtree(work)
         summary = summarize(runs)
         targets = check_targets(summary, args.many_files)  # type: ignore[arg-type]

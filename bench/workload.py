@@ -126,6 +126,21 @@ def modify(top: Path, total: int, seed: int = 7) -> int:
     return changed
 
 
+# A writer that rewrites random 8 KiB pages all over the files named on its command line,
+# without pause (the worst case for a file-level capture): ``python -c PAGE_WRITER FILE...``.
+PAGE_WRITER = """
+import os, random, sys, time
+files = sys.argv[1:]
+fds = [os.open(f, os.O_WRONLY) for f in files]
+sizes = [os.fstat(fd).st_size // 8192 for fd in fds]
+rng = random.Random(5)
+while True:
+    i = rng.randrange(len(fds))
+    os.pwrite(fds[i], rng.randbytes(8192), rng.randrange(sizes[i]) * 8192)
+    time.sleep(0.0005)
+"""
+
+
 def many_files(top: Path, count: int, seed: int = 3) -> None:
     """``count`` small files in folders of 1,000 (the stat-walk scenario)."""
     rng = random.Random(seed)

@@ -20,9 +20,17 @@ def test_bench_small_runs_every_scenario(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     result = json.loads(out.read_text())
     scenarios = list(result["summary"])
-    assert [s.split()[0] for s in scenarios] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert [s.split()[0] for s in scenarios] == [str(n) for n in range(1, 12)]
     for scenario in scenarios:
-        assert result["summary"][scenario]["dm"], scenario
+        assert scenario.startswith("9 ") or result["summary"][scenario]["dm"], scenario
+    # dm with its store on btrfs, side by side with dm on ext4 (issue 12)
+    for n in ("1", "2", "3", "4", "5", "6", "8", "9", "10", "11"):
+        scenario = next(s for s in scenarios if s.split()[0] == n)
+        assert result["summary"][scenario]["dm (btrfs)"], scenario
+    commit = result["summary"]["3 commit after 1% change"]
+    assert commit["dm"]["btrfs_ratio"]["median"] > 0
+    freeze = result["summary"]["10 freeze window, pages written all over"]
+    assert freeze["dm (btrfs)"]["freeze_ms"]["commits"] == 3
     assert result["summary"]["1 initial commit"]["restic"]["dm_ratio"]["median"] > 0
     assert result["summary"]["4 bytes stored by step 3"]["bytes changed"]["stored"]["median"] > 0
     assert "| target |" in p.stdout
