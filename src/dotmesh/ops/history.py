@@ -9,7 +9,8 @@ from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.meta import refs
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId
-from dotmesh.model.objects import DIR, Commit, Entry, Root, Tree
+from dotmesh.model.objects import DIR, Commit, Root, Tree
+from dotmesh.model.trees import Step, walk_trees
 from dotmesh.store.repo import Repo, sound_reflog_row
 from dotmesh.workdir.branches import snapshot_dot
 
@@ -85,22 +86,20 @@ def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> li
     else:
         old_roots = home.commit(home.resolve(dot, a or "HEAD")).subdots
 
-    def entries(tree: ObjectId | None) -> dict[str, Entry]:
-        if tree is None:
-            return {}
+    def get(tree: ObjectId) -> Tree:
         data = extra.get(tree)
-        return {e.name: e for e in Tree.decode(data if data else home.packs.get(tree)).entries}
+        return Tree.decode(data if data else home.packs.get(tree))
 
     out: list[Change] = []
 
-    def walk(sub: str, prefix: str, ta: ObjectId | None, tb: ObjectId | None) -> None:
-        ea, eb = entries(ta), entries(tb)
-        for name in sorted(ea.keys() | eb.keys()):
-            x, y = ea.get(name), eb.get(name)
-            path = prefix + name
+    def walk(sub: str, ta: ObjectId | None, tb: ObjectId | None) -> None:
+        for s in walk_trees(get, tb, ta, order="path"):
+            if not isinstance(s, Step):
+                continue
+            x, y, path = s.old, s.new, s.path
             xd = x is not None and x.kind == DIR
             yd = y is not None and y.kind == DIR
-            if xd or yd:
+            if xd or yd:  # the walk goes into the folders if they differ
                 if x is not None and not xd:
                     out.append(Change(sub, "removed", path, x.size, 0))
                 if y is not None and not yd:
@@ -109,11 +108,6 @@ def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> li
                     out.append(Change(sub, "removed", path + "/", 0, 0))
                 if yd and not xd:
                     out.append(Change(sub, "added", path + "/", 0, 0))
-                ra = x.ref if xd and x is not None else None
-                rb = y.ref if yd and y is not None else None
-                if ra != rb:
-                    walk(sub, path + "/", ra if isinstance(ra, bytes) else None,
-                         rb if isinstance(rb, bytes) else None)
             elif x is None and y is not None:
                 out.append(Change(sub, "added", path, 0, y.size))
             elif y is None and x is not None:
@@ -125,5 +119,5 @@ def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> li
     for sub in sorted(old_roots.keys() | new_roots.keys()):
         ra, rb = old_roots.get(sub), new_roots.get(sub)
         if ra is None or rb is None or ra.tree != rb.tree:
-            walk(sub, "", ra.tree if ra else None, rb.tree if rb else None)
+            walk(sub, ra.tree if ra else None, rb.tree if rb else None)
     return out
