@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dotmesh.errors import Corrupt
-from dotmesh.model.ids import HOLE
+from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import (
     DIR,
     FILE,
@@ -29,6 +29,7 @@ from dotmesh.model.objects import (
     FileList,
     Tree,
 )
+from dotmesh.model.trees import Folder, Step, walk_trees
 from dotmesh.remote.wire import Record
 
 Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
@@ -73,31 +74,32 @@ def delta(get: Get, commits: Sequence[bytes]) -> Delta:
 class _Differ:
     def __init__(self, get: Get, out: Delta) -> None:
         self.get, self.out = get, out
-        self.done: set[tuple[bytes, bytes | None]] = set()
+        self.done: set[tuple[ObjectId | None, ObjectId | None]] = set()
 
-    def tree(self, new: bytes, old: bytes | None) -> None:
-        """Add what ``new`` has and ``old`` lacks (iteratively: trees from outside may be
-        nested deep)."""
-        stack = [(new, old, 0)]
-        while stack:
-            new, old, depth = stack.pop()
-            if new == old or (new, old) in self.done:
+    def _tree(self, oid: ObjectId) -> Tree:
+        return Tree.decode(self.get(oid))
+
+    def _enter(self, f: Folder) -> bool:
+        """Folders ``new`` has, each beside a given ``old`` once, at most MAX_DEPTH deep."""
+        if f.new is None or (f.new, f.old) in self.done:
+            return False
+        if f.depth > MAX_DEPTH:
+            raise Corrupt(f"tree {f.new.hex()[:16]} is nested over {MAX_DEPTH} folders deep")
+        self.done.add((f.new, f.old))
+        return True
+
+    def tree(self, new: ObjectId, old: ObjectId | None) -> None:
+        """Add what ``new`` has and ``old`` lacks."""
+        for x in walk_trees(self._tree, new, old, enter=self._enter):
+            if isinstance(x, Folder):
+                assert x.new is not None  # _enter refuses the others
+                self.out.add(x.new, KIND_TREE)
                 continue
-            if depth > MAX_DEPTH:
-                raise Corrupt(f"tree {new.hex()[:16]} is nested over {MAX_DEPTH} folders deep")
-            self.done.add((new, old))
-            self.out.add(new, KIND_TREE)
-            before = {e.name: e for e in Tree.decode(self.get(old)).entries} if old else {}
-            for e in Tree.decode(self.get(new)).entries:
-                o = before.get(e.name)
-                if e.kind == DIR:
-                    assert isinstance(e.ref, bytes)
-                    stack.append((e.ref, o.ref if o is not None and o.kind == DIR and isinstance(
-                        o.ref, bytes) else None, depth + 1))
-                elif e.kind == FILE and isinstance(e.ref, bytes):
-                    if o is not None and o.kind == FILE and o.ref == e.ref:
-                        continue
-                    self.file(e, o if o is not None and o.kind == FILE else None)
+            e, o = x.new, x.old
+            if e is not None and e.kind == FILE and isinstance(e.ref, bytes):
+                if o is not None and o.kind == FILE and o.ref == e.ref:
+                    continue
+                self.file(e, o if o is not None and o.kind == FILE else None)
 
     def file(self, e: Entry, old: Entry | None) -> None:
         assert isinstance(e.ref, bytes)
@@ -156,8 +158,19 @@ class TreeCheck:
         self.shallowest: dict[bytes, int] = {}
         self.measured: dict[bytes, tuple[int, int, int]] = {}  # entries, height, path bytes
 
+    def _tree(self, tree: ObjectId) -> Tree:
+        return Tree.decode(self.get(tree))
+
     def _entries(self, tree: bytes) -> tuple[Entry, ...]:
         return Tree.decode(self.get(tree)).entries
+
+    def _shallower(self, f: Folder) -> bool:
+        """A tree is judged again only where it appears shallower than where it was."""
+        assert f.new is not None  # one tree walked alone: always the new side
+        if self.shallowest.get(f.new, 1 << 30) <= f.depth:
+            return False
+        self.shallowest[f.new] = f.depth
+        return True
 
     def check_root(self, tree: bytes, subdot: str) -> str | None:
         """None if the tree may be restored as subdot ``subdot``; else what is wrong."""
@@ -171,25 +184,12 @@ class TreeCheck:
                    f"place (over {MAX_ENTRIES})"
         # Breadth first, so each tree is first met at the shallowest place it appears; one
         # judged deeper under another root is judged again here, shallower.
-        depth = 0
-        level = {tree: ""} if self.shallowest.get(tree, 1 << 30) > depth else {}
-        while level:
-            following: dict[bytes, str] = {}
-            for t, where in level.items():
-                if self.shallowest.get(t, 1 << 30) <= depth:
-                    continue
-                self.shallowest[t] = depth
-                for e in self._entries(t):
-                    if e.kind == SYMLINK:
-                        assert isinstance(e.ref, str)
-                        climb = link_climb(e.ref)
-                        if climb is None or climb > depth:
-                            return f"{subdot}:{where}{e.name}"
-                    elif e.kind == DIR and isinstance(e.ref, bytes):
-                        following.setdefault(e.ref, f"{where}{e.name}/")
-            depth += 1
-            level = {t: w for t, w in following.items()
-                     if self.shallowest.get(t, 1 << 30) > depth}
+        for x in walk_trees(self._tree, ObjectId(tree), order="breadth", enter=self._shallower):
+            if isinstance(x, Step) and x.new is not None and x.new.kind == SYMLINK:
+                assert isinstance(x.new.ref, str)
+                climb = link_climb(x.new.ref)
+                if climb is None or climb > x.folder.depth:
+                    return f"{subdot}:{x.path}"
         return None
 
     def _measure(self, tree: bytes) -> tuple[int, int, int]:
