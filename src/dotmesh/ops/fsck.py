@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName
+from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName, NotFound
 from dotmesh.meta import check, config, index, refs
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
+from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import HOLE, ID_LEN, ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
-from dotmesh.model.objects import DIR, FILE, KIND_COMMIT, Commit, FileList, Tree
+from dotmesh.model.objects import FILE, KIND_COMMIT, Commit, FileList, Tree
+from dotmesh.model.trees import Folder, walk_trees
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.store.repo import Repo, sound_reflog_row
 
@@ -177,29 +179,37 @@ class _Fsck:
 
     def tree(self, oid: bytes, where: str) -> bool:
         """Walk a tree; False if anything beneath it is missing or damaged."""
-        stack = [(oid, where)]
         whole = True
-        while stack:
-            oid, where = stack.pop()
-            if oid in self.seen:
-                continue
-            self.seen.add(oid)
-            data = self.need(oid, f"tree of {where}")
+        at = where  # the folder being walked, as reports name it
+
+        def first(f: Folder) -> bool:
+            assert f.new is not None  # one tree walked alone: always the new side
+            if f.new in self.seen:
+                return False
+            self.seen.add(f.new)
+            return True
+
+        def get(t: ObjectId) -> Tree | None:  # judges as it reads: None is walked as empty
+            nonlocal whole
+            data = self.need(t, f"tree of {at}")
             if data is None:
                 whole = False
-                continue
+                return None
             self.r.trees += 1
             try:
-                tree = Tree.decode(data)
+                return Tree.decode(data)
             except DotmeshError as err:
-                self.r.problems.append(f"tree {oid.hex()[:16]} of {where}: {err}")
+                self.r.problems.append(f"tree {t.hex()[:16]} of {at}: {err}")
                 whole = False
+                return None
+
+        for x in walk_trees(get, ObjectId(oid), enter=first):
+            if isinstance(x, Folder):
+                at = f"{where}/{x.path[:-1]}" if x.path else where
                 continue
-            for e in tree.entries:
-                if e.kind == DIR and isinstance(e.ref, bytes):
-                    stack.append((e.ref, f"{where}/{e.name}"))
-                elif e.kind == FILE and isinstance(e.ref, bytes):
-                    whole = self.file(e.ref, e.chunked, e.size, f"{where}/{e.name}") and whole
+            e = x.new
+            if e is not None and e.kind == FILE and isinstance(e.ref, bytes):
+                whole = self.file(e.ref, e.chunked, e.size, f"{where}/{x.path}") and whole
         return whole
 
     def file(self, ref: bytes, chunked: bool, size: int, where: str) -> bool:
@@ -234,34 +244,36 @@ class _Fsck:
 
     def commit(self, oid: bytes, where: str) -> bool:
         """Walk a commit and its history; False if it cannot be read or lacks anything."""
-        stack = [oid]
-        order: list[tuple[bytes, tuple[bytes, ...], bool]] = []
-        while stack:
-            cid = stack.pop()
-            if cid in self.good_commits or cid in self.bad_commits or cid in self.seen:
-                continue
-            self.seen.add(cid)
+        order: list[tuple[bytes, bool]] = []
+
+        def get(cid: ObjectId) -> bytes:  # judges as it reads: a bad commit has no parents
             data = self.need(cid, f"commit reachable from {where}")
             if data is None:
                 self.bad_commits.add(cid)
-                continue
+                raise NotFound(cid.hex())
             try:
                 c = Commit.decode(data)
             except DotmeshError as e:
                 self.r.problems.append(f"commit {cid.hex()[:16]}: {e}")
                 self.bad_commits.add(cid)
-                continue
+                raise NotFound(cid.hex()) from None
             if self.index[cid].kind != KIND_COMMIT:
                 self.r.problems.append(f"{where} names {cid.hex()[:16]}, which is not a commit")
                 self.bad_commits.add(cid)
-                continue
+                raise NotFound(cid.hex())
             self.r.commits += 1
             whole = all([self.tree(root.tree, f"{where}:{sub}")
                          for sub, root in c.subdots.items()])
-            order.append((cid, c.parents, whole))
-            stack.extend(c.parents)
-        for cid, _parents, whole in order:
-            (self.good_commits if whole else self.bad_commits).add(cid)
+            order.append((cid, whole))
+            return data
+
+        def known(cid: ObjectId) -> bool:
+            return cid in self.good_commits or cid in self.bad_commits or cid in self.seen
+
+        for cid in walk_commits(get, [ObjectId(oid)], stop=known, missing_ok=True):
+            self.seen.add(cid)
+        for done, whole in order:
+            (self.good_commits if whole else self.bad_commits).add(done)
         return oid in self.good_commits
 
     # ------------------------------------------------------------ rows
