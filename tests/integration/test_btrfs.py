@@ -412,3 +412,24 @@ def test_docker_volumes_on_btrfs_commit_live_and_restore_into_restarted_containe
             n = int((a / "n").read_text())
             last = int((b / "log").read_text().split()[-1])
             assert last in (n, n - 1), (oid, n, last)
+
+
+@pytest.mark.slow
+def test_fsck_reads_kept_states_and_a_repair_drops_a_damaged_one(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    (db / "a.txt").write_text("one")
+    first = str(_commit(bdm, "one")["id"])
+    (db / "a.txt").write_text("two")
+    _commit(bdm, "two")
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+    state = bdm.home / "dots" / "app" / "snaps" / first / "subdots"
+    subprocess.run(["btrfs", "property", "set", "-ts", str(state), "ro", "false"], check=True)
+    (state / "db" / "a.txt").write_text("bit rot")
+    bad = bdm("fsck", "--json")
+    assert bad.returncode == 7 and f"kept state {first[:12]}" in bad.stdout + bad.stderr
+    bdm.ok("fsck", "--repair")
+    assert first not in _kept(bdm.home)
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+    bdm.ok("reset", "--hard", first)  # from the store now
+    assert (db / "a.txt").read_text() == "one"

@@ -32,6 +32,8 @@ from dotmesh.model.objects import FILE, KIND_COMMIT, Commit, FileList, Tree
 from dotmesh.model.trees import Folder, walk_trees
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.store.repo import Repo, sound_reflog_row
+from dotmesh.workdir import kept
+from dotmesh.workdir.branches import backend_of
 
 Progress = Callable[[int], None]
 Repair = tuple[Callable[..., Any], tuple[Any, ...]]  # a function of meta/ and its arguments
@@ -387,6 +389,18 @@ class _Fsck:
                              None, (check.drop_statcache, (dot, branch, sub)))
 
 
+    def kept_states(self) -> None:
+        """Each kept state (snapshot backends) read whole and compared with its commit; a bad
+        one is only a cache, so a repair drops it (restores of it then read the store)."""
+        for dot in self.dots:
+            for commit, why in kept.verify(self.home, dot):
+                self.r.problems.append(f"the kept state {commit.hex()[:12]} of {dot} {why}")
+                if self.repair:
+                    kept.drop(self.home, dot, commit, backend_of(self.home))
+                    self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
+                                           f"{dot} (a restore of it reads the store)")
+
+
 def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:
     f = _Fsck(home, repair, progress)
     f.database()
@@ -395,6 +409,7 @@ def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> 
         f.reindex()
     f.rows()
     f.caches()
+    f.kept_states()
     return f.r
 
 
