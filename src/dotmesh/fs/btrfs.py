@@ -134,15 +134,29 @@ def snapshot(source: Path, dest: Path, read_only: bool) -> None:
 
 
 def destroy_subvolume(path: Path) -> None:
-    """Remove a subvolume (read-only or not) with everything in it, at once."""
+    """Remove a subvolume (read-only or not) with everything in it: at once where dm may
+    (CAP_SYS_ADMIN, or a filesystem mounted with ``user_subvol_rm_allowed``), else as its
+    owner: made writable, emptied, and removed with ``rmdir`` (Linux 4.18 and later)."""
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(parent, SNAP_DESTROY, _name_arg(path.name, _VOL_ARGS, 8))
+        return
     except OSError as e:
-        if e.errno != errno.ENOENT:
+        if e.errno == errno.ENOENT:
+            return
+        if e.errno not in (errno.EPERM, errno.EACCES):
             raise SnapshotError(f"cannot remove subvolume {path}: {e.strerror}") from None
     finally:
         os.close(parent)
+    try:
+        _set_read_only(path, False)
+        with os.scandir(path) as it:
+            entries = list(it)
+        for entry in entries:
+            remove_tree(Path(entry.path))
+        os.rmdir(path)
+    except OSError as e:
+        raise SnapshotError(f"cannot remove subvolume {path}: {e.strerror}") from None
 
 
 def remove_tree(path: Path) -> None:
@@ -265,14 +279,20 @@ _SUBVOL_SETFLAGS = _ioc(_IOC_WRITE, 0x94, 26, 8)
 
 def make_read_only(path: Path) -> None:
     """Mark the subvolume at ``path`` read-only, as a snapshot taken read-only is."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _set_read_only(path, True)
+    except OSError as e:
+        raise SnapshotError(f"cannot make {path} read-only: {e.strerror}") from None
+
+
+def _set_read_only(path: Path, on: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         flags = bytearray(8)
         fcntl.ioctl(fd, _SUBVOL_GETFLAGS, flags)
-        value = struct.unpack("=Q", flags)[0] | SUBVOL_RDONLY
+        value = struct.unpack("=Q", flags)[0]
+        value = value | SUBVOL_RDONLY if on else value & ~SUBVOL_RDONLY
         fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", value))
-    except OSError as e:
-        raise SnapshotError(f"cannot make {path} read-only: {e.strerror}") from None
     finally:
         os.close(fd)
 

@@ -18,6 +18,7 @@ from dotmesh.fs.btrfs import SnapshotError
 IMAGE = "pool.img"
 MOUNTED_ON = "dots"
 MIN_SIZE = 256 << 20  # mkfs.btrfs's smallest useful filesystem, with room for metadata
+MAX_SIZE = 1 << 60  # far beyond any disk; keeps sizes in what the kernel's calls take
 _SIZE = re.compile(r"^([0-9]+)([KMGT]?)i?B?$", re.IGNORECASE)
 
 
@@ -41,7 +42,19 @@ def parse_size(text: str) -> int:
     if not m:
         raise UsageError(f"bad size {text!r}: use a number with K, M, G or T (e.g. 20G)")
     power: int = " KMGT".index((m.group(2) or " ").upper())
-    return int(m.group(1)) * int(1024**power)
+    size = int(m.group(1)) * int(1024**power)
+    if size > MAX_SIZE:
+        raise UsageError(f"size {text!r} is over the {MAX_SIZE >> 50} PiB a pool may have")
+    return size
+
+
+def _check_room(where: Path, more: int) -> None:
+    """A pool's file is sparse: it takes disk as it fills. Refuse to promise more than the
+    disk under it has free, or the pool's filesystem would fail writes it said had room."""
+    free = shutil.disk_usage(where).free
+    if more > free:
+        raise UsageError(f"the disk under {where} has {free / 2**30:.1f} GiB free, less than "
+                         f"the {more / 2**30:.1f} GiB asked for")
 
 
 def image_of(root: Path) -> Path:
@@ -59,7 +72,8 @@ def _run(*cmd: str) -> str:
     except FileNotFoundError:
         raise PoolError(f"{cmd[0]} is missing (apt-get install btrfs-progs)") from None
     if done.returncode != 0:
-        raise PoolError(f"{' '.join(cmd[:2])} failed: {done.stderr.strip() or done.stdout}")
+        why = (done.stderr.strip() or done.stdout.strip()).replace("\\x0a", " ").rstrip(".")
+        raise PoolError(f"{cmd[0]} failed: {why}")
     return done.stdout
 
 
@@ -80,10 +94,11 @@ def create(root: Path, size: int) -> PoolInfo:
         raise Conflict(f"{mount} holds dots' folders already: a pool is made before the first "
                        "dot (or in a new store, with --home)")
     mount.mkdir(parents=True, exist_ok=True, mode=0o711)
+    _check_room(root, size)
     tmp = image.with_name(IMAGE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(size)  # sparse: the file grows as the pool fills
     try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)  # sparse: the file grows as the pool fills
         _run("mkfs.btrfs", "-q", "-f", str(tmp))
         os.rename(tmp, image)
     finally:
@@ -127,6 +142,7 @@ def grow(root: Path, size: int) -> PoolInfo:
     if size <= now.size:
         raise UsageError(f"the pool is {now.size / 2**30:.1f} GiB already; a pool only grows")
     ensure_mounted(root)
+    _check_room(root, size - now.image.stat().st_blocks * 512)
     with open(now.image, "r+b") as f:
         f.truncate(size)
     device = _loop_device(now.image)

@@ -142,13 +142,8 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                     cow.discard(staging)
                 raise
             if cow is not None and staging is not None:
-                state = saved or old
-                if state is not None:
-                    kept.keep(home, dot, staging, state,
-                              {s: r.cache for s, r in snap.results.items()}, cow)
-                else:
-                    cow.discard(staging)
-                kept.prune(home, dot, cow)
+                kept.settle(home, dot, staging, saved or old,
+                            {s: r.cache for s, r in snap.results.items()}, cow)
         return ResetResult(old, target_id, saved, stopped)
 
 

@@ -134,9 +134,8 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
                 backend_of(home).discard(staging)
             raise
         if cow is not None and staging is not None:
-            kept.keep(home, dot, staging, oid, {s: r.cache for s, r in snap.results.items()},
-                      cow)
-            kept.prune(home, dot, cow)
+            kept.settle(home, dot, staging, oid, {s: r.cache for s, r in snap.results.items()},
+                        cow)
     try:
         run_hooks(dot_hooks, "post-thaw", folders)
     except HookFailed as e:

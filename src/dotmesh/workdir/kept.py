@@ -12,6 +12,7 @@ command removes what a kill left there. Which states stay is decided by :func:`p
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 import uuid
@@ -47,18 +48,34 @@ def sub_path(state: Path, subdot: str) -> Path:
     return state / SET / subdot
 
 
+def _real_dir(p: Path) -> bool:
+    """A folder itself, not a symlink to one: nothing in ``snaps/`` is followed out of it."""
+    try:
+        return stat.S_ISDIR(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
 def folder(home: Repo, dot: str, commit: bytes | None) -> Path | None:
     """The kept state of ``commit``, if there is a whole one."""
     if commit is None:
         return None
     p = snaps_dir(home, dot) / commit.hex()
-    return p if (p / CACHES).is_file() else None
+    if not _real_dir(p):
+        return None
+    try:
+        whole = stat.S_ISREG(os.lstat(p / CACHES).st_mode)
+    except OSError:
+        return None
+    return p if whole and _real_dir(p / SET) else None
 
 
 def begin(home: Repo, dot: str) -> Path:
     """A folder for the snapshots of a state being made."""
-    staging = snaps_dir(home, dot) / f"{NEW_PREFIX}{uuid.uuid4().hex}"
-    staging.mkdir(parents=True, mode=0o700)
+    snaps = snaps_dir(home, dot)
+    snaps.mkdir(mode=0o700, exist_ok=True)  # commit ids are the store owner's to list
+    staging = snaps / f"{NEW_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir(mode=0o700)
     return staging
 
 
@@ -81,6 +98,27 @@ def keep(home: Repo, dot: str, staging: Path, commit: bytes,
         return
     os.rename(staging, final)
     _sync_dir(final.parent)
+
+
+def settle(home: Repo, dot: str, staging: Path, commit: bytes | None,
+           caches: dict[str, StatCache], backend: FolderBackend) -> None:
+    """After a command's refs are written: keep ``staging`` as ``commit``'s state (None:
+    drop it) and prune. Never fails the command: a state not kept, or not yet removed, costs
+    time or space only, and the next command's recover or prune sees to it."""
+    try:
+        if commit is None:
+            backend.discard(staging)
+        else:
+            keep(home, dot, staging, commit, caches, backend)
+    except (OSError, DotmeshError):
+        try:
+            backend.discard(staging)
+        except (OSError, DotmeshError):
+            pass
+    try:
+        prune(home, dot, backend)
+    except (OSError, DotmeshError):
+        pass
 
 
 def caches(home: Repo, dot: str, commit: bytes) -> dict[str, StatCache]:
@@ -111,8 +149,8 @@ def kept_ids(home: Repo, dot: str) -> list[ObjectId]:
         return []
     out = []
     for entry in d.iterdir():
-        if entry.name.startswith(NEW_PREFIX):
-            continue  # being made, or left by a kill
+        if entry.name.startswith(NEW_PREFIX) or not _real_dir(entry):
+            continue  # being made or left by a kill; or not ours (left alone)
         try:
             out.append(parse_hex_id(entry.name))
         except Corrupt:
@@ -161,7 +199,10 @@ def prune(home: Repo, dot: str, backend: FolderBackend,
     dropped = [c for c in kept_ids(home, dot)
                if c not in keep_set or folder(home, dot, c) is None]
     for c in dropped:
-        drop(home, dot, c, backend)
+        try:
+            drop(home, dot, c, backend)
+        except DotmeshError:
+            continue  # only space: the next prune tries again, and fsck lists what is kept
     return dropped
 
 
@@ -207,5 +248,7 @@ def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
     """Remove a kept state; its caches file goes first, so that a kill midway leaves a state
     no command uses (and the next prune finishes removing it)."""
     state = snaps_dir(home, dot) / commit.hex()
+    if not _real_dir(state):
+        return  # not a kept state: nothing of ours to remove, nothing followed
     (state / CACHES).unlink(missing_ok=True)
     backend.discard(state)
