@@ -66,7 +66,7 @@ class Transfer:
 
 
 def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
-           head: bytes | None) -> None:
+           head: ObjectId | None) -> None:
     with Tx(home.conn) as c:
         refs.track(c, dot, remote, remote_dot, branch, head)
 
@@ -88,13 +88,13 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
     try:
         heads = t.heads()
         old = heads.get(branch)
-        res = Transfer(r.name, rdot, branch, ObjectId(old) if old else None, head)
+        res = Transfer(r.name, rdot, branch, old if old else None, head)
         if old == head:
             res.status = "up to date"
         else:
             if old is not None and not force:
                 try:  # the rule the remote enforces again when the ref moves
-                    check_fast_forward(home.packs.get, head, ObjectId(old), branch)
+                    check_fast_forward(home.packs.get, head, old, branch)
                 except Conflict:  # worded for this command: which remote, what to run
                     raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
                                    f"lacks: dm pull {r.name} first, or dm push --force to "
@@ -112,16 +112,14 @@ def _ancestry(home: Repo, head: ObjectId) -> set[ObjectId]:
     return ancestors(home.packs.get, [head], home.packs.has)
 
 
-def _send(home: Repo, t: Transport, head: bytes, remote_heads: list[bytes], res: Transfer,
-          progress: Progress | None, total: Progress | None) -> None:
-    def get(oid: bytes) -> bytes:  # remote/graph names ids as plain bytes
-        return home.packs.get(ObjectId(oid))
-
-    known = ancestors(home.packs.get, [ObjectId(h) for h in remote_heads], home.packs.has)
-    d = graph.delta(get, commits_between(get, ObjectId(head), known))
+def _send(home: Repo, t: Transport, head: ObjectId, remote_heads: list[ObjectId],
+          res: Transfer, progress: Progress | None, total: Progress | None) -> None:
+    get = home.packs.get
+    known = ancestors(get, remote_heads, home.packs.has)
+    d = graph.delta(get, commits_between(get, head, known))
     ids = d.ordered()
     lack = t.lacking(ids)
-    todo = [ObjectId(o) for o in ids if o in lack]  # read from this store's objects
+    todo = [o for o in ids if o in lack]  # read from this store's objects
     locs = home.packs.locate_many(todo)
     if total:
         total(sum(loc.stored_len for loc in locs.values()))
@@ -191,11 +189,11 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
     def keep(records: list[Record]) -> None:
         note(records)
         for kind, writer in aside.items():
-            writer.add_many([(r.kind, ObjectId(r.oid), r.raw_len, r.payload, r.zstd)
+            writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd)
                              for r in records if r.kind == kind])  # verified by decode
 
-    commits: set[bytes] = set()
-    roots: dict[tuple[str, bytes], None] = {}  # (subdot, tree) of every commit fetched
+    commits: set[ObjectId] = set()
+    roots: dict[tuple[str, ObjectId], None] = {}  # (subdot, tree) of every commit fetched
     frontier = [head]
     while frontier:
         want = frontier.pop()
@@ -203,7 +201,7 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
             continue
         got = t.history(want, have)
         fresh = [r for r in got
-                 if r.oid not in commits and not home.packs.has(ObjectId(r.oid))]
+                 if r.oid not in commits and not home.packs.has(r.oid)]
         keep(fresh)
         for rec in fresh:
             commits.add(rec.oid)
@@ -214,17 +212,14 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
             roots.update(((sub, r.tree), None) for sub, r in c.subdots.items())
             frontier.extend(p for p in c.parents if p not in commits and not home.packs.has(p))
 
-    def lacking(ids: list[bytes]) -> set[bytes]:  # remote/graph names ids as plain bytes
-        return set(home.packs.missing(ObjectId(i) for i in ids))
+    found = graph.discover((tree for _, tree in roots), home.packs.missing, t.fetch_iter, keep)
 
-    found = graph.discover((tree for _, tree in roots), lacking, t.fetch_iter, keep)
-
-    def get(oid: bytes) -> bytes:
+    def get(oid: ObjectId) -> bytes:
         for writer in aside.values():
-            data = writer.read_pending(ObjectId(oid))
+            data = writer.read_pending(oid)
             if data is not None:
                 return data
-        return home.packs.get(ObjectId(oid))
+        return home.packs.get(oid)
 
     check = graph.SymlinkCheck(get)
     for sub, tree in roots:
@@ -235,7 +230,7 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
     _check_sizes(home, found, get, t.where)
     writer = home.packs.writer()
     todo = sorted(found.chunks)
-    parts: list[dict[bytes, int]] = [{}]
+    parts: list[dict[ObjectId, int]] = [{}]
     size = 0
     for cid in todo:  # parts of a bounded size: an answer holds what its lists said, no more
         if len(parts[-1]) >= CHUNK_FETCH or size + found.chunks[cid] > CHUNK_BYTES:
@@ -244,7 +239,7 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
         parts[-1][cid] = KIND_CHUNK
         size += found.chunks[cid]
 
-    def fetch_part(part: dict[bytes, int]) -> list[Record]:
+    def fetch_part(part: dict[ObjectId, int]) -> list[Record]:
         got: list[Record] = []
         for answer in t.fetch_iter(part):
             for r in answer:
@@ -263,7 +258,7 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
             if len(flying) >= IN_FLIGHT or (i >= len(parts) and flying):
                 got = flying.popleft().result()
                 note(got)
-                writer.add_many([(r.kind, ObjectId(r.oid), r.raw_len, r.payload, r.zstd)
+                writer.add_many([(r.kind, r.oid, r.raw_len, r.payload, r.zstd)
                                  for r in got])  # verified by decode
                 writer.flush()  # durable now: a rerun does not fetch these again
     writer.flush()
@@ -275,7 +270,7 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
     return counted[0], counted[1]
 
 
-def _check_sizes(home: Repo, found: graph.Discovered, get: Callable[[bytes], bytes],
+def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
                  where: str) -> None:
     """Every file's size is what its content has, before anything names it (a tree saying
     1 TiB for 28 bytes would make a 1 TiB file); the blocks themselves are checked against
@@ -323,7 +318,7 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         heads = t.heads()
         if branch not in heads:
             raise NotFound(f"{r.name} has no branch {branch} of {rdot}")
-        new = ObjectId(heads[branch])
+        new = heads[branch]
         have = [h for h in home.branches(dot).values() if h]
         have += list(home.remote_heads(dot).values())
         objects, nbytes = fetch(home, t, new, have, progress)
@@ -413,7 +408,7 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
         if branch not in heads:
             raise NotFound(f"{r.name}'s {rdot} has no branch {branch} (it has "
                            f"{', '.join(sorted(heads))})")
-        new = ObjectId(heads[branch])
+        new = heads[branch]
         objects, nbytes = fetch(home, t, new, [], progress)
     finally:
         t.close()

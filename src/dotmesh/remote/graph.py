@@ -32,7 +32,7 @@ from dotmesh.model.objects import (
 from dotmesh.model.trees import Folder, Step, walk_trees
 from dotmesh.remote.wire import Record
 
-Get = Callable[[bytes], bytes]  # an object's bytes by id; raises NotFound
+Get = Callable[[ObjectId], bytes]  # an object's bytes by id; raises NotFound
 MAX_PATH = 3072  # bytes of a path inside a subdot: PATH_MAX less room for the store's own
 MAX_ENTRIES = 10_000_000  # entries of a subdot's tree, shared subtrees counted at each place
 
@@ -44,19 +44,19 @@ class Delta:
     folder comes before its subfolders, which is fine, since a receiver checks a commit's
     closure only when a ref moves)."""
 
-    kinds: dict[bytes, int] = field(default_factory=dict)
+    kinds: dict[ObjectId, int] = field(default_factory=dict)
     # file list -> the file list of the same path in the parent (a base for a delta)
-    bases: dict[bytes, bytes] = field(default_factory=dict)
+    bases: dict[ObjectId, ObjectId] = field(default_factory=dict)
 
-    def add(self, oid: bytes, kind: int) -> None:
+    def add(self, oid: ObjectId, kind: int) -> None:
         self.kinds.setdefault(oid, kind)
 
-    def ordered(self) -> list[bytes]:
+    def ordered(self) -> list[ObjectId]:
         rank = {KIND_CHUNK: 0, KIND_FILELIST: 1, KIND_TREE: 2, KIND_COMMIT: 3}
         return sorted(self.kinds, key=lambda o: rank[self.kinds[o]])
 
 
-def delta(get: Get, commits: Sequence[bytes]) -> Delta:
+def delta(get: Get, commits: Sequence[ObjectId]) -> Delta:
     """The objects of ``commits`` that are not in their first parents (whole trees for a
     commit without parents)."""
     out = Delta()
@@ -107,7 +107,7 @@ class _Differ:
             self.out.add(e.ref, KIND_CHUNK)
             return
         self.out.add(e.ref, KIND_FILELIST)
-        known: set[bytes] = set()
+        known: set[ObjectId] = set()
         if old is not None and isinstance(old.ref, bytes):
             known = ({c for c, _ in FileList.decode(self.get(old.ref)).chunks} if old.chunked
                      else {old.ref})
@@ -155,13 +155,13 @@ class TreeCheck:
 
     def __init__(self, get: Get) -> None:
         self.get = get
-        self.shallowest: dict[bytes, int] = {}
-        self.measured: dict[bytes, tuple[int, int, int]] = {}  # entries, height, path bytes
+        self.shallowest: dict[ObjectId, int] = {}
+        self.measured: dict[ObjectId, tuple[int, int, int]] = {}  # entries, height, path bytes
 
     def _tree(self, tree: ObjectId) -> Tree:
         return Tree.decode(self.get(tree))
 
-    def _entries(self, tree: bytes) -> tuple[Entry, ...]:
+    def _entries(self, tree: ObjectId) -> tuple[Entry, ...]:
         return Tree.decode(self.get(tree)).entries
 
     def _shallower(self, f: Folder) -> bool:
@@ -172,7 +172,7 @@ class TreeCheck:
         self.shallowest[f.new] = f.depth
         return True
 
-    def check_root(self, tree: bytes, subdot: str) -> str | None:
+    def check_root(self, tree: ObjectId, subdot: str) -> str | None:
         """None if the tree may be restored as subdot ``subdot``; else what is wrong."""
         entries, height, path = self._measure(tree)
         if height > MAX_DEPTH:
@@ -184,7 +184,7 @@ class TreeCheck:
                    f"place (over {MAX_ENTRIES})"
         # Breadth first, so each tree is first met at the shallowest place it appears; one
         # judged deeper under another root is judged again here, shallower.
-        for x in walk_trees(self._tree, ObjectId(tree), order="breadth", enter=self._shallower):
+        for x in walk_trees(self._tree, tree, order="breadth", enter=self._shallower):
             if isinstance(x, Step) and x.new is not None and x.new.kind == SYMLINK:
                 assert isinstance(x.new.ref, str)
                 climb = link_climb(x.new.ref)
@@ -192,12 +192,12 @@ class TreeCheck:
                     return f"{subdot}:{x.path}"
         return None
 
-    def _measure(self, tree: bytes) -> tuple[int, int, int]:
+    def _measure(self, tree: ObjectId) -> tuple[int, int, int]:
         """(entries, folders deep, longest path in bytes) beneath ``tree``, each shared
         subtree computed once (children before their folder; no recursion: a sender chooses
         the depth)."""
-        stack: list[tuple[bytes, bool]] = [(tree, False)]
-        on_path: set[bytes] = set()
+        stack: list[tuple[ObjectId, bool]] = [(tree, False)]
+        on_path: set[ObjectId] = set()
         while stack:
             t, done = stack.pop()
             if t in self.measured:
@@ -229,15 +229,15 @@ class TreeCheck:
 SymlinkCheck = TreeCheck  # the name the callers knew
 
 
-def _claim(lengths: dict[bytes, int], chunk: bytes, n: int) -> None:
+def _claim(lengths: dict[ObjectId, int], chunk: ObjectId, n: int) -> None:
     """One chunk has one length: objects that say otherwise of it are not dm's."""
     if lengths.setdefault(chunk, n) != n:
         raise Corrupt(f"chunk {chunk.hex()[:16]} is said to be {lengths[chunk]} and {n} bytes "
                       "long")
 
 
-FetchIter = Callable[[dict[bytes, int]], Iterable[list[Record]]]  # answers, as they come
-Lacking = Callable[[list[bytes]], set[bytes]]  # which of these ids the receiver lacks
+FetchIter = Callable[[dict[ObjectId, int]], Iterable[list[Record]]]  # answers, as they come
+Lacking = Callable[[list[ObjectId]], set[ObjectId]]  # which of these ids the receiver lacks
 Keep = Callable[[list[Record]], None]  # puts received trees and file lists aside
 
 
@@ -246,20 +246,20 @@ class Discovered:
     """What a receiver fetched (trees and file lists, put aside) and the chunks it still
     lacks, with the length each must have (as its file list or tree entry says)."""
 
-    trees: list[bytes] = field(default_factory=list)
-    lists: list[bytes] = field(default_factory=list)
-    chunks: dict[bytes, int] = field(default_factory=dict)
+    trees: list[ObjectId] = field(default_factory=list)
+    lists: list[ObjectId] = field(default_factory=list)
+    chunks: dict[ObjectId, int] = field(default_factory=dict)
 
 
-def discover(roots: Iterable[bytes], lacking: Lacking, fetch: FetchIter, keep: Keep,
+def discover(roots: Iterable[ObjectId], lacking: Lacking, fetch: FetchIter, keep: Keep,
              batch: int = 2000) -> Discovered:
     """What a receiver lacks to hold the trees ``roots``: fetches the trees and file lists
     it lacks, level by level, handing each answer to ``keep`` as it comes (so memory holds
     one answer and ids, not a whole history), and lists the chunks it lacks. It does not
     descend into trees it has: a tree it holds comes with everything it names."""
     out = Discovered()
-    got: set[bytes] = set()
-    wanted: dict[bytes, int] = {}
+    got: set[ObjectId] = set()
+    wanted: dict[ObjectId, int] = {}
     level = list(dict.fromkeys(roots))
     depth = 0
     while level:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable
 
 from dotmesh.errors import Corrupt
+from dotmesh.model.ids import ObjectId
 from dotmesh.model.objects import MAX_SIZE
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.wire import MAX_BATCH, Record, encode
@@ -20,7 +21,7 @@ IDX_MAGIC = b"DMIDX1\n"
 
 
 def write_pack(blobs: Blobs, prefix: str,
-               records: list[Record]) -> tuple[str, dict[bytes, PackLocation[str]]]:
+               records: list[Record]) -> tuple[str, dict[ObjectId, PackLocation[str]]]:
     """Store ``records`` as one new pack blob under ``prefix``; returns its key and where
     each object is."""
     key = f"{prefix}{uuid.uuid4().hex}.pack"
@@ -28,9 +29,9 @@ def write_pack(blobs: Blobs, prefix: str,
     return key, locate(key, records)
 
 
-def locate(key: str, records: Iterable[Record]) -> dict[bytes, PackLocation[str]]:
+def locate(key: str, records: Iterable[Record]) -> dict[ObjectId, PackLocation[str]]:
     """Where :func:`encode` puts each record's payload."""
-    out: dict[bytes, PackLocation[str]] = {}
+    out: dict[ObjectId, PackLocation[str]] = {}
     pos = len(PACK_MAGIC)
     for r in records:
         pos += RECORD.size
@@ -39,11 +40,11 @@ def locate(key: str, records: Iterable[Record]) -> dict[bytes, PackLocation[str]
     return out
 
 
-def first_within(locs: dict[bytes, PackLocation[str]], ids: Iterable[bytes],
-                 limit: int) -> dict[bytes, PackLocation[str]]:
+def first_within(locs: dict[ObjectId, PackLocation[str]], ids: Iterable[ObjectId],
+                 limit: int) -> dict[ObjectId, PackLocation[str]]:
     """The leading ``ids`` whose payloads fit in ``limit`` bytes (at least one): an answer
     of bounded size; the asker comes back for the rest."""
-    chosen: dict[bytes, PackLocation[str]] = {}
+    chosen: dict[ObjectId, PackLocation[str]] = {}
     size = 0
     for oid in ids:
         if chosen and size + locs[oid].stored_len > limit:
@@ -53,16 +54,16 @@ def first_within(locs: dict[bytes, PackLocation[str]], ids: Iterable[bytes],
     return chosen
 
 
-def read_records(blobs: Blobs, locs: dict[bytes, PackLocation[str]]) -> list[Record]:
+def read_records(blobs: Blobs, locs: dict[ObjectId, PackLocation[str]]) -> list[Record]:
     """The records at ``locs``; neighbours in a pack are read with one request. Not verified
     here: whoever receives them checks every hash."""
     out: list[Record] = []
-    by_pack: dict[str, list[tuple[bytes, PackLocation[str]]]] = {}
+    by_pack: dict[str, list[tuple[ObjectId, PackLocation[str]]]] = {}
     for oid, loc in locs.items():
         by_pack.setdefault(loc.pack, []).append((oid, loc))
     for pack, items in by_pack.items():
         items.sort(key=lambda x: x[1].offset)
-        run: list[tuple[bytes, PackLocation[str]]] = []
+        run: list[tuple[ObjectId, PackLocation[str]]] = []
         for item in items:
             if run:
                 start = run[0][1].offset
@@ -77,7 +78,8 @@ def read_records(blobs: Blobs, locs: dict[bytes, PackLocation[str]]) -> list[Rec
     return out
 
 
-def _read_run(blobs: Blobs, pack: str, run: list[tuple[bytes, PackLocation[str]]]) -> list[Record]:
+def _read_run(blobs: Blobs, pack: str,
+              run: list[tuple[ObjectId, PackLocation[str]]]) -> list[Record]:
     start = run[0][1].offset
     end = run[-1][1].offset + run[-1][1].stored_len
     data = blobs.get_range(pack, start, end - start)
@@ -88,24 +90,24 @@ def _read_run(blobs: Blobs, pack: str, run: list[tuple[bytes, PackLocation[str]]
                    loc.zstd) for oid, loc in run]
 
 
-def encode_index(locs: dict[bytes, PackLocation[str]]) -> bytes:
+def encode_index(locs: dict[ObjectId, PackLocation[str]]) -> bytes:
     """A pack's index as a blob of its own (S3 remotes, which have no database)."""
     return IDX_MAGIC + b"".join(_IDX.pack(oid, loc.kind, int(loc.zstd), loc.offset,
                                           loc.stored_len, loc.raw_len)
                                 for oid, loc in locs.items())
 
 
-def decode_index(pack: str, data: bytes) -> dict[bytes, PackLocation[str]]:
+def decode_index(pack: str, data: bytes) -> dict[ObjectId, PackLocation[str]]:
     """A pack's index as stored beside it; every entry held to what a batch can hold (it is
     read from a bucket: anyone with its keys may have written it)."""
     if not data.startswith(IDX_MAGIC) or (len(data) - len(IDX_MAGIC)) % _IDX.size:
         raise Corrupt(f"the index of {pack} is malformed")
-    out: dict[bytes, PackLocation[str]] = {}
+    out: dict[ObjectId, PackLocation[str]] = {}
     for oid, kind, z, off, stored, raw in _IDX.iter_unpack(data[len(IDX_MAGIC):]):
         if (kind not in MAX_SIZE or z not in (0, 1) or not 0 < raw <= MAX_SIZE[kind]
                 or not 0 < stored <= raw + ZSTD_SLACK or (not z and stored != raw)
                 or off < len(PACK_MAGIC) + RECORD.size or off + stored > MAX_BATCH
                 or oid in out):
             raise Corrupt(f"the index of {pack} has a malformed entry")
-        out[oid] = PackLocation(kind, pack, off, stored, raw, bool(z))
+        out[ObjectId(oid)] = PackLocation(kind, pack, off, stored, raw, bool(z))
     return out

@@ -48,13 +48,14 @@ class Transport(Protocol):
     where: str  # for messages: "hub (alice/app)"
     can_delta: bool
 
-    def heads(self) -> dict[str, bytes]: ...
-    def lacking(self, ids: list[bytes]) -> set[bytes]: ...
+    def heads(self) -> dict[str, ObjectId]: ...
+    def lacking(self, ids: list[ObjectId]) -> set[ObjectId]: ...
     def send(self, records: list[Record]) -> None: ...
-    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]: ...
-    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]: ...
-    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]: ...
-    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None: ...
+    def fetch(self, want: dict[ObjectId, int]) -> dict[ObjectId, Record]: ...
+    def fetch_iter(self, want: dict[ObjectId, int]) -> Iterator[list[Record]]: ...
+    def history(self, head: ObjectId, have: Sequence[ObjectId]) -> list[Record]: ...
+    def set_ref(self, branch: str, old: ObjectId | None, new: ObjectId,
+                force: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -63,9 +64,9 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, bytes]:
+def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, ObjectId]:
     """Branch names and heads as a remote states them, held to local rules."""
-    out: dict[str, bytes] = {}
+    out: dict[str, ObjectId] = {}
     for name, head in branches.items():
         try:
             check_branch(name)
@@ -74,31 +75,31 @@ def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, bytes]:
         if not isinstance(head, str) or len(head) != 2 * ID_LEN:
             raise BadTransfer(f"{where} has a malformed head for branch {name}")
         try:
-            out[name] = bytes.fromhex(head)
+            out[name] = ObjectId(bytes.fromhex(head))
         except ValueError:
             raise BadTransfer(f"{where} has a malformed head for branch {name}") from None
     return out
 
 
-def check_history(records: list[Record], head: bytes, where: str) -> list[Record]:
+def check_history(records: list[Record], head: ObjectId, where: str) -> list[Record]:
     """Commits sent as ``head``'s history: all commits, ``head`` among them, each reachable
     from it through the others (nothing unasked for)."""
-    by_id: dict[bytes, Record] = {}
+    by_id: dict[ObjectId, Record] = {}
     for r in records:
         if r.kind != KIND_COMMIT:
             raise BadTransfer(f"{where} sent a non-commit as history")
         by_id[r.oid] = r
     if head not in by_id:
         raise BadTransfer(f"{where} did not send commit {head.hex()[:12]}")
-    reached = walk_commits(lambda c: by_id[c].raw(), [ObjectId(head)],
+    reached = walk_commits(lambda c: by_id[c].raw(), [head],
                            stop=lambda c: c not in by_id)
     if sum(1 for _ in reached) != len(by_id):
         raise BadTransfer(f"{where} sent commits that are not in {head.hex()[:12]}'s history")
     return list(by_id.values())
 
 
-def fetch_answers(want: dict[bytes, int], where: str,
-                  ask: Callable[[dict[bytes, int]], bytes]) -> Iterator[list[Record]]:
+def fetch_answers(want: dict[ObjectId, int], where: str,
+                  ask: Callable[[dict[ObjectId, int]], bytes]) -> Iterator[list[Record]]:
     """Ask (``ask(todo) -> batch bytes``) until every wanted object came, yielding each
     answer's records as they come (verified against what was asked for): what a caller holds
     at once is one answer, whatever a remote sends."""
@@ -112,7 +113,7 @@ def fetch_answers(want: dict[bytes, int], where: str,
         yield records
 
 
-def collect(answers: Iterable[list[Record]]) -> dict[bytes, Record]:
+def collect(answers: Iterable[list[Record]]) -> dict[ObjectId, Record]:
     return {r.oid: r for answer in answers for r in answer}
 
 
@@ -178,7 +179,7 @@ class HubTransport:
         except InvalidName as e:
             raise BadTransfer(f"{self.where} named the key's user badly: {e}") from None
 
-    def heads(self) -> dict[str, bytes]:
+    def heads(self) -> dict[str, ObjectId]:
         try:
             info = self._json("GET", self._dot())
         except NotFound:
@@ -188,8 +189,8 @@ class HubTransport:
             raise BadTransfer(f"{self.where} described the dot malformed")
         return parse_heads(branches, self.where)
 
-    def lacking(self, ids: list[bytes]) -> set[bytes]:
-        out: set[bytes] = set()
+    def lacking(self, ids: list[ObjectId]) -> set[ObjectId]:
+        out: set[ObjectId] = set()
         for i in range(0, len(ids), LACKING_BATCH):
             batch = ids[i:i + LACKING_BATCH]
             data = self._req("POST", self._dot("/lacking"), content=b"".join(batch),
@@ -199,29 +200,29 @@ class HubTransport:
             found = {data[j:j + ID_LEN] for j in range(0, len(data), ID_LEN)}
             if not found <= set(batch):
                 raise BadTransfer(f"{self.where} named objects that were not asked about")
-            out |= found
+            out.update(ObjectId(o) for o in found)  # each one asked about
         return out
 
     def send(self, records: list[Record]) -> None:
         self._req("POST", self._dot("/objects"), content=encode(records),
                   headers={"content-type": "application/octet-stream"})
 
-    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+    def fetch(self, want: dict[ObjectId, int]) -> dict[ObjectId, Record]:
         return collect(self.fetch_iter(want))
 
-    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]:
-        def ask(todo: dict[bytes, int]) -> bytes:
+    def fetch_iter(self, want: dict[ObjectId, int]) -> Iterator[list[Record]]:
+        def ask(todo: dict[ObjectId, int]) -> bytes:
             body = b"".join(bytes([k]) + oid for oid, k in todo.items())
             return self._req("POST", self._dot("/fetch"), content=body, headers={
                 "content-type": "application/octet-stream"})
         return fetch_answers(want, self.where, ask)
 
-    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]:
+    def history(self, head: ObjectId, have: Sequence[ObjectId]) -> list[Record]:
         params = [("have", h.hex()) for h in have[:50]]
         data = self._req("GET", self._dot(f"/history/{head.hex()}"), params=params)
         return check_history(decode(data, None, self.where), head, self.where)
 
-    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
+    def set_ref(self, branch: str, old: ObjectId | None, new: ObjectId, force: bool) -> None:
         self._json("PUT", self._dot(f"/branches/{branch}"), json={
             "old": old.hex() if old else None, "new": new.hex(), "force": force})
 
@@ -245,9 +246,9 @@ class S3Transport:
         self.blobs, self.remote_dot, self.cache = blobs, remote_dot, cache
         self.where = f"bucket {blobs.describe()} ({remote_dot})"
         self.base = f"dots/{remote_dot}/"
-        self._index: dict[bytes, PackLocation[str]] | None = None
+        self._index: dict[ObjectId, PackLocation[str]] | None = None
 
-    def index(self) -> dict[bytes, PackLocation[str]]:
+    def index(self) -> dict[ObjectId, PackLocation[str]]:
         if self._index is None:
             self._index = {}
             self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -265,8 +266,8 @@ class S3Transport:
                 self._index.update(decode_index(key.removesuffix(".idx") + ".pack", data))
         return self._index
 
-    def heads(self) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
+    def heads(self) -> dict[str, ObjectId]:
+        out: dict[str, ObjectId] = {}
         for key in self.blobs.list(self.base + "refs/"):
             branch = key.rpartition("/")[2]
             try:
@@ -278,7 +279,7 @@ class S3Transport:
                 out[branch] = _parse_ref(got[0], self.where)
         return out
 
-    def lacking(self, ids: list[bytes]) -> set[bytes]:
+    def lacking(self, ids: list[ObjectId]) -> set[ObjectId]:
         index = self.index()
         return {i for i in ids if i not in index}
 
@@ -287,21 +288,21 @@ class S3Transport:
         self.blobs.put(key.removesuffix(".pack") + ".idx", encode_index(locs))
         self.index().update(locs)
 
-    def fetch(self, want: dict[bytes, int]) -> dict[bytes, Record]:
+    def fetch(self, want: dict[ObjectId, int]) -> dict[ObjectId, Record]:
         return collect(self.fetch_iter(want))
 
-    def fetch_iter(self, want: dict[bytes, int]) -> Iterator[list[Record]]:
+    def fetch_iter(self, want: dict[ObjectId, int]) -> Iterator[list[Record]]:
         index = self.index()
         lost = [o for o in want if o not in index]
         if lost:
             raise NotFound(f"{self.where} has no object {lost[0].hex()[:16]}")
 
-        def ask(todo: dict[bytes, int]) -> bytes:
+        def ask(todo: dict[ObjectId, int]) -> bytes:
             return encode(read_records(self.blobs, first_within(index, todo,
                                                                 FETCH_BATCH_BYTES)))
         return fetch_answers(want, self.where, ask)
 
-    def history(self, head: bytes, have: Sequence[bytes]) -> list[Record]:
+    def history(self, head: ObjectId, have: Sequence[ObjectId]) -> list[Record]:
         """Commit ``head`` and its ancestors, nearest first, up to about FETCH_BATCH_BYTES
         (the client asks again from the parents it still lacks), not past ``have``."""
         if not self._has_commit(head):
@@ -309,24 +310,24 @@ class S3Transport:
         out: list[Record] = []
         size = 0
 
-        def get(c: bytes) -> bytes:
+        def get(c: ObjectId) -> bytes:
             nonlocal size
             rec = self._commit_record(c)
             out.append(rec)
             size += len(rec.payload)
             return rec.raw()
         skip = set(have)
-        for _ in walk_commits(get, [ObjectId(head)], order="breadth",
+        for _ in walk_commits(get, [head], order="breadth",
                               stop=lambda c: c in skip or not self._has_commit(c)):
             if size >= FETCH_BATCH_BYTES:  # what the commits before this one weigh
                 break
         return check_history(out, head, self.where)
 
-    def _has_commit(self, oid: bytes) -> bool:
+    def _has_commit(self, oid: ObjectId) -> bool:
         loc = self.index().get(oid)
         return loc is not None and loc.kind == KIND_COMMIT
 
-    def _commit_record(self, oid: bytes) -> Record:
+    def _commit_record(self, oid: ObjectId) -> Record:
         """Commit ``oid``, read through the index and verified."""
         loc = self.index().get(oid)
         if loc is None or loc.kind != KIND_COMMIT:
@@ -335,10 +336,10 @@ class S3Transport:
                         self.where)
         return rec
 
-    def _commit(self, oid: bytes) -> bytes:
+    def _commit(self, oid: ObjectId) -> bytes:
         return self._commit_record(oid).raw()
 
-    def set_ref(self, branch: str, old: bytes | None, new: bytes, force: bool) -> None:
+    def set_ref(self, branch: str, old: ObjectId | None, new: ObjectId, force: bool) -> None:
         """A conditional write; a ref already at ``new``, before or after losing the race to
         another pusher, is success (two pushes of one commit both succeed). Without
         ``force``, ``new`` must include the branch's head, as on a hub (its history is read
@@ -351,7 +352,7 @@ class S3Transport:
         if current != old:
             raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull first")
         if current is not None and not force:
-            check_fast_forward(self._commit, ObjectId(new), ObjectId(current),
+            check_fast_forward(self._commit, new, current,
                                f"{self.where} branch {branch}")
         try:
             self.blobs.put_if(key, json.dumps({"head": new.hex()}).encode(),
@@ -366,11 +367,11 @@ class S3Transport:
         pass
 
 
-def _parse_ref(data: bytes, where: str) -> bytes:
+def _parse_ref(data: bytes, where: str) -> ObjectId:
     try:
         head = bytes.fromhex(json.loads(data)["head"])
     except (ValueError, KeyError, TypeError, RecursionError):
         raise BadTransfer(f"{where} has a malformed ref") from None
     if len(head) != ID_LEN:
         raise BadTransfer(f"{where} has a malformed ref")
-    return head
+    return ObjectId(head)

@@ -37,7 +37,7 @@ MAX_INFLATED = 256 << 20  # bytes its objects may take once decompressed (deltas
 BATCH_TARGET = 24 << 20
 KIND_NAMES = {**objects.KIND_NAMES, KIND_FILELIST_DELTA: "file list delta"}
 _RAW_LIMIT = {**MAX_SIZE, KIND_FILELIST_DELTA: MAX_FILELIST}
-Get = Callable[[bytes], bytes]
+Get = Callable[[ObjectId], bytes]
 
 
 class BadTransfer(DotmeshError, answers_status=True):
@@ -53,7 +53,7 @@ class Record:
     """One object as it travels: its stored payload (zstd-compressed if ``zstd``)."""
 
     kind: int
-    oid: bytes
+    oid: ObjectId  # from decode: the hash it computed of the object's bytes
     raw_len: int
     payload: bytes | memoryview
     zstd: bool
@@ -88,7 +88,7 @@ def batches(records: Iterable[Record], target: int = BATCH_TARGET) -> Iterator[l
         yield batch
 
 
-def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
+def decode(data: bytes | memoryview, expected: dict[ObjectId, int] | None,
            source: str = "the remote", base: Get | None = None) -> list[Record]:
     """Parse and verify a batch. ``expected``: the ids asked for and their kinds (None: the
     sender chooses, as in a push to a server, which then checks everything else). ``base``
@@ -120,7 +120,7 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
             raise BadTransfer(f"{source} sent object {short} twice")
         seen.add(oid)
         if expected is not None:
-            want = expected.get(oid)
+            want = expected.get(ObjectId(oid))  # the id claimed, looked up only
             if want is None:
                 raise BadTransfer(f"{source} sent object {short}, which was not asked for")
             if want != kind and not (want == KIND_FILELIST and kind == KIND_FILELIST_DELTA):
@@ -163,11 +163,12 @@ def decode(data: bytes | memoryview, expected: dict[bytes, int] | None,
                                   f"{MAX_INFLATED}-byte limit of one batch")
             payload = memoryview(zstandard.ZstdCompressor(level=1).compress(raw))
             zstd, kind, raw_len = True, KIND_FILELIST, len(raw)
-        if object_id(raw) != oid:
+        verified = object_id(raw)
+        if verified != oid:
             raise BadTransfer(f"{source} sent object {short}, whose content does not match "
                               "its id")
         _parse(kind, bytes(raw) if kind != KIND_CHUNK else b"", short, source)
-        out.append(Record(kind, oid, raw_len, bytes(payload), zstd))
+        out.append(Record(kind, verified, raw_len, bytes(payload), zstd))
     return out
 
 
@@ -182,13 +183,13 @@ _LIT = struct.Struct("<cI")  # b"L", count, then count entries (id, length)
 _ENTRY = struct.Struct("<32sI")
 
 
-def encode_delta(base_id: bytes, base: FileList, new: FileList) -> bytes:
+def encode_delta(base_id: ObjectId, base: FileList, new: FileList) -> bytes:
     """``new`` as operations on ``base`` (uncompressed)."""
-    where: dict[tuple[bytes, int], int] = {}
+    where: dict[tuple[ObjectId, int], int] = {}
     for i, e in enumerate(base.chunks):
         where.setdefault(e, i)
     ops: list[bytes] = []
-    lits: list[tuple[bytes, int]] = []
+    lits: list[tuple[ObjectId, int]] = []
     copy_at, copy_n = 0, 0
 
     def flush() -> None:
@@ -224,7 +225,7 @@ def apply_delta(data: bytes, base: Get, short: str, source: str) -> bytes:
         raise bad
     base_id, nops = _DELTA_HEAD.unpack_from(data)
     try:
-        old = FileList.decode(base(base_id)).chunks
+        old = FileList.decode(base(ObjectId(base_id))).chunks  # a claimed id, looked up
     except DotmeshError:
         raise BadTransfer(f"{source} sent {short} as changes to file list "
                           f"{base_id.hex()[:16]}, which is not here") from None

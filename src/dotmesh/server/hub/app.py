@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
-from dotmesh.model.ids import ID_LEN
+from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
 from dotmesh.server.hub.config import HubConfig
@@ -48,20 +48,20 @@ def iso(ts_ns: int) -> str:
     return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
-def ids_of(data: bytes) -> list[bytes]:
+def ids_of(data: bytes) -> list[ObjectId]:
     if len(data) % ID_LEN:
         raise UsageError(f"an id list must be a multiple of {ID_LEN} bytes")
-    return [data[i:i + ID_LEN] for i in range(0, len(data), ID_LEN)]
+    return [ObjectId(data[i:i + ID_LEN]) for i in range(0, len(data), ID_LEN)]
 
 
-def hex_id(text: str) -> bytes:
+def hex_id(text: str) -> ObjectId:
     try:
         raw = bytes.fromhex(text)
     except ValueError:
         raw = b""
     if len(raw) != ID_LEN:
         raise UsageError(f"bad commit id {text!r}")
-    return raw
+    return ObjectId(raw)
 
 
 Handler = Callable[[Request, str], Awaitable[Response]]
@@ -134,7 +134,7 @@ def create_app(store: HubStore) -> Starlette:
         dot = store.dot_for(user, p["ns"], p["dot"])
         if len(body) % (ID_LEN + 1):
             raise UsageError(f"a fetch lists {ID_LEN + 1}-byte (kind, id) pairs")
-        want = {body[i + 1:i + 1 + ID_LEN]: body[i]
+        want = {ObjectId(body[i + 1:i + 1 + ID_LEN]): body[i]
                 for i in range(0, len(body), ID_LEN + 1)}
         return Response(encode(store.read(dot, want, FETCH_LIMIT)), media_type=OCTETS)
 

@@ -381,17 +381,18 @@ class HubStore:
                 "branches": heads, "collaborators": self.collaborators_of(dot)}
 
     # ------------------------------------------------------------ objects
-    def _present(self, table: sa.Table, ids: list[bytes], dot: Dot | None) -> set[bytes]:
-        found: set[bytes] = set()
+    def _present(self, table: sa.Table, ids: list[ObjectId],
+                 dot: Dot | None) -> set[ObjectId]:
+        found: set[ObjectId] = set()
         with self.engine.connect() as c:
             for i in range(0, len(ids), QUERY_BATCH):
                 q = sa.select(table.c.oid).where(table.c.oid.in_(ids[i:i + QUERY_BATCH]))
                 if dot is not None:
                     q = q.where(table.c.dot_id == dot.id)
-                found.update(bytes(r[0]) for r in c.execute(q))
+                found.update(ObjectId(bytes(r[0])) for r in c.execute(q))
         return found
 
-    def lacking(self, dot: Dot | None, ids: list[bytes]) -> set[bytes]:
+    def lacking(self, dot: Dot | None, ids: list[ObjectId]) -> set[ObjectId]:
         """Which of ``ids`` the dot does not have (all, for a dot not made yet)."""
         if dot is None:
             return set(ids)
@@ -414,19 +415,19 @@ class HubStore:
             self._hold(c, dot)
         return joining
 
-    def _locs(self, dot: Dot, ids: list[bytes]) -> dict[bytes, PackLocation[str]]:
-        out: dict[bytes, PackLocation[str]] = {}
+    def _locs(self, dot: Dot, ids: list[ObjectId]) -> dict[ObjectId, PackLocation[str]]:
+        out: dict[ObjectId, PackLocation[str]] = {}
         with self.engine.connect() as c:
             for i in range(0, len(ids), QUERY_BATCH):
                 batch = ids[i:i + QUERY_BATCH]
                 q = sa.select(objects).join(members, members.c.oid == objects.c.oid).where(
                     members.c.dot_id == dot.id, objects.c.oid.in_(batch))
                 for r in c.execute(q):
-                    out[bytes(r.oid)] = PackLocation(r.kind, r.pack, r.offset, r.stored_len,
-                                                     r.raw_len, bool(r.zstd))
+                    out[ObjectId(bytes(r.oid))] = PackLocation(
+                        r.kind, r.pack, r.offset, r.stored_len, r.raw_len, bool(r.zstd))
         return out
 
-    def read(self, dot: Dot, want: dict[bytes, int], limit: int) -> list[Record]:
+    def read(self, dot: Dot, want: dict[ObjectId, int], limit: int) -> list[Record]:
         """The records asked for, up to about ``limit`` bytes (the client asks again for the
         rest), labelled with the kinds asked for. The index keeps the kind of the first
         pusher of those bytes, maybe into another dot: telling it would tell what that dot
@@ -444,10 +445,10 @@ class HubStore:
     def getter(self, dot: Dot) -> graph.Get:
         """Reads the dot's objects (decompressed), with a cache of at most GETTER_CACHE
         bytes (commits may be 1 MiB each); NotFound for others."""
-        cache: dict[bytes, bytes] = {}
+        cache: dict[ObjectId, bytes] = {}
         held = [0]
 
-        def get(oid: bytes) -> bytes:
+        def get(oid: ObjectId) -> bytes:
             data = cache.get(oid)
             if data is None:
                 locs = self._locs(dot, [oid])
@@ -463,21 +464,21 @@ class HubStore:
             return data
         return get
 
-    def history(self, dot: Dot, head: bytes, limit: int = HISTORY_LIMIT,
-                have: set[bytes] | frozenset[bytes] = frozenset()) -> list[Record]:
+    def history(self, dot: Dot, head: ObjectId, limit: int = HISTORY_LIMIT,
+                have: set[ObjectId] | frozenset[ObjectId] = frozenset()) -> list[Record]:
         """Commit ``head`` and its ancestors, nearest first, up to ``limit`` commits and
         HISTORY_BYTES of them, not going past commits in ``have`` (the asker has those and
         what they descend from); the asker comes back for the parents it still lacks."""
         getter = self.getter(dot)
         size = 0
 
-        def get(oid: bytes) -> bytes:
+        def get(oid: ObjectId) -> bytes:
             nonlocal size
             data = getter(oid)
             size += len(data)
             return data
-        order: list[bytes] = []
-        for c in walk_commits(get, [ObjectId(head)], stop=have.__contains__, order="breadth",
+        order: list[ObjectId] = []
+        for c in walk_commits(get, [head], stop=have.__contains__, order="breadth",
                               limit=limit):
             if size >= HISTORY_BYTES:  # what the commits before this one weigh
                 break
@@ -485,7 +486,7 @@ class HubStore:
         return self.read(dot, dict.fromkeys(order, KIND_COMMIT), HISTORY_BYTES)
 
     # ------------------------------------------------------------ refs
-    def set_ref(self, dot: Dot, branch: str, old: bytes | None, new: bytes,
+    def set_ref(self, dot: Dot, branch: str, old: ObjectId | None, new: ObjectId,
                 force: bool) -> None:
         """Move ``branch`` from ``old`` to ``new`` (compare-and-swap). ``new`` and all it
         needs must belong to the dot; without ``force``, ``old`` must be its ancestor. A
@@ -502,7 +503,7 @@ class HubStore:
             raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
         done = self._present(verified, [new], dot)
         if not done:
-            fresh = commits_between(get, ObjectId(new), _Verified(self, dot))
+            fresh = commits_between(get, new, _Verified(self, dot))
             needed = graph.delta(get, fresh)
             lost = self.lacking(dot, list(needed.kinds))
             if lost:
@@ -513,7 +514,7 @@ class HubStore:
                           [{"dot_id": dot.id, "oid": x} for x in fresh])
                 self._hold(c, dot)
         if current is not None and not force:
-            check_fast_forward(get, ObjectId(new), ObjectId(current), f"{dot} branch {branch}")
+            check_fast_forward(get, new, current, f"{dot} branch {branch}")
         try:
             with self.tx() as c:
                 if current is None:
@@ -539,14 +540,14 @@ class HubStore:
                      .with_for_update(read=True)).first() is None:
             raise NotFound(f"the hub has no dot {dot} any more")
 
-    def _head(self, dot: Dot, branch: str) -> bytes | None:
+    def _head(self, dot: Dot, branch: str) -> ObjectId | None:
         with self.engine.connect() as c:
             row = c.execute(sa.select(branches.c.head).where(
                 branches.c.dot_id == dot.id, branches.c.name == branch)).first()
-        return bytes(row[0]) if row else None
+        return ObjectId(bytes(row[0])) if row else None
 
     @staticmethod
-    def _is_commit(get: graph.Get, oid: bytes) -> bool:
+    def _is_commit(get: graph.Get, oid: ObjectId) -> bool:
         try:
             Commit.decode(get(oid))
         except Corrupt:
@@ -566,5 +567,5 @@ class _Verified:
 
     def __contains__(self, oid: object) -> bool:
         assert isinstance(oid, bytes)
-        return bool(self.store._present(verified, [oid], self.dot))
+        return bool(self.store._present(verified, [ObjectId(oid)], self.dot))
 
