@@ -34,7 +34,14 @@ from dotmesh.model.objects import (
 from dotmesh.remote import graph
 from dotmesh.remote.packed import decode_index, encode_index
 from dotmesh.remote.transport import check_history, parse_heads, printable
-from dotmesh.remote.wire import KIND_FILELIST_DELTA, Record, decode, encode, encode_delta
+from dotmesh.remote.wire import (
+    KIND_FILELIST_DELTA,
+    BadTransfer,
+    Record,
+    decode,
+    encode,
+    encode_delta,
+)
 from dotmesh.store.packs import PACK_MAGIC, RECORD, PackLocation, compress, scan_pack
 from tests.conftest import raw_commit
 
@@ -248,3 +255,13 @@ def test_a_frame_that_hides_its_size_costs_what_it_holds(size):
         assert tracemalloc.get_traced_memory()[1] < 4 << 20
     finally:
         tracemalloc.stop()
+
+
+def test_a_head_with_spaces_is_not_a_shorter_id() -> None:
+    """``bytes.fromhex`` skips spaces: 64 characters of a hostile hub's answer must still
+    make 32 bytes, or the head is refused."""
+    spaced = "ab " * 21 + "a"
+    assert len(spaced) == 64
+    with pytest.raises(BadTransfer, match="malformed head"):
+        parse_heads({"master": spaced}, "the hub")
+    assert parse_heads({"master": "ab" * 32}, "the hub") == {"master": bytes.fromhex("ab" * 32)}

@@ -75,9 +75,12 @@ def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, ObjectId]:
         if not isinstance(head, str) or len(head) != 2 * ID_LEN:
             raise BadTransfer(f"{where} has a malformed head for branch {name}")
         try:
-            out[name] = ObjectId(bytes.fromhex(head))
+            raw = bytes.fromhex(head)
         except ValueError:
             raise BadTransfer(f"{where} has a malformed head for branch {name}") from None
+        if len(raw) != ID_LEN:  # fromhex skips spaces: 64 characters may be fewer bytes
+            raise BadTransfer(f"{where} has a malformed head for branch {name}")
+        out[name] = ObjectId(raw)
     return out
 
 
