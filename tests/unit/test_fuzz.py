@@ -260,7 +260,7 @@ def test_a_frame_that_hides_its_size_costs_what_it_holds(size):
 def test_a_head_with_spaces_is_not_a_shorter_id() -> None:
     """``bytes.fromhex`` skips spaces: 64 characters of a hostile hub's answer must still
     make 32 bytes, or the head is refused."""
-    spaced = "ab " * 21 + "a"
+    spaced = "ab" * 31 + "  "  # 31 bytes
     assert len(spaced) == 64
     with pytest.raises(BadTransfer, match="malformed head"):
         parse_heads({"master": spaced}, "the hub")
