@@ -18,7 +18,7 @@ import pytest
 
 from dotmesh.fs import btrfs
 from dotmesh.store.repo import Repo
-from tests.conftest import DM, capture, kill_inside
+from tests.conftest import DM, DM_BIN, capture, kill_inside
 
 PAGE = 8192
 
@@ -433,3 +433,51 @@ def test_fsck_reads_kept_states_and_a_repair_drops_a_damaged_one(bdm: DM) -> Non
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
     bdm.ok("reset", "--hard", first)  # from the store now
     assert (db / "a.txt").read_text() == "one"
+
+
+@pytest.mark.slow
+def test_without_cap_sys_admin_kept_states_are_still_removed(bdm: DM) -> None:
+    """An unprivileged dm (here: root without CAP_SYS_ADMIN) may not destroy subvolumes by
+    ioctl; pruning, resets and dot delete empty them and rmdir them instead."""
+    drop = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+
+    def run(*args: str) -> str:
+        p = subprocess.run([*drop, DM_BIN, *args], env=bdm.env, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    run("init", "app")
+    db = Path(run("path", "app.db").strip())
+    for i in range(5):
+        (db / "a").write_text(str(i))
+        run("commit", "-m", f"c{i}")
+    assert len(_kept(bdm.home)) == 3
+    run("reset", "--hard", "HEAD^")
+    assert (db / "a").read_text() == "3"
+    run("checkout", "-b", "x")
+    assert json.loads(run("dot", "show", "--json"))["state"] == "clean"
+    run("dot", "delete", "-f", "app")
+    assert not (bdm.home / "dots" / "app").exists()
+
+
+@pytest.mark.slow
+def test_strays_in_snaps_are_not_followed_or_trusted(bdm: DM, tmp_path: Path) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    (db / "a").write_text("1")
+    _commit(bdm, "one")
+    snaps = bdm.home / "dots" / "app" / "snaps"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ".dm-caches").write_text("not dm's")
+    (victim / "subdots").mkdir()
+    os.symlink(victim, snaps / ("ab" * 32))
+    (snaps / ("cd" * 32)).write_text("a stray file")
+    for i in range(4):
+        (db / "a").write_text(str(i))
+        _commit(bdm, f"c{i}")
+    bdm.ok("reset", "--hard", "HEAD^")
+    assert (victim / ".dm-caches").read_text() == "not dm's"
+    assert (snaps / ("cd" * 32)).read_text() == "a stray file"
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
