@@ -87,3 +87,26 @@ def _second(dm: DM) -> str:
         if "commit: two" in line:
             return line.split()[3]
     raise AssertionError("commit two is not in the reflog")
+
+
+@pytest.mark.slow
+def test_without_kept_states_a_reset_patches_a_reflinked_copy(xdm: DM) -> None:
+    xdm.ok("init", "app")
+    xdm.ok("config", "snapshots.keep-commits", "0")
+    xdm.ok("config", "snapshots.keep-days", "0")
+    db = xdm.path("app.db")
+    _paged_file(db / "table", 64)
+    (db / "a.txt").write_text("one")
+    _commit(xdm, "one")
+    one = capture(db)
+    _rewrite_pages(db / "table", every=4)
+    (db / "a.txt").write_text("two")
+    (db / "b.txt").write_text("new")
+    _commit(xdm, "two")
+    assert _kept(xdm.home) == set()
+    xdm.ok("reset", "--hard", "HEAD^")
+    assert capture(db) == one
+    assert json.loads(xdm.ok("dot", "show", "--json"))["state"] == "clean"
+    assert _commit(xdm, "again")["bytes_read"] == 0
+    xdm.ok("checkout", "-b", "other")
+    assert capture(db) == one
