@@ -94,15 +94,19 @@ def test_a_commit_reads_only_the_blocks_that_changed_and_ids_match_plain(
     assert second["bytes_read"] == changed
     assert _kept(bdm.home) == {first["id"], second["id"]}
     # The same folder committed as plain folders gives the same tree.
+    _same_as_plain(bdm, db, str(second["id"]), tmp_path)
+
+
+def _same_as_plain(dm: DM, db: Path, commit: str, tmp_path: Path) -> None:
+    """The folder ``db`` committed in a plain store gives the trees ``commit`` has."""
     plain = DM(tmp_path / "plain")
     plain.ok("init", "app", "--backend", "plain")
     copy = plain.path("app.db")
     copy.rmdir()
-    shutil.copytree(db, copy, copy_function=shutil.copy2)
+    shutil.copytree(db, copy, symlinks=True, copy_function=shutil.copy2)
     shutil.copystat(db, copy)
-    third = _commit(plain, "same")
-    theirs = Repo(plain.home).commit(bytes.fromhex(str(third["id"])))
-    ours = Repo(bdm.home).commit(bytes.fromhex(str(second["id"])))
+    theirs = Repo(plain.home).commit(bytes.fromhex(str(_commit(plain, "same")["id"])))
+    ours = Repo(dm.home).commit(bytes.fromhex(commit))
     assert ours.subdots == theirs.subdots
 
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from dotmesh.store.repo import Repo
 from tests.conftest import DM, capture
-from tests.integration.test_btrfs import _commit, _kept, _paged_file, _rewrite_pages
+from tests.integration.test_btrfs import _commit, _kept, _paged_file, _rewrite_pages, _same_as_plain
 
 PAGE = 8192
 
@@ -46,15 +44,7 @@ def test_commits_read_what_changed_and_match_plain_folders(xdm: DM, tmp_path: Pa
     second = _commit(xdm, "two")
     assert second["bytes_read"] == changed + 5  # the stat cache holds across copies
     assert _commit(xdm, "nothing")["bytes_read"] == 0
-    plain = DM(tmp_path / "plain")
-    plain.ok("init", "app", "--backend", "plain")
-    copy = plain.path("app.db")
-    copy.rmdir()
-    shutil.copytree(db, copy, symlinks=True, copy_function=shutil.copy2)
-    shutil.copystat(db, copy)
-    theirs = Repo(plain.home).commit(bytes.fromhex(str(_commit(plain, "same")["id"])))
-    ours = Repo(xdm.home).commit(bytes.fromhex(str(second["id"])))
-    assert ours.subdots == theirs.subdots
+    _same_as_plain(xdm, db, str(second["id"]), tmp_path)
 
 
 @pytest.mark.slow
