@@ -485,3 +485,19 @@ def test_strays_in_snaps_are_not_followed_or_trusted(bdm: DM, tmp_path: Path) ->
     assert (victim / ".dm-caches").read_text() == "not dm's"
     assert (snaps / ("cd" * 32)).read_text() == "a stray file"
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.slow
+def test_after_a_reset_to_an_older_state_a_commit_still_reads_only_what_changed(
+        bdm: DM) -> None:
+    """The older state's block fingerprints were replaced by a newer version's; its block
+    ids and the extent maps are all that skipping needs."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 2048)
+    _commit(bdm, "one")
+    _rewrite_pages(db / "table", every=10)
+    _commit(bdm, "two")
+    bdm.ok("reset", "--hard", "HEAD^")
+    changed = _rewrite_pages(db / "table", every=97, start=5)
+    assert _commit(bdm, "three")["bytes_read"] == changed

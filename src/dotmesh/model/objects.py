@@ -13,7 +13,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from dotmesh.errors import Corrupt, InvalidName
 from dotmesh.model.ids import ID_LEN, ObjectId, parse_hex_id
@@ -96,11 +96,12 @@ class FileList:
         magic, size, count = _FL_HEAD.unpack_from(data)
         if magic != MAGIC_FILELIST or len(data) != _FL_HEAD.size + count * _FL_ENTRY.size:
             raise Corrupt("file list object is malformed")
-        chunks = tuple(
-            (ObjectId(cid), n) for cid, n in _FL_ENTRY.iter_unpack(data[_FL_HEAD.size:])
-        )
-        if chunks and not 0 < min(n for _, n in chunks) <= max(n for _, n in chunks) \
-                <= MAX_CHUNK:
+        # ObjectId is bytes at run time: the rows are used as they are unpacked (a call per
+        # chunk costs a 2 GiB file's 262,144 chunks about 80 ms).
+        chunks = cast(tuple[tuple[ObjectId, int], ...],
+                      tuple(_FL_ENTRY.iter_unpack(data[_FL_HEAD.size:])))
+        lengths = [n for _, n in chunks]
+        if chunks and not 0 < min(lengths) <= max(lengths) <= MAX_CHUNK:
             raise Corrupt(f"file list object names a chunk of a length dm never makes "
                           f"(0 or over {MAX_CHUNK} bytes)")
         fl = cls(chunks)

@@ -123,9 +123,12 @@ class Reference:
             chunks = FileList.decode(store.get(content)).chunks
         except Exception:
             return None
-        fps = load_fingerprints(store.conn, content)
-        if not fps or not all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1]):
+        if not all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1]):
             return None
+        # Fingerprints are kept for about one version of a file: a state reset to may have
+        # none left. Its block ids are all that skipping needs; unknown ones never match.
+        supers = (len(chunks) * chunker.PAGE_BLOCK + chunker.SUPER - 1) // chunker.SUPER
+        fps = load_fingerprints(store.conn, content) or chunker.UNKNOWN_FP * supers
         try:
             old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
         except OSError:
@@ -592,7 +595,8 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     memo_lock = threading.Lock()
     memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]] = {}
 
-    shared: dict[bytes, frozenset[int]] = {}  # superblocks the reference shares, by file
+    # Blocks the reference shares, by file and by segment (each segment's job sees only its own)
+    shared: dict[bytes, dict[int, frozenset[int]]] = {}
 
     def known_for(f: _File) -> tuple[frozenset[bytes], chunker.Previous | None]:
         """The previous version's chunks, decoded once per file, not once per segment."""
@@ -601,7 +605,11 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             if got is None and reference is not None and chunker.is_paged(f.st.st_size):
                 ref = reference.blocks(store, f.rel, f.path)
                 if ref is not None:
-                    shared[f.rel] = ref[1]
+                    per = chunker.SEGMENT // chunker.PAGE_BLOCK
+                    by_segment: dict[int, set[int]] = {}
+                    for b in ref[1]:
+                        by_segment.setdefault(b // per, set()).add(b)
+                    shared[f.rel] = {k: frozenset(v) for k, v in by_segment.items()}
                     got = memo[f.rel] = frozenset(ref[0].ids), ref[0]
             if got is None:
                 got = memo[f.rel] = _previous(store, cache.get(f.rel))
@@ -619,7 +627,8 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             try:
                 if chunker.is_paged(f.st.st_size):
                     got = chunker.chunk_paged(fd, start, length, buf, known, sink.missing,
-                                              prev, sink.pack, shared.get(f.rel, frozenset()))
+                                              prev, sink.pack,
+                                              shared.get(f.rel, {}).get(idx, frozenset()))
                     f.fingerprints[idx] = got.fingerprints
                     parts = [sink.take(got)]
                     skipped = got.skipped
