@@ -49,7 +49,10 @@ def copy_tree(source: Path, dest: Path, into: bool = False) -> tuple[Stats, Stat
     dm stores none)."""
     before: Stats = {}
     after: Stats = {}
-    src_fd = os.open(source, _DIR)
+    try:
+        src_fd = os.open(source, _DIR)
+    except OSError as e:
+        raise SnapshotError(f"cannot copy {source}: {e.strerror}") from None
     try:
         st = os.fstat(src_fd)
         if not into:

@@ -101,8 +101,8 @@ def choose(home: Repo, name: str | None) -> str:
         raise UsageError(f"the btrfs backend needs the dots' folders on btrfs; {home.root} is "
                          "not (dm pool create makes a btrfs pool in a file)")
     if current is None or (current != wanted and name is not None and not home.dots()):
-        config.set_setting(home.conn, BACKEND_SETTING, wanted)
-        home.conn.commit()
+        with Tx(home.conn) as tx:
+            config.set_setting(tx, BACKEND_SETTING, wanted)
         return wanted
     if name is not None and current != name:
         raise UsageError(f"this store uses the {current} backend, chosen when its first dot "
@@ -393,7 +393,7 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
 
 
 def _for_copy(cache: StatCache, made: Stats | None) -> StatCache:
-    """A kept state's stat cache, for a writable copy of it: as is for a snapshot (same
+    """A stat cache, for a writable copy of its folder: as is for a snapshot (same
     inodes); for a reflinked copy (new inodes), each entry moved to its new file's stat."""
     if made is None:
         return cache
@@ -474,6 +474,7 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     state = kept.folder(home, dot, target)
     new = home.scratch(dot) / uuid.uuid4().hex
     staged: dict[str, Prepared] = {}
+    seen: dict[str, StatCache] = {}  # what each staged folder holds, by its own files' stats
     built: dict[str, RestoreResult] = {}
     caches: dict[str, StatCache] = {}
     try:
@@ -488,12 +489,11 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
             if state is not None and sub in state_caches and folder.is_dir():
                 caches[sub] = _for_copy(state_caches[sub], _within(made, sub))
             elif state is None and folder.is_dir() and sub in snap.roots:
-                seen = snap.results[sub].cache
-                if made is not None:  # a copy's files are new inodes: judge them by theirs
-                    seen = _for_copy(seen, _within(made, sub))
+                # a copy's files are new inodes: judged by theirs (None: the same inodes)
+                seen[sub] = _for_copy(snap.results[sub].cache, _within(made, sub))
                 staged[sub] = cow.prepare_restore(folder, home.packs, root, snap.roots[sub],
                                                   new / f"{BUILDING}staging-{sub}", policy,
-                                                  progress, seen)
+                                                  progress, seen[sub])
             else:
                 if folder.exists():
                     cow.discard(folder)
@@ -507,9 +507,7 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     if before_touching is not None:
         before_touching()
     for sub, prepared in staged.items():
-        caches[sub] = merge_cache(_for_copy(snap.results[sub].cache,
-                                            _within(made, sub)) if made is not None
-                                  else snap.results[sub].cache, prepared.apply())
+        caches[sub] = merge_cache(seen[sub], prepared.apply())
     for sub, res in built.items():
         os.rename(new / f"{BUILDING}build-{sub}", new / sub)
         caches[sub] = merge_cache({}, res)
