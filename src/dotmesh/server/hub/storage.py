@@ -510,8 +510,9 @@ class HubStore:
                 raise Conflict(f"{dot} lacks {len(lost)} objects that commit "
                                f"{new.hex()[:12]} needs: push again")
             with self.tx() as c:
-                c.execute(self._insert_ignore(verified),
-                          [{"dot_id": dot.id, "oid": x} for x in fresh])
+                if fresh:  # none: a push of the same commit verified them meanwhile
+                    c.execute(self._insert_ignore(verified),
+                              [{"dot_id": dot.id, "oid": x} for x in fresh])
                 self._hold(c, dot)
         if current is not None and not force:
             check_fast_forward(get, new, current, f"{dot} branch {branch}")
