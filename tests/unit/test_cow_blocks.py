@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dotmesh.fs.btrfs import shared_ranges, unchanged_blocks
+from dotmesh.fs.btrfs import changed_block_runs, shared_ranges, unchanged_blocks
+from dotmesh.model.objects import FileList, paged_blocks, patched_filelist
 from dotmesh.store import chunker
 
 SHARED, DELALLOC, ENCODED = 0x2000, 0x4, 0x8
@@ -77,3 +79,109 @@ def test_skipping_blocks_known_equal_gives_the_ids_of_a_full_read(
         got = part.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN]
         assert got in (full.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN],
                        chunker.UNKNOWN_FP)
+
+
+def _naive_shared(old: list[tuple[int, int, int, int]], new: list[tuple[int, int, int, int]],
+                  size: int) -> set[int]:
+    """Byte by byte: the offsets both maps put at the same disk address, or leave unmapped."""
+    def where(ext: list[tuple[int, int, int, int]]) -> dict[int, int]:
+        return {lo + k: ph + k for lo, ph, n, _ in ext for k in range(n)}
+    a, b = where(old), where(new)
+    return {x for x in range(size) if a.get(x) == b.get(x)}
+
+
+def _extent_map(cuts: list[int], fresh: set[int], size: int) -> list[tuple[int, int, int, int]]:
+    """An extent map of ``size`` bytes cut at ``cuts``; extents in ``fresh`` move elsewhere."""
+    bounds = sorted({0, size, *[c for c in cuts if 0 < c < size]})
+    return [(lo, lo + (10_000 if i in fresh else 0), hi - lo, 0)
+            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 300), old_cuts=st.lists(st.integers(0, 300), max_size=8),
+       new_cuts=st.lists(st.integers(0, 300), max_size=8),
+       moved=st.sets(st.integers(0, 10), max_size=4))
+def test_shared_ranges_agree_with_a_byte_by_byte_comparison(
+        size: int, old_cuts: list[int], new_cuts: list[int], moved: set[int]) -> None:
+    """Splitting one extent map into pieces (what a write does to a copy) and moving some of
+    them: what is found shared is exactly the bytes at the same address."""
+    old = _extent_map(old_cuts, set(), size)
+    new = _extent_map(old_cuts + new_cuts, moved, size)
+    got = {x for s, e in shared_ranges(old, new, size) for x in range(s, e)}
+    assert got == _naive_shared(old, new, size)
+
+
+@given(ranges=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 60)), max_size=6),
+       count=st.integers(0, 25))
+def test_changed_runs_are_exactly_the_blocks_not_known_unchanged(
+        ranges: list[tuple[int, int]], count: int) -> None:
+    merged: list[tuple[int, int]] = []
+    for s, n in sorted(ranges):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], s + n))
+        else:
+            merged.append((s, s + n))
+    same = {b for b in unchanged_blocks(merged, 8) if b < count}
+    runs = changed_block_runs(merged, 8, count)
+    assert [b for lo, hi in runs for b in range(lo, hi)] == [b for b in range(count)
+                                                             if b not in same]
+    assert all(lo < hi for lo, hi in runs)
+
+
+def test_only_lists_of_whole_page_blocks_are_patched() -> None:
+    a, b = bytes(range(32)), bytes(32)
+    paged = FileList(((a, 8192), (b, 8192))).encode()
+    assert paged_blocks(paged, 8192) == 2
+    assert paged_blocks(FileList(((a, 8192), (b, 4096))).encode(), 8192) is None
+    assert paged_blocks(FileList(((a, 4096), (b, 12288))).encode(), 8192) is None
+    assert paged_blocks(paged[:-1], 8192) is None
+    assert patched_filelist(paged, 3, 8192, {2: a}) == FileList(
+        ((a, 8192), (b, 8192), (a, 8192))).encode()
+    assert patched_filelist(paged, 1, 8192, {0: b}) == FileList(((b, 8192),)).encode()
+    with pytest.raises(ValueError):
+        patched_filelist(paged, 3, 8192, {})  # the third block's content is unknown
+
+
+@settings(max_examples=40, deadline=None)
+@given(old=blocks_st, flips=st.lists(st.integers(0, 45), max_size=10),
+       grow=st.integers(-5, 5), told=st.sets(st.integers(0, 45)), small_buffer=st.booleans())
+def test_patching_the_previous_list_gives_what_a_full_read_gives(
+        old: list[bytes], flips: list[int], grow: int, told: set[int],
+        small_buffer: bool) -> None:
+    """The changed runs may name more blocks than changed (never fewer); the list is byte
+    for byte the one reading everything makes, fingerprints only ever unknown, never wrong."""
+    new = list(old[:len(old) + grow]) if grow < 0 else old + [b"\x07" * chunker.PAGE_BLOCK] * grow
+    for i in flips:
+        if i < len(new):
+            new[i] = bytes([(new[i][0] + 1) % 256]) * chunker.PAGE_BLOCK
+    unchanged = {i for i in range(min(len(old), len(new))) if new[i] == old[i] and i not in told}
+    runs = changed_block_runs([(i * 8192, (i + 1) * 8192) for i in sorted(unchanged)], 8192,
+                              len(new))
+    with tempfile.TemporaryDirectory() as tmp:
+        fds = []
+        for name, data in (("old", old), ("new", new)):
+            p = os.path.join(tmp, name)
+            with open(p, "wb") as f:
+                f.write(b"".join(data))
+            fds.append(os.open(p, os.O_RDONLY))
+        buf = bytearray(chunker.PAGE_BLOCK * 3 if small_buffer else chunker.SEGMENT)
+        try:
+            size = len(new) * chunker.PAGE_BLOCK
+            before = chunker.chunk_paged(fds[0], 0, len(old) * chunker.PAGE_BLOCK,
+                                         bytearray(chunker.SEGMENT), frozenset(), set)
+            base = FileList(tuple(zip(before.ids, before.lengths, strict=True))).encode()
+            full = chunker.chunk_paged(fds[1], 0, size, bytearray(chunker.SEGMENT),
+                                       frozenset(), set)
+            got = chunker.patch_paged(fds[1], size, base, before.fingerprints, runs, buf,
+                                      lambda ids: set(ids))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    assert got is not None
+    assert got.filelist == FileList(tuple(zip(full.ids, full.lengths, strict=True))).encode()
+    assert got.read == sum(hi - lo for lo, hi in runs) * chunker.PAGE_BLOCK
+    assert len(got.fingerprints) == len(full.fingerprints)
+    for k in range(len(full.fingerprints) // chunker.FP_LEN):
+        part = got.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN]
+        assert part in (full.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN],
+                        chunker.UNKNOWN_FP)

@@ -207,13 +207,9 @@ def extents(fd: int) -> list[Extent]:
         mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
         if mapped == 0:
             return out
-        last = False
-        for i in range(mapped):
-            logical, physical, length, _, _, flags, _, _, _ = _FIEMAP_EXTENT.unpack_from(
-                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
-            out.append((logical, physical, length, flags))
-            last = bool(flags & EXTENT_LAST)
-        if last:
+        body = memoryview(buf)[_FIEMAP_HEAD.size:_FIEMAP_HEAD.size + mapped * _FIEMAP_EXTENT.size]
+        out.extend((e[0], e[1], e[2], e[5]) for e in _FIEMAP_EXTENT.iter_unpack(body))
+        if out[-1][3] & EXTENT_LAST:
             return out
         start = out[-1][0] + out[-1][2]
 
@@ -229,6 +225,14 @@ def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple
     (a copy-on-write filesystem never rewrites a block another snapshot still uses), and
     ranges that are holes in both."""
     same: list[tuple[int, int]] = []
+    # Extents both maps hold unchanged (most of them) are shared as they are; the merge below
+    # then only walks the pieces that differ (no other extent overlaps one found in both).
+    both = set(old).intersection(new)
+    for lo, _, n, f in both:
+        if not f & _UNTRUSTED:
+            same.append((lo, min(lo + n, size)))
+    if both:
+        old, new = [e for e in old if e not in both], [e for e in new if e not in both]
     i = j = 0
     while i < len(old) and j < len(new):
         lo, po, no, fo = old[i]
@@ -242,7 +246,7 @@ def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple
         else:
             j += 1
     # Holes in both: what neither map covers.
-    covered = sorted([*_covered(old), *_covered(new)])
+    covered = sorted([*_covered(old), *_covered(new), *_covered(list(both))])
     pos = 0
     for s, e in covered:
         if s > pos:
@@ -271,6 +275,25 @@ def unchanged_blocks(ranges: list[tuple[int, int]], block: int) -> set[int]:
         last = e // block  # exclusive
         out.update(range(first, last))
     return out
+
+
+def changed_block_runs(ranges: list[tuple[int, int]], block: int, count: int
+                       ) -> list[tuple[int, int]]:
+    """The runs [first, end) of the ``count`` blocks not wholly inside ``ranges`` (merged,
+    sorted byte ranges that hold the same bytes): the complement of :func:`unchanged_blocks`,
+    in as many steps as there are ranges, not blocks."""
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    for s, e in ranges:
+        first, last = (s + block - 1) // block, min(e // block, count)
+        if first >= last:
+            continue
+        if first > pos:
+            runs.append((pos, first))
+        pos = max(pos, last)
+    if pos < count:
+        runs.append((pos, count))
+    return runs
 
 
 _SUBVOL_GETFLAGS = _ioc(_IOC_READ, 0x94, 25, 8)

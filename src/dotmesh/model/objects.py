@@ -110,6 +110,44 @@ class FileList:
         return fl
 
 
+def paged_blocks(data: bytes, block: int) -> int | None:
+    """How many blocks an encoded file list holds if every one is exactly ``block`` bytes
+    (a paged file's list), else None. Checked with strided slices, not a loop per block, so
+    that a commit can patch a 65,536-block list in place instead of decoding it."""
+    if len(data) < _FL_HEAD.size or len(data) > MAX_FILELIST:
+        return None
+    magic, size, count = _FL_HEAD.unpack_from(data)
+    if magic != MAGIC_FILELIST or len(data) != _FL_HEAD.size + count * _FL_ENTRY.size \
+            or size != count * block:
+        return None
+    length = struct.pack("<I", block)
+    lengths = memoryview(data)[_FL_HEAD.size + ID_LEN:]
+    for k in range(4):  # each byte of every length field
+        if bytes(lengths[k::_FL_ENTRY.size]).count(length[k]) != count:
+            return None
+    return int(count)
+
+
+def patched_filelist(base: bytes, count: int, block: int,
+                     changes: dict[int, ObjectId]) -> bytes:
+    """The encoded list of ``count`` blocks of ``block`` bytes whose ids are ``base``'s (a
+    list :func:`paged_blocks` accepted) but at the positions in ``changes``; every position
+    past the end of ``base`` must be in ``changes``. Byte for byte what :meth:`FileList.encode`
+    gives for the same blocks."""
+    had = (len(base) - _FL_HEAD.size) // _FL_ENTRY.size
+    missing = [i for i in range(had, count) if i not in changes]
+    if missing or any(not 0 <= i < count for i in changes):
+        raise ValueError("a patched file list would have blocks of unknown content")
+    keep = min(had, count)
+    out = bytearray(_FL_HEAD.pack(MAGIC_FILELIST, count * block, count))
+    out += memoryview(base)[_FL_HEAD.size:_FL_HEAD.size + keep * _FL_ENTRY.size]
+    out += _FL_ENTRY.pack(bytes(ID_LEN), block) * (count - keep)
+    for i, oid in changes.items():
+        at = _FL_HEAD.size + i * _FL_ENTRY.size
+        out[at:at + ID_LEN] = oid
+    return bytes(out)
+
+
 # ---------------------------------------------------------------- trees
 
 

@@ -22,7 +22,7 @@ import xxhash
 from pyfastcdc import FastCDC
 
 from dotmesh.model.ids import HOLE, ObjectId, object_id
-from dotmesh.model.objects import KIND_CHUNK
+from dotmesh.model.objects import KIND_CHUNK, paged_blocks, patched_filelist
 from dotmesh.store.packs import compress
 
 if FastCDC.__module__ != "pyfastcdc.cy.fastcdc":  # the pure-Python fallback is 400x slower
@@ -171,6 +171,88 @@ def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozens
     for i, oid in zip(todo, chunks.ids, strict=True):
         ids[i] = oid
     return Chunks(ids, lengths, chunks.new, b"".join(fps), skipped)
+
+
+@dataclass
+class Patched:
+    """A paged file's new version made from its previous one's file list (see
+    :func:`patch_paged`): the encoded list, its superblocks' fingerprints, the compressed
+    records of new blocks the store lacks, and how many bytes were read."""
+
+    filelist: bytes
+    fingerprints: bytes
+    new: list[Record]
+    read: int
+
+
+def patch_paged(fd: int, size: int, base: bytes, base_fps: bytes | None,
+                changed: list[tuple[int, int]], buf: bytearray, missing: Missing,
+                pack: Packer = compress) -> Patched | None:
+    """Cut a paged file of ``size`` bytes whose blocks are ``base``'s (an encoded file list of
+    the previous version) but in the runs ``changed`` ([first, end) block indexes, sorted;
+    blocks past ``base``'s end must be in them), reading and hashing only those runs: the
+    work follows what changed, not the file's size. None when ``base`` is not a list of page
+    blocks or the file is shorter than ``size`` (the caller then reads it all)."""
+    had = paged_blocks(base, PAGE_BLOCK)
+    if had is None or size % PAGE_BLOCK:
+        return None
+    count = size // PAGE_BLOCK
+    per = SUPER // PAGE_BLOCK
+    supers = (size + SUPER - 1) // SUPER
+    old_supers = (had * PAGE_BLOCK + SUPER - 1) // SUPER
+    fps = bytearray(base_fps if base_fps and len(base_fps) == old_supers * FP_LEN
+                    else UNKNOWN_FP * old_supers)
+    del fps[supers * FP_LEN:]
+    fps += UNKNOWN_FP * (supers - len(fps) // FP_LEN)
+    if count != had and supers:  # the last superblock now ends elsewhere
+        fps[-FP_LEN:] = UNKNOWN_FP
+    limit = len(buf) // PAGE_BLOCK
+    pieces: list[tuple[int, int]] = []  # runs cut to fit the buffer
+    for first, end in changed:
+        for lo in range(max(0, first), min(end, count), limit):
+            pieces.append((lo, min(lo + limit, end, count)))
+    changes: dict[int, ObjectId] = {}
+    new: list[Record] = []
+    read = 0
+    mv = memoryview(buf)
+    fp_of = xxhash.xxh3_128_digest
+    i = 0
+    while i < len(pieces):
+        batch: list[tuple[int, int, int]] = []  # (first block, end block, position in buf)
+        pos = 0
+        while i < len(pieces) and pos + (pieces[i][1] - pieces[i][0]) * PAGE_BLOCK <= len(buf):
+            lo, hi = pieces[i]
+            batch.append((lo, hi, pos))
+            pos += (hi - lo) * PAGE_BLOCK
+            i += 1
+        for lo, hi, _ in batch:  # scattered blocks: let the disk serve them in its own order
+            os.posix_fadvise(fd, lo * PAGE_BLOCK, (hi - lo) * PAGE_BLOCK,
+                             os.POSIX_FADV_WILLNEED)
+        offsets: list[int] = []
+        blocks: list[int] = []
+        for lo, hi, at in batch:
+            n = (hi - lo) * PAGE_BLOCK
+            if read_exact(fd, mv[at:], n, lo * PAGE_BLOCK) < n:
+                return None
+            read += n
+            offsets.extend(range(at, at + n, PAGE_BLOCK))
+            blocks.extend(range(lo, hi))
+            for si in range((lo + per - 1) // per, (hi + per - 1) // per):
+                b0, b1 = si * per, min(si * per + per, count)
+                fps[si * FP_LEN:(si + 1) * FP_LEN] = (
+                    fp_of(mv[at + (b0 - lo) * PAGE_BLOCK:at + (b1 - lo) * PAGE_BLOCK])
+                    if b0 >= lo and b1 <= hi else UNKNOWN_FP)
+            if lo % per:  # the superblock the run starts inside is only partly read
+                si = lo // per
+                fps[si * FP_LEN:(si + 1) * FP_LEN] = UNKNOWN_FP
+        got = _finish(mv, offsets, [PAGE_BLOCK] * len(offsets), frozenset(), missing, pack)
+        changes.update(zip(blocks, got.ids, strict=True))
+        new.extend(got.new)
+    try:
+        filelist = patched_filelist(base, count, PAGE_BLOCK, changes)
+    except ValueError:
+        return None
+    return Patched(filelist, bytes(fps), new, read)
 
 
 def _read_except(fd: int, buf: bytearray, start: int, length: int, skip: set[int]) -> int:

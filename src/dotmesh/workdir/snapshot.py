@@ -40,6 +40,7 @@ from dotmesh.model.objects import (
     Root,
     Tree,
     encode_tree_rows,
+    paged_blocks,
 )
 from dotmesh.store import chunker
 from dotmesh.store.packs import PackStore, PackWriter, compress
@@ -48,6 +49,9 @@ DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compre
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
 SMALL_BATCH = 4 << 20
+# A paged file whose changed blocks (by the reference's extent maps) come to at most this is
+# patched by one job; more, and it is read segment by segment on every core.
+PATCH_LIMIT = 2 * chunker.SEGMENT
 
 
 Progress = Callable[[int], None]
@@ -112,6 +116,38 @@ class Reference:
         ref = files[0].ref if files else None
         return ref if isinstance(ref, bytes) else None
 
+    def changes(self, store: PackStore, rel: bytes, path: str
+                ) -> tuple[bytes, bytes | None, list[tuple[int, int]]] | None:
+        """For a paged file: the reference's encoded file list of it, that list's
+        fingerprints, and the runs of blocks the extent maps do not show as shared (what a
+        commit must read); None if the reference has no such paged file."""
+        content = self.content(store, rel)
+        if content is None:
+            return None
+        try:
+            base = store.get(content)
+            old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
+        except Exception:  # a damaged or missing reference only costs reads
+            return None
+        try:
+            new_fd = _open_file(path)
+            try:
+                old_size, size = os.fstat(old_fd).st_size, os.fstat(new_fd).st_size
+                if paged_blocks(base, chunker.PAGE_BLOCK) != \
+                        old_size // chunker.PAGE_BLOCK or old_size % chunker.PAGE_BLOCK:
+                    return None
+                ranges = btrfs.shared_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
+                                             min(old_size, size))
+            finally:
+                os.close(new_fd)
+        except OSError:
+            return None
+        finally:
+            os.close(old_fd)
+        runs = btrfs.changed_block_runs(ranges, chunker.PAGE_BLOCK,
+                                        -(-size // chunker.PAGE_BLOCK))
+        return base, load_fingerprints(store.conn, content), runs
+
     def blocks(self, store: PackStore, rel: bytes, path: str
                ) -> tuple[chunker.Previous, frozenset[int]] | None:
         """The reference's version of a paged file and the blocks that, by the extent maps,
@@ -162,6 +198,7 @@ class _File:
     size: int = 0
     parts: list[list[tuple[ObjectId, int]]] = field(default_factory=list)
     fingerprints: list[bytes] = field(default_factory=list)  # per segment, paged files only
+    patched: chunker.Patched | None = None  # made from the reference's list (one job)
 
 
 class _Sink:
@@ -643,6 +680,33 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             return sum(n for p in parts for _, n in p) - skipped
         return run
 
+    def segment_jobs(f: _File) -> list[Callable[[], int]]:
+        size = f.st.st_size
+        n = (size + chunker.SEGMENT - 1) // chunker.SEGMENT
+        f.parts = [[] for _ in range(n)]
+        f.fingerprints = [b""] * n
+        return [big_job(f, i * chunker.SEGMENT, min(chunker.SEGMENT, size - i * chunker.SEGMENT),
+                        i) for i in range(n)]
+
+    def patch_job(f: _File, base: bytes, fps: bytes | None, runs: list[tuple[int, int]]
+                  ) -> Callable[[], int]:
+        def run() -> int:
+            try:
+                fd = _open_file(f.path)
+            except FileNotFoundError:  # vanished since the scan: record it as empty
+                return 0
+            try:
+                got = chunker.patch_paged(fd, f.st.st_size, base, fps, runs, _buffer(),
+                                          sink.missing, sink.pack)
+            finally:
+                os.close(fd)
+            if got is None:  # not what the reference said: read it all, here
+                return sum(job() for job in segment_jobs(f))
+            sink.take(chunker.Chunks([], [], got.new))
+            f.patched = got
+            return got.read
+        return run
+
     for f in to_read:
         size = f.st.st_size
         if size <= chunker.SMALL_FILE:
@@ -652,12 +716,12 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 jobs.append(small_job(small))
                 small, small_bytes = [], 0
         elif chunker.is_paged(size):
-            n = (size + chunker.SEGMENT - 1) // chunker.SEGMENT
-            f.parts = [[] for _ in range(n)]
-            f.fingerprints = [b""] * n
-            for i in range(n):
-                seg = min(chunker.SEGMENT, size - i * chunker.SEGMENT)
-                jobs.append(big_job(f, i * chunker.SEGMENT, seg, i))
+            changes = reference.changes(store, f.rel, f.path) if reference else None
+            if changes is not None and \
+                    sum(e - s for s, e in changes[2]) * chunker.PAGE_BLOCK <= PATCH_LIMIT:
+                jobs.append(patch_job(f, *changes))
+            else:
+                jobs.extend(segment_jobs(f))
         else:
             f.parts = [[]]
             jobs.append(big_job(f, 0, size, 0))
@@ -682,6 +746,15 @@ def _assemble(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCa
     fingerprints: list[tuple[bytes, bytes]] = []
     superseded: list[bytes] = []  # fingerprints of versions this commit replaces
     for f in to_read:
+        if f.patched is not None:  # a list patched in place: no block list in memory
+            f.content, f.chunked, f.size = (sink.put(KIND_FILELIST, f.patched.filelist), True,
+                                            f.st.st_size)
+            if sink.writer is not None:
+                fingerprints.append((f.content, f.patched.fingerprints))
+                old = cache.get(f.rel)
+                if old is not None and old[4] != f.content:
+                    superseded.append(old[4])
+            continue
         chunks = [c for p in f.parts for c in p]
         f.size = sum(n for _, n in chunks)
         if not chunks:
