@@ -121,13 +121,22 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     (db / "a.txt").write_text("two")
     _commit(bdm, "two")
     (db / "a.txt").write_text("not committed")
+    discarding = capture(db)
     out = bdm.ok("reset", "--hard", "HEAD^")
     assert capture(db) == before
     assert btrfs.is_subvolume(db.parent)
-    saved = out.split("saved as ")[1].split()[0]
-    assert any(k.startswith(saved) for k in _kept(bdm.home))
-    bdm.ok("reset", "--hard", saved)
+    # What it discarded was kept as a snapshot, not read: named in the reflog, read on demand.
+    name = out.split("kept as ")[1].split()[0]
+    assert name.startswith("discarded-") and name in _kept(bdm.home)
+    row = json.loads(bdm.ok("reflog", "--json"))[0]
+    assert row["kept_as"] == name and row["saved"] is None
+    back = json.loads(bdm.ok("reset", "--hard", name[:14], "--json"))
+    assert capture(db) == discarding
     assert (db / "a.txt").read_text() == "not committed"
+    saved = json.loads(bdm.ok("reflog", "--json"))[1]["saved"]
+    assert saved == back["new"] and saved in _kept(bdm.home) and name not in _kept(bdm.home)
+    gone = bdm("reset", "--hard", name)  # read once: it is a commit now
+    assert gone.returncode != 0 and "no discarded state" in gone.stderr
     # The stat cache came with the kept state: nothing to read, and a clean state.
     assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
     assert _commit(bdm, "again")["bytes_read"] == 0
@@ -156,6 +165,77 @@ def test_a_new_branch_is_a_snapshot_sharing_every_block(bdm: DM) -> None:
     assert not (db / "feature.txt").exists()
     bdm.ok("checkout", "feature")
     assert (db / "feature.txt").read_text() == "only here"
+
+
+def _discarded(home: Path) -> list[str]:
+    return sorted(k for k in _kept(home) if k.startswith("discarded-"))
+
+
+def test_a_discarded_state_past_its_days_is_stored_and_fsck_notices_a_lost_one(
+        bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    (db / "a.txt").write_text("one")
+    first = _commit(bdm, "one")["id"]
+    (db / "a.txt").write_text("changed")
+    changed = capture(db)
+    assert "kept as discarded-" in bdm.ok("reset", "--hard", "HEAD")
+    [name] = _discarded(bdm.home)
+    bdm.ok("config", "snapshots.keep-days", "0")  # its snapshot is due: stored, then pruned
+    (db / "b.txt").write_text("two")
+    _commit(bdm, "two")
+    assert _discarded(bdm.home) == []
+    rows = json.loads(bdm.ok("reflog", "--json"))
+    saved = [r["saved"] for r in rows if r["action"] == "reset"][0]
+    assert saved and rows[1]["kept_as"] is None
+    bdm.ok("reset", "--hard", saved)
+    assert capture(db) == changed
+    assert json.loads(bdm.ok("log", "--json"))[1]["id"] == first  # its parent: the old head
+    # A discarded state whose snapshot vanished is named by fsck; a repair forgets it.
+    bdm.ok("config", "snapshots.keep-days", "7")
+    (db / "c.txt").write_text("three")
+    _commit(bdm, "three")  # a head with a kept state: resets to it keep what they discard
+    (db / "a.txt").write_text("again")
+    bdm.ok("reset", "--hard", "HEAD")
+    [name] = _discarded(bdm.home)
+    btrfs.remove_tree(bdm.home / "dots" / "app" / "snaps" / name)
+    report = json.loads(bdm("fsck", "--json").stdout)
+    assert not report["ok"] and any(name in p for p in report["problems"])
+    bdm.ok("fsck", "--repair")
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+    assert all(r["kept_as"] is None for r in json.loads(bdm.ok("reflog", "--json")))
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM) -> None:
+    """Killed before its journal names the discarded snapshot, a reset leaves the working
+    state as it was (and the next command removes the unnamed snapshot); after, it is
+    finished and the snapshot brings the discarded state back."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 256)
+    (db / "a.txt").write_text("one")
+    first = _commit(bdm, "one")["id"]
+    one = capture(db)
+    snaps = bdm.home / "dots" / "app" / "snaps"
+    for i in range(4):
+        (db / "a.txt").write_text(f"work {i}")
+        _rewrite_pages(db / "table", every=3 + i)
+        work = capture(db)
+        kill_inside(lambda: bdm.popen("reset", "--hard", str(first)),
+                    lambda: any(p.name.startswith("discarded-") for p in snaps.iterdir()),
+                    20, "a reset keeping the discarded state")
+        bdm.ok("commit", "-m", "after the kill")  # finishes or forgets what the kill left
+        now = capture(db)
+        assert now in (one, work)
+        kept_as = [r["kept_as"] for r in json.loads(bdm.ok("reflog", "--json"))
+                   if r["kept_as"]]
+        assert set(_discarded(bdm.home)) == set(kept_as)
+        if now == one:  # the reset happened: what it discarded comes back
+            bdm.ok("reset", "--hard", kept_as[0])
+            assert capture(db) == work
+        bdm.ok("reset", "--hard", str(first))
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
 @pytest.mark.slow

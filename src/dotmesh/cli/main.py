@@ -370,7 +370,8 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str) -> None
 def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> None:
     """Move the current branch to REF and make the data match it.
 
-    The working state being discarded is stored first and listed by dm reflog.
+    The working state being discarded is stored first and listed by dm reflog (on btrfs,
+    kept as a snapshot named discarded-..., read only if you reset to it).
 
     \b
     Example:  dm reset --hard HEAD^
@@ -380,7 +381,7 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
         r = checkout_ops.reset(c.home, dot_name, ref, hard, bar, stop_writers)
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
-                   "saved": r.saved.hex() if r.saved else None,
+                   "saved": r.saved.hex() if r.saved else None, "kept_as": r.kept_as,
                    "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped.processes],
                    "restarted": [c.name for c in r.stopped.containers]})
         return
@@ -389,6 +390,9 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     if r.saved:
         click.echo(f"The discarded working state is saved as {r.saved.hex()[:12]} "
                    f"(dm reflog; dm reset --hard {r.saved.hex()[:12]} brings it back)")
+    elif r.kept_as:
+        click.echo(f"The discarded working state is kept as {r.kept_as} "
+                   f"(dm reflog; dm reset --hard {r.kept_as} brings it back)")
 
 
 @cli.command()
@@ -410,12 +414,14 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
     if as_json:
         emit_json([{"branch": e.branch, "timestamp": iso(e.ts_ns), "action": e.action,
                     "old": hx(e.old), "new": hx(e.new), "saved": hx(e.saved),
-                    "message": e.message} for e in entries])
+                    "kept_as": e.kept_as, "message": e.message} for e in entries])
         return
     for e in entries:
         line = f"{(hx(e.new) or '-')[:12]:<12}  {e.branch}  {e.action}: {first_line(e.message)}"
         if e.saved:
             line += f"  (working state saved as {e.saved.hex()[:12]})"
+        elif e.kept_as:
+            line += f"  (working state kept as {e.kept_as})"
         click.echo(f"{when(e.ts_ns)}  {line}")
 
 

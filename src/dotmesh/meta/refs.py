@@ -77,7 +77,48 @@ def logged_ids(conn: sqlite3.Connection, dot: str) -> list[bytes]:
     reachable (dm reset --hard can name a discarded state)."""
     return [x for row in conn.execute(
         "SELECT old, new, saved FROM reflog WHERE dot=? UNION ALL "
-        "SELECT old, target, saved FROM restores WHERE dot=?", (dot, dot)) for x in row if x]
+        "SELECT old, target, saved FROM restores WHERE dot=? UNION ALL "
+        "SELECT old, target, NULL FROM discarded WHERE dot=?", (dot, dot, dot))
+        for x in row if x]
+
+
+# ------------------------------------------------------------------ discarded states
+# A working state a reset discarded on a snapshot backend, kept as a read-only snapshot
+# (``snaps/NAME``) and not yet stored as a commit; ``seq`` is its reflog row (NULL while the
+# reset that made it is journaled and not finished).
+
+def add_discarded(conn: sqlite3.Connection, dot: str, name: str, branch: str,
+                  old: bytes | None, target: bytes, taken_ns: int, author: str,
+                  message: str) -> None:
+    conn.execute("INSERT INTO discarded VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                 (dot, name, branch, old, target, taken_ns, author, message))
+
+
+def link_discarded(conn: sqlite3.Connection, dot: str) -> None:
+    """Tie the discarded states of a restore just finished to its reflog row (the dot's
+    newest), in the transaction that wrote it."""
+    conn.execute("UPDATE discarded SET seq=(SELECT MAX(seq) FROM reflog WHERE dot=?) "
+                 "WHERE dot=? AND seq IS NULL", (dot, dot))
+
+
+def discarded_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
+    """(name, branch, old, target, taken_ns, seq, author, message), unchecked, oldest first."""
+    return conn.execute(
+        "SELECT name, branch, old, target, taken_ns, seq, author, message FROM discarded "
+        "WHERE dot=? ORDER BY taken_ns", (dot,)).fetchall()
+
+
+def stored_discarded(conn: sqlite3.Connection, dot: str, name: str, seq: int | None,
+                     saved: bytes | None) -> None:
+    """A discarded state became a commit (``saved``; None: it was the head's state after
+    all): its reflog row names it like any saved state, and its row goes."""
+    if seq is not None and saved is not None:
+        conn.execute("UPDATE reflog SET saved=? WHERE dot=? AND seq=?", (saved, dot, seq))
+    conn.execute("DELETE FROM discarded WHERE dot=? AND name=?", (dot, name))
+
+
+def drop_discarded(conn: sqlite3.Connection, dot: str, name: str) -> None:
+    conn.execute("DELETE FROM discarded WHERE dot=? AND name=?", (dot, name))
 
 
 # ------------------------------------------------------------------ journals

@@ -29,4 +29,11 @@ def parse_hex_id(text: object) -> ObjectId:
     return ObjectId(bytes.fromhex(text))
 
 
-__all__ = ["HOLE", "ID_LEN", "ObjectId", "object_id", "parse_hex_id"]
+def parse_id_bytes(value: object) -> ObjectId:
+    """An object id as stored in meta.db: exactly ID_LEN bytes."""
+    if not isinstance(value, bytes) or len(value) != ID_LEN:
+        raise Corrupt(f"bad object id {value!r:.80}")
+    return ObjectId(value)
+
+
+__all__ = ["HOLE", "ID_LEN", "ObjectId", "object_id", "parse_hex_id", "parse_id_bytes"]

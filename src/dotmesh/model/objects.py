@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from dotmesh.errors import Corrupt, InvalidName
-from dotmesh.model.ids import ID_LEN, ObjectId, parse_hex_id
+from dotmesh.model.ids import ID_LEN, ObjectId, object_id, parse_hex_id
 from dotmesh.model.names import check_metadata_key, check_name
 
 KIND_CHUNK, KIND_FILELIST, KIND_TREE, KIND_COMMIT = 0, 1, 2, 3
@@ -426,3 +426,17 @@ class Commit:
         subdots = {k: Root.from_json(v) for k, v in d["subdots"].items()}
         return cls(parents, subdots, d["message"], d["author"], d["timestamp_ns"],
                    dict(d["metadata"]))
+
+
+def is_dirty(roots: dict[str, Root], head: Commit | None) -> bool:
+    """Does the working state differ from ``head`` (in contents, modes or owners)?"""
+    committed = head.subdots if head else {}
+    empty = object_id(EMPTY_TREE.encode())
+    for sub, root in roots.items():
+        c = committed.get(sub)
+        if c is None:
+            if root.tree != empty:
+                return True
+        elif (root.tree, root.mode, root.uid, root.gid) != (c.tree, c.mode, c.uid, c.gid):
+            return True
+    return False

@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dotmesh.capture.stop import Stopped, stopped_for_restore
 from dotmesh.errors import Conflict, UsageError
+from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
+from dotmesh.meta.statcache import StatCache
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch
-from dotmesh.model.objects import KIND_COMMIT, Commit
+from dotmesh.model.objects import KIND_COMMIT, Commit, is_dirty
 from dotmesh.ops.commit import default_author
-from dotmesh.ops.dots import is_dirty
 from dotmesh.store.repo import Journal, Repo
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import (
+    DotSnapshot,
     Progress,
+    backend_of,
     finish_restore,
+    freeze_set,
     materialize,
     recover,
     restore_folders,
+    scan_frozen,
     snapshot_dot,
-    snapshot_dot_frozen,
     snapshots_of,
     swap,
 )
@@ -39,6 +44,7 @@ class ResetResult:
     new: ObjectId
     saved: ObjectId | None  # the discarded working state, when it differed from the old head
     stopped: Stopped  # what the reset stopped (dm restarts containers, not processes)
+    kept_as: str | None = None  # the discarded working state, kept as a snapshot unread
 
 
 def checkout(home: Repo, dot: str, branch: str, create: bool = False,
@@ -93,8 +99,10 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
     """Move the current branch to ``ref`` and make the working state match. ``expect_old``
     (unless False): fail if the branch is not at that head any more (a pull decided on it).
 
-    The working state is stored first (nothing is lost), then everything the target needs is
-    read, verified and staged; only then is the restore journaled and the folders changed,
+    The working state is stored first (nothing is lost; on a snapshot backend resetting to a
+    kept state, a changed working state is kept as a read-only snapshot and read only when
+    asked for: see :class:`kept.Discarded`), then everything the target needs is read,
+    verified and staged; only then is the restore journaled and the folders changed,
     and the branch moved and the reflog written once they hold the target. A kill in between
     is finished by the next command; a damaged object fails before any folder is touched."""
     with home.lock(dot, "reset"):
@@ -104,19 +112,35 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
         old = home.head(dot, branch)
         if expect_old is not False and old != expect_old:
             raise Conflict(f"branch {branch} moved while this command ran; run it again")
-        target_id = home.resolve(dot, ref)  # only ever finds commits of this dot
+        target_id = _target(home, dot, ref)
         home.commit(target_id)
         message = message or f"reset --hard {ref}"
         with stopped_for_restore(home.stable_folders(dot), dot, stop_writers, "a reset") as stopped:
             writer = home.packs.writer()
             cow = snapshots_of(home)
-            staging = None
+            staging: Path | None = None
+            keep_as: str | None = None  # a name for the discarded state, kept unread
+            keep_caches: dict[str, StatCache] = {}
             if cow is not None:  # the working state is kept as a snapshot, too
-                staging, snap = snapshot_dot_frozen(home, dot, cow, writer, progress)
+                frozen = freeze_set(home, dot, cow)
+                staging = frozen.staging
+                try:
+                    # To a kept state, a reset need not read what it discards: if any file
+                    # changed, the frozen copy is kept as it is and read only if asked for.
+                    lazy = frozen.same_inodes and kept.folder(home, dot, target_id) is not None
+                    found = scan_frozen(home, dot, cow, frozen, writer, progress,
+                                        cached_only=lazy)
+                except BaseException:
+                    cow.discard(staging)
+                    raise
+                if found is None:
+                    keep_as = kept.new_discarded_name()
+                    keep_caches = {s: home.load_cache(dot, branch, s) for s in frozen.subdots}
+                snap = found or DotSnapshot({}, {}, {})
             else:
                 snap = snapshot_dot(home, dot, writer, progress)
             saved: ObjectId | None = None
-            if is_dirty(snap.roots, home.commit(old) if old else None):
+            if keep_as is None and is_dirty(snap.roots, home.commit(old) if old else None):
                 saved = writer.put(KIND_COMMIT, Commit(
                     parents=(old,) if old else (), subdots=snap.roots,
                     message=f"working state discarded by {action} to {ref}",
@@ -125,14 +149,23 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
             writer.flush()
 
             def journal() -> None:  # what is about to be discarded is named before it goes
+                nonlocal staging
+                if keep_as is not None and staging is not None:
+                    kept.keep_discarded(home, dot, staging, keep_as, keep_caches)
+                    staging = None  # a kill from here on: recover removes it until the row
                 with Tx(home.conn) as tx:
                     home.begin_restore(tx, dot, Journal("reset", branch, old, target_id, saved,
                                                         action, message))
+                    if keep_as is not None:
+                        refs.add_discarded(tx, dot, keep_as, branch, old, target_id,
+                                           frozen.taken, default_author(),
+                                           f"working state discarded by {action} to {ref}")
 
             try:
                 caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
                 with Tx(home.conn) as tx:
                     home.set_head(tx, dot, branch, old, target_id, action, saved, message)
+                    refs.link_discarded(tx, dot)
                     for sub, cache in caches.items():
                         base = snap.caches.get(sub, {})
                         home.save_cache(tx, dot, branch, sub, base, cache)
@@ -141,10 +174,22 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                 if cow is not None and staging is not None:
                     cow.discard(staging)
                 raise
-            if cow is not None and staging is not None:
+            if cow is not None:
                 kept.settle(home, dot, staging, saved or old,
                             {s: r.cache for s, r in snap.results.items()}, cow)
-        return ResetResult(old, target_id, saved, stopped)
+        return ResetResult(old, target_id, saved, stopped, keep_as)
+
+
+def _target(home: Repo, dot: str, ref: str) -> ObjectId:
+    """The commit ``ref`` names; a discarded state kept unread is read into one first."""
+    if not kept.is_discarded_ref(ref):
+        return home.resolve(dot, ref)  # only ever finds commits of this dot
+    d = kept.find_discarded(home, dot, ref)
+    stored = kept.store_discarded(home, dot, d, backend_of(home))
+    target = stored or d.old
+    if target is None:
+        raise UsageError(f"{d.name} was the state of an empty branch: nothing to reset to")
+    return target
 
 
 def _supersede(home: Repo, dot: str) -> None:
@@ -158,4 +203,5 @@ def _supersede(home: Repo, dot: str) -> None:
     with Tx(home.conn) as tx:
         home.log_ref(tx, dot, j.branch, f"{j.action} (interrupted)", j.old, j.target, j.saved,
                      f"{j.message}: interrupted, replaced by a later reset")
+        refs.link_discarded(tx, dot)
         home.end_restore(tx, dot)

@@ -12,9 +12,9 @@ from dotmesh.capture.stop import Stopped, active_containers, containers_of, stop
 from dotmesh.capture.writers import Writer, find_writers
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta import config
-from dotmesh.model.ids import ObjectId, object_id
+from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import VolumeName, check_name
-from dotmesh.model.objects import EMPTY_TREE, Commit, Root
+from dotmesh.model.objects import is_dirty
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import backend_of, choose, detect, make_stable, recover, snapshot_dot
@@ -152,17 +152,3 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         remotes=config.remote_dots(home.conn, dot),
         backend=backend_of(home).name, kept_states=len(kept.kept_ids(home, dot)),
     )
-
-
-def is_dirty(roots: dict[str, Root], head: Commit | None) -> bool:
-    """Does the working state differ from ``head`` (in contents, modes or owners)?"""
-    committed = head.subdots if head else {}
-    empty = object_id(EMPTY_TREE.encode())
-    for sub, root in roots.items():
-        c = committed.get(sub)
-        if c is None:
-            if root.tree != empty:
-                return True
-        elif (root.tree, root.mode, root.uid, root.gid) != (c.tree, c.mode, c.uid, c.gid):
-            return True
-    return False

@@ -399,6 +399,14 @@ class _Fsck:
                     kept.drop(self.home, dot, commit, backend_of(self.home))
                     self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
                                            f"{dot} (a restore of it reads the store)")
+            for d in kept.discarded(self.home, dot):
+                if kept.discarded_folder(self.home, dot, d.name) is None:
+                    # Unlike a kept state, this is the only copy of that working state.
+                    self.r.problems.append(f"the discarded state {d.name} of {dot} named in "
+                                           "its reflog is gone: that working state is lost")
+                    if self.repair:
+                        kept.drop_discarded(self.home, dot, d.name, backend_of(self.home))
+                        self.r.repaired.append(f"forgot the discarded state {d.name} of {dot}")
 
 
 def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:

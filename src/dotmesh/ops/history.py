@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.meta import refs
@@ -12,6 +12,7 @@ from dotmesh.model.ids import ObjectId
 from dotmesh.model.objects import DIR, Commit, Root, Tree
 from dotmesh.model.trees import Step, walk_trees
 from dotmesh.store.repo import Repo, sound_reflog_row
+from dotmesh.workdir import kept
 from dotmesh.workdir.branches import snapshot_dot
 
 # What a dm holding a dot's lock may be changing in its folders (a commit only reads them).
@@ -43,13 +44,15 @@ class ReflogEntry:
     new: bytes | None
     saved: bytes | None
     message: str
+    kept_as: str | None = None  # a discarded state kept as a snapshot, not read yet
 
 
 def reflog(home: Repo, dot: str, limit: int | None = None) -> list[ReflogEntry]:
     rows = refs.reflog_rows(home.conn, dot, limit)
     if not all(sound_reflog_row(*r[1:]) for r in rows):
         raise Corrupt(f"a reflog entry of dot {dot!r} is damaged: run dm fsck --repair")
-    return [ReflogEntry(*r) for r in rows]
+    unread = {d.seq: d.name for d in kept.discarded(home, dot) if d.seq is not None}
+    return [replace(ReflogEntry(*r), kept_as=unread.get(r[0])) for r in rows]
 
 
 @dataclass(frozen=True)

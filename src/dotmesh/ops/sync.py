@@ -33,10 +33,10 @@ from dotmesh.model.objects import (
     Commit,
     FileList,
     Tree,
+    is_dirty,
 )
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import remotes
-from dotmesh.ops.dots import is_dirty
 from dotmesh.remote import graph
 from dotmesh.remote.transport import Transport
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta

@@ -25,6 +25,7 @@ from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
+from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.backend import BACKENDS, PLAIN, FolderBackend, SnapshotBackend
 from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, merge_cache
 from dotmesh.workdir.snapshot import Reference, SnapshotResult
@@ -316,6 +317,7 @@ def finish_restore(home: Repo, dot: str, progress: Progress | None = None) -> bo
                               logged=j.kind != "clone")
             elif j.kind != "clone":
                 home.log_ref(tx, dot, j.branch, j.action, j.old, j.target, j.saved, message)
+            refs.link_discarded(tx, dot)
             for sub, cache in caches.items():
                 home.save_cache(tx, dot, j.branch, sub, snap.caches.get(sub, {}), cache)
             home.end_restore(tx, dot)
@@ -406,15 +408,29 @@ def _for_copy(cache: StatCache, made: Stats | None) -> StatCache:
     return out
 
 
-def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
-                        progress: Progress | None = None,
-                        freeze: Callable[[], AbstractContextManager[Any]] = nullcontext
-                        ) -> tuple[Path, DotSnapshot]:
-    """Snapshot every subdot read-only inside ``freeze`` (milliseconds, whatever the writers
-    did), then scan the snapshots after it: a paged file is read only where its blocks are
-    not shared with the head's kept state. Returns the snapshots' folder (for
-    :func:`kept.keep` once the commit exists) and what they hold."""
-    branch = home.branch(dot)
+@dataclass
+class Frozen:
+    """A dot's working set copied read-only in a freeze (``staging``, see :func:`kept.begin`):
+    when (``taken``), and each subdot's files' stats where the copy has new inodes."""
+
+    staging: Path
+    taken: int
+    subdots: list[str]
+    copied: dict[str, Stats | None]
+    whole: bool  # the working set was copied in one piece (not an older layout's subdots)
+
+    @property
+    def same_inodes(self) -> bool:
+        """A snapshot (btrfs), not a copy: the stat caches of the working set fit it."""
+        return self.whole and all(v is None for v in self.copied.values())
+
+    def folder(self, sub: str) -> Path:
+        return self.staging / kept.SET / sub
+
+
+def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
+               freeze: Callable[[], AbstractContextManager[Any]] = nullcontext) -> Frozen:
+    """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did)."""
     ensure_folders(home, dot)
     subs = home.subdots(dot)
     staging = kept.begin(home, dot)
@@ -432,24 +448,57 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
                 into.mkdir()
                 for sub in subs:
                     copied[sub] = cow.freeze_copy(home.stable(dot, sub), into / sub)
-        head = home.head(dot, branch)
-        state = kept.folder(home, dot, head)
-        before = home.commit(head) if head is not None and state is not None else None
-        snap = DotSnapshot({}, {}, {})
-        for sub in subs:
+    except BaseException:
+        cow.discard(staging)
+        raise
+    return Frozen(staging, taken, subs, copied, whole)
+
+
+def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
+                writer: PackWriter | None, progress: Progress | None = None,
+                cached_only: bool = False) -> DotSnapshot | None:
+    """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
+    head's kept state. ``cached_only``: None as soon as any file would have to be read (the
+    stat caches do not vouch for it): a reset then keeps the copy as it is instead."""
+    branch = home.branch(dot)
+    head = home.head(dot, branch)
+    state = kept.folder(home, dot, head)
+    before = home.commit(head) if head is not None and state is not None else None
+    snap = DotSnapshot({}, {}, {})
+    for sub in frozen.subdots:
+        cache = home.load_cache(dot, branch, sub)
+        if cached_only:
+            got = scan.snapshot_cached(frozen.folder(sub), home.packs, writer, cache,
+                                       frozen.taken, frozen.copied[sub])
+            if got is None:
+                return None
+            res = got
+        else:
             reference = None
             if before is not None and state is not None and sub in before.subdots \
                     and kept.sub_path(state, sub).is_dir():
                 reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree)
-            cache = home.load_cache(dot, branch, sub)
-            res = cow.snapshot(into / sub, home.packs, writer, cache, progress,
-                               reference=reference, taken_ns=taken, stats=copied[sub])
-            snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
-    except BaseException:
-        cow.discard(staging)
-        raise
-    return staging, snap
+            res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
+                               reference=reference, taken_ns=frozen.taken,
+                               stats=frozen.copied[sub])
+        snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
+    return snap
 
+
+def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
+                        progress: Progress | None = None,
+                        freeze: Callable[[], AbstractContextManager[Any]] = nullcontext
+                        ) -> tuple[Path, DotSnapshot]:
+    """:func:`freeze_set`, then :func:`scan_frozen`. Returns the snapshots' folder (for
+    :func:`kept.keep` once the commit exists) and what they hold."""
+    frozen = freeze_set(home, dot, cow, freeze)
+    try:
+        snap = scan_frozen(home, dot, cow, frozen, writer, progress)
+    except BaseException:
+        cow.discard(frozen.staging)
+        raise
+    assert snap is not None
+    return frozen.staging, snap
 
 
 BUILDING = ".dm-"  # a folder being built or staged inside a working set

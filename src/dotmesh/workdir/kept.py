@@ -12,18 +12,22 @@ command removes what a kill left there. Which states stay is decided by :func:`p
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from dotmesh.errors import Corrupt, DotmeshError
+from dotmesh.errors import Corrupt, DotmeshError, NotFound, UsageError
 from dotmesh.meta import config, refs
+from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
 from dotmesh.model.graph import walk_commits
-from dotmesh.model.ids import ObjectId, parse_hex_id
+from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
+from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.backend import FolderBackend
@@ -82,16 +86,7 @@ def begin(home: Repo, dot: str) -> Path:
 def keep(home: Repo, dot: str, staging: Path, commit: bytes,
          caches: dict[str, StatCache], backend: FolderBackend) -> None:
     """Name the snapshots in ``staging`` after ``commit`` (whose ref is already written)."""
-    blob = bytearray()
-    for sub, cache in sorted(caches.items()):
-        name, body = sub.encode(), encode_cache(cache)
-        blob += _LEN.pack(len(name)) + name + _LEN.pack(len(body)) + body
-    tmp = staging / f"{CACHES}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, staging / CACHES)
+    _write_caches(staging, caches)
     final = snaps_dir(home, dot) / commit.hex()
     if final.exists():  # the same state kept before (a commit of an unchanged state)
         backend.discard(staging)
@@ -100,19 +95,35 @@ def keep(home: Repo, dot: str, staging: Path, commit: bytes,
     _sync_dir(final.parent)
 
 
-def settle(home: Repo, dot: str, staging: Path, commit: bytes | None,
+def _write_caches(state: Path, caches: dict[str, StatCache]) -> None:
+    blob = bytearray()
+    for sub, cache in sorted(caches.items()):
+        name, body = sub.encode(), encode_cache(cache)
+        blob += _LEN.pack(len(name)) + name + _LEN.pack(len(body)) + body
+    tmp = state / f"{CACHES}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, state / CACHES)
+
+
+def settle(home: Repo, dot: str, staging: Path | None, commit: bytes | None,
            caches: dict[str, StatCache], backend: FolderBackend) -> None:
     """After a command's refs are written: keep ``staging`` as ``commit``'s state (None:
     drop it) and prune. Never fails the command: a state not kept, or not yet removed, costs
     time or space only, and the next command's recover or prune sees to it."""
     try:
-        if commit is None:
+        if staging is None:
+            pass
+        elif commit is None:
             backend.discard(staging)
         else:
             keep(home, dot, staging, commit, caches, backend)
     except (OSError, DotmeshError):
         try:
-            backend.discard(staging)
+            if staging is not None:
+                backend.discard(staging)
         except (OSError, DotmeshError):
             pass
     try:
@@ -125,10 +136,15 @@ def caches(home: Repo, dot: str, commit: bytes) -> dict[str, StatCache]:
     """The stat caches saved with a kept state ({} for any part that cannot be read: a cache
     only spares reads, so a damaged one costs time, never data)."""
     p = folder(home, dot, commit)
+    return _read_caches(p) if p is not None else {}
+
+
+def _read_caches(p: Path) -> dict[str, StatCache]:
     out: dict[str, StatCache] = {}
-    if p is None:
+    try:
+        blob = (p / CACHES).read_bytes()
+    except OSError:
         return out
-    blob = (p / CACHES).read_bytes()
     pos = 0
     try:
         while pos < len(blob):
@@ -162,9 +178,11 @@ def recover(home: Repo, dot: str, backend: FolderBackend) -> None:
     """Remove the snapshots of states a killed command did not finish."""
     d = snaps_dir(home, dot)
     if d.is_dir():
+        named = {x.name for x in discarded(home, dot)}
         for entry in d.iterdir():
-            if entry.name.startswith(NEW_PREFIX):
-                backend.discard(entry)
+            if entry.name.startswith(NEW_PREFIX) or (
+                    _DISCARDED_NAME.fullmatch(entry.name) and entry.name not in named):
+                backend.discard(entry)  # a reset killed before its journal named it
 
 
 def _limit(home: Repo, key: str) -> int:
@@ -195,6 +213,13 @@ def wanted(home: Repo, dot: str) -> set[bytes]:
 def prune(home: Repo, dot: str, backend: FolderBackend,
           also_keep: Iterable[bytes] = ()) -> list[ObjectId]:
     """Drop the kept states :func:`wanted` does not name; returns those dropped."""
+    horizon = time.time_ns() - _limit(home, KEEP_DAYS) * 86_400 * 10**9
+    for d in discarded(home, dot):
+        if d.seq is not None and d.taken_ns < horizon:
+            try:  # its snapshot goes: the state is stored as a commit first
+                store_discarded(home, dot, d, backend)
+            except (OSError, DotmeshError):
+                continue  # kept as it is; the next prune tries again
     keep_set = wanted(home, dot) | set(also_keep)
     dropped = [c for c in kept_ids(home, dot)
                if c not in keep_set or folder(home, dot, c) is None]
@@ -252,3 +277,130 @@ def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
         return  # not a kept state: nothing of ours to remove, nothing followed
     (state / CACHES).unlink(missing_ok=True)
     backend.discard(state)
+
+
+# ------------------------------------------------------------------ discarded states
+DISCARDED_PREFIX = "discarded-"
+_DISCARDED_NAME = re.compile(r"discarded-[0-9a-f]{16}")
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """A working state a reset discarded, kept as the read-only snapshot ``snaps/NAME`` and
+    not read yet: the reset cost a snapshot, not a commit. It becomes a commit (its reflog
+    row then names it like any saved state) when it is asked for or its days are over."""
+
+    name: str
+    branch: str
+    old: ObjectId | None  # the head it was a change of
+    target: ObjectId  # where the reset went
+    taken_ns: int
+    seq: int | None  # its reflog row; None while its reset is unfinished
+    author: str
+    message: str
+
+
+def discarded(home: Repo, dot: str) -> list[Discarded]:
+    """The dot's discarded states, oldest first (rows that are not well formed are left out:
+    fsck names them)."""
+    out = []
+    for name, branch, old, target, taken, seq, author, message in refs.discarded_rows(
+            home.conn, dot):
+        if not (isinstance(name, str) and _DISCARDED_NAME.fullmatch(name)
+                and isinstance(branch, str) and isinstance(taken, int)
+                and isinstance(author, str) and isinstance(message, str)
+                and (seq is None or isinstance(seq, int))):
+            continue
+        try:
+            old_id = parse_id_bytes(old) if old is not None else None
+            target_id = parse_id_bytes(target)
+        except Corrupt:
+            continue
+        out.append(Discarded(name, branch, old_id, target_id, taken, seq, author, message))
+    return out
+
+
+def new_discarded_name() -> str:
+    return DISCARDED_PREFIX + uuid.uuid4().hex[:16]
+
+
+def is_discarded_ref(text: str) -> bool:
+    return text.startswith(DISCARDED_PREFIX)
+
+
+def find_discarded(home: Repo, dot: str, text: str) -> Discarded:
+    """The discarded state named ``text`` (or a unique prefix of its name, 4 hex digits on)."""
+    hits = [d for d in discarded(home, dot) if d.name.startswith(text)]
+    if len(text) < len(DISCARDED_PREFIX) + 4 or not hits:
+        raise NotFound(f"dot {dot!r} has no discarded state {text!r} (dm reflog lists them)")
+    if len(hits) > 1:
+        raise UsageError(f"{text!r} names {len(hits)} discarded states: give more digits")
+    return hits[0]
+
+
+def discarded_folder(home: Repo, dot: str, name: str) -> Path | None:
+    p = snaps_dir(home, dot) / name
+    if not (_DISCARDED_NAME.fullmatch(name) and _real_dir(p) and _real_dir(p / SET)):
+        return None
+    try:
+        return p if stat.S_ISREG(os.lstat(p / CACHES).st_mode) else None
+    except OSError:
+        return None
+
+
+def keep_discarded(home: Repo, dot: str, staging: Path, name: str,
+                   caches: dict[str, StatCache]) -> None:
+    """Name a frozen copy of the working set as a discarded state (its row is written next,
+    in the journal's transaction: a kill between the two leaves a folder recover removes)."""
+    _write_caches(staging, caches)
+    os.rename(staging, snaps_dir(home, dot) / name)
+    _sync_dir(snaps_dir(home, dot))
+
+
+def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
+                    ) -> ObjectId | None:
+    """Read a discarded state into a commit (a paged file only where it does not share blocks
+    with its head's kept state) and name it in its reflog row; its snapshot becomes that
+    commit's kept state. None: it held exactly its head's state."""
+    state = discarded_folder(home, dot, d.name)
+    if state is None:
+        raise Corrupt(f"the discarded state {d.name} of dot {dot!r} is gone: run dm fsck")
+    caches = _read_caches(state)
+    head = home.commit(d.old) if d.old is not None else None
+    ref_state = folder(home, dot, d.old)
+    writer = home.packs.writer()
+    roots: dict[str, Root] = {}
+    scanned: dict[str, StatCache] = {}
+    for sub in sorted(caches):
+        top = sub_path(state, sub)
+        if not _real_dir(top):
+            raise Corrupt(f"the discarded state {d.name} of dot {dot!r} lacks subdot {sub}")
+        reference = None
+        if head is not None and ref_state is not None and sub in head.subdots \
+                and _real_dir(sub_path(ref_state, sub)):
+            reference = scan.Reference(sub_path(ref_state, sub), head.subdots[sub].tree)
+        res = scan.snapshot(top, home.packs, writer, caches[sub], reference=reference,
+                            taken_ns=d.taken_ns)
+        roots[sub], scanned[sub] = res.root, res.cache
+    saved = None
+    if is_dirty(roots, head):
+        saved = writer.put(KIND_COMMIT, Commit(
+            parents=(d.old,) if d.old else (), subdots=roots, message=d.message,
+            author=d.author, timestamp_ns=d.taken_ns, metadata={}).encode())
+    writer.flush()
+    with Tx(home.conn) as tx:
+        refs.stored_discarded(tx, dot, d.name, d.seq, saved)
+    if saved is None:
+        backend.discard(state)
+    else:
+        keep(home, dot, state, saved, scanned, backend)
+    return saved
+
+
+def drop_discarded(home: Repo, dot: str, name: str, backend: FolderBackend) -> None:
+    """Forget a discarded state: its row, then its snapshot (what recover would remove)."""
+    with Tx(home.conn) as tx:
+        refs.drop_discarded(tx, dot, name)
+    p = snaps_dir(home, dot) / name
+    if _DISCARDED_NAME.fullmatch(name) and _real_dir(p):
+        backend.discard(p)

@@ -429,6 +429,22 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
     return result
 
 
+def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
+                    taken_ns: int, stats: Stats | None = None) -> SnapshotResult | None:
+    """:func:`snapshot` of a read-only copy, if no file of it has to be read (each one's stat
+    matches ``cache``), else None. One walk: a reset tells from it whether the working state
+    it discards is worth keeping, without reading any file."""
+    walk = _Walk(str(top), cache, None, stats)
+    walk.tree("")
+    if walk.reads:
+        return None
+    result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
+                            linked={path for path, _ in walk.linked})
+    _complete(top, store, _Sink(store, writer), walk, cache, None, result, taken_ns,
+              set(walk.folders))
+    return result
+
+
 def update(top: Path, store: PackStore, writer: PackWriter | None, prev: SnapshotResult,
            changed: dict[str, set[str]], fresh: Collection[str] = frozenset(),
            progress: Progress | None = None, defer: bool = False,
