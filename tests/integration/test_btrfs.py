@@ -239,6 +239,72 @@ def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM)
 
 
 @pytest.mark.slow
+def test_kill_9_in_checkout_b_leaves_the_branch_whole_or_absent(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 256)
+    (db / "a.txt").write_text("committed")
+    _commit(bdm, "one")
+    committed = capture(db)
+    parked = bdm.home / "dots" / "app" / "branches"
+    scratch = bdm.home / "dots" / "app" / "tmp"
+
+    def busy() -> bool:
+        return any(d.is_dir() and any(d.iterdir()) for d in (parked, scratch))
+
+    for i in range(4):
+        (db / "a.txt").write_text(f"uncommitted {i}")
+        work = capture(db)
+        kill_inside(lambda n=i: bdm.popen("checkout", "-b", f"f{n}"), busy, 20,
+                    "a checkout -b")
+        bdm.ok("list")  # any command finishes (or undoes) what the kill left
+        branches = {b["name"]: b for b in json.loads(bdm.ok("branch", "--json"))}
+        current = [n for n, b in branches.items() if b["current"]][0]
+        if current == "master":
+            assert capture(db) == work
+        else:  # the new branch exists whole: its folders are the head's state
+            assert current == f"f{i}" and capture(db) == committed
+            bdm.ok("checkout", "master")
+            assert capture(db) == work
+        if f"f{i}" in branches:
+            bdm.ok("checkout", f"f{i}")
+            assert capture(db) == committed
+            bdm.ok("checkout", "master")
+        bdm.ok("reset", "--hard", "HEAD")
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.slow
+def test_kill_9_while_kept_states_are_pruned_leaves_only_whole_ones(bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 256)
+    bdm.ok("config", "snapshots.keep-commits", "1")
+    _commit(bdm, "base")
+    snaps = bdm.home / "dots" / "app" / "snaps"
+
+    def states() -> list[Path]:
+        return [p for p in snaps.iterdir() if not p.name.startswith((".", "discarded-"))]
+
+    states_seen: list[tuple[str, dict[str, tuple[object, ...]]]] = []
+    for i in range(4):
+        _rewrite_pages(db / "table", every=4 + i)
+        want = capture(db)
+        # two states at once: the new one is kept and the old one not yet removed
+        kill_inside(lambda n=i: bdm.popen("commit", "-m", f"c{n}"),
+                    lambda: len(states()) >= 2, 20, "pruning after a commit")
+        bdm.ok("commit", "-m", f"after kill {i}")
+        states_seen.append((json.loads(bdm.ok("log", "--json"))[0]["id"], want))
+        # the next command's prune finished the job: one whole state, the head's
+        assert [p.name for p in states()] == [states_seen[-1][0]]
+        assert (states()[0] / ".dm-caches").is_file()
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+    for commit, want in states_seen:
+        bdm.ok("reset", "--hard", commit)
+        assert capture(db) == want
+
+
+@pytest.mark.slow
 def test_kept_states_are_pruned_to_what_is_configured(bdm: DM) -> None:
     bdm.ok("init", "app")
     db = bdm.path("app.db")
