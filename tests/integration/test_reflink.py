@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from dotmesh.fs import reflink
 from tests.conftest import DM, capture
 from tests.integration.test_btrfs import _commit, _kept, _paged_file, _rewrite_pages, _same_as_plain
 
@@ -100,3 +103,53 @@ def test_without_kept_states_a_reset_patches_a_reflinked_copy(xdm: DM) -> None:
     assert _commit(xdm, "again")["bytes_read"] == 0
     xdm.ok("checkout", "-b", "other")
     assert capture(db) == one
+
+
+def test_a_copy_made_before_the_freeze_is_brought_up_to_date_in_it(xfs_mount: Path) -> None:
+    """The reflink backend copies the tree before the freeze and, in it, clones again only
+    what changed since: the result is the tree as it is in the freeze, every kind of change
+    included, and files left alone keep their earlier clone."""
+    src, dst = xfs_mount / uuid.uuid4().hex, xfs_mount / uuid.uuid4().hex
+    (src / "d" / "gone").mkdir(parents=True)
+    (src / "d" / "gone" / "x").write_text("x")
+    for name in ("same", "edited", "chmodded", "removed", "becomes-dir"):
+        (src / name).write_text(name)
+    os.symlink("same", src / "link")
+    time.sleep(reflink.RACY_NS / 1e9 + 0.05)  # older than the copy by more than a tick
+    started = time.time_ns()
+    before, _ = reflink.copy_tree(src, dst)
+    kept_clone = os.open(dst / "same", os.O_RDONLY)
+    (src / "edited").write_text("edited, and longer")
+    os.chmod(src / "chmodded", 0o600)
+    (src / "removed").unlink()
+    (src / "becomes-dir").unlink()
+    (src / "becomes-dir").mkdir()
+    (src / "becomes-dir" / "inner").write_text("inner")
+    shutil.rmtree(src / "d" / "gone")
+    (src / "new").write_bytes(os.urandom(10_000))
+    (src / "link").unlink()
+    os.symlink("edited", src / "link")
+    try:
+        stats = reflink.refresh_tree(src, dst, before, started)
+        assert os.fstat(kept_clone).st_nlink == 1  # not cloned again
+    finally:
+        os.close(kept_clone)
+    assert capture(dst) == capture(src)
+    assert set(stats) == {b"same", b"edited", b"chmodded", b"new", b"becomes-dir/inner"}
+    assert stats[b"edited"].st_size == len("edited, and longer")
+    # A file written just before the copy may change again within the same clock tick
+    # without its stat showing it: it is cloned again in the freeze, whatever its stat says.
+    (src / "fresh").write_text("written just now")
+    started = time.time_ns()
+    dst2 = xfs_mount / uuid.uuid4().hex
+    before, _ = reflink.copy_tree(src, dst2)
+    fresh = os.open(dst2 / "fresh", os.O_RDONLY)
+    same = os.open(dst2 / "same", os.O_RDONLY)
+    try:
+        reflink.refresh_tree(src, dst2, before, started)
+        assert os.fstat(fresh).st_nlink == 0  # replaced by a new clone
+        assert os.fstat(same).st_nlink == 1  # kept
+    finally:
+        os.close(fresh)
+        os.close(same)
+    assert capture(dst2) == capture(src)

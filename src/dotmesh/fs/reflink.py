@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -14,6 +15,9 @@ from dotmesh.fs.btrfs import FICLONE, SnapshotError
 
 Stats = dict[bytes, os.stat_result]  # relative path -> stat, of the files copied
 
+# A file whose times are this close to a copy's start may have been written in the same clock
+# tick as its stat was taken: its copy is made again rather than trusted (see refresh_tree).
+RACY_NS = 100_000_000
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -70,6 +74,114 @@ def copy_tree(source: Path, dest: Path, into: bool = False) -> tuple[Stats, Stat
     return before, after
 
 
+def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int) -> Stats:
+    """Bring ``dest``, a :func:`copy_tree` of ``source`` begun at ``started_ns`` whose source
+    stats were ``before``, up to date: only files whose stat changed since (or that were
+    written too close to that copy to tell) are cloned again, new entries copied, vanished
+    ones removed. A commit copies the tree before its freeze and only this in it. Returns
+    the stats of the source's files as the copy now holds them."""
+    out: Stats = {}
+    try:
+        src_fd = os.open(source, _DIR)
+    except OSError as e:
+        raise SnapshotError(f"cannot copy {source}: {e.strerror}") from None
+    try:
+        dst_fd = os.open(dest, _DIR)
+        try:
+            _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS)
+            _attrs(dst_fd, os.fstat(src_fd))
+        finally:
+            os.close(dst_fd)
+    except OSError as e:
+        raise SnapshotError(f"cannot copy {source} to {dest}: {e.strerror}") from None
+    finally:
+        os.close(src_fd)
+    return out
+
+
+def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
+                 trusted_before: int) -> None:
+    with os.scandir(src) as it:
+        entries = {e.name: e.stat(follow_symlinks=False) for e in it}
+    with os.scandir(dst) as it:
+        have = {e.name: e.stat(follow_symlinks=False) for e in it}
+    for name, st in have.items():  # what the source no longer has (or has as another kind)
+        wanted = entries.get(name)
+        if wanted is None or stat.S_IFMT(wanted.st_mode) != stat.S_IFMT(st.st_mode) \
+                or stat.S_ISLNK(st.st_mode):
+            _remove_at(dst, name, st)
+    for name, st in entries.items():
+        rel = prefix + os.fsencode(name)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            old = before.get(rel)
+            copy = have.get(name)
+            if (copy is not None and stat.S_ISREG(copy.st_mode) and old is not None
+                    and (old.st_size, old.st_mtime_ns, old.st_ctime_ns, old.st_ino)
+                    == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    and st.st_mtime_ns < trusted_before and st.st_ctime_ns < trusted_before):
+                out[rel] = old
+                continue
+            if copy is not None and stat.S_ISREG(copy.st_mode):
+                os.unlink(name, dir_fd=dst)
+            _clone_file(src, dst, name, rel, out, {})
+        elif stat.S_ISDIR(mode):
+            try:
+                s = os.open(name, _DIR, dir_fd=src)
+            except FileNotFoundError:
+                continue
+            try:
+                if name not in have or not stat.S_ISDIR(have[name].st_mode):
+                    os.mkdir(name, 0o700, dir_fd=dst)
+                d = os.open(name, _DIR, dir_fd=dst)
+                try:
+                    _refresh_dir(s, d, rel + b"/", before, out, trusted_before)
+                    _attrs(d, os.fstat(s))
+                finally:
+                    os.close(d)
+            finally:
+                os.close(s)
+        elif stat.S_ISLNK(mode):
+            _copy_link(src, dst, name, st)
+
+
+def _remove_at(dst: int, name: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dst)
+    else:
+        os.unlink(name, dir_fd=dst)
+
+
+def _clone_file(src: int, dst: int, name: str, rel: bytes, before: Stats, after: Stats
+                ) -> None:
+    try:
+        s = os.open(name, _FLAGS, dir_fd=src)
+    except FileNotFoundError:
+        return
+    try:
+        d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                    dir_fd=dst)
+        try:
+            fcntl.ioctl(d, FICLONE, s)
+            now = os.fstat(s)
+            _attrs(d, now)
+            before[rel], after[rel] = now, os.fstat(d)
+        finally:
+            os.close(d)
+    finally:
+        os.close(s)
+
+
+def _copy_link(src: int, dst: int, name: str, st: os.stat_result) -> None:
+    try:
+        target = os.readlink(name, dir_fd=src)
+    except FileNotFoundError:
+        return
+    os.symlink(target, name, dir_fd=dst)
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
+
+
 def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats) -> None:
     with os.scandir(src) as it:
         entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
@@ -77,22 +189,7 @@ def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats) ->
         rel = prefix + os.fsencode(name)
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            try:
-                s = os.open(name, _FLAGS, dir_fd=src)
-            except FileNotFoundError:
-                continue
-            try:
-                d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                            dir_fd=dst)
-                try:
-                    fcntl.ioctl(d, FICLONE, s)
-                    now = os.fstat(s)
-                    _attrs(d, now)
-                    before[rel], after[rel] = now, os.fstat(d)
-                finally:
-                    os.close(d)
-            finally:
-                os.close(s)
+            _clone_file(src, dst, name, rel, before, after)
         elif stat.S_ISDIR(mode):
             try:
                 s = os.open(name, _DIR, dir_fd=src)
@@ -109,14 +206,7 @@ def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats) ->
             finally:
                 os.close(s)
         elif stat.S_ISLNK(mode):
-            try:
-                target = os.readlink(name, dir_fd=src)
-            except FileNotFoundError:
-                continue
-            os.symlink(target, name, dir_fd=dst)
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst,
-                     follow_symlinks=False)
+            _copy_link(src, dst, name, st)
 
 
 def _attrs(fd: int, st: os.stat_result) -> None:

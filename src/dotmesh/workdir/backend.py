@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -73,6 +75,14 @@ class FolderBackend(Protocol):
         """Remove a folder this backend made (and anything in it), if it exists."""
 
 
+@dataclass(frozen=True)
+class PreCopy:
+    """A copy made before a freeze (see :meth:`SnapshotBackend.prepare_copy`)."""
+
+    stats: Stats  # the source files' stats as copied
+    started_ns: int
+
+
 class SnapshotBackend(FolderBackend, Protocol):
     """A backend that copies a dot's whole working set (the folder of its subdot folders) at
     once: a btrfs subvolume snapshotted in one call (so the freeze costs one transaction),
@@ -86,7 +96,12 @@ class SnapshotBackend(FolderBackend, Protocol):
     def is_set(self, path: Path) -> bool:
         """Can ``path`` be copied as a whole by this backend?"""
 
-    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
+    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+        """Before a freeze: start a copy of ``folder`` at ``dest`` that :meth:`freeze_copy`
+        then only brings up to date (None: nothing to prepare, a snapshot is instant)."""
+
+    def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
+                    ) -> Stats | None:
         """A read-only copy of ``folder`` at ``dest`` as it is at this instant. For a copy
         whose files are new inodes (reflinks), returns the originals' stats when copied, by
         which a scan of the copy judges its stat cache; None for a true snapshot."""
@@ -164,7 +179,11 @@ class BtrfsFolders(PlainFolders):
     def discard(self, path: Path) -> None:
         btrfs.remove_tree(path)
 
-    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
+    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+        return None
+
+    def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
+                    ) -> Stats | None:
         if btrfs.is_subvolume(folder):
             btrfs.snapshot(folder, dest, read_only=True)
             return None
@@ -190,9 +209,19 @@ class ReflinkFolders(PlainFolders):
     def is_set(self, path: Path) -> bool:
         return path.is_dir()
 
-    def freeze_copy(self, folder: Path, dest: Path) -> Stats | None:
+    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+        started = time.time_ns()
         before, _ = reflink.copy_tree(folder, dest)
-        return before
+        return PreCopy(before, started)
+
+    def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
+                    ) -> Stats | None:
+        """In the freeze, only the files changed since :meth:`prepare_copy` are cloned
+        again: the writers wait for a stat walk, not for a clone of every file."""
+        if prepared is None:
+            before, _ = reflink.copy_tree(folder, dest)
+            return before
+        return reflink.refresh_tree(folder, dest, prepared.stats, prepared.started_ns)
 
     def writable_copy(self, source: Path, dest: Path) -> Stats | None:
         _, after = reflink.copy_tree(source, dest)

@@ -439,10 +439,12 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
         copied: dict[str, Stats | None] = {}
         whole = cow.is_set(working_set(home, dot))
         into = staging / kept.SET
+        # a reflinked tree is copied first and only brought up to date in the freeze
+        pre = cow.prepare_copy(working_set(home, dot), into) if whole else None
         with freeze():
             taken = time.time_ns()
             if whole:  # one call: one instant, one btrfs transaction
-                made = cow.freeze_copy(working_set(home, dot), into)
+                made = cow.freeze_copy(working_set(home, dot), into, pre)
                 copied = {sub: _within(made, sub) for sub in subs}
             else:  # an older layout: subdot by subdot
                 into.mkdir()
