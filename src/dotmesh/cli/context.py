@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from dotmesh.store.repo import Repo
+if TYPE_CHECKING:
+    from dotmesh.store.repo import Repo
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -14,9 +16,18 @@ json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for
 class Ctx:
     """The store named by --home or DM_HOME, opened on first use."""
 
-    def __init__(self, home: Path) -> None:
-        self.path = home
+    def __init__(self, home: Path | None) -> None:
+        self._path = home  # None: the default, found on first use
         self._home: Repo | None = None
+
+    @property
+    def path(self) -> Path:
+        """The store's folder: --home, else $DM_HOME or ~/.dotmesh."""
+        if self._path is None:
+            from dotmesh.store.repo import default_home  # not for --help and the hub's commands
+
+            self._path = default_home()
+        return self._path
 
     def close(self) -> None:
         if self._home is not None:
@@ -26,6 +37,8 @@ class Ctx:
     @property
     def home(self) -> Repo:
         if self._home is None:
+            from dotmesh.store.repo import Repo  # the store's code, only for commands that use it
+
             self._home = Repo(self.path)
         return self._home
 

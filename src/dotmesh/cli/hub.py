@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,8 +18,11 @@ from dotmesh.cli.context import json_flag
 from dotmesh.cli.render import emit_json, iso, table, when
 from dotmesh.errors import UsageError
 from dotmesh.model.names import check_name
-from dotmesh.remote.blobs import LocalBlobs
-from dotmesh.server.hub.config import KEYS, HubConfig, hold_serve_lock
+
+if TYPE_CHECKING:
+    from dotmesh.server.hub.config import HubConfig
+
+# The hub's modules are imported when a hub command runs, not by every dm command.
 
 
 def register(cli: click.Group) -> None:
@@ -41,6 +43,10 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm hub user add alice && dm hub serve --port 8080
         """
+        import tomllib
+
+        from dotmesh.server.hub.config import KEYS, HubConfig
+
         values: dict[str, Any] = {}
         if config is not None:
             try:
@@ -73,7 +79,9 @@ def register(cli: click.Group) -> None:
         """
         import uvicorn  # noqa: PLC0415
 
+        from dotmesh.remote.blobs import LocalBlobs
         from dotmesh.server.hub import app as hub_app  # noqa: PLC0415 - 150 ms of imports
+        from dotmesh.server.hub.config import hold_serve_lock
 
         cert = cert or cfg.get("cert")
         key = key or cfg.get("key")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sqlite3
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from dotmesh.capture.stop import Stopped
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
@@ -36,21 +34,25 @@ from dotmesh.errors import (
     OutOfSpace,
     UsageError,
 )
-from dotmesh.fs.pool import PoolInfo, parse_size
-from dotmesh.ops import checkout as checkout_ops
-from dotmesh.ops import commit as commit_ops
-from dotmesh.ops import dots as dot_ops
-from dotmesh.ops import fsck as fsck_ops
-from dotmesh.ops import history
-from dotmesh.ops import hooks as hook_ops
-from dotmesh.ops import pool as pool_ops
-from dotmesh.ops import settings as settings_ops
-from dotmesh.store.repo import default_home
 from dotmesh.version import FORMAT_VERSION, __version__
+
+if TYPE_CHECKING:
+    from dotmesh.capture.stop import Stopped
+    from dotmesh.fs.pool import PoolInfo
+    from dotmesh.ops import dots as dot_ops
+    from dotmesh.ops import fsck as fsck_ops
+
+# The ops modules (and what they import: the store, capture, the folder backends) are imported
+# inside each command, so a command loads only what it runs: start-up is most of a short
+# command's time. tests/unit/test_startup.py keeps it so.
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
-_home_path: Path | None = None  # for messages about the store's index
+_ctx: Ctx | None = None  # for messages about the store's index
+
+
+def _home_path() -> Path | None:
+    return _ctx.path if _ctx is not None else None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,9 +68,8 @@ def cli(ctx: click.Context, home: Path | None) -> None:
       dm init app && dm path app.clicks-db
       dm commit -m "clean state" && dm log
     """
-    global _home_path
-    ctx.obj = Ctx(home or default_home())
-    _home_path = ctx.obj.path
+    global _ctx
+    ctx.obj = _ctx = Ctx(home)
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -89,6 +90,8 @@ def init(c: Ctx, dot: str, backend: str | None) -> None:
     Example:  dm init app
               dm init app --backend plain
     """
+    from dotmesh.ops import dots as dot_ops
+
     made_current = dot_ops.init(c.home, dot, backend)
     click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
 
@@ -102,6 +105,8 @@ def switch(c: Ctx, dot: str) -> None:
     \b
     Example:  dm switch app
     """
+    from dotmesh.ops import dots as dot_ops
+
     dot_ops.switch(c.home, dot)
     click.echo(f"Current dot is now {dot}")
 
@@ -117,6 +122,8 @@ def path(c: Ctx, name: str) -> None:
     \b
     Example:  redis-server --dir "$(dm path app.clicks-db)"
     """
+    from dotmesh.ops import dots as dot_ops
+
     click.echo(str(dot_ops.path(c.home, name)))
 
 
@@ -151,6 +158,8 @@ def list_(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm list --json
     """
+    from dotmesh.ops import dots as dot_ops
+
     statuses = dot_ops.statuses(c.home)
     if as_json:
         emit_json([_status_json(s) for s in statuses])
@@ -181,6 +190,8 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     \b
     Example:  dm dot show app
     """
+    from dotmesh.ops import dots as dot_ops
+
     s = dot_ops.statuses(c.home, [c.home.require_current(name)])[0]
     if as_json:
         emit_json(_status_json(s))
@@ -218,6 +229,8 @@ def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
     \b
     Example:  dm dot delete -f app
     """
+    from dotmesh.ops import dots as dot_ops
+
     stopped = dot_ops.delete(c.home, name, force, stop_writers)
     if stopped.processes or stopped.containers:
         click.echo("Stopped " + ", ".join(map(str, [*stopped.processes, *stopped.containers])))
@@ -247,6 +260,8 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     \b
     Example:  dm commit -m "two users, ten clicks" -d ticket=BUG-42
     """
+    from dotmesh.ops import commit as commit_ops
+
     home = c.home
     dot_name = home.require_current()
     meta = commit_ops.parse_metadata(list(metadata))
@@ -285,6 +300,8 @@ def log(c: Ctx, max_count: int | None, as_json: bool) -> None:
     \b
     Example:  dm log -n 5
     """
+    from dotmesh.ops import history
+
     dot_name = c.home.require_current()
     entries = list(history.log(c.home, dot_name, max_count))
     if as_json:
@@ -350,6 +367,8 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str) -> None
     \b
     Example:  dm checkout -b experiment   # then later: dm checkout master
     """
+    from dotmesh.ops import checkout as checkout_ops
+
     dot_name = c.home.require_current()
     with progress_bar("Checking out") as bar:
         changed, stopped = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar,
@@ -376,6 +395,8 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     \b
     Example:  dm reset --hard HEAD^
     """
+    from dotmesh.ops import checkout as checkout_ops
+
     dot_name = c.home.require_current()
     with progress_bar("Resetting") as bar:
         r = checkout_ops.reset(c.home, dot_name, ref, hard, bar, stop_writers)
@@ -405,6 +426,8 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
     \b
     Example:  dm reflog -n 10
     """
+    from dotmesh.ops import history
+
     dot_name = c.home.require_current()
     entries = history.reflog(c.home, dot_name, max_count)
 
@@ -439,6 +462,8 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
     \b
     Example:  dm diff HEAD^ HEAD --stat
     """
+    from dotmesh.ops import history
+
     if len(refs) > 2:
         raise click.UsageError("dm diff takes at most two refs")
     dot_name = c.home.require_current()
@@ -483,6 +508,8 @@ def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: floa
     \b
     Example:  dm hook add pre-freeze --subdot users-db 'psql -h /tmp -c CHECKPOINT'
     """
+    from dotmesh.ops import hooks as hook_ops
+
     dot_name = c.home.require_current()
     hook_id = hook_ops.add_hook(c.home, dot_name, stage, command, subdot, timeout)
     click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
@@ -497,6 +524,8 @@ def hook_list(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm hook list --json
     """
+    from dotmesh.ops import hooks as hook_ops
+
     hooks = hook_ops.hooks(c.home, c.home.require_current())
     if as_json:
         emit_json([{"id": h.id, "stage": h.stage, "subdot": h.subdot, "command": h.command,
@@ -517,6 +546,8 @@ def hook_rm(c: Ctx, hook_id: int) -> None:
     \b
     Example:  dm hook rm 2
     """
+    from dotmesh.ops import hooks as hook_ops
+
     hook_ops.remove_hook(c.home, c.home.require_current(), hook_id)
     click.echo(f"Removed hook #{hook_id}")
 
@@ -587,6 +618,10 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
     \b
     Example:  dm fsck --repair
     """
+    import sqlite3
+
+    from dotmesh.ops import fsck as fsck_ops
+
     rebuilt: list[str] = []
     try:
         try:
@@ -624,6 +659,8 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
 
 
 def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
+    from dotmesh.ops import fsck as fsck_ops
+
     with progress_bar("Verifying", c.home.packs.count()) as bar:
         return fsck_ops.fsck(c.home, bar, repair)
 
@@ -637,6 +674,8 @@ def version(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm version --json
     """
+    from dotmesh.ops import dots as dot_ops
+
     backend = dot_ops.store_backend(c.path)
     if as_json:
         emit_json({"version": __version__, "format": FORMAT_VERSION, "backend": backend})
@@ -657,6 +696,8 @@ def config_(c: Ctx, key: str | None, value: str | None, unset: bool, as_json: bo
     Example:  dm config snapshots.keep-commits 5
               dm config snapshots.keep-days
     """
+    from dotmesh.ops import settings as settings_ops
+
     if key is None:
         values = settings_ops.all_values(c.home)
         if as_json:
@@ -708,6 +749,9 @@ def pool_create(c: Ctx, size: str, as_json: bool) -> None:
     \b
     Example:  sudo dm pool create --size 20G
     """
+    from dotmesh.fs.pool import parse_size
+    from dotmesh.ops import pool as pool_ops
+
     _pool_out(pool_ops.create(c.home, parse_size(size)), as_json)
 
 
@@ -720,6 +764,8 @@ def pool_show(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm pool show --json
     """
+    from dotmesh.ops import pool as pool_ops
+
     _pool_out(pool_ops.show(c.home), as_json)
 
 
@@ -733,6 +779,9 @@ def pool_grow(c: Ctx, size: str, as_json: bool) -> None:
     \b
     Example:  sudo dm pool grow --size 40G
     """
+    from dotmesh.fs.pool import parse_size
+    from dotmesh.ops import pool as pool_ops
+
     _pool_out(pool_ops.grow(c.home, parse_size(size)), as_json)
 
 
@@ -759,16 +808,19 @@ def _as_error(e: BaseException) -> DotmeshError | None:
     if isinstance(e, OSError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             # A write through a descriptor names no file: the store is where dm writes.
-            return OutOfSpace(f"no space left on the device holding {e.filename or _home_path};"
-                              " free some space and run the command again")
+            return OutOfSpace(f"no space left on the device holding "
+                              f"{e.filename or _home_path()}; free some space and run the "
+                              "command again")
         return DotmeshError(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    import sqlite3  # here: the commands that need no store never load it
+
     if isinstance(e, sqlite3.OperationalError):
         if "full" in str(e):
-            return OutOfSpace(f"no space left for the store's index in {_home_path}; free some "
+            return OutOfSpace(f"no space left for the store's index in {_home_path()}; free some "
                               "space and run the command again")
-        return OutOfSpace(f"the store's index in {_home_path} failed: {e}")
+        return OutOfSpace(f"the store's index in {_home_path()} failed: {e}")
     if isinstance(e, sqlite3.DatabaseError):
-        return DamagedIndex(f"the store's index in {_home_path} is damaged ({e}): run dm fsck "
+        return DamagedIndex(f"the store's index in {_home_path()} is damaged ({e}): run dm fsck "
                             "--repair")
     if os.environ.get("DM_DEBUG"):  # a bug: still one line, with the details on request
         import traceback

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,7 +13,12 @@ from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, progress_bar
 from dotmesh.errors import UsageError
 from dotmesh.model.names import check_name
-from dotmesh.ops import remotes, sync
+
+if TYPE_CHECKING:
+    from dotmesh.ops import sync
+
+# The commands import dotmesh.ops.remotes and .sync (transports, the wire format, httpx) when
+# they run: the other commands do not pay for them.
 
 
 def _secret(path: Path | None, env: str, what: str, how: str) -> str:
@@ -54,6 +59,8 @@ def register(cli: click.Group) -> None:
         """
         if ctx.invoked_subcommand is not None:
             return
+        from dotmesh.ops import remotes
+
         home = ctx.find_object(Ctx).home  # type: ignore[union-attr]
         default = remotes.default(home)
         found = remotes.all_remotes(home)
@@ -84,6 +91,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  DM_API_KEY=dmk_... dm remote add hub alice@127.0.0.1:8080 --http
         """
+        from dotmesh.ops import remotes
+
         check_name(name, "remote name")
         remotes.parse_hub(address, plain)  # a bad address fails before the key is asked for
         r, who = remotes.add_hub(c.home, name, address, _api_key(api_key_file), plain,
@@ -99,6 +108,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm remote rm hub
         """
+        from dotmesh.ops import remotes
+
         remotes.remove(c.home, name)
         click.echo(f"Removed remote {name}")
 
@@ -111,6 +122,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm remote switch hub
         """
+        from dotmesh.ops import remotes
+
         remotes.switch(c.home, name)
         click.echo(f"Default remote is now {name}")
 
@@ -138,6 +151,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  DM_S3_SECRET_KEY=... dm s3 remote add backup AKIA...@http://127.0.0.1:8333/dots
         """
+        from dotmesh.ops import remotes
+
         check_name(name, "remote name")
         secret = None
         if ":" not in spec.rpartition("@")[0]:
@@ -164,6 +179,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm push hub --remote-name alice/app
         """
+        from dotmesh.ops import sync
+
         home = c.home
         dot_name = home.require_current(dot)
         with progress_bar("Pushing") as bar:
@@ -187,6 +204,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm pull hub app master
         """
+        from dotmesh.ops import sync
+
         home = c.home
         dot_name = home.require_current(dot)
         with progress_bar("Pulling") as bar:
@@ -208,6 +227,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm clone hub alice/app --local-name bug-42
         """
+        from dotmesh.ops import sync
+
         with progress_bar("Cloning") as bar:
             res = sync.clone(c.home, remote_name, remote_dot, branch, local_name, bar,
                              same_owner)
