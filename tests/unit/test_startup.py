@@ -90,11 +90,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def test_version_loads_no_remote_code(store: Path) -> None:
-    assert _loaded(_modules(["version"], store), REMOTE + ("dotmesh.ops.commit",)) == []
+# A commit's capture: freezing writers, hooks, inotify.
+CAPTURE = ("dotmesh.ops.commit", "dotmesh.ops.hooks", "dotmesh.capture.freeze",
+           "dotmesh.capture.hooks", "dotmesh.capture.changes", "inotify_simple")
+# Reading and writing folders: the scan (chunker, thread pools) and the restore.
+FOLDERS = ("dotmesh.workdir.snapshot", "dotmesh.workdir.restore", "dotmesh.store.chunker",
+           "pyfastcdc", "concurrent.futures", "dotmesh.capture")
 
 
-@pytest.mark.parametrize("args", [["list"], ["log"], ["checkout", "-b", "x"],
-                                  ["reset", "--hard", "HEAD^"]], ids=" ".join)
-def test_local_commands_load_no_remote_code(store: Path, args: list[str]) -> None:
-    assert _loaded(_modules(args, store), REMOTE + ("dotmesh.ops.fsck",)) == []
+@pytest.mark.parametrize("args", [["version"], ["log"], ["branch"], ["config"]], ids=" ".join)
+def test_reading_commands_load_no_folder_code(store: Path, args: list[str]) -> None:
+    assert _loaded(_modules(args, store), REMOTE + CAPTURE + FOLDERS) == []
+
+
+@pytest.mark.parametrize("args", [["list"], ["checkout", "-b", "x"], ["reset", "--hard", "HEAD^"]],
+                         ids=" ".join)
+def test_local_commands_load_no_remote_or_capture_code(store: Path, args: list[str]) -> None:
+    assert _loaded(_modules(args, store), REMOTE + CAPTURE + ("dotmesh.ops.fsck",)) == []

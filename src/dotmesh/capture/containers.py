@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +95,8 @@ def _each(containers: list[Container], action: str,
     if client is None:
         raise EngineError(f"cannot {action} {', '.join(map(str, containers))}: no Docker "
                           f"engine at {engine_url()}")
+    from concurrent.futures import ThreadPoolExecutor
+
     import docker  # noqa: PLC0415
 
     def one(c: Container) -> str | None:

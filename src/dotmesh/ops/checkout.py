@@ -19,7 +19,6 @@ from dotmesh.meta.statcache import StatCache
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, is_dirty
-from dotmesh.ops.commit import default_author
 from dotmesh.store.repo import Journal, Repo
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import (
@@ -144,7 +143,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                 saved = writer.put(KIND_COMMIT, Commit(
                     parents=(old,) if old else (), subdots=snap.roots,
                     message=f"working state discarded by {action} to {ref}",
-                    author=default_author(), timestamp_ns=time.time_ns(), metadata={},
+                    author=_author(), timestamp_ns=time.time_ns(), metadata={},
                 ).encode())
             writer.flush()
 
@@ -158,7 +157,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                                                         action, message))
                     if keep_as is not None:
                         refs.add_discarded(tx, dot, keep_as, branch, old, target_id,
-                                           frozen.taken, default_author(),
+                                           frozen.taken, _author(),
                                            f"working state discarded by {action} to {ref}")
 
             try:
@@ -178,6 +177,12 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                 kept.settle(home, dot, staging, saved or old,
                             {s: r.cache for s, r in snap.results.items()}, cow)
         return ResetResult(old, target_id, saved, stopped, keep_as)
+
+
+def _author() -> str:
+    from dotmesh.ops.commit import default_author  # and the capture code: only when needed
+
+    return default_author()
 
 
 def _target(home: Repo, dot: str, ref: str) -> ObjectId:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dotmesh.capture.containers import Container, containers_using
-from dotmesh.capture.containers import stop as stop_containers
-from dotmesh.capture.stop import Stopped, active_containers, containers_of, stop_processes
-from dotmesh.capture.writers import Writer, find_writers
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta import config
 from dotmesh.model.ids import ObjectId
@@ -18,6 +15,14 @@ from dotmesh.model.objects import is_dirty
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import backend_of, choose, detect, make_stable, recover, snapshot_dot
+
+if TYPE_CHECKING:
+    from dotmesh.capture.containers import Container
+    from dotmesh.capture.stop import Stopped
+    from dotmesh.capture.writers import Writer
+
+# What uses a dot (capture/*: /proc, the Docker engine) is looked up by the functions that
+# need it, not by every command that imports this module.
 
 
 def init(home: Repo, dot: str, backend: str | None = None) -> bool:
@@ -65,6 +70,10 @@ def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Sto
     """Forget the dot and remove its folders. Refused while processes or containers use it
     (they would be left on folders that are gone), unless ``stop_writers``: then they are
     stopped, and not started again. Returns what was stopped."""
+    from dotmesh.capture.containers import stop as stop_containers
+    from dotmesh.capture.stop import Stopped, active_containers, stop_processes
+    from dotmesh.capture.writers import find_writers
+
     home.require_dot(dot)
     if not force:
         raise UsageError(f"deleting dot {dot!r} removes its data and history: add -f to confirm")
@@ -107,6 +116,8 @@ class DotStatus:
 
 def statuses(home: Repo, dots: list[str] | None = None) -> list[DotStatus]:
     """The status of each dot (default: all), asking the Docker engine once for them all."""
+    from dotmesh.capture.containers import containers_using
+
     names = home.dots() if dots is None else dots
     found = containers_using(names)
     return [status(home, d, found[d]) for d in names]
@@ -129,6 +140,9 @@ def unsettled(home: Repo, dot: str) -> str | None:
 def status(home: Repo, dot: str, containers: list[Container] | None = None) -> DotStatus:
     """What ``dm list`` and ``dm dot show`` print; hashes only files whose stat changed. Takes
     no lock: while another dm works on the dot, its working state shows as busy."""
+    from dotmesh.capture.stop import containers_of
+    from dotmesh.capture.writers import find_writers
+
     home.require_dot(dot)
     branch = home.branch(dot)
     head = home.head(dot, branch)

@@ -17,17 +17,20 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dotmesh.fs import btrfs, reflink
 from dotmesh.fs.reflink import Stats
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.objects import Root
 from dotmesh.store.packs import PackStore, PackWriter
-from dotmesh.workdir import restore
-from dotmesh.workdir import snapshot as scan
-from dotmesh.workdir.restore import Policy, Prepared, RestoreResult
-from dotmesh.workdir.snapshot import Reference, SnapshotResult
+
+if TYPE_CHECKING:
+    from dotmesh.workdir.restore import Policy, Prepared, RestoreResult
+    from dotmesh.workdir.snapshot import Reference, SnapshotResult
+
+# The scan (snapshot.py: the chunker, thread pools) and the restore are imported by the calls
+# that use them: the commands that only read the store (dm version, dm log) load neither.
 
 Progress = Callable[[int], None]
 Watch = Callable[[str], None]
@@ -123,6 +126,8 @@ class PlainFolders:
                  cache: StatCache, progress: Progress | None = None, defer: bool = False,
                  watch: Watch | None = None, reference: Reference | None = None,
                  taken_ns: int | None = None, stats: Stats | None = None) -> SnapshotResult:
+        from dotmesh.workdir import snapshot as scan
+
         return scan.snapshot(folder, store, writer, cache, progress, defer, watch, reference,
                              taken_ns, stats)
 
@@ -130,16 +135,22 @@ class PlainFolders:
                prev: SnapshotResult, changed: dict[str, set[str]],
                fresh: Collection[str] = frozenset(), progress: Progress | None = None,
                defer: bool = False, watch: Watch | None = None) -> SnapshotResult:
+        from dotmesh.workdir import snapshot as scan
+
         return scan.update(folder, store, writer, prev, changed, fresh, progress, defer, watch)
 
     def prepare_restore(self, folder: Path, store: PackStore, target: Root,
                         current: Root | None, staging: Path, policy: Policy,
                         progress: Progress | None = None,
                         seen: StatCache | None = None) -> Prepared:
+        from dotmesh.workdir import restore
+
         return restore.prepare(folder, store, target, current, staging, policy, progress, seen)
 
     def build_aside(self, aside: Path, store: PackStore, target: Root, policy: Policy,
                     progress: Progress | None = None) -> RestoreResult:
+        from dotmesh.workdir import restore
+
         return restore.build(aside, store, target, policy, progress)
 
     def swap_in(self, built: Path, folder: Path) -> None:

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from dotmesh.capture.changes import Changes, ChangeWatcher
 from dotmesh.errors import DotmeshError, UsageError
 from dotmesh.fs import btrfs, reflink
 from dotmesh.fs.reflink import Stats
@@ -25,10 +24,15 @@ from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
-from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.backend import BACKENDS, PLAIN, FolderBackend, SnapshotBackend
-from dotmesh.workdir.restore import Policy, Prepared, RestoreResult, merge_cache
-from dotmesh.workdir.snapshot import Reference, SnapshotResult
+
+if TYPE_CHECKING:
+    from dotmesh.capture.changes import Changes, ChangeWatcher
+    from dotmesh.workdir.restore import Policy, Prepared, RestoreResult
+    from dotmesh.workdir.snapshot import SnapshotResult
+
+# The restore, the scan and inotify are imported by the functions that use them, so a command
+# that only reads the store (dm version, dm log) does not load them.
 
 Progress = Callable[[int], None]
 
@@ -173,6 +177,8 @@ def snapshot_dot(home: Repo, dot: str, writer: PackWriter | None,
         if after is not None and sub in after.results:
             prev = after.results[sub]
             if changes is not None:
+                from dotmesh.capture.changes import Changes
+
                 ch = changes.get(sub) or Changes()
                 res = backend.update(top, home.packs, writer, prev, ch.names, ch.fresh,
                                      progress, defer, watch)
@@ -215,6 +221,8 @@ def policy_for(home: Repo, dot: str, commit: bytes | None) -> Policy:
     """States that came from a remote are restored as tar restores a stranger's archive (no
     setuid bits, the umask applied, files owned by whoever runs dm), unless the dot was
     cloned or pulled with ``--same-owner``."""
+    from dotmesh.workdir.restore import Policy
+
     if commit is None or not home.is_fetched(commit):
         return Policy()
     return Policy() if home.dot_option(dot, "same_owner") == "1" else Policy.for_stranger()
@@ -229,6 +237,8 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     Every subdot is prepared first: its data read, verified and staged, folders that do not
     exist built aside. Only then (after ``before_touching``, which journals the restore) is
     any folder changed, so a damaged object leaves every folder as it was."""
+    from dotmesh.workdir.restore import merge_cache
+
     roots = target_roots(home, dot, home.commit(target), writer)
     writer.flush()
     policy = policy_for(home, dot, target)
@@ -273,6 +283,8 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
 def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writer: PackWriter,
                 progress: Progress | None = None) -> None:
     """Build the parked folders of ``branch`` from ``commit`` (built aside, then renamed in)."""
+    from dotmesh.workdir.restore import merge_cache
+
     roots = target_roots(home, dot, home.commit(commit) if commit else None, writer)
     writer.flush()
     policy = policy_for(home, dot, commit)
@@ -462,6 +474,8 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
     """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
     head's kept state. ``cached_only``: None as soon as any file would have to be read (the
     stat caches do not vouch for it): a reset then keeps the copy as it is instead."""
+    from dotmesh.workdir import snapshot as scan
+
     branch = home.branch(dot)
     head = home.head(dot, branch)
     state = kept.folder(home, dot, head)
@@ -479,6 +493,8 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
             reference = None
             if before is not None and state is not None and sub in before.subdots \
                     and kept.sub_path(state, sub).is_dir():
+                from dotmesh.workdir.snapshot import Reference
+
                 reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree)
             res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
                                reference=reference, taken_ns=frozen.taken,
@@ -522,6 +538,8 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     writable copy of the target's kept state, else of the current set, patched), every
     subdot folder in it made to hold the target, then the sets are swapped by two renames.
     The current set is not touched until the swap, so a kill leaves it or the new one."""
+    from dotmesh.workdir.restore import merge_cache
+
     state = kept.folder(home, dot, target)
     new = home.scratch(dot) / uuid.uuid4().hex
     staged: dict[str, Prepared] = {}
@@ -577,6 +595,8 @@ def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
     """:func:`materialize` for a working set copied whole: the branch's parked set is a
     writable copy of the commit's kept state (no data copied) or a new set; the subdot
     folders it lacks are built inside it, then renamed into place."""
+    from dotmesh.workdir.restore import merge_cache
+
     parked = parked_set(home, dot, branch)
     state = kept.folder(home, dot, commit)
     state_caches = kept.caches(home, dot, commit) if state is not None and commit else {}

@@ -29,7 +29,6 @@ from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
 from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
 from dotmesh.store.repo import Repo
-from dotmesh.workdir import snapshot as scan
 from dotmesh.workdir.backend import FolderBackend
 
 CACHES = ".dm-caches"
@@ -242,6 +241,8 @@ def _sync_dir(path: Path) -> None:
 def verify(home: Repo, dot: str) -> list[tuple[ObjectId, str]]:
     """Each kept state read in full and compared with its commit: (commit, problem) pairs.
     A kept state is a cache, so a bad one is dropped by a repair, never trusted."""
+    from dotmesh.workdir import snapshot as scan  # dm fsck's: not loaded by every command
+
     problems: list[tuple[ObjectId, str]] = []
     for c in sorted(kept_ids(home, dot)):
         state = folder(home, dot, c)
@@ -365,6 +366,8 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     state = discarded_folder(home, dot, d.name)
     if state is None:
         raise Corrupt(f"the discarded state {d.name} of dot {dot!r} is gone: run dm fsck")
+    from dotmesh.workdir import snapshot as scan
+
     caches = _read_caches(state)
     head = home.commit(d.old) if d.old is not None else None
     ref_state = folder(home, dot, d.old)
