@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dotmesh.fs.btrfs import changed_block_runs, shared_ranges, unchanged_blocks
+from dotmesh.fs.btrfs import blocks_touching, changed_ranges, shared_ranges, unchanged_blocks
 from dotmesh.model.objects import FileList, paged_blocks, patched_filelist
 from dotmesh.store import chunker
 
@@ -109,11 +109,13 @@ def test_shared_ranges_agree_with_a_byte_by_byte_comparison(
     new = _extent_map(old_cuts + new_cuts, moved, size)
     got = {x for s, e in shared_ranges(old, new, size) for x in range(s, e)}
     assert got == _naive_shared(old, new, size)
+    differ = {x for s, e in changed_ranges(old, new, size) for x in range(s, e)}
+    assert differ == set(range(size)) - got
 
 
 @given(ranges=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 60)), max_size=6),
        count=st.integers(0, 25))
-def test_changed_runs_are_exactly_the_blocks_not_known_unchanged(
+def test_the_blocks_touching_a_change_are_those_not_known_unchanged(
         ranges: list[tuple[int, int]], count: int) -> None:
     merged: list[tuple[int, int]] = []
     for s, n in sorted(ranges):
@@ -122,7 +124,14 @@ def test_changed_runs_are_exactly_the_blocks_not_known_unchanged(
         else:
             merged.append((s, s + n))
     same = {b for b in unchanged_blocks(merged, 8) if b < count}
-    runs = changed_block_runs(merged, 8, count)
+    changed, pos = [], 0  # the complement of ``merged`` in the file's bytes
+    for s, e in merged:
+        if s > pos:
+            changed.append((pos, s))
+        pos = max(pos, e)
+    if pos < count * 8:
+        changed.append((pos, count * 8))
+    runs = blocks_touching(changed, 8, count)
     assert [b for lo, hi in runs for b in range(lo, hi)] == [b for b in range(count)
                                                              if b not in same]
     assert all(lo < hi for lo, hi in runs)
@@ -155,8 +164,8 @@ def test_patching_the_previous_list_gives_what_a_full_read_gives(
         if i < len(new):
             new[i] = bytes([(new[i][0] + 1) % 256]) * chunker.PAGE_BLOCK
     unchanged = {i for i in range(min(len(old), len(new))) if new[i] == old[i] and i not in told}
-    runs = changed_block_runs([(i * 8192, (i + 1) * 8192) for i in sorted(unchanged)], 8192,
-                              len(new))
+    runs = blocks_touching([(i * 8192, (i + 1) * 8192) for i in range(len(new))
+                            if i not in unchanged], 8192, len(new))
     with tempfile.TemporaryDirectory() as tmp:
         fds = []
         for name, data in (("old", old), ("new", new)):

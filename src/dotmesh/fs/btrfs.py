@@ -218,20 +218,19 @@ def _covered(ext: list[Extent]) -> Iterator[tuple[int, int]]:
         yield logical, logical + length
 
 
-def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:
-    """The byte ranges (start, end) of ``[0, size)`` that hold the same bytes in two versions
-    of a file, judged from their extent maps alone: ranges that map to the same disk address
-    (a copy-on-write filesystem never rewrites a block another snapshot still uses), and
-    ranges that are holes in both."""
-    same: list[tuple[int, int]] = []
-    # Extents both maps hold unchanged (most of them) are shared as they are; the merge below
-    # then only walks the pieces that differ (no other extent overlaps one found in both).
+def changed_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:
+    """The byte ranges (start, end) of ``[0, size)`` that may hold different bytes in two
+    versions of a file, judged from their extent maps alone: the complement of ranges that
+    map to the same disk address (a copy-on-write filesystem never rewrites a block another
+    snapshot still uses) or are holes in both. Merged and sorted.
+
+    Extents both maps hold unchanged (most of them) are set aside at C speed; the rest, what
+    writes since split or replaced, is walked: the work follows the changes, not the map."""
     both = set(old).intersection(new)
-    for lo, _, n, f in both:
-        if not f & _UNTRUSTED:
-            same.append((lo, min(lo + n, size)))
+    changed = [(lo, lo + n) for lo, _, n, f in both if f & _UNTRUSTED]
     if both:
         old, new = [e for e in old if e not in both], [e for e in new if e not in both]
+    same: list[tuple[int, int]] = []
     i = j = 0
     while i < len(old) and j < len(new):
         lo, po, no, fo = old[i]
@@ -239,21 +238,55 @@ def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple
         start, end = max(lo, ln), min(lo + no, ln + nn)
         if (start < end and lo - po == ln - pn and not (fo | fn) & _UNTRUSTED
                 and fo & ~_IGNORED == fn & ~_IGNORED):
-            same.append((start, min(end, size)))
+            same.append((start, end))
         if lo + no <= ln + nn:
             i += 1
         else:
             j += 1
-    # Holes in both: what neither map covers.
-    covered = sorted([*_covered(old), *_covered(new), *_covered(list(both))])
-    pos = 0
-    for s, e in covered:
-        if s > pos:
-            same.append((pos, min(s, size)))
-        pos = max(pos, e)
-    if pos < size:
-        same.append((pos, size))
-    return _merge([(s, e) for s, e in same if s < e])
+    # No other extent overlaps one both maps hold, and what neither map covers is a hole in
+    # both: what may differ is what the other extents cover, less what they share.
+    changed += _subtract(_merge([*_covered(old), *_covered(new)]), _merge(same))
+    return [(a, min(b, size)) for a, b in _merge(changed) if a < size]
+
+
+def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:
+    """The byte ranges of ``[0, size)`` that hold the same bytes in two versions of a file
+    (the complement of :func:`changed_ranges`)."""
+    return _subtract([(0, size)] if size > 0 else [], changed_ranges(old, new, size))
+
+
+def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``a`` less ``b`` (both merged and sorted)."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k, pos = j, s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < e:
+            out.append((pos, e))
+    return out
+
+
+def blocks_touching(changed: list[tuple[int, int]], block: int, count: int
+                    ) -> list[tuple[int, int]]:
+    """The runs [first, end) of the ``count`` blocks of ``block`` bytes that overlap a range
+    in ``changed`` (merged, sorted)."""
+    runs: list[tuple[int, int]] = []
+    for s, e in changed:
+        first, end = s // block, min(-(-e // block), count)
+        if first >= end:
+            continue
+        if runs and first <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((first, end))
+    return runs
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -274,25 +307,6 @@ def unchanged_blocks(ranges: list[tuple[int, int]], block: int) -> set[int]:
         last = e // block  # exclusive
         out.update(range(first, last))
     return out
-
-
-def changed_block_runs(ranges: list[tuple[int, int]], block: int, count: int
-                       ) -> list[tuple[int, int]]:
-    """The runs [first, end) of the ``count`` blocks not wholly inside ``ranges`` (merged,
-    sorted byte ranges that hold the same bytes): the complement of :func:`unchanged_blocks`,
-    in as many steps as there are ranges, not blocks."""
-    runs: list[tuple[int, int]] = []
-    pos = 0
-    for s, e in ranges:
-        first, last = (s + block - 1) // block, min(e // block, count)
-        if first >= last:
-            continue
-        if first > pos:
-            runs.append((pos, first))
-        pos = max(pos, last)
-    if pos < count:
-        runs.append((pos, count))
-    return runs
 
 
 _SUBVOL_GETFLAGS = _ioc(_IOC_READ, 0x94, 25, 8)

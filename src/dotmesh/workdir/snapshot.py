@@ -136,16 +136,19 @@ class Reference:
                 if paged_blocks(base, chunker.PAGE_BLOCK) != \
                         old_size // chunker.PAGE_BLOCK or old_size % chunker.PAGE_BLOCK:
                     return None
-                ranges = btrfs.shared_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
-                                             min(old_size, size))
+                common = min(old_size, size)
+                changed = btrfs.changed_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
+                                               common)
             finally:
                 os.close(new_fd)
         except OSError:
             return None
         finally:
             os.close(old_fd)
-        runs = btrfs.changed_block_runs(ranges, chunker.PAGE_BLOCK,
-                                        -(-size // chunker.PAGE_BLOCK))
+        if size > common:  # what the file grew by is new
+            changed.append((common, size))
+        runs = btrfs.blocks_touching(changed, chunker.PAGE_BLOCK,
+                                     -(-size // chunker.PAGE_BLOCK))
         return base, load_fingerprints(store.conn, content), runs
 
     def blocks(self, store: PackStore, rel: bytes, path: str
