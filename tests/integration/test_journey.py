@@ -147,6 +147,29 @@ def test_switch_and_dot_show_and_delete(dm):
 
 
 @pytest.mark.slow
+def test_list_and_show_count_commits_and_uncommitted_bytes(dm):
+    dm.ok("init", "app")
+    folder = dm.path("app.db")
+    (folder / "keep.bin").write_bytes(b"k" * 5000)
+    dm.ok("commit", "-m", "one")
+    (folder / "keep.bin").write_bytes(b"K" * 5000)
+    dm.ok("commit", "-m", "two")
+    [row] = json.loads(dm.ok("list", "--json"))
+    assert (row["commits"], row["uncommitted"], row["state"]) == (2, 0, "clean")
+    (folder / "new.bin").write_bytes(b"n" * 3000)  # added: counts
+    (folder / "keep.bin").write_bytes(b"x" * 7000)  # changed: counts at its new size
+    (folder / "sub").mkdir()
+    (folder / "sub" / "f").write_bytes(b"f" * 100)
+    show = json.loads(dm.ok("dot", "show", "--json"))
+    assert (show["commits"], show["uncommitted"]) == (2, 10_100)
+    (folder / "keep.bin").unlink()  # removed: nothing left to commit of it
+    assert json.loads(dm.ok("dot", "show", "--json"))["uncommitted"] == 3100
+    text = dm.ok("list")
+    assert "COMMITS" in text.splitlines()[0] and "UNCOMMITTED" in text.splitlines()[0]
+    assert "3.0 KiB" in text and "  2  " in text
+    assert "commits:  2" in dm.ok("dot", "show")
+
+
 def test_a_dot_in_use_is_not_deleted(dm):
     dm.ok("init", "app")
     d = dm.path("app.db")

@@ -146,14 +146,16 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
                         for w in s.writers],
             "containers": [{"id": k.id, "name": k.name, "state": k.state,
                             "volumes": list(k.volumes)} for k in s.containers],
-            "remotes": s.remotes, "backend": s.backend, "kept_states": s.kept_states}
+            "remotes": s.remotes, "backend": s.backend, "kept_states": s.kept_states,
+            "commits": s.commits, "uncommitted": s.uncommitted}
 
 
 @cli.command(name="list")
 @json_flag
 @pass_ctx
 def list_(c: Ctx, as_json: bool) -> None:
-    """List dots: current (*), branch, size, state (clean, dirty, busy), last commit.
+    """List dots: current (*), branch, size, commits, uncommitted bytes (of files added or
+    changed since the last commit), state (clean, dirty, busy), last commit.
 
     \b
     Example:  dm list --json
@@ -168,11 +170,13 @@ def list_(c: Ctx, as_json: bool) -> None:
         click.echo("No dots yet: create one with dm init DOT")
         return
     table([["*" if s.current else "", s.name, s.branch,
-            human_size(s.size) if s.size is not None else "-", _state(s),
+            human_size(s.size) if s.size is not None else "-", str(s.commits),
+            human_size(s.uncommitted) if s.uncommitted is not None else "-", _state(s),
             ",".join(k.name for k in s.containers) or "-",
             f"{s.head.hex()[:12]} {first_line(s.head_message or '')}" if s.head else "-"]
            for s in statuses],
-          ["", "DOT", "BRANCH", "SIZE", "STATE", "CONTAINERS", "LAST COMMIT"])
+          ["", "DOT", "BRANCH", "SIZE", "COMMITS", "UNCOMMITTED", "STATE", "CONTAINERS",
+           "LAST COMMIT"])
 
 
 @cli.group()
@@ -200,7 +204,9 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     click.echo(f"  branch:   {s.branch}  (branches: {', '.join(s.branches)})")
     click.echo(f"  head:     {s.head.hex() if s.head else '-'}")
     size = f", {human_size(s.size)}" if s.size is not None else ""
-    click.echo(f"  state:    {_state(s)}{size}")
+    changed = (f", {human_size(s.uncommitted)} uncommitted" if s.uncommitted else "")
+    click.echo(f"  state:    {_state(s)}{size}{changed}")
+    click.echo(f"  commits:  {s.commits}")
     if s.state.startswith("unfinished"):
         click.echo("            (interrupted: the next dm command that changes the dot "
                    "finishes it, e.g. dm commit)")

@@ -12,6 +12,7 @@ from dotmesh.meta import config
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import is_dirty
+from dotmesh.ops import history
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import backend_of, choose, detect, make_stable, recover, snapshot_dot
@@ -112,6 +113,8 @@ class DotStatus:
     remotes: dict[str, str] = field(default_factory=dict)  # remote -> the dot's name there
     backend: str = "plain"  # how its folders are kept (plain folders, btrfs subvolumes)
     kept_states: int = 0  # commits whose folders a snapshot backend keeps as snapshots
+    commits: int = 0  # in the current branch's history
+    uncommitted: int | None = None  # bytes of files added or changed since the head
 
 
 def statuses(home: Repo, dots: list[str] | None = None) -> list[DotStatus]:
@@ -150,11 +153,17 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
     state = unsettled(home, dot)
     dirty: bool | None = None
     size: int | None = None
+    uncommitted: int | None = None
     if state is None:
         snap = snapshot_dot(home, dot, None)
         dirty = is_dirty(snap.roots, c)
         size = sum(r.total_size for r in snap.results.values())
         state = "dirty" if dirty else "clean"
+        uncommitted = 0
+        if dirty:
+            trees = {k: v for r in snap.results.values() for k, v in r.unstored_trees.items()}
+            uncommitted = history.uncommitted_bytes(history.changes_between(
+                home, dict(c.subdots) if c else {}, snap.roots, trees))
     return DotStatus(
         name=dot, current=home.current_dot() == dot, branch=branch, head=head,
         head_message=c.message if c else None, head_timestamp_ns=c.timestamp_ns if c else None,
@@ -165,4 +174,5 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         containers=containers_of(dot) if containers is None else containers,
         remotes=config.remote_dots(home.conn, dot),
         backend=backend_of(home).name, kept_states=len(kept.kept_ids(home, dot)),
+        commits=history.commit_count(home, head), uncommitted=uncommitted,
     )

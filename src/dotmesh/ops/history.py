@@ -88,6 +88,14 @@ def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> li
         old_roots: dict[str, Root] = {}
     else:
         old_roots = home.commit(home.resolve(dot, a or "HEAD")).subdots
+    return changes_between(home, old_roots, new_roots, extra)
+
+
+def changes_between(home: Repo, old_roots: dict[str, Root], new_roots: dict[str, Root],
+                    extra: dict[bytes, bytes] | None = None) -> list[Change]:
+    """What differs between two states, per subdot; ``extra``: trees a hash-only snapshot
+    made and did not store. Equal subtrees are skipped by id: the work follows the changes."""
+    extra = extra or {}
 
     def get(tree: ObjectId) -> Tree:
         data = extra.get(tree)
@@ -124,3 +132,13 @@ def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> li
         if ra is None or rb is None or ra.tree != rb.tree:
             walk(sub, ra.tree if ra else None, rb.tree if rb else None)
     return out
+
+
+def uncommitted_bytes(changes: list[Change]) -> int:
+    """The bytes of the files a working state added or changed since its head."""
+    return sum(c.new_size for c in changes if c.status != "removed")
+
+
+def commit_count(home: Repo, head: ObjectId | None) -> int:
+    """How many commits the history of ``head`` has (every parent followed)."""
+    return sum(1 for _ in walk_commits(home.packs.get, [head])) if head else 0
