@@ -447,7 +447,7 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
     subs = home.subdots(dot)
     staging = kept.begin(home, dot)
     try:
-        btrfs.syncfs(home.dot_dir(dot))  # what is dirty now is not written in the freeze
+        _quiet_disk(home.dot_dir(dot))
         copied: dict[str, Stats | None] = {}
         whole = cow.is_set(working_set(home, dot))
         into = staging / kept.SET
@@ -466,6 +466,17 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
         cow.discard(staging)
         raise
     return Frozen(staging, taken, subs, copied, whole)
+
+
+def _quiet_disk(path: Path, rounds: int = 4, short: float = 0.005) -> None:
+    """Write out what the writers dirtied, again while a round takes long: the snapshot in
+    the freeze (which must write what is dirty first) then writes only what they dirtied
+    in the last round's few milliseconds, not since the command started."""
+    for _ in range(rounds):
+        started = time.monotonic()
+        btrfs.syncfs(path)
+        if time.monotonic() - started < short:
+            return
 
 
 def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
