@@ -283,16 +283,16 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
 def materialize(home: Repo, dot: str, branch: str, commit: ObjectId | None, writer: PackWriter,
                 progress: Progress | None = None) -> None:
     """Build the parked folders of ``branch`` from ``commit`` (built aside, then renamed in)."""
-    from dotmesh.workdir.restore import merge_cache
-
     roots = target_roots(home, dot, home.commit(commit) if commit else None, writer)
     writer.flush()
-    policy = policy_for(home, dot, commit)
     backend = backend_of(home)
     cow = _set_mode(home, dot)
     if cow is not None:
-        _materialize_set(home, dot, cow, branch, commit, roots, policy, progress)
+        _materialize_set(home, dot, cow, branch, commit, roots, progress)
         return
+    from dotmesh.workdir.restore import merge_cache
+
+    policy = policy_for(home, dot, commit)
     for sub, root in roots.items():
         final = home.parked(dot, branch, sub)
         if final.exists():
@@ -601,13 +601,11 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
 
 
 def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
-                     commit: ObjectId | None, roots: dict[str, Root], policy: Policy,
+                     commit: ObjectId | None, roots: dict[str, Root],
                      progress: Progress | None) -> None:
     """:func:`materialize` for a working set copied whole: the branch's parked set is a
     writable copy of the commit's kept state (no data copied) or a new set; the subdot
     folders it lacks are built inside it, then renamed into place."""
-    from dotmesh.workdir.restore import merge_cache
-
     parked = parked_set(home, dot, branch)
     state = kept.folder(home, dot, commit)
     state_caches = kept.caches(home, dot, commit) if state is not None and commit else {}
@@ -637,7 +635,10 @@ def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
             continue
         aside = parked / f"{BUILDING}build-{uuid.uuid4().hex}"
         try:
-            cache = merge_cache({}, cow.build_aside(aside, home.packs, root, policy, progress))
+            from dotmesh.workdir.restore import merge_cache  # only for what a state lacks
+
+            cache = merge_cache({}, cow.build_aside(aside, home.packs, root,
+                                                    policy_for(home, dot, commit), progress))
         except BaseException:
             cow.discard(aside)
             raise
