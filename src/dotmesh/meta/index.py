@@ -9,7 +9,7 @@ at worst pack bytes no row names (never read).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
@@ -74,12 +74,19 @@ def replace_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
     conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
 
-def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
+def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
+                       also: Callable[[sqlite3.Connection], None] | None = None) -> None:
     """Index objects already fsynced into their packs, in one transaction of its own (rolled
-    back if anything fails, the COMMIT included: a full disk leaves nothing half-indexed)."""
+    back if anything fails, the COMMIT included: a full disk leaves nothing half-indexed).
+    With ``also`` (gc moving objects to a new pack), the rows replace those of the same ids
+    and ``also(conn)`` runs inside the transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        add_object_rows(conn, rows)
+        if also is None:
+            add_object_rows(conn, rows)
+        else:
+            replace_object_rows(conn, rows)
+            also(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -89,6 +96,16 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
 def drop_object_row(conn: sqlite3.Connection, oid: object) -> None:
     """Forget an object whose row or data is damaged (its pack bytes stay: never deleted)."""
     conn.execute("DELETE FROM objects WHERE id=?", (oid,))
+
+
+def drop_object_rows(conn: sqlite3.Connection, oids: Sequence[bytes]) -> None:
+    """Forget objects gc found unreachable, inside the caller's transaction."""
+    conn.executemany("DELETE FROM objects WHERE id=?", [(x,) for x in oids])
+
+
+def drop_pack_rows(conn: sqlite3.Connection, pack: int) -> None:
+    """Forget every object row of a pack (gc removes the pack next)."""
+    conn.execute("DELETE FROM objects WHERE pack=?", (pack,))
 
 
 # ------------------------------------------------------------------ packs

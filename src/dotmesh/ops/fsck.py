@@ -410,15 +410,17 @@ class _Fsck:
 
 
 def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:
-    f = _Fsck(home, repair, progress)
-    f.database()
-    f.objects()
-    if repair:
-        f.reindex()
-    f.rows()
-    f.caches()
-    f.kept_states()
-    return f.r
+    """Check the store; the store lock is held shared, so that no gc moves packs under it."""
+    with home.store_lock("fsck", exclusive=False):
+        f = _Fsck(home, repair, progress)
+        f.database()
+        f.objects()
+        if repair:
+            f.reindex()
+        f.rows()
+        f.caches()
+        f.kept_states()
+        return f.r
 
 
 # ------------------------------------------------------------------ rebuilding meta.db

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
 import zstandard
 
@@ -71,9 +72,28 @@ def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
         refs.track(c, dot, remote, remote_dot, branch, head)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _sharing_store(command: str) -> Callable[[Callable[Concatenate[Repo, P], T]],
+                                             Callable[Concatenate[Repo, P], T]]:
+    """Run the verb holding the store lock shared, as a dot's lock does: what a transfer
+    indexes before any ref names it (a fetch's objects), and the objects a push reads, are
+    never swept or moved by a gc, which holds it exclusively (docs/format.md)."""
+    def wrap(f: Callable[Concatenate[Repo, P], T]) -> Callable[Concatenate[Repo, P], T]:
+        def run(home: Repo, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            with home.store_lock(command, exclusive=False):
+                return f(home, *args, **kwargs)
+        run.__doc__, run.__name__ = f.__doc__, f.__name__
+        return run
+    return wrap
+
+
 # ------------------------------------------------------------------ push
 
 
+@_sharing_store("push")
 def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          remote_dot: str | None = None, force: bool = False,
          progress: Progress | None = None, total: Progress | None = None) -> Transfer:
@@ -304,6 +324,7 @@ def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
 # ------------------------------------------------------------------ pull
 
 
+@_sharing_store("pull")
 def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          progress: Progress | None = None, stop_writers: bool = False,
          same_owner: bool = False) -> Transfer:
@@ -382,6 +403,7 @@ def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: O
 # ------------------------------------------------------------------ clone
 
 
+@_sharing_store("clone")
 def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | None = None,
           local_name: str | None = None, progress: Progress | None = None,
           same_owner: bool = False) -> Transfer:

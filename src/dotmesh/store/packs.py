@@ -3,11 +3,15 @@
 A record is a fixed header (kind, flags, id, raw length, stored length) followed by the payload,
 so a pack can be verified or re-indexed on its own. A writer owns a fresh pack file, fsyncs it and
 only then commits the index rows; bytes after the last indexed record (a crash) are never read.
+The writer holds an exclusive ``flock`` on each pack it makes from its creation until its rows
+are committed (or it gives the pack back): gc never removes or cuts a pack someone holds
+(:func:`owned`), and a pack whose rows are in is never appended to again.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -15,7 +19,7 @@ import sqlite3
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeAlias, TypeVar
@@ -123,6 +127,7 @@ class PackStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conn = conn
         self._fds: dict[int, int] = {}
+        self._stale: list[int] = []
         self._lock = threading.Lock()
 
     # -- index
@@ -156,7 +161,7 @@ class PackStore:
             if fd is None:
                 path = self.dir / self.pack_name(pack)
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise Corrupt(f"pack file {path.name} is missing; run dm fsck") from None
                 self._fds[pack] = fd
@@ -178,6 +183,10 @@ class PackStore:
             raise Corrupt(f"object {oid.hex()[:16]} fails its hash check; run dm fsck")
         return data
 
+    def check_stored(self, oid: ObjectId, loc: Location, payload: bytes | memoryview) -> None:
+        """Corrupt unless ``payload`` (as stored) is the object (gc checks what it copies)."""
+        self._unpack(oid, loc, payload)
+
     def verify_located(self, oid: ObjectId, loc: Location) -> None:
         """What fsck checks: the record header agrees with the index, and the payload hashes."""
         head = os.pread(self._fd(loc.pack), RECORD.size, loc.offset - RECORD.size)
@@ -191,10 +200,28 @@ class PackStore:
         self.read_located(oid, loc)
 
     def get(self, oid: ObjectId) -> bytes:
+        """An object by id, verified. A read that holds no lock (``dm log``, ``dm diff``) may
+        meet a pack that a gc has just copied elsewhere and removed (or an open one whose
+        number a new pack took): it looks the object up again and reads it afresh, once."""
         loc = self.locate(oid)
         if loc is None:
             raise NotFound(f"object {oid.hex()[:16]} is not in the store")
-        return self.read_located(oid, loc)
+        try:
+            return self.read_located(oid, loc)
+        except Corrupt:
+            self._forget(loc.pack)
+            again = self.locate(oid)
+            if again is None:
+                raise
+            return self.read_located(oid, again)
+
+    def _forget(self, pack: int) -> None:
+        """Open the pack afresh next time (the old descriptor is closed with the store: another
+        thread may be reading through it)."""
+        with self._lock:
+            fd = self._fds.pop(pack, None)
+            if fd is not None:
+                self._stale.append(fd)
 
     def locate_many(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
         todo = list(set(oids))
@@ -265,12 +292,30 @@ class PackStore:
         return PackWriter(self)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._stale]:
             os.close(fd)
         self._fds.clear()
+        self._stale.clear()
 
 
 PACK_NAME = re.compile(r"[0-9a-f]{32}\.pack")
+
+
+def owned(path: Path) -> bool:
+    """Does a live writer hold this pack (one it is still writing, or whose rows are not
+    committed yet)? Never waits; a pack that is gone is nobody's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)  # lets go of the lock at once
 
 
 @dataclass
@@ -336,6 +381,7 @@ class PackWriter:
         self._pos = 0
         self._pending: dict[ObjectId, tuple[int, int, int, int, int, int]] = {}
         self._files: dict[int, tuple[str, int]] = {}  # pack id -> (name, end of indexed data)
+        self._held: list[int] = []  # synced packs whose rows are not in yet (locked, open)
         self._failed: BaseException | None = None
         self.bytes_written = 0
         self.objects_written = 0
@@ -345,6 +391,7 @@ class PackWriter:
         name = f"{uuid.uuid4().hex}.pack"
         path = self.store.dir / name
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # ours until its rows are in (see owned)
         self._pack_id = index.add_pack(self.store.conn, name)
         self._files[self._pack_id] = (name, 0)
         _write_all(self._fd, PACK_MAGIC)
@@ -433,9 +480,6 @@ class PackWriter:
         return err
 
     def _discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         self._pending.clear()
         for pack_id, (name, indexed) in self._files.items():
             path = self.store.dir / name
@@ -448,6 +492,16 @@ class PackWriter:
             except (OSError, sqlite3.Error):
                 pass  # what cannot be given back now is an unindexed tail: never read
         self._files.clear()
+        if self._fd >= 0:
+            self._held.append(self._fd)
+            self._fd = -1
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the packs whose rows are in (or that were given back)."""
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
 
     def _write(self, iov: list[bytes | memoryview]) -> None:
         for i in range(0, len(iov), 1024):  # IOV_MAX
@@ -473,7 +527,7 @@ class PackWriter:
 
     def _sync_file(self) -> None:
         os.fsync(self._fd)
-        os.close(self._fd)
+        self._held.append(self._fd)  # still locked: closed once its rows are in
         self._fd = -1
         dfd = os.open(self.store.dir, os.O_RDONLY)
         try:
@@ -481,19 +535,26 @@ class PackWriter:
         finally:
             os.close(dfd)
 
-    def flush(self) -> None:
-        """Make every added object durable and visible; the writer can go on afterwards."""
+    def flush(self, moving: Callable[[sqlite3.Connection], None] | None = None) -> None:
+        """Make every added object durable and visible; the writer can go on afterwards.
+
+        ``moving``: the objects are copies of indexed ones (gc's repack): their rows replace
+        the old ones, and ``moving(conn)`` runs in the same transaction (dropping what the
+        copies make useless)."""
         with self._lock:
             self._check()
             try:
                 if self._fd >= 0:
                     self._sync_file()
                 if not self._pending:
+                    self._release()
                     return
                 index.commit_object_rows(self.store.conn,
-                                         [(k, *v) for k, v in self._pending.items()])
+                                         [(k, *v) for k, v in self._pending.items()],
+                                         also=moving)
             except (OSError, sqlite3.OperationalError) as e:
                 raise self._fail(e) from None
+            self._release()
             ends: dict[int, int] = {}
             for _, pack, offset, stored_len, _, _ in self._pending.values():
                 ends[pack] = max(ends.get(pack, 0), offset + stored_len)

@@ -64,10 +64,22 @@ def _holder_of(fd: int) -> tuple[int, str]:
     return (int(pid) if pid.isdigit() else 0), command
 
 
+def _only_shared(fd: int) -> bool:
+    """Is the lock held shared only (by holders that wrote no pid)?"""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # an exclusive holder: its pid is in the file
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
 @contextmanager
-def _flocked(path: Path, mode: int, command: str, busy: str) -> Iterator[None]:
+def _flocked(path: Path, mode: int, command: str, busy: str,
+             shared_by: str = "") -> Iterator[None]:
     """Hold ``flock(mode)`` on ``path`` for the block, the holder's pid and command written in
-    it (an exclusive holder's); Locked at once, naming the holder, if another has it."""
+    it (an exclusive holder's); Locked at once, naming the holder, if another has it (or
+    saying ``shared_by``, when an exclusive lock is refused and the holders may be shared)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         for attempt in range(3):  # a read peeking at the lock holds it for a moment
@@ -76,6 +88,9 @@ def _flocked(path: Path, mode: int, command: str, busy: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if attempt == 2:
+                    if mode == fcntl.LOCK_EX and shared_by and _only_shared(fd):
+                        raise Locked(f"{busy}: {shared_by}; try again when they have "
+                                     "finished") from None
                     pid, what = _holder_of(fd)
                     doing = f"dm {what}, pid {pid}" if what else f"pid {pid}"
                     raise Locked(f"{busy}: another dm process ({doing}) is working on it; "
@@ -235,7 +250,8 @@ class Repo:
         """The whole store's lock: exclusive for work that must see every dot at rest (gc),
         shared under every dot's lock."""
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        with _flocked(self.root / "locks" / "store.lock", mode, command, "the store is busy"):
+        with _flocked(self.root / "locks" / "store.lock", mode, command, "the store is busy",
+                      "other dm commands are working on its dots (dm list shows which)"):
             yield
 
     def holder(self, dot: str) -> tuple[int, str] | None:
