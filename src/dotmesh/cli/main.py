@@ -13,6 +13,7 @@ import click
 
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
+from dotmesh.cli import space as cli_space
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import (
     emit_json,
@@ -793,6 +794,7 @@ def pool_grow(c: Ctx, size: str, as_json: bool) -> None:
 
 cli_remote.register(cli)
 cli_hub.register(cli)
+cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 
 
 # ------------------------------------------------------------------ the one error handler

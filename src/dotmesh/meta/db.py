@@ -124,3 +124,13 @@ def save_fingerprints(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]],
     with Tx(conn) as c:
         c.executemany("DELETE FROM fingerprints WHERE content=?", [(x,) for x in superseded])
         c.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", rows)
+
+
+def fingerprinted(conn: sqlite3.Connection) -> list[bytes]:
+    """The content ids the fingerprint cache has entries for."""
+    return [bytes(r[0]) for r in conn.execute("SELECT content FROM fingerprints")]
+
+
+def drop_fingerprints(conn: sqlite3.Connection, contents: list[bytes]) -> None:
+    """Forget the fingerprints of contents gc removed, inside the caller's transaction."""
+    conn.executemany("DELETE FROM fingerprints WHERE content=?", [(x,) for x in contents])

@@ -121,6 +121,37 @@ def drop_discarded(conn: sqlite3.Connection, dot: str, name: str) -> None:
     conn.execute("DELETE FROM discarded WHERE dot=? AND name=?", (dot, name))
 
 
+def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
+    """(where, id as stored) of every commit a ref names, in every dot: branch heads, the
+    reflog's old, new and saved states, unfinished restores and heads seen on remotes.
+    Unchecked (gc refuses a damaged one). Rows of deleted dots are included: gc keeps more,
+    never less."""
+    q = ("SELECT 'branch ' || dot || '@' || name, head FROM branches WHERE head IS NOT NULL "
+         "UNION ALL SELECT 'reflog of ' || dot, old FROM reflog WHERE old IS NOT NULL "
+         "UNION ALL SELECT 'reflog of ' || dot, new FROM reflog WHERE new IS NOT NULL "
+         "UNION ALL SELECT 'reflog of ' || dot, saved FROM reflog WHERE saved IS NOT NULL "
+         "UNION ALL SELECT 'unfinished restore of ' || dot, x FROM (SELECT dot, old AS x "
+         "FROM restores UNION ALL SELECT dot, target FROM restores UNION ALL SELECT dot, "
+         "saved FROM restores) WHERE x IS NOT NULL "
+         "UNION ALL SELECT 'remote head of ' || dot, head FROM remote_refs")
+    return [(str(w), x) for w, x in conn.execute(q)]
+
+
+def expiring_reflog(conn: sqlite3.Connection, before_ns: int) -> int:
+    """How many reflog rows are older than ``before_ns``."""
+    return int(conn.execute("SELECT count(*) FROM reflog WHERE ts_ns < ?",
+                            (before_ns,)).fetchone()[0])
+
+
+def expire_reflog(conn: sqlite3.Connection, before_ns: int) -> int:
+    """Forget the reflog rows older than ``before_ns`` (every dot); returns how many."""
+    return conn.execute("DELETE FROM reflog WHERE ts_ns < ?", (before_ns,)).rowcount
+
+
+def delete_branch(conn: sqlite3.Connection, dot: str, branch: str) -> None:
+    conn.execute("DELETE FROM branches WHERE dot=? AND name=?", (dot, branch))
+
+
 # ------------------------------------------------------------------ journals
 def pending_restore(conn: sqlite3.Connection, dot: str) -> Row | None:
     """(kind, branch, old, target, saved, action, message) of an unfinished restore."""
@@ -176,6 +207,11 @@ def track(conn: sqlite3.Connection, dot: str, remote: str, remote_dot: str, bran
 
 def mark_fetched(conn: sqlite3.Connection, commits: Iterable[bytes]) -> None:
     conn.executemany("INSERT OR IGNORE INTO fetched VALUES (?)", [(c,) for c in commits])
+
+
+def forget_fetched(conn: sqlite3.Connection, commits: Iterable[bytes]) -> None:
+    """Commits gc removed: whether they came from a remote no longer matters."""
+    conn.executemany("DELETE FROM fetched WHERE commit_id=?", [(c,) for c in commits])
 
 
 def is_fetched(conn: sqlite3.Connection, commit: bytes) -> bool:

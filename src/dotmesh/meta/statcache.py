@@ -102,3 +102,8 @@ def save(conn: sqlite3.Connection, dot: str, branch: str, subdot: str, old: Stat
 def drop_branch(conn: sqlite3.Connection, dot: str, branch: str) -> None:
     """Forget the caches of a branch whose folders go."""
     conn.execute("DELETE FROM statcache WHERE dot=? AND branch=?", (dot, branch))
+
+
+def all_blobs(conn: sqlite3.Connection) -> list[object]:
+    """Every stored cache, of every dot and branch, as stored (gc keeps what they name)."""
+    return [r[0] for r in conn.execute("SELECT data FROM statcache")]

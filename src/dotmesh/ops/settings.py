@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dotmesh.errors import UsageError
 from dotmesh.meta import config
 from dotmesh.meta.db import Tx
+from dotmesh.ops import gc
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
 
@@ -23,6 +24,8 @@ SETTINGS = {s.key: s for s in (
             "commits per branch (its head first) whose folders a snapshot backend keeps"),
     Setting(kept.KEEP_DAYS, kept.DEFAULTS[kept.KEEP_DAYS],
             "days a snapshot backend keeps the working states a reset discarded"),
+    Setting(gc.REFLOG_EXPIRE_DAYS, gc.DEFAULTS[gc.REFLOG_EXPIRE_DAYS],
+            "days dm reflog expire keeps reflog entries (and the states only they name)"),
 )}
 
 
