@@ -78,7 +78,10 @@ def test_retention_commands(dm: DM) -> None:
     assert dm.ok("reflog").strip() == ""
     dm.ok("gc")
     assert _packs(dm) < before - (1 << 20)
-    assert dm("gc", "--repack-below", "150").returncode == 2
+    p = dm("gc", "--repack-below", "150")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    for cmd in (["gc"], ["reflog", "expire"], ["branch"], ["reflog"]):
+        assert "Example" in dm.ok(*cmd, "--help"), cmd
     _fsck_clean(dm)
 
 

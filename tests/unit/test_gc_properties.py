@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dotmesh.errors import Conflict
@@ -151,6 +151,9 @@ PROFILE = settings(max_examples=25, deadline=None, suppress_health_check=[Health
 
 @PROFILE
 @given(st.lists(step, min_size=6, max_size=16))
+@example([("branch", 0), ("other-dot", True), ("other-dot", False), ("gc", "rows-dropped"),
+          ("commit", "a", 0, 0), ("branch", 1), ("gc", "rows-dropped")])  # a pack number
+# given again after a gc: a reader holding the removed pack open read the new one wrongly
 def test_gc_keeps_everything_reachable_and_only_that(steps: list[tuple[object, ...]]) -> None:
     _run(steps)
 

@@ -121,12 +121,21 @@ def pack_rows(conn: sqlite3.Connection) -> list[Row]:
 
 
 def add_pack(conn: sqlite3.Connection, name: str) -> int:
-    """Number a new pack file (its objects' rows name it by that number); returns it."""
-    return conn.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid or 0
+    """Number a new pack file (its objects' rows name it by that number); returns it. Numbers
+    are never given twice: above every pack's and every dropped one's (``pack_seq``), so that
+    a process holding a removed pack open by number never reads another pack through it."""
+    return conn.execute(
+        "INSERT INTO packs (id, name) VALUES (max((SELECT coalesce(max(id), 0) FROM packs), "
+        "coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key='pack_seq'), 0)) + 1, ?)",
+        (name,)).lastrowid or 0
 
 
 def drop_pack(conn: sqlite3.Connection, pack: object) -> None:
     """Forget a pack file: one that was removed, or a row that names no file."""
+    if isinstance(pack, int):
+        conn.execute("INSERT INTO meta VALUES ('pack_seq', ?) ON CONFLICT (key) DO UPDATE SET "
+                     "value=CAST(max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) "
+                     "AS TEXT)", (str(pack),))
     conn.execute("DELETE FROM packs WHERE id=?", (pack,))
 
 
