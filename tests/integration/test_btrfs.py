@@ -206,6 +206,35 @@ def test_a_discarded_state_past_its_days_is_stored_and_fsck_notices_a_lost_one(
     assert all(r["kept_as"] is None for r in json.loads(bdm.ok("reflog", "--json")))
 
 
+def test_gc_keeps_what_a_discarded_state_needs_and_reflog_expiry_lets_it_go(
+        bdm: DM) -> None:
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    (db / "a.txt").write_text("one")
+    _commit(bdm, "one")
+    (db / "a.txt").write_text("two")
+    second = _commit(bdm, "two")["id"]
+    bdm.ok("checkout", "-b", "side")
+    bdm.ok("branch", "-D", "master")  # "two" is now named only by the reflog
+    (db / "b.txt").write_text("not committed")
+    discarding = capture(db)
+    out = bdm.ok("reset", "--hard", "HEAD")
+    name = out.split("kept as ")[1].split()[0]
+    bdm.ok("gc")
+    bdm.ok("reset", "--hard", name)  # read after the gc: whatever it needs is still there
+    assert capture(db) == discarding
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+    (db / "c.txt").write_text("again")
+    bdm.ok("reset", "--hard", second)
+    [name] = _discarded(bdm.home)
+    bdm.ok("reflog", "expire", "--days", "0")
+    bdm.ok("gc")
+    assert all(r["kept_as"] is None for r in json.loads(bdm.ok("reflog", "--json")))
+    bdm.ok("commit", "-m", "three")  # the next change removes the snapshot no row names
+    assert _discarded(bdm.home) == []
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
 @pytest.mark.slow
 def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM) -> None:
     """Killed before its journal names the discarded snapshot, a reset leaves the working

@@ -335,3 +335,12 @@ def test_kill_at_each_step_loses_nothing_and_a_rerun_finishes(repo: Repo, point:
     assert left.dead == 0 and left.before == left.after
     assert gc_ops.stored_bytes(again) < 60_000
     again.close()
+
+
+def test_the_defaults_help_shows_are_the_ones_gc_uses() -> None:
+    """--help loads no store code, so the CLI repeats two numbers: they must agree."""
+    from dotmesh.cli import space
+
+    assert space.REPACK_BELOW == gc_ops.REPACK_BELOW
+    assert space.REFLOG_EXPIRE_DAYS == (gc_ops.REFLOG_EXPIRE_DAYS,
+                                        gc_ops.DEFAULTS[gc_ops.REFLOG_EXPIRE_DAYS])

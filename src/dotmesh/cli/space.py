@@ -8,17 +8,25 @@ group whose bare form is the listing, and ``dm branch`` gains ``-d``/``-D``.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, progress_bar
 from dotmesh.errors import UsageError
-from dotmesh.ops import gc as gc_ops
+
+if TYPE_CHECKING:  # the ops are imported by the commands that run them (start-up time)
+    from dotmesh.ops import gc as gc_ops
+
+# Shown by --help, which loads no store code; tests/unit/test_gc.py pins them to ops/gc.py's.
+REPACK_BELOW = 80
+REFLOG_EXPIRE_DAYS = ("gc.reflog-expire-days", 30)
 
 
 def _plan_json(r: gc_ops.GcResult) -> dict[str, Any]:
+    from dotmesh.ops import gc as gc_ops
+
     p = r.plan
     return {"dry_run": not r.applied,
             "objects": {"indexed": p.objects, "live": p.live, "unreachable": p.dead},
@@ -30,6 +38,8 @@ def _plan_json(r: gc_ops.GcResult) -> dict[str, Any]:
 
 
 def _describe(p: gc_ops.Plan) -> str:
+    from dotmesh.ops import gc as gc_ops
+
     parts = [f"{p.dead} of {p.objects} objects unreachable"]
     for n, what in ((p.count(gc_ops.DELETE), "packs to delete"),
                     (p.count(gc_ops.REPACK), "to repack"), (p.count(gc_ops.CUT), "to cut"),
@@ -42,7 +52,7 @@ def _describe(p: gc_ops.Plan) -> str:
 
 @click.command()
 @click.option("-n", "--dry-run", is_flag=True, help="Only say what would be freed.")
-@click.option("--repack-below", type=click.IntRange(0, 100), default=gc_ops.REPACK_BELOW,
+@click.option("--repack-below", type=click.IntRange(0, 100), default=REPACK_BELOW,
               show_default=True, metavar="PERCENT",
               help="Rewrite a pack file whose live objects fill less than this much of it.")
 @json_flag
@@ -60,6 +70,8 @@ def gc(c: Ctx, dry_run: bool, repack_below: int, as_json: bool) -> None:
     Example:  dm gc --dry-run
               dm dot delete -f old-app && dm gc
     """
+    from dotmesh.ops import gc as gc_ops
+
     said: list[str] = []
 
     def planned(p: gc_ops.Plan) -> None:
@@ -82,7 +94,7 @@ def gc(c: Ctx, dry_run: bool, repack_below: int, as_json: bool) -> None:
 @click.command("expire")
 @click.option("--days", type=click.IntRange(min=0), default=None, metavar="DAYS",
               help="Keep entries younger than this (default: the setting "
-                   f"{gc_ops.REFLOG_EXPIRE_DAYS}, {gc_ops.DEFAULTS[gc_ops.REFLOG_EXPIRE_DAYS]}"
+                   f"{REFLOG_EXPIRE_DAYS[0]}, {REFLOG_EXPIRE_DAYS[1]}"
                    " unless changed with dm config).")
 @click.option("-n", "--dry-run", is_flag=True, help="Only count them.")
 @json_flag
@@ -96,6 +108,8 @@ def reflog_expire(c: Ctx, days: int | None, dry_run: bool, as_json: bool) -> Non
               dm config gc.reflog-expire-days 90
               dm reflog expire --days 0 && dm gc   # everything no branch holds
     """
+    from dotmesh.ops import gc as gc_ops
+
     n = gc_ops.expire_reflog(c.home, days, dry_run)
     if as_json:
         emit_json({"expired": n, "dry_run": dry_run})
@@ -133,6 +147,8 @@ def _branch_command(listing: click.Command) -> click.Command:
             click.get_current_context().invoke(listing, **kwargs)
             return
         dot = c.home.require_current()
+        from dotmesh.ops import gc as gc_ops
+
         head = gc_ops.delete_branch(c.home, dot, name, force=force_delete is not None)
         at = f" (was {head.hex()[:12]}; dm reflog names it until it expires)" if head else ""
         click.echo(f"Deleted branch {name}{at}")

@@ -133,7 +133,10 @@ def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
          "UNION ALL SELECT 'unfinished restore of ' || dot, x FROM (SELECT dot, old AS x "
          "FROM restores UNION ALL SELECT dot, target FROM restores UNION ALL SELECT dot, "
          "saved FROM restores) WHERE x IS NOT NULL "
-         "UNION ALL SELECT 'remote head of ' || dot, head FROM remote_refs")
+         "UNION ALL SELECT 'remote head of ' || dot, head FROM remote_refs "
+         "UNION ALL SELECT 'discarded state of ' || dot, old FROM discarded "
+         "WHERE old IS NOT NULL "
+         "UNION ALL SELECT 'discarded state of ' || dot, target FROM discarded")
     return [(str(w), x) for w, x in conn.execute(q)]
 
 
@@ -144,7 +147,10 @@ def expiring_reflog(conn: sqlite3.Connection, before_ns: int) -> int:
 
 
 def expire_reflog(conn: sqlite3.Connection, before_ns: int) -> int:
-    """Forget the reflog rows older than ``before_ns`` (every dot); returns how many."""
+    """Forget the reflog rows older than ``before_ns`` (every dot), and the discarded states
+    they name (whose snapshots the next command on their dot removes); returns how many."""
+    conn.execute("DELETE FROM discarded WHERE seq IN (SELECT seq FROM reflog WHERE ts_ns < ?)",
+                 (before_ns,))
     return conn.execute("DELETE FROM reflog WHERE ts_ns < ?", (before_ns,)).rowcount
 
 

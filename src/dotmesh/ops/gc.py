@@ -31,15 +31,13 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
-from dotmesh.capture import proc
 from dotmesh.errors import Conflict, Corrupt, DotmeshError, NotFound, UsageError
 from dotmesh.meta import config, index, refs, statcache
 from dotmesh.meta.db import Tx, drop_fingerprints, fingerprinted
 from dotmesh.model.graph import descends, walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
-from dotmesh.model.objects import Commit, FileList, Tree
+from dotmesh.model.objects import Commit, FileList, Tree, is_dirty
 from dotmesh.model.trees import reachable
-from dotmesh.ops.dots import is_dirty
 from dotmesh.store.packs import PACK_MAGIC, PACK_NAME, RECORD, owned
 from dotmesh.store.repo import Repo
 from dotmesh.workdir import kept
@@ -57,6 +55,8 @@ KILL_ENV = "DM_GC_KILL_AT"  # tests: gc kills itself (SIGKILL) at this point of 
 def _kill_point(name: str) -> None:
     """For the crash tests: die here, as a kill -9 would, when DM_GC_KILL_AT names it."""
     if os.environ.get(KILL_ENV) == name:
+        from dotmesh.capture import proc  # signals live there
+
         proc.send(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # never reached
 
@@ -83,11 +83,15 @@ def cached_contents(home: Repo) -> list[tuple[bytes, bool]]:
     """(content id, chunked) of every entry of every stat cache: a commit trusts an entry to
     skip reading a file, and a changed file's previous chunks are taken as stored."""
     out: list[tuple[bytes, bool]] = []
+    caches = []
     for blob in statcache.all_blobs(home.conn):
         try:
-            cache = statcache.decode_cache(blob)  # type: ignore[arg-type]
+            caches.append(statcache.decode_cache(blob))  # type: ignore[arg-type]
         except (ValueError, TypeError, IndexError):
             continue  # a damaged cache is never trusted: it names nothing that must stay
+    for dot in home.dots():  # the caches saved with kept and discarded states, too
+        caches += kept.saved_caches(home, dot)
+    for cache in caches:
         out += [(e[4], bool(e[5] & statcache.CHUNKED)) for e in cache.values()
                 if e[5] & statcache.HAS_CONTENT]
     return out

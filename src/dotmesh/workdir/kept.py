@@ -407,3 +407,16 @@ def drop_discarded(home: Repo, dot: str, name: str, backend: FolderBackend) -> N
     p = snaps_dir(home, dot) / name
     if _DISCARDED_NAME.fullmatch(name) and _real_dir(p):
         backend.discard(p)
+
+
+def saved_caches(home: Repo, dot: str) -> list[StatCache]:
+    """The stat caches saved with the dot's kept and discarded states: each names contents
+    a folder made from the state (or a commit of it) takes as stored without reading them."""
+    out: list[StatCache] = []
+    for c in kept_ids(home, dot):
+        out += caches(home, dot, c).values()
+    for d in discarded(home, dot):
+        state = discarded_folder(home, dot, d.name)
+        if state is not None:
+            out += _read_caches(state).values()
+    return out
