@@ -196,3 +196,43 @@ def test_gc_and_a_commit_never_run_at_once(dm: DM) -> None:
     dm.ok("reset", "--hard", "HEAD")
     assert capture(d) == state
     _fsck_clean(dm)
+
+
+@pytest.mark.slow
+def test_du_says_what_each_dot_branch_and_subdot_holds(dm: DM) -> None:
+    common = os.urandom(200_000)
+    dm.ok("init", "a")
+    dm.ok("init", "b")
+    (dm.path("a.db") / "common").write_bytes(common)
+    (dm.path("a.files") / "only-a").write_bytes(os.urandom(300_000))
+    dm.ok("commit", "-m", "a one")
+    dm.ok("checkout", "-b", "side")
+    (dm.path("a.db") / "only-side").write_bytes(os.urandom(100_000))
+    dm.ok("commit", "-m", "side")
+    dm.ok("checkout", "master")
+    dm.ok("switch", "b")
+    (dm.path("b.db") / "common").write_bytes(common)
+    dm.ok("commit", "-m", "b one")
+    report = json.loads(dm.ok("du", "--json"))
+    a, b = report["dots"]
+    assert (a["name"], b["name"]) == ("a", "b")
+    # random bytes do not compress: stored sizes are the data plus small objects
+    assert 600_000 <= a["stored"] < 640_000 and 200_000 <= b["stored"] < 215_000
+    assert 200_000 <= a["shared"] < 205_000 and b["shared"] == a["shared"]
+    assert a["unique"] == a["stored"] - a["shared"] and b["unique"] < 10_000
+    branches = {x["name"]: x for x in a["branches"]}
+    assert branches["master"]["logical"] == 500_000
+    assert branches["side"]["logical"] == 600_000
+    assert 100_000 <= branches["side"]["unique"] < 105_000  # only its own commit's file
+    assert branches["master"]["unique"] == 0  # side's history holds all of master's
+    subdots = {x["name"]: x for x in a["subdots"]}
+    assert subdots["db"]["logical"] == 200_000 and subdots["files"]["logical"] == 300_000
+    assert 300_000 <= subdots["files"]["unique"] < 305_000
+    assert report["packs"] >= a["stored"] + b["unique"] and report["reclaimable"] < 1000
+    text = dm.ok("du", "a")
+    assert "branch side" in text and "subdot files" in text and "dm gc would free" in text
+    dm.ok("dot", "delete", "-f", "a")
+    after = json.loads(dm.ok("du", "--json"))
+    assert [d["name"] for d in after["dots"]] == ["b"]
+    assert after["dots"][0]["shared"] == 0 and after["reclaimable"] >= 400_000
+    assert dm("du", "nope").returncode == 3

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
-from dotmesh.cli.render import emit_json, human_size, progress_bar
+from dotmesh.cli.render import emit_json, human_size, progress_bar, table
 from dotmesh.errors import UsageError
 
 if TYPE_CHECKING:  # the ops are imported by the commands that run them (start-up time)
@@ -117,6 +117,67 @@ def reflog_expire(c: Ctx, days: int | None, dry_run: bool, as_json: bool) -> Non
         click.echo(f"{'Would forget' if dry_run else 'Forgot'} {n} reflog entries")
 
 
+@click.command()
+@click.argument("dots", nargs=-1, metavar="[DOT]...")
+@click.option("--no-gc", is_flag=True, help="Do not work out what dm gc would free (faster).")
+@json_flag
+@pass_ctx
+def du(c: Ctx, dots: tuple[str, ...], no_gc: bool, as_json: bool) -> None:
+    """Show where the store's disk went: per dot, per branch and per subdot, the size of its
+    newest state (LOGICAL), the bytes in packs its history reaches (STORED), what only it
+    reaches (UNIQUE: what deleting it and dm gc would free) and what another dot shares.
+
+    \b
+    Example:  dm du
+              dm du app --json
+    """
+    from dotmesh.errors import Corrupt
+    from dotmesh.ops import du as du_ops
+    from dotmesh.ops import gc as gc_ops
+
+    for d in dots:
+        c.home.require_dot(d)
+
+    def reclaimable() -> int:
+        try:
+            p = gc_ops.plan(c.home)[0]
+        except Corrupt:
+            return -1  # a damaged store: dm fsck first
+        return max(0, p.before - p.after)
+
+    with c.home.store_lock("du", exclusive=False), progress_bar("Reading") as bar:
+        r = du_ops.du(c.home, dots or None, bar, None if no_gc else reclaimable)
+    if as_json:
+        def one(u: du_ops.Usage) -> dict[str, Any]:
+            return {"name": u.name, "logical": u.logical, "stored": u.stored,
+                    "unique": u.unique, "shared": u.shared}
+
+        emit_json({"dots": [{**one(u), "branches": [one(b) for b in u.branches],
+                             "subdots": [one(s) for s in u.subdots]} for u in r.dots],
+                   "packs": r.packs,
+                   "reclaimable": r.reclaimable if (r.reclaimable or 0) >= 0 else None})
+        return
+    rows = []
+    for u in r.dots:
+        rows.append([u.name, *_sizes(u)])
+        rows += [[f"  branch {b.name}", *_sizes(b)] for b in u.branches]
+        rows += [[f"  subdot {s.name}", *_sizes(s)] for s in u.subdots]
+    if rows:
+        table(rows, ["DOT", "LOGICAL", "STORED", "UNIQUE", "SHARED"])
+    if r.reclaimable is None:
+        gc_note = ""
+    elif r.reclaimable >= 0:
+        gc_note = f"; dm gc would free {human_size(r.reclaimable)}"
+    else:
+        gc_note = "; what dm gc would free is unknown: the store is damaged (dm fsck)"
+    click.echo(f"{human_size(r.packs)} in pack files{gc_note}")
+
+
+def _sizes(u: Any) -> list[str]:
+    return [human_size(u.logical), human_size(u.stored), human_size(u.unique),
+            human_size(u.shared)]
+
+
 def _reflog_group(listing: click.Command) -> click.Group:
     """``dm reflog`` as before, with subcommand ``expire``."""
 
@@ -169,5 +230,6 @@ def _branch_command(listing: click.Command) -> click.Command:
 
 def register(cli: click.Group) -> None:
     cli.add_command(gc)
+    cli.add_command(du)
     cli.add_command(_reflog_group(cli.commands["reflog"]))
     cli.add_command(_branch_command(cli.commands["branch"]))

@@ -12,7 +12,9 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, cast
 
 from dotmesh.errors import Corrupt, InvalidName
@@ -108,6 +110,18 @@ class FileList:
         if fl.size != size:
             raise Corrupt("file list object's size does not match its chunks")
         return fl
+
+
+def chunk_ids(data: bytes) -> Iterator[bytes]:
+    """The chunk ids of an encoded file list, in order, holes included; only its framing is
+    checked (Corrupt if wrong): for walks that visit millions of entries and need nothing
+    else of them, at the speed of ``struct``."""
+    if len(data) < _FL_HEAD.size:
+        raise Corrupt("file list object is truncated")
+    magic, _, count = _FL_HEAD.unpack_from(data)
+    if magic != MAGIC_FILELIST or len(data) != _FL_HEAD.size + count * _FL_ENTRY.size:
+        raise Corrupt("file list object is malformed")
+    return map(itemgetter(0), _FL_ENTRY.iter_unpack(memoryview(data)[_FL_HEAD.size:]))
 
 
 def paged_blocks(data: bytes, block: int) -> int | None:
