@@ -45,3 +45,15 @@ def test_transfer_bench_small_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["new_chunks"] > 0 and result["wire"] > 0 and result["rsync_sent_1pct"] > 0
     assert "1% push:" in p.stdout and "| 2 clone, throughput |" in p.stdout
+
+
+def test_gc_bench_small_runs(tmp_path):
+    out = tmp_path / "gc.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gc.py"), "--small",
+                        "--json", str(out)], capture_output=True, text=True, timeout=900,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(out.read_text())
+    g = result["gc after deleting half"]
+    assert g["freed"] > 0 and abs(g["freed/expected"] - 1) <= 0.05
+    assert "target: gc with nothing to do" in p.stdout
