@@ -228,7 +228,8 @@ def test_du_says_what_each_dot_branch_and_subdot_holds(dm: DM) -> None:
     subdots = {x["name"]: x for x in a["subdots"]}
     assert subdots["db"]["logical"] == 200_000 and subdots["files"]["logical"] == 300_000
     assert 300_000 <= subdots["files"]["unique"] < 305_000
-    assert report["packs"] >= a["stored"] + b["unique"] and report["reclaimable"] < 1000
+    assert report["packs"] >= a["stored"] + b["unique"]
+    assert report["reclaimable"] == 0  # (a checkout -b once stored an empty tree for nothing)
     text = dm.ok("du", "a")
     assert "branch side" in text and "subdot files" in text and "dm gc would free" in text
     dm.ok("dot", "delete", "-f", "a")

@@ -213,7 +213,8 @@ def target_roots(home: Repo, dot: str, commit: Commit | None,
     for sub in roots:
         home.add_subdot(dot, sub)
     for sub in home.subdots(dot):
-        roots.setdefault(sub, empty_root(writer))
+        if sub not in roots:  # (not setdefault: that would store an empty tree every time)
+            roots[sub] = empty_root(writer)
     return roots
 
 
