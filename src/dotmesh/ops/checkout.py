@@ -126,7 +126,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                 try:
                     # To a kept state, a reset need not read what it discards: if any file
                     # changed, the frozen copy is kept as it is and read only if asked for.
-                    lazy = frozen.same_inodes and kept.folder(home, dot, target_id) is not None
+                    lazy = frozen.whole and kept.folder(home, dot, target_id) is not None
                     found = scan_frozen(home, dot, cow, frozen, writer, progress,
                                         cached_only=lazy)
                 except BaseException:
@@ -134,7 +134,8 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                     raise
                 if found is None:
                     keep_as = kept.new_discarded_name()
-                    keep_caches = {s: home.load_cache(dot, branch, s) for s in frozen.subdots}
+                    keep_caches = frozen.own_caches(
+                        {s: home.load_cache(dot, branch, s) for s in frozen.subdots})
                 snap = found or DotSnapshot({}, {}, {})
             else:
                 snap = snapshot_dot(home, dot, writer, progress)

@@ -432,10 +432,29 @@ class Frozen:
     copied: dict[str, Stats | None]
     whole: bool  # the working set was copied in one piece (not an older layout's subdots)
 
-    @property
-    def same_inodes(self) -> bool:
-        """A snapshot (btrfs), not a copy: the stat caches of the working set fit it."""
-        return self.whole and all(v is None for v in self.copied.values())
+    def own_caches(self, caches: dict[str, StatCache]) -> dict[str, StatCache]:
+        """The working set's stat caches made to fit this copy on its own: as they are for a
+        snapshot (the same inodes); for a reflinked copy, each entry whose file was, when
+        copied, what the entry says, moved to the copy's file (a new inode)."""
+        out: dict[str, StatCache] = {}
+        for sub in self.subdots:
+            cache, before = caches.get(sub, {}), self.copied.get(sub)
+            if before is None:
+                out[sub] = cache
+                continue
+            top, mine = os.fsencode(self.folder(sub)), {}
+            for rel, e in cache.items():
+                was = before.get(rel)
+                if was is None or (was.st_size, was.st_mtime_ns, was.st_ctime_ns,
+                                   was.st_ino) != (e[0], e[1], e[2], e[3]):
+                    continue
+                try:
+                    st = os.lstat(os.path.join(top, rel))
+                except OSError:
+                    continue
+                mine[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, e[4], e[5])
+            out[sub] = mine
+        return out
 
     def folder(self, sub: str) -> Path:
         return self.staging / kept.SET / sub
