@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 import yaml
@@ -41,6 +42,14 @@ def test_blob_store_contract(blobs):
     assert blobs.get_range("a/one", 10, 5) == b"11111"
     assert blobs.list("a/") == ["a/one", "a/two"]
     assert blobs.list("nothing/") == []
+    assert [(e.key, e.size) for e in blobs.entries("a/")] == [("a/one", 1000), ("a/two", 2)]
+    assert all(abs(e.written_ns - time.time_ns()) < 600e9 for e in blobs.entries("a/"))
+    blobs.put("a/gone", b"x")
+    blobs.delete("a/gone")
+    blobs.delete("a/gone")  # absent already: no error
+    assert blobs.list("a/") == ["a/one", "a/two"]
+    with pytest.raises(NotFound):
+        blobs.get("a/gone")
     with pytest.raises(NotFound):
         blobs.get("a/missing")
     with pytest.raises(NotFound):

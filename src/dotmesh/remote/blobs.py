@@ -4,7 +4,9 @@ The contract (one test suite runs it against every implementation):
 - ``put`` is atomic (a reader sees all of it or nothing) and idempotent;
 - ``get`` reads a value (refusing one over ``limit`` bytes), ``get_range`` part of one
   (never more than asked); NotFound if the key is absent;
-- ``list`` returns every key under a prefix, sorted;
+- ``list`` returns every key under a prefix, sorted; ``entries`` the same with each value's
+  size and when it was written (ns since the epoch);
+- ``delete`` removes a key (no error if it is absent already);
 - ``read_versioned`` returns a value with a version tag, and ``put_if`` replaces it only if
   the tag still matches (or, with ``None``, only if the key is absent): the compare-and-swap
   that ref updates rely on. It raises :class:`Conflict` otherwise.
@@ -13,12 +15,14 @@ Keys are validated: ``/``-separated parts of letters, digits, ``.-_``, never ``.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import re
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,11 +52,20 @@ def _within(data: bytes, limit: int | None, key: str) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class BlobEntry:
+    key: str
+    size: int
+    written_ns: int  # the store's clock: a file's mtime, an S3 object's LastModified
+
+
 class Blobs(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str, limit: int | None = None) -> bytes: ...
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def list(self, prefix: str) -> list[str]: ...
+    def entries(self, prefix: str) -> builtins.list[BlobEntry]: ...
+    def delete(self, key: str) -> None: ...
     def read_versioned(self, key: str, limit: int | None = None
                        ) -> tuple[bytes, str] | None: ...
     def put_if(self, key: str, data: bytes, version: str | None) -> str: ...
@@ -132,6 +145,28 @@ class LocalBlobs:
                 if not name.startswith("."):
                     out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
         return sorted(out)
+
+    def entries(self, prefix: str) -> builtins.list[BlobEntry]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = os.stat(self.root / key)
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            out.append(BlobEntry(key, st.st_size, st.st_mtime_ns))
+        return out
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def read_versioned(self, key: str, limit: int | None = None) -> tuple[bytes, str] | None:
         try:
@@ -215,6 +250,17 @@ class S3Blobs:
         for page in self._pages(self.prefix + prefix):
             out.extend(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
         return sorted(out)
+
+    def entries(self, prefix: str) -> builtins.list[BlobEntry]:
+        out: builtins.list[BlobEntry] = []
+        for page in self._pages(self.prefix + prefix):
+            out.extend(BlobEntry(o["Key"][len(self.prefix):], int(o["Size"]),
+                                 int(o["LastModified"].timestamp() * 1e9))
+                       for o in page.get("Contents", []))
+        return sorted(out, key=lambda e: e.key)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.s3.delete_object, Key=self._key(key))
 
     def _pages(self, prefix: str) -> Iterator[dict[str, Any]]:
         token = None
