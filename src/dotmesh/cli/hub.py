@@ -309,6 +309,96 @@ def register(cli: click.Group) -> None:
             click.echo("\n".join(names))
 
 
+    @hub.group("dot")
+    def hub_dot() -> None:
+        """The hub's dots (their owners may also delete them over the API: DELETE
+        /api/v1/dots/NAMESPACE/DOT).
+
+        \b
+        Example:  dm hub dot rm alice/app && dm hub gc
+        """
+
+    @hub_dot.command("rm")
+    @click.argument("dot", metavar="NAMESPACE/DOT")
+    @click.pass_obj
+    def dot_rm(cfg: HubConfig, dot: str) -> None:
+        """Delete a dot: its branches, collaborators and memberships go at once (a push to
+        it under way fails); dm hub gc then frees the objects no other dot holds.
+
+        \b
+        Example:  dm hub dot rm alice/app
+        """
+        ns, dot_name = _dot_arg(dot)
+        cfg.store().remove_dot(ns, dot_name)
+        click.echo(f"Deleted {ns}/{dot_name}: dm hub gc frees what only it held")
+
+    @hub.command("gc")
+    @click.option("--dry-run", is_flag=True, help="Say what would be freed; change nothing.")
+    @click.option("--grace", type=float, default=None, metavar="SECONDS",
+                  help="Delete a pack blob only this long after nothing names it any more "
+                  "(default 3600: a fetch that found an object in it just before still "
+                  "reads it). 0 frees everything at once: only on a hub nobody uses "
+                  "meanwhile.")
+    @click.option("--repack-below", type=float, default=None, metavar="FRACTION",
+                  help="Rewrite pack blobs whose live bytes are under this fraction "
+                  "(default 0.5).")
+    @json_flag
+    @click.pass_obj
+    def hub_gc(cfg: HubConfig, dry_run: bool, grace: float | None,
+               repack_below: float | None, as_json: bool) -> None:
+        """Free the objects no dot holds (dots deleted, pushes killed midway): plan, then
+        apply. Safe while the hub serves pushes and fetches; a killed gc is finished by
+        running it again.
+
+        \b
+        Example:  dm hub gc --dry-run; dm hub gc
+        """
+        from dotmesh.cli.render import human_size, progress_bar
+        from dotmesh.server.hub import gc
+
+        grace = gc.GRACE if grace is None else grace
+        repack_below = gc.REPACK_BELOW if repack_below is None else repack_below
+        gc.check_options(grace, repack_below)
+        store = cfg.store()
+        plan = gc.plan(store, grace, repack_below)
+        now_p, now_b = plan.freeing_now()
+        later_p, later_b = plan.freeing_later()
+        if not as_json:
+            click.echo(f"{plan.objects} objects in {plan.packs} packs "
+                       f"({human_size(plan.stored)}); {plan.garbage_objects} objects "
+                       f"({human_size(plan.garbage_bytes)}) belong to no dot")
+            verb = "Would" if dry_run else "Will"
+            click.echo(f"{verb} delete {plan.garbage_objects} objects, empty "
+                       f"{len(plan.drop)} packs, repack {len(plan.repack)} "
+                       f"(copying {human_size(plan.repack_copy)}), remove "
+                       f"{len(plan.orphans)} unindexed packs; frees "
+                       f"{human_size(max(now_b, 0))} in {now_p} packs now"
+                       + (f", {human_size(max(later_b, 0))} in {later_p} packs after "
+                          f"the grace period" if later_p else ""))
+            if plan.young:
+                click.echo(f"{len(plan.young)} unindexed packs are younger than the grace "
+                           "period (maybe a push under way): left for a later gc")
+        if dry_run:
+            if as_json:
+                emit_json({"dry_run": True, "plan": plan.to_json()})
+            return
+        with progress_bar("Collecting", plan.work()) as bar:
+            freed = gc.apply(store, plan, bar)
+        if as_json:
+            emit_json({"dry_run": False, "plan": plan.to_json(), "freed": freed.to_json()})
+            return
+        click.echo(f"Freed {freed.objects} objects: deleted {freed.packs_deleted} packs "
+                   f"({human_size(freed.bytes_deleted)}), repacked {freed.packs_repacked} "
+                   f"into {freed.packs_written} (copied {human_size(freed.bytes_copied)})")
+        if freed.packs_doomed:
+            click.echo(f"{freed.packs_doomed} packs ({human_size(freed.bytes_doomed)}) wait "
+                       f"for the grace period: a dm hub gc from {iso(freed.due_ns)} "
+                       "deletes them")
+        for damaged in freed.damaged:
+            click.echo(f"dm hub gc: left a pack it could not read as it is: {damaged}",
+                       err=True)
+
+
 def _dot_arg(text: str) -> tuple[str, str]:
     ns, slash, name = text.partition("/")
     if not slash:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.ids import ID_LEN, ObjectId
+from dotmesh.model.names import check_name
 from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
 from dotmesh.server.hub.config import HubConfig
@@ -116,6 +117,14 @@ def create_app(store: HubStore) -> Starlette:
     def show(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         return JSONResponse(store.describe(store.dot_for(user, p["ns"], p["dot"])))
 
+    def drop(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        check_name(p["ns"], "namespace")
+        check_name(p["dot"], "dot name")
+        if user != p["ns"]:
+            raise Forbidden(f"only {p['ns']} may delete {p['ns']}/{p['dot']}")
+        store.remove_dot(p["ns"], p["dot"])
+        return JSONResponse({"deleted": f"{p['ns']}/{p['dot']}"})
+
     def lacking(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         ids = ids_of(body)
         try:
@@ -204,6 +213,7 @@ def create_app(store: HubStore) -> Starlette:
         route("/api/v1/user/keys", "POST", key_new),
         route("/api/v1/user/keys/{id}", "DELETE", key_revoke),
         route(base, "GET", show),
+        route(base, "DELETE", drop),
         route(base + "/lacking", "POST", lacking),
         route(base + "/objects", "POST", receive),
         route(base + "/fetch", "POST", fetch),

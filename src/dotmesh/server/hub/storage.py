@@ -71,6 +71,15 @@ verified = sa.Table("verified", md, sa.Column("dot_id", sa.Integer, primary_key=
 # Added after version 1's tables: create_all makes missing tables, never missing columns.
 disabled = sa.Table("disabled_users", md, sa.Column("name", sa.String(64), primary_key=True),
                     sa.Column("disabled_ns", sa.BigInteger, nullable=False))
+# Pack blobs no index row names any more, since when: dm hub gc deletes them a grace period
+# later, so that a read that found an object there just before still finds the bytes.
+doomed = sa.Table("doomed", md, sa.Column("pack", sa.String(200), primary_key=True),
+                  sa.Column("doomed_ns", sa.BigInteger, nullable=False))
+# Indexes added after version 1 (create_all makes them only with a new table): what gc asks
+# (which objects no dot holds, which rows a pack still has).
+INDEXES = ("CREATE INDEX IF NOT EXISTS members_oid ON members (oid)",
+           "CREATE INDEX IF NOT EXISTS objects_pack ON objects (pack)")
+RECEIVE_TRIES = 5
 KEY_ID = re.compile(r"[0-9a-f]{12}")
 QUERY_BATCH = 500
 HISTORY_LIMIT = 1000
@@ -134,6 +143,7 @@ class HubStore:
         try:
             self.engine = engine_for(db_url)
             md.create_all(self.engine)
+            self._indexes()
         except ImportError as e:
             raise UsageError(f"no driver for database {safe!r} ({e.name}): use sqlite:///PATH "
                              "or postgresql+psycopg://...") from None
@@ -142,6 +152,17 @@ class HubStore:
             raise StorageError(f"cannot use database {safe!r}: "
                                f"{str(cause).strip().splitlines()[0]}") from None
         self.blobs = blobs
+
+    def _indexes(self) -> None:
+        for attempt in range(3):
+            try:
+                with self.tx() as c:
+                    for ddl in INDEXES:
+                        c.exec_driver_sql(ddl)
+                return
+            except sa.exc.IntegrityError:  # another hub process made it at the same time
+                if attempt == 2:
+                    raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -263,15 +284,31 @@ class HubStore:
             c.execute(api_keys.delete().where(api_keys.c.username == name))
             c.execute(collaborators.delete().where(collaborators.c.username == name))
             c.execute(disabled.delete().where(disabled.c.name == name))
-            ids = list(owned)
-            for i in range(0, len(ids), QUERY_BATCH):
-                batch = ids[i:i + QUERY_BATCH]
-                # The dots first: PostgreSQL then waits for pushes holding them (_hold),
-                # and the deletes below see the rows those pushes added.
-                c.execute(dots.delete().where(dots.c.id.in_(batch)))
-                for table in (branches, members, verified, collaborators):
-                    c.execute(table.delete().where(table.c.dot_id.in_(batch)))
+            self._drop_dots(c, list(owned))
         return sorted(owned.values())
+
+    def remove_dot(self, namespace: str, name: str) -> None:
+        """Delete a dot: its refs, memberships and collaborators (dm hub gc frees the
+        objects no other dot holds). A push under way to it fails (_hold)."""
+        check_name(namespace, "namespace")
+        check_name(name, "dot name")
+        with self.tx() as c:
+            row = c.execute(sa.select(dots.c.id).where(dots.c.namespace == namespace,
+                                                      dots.c.name == name)).first()
+            if row is None:
+                raise NotFound(f"the hub has no dot {namespace}/{name}")
+            self._drop_dots(c, [row[0]])
+
+    @staticmethod
+    def _drop_dots(c: sa.Connection, ids: list[int]) -> None:
+        """The one way dots go (dm hub user rm --with-dots, dm hub dot rm, DELETE)."""
+        for i in range(0, len(ids), QUERY_BATCH):
+            batch = ids[i:i + QUERY_BATCH]
+            # The dots first: PostgreSQL then waits for pushes holding them (_hold), and
+            # the deletes below see the rows those pushes added.
+            c.execute(dots.delete().where(dots.c.id.in_(batch)))
+            for table in (branches, members, verified, collaborators):
+                c.execute(table.delete().where(table.c.dot_id.in_(batch)))
 
     def list_keys(self, name: str) -> list[tuple[str, int]]:
         """(id, created_ns) of each of ``name``'s API keys, oldest first."""
@@ -405,15 +442,44 @@ class HubStore:
         ids = [r.oid for r in records]
         joining = len(set(ids) - self._present(members, ids, dot))
         known = self._present(objects, ids, None)
-        fresh = [r for r in records if r.oid not in known]
-        locs = write_pack(self.blobs, "packs/", fresh)[1] if fresh else {}  # durable first
-        with self.tx() as c:
-            self._bulk_insert_ignore(c, objects, [
-                (oid, loc.kind, loc.pack, loc.offset, loc.stored_len, loc.raw_len, loc.zstd)
-                for oid, loc in locs.items()])
-            self._bulk_insert_ignore(c, members, [(dot.id, r.oid) for r in records])
-            self._hold(c, dot)
-        return joining
+        todo = [r for r in records if r.oid not in known]
+        locs: dict[ObjectId, PackLocation[str]] = {}
+        for _ in range(RECEIVE_TRIES):
+            if todo:
+                locs.update(write_pack(self.blobs, "packs/", todo)[1])  # durable first
+            try:
+                with self.tx() as c:
+                    self._bulk_insert_ignore(c, objects, [
+                        (oid, loc.kind, loc.pack, loc.offset, loc.stored_len, loc.raw_len,
+                         loc.zstd) for oid, loc in locs.items()])
+                    self._bulk_insert_ignore(c, members, [(dot.id, r.oid) for r in records])
+                    self._hold(c, dot)
+                    gone = self._unindexed(c, ids)
+                    if gone:
+                        raise _Collected(gone)
+            except _Collected as e:
+                # dm hub gc took the rows of bytes this batch counted on the hub having:
+                # they are in this batch, so they go into a pack of their own.
+                todo = [r for r in records if r.oid in e.gone]
+                continue
+            return joining
+        raise Conflict(f"the hub's garbage collection kept taking objects of this push to "
+                       f"{dot}: push again")
+
+    def _unindexed(self, c: sa.Connection, ids: list[ObjectId]) -> set[ObjectId]:
+        """Which of ``ids`` have no index row, in a transaction that has just made them
+        members: the rows that are there are held (FOR SHARE, in id order as gc locks
+        them) until it ends, so gc, which deletes only rows no member names and locks them
+        before it looks, either sees these members or deleted the rows before this
+        looked. SQLite's one writer makes the same order."""
+        order = sorted(set(ids))
+        found: set[ObjectId] = set()
+        for i in range(0, len(order), QUERY_BATCH):
+            q = sa.select(objects.c.oid).where(objects.c.oid.in_(order[i:i + QUERY_BATCH])
+                                              ).order_by(objects.c.oid)
+            found.update(ObjectId(bytes(r[0])) for r in c.execute(q.with_for_update(
+                read=True)))
+        return set(order) - found
 
     def _locs(self, dot: Dot, ids: list[ObjectId]) -> dict[ObjectId, PackLocation[str]]:
         out: dict[ObjectId, PackLocation[str]] = {}
@@ -554,6 +620,14 @@ class HubStore:
         except Corrupt:
             return False
         return True
+
+
+class _Collected(Exception):
+    """A receive found objects it counted on without their index rows (gc took them)."""
+
+    def __init__(self, gone: set[ObjectId]) -> None:
+        super().__init__(f"{len(gone)} objects collected meanwhile")
+        self.gone = gone
 
 
 class _Raced(Exception):
