@@ -159,7 +159,7 @@ def local_hub(tmp_path_factory):
     (["dot", "rm", "../x"], 2, "namespace"),
     (["dot", "rm", "alice/nodot"], 3, "no dot alice/nodot"),
     (["gc", "--grace", "-1"], 2, "--grace"),
-    (["gc", "--repack-below", "2"], 2, "--repack-below"),
+    (["gc", "--repack-below", "101"], 2, "--repack-below"),
 ])
 def test_bad_hub_dot_and_gc_commands(local_hub, args, code, needle):
     p = local_hub.run(*args)

@@ -339,9 +339,9 @@ def register(cli: click.Group) -> None:
                   "(default 3600: a fetch that found an object in it just before still "
                   "reads it). 0 frees everything at once: only on a hub nobody uses "
                   "meanwhile.")
-    @click.option("--repack-below", type=float, default=None, metavar="FRACTION",
-                  help="Rewrite pack blobs whose live bytes are under this fraction "
-                  "(default 0.5).")
+    @click.option("--repack-below", type=float, default=None, metavar="PERCENT",
+                  help="Rewrite pack blobs whose live bytes fill less than this much of "
+                  "them (default 50; dm gc's option, in the same unit).")
     @json_flag
     @click.pass_obj
     def hub_gc(cfg: HubConfig, dry_run: bool, grace: float | None,
@@ -357,7 +357,9 @@ def register(cli: click.Group) -> None:
         from dotmesh.server.hub import gc
 
         grace = gc.GRACE if grace is None else grace
-        repack_below = gc.REPACK_BELOW if repack_below is None else repack_below
+        if repack_below is not None and not 0 <= repack_below <= 100:
+            raise UsageError(f"--repack-below is a percentage (0-100), not {repack_below}")
+        repack_below = gc.REPACK_BELOW if repack_below is None else repack_below / 100
         gc.check_options(grace, repack_below)
         store = cfg.store()
         plan = gc.plan(store, grace, repack_below)
