@@ -157,7 +157,9 @@ def test_what_a_store_keeps_is_its_owners_alone(public_tmp):
     (d / "big").write_bytes(os.urandom(64 << 20))
     proc = dm.popen("commit", "-m", "two")  # caught while its index is open (a WAL exists)
     try:
-        while not (home / "meta.db-wal").exists() and proc.poll() is None:
+        # SQLite makes the -wal file, then the -shm file: wait for both
+        while not ((home / "meta.db-wal").exists() and (home / "meta.db-shm").exists()) \
+                and proc.poll() is None:
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGSTOP)
         assert stat.S_IMODE(home.stat().st_mode) == 0o711
