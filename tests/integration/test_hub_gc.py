@@ -28,6 +28,7 @@ from dotmesh.store.packs import compress
 from tests.conftest import DM, DM_BIN
 from tests.integration.remote_env import Hub, postgres_db
 from tests.integration.test_errors import _one_line_error
+from tests.integration.test_remote import _running
 
 
 def _rec(data: bytes) -> Record:
@@ -194,15 +195,6 @@ def hub(request, tmp_path_factory):
                     top, processes=2)
             h.s3, h.bucket = server, "dm-hub-gc"
             yield from _running(h)
-
-
-def _running(h: Hub):
-    h.keys = {u: h.user(u) for u in ("alice", "bob", "carol")}
-    h.start()
-    try:
-        yield h
-    finally:
-        h.stop()
 
 
 def _dev(tmp_path: Path, hub: Hub, user: str, home: str, i: int = 0) -> DM:

@@ -396,8 +396,8 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str) -> None
 def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> None:
     """Move the current branch to REF and make the data match it.
 
-    The working state being discarded is stored first and listed by dm reflog (on btrfs,
-    kept as a snapshot named discarded-..., read only if you reset to it).
+    The working state being discarded is stored first and listed by dm reflog (on btrfs
+    and XFS, kept as a snapshot named discarded-..., read only if you reset to it).
 
     \b
     Example:  dm reset --hard HEAD^

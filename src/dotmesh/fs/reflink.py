@@ -9,6 +9,8 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dotmesh.fs.btrfs import FICLONE, SnapshotError
@@ -53,25 +55,33 @@ def copy_tree(source: Path, dest: Path, into: bool = False) -> tuple[Stats, Stat
     dm stores none)."""
     before: Stats = {}
     after: Stats = {}
+    with _trees(source, dest, make=not into) as (src_fd, dst_fd):
+        _copy_dir(src_fd, dst_fd, b"", before, after)
+    return before, after
+
+
+@contextmanager
+def _trees(source: Path, dest: Path, make: bool = False) -> Iterator[tuple[int, int]]:
+    """Descriptors of the folders ``source`` and ``dest`` (made first if ``make``) for the
+    block, which copies one into the other; ``dest`` then gets ``source``'s attributes. A
+    failure is one SnapshotError naming both."""
     try:
         src_fd = os.open(source, _DIR)
     except OSError as e:
         raise SnapshotError(f"cannot copy {source}: {e.strerror}") from None
     try:
-        st = os.fstat(src_fd)
-        if not into:
+        if make:
             os.mkdir(dest, 0o700)
         dst_fd = os.open(dest, _DIR)
         try:
-            _copy_dir(src_fd, dst_fd, b"", before, after)
-            _attrs(dst_fd, st)
+            yield src_fd, dst_fd
+            _attrs(dst_fd, os.fstat(src_fd))
         finally:
             os.close(dst_fd)
     except OSError as e:
         raise SnapshotError(f"cannot copy {source} to {dest}: {e.strerror}") from None
     finally:
         os.close(src_fd)
-    return before, after
 
 
 def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int) -> Stats:
@@ -81,21 +91,8 @@ def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int) -> St
     ones removed. A commit copies the tree before its freeze and only this in it. Returns
     the stats of the source's files as the copy now holds them."""
     out: Stats = {}
-    try:
-        src_fd = os.open(source, _DIR)
-    except OSError as e:
-        raise SnapshotError(f"cannot copy {source}: {e.strerror}") from None
-    try:
-        dst_fd = os.open(dest, _DIR)
-        try:
-            _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS)
-            _attrs(dst_fd, os.fstat(src_fd))
-        finally:
-            os.close(dst_fd)
-    except OSError as e:
-        raise SnapshotError(f"cannot copy {source} to {dest}: {e.strerror}") from None
-    finally:
-        os.close(src_fd)
+    with _trees(source, dest) as (src_fd, dst_fd):
+        _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS)
     return out
 
 

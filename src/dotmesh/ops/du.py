@@ -62,7 +62,7 @@ class _Marks:
             self.progress(1)
         return data
 
-    def _add(self, oid: bytes, bits: int) -> bool:
+    def add(self, oid: bytes, bits: int) -> bool:
         """Give ``oid`` the ``bits``; True if that added any (so its children need them)."""
         old = self.mask.get(oid, 0)
         if old | bits == old:
@@ -74,11 +74,11 @@ class _Marks:
         """Give ``bits`` to the tree ``root`` and what lies beneath it. File lists get them
         too, and pass them on to their chunks in :meth:`finish`: each is decoded once."""
         stack = [root]
-        if not self._add(root, bits):
+        if not self.add(root, bits):
             return
         while stack:
             for ref, is_dir, chunked in self._entries(ObjectId(stack.pop())):
-                if not self._add(ref, bits):
+                if not self.add(ref, bits):
                     continue
                 if is_dir:
                     stack.append(ObjectId(ref))
@@ -168,7 +168,7 @@ def du(home: Repo, only: Iterable[str] | None = None, progress: Progress | None 
             reaching[c] = reaching.get(c, 0) | dot_bit[dot]
         for c, bits in reaching.items():
             commit = _commit(home, c)
-            marks._add(c, bits)
+            marks.add(c, bits)
             for name, root in (commit.subdots.items() if commit else ()):
                 if (dot, name) not in sub_bit:
                     sub_bit[(dot, name)], bit = bit, bit << 1

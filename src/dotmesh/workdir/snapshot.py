@@ -116,6 +116,26 @@ class Reference:
         ref = files[0].ref if files else None
         return ref if isinstance(ref, bytes) else None
 
+    def _maps(self, rel: bytes, path: str
+              ) -> tuple[list[btrfs.Extent], list[btrfs.Extent], int, int] | None:
+        """The extent maps and sizes of the file at ``rel`` here and of the file at ``path``
+        (None if either cannot be read: a missing reference only costs reads)."""
+        try:
+            old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
+        except OSError:
+            return None
+        try:
+            new_fd = _open_file(path)
+            try:
+                return (btrfs.extents(old_fd), btrfs.extents(new_fd),
+                        os.fstat(old_fd).st_size, os.fstat(new_fd).st_size)
+            finally:
+                os.close(new_fd)
+        except OSError:
+            return None
+        finally:
+            os.close(old_fd)
+
     def changes(self, store: PackStore, rel: bytes, path: str
                 ) -> tuple[bytes, bytes | None, list[tuple[int, int]]] | None:
         """For a paged file: the reference's encoded file list of it, that list's
@@ -126,25 +146,17 @@ class Reference:
             return None
         try:
             base = store.get(content)
-            old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
         except Exception:  # a damaged or missing reference only costs reads
             return None
-        try:
-            new_fd = _open_file(path)
-            try:
-                old_size, size = os.fstat(old_fd).st_size, os.fstat(new_fd).st_size
-                if paged_blocks(base, chunker.PAGE_BLOCK) != \
-                        old_size // chunker.PAGE_BLOCK or old_size % chunker.PAGE_BLOCK:
-                    return None
-                common = min(old_size, size)
-                changed = btrfs.changed_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
-                                               common)
-            finally:
-                os.close(new_fd)
-        except OSError:
+        maps = self._maps(rel, path)
+        if maps is None:
             return None
-        finally:
-            os.close(old_fd)
+        old, new, old_size, size = maps
+        if paged_blocks(base, chunker.PAGE_BLOCK) != old_size // chunker.PAGE_BLOCK \
+                or old_size % chunker.PAGE_BLOCK:
+            return None
+        common = min(old_size, size)
+        changed = btrfs.changed_ranges(old, new, common)
         if size > common:  # what the file grew by is new
             changed.append((common, size))
         runs = btrfs.blocks_touching(changed, chunker.PAGE_BLOCK,
@@ -168,22 +180,11 @@ class Reference:
         # none left. Its block ids are all that skipping needs; unknown ones never match.
         supers = (len(chunks) * chunker.PAGE_BLOCK + chunker.SUPER - 1) // chunker.SUPER
         fps = load_fingerprints(store.conn, content) or chunker.UNKNOWN_FP * supers
-        try:
-            old_fd = _open_file(os.path.join(self.folder, os.fsdecode(rel)))
-        except OSError:
+        maps = self._maps(rel, path)
+        if maps is None:
             return None
-        try:
-            new_fd = _open_file(path)
-            try:
-                size = min(os.fstat(old_fd).st_size, os.fstat(new_fd).st_size)
-                ranges = btrfs.shared_ranges(btrfs.extents(old_fd), btrfs.extents(new_fd),
-                                             size)
-            finally:
-                os.close(new_fd)
-        except OSError:
-            return None
-        finally:
-            os.close(old_fd)
+        old, new, old_size, size = maps
+        ranges = btrfs.shared_ranges(old, new, min(old_size, size))
         same = frozenset(btrfs.unchanged_blocks(ranges, chunker.PAGE_BLOCK))
         return chunker.Previous([c for c, _ in chunks], fps), same
 
@@ -425,10 +426,18 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
     started = time.time_ns() if taken_ns is None else taken_ns
     walk = _Walk(str(top), cache, watch, stats)
     walk.tree("")
+    return _walked(top, store, _Sink(store, writer, defer), walk, cache, progress, started,
+                   reference)
+
+
+def _walked(top: Path, store: PackStore, sink: _Sink, walk: _Walk, cache: StatCache,
+            progress: Progress | None, started: int,
+            reference: Reference | None = None) -> SnapshotResult:
+    """The snapshot of a folder ``walk`` has listed whole: its files read, its trees made."""
     result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
                             linked={path for path, _ in walk.linked})
-    _complete(top, store, _Sink(store, writer, defer), walk, cache, progress, result, started,
-              set(walk.folders), reference=reference)
+    _complete(top, store, sink, walk, cache, progress, result, started, set(walk.folders),
+              reference=reference)
     return result
 
 
@@ -441,11 +450,7 @@ def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cach
     walk.tree("")
     if walk.reads:
         return None
-    result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
-                            linked={path for path, _ in walk.linked})
-    _complete(top, store, _Sink(store, writer), walk, cache, None, result, taken_ns,
-              set(walk.folders))
-    return result
+    return _walked(top, store, _Sink(store, writer), walk, cache, None, taken_ns)
 
 
 def update(top: Path, store: PackStore, writer: PackWriter | None, prev: SnapshotResult,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ from dotmesh.server.hub.storage import QUERY_BATCH, HubStore, doomed, members, o
 from dotmesh.store.packs import PACK_MAGIC, RECORD, PackLocation
 
 PREFIX = "packs/"
+PACK_KEY = re.compile(r"packs/[0-9a-f]{32}\.pack")  # remote/packed.write_pack's names
 GRACE = 3600.0  # seconds: far longer than any request of a hub takes
 REPACK_BELOW = 0.5  # live fraction of a pack blob under which it is rewritten
 REPACK_TARGET = MAX_BATCH  # bytes of live objects per new pack
@@ -184,7 +186,7 @@ def plan(store: HubStore, grace: float = GRACE, repack_below: float = REPACK_BEL
                 p.due.append(e)
             else:
                 p.waiting.append((e, due))
-        elif e.key not in indexed:
+        elif e.key not in indexed and PACK_KEY.fullmatch(e.key):  # only what write_pack names
             (p.orphans if e.written_ns + p.grace_ns <= p.now_ns else p.young).append(e)
     return p
 
