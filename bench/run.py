@@ -564,6 +564,9 @@ def main() -> None:
                     help="live commits per store in scenario 10 (default 3, 5 full size)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch space (default /var/tmp)")
+    ap.add_argument("--daemon", action="store_true",
+                    help="run every dm command through a resident `dm daemon` started for the "
+                         "bench (the CPU and peak-memory columns then cover only dm's client)")
     ap.add_argument("--only-dm", action="store_true",
                     help="skip restic, borg and cp -a (the dm stores and the raw btrfs and XFS "
                          "peers only): for quick iterations")
@@ -578,6 +581,12 @@ def main() -> None:
         raise SystemExit("bench: run as root (btrfs and XFS need loop devices)")
     ensure_tools()
     base = Path(tempfile.mkdtemp(prefix="dm-bench-", dir=args.workdir or "/var/tmp"))
+    if args.daemon:  # every env below starts from os.environ
+        (base / "daemon").mkdir(mode=0o700)
+        os.environ["DM_DAEMON_SOCKET"] = str(base / "daemon" / "daemon.sock")
+        sh(DM, "daemon", "start")
+    else:  # a daemon the user runs must not serve the bench
+        os.environ["DM_DAEMON"] = "off"
     try:
         print(f"bench: generating {args.size / MiB:.0f} MiB and {args.many_files:,} small files "
               f"in {base}", flush=True)
@@ -611,12 +620,15 @@ def main() -> None:
             "runs": [{k: {t: asdict(s) for t, s in v.items()} for k, v in r.items()}
                      for r in runs],
             "notes": notes, "summary": summary, "targets": targets, "table": table,
+            "daemon": args.daemon,
             "machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                         "loadavg_before": load_before, "loadavg_after": load_after},
         }, indent=2))
         print(f"bench: load average before {load_before}, after {load_after}")
         print(f"bench: results saved to {out}")
     finally:
+        if args.daemon:
+            sh(DM, "daemon", "stop")
         shutil.rmtree(base, ignore_errors=True)
 
 

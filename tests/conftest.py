@@ -16,6 +16,10 @@ import pytest
 
 DM_BIN = shutil.which("dm", path=str(Path(sys.executable).parent)) or "dm"
 
+# A dm daemon the developer runs must not serve the tests' commands (tests/integration/
+# test_daemon.py starts its own): a socket path in no private folder means "no daemon".
+os.environ["DM_DAEMON_SOCKET"] = "/nonexistent/dm-tests/daemon.sock"
+
 
 class DM:
     """Runs ``dm`` as a subprocess against one home; ``dm.ok(...)`` asserts success."""

@@ -81,13 +81,19 @@ def test_imports_only_point_down() -> None:
     assert upward == []
 
 
+# The daemon imports every module by walking the package (its prefix is the one string): an
+# import of everything hides no edge.
+EVERYTHING = ("dotmesh.cli.daemon_server", "dotmesh.")
+
+
 def test_no_string_imports() -> None:
     """An import by name (importlib, uvicorn's "module:attr") hides an edge from the test above."""
     hidden = []
     for path in _sources():
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                    and node.value.startswith("dotmesh.")):
+                    and node.value.startswith("dotmesh.")
+                    and (_module_of(path), node.value) != EVERYTHING):
                 hidden.append(f"{_module_of(path)}: {node.value!r}")
             if isinstance(node, ast.Name) and node.id in ("import_module", "__import__"):
                 hidden.append(f"{_module_of(path)}: {node.id}")

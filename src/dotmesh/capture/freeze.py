@@ -57,7 +57,7 @@ def _continue_stopped(pids: list[int], grace: float = 0.05) -> None:
 def _bystanders(pids: list[int]) -> list[int]:
     """Running parents of the writers. A supervisor such as su or runuser stops itself when
     its child stops (job control); these must be continued too, or they stay stopped."""
-    parents = {proc.parent(p) for p in pids} - set(pids) - {0, 1, os.getpid()}
+    parents = {proc.parent(p) for p in pids} - set(pids) - {0, 1, *proc.own()}
     return sorted(p for p in parents if not proc.stopped(p))
 
 

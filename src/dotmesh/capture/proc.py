@@ -5,6 +5,19 @@ from __future__ import annotations
 
 import os
 
+_acting_for: set[int] = set()
+
+
+def acting_for(pid: int) -> None:
+    """This process runs a command for ``pid`` (the ``dm`` the daemon forked for): that
+    caller, whose working folder may be inside a dot, is dm itself, not a user to stop."""
+    _acting_for.add(pid)
+
+
+def own() -> set[int]:
+    """This process and the ``dm`` it runs for."""
+    return {os.getpid(), *_acting_for}
+
 
 def _stat_fields(pid: int) -> list[str] | None:
     """The fields after the command name (which may itself hold spaces and parentheses)."""

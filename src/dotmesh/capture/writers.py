@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotmesh.capture import proc
+
 
 @dataclass(frozen=True)
 class Writer:
@@ -39,7 +41,7 @@ def find_writers(folders: Iterable[Path], exclude: Iterable[int] = ()) -> list[W
     roots = tuple(os.path.realpath(p) for p in folders)
     if not roots:
         return []
-    skip = {os.getpid(), *exclude}
+    skip = {*proc.own(), *exclude}
     found: list[Writer] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in skip:

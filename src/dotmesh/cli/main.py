@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
@@ -795,6 +796,7 @@ def pool_grow(c: Ctx, size: str, as_json: bool) -> None:
 cli_remote.register(cli)
 cli_hub.register(cli)
 cli_space.register(cli)  # gc, reflog expire, branch -d/-D
+cli_daemon.register(cli)
 
 
 # ------------------------------------------------------------------ the one error handler

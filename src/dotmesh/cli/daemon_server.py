@@ -1,0 +1,249 @@
+"""The resident dm process: start-up paid once, each command a fork of a warm interpreter.
+
+Dotmesh's ``dm`` was a thin client of a resident server; ours is a whole program, and starting
+it (Python, click, the store's modules) costs 0.1-0.3 s before any work: more than a btrfs
+snapshot, a reset to a kept state or a new branch take. ``dm daemon start`` runs this process:
+it imports everything once and listens on a private Unix socket
+(:mod:`dotmesh.server.resident`). The ``dm`` entry point asks it first; the daemon forks, and
+the child takes the caller's terminal (its stdin, stdout and stderr, passed over the socket),
+working folder, environment and umask, runs the command exactly as ``dm`` would, and sends
+back the exit code. Signals the caller gets (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) are passed on;
+if the caller dies, the child is killed as it would have been. Commands share nothing but
+code, and the daemon itself opens no store, holds no lock and runs no thread.
+
+When anything is off (no daemon, another user's socket, a daemon of other code: dm was
+upgraded or edited), ``dm`` runs the command itself, so the daemon only ever changes speed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from dotmesh.server import resident
+
+
+def preload() -> list[str]:
+    """Import every module dm may run (what start-up would otherwise do per command);
+    the names of those that failed to import."""
+    import importlib
+    import pkgutil
+
+    failed = []
+    for module in pkgutil.walk_packages([resident.package()], "dotmesh."):
+        try:
+            importlib.import_module(module.name)  # by name: all of them, not an edge
+        except Exception:  # noqa: BLE001 - an optional dependency: its command says so itself
+            failed.append(module.name)
+    import rich.console  # noqa: F401 - progress bars and tables
+    import rich.progress  # noqa: F401
+
+    return failed
+
+
+def fingerprint(package: str) -> frozenset[tuple[str, int, int]]:
+    """(path, mtime, size) of each of the package's sources: is the daemon's code still dm's?"""
+    found = set()
+    stack = [package]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__":
+                        stack.append(entry.path)
+                elif entry.name.endswith(".py"):
+                    st = entry.stat(follow_symlinks=False)
+                    found.add((entry.path, st.st_mtime_ns, st.st_size))
+    return frozenset(found)
+
+
+def serve(path: str) -> None:
+    """Listen at ``path`` until stopped (SIGTERM, SIGINT or ``dm daemon stop``)."""
+    import socket
+    import threading
+
+    package = resident.package()
+    failed = preload()
+    if threading.active_count() != 1:  # a fork copies the locks other threads hold
+        raise RuntimeError("importing dm started a thread; the daemon cannot fork safely")
+    code = fingerprint(package)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if not resident.private(folder):
+        raise PermissionError(f"{folder} must be a folder of yours that only you may enter")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = os.path.join(folder, f".daemon.{os.getpid()}.sock")
+    if os.path.lexists(staging):
+        os.unlink(staging)
+    listener.bind(staging)
+    listener.listen(64)
+    os.replace(staging, path)  # a dead daemon's socket is replaced whole
+    ours = os.stat(path).st_ino
+    started, served = time.time(), 0
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the commands
+    try:
+        while True:
+            conn, _ = listener.accept()
+            fds: list[int] = []
+            try:
+                conn.settimeout(10)
+                caller, uid = resident.peer(conn)
+                if uid != os.getuid():
+                    continue
+                request, fds = resident.receive(conn, want_fds=3)
+                if request is None:
+                    continue
+                if "control" in request:
+                    resident.send(conn, {"pid": os.getpid(), "socket": path, "package": package,
+                                         "started": started, "served": served,
+                                         "failed_imports": failed})
+                    if request["control"] == "stop":
+                        return
+                    continue
+                stale = fingerprint(package) != code
+                if stale or request.get("package") != package or len(fds) != 3:
+                    resident.send(conn, {"fallback": "stale" if stale else "another dm"})
+                    if stale:  # dm's code changed under us: make way for a fresh daemon
+                        return
+                    continue
+                served += 1
+                if os.fork() == 0:
+                    listener.close()
+                    _child(conn, fds, request, caller)  # never returns
+            except (OSError, ValueError):
+                continue
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                conn.close()
+    finally:
+        try:
+            if os.stat(path).st_ino == ours:
+                os.unlink(path)
+        except OSError:
+            pass
+        listener.close()
+
+
+def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> None:
+    """Become the caller's ``dm`` process for one command, then exit."""
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setpgid(0, 0)  # the daemon's signals are not the command's
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        time.tzset()
+        os.umask(int(request["umask"]))
+        _reopen_streams(request.get("streams") or {})
+        argv = [str(a) for a in request["argv"]]
+        sys.argv = ["dm", *argv]
+        conn.settimeout(None)
+
+        from dotmesh.capture import proc
+
+        proc.acting_for(caller)  # the caller's working folder is not a writer to stop
+        _watch(conn)
+        resident.send(conn, {"pid": os.getpid()})
+        from dotmesh.cli.main import run
+
+        try:
+            code = run(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        resident.send(conn, {"exit": code})
+    except BaseException:  # noqa: BLE001, S110 - the caller reports the missing exit code
+        pass
+    finally:
+        os._exit(0)
+
+
+def _reopen_streams(streams: dict[str, Any]) -> None:
+    """sys.stdin/stdout/stderr on the caller's descriptors, with the caller's encodings."""
+    import io
+
+    def opened(fd: int, name: str, mode: str) -> io.TextIOWrapper:
+        encoding, errors = streams.get(name) or ("utf-8", "strict")
+        binary = io.open(fd, mode + "b", buffering=0 if name == "stderr" else -1,  # noqa: UP020
+                         closefd=False)
+        return io.TextIOWrapper(binary, encoding=str(encoding), errors=str(errors),
+                                line_buffering=name == "stderr" or os.isatty(fd),
+                                write_through=name == "stderr")
+
+    sys.stdin = sys.__stdin__ = opened(0, "stdin", "r")  # type: ignore[misc]
+    sys.stdout = sys.__stdout__ = opened(1, "stdout", "w")  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = opened(2, "stderr", "w")  # type: ignore[misc]
+    import getpass
+
+    getpass.getpass = _hidden_input
+
+
+def _hidden_input(prompt: str = "Password: ", stream: Any = None) -> str:
+    """getpass on the caller's terminal. The standard one opens /dev/tty, which a daemon's
+    child does not have, and would fall back to reading the secret with echo on."""
+    import termios
+
+    if not os.isatty(0):
+        raise EOFError("no terminal to read a secret from")
+    before = termios.tcgetattr(0)
+    quiet = list(before)
+    quiet[3] &= ~termios.ECHO
+    out = stream or sys.stderr
+    out.write(prompt)
+    out.flush()
+    termios.tcsetattr(0, termios.TCSAFLUSH, quiet)
+    try:
+        line = sys.stdin.readline()
+    finally:
+        termios.tcsetattr(0, termios.TCSAFLUSH, before)
+        out.write("\n")
+        out.flush()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def _watch(conn: Any) -> None:
+    """Deliver the signals the caller passes on; die as the caller did if it vanishes."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                data = conn.recv(64)
+            except OSError:
+                data = b""
+            if not data:
+                os.kill(os.getpid(), signal.SIGKILL)
+            for signum in data:
+                if signum in resident.FORWARDED:
+                    os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name="dm-caller", daemon=True).start()
+
+
+def main() -> None:
+    """``python -m`` this module ``[SOCKET]``: what ``dm daemon start`` runs."""
+    serve(sys.argv[1] if len(sys.argv) > 1 else resident.socket_path())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The resident daemon: the real ``dm`` command asks a real ``dm daemon``, which forks per
+command. Each test checks that the command ran in the daemon (its ``served`` count) and that
+the caller could not tell the difference, or that dm ran the command itself when the daemon
+must not be trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import pwd
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import dotmesh
+from dotmesh.server import resident
+from tests.conftest import DM, DM_BIN
+
+
+def _served(dm: DM) -> int:
+    return int(json.loads(dm.ok("daemon", "status", "--json"))["served"])
+
+
+@pytest.fixture
+def daemon(dm: DM, tmp_path: Path) -> Iterator[DM]:
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    dm.env["DM_DAEMON_SOCKET"] = str(folder / "daemon.sock")
+    dm.ok("daemon", "start")
+    try:
+        yield dm
+    finally:
+        dm("daemon", "stop")
+
+
+def test_commands_run_in_the_daemon_as_they_would_here(daemon: DM) -> None:
+    status = json.loads(daemon.ok("daemon", "status", "--json"))
+    assert status["failed_imports"] == []
+    daemon.ok("init", "app")
+    folder = daemon.path("app.db")
+    (folder / "f").write_text("one\n")
+    out = daemon.ok("commit", "-m", "first")
+    assert "read 1 changed files" in out
+    log = json.loads(daemon.ok("log", "--json"))
+    assert [c["message"] for c in log] == ["first"]
+    assert _served(daemon) == 4  # init, path, commit and log ("dm daemon" runs here)
+    # Errors: the same one line and exit code as in-process, also under --json.
+    here = {**daemon.env, "DM_DAEMON": "off"}
+    for args in (["checkout", "nosuch"], ["log", "--json", "--bogus"], ["reset", "--hard", "x^"]):
+        there = daemon(*args)
+        alone = subprocess.run([DM_BIN, *args], env=here, capture_output=True, text=True)
+        assert (there.returncode, there.stdout, there.stderr) == (
+            alone.returncode, alone.stdout, alone.stderr)
+        assert there.returncode != 0 and there.stderr.count("\n") == 1
+    assert _served(daemon) == 7
+
+
+def test_the_callers_folder_environment_and_umask_are_the_commands(daemon: DM,
+                                                                    tmp_path: Path) -> None:
+    daemon.ok("init", "app")
+    folder = daemon.path("app.db")
+    (folder / "f").write_text("x")
+    # Run from inside the subdot, with an author only the environment names: the caller's
+    # working folder is dm's own, not a writer to freeze.
+    env = {**daemon.env, "DM_AUTHOR": "carol"}
+    p = subprocess.run([DM_BIN, "commit", "-m", "inside"], cwd=folder, env=env,
+                       capture_output=True, text=True, check=True)
+    assert "froze" not in p.stdout
+    assert json.loads(daemon.ok("log", "--json"))[0]["author"] == "carol"
+    assert _served(daemon) == 4
+    # A relative --home is the caller's folder's.
+    p = subprocess.run([DM_BIN, "--home", "rel-store", "init", "other"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, check=True)
+    assert (tmp_path / "rel-store").is_dir()
+
+
+def test_interrupt_reaches_the_command_and_a_killed_caller_kills_it(daemon: DM,
+                                                                    tmp_path: Path) -> None:
+    daemon.ok("init", "app")
+    (daemon.path("app.db") / "f").write_text("x")
+    marker = tmp_path / "hook-parent"
+    daemon.ok("hook", "add", "pre-freeze", f"echo $PPID > {marker}; exec sleep 60")
+
+    def started() -> tuple[subprocess.Popen[str], int]:
+        marker.unlink(missing_ok=True)
+        caller = daemon.popen("commit", "-m", "slow")
+        deadline = time.monotonic() + 30
+        while not (marker.exists() and marker.read_text().strip()):
+            assert time.monotonic() < deadline and caller.poll() is None, caller.stderr
+            time.sleep(0.02)
+        return caller, int(marker.read_text())
+
+    caller, command = started()
+    assert command != caller.pid  # the hook's parent is the daemon's child, not the caller
+    caller.send_signal(signal.SIGINT)
+    out, err = caller.communicate(timeout=60)
+    assert caller.returncode == 130, err
+    assert "dm: error: aborted" in err  # as click reports Ctrl-C in-process
+    assert json.loads(daemon.ok("log", "--json")) == []
+
+    caller, command = started()
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{command}").exists() and _state(command) != "Z":
+        assert time.monotonic() < deadline, "the command outlived its killed caller"
+        time.sleep(0.02)
+    assert json.loads(daemon.ok("log", "--json")) == []
+    daemon.ok("fsck")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def test_a_secret_is_asked_on_the_callers_terminal_without_echo(daemon: DM) -> None:
+    daemon.ok("init", "app")
+    before = _served(daemon)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the caller, on a terminal of its own
+        os.execve(DM_BIN, [DM_BIN, "remote", "add", "hub", "alice@127.0.0.1:9", "--http"],
+                  {k: v for k, v in daemon.env.items() if k != "DM_API_KEY"})
+    seen = b""
+    try:
+        seen += _read_until(terminal, b"API key")
+        os.write(terminal, b"s3cr3t-key\n")
+        seen += _read_until(terminal, b"error")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    assert b"s3cr3t-key" not in seen  # not echoed
+    assert os.waitstatus_to_exitcode(status) != 0  # nobody listens on port 9
+    assert _served(daemon) == before + 1
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"never saw {wanted!r} in {seen!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_changed_code_makes_the_daemon_step_aside(daemon: DM) -> None:
+    daemon.ok("init", "app")
+    source = Path(dotmesh.__file__).with_name("version.py")
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        p = daemon("list")  # runs here; the daemon leaves
+        assert p.returncode == 0 and "app" in p.stdout, p.stderr
+        assert daemon("daemon", "status").returncode == 3
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_socket_others_could_reach_or_own_is_not_used(dm: DM, tmp_path: Path) -> None:
+    """An open folder, or a socket that another user listens on, would give that user the
+    caller's environment (keys) and terminal: dm runs the command itself."""
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o700)
+    dm.env["DM_DAEMON_SOCKET"] = str(open_folder / "daemon.sock")
+    dm.ok("daemon", "start")
+    try:
+        open_folder.chmod(0o755)
+        dm.ok("init", "app")
+        assert dm("daemon", "status").returncode == 3  # not trusted, so not even asked
+        open_folder.chmod(0o700)
+        assert _served(dm) == 0
+    finally:
+        open_folder.chmod(0o700)
+        dm("daemon", "stop")
+
+    # An impostor run by nobody, which answers every command with "done, exit 0", its
+    # socket moved into a private folder of ours: the kernel says whose it is.
+    theirs = Path(tempfile.mkdtemp(prefix="dm-nobody-"))
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    asked_read, asked_write = os.pipe()
+    nobody = pwd.getpwnam("nobody")
+    shutil.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    theirs.chmod(0o700)
+    impostor = os.fork()
+    if impostor == 0:
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(theirs / "daemon.sock"))
+            listener.listen(8)
+            while True:
+                conn, _ = listener.accept()
+                if conn.recv(65536):  # the caller's request: its environment, its terminal
+                    os.write(asked_write, b"!")
+                resident.send(conn, {"pid": 1})
+                resident.send(conn, {"exit": 0})
+                conn.close()
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while not (theirs / "daemon.sock").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.rename(theirs / "daemon.sock", ours / "daemon.sock")
+        dm.env["DM_DAEMON_SOCKET"] = str(ours / "daemon.sock")
+        dm.ok("init", "other")
+        assert "other" in dm.ok("list")  # it ran, here
+        os.set_blocking(asked_read, False)
+        with pytest.raises(BlockingIOError):
+            os.read(asked_read, 1)  # connected to, then dropped unasked: SO_PEERCRED said
+    finally:
+        os.kill(impostor, signal.SIGKILL)
+        os.waitpid(impostor, 0)
+        shutil.rmtree(theirs, ignore_errors=True)
