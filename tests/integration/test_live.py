@@ -136,6 +136,23 @@ def test_kill_during_the_freeze_leaves_no_writer_stopped(dm):
         writer.wait()
 
 
+def test_a_live_commit_counts_what_every_pass_read(dm):
+    """With a writer present, the changed files are read before the freeze: the commit's
+    summary counts them (it said "read 0 changed files" when the last pass read nothing)."""
+    dm.ok("init", "app")
+    d = dm.path("app.db")
+    (d / "a").write_bytes(b"x" * 5000)
+    (d / "b").write_bytes(b"y" * 3000)
+    idle = subprocess.Popen(["sleep", "60"], cwd=d, stdin=subprocess.DEVNULL)
+    try:
+        r = json.loads(dm.ok("commit", "-m", "live", "--json"))
+    finally:
+        idle.kill()
+        idle.wait()
+    assert (r["files_read"], r["bytes_read"]) == (2, 8000)
+    assert "dm.freeze_ms" in json.loads(dm.ok("log", "--json"))[0]["metadata"]
+
+
 def test_hooks_run_around_the_freeze(dm, tmp_path):
     dm.ok("init", "app")
     d = dm.path("app.db")

@@ -112,10 +112,10 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
             if cow is not None:
                 staging, snap = _capture_by_snapshots(home, dot, cow, writer, progress, freeze,
                                                       freeze_timeout, metadata)
-                frozen_read = 0
+                frozen_read, files_read, bytes_read = 0, snap.files_read, snap.bytes_read
             else:
-                snap, frozen_read = _capture_live(home, dot, writer, progress, freeze,
-                                                  freeze_timeout, metadata)
+                snap, frozen_read, files_read, bytes_read = _capture_live(
+                    home, dot, writer, progress, freeze, freeze_timeout, metadata)
             c = Commit(
                 parents=(old,) if old else (),
                 subdots=snap.roots,
@@ -140,22 +140,23 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
         run_hooks(dot_hooks, "post-thaw", folders)
     except HookFailed as e:
         raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
-    return CommitResult(oid, c, snap.files_read, snap.bytes_read, writer.bytes_written,
-                        frozen_read)
+    return CommitResult(oid, c, files_read, bytes_read, writer.bytes_written, frozen_read)
 
 
 def _capture_live(home: Repo, dot: str, writer: PackWriter, progress: Progress | None,
                   freeze: bool, freeze_timeout: float, metadata: dict[str, str]
-                  ) -> tuple[DotSnapshot, int]:
+                  ) -> tuple[DotSnapshot, int, int, int]:
     """Plain folders: copy while the writers run, then stop them all and read only what
-    changed meanwhile. Returns the snapshot and the bytes read while they were stopped."""
+    changed meanwhile. Returns the snapshot, the bytes read while they were stopped, and the
+    files and bytes read by all passes together."""
     with ChangeWatcher() if freeze else nullcontext() as watcher:
         # The pre-copy, while writers run; from here on inotify names what changes.
         snap = snapshot_dot(home, dot, writer, progress, watcher=watcher)
+        files_read, bytes_read = snap.files_read, snap.bytes_read
         writers = find_writers(home.stable_folders(dot)) if freeze else []
         containers = running_containers(dot) if freeze else []
         if not (writers or containers):
-            return snap, 0
+            return snap, 0, files_read, bytes_read
         assert watcher is not None
         # More copy passes while much changed during the last one: each is shorter,
         # so less is left for the freeze (as in live migration of virtual machines).
@@ -165,17 +166,19 @@ def _capture_live(home: Repo, dot: str, writer: PackWriter, progress: Progress |
             writer.flush()  # the next pass reads this one's file lists as hints
             snap = snapshot_dot(home, dot, writer, None, after=snap, watcher=watcher,
                                 changes=_changed(home, dot, watcher, snap, writers))
+            files_read, bytes_read = files_read + snap.files_read, bytes_read + snap.bytes_read
         writer.flush()
         with frozen(writers, freeze_timeout, containers) as fz:
             snap = snapshot_dot(home, dot, writer, None, after=snap, defer=True,
                                 changes=_changed(home, dot, watcher, snap, writers))
         frozen_read = snap.frozen_bytes_read
+        files_read, bytes_read = files_read + snap.files_read, bytes_read + snap.bytes_read
         snap.finish()  # trees are encoded, and chunks compressed, after the thaw
         _distrust_mapped(home, dot, snap, writers)  # for the next command, too
         for res in snap.results.values():
             store_deferred(writer, res.deferred)
         _note_freeze(metadata, fz.ms, [*writers, *containers])
-    return snap, frozen_read
+    return snap, frozen_read, files_read, bytes_read
 
 
 def _capture_by_snapshots(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
