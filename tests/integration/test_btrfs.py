@@ -4,6 +4,7 @@ kept states are writable snapshots. Content ids stay those of plain folders."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dotmesh.fs import btrfs
+from dotmesh.fs import trash as trash_mod
 from dotmesh.store.repo import Repo
 from tests.conftest import DM, DM_BIN, capture, kill_inside
 
@@ -676,3 +678,45 @@ def test_after_a_reset_to_an_older_state_a_commit_still_reads_only_what_changed(
     bdm.ok("reset", "--hard", "HEAD^")
     changed = _rewrite_pages(db / "table", every=97, start=5)
     assert _commit(bdm, "three")["bytes_read"] == changed
+
+
+def _trash_emptied(home: Path, dot: str = "app", timeout: float = 60) -> None:
+    trash = home / "dots" / dot / "trash"
+    deadline = time.monotonic() + timeout
+    while trash.is_dir() and any(p.name != trash_mod.LOCK for p in trash.iterdir()):
+        assert time.monotonic() < deadline, f"still in the trash: {list(trash.iterdir())}"
+        time.sleep(0.05)
+
+
+def test_replaced_folders_go_in_the_background_and_a_killed_reaper_is_replaced(
+        bdm: DM) -> None:
+    """A reset to a kept state and the pruning of kept states do not wait for btrfs to remove
+    subvolumes: those are renamed into the dot's trash, which a detached process empties."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    bdm.ok("config", "snapshots.keep-commits", "2")
+    for i in range(4):
+        (db / "f").write_text(str(i))
+        _commit(bdm, f"c{i}")  # the third and fourth prune a kept state each
+    bdm.ok("reset", "--hard", "HEAD^")  # replaces the working set
+    assert (db / "f").read_text() == "2"
+    _trash_emptied(bdm.home)
+    # What a killed reaper left: the next command that recovers the dot starts another.
+    bdm.ok("config", "snapshots.keep-commits", "10")  # (so the commit below prunes nothing)
+    trash = bdm.home / "dots" / "app" / "trash"
+    btrfs.create_subvolume(trash / "left-by-a-killed-reaper")
+    (trash / "left-by-a-killed-reaper" / "data").write_bytes(b"x" * 100_000)
+    btrfs.snapshot(trash / "left-by-a-killed-reaper", trash / "read-only", read_only=True)
+    (db / "f").write_text("next")
+    _commit(bdm, "next")
+    _trash_emptied(bdm.home)
+    # A dot is deleted only once no reaper works inside it.
+    lock = os.open(trash / trash_mod.LOCK, os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    deleting = bdm.popen("dot", "delete", "-f", "app")
+    time.sleep(1)
+    assert deleting.poll() is None and (bdm.home / "dots" / "app").is_dir()
+    os.close(lock)
+    _, err = deleting.communicate(timeout=60)
+    assert deleting.returncode == 0, err
+    assert not (bdm.home / "dots" / "app").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dotmesh.errors import Conflict, UsageError
+from dotmesh.fs import trash
 from dotmesh.meta import config
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import VolumeName, check_name
@@ -90,6 +91,7 @@ def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Sto
                            "add --stop-writers to have dm stop them")
         stop_processes(processes, 10.0)
         stop_containers(containers, 10)
+        trash.empty(home.trash(dot), wait=True)  # no reaper may still work in the folder
         home.delete_dot(dot)
     return Stopped(processes, containers)
 

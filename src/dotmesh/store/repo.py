@@ -7,6 +7,7 @@ Layout::
     dots/DOT/subdots/SUB/            the stable folders; they hold the current branch
     dots/DOT/branches/BRANCH/SUB/    working states parked by other branches
     dots/DOT/tmp/                    scratch space for folders being built
+    dots/DOT/trash/                  folders thrown away, removed by a background process
     locks/DOT.lock                   one dm process per dot at a time
 """
 
@@ -227,6 +228,10 @@ class Repo:
 
     def parked(self, dot: str, branch: str, subdot: str) -> Path:
         return self.dot_dir(dot) / "branches" / branch / subdot
+
+    def trash(self, dot: str) -> Path:
+        """Where folders wait for a background removal (``fs/trash.py``)."""
+        return self.dot_dir(dot) / "trash"
 
     def scratch(self, dot: str) -> Path:
         p = self.dot_dir(dot) / "tmp"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from dotmesh.errors import DotmeshError, UsageError
-from dotmesh.fs import btrfs, reflink
+from dotmesh.fs import btrfs, reflink, trash
 from dotmesh.fs.reflink import Stats
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
@@ -396,6 +396,7 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
     settle(home, dot)
     backend = backend_of(home)
     backend.discard(home.dot_dir(dot) / "tmp")
+    trash.recover(home.trash(dot))
     kept.recover(home, dot, backend)
     parked = home.dot_dir(dot) / "branches"
     for folder in [working_set(home, dot), *(parked.iterdir() if parked.is_dir() else [])]:
@@ -616,7 +617,7 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     if ws.exists():
         os.rename(ws, old)  # a kill from here on: the journal finishes the restore
     os.rename(new, ws)
-    cow.discard(old)
+    trash.throw_away(old, home.trash(dot))  # a copy of nothing now: the reset need not wait
     return caches
 
 

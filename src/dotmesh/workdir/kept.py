@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dotmesh.errors import Corrupt, DotmeshError, NotFound, UsageError
+from dotmesh.fs import trash
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
@@ -277,7 +278,7 @@ def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
     if not _real_dir(state):
         return  # not a kept state: nothing of ours to remove, nothing followed
     (state / CACHES).unlink(missing_ok=True)
-    backend.discard(state)
+    trash.throw_away(state, home.trash(dot))
 
 
 # ------------------------------------------------------------------ discarded states
@@ -406,7 +407,7 @@ def drop_discarded(home: Repo, dot: str, name: str, backend: FolderBackend) -> N
         refs.drop_discarded(tx, dot, name)
     p = snaps_dir(home, dot) / name
     if _DISCARDED_NAME.fullmatch(name) and _real_dir(p):
-        backend.discard(p)
+        trash.throw_away(p, home.trash(dot))
 
 
 def saved_caches(home: Repo, dot: str) -> list[StatCache]:
