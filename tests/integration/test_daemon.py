@@ -234,3 +234,145 @@ def test_a_socket_others_could_reach_or_own_is_not_used(dm: DM, tmp_path: Path) 
         os.kill(impostor, signal.SIGKILL)
         os.waitpid(impostor, 0)
         shutil.rmtree(theirs, ignore_errors=True)
+
+
+def _daemon_pid(dm: DM) -> int:
+    return int(json.loads(dm.ok("daemon", "status", "--json"))["pid"])
+
+
+def test_a_caller_with_less_privilege_or_other_limits_runs_its_command_itself(
+        daemon: DM) -> None:
+    """The daemon's child has the daemon's capabilities, limits and niceness: a caller that
+    gave some up must not get them back through it."""
+    daemon.ok("init", "app")
+    before = _served(daemon)
+    for wrapper in (["setpriv", "--no-new-privs"],
+                    ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"],
+                    ["prlimit", "--nofile=512:512"], ["nice", "-n", "5"]):
+        p = subprocess.run([*wrapper, DM_BIN, "list"], env=daemon.env, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0 and "app" in p.stdout, (wrapper, p.stderr)
+    assert _served(daemon) == before
+    daemon.ok("list")
+    assert _served(daemon) == before + 1
+
+
+def test_a_background_job_on_a_terminal_runs_its_command_itself(daemon: DM) -> None:
+    """In-process, a background job that reads the terminal is stopped by job control; the
+    daemon's child is outside the terminal's session and would take the keystrokes."""
+    daemon.ok("init", "app")
+    before = _served(daemon)
+    pid, terminal = pty.fork()
+    if pid == 0:  # a session on a terminal; dm runs in a group that is not the foreground
+        job = os.fork()
+        if job == 0:
+            os.setpgid(0, 0)
+            os.execve(DM_BIN, [DM_BIN, "list"], daemon.env)
+        _, status = os.waitpid(job, 0)
+        os._exit(os.waitstatus_to_exitcode(status))
+    try:
+        seen = _read_until(terminal, b"app")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert _served(daemon) == before
+
+
+def test_silent_slow_and_malformed_clients_hold_up_nobody_and_leak_nothing(
+        daemon: DM) -> None:
+    daemon.ok("init", "app")
+    path = daemon.env["DM_DAEMON_SOCKET"]
+    pid = _daemon_pid(daemon)
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(path)  # connects, then says nothing
+    slow = socket.socket(socket.AF_UNIX)
+    slow.connect(path)
+    slow.send(b"\0\0\4\0")  # a length, then nothing more
+    try:
+        start = time.monotonic()
+        before = _served(daemon)
+        daemon.ok("list")
+        assert _served(daemon) == before + 1
+        assert time.monotonic() - start < 10  # served, not queued behind them for good
+    finally:
+        silent.close()
+        slow.close()
+    for frame in (b"\xff\xff\xff\xff", b"\0\0\0\4junk", b"\0\0\0\1" + b"\xe9"):
+        for _ in range(5):  # each with three descriptors, which must be closed again
+            with socket.socket(socket.AF_UNIX) as bad:
+                bad.connect(path)
+                socket.send_fds(bad, [frame], [0, 1, 2])
+                bad.settimeout(5)
+                assert bad.recv(100) == b""  # dropped
+    daemon.ok("list")
+    assert len(os.listdir(f"/proc/{pid}/fd")) == fds_before
+    assert _daemon_pid(daemon) == pid
+
+
+def test_one_daemon_per_socket_and_a_stuck_one_is_bypassed(daemon: DM) -> None:
+    daemon.ok("init", "app")
+    pid = _daemon_pid(daemon)
+    again = [daemon.popen("daemon", "start", "--json") for _ in range(3)]
+    for p in again:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert json.loads(out)["pid"] == pid and not json.loads(out)["started_now"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert "app" in daemon.ok("list")  # runs here after a few seconds
+        assert time.monotonic() - start < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_signals_the_caller_ignores_or_dies_of_are_the_commands(daemon: DM,
+                                                                 tmp_path: Path) -> None:
+    daemon.ok("init", "app")
+    (daemon.path("app.db") / "f").write_text("x")
+    marker = tmp_path / "in-hook"
+    daemon.ok("hook", "add", "pre-freeze", f"touch {marker}; sleep 2")
+
+    def slow_commit(ignore_hup: bool) -> subprocess.Popen[str]:
+        marker.unlink(missing_ok=True)
+        p = subprocess.Popen(
+            [DM_BIN, "commit", "-m", "slow"], env=daemon.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup
+            else None)
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        return p
+
+    p = slow_commit(ignore_hup=True)  # as under nohup: a hangup changes nothing
+    p.send_signal(signal.SIGHUP)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    p = slow_commit(ignore_hup=False)
+    p.send_signal(signal.SIGTERM)  # the command dies of it, and so does the caller
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM
+    assert len(json.loads(daemon.ok("log", "--json"))) == 1
+
+
+def test_start_refuses_an_open_folder_and_follows_no_symlink(dm: DM, tmp_path: Path) -> None:
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    dm.env["DM_DAEMON_SOCKET"] = str(open_folder / "daemon.sock")
+    p = dm("daemon", "start")
+    assert p.returncode == 2 and "only you may enter" in p.stderr
+    assert not (open_folder / "daemon.sock").exists() and not (open_folder / "daemon.log").exists()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (private / "daemon.log").symlink_to(victim)
+    dm.env["DM_DAEMON_SOCKET"] = str(private / "daemon.sock")
+    p = dm("daemon", "start")
+    assert p.returncode != 0 and p.stderr.count("\n") == 1
+    assert victim.read_text() == "precious\n"

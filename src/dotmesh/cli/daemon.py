@@ -13,7 +13,7 @@ import click
 
 from dotmesh.cli.context import json_flag
 from dotmesh.cli.render import emit_json
-from dotmesh.errors import DotmeshError, NotFound
+from dotmesh.errors import Conflict, DotmeshError, NotFound, UsageError
 
 START_TIMEOUT = 60.0
 
@@ -54,7 +54,13 @@ def start(foreground: bool, as_json: bool) -> None:
     from dotmesh.server import resident  # noqa: PLC0415 - not for every command's start-up
 
     path = resident.socket_path()
+    folder = Path(path).parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not resident.private(str(folder)):
+        raise UsageError(f"{folder} is not a folder of yours that only you may enter: the "
+                         "daemon's socket cannot go there (set DM_DAEMON_SOCKET)")
     status = resident.control("status", path)
+    started = status is None
     if status is None and foreground:
         from dotmesh.cli import daemon_server  # noqa: PLC0415 - it imports all of dm
 
@@ -65,16 +71,19 @@ def start(foreground: bool, as_json: bool) -> None:
 
         from dotmesh.cli import daemon_server  # noqa: PLC0415 - its name; imports are in serve()
 
-        folder = Path(path).parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         log = folder / "daemon.log"
-        with open(log, "ab") as err:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with open(fd, "ab") as err:
             child = subprocess.Popen([sys.executable, "-m", daemon_server.__name__, path],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=err, start_new_session=True, cwd="/")
         deadline = time.monotonic() + START_TIMEOUT
         while status is None:
             if child.poll() is not None:
+                status = resident.control("status", path)  # another start won the race
+                if status is not None:
+                    break
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
                 raise DotmeshError(f"the dm daemon did not start (exit {child.returncode}): "
                                    f"{tail[0]} (see {log})")
@@ -84,10 +93,14 @@ def start(foreground: bool, as_json: bool) -> None:
                                    f"(see {log})")
             time.sleep(0.02)
             status = resident.control("status", path)
+    if status.get("package") != resident.package():
+        raise Conflict(f"the dm daemon at {path} runs another installation of dm "
+                       f"({status.get('package')}); its commands run without it: stop it "
+                       "with that dm, or set DM_DAEMON_SOCKET")
     if as_json:
-        emit_json(status)
+        emit_json({**status, "started_now": started})
     else:
-        click.echo(_describe(status))
+        click.echo(("started " if started else "already running: ") + _describe(status))
 
 
 @daemon.command()

@@ -25,6 +25,8 @@ from typing import Any
 
 from dotmesh.server import resident
 
+REQUEST_TIMEOUT = 1.0
+
 
 def preload() -> list[str]:
     """Import every module dm may run (what start-up would otherwise do per command);
@@ -60,20 +62,47 @@ def fingerprint(package: str) -> frozenset[tuple[str, int, int]]:
     return frozenset(found)
 
 
+_STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                  "NoNewPrivs", "Seccomp")
+
+
+def context(pid: int) -> tuple[object, ...]:
+    """What a process may do and where it lives, beyond its uid: a child of the daemon has the
+    daemon's, so a caller with other ones (fewer capabilities, no_new_privs, other
+    namespaces, limits or niceness) runs its command itself."""
+    import resource
+
+    with open(f"/proc/{pid}/status") as f:
+        status = [line.strip() for line in f if line.split(":", 1)[0] in _STATUS_FIELDS]
+    spaces = sorted((n, os.readlink(f"/proc/{pid}/ns/{n}")) for n in os.listdir(f"/proc/{pid}/ns"))
+    limits = [resource.prlimit(pid, getattr(resource, n)) for n in dir(resource)
+              if n.startswith("RLIMIT_")]
+    return (tuple(status), tuple(spaces), os.readlink(f"/proc/{pid}/root"), tuple(limits),
+            os.getpriority(os.PRIO_PROCESS, pid))
+
+
 def serve(path: str) -> None:
     """Listen at ``path`` until stopped (SIGTERM, SIGINT or ``dm daemon stop``)."""
+    import fcntl
     import socket
     import threading
 
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if not resident.private(folder):
+        raise PermissionError(f"{folder} must be a folder of yours that only you may enter")
+    lock = os.open(os.path.join(folder, "daemon.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"a dm daemon already serves {path}") from None
     package = resident.package()
     failed = preload()
     if threading.active_count() != 1:  # a fork copies the locks other threads hold
         raise RuntimeError("importing dm started a thread; the daemon cannot fork safely")
     code = fingerprint(package)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    if not resident.private(folder):
-        raise PermissionError(f"{folder} must be a folder of yours that only you may enter")
+    ours_context = context(os.getpid())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = os.path.join(folder, f".daemon.{os.getpid()}.sock")
     if os.path.lexists(staging):
@@ -92,14 +121,19 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the commands
     try:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # out of descriptors, say: let commands run in-process a while
+                time.sleep(0.1)
+                continue
             fds: list[int] = []
             try:
-                conn.settimeout(10)
                 caller, uid = resident.peer(conn)
                 if uid != os.getuid():
                     continue
-                request, fds = resident.receive(conn, want_fds=3)
+                # One deadline for the whole request: a silent or slow client must not
+                # hold up everyone else's commands.
+                request, _ = resident.receive(conn, within=REQUEST_TIMEOUT)
                 if request is None:
                     continue
                 if "control" in request:
@@ -110,16 +144,25 @@ def serve(path: str) -> None:
                         return
                     continue
                 stale = fingerprint(package) != code
-                if stale or request.get("package") != package or len(fds) != 3:
-                    resident.send(conn, {"fallback": "stale" if stale else "another dm"})
+                why = ("stale" if stale else "another dm" if request.get("package") != package
+                       else "another interpreter"
+                       if tuple(request.get("python") or ()) != resident.interpreter()
+                       else "another context" if context(caller) != ours_context else None)
+                if why is not None:
+                    resident.send(conn, {"fallback": why})
                     if stale:  # dm's code changed under us: make way for a fresh daemon
                         return
+                    continue
+                resident.send(conn, {"fds": 3})
+                _, fds = resident.receive(conn, want_fds=3, within=REQUEST_TIMEOUT)
+                if len(fds) != 3:
                     continue
                 served += 1
                 if os.fork() == 0:
                     listener.close()
+                    os.close(lock)
                     _child(conn, fds, request, caller)  # never returns
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001, S112 - one bad request, not the daemon's end
                 continue
             finally:
                 for fd in fds:
@@ -132,6 +175,7 @@ def serve(path: str) -> None:
         except OSError:
             pass
         listener.close()
+        os.close(lock)
 
 
 def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> None:
@@ -140,13 +184,22 @@ def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> N
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.setpgid(0, 0)  # the daemon's signals are not the command's
+        for sig in request.get("ignored") or ():
+            if sig in resident.FORWARDED:  # as nohup or a script's background job asked
+                signal.signal(sig, signal.SIG_IGN)
+        os.setpgid(0, 0)  # its own group: the caller signals the command and its hooks
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         time.tzset()
+        try:
+            import locale
+
+            locale.setlocale(locale.LC_CTYPE, "")  # as Python sets it at start-up
+        except Exception:  # noqa: BLE001, S110 - an unknown locale: Python's start keeps "C"
+            pass
         os.umask(int(request["umask"]))
         _reopen_streams(request.get("streams") or {})
         argv = [str(a) for a in request["argv"]]
@@ -156,8 +209,10 @@ def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> N
         from dotmesh.capture import proc
 
         proc.acting_for(caller)  # the caller's working folder is not a writer to stop
-        _watch(conn)
         resident.send(conn, {"pid": os.getpid()})
+        if conn.recv(1) != resident.GO:  # the caller gave up waiting: it runs the command
+            return
+        _watch(conn)
         from dotmesh.cli.main import run
 
         try:
@@ -222,7 +277,7 @@ def _hidden_input(prompt: str = "Password: ", stream: Any = None) -> str:
 
 
 def _watch(conn: Any) -> None:
-    """Deliver the signals the caller passes on; die as the caller did if it vanishes."""
+    """Die as the caller did if it vanishes (the caller signals the command's group itself)."""
     import threading
 
     def watch() -> None:
@@ -233,9 +288,6 @@ def _watch(conn: Any) -> None:
                 data = b""
             if not data:
                 os.kill(os.getpid(), signal.SIGKILL)
-            for signum in data:
-                if signum in resident.FORWARDED:
-                    os.kill(os.getpid(), signum)
 
     threading.Thread(target=watch, name="dm-caller", daemon=True).start()
 

@@ -27,6 +27,9 @@ _FDS = struct.Struct("3i")
 MAX_FRAME = 4 << 20  # argv and environment: far below, and a cap on what one read allocates
 _OFF = ("0", "off", "no", "false")
 FORWARDED = (2, 15, 1, 3)  # SIGINT, SIGTERM, SIGHUP, SIGQUIT: passed on to the command
+TSTP, STOP, CONT = 20, 19, 18  # Ctrl-Z: the command is stopped and continued with the caller
+GO = b"\0"  # the caller has the command's pid and will wait for it
+START_TIMEOUT = 5.0
 
 
 def socket_path() -> str:
@@ -34,7 +37,7 @@ def socket_path() -> str:
     is ours, else in ``/tmp/dotmesh-UID``: one daemon per user, whatever the store."""
     explicit = os.environ.get("DM_DAEMON_SOCKET")
     if explicit:
-        return explicit
+        return os.path.abspath(explicit)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and private(runtime):
         return f"{runtime}/dotmesh/daemon.sock"
@@ -84,10 +87,36 @@ def send(conn: _socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (
     conn.sendall(frame[sent:])
 
 
-def receive(conn: _socket.socket, want_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+def receive(conn: _socket.socket, want_fds: int = 0, within: float | None = None
+            ) -> tuple[dict[str, Any] | None, list[int]]:
     """One frame, and the descriptors sent with its first bytes (at most ``want_fds``, the
-    rest closed); None at end of stream. Raises ValueError on a malformed frame."""
+    rest closed); None at end of stream. Raises ValueError on a malformed frame and
+    TimeoutError if it takes more than ``within`` seconds in all; on any failure the
+    descriptors received are closed."""
     fds: list[int] = []
+    try:
+        if within is None:
+            return _receive(conn, want_fds, fds, lambda: None)
+        import time
+
+        deadline = time.monotonic() + within
+
+        def before_each_read() -> None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame took too long")
+            conn.settimeout(left)
+
+        return _receive(conn, want_fds, fds, before_each_read)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _receive(conn: _socket.socket, want_fds: int, fds: list[int], before_each_read: Any
+             ) -> tuple[dict[str, Any] | None, list[int]]:
+    before_each_read()
     if want_fds:
         data, ancillary, _flags, _addr = conn.recvmsg(65536, _socket.CMSG_SPACE(4 * want_fds))
         for level, kind, payload in ancillary:
@@ -96,10 +125,11 @@ def receive(conn: _socket.socket, want_fds: int = 0) -> tuple[dict[str, Any] | N
                 fds += struct.unpack(f"{usable // 4}i", payload[:usable])
         for extra in fds[want_fds:]:
             os.close(extra)
-        fds = fds[:want_fds]
+        del fds[want_fds:]
     else:
         data = conn.recv(65536)
     while len(data) < _LENGTH.size:
+        before_each_read()
         more = conn.recv(65536)
         if not more:
             return None, fds
@@ -109,13 +139,14 @@ def receive(conn: _socket.socket, want_fds: int = 0) -> tuple[dict[str, Any] | N
         raise ValueError(f"a frame of {length} bytes")
     data = data[_LENGTH.size:]
     while len(data) < length:
+        before_each_read()
         more = conn.recv(min(65536, length - len(data)))
         if not more:
             return None, fds
         data += more
     try:
         message = marshal.loads(data[:length])
-    except (EOFError, TypeError) as e:
+    except (EOFError, TypeError, ValueError, MemoryError) as e:
         raise ValueError(f"a frame that does not decode: {e}") from None
     if not isinstance(message, dict):
         raise ValueError("a frame that is not a dict")
@@ -130,7 +161,7 @@ def package() -> str:
 def ask(argv: list[str]) -> int | None:
     """Run ``dm ARGV`` in the daemon and return its exit code; None when there is no usable
     daemon (the caller then runs the command itself)."""
-    if os.environ.get("DM_DAEMON", "").lower() in _OFF:
+    if os.environ.get("DM_DAEMON", "").lower() in _OFF or _in_background():
         return None
     conn = connect(socket_path())
     if conn is None:
@@ -155,44 +186,86 @@ def ask(argv: list[str]) -> int | None:
                           getattr(s, "errors", None) or "strict")
                    for name, s in (("stdin", sys.stdin), ("stdout", sys.stdout),
                                    ("stderr", sys.stderr))}
+        import _signal  # type: ignore[import-not-found]  # signal.py imports enum: too slow
+
+        ignored = [n for n in FORWARDED if _signal.getsignal(n) == _signal.SIG_IGN]
         try:
+            conn.settimeout(START_TIMEOUT)  # a stopped or stuck daemon: run here instead
             send(conn, {"argv": list(argv), "cwd": cwd, "env": dict(os.environ),
-                        "umask": umask, "streams": streams, "package": package()},
-                 tuple(fds))
+                        "umask": umask, "streams": streams, "package": package(),
+                        "python": interpreter(), "ignored": ignored})
             reply, _ = receive(conn)
+            if reply is None or "fds" not in reply:  # a fallback: run here
+                return None
+            # Only to a daemon that answered: descriptors in flight to a stuck one would
+            # hold the caller's pipes open (and its reader waiting) until it woke.
+            send(conn, {}, tuple(fds))
+            reply, _ = receive(conn)
+            if reply is None or not isinstance(reply.get("pid"), int):
+                return None
+            conn.send(GO)  # only now may the command start: it cannot run twice
+            conn.settimeout(None)
         except (OSError, ValueError):
             return None
-        if reply is None or "pid" not in reply:  # a fallback: run here
-            return None
-        return _wait(conn)
+        return _wait(conn, int(reply["pid"]), _signal, ignored)
     finally:
         conn.close()
         for fd in opened:
             os.close(fd)
 
 
-def _wait(conn: _socket.socket) -> int:
-    """Pass signals on until the command says how it ended."""
-    import _signal  # type: ignore[import-not-found]  # signal.py imports enum: too slow
+def interpreter() -> tuple[str, int, str]:
+    """What the interpreter fixed at its start and a command's text depends on: the daemon's
+    must be the caller's (else the caller runs the command itself)."""
+    return sys.version, sys.flags.utf8_mode, sys.getfilesystemencoding()
 
+
+def _in_background() -> bool:
+    """A job in the background of a terminal: in-process it would be stopped when it reads
+    the terminal; the daemon's child, outside the terminal's session, would not be."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp()
+    except OSError:
+        return False
+
+
+def _wait(conn: _socket.socket, group: int, _signal: Any, ignored: list[int]) -> int:
+    """Pass signals on to the command's process group (its hooks too, as a terminal's Ctrl-C
+    reaches them) until it says how it ended; then die of the signal that ended it, as the
+    caller of an in-process dm would see."""
     caught: list[int] = []
 
-    def forward(signum: int, _frame: object) -> None:
-        caught.append(signum)
+    def send_group(signum: int) -> None:
         try:
-            conn.send(bytes([signum]))
+            os.killpg(group, signum)
         except OSError:
             pass
 
+    def forward(signum: int, _frame: object) -> None:
+        caught.append(signum)
+        send_group(signum)
+
+    def pause(_signum: int, _frame: object) -> None:  # Ctrl-Z: the command stops, then we do
+        send_group(STOP)
+        _signal.signal(TSTP, _signal.SIG_DFL)
+        os.kill(os.getpid(), TSTP)
+        _signal.signal(TSTP, pause)  # continued (fg, bg): so is the command
+        send_group(CONT)
+
     for signum in FORWARDED:
-        _signal.signal(signum, forward)
+        if signum not in ignored:
+            _signal.signal(signum, forward)
+    if _signal.getsignal(TSTP) != _signal.SIG_IGN:
+        _signal.signal(TSTP, pause)
     try:
         reply, _ = receive(conn)
     except (OSError, ValueError):
         reply = None
     if reply is not None and isinstance(reply.get("exit"), int):
         return int(reply["exit"])
-    if caught:  # ended by what was passed on
+    if caught:  # ended by what was passed on: end the same way
+        _signal.signal(caught[-1], _signal.SIG_DFL)
+        os.kill(os.getpid(), caught[-1])
         return 128 + caught[-1]
     sys.stderr.write("dm: error: the dm daemon's process for this command ended without an "
                      "exit code; run it again with DM_DAEMON=off\n")
