@@ -83,6 +83,7 @@ def test_the_callers_folder_environment_and_umask_are_the_commands(daemon: DM,
     assert (tmp_path / "rel-store").is_dir()
 
 
+@pytest.mark.slow  # seconds of waiting on purpose
 def test_interrupt_reaches_the_command_and_a_killed_caller_kills_it(daemon: DM,
                                                                     tmp_path: Path) -> None:
     daemon.ok("init", "app")
@@ -175,6 +176,7 @@ def test_changed_code_makes_the_daemon_step_aside(daemon: DM) -> None:
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+@pytest.mark.slow  # seconds of waiting on purpose
 def test_a_socket_others_could_reach_or_own_is_not_used(dm: DM, tmp_path: Path) -> None:
     """An open folder, or a socket that another user listens on, would give that user the
     caller's environment (keys) and terminal: dm runs the command itself."""
@@ -279,6 +281,7 @@ def test_a_background_job_on_a_terminal_runs_its_command_itself(daemon: DM) -> N
     assert _served(daemon) == before
 
 
+@pytest.mark.slow  # seconds of waiting on purpose
 def test_silent_slow_and_malformed_clients_hold_up_nobody_and_leak_nothing(
         daemon: DM) -> None:
     daemon.ok("init", "app")
@@ -311,6 +314,7 @@ def test_silent_slow_and_malformed_clients_hold_up_nobody_and_leak_nothing(
     assert _daemon_pid(daemon) == pid
 
 
+@pytest.mark.slow  # seconds of waiting on purpose
 def test_one_daemon_per_socket_and_a_stuck_one_is_bypassed(daemon: DM) -> None:
     daemon.ok("init", "app")
     pid = _daemon_pid(daemon)
@@ -328,6 +332,7 @@ def test_one_daemon_per_socket_and_a_stuck_one_is_bypassed(daemon: DM) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.slow  # seconds of waiting on purpose
 def test_signals_the_caller_ignores_or_dies_of_are_the_commands(daemon: DM,
                                                                  tmp_path: Path) -> None:
     daemon.ok("init", "app")
