@@ -117,7 +117,13 @@ class LoopFs:
         sh("mount", "-o", "loop", str(self.image), str(self.mnt))
 
     def close(self) -> None:
-        subprocess.run(["umount", str(self.mnt)], check=False)
+        # dm removes replaced folders in the background (fs/trash.py): a reaper may still
+        # be at work in the filesystem for a while
+        deadline = time.monotonic() + 300
+        while subprocess.run(["umount", str(self.mnt)], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: cannot unmount {self.mnt}")
+            time.sleep(0.5)
         self.image.unlink(missing_ok=True)
 
 
