@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,28 @@ def test_a_folder_goes_round_the_seam(tmp_path: Path, store: PackStore) -> None:
     other.mkdir()  # an empty folder in the way is replaced
     backend.swap_in(aside, other)
     assert not aside.exists() and _files(other) == _files(folder)
+
+
+def test_a_cached_only_walk_stops_at_the_first_folder_with_a_change(tmp_path: Path,
+                                                                     store: PackStore) -> None:
+    """A reset tells a changed working state from its first changed folder: it does not stat
+    the rest (a clean state is still walked whole, and then snapshotted from the cache)."""
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    for d in range(20):
+        (folder / f"d{d}").mkdir(parents=True)
+        (folder / f"d{d}" / "f").write_text(str(d))
+    (folder / "top").write_text("top")
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)  # stats old enough for the cache to trust them
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {})
+    writer.flush()
+    clean = scan.snapshot_cached(folder, store, writer, first.cache, time.time_ns())
+    assert clean is not None and clean.root.tree == first.root.tree
+
+    (folder / "top").write_text("changed")
+    walk = scan._Walk(str(folder), first.cache, None)
+    listed = walk.tree("", until_a_read=True)
+    assert listed == [""] and [f.rel for f in walk.reads] == [b"top"]
+    assert scan.snapshot_cached(folder, store, writer, first.cache, time.time_ns()) is None

@@ -328,11 +328,15 @@ class _Walk:
         self.linked: list[tuple[str, int]] = []  # (path, inode) of files with several links
         self.total = 0
 
-    def tree(self, rel: str) -> list[str]:
-        """Add the folder ``rel`` and everything beneath it; returns the folders listed."""
+    def tree(self, rel: str, until_a_read: bool = False) -> list[str]:
+        """Add the folder ``rel`` and everything beneath it; returns the folders listed.
+        ``until_a_read``: stop after the first folder with a file to read (the walk is then
+        incomplete: only its ``reads`` being non-empty means anything)."""
         stack = [rel]
         listed = []
         while stack:  # one thread: the per-entry work holds the GIL, so threads only contend
+            if until_a_read and self.reads:
+                break
             rel = stack.pop()
             listed.append(rel)
             if self.watch is not None:
@@ -447,7 +451,7 @@ def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cach
     matches ``cache``), else None. One walk: a reset tells from it whether the working state
     it discards is worth keeping, without reading any file."""
     walk = _Walk(str(top), cache, None, stats)
-    walk.tree("")
+    walk.tree("", until_a_read=True)  # a changed state is told from its first changed folder
     if walk.reads:
         return None
     return _walked(top, store, _Sink(store, writer), walk, cache, None, taken_ns)
