@@ -81,3 +81,28 @@ def test_a_cached_only_walk_stops_at_the_first_folder_with_a_change(tmp_path: Pa
     listed = walk.tree("", until_a_read=True)
     assert listed == [""] and [f.rel for f in walk.reads] == [b"top"]
     assert scan.snapshot_cached(folder, store, writer, first.cache, time.time_ns()) is None
+
+
+def test_a_changed_large_file_is_told_without_a_walk(tmp_path: Path, store: PackStore,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    for d in range(5):
+        (folder / f"d{d}").mkdir(parents=True)
+        (folder / f"d{d}" / "small").write_text(str(d))
+    (folder / "d4" / "table").write_bytes(b"p" * 100_000)
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {})
+    writer.flush()
+    with open(folder / "d4" / "table", "r+b") as f:  # a page written in place
+        f.write(b"q" * 8192)
+
+    def no_walk(*_args: object, **_kwargs: object) -> list[str]:
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(scan._Walk, "tree", no_walk)
+    assert scan.snapshot_cached(folder, store, writer, first.cache, time.time_ns()) is None
+    (folder / "d4" / "table").unlink()
+    assert scan.snapshot_cached(folder, store, writer, first.cache, time.time_ns()) is None

@@ -450,11 +450,36 @@ def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cach
     """:func:`snapshot` of a read-only copy, if no file of it has to be read (each one's stat
     matches ``cache``), else None. One walk: a reset tells from it whether the working state
     it discards is worth keeping, without reading any file."""
+    if not _largest_unchanged(top, cache, stats):
+        return None
     walk = _Walk(str(top), cache, None, stats)
     walk.tree("", until_a_read=True)  # a changed state is told from its first changed folder
     if walk.reads:
         return None
     return _walked(top, store, _Sink(store, writer), walk, cache, None, taken_ns)
+
+
+def _largest_unchanged(top: Path, cache: StatCache, stats: Stats | None, count: int = 16
+                       ) -> bool:
+    """Whether the ``count`` largest files of ``cache`` still match it: databases are the
+    files that change, and they are the largest, so a changed state is usually told by a
+    few stats rather than a walk. True says nothing about the other files."""
+    import heapq
+
+    for rel, old in heapq.nlargest(count, cache.items(), key=lambda item: item[1][0]):
+        if old[5] & HINT_ONLY:
+            return False
+        try:
+            st = os.lstat(os.path.join(top, os.fsdecode(rel)))
+        except OSError:  # gone, or a folder on its path is not one any more
+            return False
+        if stats is not None:
+            st = stats.get(rel, st)
+        if not (stat.S_ISREG(st.st_mode) and old[0] == st.st_size
+                and old[1] == st.st_mtime_ns and old[2] == st.st_ctime_ns
+                and old[3] == st.st_ino):
+            return False
+    return True
 
 
 def update(top: Path, store: PackStore, writer: PackWriter | None, prev: SnapshotResult,
