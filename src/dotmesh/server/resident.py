@@ -203,11 +203,18 @@ def ask(argv: list[str]) -> int | None:
             reply, _ = receive(conn)
             if reply is None or not isinstance(reply.get("pid"), int):
                 return None
-            conn.send(GO)  # only now may the command start: it cannot run twice
-            conn.settimeout(None)
         except (OSError, ValueError):
             return None
-        return _wait(conn, int(reply["pid"]), _signal, ignored)
+        previous = {n: _signal.getsignal(n) for n in (*FORWARDED, TSTP)}
+        caught = _pass_signals(int(reply["pid"]), _signal, ignored)  # before it starts
+        try:
+            conn.send(GO)  # only now may the command start: it cannot run twice
+            conn.settimeout(None)
+        except OSError:  # it will not start: run it here, with the signals as they were
+            for signum, handler in previous.items():
+                _signal.signal(signum, handler)
+            return None
+        return _wait(conn, _signal, caught)
     finally:
         conn.close()
         for fd in opened:
@@ -229,10 +236,9 @@ def _in_background() -> bool:
         return False
 
 
-def _wait(conn: _socket.socket, group: int, _signal: Any, ignored: list[int]) -> int:
-    """Pass signals on to the command's process group (its hooks too, as a terminal's Ctrl-C
-    reaches them) until it says how it ended; then die of the signal that ended it, as the
-    caller of an in-process dm would see."""
+def _pass_signals(group: int, _signal: Any, ignored: list[int]) -> list[int]:
+    """From now on, signals the caller gets go to the command's process group (its hooks too,
+    as a terminal's Ctrl-C reaches them); returns the list the forwarded ones are noted in."""
     caught: list[int] = []
 
     def send_group(signum: int) -> None:
@@ -257,6 +263,12 @@ def _wait(conn: _socket.socket, group: int, _signal: Any, ignored: list[int]) ->
             _signal.signal(signum, forward)
     if _signal.getsignal(TSTP) != _signal.SIG_IGN:
         _signal.signal(TSTP, pause)
+    return caught
+
+
+def _wait(conn: _socket.socket, _signal: Any, caught: list[int]) -> int:
+    """Wait until the command says how it ended; then die of the signal that ended it, as the
+    caller of an in-process dm would see."""
     try:
         reply, _ = receive(conn)
     except (OSError, ValueError):
