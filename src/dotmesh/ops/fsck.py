@@ -33,7 +33,6 @@ from dotmesh.model.trees import Folder, walk_trees
 from dotmesh.store.packs import PACK_NAME, Location, _location, scan_pack
 from dotmesh.store.repo import Repo, sound_reflog_row
 from dotmesh.workdir import kept
-from dotmesh.workdir.branches import backend_of
 
 Progress = Callable[[int], None]
 Repair = tuple[Callable[..., Any], tuple[Any, ...]]  # a function of meta/ and its arguments
@@ -396,7 +395,7 @@ class _Fsck:
             for commit, why in kept.verify(self.home, dot):
                 self.r.problems.append(f"the kept state {commit.hex()[:12]} of {dot} {why}")
                 if self.repair:
-                    kept.drop(self.home, dot, commit, backend_of(self.home))
+                    kept.drop(self.home, dot, commit)
                     self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
                                            f"{dot} (a restore of it reads the store)")
             for d in kept.discarded(self.home, dot):
@@ -405,7 +404,7 @@ class _Fsck:
                     self.r.problems.append(f"the discarded state {d.name} of {dot} named in "
                                            "its reflog is gone: that working state is lost")
                     if self.repair:
-                        kept.drop_discarded(self.home, dot, d.name, backend_of(self.home))
+                        kept.drop_discarded(self.home, dot, d.name)
                         self.r.repaired.append(f"forgot the discarded state {d.name} of {dot}")
 
 

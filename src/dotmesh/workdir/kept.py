@@ -225,7 +225,7 @@ def prune(home: Repo, dot: str, backend: FolderBackend,
                if c not in keep_set or folder(home, dot, c) is None]
     for c in dropped:
         try:
-            drop(home, dot, c, backend)
+            drop(home, dot, c)
         except DotmeshError:
             continue  # only space: the next prune tries again, and fsck lists what is kept
     return dropped
@@ -271,7 +271,7 @@ def verify(home: Repo, dot: str) -> list[tuple[ObjectId, str]]:
     return problems
 
 
-def drop(home: Repo, dot: str, commit: bytes, backend: FolderBackend) -> None:
+def drop(home: Repo, dot: str, commit: bytes) -> None:
     """Remove a kept state; its caches file goes first, so that a kill midway leaves a state
     no command uses (and the next prune finishes removing it)."""
     state = snaps_dir(home, dot) / commit.hex()
@@ -401,7 +401,7 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     return saved
 
 
-def drop_discarded(home: Repo, dot: str, name: str, backend: FolderBackend) -> None:
+def drop_discarded(home: Repo, dot: str, name: str) -> None:
     """Forget a discarded state: its row, then its snapshot (what recover would remove)."""
     with Tx(home.conn) as tx:
         refs.drop_discarded(tx, dot, name)
