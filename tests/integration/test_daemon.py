@@ -93,7 +93,10 @@ def test_interrupt_reaches_the_command_and_a_killed_caller_kills_it(daemon: DM,
 
     def started() -> tuple[subprocess.Popen[str], int]:
         marker.unlink(missing_ok=True)
-        caller = daemon.popen("commit", "-m", "slow")
+        caller = subprocess.Popen(  # Ctrl-C as a terminal's foreground job gets it, even when
+            [DM_BIN, "commit", "-m", "slow"], env=daemon.env,  # the tests run with it ignored
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
         while not (marker.exists() and marker.read_text().strip()):
             assert time.monotonic() < deadline and caller.poll() is None, caller.stderr
