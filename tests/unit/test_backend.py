@@ -135,3 +135,24 @@ def test_large_files_restored_by_direct_writes_are_byte_exact(tmp_path: Path,
     PLAIN.build_aside(aside, store, snap.root, Policy())
     assert _files(aside) == _files(folder)
     assert os.stat(aside / "sparse").st_blocks * 512 < 2 * restore.DIRECT_MIN + 200_000
+
+
+def test_a_direct_write_of_a_long_run_goes_through_a_buffer_of_fixed_size(
+        tmp_path: Path) -> None:
+    """A run longer than the aligned buffer (a big file of large chunks) is written a
+    buffer-full at a time: memory stays at one buffer a thread."""
+    import os
+
+    from dotmesh.workdir import restore
+
+    blocks = [os.urandom(n) for n in (5000, restore.DIRECT_BUFFER + 12345, 777,
+                                      restore.DIRECT_BUFFER // 2)]
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        restore._write_direct(fd, blocks, 0)
+        os.ftruncate(fd, sum(len(b) for b in blocks))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(blocks)
+    assert len(restore._direct.buf) == restore.DIRECT_BUFFER

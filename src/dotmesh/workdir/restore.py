@@ -456,44 +456,58 @@ class _Apply:
 # of the same data took half as long, and leave nothing to write back).
 DIRECT_MIN = 1 << 20
 DIRECT_ALIGN = 4096
+DIRECT_BUFFER = 4 << 20  # a thread's aligned buffer: a run of any length goes through it
 _direct = threading.local()
 
 
 def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
     """Write the run ``iov`` at ``offset`` into a new file opened with O_DIRECT, through an
-    aligned buffer. The last block is padded with zeros to the alignment (the file is cut to
-    its size afterwards, and a later run overwrites the padding it needs); a run that does
-    not start aligned, or a filesystem that refuses, is written through the page cache."""
+    aligned buffer of DIRECT_BUFFER bytes a thread, a buffer-full at a time. The last block
+    is padded with zeros to the alignment (the file is cut to its size afterwards, and a
+    later run overwrites the padding it needs); a run that does not start aligned, or a
+    filesystem that refuses, is written through the page cache."""
     import fcntl
     import mmap
 
-    size = sum(len(b) for b in iov)
-    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
     if offset % DIRECT_ALIGN == 0:
         buf: mmap.mmap | None = getattr(_direct, "buf", None)
-        if buf is None or len(buf) < padded:
-            buf = _direct.buf = mmap.mmap(-1, max(padded, 8 << 20))  # page-aligned
-        pos = 0
-        for b in iov:
-            buf[pos:pos + len(b)] = b
-            pos += len(b)
-        buf[pos:padded] = bytes(padded - pos)
-        view = memoryview(buf)[:padded]
+        if buf is None:
+            buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
+        pieces = [memoryview(b) for b in iov]
         try:
-            done = 0
-            while done < padded:
-                k = os.pwritev(fd, [view[done:]], offset + done)
-                if k <= 0 or k % DIRECT_ALIGN:
-                    break
-                done += k
-            if done >= padded:
+            while pieces:
+                pos = 0
+                while pieces and pos < DIRECT_BUFFER:  # fill the buffer
+                    take = min(len(pieces[0]), DIRECT_BUFFER - pos)
+                    buf[pos:pos + take] = pieces[0][:take]
+                    pos += take
+                    pieces[0] = pieces[0][take:]
+                    if not len(pieces[0]):
+                        pieces.pop(0)
+                padded = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
+                buf[pos:padded] = bytes(padded - pos)
+                with memoryview(buf)[:padded] as view:
+                    done = 0
+                    while done < padded:
+                        try:
+                            k = os.pwritev(fd, [view[done:]], offset + done)
+                        except OSError as e:
+                            if e.errno != errno.EINVAL:  # a refusal: the page cache will do
+                                raise
+                            break
+                        if k <= 0 or k % DIRECT_ALIGN:
+                            break
+                        done += k
+                    if done < padded:  # the rest of this buffer and of the run, buffered
+                        cut = min(done, pos)
+                        iov = [bytes(view[cut:pos]), *(bytes(p) for p in pieces)]
+                        offset += cut
+                        break
+                offset += pos
+            else:
                 return
-            iov, offset = [bytes(view[done:size])], offset + done  # the rest, buffered
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
         finally:
-            view.release()
+            pieces.clear()
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if flags & os.O_DIRECT:  # from here on, through the page cache
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
