@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+from dotmesh.errors import Conflict, DotmeshError
 from dotmesh.server import resident
 
 REQUEST_TIMEOUT = 1.0
@@ -96,7 +97,8 @@ def serve(path: str) -> None:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"a dm daemon already serves {path}") from None
+        os.close(lock)
+        raise Conflict(f"a dm daemon already serves {path}") from None
     package = resident.package()
     failed = preload()
     if threading.active_count() != 1:  # a fork copies the locks other threads hold
@@ -293,8 +295,13 @@ def _watch(conn: Any) -> None:
 
 
 def main() -> None:
-    """``python -m`` this module ``[SOCKET]``: what ``dm daemon start`` runs."""
-    serve(sys.argv[1] if len(sys.argv) > 1 else resident.socket_path())
+    """``python -m`` this module ``[SOCKET]``: what ``dm daemon start`` runs; a failure is one
+    line (in ``daemon.log``, whose last line ``dm daemon start`` shows)."""
+    try:
+        serve(sys.argv[1] if len(sys.argv) > 1 else resident.socket_path())
+    except DotmeshError as e:
+        print(f"dm daemon: error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -52,15 +52,10 @@ def _start_reaper(trash: Path) -> None:
 def empty(trash: Path, wait: bool = True) -> bool:
     """Remove everything in ``trash`` under its lock; False if another process holds the lock
     (and ``wait`` is false). Best effort: what cannot be removed now is left for next time."""
-    try:
-        fd = os.open(trash / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError:
+    fd = _locked(trash, wait)
+    if fd is None:
         return False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return False
         with os.scandir(trash) as entries:
             doomed = [Path(e.path) for e in entries if e.name != LOCK]
         for path in doomed:
@@ -81,17 +76,26 @@ def recover(trash: Path) -> None:
             return
     except OSError:
         return
+    fd = _locked(trash, wait=False)
+    if fd is None:
+        return  # a reaper is at work (or the trash cannot be locked: left for later)
+    os.close(fd)
+    _start_reaper(trash)
+
+
+def _locked(trash: Path, wait: bool) -> int | None:
+    """The trash's lock, held (a descriptor to close); None if another process holds it and
+    ``wait`` is false, or it cannot be opened."""
     try:
         fd = os.open(trash / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError:
-        return
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
-        return  # a reaper is at work
-    finally:
         os.close(fd)
-    _start_reaper(trash)
+        return None
+    return fd
 
 
 def main() -> None:
