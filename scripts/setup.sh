@@ -15,6 +15,9 @@ command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)         # the transfer ben
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)     # the volume driver's tests
 [ -x /usr/bin/docker-compose ] || need_apt+=(docker-compose)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # test images, no registry
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)     # dm's compiled folder listing
+python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+  2>/dev/null || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

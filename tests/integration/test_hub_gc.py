@@ -288,7 +288,7 @@ def test_pushes_racing_gc_end_with_whole_dots(hub, tmp_path):
     then a second dot with the same files is pushed while gc runs again and again. The
     push counts on objects gc is deleting: it must end with a dot that clones exactly."""
     alice = _dev(tmp_path, hub, "alice", "alice")
-    for i in range(4):
+    for i in range(2):
         files = {f"f{j}.bin": os.urandom(2000) for j in range(3000)}
         _dot(alice, f"src{i}", files)
         _dot(alice, f"dst{i}", {**files, "extra": b"%d" % i})
@@ -306,7 +306,7 @@ def test_pushes_racing_gc_end_with_whole_dots(hub, tmp_path):
         _clones_exactly(tmp_path, hub, f"alice/dst{i}", {**files, "extra": b"%d" % i})
     time.sleep(5)
     _gc(hub, "--grace", "5")
-    for i in range(4):
+    for i in range(2):
         assert alice("pull", "hub", f"dst{i}").returncode == 0
 
 
@@ -314,7 +314,7 @@ def test_pushes_racing_gc_end_with_whole_dots(hub, tmp_path):
 def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
     alice = _dev(tmp_path, hub, "alice", "alice")
     kept: dict[str, dict[str, bytes]] = {}
-    for i in range(6):
+    for i in range(4):
         shared = {"common.bin": os.urandom(400 << 10)}
         files = {**shared, **{f"f{j}.bin": os.urandom(512 << 10) for j in range(4)}}
         _dot(alice, f"k{i}", files)
@@ -328,7 +328,7 @@ def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
             hub.dm_hub("dot", "rm", f"alice/k{i}")
     plan = _gc(hub, "--dry-run", "--grace", "0")["plan"]
     assert plan["garbage_objects"] > 0
-    for delay in (0.6, 0.9, 1.2, 1.5, 2.0, 2.5):
+    for delay in (0.6, 1.0, 1.5, 2.5):
         proc = subprocess.Popen([DM_BIN, "hub", *hub.args, "gc", "--grace", "0"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
@@ -340,7 +340,7 @@ def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
     left = _gc(hub, "--dry-run", "--grace", "0")["plan"]
     assert (left["garbage_objects"], left["packs_emptied"], left["packs_repacked"],
             left["unindexed_packs"], left["free_now"]["packs"]) == (0, 0, 0, 0, 0)
-    assert left["stored_bytes"] <= plan["stored_bytes"] - 0.9 * 3 * 4 * (512 << 10)
+    assert left["stored_bytes"] <= plan["stored_bytes"] - 0.9 * 2 * 4 * (512 << 10)
     for dot, files in kept.items():
         _clones_exactly(tmp_path, hub, dot, files)
 

@@ -156,3 +156,117 @@ def test_a_direct_write_of_a_long_run_goes_through_a_buffer_of_fixed_size(
         os.close(fd)
     assert path.read_bytes() == b"".join(blocks)
     assert len(restore._direct.buf) == restore.DIRECT_BUFFER
+
+
+def _change(folder: Path, how: str) -> None:
+    import os
+
+    deep = folder / "a" / "b"
+    if how == "content":
+        (deep / "f1").write_text("F1")  # same size, new bytes
+    elif how == "chmod file":
+        (deep / "f1").chmod(0o600)
+    elif how == "truncate":
+        (deep / "f1").write_bytes(b"")
+    elif how == "add":
+        (deep / "new").write_text("n")
+    elif how == "remove":
+        (deep / "f2").unlink()
+    elif how == "rename":
+        (deep / "f2").rename(deep / "f3")
+    elif how == "move across":
+        (deep / "f2").rename(folder / "c" / "f2")
+    elif how == "chmod folder":
+        deep.chmod(0o700)
+    elif how == "symlink":
+        (folder / "c" / "link").unlink()
+        (folder / "c" / "link").symlink_to("elsewhere")
+    elif how == "same folder again":  # a new inode with the very same names and bytes
+        os.rename(deep, folder / "old")
+        deep.mkdir()
+        for p in (folder / "old").iterdir():
+            (deep / p.name).write_bytes(p.read_bytes())
+        for p in (folder / "old").iterdir():
+            p.unlink()
+        (folder / "old").rmdir()
+    elif how == "zero-size file replaced":
+        (folder / "c" / "empty").unlink()
+        (folder / "c" / "empty").write_bytes(b"")
+    else:
+        assert how == "nothing"
+
+
+@pytest.mark.parametrize("how", ["nothing", "content", "chmod file", "truncate", "add",
+                                 "remove", "rename", "move across", "chmod folder", "symlink",
+                                 "same folder again", "zero-size file replaced"])
+def test_folders_whose_trees_the_cache_names_are_not_encoded_again(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A commit reuses an unchanged folder's tree from the stat cache; whatever changed, the
+    result is the tree a walk without any cache makes."""
+    from dotmesh.model import objects
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "c").mkdir()
+    (folder / "a" / "b" / "f1").write_text("f1")
+    (folder / "a" / "b" / "f2").write_text("f2")
+    (folder / "a" / "g").write_text("g")
+    (folder / "c" / "h").write_text("h" * 20_000)
+    (folder / "c" / "empty").write_bytes(b"")
+    (folder / "c" / "link").symlink_to("h")
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {})
+    writer.flush()
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)  # what changes next is past the first's entries
+    _change(folder, how)
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)  # and the second's entries can be trusted next
+    encoded: list[list[object]] = []
+    real = objects.encode_tree_rows
+
+    def counted(rows: list[list[object]]) -> bytes:
+        encoded.append(rows)
+        return real(rows)
+
+    monkeypatch.setattr(scan, "encode_tree_rows", counted)
+    second = scan.snapshot(folder, store, writer, first.cache)
+    writer.flush()
+    monkeypatch.setattr(scan, "encode_tree_rows", real)
+    fresh = scan.snapshot(folder, store, None, {})
+    assert second.root == fresh.root
+    assert (second.root.tree == first.root.tree) == (how == "nothing")
+    made = {tuple(sorted(str(r[0]) for r in rows)) for rows in encoded}
+    if how == "nothing":
+        assert made == set()
+    elif how in ("symlink", "zero-size file replaced"):
+        assert len(made) == 2  # c and the top
+    elif how == "move across":
+        assert len(made) == 4  # a/b, a, c and the top
+    else:  # a/b changed (its entries, or it is a new folder): a/b, a and the top; c's reused
+        assert len(made) == 3 and ("empty", "h", "link") not in made
+    # Again, with nothing changed since: every tree comes from the cache.
+    encoded.clear()
+    monkeypatch.setattr(scan, "encode_tree_rows", counted)
+    third = scan.snapshot(folder, store, writer, second.cache)
+    assert third.root == fresh.root and encoded == []
+    assert third.cache == second.cache  # so a no-change commit writes no cache either
+
+
+def test_a_folder_tree_the_store_lost_is_made_again(tmp_path: Path, store: PackStore) -> None:
+    from dotmesh.meta.statcache import folder_key
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "f").write_text("f")
+    time.sleep(scan.RACY_NS / 1e9 * 1.5)
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {})
+    writer.flush()
+    cache = dict(first.cache)
+    entry = cache[folder_key("a")]
+    cache[folder_key("a")] = (*entry[:4], bytes(32), entry[5])  # a tree gc took, say
+    second = scan.snapshot(folder, store, writer, cache)
+    assert second.root == first.root
+    assert second.cache[folder_key("a")][2:] == entry[2:]  # the same tree, cached again

@@ -48,7 +48,8 @@ def preload() -> list[str]:
 
 
 def fingerprint(package: str) -> frozenset[tuple[str, int, int]]:
-    """(path, mtime, size) of each of the package's sources: is the daemon's code still dm's?"""
+    """(path, mtime, size) of each of the package's sources and compiled modules: is the
+    daemon's code still dm's?"""
     found = set()
     stack = [package]
     while stack:
@@ -57,7 +58,7 @@ def fingerprint(package: str) -> frozenset[tuple[str, int, int]]:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name != "__pycache__":
                         stack.append(entry.path)
-                elif entry.name.endswith(".py"):
+                elif entry.name.endswith((".py", ".so")):
                     st = entry.stat(follow_symlinks=False)
                     found.add((entry.path, st.st_mtime_ns, st.st_size))
     return frozenset(found)

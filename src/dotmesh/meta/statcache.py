@@ -3,6 +3,7 @@ given id, so that a commit reads only files whose stat changed."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import struct
 from typing import NamedTuple
@@ -11,7 +12,7 @@ import xxhash
 
 StatCache = dict[bytes, tuple[int, int, int, int, bytes, int]]  # laid out as CacheEntry
 NO_CONTENT = bytes(32)
-HAS_CONTENT, CHUNKED, HINT_ONLY = 2, 1, 4
+HAS_CONTENT, CHUNKED, HINT_ONLY, FOLDER = 2, 1, 4, 8
 _CACHE_RECORD = struct.Struct("<QqqQ32sB")
 
 
@@ -21,6 +22,12 @@ class CacheEntry(NamedTuple):
     A plain tuple in the layout of its on-disk record, so that loading 200,000 of them and
     comparing them stays in C: ``raw`` is the content id (zeros if none), ``flags`` has
     HAS_CONTENT and CHUNKED bits.
+
+    A folder has an entry too, under its path and a ``/`` (``b"/"`` for the top), flagged
+    FOLDER|HAS_CONTENT: ``raw`` is its tree, still right while the folder's ``ctime_ns`` and
+    ``ino`` are these, each file in it matches its own entry, and no entry in it has a ctime
+    at or past ``mtime_ns`` (the snapshot's start, less the racy margin). A no-change commit
+    then stores no tree again (see :func:`folder_key` and the snapshot's walk).
     """
 
     size: int
@@ -43,6 +50,11 @@ class CacheEntry(NamedTuple):
     @property
     def chunked(self) -> bool:
         return bool(self.flags & CHUNKED)
+
+
+def folder_key(rel: str) -> bytes:
+    """The key of a folder's entry: no file's path ends with a slash."""
+    return os.fsencode(rel) + b"/"
 
 
 CACHE_MAGIC = b"DMSC2"

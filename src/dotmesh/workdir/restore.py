@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import Conflict, Corrupt, NotFound
-from dotmesh.meta.statcache import CacheEntry, StatCache
+from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
@@ -773,9 +773,11 @@ def prepare(top: Path, store: PackStore, target: Root, current: Root | None, sta
 
 
 def merge_cache(old: StatCache, result: RestoreResult) -> StatCache:
-    """The stat cache after a restore: old entries minus removed paths, plus written files."""
+    """The stat cache after a restore: old entries minus removed paths, plus written files.
+    Folders' entries go: their trees are made again by the next commit."""
     gone, dirs = result.removed_paths, tuple(result.removed_dirs)
-    new = {k: v for k, v in old.items() if k not in gone and not (dirs and k.startswith(dirs))}
+    new = {k: v for k, v in old.items() if k not in gone and not (dirs and k.startswith(dirs))
+           and not v[5] & FOLDER}
     new.update(result.touched)
     return new
 

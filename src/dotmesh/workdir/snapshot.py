@@ -12,22 +12,26 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from dotmesh.fs import btrfs
+from dotmesh.fs import btrfs, scan
 from dotmesh.fs.reflink import Stats
+from dotmesh.fs.scan import Entry
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.meta.statcache import (
     CHUNKED,
+    FOLDER,
     HAS_CONTENT,
     HINT_ONLY,
     NO_CONTENT,
     CacheEntry,
     StatCache,
+    folder_key,
 )
 from dotmesh.model.ids import HOLE, ObjectId, object_id
 from dotmesh.model.objects import (
@@ -48,6 +52,8 @@ from dotmesh.store.packs import PackStore, PackWriter, compress
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
+AHEAD = 4  # folders a walk lists ahead of the one it compares with the cache
+LISTERS = 1  # threads listing them: the listing is system time, on every core
 SMALL_BATCH = 4 << 20
 # A paged file whose changed blocks (by the reference's extent maps) come to at most this is
 # patched by one job; more, and it is read segment by segment on every core.
@@ -195,7 +201,7 @@ class _File:
 
     rel: bytes
     path: str
-    st: os.stat_result
+    st: scan.Lstat
     row: list[object]
     content: bytes | None = None
     chunked: bool = False
@@ -327,90 +333,99 @@ class _Walk:
         self.reads: list[_File] = []
         self.linked: list[tuple[str, int]] = []  # (path, inode) of files with several links
         self.total = 0
+        self.dirs: dict[str, tuple[int, int]] = {}  # folder -> (ctime, inode), by its parent
+        # Folders listed whole with no file to read -> the newest ctime of their entries:
+        # those whose cached tree may still be theirs (see _reusable).
+        self.newest: dict[str, int] = {}
+        self._newest = 0  # of the entries rows() was last given
 
     def tree(self, rel: str, until_a_read: bool = False) -> list[str]:
         """Add the folder ``rel`` and everything beneath it; returns the folders listed.
         ``until_a_read``: stop after the first folder with a file to read (the walk is then
-        incomplete: only its ``reads`` being non-empty means anything)."""
-        stack = [rel]
-        listed = []
-        while stack:  # one thread: the per-entry work holds the GIL, so threads only contend
-            if until_a_read and self.reads:
-                break
-            rel = stack.pop()
-            listed.append(rel)
-            if self.watch is not None:
-                self.watch(rel)  # before listing: a change after this point sends an event
-            rows: list[Row] = []
-            self.folders[rel] = rows
-            stack.extend(self.rows(rel, _listing(os.path.join(self.top, rel)), rows))
+        incomplete: only its ``reads`` being non-empty means anything).
+
+        Folders are listed AHEAD at a time on a thread (the listing holds no GIL) while this
+        one compares the last listed with the cache; they are taken in the order listed."""
+        listed: list[str] = []
+        todo = deque([rel])
+        ahead: deque[tuple[str, Future[list[Entry]]]] = deque()
+        with ThreadPoolExecutor(LISTERS, thread_name_prefix="dm-walk") as lister:
+            try:
+                while todo or ahead:
+                    while todo and len(ahead) < AHEAD:
+                        sub = todo.popleft()
+                        if self.watch is not None:
+                            self.watch(sub)  # before listing: a later change sends an event
+                        ahead.append((sub, lister.submit(
+                            scan.listing, os.path.join(self.top, sub), bool(sub))))
+                    if until_a_read and self.reads:
+                        break
+                    sub, listing = ahead.popleft()
+                    listed.append(sub)
+                    rows: list[Row] = []
+                    self.folders[sub] = rows
+                    reads = len(self.reads)
+                    todo.extend(self.rows(sub, listing.result(), rows))
+                    if len(self.reads) == reads:
+                        self.newest[sub] = self._newest
+            finally:
+                for _, listing in ahead:
+                    listing.cancel()
         return listed
 
-    def rows(self, rel: str, entries: Iterable[tuple[str, str, os.stat_result]],
-             rows: list[Row]) -> list[str]:
+    def rows(self, rel: str, entries: Iterable[Entry], rows: list[Row]) -> list[str]:
         """Append the rows of ``entries`` (in folder ``rel``); returns the sub-folders met."""
         prefix = rel + "/" if rel else ""
         cache, hits, fsencode = self.cache, self.hits, os.fsencode
         is_reg, is_dir, is_lnk = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
         subdirs: list[str] = []
         stats = self.stats
-        for name, path, st in entries:
-            mode = st.st_mode
+        newest = 0
+        for e in entries:
+            name, mode, ino, nlink, uid, gid, size, mtime, ctime = e
             if is_reg(mode):
                 key = fsencode(prefix + name)
-                if stats is not None:
-                    st = stats.get(key, st)
-                size = st.st_size
+                if stats is not None and key in stats:
+                    e = scan.entry(name, stats[key])
+                    name, mode, ino, nlink, uid, gid, size, mtime, ctime = e
+                if ctime > newest:
+                    newest = ctime
                 self.total += size
-                if st.st_nlink > 1:
-                    self.linked.append((prefix + name, st.st_ino))
+                if nlink > 1:
+                    self.linked.append((prefix + name, ino))
                 old = cache.get(key)
                 if (old is not None and not old[5] & HINT_ONLY and old[0] == size
-                        and old[1] == st.st_mtime_ns
-                        and old[2] == st.st_ctime_ns and old[3] == st.st_ino):
+                        and old[1] == mtime and old[2] == ctime and old[3] == ino):
                     hits[key] = old
                     flags = old[5]
-                    rows.append([name, FILE, mode & 0o7777, st.st_uid, st.st_gid,
-                                 st.st_mtime_ns, size,
+                    rows.append([name, FILE, mode & 0o7777, uid, gid, mtime, size,
                                  old[4].hex() if flags & HAS_CONTENT else None,
                                  flags & CHUNKED])
                     continue
-                row: Row = [name, FILE, mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
-                            0, None, 0]
+                row: Row = [name, FILE, mode & 0o7777, uid, gid, mtime, 0, None, 0]
                 rows.append(row)
                 if size:
-                    self.reads.append(_File(key, path, st, row))
+                    self.reads.append(_File(key, os.path.join(self.top, prefix + name),
+                                            scan.Lstat._make(e), row))
                 else:  # nothing to read; cached all the same, for its inode (see update)
-                    hits[key] = (0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, NO_CONTENT, 0)
+                    hits[key] = (0, mtime, ctime, ino, NO_CONTENT, 0)
             elif is_dir(mode):
-                rows.append([name, DIR, mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns, 0,
-                             None, 0])
+                rows.append([name, DIR, mode & 0o7777, uid, gid, mtime, 0, None, 0])
                 subdirs.append(prefix + name)
+                self.dirs[prefix + name] = (ctime, ino)
+                if ctime > newest:
+                    newest = ctime
             elif is_lnk(mode):
                 try:
-                    target = os.readlink(path)
+                    target = os.readlink(os.path.join(self.top, prefix + name))
                 except FileNotFoundError:
                     continue  # removed since it was listed
-                rows.append([name, SYMLINK, mode & 0o7777, st.st_uid, st.st_gid,
-                             st.st_mtime_ns, 0, target, 0])
+                rows.append([name, SYMLINK, mode & 0o7777, uid, gid, mtime, 0, target, 0])
+                if ctime > newest:
+                    newest = ctime
             # sockets, FIFOs and devices are not stored
+        self._newest = newest
         return subdirs
-
-
-def _listing(path: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(name, path, lstat) of a folder's entries; what vanishes while it is listed is left out
-    (a running app removes files; in a live commit the freeze pass sees the final state)."""
-    try:
-        it = os.scandir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    with it:
-        for de in it:
-            try:
-                st = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield de.name, de.path, st
 
 
 def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
@@ -437,12 +452,47 @@ def snapshot(top: Path, store: PackStore, writer: PackWriter | None, cache: Stat
 def _walked(top: Path, store: PackStore, sink: _Sink, walk: _Walk, cache: StatCache,
             progress: Progress | None, started: int,
             reference: Reference | None = None) -> SnapshotResult:
-    """The snapshot of a folder ``walk`` has listed whole: its files read, its trees made."""
+    """The snapshot of a folder ``walk`` has listed whole: its files read, its trees made
+    (but for those the cache says are unchanged)."""
     result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
                             linked={path for path, _ in walk.linked})
-    _complete(top, store, sink, walk, cache, progress, result, started, set(walk.folders),
-              reference=reference)
+    top_st = os.lstat(top)
+    reused = _reusable(walk, cache, store, (top_st.st_ctime_ns, top_st.st_ino))
+    _complete(top, store, sink, walk, cache, progress, result, started,
+              set(walk.folders) - reused.keys(), reference=reference, reused=reused)
     return result
+
+
+def _reusable(walk: _Walk, cache: StatCache, store: PackStore, top: tuple[int, int]
+              ) -> dict[str, ObjectId]:
+    """The folders of a whole walk whose trees are those their cache entries name: the
+    folder is the one the entry saw (ctime and inode: a name added, removed or renamed in it
+    changes its ctime), no entry in it changed since (each one's ctime is older than the
+    entry's snapshot; a file's content, mode or owner changes its ctime), none of its files
+    is to be read, and the same holds for every folder beneath it. A no-change commit of
+    200,000 files then encodes no tree at all."""
+    candidates: dict[str, ObjectId] = {}
+    for rel, newest in walk.newest.items():
+        e = cache.get(folder_key(rel))
+        if e is None or not e[5] & FOLDER:
+            continue
+        ctime, ino = walk.dirs[rel] if rel else top
+        if ctime == e[2] and ino == e[3] and newest < e[1] and ctime < e[1]:
+            candidates[rel] = ObjectId(e[4])
+    if not candidates:
+        return {}
+    lost = store.missing(candidates.values())  # collected since: made again
+    found: dict[str, ObjectId] = {}
+    for rel in sorted(candidates, key=_depth, reverse=True):  # beneath before above
+        oid, prefix = candidates[rel], rel + "/" if rel else ""
+        if oid not in lost and all(prefix + str(r[0]) in found
+                                   for r in walk.folders[rel] if r[1] == DIR):
+            found[rel] = oid
+    return found
+
+
+def _depth(rel: str) -> int:
+    return rel.count("/") + bool(rel)
 
 
 def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
@@ -466,7 +516,8 @@ def _largest_unchanged(top: Path, cache: StatCache, stats: Stats | None, count: 
     few stats rather than a walk. True says nothing about the other files."""
     import heapq
 
-    for rel, old in heapq.nlargest(count, cache.items(), key=lambda item: item[1][0]):
+    files = ((rel, e) for rel, e in cache.items() if not e[5] & FOLDER)
+    for rel, old in heapq.nlargest(count, files, key=lambda item: item[1][0]):
         if old[5] & HINT_ONLY:
             return False
         try:
@@ -531,9 +582,8 @@ def update(top: Path, store: PackStore, writer: PackWriter | None, prev: Snapsho
         old = {str(r[0]): r for r in rows if r[0] in names}
         present = []
         for name in sorted(names):
-            path = os.path.join(walk.top, prefix + name)
             try:
-                present.append((name, path, os.lstat(path)))
+                present.append(scan.entry(name, os.lstat(os.path.join(walk.top, prefix + name))))
             except (FileNotFoundError, NotADirectoryError):
                 pass
         new_rows: list[Row] = []
@@ -567,7 +617,7 @@ def update(top: Path, store: PackStore, writer: PackWriter | None, prev: Snapsho
     if inodes:
         again: dict[str, set[str]] = {}
         for key, entry in prev.cache.items():
-            if entry[3] in inodes:
+            if entry[3] in inodes and not entry[5] & FOLDER:
                 parent, _, name = os.fsdecode(key).rpartition("/")
                 if name not in changed.get(parent, ()):
                     again.setdefault(parent, set()).add(name)
@@ -587,10 +637,15 @@ def update(top: Path, store: PackStore, writer: PackWriter | None, prev: Snapsho
 def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: StatCache,
               progress: Progress | None, result: SnapshotResult, started: int,
               dirty: set[str], unchanged_root: ObjectId | None = None,
-              recent: Recent | None = None, reference: Reference | None = None) -> None:
+              recent: Recent | None = None, reference: Reference | None = None,
+              reused: dict[str, ObjectId] | None = None) -> None:
     """Read the queued files; then give them content ids, fill their rows and cache entries,
     and store the trees of the ``dirty`` folders. With a deferring sink (in a freeze) only the
-    reading happens now; :meth:`SnapshotResult.finish` does the rest after the thaw."""
+    reading happens now; :meth:`SnapshotResult.finish` does the rest after the thaw.
+
+    ``reused``: the walk was whole, and these folders keep the trees named (the others are
+    ``dirty``); every folder gets its cache entry. Else only the ``dirty`` folders do.
+    """
     if walk.reads:
         _read_files(walk.reads, store, sink, hints, recent or {}, progress, result, reference)
     top_st = os.lstat(top)
@@ -615,9 +670,17 @@ def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: Stat
                 entry = entry._replace(flags=entry.flags | HINT_ONLY)
             cache[f.rel] = entry
         result.total_size = total
-        result.root = Root(_store_trees(sink, result.folders, dirty, unchanged_root),
-                           stat.S_IMODE(top_st.st_mode), top_st.st_uid, top_st.st_gid,
-                           top_st.st_mtime_ns)
+        root_tree = _store_trees(sink, result.folders, dirty, unchanged_root, reused or {})
+        result.root = Root(root_tree, stat.S_IMODE(top_st.st_mode), top_st.st_uid,
+                           top_st.st_gid, top_st.st_mtime_ns)
+        top_id = (top_st.st_ctime_ns, top_st.st_ino)
+        if reused is None:  # the folders looked at again; the others keep their entries
+            _cache_folders(cache, result.folders, dirty, root_tree, limit,
+                           lambda rel: _dir_id(top, rel, top_id))
+        else:  # a reused folder keeps its entry as it was: a no-change commit saves no cache
+            cache.update((folder_key(rel), hints[folder_key(rel)]) for rel in reused)
+            _cache_folders(cache, result.folders, result.folders.keys() - reused.keys(),
+                           root_tree, limit, lambda rel: walk.dirs[rel] if rel else top_id)
         result.unstored_trees = sink.trees
         result.deferred = sink.deferred
 
@@ -628,11 +691,12 @@ def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: Stat
 
 
 def _store_trees(sink: _Sink, folders: dict[str, list[Row]], dirty: set[str],
-                 root_tree: ObjectId | None) -> ObjectId:
-    """Store the trees of the ``dirty`` folders, children before parents; returns the top's."""
+                 root_tree: ObjectId | None, reused: dict[str, ObjectId]) -> ObjectId:
+    """Store the trees of the ``dirty`` folders, children before parents, and name those of
+    the ``reused`` ones in their parents' rows; returns the top's tree."""
     where: dict[str, dict[object, int]] = {}  # folder -> its rows' positions by name
-    for rel in sorted(dirty, key=lambda r: r.count("/") + bool(r), reverse=True):
-        oid = sink.put(KIND_TREE, encode_tree_rows(folders[rel]))
+    for rel in sorted(dirty | reused.keys(), key=_depth, reverse=True):
+        oid = reused.get(rel) or sink.put(KIND_TREE, encode_tree_rows(folders[rel]))
         if not rel:
             root_tree = oid
             continue
@@ -646,6 +710,35 @@ def _store_trees(sink: _Sink, folders: dict[str, list[Row]], dirty: set[str],
         siblings[pos[name]] = [*r[:7], oid.hex(), 0]
     assert root_tree is not None
     return root_tree
+
+
+def _cache_folders(cache: StatCache, folders: dict[str, list[Row]], which: Iterable[str],
+                   root_tree: ObjectId, limit: int,
+                   dir_id: Callable[[str], tuple[int, int] | None]) -> None:
+    """Give the folders ``which`` their cache entries: their trees, by their rows in their
+    parents, and their (ctime, inode) by ``dir_id`` (None: gone, no entry); see
+    :class:`~dotmesh.meta.statcache.CacheEntry`."""
+    trees: dict[str, object] = {"": root_tree.hex()}
+    for parent in {rel.rpartition("/")[0] for rel in which if rel}:
+        prefix = parent + "/" if parent else ""
+        trees.update((prefix + str(r[0]), r[7]) for r in folders.get(parent, ()) if r[1] == DIR)
+    for rel in which:
+        key, seen, tree = folder_key(rel), dir_id(rel), trees.get(rel)
+        if seen is None or not isinstance(tree, str):
+            cache.pop(key, None)
+            continue
+        cache[key] = (0, limit, seen[0], seen[1], bytes.fromhex(tree), FOLDER | HAS_CONTENT)
+
+
+def _dir_id(top: Path, rel: str, top_id: tuple[int, int]) -> tuple[int, int] | None:
+    """A folder's (ctime, inode), None if it is not one (any more)."""
+    if not rel:
+        return top_id
+    try:
+        st = os.lstat(os.path.join(top, rel))
+    except OSError:
+        return None
+    return (st.st_ctime_ns, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,

@@ -1,0 +1,159 @@
+/* A folder's entries with their lstat, in one call that holds the GIL only to build the result.
+ *
+ * Why: a commit with nothing changed is a walk over every file's stat. From Python that is an
+ * os.stat_result per file (19 fields, float times) and the GIL taken back after each lstat;
+ * here the whole folder is read (readdir + fstatat) with the GIL released, so a thread can list
+ * the next folder while Python compares the last one with the stat cache.
+ *
+ * scan(path, nofollow=False) -> list of (name, mode, ino, nlink, uid, gid, size, mtime_ns, ctime_ns)
+ * Entries that vanish between readdir and fstatat are left out, as the Python fallback does;
+ * a folder that is gone or not a folder raises FileNotFoundError / NotADirectoryError. Names
+ * are decoded as os.fsdecode does (surrogateescape). ``nofollow``: a symlink at ``path`` is not
+ * followed (NotADirectoryError): a folder swapped for a link mid-walk never leads outside. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct {
+    size_t name_at; /* offset of the NUL-terminated name in the names buffer */
+    struct stat st;
+} entry_t;
+
+typedef struct {
+    entry_t *items;
+    size_t count, cap;
+    char *names;
+    size_t used, room;
+} listing_t;
+
+static void listing_free(listing_t *l) {
+    free(l->items);
+    free(l->names);
+}
+
+/* 0, or an errno. Runs without the GIL. */
+static int read_folder(const char *path, int nofollow, listing_t *l) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0));
+    if (fd < 0)
+        return errno == ELOOP ? ENOTDIR : errno;
+    DIR *d = fdopendir(fd);
+    if (d == NULL) {
+        int e = errno;
+        close(fd);
+        return e;
+    }
+    int err = 0;
+    for (;;) {
+        errno = 0;
+        struct dirent *de = readdir(d);
+        if (de == NULL) {
+            err = errno;
+            break;
+        }
+        const char *n = de->d_name;
+        if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0')))
+            continue;
+        if (l->count == l->cap) {
+            size_t cap = l->cap ? l->cap * 2 : 256;
+            entry_t *items = realloc(l->items, cap * sizeof(entry_t));
+            if (items == NULL) {
+                err = ENOMEM;
+                break;
+            }
+            l->items = items;
+            l->cap = cap;
+        }
+        entry_t *e = &l->items[l->count];
+        if (fstatat(fd, n, &e->st, AT_SYMLINK_NOFOLLOW) != 0) {
+            if (errno == ENOENT)
+                continue; /* removed since it was listed */
+            err = errno;
+            break;
+        }
+        size_t len = strlen(n) + 1;
+        if (l->used + len > l->room) {
+            size_t room = l->room ? l->room * 2 : 16384;
+            while (room < l->used + len)
+                room *= 2;
+            char *names = realloc(l->names, room);
+            if (names == NULL) {
+                err = ENOMEM;
+                break;
+            }
+            l->names = names;
+            l->room = room;
+        }
+        memcpy(l->names + l->used, n, len);
+        e->name_at = l->used;
+        l->used += len;
+        l->count++;
+    }
+    closedir(d);
+    return err;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    PyObject *arg, *encoded = NULL;
+    int nofollow = 0;
+    if (!PyArg_ParseTuple(args, "O|p", &arg, &nofollow))
+        return NULL;
+    if (!PyUnicode_FSConverter(arg, &encoded))
+        return NULL;
+    listing_t l = {0};
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = read_folder(PyBytes_AS_STRING(encoded), nofollow, &l);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        listing_free(&l);
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        Py_DECREF(encoded);
+        return NULL;
+    }
+    Py_DECREF(encoded);
+    PyObject *out = PyList_New((Py_ssize_t)l.count);
+    if (out == NULL) {
+        listing_free(&l);
+        return NULL;
+    }
+    for (size_t i = 0; i < l.count; i++) {
+        const struct stat *st = &l.items[i].st;
+        const char *n = l.names + l.items[i].name_at;
+        PyObject *row = Py_BuildValue(
+            "(NIKkIILLL)", PyUnicode_DecodeFSDefault(n), (unsigned int)st->st_mode,
+            (unsigned long long)st->st_ino, (unsigned long)st->st_nlink,
+            (unsigned int)st->st_uid, (unsigned int)st->st_gid, (long long)st->st_size,
+            (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
+            (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec);
+        if (row == NULL) {
+            Py_DECREF(out);
+            listing_free(&l);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, row);
+    }
+    listing_free(&l);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS,
+     "scan(path, nofollow=False) -> [(name, mode, ino, nlink, uid, gid, size, mtime_ns, ctime_ns)]: the "
+     "folder's entries and their lstat, read with the GIL released."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_scan", "A folder's entries with their lstat, in one call.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }

@@ -1,0 +1,63 @@
+"""The compiled folder listing (dotmesh.fs.scan) against os.lstat, on a real folder."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dotmesh.fs import scan
+
+
+def _expected(folder: Path) -> set[scan.Entry]:
+    return {scan.entry(de.name, de.stat(follow_symlinks=False)) for de in os.scandir(folder)}
+
+
+def test_listing_matches_lstat_for_every_kind_of_entry(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"x" * 5000)
+    (tmp_path / "empty").touch()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to("file")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    os.link(tmp_path / "file", tmp_path / "hard")
+    os.mkfifo(tmp_path / "fifo")
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \xff"  # not UTF-8: surrogateescape, as os does
+    with open(odd, "wb") as f:
+        f.write(b"latin-1 name")
+    os.utime(tmp_path / "file", ns=(1, -1_500_000_001))  # before 1970, odd nanoseconds
+    got = scan.listing(str(tmp_path), nofollow=False)
+    assert set(got) == _expected(tmp_path)
+    assert len(got) == 8
+    by_name = {e[0]: scan.Lstat._make(e) for e in got}
+    assert by_name["file"].st_mtime_ns == -1_500_000_001
+    assert by_name["hard"].st_nlink == 2 and stat.S_ISLNK(by_name["link"].st_mode)
+    assert os.fsencode("caf\udce9 \udcff") in {os.fsencode(n) for n in by_name}
+
+
+def test_a_large_folder_is_listed_whole(tmp_path: Path) -> None:
+    for i in range(3000):  # past the first growth of the entry and name buffers
+        (tmp_path / (f"{i:05d}-" + "n" * (i % 200))).touch()
+    assert set(scan.listing(str(tmp_path))) == _expected(tmp_path)
+
+
+def test_gone_or_not_a_folder_lists_nothing(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    assert scan.listing(str(tmp_path / "missing")) == []
+    assert scan.listing(str(tmp_path / "file")) == []
+
+
+def test_a_symlinked_folder_is_not_followed_unless_asked(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "inside").touch()
+    (tmp_path / "alias").symlink_to("real")
+    assert scan.listing(str(tmp_path / "alias")) == []  # a walk never leaves its subdot
+    assert [e[0] for e in scan.listing(str(tmp_path / "alias"), nofollow=False)] == ["inside"]
+
+
+def test_other_errors_raise_with_the_path(tmp_path: Path) -> None:
+    too_long = str(tmp_path / ("n" * 300))  # longer than a name may be: ENAMETOOLONG
+    with pytest.raises(OSError) as err:
+        scan.listing(too_long)
+    assert err.value.filename == too_long and not isinstance(err.value, FileNotFoundError)
