@@ -84,7 +84,9 @@ def context(pid: int) -> tuple[object, ...]:
 
 
 def serve(path: str) -> None:
-    """Listen at ``path`` until stopped (SIGTERM, SIGINT or ``dm daemon stop``)."""
+    """Listen at ``path`` until stopped (SIGTERM, SIGINT or ``dm daemon stop``). When dm's
+    code changes (an upgrade), the request that notices runs in its caller and the daemon
+    starts again in the same process, on the new code."""
     import fcntl
     import socket
     import threading
@@ -115,6 +117,7 @@ def serve(path: str) -> None:
     os.replace(staging, path)  # a dead daemon's socket is replaced whole
     ours = os.stat(path).st_ino
     started, served = time.time(), 0
+    restart = False
 
     def stop(_signum: int, _frame: object) -> None:
         raise SystemExit(0)
@@ -153,7 +156,8 @@ def serve(path: str) -> None:
                        else "another context" if context(caller) != ours_context else None)
                 if why is not None:
                     resident.send(conn, {"fallback": why})
-                    if stale:  # dm's code changed under us: make way for a fresh daemon
+                    if stale:  # dm's code changed under us (an upgrade): start it afresh
+                        restart = True
                         return
                     continue
                 resident.send(conn, {"fds": 3})
@@ -179,6 +183,8 @@ def serve(path: str) -> None:
             pass
         listener.close()
         os.close(lock)
+        if restart:  # the same process, the new code (the caller ran its command itself)
+            os.execv(sys.executable, [sys.executable, "-m", "dotmesh.cli.daemon_server", path])
 
 
 def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> None:
