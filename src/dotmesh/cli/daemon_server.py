@@ -184,7 +184,7 @@ def serve(path: str) -> None:
         listener.close()
         os.close(lock)
         if restart:  # the same process, the new code (the caller ran its command itself)
-            os.execv(sys.executable, [sys.executable, "-m", "dotmesh.cli.daemon_server", path])
+            os.execv(sys.executable, [sys.executable, "-m", __spec__.name, path])  # not __main__
 
 
 def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> None:
