@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dotmesh.cli import browse as cli_browse
 from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
@@ -298,25 +299,32 @@ def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
 
 
 @cli.command()
+@click.argument("ref", required=False)
 @click.option("-n", "--max-count", type=click.IntRange(min=0), default=None,
               help="Show at most N commits.")
+@click.option("--oneline", is_flag=True, help="One line a commit: short id and subject.")
 @json_flag
 @pass_ctx
-def log(c: Ctx, max_count: int | None, as_json: bool) -> None:
-    """Show the current branch's commits, newest first.
+def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, as_json: bool) -> None:
+    """Show the current branch's commits, newest first (or REF's: a branch, a commit).
 
     \b
     Example:  dm log -n 5
+              dm log --oneline experiment
     """
     from dotmesh.ops import history
 
     dot_name = c.home.require_current()
-    entries = list(history.log(c.home, dot_name, max_count))
+    entries = list(history.log(c.home, dot_name, max_count, ref or "HEAD"))
     if as_json:
         emit_json([_commit_json(oid, cm) for oid, cm in entries])
         return
     if not entries:
         click.echo("No commits yet: make one with dm commit -m MSG")
+    if oneline:
+        for oid, cm in entries:
+            click.echo(f"{oid.hex()[:12]} {safe(first_line(cm.message))}")
+        return
     for oid, cm in entries:
         click.echo(f"commit {oid.hex()}")
         click.echo(f"Author: {safe(cm.author)}")
@@ -365,22 +373,26 @@ def _report_stopped(stopped: Stopped) -> None:
 
 
 @cli.command()
-@click.option("-b", "create", is_flag=True, help="Create BRANCH at HEAD first.")
+@click.option("-b", "create", is_flag=True,
+              help="Create BRANCH first, at START (any commit, branch or HEAD~N; default HEAD).")
 @stop_writers_flag
 @click.argument("branch_name", metavar="BRANCH")
+@click.argument("start", metavar="[START]", required=False)
 @pass_ctx
-def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str) -> None:
+def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
+             start: str | None) -> None:
     """Switch the current dot to BRANCH; uncommitted changes stay with their branch.
 
     \b
     Example:  dm checkout -b experiment   # then later: dm checkout master
+              dm checkout -b bug-42 HEAD~3   # a branch at an older state
     """
     from dotmesh.ops import checkout as checkout_ops
 
     dot_name = c.home.require_current()
     with progress_bar("Checking out") as bar:
         changed, stopped = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar,
-                                                 stop_writers)
+                                                 stop_writers, start)
     _report_stopped(stopped)
     if not changed:
         click.echo(f"Already on {branch_name}")
@@ -797,6 +809,7 @@ cli_remote.register(cli)
 cli_hub.register(cli)
 cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
+cli_browse.register(cli)  # show, ls, cat
 
 
 # ------------------------------------------------------------------ the one error handler

@@ -47,10 +47,14 @@ class ResetResult:
 
 
 def checkout(home: Repo, dot: str, branch: str, create: bool = False,
-             progress: Progress | None = None, stop_writers: bool = False
-             ) -> tuple[bool, Stopped]:
-    """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped."""
+             progress: Progress | None = None, stop_writers: bool = False,
+             start: str | None = None) -> tuple[bool, Stopped]:
+    """Switch the dot to ``branch``; returns whether it moved, and the writers it stopped.
+    ``create``: make it first, at ``start`` (any ref of the dot; default HEAD)."""
     check_branch(branch)
+    if start is not None and not create:
+        raise UsageError(f"a start point ({start}) is for a new branch: dm checkout -b "
+                         f"{branch} {start}")
     with home.lock(dot, "checkout"):
         recover(home, dot)
         current = home.branch(dot)
@@ -61,19 +65,19 @@ def checkout(home: Repo, dot: str, branch: str, create: bool = False,
             home.head(dot, branch)
         else:
             home.check_new_branch(dot, branch)
+            at = home.resolve(dot, start) if start is not None else home.head(dot, current)
         with stopped_for_restore(home.stable_folders(dot), dot, stop_writers,
                                  "switching branches") as stopped:
             writer = home.packs.writer()
             if create:
                 # The branch exists only once its folders are built: a full disk leaves none.
-                head = home.head(dot, current)
                 home.drop_parked(dot, branch)
                 try:
-                    materialize(home, dot, branch, head, writer, progress)
+                    materialize(home, dot, branch, at, writer, progress)
                     with Tx(home.conn) as tx:
-                        home.add_branch(tx, dot, branch, head)
-                        home.log_ref(tx, dot, branch, "branch", None, head, None,
-                                     f"branched from {current}")
+                        home.add_branch(tx, dot, branch, at)
+                        home.log_ref(tx, dot, branch, "branch", None, at, None,
+                                     f"branched from {start or current}")
                 except BaseException:  # no row: the folders built for it go too
                     home.drop_parked(dot, branch)
                     raise

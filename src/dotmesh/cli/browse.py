@@ -1,0 +1,156 @@
+"""Commands that look inside any commit without moving a branch: ``dm show``, ``dm ls`` and
+``dm cat`` (the work is in ops/browse.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dotmesh.cli.context import Ctx, json_flag, pass_ctx
+from dotmesh.cli.render import emit_json, human_size, indented, iso, safe, table, when
+from dotmesh.errors import UsageError
+
+if TYPE_CHECKING:
+    from dotmesh.model.objects import Entry
+    from dotmesh.ops.browse import Shown
+
+_KIND = {"f": "file", "d": "folder", "l": "symlink"}
+
+
+def _shown_json(s: Shown) -> dict[str, Any]:
+    cm = s.commit
+    return {"id": s.id.hex(), "parents": [p.hex() for p in cm.parents], "author": cm.author,
+            "timestamp": iso(cm.timestamp_ns), "message": cm.message, "metadata": cm.metadata,
+            "freeze_ms": _freeze_ms(cm.metadata),
+            "subdots": {name: {"files": z.files, "bytes": z.bytes}
+                        for name, z in s.sizes.items()},
+            "changes": {"added": s.added, "removed": s.removed, "changed": s.changed,
+                        "bytes_added": s.bytes_added, "bytes_removed": s.bytes_removed}}
+
+
+def _freeze_ms(metadata: dict[str, str]) -> float | None:
+    try:
+        return float(metadata["dm.freeze_ms"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _entry_json(path: str, e: Entry) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": path, "kind": _KIND.get(e.kind, e.kind), "mode": e.mode,
+                           "uid": e.uid, "gid": e.gid, "mtime": iso(e.mtime_ns), "size": e.size}
+    if e.kind == "l":
+        out["target"] = e.ref
+    return out
+
+
+def _mode_text(e: Entry) -> str:
+    kind = {"d": stat.S_IFDIR, "l": stat.S_IFLNK}.get(e.kind, stat.S_IFREG)
+    return stat.filemode(kind | e.mode)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("ref", required=False)
+    @json_flag
+    @pass_ctx
+    def show(c: Ctx, ref: str | None, as_json: bool) -> None:
+        """Show a commit (default HEAD): who, when, why, its metadata and freeze, each
+        subdot's size, and what it changed against its parent.
+
+        \b
+        Example:  dm show HEAD^
+        """
+        from dotmesh.ops import browse
+
+        s = browse.show(c.home, c.home.require_current(), ref)
+        if as_json:
+            emit_json(_shown_json(s))
+            return
+        cm = s.commit
+        click.echo(f"commit {s.id.hex()}")
+        for p in cm.parents:
+            click.echo(f"Parent: {p.hex()}")
+        click.echo(f"Author: {safe(cm.author)}")
+        click.echo(f"Date:   {when(cm.timestamp_ns)}")
+        if "dm.freeze_ms" in cm.metadata:
+            click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
+                            f"({cm.metadata.get('dm.writers', '')})"))
+        for k, v in sorted(cm.metadata.items()):
+            if not k.startswith("dm."):
+                click.echo(f"        {safe(k)}={safe(v)}")
+        click.echo(f"\n{indented(cm.message)}\n")
+        table([[safe(name), f"{z.files:,}", human_size(z.bytes)]
+               for name, z in s.sizes.items()], ["SUBDOT", "FILES", "SIZE"])
+        against = "its parent" if cm.parents else "nothing (a first commit)"
+        click.echo(f"\nAgainst {against}: {s.added:,} added, {s.removed:,} removed, "
+                   f"{s.changed:,} changed (+{human_size(s.bytes_added)}, "
+                   f"-{human_size(s.bytes_removed)})")
+
+    @cli.command("ls")
+    @click.argument("where", metavar="[REF[:SUBDOT[/PATH]]]", required=False)
+    @click.option("-r", "--recursive", is_flag=True, help="Everything beneath, not one level.")
+    @json_flag
+    @pass_ctx
+    def ls_(c: Ctx, where: str | None, recursive: bool, as_json: bool) -> None:
+        """List what a commit holds: its subdots (REF alone, default HEAD), or a folder or
+        file in one (REF:SUBDOT/PATH), without checking anything out.
+
+        \b
+        Example:  dm ls HEAD~2:users-db/base
+        """
+        from dotmesh.ops import browse
+
+        dot = c.home.require_current()
+        at = browse.locate(c.home, dot, where)
+        if at.subdot is None:
+            sizes = {name: browse.subdot_size(c.home, root)
+                     for name, root in sorted(c.home.commit(at.commit).subdots.items())}
+            if as_json:
+                emit_json([{"subdot": n, "files": z.files, "bytes": z.bytes}
+                           for n, z in sizes.items()])
+                return
+            table([[safe(n), f"{z.files:,}", human_size(z.bytes)] for n, z in sizes.items()],
+                  ["SUBDOT", "FILES", "SIZE"])
+            return
+        entries = list(browse.listing(c.home, at, recursive))
+        if as_json:
+            emit_json([_entry_json(p, e) for p, e in entries])
+            return
+        for path, e in entries:
+            name = path if recursive or at.path == path else path.rpartition("/")[2]
+            target = e.ref if isinstance(e.ref, str) else ""
+            suffix = "/" if e.kind == "d" else f" -> {target}" if e.kind == "l" else ""
+            click.echo(f"{_mode_text(e)} {e.size:>12} {when(e.mtime_ns)}  "
+                       f"{safe(name)}{safe(str(suffix))}")
+
+    @cli.command()
+    @click.argument("where", metavar="REF:SUBDOT/PATH")
+    @pass_ctx
+    def cat(c: Ctx, where: str) -> None:
+        """Write a file of any commit to standard output, as it was committed (streamed,
+        every chunk checked against its id).
+
+        \b
+        Example:  dm cat HEAD^:uploads/logo.png > logo.png
+        """
+        from dotmesh.ops import browse
+
+        if ":" not in where:
+            raise UsageError(f"name a file as REF:SUBDOT/PATH, not {where!r}")
+        entry = browse.file_entry(c.home, browse.locate(c.home, c.home.require_current(), where))
+        out = sys.stdout.buffer
+        try:
+            for piece in browse.content(c.home, entry):
+                out.write(piece)
+            out.flush()
+        except BrokenPipeError:  # `dm cat ... | head`: the reader has all it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)  # nothing is left to flush at exit
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+
+__all__ = ["register"]

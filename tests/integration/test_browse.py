@@ -1,0 +1,111 @@
+"""Looking at old states without moving (issue 15): dm show, dm ls, dm cat, dm log REF
+--oneline and dm checkout -b NEW START, through the real dm command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import DM, DM_BIN, capture
+
+
+def _two_commits(dm: DM) -> tuple[str, str, bytes]:
+    dm.ok("init", "app")
+    db, up = dm.path("app.db"), dm.path("app.uploads")
+    (db / "base").mkdir()
+    big = os.urandom(3 << 20)  # many chunks: the stream goes through several batches
+    (db / "base" / "table").write_bytes(big)
+    (db / "PG_VERSION").write_text("15\n")
+    (db / "link").symlink_to("PG_VERSION")
+    (up / "logo.png").write_bytes(b"\x89PNG" + bytes(5000) + b"end")  # a hole in the middle
+    dm.ok("commit", "-m", "first state\n\nwith a body", "--metadata", "ticket=BUG-42")
+    (db / "base" / "table").write_bytes(big[:1000] + b"changed" + big[1007:])
+    (db / "new").write_text("row")
+    (up / "logo.png").unlink()
+    dm.ok("commit", "-m", "second")
+    log = json.loads(dm.ok("log", "--json"))
+    return log[1]["id"], log[0]["id"], big
+
+
+def test_show_ls_and_cat_read_any_commit_without_moving(dm: DM) -> None:
+    first, second, big = _two_commits(dm)
+    before = capture(dm.path("app.db"))
+
+    shown = json.loads(dm.ok("show", "HEAD^", "--json"))
+    assert shown["id"] == first and shown["parents"] == []
+    assert shown["metadata"] == {"ticket": "BUG-42"} and shown["message"].startswith("first")
+    assert shown["subdots"] == {"db": {"files": 2, "bytes": len(big) + 3},
+                                "uploads": {"files": 1, "bytes": 5007}}
+    assert shown["changes"]["added"] == 4 and shown["changes"]["removed"] == 0  # link too
+    now = json.loads(dm.ok("show", "--json"))
+    assert now["id"] == second and now["parents"] == [first]
+    assert (now["changes"]["added"], now["changes"]["removed"], now["changes"]["changed"]) == (
+        1, 1, 1)
+    text = dm.ok("show", first[:8])
+    assert "ticket=BUG-42" in text and "SUBDOT" in text and "4 added" in text
+
+    assert "uploads" in dm.ok("ls", "HEAD^") and "uploads" in dm.ok("ls")
+    top = {e["path"]: e for e in json.loads(dm.ok("ls", "HEAD^:db", "--json"))}
+    assert set(top) == {"base", "PG_VERSION", "link"}
+    assert top["link"]["kind"] == "symlink" and top["link"]["target"] == "PG_VERSION"
+    assert top["base"]["kind"] == "folder"
+    deep = [e["path"] for e in json.loads(dm.ok("ls", "-r", "HEAD^:db", "--json"))]
+    assert deep == ["PG_VERSION", "base", "base/table", "link"]
+    one = json.loads(dm.ok("ls", f"{first}:db/base/table", "--json"))
+    assert [(e["path"], e["size"]) for e in one] == [("base/table", len(big))]
+    assert "link -> PG_VERSION" in dm.ok("ls", "HEAD^:db")
+
+    got = subprocess.run([DM_BIN, "cat", "HEAD^:db/base/table"], env=dm.env,
+                         capture_output=True, check=True, stdin=subprocess.DEVNULL).stdout
+    assert got == big
+    logo = subprocess.run([DM_BIN, "cat", "HEAD~1:uploads/logo.png"], env=dm.env,
+                          capture_output=True, check=True, stdin=subprocess.DEVNULL).stdout
+    assert logo == b"\x89PNG" + bytes(5000) + b"end"
+    # A reader that stops early is no error.
+    head = subprocess.run(f"{DM_BIN} cat HEAD^:db/base/table | head -c 10", shell=True,
+                          env=dm.env, capture_output=True, stdin=subprocess.DEVNULL)
+    assert head.stdout == big[:10] and head.stderr == b""
+
+    assert capture(dm.path("app.db")) == before  # nothing moved
+    assert json.loads(dm.ok("log", "--json"))[0]["id"] == second
+
+
+def test_bad_places_are_one_line_errors(dm: DM) -> None:
+    _two_commits(dm)
+    for args, code, words in [
+        (("cat", "HEAD:db/base"), 2, "is a folder"),
+        (("cat", "HEAD:db/link"), 2, "symlink to 'PG_VERSION'"),
+        (("cat", "HEAD:uploads/logo.png"), 3, "no logo.png"),
+        (("cat", "HEAD:db/PG_VERSION/x"), 3, "not a folder"),
+        (("cat", "db/PG_VERSION"), 2, "REF:SUBDOT/PATH"),
+        (("cat", "HEAD:nope/x"), 3, "no subdot 'nope' (it has: db, uploads)"),
+        (("ls", "HEAD:db/../../etc"), 2, "no . or .."),
+        (("ls", "HEAD:"), 2, "names no subdot"),
+        (("ls", "nosuchref"), 3, "unknown ref"),
+        (("show", "HEAD~5"), 3, "goes back 5 commits"),
+    ]:
+        p = dm(*args)
+        assert p.returncode == code, (args, p.returncode, p.stderr)
+        assert words in p.stderr and len(p.stderr.splitlines()) == 1, (args, p.stderr)
+
+
+def test_log_of_a_ref_and_a_branch_started_at_an_old_commit(dm: DM) -> None:
+    first, second, big = _two_commits(dm)
+    lines = dm.ok("log", "--oneline").splitlines()
+    assert lines == [f"{second[:12]} second", f"{first[:12]} first state"]
+    dm.ok("checkout", "-b", "bug-42", "HEAD^")
+    assert dm.ok("log", "--oneline").splitlines() == [f"{first[:12]} first state"]
+    assert (dm.path("app.db") / "base" / "table").read_bytes() == big
+    assert not (dm.path("app.db") / "new").exists()
+    assert (dm.path("app.uploads") / "logo.png").exists()
+    dm.ok("checkout", "master")
+    assert (dm.path("app.db") / "new").read_text() == "row"
+    assert dm.ok("log", "--oneline", "bug-42").splitlines() == [f"{first[:12]} first state"]
+    reflog = json.loads(dm.ok("reflog", "--json"))
+    assert any(e["message"] == "branched from HEAD^" for e in reflog)
+    p = dm("checkout", "bug-42", first)
+    assert p.returncode == 2 and "for a new branch" in p.stderr
+    p = dm("checkout", "-b", "other", "nope")
+    assert p.returncode == 3 and "unknown ref" in p.stderr
+    assert "other" not in dm.ok("branch")
