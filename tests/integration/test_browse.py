@@ -109,3 +109,38 @@ def test_log_of_a_ref_and_a_branch_started_at_an_old_commit(dm: DM) -> None:
     p = dm("checkout", "-b", "other", "nope")
     assert p.returncode == 3 and "unknown ref" in p.stderr
     assert "other" not in dm.ok("branch")
+
+
+def test_status_tells_the_head_the_changes_and_the_writers(dm: DM) -> None:
+    dm.ok("init", "app")
+    db = dm.path("app.db")
+    assert "No commits yet" in dm.ok("status")
+    (db / "keep").write_text("k")
+    dm.ok("commit", "-m", "base state")
+    head = json.loads(dm.ok("log", "--json"))[0]["id"]
+    text = dm.ok("status")
+    assert text.splitlines()[:3] == [
+        "On dot app, branch master", text.splitlines()[1],
+        "Nothing to commit: the working state is the head's"]
+    assert text.splitlines()[1].startswith(f"HEAD {head[:12]} base state (")
+    for i in range(25):
+        (db / f"f{i:02d}").write_text("x" * i)
+    (db / "keep").unlink()
+    tails = [subprocess.Popen(["tail", "-f", str(db / "f00")], stdout=subprocess.DEVNULL)
+             for _ in range(2)]
+    try:
+        text = dm.ok("status")
+        assert "  db: 25 added, 1 removed, 0 changed" in text
+        assert "    + f00" in text and "    + f19" in text and "f20" not in text
+        assert "... and 6 more (dm diff)" in text  # f20-f24 and keep
+        assert "Writers: tail (2 processes)" in text
+        out = json.loads(dm.ok("status", "--json"))
+        assert out["head"] == head and out["state"] == "dirty" and len(out["changes"]) == 26
+        assert {"subdot": "db", "status": "removed", "path": "keep", "old_size": 1,
+                "new_size": 0} in out["changes"]
+        assert out["uncommitted"] == sum(range(25))
+        assert sorted(w["pid"] for w in out["writers"]) == sorted(t.pid for t in tails)
+    finally:
+        for t in tails:
+            t.kill()
+            t.wait()

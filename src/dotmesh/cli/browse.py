@@ -1,5 +1,5 @@
-"""Commands that look inside any commit without moving a branch: ``dm show``, ``dm ls`` and
-``dm cat`` (the work is in ops/browse.py)."""
+"""Commands that look without changing anything: ``dm status`` (the working state), and
+``dm show``, ``dm ls`` and ``dm cat`` (inside any commit; the work is in ops/browse.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
-from dotmesh.cli.render import emit_json, human_size, indented, iso, safe, table, when
+from dotmesh.cli.render import emit_json, first_line, human_size, indented, iso, safe, table, when
 from dotmesh.errors import UsageError
 
 if TYPE_CHECKING:
@@ -52,7 +52,79 @@ def _mode_text(e: Entry) -> str:
     return stat.filemode(kind | e.mode)
 
 
+STATUS_PATHS = 20  # changed paths shown per subdot (all of them under --json)
+
+
+def _writers_text(writers: list[Any]) -> str:
+    """``postgres (7 processes), redis-server (pid 12)``: one line however many there are."""
+    by_name: dict[str, list[int]] = {}
+    for w in writers:
+        by_name.setdefault(w.name, []).append(w.pid)
+    return ", ".join(f"{safe(n)} (pid {pids[0]})" if len(pids) == 1
+                     else f"{safe(n)} ({len(pids)} processes)" for n, pids in by_name.items())
+
+
 def register(cli: click.Group) -> None:
+    @cli.command()
+    @json_flag
+    @pass_ctx
+    def status(c: Ctx, as_json: bool) -> None:
+        """Show the current dot and branch, its head, what changed since (per subdot), who
+        writes to it, and an operation a kill left unfinished.
+
+        \b
+        Example:  dm status
+        """
+        from dotmesh.ops import dots as dot_ops
+
+        dot = c.home.require_current()
+        s = dot_ops.statuses(c.home, [dot])[0]
+        if as_json:
+            emit_json({"dot": s.name, "branch": s.branch,
+                       "head": s.head.hex() if s.head else None,
+                       "head_message": s.head_message, "state": s.state,
+                       "busy": {"pid": s.busy[0], "command": s.busy[1]} if s.busy else None,
+                       "uncommitted": s.uncommitted,
+                       "changes": [ch.__dict__ for ch in s.changes],
+                       "writers": [{"pid": w.pid, "name": w.name} for w in s.writers],
+                       "containers": [{"name": k.name, "state": k.state}
+                                      for k in s.containers]})
+            return
+        click.echo(f"On dot {safe(s.name)}, branch {safe(s.branch)}")
+        if s.head is None:
+            click.echo("No commits yet: make one with dm commit -m MSG")
+        else:
+            click.echo(f"HEAD {s.head.hex()[:12]} {safe(first_line(s.head_message or ''))} "
+                       f"({when(s.head_timestamp_ns)})")
+        if s.busy is not None:
+            click.echo(f"Busy: dm {s.busy[1] or '?'} (pid {s.busy[0]}) is working on it; "
+                       "run dm status again when it has finished")
+        elif s.state.startswith("unfinished"):
+            click.echo(f"An interrupted {s.state.removeprefix('unfinished ')} is unfinished: "
+                       "the next dm command that changes the dot finishes it (e.g. dm commit)")
+        elif s.state == "clean":
+            click.echo("Nothing to commit: the working state is the head's")
+        else:
+            click.echo(f"Changes since the head ({human_size(s.uncommitted or 0)} added or "
+                       "changed):")
+            marks = {"added": "+", "removed": "-", "changed": "M"}
+            by_sub: dict[str, list[Any]] = {}
+            for ch in s.changes:
+                by_sub.setdefault(ch.subdot, []).append(ch)
+            for sub, changes in by_sub.items():
+                count = {k: sum(1 for ch in changes if ch.status == k) for k in marks}
+                click.echo(f"  {safe(sub)}: {count['added']} added, {count['removed']} removed, "
+                           f"{count['changed']} changed")
+                for ch in changes[:STATUS_PATHS]:
+                    click.echo(f"    {marks[ch.status]} {safe(ch.path)}")
+                if len(changes) > STATUS_PATHS:
+                    click.echo(f"    ... and {len(changes) - STATUS_PATHS} more (dm diff)")
+        if s.writers:
+            click.echo(f"Writers: {_writers_text(s.writers)}")
+        if s.containers:
+            click.echo("Containers: " + ", ".join(f"{safe(k.name)} ({k.state})"
+                                                   for k in s.containers))
+
     @cli.command()
     @click.argument("ref", required=False)
     @json_flag

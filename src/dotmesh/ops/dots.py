@@ -117,6 +117,7 @@ class DotStatus:
     kept_states: int = 0  # commits whose folders a snapshot backend keeps as snapshots
     commits: int = 0  # in the current branch's history
     uncommitted: int | None = None  # bytes of files added or changed since the head
+    changes: list[history.Change] = field(default_factory=list)  # since the head, if dirty
 
 
 def statuses(home: Repo, dots: list[str] | None = None) -> list[DotStatus]:
@@ -156,6 +157,7 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
     dirty: bool | None = None
     size: int | None = None
     uncommitted: int | None = None
+    changes: list[history.Change] = []
     if state is None:
         snap = snapshot_dot(home, dot, None)
         dirty = is_dirty(snap.roots, c)
@@ -164,8 +166,9 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         uncommitted = 0
         if dirty:
             trees = {k: v for r in snap.results.values() for k, v in r.unstored_trees.items()}
-            uncommitted = history.uncommitted_bytes(history.changes_between(
-                home, dict(c.subdots) if c else {}, snap.roots, trees))
+            changes = history.changes_between(home, dict(c.subdots) if c else {}, snap.roots,
+                                              trees)
+            uncommitted = history.uncommitted_bytes(changes)
     return DotStatus(
         name=dot, current=home.current_dot() == dot, branch=branch, head=head,
         head_message=c.message if c else None, head_timestamp_ns=c.timestamp_ns if c else None,
@@ -177,4 +180,5 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
         remotes=config.remote_dots(home.conn, dot),
         backend=backend_of(home).name, kept_states=len(kept.kept_ids(home, dot)),
         commits=history.commit_count(home, head), uncommitted=uncommitted,
+        changes=changes,
     )
