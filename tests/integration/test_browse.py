@@ -144,3 +144,64 @@ def test_status_tells_the_head_the_changes_and_the_writers(dm: DM) -> None:
         for t in tails:
             t.kill()
             t.wait()
+
+
+def test_tags_name_states_anywhere_a_ref_goes_and_keep_them_from_gc(dm: DM) -> None:
+    first, second, big = _two_commits(dm)
+    assert "No tags yet" in dm.ok("tag")
+    dm.ok("tag", "bug-42", "HEAD^", "-m", "the table before the change")
+    tags = json.loads(dm.ok("tag", "--json"))
+    assert [(t["name"], t["commit"], t["message"], t["tagger"]) for t in tags] == [
+        ("bug-42", first, "the table before the change", "tester")]
+    assert json.loads(dm.ok("show", "bug-42", "--json"))["id"] == first
+    assert json.loads(dm.ok("log", "bug-42", "--json"))[0]["id"] == first
+    for args, code, words in [
+        (("tag", "bug-42"), 4, "already exists (dm tag -f moves it)"),
+        (("tag", "master"), 4, "is a branch"),
+        (("checkout", "-b", "bug-42"), 4, "is a tag"),
+        (("tag", "HEAD"), 2, "reserved"),
+        (("tag", "a/b"), 2, "tag name 'a/b' may only contain"),
+        (("tag", "x", "nope"), 3, "unknown ref 'nope': not HEAD, a branch, a tag or a commit"),
+        (("tag", "-d", "nope"), 3, "no tag 'nope'"),
+        (("tag", "-m", "why"), 2, "for making a tag"),
+    ]:
+        p = dm(*args)
+        assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
+    dm.ok("tag", "-f", "bug-42", "HEAD")
+    assert json.loads(dm.ok("tag", "--json"))[0]["commit"] == second
+
+    # A state only a tag reaches survives branch deletion, reflog expiry and gc.
+    dm.ok("checkout", "-b", "spike")
+    (dm.path("app.db") / "spike-only").write_bytes(b"s" * 70_000)
+    dm.ok("commit", "-m", "spike state")
+    spike = json.loads(dm.ok("log", "--json"))[0]["id"]
+    dm.ok("tag", "spike-state")
+    dm.ok("checkout", "master")
+    dm.ok("branch", "-D", "spike")
+    dm.ok("reflog", "expire", "--days", "0")
+    dm.ok("gc")
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]
+    got = subprocess.run([DM_BIN, "cat", "spike-state:db/spike-only"], env=dm.env,
+                         capture_output=True, check=True, stdin=subprocess.DEVNULL).stdout
+    assert got == b"s" * 70_000
+    dm.ok("checkout", "-b", "back", "spike-state")
+    assert (dm.path("app.db") / "spike-only").read_bytes() == got
+    assert json.loads(dm.ok("log", "--json"))[0]["id"] == spike
+    deleted = json.loads(dm.ok("tag", "-d", "bug-42", "--json"))
+    assert deleted == {"deleted": "bug-42", "commit": second}
+    assert [t["name"] for t in json.loads(dm.ok("tag", "--json"))] == ["spike-state"]
+
+
+def test_fsck_finds_a_tag_whose_commit_is_gone_and_repair_drops_it(dm: DM) -> None:
+    import sqlite3
+
+    _two_commits(dm)
+    dm.ok("tag", "good")
+    dm.ok("tag", "bad")
+    with sqlite3.connect(dm.home / "meta.db") as db:
+        db.execute("UPDATE tags SET commit_id=? WHERE name='bad'", (b"\x01" * 32,))
+    report = json.loads(dm("fsck", "--json").stdout)
+    assert not report["ok"] and any("tag bad of app" in p for p in report["problems"]), report
+    dm.ok("fsck", "--repair")
+    assert [t["name"] for t in json.loads(dm.ok("tag", "--json"))] == ["good"]
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]

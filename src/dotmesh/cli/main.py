@@ -16,6 +16,7 @@ from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
+from dotmesh.cli import tag as cli_tag
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import (
     emit_json,
@@ -810,6 +811,7 @@ cli_hub.register(cli)
 cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat
+cli_tag.register(cli)
 
 
 # ------------------------------------------------------------------ the one error handler

@@ -19,12 +19,12 @@ Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
 
 # Tables of rows that belong to one dot (column ``dot``), in the order fsck reports them.
 DOT_TABLES = ("subdots", "branches", "statcache", "swaps", "restores", "hooks", "mounts",
-              "dot_remotes", "remote_refs", "dot_options", "reflog")
+              "dot_remotes", "remote_refs", "dot_options", "reflog", "tags")
 
 # Tables a rebuild copies from a damaged meta.db; the object index is made again from the
 # packs, and stat caches and fingerprints are only caches.
 SALVAGED = ("meta", "dots", "subdots", "branches", "reflog", "hooks", "swaps", "remotes",
-            "dot_remotes", "remote_refs", "mounts", "restores", "fetched", "dot_options")
+            "dot_remotes", "remote_refs", "mounts", "restores", "fetched", "dot_options", "tags")
 
 
 # ------------------------------------------------------------------ the whole file
@@ -152,6 +152,16 @@ def restore_rows(conn: sqlite3.Connection) -> list[Row]:
 def remote_ref_rows(conn: sqlite3.Connection) -> list[Row]:
     """(rowid, dot, remote, branch, head) of every head last seen on a remote."""
     return conn.execute("SELECT rowid, dot, remote, branch, head FROM remote_refs").fetchall()
+
+
+def tag_rows(conn: sqlite3.Connection) -> list[Row]:
+    """(rowid, dot, name, commit) of every tag of every dot."""
+    return conn.execute("SELECT rowid, dot, name, commit_id FROM tags").fetchall()
+
+
+def drop_tag_row(conn: sqlite3.Connection, rowid: object) -> None:
+    """Forget a tag whose name is damaged or whose commit cannot be read."""
+    conn.execute("DELETE FROM tags WHERE rowid=?", (rowid,))
 
 
 def drop_remote_ref_row(conn: sqlite3.Connection, rowid: object) -> None:

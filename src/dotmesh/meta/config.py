@@ -11,7 +11,7 @@ Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
 
 # Tables of rows that belong to one dot (column ``dot``): a dot's delete forgets them all.
 PER_DOT = ("subdots", "branches", "statcache", "swaps", "hooks", "mounts", "dot_remotes",
-           "remote_refs", "reflog", "restores", "dot_options", "discarded")
+           "remote_refs", "reflog", "restores", "dot_options", "discarded", "tags")
 
 
 # ------------------------------------------------------------------ settings

@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS discarded (
     dot TEXT NOT NULL, name TEXT NOT NULL, branch TEXT NOT NULL, old BLOB, target BLOB NOT NULL,
     taken_ns INTEGER NOT NULL, seq INTEGER, author TEXT NOT NULL, message TEXT NOT NULL,
     PRIMARY KEY (dot, name));
+CREATE TABLE IF NOT EXISTS tags (
+    dot TEXT NOT NULL, name TEXT NOT NULL, commit_id BLOB NOT NULL, message TEXT NOT NULL,
+    tagger TEXT NOT NULL, ts_ns INTEGER NOT NULL, PRIMARY KEY (dot, name));
 CREATE TABLE IF NOT EXISTS mounts (
     dot TEXT NOT NULL, subdot TEXT NOT NULL, id TEXT NOT NULL, created_ns INTEGER NOT NULL,
     PRIMARY KEY (dot, subdot, id));
@@ -77,7 +80,7 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-SCHEMA_REVISION = 3  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
+SCHEMA_REVISION = 4  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> int:

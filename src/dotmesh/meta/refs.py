@@ -35,6 +35,22 @@ def head_row(conn: sqlite3.Connection, dot: str, branch: str) -> Row | None:
     return row
 
 
+def tag_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
+    """(name, commit, message, tagger, ts_ns) of each tag, by name (unchecked)."""
+    return conn.execute("SELECT name, commit_id, message, tagger, ts_ns FROM tags WHERE dot=? "
+                        "ORDER BY name", (dot,)).fetchall()
+
+
+def add_tag(conn: sqlite3.Connection, dot: str, name: str, commit: bytes, message: str,
+            tagger: str, ts_ns: int) -> None:
+    conn.execute("INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?)",
+                 (dot, name, commit, message, tagger, ts_ns))
+
+
+def delete_tag(conn: sqlite3.Connection, dot: str, name: str) -> bool:
+    return conn.execute("DELETE FROM tags WHERE dot=? AND name=?", (dot, name)).rowcount > 0
+
+
 def branch_exists(conn: sqlite3.Connection, dot: str, branch: str) -> bool:
     return head_row(conn, dot, branch) is not None
 
@@ -123,7 +139,7 @@ def drop_discarded(conn: sqlite3.Connection, dot: str, name: str) -> None:
 
 def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
     """(where, id as stored) of every commit a ref names, in every dot: branch heads, the
-    reflog's old, new and saved states, unfinished restores and heads seen on remotes.
+    reflog's old, new and saved states, unfinished restores, heads seen on remotes and tags.
     Unchecked (gc refuses a damaged one). Rows of deleted dots are included: gc keeps more,
     never less."""
     q = ("SELECT 'branch ' || dot || '@' || name, head FROM branches WHERE head IS NOT NULL "
@@ -134,6 +150,7 @@ def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
          "FROM restores UNION ALL SELECT dot, target FROM restores UNION ALL SELECT dot, "
          "saved FROM restores) WHERE x IS NOT NULL "
          "UNION ALL SELECT 'remote head of ' || dot, head FROM remote_refs "
+         "UNION ALL SELECT 'tag ' || dot || ':' || name, commit_id FROM tags "
          "UNION ALL SELECT 'discarded state of ' || dot, old FROM discarded "
          "WHERE old IS NOT NULL "
          "UNION ALL SELECT 'discarded state of ' || dot, target FROM discarded")

@@ -48,6 +48,14 @@ def check_branch(name: str) -> str:
     return name
 
 
+def check_tag(name: str) -> str:
+    """Tag names follow the branch rules (they are refs too)."""
+    check_name(name, "tag name")
+    if name == "HEAD":
+        raise InvalidName("'HEAD' is reserved and cannot be a tag name")
+    return name
+
+
 @dataclass(frozen=True)
 class VolumeName:
     """A parsed ``DOT[.SUBDOT]``."""

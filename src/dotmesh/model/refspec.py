@@ -1,4 +1,5 @@
-"""Ref syntax: ``HEAD``, ``HEAD^``, ``HEAD~3``, ``master^^``, ``ab12cd`` (a unique id prefix)."""
+"""Ref syntax: ``HEAD``, ``HEAD^``, ``HEAD~3``, ``master^^``, ``bug-42~1`` (a tag),
+``ab12cd`` (a unique id prefix)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def parse_ref(text: str) -> RefSpec:
     """Split ``text`` into base and ancestry depth; raise :class:`UsageError` on bad syntax."""
     m = re.match(r"[A-Za-z0-9_-]+", text)
     if not m:
-        raise UsageError(f"bad ref {text!r}: expected HEAD, a branch name or a commit id")
+        raise UsageError(f"bad ref {text!r}: expected HEAD, a branch, a tag or a commit id")
     base, rest, back = m.group(0), text[m.end():], 0
     pos = 0
     while pos < len(rest):

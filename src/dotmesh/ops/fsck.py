@@ -337,6 +337,15 @@ class _Fsck:
                              "read whole", f"dropped the unfinished restore of {dot} (its "
                              "folders stay as they are: dm reset --hard brings a state back)",
                              (refs.end_restore, (dot,)))
+        for rowid, dot, name, commit in check.tag_rows(c):
+            if dot not in dots:
+                continue
+            if not _name_ok(name, branch=True):
+                self.problem(f"dot {dot} has a tag with a bad name {str(name)[:40]!r}", None,
+                             (check.drop_tag_row, (rowid,)))
+            elif not _is_id(commit) or not self.commit(commit, f"{dot} tag {name}"):
+                self.problem(f"tag {name} of {dot} names a commit that cannot be read whole",
+                             f"dropped tag {name} of {dot}", (check.drop_tag_row, (rowid,)))
         for rowid, dot, remote, branch, head in check.remote_ref_rows(c):
             if dot not in dots:
                 continue

@@ -39,10 +39,21 @@ from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
-from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
+from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name, check_tag
 from dotmesh.model.objects import Commit
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
 from dotmesh.store.packs import PackStore
+
+
+@dataclass(frozen=True)
+class Tag:
+    """A name for a commit of a dot (``dm tag``): a state to come back to, kept by gc."""
+
+    name: str
+    commit: ObjectId
+    message: str
+    tagger: str
+    ts_ns: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,8 @@ def _named(value: object, what: str, dot: str) -> str:
     try:
         if what == "branch":
             return check_branch(value)  # type: ignore[arg-type]
+        if what == "tag":
+            return check_tag(value)  # type: ignore[arg-type]
         return check_name(value, f"{what} name")  # type: ignore[arg-type]
     except InvalidName:
         of = f" of dot {dot!r}" if dot else ""
@@ -389,6 +402,43 @@ class Repo:
         check_branch(branch)
         if refs.branch_exists(self.conn, dot, branch):
             raise AlreadyExists(f"branch {branch!r} already exists; use dm checkout {branch}")
+        if branch in self.tags(dot):
+            raise AlreadyExists(f"{branch!r} is a tag of dot {dot!r}: a branch of that name "
+                                "would hide it")
+
+    # ------------------------------------------------------------ tags
+    def tags(self, dot: str) -> dict[str, Tag]:
+        out = {}
+        for name, commit, message, tagger, ts_ns in refs.tag_rows(self.conn, dot):
+            name = _named(name, "tag", dot)
+            if not isinstance(commit, bytes) or len(commit) != ID_LEN:
+                raise Corrupt(f"tag {name!r} of dot {dot!r} is damaged in meta.db; run dm "
+                              "fsck --repair")
+            out[name] = Tag(name, ObjectId(commit), str(message), str(tagger), int(ts_ns))
+        return out
+
+    def add_tag(self, dot: str, name: str, commit: ObjectId, message: str, tagger: str,
+                force: bool = False) -> None:
+        """Name ``commit`` (which must be one of the dot's) ``name``; ``force``: move a tag
+        that exists. A branch's name cannot be a tag's: one would hide the other."""
+        check_tag(name)
+        if refs.branch_exists(self.conn, dot, name):
+            raise AlreadyExists(f"{name!r} is a branch of dot {dot!r}: a tag of that name "
+                                "would be hidden by it")
+        with Tx(self.conn) as c:
+            if name in self.tags(dot):
+                if not force:
+                    raise AlreadyExists(f"tag {name!r} already exists (dm tag -f moves it)")
+                refs.delete_tag(c, dot, name)
+            refs.add_tag(c, dot, name, commit, message, tagger, time.time_ns())
+
+    def delete_tag(self, dot: str, name: str) -> Tag:
+        tag = self.tags(dot).get(name)
+        if tag is None:
+            raise NotFound(f"dot {dot!r} has no tag {name!r} (dm tag lists them)")
+        with Tx(self.conn) as c:
+            refs.delete_tag(c, dot, name)
+        return tag
 
     def create_branch(self, dot: str, branch: str, head: ObjectId | None) -> None:
         """A new branch whose folders are built when it is checked out (what a killed
@@ -441,10 +491,12 @@ class Repo:
             oid = branches[spec.base]
             if oid is None:
                 raise NotFound(f"branch {spec.base!r} has no commit yet")
+        elif (tag := self.tags(dot).get(spec.base)) is not None:
+            oid = tag.commit
         elif looks_like_id_prefix(spec.base):
             oid = self._by_prefix(dot, spec.base)
         else:
-            raise NotFound(f"unknown ref {text!r}: not HEAD, a branch or a commit id")
+            raise NotFound(f"unknown ref {text!r}: not HEAD, a branch, a tag or a commit id")
         for i in range(spec.back):
             parents = self.commit(oid).parents
             if not parents:
@@ -461,8 +513,9 @@ class Repo:
         return hits.pop()
 
     def all_commits(self, dot: str) -> set[ObjectId]:
-        """Every commit reachable from the dot's branches and reflog."""
+        """Every commit reachable from the dot's branches, tags and reflog."""
         heads = [h for h in self.branches(dot).values() if h]
+        heads.extend(t.commit for t in self.tags(dot).values())
         heads.extend(ObjectId(x) for x in refs.logged_ids(self.conn, dot))
         heads.extend(self.remote_heads(dot).values())
         return set(walk_commits(self.packs.get, heads, missing_ok=True))

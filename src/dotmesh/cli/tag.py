@@ -1,0 +1,68 @@
+"""``dm tag``: names for states worth coming back to (``bug-42``), usable wherever a ref is."""
+
+from __future__ import annotations
+
+import click
+
+from dotmesh.cli.context import Ctx, json_flag, pass_ctx
+from dotmesh.cli.render import emit_json, first_line, iso, safe, table, when
+from dotmesh.errors import UsageError
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("name", required=False)
+    @click.argument("ref", required=False)
+    @click.option("-m", "--message", default="", help="Why this state matters.")
+    @click.option("-f", "--force", is_flag=True, help="Move NAME if it is a tag already.")
+    @click.option("-d", "--delete", is_flag=True, help="Delete the tag NAME (not its commit).")
+    @json_flag
+    @pass_ctx
+    def tag(c: Ctx, name: str | None, ref: str | None, message: str, force: bool,
+            delete: bool, as_json: bool) -> None:
+        """Name the commit REF (default HEAD) NAME, or with no NAME list the current dot's
+        tags. A tag works wherever a ref does (dm checkout -b fix bug-42, dm ls bug-42:db)
+        and keeps its commit from gc.
+
+        \b
+        Example:  dm tag bug-42 -m "the user who cannot log in"
+                  dm tag            # list them
+                  dm tag -d bug-42
+        """
+        from dotmesh.ops.commit import default_author
+
+        dot = c.home.require_current()
+        if delete:
+            if name is None or ref is not None:
+                raise UsageError("dm tag -d takes one tag name")
+            gone = c.home.delete_tag(dot, name)
+            if as_json:
+                emit_json({"deleted": name, "commit": gone.commit.hex()})
+            else:
+                click.echo(f"Deleted tag {name} (was {gone.commit.hex()[:12]})")
+            return
+        if name is None:
+            if message or force:
+                raise UsageError("-m and -f are for making a tag: dm tag NAME [REF]")
+            tags = c.home.tags(dot)
+            if as_json:
+                emit_json([{"name": t.name, "commit": t.commit.hex(), "message": t.message,
+                            "tagger": t.tagger, "timestamp": iso(t.ts_ns)}
+                           for t in tags.values()])
+                return
+            if not tags:
+                click.echo("No tags yet: name a state with dm tag NAME [REF]")
+                return
+            table([[safe(t.name), t.commit.hex()[:12], when(t.ts_ns),
+                    safe(first_line(t.message))] for t in tags.values()],
+                  ["TAG", "COMMIT", "TAGGED", "MESSAGE"])
+            return
+        commit = c.home.resolve(dot, ref or "HEAD")
+        c.home.add_tag(dot, name, commit, message, default_author(), force)
+        if as_json:
+            emit_json({"name": name, "commit": commit.hex()})
+        else:
+            click.echo(f"Tagged {commit.hex()[:12]} {name}")
+
+
+__all__ = ["register"]
