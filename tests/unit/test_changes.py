@@ -123,7 +123,11 @@ def test_update_from_events_equals_a_full_snapshot(tmp_path, store, first, round
             full = snapshot(top, store, None, {})
             assert prev.root == full.root
             assert prev.total_size == full.total_size
-            assert set(prev.cache) == set(full.cache)
+            # Files alike; folders' entries only where the pass listed them whole (the rest
+            # of a folder's rows is only as new as the change set: see snapshot._complete).
+            assert {k for k in prev.cache if not k.endswith(b"/")} == {
+                k for k in full.cache if not k.endswith(b"/")}
+            assert {k for k in prev.cache if k.endswith(b"/")} <= set(full.cache)
 
 
 def test_overflow_means_look_at_everything(tmp_path):

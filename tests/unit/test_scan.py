@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -27,8 +28,9 @@ def test_listing_matches_lstat_for_every_kind_of_entry(tmp_path: Path) -> None:
     with open(odd, "wb") as f:
         f.write(b"latin-1 name")
     os.utime(tmp_path / "file", ns=(1, -1_500_000_001))  # before 1970, odd nanoseconds
-    got = scan.listing(str(tmp_path), nofollow=False)
+    own, got = scan.listing(str(tmp_path), nofollow=False)
     assert set(got) == _expected(tmp_path)
+    assert own == scan.entry("", os.stat(tmp_path))  # the folder's own, named ""
     assert len(got) == 8
     by_name = {e[0]: scan.Lstat._make(e) for e in got}
     assert by_name["file"].st_mtime_ns == -1_500_000_001
@@ -39,21 +41,28 @@ def test_listing_matches_lstat_for_every_kind_of_entry(tmp_path: Path) -> None:
 def test_a_large_folder_is_listed_whole(tmp_path: Path) -> None:
     for i in range(3000):  # past the first growth of the entry and name buffers
         (tmp_path / (f"{i:05d}-" + "n" * (i % 200))).touch()
-    assert set(scan.listing(str(tmp_path))) == _expected(tmp_path)
+    assert set(scan.listing(str(tmp_path))[1]) == _expected(tmp_path)
 
 
 def test_gone_or_not_a_folder_lists_nothing(tmp_path: Path) -> None:
     (tmp_path / "file").touch()
-    assert scan.listing(str(tmp_path / "missing")) == []
-    assert scan.listing(str(tmp_path / "file")) == []
+    assert scan.listing(str(tmp_path / "missing")) == (None, [])
+    assert scan.listing(str(tmp_path / "file")) == (None, [])
 
 
 def test_a_symlinked_folder_is_not_followed_unless_asked(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "inside").touch()
     (tmp_path / "alias").symlink_to("real")
-    assert scan.listing(str(tmp_path / "alias")) == []  # a walk never leaves its subdot
-    assert [e[0] for e in scan.listing(str(tmp_path / "alias"), nofollow=False)] == ["inside"]
+    assert scan.listing(str(tmp_path / "alias")) == (None, [])  # a walk stays in its subdot
+    own, inside = scan.listing(str(tmp_path / "alias"), nofollow=False)
+    assert [e[0] for e in inside] == ["inside"] and own is not None
+    assert own[2] == os.stat(tmp_path / "real").st_ino  # the folder the link leads to
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(OSError) as err:  # not an empty folder: a loop is an error
+        scan.listing(str(tmp_path / "loop"), nofollow=False)
+    assert err.value.errno == errno.ELOOP
+    assert scan.listing(str(tmp_path / "loop")) == (None, [])
 
 
 def test_other_errors_raise_with_the_path(tmp_path: Path) -> None:

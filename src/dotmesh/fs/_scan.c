@@ -5,9 +5,11 @@
  * here the whole folder is read (readdir + fstatat) with the GIL released, so a thread can list
  * the next folder while Python compares the last one with the stat cache.
  *
- * scan(path, nofollow=False) -> list of (name, mode, ino, nlink, uid, gid, size, mtime_ns, ctime_ns)
- * Entries that vanish between readdir and fstatat are left out, as the Python fallback does;
- * a folder that is gone or not a folder raises FileNotFoundError / NotADirectoryError. Names
+ * scan(path, nofollow=False) -> (folder, entries): each one (name, mode, ino, nlink, uid, gid,
+ * size, mtime_ns, ctime_ns); the folder's own (named "") is taken with fstat before its entries
+ * are read, so a change made to it during the listing shows in its ctime. Entries that vanish
+ * between readdir and fstatat are left out; a folder that is gone or not a folder raises
+ * FileNotFoundError / NotADirectoryError (ELOOP when following a symlink loop). Names
  * are decoded as os.fsdecode does (surrogateescape). ``nofollow``: a symlink at ``path`` is not
  * followed (NotADirectoryError): a folder swapped for a link mid-walk never leads outside. */
 #define PY_SSIZE_T_CLEAN
@@ -39,10 +41,16 @@ static void listing_free(listing_t *l) {
 }
 
 /* 0, or an errno. Runs without the GIL. */
-static int read_folder(const char *path, int nofollow, listing_t *l) {
+static int read_folder(const char *path, int nofollow, struct stat *own, listing_t *l) {
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0));
     if (fd < 0)
-        return errno == ELOOP ? ENOTDIR : errno;
+        return errno == ELOOP && nofollow ? ENOTDIR : errno;
+    /* Before the entries: a change to the folder after this shows in its ctime. */
+    if (fstat(fd, own) != 0) {
+        int e = errno;
+        close(fd);
+        return e;
+    }
     DIR *d = fdopendir(fd);
     if (d == NULL) {
         int e = errno;
@@ -99,6 +107,16 @@ static int read_folder(const char *path, int nofollow, listing_t *l) {
     return err;
 }
 
+/* (name, mode, ino, nlink, uid, gid, size, mtime_ns, ctime_ns); steals ``name``. */
+static PyObject *entry(PyObject *name, const struct stat *st) {
+    return Py_BuildValue(
+        "(NIKkIILLL)", name, (unsigned int)st->st_mode, (unsigned long long)st->st_ino,
+        (unsigned long)st->st_nlink, (unsigned int)st->st_uid, (unsigned int)st->st_gid,
+        (long long)st->st_size,
+        (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
+        (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec);
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *arg, *encoded = NULL;
     int nofollow = 0;
@@ -107,9 +125,10 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     if (!PyUnicode_FSConverter(arg, &encoded))
         return NULL;
     listing_t l = {0};
+    struct stat own;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = read_folder(PyBytes_AS_STRING(encoded), nofollow, &l);
+    err = read_folder(PyBytes_AS_STRING(encoded), nofollow, &own, &l);
     Py_END_ALLOW_THREADS
     if (err) {
         listing_free(&l);
@@ -125,14 +144,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         return NULL;
     }
     for (size_t i = 0; i < l.count; i++) {
-        const struct stat *st = &l.items[i].st;
-        const char *n = l.names + l.items[i].name_at;
-        PyObject *row = Py_BuildValue(
-            "(NIKkIILLL)", PyUnicode_DecodeFSDefault(n), (unsigned int)st->st_mode,
-            (unsigned long long)st->st_ino, (unsigned long)st->st_nlink,
-            (unsigned int)st->st_uid, (unsigned int)st->st_gid, (long long)st->st_size,
-            (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec,
-            (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec);
+        PyObject *row = entry(PyUnicode_DecodeFSDefault(l.names + l.items[i].name_at),
+                              &l.items[i].st);
         if (row == NULL) {
             Py_DECREF(out);
             listing_free(&l);
@@ -141,13 +154,14 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyList_SET_ITEM(out, (Py_ssize_t)i, row);
     }
     listing_free(&l);
-    return out;
+    return Py_BuildValue("(NN)", entry(PyUnicode_FromString(""), &own), out);
 }
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
-     "scan(path, nofollow=False) -> [(name, mode, ino, nlink, uid, gid, size, mtime_ns, ctime_ns)]: the "
-     "folder's entries and their lstat, read with the GIL released."},
+     "scan(path, nofollow=False) -> (folder, [entry]), each (name, mode, ino, nlink, uid, "
+     "gid, size, mtime_ns, ctime_ns): the folder's fstat and its entries' lstat, read with "
+     "the GIL released."},
     {NULL, NULL, 0, NULL},
 };
 

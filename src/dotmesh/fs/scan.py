@@ -32,16 +32,18 @@ class Lstat(NamedTuple):
     st_ctime_ns: int
 
 
-def listing(path: str, nofollow: bool = True) -> list[Entry]:
-    """The entries of the folder ``path`` with their lstat, in directory order; entries that
-    vanish while it is listed are left out, and so is all of a folder that is gone, or is not
-    a folder any more (a running app removes files; a live commit's freeze pass sees the final
-    state). ``nofollow``: a symlink at ``path`` counts as not a folder, so a folder swapped for a
-    link during a walk never leads it outside. Other errors (permissions) raise OSError."""
+def listing(path: str, nofollow: bool = True) -> tuple[Entry | None, list[Entry]]:
+    """The folder ``path``'s own stat (taken before its entries: a change made to it while it
+    is listed shows in its ctime; its name is "") and its entries with their lstat, in
+    directory order. Entries that vanish while it is listed are left out, and a folder that is
+    gone, or is not a folder any more, is (None, []) (a running app removes files; a live
+    commit's freeze pass sees the final state). ``nofollow``: a symlink at ``path`` counts as
+    not a folder, so a folder swapped for a link during a walk never leads it outside. Other
+    errors (permissions, a symlink loop) raise OSError."""
     try:
         return _scan(path, nofollow)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return None, []
 
 
 def entry(name: str, st: os.stat_result) -> Entry:

@@ -6,16 +6,22 @@ trees, a file is its chunks streamed in order, so a 2 GiB file is never held in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
-from dotmesh.errors import Corrupt, NotFound, UsageError
+from dotmesh.errors import AlreadyExists, Corrupt, NotFound, UsageError
+from dotmesh.fs.btrfs import remove_tree
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, FILE, Commit, Entry, FileList, Root, Tree
 from dotmesh.model.trees import Step, walk_trees
 from dotmesh.ops.history import changes_between
 from dotmesh.store.repo import Repo
 
+Progress = Callable[[int], None]
 CAT_BATCH = 1024  # chunks located at once while a file streams out (about 8 MiB of pages)
 
 
@@ -184,5 +190,98 @@ def content(home: Repo, entry: Entry) -> Iterator[bytes | memoryview]:
             yield data
 
 
-__all__ = ["Shown", "SubdotSize", "Where", "content", "entry_at", "file_entry", "listing",
-           "locate", "show", "subdot_size"]
+def export(home: Repo, dot: str, ref: str, dest: Path, subdot: str | None = None,
+           progress: Progress | None = None) -> list[str]:
+    """Write the state ``ref`` names into ``dest`` (which must not exist, or be an empty
+    folder): one folder per subdot, or with ``subdot`` that subdot's files alone. Byte-exact,
+    holes stay holes, attributes as a restore applies them (a state from a remote as tar
+    treats a stranger's archive). Built beside ``dest`` and renamed into place, so a failure
+    leaves no half-written export. Returns the subdots written."""
+    from dotmesh.workdir.branches import backend_of, policy_for
+
+    oid = home.resolve(dot, ref)
+    roots = home.commit(oid).subdots
+    if subdot is not None and subdot not in roots:
+        raise NotFound(f"commit {oid.hex()[:12]} has no subdot {subdot!r} (it has: "
+                       f"{', '.join(sorted(roots)) or 'none'})")
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise AlreadyExists(f"{dest} exists and is not an empty folder: export into a new one")
+    if not dest.parent.is_dir():
+        raise NotFound(f"{dest.parent} is not a folder")
+    backend, policy = backend_of(home), policy_for(home, dot, oid)
+    building = dest.parent / f".{dest.name}.dm-export-{uuid.uuid4().hex[:8]}"
+    try:
+        if subdot is not None:
+            backend.build_aside(building, home.packs, roots[subdot], policy, progress)
+        else:
+            building.mkdir()
+            for name, root in sorted(roots.items()):
+                backend.build_aside(building / name, home.packs, root, policy, progress)
+        if dest.is_dir():
+            dest.rmdir()  # empty, as checked
+        os.rename(building, dest)
+    except BaseException:
+        remove_tree(building)
+        raise
+    return [subdot] if subdot is not None else sorted(roots)
+
+
+def tar_stream(home: Repo, dot: str, ref: str, out: BinaryIO, subdot: str | None = None
+               ) -> None:
+    """Write the state ``ref`` names to ``out`` as a tar stream (``SUBDOT/PATH`` names, or
+    ``PATH`` with ``subdot``), files read chunk by chunk; holes are written as zeros (a
+    stream cannot seek back to say where they are)."""
+    import tarfile
+
+    oid = home.resolve(dot, ref)
+    roots = home.commit(oid).subdots
+    if subdot is not None and subdot not in roots:
+        raise NotFound(f"commit {oid.hex()[:12]} has no subdot {subdot!r} (it has: "
+                       f"{', '.join(sorted(roots)) or 'none'})")
+    chosen = {subdot: roots[subdot]} if subdot is not None else dict(sorted(roots.items()))
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, root in chosen.items():
+            prefix = "" if subdot is not None else name + "/"
+            if prefix:
+                top = tarfile.TarInfo(name)
+                top.type, top.mode, top.mtime = tarfile.DIRTYPE, root.mode, root.mtime_ns / 1e9
+                top.uid, top.gid = root.uid, root.gid
+                tar.addfile(top)
+            where = Where(ref, oid, name, "")
+            for path, e in listing(home, where, recursive=True):
+                info = tarfile.TarInfo(prefix + path)
+                info.mode, info.uid, info.gid = e.mode, e.uid, e.gid
+                info.mtime = e.mtime_ns / 1e9
+                if e.kind == DIR:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif e.kind == FILE:
+                    info.size = e.size
+                    tar.addfile(info, _Reader(content(home, e)))
+                else:
+                    info.type, info.linkname = tarfile.SYMTYPE, str(e.ref)
+                    tar.addfile(info)
+
+
+class _Reader:
+    """A file object over a stream of pieces (what tarfile reads a member's data from)."""
+
+    def __init__(self, pieces: Iterator[bytes | memoryview]) -> None:
+        self.pieces, self.left = pieces, memoryview(b"")
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if not self.left:
+                nxt = next(self.pieces, None)
+                if nxt is None:
+                    break
+                self.left = memoryview(nxt)
+            take = len(self.left) if n < 0 else min(n - len(out), len(self.left))
+            out += self.left[:take]
+            self.left = self.left[take:]
+        return bytes(out)
+
+
+__all__ = ["Shown", "SubdotSize", "Where", "content", "entry_at", "export", "file_entry",
+           "listing", "locate", "show", "subdot_size", "tar_stream"]

@@ -53,7 +53,7 @@ DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compre
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
 AHEAD = 4  # folders a walk lists ahead of the one it compares with the cache
-LISTERS = 1  # threads listing them: the listing is system time, on every core
+NOT_REUSED = 1 << 62  # a "newest ctime" no folder entry's limit passes
 SMALL_BATCH = 4 << 20
 # A paged file whose changed blocks (by the reference's extent maps) come to at most this is
 # patched by one job; more, and it is read segment by segment on every core.
@@ -262,6 +262,18 @@ _tls = threading.local()
 _pool: ThreadPoolExecutor | None = None
 
 
+_walk_lister: ThreadPoolExecutor | None = None
+
+
+def _lister() -> ThreadPoolExecutor:
+    """The thread that lists folders for walks (one per process, started on first use: a
+    walk inside a freeze must not pay for starting one)."""
+    global _walk_lister
+    if _walk_lister is None:
+        _walk_lister = ThreadPoolExecutor(1, thread_name_prefix="dm-walk")
+    return _walk_lister
+
+
 def shared_pool() -> ThreadPoolExecutor:
     """One pool of WORKERS threads per process: starting threads inside a freeze costs time."""
     global _pool
@@ -333,9 +345,13 @@ class _Walk:
         self.reads: list[_File] = []
         self.linked: list[tuple[str, int]] = []  # (path, inode) of files with several links
         self.total = 0
-        self.dirs: dict[str, tuple[int, int]] = {}  # folder -> (ctime, inode), by its parent
-        # Folders listed whole with no file to read -> the newest ctime of their entries:
-        # those whose cached tree may still be theirs (see _reusable).
+        # Folders listed whole -> their (ctime, inode) as their own listing saw them (before
+        # reading their entries); their rows in their parents take its mode, owner and mtime.
+        self.dirs: dict[str, tuple[int, int]] = {}
+        self._dir_rows: dict[str, Row] = {}  # folder -> its row in its parent's rows
+        # Folders listed whole with no file to read, no empty file its entry does not match
+        # and no symlink -> the newest ctime of their entries: those whose cached tree may
+        # still be theirs (see _reusable).
         self.newest: dict[str, int] = {}
         self._newest = 0  # of the entries rows() was last given
 
@@ -348,29 +364,36 @@ class _Walk:
         one compares the last listed with the cache; they are taken in the order listed."""
         listed: list[str] = []
         todo = deque([rel])
-        ahead: deque[tuple[str, Future[list[Entry]]]] = deque()
-        with ThreadPoolExecutor(LISTERS, thread_name_prefix="dm-walk") as lister:
-            try:
-                while todo or ahead:
-                    while todo and len(ahead) < AHEAD:
-                        sub = todo.popleft()
-                        if self.watch is not None:
-                            self.watch(sub)  # before listing: a later change sends an event
-                        ahead.append((sub, lister.submit(
-                            scan.listing, os.path.join(self.top, sub), bool(sub))))
-                    if until_a_read and self.reads:
-                        break
-                    sub, listing = ahead.popleft()
-                    listed.append(sub)
-                    rows: list[Row] = []
-                    self.folders[sub] = rows
-                    reads = len(self.reads)
-                    todo.extend(self.rows(sub, listing.result(), rows))
-                    if len(self.reads) == reads:
-                        self.newest[sub] = self._newest
-            finally:
-                for _, listing in ahead:
-                    listing.cancel()
+        ahead: deque[tuple[str, Future[tuple[Entry | None, list[Entry]]]]] = deque()
+        lister = _lister()
+        try:
+            while todo or ahead:
+                while todo and len(ahead) < AHEAD:
+                    sub = todo.popleft()
+                    if self.watch is not None:
+                        self.watch(sub)  # before listing: a later change sends an event
+                    ahead.append((sub, lister.submit(
+                        scan.listing, os.path.join(self.top, sub), bool(sub))))
+                if until_a_read and self.reads:
+                    break
+                sub, listing = ahead.popleft()
+                listed.append(sub)
+                rows: list[Row] = []
+                self.folders[sub] = rows
+                reads = len(self.reads)
+                own, entries = listing.result()
+                todo.extend(self.rows(sub, entries, rows))
+                if own is None:  # gone since its parent was listed: listed empty
+                    continue
+                self.dirs[sub] = (own[8], own[2])
+                row = self._dir_rows.get(sub)
+                if row is not None:  # the folder as it is now, not as its parent saw it
+                    row[2], row[3], row[4], row[5] = own[1] & 0o7777, own[4], own[5], own[7]
+                if len(self.reads) == reads:
+                    self.newest[sub] = self._newest
+        finally:
+            for _, listing in ahead:
+                listing.cancel()
         return listed
 
     def rows(self, rel: str, entries: Iterable[Entry], rows: list[Row]) -> list[str]:
@@ -409,20 +432,22 @@ class _Walk:
                                             scan.Lstat._make(e), row))
                 else:  # nothing to read; cached all the same, for its inode (see update)
                     hits[key] = (0, mtime, ctime, ino, NO_CONTENT, 0)
+                    newest = NOT_REUSED  # not what its entry says: its folder's tree is made
             elif is_dir(mode):
-                rows.append([name, DIR, mode & 0o7777, uid, gid, mtime, 0, None, 0])
+                row = [name, DIR, mode & 0o7777, uid, gid, mtime, 0, None, 0]
+                rows.append(row)
                 subdirs.append(prefix + name)
-                self.dirs[prefix + name] = (ctime, ino)
+                self._dir_rows[prefix + name] = row
                 if ctime > newest:
                     newest = ctime
             elif is_lnk(mode):
                 try:
                     target = os.readlink(os.path.join(self.top, prefix + name))
-                except FileNotFoundError:
-                    continue  # removed since it was listed
+                except OSError:
+                    continue  # removed (or replaced by another kind) since it was listed
                 rows.append([name, SYMLINK, mode & 0o7777, uid, gid, mtime, 0, target, 0])
-                if ctime > newest:
-                    newest = ctime
+                newest = NOT_REUSED  # a symlink has no entry to check it by: its folder's tree
+                # is made each time (a tree cached later must not pass for an older copy's)
             # sockets, FIFOs and devices are not stored
         self._newest = newest
         return subdirs
@@ -456,27 +481,27 @@ def _walked(top: Path, store: PackStore, sink: _Sink, walk: _Walk, cache: StatCa
     (but for those the cache says are unchanged)."""
     result = SnapshotResult(Root(ObjectId(b""), 0, 0, 0, 0), walk.hits, folders=walk.folders,
                             linked={path for path, _ in walk.linked})
-    top_st = os.lstat(top)
-    reused = _reusable(walk, cache, store, (top_st.st_ctime_ns, top_st.st_ino))
+    # A copy's folders are new inodes (reflinks): none of its trees can be found in the cache.
+    reused = _reusable(walk, cache, store) if walk.stats is None else {}
     _complete(top, store, sink, walk, cache, progress, result, started,
               set(walk.folders) - reused.keys(), reference=reference, reused=reused)
     return result
 
 
-def _reusable(walk: _Walk, cache: StatCache, store: PackStore, top: tuple[int, int]
-              ) -> dict[str, ObjectId]:
+def _reusable(walk: _Walk, cache: StatCache, store: PackStore) -> dict[str, ObjectId]:
     """The folders of a whole walk whose trees are those their cache entries name: the
-    folder is the one the entry saw (ctime and inode: a name added, removed or renamed in it
-    changes its ctime), no entry in it changed since (each one's ctime is older than the
-    entry's snapshot; a file's content, mode or owner changes its ctime), none of its files
-    is to be read, and the same holds for every folder beneath it. A no-change commit of
-    200,000 files then encodes no tree at all."""
+    folder is the one the entry saw (its ctime and inode when its own listing began: a name
+    added, removed or renamed in it changes its ctime), each file in it matches its own cache
+    entry (none is to be read, no empty file differs), no entry in it changed since (each
+    one's ctime is older than the entry's snapshot; a file's content, mode or owner changes
+    its ctime), it has no symlink (which no entry vouches for), and the same holds for every
+    folder beneath it. A no-change commit of 200,000 files then encodes no tree at all."""
     candidates: dict[str, ObjectId] = {}
     for rel, newest in walk.newest.items():
         e = cache.get(folder_key(rel))
         if e is None or not e[5] & FOLDER:
             continue
-        ctime, ino = walk.dirs[rel] if rel else top
+        ctime, ino = walk.dirs[rel]
         if ctime == e[2] and ino == e[3] and newest < e[1] and ctime < e[1]:
             candidates[rel] = ObjectId(e[4])
     if not candidates:
@@ -644,7 +669,8 @@ def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: Stat
     reading happens now; :meth:`SnapshotResult.finish` does the rest after the thaw.
 
     ``reused``: the walk was whole, and these folders keep the trees named (the others are
-    ``dirty``); every folder gets its cache entry. Else only the ``dirty`` folders do.
+    ``dirty``); every folder gets its cache entry. Else (an update) the ``dirty`` folders
+    listed whole get theirs, and the other ``dirty`` ones lose theirs.
     """
     if walk.reads:
         _read_files(walk.reads, store, sink, hints, recent or {}, progress, result, reference)
@@ -673,14 +699,18 @@ def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: Stat
         root_tree = _store_trees(sink, result.folders, dirty, unchanged_root, reused or {})
         result.root = Root(root_tree, stat.S_IMODE(top_st.st_mode), top_st.st_uid,
                            top_st.st_gid, top_st.st_mtime_ns)
-        top_id = (top_st.st_ctime_ns, top_st.st_ino)
-        if reused is None:  # the folders looked at again; the others keep their entries
-            _cache_folders(cache, result.folders, dirty, root_tree, limit,
-                           lambda rel: _dir_id(top, rel, top_id))
+        if walk.stats is not None:
+            pass  # a copy's folders are new inodes: entries for them would never be used
+        elif reused is None:  # an update: of the folders looked at again, only those listed
+            # whole get entries (the rest of their rows are only as new as the change set)
+            whole = dirty & walk.dirs.keys()
+            for rel in dirty - whole:
+                cache.pop(folder_key(rel), None)
+            _cache_folders(cache, hints, result.folders, whole, root_tree, limit, walk)
         else:  # a reused folder keeps its entry as it was: a no-change commit saves no cache
             cache.update((folder_key(rel), hints[folder_key(rel)]) for rel in reused)
-            _cache_folders(cache, result.folders, result.folders.keys() - reused.keys(),
-                           root_tree, limit, lambda rel: walk.dirs[rel] if rel else top_id)
+            _cache_folders(cache, hints, result.folders, result.folders.keys() - reused.keys(),
+                           root_tree, limit, walk)
         result.unstored_trees = sink.trees
         result.deferred = sink.deferred
 
@@ -712,33 +742,30 @@ def _store_trees(sink: _Sink, folders: dict[str, list[Row]], dirty: set[str],
     return root_tree
 
 
-def _cache_folders(cache: StatCache, folders: dict[str, list[Row]], which: Iterable[str],
-                   root_tree: ObjectId, limit: int,
-                   dir_id: Callable[[str], tuple[int, int] | None]) -> None:
+def _cache_folders(cache: StatCache, old: StatCache, folders: dict[str, list[Row]],
+                   which: Iterable[str], root_tree: ObjectId, limit: int, walk: _Walk) -> None:
     """Give the folders ``which`` their cache entries: their trees, by their rows in their
-    parents, and their (ctime, inode) by ``dir_id`` (None: gone, no entry); see
-    :class:`~dotmesh.meta.statcache.CacheEntry`."""
+    parents, and their (ctime, inode) as their listing saw them (not listed: gone, no
+    entry); see :class:`~dotmesh.meta.statcache.CacheEntry`. An ``old`` entry that says the
+    same is kept as it is (it stays true) unless an entry in the folder changed past its
+    limit (a chmod to the same mode): a commit that changed nothing saves no cache."""
     trees: dict[str, object] = {"": root_tree.hex()}
     for parent in {rel.rpartition("/")[0] for rel in which if rel}:
         prefix = parent + "/" if parent else ""
         trees.update((prefix + str(r[0]), r[7]) for r in folders.get(parent, ()) if r[1] == DIR)
     for rel in which:
-        key, seen, tree = folder_key(rel), dir_id(rel), trees.get(rel)
+        key, seen, tree = folder_key(rel), walk.dirs.get(rel), trees.get(rel)
         if seen is None or not isinstance(tree, str):
             cache.pop(key, None)
             continue
-        cache[key] = (0, limit, seen[0], seen[1], bytes.fromhex(tree), FOLDER | HAS_CONTENT)
-
-
-def _dir_id(top: Path, rel: str, top_id: tuple[int, int]) -> tuple[int, int] | None:
-    """A folder's (ctime, inode), None if it is not one (any more)."""
-    if not rel:
-        return top_id
-    try:
-        st = os.lstat(os.path.join(top, rel))
-    except OSError:
-        return None
-    return (st.st_ctime_ns, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+        raw = bytes.fromhex(tree)
+        was = old.get(key)
+        newest = walk.newest.get(rel, 0)
+        if (was is not None and was[5] & FOLDER and (was[2], was[3], was[4]) == (*seen, raw)
+                and (newest < was[1] or newest == NOT_REUSED)):
+            cache[key] = was
+        else:
+            cache[key] = (0, limit, seen[0], seen[1], raw, FOLDER | HAS_CONTENT)
 
 
 def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
