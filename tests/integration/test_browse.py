@@ -205,3 +205,63 @@ def test_fsck_finds_a_tag_whose_commit_is_gone_and_repair_drops_it(dm: DM) -> No
     dm.ok("fsck", "--repair")
     assert [t["name"] for t in json.loads(dm.ok("tag", "--json"))] == ["good"]
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+def test_export_writes_any_state_byte_exact_into_a_new_folder_or_a_tar_stream(
+        dm: DM, tmp_path) -> None:
+    import tarfile
+
+    dm.ok("init", "app")
+    db, up = dm.path("app.db"), dm.path("app.uploads")
+    with open(db / "sparse", "wb") as f:  # 16 MiB with 5 bytes at the end: a hole
+        f.truncate(16 << 20)
+        f.seek((16 << 20) - 5)
+        f.write(b"tail!")
+    (db / "sub").mkdir(mode=0o750)
+    (db / "sub" / "rows").write_bytes(os.urandom(100_000))
+    (db / "sub" / "rows").chmod(0o600)
+    (db / "link").symlink_to("sub/rows")
+    (up / "a.txt").write_text("a")
+    dm.ok("commit", "-m", "to export")
+    wanted = {s: capture(dm.path(f"app.{s}")) for s in ("db", "uploads")}
+    (db / "sub" / "rows").write_bytes(b"changed")  # exports read the commit, not the folder
+    dm.ok("commit", "-m", "later")
+
+    out = tmp_path / "export"
+    assert "Exported HEAD^ (db, uploads)" in dm.ok("export", "HEAD^", str(out))
+    assert {s: capture(out / s) for s in ("db", "uploads")} == wanted
+    assert os.lstat(out / "db" / "sparse").st_blocks * 512 < (1 << 20)  # the hole stays one
+    one = tmp_path / "one"
+    one.mkdir()  # an empty folder will do
+    got = json.loads(dm.ok("export", "HEAD^", str(one), "--subdot", "db", "--json"))
+    assert got["subdots"] == ["db"] and capture(one) == wanted["db"]
+
+    tar_bytes = subprocess.run([DM_BIN, "export", "HEAD^", "--tar"], env=dm.env,
+                               capture_output=True, check=True, stdin=subprocess.DEVNULL).stdout
+    untar = tmp_path / "untar"
+    untar.mkdir()
+    tar = tmp_path / "state.tar"
+    tar.write_bytes(tar_bytes)
+    with tarfile.open(tar) as t:
+        assert sorted(t.getnames()) == ["db", "db/link", "db/sparse", "db/sub", "db/sub/rows",
+                                        "uploads", "uploads/a.txt"]
+        t.extractall(untar, filter="fully_trusted")
+    for s in ("db", "uploads"):  # tar keeps times as floats (and tar sets none on symlinks)
+        got_s = capture(untar / s)
+        assert {k: v[:4] + v[5:] for k, v in got_s.items() if v[0] != "l"} == {
+            k: v[:4] + v[5:] for k, v in wanted[s].items() if v[0] != "l"}
+        assert all(abs(int(got_s[k][4]) - int(v[4])) < 1000 for k, v in wanted[s].items()
+                   if v[0] != "l")  # within a microsecond
+        assert {k: v[1] for k, v in got_s.items() if v[0] == "l"} == {
+            k: v[1] for k, v in wanted[s].items() if v[0] == "l"}
+
+    for args, code, words in [
+        (("export", "HEAD", str(out)), 4, "exists and is not an empty folder"),
+        (("export", "HEAD", str(tmp_path / "x"), "--subdot", "nope"), 3, "no subdot 'nope'"),
+        (("export", "HEAD", str(tmp_path / "no" / "such")), 3, "is not a folder"),
+        (("export", "HEAD", str(tmp_path / "y"), "--tar"), 2, "give no DEST"),
+        (("export", "HEAD"), 2, "give a DEST"),
+    ]:
+        p = dm(*args)
+        assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
+    assert not [p for p in tmp_path.iterdir() if "dm-export" in p.name]  # nothing half-made

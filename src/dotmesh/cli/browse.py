@@ -1,17 +1,29 @@
 """Commands that look without changing anything: ``dm status`` (the working state), and
-``dm show``, ``dm ls`` and ``dm cat`` (inside any commit; the work is in ops/browse.py)."""
+``dm show``, ``dm ls``, ``dm cat`` and ``dm export`` (any commit; the work is in
+ops/browse.py)."""
 
 from __future__ import annotations
 
 import os
 import stat
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
-from dotmesh.cli.render import emit_json, first_line, human_size, indented, iso, safe, table, when
+from dotmesh.cli.render import (
+    emit_json,
+    first_line,
+    human_size,
+    indented,
+    iso,
+    progress_bar,
+    safe,
+    table,
+    when,
+)
 from dotmesh.errors import UsageError
 
 if TYPE_CHECKING:
@@ -223,6 +235,49 @@ def register(cli: click.Group) -> None:
             devnull = os.open(os.devnull, os.O_WRONLY)  # nothing is left to flush at exit
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
+
+
+    @cli.command()
+    @click.argument("ref")
+    @click.argument("dest", type=click.Path(path_type=Path), required=False)
+    @click.option("--subdot", default=None, help="Only this subdot, its files at the top.")
+    @click.option("--tar", "as_tar", is_flag=True,
+                  help="A tar stream on standard output instead of a folder.")
+    @json_flag
+    @pass_ctx
+    def export(c: Ctx, ref: str, dest: Path | None, subdot: str | None, as_tar: bool,
+               as_json: bool) -> None:
+        """Write the state REF names into DEST, a new folder: one folder per subdot (or
+        with --subdot, that subdot's files), byte-exact, holes kept. Nothing in the dot moves.
+
+        \b
+        Example:  dm export bug-42 /tmp/bug-42
+                  dm export HEAD~2 --subdot users-db --tar | tar -t
+        """
+        from dotmesh.ops import browse
+
+        dot = c.home.require_current()
+        if as_tar:
+            if dest is not None:
+                raise UsageError("--tar writes to standard output: give no DEST")
+            if sys.stdout.isatty():
+                raise UsageError("--tar writes a tar stream: redirect it to a file or a pipe")
+            try:
+                browse.tar_stream(c.home, dot, ref, sys.stdout.buffer, subdot)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            return
+        if dest is None:
+            raise UsageError("give a DEST folder to export into (or --tar)")
+        with progress_bar("Exporting") as bar:
+            written = browse.export(c.home, dot, ref, dest.absolute(), subdot, bar)
+        if as_json:
+            emit_json({"ref": ref, "dest": str(dest.absolute()), "subdots": written})
+        else:
+            click.echo(f"Exported {ref} ({', '.join(written) or 'no subdots'}) to {dest}")
 
 
 __all__ = ["register"]
