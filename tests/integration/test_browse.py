@@ -265,3 +265,68 @@ def test_export_writes_any_state_byte_exact_into_a_new_folder_or_a_tar_stream(
         p = dm(*args)
         assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
     assert not [p for p in tmp_path.iterdir() if "dm-export" in p.name]  # nothing half-made
+
+
+def test_mount_shows_any_commit_read_only_and_keeps_it_from_gc(dm: DM, tmp_path) -> None:
+    first, second, big = _two_commits(dm)
+    wanted = capture(dm.path("app.db"))
+    at_first, at_second = tmp_path / "first", tmp_path / "second"
+    at_first.mkdir()
+    at_second.mkdir()
+    out = json.loads(dm.ok("mount", "HEAD^", str(at_first), "--json"))
+    assert out["commit"] == first
+    try:
+        dm.ok("mount", "HEAD", str(at_second))  # several at once
+        assert sorted(os.listdir(at_first)) == ["db", "uploads"]
+        assert (at_first / "db" / "base" / "table").read_bytes() == big
+        with open(at_first / "db" / "base" / "table", "rb") as f:  # a read in the middle
+            f.seek(2 << 20)
+            assert f.read(10) == big[(2 << 20):(2 << 20) + 10]
+        assert os.readlink(at_first / "db" / "link") == "PG_VERSION"
+        assert (at_first / "uploads" / "logo.png").read_bytes() == (
+            b"\x89PNG" + bytes(5000) + b"end")
+        assert capture(at_second / "db") == {k: v for k, v in wanted.items() if k != "."} | {
+            ".": capture(at_second / "db")["."]}
+        st = os.lstat(at_second / "db" / "new")
+        assert st.st_mtime_ns == os.lstat(dm.path("app.db") / "new").st_mtime_ns
+        try:
+            (at_second / "db" / "new").write_text("no")
+            raise AssertionError("a mounted commit was written to")
+        except OSError as e:
+            assert e.errno == 30  # EROFS
+        listed = json.loads(dm.ok("mount", "--json"))
+        assert [(m["folder"], m["commit"], m["serving"]) for m in listed] == sorted(
+            [(str(at_first), first, True), (str(at_second), second, True)])
+
+        # gc keeps a mounted commit that nothing else reaches any more
+        dm.ok("checkout", "-b", "spike")
+        (dm.path("app.db") / "spike").write_bytes(os.urandom(50_000))
+        dm.ok("commit", "-m", "spike")
+        at_spike = tmp_path / "spike"
+        at_spike.mkdir()
+        dm.ok("mount", "spike", str(at_spike))
+        spike_bytes = (dm.path("app.db") / "spike").read_bytes()
+        dm.ok("checkout", "master")
+        dm.ok("branch", "-D", "spike")
+        dm.ok("reflog", "expire", "--days", "0")
+        dm.ok("gc")
+        assert (at_spike / "db" / "spike").read_bytes() == spike_bytes
+        p = dm("dot", "delete", "-f", "app")
+        assert p.returncode == 5 and "dm umount" in p.stderr
+        dm.ok("umount", str(at_spike))
+        assert os.listdir(at_spike) == []
+
+        for args, code, words in [
+            (("mount", "HEAD", str(at_first)), 4, "not empty"),
+            (("mount", "HEAD", str(tmp_path / "nope")), 3, "is not a folder"),
+            (("mount", "HEAD"), 2, "give the FOLDER"),
+            (("mount", "nosuch", str(at_spike)), 3, "unknown ref"),
+            (("umount", str(at_spike)), 3, "no commit is mounted"),
+        ]:
+            p = dm(*args)
+            assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
+    finally:
+        for folder in (at_first, at_second):
+            dm("umount", str(folder))
+    assert os.listdir(at_first) == [] and json.loads(dm.ok("mount", "--json")) == []
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]

@@ -280,4 +280,59 @@ def register(cli: click.Group) -> None:
             click.echo(f"Exported {ref} ({', '.join(written) or 'no subdots'}) to {dest}")
 
 
+    @cli.command()
+    @click.argument("ref", required=False)
+    @click.argument("folder", type=click.Path(path_type=Path), required=False)
+    @json_flag
+    @pass_ctx
+    def mount(c: Ctx, ref: str | None, folder: Path | None, as_json: bool) -> None:
+        """Mount the commit REF at FOLDER (an empty folder), read-only: every subdot a
+        folder, files read from the store as they are read. With no REF, list the mounts.
+        gc keeps a mounted commit; dm umount FOLDER ends it.
+
+        \b
+        Example:  mkdir /tmp/bug && dm mount bug-42 /tmp/bug && ls /tmp/bug/users-db
+        """
+        from dotmesh.server import mount as mount_server
+
+        if ref is None:
+            views = mount_server.mounted(c.home)
+            if as_json:
+                emit_json([{"folder": m.folder, "dot": m.dot, "commit": m.commit.hex(),
+                            "pid": m.pid, "serving": m.serving} for m in views])
+            elif not views:
+                click.echo("Nothing mounted: dm mount REF FOLDER")
+            else:
+                table([[safe(m.folder), safe(m.dot), m.commit.hex()[:12],
+                         "yes" if m.serving else "no (dm umount it)"] for m in views],
+                      ["FOLDER", "DOT", "COMMIT", "SERVING"])
+            return
+        if folder is None:
+            raise UsageError("give the FOLDER to mount on: dm mount REF FOLDER")
+        m = mount_server.start(c.home, c.home.require_current(), ref, folder)
+        if as_json:
+            emit_json({"folder": m.folder, "dot": m.dot, "commit": m.commit.hex(),
+                       "pid": m.pid})
+        else:
+            click.echo(f"Mounted {m.commit.hex()[:12]} ({ref}) at {m.folder}, read-only")
+
+    @cli.command()
+    @click.argument("folder", type=click.Path(path_type=Path))
+    @json_flag
+    @pass_ctx
+    def umount(c: Ctx, folder: Path, as_json: bool) -> None:
+        """Unmount a commit dm mount mounted (gc may collect it again).
+
+        \b
+        Example:  dm umount /tmp/bug
+        """
+        from dotmesh.server import mount as mount_server
+
+        m = mount_server.stop(c.home, folder)
+        if as_json:
+            emit_json({"folder": m.folder, "commit": m.commit.hex()})
+        else:
+            click.echo(f"Unmounted {m.commit.hex()[:12]} from {m.folder}")
+
+
 __all__ = ["register"]

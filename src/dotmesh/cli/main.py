@@ -810,7 +810,7 @@ cli_remote.register(cli)
 cli_hub.register(cli)
 cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
-cli_browse.register(cli)  # status, show, ls, cat, export
+cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
 
 

@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS discarded (
 CREATE TABLE IF NOT EXISTS tags (
     dot TEXT NOT NULL, name TEXT NOT NULL, commit_id BLOB NOT NULL, message TEXT NOT NULL,
     tagger TEXT NOT NULL, ts_ns INTEGER NOT NULL, PRIMARY KEY (dot, name));
+CREATE TABLE IF NOT EXISTS views (
+    dir TEXT PRIMARY KEY, dot TEXT NOT NULL, commit_id BLOB NOT NULL, pid INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS mounts (
     dot TEXT NOT NULL, subdot TEXT NOT NULL, id TEXT NOT NULL, created_ns INTEGER NOT NULL,
     PRIMARY KEY (dot, subdot, id));
@@ -80,7 +83,7 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-SCHEMA_REVISION = 4  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
+SCHEMA_REVISION = 5  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> int:

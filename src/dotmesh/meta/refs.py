@@ -51,6 +51,27 @@ def delete_tag(conn: sqlite3.Connection, dot: str, name: str) -> bool:
     return conn.execute("DELETE FROM tags WHERE dot=? AND name=?", (dot, name)).rowcount > 0
 
 
+def view_rows(conn: sqlite3.Connection, dot: str | None = None) -> list[Row]:
+    """(dir, dot, commit, pid, created_ns) of each commit mounted by ``dm mount``."""
+    if dot is None:
+        return conn.execute("SELECT dir, dot, commit_id, pid, created_ns FROM views "
+                            "ORDER BY dir").fetchall()
+    return conn.execute("SELECT dir, dot, commit_id, pid, created_ns FROM views WHERE dot=? "
+                        "ORDER BY dir", (dot,)).fetchall()
+
+
+def add_view(conn: sqlite3.Connection, folder: str, dot: str, commit: bytes, ts_ns: int) -> None:
+    conn.execute("INSERT INTO views VALUES (?, ?, ?, 0, ?)", (folder, dot, commit, ts_ns))
+
+
+def set_view_pid(conn: sqlite3.Connection, folder: str, pid: int) -> None:
+    conn.execute("UPDATE views SET pid=? WHERE dir=?", (pid, folder))
+
+
+def delete_view(conn: sqlite3.Connection, folder: str) -> None:
+    conn.execute("DELETE FROM views WHERE dir=?", (folder,))
+
+
 def branch_exists(conn: sqlite3.Connection, dot: str, branch: str) -> bool:
     return head_row(conn, dot, branch) is not None
 
@@ -139,7 +160,8 @@ def drop_discarded(conn: sqlite3.Connection, dot: str, name: str) -> None:
 
 def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
     """(where, id as stored) of every commit a ref names, in every dot: branch heads, the
-    reflog's old, new and saved states, unfinished restores, heads seen on remotes and tags.
+    reflog's old, new and saved states, unfinished restores, heads seen on remotes, tags and
+    mounted commits (dm mount).
     Unchecked (gc refuses a damaged one). Rows of deleted dots are included: gc keeps more,
     never less."""
     q = ("SELECT 'branch ' || dot || '@' || name, head FROM branches WHERE head IS NOT NULL "
@@ -151,6 +173,7 @@ def gc_roots(conn: sqlite3.Connection) -> list[tuple[str, object]]:
          "saved FROM restores) WHERE x IS NOT NULL "
          "UNION ALL SELECT 'remote head of ' || dot, head FROM remote_refs "
          "UNION ALL SELECT 'tag ' || dot || ':' || name, commit_id FROM tags "
+         "UNION ALL SELECT 'mounted view of ' || dot, commit_id FROM views "
          "UNION ALL SELECT 'discarded state of ' || dot, old FROM discarded "
          "WHERE old IS NOT NULL "
          "UNION ALL SELECT 'discarded state of ' || dot, target FROM discarded")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.fs import trash
-from dotmesh.meta import config
+from dotmesh.meta import config, refs
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import VolumeName, check_name
 from dotmesh.model.objects import is_dirty
@@ -79,6 +79,10 @@ def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Sto
     home.require_dot(dot)
     if not force:
         raise UsageError(f"deleting dot {dot!r} removes its data and history: add -f to confirm")
+    mounted = [str(r[0]) for r in refs.view_rows(home.conn, dot)]
+    if mounted:
+        raise Conflict(f"dot {dot!r} has a commit mounted at {mounted[0]}: dm umount "
+                       f"{mounted[0]} first")
     with home.lock(dot, "dot delete"):
         processes = find_writers(home.stable_folders(dot))
         containers = active_containers(dot)
