@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_small_runs_every_scenario(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--small",
-                        "--many-files", "5000", "--out", str(out)],
+                        "--size-mib", "48", "--many-files", "3000", "--out", str(out)],
                        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     result = json.loads(out.read_text())

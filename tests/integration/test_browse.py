@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import DM, DM_BIN, capture
 
 
@@ -267,6 +269,7 @@ def test_export_writes_any_state_byte_exact_into_a_new_folder_or_a_tar_stream(
     assert not [p for p in tmp_path.iterdir() if "dm-export" in p.name]  # nothing half-made
 
 
+@pytest.mark.slow  # three FUSE servers, a gc
 def test_mount_shows_any_commit_read_only_and_keeps_it_from_gc(dm: DM, tmp_path) -> None:
     first, second, big = _two_commits(dm)
     wanted = capture(dm.path("app.db"))
