@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,30 @@ def test_other_errors_raise_with_the_path(tmp_path: Path) -> None:
     with pytest.raises(OSError) as err:
         scan.listing(too_long)
     assert err.value.filename == too_long and not isinstance(err.value, FileNotFoundError)
+
+
+def test_a_forked_child_walks_with_threads_of_its_own(tmp_path: Path) -> None:
+    """The daemon forks a child per command: the walk's listing thread (made in the parent)
+    does not exist there, and must not be waited for."""
+    from dotmesh.workdir import snapshot
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("x")
+    snapshot._Walk(str(tmp_path), {}, None).tree("")  # the parent's thread exists now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports by its exit code
+        try:
+            walk = snapshot._Walk(str(tmp_path), {}, None)
+            walk.tree("")
+            os._exit(0 if sorted(walk.folders) == ["", "a"] else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError("the child's walk hung on its parent's thread")

@@ -282,6 +282,14 @@ def shared_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _forget_pools() -> None:
+    """In a forked child (the daemon's commands) the pools' threads do not exist: start anew."""
+    global _pool, _walk_lister
+    _pool = _walk_lister = None
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
