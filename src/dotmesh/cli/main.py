@@ -472,9 +472,14 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("refs", nargs=-1, metavar="[REF [REF]]")
 @click.option("--stat", "stat_only", is_flag=True, help="Only counts per subdot.")
+@click.option("--data", "data", is_flag=True,
+              help="What changed inside the data stores: Redis keys, SQLite rows and "
+                   "schema, text file lines.")
+@click.option("--subdot", default=None, help="With --data: only this subdot.")
 @json_flag
 @pass_ctx
-def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
+def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, data: bool, subdot: str | None,
+         as_json: bool) -> None:
     """Show files added, removed and changed, per subdot.
 
     With no REF: HEAD against the working state; one REF: REF against the working state;
@@ -482,6 +487,7 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
 
     \b
     Example:  dm diff HEAD^ HEAD --stat
+              dm diff --data HEAD^ HEAD   # keys and rows, not file names
     """
     from dotmesh.ops import history
 
@@ -490,6 +496,20 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, as_json: bool) -> None:
     dot_name = c.home.require_current()
     a = refs[0] if refs else None
     b = refs[1] if len(refs) > 1 else None
+    if subdot is not None and not data:
+        raise click.UsageError("--subdot goes with --data")
+    if data:
+        if stat_only:
+            raise click.UsageError("--stat and --data do not go together")
+        from dotmesh.cli.render import data_report
+        from dotmesh.ops import datadiff
+
+        reports = datadiff.diff_data(c.home, dot_name, a, b, subdot)
+        if as_json:
+            emit_json([r.to_json() for r in reports])
+        else:
+            data_report(reports)
+        return
     changes = history.diff(c.home, dot_name, a, b)
     stats: dict[str, dict[str, int]] = {}
     for ch in changes:

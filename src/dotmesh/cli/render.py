@@ -8,6 +8,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -107,3 +108,43 @@ def progress_bar(label: str, total: int | None = None) -> Iterator[Meter]:
                   console=Console(stderr=True), transient=True) as p:
         task = p.add_task(label, total=total)
         yield Meter(lambda n: p.advance(task, n), lambda n: p.update(task, total=n))
+
+
+def data_report(reports: list[Any]) -> None:
+    """``dm diff --data`` for people: per subdot, what changed in its store's terms."""
+    marks = {"added": "+", "removed": "-", "changed": "M"}
+    for r in reports:
+        click.echo(f"{safe(r.subdot)} ({r.kind})")
+        if r.note:
+            click.echo(f"  {safe(r.note)}")
+        quiet = True
+        for what, keys in r.keys.items():
+            for k in keys:
+                quiet = False
+                shown = (f"{safe(k['old'])} -> {safe(k['new'])}" if what == "changed"
+                         else safe(k["value"]))
+                click.echo(f"  {marks[what]} key {safe(k['key'])} ({k['type']}): {shown}")
+        for db in r.databases:
+            quiet = False
+            click.echo(f"  {safe(db['path'])}:")
+            for s in db["schema"]:
+                verb = "added" if s["old"] is None else "dropped" if s["new"] is None else "changed"
+                click.echo(f"    schema: {safe(s['name'])} {verb}")
+            for table, t in db["tables"].items():
+                click.echo(f"    table {safe(table)}: {t['added']} added, {t['removed']} "
+                           f"removed, {t['changed']} changed")
+                for what in ("added", "removed"):
+                    for row in t["first"][what]:
+                        click.echo(f"      {marks[what]} {safe(str(row))}")
+                for ch in t["first"]["changed"]:
+                    click.echo(f"      M {safe(str(ch['old']))} -> {safe(str(ch['new']))}")
+        if r.kind in ("files", "postgres"):
+            for f in r.files:
+                quiet = False
+                click.echo(f"  {marks[f['status']]} {safe(f['path'])}")
+        for text in r.text.values():
+            quiet = False
+            for line in text.splitlines():
+                click.echo(f"    {safe(line)}")
+        if quiet:
+            click.echo("  no changes")

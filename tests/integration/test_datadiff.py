@@ -1,0 +1,89 @@
+"""dm diff --data (issue 15): what changed inside Redis, SQLite and text files, with a real
+redis-server writing the data and dm reading each side on a throwaway server of its own."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from tests.conftest import DM
+from tests.integration.servers import Redis
+
+
+def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) -> None:
+    dm.ok("init", "app")
+    clicks, app, notes = (dm.path(f"app.{s}") for s in ("clicks-db", "app-db", "notes"))
+    redis = Redis(clicks, tmp_path / "redis.sock")
+    redis.start()
+    try:
+        redis.cli("SET", "clicks", "10")
+        redis.cli("SET", "banner", "hello")
+        redis.cli("RPUSH", "queue", "a", "b")
+        db = sqlite3.connect(app / "app.sqlite")
+        db.execute("PRAGMA journal_mode=WAL")  # a live commit catches the WAL: it is replayed
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("CREATE TABLE log (line TEXT)")  # no primary key: rows by their contents
+        db.executemany("INSERT INTO users VALUES (?, ?)", [(1, "ann"), (2, "bob"), (3, "cy")])
+        db.executemany("INSERT INTO log VALUES (?)", [("boot",)])
+        db.commit()
+        (notes / "todo.txt").write_text("one\ntwo\nthree\n")
+        (notes / "image.bin").write_bytes(bytes(range(256)))
+        dm.ok("commit", "-m", "before")
+
+        redis.cli("INCRBY", "clicks", "2")
+        redis.cli("DEL", "banner")
+        redis.cli("HSET", "session:9", "user", "bob")
+        db.execute("UPDATE users SET name='robert' WHERE id=2")
+        db.execute("DELETE FROM users WHERE id=3")
+        db.execute("INSERT INTO users VALUES (4, 'dee')")
+        db.execute("INSERT INTO log VALUES ('login bob')")
+        db.execute("CREATE INDEX users_name ON users (name)")
+        db.commit()
+        (notes / "todo.txt").write_text("one\n2\nthree\n")
+        dm.ok("commit", "-m", "after")
+        db.close()
+    finally:
+        redis.stop()
+
+    reports = {r["subdot"]: r for r in json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD",
+                                                        "--json"))}
+    assert {k: r["kind"] for k, r in reports.items()} == {
+        "clicks-db": "redis", "app-db": "sqlite", "notes": "files"}
+    keys = reports["clicks-db"]["keys"]
+    assert [(k["key"], k["type"], k["value"]) for k in keys["added"]] == [
+        ("session:9", "hash", "{b'user': b'bob'}")]
+    assert [(k["key"], k["value"]) for k in keys["removed"]] == [("banner", "hello")]
+    assert [(k["key"], k["old"], k["new"]) for k in keys["changed"]] == [("clicks", "10", "12")]
+
+    [sq] = reports["app-db"]["databases"]
+    assert sq["path"] == "app.sqlite"
+    users = sq["tables"]["users"]
+    assert (users["added"], users["removed"], users["changed"]) == (1, 1, 1)
+    assert users["first"]["added"] == [{"id": 4, "name": "dee"}]
+    assert users["first"]["removed"] == [{"id": 3, "name": "cy"}]
+    assert users["first"]["changed"] == [{"old": {"id": 2, "name": "bob"},
+                                          "new": {"id": 2, "name": "robert"}}]
+    assert sq["tables"]["log"]["added"] == 1 and sq["tables"]["log"]["removed"] == 0
+    assert [(s["name"], s["old"]) for s in sq["schema"]] == [("users_name", None)]
+
+    notes_report = reports["notes"]
+    assert [(f["status"], f["path"]) for f in notes_report["files"]] == [("changed", "todo.txt")]
+    assert "-two\n+2\n" in notes_report["text"]["todo.txt"]
+
+    text = dm.ok("diff", "--data", "HEAD^", "HEAD")
+    assert "clicks-db (redis)" in text and "M key clicks (string): 10 -> 12" in text
+    assert "table users: 1 added, 1 removed, 1 changed" in text and "-two" in text
+    only = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--subdot", "notes", "--json"))
+    assert [r["subdot"] for r in only] == ["notes"]
+    # The working state against HEAD (the servers' shutdown wrote their files since):
+    dm.ok("commit", "-m", "settled")
+    clean = json.loads(dm.ok("diff", "--data", "--json"))
+    assert all(not r["files"] and not r.get("databases") for r in clean)
+    assert all(not any(r.get("keys", {}).values()) for r in clean)
+    for args, code, words in [
+        (("diff", "--data", "--subdot", "nope"), 3, "no subdot 'nope'"),
+        (("diff", "--subdot", "notes"), 2, "--subdot goes with --data"),
+        (("diff", "--data", "--stat"), 2, "do not go together"),
+    ]:
+        p = dm(*args)
+        assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
