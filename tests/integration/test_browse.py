@@ -92,6 +92,7 @@ def test_bad_places_are_one_line_errors(dm: DM) -> None:
         assert words in p.stderr and len(p.stderr.splitlines()) == 1, (args, p.stderr)
 
 
+@pytest.mark.slow  # checkouts
 def test_log_of_a_ref_and_a_branch_started_at_an_old_commit(dm: DM) -> None:
     first, second, big = _two_commits(dm)
     lines = dm.ok("log", "--oneline").splitlines()
@@ -148,6 +149,7 @@ def test_status_tells_the_head_the_changes_and_the_writers(dm: DM) -> None:
             t.wait()
 
 
+@pytest.mark.slow  # branches, a gc
 def test_tags_name_states_anywhere_a_ref_goes_and_keep_them_from_gc(dm: DM) -> None:
     first, second, big = _two_commits(dm)
     assert "No tags yet" in dm.ok("tag")
@@ -209,6 +211,7 @@ def test_fsck_finds_a_tag_whose_commit_is_gone_and_repair_drops_it(dm: DM) -> No
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow  # three exports
 def test_export_writes_any_state_byte_exact_into_a_new_folder_or_a_tar_stream(
         dm: DM, tmp_path) -> None:
     import tarfile

@@ -4,10 +4,13 @@ redis-server writing the data and dm reading each side on a throwaway server of 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
+import pytest
+
 from tests.conftest import DM
-from tests.integration.servers import Redis
+from tests.integration.servers import Postgres, Redis, shared_tmp
 
 
 def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) -> None:
@@ -87,3 +90,54 @@ def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) 
     ]:
         p = dm(*args)
         assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)
+
+
+@pytest.mark.slow  # PostgreSQL three times
+def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
+    """Both commits are made while PostgreSQL runs (frozen mid-write): each side recovers on
+    its own export, never in the store."""
+    with shared_tmp() as top:
+        dm = DM(top / "home")
+        dm.ok("init", "app")
+        users = dm.path("app.users-db")
+        os.chmod(top / "home", 0o755)
+        pg = Postgres(users, top / "pgsock", 54341)
+        pg.initdb()
+        pg.start()
+        try:
+            pg.sql("CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL)")
+            pg.sql("CREATE TABLE visits (page text)")  # no primary key
+            pg.sql("INSERT INTO users VALUES (1, 'ann'), (2, 'bob'), (3, 'cy')")
+            pg.sql("INSERT INTO visits VALUES ('/'), ('/')")
+            dm.ok("commit", "-m", "three users")
+            pg.sql("UPDATE users SET name = 'robert' WHERE id = 2")
+            pg.sql("DELETE FROM users WHERE id = 3")
+            pg.sql("INSERT INTO users VALUES (4, 'dee')")
+            pg.sql("INSERT INTO visits VALUES ('/login')")
+            pg.sql("ALTER TABLE users ADD COLUMN email text")
+            pg.sql("CREATE INDEX users_name ON users (name)")
+            dm.ok("commit", "-m", "changed users")
+            files_before = json.loads(dm.ok("diff", "HEAD^", "HEAD", "--json"))
+        finally:
+            pg.stop()
+
+        [report] = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--subdot",
+                                    "users-db", "--json"))
+        assert report["kind"] == "postgres"
+        [db] = [d for d in report["databases"] if d["path"] == "postgres"]
+        t = db["tables"]["public.users"]
+        assert (t["added"], t["removed"], t["changed"]) == (1, 1, 2)  # email: a new column
+        assert t["first"]["added"] == [{"id": 4, "name": "dee", "email": None}]
+        assert t["first"]["removed"] == [{"id": 3, "name": "cy"}]
+        assert {"old": {"id": 2, "name": "bob"},
+                "new": {"id": 2, "name": "robert", "email": None}} in t["first"]["changed"]
+        v = db["tables"]["public.visits"]
+        assert (v["added"], v["removed"]) == (1, 0)
+        assert v["first"]["added"] == [{"page": "/login"}]
+        schema = {s["name"]: (s["old"], s["new"]) for s in db["schema"]}
+        assert schema["column public.users.email"] == (None, "text")
+        assert schema["index public.users_name"][0] is None
+        assert report["files"] == [f for f in files_before if f["subdot"] == "users-db"]
+        text = dm.ok("diff", "--data", "HEAD^", "HEAD")
+        assert "table public.users: 1 added, 1 removed, 2 changed" in text
+        assert json.loads(dm.ok("fsck", "--json"))["ok"]  # the store was only read
