@@ -140,4 +140,17 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
         assert report["files"] == [f for f in files_before if f["subdot"] == "users-db"]
         text = dm.ok("diff", "--data", "HEAD^", "HEAD")
         assert "table public.users: 1 added, 1 removed, 2 changed" in text
+
+        # A stranger's settings in the data directory are never read: they can name
+        # commands and libraries.
+        marker = top / "ran"
+        with open(users / "postgresql.conf", "a") as f:
+            f.write(f"\nrestore_command = 'touch {marker}'\narchive_mode = on\n"
+                    f"archive_command = 'touch {marker}'\n")
+        (users / "postgresql.auto.conf").write_text("shared_preload_libraries = 'evil'\n")
+        (users / "recovery.signal").touch()
+        dm.ok("commit", "-m", "hostile settings")
+        [again] = json.loads(dm.ok("diff", "--data", "HEAD~2", "HEAD", "--subdot",
+                                   "users-db", "--json"))
+        assert "public.users" in again["databases"][0]["tables"] and not marker.exists()
         assert json.loads(dm.ok("fsck", "--json"))["ok"]  # the store was only read

@@ -2,8 +2,11 @@
 
 "base/16384/2619 changed" says nothing to a person; "key clicks: 10 -> 12" does. Each side is
 exported to a temporary folder (never the dot's own folders), and read the way its store
-reads it: a Redis folder by a throwaway redis-server on a private socket, SQLite files with
-sqlite3 (on the copy, so a WAL a live commit caught is replayed there). Any other folder gets
+reads it: a Redis folder by a throwaway redis-server on a private socket (as nobody when dm
+runs as root), a PostgreSQL data directory by a throwaway postmaster run as its owner with
+settings of dm's own (the copy's may come from a stranger and can name commands and
+libraries), SQLite files with sqlite3 (on the copy, so a WAL a live commit caught is
+replayed there). Any other folder gets
 the file-level diff, with a unified diff of small text files. What a subdot holds is told by
 its files (see :func:`kind_of`). Servers started here are always stopped, on Ctrl-C too.
 """
@@ -147,12 +150,24 @@ def _redis(folder: Path) -> Iterator[Any]:
     if not any((folder / n).exists() for n in ("appendonlydir", "appendonly.aof", "dump.rdb")):
         yield None
         return
-    sock = folder.parent / f"{folder.name}.sock"
+    sock = folder / "dm-diff.sock"
     aof = (folder / "appendonlydir").exists() or (folder / "appendonly.aof").exists()
+    user = group = None
+    if os.geteuid() == 0:  # a stranger's data is not parsed as root: as nobody, on the copy
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        user, group = nobody.pw_uid, nobody.pw_gid
+        for dirpath, dirs, files in os.walk(folder):
+            for name in (".", *dirs, *files):
+                os.lchown(os.path.join(dirpath, name), user, group)
+        for p in (folder.parent.parent, folder.parent):  # nobody must reach the copy
+            p.chmod(p.stat().st_mode | 0o711)
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(folder), "--appendonly", "yes" if aof else "no", "--save", "",
          "--aof-load-truncated", "yes", "--daemonize", "no", "--logfile", ""],
+        user=user, group=group, extra_groups=[] if user is not None else None,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         client = redis.Redis(unix_socket_path=str(sock))
@@ -318,17 +333,20 @@ def _postgres(folder: Path) -> Iterator[Any]:
     work = folder.parent / f"{folder.name}.pg"
     work.mkdir(mode=0o700)
     os.chown(work, owner, -1)
-    (work / "hba.conf").write_text("local all all trust\n")
-    os.chown(work / "hba.conf", owner, -1)
-    (folder / "postmaster.pid").unlink(missing_ok=True)  # the copy's server is not running
+    # The commit's own settings are never read: they may come from a stranger, and settings
+    # can name commands (restore_command, archive_command) and libraries to load.
+    for name, text in (("hba.conf", "local all all trust\n"), ("ident.conf", ""),
+                       ("postgresql.conf", _PG_CONF.format(work=work))):
+        (work / name).write_text(text)
+        os.chown(work / name, owner, -1)
+    for name in ("postmaster.pid", "postgresql.auto.conf", "recovery.signal",
+                 "standby.signal"):  # the copy's server is not running; crash recovery only
+        (folder / name).unlink(missing_ok=True)
     for p in (folder.parent.parent, folder.parent):  # the owner must reach its folders
         p.chmod(p.stat().st_mode | 0o711)
     log = open(work / "log", "wb")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [str(binary), "-D", str(folder), "-k", str(work), "-p", "5432",
-         "-c", "listen_addresses=", "-c", f"hba_file={work / 'hba.conf'}",
-         "-c", "fsync=off", "-c", "logging_collector=off", "-c", "archive_mode=off",
-         "-c", "max_wal_senders=0", "-c", "wal_level=minimal", "-c", "hot_standby=off"],
+        [str(binary), "-D", str(folder), "-c", f"config_file={work / 'postgresql.conf'}"],
         user=owner if os.geteuid() == 0 else None,
         group=folder.stat().st_gid if os.geteuid() == 0 else None,
         extra_groups=[] if os.geteuid() == 0 else None, stdout=log, stderr=log,
@@ -375,6 +393,25 @@ def _postgres(folder: Path) -> Iterator[Any]:
                 proc.kill()
                 proc.wait()
 
+
+_PG_CONF = """# dm diff --data: a throwaway server on a copy, reachable only through its socket
+listen_addresses = ''
+port = 5432
+unix_socket_directories = '{work}'
+unix_socket_permissions = 0700
+hba_file = '{work}/hba.conf'
+ident_file = '{work}/ident.conf'
+fsync = off
+full_page_writes = off
+logging_collector = off
+archive_mode = off
+max_wal_senders = 0
+wal_level = minimal
+shared_preload_libraries = ''
+session_preload_libraries = ''
+local_preload_libraries = ''
+jit = off
+"""
 
 _TABLES = """
 SELECT n.nspname, c.relname,
