@@ -153,4 +153,9 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
         [again] = json.loads(dm.ok("diff", "--data", "HEAD~2", "HEAD", "--subdot",
                                    "users-db", "--json"))
         assert "public.users" in again["databases"][0]["tables"] and not marker.exists()
+        (users / "PG_VERSION").write_text("15/../../../../tmp/x\n")  # a path to a binary
+        dm.ok("commit", "-m", "a version that is a path")
+        p = dm("diff", "--data", "HEAD^", "HEAD", "--subdot", "users-db")
+        assert p.returncode != 0 and "not a PostgreSQL version" in p.stderr, p.stderr
+        assert len(p.stderr.splitlines()) == 1
         assert json.loads(dm.ok("fsck", "--json"))["ok"]  # the store was only read

@@ -319,11 +319,25 @@ def _postgres(folder: Path) -> Iterator[Any]:
     if not (folder / "PG_VERSION").is_file():
         yield None
         return
-    version = (folder / "PG_VERSION").read_text().strip()
+    version = (folder / "PG_VERSION").read_text(errors="replace").strip()
+    if not version.isascii() or not version.isdigit() or len(version) > 3:
+        raise DotmeshError(f"PG_VERSION says {version[:20]!r}, not a PostgreSQL version")
     binary = Path(f"/usr/lib/postgresql/{version}/bin/postgres")
     if not binary.is_file():
         raise DotmeshError(f"dm diff --data needs PostgreSQL {version} (no {binary})")
-    owner = folder.stat().st_uid
+    owner, group = folder.stat().st_uid, folder.stat().st_gid
+    if os.geteuid() == 0:  # the copy is read by the postgres service user, whoever owned it
+        import pwd
+
+        try:
+            service = pwd.getpwnam("postgres")
+        except KeyError:
+            service = None
+        if service is not None:
+            owner, group = service.pw_uid, service.pw_gid
+            for dirpath, dirs, files in os.walk(folder):
+                for name in (".", *dirs, *files):
+                    os.lchown(os.path.join(dirpath, name), owner, group)
     if owner == 0:
         raise DotmeshError("the data directory is owned by root, and postgres refuses to run "
                            "as root")
@@ -348,7 +362,7 @@ def _postgres(folder: Path) -> Iterator[Any]:
     proc = subprocess.Popen(
         [str(binary), "-D", str(folder), "-c", f"config_file={work / 'postgresql.conf'}"],
         user=owner if os.geteuid() == 0 else None,
-        group=folder.stat().st_gid if os.geteuid() == 0 else None,
+        group=group if os.geteuid() == 0 else None,
         extra_groups=[] if os.geteuid() == 0 else None, stdout=log, stderr=log,
         stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
