@@ -109,7 +109,10 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
             pg.sql("CREATE TABLE visits (page text)")  # no primary key
             pg.sql("INSERT INTO users VALUES (1, 'ann'), (2, 'bob'), (3, 'cy')")
             pg.sql("INSERT INTO visits VALUES ('/'), ('/')")
+            sneaky = f"a\" (id int); COPY (SELECT 1) TO PROGRAM 'touch {top / 'ran-sql'}'; --"
+            pg.sql(f'CREATE TABLE "{sneaky.replace(chr(34), chr(34) * 2)}" (id int PRIMARY KEY)')
             dm.ok("commit", "-m", "three users")
+            pg.sql(f'INSERT INTO "{sneaky.replace(chr(34), chr(34) * 2)}" VALUES (7)')
             pg.sql("UPDATE users SET name = 'robert' WHERE id = 2")
             pg.sql("DELETE FROM users WHERE id = 3")
             pg.sql("INSERT INTO users VALUES (4, 'dee')")
@@ -131,6 +134,9 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
         assert t["first"]["removed"] == [{"id": 3, "name": "cy"}]
         assert {"old": {"id": 2, "name": "bob"},
                 "new": {"id": 2, "name": "robert", "email": None}} in t["first"]["changed"]
+        odd = next(k for k in db["tables"] if k.startswith('public.a"'))  # cut at 63 bytes
+        assert db["tables"][odd]["first"]["added"] == [{"id": 7}]
+        assert not (top / "ran-sql").exists()  # a name from the data is only ever a name
         v = db["tables"]["public.visits"]
         assert (v["added"], v["removed"]) == (1, 0)
         assert v["first"]["added"] == [{"page": "/login"}]

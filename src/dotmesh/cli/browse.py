@@ -114,8 +114,10 @@ def register(cli: click.Group) -> None:
         elif s.state.startswith("unfinished"):
             click.echo(f"An interrupted {s.state.removeprefix('unfinished ')} is unfinished: "
                        "the next dm command that changes the dot finishes it (e.g. dm commit)")
-        elif s.state == "clean":
+        elif s.state == "clean" and s.head is not None:
             click.echo("Nothing to commit: the working state is the head's")
+        elif s.state == "clean":
+            pass  # no commit, no files: "No commits yet" said it all
         else:
             click.echo(f"Changes since the head ({human_size(s.uncommitted or 0)} added or "
                        "changed):")

@@ -60,11 +60,11 @@ def _describe(p: gc_ops.Plan) -> str:
 def gc(c: Ctx, dry_run: bool, repack_below: int, as_json: bool) -> None:
     """Free the space of objects no ref reaches any more, and what killed commands left.
 
-    Everything reachable from a branch, the reflog, an unfinished restore, a remote's last
-    seen head, a kept snapshot or a stat cache stays. dm gc needs the store to itself: it is
-    refused (exit 6) while another dm command changes a dot, and commands that change a dot
-    are refused while it runs; reads (log, diff, branch, list) go on. Killed at any moment,
-    it loses nothing; run it again to finish.
+    Everything reachable from a branch, a tag, a mounted commit (dm mount), the reflog, an
+    unfinished restore, a remote's last seen head, a kept snapshot or a stat cache stays.
+    dm gc needs the store to itself: it is refused (exit 6) while another dm command changes
+    a dot, and commands that change a dot are refused while it runs; reads (log, diff,
+    branch, list) go on. Killed at any moment, it loses nothing; run it again to finish.
 
     \b
     Example:  dm gc --dry-run

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import time
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from psycopg import sql
 
 from dotmesh.errors import DotmeshError, NotFound
 from dotmesh.ops import browse, history
@@ -64,12 +67,37 @@ class Report:
         return out
 
 
+def _regular(path: Path) -> bool:
+    """A regular file, not through a symlink (a commit's symlinks may point anywhere)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_small(path: Path, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a regular file, never through a symlink; None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+REDIS_FILES = ("appendonlydir", "appendonly.aof", "dump.rdb")
+
+
 def kind_of(folder: Path) -> str:
     """What a subdot folder holds: PostgreSQL (PG_VERSION), Redis (an AOF or dump.rdb),
     SQLite (a file with its header), or plain files."""
-    if (folder / "PG_VERSION").is_file():
+    if _regular(folder / "PG_VERSION"):
         return "postgres"
-    if any((folder / n).exists() for n in ("appendonlydir", "appendonly.aof", "dump.rdb")):
+    if any(os.path.lexists(folder / n) for n in REDIS_FILES):
         return "redis"
     if _sqlite_files(folder):
         return "sqlite"
@@ -81,14 +109,8 @@ def _sqlite_files(folder: Path) -> list[str]:
     for dirpath, _, names in os.walk(folder):
         for name in names:
             p = os.path.join(dirpath, name)
-            try:
-                if os.path.islink(p):
-                    continue
-                with open(p, "rb") as f:
-                    if f.read(16) == SQLITE_MAGIC:
-                        found.append(os.path.relpath(p, folder))
-            except OSError:
-                continue
+            if _read_small(Path(p), 16) == SQLITE_MAGIC:
+                found.append(os.path.relpath(p, folder))
     return sorted(found)
 
 
@@ -138,6 +160,19 @@ def _side(home: Repo, dot: str, ref: str | None, sub: str, dest: Path, present: 
         shutil.copytree(home.stable(dot, sub), dest, symlinks=True)
 
 
+def _no_symlinks(folder: Path, store: str) -> None:
+    """A server reading a copy follows its symlinks: a stranger's could lead it to any file
+    its user may read (another cluster's data), and the diff would show it. A data folder
+    with one (a tablespace or pg_wal elsewhere, which a subdot cannot hold anyway) is not
+    read."""
+    for dirpath, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            if os.path.islink(os.path.join(dirpath, name)):
+                rel = os.path.relpath(os.path.join(dirpath, name), folder.parent)
+                raise DotmeshError(f"the {store} data holds a symlink ({rel}): a server "
+                                   "reading it could be led out of it, so it is not read")
+
+
 # ------------------------------------------------------------------ Redis
 
 
@@ -147,9 +182,10 @@ def _redis(folder: Path) -> Iterator[Any]:
     with no data. Stopped on the way out, whatever happens."""
     import redis
 
-    if not any((folder / n).exists() for n in ("appendonlydir", "appendonly.aof", "dump.rdb")):
+    if not any(os.path.lexists(folder / n) for n in REDIS_FILES):
         yield None
         return
+    _no_symlinks(folder, "Redis")
     sock = folder / "dm-diff.sock"
     aof = (folder / "appendonlydir").exists() or (folder / "appendonly.aof").exists()
     user = group = None
@@ -253,10 +289,16 @@ def _sqlite_diff(left: Path, right: Path) -> list[dict[str, Any]]:
                 entry["schema"].append({"name": name, "old": was, "new": now})
         for table in sorted(a["rows"].keys() | b["rows"].keys()):
             ra, rb = a["rows"].get(table, {}), b["rows"].get(table, {})
-            added = [rb[k] for k in rb.keys() - ra.keys()]
-            removed = [ra[k] for k in ra.keys() - rb.keys()]
-            changed = [{"old": ra[k], "new": rb[k]} for k in ra.keys() & rb.keys()
-                       if ra[k] != rb[k]]
+            if table in a["keyless"] or table in b["keyless"]:  # multisets of whole rows
+                added = [row for k, (row, n) in rb.items() for _ in range(n - ra.get(k, (0, 0))[1])]
+                removed = [row for k, (row, n) in ra.items()
+                           for _ in range(n - rb.get(k, (0, 0))[1])]
+                changed = []
+            else:
+                added = [rb[k] for k in rb.keys() - ra.keys()]
+                removed = [ra[k] for k in ra.keys() - rb.keys()]
+                changed = [{"old": ra[k], "new": rb[k]} for k in ra.keys() & rb.keys()
+                           if ra[k] != rb[k]]
             if added or removed or changed:
                 entry["tables"][table] = {
                     "added": len(added), "removed": len(removed), "changed": len(changed),
@@ -271,34 +313,46 @@ def _sqlite_diff(left: Path, right: Path) -> list[dict[str, Any]]:
 def _sqlite_read(path: Path) -> dict[str, Any]:
     """A database's schema (name -> SQL) and its tables' rows by primary key (the whole row
     where there is none). Read on the export, so its WAL is replayed there."""
-    if not path.is_file():
-        return {"schema": {}, "rows": {}}
+    if not _regular(path):
+        return {"schema": {}, "rows": {}, "keyless": set()}
     try:
         conn = sqlite3.connect(path)
     except sqlite3.Error as e:
         raise DotmeshError(f"{path.name} cannot be read as SQLite: {e}") from None
     try:
-        schema = {str(n): str(sql) for n, sql in conn.execute(
-            "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' "
+        conn.execute("PRAGMA trusted_schema = OFF")  # a stranger's views and triggers run nothing
+        schema = {str(n): str(text) for n, text in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
             "AND sql IS NOT NULL")}
-        rows: dict[str, dict[Any, dict[str, Any]]] = {}
+        rows: dict[str, dict[Any, Any]] = {}
+        keyless: set[str] = set()
         for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND "
-                                     "name NOT LIKE 'sqlite_%'").fetchall():
-            cols = conn.execute(f'PRAGMA table_info("{table}")').fetchall()
+                                     "name NOT LIKE 'sqlite\\_%' ESCAPE '\\'").fetchall():
+            cols = conn.execute(f"PRAGMA table_info({_quoted(table)})").fetchall()
             names = [c[1] for c in cols]
             pk = [c[1] for c in sorted(cols, key=lambda c: c[5]) if c[5]]
-            quoted = ", ".join(f'"{n}"' for n in names)
-            got: dict[Any, dict[str, Any]] = {}
-            for r in conn.execute(f'SELECT {quoted} FROM "{table}"'):
+            columns = ", ".join(_quoted(n) for n in names)
+            got: dict[Any, Any] = {}
+            for r in conn.execute(f"SELECT {columns} FROM {_quoted(table)}"):
                 row = {n: _cell(v) for n, v in zip(names, r, strict=True)}
-                key = tuple(row[k] for k in pk) if pk else tuple(sorted(row.items()))
-                got[key] = row
+                if pk:
+                    got[tuple(row[k] for k in pk)] = row
+                else:  # no key: a multiset of whole rows (a second identical row counts)
+                    key = repr(sorted(row.items()))
+                    got[key] = (row, got.get(key, (row, 0))[1] + 1)
+            if not pk:
+                keyless.add(str(table))
             rows[str(table)] = got
-        return {"schema": schema, "rows": rows}
+        return {"schema": schema, "rows": rows, "keyless": keyless}
     except sqlite3.Error as e:
         raise DotmeshError(f"{path.name} cannot be read as SQLite: {e}") from None
     finally:
         conn.close()
+
+
+def _quoted(name: object) -> str:
+    """An SQLite identifier from the data (a stranger's), quoted: it can only be a name."""
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 def _cell(v: object) -> object:
@@ -316,10 +370,11 @@ def _postgres(folder: Path) -> Iterator[Any]:
     with no data. Stopped on the way out, whatever happens."""
     import psycopg
 
-    if not (folder / "PG_VERSION").is_file():
+    if not _regular(folder / "PG_VERSION"):
         yield None
         return
-    version = (folder / "PG_VERSION").read_text(errors="replace").strip()
+    _no_symlinks(folder, "PostgreSQL")
+    version = (_read_small(folder / "PG_VERSION", 64) or b"").decode(errors="replace").strip()
     if not version.isascii() or not version.isdigit() or len(version) > 3:
         raise DotmeshError(f"PG_VERSION says {version[:20]!r}, not a PostgreSQL version")
     binary = Path(f"/usr/lib/postgresql/{version}/bin/postgres")
@@ -454,29 +509,36 @@ def _pg_side(connect: Any, dbname: str) -> dict[str, Any]:
         schema = {str(k): str(v) for k, v in conn.execute(_SCHEMA)}
         tables: dict[str, dict[str, Any]] = {}
         for nsp, rel, pk in conn.execute(_TABLES).fetchall():
-            name = f"{nsp}.{rel}"
-            ident = f'"{nsp}"."{rel}"'
-            key = ("row(" + ", ".join(f't."{c}"' for c in pk) + ")::text") if pk else (
-                "md5(t::text)")
-            rows: dict[str, Any] = {}
-            for k, digest in conn.execute(f"SELECT {key}, md5(t::text) FROM {ident} t"):
+            table: dict[str, Any] = {"pk": list(pk), "rows": {},
+                                     "ident": sql.Identifier(nsp, rel)}
+            rows: dict[str, Any] = table["rows"]
+            for k, digest in conn.execute(sql.SQL("SELECT {}, md5(t::text) FROM {} t").format(
+                    _pg_key(table), table["ident"])):
                 if pk:
                     rows[k] = digest
                 else:  # no key: rows are a multiset of their contents
                     rows[k] = rows.get(k, 0) + 1
-            tables[name] = {"pk": list(pk), "rows": rows, "ident": ident}
+            tables[f"{nsp}.{rel}"] = table
         return {"schema": schema, "tables": tables}
+
+
+def _pg_key(table: dict[str, Any]) -> Any:
+    """A row's key as text: its primary key's columns, or a digest of the whole row. Names
+    come from the data (a stranger's): they only ever go in as quoted identifiers."""
+    if not table["pk"]:
+        return sql.SQL("md5(t::text)")
+    return sql.SQL("row({})::text").format(
+        sql.SQL(", ").join(sql.Identifier("t", c) for c in table["pk"]))
 
 
 def _pg_rows(connect: Any, dbname: str, table: dict[str, Any], keys: list[str]) -> list[Any]:
     """The rows of ``table`` whose keys are ``keys`` (the first few shown), as JSON objects."""
     if not keys:
         return []
-    pk = table["pk"]
-    key = ("row(" + ", ".join(f't."{c}"' for c in pk) + ")::text") if pk else "md5(t::text)"
+    key = _pg_key(table)
     with connect(dbname) as conn:
-        got = conn.execute(f"SELECT {key}, to_jsonb(t) FROM {table['ident']} t "
-                           f"WHERE {key} = ANY(%s)", (keys,)).fetchall()
+        got = conn.execute(sql.SQL("SELECT {}, to_jsonb(t) FROM {} t WHERE {} = ANY(%s)").format(
+            key, table["ident"], key), (keys,)).fetchall()
     by_key = {k: row for k, row in got}
     return [by_key[k] for k in keys if k in by_key]
 
@@ -505,8 +567,8 @@ def _postgres_compare(left: Path, right: Path) -> list[dict[str, Any]]:
                 if was != now:
                     entry["schema"].append({"name": name, "old": was, "new": now})
             for name in sorted(sa["tables"].keys() | sb["tables"].keys()):
-                ta = sa["tables"].get(name, {"pk": [], "rows": {}, "ident": ""})
-                tb = sb["tables"].get(name, {"pk": [], "rows": {}, "ident": ""})
+                ta = sa["tables"].get(name, {"pk": [], "rows": {}, "ident": None})
+                tb = sb["tables"].get(name, {"pk": [], "rows": {}, "ident": None})
                 ra, rb = ta["rows"], tb["rows"]
                 if ta["pk"] and ta["pk"] == tb["pk"]:
                     added = sorted(rb.keys() - ra.keys())
@@ -543,20 +605,26 @@ def _pg_databases(connect: Any) -> set[str]:
 
 
 def _text_diffs(left: Path, right: Path, files: list[dict[str, Any]]) -> dict[str, str]:
+    """Unified diffs of the changed files that are small text on both sides: regular files
+    (never read through a symlink), UTF-8, no NUL byte; each diff cut at TEXT_LIMIT."""
     out = {}
     for f in files:
         if f["status"] != "changed" or f["path"].endswith("/"):
             continue
-        pa, pb = left / f["path"], right / f["path"]
-        try:
-            if pa.stat().st_size > TEXT_LIMIT or pb.stat().st_size > TEXT_LIMIT:
-                continue
-            ta, tb = pa.read_text(), pb.read_text()
-        except (OSError, UnicodeDecodeError):
+        da = _read_small(left / f["path"], TEXT_LIMIT + 1)
+        db = _read_small(right / f["path"], TEXT_LIMIT + 1)
+        if da is None or db is None or TEXT_LIMIT < max(len(da), len(db)):
             continue
-        out[f["path"]] = "".join(difflib.unified_diff(
-            ta.splitlines(keepends=True), tb.splitlines(keepends=True),
-            f"a/{f['path']}", f"b/{f['path']}"))
+        if b"\0" in da or b"\0" in db:
+            continue  # binary, whatever UTF-8 says
+        try:
+            ta, tb = da.decode(), db.decode()
+        except UnicodeDecodeError:
+            continue
+        text = "".join(difflib.unified_diff(ta.splitlines(keepends=True),
+                                            tb.splitlines(keepends=True),
+                                            f"a/{f['path']}", f"b/{f['path']}"))
+        out[f["path"]] = text if len(text) <= TEXT_LIMIT else text[:TEXT_LIMIT] + "\n...\n"
     return out
 
 

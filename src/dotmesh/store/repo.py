@@ -422,6 +422,9 @@ class Repo:
         """Name ``commit`` (which must be one of the dot's) ``name``; ``force``: move a tag
         that exists. A branch's name cannot be a tag's: one would hide the other."""
         check_tag(name)
+        if looks_like_id_prefix(name):
+            raise InvalidName(f"tag name {name!r} looks like a commit id: a ref naming it "
+                              "would be ambiguous")
         if refs.branch_exists(self.conn, dot, name):
             raise AlreadyExists(f"{name!r} is a branch of dot {dot!r}: a tag of that name "
                                 "would be hidden by it")

@@ -1,0 +1,88 @@
+"""The browse, tag, mount and diff --data commands attacked (a review's findings, each a
+failure before its fix): what a commit holds must never lead a command out of it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from tests.conftest import DM
+
+
+def test_diff_data_does_not_follow_a_symlink_out_of_the_export(dm: DM) -> None:
+    dm.ok("init", "app")
+    files = dm.path("app.files")
+    (files / "leak").symlink_to("/etc/hostname")
+    dm.ok("commit", "-m", "one")
+    (files / "leak").unlink()
+    (files / "leak").symlink_to("/etc/passwd")
+    dm.ok("commit", "-m", "two")
+    out = dm.ok("diff", "--data", "HEAD^", "HEAD")
+    assert "root:" not in out  # /etc/passwd is the host's, not the commit's
+
+
+def test_sqlite_table_whose_name_starts_with_sqlite_is_compared(dm: DM) -> None:
+    dm.ok("init", "app")
+    db = dm.path("app.db") / "app.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE sqlitestats (id INTEGER PRIMARY KEY, v TEXT)")
+    dm.ok("commit", "-m", "one")
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO sqlitestats VALUES (1, 'new')")
+    dm.ok("commit", "-m", "two")
+    reports = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--json"))
+    text = json.dumps(reports)
+    assert "sqlitestats" in text  # LIKE 'sqlite_%': '_' is a wildcard
+
+
+def test_sqlite_names_with_quotes_are_compared(dm: DM) -> None:
+    dm.ok("init", "app")
+    db = dm.path("app.db") / "app.db"
+    with sqlite3.connect(db) as c:
+        c.execute('CREATE TABLE "we""ird" (id INTEGER PRIMARY KEY, "co""l" TEXT)')
+    dm.ok("commit", "-m", "one")
+    with sqlite3.connect(db) as c:
+        c.execute('INSERT INTO "we""ird" VALUES (1, \'x\')')
+    dm.ok("commit", "-m", "two")
+    got = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--json"))
+    [db] = got[0]["databases"]
+    assert db["tables"]['we"ird']["first"]["added"] == [{"id": 1, 'co"l': "x"}]
+
+
+def test_sqlite_duplicate_row_without_key_is_a_change(dm: DM) -> None:
+    dm.ok("init", "app")
+    db = dm.path("app.db") / "app.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE log (v TEXT)")
+        c.execute("INSERT INTO log VALUES ('dup')")
+    dm.ok("commit", "-m", "one")
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO log VALUES ('dup')")
+    dm.ok("commit", "-m", "two")
+    [report] = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--json"))
+    t = report["databases"][0]["tables"]["log"]
+    assert (t["added"], t["removed"]) == (1, 0) and t["first"]["added"] == [{"v": "dup"}]
+
+
+def test_binary_file_with_nuls_gets_no_text_diff(dm: DM) -> None:
+    dm.ok("init", "app")
+    f = dm.path("app.files") / "blob"
+    f.write_bytes(b"U" * 10 + bytes(8000))
+    dm.ok("commit", "-m", "one")
+    f.write_bytes(b"V" * 10 + bytes(8000))
+    dm.ok("commit", "-m", "two")
+    out = dm.ok("diff", "--data", "HEAD^", "HEAD")
+    assert "\\x00" not in out
+
+
+def test_a_tag_cannot_shadow_a_commit_id_prefix(dm: DM) -> None:
+    dm.ok("init", "app")
+    (dm.path("app.files") / "a").write_text("1")
+    dm.ok("commit", "-m", "one")
+    (dm.path("app.files") / "a").write_text("2")
+    dm.ok("commit", "-m", "two")
+    first = json.loads(dm.ok("log", "--json"))[1]["id"]
+    made = dm("tag", first[:8], "HEAD")
+    assert made.returncode == 2 and "looks like a commit id" in made.stderr
+    assert json.loads(dm.ok("show", first[:8], "--json"))["id"] == first
+
