@@ -4,6 +4,7 @@ failure before its fix): what a commit holds must never lead a command out of it
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 from tests.conftest import DM
@@ -86,3 +87,64 @@ def test_a_tag_cannot_shadow_a_commit_id_prefix(dm: DM) -> None:
     assert made.returncode == 2 and "looks like a commit id" in made.stderr
     assert json.loads(dm.ok("show", first[:8], "--json"))["id"] == first
 
+
+
+def test_ctrl_c_in_an_export_leaves_nothing_half_written(dm: DM, tmp_path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import DM_BIN
+
+    dm.ok("init", "app")
+    db = dm.path("app.db")
+    for d in range(20):  # many files in many folders, as a database's are
+        (db / f"d{d}").mkdir()
+        for i in range(150):
+            (db / f"d{d}" / f"f{i}").write_bytes(os.urandom(12_000))
+    dm.ok("commit", "-m", "big", "--no-freeze")
+    for attempt in range(5):
+        dest = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen([DM_BIN, "export", "HEAD", str(dest)], env=dm.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(".dm-export-" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        time.sleep(0.02 * attempt)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue  # it finished first
+        assert proc.returncode == 130 and ("aborted" in err or "interrupted" in err), err
+        assert len(err.strip().splitlines()) == 1, err  # (click starts a new line first)
+        assert not dest.exists()
+        assert not [p for p in tmp_path.iterdir() if ".dm-export-" in p.name]
+        return
+    raise AssertionError("every export finished before Ctrl-C reached it")
+
+
+def test_mount_refuses_a_folder_another_user_could_swap(dm: DM, tmp_path) -> None:
+    import shutil
+
+    _one_commit(dm)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "m").mkdir()
+    shutil.chown(theirs, "nobody")  # they could put a symlink where m is, once it is checked
+    p = dm("mount", "HEAD", str(theirs / "m"))
+    assert p.returncode == 2 and "another user" in p.stderr, p.stderr
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    (open_dir / "m").mkdir()
+    open_dir.chmod(0o777)  # writable by all and not sticky
+    p = dm("mount", "HEAD", str(open_dir / "m"))
+    assert p.returncode == 2 and "another user" in p.stderr, p.stderr
+    assert json.loads(dm.ok("mount", "--json")) == []
+
+
+def _one_commit(dm: DM) -> None:
+    dm.ok("init", "app")
+    (dm.path("app.files") / "a").write_text("1")
+    dm.ok("commit", "-m", "one")

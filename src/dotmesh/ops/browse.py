@@ -221,6 +221,9 @@ def export(home: Repo, dot: str, ref: str, dest: Path, subdot: str | None = None
             dest.rmdir()  # empty, as checked
         os.rename(building, dest)
     except BaseException:
+        from dotmesh.workdir.snapshot import drain_pool
+
+        drain_pool()  # (Ctrl-C) the writing threads first, then what they wrote
         remove_tree(building)
         raise
     return [subdot] if subdot is not None else sorted(roots)

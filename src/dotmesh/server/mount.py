@@ -12,7 +12,9 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -270,20 +272,50 @@ def start(home: Repo, dot: str, ref: str, folder: Path) -> Mounted:
         raise UsageError("dm mount needs FUSE: install fuse3 and dm with its mount extra "
                          "(pip install 'dotmesh[mount]')") from None
     oid = home.resolve(dot, ref)
-    if not folder.is_dir() or folder.is_symlink():
-        raise NotFound(f"{folder} is not a folder: make an empty one to mount on")
-    if any(folder.iterdir()):
-        raise AlreadyExists(f"{folder} is not empty: mount on an empty folder")
-    where = str(folder.resolve())
-    if any(m.folder == where for m in mounted(home)):
-        raise AlreadyExists(f"a commit is mounted at {where} already: dm umount {where}")
-    with Tx(home.conn) as tx:
-        refs.add_view(tx, where, dot, oid, time.time_ns())
+    where = str(folder.absolute().parent.resolve() / folder.name)
+    target = _open_mount_point(Path(where))
+    try:
+        if any(m.folder == where for m in mounted(home)):
+            raise AlreadyExists(f"a commit is mounted at {where} already: dm umount {where}")
+        with Tx(home.conn) as tx:
+            refs.add_view(tx, where, dot, oid, time.time_ns())
+        # The server mounts on the folder held open here, not on a path someone could
+        # swap for a symlink meanwhile.
+        on = f"/proc/self/fd/{target}" if os.geteuid() == 0 else where
+        return _spawn(home, dot, oid, where, on, target)
+    finally:
+        os.close(target)
+
+
+def _open_mount_point(folder: Path) -> int:
+    """The empty folder to mount on, opened (not followed through a symlink); refused where
+    another user could swap it for something else (theirs, or in a folder they may write
+    to that is not sticky)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise NotFound(f"{folder} is not a folder: make an empty one to mount on") from None
+    try:
+        me = {0, os.geteuid()}
+        st, up = os.fstat(fd), os.stat(folder.parent)
+        if st.st_uid not in me or up.st_uid not in me or (
+                up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX):
+            raise UsageError(f"{folder} or the folder it is in belongs to or may be changed "
+                             "by another user: mount on a folder of your own")
+        if os.listdir(fd):
+            raise AlreadyExists(f"{folder} is not empty: mount on an empty folder")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _spawn(home: Repo, dot: str, oid: ObjectId, where: str, on: str, target: int) -> Mounted:
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", __spec__.name, str(home.root), dot, oid.hex(), where,
-             str(w)], pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", __spec__.name, str(home.root), dot, oid.hex(), on,
+             str(w)], pass_fds=(w, target), start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
         os.close(w)
         w = -1
@@ -315,17 +347,33 @@ def start(home: Repo, dot: str, ref: str, folder: Path) -> Mounted:
     return next(m for m in mounted(home) if m.folder == where)
 
 
+def _fuse_mounted(where: str) -> bool:
+    """Whether a dm FUSE filesystem is mounted at ``where`` (from the mount table: a dead
+    server's mount still counts, and nothing is followed)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                           fields.split(" ")[4])
+            if point == where and rest.startswith("fuse.dm "):
+                return True
+    return False
+
+
 def stop(home: Repo, folder: Path) -> Mounted:
-    """Unmount what ``dm mount`` mounted at ``folder`` (also when its server died)."""
-    where = str(folder.resolve()) if folder.exists() else str(folder.absolute())
+    """Unmount what ``dm mount`` mounted at ``folder`` (also when its server died). The
+    record goes only once nothing dm mounted is left there."""
+    where = str(folder.absolute().parent.resolve() / folder.name)
     found = next((m for m in mounted(home) if m.folder == where), None)
     if found is None:
         raise NotFound(f"no commit is mounted at {where} (dm mount lists them)")
-    if os.path.ismount(where) or not folder.exists():
+    if _fuse_mounted(where):
         done = subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True,
                               text=True, stdin=subprocess.DEVNULL)
-        if done.returncode != 0 and os.path.ismount(where):
+        if _fuse_mounted(where):
             raise DotmeshError(f"could not unmount {where}: {done.stderr.strip()}")
+    elif found.serving:  # mounted elsewhere than recorded: end its server, which ends it
+        os.kill(found.pid, signal.SIGTERM)
     with Tx(home.conn) as tx:
         refs.delete_view(tx, where)
     return found  # its server ends by itself once unmounted

@@ -282,6 +282,15 @@ def shared_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def drain_pool() -> None:
+    """Cancel what the I/O pool has queued and wait for what it runs: an interrupted command
+    must not remove a folder that its threads still write into (the next use starts anew)."""
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _forget_pools() -> None:
     """In a forked child (the daemon's commands) the pools' threads do not exist: start anew."""
     global _pool, _walk_lister
@@ -298,7 +307,13 @@ def run_all(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``fn`` over ``items`` on the shared pool, results in order; waits for every one before
     raising the first failure, so no worker still uses a descriptor the caller then closes."""
     futures = [shared_pool().submit(fn, x) for x in items]
-    wait(futures)
+    try:
+        wait(futures)
+    except BaseException:  # Ctrl-C: nothing more starts, and what runs is waited for
+        for f in futures:
+            f.cancel()
+        wait(futures)
+        raise
     return [f.result() for f in futures]
 
 
