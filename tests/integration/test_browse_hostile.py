@@ -105,9 +105,11 @@ def test_ctrl_c_in_an_export_leaves_nothing_half_written(dm: DM, tmp_path) -> No
     dm.ok("commit", "-m", "big", "--no-freeze")
     for attempt in range(5):
         dest = tmp_path / f"out{attempt}"
-        proc = subprocess.Popen([DM_BIN, "export", "HEAD", str(dest)], env=dm.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(  # Ctrl-C as a terminal sends it, also when the suite
+            # runs with SIGINT ignored (a background job of a script, as on CI)
+            [DM_BIN, "export", "HEAD", str(dest)], env=dm.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
         while not any(".dm-export-" in p.name for p in tmp_path.iterdir()):
             assert proc.poll() is None and time.monotonic() < deadline
