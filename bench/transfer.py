@@ -201,11 +201,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="~100 MiB instead of ~2 GiB")
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="dataset size (default 100 with --small, else 2048)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("bench: rsync is needed (scripts/setup.sh installs it)")
-    size = (100 if args.small else 2048) * MiB
+    size = (args.size_mib or (100 if args.small else 2048)) * MiB
     top = Path(tempfile.mkdtemp(prefix="dm-transfer-", dir="/var/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
     try:

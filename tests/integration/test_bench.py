@@ -39,7 +39,8 @@ def test_bench_small_runs_every_scenario(tmp_path):
 def test_transfer_bench_small_runs(tmp_path):
     out = tmp_path / "transfer.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--small",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900,
+                        "--size-mib", "48", "--out", str(out)], capture_output=True, text=True,
+                       timeout=900,
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     result = json.loads(out.read_text())

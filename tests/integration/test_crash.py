@@ -72,7 +72,7 @@ def test_kill_during_commit_reset_and_checkout(tmp_path):
     states[_head(dm)] = capture(d)
 
     # Commits killed part way; some may finish, and then they are just more commits.
-    for i in range(8):
+    for i in range(5):
         _mutate(d, rng)
         _kill_at_random(dm, rng, first_commit_s, "commit", "-m", f"killed {i}")
         _fsck_clean(dm)
@@ -81,7 +81,7 @@ def test_kill_during_commit_reset_and_checkout(tmp_path):
 
     ids = list(states)
     # Resets killed part way; rerunning the reset completes it.
-    for i in range(6):
+    for i in range(4):
         _mutate(d, rng)
         target = ids[i % len(ids)]
         _kill_at_random(dm, rng, first_commit_s * 1.5, "reset", "--hard", target)
@@ -90,7 +90,7 @@ def test_kill_during_commit_reset_and_checkout(tmp_path):
         assert capture(d) == states[target]
 
     # Checkouts killed part way; the next command finishes the switch.
-    for i in range(4):
+    for i in range(3):
         _kill_at_random(dm, rng, first_commit_s, "checkout", "-b", f"b{i}")
         _fsck_clean(dm)
         branches = json.loads(dm.ok("branch", "--json"))

@@ -152,7 +152,7 @@ def test_kill_9_at_random_moments(dm: DM) -> None:
     rng = random.Random(20260101)
     states = _store_with_garbage(dm, rng)
     d = dm.path("app.db")
-    for _ in range(12):  # more garbage each round, and a gc killed somewhere in it
+    for _ in range(7):  # more garbage each round, and a gc killed somewhere in it
         (d / "churn").write_bytes(rng.randbytes(2 << 20))
         dm.ok("commit", "-m", "churn")
         dm.ok("reset", "--hard", "HEAD^")

@@ -131,7 +131,7 @@ def _fresh_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("home")
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first=ops(), second=ops(), third=ops())
 @pytest.mark.slow
 def test_commit_mutate_reset_restores_exactly(tmp_path_factory, first, second, third):

@@ -209,7 +209,7 @@ from tests.unit.test_changes import _apply, ops  # noqa: E402
 
 
 @pytest.mark.slow  # seconds of waiting for the cache to trust what it saw
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(first=ops("outside"), rounds=hst.lists(ops(), min_size=1, max_size=2), after=ops())
 def test_live_passes_then_cached_commits_equal_fresh_walks(  # type: ignore[no-untyped-def]
