@@ -14,10 +14,10 @@ import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import (
+    commit_header,
     emit_json,
     first_line,
     human_size,
-    indented,
     iso,
     progress_bar,
     safe,
@@ -157,18 +157,7 @@ def register(cli: click.Group) -> None:
             emit_json(_shown_json(s))
             return
         cm = s.commit
-        click.echo(f"commit {s.id.hex()}")
-        for p in cm.parents:
-            click.echo(f"Parent: {p.hex()}")
-        click.echo(f"Author: {safe(cm.author)}")
-        click.echo(f"Date:   {when(cm.timestamp_ns)}")
-        if "dm.freeze_ms" in cm.metadata:
-            click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
-                            f"({cm.metadata.get('dm.writers', '')})"))
-        for k, v in sorted(cm.metadata.items()):
-            if not k.startswith("dm."):
-                click.echo(f"        {safe(k)}={safe(v)}")
-        click.echo(f"\n{indented(cm.message)}\n")
+        commit_header(s.id, cm, parents=True)
         table([[safe(name), f"{z.files:,}", human_size(z.bytes)]
                for name, z in s.sizes.items()], ["SUBDOT", "FILES", "SIZE"])
         against = "its parent" if cm.parents else "nothing (a first commit)"

@@ -19,10 +19,10 @@ from dotmesh.cli import space as cli_space
 from dotmesh.cli import tag as cli_tag
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import (
+    commit_header,
     emit_json,
     first_line,
     human_size,
-    indented,
     iso,
     progress_bar,
     safe,
@@ -327,16 +327,7 @@ def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, as_json: 
             click.echo(f"{oid.hex()[:12]} {safe(first_line(cm.message))}")
         return
     for oid, cm in entries:
-        click.echo(f"commit {oid.hex()}")
-        click.echo(f"Author: {safe(cm.author)}")
-        click.echo(f"Date:   {when(cm.timestamp_ns)}")
-        if "dm.freeze_ms" in cm.metadata:
-            click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
-                            f"({cm.metadata.get('dm.writers', '')})"))
-        for k, v in sorted(cm.metadata.items()):
-            if not k.startswith("dm."):
-                click.echo(f"        {safe(k)}={safe(v)}")
-        click.echo(f"\n{indented(cm.message)}\n")
+        commit_header(oid, cm)
 
 
 @cli.command()

@@ -148,3 +148,20 @@ def data_report(reports: list[Any]) -> None:
                 click.echo(f"    {safe(line)}")
         if quiet:
             click.echo("  no changes")
+
+
+def commit_header(oid: bytes, cm: Any, parents: bool = False) -> None:
+    """A commit as ``dm log`` and ``dm show`` print it: id, author, date, freeze, metadata
+    and message (``parents``: each parent's id too)."""
+    click.echo(f"commit {oid.hex()}")
+    for p in cm.parents if parents else ():
+        click.echo(f"Parent: {p.hex()}")
+    click.echo(f"Author: {safe(cm.author)}")
+    click.echo(f"Date:   {when(cm.timestamp_ns)}")
+    if "dm.freeze_ms" in cm.metadata:
+        click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
+                        f"({cm.metadata.get('dm.writers', '')})"))
+    for k, v in sorted(cm.metadata.items()):
+        if not k.startswith("dm."):
+            click.echo(f"        {safe(k)}={safe(v)}")
+    click.echo(f"\n{indented(cm.message)}\n")
