@@ -14,6 +14,7 @@ import yaml
 from dotmesh.errors import Conflict, NotFound, UsageError
 from dotmesh.model.ids import object_id
 from dotmesh.model.objects import KIND_CHUNK, KIND_COMMIT, Commit
+from dotmesh.model.tags import Tag
 from dotmesh.remote.blobs import LocalBlobs, S3Blobs
 from dotmesh.remote.transport import HubTransport, S3Transport
 from dotmesh.remote.wire import Record
@@ -131,6 +132,26 @@ def test_transport_contract(transport):
     assert transport.heads() == {"master": c3.oid}
     with pytest.raises(Conflict):
         transport.set_ref("master", c1.oid, c1.oid, True)  # stale old, even forced
+    transport.set_ref("fix/login", None, c1.oid, False)  # a branch name with parts
+    assert transport.heads() == {"master": c3.oid, "fix/login": c1.oid}
+
+    # Tags: made if absent, moved only from the commit the caller saw, only to a commit
+    # the dot holds; one already naming the commit is success.
+    assert transport.tags() == {}
+    v1 = Tag("release/v1", c1.oid, "shipped", "tess", 7)
+    transport.set_tag(v1, None)
+    transport.set_tag(v1, None)  # already there: two pushes of one tag both succeed
+    assert transport.tags() == {"release/v1": v1}
+    moved = Tag("release/v1", c2.oid, "again", "tess", 8)
+    with pytest.raises(Conflict):
+        transport.set_tag(moved, None)  # it exists
+    with pytest.raises(Conflict):
+        transport.set_tag(moved, c3.oid)  # it does not name c3
+    transport.set_tag(moved, c1.oid)
+    assert transport.tags() == {"release/v1": moved}
+    with pytest.raises(NotFound):
+        transport.set_tag(Tag("ghost", object_id(b"never sent"), "", "tess", 9), None)
+    assert set(transport.tags()) == {"release/v1"}
 
 
 def test_the_openapi_description_covers_every_route(tmp_path):

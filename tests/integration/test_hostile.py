@@ -63,6 +63,7 @@ class EvilHub:
         self.mutate: Mutate = honest  # answers to fetch
         self.mutate_history: Mutate = honest
         self.branches: dict[str, str] = {"master": head.hex()}
+        self.tags: dict[str, object] = {}
         self.error: str | None = None  # answer every fetch with this error
         self.port = free_port()
 
@@ -76,7 +77,8 @@ class EvilHub:
 
         async def dot(request: Request) -> Response:
             return JSONResponse({"namespace": "evil", "name": "app", "owner": "evil",
-                                 "branches": self.branches, "collaborators": []})
+                                 "branches": self.branches, "tags": self.tags,
+                                 "collaborators": []})
 
         async def history(request: Request) -> Response:
             self.asked = bytes.fromhex(request.path_params["commit"])
@@ -209,6 +211,10 @@ def _stray_commit(records: list[Record]) -> bytes:
     return encode([*records, Record(KIND_COMMIT, object_id(other), len(other), other, False)])
 
 
+def _tag(commit: str = "", message: str = "a tag") -> dict[str, object]:
+    return {"commit": commit, "message": message, "tagger": "mallory", "ts_ns": 1}
+
+
 @dataclass
 class Case:
     rows: list[list[object]]
@@ -218,6 +224,7 @@ class Case:
     subdot: str = "db"
     metadata: dict[str, str] = field(default_factory=dict)
     branches: dict[str, str] | None = None
+    tags: dict[str, dict[str, object]] | None = None  # "" as a commit: the head
     error: str | None = None
     extra: Objects = field(default_factory=dict)
 
@@ -252,6 +259,11 @@ CASES = {
                                           metadata={"ticket\n": "x"}),
     "a branch named ../x": Case(GOOD_ROWS, "branch named badly",
                                 branches={"master": "", "../x": ""}),
+    # The other ways a tag can be made badly: tests/unit/test_tags.py (one function reads
+    # them all, for hubs and buckets alike).
+    "a tag named ../x": Case(GOOD_ROWS, "tag made badly", tags={"../x": _tag()}),
+    "a tag naming a commit the hub lacks": Case(
+        GOOD_ROWS, "did not send commit", tags={"t": _tag(commit=object_id(b"none").hex())}),
     "a file of 1 TiB said of 14 bytes": Case(
         [["f", FILE, 0o644, 0, 0, 1, 1 << 40, GOOD_ID.hex(), 0]], "size its content cannot"),
     "a file list of 14 bytes said 1 TiB": Case(
@@ -290,6 +302,9 @@ def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
             evil.mutate = c.mutate
         if c.branches is not None:
             evil.branches = {b: h or cid.hex() for b, h in c.branches.items()}
+        if c.tags is not None:
+            evil.tags = {n: {**t, "commit": t["commit"] or cid.hex()}
+                         for n, t in c.tags.items()}
         evil.error = c.error
         p = _add_remote(dm, evil.port)
         assert p.returncode == 0, p.stderr

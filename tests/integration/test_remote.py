@@ -150,6 +150,53 @@ def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
     assert json.loads(alice.ok("fsck", "--json"))["ok"]
 
 
+def test_tags_and_branches_named_with_parts_travel_with_their_dot(hub, tmp_path):
+    alice = _dev(tmp_path, "alice", hub)
+    bob = _dev(tmp_path, "bob", hub, 1)
+    alice.ok("init", "lib")
+    folder = alice.path("lib")
+    (folder / "state").write_text("v1")
+    alice.ok("commit", "-m", "v1")
+    alice.ok("tag", "release/v1", "-m", "shipped")
+    alice.ok("checkout", "-b", "fix/login")
+    (folder / "state").write_text("the bug")
+    alice.ok("commit", "-m", "reproduces the bug")
+    alice.ok("tag", "bug-42", "-m", "cannot log in")  # on a branch that is not pushed
+    alice.ok("checkout", "master")
+    out = json.loads(alice.ok("push", "--json"))
+    assert out["status"] == "pushed" and out["tags"] == ["bug-42", "release/v1"]
+    assert json.loads(alice.ok("push", "--json"))["tags"] == []  # nothing new
+    hub.dm_hub("collaborator", "add", "alice/lib", "bob")
+
+    out = json.loads(bob.ok("clone", "hub", "alice/lib", "--json"))
+    assert out["tags"] == ["bug-42", "release/v1"]
+    tags = {t["name"]: t for t in json.loads(bob.ok("tag", "--json"))}
+    assert tags["bug-42"]["message"] == "cannot log in"
+    assert tags["bug-42"]["commit"] == json.loads(alice.ok("show", "bug-42", "--json"))["id"]
+    assert bob.ok("cat", "bug-42:state") == "the bug"  # its commit came though no branch did
+    bob.ok("checkout", "-b", "look", "bug-42")
+    assert (bob.path("lib") / "state").read_text() == "the bug"
+
+    alice.ok("checkout", "fix/login")  # a branch named with parts, pushed and pulled
+    (alice.path("lib") / "state").write_text("fixed")
+    alice.ok("commit", "-m", "fixed")
+    alice.ok("push", "--branch", "fix/login")
+    assert json.loads(bob.ok("pull", "hub", "lib", "fix/login", "--json"))["status"] == "created"
+    assert bob.ok("cat", "fix/login:state") == "fixed"
+
+    alice.ok("tag", "-f", "bug-42")  # moved here to the fix: the hub's names another commit
+    p = alice("push")
+    assert p.returncode == 5 and "tag bug-42" in p.stderr and "--force" in p.stderr, p.stderr
+    assert json.loads(alice.ok("push", "--no-tags", "--json"))["tags"] == []
+    alice.ok("tag", "demo", "HEAD^")
+    assert json.loads(alice.ok("push", "--force", "--json"))["tags"] == ["bug-42", "demo"]
+    p = bob("pull", "hub", "lib", "master")
+    assert p.returncode == 0 and "up to date; tags taken: demo" in p.stdout, p.stderr
+    assert "tag bug-42 names" in p.stderr and "kept yours" in p.stderr  # bob's stays put
+    assert bob.ok("cat", "bug-42:state") == "the bug"
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
 def _big_dot(dm: DM, name: str, mib: int) -> None:
     dm.ok("init", name)
     dm.ok("switch", name)
@@ -198,9 +245,12 @@ def test_an_s3_bucket_is_a_remote(s3, tmp_path):
     alice.ok("init", "app")
     (alice.path("app.db") / "rows").write_bytes(os.urandom(8192) * 30)
     alice.ok("commit", "-m", "in the bucket")
+    alice.ok("tag", "release/v1", "-m", "shipped")
     out = json.loads(alice.ok("push", "--json"))
     assert out["status"] == "pushed" and out["remote_dot"] == "app"
-    bob.ok("clone", "bucket", "app")
+    assert out["tags"] == ["release/v1"]
+    assert json.loads(bob.ok("clone", "bucket", "app", "--json"))["tags"] == ["release/v1"]
+    assert json.loads(bob.ok("tag", "--json"))[0]["message"] == "shipped"
     assert _files(bob.path("app.db")) == _files(alice.path("app.db"))
     (bob.path("app.db") / "more").write_text("bob")
     bob.ok("commit", "-m", "bob")

@@ -4,7 +4,7 @@ import pytest
 
 from dotmesh.errors import Corrupt, InvalidName, UsageError
 from dotmesh.model.ids import HOLE, object_id
-from dotmesh.model.names import DEFAULT_SUBDOT, VolumeName, check_branch
+from dotmesh.model.names import DEFAULT_SUBDOT, VolumeName, check_branch, ref_key, ref_of_key
 from dotmesh.model.objects import DIR, FILE, SYMLINK, Commit, Entry, FileList, Root, Tree
 from dotmesh.model.refspec import parse_ref
 
@@ -27,9 +27,23 @@ def test_head_is_not_a_branch_name():
         check_branch("HEAD")
 
 
+@pytest.mark.parametrize("good", ["fix/login", "a/b/c", "team-1/fix_2", "x" * 64])
+def test_branch_names_may_have_parts(good):
+    assert check_branch(good) == good
+    assert "/" not in ref_key(good) and ref_of_key(ref_key(good)) == good
+
+
+@pytest.mark.parametrize("bad", ["/x", "x/", "a//b", "a/./b", "a/../b", "..", "a.b", "x" * 65,
+                                 "a b/c", "é/x", ""])
+def test_bad_branch_names(bad):
+    with pytest.raises(InvalidName):
+        check_branch(bad)
+
+
 @pytest.mark.parametrize("text,base,back", [
     ("HEAD", "HEAD", 0), ("HEAD^", "HEAD", 1), ("HEAD^^", "HEAD", 2), ("HEAD~3", "HEAD", 3),
     ("master~2^", "master", 3), ("ab12cd", "ab12cd", 0), ("HEAD~", "HEAD", 1),
+    ("fix/login~2", "fix/login", 2),
 ])
 def test_parse_ref(text, base, back):
     spec = parse_ref(text)

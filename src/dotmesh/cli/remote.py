@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
-from dotmesh.cli.render import emit_json, human_size, progress_bar
+from dotmesh.cli.render import emit_json, human_size, progress_bar, safe
 from dotmesh.errors import UsageError
 from dotmesh.model.names import check_name
 
@@ -169,15 +169,19 @@ def register(cli: click.Group) -> None:
     @click.option("--remote-name", "remote_dot", default=None, metavar="NAMESPACE/DOT",
                   help="The dot's name on the remote (default: USER/DOT, or as before).")
     @click.option("-f", "--force", is_flag=True,
-                  help="Replace the remote branch even if it has commits yours lacks.")
+                  help="Replace the remote branch even if it has commits yours lacks, and "
+                       "move the remote's tags that name other commits than yours.")
+    @click.option("--no-tags", is_flag=True, help="Send the branch alone, not the dot's tags.")
     @json_flag
     @pass_ctx
     def push(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
-             remote_dot: str | None, force: bool, as_json: bool) -> None:
-        """Send a branch's commits to a remote; only what it lacks travels.
+             remote_dot: str | None, force: bool, no_tags: bool, as_json: bool) -> None:
+        """Send a branch's commits to a remote, with the dot's tags (dm tag) and the
+        commits they name; only what the remote lacks travels.
 
         \b
         Example:  dm push hub --remote-name alice/app
+                  dm push hub app fix/login --no-tags
         """
         from dotmesh.ops import sync
 
@@ -185,7 +189,7 @@ def register(cli: click.Group) -> None:
         dot_name = home.require_current(dot)
         with progress_bar("Pushing") as bar:
             res = sync.push(home, dot_name, remote_name, branch, remote_dot, force, bar,
-                            bar.total)
+                            bar.total, with_tags=not no_tags)
         _report(res, as_json, "sent")
 
     @cli.command()
@@ -199,7 +203,8 @@ def register(cli: click.Group) -> None:
     @pass_ctx
     def pull(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
              stop_writers: bool, same_owner: bool, as_json: bool) -> None:
-        """Fetch a branch's new commits from a remote and fast-forward to them.
+        """Fetch a branch's new commits from a remote and fast-forward to them; the
+        remote's tags that this dot lacks come too.
 
         \b
         Example:  dm pull hub app master
@@ -222,7 +227,7 @@ def register(cli: click.Group) -> None:
     @pass_ctx
     def clone(c: Ctx, remote_name: str, remote_dot: str, branch: str | None,
               local_name: str | None, same_owner: bool, as_json: bool) -> None:
-        """Copy a dot from a remote, with its folders ready to use.
+        """Copy a dot from a remote, with its tags and its folders ready to use.
 
         \b
         Example:  dm clone hub alice/app --local-name bug-42
@@ -241,22 +246,26 @@ def _report(res: sync.Transfer, as_json: bool, verb: str) -> None:
             "remote": res.remote, "remote_dot": res.remote_dot, "branch": res.branch,
             "status": res.status, "old": res.old.hex() if res.old else None,
             "new": res.new.hex() if res.new else None, "objects": res.objects,
-            "bytes": res.bytes}
+            "bytes": res.bytes, "tags": res.tags, "notes": res.notes}
         if res.restored is not None:
             out["saved"] = res.restored.saved.hex() if res.restored.saved else None
         emit_json(out)
         return
     where = f"{res.remote} {res.remote_dot} {res.branch}"
+    for note in res.notes:
+        click.echo(f"dm: note: {safe(note)}", err=True)
+    tags = f"; tags {'sent' if verb == 'sent' else 'taken'}: {safe(', '.join(res.tags))}" \
+        if res.tags else ""
     if res.status == "up to date":
-        click.echo(f"{where}: up to date")
+        click.echo(f"{where}: up to date{tags}")
         return
     if res.status == "ahead":
         click.echo(f"{where}: your branch has commits the remote lacks; nothing to pull "
-                   "(dm push sends them)")
+                   f"(dm push sends them){tags}")
         return
     old = res.old.hex()[:12] if res.old else "(none)"
     new = res.new.hex()[:12] if res.new else "(none)"
     click.echo(f"{where}: {res.status} {old} -> {new}, {verb} {res.objects} objects "
-               f"({human_size(res.bytes)})")
+               f"({human_size(res.bytes)}){tags}")
     if res.restored is not None and res.restored.saved:
         click.echo(f"The working state it replaced is saved as {res.restored.saved.hex()[:12]}")

@@ -15,6 +15,7 @@ DEFAULT_SUBDOT = "__default__"
 DEFAULT_BRANCH = "master"
 MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_REF_NAME = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 _METADATA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
 
 
@@ -40,20 +41,41 @@ def check_metadata_key(key: str) -> str:
     return key
 
 
-def check_branch(name: str) -> str:
-    """Branch names follow the same rules; ``HEAD`` is reserved for ref syntax."""
-    check_name(name, "branch name")
+def _check_ref_name(name: str, what: str) -> str:
+    """Branch and tag names: parts of letters, digits, ``-`` and ``_`` joined by single
+    ``/`` (``fix/login``), 64 characters at most; ``HEAD`` is reserved for ref syntax."""
+    if not isinstance(name, str):
+        raise InvalidName(f"{what} must be text")
+    if not name:
+        raise InvalidName(f"{what} must not be empty")
+    if len(name) > MAX_NAME:
+        raise InvalidName(f"{what} {name[:80]!r} is longer than {MAX_NAME} characters")
+    if not _REF_NAME.fullmatch(name):
+        raise InvalidName(f"{what} {name[:80]!r} may only contain letters, digits, '-' and "
+                          "'_', in parts joined by single '/' (fix/login)")
     if name == "HEAD":
-        raise InvalidName("'HEAD' is reserved and cannot be a branch name")
+        raise InvalidName(f"'HEAD' is reserved and cannot be a {what}")
     return name
+
+
+def check_branch(name: str) -> str:
+    return _check_ref_name(name, "branch name")
 
 
 def check_tag(name: str) -> str:
     """Tag names follow the branch rules (they are refs too)."""
-    check_name(name, "tag name")
-    if name == "HEAD":
-        raise InvalidName("'HEAD' is reserved and cannot be a tag name")
-    return name
+    return _check_ref_name(name, "tag name")
+
+
+def ref_key(name: str) -> str:
+    """A branch or tag name as one part of a path or a storage key: ``fix/login`` is
+    ``fix.login`` (no name holds a ``.``, so no two names meet, and ``fix`` beside
+    ``fix/login`` is not a folder holding a branch)."""
+    return name.replace("/", ".")
+
+
+def ref_of_key(key: str) -> str:
+    return key.replace(".", "/")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Ref syntax: ``HEAD``, ``HEAD^``, ``HEAD~3``, ``master^^``, ``bug-42~1`` (a tag),
+"""Ref syntax: ``HEAD``, ``HEAD^``, ``HEAD~3``, ``master^^``, ``fix/login~2``, ``bug-42~1`` (a tag),
 ``ab12cd`` (a unique id prefix)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class RefSpec:
 
 def parse_ref(text: str) -> RefSpec:
     """Split ``text`` into base and ancestry depth; raise :class:`UsageError` on bad syntax."""
-    m = re.match(r"[A-Za-z0-9_-]+", text)
+    m = re.match(r"[A-Za-z0-9_/-]+", text)
     if not m:
         raise UsageError(f"bad ref {text!r}: expected HEAD, a branch, a tag or a commit id")
     base, rest, back = m.group(0), text[m.end():], 0

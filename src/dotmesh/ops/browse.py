@@ -16,6 +16,7 @@ from typing import BinaryIO
 from dotmesh.errors import AlreadyExists, Corrupt, NotFound, UsageError
 from dotmesh.fs.btrfs import remove_tree
 from dotmesh.model.ids import HOLE, ObjectId
+from dotmesh.model.names import DEFAULT_SUBDOT
 from dotmesh.model.objects import DIR, FILE, Commit, Entry, FileList, Root, Tree
 from dotmesh.model.trees import Step, walk_trees
 from dotmesh.ops.history import changes_between
@@ -58,7 +59,8 @@ class Shown:
 
 
 def locate(home: Repo, dot: str, spec: str | None) -> Where:
-    """Parse ``REF[:SUBDOT[/PATH]]`` (no REF, or an empty one: HEAD) and resolve its ref."""
+    """Parse ``REF[:SUBDOT[/PATH]]`` (no REF, or an empty one: HEAD) and resolve its ref. In
+    a dot whose only subdot is the default one (``dm init app``), ``REF:PATH`` is its path."""
     ref, colon, rest = (spec or "HEAD").partition(":")
     ref = ref or "HEAD"
     oid = home.resolve(dot, ref)
@@ -68,6 +70,8 @@ def locate(home: Repo, dot: str, spec: str | None) -> Where:
     if not subdot:
         raise UsageError(f"{spec!r} names no subdot after the colon (REF:SUBDOT/PATH)")
     subdots = home.commit(oid).subdots
+    if subdot not in subdots and list(subdots) == [DEFAULT_SUBDOT]:
+        subdot, path = DEFAULT_SUBDOT, rest
     if subdot not in subdots:
         raise NotFound(f"commit {oid.hex()[:12]} has no subdot {subdot!r} (it has: "
                        f"{', '.join(sorted(subdots)) or 'none'})")

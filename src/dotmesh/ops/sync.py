@@ -7,6 +7,9 @@ Pull fetches the commits it lacks, then the trees and file lists it lacks level 
 then the chunks, in batches that are made durable as they come (a rerun fetches only what
 is still missing); only when everything is verified and stored does a ref move. A fetched
 tree whose symlinks would point out of the subdot is refused before anything names it.
+
+Tags travel with their dot: a push sends every tag of the dot (and the commits they name)
+after the branch, a pull and a clone take the remote's tags whose names are free here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar
 
 import zstandard
@@ -36,6 +39,7 @@ from dotmesh.model.objects import (
     Tree,
     is_dirty,
 )
+from dotmesh.model.tags import Tag
 from dotmesh.ops import checkout as checkout_ops
 from dotmesh.ops import remotes
 from dotmesh.remote import graph
@@ -64,6 +68,8 @@ class Transfer:
     objects: int = 0  # sent or fetched
     bytes: int = 0  # stored bytes sent or fetched (what crossed the wire, less headers)
     restored: checkout_ops.ResetResult | None = None  # a pull into the checked-out branch
+    tags: list[str] = field(default_factory=list)  # sent, or taken from the remote
+    notes: list[str] = field(default_factory=list)  # tags left as they were, and why
 
 
 def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
@@ -96,7 +102,8 @@ def _sharing_store(command: str) -> Callable[[Callable[Concatenate[Repo, P], T]]
 @_sharing_store("push")
 def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          remote_dot: str | None = None, force: bool = False,
-         progress: Progress | None = None, total: Progress | None = None) -> Transfer:
+         progress: Progress | None = None, total: Progress | None = None,
+         with_tags: bool = True) -> Transfer:
     home.require_dot(dot)
     r = remotes.get(home, remote_name)
     rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
@@ -109,34 +116,68 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         heads = t.heads()
         old = heads.get(branch)
         res = Transfer(r.name, rdot, branch, old if old else None, head)
-        if old == head:
-            res.status = "up to date"
-        else:
-            if old is not None and not force:
-                try:  # the rule the remote enforces again when the ref moves
-                    check_fast_forward(home.packs.get, head, old, branch)
-                except Conflict:  # worded for this command: which remote, what to run
-                    raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
-                                   f"lacks: dm pull {r.name} first, or dm push --force to "
-                                   "replace them") from None
-            _send(home, t, head, list(heads.values()), res, progress, total)
+        mine = home.tags(dot) if with_tags else {}
+        theirs = t.tags() if mine else {}
+        tags = _tags_to_send(mine, theirs, force, f"{r.name}'s {rdot}")
+        if old != head and old is not None and not force:
+            try:  # the rule the remote enforces again when the ref moves
+                check_fast_forward(home.packs.get, head, old, branch)
+            except Conflict:  # worded for this command: which remote, what to run
+                raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
+                               f"lacks: dm pull {r.name} first, or dm push --force to "
+                               "replace them") from None
+        wanted = ([head] if old != head else []) + [tag.commit for tag, _ in tags]
+        if wanted:
+            _send(home, t, wanted, [*heads.values(), *(x.commit for x in theirs.values())],
+                  res, progress, total)
+        res.status = "up to date"
+        if old != head:
             t.set_ref(branch, old, head, force)
             res.status = "pushed"
+        for tag, was in tags:  # after the branch: a tag is an extra, the branch the point
+            t.set_tag(tag, was)
+            res.tags.append(tag.name)
         _track(home, dot, r.name, rdot, branch, head)
         return res
     finally:
         t.close()
 
 
+def _tags_to_send(mine: dict[str, Tag], theirs: dict[str, Tag], force: bool,
+                  where: str) -> list[tuple[Tag, ObjectId | None]]:
+    """(tag, the commit the remote's tag of that name names) of each tag the remote lacks
+    or (with force) has at another commit. Without force, a tag there naming another commit
+    refuses the push before anything is sent."""
+    out: list[tuple[Tag, ObjectId | None]] = []
+    for name, tag in sorted(mine.items()):
+        there = theirs.get(name)
+        if there is not None and there.commit == tag.commit:
+            continue
+        if there is not None and not force:
+            raise Conflict(f"{where} has a tag {name} naming commit "
+                           f"{there.commit.hex()[:12]}, yours names "
+                           f"{tag.commit.hex()[:12]}: dm push --force moves it, --no-tags "
+                           "pushes the branch alone")
+        out.append((tag, there.commit if there else None))
+    return out
+
+
 def _ancestry(home: Repo, head: ObjectId) -> set[ObjectId]:
     return ancestors(home.packs.get, [head], home.packs.has)
 
 
-def _send(home: Repo, t: Transport, head: ObjectId, remote_heads: list[ObjectId],
+def _send(home: Repo, t: Transport, wanted: list[ObjectId], remote_heads: list[ObjectId],
           res: Transfer, progress: Progress | None, total: Progress | None) -> None:
+    """Send what the commits ``wanted`` (a branch's head, tags' commits) and their history
+    add to what ``remote_heads`` hold."""
     get = home.packs.get
     known = ancestors(get, remote_heads, home.packs.has)
-    d = graph.delta(get, commits_between(get, head, known))
+    fresh: list[ObjectId] = []
+    for head in wanted:  # each list parents first, after the commits the ones before named
+        more = commits_between(get, head, known)
+        known.update(more)
+        fresh += more
+    d = graph.delta(get, fresh)
     ids = d.ordered()
     lack = t.lacking(ids)
     todo = [o for o in ids if o in lack]  # read from this store's objects
@@ -342,13 +383,16 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         new = heads[branch]
         have = [h for h in home.branches(dot).values() if h]
         have += list(home.remote_heads(dot).values())
-        objects, nbytes = fetch(home, t, new, have, progress)
+        theirs = t.tags()
+        objects, nbytes = fetch_all(home, t, [new, *_new_tags(home, dot, theirs)], have,
+                                    progress)
     finally:
         t.close()
     _track(home, dot, r.name, rdot, branch, new)
     branches = home.branches(dot)
     old = branches.get(branch)
     res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes)
+    _take_tags(home, dot, theirs, branch, res)
     if branch not in branches:
         with home.lock(dot, "pull"):
             home.create_branch(dot, branch, new)
@@ -375,6 +419,42 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
             f"then take {r.name}'s with dm reset --hard {new.hex()[:12]} on {branch}; or "
             f"replace {r.name}'s with dm push --force")
     return res
+
+
+def _new_tags(home: Repo, dot: str | None, theirs: dict[str, Tag]) -> list[ObjectId]:
+    """The commits of the remote's tags that a pull or clone will take (names free here)."""
+    mine = home.tags(dot) if dot else {}
+    return [tag.commit for name, tag in sorted(theirs.items()) if name not in mine]
+
+
+def _take_tags(home: Repo, dot: str, theirs: dict[str, Tag], branch: str,
+               res: Transfer) -> None:
+    """Make here the remote's tags this dot lacks (their commits were fetched); a name that
+    is taken here (another tag, a branch) keeps what it names, with a note saying so."""
+    mine = home.tags(dot)
+    branches = home.branches(dot)
+    for name, tag in sorted(theirs.items()):
+        if name in mine:
+            if mine[name].commit != tag.commit:
+                res.notes.append(f"tag {name} names {mine[name].commit.hex()[:12]} here and "
+                                 f"{tag.commit.hex()[:12]} on {res.remote}: kept yours")
+            continue
+        if name in branches or name == branch:
+            res.notes.append(f"tag {name} of {res.remote} was not taken: {name} is a branch "
+                             "here")
+            continue
+        home.add_tag(dot, name, tag.commit, tag.message, tag.tagger, ts_ns=tag.ts_ns)
+        res.tags.append(name)
+
+
+def fetch_all(home: Repo, t: Transport, wanted: list[ObjectId], have: Sequence[ObjectId],
+              progress: Progress | None = None) -> tuple[int, int]:
+    """:func:`fetch` each of ``wanted`` (a branch's head, tags' commits), in that order."""
+    objects = nbytes = 0
+    for i, head in enumerate(wanted):
+        got = fetch(home, t, head, [*have, *wanted[:i]], progress)
+        objects, nbytes = objects + got[0], nbytes + got[1]
+    return objects, nbytes
 
 
 def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: ObjectId,
@@ -431,12 +511,16 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
             raise NotFound(f"{r.name}'s {rdot} has no branch {branch} (it has "
                            f"{', '.join(sorted(heads))})")
         new = heads[branch]
-        objects, nbytes = fetch(home, t, new, [], progress)
+        theirs = {n: tag for n, tag in t.tags().items() if n != branch}
+        objects, nbytes = fetch_all(home, t, [new, *_new_tags(home, None, theirs)], [],
+                                    progress)
     finally:
         t.close()
     message = f"clone {r.name} {rdot} {branch}"
     with Tx(home.conn) as tx:
         home.create_dot(name, tx, branch, new)
+        for tag in theirs.values():  # held to the rules of dm tag by Tag.from_json
+            refs.add_tag(tx, name, tag.name, tag.commit, tag.message, tag.tagger, tag.ts_ns)
         home.log_ref(tx, name, branch, "clone", None, new, None, message)
         home.begin_restore(tx, name, Journal("clone", branch, new, new, None, "clone", message))
         refs.track(tx, name, r.name, rdot, branch, new)
@@ -446,7 +530,8 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
         recover(home, name)  # builds the folders, then ends the journal
     if home.current_dot() is None:
         home.set_current_dot(name)
-    return Transfer(r.name, rdot, branch, None, new, "cloned", objects, nbytes)
+    return Transfer(r.name, rdot, branch, None, new, "cloned", objects, nbytes,
+                    tags=sorted(theirs))
 
 
-__all__ = ["Transfer", "clone", "fetch", "pull", "push"]
+__all__ = ["Transfer", "clone", "fetch", "fetch_all", "pull", "push"]

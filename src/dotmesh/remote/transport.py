@@ -9,7 +9,10 @@ The contract, which one test suite checks for both:
 - ``fetch(want)``: the objects asked for, verified (hash, kind, size, structure);
 - ``history(head)``: commit ``head`` and its ancestors there, verified;
 - ``set_ref(branch, old, new, force)``: compare-and-swap of a branch; Conflict if it moved,
-  or (without force) if ``new`` does not descend from it.
+  or (without force) if ``new`` does not descend from it;
+- ``tags()``: the dot's tags, held to local rules; ``set_tag(tag, old, force)``: make or
+  (with force) move a tag whose commit the dot has; Conflict if it names another commit
+  than ``old`` (None: if it exists at all).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any, Protocol
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
 from dotmesh.model.graph import check_fast_forward, walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
-from dotmesh.model.names import check_branch, check_name
+from dotmesh.model.names import check_branch, check_name, ref_key, ref_of_key
 from dotmesh.model.objects import KIND_COMMIT
+from dotmesh.model.tags import MAX_MESSAGE, MAX_TAGS, Tag
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.packed import decode_index, encode_index, first_within, read_records, write_pack
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, Record, decode, encode
@@ -35,6 +39,7 @@ FETCH_BATCH_BYTES = 16 << 20
 MAX_ANSWER = MAX_BATCH  # bytes of one answer of a hub
 MAX_JSON_ANSWER = 16 << 20
 MAX_REF_BLOB = 4096
+MAX_TAG_BLOB = 12 * MAX_MESSAGE + 4096  # a message JSON-escaped: 12 bytes a character at most
 MAX_INDEX_BLOB = 64 << 20  # an S3 pack's index: 50 bytes per object of a batch
 
 
@@ -56,6 +61,8 @@ class Transport(Protocol):
     def history(self, head: ObjectId, have: Sequence[ObjectId]) -> list[Record]: ...
     def set_ref(self, branch: str, old: ObjectId | None, new: ObjectId,
                 force: bool) -> None: ...
+    def tags(self) -> dict[str, Tag]: ...
+    def set_tag(self, tag: Tag, old: ObjectId | None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -81,6 +88,22 @@ def parse_heads(branches: dict[Any, Any], where: str) -> dict[str, ObjectId]:
         if len(raw) != ID_LEN:  # fromhex skips spaces: 64 characters may be fewer bytes
             raise BadTransfer(f"{where} has a malformed head for branch {name}")
         out[name] = ObjectId(raw)
+    return out
+
+
+def parse_tags(listed: object, where: str) -> dict[str, Tag]:
+    """Tags as a remote states them ({name: {commit, message, tagger, ts_ns}}), held to
+    local rules: one badly made tag refuses the whole answer, as a bad branch does."""
+    if not isinstance(listed, dict):
+        raise BadTransfer(f"{where} listed its tags malformed")
+    if len(listed) > MAX_TAGS:
+        raise BadTransfer(f"{where} has over {MAX_TAGS} tags")
+    out: dict[str, Tag] = {}
+    for name, obj in listed.items():
+        try:
+            out[name] = Tag.from_json(name, obj)
+        except InvalidName as e:
+            raise BadTransfer(f"{where} has a tag made badly: {e}") from None
     return out
 
 
@@ -182,15 +205,20 @@ class HubTransport:
         except InvalidName as e:
             raise BadTransfer(f"{self.where} named the key's user badly: {e}") from None
 
-    def heads(self) -> dict[str, ObjectId]:
+    def _describe(self) -> dict[str, Any]:
         try:
-            info = self._json("GET", self._dot())
+            return self._json("GET", self._dot())
         except NotFound:
             return {}
-        branches = info.get("branches")
+
+    def heads(self) -> dict[str, ObjectId]:
+        branches = self._describe().get("branches", {})
         if not isinstance(branches, dict):
             raise BadTransfer(f"{self.where} described the dot malformed")
         return parse_heads(branches, self.where)
+
+    def tags(self) -> dict[str, Tag]:
+        return parse_tags(self._describe().get("tags", {}), self.where)  # none: older hub
 
     def lacking(self, ids: list[ObjectId]) -> set[ObjectId]:
         out: set[ObjectId] = set()
@@ -229,6 +257,10 @@ class HubTransport:
         self._json("PUT", self._dot(f"/branches/{branch}"), json={
             "old": old.hex() if old else None, "new": new.hex(), "force": force})
 
+    def set_tag(self, tag: Tag, old: ObjectId | None) -> None:
+        self._json("PUT", self._dot(f"/tags/{tag.name}"), json={
+            **tag.to_json(), "old": old.hex() if old else None})
+
     def close(self) -> None:
         self.http.close()
 
@@ -238,8 +270,9 @@ class HubTransport:
 
 class S3Transport:
     """A dot in a bucket: ``dots/NAME/packs/*.pack`` with an ``.idx`` each (written after its
-    pack: a pack without one is an interrupted upload, ignored), and ``dots/NAME/refs/BRANCH``
-    (JSON), changed only by conditional writes. Indexes are immutable, so they are cached
+    pack: a pack without one is an interrupted upload, ignored), ``dots/NAME/refs/BRANCH``
+    and ``dots/NAME/tags/TAG`` (JSON; ``fix/login`` is ``fix.login``), changed only by
+    conditional writes. Indexes are immutable, so they are cached
     under ``cache``. The bucket is trusted as far as its users are: everything read from it is
     verified all the same."""
 
@@ -269,18 +302,40 @@ class S3Transport:
                 self._index.update(decode_index(key.removesuffix(".idx") + ".pack", data))
         return self._index
 
+    def _refs(self, kind: str, limit: int) -> Iterator[tuple[str, bytes]]:
+        """(name, value) of each ``refs/`` or ``tags/`` key."""
+        for key in self.blobs.list(f"{self.base}{kind}/"):
+            part = key.removeprefix(f"{self.base}{kind}/")
+            if "/" in part:  # fix/login is fix.login: no other key may name it
+                raise BadTransfer(f"{self.where} has a malformed key {key[:120]!r}")
+            got = self.blobs.read_versioned(key, limit)
+            if got is not None:
+                yield ref_of_key(part), got[0]
+
     def heads(self) -> dict[str, ObjectId]:
         out: dict[str, ObjectId] = {}
-        for key in self.blobs.list(self.base + "refs/"):
-            branch = key.rpartition("/")[2]
+        for branch, value in self._refs("refs", MAX_REF_BLOB):
             try:
                 check_branch(branch)
             except InvalidName as e:
                 raise BadTransfer(f"{self.where} has a branch named badly: {e}") from None
-            got = self.blobs.read_versioned(key, MAX_REF_BLOB)
-            if got is not None:
-                out[branch] = _parse_ref(got[0], self.where)
+            out[branch] = _parse_ref(value, self.where)
         return out
+
+    def tags(self) -> dict[str, Tag]:
+        out: dict[str, Tag] = {}
+        for name, value in self._refs("tags", MAX_TAG_BLOB):
+            if len(out) >= MAX_TAGS:
+                raise BadTransfer(f"{self.where} has over {MAX_TAGS} tags")
+            out[name] = self._parse_tag(name, value)
+        return out
+
+    def _parse_tag(self, name: str, value: bytes) -> Tag:
+        try:
+            listed = {name: json.loads(value)}
+        except (ValueError, RecursionError):
+            raise BadTransfer(f"{self.where} has a malformed tag {name[:80]!r}") from None
+        return parse_tags(listed, self.where)[name]
 
     def lacking(self, ids: list[ObjectId]) -> set[ObjectId]:
         index = self.index()
@@ -347,7 +402,7 @@ class S3Transport:
         another pusher, is success (two pushes of one commit both succeed). Without
         ``force``, ``new`` must include the branch's head, as on a hub (its history is read
         from the bucket, through the index)."""
-        key = f"{self.base}refs/{branch}"
+        key = f"{self.base}refs/{ref_key(branch)}"
         now = self.blobs.read_versioned(key, MAX_REF_BLOB)
         current = _parse_ref(now[0], self.where) if now else None
         if current == new:
@@ -365,6 +420,24 @@ class S3Transport:
             if again is None or _parse_ref(again[0], self.where) != new:
                 raise Conflict(f"{self.where} branch {branch} moved meanwhile: pull "
                                "first") from None
+
+    def set_tag(self, tag: Tag, old: ObjectId | None) -> None:
+        """A conditional write, as for a branch; the bucket must hold the tag's commit."""
+        if not self._has_commit(tag.commit):
+            raise NotFound(f"{self.where} has no commit {tag.commit.hex()[:12]}: push it "
+                           "first")
+        key = f"{self.base}tags/{ref_key(tag.name)}"
+        now = self.blobs.read_versioned(key, MAX_TAG_BLOB)
+        current = self._parse_tag(tag.name, now[0]).commit if now else None
+        if current == tag.commit:
+            return
+        if current != old:
+            raise Conflict(f"{self.where} tag {tag.name} names another commit meanwhile")
+        try:
+            self.blobs.put_if(key, json.dumps(tag.to_json()).encode(),
+                              now[1] if now else None)
+        except Conflict:
+            raise Conflict(f"{self.where} tag {tag.name} moved meanwhile") from None
 
     def close(self) -> None:
         pass

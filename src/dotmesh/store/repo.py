@@ -39,21 +39,11 @@ from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import StatCache
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
-from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name, check_tag
+from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name, check_tag, ref_key
 from dotmesh.model.objects import Commit
 from dotmesh.model.refspec import looks_like_id_prefix, parse_ref
+from dotmesh.model.tags import Tag, check_new_tag_name, check_tag_fields
 from dotmesh.store.packs import PackStore
-
-
-@dataclass(frozen=True)
-class Tag:
-    """A name for a commit of a dot (``dm tag``): a state to come back to, kept by gc."""
-
-    name: str
-    commit: ObjectId
-    message: str
-    tagger: str
-    ts_ns: int
 
 
 @dataclass(frozen=True)
@@ -239,8 +229,12 @@ class Repo:
         """Where the dot's apps see its data: what writers and restores look at."""
         return [self.stable(dot, s) for s in self.subdots(dot)]
 
+    def parked_set(self, dot: str, branch: str) -> Path:
+        """Where a branch that is not checked out keeps its folders."""
+        return self.dot_dir(dot) / "branches" / ref_key(branch)
+
     def parked(self, dot: str, branch: str, subdot: str) -> Path:
-        return self.dot_dir(dot) / "branches" / branch / subdot
+        return self.parked_set(dot, branch) / subdot
 
     def trash(self, dot: str) -> Path:
         """Where folders wait for a background removal (``fs/trash.py``)."""
@@ -418,13 +412,12 @@ class Repo:
         return out
 
     def add_tag(self, dot: str, name: str, commit: ObjectId, message: str, tagger: str,
-                force: bool = False) -> None:
+                force: bool = False, ts_ns: int | None = None) -> None:
         """Name ``commit`` (which must be one of the dot's) ``name``; ``force``: move a tag
-        that exists. A branch's name cannot be a tag's: one would hide the other."""
-        check_tag(name)
-        if looks_like_id_prefix(name):
-            raise InvalidName(f"tag name {name!r} looks like a commit id: a ref naming it "
-                              "would be ambiguous")
+        that exists. A branch's name cannot be a tag's: one would hide the other. ``ts_ns``:
+        when it was tagged, if elsewhere (a pulled tag)."""
+        check_new_tag_name(name)
+        check_tag_fields(message, tagger)
         if refs.branch_exists(self.conn, dot, name):
             raise AlreadyExists(f"{name!r} is a branch of dot {dot!r}: a tag of that name "
                                 "would be hidden by it")
@@ -433,7 +426,8 @@ class Repo:
                 if not force:
                     raise AlreadyExists(f"tag {name!r} already exists (dm tag -f moves it)")
                 refs.delete_tag(c, dot, name)
-            refs.add_tag(c, dot, name, commit, message, tagger, time.time_ns())
+            refs.add_tag(c, dot, name, commit, message, tagger,
+                         time.time_ns() if ts_ns is None else ts_ns)
 
     def delete_tag(self, dot: str, name: str) -> Tag:
         tag = self.tags(dot).get(name)
@@ -466,7 +460,7 @@ class Repo:
         exist (what a failed ``dm checkout -b`` had built)."""
         with Tx(self.conn) as c:
             statcache.drop_branch(c, dot, branch)
-        remove_tree(self.dot_dir(dot) / "branches" / branch)
+        remove_tree(self.parked_set(dot, branch))
 
     def set_head(self, c: sqlite3.Connection, dot: str, branch: str, old: ObjectId | None,
                  new: ObjectId, action: str, saved: ObjectId | None, message: str,

@@ -120,10 +120,6 @@ def working_set(home: Repo, dot: str) -> Path:
     return home.dot_dir(dot) / "subdots"
 
 
-def parked_set(home: Repo, dot: str, branch: str) -> Path:
-    return home.dot_dir(dot) / "branches" / branch
-
-
 def _set_mode(home: Repo, dot: str) -> SnapshotBackend | None:
     """The store's snapshot backend if this dot's working set is one it copies whole (a
     working set of an older layout is handled subdot by subdot, as plain folders are)."""
@@ -361,8 +357,8 @@ def settle(home: Repo, dot: str) -> None:
     backend = backend_of(home)
     cow = _set_mode(home, dot)
     if cow is not None:  # the working set moves whole
-        stable, old, new = (working_set(home, dot), parked_set(home, dot, from_branch),
-                            parked_set(home, dot, to_branch))
+        stable, old, new = (working_set(home, dot), home.parked_set(dot, from_branch),
+                            home.parked_set(dot, to_branch))
         if stable.exists() and not old.exists() and new.exists():
             old.parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(stable, old)
@@ -385,7 +381,7 @@ def settle(home: Repo, dot: str) -> None:
                 make_stable(home, dot, sub)
     with Tx(home.conn) as c:
         refs.end_swap(c, dot, to_branch)
-    leftover = home.dot_dir(dot) / "branches" / to_branch
+    leftover = home.parked_set(dot, to_branch)
     if leftover.exists() and not any(leftover.iterdir()):
         leftover.rmdir()
 
@@ -627,7 +623,7 @@ def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
     """:func:`materialize` for a working set copied whole: the branch's parked set is a
     writable copy of the commit's kept state (no data copied) or a new set; the subdot
     folders it lacks are built inside it, then renamed into place."""
-    parked = parked_set(home, dot, branch)
+    parked = home.parked_set(dot, branch)
     state = kept.folder(home, dot, commit)
     state_caches = kept.caches(home, dot, commit) if state is not None and commit else {}
     made: Stats | None = None

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import check_name
+from dotmesh.model.tags import Tag
 from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
 from dotmesh.server.hub.config import HubConfig
@@ -170,6 +171,18 @@ def create_app(store: HubStore) -> Starlette:
         store.set_ref(dot, p["branch"], old, new, force)
         return JSONResponse({"branch": p["branch"], "head": new.hex()})
 
+    def set_tag(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        try:
+            req = json.loads(body)
+            old = hex_id(req["old"]) if req.get("old") else None
+            tag = Tag.from_json(p["tag"], req)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise UsageError('expected {"old": hex or null, "commit": hex, "message": text, '
+                             '"tagger": text, "ts_ns": int}') from None
+        store.set_tag(dot, tag, old)
+        return JSONResponse({"tag": tag.name, "commit": tag.commit.hex()})
+
     def collaborator(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         if user != p["ns"]:
             raise Forbidden(f"only {p['ns']} may add collaborators to {p['ns']}/{p['dot']}")
@@ -218,7 +231,8 @@ def create_app(store: HubStore) -> Starlette:
         route(base + "/objects", "POST", receive),
         route(base + "/fetch", "POST", fetch),
         route(base + "/history/{commit}", "GET", history),
-        route(base + "/branches/{branch}", "PUT", set_ref),
+        route(base + "/branches/{branch:path}", "PUT", set_ref),
+        route(base + "/tags/{tag:path}", "PUT", set_tag),
         route(base + "/collaborators", "GET", collaborators),
         route(base + "/collaborators/{user}", "PUT", collaborator),
         route(base + "/collaborators/{user}", "DELETE", collaborator_rm),

@@ -34,6 +34,7 @@ from dotmesh.model.graph import check_fast_forward, commits_between, walk_commit
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit
+from dotmesh.model.tags import MAX_TAGGER, Tag, check_new_tag_name, check_tag_fields
 from dotmesh.remote import graph
 from dotmesh.remote.blobs import Blobs, StorageError
 from dotmesh.remote.packed import first_within, read_records, write_pack
@@ -71,6 +72,12 @@ verified = sa.Table("verified", md, sa.Column("dot_id", sa.Integer, primary_key=
 # Added after version 1's tables: create_all makes missing tables, never missing columns.
 disabled = sa.Table("disabled_users", md, sa.Column("name", sa.String(64), primary_key=True),
                     sa.Column("disabled_ns", sa.BigInteger, nullable=False))
+tags = sa.Table("tags", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                sa.Column("name", sa.String(64), primary_key=True),
+                sa.Column("head", sa.LargeBinary(32), nullable=False),
+                sa.Column("message", sa.Text, nullable=False),
+                sa.Column("tagger", sa.String(MAX_TAGGER), nullable=False),
+                sa.Column("ts_ns", sa.BigInteger, nullable=False))
 # Pack blobs no index row names any more, since when: dm hub gc deletes them a grace period
 # later, so that a read that found an object there just before still finds the bytes.
 doomed = sa.Table("doomed", md, sa.Column("pack", sa.String(200), primary_key=True),
@@ -307,7 +314,7 @@ class HubStore:
             # The dots first: PostgreSQL then waits for pushes holding them (_hold), and
             # the deletes below see the rows those pushes added.
             c.execute(dots.delete().where(dots.c.id.in_(batch)))
-            for table in (branches, members, verified, collaborators):
+            for table in (branches, tags, members, verified, collaborators):
                 c.execute(table.delete().where(table.c.dot_id.in_(batch)))
 
     def list_keys(self, name: str) -> list[tuple[str, int]]:
@@ -414,8 +421,12 @@ class HubStore:
         with self.engine.connect() as c:
             heads = {r[0]: r[1].hex() for r in c.execute(
                 sa.select(branches.c.name, branches.c.head).where(branches.c.dot_id == dot.id))}
+            named = {r[0]: Tag(r[0], ObjectId(bytes(r[1])), r[2], r[3], r[4]).to_json()
+                     for r in c.execute(sa.select(tags.c.name, tags.c.head, tags.c.message,
+                                                  tags.c.tagger, tags.c.ts_ns)
+                                        .where(tags.c.dot_id == dot.id))}
         return {"namespace": dot.namespace, "name": dot.name, "owner": dot.namespace,
-                "branches": heads, "collaborators": self.collaborators_of(dot)}
+                "branches": heads, "tags": named, "collaborators": self.collaborators_of(dot)}
 
     # ------------------------------------------------------------ objects
     def _present(self, table: sa.Table, ids: list[ObjectId],
@@ -564,22 +575,7 @@ class HubStore:
         if current != old:
             raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
                            f"{current.hex()[:12] if current else 'nothing'}): pull first")
-        get = self.getter(dot)
-        if self.lacking(dot, [new]) or not self._is_commit(get, new):
-            raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
-        done = self._present(verified, [new], dot)
-        if not done:
-            fresh = commits_between(get, new, _Verified(self, dot))
-            needed = graph.delta(get, fresh)
-            lost = self.lacking(dot, list(needed.kinds))
-            if lost:
-                raise Conflict(f"{dot} lacks {len(lost)} objects that commit "
-                               f"{new.hex()[:12]} needs: push again")
-            with self.tx() as c:
-                if fresh:  # none: a push of the same commit verified them meanwhile
-                    c.execute(self._insert_ignore(verified),
-                              [{"dot_id": dot.id, "oid": x} for x in fresh])
-                self._hold(c, dot)
+        get = self._verify(dot, new)
         if current is not None and not force:
             check_fast_forward(get, new, current, f"{dot} branch {branch}")
         try:
@@ -596,6 +592,60 @@ class HubStore:
             if now != new:
                 raise Conflict(f"{dot} branch {branch} moved meanwhile (it is now at "
                                f"{now.hex()[:12] if now else 'nothing'}): pull first") from None
+
+    def _verify(self, dot: Dot, new: ObjectId) -> graph.Get:
+        """Check that commit ``new`` and its whole closure belong to the dot (once per
+        commit: verified ones are remembered), before a ref names it."""
+        get = self.getter(dot)
+        if self.lacking(dot, [new]) or not self._is_commit(get, new):
+            raise NotFound(f"{dot} has no commit {new.hex()[:16]}: push its objects first")
+        if not self._present(verified, [new], dot):
+            fresh = commits_between(get, new, _Verified(self, dot))
+            needed = graph.delta(get, fresh)
+            lost = self.lacking(dot, list(needed.kinds))
+            if lost:
+                raise Conflict(f"{dot} lacks {len(lost)} objects that commit "
+                               f"{new.hex()[:12]} needs: push again")
+            with self.tx() as c:
+                if fresh:  # none: a push of the same commit verified them meanwhile
+                    c.execute(self._insert_ignore(verified),
+                              [{"dot_id": dot.id, "oid": x} for x in fresh])
+                self._hold(c, dot)
+        return get
+
+    def set_tag(self, dot: Dot, tag: Tag, old: ObjectId | None) -> None:
+        """Make tag ``tag.name``, or move it from ``old`` (compare-and-swap): its commit and
+        all it needs must belong to the dot. A tag already naming that commit is success."""
+        check_new_tag_name(tag.name)
+        check_tag_fields(tag.message, tag.tagger)
+        current = self._tag_head(dot, tag.name)
+        if current == tag.commit:
+            return
+        if current != old:
+            raise Conflict(f"{dot} tag {tag.name} names commit "
+                           f"{current.hex()[:12] if current else 'nothing'}, not the "
+                           f"{old.hex()[:12] if old else 'nothing'} expected")
+        self._verify(dot, tag.commit)
+        row = {"head": tag.commit, "message": tag.message, "tagger": tag.tagger,
+               "ts_ns": tag.ts_ns}
+        try:
+            with self.tx() as c:
+                if current is None:
+                    c.execute(tags.insert().values(dot_id=dot.id, name=tag.name, **row))
+                elif c.execute(tags.update().where(
+                        tags.c.dot_id == dot.id, tags.c.name == tag.name,
+                        tags.c.head == current).values(**row)).rowcount != 1:
+                    raise _Raced
+                self._hold(c, dot)
+        except (sa.exc.IntegrityError, _Raced):
+            if self._tag_head(dot, tag.name) != tag.commit:
+                raise Conflict(f"{dot} tag {tag.name} moved meanwhile") from None
+
+    def _tag_head(self, dot: Dot, name: str) -> ObjectId | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(tags.c.head).where(
+                tags.c.dot_id == dot.id, tags.c.name == name)).first()
+        return ObjectId(bytes(row[0])) if row else None
 
     @staticmethod
     def _hold(c: sa.Connection, dot: Dot) -> None:
