@@ -78,6 +78,20 @@ def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) 
     assert "table users: 1 added, 1 removed, 1 changed" in text and "-two" in text
     only = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--subdot", "notes", "--json"))
     assert [r["subdot"] for r in only] == ["notes"]
+    # What a subdot holds can be said where detection would guess otherwise:
+    kinds = {r["subdot"]: (r["kind"], r["kind_set"]) for r in json.loads(
+        dm.ok("subdot", "list", "--json"))}
+    assert kinds["app-db"] == ("sqlite", False) and kinds["notes"] == ("files", False)
+    dm.ok("subdot", "set-kind", "app.app-db", "files")
+    [as_files] = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--subdot", "app-db",
+                                  "--json"))
+    assert as_files["kind"] == "files" and "databases" not in as_files
+    assert "app.sqlite-wal" in [f["path"] for f in as_files["files"]]  # the WAL took the rows
+    assert "files" in dm.ok("subdot", "list") and "(detected)" in dm.ok("subdot", "list")
+    dm.ok("subdot", "set-kind", "app.app-db", "auto")
+    [again] = json.loads(dm.ok("diff", "--data", "HEAD^", "HEAD", "--subdot", "app-db",
+                               "--json"))
+    assert again["kind"] == "sqlite" and again["databases"]
     # The working state against HEAD (the servers' shutdown wrote their files since):
     dm.ok("commit", "-m", "settled")
     clean = json.loads(dm.ok("diff", "--data", "--json"))
@@ -87,6 +101,8 @@ def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) 
         (("diff", "--data", "--subdot", "nope"), 3, "no subdot 'nope'"),
         (("diff", "--subdot", "notes"), 2, "--subdot goes with --data"),
         (("diff", "--data", "--stat"), 2, "do not go together"),
+        (("subdot", "set-kind", "app.nope", "redis"), 3, "no subdot 'nope'"),
+        (("subdot", "set-kind", "app.notes", "oracle"), 2, "'oracle' is not one of"),
     ]:
         p = dm(*args)
         assert p.returncode == code and words in p.stderr, (args, p.returncode, p.stderr)

@@ -38,6 +38,7 @@ from dotmesh.errors import (
     OutOfSpace,
     UsageError,
 )
+from dotmesh.model.names import VolumeName
 from dotmesh.version import FORMAT_VERSION, __version__
 
 if TYPE_CHECKING:
@@ -245,6 +246,58 @@ def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
     if stopped.processes or stopped.containers:
         click.echo("Stopped " + ", ".join(map(str, [*stopped.processes, *stopped.containers])))
     click.echo(f"Deleted dot {name}")
+
+
+@cli.group()
+def subdot() -> None:
+    """List a dot's subdots and what they hold, or say what one holds."""
+
+
+@subdot.command("list")
+@click.argument("dot_name", metavar="[DOT]", required=False)
+@json_flag
+@pass_ctx
+def subdot_list(c: Ctx, dot_name: str | None, as_json: bool) -> None:
+    """List the subdots of a dot (default: the current one), each with its folder and what
+    dm diff --data reads it as: the kind set with dm subdot set-kind, else the one detected.
+
+    \b
+    Example:  dm subdot list app
+    """
+    from dotmesh.ops import datadiff
+
+    name = c.home.require_current(dot_name)
+    rows: list[dict[str, Any]] = []
+    for sub in c.home.subdots(name):
+        folder = c.home.stable(name, sub)
+        kind = datadiff.kind_set(c.home, name, sub)
+        rows.append({"subdot": sub, "folder": str(folder),
+                     "kind": kind or (datadiff.kind_of(folder) if folder.is_dir() else "files"),
+                     "kind_set": kind is not None})
+    if as_json:
+        emit_json(rows)
+        return
+    table([[r["subdot"], f"{r['kind']}{'' if r['kind_set'] else ' (detected)'}", r["folder"]]
+           for r in rows], ["SUBDOT", "KIND", "FOLDER"])
+
+
+@subdot.command("set-kind")
+@click.argument("volume", metavar="DOT.SUBDOT")
+@click.argument("kind", type=click.Choice(["postgres", "redis", "sqlite", "files", "auto"]))
+@pass_ctx
+def subdot_set_kind(c: Ctx, volume: str, kind: str) -> None:
+    """Say what a subdot holds, for dm diff --data, where detection (PG_VERSION, an AOF
+    or dump.rdb, a SQLite header) would guess wrong; auto detects again.
+
+    \b
+    Example:  dm subdot set-kind app.uploads files   # SQLite files in it are only files
+    """
+    from dotmesh.ops import datadiff
+
+    vol = VolumeName.parse(volume)
+    datadiff.set_kind(c.home, vol.dot, vol.subdot, kind)
+    click.echo(f"{vol} is read as {kind}" if kind != "auto"
+               else f"{vol}'s kind is detected again")
 
 
 # ------------------------------------------------------------------ history

@@ -94,6 +94,10 @@ def set_dot_option(conn: sqlite3.Connection, dot: str, key: str, value: str) -> 
     conn.execute("INSERT OR REPLACE INTO dot_options VALUES (?, ?, ?)", (dot, key, value))
 
 
+def drop_dot_option(conn: sqlite3.Connection, dot: str, key: str) -> None:
+    conn.execute("DELETE FROM dot_options WHERE dot=? AND key=?", (dot, key))
+
+
 # ------------------------------------------------------------------ hooks
 def hook_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
     """(id, dot, subdot, stage, command, timeout) in the order they were added."""

@@ -30,7 +30,9 @@ from typing import Any
 
 from psycopg import sql
 
-from dotmesh.errors import DotmeshError, NotFound
+from dotmesh.errors import DotmeshError, NotFound, UsageError
+from dotmesh.meta import config
+from dotmesh.meta.db import Tx
 from dotmesh.ops import browse, history
 from dotmesh.store.repo import Repo
 
@@ -90,6 +92,33 @@ def _read_small(path: Path, limit: int) -> bytes | None:
 
 
 REDIS_FILES = ("appendonlydir", "appendonly.aof", "dump.rdb")
+KINDS = ("postgres", "redis", "sqlite", "files")  # what dm subdot set-kind may say
+
+
+def _kind_key(subdot: str) -> str:
+    return f"kind.{subdot}"
+
+
+def set_kind(home: Repo, dot: str, subdot: str, kind: str) -> None:
+    """Say what a subdot holds, where detection would guess wrong (a PostgreSQL data folder
+    in a subfolder, a Redis dump under another name); ``auto``: detect again."""
+    home.require_dot(dot)
+    if subdot not in home.subdots(dot):
+        raise NotFound(f"dot {dot!r} has no subdot {subdot!r} (it has: "
+                       f"{', '.join(home.subdots(dot)) or 'none'})")
+    if kind != "auto" and kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}: one of {', '.join(KINDS)} or auto")
+    with Tx(home.conn) as tx:
+        if kind == "auto":
+            config.drop_dot_option(tx, dot, _kind_key(subdot))
+        else:
+            config.set_dot_option(tx, dot, _kind_key(subdot), kind)
+
+
+def kind_set(home: Repo, dot: str, subdot: str) -> str | None:
+    """The kind ``dm subdot set-kind`` gave the subdot, if any."""
+    kind = home.dot_option(dot, _kind_key(subdot))
+    return kind if kind in KINDS else None
 
 
 def kind_of(folder: Path) -> str:
@@ -135,8 +164,8 @@ def diff_data(home: Repo, dot: str, a: str | None, b: str | None,
             left.parent.mkdir()
             _side(home, dot, a or "HEAD", sub, left, sub in old)
             _side(home, dot, b, sub, right, sub in new)
-            report = Report(sub, kind_of(right) if right.is_dir() and any(right.iterdir())
-                            else kind_of(left))
+            report = Report(sub, kind_set(home, dot, sub) or (
+                kind_of(right) if right.is_dir() and any(right.iterdir()) else kind_of(left)))
             report.files = [c.__dict__ for c in changes if c.subdot == sub]
             if report.kind == "redis":
                 report.keys = _redis_diff(left, right)
@@ -628,4 +657,4 @@ def _text_diffs(left: Path, right: Path, files: list[dict[str, Any]]) -> dict[st
     return out
 
 
-__all__ = ["Report", "diff_data", "kind_of"]
+__all__ = ["KINDS", "Report", "diff_data", "kind_of", "kind_set", "set_kind"]
