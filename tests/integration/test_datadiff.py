@@ -137,6 +137,15 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
             pg.sql("CREATE INDEX users_name ON users (name)")
             dm.ok("commit", "-m", "changed users")
             files_before = json.loads(dm.ok("diff", "HEAD^", "HEAD", "--json"))
+            # The working state while the server runs: copied as a live commit reads it
+            # (the server stopped for the last pass), recovered on the copy.
+            pg.sql("INSERT INTO users VALUES (5, 'eve')")
+            [live] = json.loads(dm.ok("diff", "--data", "--subdot", "users-db", "--json"))
+            assert live["frozen_ms"] > 0 and "read live" in live["note"], live
+            [live_db] = [d for d in live["databases"] if d["path"] == "postgres"]
+            assert live_db["tables"]["public.users"]["first"]["added"] == [
+                {"id": 5, "name": "eve", "email": None}]
+            assert pg.sql("SELECT count(*) FROM users") == "4"  # it serves on
         finally:
             pg.stop()
 

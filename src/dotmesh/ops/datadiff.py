@@ -30,6 +30,9 @@ from typing import Any
 
 from psycopg import sql
 
+from dotmesh.capture.freeze import frozen
+from dotmesh.capture.stop import running_containers
+from dotmesh.capture.writers import find_writers
 from dotmesh.errors import DotmeshError, NotFound, UsageError
 from dotmesh.meta import config
 from dotmesh.meta.db import Tx
@@ -55,11 +58,14 @@ class Report:
     databases: list[dict[str, Any]] = field(default_factory=list)  # sqlite, one per file
     files: list[dict[str, Any]] = field(default_factory=list)  # the file-level changes
     text: dict[str, str] = field(default_factory=dict)  # path -> unified diff
+    frozen_ms: float | None = None  # the working state's writers were stopped this long
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"subdot": self.subdot, "kind": self.kind, "files": self.files}
         if self.note:
             out["note"] = self.note
+        if self.frozen_ms is not None:
+            out["frozen_ms"] = round(self.frozen_ms, 1)
         if self.kind == "redis":
             out["keys"] = self.keys
         if self.kind in ("sqlite", "postgres"):
@@ -93,6 +99,7 @@ def _read_small(path: Path, limit: int) -> bytes | None:
 
 REDIS_FILES = ("appendonlydir", "appendonly.aof", "dump.rdb")
 KINDS = ("postgres", "redis", "sqlite", "files")  # what dm subdot set-kind may say
+LIVE_COPY_FREEZE = 10.0  # seconds the writers may stay stopped while a copy catches up
 
 
 def _kind_key(subdot: str) -> str:
@@ -163,9 +170,13 @@ def diff_data(home: Repo, dot: str, a: str | None, b: str | None,
             left, right = Path(tmp) / sub / "a", Path(tmp) / sub / "b"
             left.parent.mkdir()
             _side(home, dot, a or "HEAD", sub, left, sub in old)
-            _side(home, dot, b, sub, right, sub in new)
+            live = _side(home, dot, b, sub, right, sub in new)
             report = Report(sub, kind_set(home, dot, sub) or (
                 kind_of(right) if right.is_dir() and any(right.iterdir()) else kind_of(left)))
+            if live is not None:
+                report.frozen_ms = live.ms
+                report.note = (f"the working state was read live: {', '.join(live.stopped)} "
+                               f"stopped for {live.ms:.1f} ms")
             report.files = [c.__dict__ for c in changes if c.subdot == sub]
             if report.kind == "redis":
                 report.keys = _redis_diff(left, right)
@@ -178,15 +189,101 @@ def diff_data(home: Repo, dot: str, a: str | None, b: str | None,
     return reports
 
 
-def _side(home: Repo, dot: str, ref: str | None, sub: str, dest: Path, present: bool) -> None:
+def _side(home: Repo, dot: str, ref: str | None, sub: str, dest: Path,
+          present: bool) -> LiveCopy | None:
     """One side of a subdot in ``dest``: a commit's, exported; the working state's, copied
-    (its store may be running: the copy is what is read). Absent: an empty folder."""
+    as a live commit reads it (its store may be running: the copy is what is read). Absent:
+    an empty folder."""
     if not present:
         dest.mkdir()
     elif ref is not None:
         browse.export(home, dot, ref, dest, sub)
     else:
-        shutil.copytree(home.stable(dot, sub), dest, symlinks=True)
+        return copy_live(home.stable(dot, sub), dest, dot)
+    return None
+
+
+Seen = dict[str, tuple[int, int, int, int]]  # relative path: (mode, size, mtime, ctime)
+
+
+@dataclass(frozen=True)
+class LiveCopy:
+    """Who was stopped for a live copy's last pass, and how long."""
+
+    stopped: list[str]
+    ms: float
+
+
+def copy_live(src: Path, dest: Path, dot: str) -> LiveCopy | None:
+    """A copy of a folder that running processes may be writing, as consistent as a live
+    commit's: copied while they run, then, with them stopped (as ``dm commit`` stops them,
+    for a moment), what changed meanwhile is copied again and what went is removed. A
+    database then finds in the copy what a crash would have left, and recovers from it.
+    None: nobody was using the folder."""
+    seen: Seen = {}
+    _sync(src, dest, seen)
+    writers = find_writers([src])
+    containers = running_containers(dot) if writers else []
+    if not (writers or containers):
+        return None
+    with frozen(writers, LIVE_COPY_FREEZE, containers) as fz:
+        _sync(src, dest, seen)
+    return LiveCopy([str(w) for w in [*writers, *containers]], fz.ms)
+
+
+def _sync(src: Path, dest: Path, seen: Seen) -> None:
+    """Make ``dest`` hold what ``src`` holds, copying only the entries whose stat differs
+    from ``seen`` (updated); symlinks are copied as links, never followed. Entries that
+    vanish during the walk (a server's temporary files) are skipped."""
+    now: set[str] = set()
+    dest.mkdir(exist_ok=True)
+    dest.chmod(stat.S_IMODE(src.stat().st_mode))  # PostgreSQL wants its folder 0700
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel_dir = os.path.relpath(dirpath, src)
+        for name in dirnames + filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            s, d = os.path.join(src, rel), os.path.join(dest, rel)
+            try:
+                st = os.lstat(s)
+            except FileNotFoundError:
+                continue
+            now.add(rel)
+            key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if seen.get(rel) == key:
+                continue
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    if not os.path.isdir(d) or os.path.islink(d):
+                        _remove(d)
+                        os.mkdir(d)
+                    os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+                else:
+                    _remove(d)
+                    if stat.S_ISLNK(st.st_mode):
+                        os.symlink(os.readlink(s), d)
+                    elif stat.S_ISREG(st.st_mode):
+                        shutil.copyfile(s, d, follow_symlinks=False)
+                        os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IRUSR)
+                    else:
+                        continue  # sockets, fifos: no data to diff
+            except FileNotFoundError:
+                now.discard(rel)
+                continue
+            seen[rel] = key
+    for rel in sorted(set(seen) - now, reverse=True):  # gone meanwhile: deepest first
+        _remove(os.path.join(dest, rel))
+        del seen[rel]
+
+
+def _remove(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def _no_symlinks(folder: Path, store: str) -> None:
