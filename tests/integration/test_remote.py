@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dotmesh import Repo
 from tests.conftest import DM, DM_BIN, kill_inside
 from tests.integration.remote_env import Hub, postgres_db
 
@@ -194,6 +195,18 @@ def test_tags_and_branches_named_with_parts_travel_with_their_dot(hub, tmp_path)
     assert p.returncode == 0 and "up to date; tags taken: demo" in p.stdout, p.stderr
     assert "tag bug-42 names" in p.stderr and "kept yours" in p.stderr  # bob's stays put
     assert bob.ok("cat", "bug-42:state") == "the bug"
+
+    # From Python, a state that is only on the hub is fetched for the block, and the state
+    # before comes back after it.
+    alice.ok("tag", "only-there", "fix/login~1")
+    alice.ok("push", "--branch", "fix/login")
+    with Repo.open(bob.home) as repo:
+        lib = repo.dot("lib")
+        before = lib.head
+        with lib.at("only-there"):
+            assert (bob.path("lib") / "state").read_text() == "the bug"
+        assert lib.head == before and "only-there" in lib.tags()
+    assert (bob.path("lib") / "state").read_text() == "the bug"  # look's: bug-42's state
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
 
 

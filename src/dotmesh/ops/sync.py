@@ -457,6 +457,40 @@ def fetch_all(home: Repo, t: Transport, wanted: list[ObjectId], have: Sequence[O
     return objects, nbytes
 
 
+@_sharing_store("fetch")
+def fetch_ref(home: Repo, dot: str, ref: str, remote_name: str | None = None) -> ObjectId:
+    """Bring a state that is not here from the dot's remote: one of its tags (made here
+    too), one of its branches' heads (kept reachable as the remote head seen), or a commit
+    by its whole id. Returns the commit."""
+    home.require_dot(dot)
+    r = remotes.get(home, remote_name)
+    rdot = remotes.remote_dot_for(home, r, dot, None)
+    t = remotes.transport(home, r, rdot)
+    try:
+        heads, theirs = t.heads(), t.tags()
+        if ref in theirs:
+            want = theirs[ref].commit
+        elif ref in heads:
+            want = heads[ref]
+        elif len(ref) == 64 and all(ch in "0123456789abcdef" for ch in ref):
+            want = ObjectId(bytes.fromhex(ref))
+        else:
+            raise NotFound(f"unknown ref {ref!r}: not in dot {dot!r}, nor a tag or branch of "
+                           f"{r.name}'s {rdot}")
+        have = [h for h in home.branches(dot).values() if h]
+        fetch(home, t, want, [*have, *home.remote_heads(dot).values()])
+    finally:
+        t.close()
+    if ref in theirs:
+        res = Transfer(r.name, rdot, ref, None, want)
+        _take_tags(home, dot, {ref: theirs[ref]}, home.branch(dot), res)
+        if not res.tags:
+            raise Conflict(f"{res.notes[0]}: name the state by its id, {want.hex()}")
+    elif ref in heads:
+        _track(home, dot, r.name, rdot, ref, want)
+    return want
+
+
 def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: ObjectId,
                  message: str) -> None:
     """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
@@ -534,4 +568,4 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
                     tags=sorted(theirs))
 
 
-__all__ = ["Transfer", "clone", "fetch", "fetch_all", "pull", "push"]
+__all__ = ["Transfer", "clone", "fetch", "fetch_all", "fetch_ref", "pull", "push"]

@@ -1,0 +1,252 @@
+"""dotmesh from Python: the operations ``dm`` runs, as typed calls.
+
+```python
+import dotmesh
+
+with dotmesh.Repo.open() as repo:          # $DM_HOME, else ~/.dotmesh
+    app = repo.dot("app")
+    app.commit("three users, one of them broken")
+    app.tag("bug-42", message="the user who cannot log in")
+    with app.at("bug-42"):                  # the state, for the block; then back, exactly
+        run_the_regression_test()
+```
+
+Results are the dataclasses the CLI renders (:class:`CommitResult`, :class:`ResetResult`,
+:class:`Transfer`, ...), and failures raise the exceptions the CLI maps to exit codes
+(:class:`NotFound`, :class:`Conflict`, ...; all are :class:`DotmeshError`). Long operations
+take a ``progress`` callback, called with the number of bytes done since the last call.
+
+A :class:`Repo` holds the store open (one SQLite connection): use one per thread, and close
+it (or use ``with``) when done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from dotmesh.model.ids import ObjectId
+from dotmesh.model.names import DEFAULT_SUBDOT, check_name
+from dotmesh.model.objects import Commit
+from dotmesh.model.tags import Tag
+from dotmesh.ops import browse, datadiff, history, pin
+from dotmesh.ops import checkout as checkout_ops
+from dotmesh.ops import commit as commit_ops
+from dotmesh.ops import dots as dot_ops
+from dotmesh.ops.browse import Shown
+from dotmesh.ops.checkout import ResetResult
+from dotmesh.ops.commit import CommitResult
+from dotmesh.ops.datadiff import Report
+from dotmesh.ops.history import Change
+from dotmesh.ops.pin import Visit
+from dotmesh.store.repo import Repo as Store
+from dotmesh.store.repo import default_home
+
+if TYPE_CHECKING:  # the network code is imported when a transfer runs
+    from dotmesh.ops import sync
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One commit of a log: its id and what it records."""
+
+    id: ObjectId
+    commit: Commit
+
+
+class Repo:
+    """A dotmesh store: the dots of one user (``~/.dotmesh``, ``$DM_HOME``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @classmethod
+    def open(cls, home: str | Path | None = None) -> Repo:
+        """Open the store at ``home`` (default: ``$DM_HOME``, else ``~/.dotmesh``), making
+        it if it is not there."""
+        return cls(Store(Path(home) if home is not None else default_home()))
+
+    @property
+    def home(self) -> Path:
+        return self._store.root
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Repo:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def init(self, name: str) -> Dot:
+        """Make a new, empty dot (AlreadyExists if the name is taken)."""
+        dot_ops.init(self._store, name)
+        return Dot(self, name)
+
+    def dots(self) -> list[Dot]:
+        return [Dot(self, name) for name in self._store.dots()]
+
+    def dot(self, name: str) -> Dot:
+        """An existing dot (NotFound if there is none of that name)."""
+        self._store.require_dot(check_name(name, "dot name"))
+        return Dot(self, name)
+
+    def clone(self, remote: str | None, remote_dot: str, branch: str | None = None,
+              local_name: str | None = None, progress: Progress | None = None) -> Dot:
+        """Copy a dot from a remote (``dm clone``), with its tags and folders."""
+        from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
+
+        res = sync.clone(self._store, remote, remote_dot, branch, local_name, progress)
+        return Dot(self, local_name or res.remote_dot.rpartition("/")[2])
+
+
+class Dot:
+    """One app's data: its subdots (one folder per data store), branches, commits, tags."""
+
+    def __init__(self, repo: Repo, name: str) -> None:
+        self.repo, self.name = repo, name
+
+    def __repr__(self) -> str:
+        return f"Dot({self.name!r})"
+
+    @property
+    def _store(self) -> Store:
+        return self.repo._store  # noqa: SLF001 - one package
+
+    # ------------------------------------------------------------ folders
+    def path(self, subdot: str = DEFAULT_SUBDOT) -> Path:
+        """The folder an app keeps ``subdot``'s data in (made if it is new): what
+        ``dm path DOT.SUBDOT`` prints."""
+        name = self.name if subdot == DEFAULT_SUBDOT else f"{self.name}.{subdot}"
+        return dot_ops.path(self._store, name)
+
+    def subdots(self) -> list[str]:
+        return self._store.subdots(self.name)
+
+    # ------------------------------------------------------------ history
+    @property
+    def branch(self) -> str:
+        """The branch checked out."""
+        return self._store.branch(self.name)
+
+    @property
+    def head(self) -> ObjectId | None:
+        """The checked-out branch's head (None before the first commit)."""
+        return self._store.head(self.name, self.branch)
+
+    def branches(self) -> dict[str, ObjectId | None]:
+        return self._store.branches(self.name)
+
+    def resolve(self, ref: str) -> ObjectId:
+        """A commit id for ``HEAD``, ``HEAD~2``, a branch, a tag or an id prefix."""
+        return self._store.resolve(self.name, ref)
+
+    def commit(self, message: str, metadata: dict[str, str] | None = None,
+               freeze: bool = True, freeze_timeout: float = 5.0,
+               progress: Progress | None = None) -> CommitResult:
+        """Commit every subdot at once; running writers are stopped for a moment
+        (``freeze``) so that all subdots are captured at one point in time."""
+        return commit_ops.commit(self._store, self.name, message, metadata, None, progress,
+                                 freeze, freeze_timeout)
+
+    def log(self, ref: str = "HEAD", limit: int | None = None) -> list[LogEntry]:
+        """Commits from ``ref`` back along first parents, newest first."""
+        return [LogEntry(oid, c) for oid, c in history.log(self._store, self.name, limit, ref)]
+
+    def show(self, ref: str = "HEAD") -> Shown:
+        """A commit with per-subdot sizes and a diff stat against its parent."""
+        return browse.show(self._store, self.name, ref)
+
+    def diff(self, a: str | None = None, b: str | None = None) -> list[Change]:
+        """Files that differ from ``a`` (default HEAD) to ``b`` (default: the working
+        state)."""
+        return history.diff(self._store, self.name, a, b)
+
+    def diff_data(self, a: str | None = None, b: str | None = None,
+                  subdot: str | None = None) -> list[Report]:
+        """What changed in each subdot's own terms: PostgreSQL and SQLite rows and schema,
+        Redis keys, text lines (``dm diff --data``)."""
+        return datadiff.diff_data(self._store, self.name, a, b, subdot)
+
+    # ------------------------------------------------------------ moving
+    def checkout(self, branch: str, create: bool = False, at: str | None = None,
+                 stop_writers: bool = False, progress: Progress | None = None) -> bool:
+        """Switch to ``branch`` (``create``: a new one, at ``at``, default HEAD); each branch
+        keeps its own working state. Returns whether the dot moved."""
+        moved, _ = checkout_ops.checkout(self._store, self.name, branch, create, progress,
+                                         stop_writers, at)
+        return moved
+
+    def reset(self, ref: str, stop_writers: bool = False,
+              progress: Progress | None = None) -> ResetResult:
+        """Move the branch to ``ref`` and make the working state match; the state it
+        replaces is saved first (``ResetResult.saved`` or ``.kept_as``)."""
+        return checkout_ops.reset_hard(self._store, self.name, ref, progress, stop_writers)
+
+    @contextmanager
+    def at(self, ref: str, stop_writers: bool = False, fetch: bool = True,
+           progress: Progress | None = None) -> Iterator[Visit]:
+        """The state ``ref`` (a tag, branch or commit; fetched from the dot's remote if it
+        is not here) for the block; afterwards exactly the state that was there before, on
+        the branch and head it had. What the block changed is saved (``dm reflog``)."""
+        with pin.at(self._store, self.name, ref, stop_writers, fetch, progress) as visit:
+            yield visit
+
+    def keep(self, visit: Visit, branch: str, message: str) -> ObjectId:
+        """Inside :meth:`at`: commit the state the block made on a new ``branch`` (a failed
+        test's state, to share with ``push(branch=...)``)."""
+        return pin.keep_on(self._store, self.name, visit, branch, message)
+
+    def export(self, ref: str, dest: str | Path, subdot: str | None = None) -> None:
+        """Write a commit's subdots (or one) as plain folders into ``dest``."""
+        browse.export(self._store, self.name, ref, Path(dest), subdot)
+
+    # ------------------------------------------------------------ tags
+    def tag(self, name: str, ref: str = "HEAD", message: str = "",
+            force: bool = False) -> Tag:
+        """Name the commit ``ref``; the name works wherever a ref does, travels with the
+        dot and keeps its commit from gc."""
+        commit = self.resolve(ref)
+        self._store.add_tag(self.name, name, commit, message, commit_ops.default_author(),
+                            force)
+        return self._store.tags(self.name)[name]
+
+    def tags(self) -> dict[str, Tag]:
+        return self._store.tags(self.name)
+
+    def delete_tag(self, name: str) -> Tag:
+        return self._store.delete_tag(self.name, name)
+
+    # ------------------------------------------------------------ sharing
+    def push(self, remote: str | None = None, branch: str | None = None,
+             force: bool = False, tags: bool = True,
+             progress: Progress | None = None) -> sync.Transfer:
+        """Send a branch (default: the checked-out one) and the dot's tags to a remote."""
+        from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
+
+        return sync.push(self._store, self.name, remote, branch, None, force, progress,
+                         with_tags=tags)
+
+    def fetch(self, ref: str, remote: str | None = None) -> ObjectId:
+        """Bring a tag, a branch's head or a commit (by its whole id) of the dot's remote
+        here, without moving anything; a tag is made here too."""
+        from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
+
+        return sync.fetch_ref(self._store, self.name, ref, remote)
+
+    def pull(self, remote: str | None = None, branch: str | None = None,
+             stop_writers: bool = False, progress: Progress | None = None) -> sync.Transfer:
+        """Fetch a branch's new commits and the remote's tags; fast-forward to them."""
+        from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
+
+        return sync.pull(self._store, self.name, remote, branch, progress, stop_writers)
+
+__all__ = ["Dot", "LogEntry", "Progress", "Repo"]
