@@ -27,27 +27,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import DEFAULT_SUBDOT, check_name
-from dotmesh.model.objects import Commit
-from dotmesh.model.tags import Tag
-from dotmesh.ops import browse, datadiff, history, pin
-from dotmesh.ops import checkout as checkout_ops
-from dotmesh.ops import commit as commit_ops
-from dotmesh.ops import dots as dot_ops
-from dotmesh.ops.browse import Shown
-from dotmesh.ops.checkout import ResetResult
-from dotmesh.ops.commit import CommitResult
-from dotmesh.ops.datadiff import Report
-from dotmesh.ops.history import Change
-from dotmesh.ops.pin import Visit
 from dotmesh.store.repo import Repo as Store
 from dotmesh.store.repo import default_home
 
-if TYPE_CHECKING:  # the network code is imported when a transfer runs
-    from dotmesh.ops import sync
+if TYPE_CHECKING:  # the operations are imported when called: dm's start-up stays light
+    from dotmesh.capture.stop import Stopped
+    from dotmesh.model.objects import Commit
+    from dotmesh.model.tags import Tag
+    from dotmesh.ops.browse import Shown
+    from dotmesh.ops.checkout import ResetResult
+    from dotmesh.ops.commit import CommitResult
+    from dotmesh.ops.datadiff import Report
+    from dotmesh.ops.history import Change
+    from dotmesh.ops.pin import Visit
+    from dotmesh.ops.sync import Transfer
 
 Progress = Callable[[int], None]
 
@@ -58,6 +55,15 @@ class LogEntry:
 
     id: ObjectId
     commit: Commit
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    """Whether a checkout moved the dot, and what it stopped (processes are not restarted;
+    containers were, on the new branch's data)."""
+
+    moved: bool
+    stopped: Stopped
 
 
 class Repo:
@@ -88,6 +94,8 @@ class Repo:
 
     def init(self, name: str) -> Dot:
         """Make a new, empty dot (AlreadyExists if the name is taken)."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
         dot_ops.init(self._store, name)
         return Dot(self, name)
 
@@ -100,12 +108,14 @@ class Repo:
         return Dot(self, name)
 
     def clone(self, remote: str | None, remote_dot: str, branch: str | None = None,
-              local_name: str | None = None, progress: Progress | None = None) -> Dot:
-        """Copy a dot from a remote (``dm clone``), with its tags and folders."""
+              local_name: str | None = None, progress: Progress | None = None,
+              same_owner: bool = False) -> Transfer:
+        """Copy a dot from a remote (``dm clone``), with its tags and folders; the new
+        dot is ``repo.dot(result.dot)``."""
         from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
 
-        res = sync.clone(self._store, remote, remote_dot, branch, local_name, progress)
-        return Dot(self, local_name or res.remote_dot.rpartition("/")[2])
+        return sync.clone(self._store, remote, remote_dot, branch, local_name, progress,
+                          same_owner)
 
 
 class Dot:
@@ -125,6 +135,8 @@ class Dot:
     def path(self, subdot: str = DEFAULT_SUBDOT) -> Path:
         """The folder an app keeps ``subdot``'s data in (made if it is new): what
         ``dm path DOT.SUBDOT`` prints."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
         name = self.name if subdot == DEFAULT_SUBDOT else f"{self.name}.{subdot}"
         return dot_ops.path(self._store, name)
 
@@ -150,45 +162,62 @@ class Dot:
         return self._store.resolve(self.name, ref)
 
     def commit(self, message: str, metadata: dict[str, str] | None = None,
-               freeze: bool = True, freeze_timeout: float = 5.0,
+               freeze: bool = True, freeze_timeout: float = 5.0, author: str | None = None,
                progress: Progress | None = None) -> CommitResult:
         """Commit every subdot at once; running writers are stopped for a moment
-        (``freeze``) so that all subdots are captured at one point in time."""
-        return commit_ops.commit(self._store, self.name, message, metadata, None, progress,
+        (``freeze``) so that all subdots are captured at one point in time. ``author``:
+        default ``$DM_AUTHOR``, else the user's name."""
+        from dotmesh.ops import commit as commit_ops  # noqa: PLC0415
+
+        return commit_ops.commit(self._store, self.name, message, metadata, author, progress,
                                  freeze, freeze_timeout)
 
     def log(self, ref: str = "HEAD", limit: int | None = None) -> list[LogEntry]:
         """Commits from ``ref`` back along first parents, newest first."""
+        from dotmesh.ops import history  # noqa: PLC0415
+
         return [LogEntry(oid, c) for oid, c in history.log(self._store, self.name, limit, ref)]
 
     def show(self, ref: str = "HEAD") -> Shown:
         """A commit with per-subdot sizes and a diff stat against its parent."""
+        from dotmesh.ops import browse  # noqa: PLC0415
+
         return browse.show(self._store, self.name, ref)
 
     def diff(self, a: str | None = None, b: str | None = None) -> list[Change]:
         """Files that differ from ``a`` (default HEAD) to ``b`` (default: the working
         state)."""
+        from dotmesh.ops import history  # noqa: PLC0415
+
         return history.diff(self._store, self.name, a, b)
 
     def diff_data(self, a: str | None = None, b: str | None = None,
                   subdot: str | None = None) -> list[Report]:
         """What changed in each subdot's own terms: PostgreSQL and SQLite rows and schema,
         Redis keys, text lines (``dm diff --data``)."""
+        from dotmesh.ops import datadiff  # noqa: PLC0415
+
         return datadiff.diff_data(self._store, self.name, a, b, subdot)
 
     # ------------------------------------------------------------ moving
     def checkout(self, branch: str, create: bool = False, at: str | None = None,
-                 stop_writers: bool = False, progress: Progress | None = None) -> bool:
+                 stop_writers: bool = False, progress: Progress | None = None
+                 ) -> CheckoutResult:
         """Switch to ``branch`` (``create``: a new one, at ``at``, default HEAD); each branch
-        keeps its own working state. Returns whether the dot moved."""
-        moved, _ = checkout_ops.checkout(self._store, self.name, branch, create, progress,
-                                         stop_writers, at)
-        return moved
+        keeps its own working state. ``stop_writers``: stop the processes using the dot
+        instead of refusing."""
+        from dotmesh.ops import checkout as checkout_ops  # noqa: PLC0415
+
+        moved, stopped = checkout_ops.checkout(self._store, self.name, branch, create,
+                                               progress, stop_writers, at)
+        return CheckoutResult(moved, stopped)
 
     def reset(self, ref: str, stop_writers: bool = False,
               progress: Progress | None = None) -> ResetResult:
         """Move the branch to ``ref`` and make the working state match; the state it
         replaces is saved first (``ResetResult.saved`` or ``.kept_as``)."""
+        from dotmesh.ops import checkout as checkout_ops  # noqa: PLC0415
+
         return checkout_ops.reset_hard(self._store, self.name, ref, progress, stop_writers)
 
     @contextmanager
@@ -197,26 +226,42 @@ class Dot:
         """The state ``ref`` (a tag, branch or commit; fetched from the dot's remote if it
         is not here) for the block; afterwards exactly the state that was there before, on
         the branch and head it had. What the block changed is saved (``dm reflog``)."""
+        from dotmesh.ops import pin  # noqa: PLC0415
+
         with pin.at(self._store, self.name, ref, stop_writers, fetch, progress) as visit:
             yield visit
 
     def keep(self, visit: Visit, branch: str, message: str) -> ObjectId:
         """Inside :meth:`at`: commit the state the block made on a new ``branch`` (a failed
         test's state, to share with ``push(branch=...)``)."""
+        from dotmesh.ops import pin  # noqa: PLC0415
+
         return pin.keep_on(self._store, self.name, visit, branch, message)
 
-    def export(self, ref: str, dest: str | Path, subdot: str | None = None) -> None:
-        """Write a commit's subdots (or one) as plain folders into ``dest``."""
-        browse.export(self._store, self.name, ref, Path(dest), subdot)
+    def export(self, ref: str, dest: str | Path, subdot: str | None = None,
+               progress: Progress | None = None) -> list[str]:
+        """Write a commit's subdots (or one) as plain folders into ``dest`` (new, or an
+        empty folder); returns the subdots written."""
+        from dotmesh.ops import browse  # noqa: PLC0415
+
+        return browse.export(self._store, self.name, ref, Path(dest), subdot, progress)
+
+    def export_tar(self, ref: str, out: BinaryIO, subdot: str | None = None) -> None:
+        """Write a commit as a tar stream to ``out`` (``SUBDOT/PATH`` names, or ``PATH``
+        with ``subdot``); holes are written as zeros."""
+        from dotmesh.ops import browse  # noqa: PLC0415
+
+        browse.tar_stream(self._store, self.name, ref, out, subdot)
 
     # ------------------------------------------------------------ tags
     def tag(self, name: str, ref: str = "HEAD", message: str = "",
             force: bool = False) -> Tag:
         """Name the commit ``ref``; the name works wherever a ref does, travels with the
         dot and keeps its commit from gc."""
+        from dotmesh.ops.commit import default_author  # noqa: PLC0415
+
         commit = self.resolve(ref)
-        self._store.add_tag(self.name, name, commit, message, commit_ops.default_author(),
-                            force)
+        self._store.add_tag(self.name, name, commit, message, default_author(), force)
         return self._store.tags(self.name)[name]
 
     def tags(self) -> dict[str, Tag]:
@@ -227,13 +272,15 @@ class Dot:
 
     # ------------------------------------------------------------ sharing
     def push(self, remote: str | None = None, branch: str | None = None,
-             force: bool = False, tags: bool = True,
-             progress: Progress | None = None) -> sync.Transfer:
-        """Send a branch (default: the checked-out one) and the dot's tags to a remote."""
+             force: bool = False, tags: bool = True, remote_dot: str | None = None,
+             progress: Progress | None = None, total: Progress | None = None) -> Transfer:
+        """Send a branch (default: the checked-out one) and the dot's tags to a remote
+        (``remote_dot``: its name there, default ``USER/DOT`` or as before); ``total`` is
+        called once with the bytes to send."""
         from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
 
-        return sync.push(self._store, self.name, remote, branch, None, force, progress,
-                         with_tags=tags)
+        return sync.push(self._store, self.name, remote, branch, remote_dot, force, progress,
+                         total, with_tags=tags)
 
     def fetch(self, ref: str, remote: str | None = None) -> ObjectId:
         """Bring a tag, a branch's head or a commit (by its whole id) of the dot's remote
@@ -243,10 +290,12 @@ class Dot:
         return sync.fetch_ref(self._store, self.name, ref, remote)
 
     def pull(self, remote: str | None = None, branch: str | None = None,
-             stop_writers: bool = False, progress: Progress | None = None) -> sync.Transfer:
+             stop_writers: bool = False, same_owner: bool = False,
+             progress: Progress | None = None) -> Transfer:
         """Fetch a branch's new commits and the remote's tags; fast-forward to them."""
         from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
 
-        return sync.pull(self._store, self.name, remote, branch, progress, stop_writers)
+        return sync.pull(self._store, self.name, remote, branch, progress, stop_writers,
+                         same_owner)
 
-__all__ = ["Dot", "LogEntry", "Progress", "Repo"]
+__all__ = ["CheckoutResult", "Dot", "LogEntry", "Progress", "Repo"]

@@ -12,7 +12,8 @@ import dotmesh
 from dotmesh import Conflict, NotFound, Repo, UsageError
 
 EXPORTED = [
-    "FORMAT_VERSION", "AlreadyExists", "Change", "Commit", "CommitResult", "Conflict", "Corrupt",
+    "FORMAT_VERSION", "AlreadyExists", "Change", "CheckoutResult", "Commit", "CommitResult",
+    "Conflict", "Corrupt",
     "Dot", "DotmeshError", "Forbidden", "InvalidName", "Locked", "LogEntry", "NotFound",
     "ObjectId", "Progress", "Repo", "Report", "ResetResult", "Shown", "Tag", "Transfer",
     "Unauthorized", "UsageError", "Visit", "__version__",
@@ -47,13 +48,13 @@ def test_a_dot_is_committed_branched_tagged_and_reset_from_python(repo, tmp_path
     second = app.commit("two users")
     assert [e.id for e in app.log()] == [second.id, first.id]
     assert app.show("v1").id == first.id
-    assert app.checkout("fix/login", create=True, at="v1")
+    assert app.checkout("fix/login", create=True, at="v1").moved
     assert (app.path("db") / "users").read_text() == "ann\n"
     assert app.branch == "fix/login" and set(app.branches()) == {"master", "fix/login"}
     app.checkout("master")
     res = app.reset("HEAD^")
     assert res.new == first.id and (db / "users").read_text() == "ann\n"
-    app.export("HEAD", tmp_path / "out")
+    assert app.export("HEAD", tmp_path / "out") == ["db"]
     assert (tmp_path / "out" / "db" / "users").read_text() == "ann\n"
     assert app.delete_tag("v1").name == "v1" and app.tags() == {}
     with pytest.raises(NotFound):

@@ -150,9 +150,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm show HEAD^
         """
-        from dotmesh.ops import browse
-
-        s = browse.show(c.home, c.home.require_current(), ref)
+        s = c.dot().show(ref or "HEAD")
         if as_json:
             emit_json(_shown_json(s))
             return
@@ -245,16 +243,14 @@ def register(cli: click.Group) -> None:
         Example:  dm export bug-42 /tmp/bug-42
                   dm export HEAD~2 --subdot users-db --tar | tar -t
         """
-        from dotmesh.ops import browse
-
-        dot = c.home.require_current()
+        dot = c.dot()
         if as_tar:
             if dest is not None:
                 raise UsageError("--tar writes to standard output: give no DEST")
             if sys.stdout.isatty():
                 raise UsageError("--tar writes a tar stream: redirect it to a file or a pipe")
             try:
-                browse.tar_stream(c.home, dot, ref, sys.stdout.buffer, subdot)
+                dot.export_tar(ref, sys.stdout.buffer, subdot)
                 sys.stdout.buffer.flush()
             except BrokenPipeError:
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -264,7 +260,7 @@ def register(cli: click.Group) -> None:
         if dest is None:
             raise UsageError("give a DEST folder to export into (or --tar)")
         with progress_bar("Exporting") as bar:
-            written = browse.export(c.home, dot, ref, dest.absolute(), subdot, bar)
+            written = dot.export(ref, dest.absolute(), subdot, bar)
         if as_json:
             emit_json({"ref": ref, "dest": str(dest.absolute()), "subdots": written})
         else:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    from dotmesh.api import Dot
     from dotmesh.store.repo import Repo
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -41,6 +42,13 @@ class Ctx:
 
             self._home = Repo(self.path)
         return self._home
+
+    def dot(self, name: str | None = None) -> Dot:
+        """The dot ``name`` (default: the current one) through the Python API, which the
+        commands use: what a command does, a script can do the same way."""
+        from dotmesh.api import Dot, Repo
+
+        return Dot(Repo(self.home), self.home.require_current(name))
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

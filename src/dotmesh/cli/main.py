@@ -323,21 +323,19 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     \b
     Example:  dm commit -m "two users, ten clicks" -d ticket=BUG-42
     """
-    from dotmesh.ops import commit as commit_ops
+    from dotmesh.ops.commit import parse_metadata
 
-    home = c.home
-    dot_name = home.require_current()
-    meta = commit_ops.parse_metadata(list(metadata))
+    dot = c.dot()
+    meta = parse_metadata(list(metadata))
     with progress_bar("Committing") as bar:
-        r = commit_ops.commit(home, dot_name, message, meta, author, progress=bar,
-                              freeze=not no_freeze, freeze_timeout=freeze_timeout)
+        r = dot.commit(message, meta, not no_freeze, freeze_timeout, author, bar)
     if as_json:
-        emit_json({"id": r.id.hex(), "dot": dot_name, "files_read": r.files_read,
+        emit_json({"id": r.id.hex(), "dot": dot.name, "files_read": r.files_read,
                    "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored,
                    "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None,
                    "freeze_bytes_read": r.frozen_bytes_read})
         return
-    click.echo(f"[{home.branch(dot_name)} {r.id.hex()[:12]}] {first_line(message)}")
+    click.echo(f"[{dot.branch} {r.id.hex()[:12]}] {first_line(message)}")
     click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
                f"stored {human_size(r.bytes_stored)}")
     if "dm.freeze_ms" in r.commit.metadata:
@@ -366,10 +364,7 @@ def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, as_json: 
     Example:  dm log -n 5
               dm log --oneline experiment
     """
-    from dotmesh.ops import history
-
-    dot_name = c.home.require_current()
-    entries = list(history.log(c.home, dot_name, max_count, ref or "HEAD"))
+    entries = [(e.id, e.commit) for e in c.dot().log(ref or "HEAD", max_count)]
     if as_json:
         emit_json([_commit_json(oid, cm) for oid, cm in entries])
         return
@@ -432,14 +427,10 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
     Example:  dm checkout -b experiment   # then later: dm checkout master
               dm checkout -b bug-42 HEAD~3   # a branch at an older state
     """
-    from dotmesh.ops import checkout as checkout_ops
-
-    dot_name = c.home.require_current()
     with progress_bar("Checking out") as bar:
-        changed, stopped = checkout_ops.checkout(c.home, dot_name, branch_name, create, bar,
-                                                 stop_writers, start)
-    _report_stopped(stopped)
-    if not changed:
+        r = c.dot().checkout(branch_name, create, start, stop_writers, bar)
+    _report_stopped(r.stopped)
+    if not r.moved:
         click.echo(f"Already on {branch_name}")
     else:
         click.echo(f"Switched to {'a new ' if create else ''}branch {branch_name}")
@@ -460,11 +451,10 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     \b
     Example:  dm reset --hard HEAD^
     """
-    from dotmesh.ops import checkout as checkout_ops
-
-    dot_name = c.home.require_current()
+    if not hard:  # there is no index whose state a soft reset would keep
+        raise UsageError("only 'dm reset --hard REF' is supported")
     with progress_bar("Resetting") as bar:
-        r = checkout_ops.reset(c.home, dot_name, ref, hard, bar, stop_writers)
+        r = c.dot().reset(ref, stop_writers, bar)
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None, "kept_as": r.kept_as,
@@ -533,11 +523,9 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, data: bool, subdot: str
     Example:  dm diff HEAD^ HEAD --stat
               dm diff --data HEAD^ HEAD   # keys and rows, not file names
     """
-    from dotmesh.ops import history
-
     if len(refs) > 2:
         raise click.UsageError("dm diff takes at most two refs")
-    dot_name = c.home.require_current()
+    dot = c.dot()
     a = refs[0] if refs else None
     b = refs[1] if len(refs) > 1 else None
     if subdot is not None and not data:
@@ -546,15 +534,14 @@ def diff(c: Ctx, refs: tuple[str, ...], stat_only: bool, data: bool, subdot: str
         if stat_only:
             raise click.UsageError("--stat and --data do not go together")
         from dotmesh.cli.render import data_report
-        from dotmesh.ops import datadiff
 
-        reports = datadiff.diff_data(c.home, dot_name, a, b, subdot)
+        reports = dot.diff_data(a, b, subdot)
         if as_json:
             emit_json([r.to_json() for r in reports])
         else:
             data_report(reports)
         return
-    changes = history.diff(c.home, dot_name, a, b)
+    changes = dot.diff(a, b)
     stats: dict[str, dict[str, int]] = {}
     for ch in changes:
         s = stats.setdefault(ch.subdot, {"added": 0, "removed": 0, "changed": 0})

@@ -183,13 +183,9 @@ def register(cli: click.Group) -> None:
         Example:  dm push hub --remote-name alice/app
                   dm push hub app fix/login --no-tags
         """
-        from dotmesh.ops import sync
-
-        home = c.home
-        dot_name = home.require_current(dot)
         with progress_bar("Pushing") as bar:
-            res = sync.push(home, dot_name, remote_name, branch, remote_dot, force, bar,
-                            bar.total, with_tags=not no_tags)
+            res = c.dot(dot).push(remote_name, branch, force, not no_tags, remote_dot, bar,
+                                  bar.total)
         _report(res, as_json, "sent")
 
     @cli.command()
@@ -209,12 +205,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm pull hub app master
         """
-        from dotmesh.ops import sync
-
-        home = c.home
-        dot_name = home.require_current(dot)
         with progress_bar("Pulling") as bar:
-            res = sync.pull(home, dot_name, remote_name, branch, bar, stop_writers, same_owner)
+            res = c.dot(dot).pull(remote_name, branch, stop_writers, same_owner, bar)
         _report(res, as_json, "fetched")
 
     @cli.command()
@@ -232,11 +224,11 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm clone hub alice/app --local-name bug-42
         """
-        from dotmesh.ops import sync
+        from dotmesh.api import Repo
 
         with progress_bar("Cloning") as bar:
-            res = sync.clone(c.home, remote_name, remote_dot, branch, local_name, bar,
-                             same_owner)
+            res = Repo(c.home).clone(remote_name, remote_dot, branch, local_name, bar,
+                                     same_owner)
         _report(res, as_json, "fetched")
 
 

@@ -29,13 +29,11 @@ def register(cli: click.Group) -> None:
                   dm tag            # list them
                   dm tag -d bug-42
         """
-        from dotmesh.ops.commit import default_author
-
-        dot = c.home.require_current()
+        dot = c.dot()
         if delete:
             if name is None or ref is not None:
                 raise UsageError("dm tag -d takes one tag name")
-            gone = c.home.delete_tag(dot, name)
+            gone = dot.delete_tag(name)
             if as_json:
                 emit_json({"deleted": name, "commit": gone.commit.hex()})
             else:
@@ -44,7 +42,7 @@ def register(cli: click.Group) -> None:
         if name is None:
             if message or force:
                 raise UsageError("-m and -f are for making a tag: dm tag NAME [REF]")
-            tags = c.home.tags(dot)
+            tags = dot.tags()
             if as_json:
                 emit_json([{"name": t.name, "commit": t.commit.hex(), "message": t.message,
                             "tagger": t.tagger, "timestamp": iso(t.ts_ns)}
@@ -57,12 +55,11 @@ def register(cli: click.Group) -> None:
                     safe(first_line(t.message))] for t in tags.values()],
                   ["TAG", "COMMIT", "TAGGED", "MESSAGE"])
             return
-        commit = c.home.resolve(dot, ref or "HEAD")
-        c.home.add_tag(dot, name, commit, message, default_author(), force)
+        made = dot.tag(name, ref or "HEAD", message, force)
         if as_json:
-            emit_json({"name": name, "commit": commit.hex()})
+            emit_json({"name": name, "commit": made.commit.hex()})
         else:
-            click.echo(f"Tagged {commit.hex()[:12]} {name}")
+            click.echo(f"Tagged {made.commit.hex()[:12]} {name}")
 
 
 __all__ = ["register"]

@@ -69,6 +69,7 @@ class Transfer:
     bytes: int = 0  # stored bytes sent or fetched (what crossed the wire, less headers)
     restored: checkout_ops.ResetResult | None = None  # a pull into the checked-out branch
     tags: list[str] = field(default_factory=list)  # sent, or taken from the remote
+    dot: str = ""  # the local dot (a clone's new one)
     notes: list[str] = field(default_factory=list)  # tags left as they were, and why
 
 
@@ -115,7 +116,7 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
     try:
         heads = t.heads()
         old = heads.get(branch)
-        res = Transfer(r.name, rdot, branch, old if old else None, head)
+        res = Transfer(r.name, rdot, branch, old if old else None, head, dot=dot)
         mine = home.tags(dot) if with_tags else {}
         theirs = t.tags() if mine else {}
         tags = _tags_to_send(mine, theirs, force, f"{r.name}'s {rdot}")
@@ -391,7 +392,7 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
     _track(home, dot, r.name, rdot, branch, new)
     branches = home.branches(dot)
     old = branches.get(branch)
-    res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes)
+    res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes, dot=dot)
     _take_tags(home, dot, theirs, branch, res)
     if branch not in branches:
         with home.lock(dot, "pull"):
@@ -535,7 +536,7 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
                                 "--local-name")
         with home.lock(name, "clone"):  # a clone that was killed while building its folders
             recover(home, name)
-        return Transfer(r.name, rdot, j.branch, None, j.target, "cloned")
+        return Transfer(r.name, rdot, j.branch, None, j.target, "cloned", dot=name)
     t = remotes.transport(home, r, rdot)
     try:
         heads = t.heads()
@@ -565,7 +566,7 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
     if home.current_dot() is None:
         home.set_current_dot(name)
     return Transfer(r.name, rdot, branch, None, new, "cloned", objects, nbytes,
-                    tags=sorted(theirs))
+                    tags=sorted(theirs), dot=name)
 
 
 __all__ = ["Transfer", "clone", "fetch", "fetch_all", "fetch_ref", "pull", "push"]
