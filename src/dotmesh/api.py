@@ -12,9 +12,10 @@ with dotmesh.Repo.open() as repo:          # $DM_HOME, else ~/.dotmesh
 ```
 
 Results are the dataclasses the CLI renders (:class:`CommitResult`, :class:`ResetResult`,
-:class:`Transfer`, ...), and failures raise the exceptions the CLI maps to exit codes
-(:class:`NotFound`, :class:`Conflict`, ...; all are :class:`DotmeshError`). Long operations
-take a ``progress`` callback, called with the number of bytes done since the last call.
+:class:`dotmesh.ops.sync.Transfer`, ...), and failures raise the exceptions the CLI maps to
+exit codes (:class:`dotmesh.errors.NotFound`, :class:`dotmesh.errors.Conflict`, ...; all are
+:class:`dotmesh.errors.DotmeshError`). Long operations take a ``progress`` callback, called
+with the number of bytes done since the last call. docs/python.md tells it with examples.
 
 A :class:`Repo` holds the store open (one SQLite connection): use one per thread, and close
 it (or use ``with``) when done.

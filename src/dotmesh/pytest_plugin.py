@@ -111,6 +111,10 @@ def _enter(request: pytest.FixtureRequest, stack: ExitStack, dot: str, ref: str,
     visit = stack.enter_context(target.at(ref, stop_writers=stop_writers))
     stack.callback(_keep_if_failed, request, target, visit)
     if start is not None:
+        # pytest tears a test's fixtures down last-in first-out, and one asked for from
+        # here is registered after this one: the state's exit moves to a finalizer
+        # registered before it, so that the started servers stop before the state goes.
+        request.node.addfinalizer(stack.pop_all().close)
         request.getfixturevalue(start)
     return target
 

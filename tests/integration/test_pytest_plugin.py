@@ -89,3 +89,33 @@ def test_on_a_state_nobody_has():
     assert (db / "state").read_text() == "work in progress"
     branches = dm.ok("branch")
     assert "failed/test_passes" not in branches and "no-such-state" not in branches
+
+
+def test_the_started_fixture_is_torn_down_on_the_state_before_it_goes(pytester, dm):
+    """start=: the servers a fixture started stop (and write their last files) inside the
+    pinned state; only then does the state before come back."""
+    db = _two_states(dm)
+    pytester.makepyfile(test_order=f"""
+import pathlib
+import pytest
+
+DB = pathlib.Path({str(db)!r})
+
+@pytest.fixture
+def server():
+    assert (DB / "state").read_text() == "A"
+    yield
+    assert (DB / "state").read_text() == "A", "the state went before the server stopped"
+    (DB / "server-log").write_text("stopped")
+
+@pytest.mark.dotmesh_state("app", "state-a", start="server")
+def test_runs_the_server():
+    pass
+
+def test_from_inside(dotmesh_state):
+    dotmesh_state("app", "state-a", start="server")
+""")
+    result = pytester.runpytest_subprocess("--dotmesh-home", str(dm.home), "-p",
+                                           "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert (db / "state").read_text() == "work in progress" and not (db / "server-log").exists()
