@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from dotmesh.version import FORMAT_VERSION, __version__
 
 if TYPE_CHECKING:
-    from dotmesh.api import CheckoutResult, Dot, LogEntry, Progress, Repo
+    from dotmesh.api import CheckoutResult, Dot, LogEntry, Progress, Ref, Repo
     from dotmesh.errors import (
         AlreadyExists,
         Conflict,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from dotmesh.ops.sync import Transfer
 
 _LAZY = {
-    "dotmesh.api": ("CheckoutResult", "Dot", "LogEntry", "Progress", "Repo"),
+    "dotmesh.api": ("CheckoutResult", "Dot", "LogEntry", "Progress", "Ref", "Repo"),
     "dotmesh.errors": ("AlreadyExists", "Conflict", "Corrupt", "DotmeshError", "Forbidden",
                        "InvalidName", "Locked", "NotFound", "Unauthorized", "UsageError"),
     "dotmesh.model.ids": ("ObjectId",),
@@ -70,6 +70,6 @@ __all__ = [  # pinned by tests/unit/test_api.py
     "FORMAT_VERSION", "AlreadyExists", "Change", "CheckoutResult", "Commit", "CommitResult",
     "Conflict", "Corrupt",
     "Dot", "DotmeshError", "Forbidden", "InvalidName", "Locked", "LogEntry", "NotFound",
-    "ObjectId", "Progress", "Repo", "Report", "ResetResult", "Shown", "Tag", "Transfer",
+    "ObjectId", "Progress", "Ref", "Repo", "Report", "ResetResult", "Shown", "Tag", "Transfer",
     "Unauthorized", "UsageError", "Visit", "__version__",
 ]

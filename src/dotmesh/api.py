@@ -48,6 +48,15 @@ if TYPE_CHECKING:  # the operations are imported when called: dm's start-up stay
     from dotmesh.ops.sync import Transfer
 
 Progress = Callable[[int], None]
+Ref = str | ObjectId  # a ref's text (HEAD~2, a branch, a tag, an id prefix) or a commit's id
+
+
+def _text(ref: Ref) -> str:
+    return ref.hex() if isinstance(ref, bytes) else ref
+
+
+def _opt(ref: Ref | None) -> str | None:
+    return None if ref is None else _text(ref)
 
 
 @dataclass(frozen=True)
@@ -158,9 +167,9 @@ class Dot:
     def branches(self) -> dict[str, ObjectId | None]:
         return self._store.branches(self.name)
 
-    def resolve(self, ref: str) -> ObjectId:
+    def resolve(self, ref: Ref) -> ObjectId:
         """A commit id for ``HEAD``, ``HEAD~2``, a branch, a tag or an id prefix."""
-        return self._store.resolve(self.name, ref)
+        return self._store.resolve(self.name, _text(ref))
 
     def commit(self, message: str, metadata: dict[str, str] | None = None,
                freeze: bool = True, freeze_timeout: float = 5.0, author: str | None = None,
@@ -173,32 +182,33 @@ class Dot:
         return commit_ops.commit(self._store, self.name, message, metadata, author, progress,
                                  freeze, freeze_timeout)
 
-    def log(self, ref: str = "HEAD", limit: int | None = None) -> list[LogEntry]:
+    def log(self, ref: Ref = "HEAD", limit: int | None = None) -> list[LogEntry]:
         """Commits from ``ref`` back along first parents, newest first."""
         from dotmesh.ops import history  # noqa: PLC0415
 
-        return [LogEntry(oid, c) for oid, c in history.log(self._store, self.name, limit, ref)]
+        walk = history.log(self._store, self.name, limit, _text(ref))
+        return [LogEntry(oid, c) for oid, c in walk]
 
-    def show(self, ref: str = "HEAD") -> Shown:
+    def show(self, ref: Ref = "HEAD") -> Shown:
         """A commit with per-subdot sizes and a diff stat against its parent."""
         from dotmesh.ops import browse  # noqa: PLC0415
 
-        return browse.show(self._store, self.name, ref)
+        return browse.show(self._store, self.name, _text(ref))
 
-    def diff(self, a: str | None = None, b: str | None = None) -> list[Change]:
+    def diff(self, a: Ref | None = None, b: Ref | None = None) -> list[Change]:
         """Files that differ from ``a`` (default HEAD) to ``b`` (default: the working
         state)."""
         from dotmesh.ops import history  # noqa: PLC0415
 
-        return history.diff(self._store, self.name, a, b)
+        return history.diff(self._store, self.name, _opt(a), _opt(b))
 
-    def diff_data(self, a: str | None = None, b: str | None = None,
+    def diff_data(self, a: Ref | None = None, b: Ref | None = None,
                   subdot: str | None = None) -> list[Report]:
         """What changed in each subdot's own terms: PostgreSQL and SQLite rows and schema,
         Redis keys, text lines (``dm diff --data``)."""
         from dotmesh.ops import datadiff  # noqa: PLC0415
 
-        return datadiff.diff_data(self._store, self.name, a, b, subdot)
+        return datadiff.diff_data(self._store, self.name, _opt(a), _opt(b), subdot)
 
     # ------------------------------------------------------------ moving
     def checkout(self, branch: str, create: bool = False, at: str | None = None,
@@ -213,23 +223,25 @@ class Dot:
                                                progress, stop_writers, at)
         return CheckoutResult(moved, stopped)
 
-    def reset(self, ref: str, stop_writers: bool = False,
+    def reset(self, ref: Ref, stop_writers: bool = False,
               progress: Progress | None = None) -> ResetResult:
         """Move the branch to ``ref`` and make the working state match; the state it
         replaces is saved first (``ResetResult.saved`` or ``.kept_as``)."""
         from dotmesh.ops import checkout as checkout_ops  # noqa: PLC0415
 
-        return checkout_ops.reset_hard(self._store, self.name, ref, progress, stop_writers)
+        return checkout_ops.reset_hard(self._store, self.name, _text(ref), progress,
+                                       stop_writers)
 
     @contextmanager
-    def at(self, ref: str, stop_writers: bool = False, fetch: bool = True,
+    def at(self, ref: Ref, stop_writers: bool = False, fetch: bool = True,
            progress: Progress | None = None) -> Iterator[Visit]:
         """The state ``ref`` (a tag, branch or commit; fetched from the dot's remote if it
         is not here) for the block; afterwards exactly the state that was there before, on
         the branch and head it had. What the block changed is saved (``dm reflog``)."""
         from dotmesh.ops import pin  # noqa: PLC0415
 
-        with pin.at(self._store, self.name, ref, stop_writers, fetch, progress) as visit:
+        with pin.at(self._store, self.name, _text(ref), stop_writers, fetch,
+                    progress) as visit:
             yield visit
 
     def keep(self, visit: Visit, branch: str, message: str) -> ObjectId:
@@ -239,23 +251,24 @@ class Dot:
 
         return pin.keep_on(self._store, self.name, visit, branch, message)
 
-    def export(self, ref: str, dest: str | Path, subdot: str | None = None,
+    def export(self, ref: Ref, dest: str | Path, subdot: str | None = None,
                progress: Progress | None = None) -> list[str]:
         """Write a commit's subdots (or one) as plain folders into ``dest`` (new, or an
         empty folder); returns the subdots written."""
         from dotmesh.ops import browse  # noqa: PLC0415
 
-        return browse.export(self._store, self.name, ref, Path(dest), subdot, progress)
+        return browse.export(self._store, self.name, _text(ref), Path(dest), subdot,
+                             progress)
 
-    def export_tar(self, ref: str, out: BinaryIO, subdot: str | None = None) -> None:
+    def export_tar(self, ref: Ref, out: BinaryIO, subdot: str | None = None) -> None:
         """Write a commit as a tar stream to ``out`` (``SUBDOT/PATH`` names, or ``PATH``
         with ``subdot``); holes are written as zeros."""
         from dotmesh.ops import browse  # noqa: PLC0415
 
-        browse.tar_stream(self._store, self.name, ref, out, subdot)
+        browse.tar_stream(self._store, self.name, _text(ref), out, subdot)
 
     # ------------------------------------------------------------ tags
-    def tag(self, name: str, ref: str = "HEAD", message: str = "",
+    def tag(self, name: str, ref: Ref = "HEAD", message: str = "",
             force: bool = False) -> Tag:
         """Name the commit ``ref``; the name works wherever a ref does, travels with the
         dot and keeps its commit from gc."""
@@ -299,4 +312,4 @@ class Dot:
         return sync.pull(self._store, self.name, remote, branch, progress, stop_writers,
                          same_owner)
 
-__all__ = ["CheckoutResult", "Dot", "LogEntry", "Progress", "Repo"]
+__all__ = ["CheckoutResult", "Dot", "LogEntry", "Progress", "Ref", "Repo"]

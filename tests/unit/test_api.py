@@ -15,7 +15,7 @@ EXPORTED = [
     "FORMAT_VERSION", "AlreadyExists", "Change", "CheckoutResult", "Commit", "CommitResult",
     "Conflict", "Corrupt",
     "Dot", "DotmeshError", "Forbidden", "InvalidName", "Locked", "LogEntry", "NotFound",
-    "ObjectId", "Progress", "Repo", "Report", "ResetResult", "Shown", "Tag", "Transfer",
+    "ObjectId", "Progress", "Ref", "Repo", "Report", "ResetResult", "Shown", "Tag", "Transfer",
     "Unauthorized", "UsageError", "Visit", "__version__",
 ]
 
@@ -84,7 +84,7 @@ def test_at_visits_a_state_and_puts_back_exactly_what_was_there(repo):
     assert (db / "scratch").read_text() == "new file"
     assert [c.path for c in app.diff()] == ["rows", "scratch"]  # still uncommitted
 
-    with pytest.raises(RuntimeError), app.at(bug.hex()):
+    with pytest.raises(RuntimeError), app.at(bug):  # a commit's id works as a ref
         raise RuntimeError("the test failed")  # put back all the same
     assert app.head == head and (db / "rows").read_text() == "uncommitted work"
 
