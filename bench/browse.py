@@ -56,6 +56,7 @@ MOUNT_TIMEOUT = 300.0  # borg reads an archive's whole item list before it serve
 PG_BIN = (sorted(glob.glob("/usr/lib/postgresql/*/bin")) or [""])[-1]
 INSERTED, UPDATED, DELETED = 200, 300, 100  # rows the second commit of scenario 2 changes
 TARGET_MOUNT_S = 1.0
+SMALL_SLACK = 16 << 10  # a read may also read a few 4 KiB pages of the store's index
 
 
 class Skip(Exception):
@@ -631,9 +632,10 @@ def table(summary: dict[str, Any], mounts: dict[str, Any], diffs: dict[str, Any]
     targets.append((f"1a `dm mount` usable < {TARGET_MOUNT_S:.0f} s ({size} MiB)",
                     f"{mount_s:.3f} s", mount_s < TARGET_MOUNT_S))
     small = [r["dm"] for r in mounts["rounds"] if "dm" in r]
-    worst = max(x["small_read_rchar"] / x["small_size"] for x in small)
-    targets.append(("1c reading one upload reads only its blocks (server reads <= 1.5 x its "
-                    "size)", f"{worst:.2f} x at most", worst <= 1.5))
+    worst = max(x["small_read_rchar"] - x["small_size"] for x in small)
+    targets.append((f"1c reading one upload reads only its blocks (server reads <= its size "
+                    f"+ {SMALL_SLACK >> 10} KiB of index pages)",
+                    f"{worst / 1024:+,.1f} KiB at most", worst <= SMALL_SLACK))
     first = max(x["first_byte_rchar"] for x in small)
     whole = mounts["dataset"]["big_file_size"]
     targets.append(("1b 8 KiB of a database file reads < 1% of the file",
