@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -467,6 +468,7 @@ def by_hand(env: dict[str, str], work: Path) -> dict[str, Any]:
     then diff the two dumps."""
     work.mkdir()
     os.chmod(work, 0o755)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # every child: exports, postgres...
     steps: dict[str, float] = {"export": 0.0, "start, pg_dump, stop": 0.0}
     for side, ref in (("a", "HEAD^"), ("b", "HEAD")):
         data = work / side
@@ -497,6 +499,8 @@ def by_hand(env: dict[str, str], work: Path) -> dict[str, Any]:
     out = {k: round(v, 4) for k, v in steps.items()}
     out["wall"] = round(sum(steps.values()), 4)
     out["wall_without_export"] = round(out["wall"] - steps["export"], 4)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["cpu"] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 4)
     out.update({"dump_bytes": (work / "b.sql").stat().st_size, "lines_removed": minus,
                 "lines_added": plus})
     shutil.rmtree(work)
@@ -576,6 +580,7 @@ def summarize(mounts: dict[str, Any], diffs: dict[str, Any]) -> dict[str, Any]:
     if both:
         peer = out["diff"]["pg_dump + diff"]
         peer["dm_ratio"] = spread([r["dm"]["wall"] / r["pg_dump + diff"]["wall"] for r in both])
+        peer["dm_cpu_ratio"] = spread([r["dm"]["cpu"] / r["pg_dump + diff"]["cpu"] for r in both])
         peer["dm_ratio_without_export"] = spread(
             [r["dm"]["wall"] / r["pg_dump + diff"]["wall_without_export"] for r in both])
     return out
@@ -617,16 +622,17 @@ def table(summary: dict[str, Any], mounts: dict[str, Any], diffs: dict[str, Any]
     d = summary["diff"]
     mib = diffs["database_bytes"] / MiB
     lines += ["", f"| scenario 2 ({mib:.0f} MiB database) | wall s | CPU s | peak MiB | "
-              "dm/peer |", "|---|---|---|---|---|"]
+              "dm/peer wall | dm/peer CPU |", "|---|---|---|---|---|---|"]
     if "dm" in d:
         lines.append(f"| `dm diff --data HEAD^ HEAD --json` | {fmt(d['dm']['wall'])} | "
-                     f"{fmt(d['dm']['cpu'])} | {fmt(d['dm']['rss_mib'])} | - |")
+                     f"{fmt(d['dm']['cpu'])} | {fmt(d['dm']['rss_mib'])} | - | - |")
     if "pg_dump + diff" in d:
         p = d["pg_dump + diff"]
         lines.append(f"| 2 x (`dm export`, postgres, `pg_dump`) + `diff -u` | {fmt(p['wall'])} "
-                     f"| - | - | {fmt(p.get('dm_ratio'), 'x')} |")
+                     f"| {fmt(p['cpu'])} | - | {fmt(p.get('dm_ratio'), 'x')} | "
+                     f"{fmt(p.get('dm_cpu_ratio'), 'x')} |")
         lines.append(f"| the same without the exports | {fmt(p['wall_without_export'])} | - | - "
-                     f"| {fmt(p.get('dm_ratio_without_export'), 'x')} |")
+                     f"| {fmt(p.get('dm_ratio_without_export'), 'x')} | - |")
     targets: list[tuple[str, str, bool]] = []
     mount_s = m["dm"]["mount_s"]["median"]
     targets.append((f"1a `dm mount` usable < {TARGET_MOUNT_S:.0f} s ({size} MiB)",
