@@ -2,7 +2,7 @@
 """Browsing the library of states (issue 15): ``dm mount`` and ``dm diff --data``, against
 what a user would do instead with restic, borg and pg_dump, measured in the same run.
 
-    python bench/browse.py --small      # ~48 MiB dataset, ~15 MiB database, 1 round (CI)
+    python bench/browse.py --small      # ~48 MiB dataset, ~22 MiB database, 1 round (CI)
     python bench/browse.py              # ~2 GiB dataset, ~100 MiB database, 3 rounds
     python bench/browse.py --only-dm    # no restic, borg or pg_dump
 
@@ -658,7 +658,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true",
-                    help="~48 MiB dataset, pgbench scale 1 (~15 MiB), 1 round")
+                    help="~48 MiB dataset, pgbench scale 1 (~22 MiB), 1 round")
     ap.add_argument("--size-mib", type=int, default=None, help="dataset size (default 2048)")
     ap.add_argument("--pg-scale", type=int, default=None,
                     help="pgbench scale of scenario 2 (default 6: ~100 MiB)")
