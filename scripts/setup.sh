@@ -18,6 +18,7 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # test ima
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)     # dm's compiled folder listing
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)       # dm mount
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt+=(libfuse3-dev pkg-config)  # builds pyfuse3
+/usr/bin/python3 -c "import pyfuse3" 2>/dev/null || need_apt+=(python3-pyfuse3)  # borg mount: a peer
 python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
   2>/dev/null || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then

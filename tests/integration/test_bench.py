@@ -58,3 +58,21 @@ def test_gc_bench_small_runs(tmp_path):
     g = result["gc after deleting half"]
     assert g["freed"] > 0 and abs(g["freed/expected"] - 1) <= 0.05
     assert "target: gc with nothing to do" in p.stdout
+
+
+def test_browse_bench_small_runs(tmp_path):
+    out = tmp_path / "browse.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "browse.py"), "--small",
+                        "--size-mib", "8", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(out.read_text())
+    [mount] = result["mount"]["rounds"]
+    assert mount["dm"]["mount_s"] > 0 and mount["dm"]["small_read_rchar"] > 0
+    for peer in ("restic", "borg"):  # measured, or skipped with a reason
+        assert peer in mount or result["skipped"][peer], peer
+    [diff] = result["diff"]["rounds"]
+    answer = diff["dm"]["answer"]
+    assert (answer["added"], answer["removed"], answer["changed"]) == (200, 100, 300)
+    assert diff["pg_dump + diff"]["lines_removed"] >= 400
+    assert "| target |" in p.stdout and "dm/restic" in p.stdout
