@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import os
 import re
 import select
@@ -111,10 +112,7 @@ class View:
             return self._chunk(ObjectId(n.ref))[offset:end]
         if n.offsets is None:
             n.chunks = list(FileList.decode(self.home.packs.get(ObjectId(n.ref))).chunks)
-            n.offsets, at = [], 0
-            for _, length in n.chunks:
-                n.offsets.append(at)
-                at += length
+            n.offsets = [0, *itertools.accumulate(length for _, length in n.chunks[:-1])]
         i = bisect.bisect_right(n.offsets, offset) - 1
         out = bytearray()
         while i < len(n.chunks) and n.offsets[i] < end:
@@ -266,11 +264,11 @@ def mounted(home: Repo, dot: str | None = None) -> list[Mounted]:
 def start(home: Repo, dot: str, ref: str, folder: Path) -> Mounted:
     """Mount the commit ``ref`` names at ``folder`` (an empty folder) and return once it is
     served. Its row in meta.db comes first, so gc keeps the commit from the start."""
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("pyfuse3") is None:  # not imported here: the server does
         raise UsageError("dm mount needs FUSE: install fuse3 and dm with its mount extra "
-                         "(pip install 'dotmesh[mount]')") from None
+                         "(pip install 'dotmesh[mount]')")
     oid = home.resolve(dot, ref)
     where = str(folder.absolute().parent.resolve() / folder.name)
     target = _open_mount_point(Path(where))
