@@ -125,6 +125,8 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
             pg.sql("CREATE TABLE visits (page text)")  # no primary key
             pg.sql("INSERT INTO users VALUES (1, 'ann'), (2, 'bob'), (3, 'cy')")
             pg.sql("INSERT INTO visits VALUES ('/'), ('/')")
+            pg.sql("CREATE TABLE labels (name text)")  # a key comes later
+            pg.sql("INSERT INTO labels VALUES ('red'), ('blue')")
             sneaky = f"a\" (id int); COPY (SELECT 1) TO PROGRAM 'touch {top / 'ran-sql'}'; --"
             pg.sql(f'CREATE TABLE "{sneaky.replace(chr(34), chr(34) * 2)}" (id int PRIMARY KEY)')
             dm.ok("commit", "-m", "three users")
@@ -135,6 +137,7 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
             pg.sql("INSERT INTO visits VALUES ('/login')")
             pg.sql("ALTER TABLE users ADD COLUMN email text")
             pg.sql("CREATE INDEX users_name ON users (name)")
+            pg.sql("ALTER TABLE labels ADD PRIMARY KEY (name)")
             dm.ok("commit", "-m", "changed users")
             files_before = json.loads(dm.ok("diff", "HEAD^", "HEAD", "--json"))
             # The working state while the server runs: copied as a live commit reads it
@@ -167,6 +170,8 @@ def test_diff_data_names_the_rows_and_schema_a_live_postgres_changed() -> None:
         assert v["first"]["added"] == [{"page": "/login"}]
         schema = {s["name"]: (s["old"], s["new"]) for s in db["schema"]}
         assert schema["column public.users.email"] == (None, "text")
+        assert schema["index public.labels_pkey"][0] is None  # keyed now, the same rows:
+        assert "public.labels" not in db["tables"]  # compared as multisets, nothing changed
         assert schema["index public.users_name"][0] is None
         assert report["files"] == [f for f in files_before if f["subdot"] == "users-db"]
         text = dm.ok("diff", "--data", "HEAD^", "HEAD")

@@ -628,24 +628,47 @@ WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
 """
 
 
+BUCKETS = 1 << 16  # a table's rows, by a hash of their key: compared a bucket at a time
+
+
 def _pg_side(connect: Any, dbname: str) -> dict[str, Any]:
-    """A database's schema and, per table, each row's key and a digest of the row (the
-    rows themselves stay in the server until a few are shown)."""
+    """A database's schema and, per table, a digest of each bucket of its rows (a bucket:
+    the rows whose key hashes to it; its digest: of their keys and contents in key order).
+    Computed by the server: only the rows of buckets that differ come out (_pg_rows_in)."""
     with connect(dbname) as conn:
         schema = {str(k): str(v) for k, v in conn.execute(_SCHEMA)}
         tables: dict[str, dict[str, Any]] = {}
         for nsp, rel, pk in conn.execute(_TABLES).fetchall():
-            table: dict[str, Any] = {"pk": list(pk), "rows": {},
-                                     "ident": sql.Identifier(nsp, rel)}
-            rows: dict[str, Any] = table["rows"]
-            for k, digest in conn.execute(sql.SQL("SELECT {}, md5(t::text) FROM {} t").format(
-                    _pg_key(table), table["ident"])):
-                if pk:
-                    rows[k] = digest
-                else:  # no key: rows are a multiset of their contents
-                    rows[k] = rows.get(k, 0) + 1
+            table: dict[str, Any] = {"pk": list(pk), "ident": sql.Identifier(nsp, rel)}
+            key = _pg_key(table)
+            table["buckets"] = dict(conn.execute(sql.SQL(
+                "SELECT hashtext({key}) & {mask}, md5(string_agg({key} || ' ' || md5(t::text),"
+                " ',' ORDER BY {key}, md5(t::text))) FROM {ident} t GROUP BY 1").format(
+                key=key, mask=sql.Literal(BUCKETS - 1), ident=table["ident"])).fetchall())
             tables[f"{nsp}.{rel}"] = table
         return {"schema": schema, "tables": tables}
+
+
+def _pg_rows_in(connect: Any, dbname: str, table: dict[str, Any],
+                buckets: list[int] | None) -> dict[str, Any]:
+    """Each row's key and a digest of the row (a count of each content, for a table with
+    no key: its rows are a multiset), for the rows in ``buckets`` (None: all rows)."""
+    rows: dict[str, Any] = {}
+    if buckets == [] or table["ident"] is None:
+        return rows
+    key = _pg_key(table)
+    query = sql.SQL("SELECT {key}, md5(t::text) FROM {ident} t").format(
+        key=key, ident=table["ident"])
+    if buckets is not None:
+        query = query + sql.SQL(" WHERE hashtext({key}) & {mask} = ANY(%s)").format(
+            key=key, mask=sql.Literal(BUCKETS - 1))
+    with connect(dbname) as conn:
+        for k, digest in conn.execute(query, (buckets,) if buckets is not None else None):
+            if table["pk"]:
+                rows[k] = digest
+            else:
+                rows[k] = rows.get(k, 0) + 1
+    return rows
 
 
 def _pg_key(table: dict[str, Any]) -> Any:
@@ -693,9 +716,17 @@ def _postgres_compare(left: Path, right: Path) -> list[dict[str, Any]]:
                 if was != now:
                     entry["schema"].append({"name": name, "old": was, "new": now})
             for name in sorted(sa["tables"].keys() | sb["tables"].keys()):
-                ta = sa["tables"].get(name, {"pk": [], "rows": {}, "ident": None})
-                tb = sb["tables"].get(name, {"pk": [], "rows": {}, "ident": None})
-                ra, rb = ta["rows"], tb["rows"]
+                ta = sa["tables"].get(name, {"pk": [], "buckets": {}, "ident": None})
+                tb = sb["tables"].get(name, {"pk": [], "buckets": {}, "ident": None})
+                ba, bb = ta["buckets"], tb["buckets"]
+                differ: list[int] | None = sorted(
+                    x for x in ba.keys() | bb.keys() if ba.get(x) != bb.get(x))
+                if not differ:
+                    continue
+                if ta["pk"] != tb["pk"]:  # keyed differently: rows as multisets, all of them
+                    ta, tb, differ = {**ta, "pk": []}, {**tb, "pk": []}, None
+                ra = _pg_rows_in(a, db, ta, differ)
+                rb = _pg_rows_in(b, db, tb, differ)
                 if ta["pk"] and ta["pk"] == tb["pk"]:
                     added = sorted(rb.keys() - ra.keys())
                     removed = sorted(ra.keys() - rb.keys())
