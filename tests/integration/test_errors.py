@@ -36,6 +36,15 @@ def test_bad_names_and_missing_things(dm, args, code, needle):
     assert needle in _one_line_error(p)
 
 
+def test_a_mistyped_dot_makes_nothing(dm):
+    dm.ok("init", "app")
+    p = dm("path", "apq.db")
+    assert p.returncode == 3
+    assert "no dot named 'apq' (did you mean 'app'?" in _one_line_error(p)
+    assert [d["name"] for d in json.loads(dm.ok("list", "--json"))] == ["app"]
+    assert dm.path("app.db").is_dir()  # a new subdot of a dot that exists is made
+
+
 @pytest.mark.slow
 def test_bad_refs_and_flags(dm):
     dm.ok("init", "app")

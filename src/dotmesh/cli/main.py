@@ -120,7 +120,8 @@ def switch(c: Ctx, dot: str) -> None:
 @click.argument("name", metavar="DOT[.SUBDOT]")
 @pass_ctx
 def path(c: Ctx, name: str) -> None:
-    """Print a subdot's stable folder, creating the dot and subdot if needed.
+    """Print a subdot's stable folder, adding the subdot to the dot if it is new (the dot
+    must exist: dm init makes it, so that a typo makes nothing).
 
     The folder's contents follow the dot's current branch; point your app's data store at it.
 

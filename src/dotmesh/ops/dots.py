@@ -58,10 +58,10 @@ def switch(home: Repo, dot: str) -> None:
 
 
 def path(home: Repo, name: str) -> Path:
-    """The stable folder of ``DOT[.SUBDOT]``, creating the dot and subdot if needed."""
+    """The stable folder of ``DOT[.SUBDOT]``, adding the subdot to the dot if it is new.
+    The dot must exist: a typo must not make one (dm init does)."""
     vol = VolumeName.parse(name)
-    if not home.dot_exists(vol.dot):
-        init(home, vol.dot)
+    home.require_dot(vol.dot)
     with home.lock(vol.dot, "path"):
         recover(home, vol.dot)
         home.add_subdot(vol.dot, vol.subdot)

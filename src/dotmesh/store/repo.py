@@ -304,7 +304,12 @@ class Repo:
     def require_dot(self, dot: str) -> None:
         check_name(dot, "dot name")
         if not self.dot_exists(dot):
-            raise NotFound(f"no dot named {dot!r} (dm list shows the dots)")
+            import difflib
+
+            near = difflib.get_close_matches(dot, self.dots(), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise NotFound(f"no dot named {dot!r} ({hint}dm list shows the dots, dm init "
+                           f"{dot} makes one)")
 
     def dots(self) -> list[str]:
         return [_named(name, "dot", "") for name in config.dot_names(self.conn)]
