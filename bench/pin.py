@@ -125,7 +125,10 @@ def main() -> None:
                             "ratio": round(dm_plain["at_s"] / peer, 2)}
         shutil.rmtree(work / "plain")
         # btrfs, against a hand-made subvolume swap
-        fs = LoopFs(work, 3 * total + (1 << 30), "btrfs")
+        print(f"plain: {json.dumps(results['plain'])}", flush=True)
+        # the store (folders and packs), the peer's folder, rsync's copies beside its files
+        # and the snapshots holding what they replaced
+        fs = LoopFs(work, 6 * total + (2 << 30), "btrfs")
         try:
             home = fs.mnt / "home"
             env, folder = prepared(home, total)
@@ -136,7 +139,8 @@ def main() -> None:
                            check=True)
             subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(fs.mnt / "live"),
                             str(fs.mnt / "snap-a")], check=True, capture_output=True)
-            subprocess.run(["rsync", "-a", "--delete", f"{copy_b}/", f"{fs.mnt / 'live'}/"],
+            subprocess.run(["rsync", "-a", "--inplace", "--delete", f"{copy_b}/",
+                            f"{fs.mnt / 'live'}/"],
                            check=True)
             subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(fs.mnt / "live"),
                             str(fs.mnt / "snap-b")], check=True, capture_output=True)
