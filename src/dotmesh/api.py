@@ -77,14 +77,15 @@ class CheckoutResult:
 
 
 class Repo:
-    """A dotmesh store: the dots of one user (``~/.dotmesh``, ``$DM_HOME``)."""
+    """A dotmesh store: the dots of one user (``$DM_HOME``; ``/var/lib/dotmesh`` for root,
+    ``~/.dotmesh`` for others)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     @classmethod
     def open(cls, home: str | Path | None = None) -> Repo:
-        """Open the store at ``home`` (default: ``$DM_HOME``, else ``~/.dotmesh``), making
+        """Open the store at ``home`` (default: ``$DM_HOME``, else dm's default), making
         it if it is not there."""
         return cls(Store(Path(home) if home is not None else default_home()))
 

@@ -14,7 +14,7 @@ The state is restored before the test's other fixtures run, so a fixture that st
 app's servers sees it (or name one: ``dotmesh_state("app", "bug-42", start="servers")``);
 processes using the dot are stopped first and containers restarted, as
 ``dm reset --stop-writers`` does. Options: ``--dotmesh-home`` (the store; default
-``$DM_HOME``, else ``~/.dotmesh``), ``--dotmesh-remote`` (where missing states are fetched
+``$DM_HOME``, else dm's default), ``--dotmesh-remote`` (where missing states are fetched
 from; default: the dot's remote), ``--dotmesh-keep-failed`` (a failing test's state is
 committed on the branch ``failed/TEST`` before it goes, to share with ``dm push``).
 """
@@ -39,7 +39,7 @@ _OUTCOME = pytest.StashKey[dict[str, pytest.TestReport]]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dotmesh", "run tests on named states of dots")
     group.addoption("--dotmesh-home", default=None, metavar="DIR",
-                    help="the dotmesh store (default: $DM_HOME, else ~/.dotmesh)")
+                    help="the dotmesh store (default: $DM_HOME, else dm's default store)")
     group.addoption("--dotmesh-remote", default=None, metavar="REMOTE",
                     help="fetch states that are not in the store from this remote (default: "
                          "the dot's remote)")

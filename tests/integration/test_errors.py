@@ -208,3 +208,48 @@ def test_reads_never_wait_for_a_writer(dm):
         proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
     assert json.loads(dm.ok("list", "--json"))[0]["state"] == "clean"
+
+
+def test_a_subdot_is_given_to_a_service_user_who_can_reach_it(dm, tmp_path):
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    nobody = pwd.getpwnam("nobody")
+    dm.ok("init", "app")
+    p = dm("path", "--owner", "nobody", "app.users-db")  # the test's home: in a 0700 folder
+    assert p.returncode == 2 and "nobody cannot reach it" in _one_line_error(p)
+    assert p.stderr.count("chmod o+x") == 1
+    p = dm("path", "--owner", "no-such-user", "app.users-db")
+    assert p.returncode == 3 and "no such user" in _one_line_error(p)
+    top = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.chmod(top, 0o711)
+        other = DM(top / "home")
+        other.ok("init", "app")
+        folder = Path(other.ok("path", "--owner", "nobody", "app.users-db").strip())
+        assert (folder.stat().st_uid, folder.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        reach = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                                "--clear-groups", "touch", str(folder / "made-by-nobody")])
+        assert reach.returncode == 0  # the service user writes its folder through the store
+    finally:
+        shutil.rmtree(top)
+
+
+def test_roots_default_store_is_the_system_one(monkeypatch, tmp_path):
+    from dotmesh.store import repo
+
+    monkeypatch.delenv("DM_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(repo, "SYSTEM_HOME", tmp_path / "var-lib-dotmesh")
+    monkeypatch.setattr(repo.os, "geteuid", lambda: 0)
+    assert repo.default_home() == tmp_path / "var-lib-dotmesh"
+    (tmp_path / ".dotmesh").mkdir()  # root's store from before the default moved
+    assert repo.default_home() == tmp_path / ".dotmesh"
+    (tmp_path / "var-lib-dotmesh").mkdir()
+    assert repo.default_home() == tmp_path / "var-lib-dotmesh"
+    monkeypatch.setattr(repo.os, "geteuid", lambda: 1000)
+    assert repo.default_home() == tmp_path / ".dotmesh"
+    monkeypatch.setenv("DM_HOME", str(tmp_path / "mine"))
+    assert repo.default_home() == tmp_path / "mine"

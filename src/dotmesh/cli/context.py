@@ -23,7 +23,7 @@ class Ctx:
 
     @property
     def path(self) -> Path:
-        """The store's folder: --home, else $DM_HOME or ~/.dotmesh."""
+        """The store's folder: --home, else $DM_HOME, else the default (store/repo.py)."""
         if self._path is None:
             from dotmesh.store.repo import default_home  # not for --help and the hub's commands
 

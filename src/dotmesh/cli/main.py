@@ -62,7 +62,8 @@ def _home_path() -> Path | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(path_type=Path), default=None,
-              help="The store to use (default: $DM_HOME or ~/.dotmesh).")
+              help="The store to use (default: $DM_HOME, else /var/lib/dotmesh for root, "
+                   "~/.dotmesh for others).")
 @click.version_option(__version__, prog_name="dm")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
@@ -118,8 +119,11 @@ def switch(c: Ctx, dot: str) -> None:
 
 @cli.command()
 @click.argument("name", metavar="DOT[.SUBDOT]")
+@click.option("--owner", default=None, metavar="USER[:GROUP]",
+              help="Give the folder to this user (root only for another user), e.g. the "
+                   "postgres service user; fails if that user cannot reach it.")
 @pass_ctx
-def path(c: Ctx, name: str) -> None:
+def path(c: Ctx, name: str, owner: str | None) -> None:
     """Print a subdot's stable folder, adding the subdot to the dot if it is new (the dot
     must exist: dm init makes it, so that a typo makes nothing).
 
@@ -127,10 +131,11 @@ def path(c: Ctx, name: str) -> None:
 
     \b
     Example:  redis-server --dir "$(dm path app.clicks-db)"
+              initdb -D "$(dm path --owner postgres app.users-db)"   # as postgres
     """
     from dotmesh.ops import dots as dot_ops
 
-    click.echo(str(dot_ops.path(c.home, name)))
+    click.echo(str(dot_ops.path(c.home, name, owner)))
 
 
 def _state(s: dot_ops.DotStatus) -> str:

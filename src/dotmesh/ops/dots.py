@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dotmesh.errors import Conflict, UsageError
+from dotmesh.errors import Conflict, NotFound, UsageError
 from dotmesh.fs import trash
 from dotmesh.meta import config, refs
 from dotmesh.model.ids import ObjectId
@@ -57,15 +59,55 @@ def switch(home: Repo, dot: str) -> None:
     home.set_current_dot(dot)
 
 
-def path(home: Repo, name: str) -> Path:
+def path(home: Repo, name: str, owner: str | None = None) -> Path:
     """The stable folder of ``DOT[.SUBDOT]``, adding the subdot to the dot if it is new.
-    The dot must exist: a typo must not make one (dm init does)."""
+    The dot must exist: a typo must not make one (dm init does). ``owner`` (``USER`` or
+    ``USER:GROUP``): the folder is given to that user, who must be able to reach it."""
     vol = VolumeName.parse(name)
     home.require_dot(vol.dot)
+    ids = _user_ids(owner) if owner is not None else None
     with home.lock(vol.dot, "path"):
         recover(home, vol.dot)
         home.add_subdot(vol.dot, vol.subdot)
-        return make_stable(home, vol.dot, vol.subdot)
+        folder = make_stable(home, vol.dot, vol.subdot)
+    if ids is not None:
+        os.chown(folder, *ids)
+        closed = [p for p in folder.parents if not _passable(p, *ids)]
+        if closed:
+            raise UsageError(f"{folder} is {owner}'s now, but {owner} cannot reach it: "
+                             f"{closed[0]} is closed to it (chmod o+x {closed[0]}, or keep "
+                             "the store elsewhere with DM_HOME)")
+    return folder
+
+
+def _user_ids(owner: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` as (uid, gid), the user's own group by default. Only root gives a
+    folder to another user."""
+    import grp
+    import pwd
+
+    user, _, group = owner.partition(":")
+    try:
+        pw = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    except KeyError:
+        raise NotFound(f"no such user or group: {owner!r}") from None
+    if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+        raise UsageError(f"only root can give a folder to another user ({owner})")
+    return pw.pw_uid, gid
+
+
+def _passable(folder: Path, uid: int, gid: int) -> bool:
+    """Whether ``uid`` (with group ``gid``) may pass through ``folder`` (by its mode bits:
+    other groups the user is in are not counted, so this may say no where it could)."""
+    st = folder.stat()
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
 
 
 def delete(home: Repo, dot: str, force: bool, stop_writers: bool = False) -> Stopped:

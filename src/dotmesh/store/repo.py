@@ -192,9 +192,20 @@ def _tighten(path: Path, mode: int) -> None:
             os.chmod(path, mode)
 
 
+SYSTEM_HOME = Path("/var/lib/dotmesh")
+
+
 def default_home() -> Path:
+    """``$DM_HOME``; else, for root, ``/var/lib/dotmesh`` (as Dotmesh's: service users such
+    as postgres can reach their subdots there, never in /root) unless root's store is
+    ``~/.dotmesh`` from before; else ``~/.dotmesh``."""
     env = os.environ.get("DM_HOME")
-    return Path(env) if env else Path.home() / ".dotmesh"
+    if env:
+        return Path(env)
+    personal = Path.home() / ".dotmesh"
+    if os.geteuid() == 0 and not (personal.exists() and not SYSTEM_HOME.exists()):
+        return SYSTEM_HOME
+    return personal
 
 
 class Repo:
