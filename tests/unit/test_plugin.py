@@ -109,3 +109,26 @@ def test_the_server_on_its_socket(tmp_path):
         first.terminate()
         first.wait(timeout=30)
     assert not sock.exists()
+
+
+def test_a_dot_made_by_docker_is_current_and_removed_volumes_leave_it_dirty(tmp_path):
+    """The tutorial's order: docker-compose up makes the dot, dm commit needs it current;
+    docker-compose down -v removes the volumes, and dm list must not call that clean."""
+    from dotmesh.ops import commit as commit_ops
+    from dotmesh.ops import dots
+
+    home = Repo(tmp_path / "home")
+    try:
+        plugin = Plugin(home, lambda line: None)
+        assert plugin.call("VolumeDriver.Create", {"Name": "moby-counter_app.db"})["Err"] == ""
+        assert plugin.call("VolumeDriver.Create", {"Name": "other.db"})["Err"] == ""
+        assert home.current_dot() == "moby-counter_app"  # the first one made, as dm init
+        (home.stable("moby-counter_app", "db") / "rows").write_text("x")
+        commit_ops.commit(home, "moby-counter_app", "before down -v")
+        [status] = dots.statuses(home, ["moby-counter_app"])
+        assert status.state == "clean"
+        assert plugin.call("VolumeDriver.Remove", {"Name": "moby-counter_app.db"})["Err"] == ""
+        [status] = dots.statuses(home, ["moby-counter_app"])
+        assert status.state == "dirty"  # dm diff shows the subdot's files removed
+    finally:
+        home.close()

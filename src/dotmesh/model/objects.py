@@ -442,10 +442,14 @@ class Commit:
                    dict(d["metadata"]))
 
 
-def is_dirty(roots: dict[str, Root], head: Commit | None) -> bool:
-    """Does the working state differ from ``head`` (in contents, modes or owners)?"""
+def is_dirty(roots: dict[str, Root], head: Commit | None, whole: bool = False) -> bool:
+    """Does the working state differ from ``head`` (in contents, modes or owners)?
+    ``whole``: ``roots`` are all the working state's subdots, so one that ``head`` has and
+    they lack (a volume removed) is a difference too."""
     committed = head.subdots if head else {}
     empty = object_id(EMPTY_TREE.encode())
+    if whole and any(sub not in roots and c.tree != empty for sub, c in committed.items()):
+        return True
     for sub, root in roots.items():
         c = committed.get(sub)
         if c is None:

@@ -206,7 +206,7 @@ def status(home: Repo, dot: str, containers: list[Container] | None = None) -> D
     changes: list[history.Change] = []
     if state is None:
         snap = snapshot_dot(home, dot, None)
-        dirty = is_dirty(snap.roots, c)
+        dirty = is_dirty(snap.roots, c, whole=True)
         size = sum(r.total_size for r in snap.results.values())
         state = "dirty" if dirty else "clean"
         uncommitted = 0

@@ -51,8 +51,9 @@ def _not_swapping(home: Repo, dot: str) -> None:
 
 
 def create(home: Repo, name: str, opts: dict[str, object] | None) -> Volume:
-    """Make the subdot (and its dot) if missing. Creating an existing volume is fine, as
-    dockerd expects."""
+    """Make the subdot (and its dot) if missing; a dot made here becomes the current dot if
+    there is none, as with dm init (the tutorial's next dm commit needs one). Creating an
+    existing volume is fine, as dockerd expects."""
     try:
         vol = VolumeName.parse(name)
     except InvalidName as e:
@@ -65,6 +66,9 @@ def create(home: Repo, name: str, opts: dict[str, object] | None) -> Volume:
             home.create_dot(vol.dot)
         except AlreadyExists:
             pass  # made meanwhile by another request
+        else:
+            if home.current_dot() is None:
+                home.set_current_dot(vol.dot)
     _not_swapping(home, vol.dot)
     home.add_subdot(vol.dot, vol.subdot)
     make_stable(home, vol.dot, vol.subdot)
