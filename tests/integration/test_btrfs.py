@@ -142,6 +142,10 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     # The stat cache came with the kept state: nothing to read, and a clean state.
     assert json.loads(bdm.ok("dot", "show", "--json"))["state"] == "clean"
     assert _commit(bdm, "again")["bytes_read"] == 0
+    # The head a reset moved away from stays kept a while: going back to it is a swap too.
+    two = json.loads(bdm.ok("log", "--json"))[0]["id"]
+    bdm.ok("reset", "--hard", "HEAD^")
+    assert two in _kept(bdm.home)
 
 
 @pytest.mark.slow

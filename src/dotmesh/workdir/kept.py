@@ -35,6 +35,7 @@ from dotmesh.workdir.backend import FolderBackend
 CACHES = ".dm-caches"
 NEW_PREFIX = ".new-"
 KEEP_COMMITS = "snapshots.keep-commits"  # per branch, its head included
+MOVES_AWAY = ("reset", "at")  # reflog actions whose old head is worth keeping a while
 KEEP_DAYS = "snapshots.keep-days"  # discarded states (reflog) kept this long
 DEFAULTS = {KEEP_COMMITS: 3, KEEP_DAYS: 7}
 _LEN = struct.Struct("<I")
@@ -194,8 +195,10 @@ def _limit(home: Repo, key: str) -> int:
 
 
 def wanted(home: Repo, dot: str) -> set[bytes]:
-    """The states worth keeping: every branch's last few commits (its head first) and the
-    reflog's discarded states of the last days."""
+    """The states worth keeping: every branch's last few commits (its head first), and of
+    the last days the reflog's discarded states and the heads resets moved branches away
+    from (a reset back to where it came from, as ``dot.at()`` does on leaving, is then a
+    swap; a commit's old head is its parent, counted with the branch's commits)."""
     per_branch = _limit(home, KEEP_COMMITS)
     horizon = time.time_ns() - _limit(home, KEEP_DAYS) * 86_400 * 10**9
     out: set[bytes] = set()
@@ -204,9 +207,10 @@ def wanted(home: Repo, dot: str) -> set[bytes]:
         out.update(walk_commits(home.packs.get, [head], first_parent=True, limit=per_branch,
                                 missing_ok=True))
     for row in refs.reflog_rows(home.conn, dot, None):
-        ts, saved = row[2], row[6]
-        if isinstance(saved, bytes) and isinstance(ts, int) and ts >= horizon:
-            out.add(saved)
+        ts, action, old, saved = row[2], row[3], row[4], row[6]
+        if isinstance(ts, int) and ts >= horizon:
+            moved_from = old if action in MOVES_AWAY else None
+            out.update(x for x in (moved_from, saved) if isinstance(x, bytes))
     return out
 
 
