@@ -14,6 +14,7 @@ import click
 from dotmesh.cli import browse as cli_browse
 from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
+from dotmesh.cli import output as cli_output
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
 from dotmesh.cli import tag as cli_tag
@@ -22,7 +23,9 @@ from dotmesh.cli.render import (
     commit_header,
     emit_json,
     first_line,
+    grouped_writers,
     human_size,
+    info,
     iso,
     progress_bar,
     safe,
@@ -60,6 +63,7 @@ def _home_path() -> Path | None:
     return _ctx.path if _ctx is not None else None
 
 
+@cli_output.group_options
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(path_type=Path), default=None,
               help="The store to use (default: $DM_HOME or ~/.dotmesh).")
@@ -336,12 +340,13 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
                    "freeze_bytes_read": r.frozen_bytes_read})
         return
     click.echo(f"[{dot.branch} {r.id.hex()[:12]}] {first_line(message)}")
-    click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
-               f"stored {human_size(r.bytes_stored)}")
+    files = f"{r.files_read} {'file' if r.files_read == 1 else 'files'}"
+    info(f"  read {files if not r.commit.parents else files.replace(' ', ' changed ', 1)} "
+         f"({human_size(r.bytes_read)}), stored {human_size(r.bytes_stored)}")
     if "dm.freeze_ms" in r.commit.metadata:
-        click.echo(f"  froze {r.commit.metadata['dm.writers']} for "
-                   f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
-                   f"{human_size(r.frozen_bytes_read)} meanwhile")
+        info(f"  froze {grouped_writers(r.commit.metadata['dm.writers'])} for "
+             f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
+             f"{human_size(r.frozen_bytes_read)} meanwhile")
 
 
 def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
@@ -733,7 +738,7 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
 def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
     from dotmesh.ops import fsck as fsck_ops
 
-    with progress_bar("Verifying", c.home.packs.count()) as bar:
+    with progress_bar("Verifying", c.home.packs.count(), "objects") as bar:
         return fsck_ops.fsck(c.home, bar, repair)
 
 
@@ -863,6 +868,7 @@ cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
+cli_output.install(cli)  # last: --quiet and --progress on every command
 
 
 # ------------------------------------------------------------------ the one error handler

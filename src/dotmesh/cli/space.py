@@ -145,7 +145,7 @@ def du(c: Ctx, dots: tuple[str, ...], no_gc: bool, as_json: bool) -> None:
             return -1  # a damaged store: dm fsck first
         return max(0, p.before - p.after)
 
-    with c.home.store_lock("du", exclusive=False), progress_bar("Reading") as bar:
+    with c.home.store_lock("du", exclusive=False), progress_bar("Reading", unit="objects") as bar:
         r = du_ops.du(c.home, dots or None, bar, None if no_gc else reclaimable)
     if as_json:
         def one(u: du_ops.Usage) -> dict[str, Any]:
