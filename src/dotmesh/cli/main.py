@@ -91,24 +91,29 @@ def cli(ctx: click.Context, home: Path | None) -> None:
               help="How the store keeps folders (only before its first dot). Default: btrfs "
                    "subvolumes (snapshots in milliseconds) where the store is on btrfs, "
                    "reflinked copies on XFS made with reflink=1, else plain folders.")
+@json_flag
 @pass_ctx
-def init(c: Ctx, dot: str, backend: str | None) -> None:
+def init(c: Ctx, dot: str, backend: str | None, as_json: bool) -> None:
     """Create a dot (made current if there is none).
 
     \b
     Example:  dm init app
-              dm init app --backend plain
+              dm init app --backend plain --json
     """
     from dotmesh.ops import dots as dot_ops
 
     made_current = dot_ops.init(c.home, dot, backend)
+    if as_json:
+        emit_json({"dot": dot, "current": made_current})
+        return
     click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
 
 
 @cli.command()
 @click.argument("dot")
+@json_flag
 @pass_ctx
-def switch(c: Ctx, dot: str) -> None:
+def switch(c: Ctx, dot: str, as_json: bool) -> None:
     """Make DOT the current dot, which commit, log, checkout and reset act on.
 
     \b
@@ -117,13 +122,17 @@ def switch(c: Ctx, dot: str) -> None:
     from dotmesh.ops import dots as dot_ops
 
     dot_ops.switch(c.home, dot)
+    if as_json:
+        emit_json({"current": dot})
+        return
     click.echo(f"Current dot is now {dot}")
 
 
 @cli.command()
 @click.argument("name", metavar="DOT[.SUBDOT]")
+@json_flag
 @pass_ctx
-def path(c: Ctx, name: str) -> None:
+def path(c: Ctx, name: str, as_json: bool) -> None:
     """Print a subdot's stable folder, creating the dot and subdot if needed.
 
     The folder's contents follow the dot's current branch; point your app's data store at it.
@@ -133,7 +142,11 @@ def path(c: Ctx, name: str) -> None:
     """
     from dotmesh.ops import dots as dot_ops
 
-    click.echo(str(dot_ops.path(c.home, name)))
+    folder = dot_ops.path(c.home, name)
+    if as_json:
+        emit_json({"name": name, "path": str(folder)})
+        return
+    click.echo(str(folder))
 
 
 def _state(s: dot_ops.DotStatus) -> str:
@@ -236,8 +249,9 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
 @click.option("--stop-writers", is_flag=True,
               help="Stop processes and containers using the dot instead of refusing.")
 @click.argument("name")
+@json_flag
 @pass_ctx
-def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
+def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str, as_json: bool) -> None:
     """Delete a dot: its folders, branches and history (a new dot of that name starts
     empty). Refused while processes or containers use it.
 
@@ -247,6 +261,9 @@ def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
     from dotmesh.ops import dots as dot_ops
 
     stopped = dot_ops.delete(c.home, name, force, stop_writers)
+    if as_json:
+        emit_json({"deleted": name, **_stopped_json(stopped)})
+        return
     if stopped.processes or stopped.containers:
         click.echo("Stopped " + ", ".join(map(str, [*stopped.processes, *stopped.containers])))
     click.echo(f"Deleted dot {name}")
@@ -288,8 +305,9 @@ def subdot_list(c: Ctx, dot_name: str | None, as_json: bool) -> None:
 @subdot.command("set-kind")
 @click.argument("volume", metavar="DOT.SUBDOT")
 @click.argument("kind", type=click.Choice(["postgres", "redis", "sqlite", "files", "auto"]))
+@json_flag
 @pass_ctx
-def subdot_set_kind(c: Ctx, volume: str, kind: str) -> None:
+def subdot_set_kind(c: Ctx, volume: str, kind: str, as_json: bool) -> None:
     """Say what a subdot holds, for dm diff --data, where detection (PG_VERSION, an AOF
     or dump.rdb, a SQLite header) would guess wrong; auto detects again.
 
@@ -300,6 +318,9 @@ def subdot_set_kind(c: Ctx, volume: str, kind: str) -> None:
 
     vol = VolumeName.parse(volume)
     datadiff.set_kind(c.home, vol.dot, vol.subdot, kind)
+    if as_json:
+        emit_json({"dot": vol.dot, "subdot": vol.subdot, "kind": kind})
+        return
     click.echo(f"{vol} is read as {kind}" if kind != "auto"
                else f"{vol}'s kind is detected again")
 
@@ -408,6 +429,11 @@ stop_writers_flag = click.option(
     help="Stop processes using the dot (SIGTERM, then SIGKILL) instead of refusing.")
 
 
+def _stopped_json(stopped: Stopped) -> dict[str, Any]:
+    return {"stopped": [{"pid": w.pid, "name": w.name} for w in stopped.processes],
+            "restarted": [k.name for k in stopped.containers]}
+
+
 def _report_stopped(stopped: Stopped) -> None:
     if stopped.processes:
         click.echo(f"Stopped {', '.join(map(str, stopped.processes))}; dm does not restart "
@@ -423,9 +449,10 @@ def _report_stopped(stopped: Stopped) -> None:
 @stop_writers_flag
 @click.argument("branch_name", metavar="BRANCH")
 @click.argument("start", metavar="[START]", required=False)
+@json_flag
 @pass_ctx
 def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
-             start: str | None) -> None:
+             start: str | None, as_json: bool) -> None:
     """Switch the current dot to BRANCH; uncommitted changes stay with their branch.
 
     \b
@@ -433,7 +460,13 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
               dm checkout -b bug-42 HEAD~3   # a branch at an older state
     """
     with progress_bar("Checking out") as bar:
-        r = c.dot().checkout(branch_name, create, start, stop_writers, bar)
+        dot = c.dot()
+        r = dot.checkout(branch_name, create, start, stop_writers, bar)
+    if as_json:
+        head = c.home.head(dot.name, branch_name)
+        emit_json({"dot": dot.name, "branch": branch_name, "created": create, "moved": r.moved,
+                   "head": head.hex() if head else None, **_stopped_json(r.stopped)})
+        return
     _report_stopped(r.stopped)
     if not r.moved:
         click.echo(f"Already on {branch_name}")
@@ -463,8 +496,7 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None, "kept_as": r.kept_as,
-                   "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped.processes],
-                   "restarted": [c.name for c in r.stopped.containers]})
+                   **_stopped_json(r.stopped)})
         return
     _report_stopped(r.stopped)
     click.echo(f"HEAD is now at {r.new.hex()[:12]} {first_line(c.home.commit(r.new).message)}")
@@ -578,8 +610,10 @@ def hook() -> None:
 @click.argument("command")
 @click.option("--subdot", default=None, help="Run it for this subdot (DM_PATH is its folder).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, metavar="SECONDS")
+@json_flag
 @pass_ctx
-def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: float) -> None:
+def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: float,
+             as_json: bool) -> None:
     """Add a hook to the current dot; it runs with DM_DOT, DM_SUBDOT and DM_PATH set.
 
     \b
@@ -589,6 +623,10 @@ def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: floa
 
     dot_name = c.home.require_current()
     hook_id = hook_ops.add_hook(c.home, dot_name, stage, command, subdot, timeout)
+    if as_json:
+        emit_json({"id": hook_id, "dot": dot_name, "stage": stage, "subdot": subdot,
+                   "command": command, "timeout": timeout})
+        return
     click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
 
 
@@ -616,8 +654,9 @@ def hook_list(c: Ctx, as_json: bool) -> None:
 
 @hook.command("rm")
 @click.argument("hook_id", type=int, metavar="ID")
+@json_flag
 @pass_ctx
-def hook_rm(c: Ctx, hook_id: int) -> None:
+def hook_rm(c: Ctx, hook_id: int, as_json: bool) -> None:
     """Remove a hook by its number.
 
     \b
@@ -626,6 +665,9 @@ def hook_rm(c: Ctx, hook_id: int) -> None:
     from dotmesh.ops import hooks as hook_ops
 
     hook_ops.remove_hook(c.home, c.home.require_current(), hook_id)
+    if as_json:
+        emit_json({"removed": hook_id})
+        return
     click.echo(f"Removed hook #{hook_id}")
 
 

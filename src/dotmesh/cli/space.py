@@ -211,6 +211,9 @@ def _branch_command(listing: click.Command) -> click.Command:
         from dotmesh.ops import gc as gc_ops
 
         head = gc_ops.delete_branch(c.home, dot, name, force=force_delete is not None)
+        if kwargs.get("as_json"):
+            emit_json({"deleted": name, "head": head.hex() if head else None})
+            return
         at = f" (was {head.hex()[:12]}; dm reflog names it until it expires)" if head else ""
         click.echo(f"Deleted branch {name}{at}")
 
