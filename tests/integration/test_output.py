@@ -53,3 +53,27 @@ def test_the_demo_s_closing_hint_works_as_printed(dm, tmp_path):
                        text=True)
     assert p.returncode == 0, p.stderr
     assert "No commits yet" in p.stdout
+
+
+def test_shell_completion(dm):
+    p = dm("completion", "bash", check=True)
+    assert "_DM_COMPLETE=bash_complete" in p.stdout and "complete " in p.stdout
+    assert "dm" in p.stdout.split("complete ")[-1]
+    for shell in ("zsh", "fish"):
+        assert "_DM_COMPLETE" in dm.ok("completion", shell)
+    dm.ok("init", "app")
+    dm.ok("commit", "-m", "one")
+    dm.ok("checkout", "-b", "experiment")
+    dm.ok("tag", "v1")
+
+    def complete(line: str) -> list[str]:
+        words = line.split()
+        env = {**dm.env, "_DM_COMPLETE": "bash_complete", "COMP_WORDS": line,
+               "COMP_CWORD": str(len(words) if line.endswith(" ") else len(words) - 1)}
+        p = subprocess.run([DM_BIN], env=env, capture_output=True, text=True, check=True)
+        return [x.split(",", 1)[1] for x in p.stdout.splitlines() if x]
+
+    assert complete("dm checkout ") == ["experiment", "master"]
+    assert complete("dm log ") == ["HEAD", "HEAD^", "experiment", "master", "v1"]
+    assert complete("dm swi") == ["switch"]
+    assert complete("dm --home /nonexistent/x checkout ") == []  # no store: nothing, no error

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli import browse as cli_browse
+from dotmesh.cli import completion as cli_completion
 from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
 from dotmesh.cli import output as cli_output
@@ -910,6 +911,8 @@ cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
+cli_completion.register(cli)
+cli_completion.install(cli)  # completers for the arguments that name dots, branches, refs...
 cli_output.install(cli)  # last: --quiet and --progress on every command
 
 
