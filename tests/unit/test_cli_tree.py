@@ -16,6 +16,7 @@ NO_JSON = {
     "serve": "a server: runs until stopped, logs requests",
     "hub serve": "a server: runs until stopped",
     "completion": "prints a shell script",
+    "help": "prints help, or writes man pages",
 }
 
 
@@ -65,3 +66,44 @@ def test_the_new_json_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert dm("branch", "-d", "exp")["deleted"] == "exp"  # type: ignore[index]
     assert dm("dot", "delete", "-f", "other") == {"deleted": "other", "stopped": [],
                                                   "restarted": []}
+
+
+def test_man_pages_are_made_from_the_help(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    import subprocess
+
+    assert run(["help", "--man", str(tmp_path / "man1")]) == 0
+    pages = {p.name: p.read_text() for p in (tmp_path / "man1").iterdir()}
+    assert {"dm.1", "dm-commit.1", "dm-hub-user-add.1"} <= set(pages)
+    assert len(pages) == sum(1 for _ in _commands(cli)) + 1  # every command, and dm itself
+    commit = pages["dm-commit.1"]
+    assert commit.startswith('.TH "DM-COMMIT" "1"') and "\\-\\-freeze\\-timeout" in commit
+    if shutil.which("man"):
+        p = subprocess.run(["man", "--warnings", "-l", str(tmp_path / "man1" / "dm-commit.1")],
+                           capture_output=True, text=True, env={"MANWIDTH": "80",
+                                                                "PATH": "/usr/bin:/bin"})
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+        assert "dm commit -m" in p.stdout and "--freeze-timeout SECONDS" in p.stdout
+    capsys.readouterr()
+    assert run(["help", "commit"]) == 0
+    assert capsys.readouterr().out.startswith("Usage: dm commit [OPTIONS]")
+    assert run(["help", "nope"]) == 2
+
+
+def test_serve_documents_a_second_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from dotmesh.capture.containers import driver
+
+    assert run(["serve", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--socket" in text and "DM_DRIVER=dmtest" in text and "driver: dmtest" in text
+    unit = tmp_path / "dmtest.service"
+    sock = tmp_path / "dmtest.sock"
+    assert run(["--home", str(tmp_path / "h"), "serve", "--install", "--socket", str(sock),
+                "--unit-path", str(unit)]) == 0
+    written = unit.read_text()
+    assert f"--socket {sock}" in written and "Environment=DM_DRIVER=dmtest" in written
+    assert driver() == "dm"
+    monkeypatch.setenv("DM_DRIVER", "dmtest")
+    assert driver() == "dmtest"

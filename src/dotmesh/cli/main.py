@@ -15,6 +15,7 @@ from dotmesh.cli import browse as cli_browse
 from dotmesh.cli import completion as cli_completion
 from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
+from dotmesh.cli import manpages as cli_manpages
 from dotmesh.cli import output as cli_output
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
@@ -673,12 +674,13 @@ def hook_rm(c: Ctx, hook_id: int, as_json: bool) -> None:
 
 
 UNIT = """[Unit]
-Description=dotmesh: the dm Docker volume plugin
+Description=dotmesh: the {driver} Docker volume plugin
 Documentation=dm serve --help
 Before=docker.service
 
 [Service]
 Environment=DM_HOME={home}
+Environment=DM_DRIVER={driver}
 ExecStart={dm} serve --socket {socket}
 Restart=always
 
@@ -688,35 +690,55 @@ WantedBy=multi-user.target docker.service
 
 
 @cli.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
-              default=str(DEFAULT_SOCKET), show_default=True,
-              help="Where dockerd looks for the plugin named dm.")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="Where dockerd finds the plugin; its file name is the driver's name "
+                   "(default: /run/docker/plugins/dm.sock, or DM_DRIVER.sock if set).")
 @click.option("--quiet", is_flag=True, help="Do not log each request on stderr.")
 @click.option("--install", is_flag=True,
               help="Write a systemd unit that runs this server, instead of running it.")
 @click.option("--unit-path", type=click.Path(path_type=Path),
               default="/etc/systemd/system/dm.service", show_default=True)
 @pass_ctx
-def serve(c: Ctx, socket_path: Path, quiet: bool, install: bool, unit_path: Path) -> None:
+def serve(c: Ctx, socket_path: Path | None, quiet: bool, install: bool,
+          unit_path: Path) -> None:
     """Serve dots as Docker volumes (the volume driver "dm"), in the foreground.
 
     A volume named DOT.SUBDOT is subdot SUBDOT of dot DOT; compose prefixes its project, so
     app.clicks-db in project mobycounter is dot mobycounter_app. Start it before dockerd.
 
+    Two engines side by side (two stores, e.g. a test store beside the real one): dockerd
+    names a plugin after its socket, so give the second its own socket name and store, and
+    set DM_DRIVER to that name for its dm commands too (commit, checkout and reset find the
+    containers to pause or restart by driver). Volumes then say driver: dmtest. Keep each
+    socket served: dockerd remembers a plugin name it has used until it restarts.
+
     \b
     Example:  dm serve &  docker volume create -d dm app.clicks-db
               dm serve --install && systemctl enable --now dm
+    \b
+    Two engines:
+      export DM_HOME=/srv/dm-test DM_DRIVER=dmtest
+      dm serve --socket /run/docker/plugins/dmtest.sock &
+      docker volume create -d dmtest app.clicks-db   # a dot of /srv/dm-test
+      dm serve --install --unit-path /etc/systemd/system/dmtest.service
     """
+    if socket_path is None:
+        socket_path = DEFAULT_SOCKET.with_name(f"{os.environ.get('DM_DRIVER') or 'dm'}.sock")
     if install:
         dm_bin = Path(sys.argv[0]).resolve()
         unit_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = unit_path.with_suffix(".tmp")
         tmp.write_text(UNIT.format(home=c.path.absolute(), dm=dm_bin,
-                                   socket=socket_path.absolute()))
+                                   socket=socket_path.absolute(),
+                                   driver=socket_path.name.removesuffix(".sock")))
         os.replace(tmp, unit_path)
         click.echo(f"Wrote {unit_path}; run: systemctl daemon-reload && systemctl enable --now "
                    f"{unit_path.stem}")
         return
+    name = socket_path.name.removesuffix(".sock")
+    if name != (os.environ.get("DM_DRIVER") or "dm"):
+        click.echo(f"dm: note: dockerd knows this plugin as driver {name}: run this store's "
+                   f"dm commands with DM_DRIVER={name}, so they find its containers", err=True)
     from dotmesh.server.plugin import serve as run_server  # noqa: PLC0415 - server imports
 
     run_server(c.home, socket_path.absolute(), quiet)
@@ -912,6 +934,7 @@ cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
 cli_completion.register(cli)
+cli_manpages.register(cli)  # dm help [--man DIR]
 cli_completion.install(cli)  # completers for the arguments that name dots, branches, refs...
 cli_output.install(cli)  # last: --quiet and --progress on every command
 
