@@ -82,4 +82,5 @@ status
 say "Consistent across stores: counter <= max(n) <= counter + 1, and every upload up to it."
 step dm reflog -n 3
 step dm fsck
-echo; echo "Done. Explore it with: DM_HOME=$DM_HOME dm log"
+echo; echo "Done. Explore it with: DM_HOME=$DM_HOME $PWD/.venv/bin/dm log"
+echo "(or put dm on your PATH: export PATH=\"$PWD/.venv/bin:\$PATH\" DM_HOME=$DM_HOME)"

@@ -36,3 +36,7 @@ fi
 # Compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI), every dm command would
 # otherwise compile the package again, about 40% of its start-up time.
 .venv/bin/python -m compileall -q src >/dev/null
+# Man pages made from the commands' help (dm help --man). man finds them by itself when
+# .venv/bin is on PATH; otherwise: MANPATH="$PWD/.venv/share/man:" man dm-commit
+rm -rf .venv/share/man/man1/dm.1 .venv/share/man/man1/dm-*.1
+DM_DAEMON=off .venv/bin/dm help --man .venv/share/man/man1 >/dev/null

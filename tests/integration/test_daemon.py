@@ -49,7 +49,7 @@ def test_commands_run_in_the_daemon_as_they_would_here(daemon: DM) -> None:
     folder = daemon.path("app.db")
     (folder / "f").write_text("one\n")
     out = daemon.ok("commit", "-m", "first")
-    assert "read 1 changed files" in out
+    assert "read 1 file (" in out
     log = json.loads(daemon.ok("log", "--json"))
     assert [c["message"] for c in log] == ["first"]
     assert _served(daemon) == 4  # init, path, commit and log ("dm daemon" runs here)

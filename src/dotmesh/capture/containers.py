@@ -16,6 +16,13 @@ from dotmesh.errors import DotmeshError, InvalidName
 from dotmesh.model.names import VolumeName
 
 DRIVER = "dm"  # the plugin's name: its socket is /run/docker/plugins/dm.sock
+
+
+def driver() -> str:
+    """The volume driver whose volumes are this store's: ``$DM_DRIVER``, else ``dm``. A second
+    engine beside the first (another store, ``dm serve --socket .../NAME.sock``) is driver
+    NAME; its store's commands find their containers with DM_DRIVER=NAME."""
+    return os.environ.get("DM_DRIVER") or DRIVER
 API_TIMEOUT = 10  # seconds per request; docker-py adds a stop's own timeout
 
 
@@ -53,7 +60,8 @@ def _client() -> Any | None:
 
 
 def containers_using(dots: Iterable[str]) -> dict[str, list[Container]]:
-    """The containers (any state) that mount a ``dm`` volume of each dot, by dot."""
+    """The containers (any state) that mount a volume of each dot (of driver ``dm``, or
+    ``$DM_DRIVER``), by dot."""
     wanted = set(dots)
     out: dict[str, list[Container]] = {d: [] for d in wanted}
     client = _client()
@@ -67,10 +75,11 @@ def containers_using(dots: Iterable[str]) -> dict[str, list[Container]]:
         return out  # no engine answering: nothing runs there
     finally:
         client.close()
+    ours = driver()
     for c in listed:
         names: dict[str, list[str]] = {}
         for m in c.get("Mounts") or []:
-            if m.get("Type") != "volume" or m.get("Driver") != DRIVER:
+            if m.get("Type") != "volume" or m.get("Driver") != ours:
                 continue
             try:
                 vol = VolumeName.parse(m.get("Name", ""))

@@ -173,8 +173,9 @@ def register(cli: click.Group) -> None:
 
     @user.command("disable")
     @click.argument("name")
+    @json_flag
     @click.pass_obj
-    def user_disable(cfg: HubConfig, name: str) -> None:
+    def user_disable(cfg: HubConfig, name: str, as_json: bool) -> None:
         """Refuse every request of an account (401) until it is enabled again; its keys,
         dots and collaborations stay.
 
@@ -182,18 +183,25 @@ def register(cli: click.Group) -> None:
         Example:  dm hub user disable bob
         """
         changed = cfg.store().set_disabled(name, True)
+        if as_json:
+            emit_json({"user": name, "disabled": True, "changed": changed})
+            return
         click.echo(f"Disabled {name}" if changed else f"{name} was already disabled")
 
     @user.command("enable")
     @click.argument("name")
+    @json_flag
     @click.pass_obj
-    def user_enable(cfg: HubConfig, name: str) -> None:
+    def user_enable(cfg: HubConfig, name: str, as_json: bool) -> None:
         """Let a disabled account in again, with the keys it had.
 
         \b
         Example:  dm hub user enable bob
         """
         changed = cfg.store().set_disabled(name, False)
+        if as_json:
+            emit_json({"user": name, "disabled": False, "changed": changed})
+            return
         click.echo(f"Enabled {name}" if changed else f"{name} was not disabled")
 
     @user.command("rm")
@@ -201,8 +209,9 @@ def register(cli: click.Group) -> None:
     @click.option("--with-dots", is_flag=True,
                   help="Also delete the dots the user owns (their branches and who may use "
                   "them), which a later user of the same name would otherwise own.")
+    @json_flag
     @click.pass_obj
-    def user_rm(cfg: HubConfig, name: str, with_dots: bool) -> None:
+    def user_rm(cfg: HubConfig, name: str, with_dots: bool, as_json: bool) -> None:
         """Delete an account, its API keys and its collaborations. Refuses while it owns
         dots, unless --with-dots.
 
@@ -210,6 +219,9 @@ def register(cli: click.Group) -> None:
         Example:  dm hub user rm bob --with-dots
         """
         gone = cfg.store().remove_user(name, with_dots)
+        if as_json:
+            emit_json({"removed": name, "dots": gone})
+            return
         click.echo(f"Removed user {name}" + (f" and its dots {', '.join(gone)}" if gone
                                              else ""))
 
@@ -241,8 +253,9 @@ def register(cli: click.Group) -> None:
 
     @key.command("revoke")
     @click.argument("kid", metavar="KEY_ID")
+    @json_flag
     @click.pass_obj
-    def key_revoke(cfg: HubConfig, kid: str) -> None:
+    def key_revoke(cfg: HubConfig, kid: str, as_json: bool) -> None:
         """Revoke an API key (its id from dm hub key list): the next request with it gets
         401.
 
@@ -250,6 +263,9 @@ def register(cli: click.Group) -> None:
         Example:  dm hub key revoke 3f9c0a1b2c4d
         """
         owner = cfg.store().revoke_key(kid)
+        if as_json:
+            emit_json({"revoked": kid.strip().lower(), "user": owner})
+            return
         click.echo(f"Revoked {owner}'s API key {kid.strip().lower()}")
 
     @hub.group()
@@ -263,8 +279,9 @@ def register(cli: click.Group) -> None:
     @collaborator.command("add")
     @click.argument("dot", metavar="NAMESPACE/DOT")
     @click.argument("name", metavar="USER")
+    @json_flag
     @click.pass_obj
-    def collaborator_add(cfg: HubConfig, dot: str, name: str) -> None:
+    def collaborator_add(cfg: HubConfig, dot: str, name: str, as_json: bool) -> None:
         """Let USER read and push NAMESPACE/DOT.
 
         \b
@@ -272,13 +289,17 @@ def register(cli: click.Group) -> None:
         """
         ns, dot_name = _dot_arg(dot)
         cfg.store().add_collaborator(ns, dot_name, name)
+        if as_json:
+            emit_json({"dot": f"{ns}/{dot_name}", "added": name})
+            return
         click.echo(f"{name} may now read and push {dot}")
 
     @collaborator.command("rm")
     @click.argument("dot", metavar="NAMESPACE/DOT")
     @click.argument("name", metavar="USER")
+    @json_flag
     @click.pass_obj
-    def collaborator_rm(cfg: HubConfig, dot: str, name: str) -> None:
+    def collaborator_rm(cfg: HubConfig, dot: str, name: str, as_json: bool) -> None:
         """Take USER's access to NAMESPACE/DOT away, from their next request on.
 
         \b
@@ -286,6 +307,9 @@ def register(cli: click.Group) -> None:
         """
         ns, dot_name = _dot_arg(dot)
         cfg.store().remove_collaborator(ns, dot_name, name)
+        if as_json:
+            emit_json({"dot": f"{ns}/{dot_name}", "removed": name})
+            return
         click.echo(f"{name} may no longer read or push {dot}")
 
     @collaborator.command("list")
@@ -320,8 +344,9 @@ def register(cli: click.Group) -> None:
 
     @hub_dot.command("rm")
     @click.argument("dot", metavar="NAMESPACE/DOT")
+    @json_flag
     @click.pass_obj
-    def dot_rm(cfg: HubConfig, dot: str) -> None:
+    def dot_rm(cfg: HubConfig, dot: str, as_json: bool) -> None:
         """Delete a dot: its branches, collaborators and memberships go at once (a push to
         it under way fails); dm hub gc then frees the objects no other dot holds.
 
@@ -330,6 +355,9 @@ def register(cli: click.Group) -> None:
         """
         ns, dot_name = _dot_arg(dot)
         cfg.store().remove_dot(ns, dot_name)
+        if as_json:
+            emit_json({"deleted": f"{ns}/{dot_name}"})
+            return
         click.echo(f"Deleted {ns}/{dot_name}: dm hub gc frees what only it held")
 
     @hub.command("gc")

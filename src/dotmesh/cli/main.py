@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli import browse as cli_browse
+from dotmesh.cli import completion as cli_completion
 from dotmesh.cli import daemon as cli_daemon
 from dotmesh.cli import hub as cli_hub
+from dotmesh.cli import manpages as cli_manpages
+from dotmesh.cli import output as cli_output
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
 from dotmesh.cli import tag as cli_tag
@@ -22,7 +25,9 @@ from dotmesh.cli.render import (
     commit_header,
     emit_json,
     first_line,
+    grouped_writers,
     human_size,
+    info,
     iso,
     progress_bar,
     safe,
@@ -60,6 +65,7 @@ def _home_path() -> Path | None:
     return _ctx.path if _ctx is not None else None
 
 
+@cli_output.group_options
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(path_type=Path), default=None,
               help="The store to use (default: $DM_HOME, else /var/lib/dotmesh for root, "
@@ -88,24 +94,29 @@ def cli(ctx: click.Context, home: Path | None) -> None:
               help="How the store keeps folders (only before its first dot). Default: btrfs "
                    "subvolumes (snapshots in milliseconds) where the store is on btrfs, "
                    "reflinked copies on XFS made with reflink=1, else plain folders.")
+@json_flag
 @pass_ctx
-def init(c: Ctx, dot: str, backend: str | None) -> None:
+def init(c: Ctx, dot: str, backend: str | None, as_json: bool) -> None:
     """Create a dot (made current if there is none).
 
     \b
     Example:  dm init app
-              dm init app --backend plain
+              dm init app --backend plain --json
     """
     from dotmesh.ops import dots as dot_ops
 
     made_current = dot_ops.init(c.home, dot, backend)
+    if as_json:
+        emit_json({"dot": dot, "current": made_current})
+        return
     click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
 
 
 @cli.command()
 @click.argument("dot")
+@json_flag
 @pass_ctx
-def switch(c: Ctx, dot: str) -> None:
+def switch(c: Ctx, dot: str, as_json: bool) -> None:
     """Make DOT the current dot, which commit, log, checkout and reset act on.
 
     \b
@@ -114,6 +125,9 @@ def switch(c: Ctx, dot: str) -> None:
     from dotmesh.ops import dots as dot_ops
 
     dot_ops.switch(c.home, dot)
+    if as_json:
+        emit_json({"current": dot})
+        return
     click.echo(f"Current dot is now {dot}")
 
 
@@ -122,8 +136,9 @@ def switch(c: Ctx, dot: str) -> None:
 @click.option("--owner", default=None, metavar="USER[:GROUP]",
               help="Give the folder to this user (root only for another user), e.g. the "
                    "postgres service user; fails if that user cannot reach it.")
+@json_flag
 @pass_ctx
-def path(c: Ctx, name: str, owner: str | None) -> None:
+def path(c: Ctx, name: str, owner: str | None, as_json: bool) -> None:
     """Print a subdot's stable folder, adding the subdot to the dot if it is new (the dot
     must exist: dm init makes it, so that a typo makes nothing).
 
@@ -135,7 +150,11 @@ def path(c: Ctx, name: str, owner: str | None) -> None:
     """
     from dotmesh.ops import dots as dot_ops
 
-    click.echo(str(dot_ops.path(c.home, name, owner)))
+    folder = dot_ops.path(c.home, name, owner)
+    if as_json:
+        emit_json({"name": name, "path": str(folder)})
+        return
+    click.echo(str(folder))
 
 
 def _state(s: dot_ops.DotStatus) -> str:
@@ -238,8 +257,9 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
 @click.option("--stop-writers", is_flag=True,
               help="Stop processes and containers using the dot instead of refusing.")
 @click.argument("name")
+@json_flag
 @pass_ctx
-def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
+def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str, as_json: bool) -> None:
     """Delete a dot: its folders, branches and history (a new dot of that name starts
     empty). Refused while processes or containers use it.
 
@@ -249,6 +269,9 @@ def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str) -> None:
     from dotmesh.ops import dots as dot_ops
 
     stopped = dot_ops.delete(c.home, name, force, stop_writers)
+    if as_json:
+        emit_json({"deleted": name, **_stopped_json(stopped)})
+        return
     if stopped.processes or stopped.containers:
         click.echo("Stopped " + ", ".join(map(str, [*stopped.processes, *stopped.containers])))
     click.echo(f"Deleted dot {name}")
@@ -290,8 +313,9 @@ def subdot_list(c: Ctx, dot_name: str | None, as_json: bool) -> None:
 @subdot.command("set-kind")
 @click.argument("volume", metavar="DOT.SUBDOT")
 @click.argument("kind", type=click.Choice(["postgres", "redis", "sqlite", "files", "auto"]))
+@json_flag
 @pass_ctx
-def subdot_set_kind(c: Ctx, volume: str, kind: str) -> None:
+def subdot_set_kind(c: Ctx, volume: str, kind: str, as_json: bool) -> None:
     """Say what a subdot holds, for dm diff --data, where detection (PG_VERSION, an AOF
     or dump.rdb, a SQLite header) would guess wrong; auto detects again.
 
@@ -302,6 +326,9 @@ def subdot_set_kind(c: Ctx, volume: str, kind: str) -> None:
 
     vol = VolumeName.parse(volume)
     datadiff.set_kind(c.home, vol.dot, vol.subdot, kind)
+    if as_json:
+        emit_json({"dot": vol.dot, "subdot": vol.subdot, "kind": kind})
+        return
     click.echo(f"{vol} is read as {kind}" if kind != "auto"
                else f"{vol}'s kind is detected again")
 
@@ -342,12 +369,13 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
                    "freeze_bytes_read": r.frozen_bytes_read})
         return
     click.echo(f"[{dot.branch} {r.id.hex()[:12]}] {first_line(message)}")
-    click.echo(f"  read {r.files_read} changed files ({human_size(r.bytes_read)}), "
-               f"stored {human_size(r.bytes_stored)}")
+    files = f"{r.files_read} {'file' if r.files_read == 1 else 'files'}"
+    info(f"  read {files if not r.commit.parents else files.replace(' ', ' changed ', 1)} "
+         f"({human_size(r.bytes_read)}), stored {human_size(r.bytes_stored)}")
     if "dm.freeze_ms" in r.commit.metadata:
-        click.echo(f"  froze {r.commit.metadata['dm.writers']} for "
-                   f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
-                   f"{human_size(r.frozen_bytes_read)} meanwhile")
+        info(f"  froze {grouped_writers(r.commit.metadata['dm.writers'])} for "
+             f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
+             f"{human_size(r.frozen_bytes_read)} meanwhile")
 
 
 def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
@@ -409,6 +437,11 @@ stop_writers_flag = click.option(
     help="Stop processes using the dot (SIGTERM, then SIGKILL) instead of refusing.")
 
 
+def _stopped_json(stopped: Stopped) -> dict[str, Any]:
+    return {"stopped": [{"pid": w.pid, "name": w.name} for w in stopped.processes],
+            "restarted": [k.name for k in stopped.containers]}
+
+
 def _report_stopped(stopped: Stopped) -> None:
     if stopped.processes:
         click.echo(f"Stopped {', '.join(map(str, stopped.processes))}; dm does not restart "
@@ -424,9 +457,10 @@ def _report_stopped(stopped: Stopped) -> None:
 @stop_writers_flag
 @click.argument("branch_name", metavar="BRANCH")
 @click.argument("start", metavar="[START]", required=False)
+@json_flag
 @pass_ctx
 def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
-             start: str | None) -> None:
+             start: str | None, as_json: bool) -> None:
     """Switch the current dot to BRANCH; uncommitted changes stay with their branch.
 
     \b
@@ -434,7 +468,13 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
               dm checkout -b bug-42 HEAD~3   # a branch at an older state
     """
     with progress_bar("Checking out") as bar:
-        r = c.dot().checkout(branch_name, create, start, stop_writers, bar)
+        dot = c.dot()
+        r = dot.checkout(branch_name, create, start, stop_writers, bar)
+    if as_json:
+        head = c.home.head(dot.name, branch_name)
+        emit_json({"dot": dot.name, "branch": branch_name, "created": create, "moved": r.moved,
+                   "head": head.hex() if head else None, **_stopped_json(r.stopped)})
+        return
     _report_stopped(r.stopped)
     if not r.moved:
         click.echo(f"Already on {branch_name}")
@@ -464,8 +504,7 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None, "kept_as": r.kept_as,
-                   "stopped": [{"pid": w.pid, "name": w.name} for w in r.stopped.processes],
-                   "restarted": [c.name for c in r.stopped.containers]})
+                   **_stopped_json(r.stopped)})
         return
     _report_stopped(r.stopped)
     click.echo(f"HEAD is now at {r.new.hex()[:12]} {first_line(c.home.commit(r.new).message)}")
@@ -579,8 +618,10 @@ def hook() -> None:
 @click.argument("command")
 @click.option("--subdot", default=None, help="Run it for this subdot (DM_PATH is its folder).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, metavar="SECONDS")
+@json_flag
 @pass_ctx
-def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: float) -> None:
+def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: float,
+             as_json: bool) -> None:
     """Add a hook to the current dot; it runs with DM_DOT, DM_SUBDOT and DM_PATH set.
 
     \b
@@ -590,6 +631,10 @@ def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: floa
 
     dot_name = c.home.require_current()
     hook_id = hook_ops.add_hook(c.home, dot_name, stage, command, subdot, timeout)
+    if as_json:
+        emit_json({"id": hook_id, "dot": dot_name, "stage": stage, "subdot": subdot,
+                   "command": command, "timeout": timeout})
+        return
     click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
 
 
@@ -617,8 +662,9 @@ def hook_list(c: Ctx, as_json: bool) -> None:
 
 @hook.command("rm")
 @click.argument("hook_id", type=int, metavar="ID")
+@json_flag
 @pass_ctx
-def hook_rm(c: Ctx, hook_id: int) -> None:
+def hook_rm(c: Ctx, hook_id: int, as_json: bool) -> None:
     """Remove a hook by its number.
 
     \b
@@ -627,16 +673,20 @@ def hook_rm(c: Ctx, hook_id: int) -> None:
     from dotmesh.ops import hooks as hook_ops
 
     hook_ops.remove_hook(c.home, c.home.require_current(), hook_id)
+    if as_json:
+        emit_json({"removed": hook_id})
+        return
     click.echo(f"Removed hook #{hook_id}")
 
 
 UNIT = """[Unit]
-Description=dotmesh: the dm Docker volume plugin
+Description=dotmesh: the {driver} Docker volume plugin
 Documentation=dm serve --help
 Before=docker.service
 
 [Service]
 Environment=DM_HOME={home}
+Environment=DM_DRIVER={driver}
 ExecStart={dm} serve --socket {socket}
 Restart=always
 
@@ -646,35 +696,55 @@ WantedBy=multi-user.target docker.service
 
 
 @cli.command()
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
-              default=str(DEFAULT_SOCKET), show_default=True,
-              help="Where dockerd looks for the plugin named dm.")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="Where dockerd finds the plugin; its file name is the driver's name "
+                   "(default: /run/docker/plugins/dm.sock, or DM_DRIVER.sock if set).")
 @click.option("--quiet", is_flag=True, help="Do not log each request on stderr.")
 @click.option("--install", is_flag=True,
               help="Write a systemd unit that runs this server, instead of running it.")
 @click.option("--unit-path", type=click.Path(path_type=Path),
               default="/etc/systemd/system/dm.service", show_default=True)
 @pass_ctx
-def serve(c: Ctx, socket_path: Path, quiet: bool, install: bool, unit_path: Path) -> None:
+def serve(c: Ctx, socket_path: Path | None, quiet: bool, install: bool,
+          unit_path: Path) -> None:
     """Serve dots as Docker volumes (the volume driver "dm"), in the foreground.
 
     A volume named DOT.SUBDOT is subdot SUBDOT of dot DOT; compose prefixes its project, so
     app.clicks-db in project mobycounter is dot mobycounter_app. Start it before dockerd.
 
+    Two engines side by side (two stores, e.g. a test store beside the real one): dockerd
+    names a plugin after its socket, so give the second its own socket name and store, and
+    set DM_DRIVER to that name for its dm commands too (commit, checkout and reset find the
+    containers to pause or restart by driver). Volumes then say driver: dmtest. Keep each
+    socket served: dockerd remembers a plugin name it has used until it restarts.
+
     \b
     Example:  dm serve &  docker volume create -d dm app.clicks-db
               dm serve --install && systemctl enable --now dm
+    \b
+    Two engines:
+      export DM_HOME=/srv/dm-test DM_DRIVER=dmtest
+      dm serve --socket /run/docker/plugins/dmtest.sock &
+      docker volume create -d dmtest app.clicks-db   # a dot of /srv/dm-test
+      dm serve --install --unit-path /etc/systemd/system/dmtest.service
     """
+    if socket_path is None:
+        socket_path = DEFAULT_SOCKET.with_name(f"{os.environ.get('DM_DRIVER') or 'dm'}.sock")
     if install:
         dm_bin = Path(sys.argv[0]).resolve()
         unit_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = unit_path.with_suffix(".tmp")
         tmp.write_text(UNIT.format(home=c.path.absolute(), dm=dm_bin,
-                                   socket=socket_path.absolute()))
+                                   socket=socket_path.absolute(),
+                                   driver=socket_path.name.removesuffix(".sock")))
         os.replace(tmp, unit_path)
         click.echo(f"Wrote {unit_path}; run: systemctl daemon-reload && systemctl enable --now "
                    f"{unit_path.stem}")
         return
+    name = socket_path.name.removesuffix(".sock")
+    if name != (os.environ.get("DM_DRIVER") or "dm"):
+        click.echo(f"dm: note: dockerd knows this plugin as driver {name}: run this store's "
+                   f"dm commands with DM_DRIVER={name}, so they find its containers", err=True)
     from dotmesh.server.plugin import serve as run_server  # noqa: PLC0415 - server imports
 
     run_server(c.home, socket_path.absolute(), quiet)
@@ -739,7 +809,7 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
 def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
     from dotmesh.ops import fsck as fsck_ops
 
-    with progress_bar("Verifying", c.home.packs.count()) as bar:
+    with progress_bar("Verifying", c.home.packs.count(), "objects") as bar:
         return fsck_ops.fsck(c.home, bar, repair)
 
 
@@ -869,6 +939,10 @@ cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
+cli_completion.register(cli)
+cli_manpages.register(cli)  # dm help [--man DIR]
+cli_completion.install(cli)  # completers for the arguments that name dots, branches, refs...
+cli_output.install(cli)  # last: --quiet and --progress on every command
 
 
 # ------------------------------------------------------------------ the one error handler

@@ -83,9 +83,10 @@ def register(cli: click.Group) -> None:
     @click.option("--http", "plain", is_flag=True, help="Plain HTTP (default: HTTPS).")
     @click.option("--ca-cert", type=click.Path(path_type=Path, exists=True), default=None,
                   help="Trust the hub's certificate from this CA file.")
+    @json_flag
     @pass_ctx
     def remote_add(c: Ctx, name: str, address: str, api_key_file: Path | None, plain: bool,
-                   ca_cert: Path | None) -> None:
+                   ca_cert: Path | None, as_json: bool) -> None:
         """Add a hub as a remote; the API key is checked with the hub first.
 
         \b
@@ -97,12 +98,16 @@ def register(cli: click.Group) -> None:
         remotes.parse_hub(address, plain)  # a bad address fails before the key is asked for
         r, who = remotes.add_hub(c.home, name, address, _api_key(api_key_file), plain,
                                  ca_cert)
+        if as_json:
+            emit_json({"name": r.name, "kind": r.kind, "url": r.url, "user": who})
+            return
         click.echo(f"Added remote {r.name} ({r.describe()}), signed in as {who}")
 
     @remote.command("rm")
     @click.argument("name")
+    @json_flag
     @pass_ctx
-    def remote_rm(c: Ctx, name: str) -> None:
+    def remote_rm(c: Ctx, name: str, as_json: bool) -> None:
         """Forget a remote and its key.
 
         \b
@@ -111,12 +116,16 @@ def register(cli: click.Group) -> None:
         from dotmesh.ops import remotes
 
         remotes.remove(c.home, name)
+        if as_json:
+            emit_json({"removed": name})
+            return
         click.echo(f"Removed remote {name}")
 
     @remote.command("switch")
     @click.argument("name")
+    @json_flag
     @pass_ctx
-    def remote_switch(c: Ctx, name: str) -> None:
+    def remote_switch(c: Ctx, name: str, as_json: bool) -> None:
         """Make NAME the remote that push, pull and clone use by default.
 
         \b
@@ -125,6 +134,9 @@ def register(cli: click.Group) -> None:
         from dotmesh.ops import remotes
 
         remotes.switch(c.home, name)
+        if as_json:
+            emit_json({"default": name})
+            return
         click.echo(f"Default remote is now {name}")
 
     @cli.group()
@@ -141,8 +153,10 @@ def register(cli: click.Group) -> None:
     @click.option("--secret-key-file", type=click.Path(path_type=Path), default=None,
                   help="Read the secret key from this file (else $DM_S3_SECRET_KEY, else "
                        "asked for).")
+    @json_flag
     @pass_ctx
-    def s3_remote_add(c: Ctx, name: str, spec: str, secret_key_file: Path | None) -> None:
+    def s3_remote_add(c: Ctx, name: str, spec: str, secret_key_file: Path | None,
+                      as_json: bool) -> None:
         """Add a bucket as a remote (the endpoint may start with http:// or https://).
 
         The secret key is read from a file, $DM_S3_SECRET_KEY or the terminal, never from
@@ -160,6 +174,10 @@ def register(cli: click.Group) -> None:
             secret = _secret(secret_key_file, "DM_S3_SECRET_KEY", "S3 secret key",
                              "--secret-key-file FILE or set DM_S3_SECRET_KEY")
         r = remotes.add_s3(c.home, name, spec, secret)
+        if as_json:
+            emit_json({"name": r.name, "kind": r.kind, "url": r.url,
+                       "bucket": r.options.get("bucket")})
+            return
         click.echo(f"Added remote {r.name} ({r.describe()})")
 
     @cli.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,39 +77,112 @@ def table(rows: list[list[str]], header: list[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+class Output:
+    """How much a command says besides its result, set by the global options: ``quiet``
+    (no progress, fewer informational lines) and ``progress`` ("auto": a bar on a
+    terminal, nothing otherwise; "json": one JSON line per update on stderr; "none")."""
+
+    quiet = False
+    progress = "auto"
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.quiet, cls.progress = False, "auto"
+
+
+def info(message: str, err: bool = False) -> None:
+    """An informational line (a note, a detail after the result): --quiet drops it."""
+    if not Output.quiet:
+        click.echo(message, err=err)
+
+
 class Meter:
-    """A progress callback: ``meter(n)`` adds n bytes done, ``meter.total(n)`` sets the total
-    once it is known. Silent unless stderr is a terminal."""
+    """A progress callback: ``meter(n)`` adds n units done, ``meter.total(n)`` sets the total
+    once it is known, ``meter.expect(n)`` adds n to it (each subdot's part, as found)."""
 
     def __init__(self, advance: Callable[[int], None] = lambda n: None,
-                 set_total: Callable[[int], None] = lambda n: None) -> None:
-        self._advance, self.total = advance, set_total
+                 set_total: Callable[[int], None] = lambda n: None,
+                 add_total: Callable[[int], None] = lambda n: None) -> None:
+        self._advance, self.total, self.expect = advance, set_total, add_total
 
     def __call__(self, n: int) -> None:
         self._advance(n)
 
 
+class JsonProgress:
+    """One JSON object a line on ``stream`` (stderr): label, done, total (null while
+    unknown), rate (units a second), eta (seconds, null while unknown), unit, and final (the
+    last line of this operation). At most one line every ``interval`` seconds between the
+    first (done 0) and the final one."""
+
+    def __init__(self, label: str, total: int | None, unit: str, stream: Any,
+                 clock: Callable[[], float] = time.monotonic, interval: float = 0.5) -> None:
+        self.label, self.total, self.unit, self.stream = label, total, unit, stream
+        self.clock, self.interval = clock, interval
+        self.done = 0
+        self.started = self.last = clock()
+        self.line()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.clock() - self.last >= self.interval:
+            self.line()
+
+    def set_total(self, n: int) -> None:
+        self.total = n
+
+    def add_total(self, n: int) -> None:
+        self.total = (self.total or 0) + n
+
+    def line(self, final: bool = False) -> None:
+        now = self.last = self.clock()
+        if final and self.total is None:
+            self.total = self.done  # never announced: what was done was all there was
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (0.0 if final else max(0.0, (self.total - self.done) / rate)
+               if self.total is not None and rate > 0 else None)
+        self.stream.write(json.dumps({
+            "label": self.label, "done": self.done, "total": self.total,
+            "rate": round(rate, 1), "eta": None if eta is None else round(eta, 1),
+            "unit": self.unit, "final": final}) + "\n")
+        self.stream.flush()
+
+
 @contextmanager
-def progress_bar(label: str, total: int | None = None) -> Iterator[Meter]:
-    """A rich bar with bytes and rate on a terminal; a no-op when piped."""
-    if not sys.stderr.isatty():
+def progress_bar(label: str, total: int | None = None, unit: str = "bytes") -> Iterator[Meter]:
+    """Progress of a long operation on stderr, as the global options say: a rich bar (done,
+    total, rate, time left) on a terminal, JSON lines under --progress=json, else nothing."""
+    if Output.progress == "json" and not Output.quiet:
+        p = JsonProgress(label, total, unit, sys.stderr)
+        yield Meter(p.advance, p.set_total, p.add_total)
+        p.line(final=True)
+        return
+    if Output.quiet or Output.progress == "none" or not sys.stderr.isatty():
         yield Meter()
         return
     from rich.console import Console  # imported here: it costs 80 ms of start-up
     from rich.progress import (
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
         TextColumn,
-        TimeElapsedColumn,
+        TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as p:
-        task = p.add_task(label, total=total)
-        yield Meter(lambda n: p.advance(task, n), lambda n: p.update(task, total=n))
+    amounts = ((DownloadColumn(), TransferSpeedColumn()) if unit == "bytes"
+               else (MofNCompleteColumn(), TextColumn(unit)))
+    with Progress(TextColumn("{task.description}"), BarColumn(), *amounts,
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def add_total(n: int) -> None:
+            bar.update(task, total=(bar.tasks[0].total or 0) + n)
+
+        yield Meter(lambda n: bar.advance(task, n), lambda n: bar.update(task, total=n),
+                    add_total)
 
 
 def data_report(reports: list[Any]) -> None:
@@ -150,6 +225,22 @@ def data_report(reports: list[Any]) -> None:
             click.echo("  no changes")
 
 
+_WRITER = re.compile(r"(.+?) \(pid (\d+)\)(?:, |$)")
+
+
+def grouped_writers(text: str) -> str:
+    """A commit's ``dm.writers`` (``postgres (pid 41), postgres (pid 42), container web``,
+    every pid kept in the commit) as people read it: ``postgres (2 processes), container
+    web``; a process alone keeps its pid. Parts in another form are shown as they are."""
+    groups: dict[str, list[str]] = {}
+    for part in text.split(", ") if text else []:
+        m = _WRITER.fullmatch(part)
+        groups.setdefault(m[1] if m else part, []).append(m[2] if m else "")
+    return ", ".join(safe(name) if not pids[0] else f"{safe(name)} (pid {pids[0]})"
+                     if len(pids) == 1 else f"{safe(name)} ({len(pids)} processes)"
+                     for name, pids in groups.items())
+
+
 def commit_header(oid: bytes, cm: Any, parents: bool = False) -> None:
     """A commit as ``dm log`` and ``dm show`` print it: id, author, date, freeze, metadata
     and message (``parents``: each parent's id too)."""
@@ -159,8 +250,8 @@ def commit_header(oid: bytes, cm: Any, parents: bool = False) -> None:
     click.echo(f"Author: {safe(cm.author)}")
     click.echo(f"Date:   {when(cm.timestamp_ns)}")
     if "dm.freeze_ms" in cm.metadata:
-        click.echo(safe(f"Freeze: {cm.metadata['dm.freeze_ms']} ms "
-                        f"({cm.metadata.get('dm.writers', '')})"))
+        click.echo(f"Freeze: {safe(cm.metadata['dm.freeze_ms'])} ms "
+                   f"({grouped_writers(cm.metadata.get('dm.writers', ''))})")
     for k, v in sorted(cm.metadata.items()):
         if not k.startswith("dm."):
             click.echo(f"        {safe(k)}={safe(v)}")

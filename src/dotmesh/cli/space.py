@@ -145,7 +145,7 @@ def du(c: Ctx, dots: tuple[str, ...], no_gc: bool, as_json: bool) -> None:
             return -1  # a damaged store: dm fsck first
         return max(0, p.before - p.after)
 
-    with c.home.store_lock("du", exclusive=False), progress_bar("Reading") as bar:
+    with c.home.store_lock("du", exclusive=False), progress_bar("Reading", unit="objects") as bar:
         r = du_ops.du(c.home, dots or None, bar, None if no_gc else reclaimable)
     if as_json:
         def one(u: du_ops.Usage) -> dict[str, Any]:
@@ -211,6 +211,9 @@ def _branch_command(listing: click.Command) -> click.Command:
         from dotmesh.ops import gc as gc_ops
 
         head = gc_ops.delete_branch(c.home, dot, name, force=force_delete is not None)
+        if kwargs.get("as_json"):
+            emit_json({"deleted": name, "head": head.hex() if head else None})
+            return
         at = f" (was {head.hex()[:12]}; dm reflog names it until it expires)" if head else ""
         click.echo(f"Deleted branch {name}{at}")
 

@@ -302,6 +302,10 @@ def _fsync_dir(path: os.PathLike[str]) -> None:
 def apply(home: Repo, p: Plan, progress: Progress | None = None) -> None:
     """Carry the plan out (the store lock held exclusively by the caller)."""
     conn, folder = home.packs.conn, home.packs.dir
+    expect = getattr(progress, "expect", None)  # a meter that shows a total (cli/render.py)
+    if expect is not None:
+        expect(sum(q.size - q.cut if q.action == CUT else q.size for q in p.packs
+                   if q.action in (DELETE, CUT, REPACK)))
     # 1. Rows of dead objects in packs that stay; caches of what goes.
     forget = [x for q in p.packs if q.action in (FORGET, CUT) for x in q.dead]
     dead_all = {x for q in p.packs if q.action != BUSY for x in q.dead}

@@ -293,6 +293,13 @@ class _Planner:
                                   f"{loc.raw_len}; nothing was changed (dm fsck)")
 
 
+def _expect(progress: Progress | None, files: list[_File]) -> None:
+    """Tell a meter that shows a total (cli/render.py) the bytes about to be written."""
+    expect = getattr(progress, "expect", None)
+    if expect is not None:
+        expect(sum(f.entry.size for f in files))
+
+
 class _Writer:
     """Reads what files need from the packs (verified) and writes it out."""
 
@@ -601,6 +608,7 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         p = _plan(top, None, store, target, None, policy)
         w = _Writer(store, policy, progress)
         w.locate(p.files)
+        _expect(progress, p.files)
         p.check_sizes(w.locations)
         act = _Apply(dirs, policy, result)
         placed: list[_File] = []
@@ -740,6 +748,7 @@ def prepare(top: Path, store: PackStore, target: Root, current: Root | None, sta
             os.close(top_fd)
     w = _Writer(store, policy, progress)
     w.locate(p.files)
+    _expect(progress, p.files)
     p.check_sizes(w.locations)
     os.makedirs(staging.parent, exist_ok=True)
     os.mkdir(staging, 0o700)

@@ -797,6 +797,9 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     """Chunk, hash and store the files in ``to_read`` on WORKERS threads. Their previous
     versions (to spare hashing) come from ``recent`` or, failing that, ``cache``; a paged
     file that ``reference`` shares blocks with is read only where it does not."""
+    expect = getattr(progress, "expect", None)  # a meter that shows a total (cli/render.py)
+    if expect is not None:
+        expect(sum(f.st.st_size for f in to_read))
     jobs: list[Callable[[], int]] = []
     small: list[_File] = []
     small_bytes = 0
