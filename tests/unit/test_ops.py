@@ -63,15 +63,14 @@ def test_reserved_metadata_and_empty_messages_are_refused_by_the_verb(repo: Repo
     assert list(history.log(repo, "app")) == []
 
 
-def test_reset_needs_hard_and_keeps_the_discarded_state(repo: Repo) -> None:
+def test_reset_is_hard_with_or_without_the_flag_and_keeps_the_discarded_state(
+        repo: Repo) -> None:
     _write(repo, "a", "one")
     first = _commit(repo, "first")
     _write(repo, "a", "two")
     _commit(repo, "second")
     _write(repo, "a", "uncommitted")
-    with pytest.raises(UsageError, match="--hard"):
-        checkout_ops.reset(repo, "app", "HEAD^", hard=False)
-    r = checkout_ops.reset(repo, "app", "HEAD^", hard=True)
+    r = checkout_ops.reset(repo, "app", "HEAD^", hard=False)
     assert r.new == first and _read(repo, "a") == "one"
     assert r.saved is not None
     entry = history.reflog(repo, "app")[0]

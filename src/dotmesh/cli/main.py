@@ -437,7 +437,8 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
 
 
 @cli.command()
-@click.option("--hard", is_flag=True, help="Required: replace the working state.")
+@click.option("--hard", is_flag=True,
+              help="Accepted for git's habit: every reset is hard (there is no index).")
 @click.argument("ref", default="HEAD")
 @stop_writers_flag
 @json_flag
@@ -447,12 +448,14 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
 
     The working state being discarded is stored first and listed by dm reflog (on btrfs
     and XFS, kept as a snapshot named discarded-..., read only if you reset to it).
+    `dm reset REF` and `dm reset --hard REF` are the same (as in Dotmesh: there is no
+    index whose state a soft reset would keep).
 
     \b
     Example:  dm reset --hard HEAD^
+              dm reset bug-42
     """
-    if not hard:  # there is no index whose state a soft reset would keep
-        raise UsageError("only 'dm reset --hard REF' is supported")
+    del hard  # every reset is hard
     with progress_bar("Resetting") as bar:
         r = c.dot().reset(ref, stop_writers, bar)
     if as_json:
