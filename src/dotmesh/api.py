@@ -296,6 +296,13 @@ class Dot:
         return sync.push(self._store, self.name, remote, branch, remote_dot, force, progress,
                          total, with_tags=tags)
 
+    def set_upstream(self, remote: str, remote_dot: str) -> str:
+        """The dot on ``remote`` this one pushes to and pulls from (``NAMESPACE/DOT`` on a
+        hub, or ``DOT`` in your own namespace there); returns its full name."""
+        from dotmesh.ops import remotes  # noqa: PLC0415 - the network code, only when used
+
+        return remotes.set_upstream(self._store, self.name, remote, remote_dot)
+
     def fetch(self, ref: str, remote: str | None = None) -> ObjectId:
         """Bring a tag, a branch's head or a commit (by its whole id) of the dot's remote
         here, without moving anything; a tag is made here too."""

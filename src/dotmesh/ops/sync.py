@@ -526,7 +526,7 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
     and a journal of the restore are recorded together, so a clone killed while building its
     folders is finished by running it again (or by any command on the dot)."""
     r = remotes.get(home, remote_name)
-    rdot = remotes.check_remote_dot(r, remote_dot)
+    rdot = remotes.qualify(r, remote_dot)  # a bare DOT on a hub: the user's own
     branch = check_branch(branch or DEFAULT_BRANCH)
     name = check_name(local_name or rdot.rpartition("/")[2], "local dot name")
     if home.dot_exists(name):
