@@ -288,14 +288,24 @@ class Dot:
     # ------------------------------------------------------------ sharing
     def push(self, remote: str | None = None, branch: str | None = None,
              force: bool = False, tags: bool = True, remote_dot: str | None = None,
-             progress: Progress | None = None, total: Progress | None = None) -> Transfer:
+             progress: Progress | None = None, total: Progress | None = None,
+             stash_on_divergence: bool = False) -> Transfer:
         """Send a branch (default: the checked-out one) and the dot's tags to a remote
         (``remote_dot``: its name there, default ``USER/DOT`` or as before); ``total`` is
-        called once with the bytes to send."""
+        called once with the bytes to send. ``stash_on_divergence``: if the remote's branch
+        has commits this one lacks, keep its head on a new branch there
+        (``Transfer.stashed``) and move the branch to ours."""
         from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
 
         return sync.push(self._store, self.name, remote, branch, remote_dot, force, progress,
-                         total, with_tags=tags)
+                         total, with_tags=tags, stash_on_divergence=stash_on_divergence)
+
+    def set_upstream(self, remote: str, remote_dot: str) -> str:
+        """The dot on ``remote`` this one pushes to and pulls from (``NAMESPACE/DOT`` on a
+        hub, or ``DOT`` in your own namespace there); returns its full name."""
+        from dotmesh.ops import remotes  # noqa: PLC0415 - the network code, only when used
+
+        return remotes.set_upstream(self._store, self.name, remote, remote_dot)
 
     def fetch(self, ref: str, remote: str | None = None) -> ObjectId:
         """Bring a tag, a branch's head or a commit (by its whole id) of the dot's remote
@@ -306,11 +316,26 @@ class Dot:
 
     def pull(self, remote: str | None = None, branch: str | None = None,
              stop_writers: bool = False, same_owner: bool = False,
-             progress: Progress | None = None) -> Transfer:
-        """Fetch a branch's new commits and the remote's tags; fast-forward to them."""
+             progress: Progress | None = None, remote_dot: str | None = None,
+             stash_on_divergence: bool = False) -> Transfer:
+        """Fetch a branch's new commits and the remote's tags; fast-forward to them
+        (``remote_dot``: the dot's name there, remembered). ``stash_on_divergence``: if
+        both sides have new commits, keep this branch's head on a new branch
+        (``Transfer.stashed``) and take the remote's."""
         from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
 
         return sync.pull(self._store, self.name, remote, branch, progress, stop_writers,
-                         same_owner)
+                         same_owner, remote_dot, stash_on_divergence)
+
+    def pull_all(self, remote: str | None = None, stop_writers: bool = False,
+                 same_owner: bool = False, progress: Progress | None = None,
+                 remote_dot: str | None = None,
+                 stash_on_divergence: bool = False) -> list[Transfer]:
+        """:meth:`pull` every branch of the dot on the remote (``dm pull --all``): one
+        :class:`Transfer` each; a branch that could not move has status ``refused``."""
+        from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when used
+
+        return sync.pull_all(self._store, self.name, remote, progress, stop_writers,
+                             same_owner, remote_dot, stash_on_divergence)
 
 __all__ = ["CheckoutResult", "Dot", "LogEntry", "Progress", "Ref", "Repo"]

@@ -47,7 +47,8 @@ def test_show_ls_and_cat_read_any_commit_without_moving(dm: DM) -> None:
     text = dm.ok("show", first[:8])
     assert "ticket=BUG-42" in text and "SUBDOT" in text and "4 added" in text
 
-    assert "uploads" in dm.ok("ls", "HEAD^") and "uploads" in dm.ok("ls")
+    assert "uploads" in dm.ok("ls", "HEAD^") and "uploads" in dm.ok("ls", "HEAD")
+    assert dm.ok("ls") == dm.ok("list") and dm.ok("ls", "--json") == dm.ok("list", "--json")
     top = {e["path"]: e for e in json.loads(dm.ok("ls", "HEAD^:db", "--json"))}
     assert set(top) == {"base", "PG_VERSION", "link"}
     assert top["link"]["kind"] == "symlink" and top["link"]["target"] == "PG_VERSION"

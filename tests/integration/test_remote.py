@@ -151,6 +151,75 @@ def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
     assert json.loads(alice.ok("fsck", "--json"))["ok"]
 
 
+def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
+        hub, tmp_path):
+    if getattr(hub, "s3", None):
+        pytest.skip("client-side behaviour: the embedded hub shows it")
+    alice = _dev(tmp_path, "alice", hub)
+    bob = _dev(tmp_path, "bob", hub, 1)
+    alice.ok("init", "compat")
+    f = alice.path("compat") / "f"
+    f.write_text("base")
+    alice.ok("commit", "-m", "base")
+    assert "alice/shared" in alice.ok("dot", "set-upstream", "hub", "shared")  # her own
+    assert alice("dot", "set-upstream", "nohub", "x").returncode == 3
+    assert json.loads(alice.ok("push", "--json"))["remote_dot"] == "alice/shared"
+    assert json.loads(alice.ok("dot", "show", "--json"))["remotes"] == {"hub": "alice/shared"}
+    again = json.loads(alice.ok("clone", "hub", "shared", "--local-name", "again",
+                                "--stash-on-divergence", "--json"))  # a no-op for a clone
+    assert again["remote_dot"] == "alice/shared" and again["status"] == "cloned"
+    alice.ok("dot", "set-upstream", "again", "hub", "nothing-here")
+    pulled = json.loads(alice.ok("pull", "hub", "again", "--remote-name", "shared", "--json"))
+    assert pulled["status"] == "up to date"
+    assert json.loads(alice.ok("dot", "show", "again", "--json"))["remotes"] == {
+        "hub": "alice/shared"}  # remembered
+
+    hub.dm_hub("collaborator", "add", "alice/shared", "bob")
+    bob.ok("clone", "hub", "alice/shared")
+    bob.ok("checkout", "-b", "feature")
+    bob.ok("commit", "-m", "feature")
+    bob.ok("push", "--branch", "feature")
+    bob.ok("checkout", "master")
+    (bob.path("shared") / "f").write_text("bob")
+    bob.ok("commit", "-m", "bob")
+    bob.ok("push")
+    f.write_text("alice")
+    alice.ok("commit", "-m", "alice")
+    mine = json.loads(alice.ok("log", "--json"))[0]["id"]
+
+    p = alice("pull", "--all", "--json")  # feature is created, master diverged: refused
+    assert p.returncode == 5 and "master" in p.stderr
+    report = {r["branch"]: r for r in json.loads(p.stdout)}
+    assert report["feature"]["status"] == "created" and report["master"]["status"] == "refused"
+    assert "--stash-on-divergence" in report["master"]["notes"][0]
+    assert f.read_text() == "alice"  # nothing moved
+    f.write_text("alice, uncommitted")
+    out = json.loads(alice.ok("pull", "--stash-on-divergence", "--json"))
+    assert out["status"] == "stashed" and out["stashed"] == f"stash/master-{mine[:8]}"
+    assert f.read_text() == "bob" and out["saved"]  # the working state: saved, as by reset
+    assert alice.ok("cat", f"{out['stashed']}:f") == "alice"
+    assert alice.ok("cat", f"{out['saved']}:f") == "alice, uncommitted"
+    assert "feature" in json.loads(alice.ok("dot", "show", "--json"))["branches"]
+
+    f.write_text("alice again")  # on bob's: now bob's newer commit diverges on the hub
+    alice.ok("commit", "-m", "alice again")
+    (bob.path("shared") / "f").write_text("bob again")
+    bob.ok("commit", "-m", "bob again")
+    bobs = json.loads(bob.ok("push", "--json"))["new"]
+    p = alice("push")
+    assert p.returncode == 5 and "--stash-on-divergence" in p.stderr
+    text = alice.ok("push", "--stash-on-divergence")
+    assert f"kept on hub on branch stash/master-{bobs[:8]}" in text, text
+    p = bob("pull", "--all", "--json")  # the stash comes as a branch; master is refused
+    report = {r["branch"]: r for r in json.loads(p.stdout)}
+    assert p.returncode == 5 and report["master"]["status"] == "refused"
+    assert report[f"stash/master-{bobs[:8]}"]["new"] == bobs  # bob's commit, on the hub
+    out = json.loads(bob.ok("pull", "--stash-on-divergence", "--json"))
+    assert out["stashed"] == f"stash/master-{bobs[:8]}"  # the same branch: taken as it is
+    assert (bob.path("shared") / "f").read_text() == "alice again"
+    assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
 def test_tags_and_branches_named_with_parts_travel_with_their_dot(hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)
     bob = _dev(tmp_path, "bob", hub, 1)

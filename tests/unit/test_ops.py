@@ -63,15 +63,14 @@ def test_reserved_metadata_and_empty_messages_are_refused_by_the_verb(repo: Repo
     assert list(history.log(repo, "app")) == []
 
 
-def test_reset_needs_hard_and_keeps_the_discarded_state(repo: Repo) -> None:
+def test_reset_is_hard_with_or_without_the_flag_and_keeps_the_discarded_state(
+        repo: Repo) -> None:
     _write(repo, "a", "one")
     first = _commit(repo, "first")
     _write(repo, "a", "two")
     _commit(repo, "second")
     _write(repo, "a", "uncommitted")
-    with pytest.raises(UsageError, match="--hard"):
-        checkout_ops.reset(repo, "app", "HEAD^", hard=False)
-    r = checkout_ops.reset(repo, "app", "HEAD^", hard=True)
+    r = checkout_ops.reset(repo, "app", "HEAD^", hard=False)
     assert r.new == first and _read(repo, "a") == "one"
     assert r.saved is not None
     entry = history.reflog(repo, "app")[0]
@@ -137,3 +136,23 @@ def test_the_store_lock_excludes_dot_work_and_dots_do_not_exclude_each_other(
     with repo.lock("app", "commit"):
         with pytest.raises(Locked, match="dot 'app' is busy"), repo.lock("app", "reset"):
             pass
+
+
+def test_set_upstream_names_the_remote_dot_and_a_bare_name_is_the_users_own(
+        repo: Repo) -> None:
+    from dotmesh.ops import remotes
+
+    remotes._save(repo, remotes.Remote("hub", remotes.HUB, "http://127.0.0.1:9", "alice", "k"))
+    hub = remotes.get(repo, "hub")
+    assert remotes.remote_dot_for(repo, hub, "app", None) == "alice/app"
+    assert remotes.set_upstream(repo, "app", "hub", "bob/shared") == "bob/shared"
+    assert remotes.remote_dot_for(repo, hub, "app", None) == "bob/shared"
+    assert remotes.set_upstream(repo, "app", "hub", "mine") == "alice/mine"  # as clone does
+    assert dots.statuses(repo, ["app"])[0].remotes == {"hub": "alice/mine"}
+    for remote, rdot, error in [("nohub", "bob/x", NotFound), ("hub", "bob/x/y", UsageError),
+                                ("hub", "bob/../x", UsageError), ("hub", "", UsageError)]:
+        with pytest.raises(error):
+            remotes.set_upstream(repo, "app", remote, rdot)
+    with pytest.raises(NotFound):
+        remotes.set_upstream(repo, "ghost", "hub", "bob/x")
+    assert dots.statuses(repo, ["app"])[0].remotes == {"hub": "alice/mine"}  # untouched

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from dotmesh.errors import InvalidName
+from dotmesh.model.names import DockerVolume
 from dotmesh.server.plugin import Plugin
 from dotmesh.store.repo import Repo
 from tests.conftest import DM, DM_BIN
@@ -33,7 +35,7 @@ def test_a_volume_lives_as_a_subdot(plugin, tmp_path):
     assert mountpoint == str(tmp_path / "home" / "dots" / "proj_app" / "subdots" / "db")
     vol = plugin.call("VolumeDriver.Get", {"Name": "proj_app.db"})["Volume"]
     assert vol["Status"] == {"dot": "proj_app", "subdot": "db", "branch": "master",
-                             "mounts": 1}
+                             "pinned": False, "mounts": 1}
     assert plugin.call("VolumeDriver.Path", {"Name": "proj_app.db"})["Mountpoint"] == mountpoint
     assert plugin.call("VolumeDriver.List", {})["Volumes"] == [
         {"Name": "proj_app.db", "Mountpoint": mountpoint}]
@@ -68,6 +70,65 @@ def test_unknown_methods_and_names(plugin):
     assert plugin.call("VolumeDriver.Get", {"Name": "no dot here!"})["Err"].startswith(
         "no such volume")
     assert plugin.call("VolumeDriver.Mount", {"Name": "ghost.x", "ID": "1"})["Err"]
+
+
+def test_dotmesh_volume_names_root_pinned_branches_and_the_namespace(plugin):
+    from pathlib import Path
+
+    from dotmesh.ops import checkout as checkout_ops
+    from dotmesh.ops import commit as commit_ops
+    from dotmesh.ops import dots
+    from dotmesh.workdir.branches import working_set
+
+    home = plugin.home
+
+    def ok(method: str, name: str, **more: str) -> dict:
+        out = plugin.call(f"VolumeDriver.{method}", {"Name": name, **more})
+        assert out["Err"] == "", out
+        return out
+
+    ok("Create", "admin/app.db")  # Dotmesh's local namespace: the same dot
+    (home.stable("app", "db") / "f").write_text("master")
+    commit_ops.commit(home, "app", "one", {}, freeze=False)
+    checkout_ops.checkout(home, "app", "fix", create=True)  # master's folders are parked
+    (home.stable("app", "db") / "f").write_text("fix, uncommitted")
+
+    ok("Create", "app.db@master")
+    pinned = ok("Mount", "app.db@master", ID="p1")["Mountpoint"]
+    assert pinned == str(home.parked("app", "master", "db"))
+    assert (Path(pinned) / "f").read_text() == "master"
+    assert ok("Path", "app.db@fix")["Mountpoint"] == str(home.stable("app", "db"))  # current
+    assert ok("Get", "app.db@master")["Volume"]["Status"] == {
+        "dot": "app", "subdot": "db", "branch": "master", "pinned": True, "mounts": 1}
+    ok("Create", "app.__root__")  # the whole dot: a folder per subdot
+    root = ok("Mount", "app.__root__", ID="r1")["Mountpoint"]
+    assert root == str(working_set(home, "app")) and (Path(root) / "db" / "f").exists()
+    assert ok("Path", "admin/app.__root__@master")["Mountpoint"] == str(
+        home.parked_set("app", "master"))
+    home.create_branch("app", "never-out", home.head("app", "master"))  # no folders yet
+    ok("Create", "app.db@never-out")
+    built = Path(ok("Path", "app.db@never-out")["Mountpoint"])
+    assert built == home.parked("app", "never-out", "db") and (built / "f").read_text() == (
+        "master")
+
+    ok("Remove", "app.db@master")  # a view of the subdot: nothing is deleted
+    ok("Remove", "app.__root__")
+    assert (Path(pinned) / "f").read_text() == "master" and (Path(root) / "db").is_dir()
+    assert plugin.call("VolumeDriver.List", {})["Volumes"] == [
+        {"Name": "app.db", "Mountpoint": str(home.stable("app", "db"))}]
+    for name, err in [("app.db@nobranch", "no branch 'nobranch'"),
+                      ("bob/app.db", "one namespace"), ("app.db@a//b", "parts joined"),
+                      ("ghost.db@master", "no branch"), ("app.__root__.x", "may only")]:
+        out = plugin.call("VolumeDriver.Create", {"Name": name})
+        assert err in out["Err"] and "\n" not in out["Err"], (name, out)
+    assert "no such volume" in plugin.call("VolumeDriver.Get", {"Name": "app.db@nope"})["Err"]
+    assert not home.dot_exists("ghost") and sorted(home.branches("app")) == [
+        "fix", "master", "never-out"]
+    with pytest.raises(InvalidName, match="reserved"):
+        dots.path(home, "app.__root__")  # not a subdot's name
+    for name in ["app", "app.db", "app@fix/login", "app.__root__@master", "app.db@x"]:
+        assert str(DockerVolume.parse(name)) == name
+    assert DockerVolume.parse("admin/app.__root__") == DockerVolume("app", None)
 
 
 def test_install_writes_a_unit(tmp_path):

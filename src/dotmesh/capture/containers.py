@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dotmesh.errors import DotmeshError, InvalidName
-from dotmesh.model.names import VolumeName
+from dotmesh.model.names import DockerVolume
 
 DRIVER = "dm"  # the plugin's name: its socket is /run/docker/plugins/dm.sock
 
@@ -82,7 +82,7 @@ def containers_using(dots: Iterable[str]) -> dict[str, list[Container]]:
             if m.get("Type") != "volume" or m.get("Driver") != ours:
                 continue
             try:
-                vol = VolumeName.parse(m.get("Name", ""))
+                vol = DockerVolume.parse(m.get("Name", ""))
             except InvalidName:
                 continue
             if vol.dot in wanted:

@@ -168,15 +168,26 @@ def register(cli: click.Group) -> None:
     @click.option("-r", "--recursive", is_flag=True, help="Everything beneath, not one level.")
     @json_flag
     @pass_ctx
-    def ls_(c: Ctx, where: str | None, recursive: bool, as_json: bool) -> None:
-        """List what a commit holds: its subdots (REF alone, default HEAD), or a folder or
-        file in one (REF:SUBDOT/PATH), without checking anything out.
+    @click.pass_context
+    def ls_(cc: click.Context, c: Ctx, where: str | None, recursive: bool,
+            as_json: bool) -> None:
+        """List what a commit holds: its subdots (REF alone), or a folder or file in one
+        (REF:SUBDOT/PATH), without checking anything out. With no argument, `dm ls` is
+        `dm list` (the dots), as in Dotmesh; `dm ls HEAD` lists the head's subdots.
 
         \b
         Example:  dm ls HEAD~2:users-db/base
+                  dm ls          # the same as dm list
         """
         from dotmesh.ops import browse
 
+        if where is None:
+            if recursive:
+                raise click.UsageError("dm ls -r needs REF[:SUBDOT[/PATH]] (dm ls -r HEAD:db)")
+            list_cmd = cli.get_command(cc, "list")
+            assert list_cmd is not None
+            cc.invoke(list_cmd, as_json=as_json)
+            return
         dot = c.home.require_current()
         at = browse.locate(c.home, dot, where)
         if at.subdot is None:

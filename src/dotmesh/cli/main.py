@@ -252,6 +252,31 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     click.echo(f"  backend:  {s.backend}{kept_note}")
 
 
+@dot.command("set-upstream")
+@click.argument("args", nargs=-1, metavar="[DOT] REMOTE REMOTE-DOT")
+@json_flag
+@pass_ctx
+def dot_set_upstream(c: Ctx, args: tuple[str, ...], as_json: bool) -> None:
+    """Say which dot on REMOTE a dot (default: the current one) pushes to and pulls from,
+    as Dotmesh's command did. On a hub REMOTE-DOT is NAMESPACE/DOT, or DOT in your own
+    namespace. dm dot show lists it under remotes; a push or pull with --remote-name
+    changes it again.
+
+    \b
+    Example:  dm dot set-upstream hub alice/app
+              dm dot set-upstream app hub shared-app   # your namespace on hub
+    """
+    if len(args) not in (2, 3):
+        raise click.UsageError("dm dot set-upstream takes [DOT] REMOTE REMOTE-DOT")
+    *dot_name, remote_name, remote_dot = args
+    d = c.dot(dot_name[0] if dot_name else None)
+    rdot = d.set_upstream(remote_name, remote_dot)
+    if as_json:
+        emit_json({"dot": d.name, "remote": remote_name, "remote_dot": rdot})
+        return
+    click.echo(f"Dot {d.name} now pushes to and pulls from {remote_name}'s {rdot}")
+
+
 @dot.command("delete")
 @click.option("-f", "--force", is_flag=True, help="Really delete it.")
 @click.option("--stop-writers", is_flag=True,
@@ -483,7 +508,8 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
 
 
 @cli.command()
-@click.option("--hard", is_flag=True, help="Required: replace the working state.")
+@click.option("--hard", is_flag=True,
+              help="Accepted for git's habit: every reset is hard (there is no index).")
 @click.argument("ref", default="HEAD")
 @stop_writers_flag
 @json_flag
@@ -493,12 +519,14 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
 
     The working state being discarded is stored first and listed by dm reflog (on btrfs
     and XFS, kept as a snapshot named discarded-..., read only if you reset to it).
+    `dm reset REF` and `dm reset --hard REF` are the same (as in Dotmesh: there is no
+    index whose state a soft reset would keep).
 
     \b
     Example:  dm reset --hard HEAD^
+              dm reset bug-42
     """
-    if not hard:  # there is no index whose state a soft reset would keep
-        raise UsageError("only 'dm reset --hard REF' is supported")
+    del hard  # every reset is hard
     with progress_bar("Resetting") as bar:
         r = c.dot().reset(ref, stop_writers, bar)
     if as_json:

@@ -11,7 +11,7 @@ import click
 
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, progress_bar, safe
-from dotmesh.errors import UsageError
+from dotmesh.errors import Conflict, UsageError
 from dotmesh.model.names import check_name
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ def _secret(path: Path | None, env: str, what: str, how: str) -> str:
 def _api_key(key_file: Path | None) -> str:
     return _secret(key_file, "DM_API_KEY", "API key", "--api-key-file FILE or set DM_API_KEY")
 
+
+stash_flag = click.option(
+    "--stash-on-divergence", "stash", is_flag=True,
+    help="When both sides have new commits, keep the receiving side's head on a new branch "
+         "stash/BRANCH-ID and go on (as Dotmesh did): a push keeps the remote's there, a "
+         "pull keeps yours here and takes the remote's.")
 
 same_owner_flag = click.option(
     "--same-owner", is_flag=True,
@@ -190,20 +196,27 @@ def register(cli: click.Group) -> None:
                   help="Replace the remote branch even if it has commits yours lacks, and "
                        "move the remote's tags that name other commits than yours.")
     @click.option("--no-tags", is_flag=True, help="Send the branch alone, not the dot's tags.")
+    @stash_flag
     @json_flag
     @pass_ctx
     def push(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
-             remote_dot: str | None, force: bool, no_tags: bool, as_json: bool) -> None:
+             remote_dot: str | None, force: bool, no_tags: bool, stash: bool,
+             as_json: bool) -> None:
         """Send a branch's commits to a remote, with the dot's tags (dm tag) and the
         commits they name; only what the remote lacks travels.
+
+        If the remote's branch has commits yours lacks, the push is refused; --force
+        replaces them, --stash-on-divergence first keeps them on a new branch on the
+        remote (stash/BRANCH-ID, printed), so nothing is lost there.
 
         \b
         Example:  dm push hub --remote-name alice/app
                   dm push hub app fix/login --no-tags
+                  dm push --stash-on-divergence
         """
         with progress_bar("Pushing") as bar:
             res = c.dot(dot).push(remote_name, branch, force, not no_tags, remote_dot, bar,
-                                  bar.total)
+                                  bar.total, stash)
         _report(res, as_json, "sent")
 
     @cli.command()
@@ -212,36 +225,77 @@ def register(cli: click.Group) -> None:
     @click.argument("branch", required=False)
     @click.option("--stop-writers", is_flag=True,
                   help="Stop processes using the dot when the checked-out branch moves.")
+    @click.option("--remote-name", "remote_dot", default=None, metavar="NAMESPACE/DOT",
+                  help="The dot's name on the remote (default: as before, or USER/DOT); "
+                       "remembered.")
+    @click.option("--all", "all_branches", is_flag=True,
+                  help="Every branch of the remote dot: missing ones are created, the "
+                       "others fast-forwarded; one report each.")
+    @stash_flag
     @same_owner_flag
     @json_flag
     @pass_ctx
     def pull(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
-             stop_writers: bool, same_owner: bool, as_json: bool) -> None:
+             stop_writers: bool, remote_dot: str | None, all_branches: bool, stash: bool,
+             same_owner: bool, as_json: bool) -> None:
         """Fetch a branch's new commits from a remote and fast-forward to them; the
         remote's tags that this dot lacks come too.
 
+        If both sides have new commits, the pull is refused (the remote's state is
+        fetched; the message says how to keep yours); with --stash-on-divergence your
+        head is kept on a new branch stash/BRANCH-ID (printed) and the branch takes the
+        remote's state, the working state it replaces saved as dm reset saves it. With
+        --all, a branch that cannot move is reported and the others move (exit 5).
+
         \b
         Example:  dm pull hub app master
+                  dm pull hub --remote-name alice/app
+                  dm pull --all --json
         """
+        if all_branches and branch is not None:
+            raise click.UsageError("--all pulls every branch: name none")
         with progress_bar("Pulling") as bar:
-            res = c.dot(dot).pull(remote_name, branch, stop_writers, same_owner, bar)
-        _report(res, as_json, "fetched")
+            if all_branches:
+                results = c.dot(dot).pull_all(remote_name, stop_writers, same_owner, bar,
+                                              remote_dot, stash)
+            else:
+                res = c.dot(dot).pull(remote_name, branch, stop_writers, same_owner, bar,
+                                      remote_dot, stash)
+        if not all_branches:
+            _report(res, as_json, "fetched")
+            return
+        if as_json:
+            emit_json([_transfer_json(r) for r in results])
+        else:
+            for r in results:
+                _report(r, False, "fetched")
+        refused = [r.branch for r in results if r.status == "refused"]
+        if refused:
+            raise Conflict(f"{len(refused)} branch(es) not moved: {', '.join(refused)} "
+                           "(see above; --stash-on-divergence keeps yours aside and moves "
+                           "them)")
 
     @cli.command()
     @click.argument("remote_name", metavar="REMOTE")
     @click.argument("remote_dot", metavar="NAMESPACE/DOT")
     @click.argument("branch", required=False)
     @click.option("--local-name", default=None, help="Default: the remote dot's name.")
+    @click.option("--stash-on-divergence", "stash", is_flag=True,
+                  help="Accepted for Dotmesh's scripts; a clone makes a new dot, so there is "
+                       "nothing to diverge from.")
     @same_owner_flag
     @json_flag
     @pass_ctx
     def clone(c: Ctx, remote_name: str, remote_dot: str, branch: str | None,
-              local_name: str | None, same_owner: bool, as_json: bool) -> None:
-        """Copy a dot from a remote, with its tags and its folders ready to use.
+              local_name: str | None, stash: bool, same_owner: bool, as_json: bool) -> None:
+        """Copy a dot from a remote, with its tags and its folders ready to use. On a hub,
+        a DOT without NAMESPACE/ is in your own namespace (as in Dotmesh).
 
         \b
         Example:  dm clone hub alice/app --local-name bug-42
+                  dm clone hub app          # your own app on hub
         """
+        del stash  # a new dot has nothing of its own to diverge
         from dotmesh.api import Repo
 
         with progress_bar("Cloning") as bar:
@@ -250,20 +304,32 @@ def register(cli: click.Group) -> None:
         _report(res, as_json, "fetched")
 
 
+def _transfer_json(res: sync.Transfer) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "remote": res.remote, "remote_dot": res.remote_dot, "branch": res.branch,
+        "status": res.status, "old": res.old.hex() if res.old else None,
+        "new": res.new.hex() if res.new else None, "objects": res.objects,
+        "bytes": res.bytes, "tags": res.tags, "notes": res.notes, "stashed": res.stashed}
+    if res.restored is not None:
+        out["saved"] = res.restored.saved.hex() if res.restored.saved else None
+    return out
+
+
 def _report(res: sync.Transfer, as_json: bool, verb: str) -> None:
     if as_json:
-        out: dict[str, Any] = {
-            "remote": res.remote, "remote_dot": res.remote_dot, "branch": res.branch,
-            "status": res.status, "old": res.old.hex() if res.old else None,
-            "new": res.new.hex() if res.new else None, "objects": res.objects,
-            "bytes": res.bytes, "tags": res.tags, "notes": res.notes}
-        if res.restored is not None:
-            out["saved"] = res.restored.saved.hex() if res.restored.saved else None
-        emit_json(out)
+        emit_json(_transfer_json(res))
         return
     where = f"{res.remote} {res.remote_dot} {res.branch}"
     for note in res.notes:
         click.echo(f"dm: note: {safe(note)}", err=True)
+    if res.status == "refused":
+        click.echo(f"{where}: not moved (see the note above)")
+        return
+    if res.stashed:
+        whose = "The remote's diverging head" if verb == "sent" else "Your diverging head"
+        there = f" on {res.remote}" if verb == "sent" else ""
+        click.echo(f"{whose} {res.old.hex()[:12] if res.old else ''} is kept{there} on "
+                   f"branch {res.stashed}")
     tags = f"; tags {'sent' if verb == 'sent' else 'taken'}: {safe(', '.join(res.tags))}" \
         if res.tags else ""
     if res.status == "up to date":

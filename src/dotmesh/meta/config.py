@@ -138,6 +138,11 @@ def remove_mount(conn: sqlite3.Connection, dot: str, subdot: str, mount_id: str)
     conn.execute("DELETE FROM mounts WHERE dot=? AND subdot=? AND id=?", (dot, subdot, mount_id))
 
 
+def forget_mounts(conn: sqlite3.Connection, dot: str, subdot: str) -> None:
+    """Every mount of one volume (``subdot``: what its name says after ``DOT.``)."""
+    conn.execute("DELETE FROM mounts WHERE dot=? AND subdot=?", (dot, subdot))
+
+
 # ------------------------------------------------------------------ remotes
 def remote_exists(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM remotes WHERE name=?", (name,)).fetchone() is not None

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from dotmesh.errors import InvalidName
 
 DEFAULT_SUBDOT = "__default__"
+ROOT_SUBDOT = "__root__"  # in a Docker volume name, DOT.__root__: the whole dot (as Dotmesh's)
+LOCAL_NAMESPACE = "admin"  # the one namespace of local dots (Dotmesh's default one)
 DEFAULT_BRANCH = "master"
 MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -91,9 +93,58 @@ class VolumeName:
         check_name(dot, "dot name")
         if sep:
             check_name(subdot, "subdot name")
+            if subdot == ROOT_SUBDOT:
+                raise InvalidName(f"subdot name {ROOT_SUBDOT!r} is reserved: as a Docker "
+                                  f"volume, {dot}.{ROOT_SUBDOT} is the whole dot")
         else:
             subdot = DEFAULT_SUBDOT
         return cls(dot, subdot)
 
     def __str__(self) -> str:
         return self.dot if self.subdot == DEFAULT_SUBDOT else f"{self.dot}.{self.subdot}"
+
+
+@dataclass(frozen=True)
+class DockerVolume:
+    """A Docker volume name as Dotmesh wrote them: ``[NAMESPACE/]DOT[.SUBDOT][@BRANCH]``.
+
+    ``subdot`` None is ``DOT.__root__``, the whole dot (its subdots as folders); ``branch``
+    None follows the dot's current branch, ``@BRANCH`` pins the volume to that branch's
+    folders. Local dots have one namespace: ``admin/`` (Dotmesh's default) may be written
+    and means nothing more; another namespace is refused, as it would name another dot."""
+
+    dot: str
+    subdot: str | None
+    branch: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DockerVolume:
+        if not isinstance(text, str):
+            raise InvalidName("a volume name must be text")
+        rest, at, branch = text.partition("@")
+        ns, slash, after = rest.partition("/")
+        if slash and "." not in ns:  # else a bad DOT.SUBDOT, said so below
+            rest = after
+        if slash and "." not in ns and ns != LOCAL_NAMESPACE:
+            raise InvalidName(f"namespace {ns[:80]!r}: local dots have one namespace, "
+                              f"{LOCAL_NAMESPACE!r} (name the volume DOT.SUBDOT or "
+                              f"{LOCAL_NAMESPACE}/DOT.SUBDOT)")
+        dot, sep, subdot = rest.partition(".")
+        if sep and subdot == ROOT_SUBDOT:
+            whole: str | None = None
+            check_name(dot, "dot name")
+        else:
+            whole = VolumeName.parse(rest).subdot
+        if at:
+            check_branch(branch)
+        return cls(dot, whole, branch if at else None)
+
+    @property
+    def key(self) -> str:
+        """What follows ``DOT.``: names its mounts (``db``, ``__root__``, ``db@fix``)."""
+        return (self.subdot or ROOT_SUBDOT) + (f"@{self.branch}" if self.branch else "")
+
+    def __str__(self) -> str:
+        name = (self.dot if self.subdot == DEFAULT_SUBDOT else
+                f"{self.dot}.{self.subdot or ROOT_SUBDOT}")
+        return name + (f"@{self.branch}" if self.branch else "")

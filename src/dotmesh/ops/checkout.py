@@ -87,12 +87,12 @@ def checkout(home: Repo, dot: str, branch: str, create: bool = False,
         return True, stopped
 
 
-def reset(home: Repo, dot: str, ref: str, hard: bool, progress: Progress | None = None,
-          stop_writers: bool = False) -> ResetResult:
-    """``dm reset``: only ``--hard`` exists (there is no index whose state a soft reset
-    would keep), and it must be asked for, since it replaces the working state."""
-    if not hard:
-        raise UsageError("only 'dm reset --hard REF' is supported")
+def reset(home: Repo, dot: str, ref: str, hard: bool = True,
+          progress: Progress | None = None, stop_writers: bool = False) -> ResetResult:
+    """``dm reset``: every reset is hard, with or without ``--hard`` (there is no index whose
+    state a soft reset would keep; Dotmesh's ``dm reset REF`` worked the same way). Nothing is
+    lost: the working state replaced is stored first."""
+    del hard  # accepted for the command's sake: both spellings mean the same reset
     return reset_hard(home, dot, ref, progress, stop_writers)
 
 

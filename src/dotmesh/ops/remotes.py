@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import AlreadyExists, NotFound, UsageError
-from dotmesh.meta import config
+from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.names import check_name
 from dotmesh.remote.blobs import S3Blobs
@@ -155,14 +155,36 @@ def get(home: Repo, name: str | None) -> Remote:
 
 
 def remote_dot_for(home: Repo, r: Remote, dot: str, given: str | None) -> str:
-    """Which dot on the remote a local dot goes to: as given (``NAMESPACE/DOT`` on a hub),
-    else as it went before, else the user's namespace and the same name."""
+    """Which dot on the remote a local dot goes to: as given (``NAMESPACE/DOT`` on a hub, a
+    bare ``DOT`` in the user's namespace), else as it went before (or as ``dm dot
+    set-upstream`` said), else the user's namespace and the same name."""
     if given is None:
         before = config.remote_dot(home.conn, dot, r.name)
         if before:
             return before
-        given = f"{r.user}/{dot}" if r.kind == HUB else dot
+        given = dot
+    return qualify(r, given)
+
+
+def qualify(r: Remote, given: str) -> str:
+    """A dot's name on ``r`` as a user writes it, checked: on a hub, a name without
+    ``NAMESPACE/`` is in the remote's user's own namespace (as in Dotmesh, where ``dm clone
+    hub app`` meant your own ``app``); a bucket's names are used as given."""
+    if r.kind == HUB and "/" not in given:
+        given = f"{r.user}/{given}"
     return check_remote_dot(r, given)
+
+
+def set_upstream(home: Repo, dot: str, remote_name: str, remote_dot: str) -> str:
+    """``dm dot set-upstream``: the dot on ``remote_name`` that ``dot`` pushes to and pulls
+    from from now on (until a push or pull names another with ``--remote-name``). Nothing
+    is asked of the remote: the dot there may not exist yet (a push makes it)."""
+    home.require_dot(dot)
+    r = get(home, remote_name)
+    rdot = qualify(r, remote_dot)
+    with Tx(home.conn) as c:
+        refs.track(c, dot, r.name, rdot, "", None)
+    return rdot
 
 
 def check_remote_dot(r: Remote, given: str) -> str:

@@ -27,7 +27,7 @@ from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.graph import ancestors, check_fast_forward, commits_between
 from dotmesh.model.ids import HOLE, ObjectId
-from dotmesh.model.names import DEFAULT_BRANCH, check_branch, check_name
+from dotmesh.model.names import DEFAULT_BRANCH, MAX_NAME, check_branch, check_name
 from dotmesh.model.objects import (
     FILE,
     KIND_CHUNK,
@@ -71,6 +71,8 @@ class Transfer:
     tags: list[str] = field(default_factory=list)  # sent, or taken from the remote
     dot: str = ""  # the local dot (a clone's new one)
     notes: list[str] = field(default_factory=list)  # tags left as they were, and why
+    stashed: str | None = None  # --stash-on-divergence: the new branch holding the state
+    # that diverged (local for a pull, on the remote for a push)
 
 
 def _track(home: Repo, dot: str, remote: str, remote_dot: str, branch: str,
@@ -104,7 +106,11 @@ def _sharing_store(command: str) -> Callable[[Callable[Concatenate[Repo, P], T]]
 def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          remote_dot: str | None = None, force: bool = False,
          progress: Progress | None = None, total: Progress | None = None,
-         with_tags: bool = True) -> Transfer:
+         with_tags: bool = True, stash_on_divergence: bool = False) -> Transfer:
+    """Send ``branch`` and the dot's tags. When the remote's branch has commits ours lacks,
+    refuse (``force`` replaces them); with ``stash_on_divergence``, the remote's head is
+    first kept on a new branch there (``stash/BRANCH-ID``, as Dotmesh's receiving side
+    did) and then the branch moves to ours: nothing is lost on either side."""
     home.require_dot(dot)
     r = remotes.get(home, remote_name)
     rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
@@ -120,20 +126,29 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         mine = home.tags(dot) if with_tags else {}
         theirs = t.tags() if mine else {}
         tags = _tags_to_send(mine, theirs, force, f"{r.name}'s {rdot}")
+        diverged = False
         if old != head and old is not None and not force:
             try:  # the rule the remote enforces again when the ref moves
                 check_fast_forward(home.packs.get, head, old, branch)
             except Conflict:  # worded for this command: which remote, what to run
-                raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
-                               f"lacks: dm pull {r.name} first, or dm push --force to "
-                               "replace them") from None
+                if not stash_on_divergence:
+                    raise Conflict(f"{r.name}'s {rdot} has commits on {branch} that yours "
+                                   f"lacks: dm pull {r.name} first, dm push --force to "
+                                   "replace them, or dm push --stash-on-divergence to "
+                                   "keep them on a new branch there") from None
+                diverged = True
         wanted = ([head] if old != head else []) + [tag.commit for tag, _ in tags]
         if wanted:
             _send(home, t, wanted, [*heads.values(), *(x.commit for x in theirs.values())],
                   res, progress, total)
         res.status = "up to date"
-        if old != head:
-            t.set_ref(branch, old, head, force)
+        if diverged and old is not None:  # the remote holds old: only a ref is made there
+            taken: dict[str, ObjectId | None] = {n: None for n in theirs or t.tags()}
+            res.stashed, there = _stash_name(branch, old, {**taken, **heads})
+            if not there:
+                t.set_ref(res.stashed, None, old, False)
+        if old != head:  # compare-and-swap: a push meanwhile fails this, stash or not
+            t.set_ref(branch, old, head, force or diverged)
             res.status = "pushed"
         for tag, was in tags:  # after the branch: a tag is an extra, the branch the point
             t.set_tag(tag, was)
@@ -369,12 +384,19 @@ def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
 @_sharing_store("pull")
 def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | None = None,
          progress: Progress | None = None, stop_writers: bool = False,
-         same_owner: bool = False) -> Transfer:
+         same_owner: bool = False, remote_dot: str | None = None,
+         stash_on_divergence: bool = False) -> Transfer:
+    """Fetch ``branch`` (default: the checked-out one) of the dot on the remote
+    (``remote_dot``, remembered; default as before) and its new tags, then fast-forward.
+    When both sides have new commits: refuse, the remote's state fetched; with
+    ``stash_on_divergence``, keep the local head on a new branch (``stash/BRANCH-ID``,
+    ``Transfer.stashed``) and take the remote's (the working state a reset replaces is
+    saved, as ``dm reset`` does)."""
     home.require_dot(dot)
     if same_owner:
         home.set_dot_option(dot, "same_owner", "1")
     r = remotes.get(home, remote_name)
-    rdot = remotes.remote_dot_for(home, r, dot, None)
+    rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
     branch = check_branch(branch or home.branch(dot))
     t = remotes.transport(home, r, rdot)
     try:
@@ -382,44 +404,139 @@ def pull(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
         if branch not in heads:
             raise NotFound(f"{r.name} has no branch {branch} of {rdot}")
         new = heads[branch]
-        have = [h for h in home.branches(dot).values() if h]
-        have += list(home.remote_heads(dot).values())
         theirs = t.tags()
-        objects, nbytes = fetch_all(home, t, [new, *_new_tags(home, dot, theirs)], have,
-                                    progress)
+        objects, nbytes = fetch_all(home, t, [new, *_new_tags(home, dot, theirs)],
+                                    _have(home, dot), progress)
     finally:
         t.close()
     _track(home, dot, r.name, rdot, branch, new)
-    branches = home.branches(dot)
-    old = branches.get(branch)
-    res = Transfer(r.name, rdot, branch, old, new, objects=objects, bytes=nbytes, dot=dot)
+    res = Transfer(r.name, rdot, branch, home.branches(dot).get(branch), new,
+                   objects=objects, bytes=nbytes, dot=dot)
     _take_tags(home, dot, theirs, branch, res)
-    if branch not in branches:
+    _land(home, res, stop_writers, stash_on_divergence)
+    return res
+
+
+@_sharing_store("pull")
+def pull_all(home: Repo, dot: str, remote_name: str | None = None,
+             progress: Progress | None = None, stop_writers: bool = False,
+             same_owner: bool = False, remote_dot: str | None = None,
+             stash_on_divergence: bool = False) -> list[Transfer]:
+    """``dm pull --all``: fetch every branch of the dot on the remote, then land each as
+    :func:`pull` does (missing ones are created, the checked-out one last). A branch that
+    cannot move (diverged without ``stash_on_divergence``, uncommitted changes) is reported
+    with status ``refused`` and its reason in ``notes``; the others still move."""
+    home.require_dot(dot)
+    if same_owner:
+        home.set_dot_option(dot, "same_owner", "1")
+    r = remotes.get(home, remote_name)
+    rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
+    t = remotes.transport(home, r, rdot)
+    try:
+        heads = t.heads()
+        if not heads:
+            raise NotFound(f"{r.name} has no dot {rdot}")
+        theirs = t.tags()
+        got = {b: fetch_all(home, t, [new], _have(home, dot), progress)
+               for b, new in sorted(heads.items())}
+        fetch_all(home, t, _new_tags(home, dot, theirs), _have(home, dot), progress)
+    finally:
+        t.close()
+    with Tx(home.conn) as c:
+        for b, new in heads.items():
+            refs.track(c, dot, r.name, rdot, b, new)
+    current = home.branch(dot)
+    out: list[Transfer] = []
+    for b in sorted(heads, key=lambda b: (b == current, b)):
+        res = Transfer(r.name, rdot, b, home.branches(dot).get(b), heads[b],
+                       objects=got[b][0], bytes=got[b][1], dot=dot)
+        if not out:
+            _take_tags(home, dot, theirs, current, res)
+        try:
+            _land(home, res, stop_writers, stash_on_divergence)
+        except Conflict as e:
+            res.status = "refused"
+            res.notes.append(str(e))
+        out.append(res)
+    return out
+
+
+def _have(home: Repo, dot: str) -> list[ObjectId]:
+    """Heads this store holds for ``dot``: where a remote may stop sending history."""
+    return [*(h for h in home.branches(dot).values() if h), *home.remote_heads(dot).values()]
+
+
+def _land(home: Repo, res: Transfer, stop_writers: bool, stash: bool) -> None:
+    """Move ``res.branch`` of ``res.dot`` from ``res.old`` to the fetched ``res.new``: create
+    it, fast-forward it (a reset of the checked-out branch, which saves the working state),
+    or, diverged, refuse or (``stash``) keep ``old`` on a new branch and reset to ``new``."""
+    dot, branch, old, new = res.dot, res.branch, res.old, res.new
+    assert new is not None
+    message = f"pull {res.remote} {res.remote_dot} {branch}"
+    if branch not in home.branches(dot):
         with home.lock(dot, "pull"):
             home.create_branch(dot, branch, new)
             with Tx(home.conn) as tx:
-                home.log_ref(tx, dot, branch, "pull", None, new, None,
-                             f"pull {r.name} {rdot} {branch}")
+                home.log_ref(tx, dot, branch, "pull", None, new, None, message)
         res.status = "created"
-    elif old == new:
+        return
+    if old == new:
         res.status = "up to date"
-    elif old is None or old in _ancestry(home, new):
-        res.status = "fast-forward"
+        return
+    if old is not None and new in _ancestry(home, old):
+        res.status = "ahead"
+        return
+    diverged = old is not None and old not in _ancestry(home, new)
+    if diverged and not stash:
+        raise Conflict(
+            f"{branch} has commits that {res.remote}'s {res.remote_dot} lacks, and it has "
+            f"others: its state is fetched as {new.hex()[:12]}. Keep yours on a new branch "
+            f"(dm checkout -b NAME), then take {res.remote}'s with dm reset --hard "
+            f"{new.hex()[:12]} on {branch}; or replace {res.remote}'s with dm push --force; "
+            "or dm pull --stash-on-divergence does the first two")
+    made = False
+    if diverged and old is not None:
+        taken: dict[str, ObjectId | None] = {n: None for n in home.tags(dot)}
+        res.stashed, there = _stash_name(branch, old, {**taken, **home.branches(dot)})
+        if not there:
+            with home.lock(dot, "pull"):
+                home.create_branch(dot, res.stashed, old)
+                with Tx(home.conn) as tx:
+                    home.log_ref(tx, dot, res.stashed, "pull", None, old, None,
+                                 f"{message}: {branch} diverged, its head kept here")
+            made = True
+    try:
         if branch == home.branch(dot):
             res.restored = checkout_ops.reset_hard(
                 home, dot, new.hex(), stop_writers=stop_writers, expect_old=old,
-                action="pull", message=f"pull {r.name} {rdot} {branch}")
+                action="pull", message=message)
         else:
-            _move_parked(home, dot, branch, old, new, f"pull {r.name} {rdot} {branch}")
-    elif new in _ancestry(home, old):
-        res.status = "ahead"
-    else:
-        raise Conflict(
-            f"{branch} has commits that {r.name}'s {rdot} lacks, and it has others: its state "
-            f"is fetched as {new.hex()[:12]}. Keep yours on a new branch (dm checkout -b NAME), "
-            f"then take {r.name}'s with dm reset --hard {new.hex()[:12]} on {branch}; or "
-            f"replace {r.name}'s with dm push --force")
-    return res
+            _move_parked(home, dot, branch, old, new, message)
+    except BaseException:
+        if made and res.stashed:  # the branch did not move: it holds what the stash held
+            with home.lock(dot, "pull"), Tx(home.conn) as tx:
+                refs.delete_branch(tx, dot, res.stashed)
+        res.stashed = None
+        raise
+    res.status = "stashed" if res.stashed else "fast-forward"
+
+
+def _stash_name(branch: str, head: ObjectId,
+                taken: dict[str, ObjectId | None]) -> tuple[str, bool]:
+    """A branch name for a diverged ``head`` of ``branch``: ``stash/BRANCH-ID``, or with a
+    ``-N`` after it when a ref of ``taken`` (name -> head; tags as None) has that name;
+    ``True`` when a branch of that name holds ``head`` already (a stash pulled or pushed
+    before), to be used as it is."""
+    base = f"stash/{branch}-{head.hex()[:8]}"
+    if len(base) > MAX_NAME - 3:
+        base = f"stash/{head.hex()[:12]}"
+    name, n = base, 1
+    while name in taken:
+        if taken[name] == head:
+            return name, True
+        n += 1
+        name = f"{base}-{n}"
+    return check_branch(name), False
 
 
 def _new_tags(home: Repo, dot: str | None, theirs: dict[str, Tag]) -> list[ObjectId]:
@@ -526,7 +643,7 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
     and a journal of the restore are recorded together, so a clone killed while building its
     folders is finished by running it again (or by any command on the dot)."""
     r = remotes.get(home, remote_name)
-    rdot = remotes.check_remote_dot(r, remote_dot)
+    rdot = remotes.qualify(r, remote_dot)  # a bare DOT on a hub: the user's own
     branch = check_branch(branch or DEFAULT_BRANCH)
     name = check_name(local_name or rdot.rpartition("/")[2], "local dot name")
     if home.dot_exists(name):
@@ -569,4 +686,5 @@ def clone(home: Repo, remote_name: str | None, remote_dot: str, branch: str | No
                     tags=sorted(theirs), dot=name)
 
 
-__all__ = ["Transfer", "clone", "fetch", "fetch_all", "fetch_ref", "pull", "push"]
+__all__ = ["Transfer", "clone", "fetch", "fetch_all", "fetch_ref", "pull", "pull_all",
+           "push"]

@@ -146,6 +146,18 @@ def make_stable(home: Repo, dot: str, subdot: str) -> Path:
     return folder
 
 
+def make_working_set(home: Repo, dot: str) -> Path:
+    """The dot's working set (its subdot folders' folder: ``DOT.__root__`` as a Docker
+    volume), made if missing, as a set on a snapshot backend."""
+    ws = working_set(home, dot)
+    cow = snapshots_of(home)
+    if cow is not None:
+        cow.make_set(ws)
+    else:
+        ws.mkdir(parents=True, exist_ok=True)
+    return ws
+
+
 def ensure_folders(home: Repo, dot: str) -> None:
     for sub in home.subdots(dot):
         make_stable(home, dot, sub)
