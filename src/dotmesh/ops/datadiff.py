@@ -633,7 +633,8 @@ BUCKETS = 1 << 16  # a table's rows, by a hash of their key: compared a bucket a
 
 def _pg_side(connect: Any, dbname: str) -> dict[str, Any]:
     """A database's schema and, per table, a digest of each bucket of its rows (a bucket:
-    the rows whose key hashes to it; its digest: of their keys and contents in key order).
+    the rows whose key hashes to it; its digest: their count and the sum of a 64-bit hash
+    of each row's key and contents, which no order changes, so nothing is sorted).
     Computed by the server: only the rows of buckets that differ come out (_pg_rows_in)."""
     with connect(dbname) as conn:
         schema = {str(k): str(v) for k, v in conn.execute(_SCHEMA)}
@@ -641,10 +642,10 @@ def _pg_side(connect: Any, dbname: str) -> dict[str, Any]:
         for nsp, rel, pk in conn.execute(_TABLES).fetchall():
             table: dict[str, Any] = {"pk": list(pk), "ident": sql.Identifier(nsp, rel)}
             key = _pg_key(table)
-            table["buckets"] = dict(conn.execute(sql.SQL(
-                "SELECT hashtext({key}) & {mask}, md5(string_agg({key} || ' ' || md5(t::text),"
-                " ',' ORDER BY {key}, md5(t::text))) FROM {ident} t GROUP BY 1").format(
-                key=key, mask=sql.Literal(BUCKETS - 1), ident=table["ident"])).fetchall())
+            table["buckets"] = {b: (n, total) for b, n, total in conn.execute(sql.SQL(
+                "SELECT hashtext({key}) & {mask}, count(*), sum(hashtextextended({key} || ' ' "
+                "|| md5(t::text), 0)::numeric) FROM {ident} t GROUP BY 1").format(
+                key=key, mask=sql.Literal(BUCKETS - 1), ident=table["ident"]))}
             tables[f"{nsp}.{rel}"] = table
         return {"schema": schema, "tables": tables}
 
@@ -659,11 +660,12 @@ def _pg_rows_in(connect: Any, dbname: str, table: dict[str, Any],
     key = _pg_key(table)
     query = sql.SQL("SELECT {key}, md5(t::text) FROM {ident} t").format(
         key=key, ident=table["ident"])
-    if buckets is not None:
-        query = query + sql.SQL(" WHERE hashtext({key}) & {mask} = ANY(%s)").format(
-            key=key, mask=sql.Literal(BUCKETS - 1))
+    if buckets is not None:  # a constant array: the server looks each row's bucket up in a
+        query = query + sql.SQL(" WHERE hashtext({key}) & {mask} = ANY({want})").format(
+            key=key, mask=sql.Literal(BUCKETS - 1),  # hash of it, not along the array
+            want=sql.SQL("'{{{}}}'::int[]").format(sql.SQL(",".join(map(str, buckets)))))
     with connect(dbname) as conn:
-        for k, digest in conn.execute(query, (buckets,) if buckets is not None else None):
+        for k, digest in conn.execute(query):
             if table["pk"]:
                 rows[k] = digest
             else:
