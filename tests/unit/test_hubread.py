@@ -100,3 +100,9 @@ def test_an_endless_answer_is_cut_off():
     with pytest.raises(BadTransfer, match="more than"):
         _hub(lambda r: huge).list_dots()
     assert json.loads(json.dumps(_summary()))  # the fake's own answers are JSON
+
+
+def test_a_hub_that_lists_a_dot_again_is_refused():
+    """A hub answering each page with the same dots and a next page never ends otherwise."""
+    with pytest.raises(BadTransfer, match="twice"):
+        _hub(lambda r: {"dots": [_summary()], "next": "ann/app"}).list_dots()

@@ -271,6 +271,7 @@ class HubTransport:
         from dotmesh.remote import hubread  # noqa: PLC0415 - it imports this module
 
         out: list[DotSummary] = []
+        seen: set[str] = set()
         after: str | None = None
         while len(out) < most:
             params = {"limit": str(min(hubread.MAX_PAGE, most - len(out)))}
@@ -278,8 +279,10 @@ class HubTransport:
                 params["after"] = after
             page, after = hubread.parse_dots(self._json("GET", "/api/v1/dots", params=params),
                                              self.where)
-            if out and page and str(page[0]) <= str(out[-1]):
-                raise BadTransfer(f"{self.where} listed dots out of order")
+            if not seen.isdisjoint(str(d) for d in page) or len(
+                    {str(d) for d in page}) != len(page):
+                raise BadTransfer(f"{self.where} listed a dot twice")
+            seen.update(str(d) for d in page)
             out.extend(page)
             if after is None:
                 break
