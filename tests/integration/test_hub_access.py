@@ -151,7 +151,8 @@ def test_a_removed_collaborator_is_refused_at_once(hub, tmp_path):
     hub.dm_hub("collaborator", "add", "alice/team", "bob")
     hub.dm_hub("collaborator", "add", "alice/team", "carol")
     assert json.loads(hub.dm_hub("collaborator", "list", "alice/team", "--json")) == {
-        "dot": "alice/team", "owner": "alice", "collaborators": ["bob", "carol"]}
+        "dot": "alice/team", "owner": "alice", "collaborators": ["bob", "carol"],
+        "roles": {"bob": "write", "carol": "write"}}  # write: the role when none is given
     assert "bob" in hub.dm_hub("collaborator", "list", "alice/team")
     bob.ok("clone", "hub", "alice/team")
     with _http(hub, "bob") as c:

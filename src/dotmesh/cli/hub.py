@@ -279,20 +279,24 @@ def register(cli: click.Group) -> None:
     @collaborator.command("add")
     @click.argument("dot", metavar="NAMESPACE/DOT")
     @click.argument("name", metavar="USER")
+    @click.option("--role", type=click.Choice(["read", "write"]), default="write",
+                  show_default=True, help="read: fetch, clone and pull only; write: push too.")
     @json_flag
     @click.pass_obj
-    def collaborator_add(cfg: HubConfig, dot: str, name: str, as_json: bool) -> None:
-        """Let USER read and push NAMESPACE/DOT.
+    def collaborator_add(cfg: HubConfig, dot: str, name: str, role: str, as_json: bool) -> None:
+        """Let USER read (and with --role write, the default, push) NAMESPACE/DOT; a
+        collaborator already there gets the new role.
 
         \b
-        Example:  dm hub collaborator add alice/app bob
+        Example:  dm hub collaborator add alice/app bob --role read
         """
         ns, dot_name = _dot_arg(dot)
-        cfg.store().add_collaborator(ns, dot_name, name)
+        cfg.store().add_collaborator(ns, dot_name, name, role)
         if as_json:
-            emit_json({"dot": f"{ns}/{dot_name}", "added": name})
+            emit_json({"dot": f"{ns}/{dot_name}", "added": name, "role": role})
             return
-        click.echo(f"{name} may now read and push {dot}")
+        click.echo(f"{name} may now read and push {dot}" if role == "write" else
+                   f"{name} may now read {dot} (not push to it)")
 
     @collaborator.command("rm")
     @click.argument("dot", metavar="NAMESPACE/DOT")
@@ -317,20 +321,22 @@ def register(cli: click.Group) -> None:
     @json_flag
     @click.pass_obj
     def collaborator_list(cfg: HubConfig, dot: str, as_json: bool) -> None:
-        """List who may read and push NAMESPACE/DOT besides its owner.
+        """List who may read or push NAMESPACE/DOT besides its owner, and their roles.
 
         \b
         Example:  dm hub collaborator list alice/app --json
         """
         ns, dot_name = _dot_arg(dot)
         store = cfg.store()
-        names = store.collaborators_of(store.dot_for(ns, ns, dot_name))
+        found = store.dot_for(ns, ns, dot_name)
+        roles = store.roles_of([found.id]).get(found.id, {})
         if as_json:
-            emit_json({"dot": f"{ns}/{dot_name}", "owner": ns, "collaborators": names})
-        elif not names:
+            emit_json({"dot": f"{ns}/{dot_name}", "owner": ns, "collaborators": sorted(roles),
+                       "roles": roles})
+        elif not roles:
             click.echo(f"{dot} has no collaborators (only {ns} may use it)")
         else:
-            click.echo("\n".join(names))
+            table([[u, r] for u, r in roles.items()], ["USER", "ROLE"])
 
 
     @hub.group("dot")
@@ -359,6 +365,23 @@ def register(cli: click.Group) -> None:
             emit_json({"deleted": f"{ns}/{dot_name}"})
             return
         click.echo(f"Deleted {ns}/{dot_name}: dm hub gc frees what only it held")
+
+    @hub_dot.command("public")
+    @click.argument("dot", metavar="NAMESPACE/DOT")
+    @click.option("--off", is_flag=True, help="Make it private again: only its owner and "
+                  "collaborators read it.")
+    @click.pass_obj
+    def dot_public(cfg: HubConfig, dot: str, off: bool) -> None:
+        """Let anyone read NAMESPACE/DOT, even without an API key (GET requests; pushing
+        still takes its owner or a write collaborator).
+
+        \b
+        Example:  dm hub dot public alice/app; dm hub dot public alice/app --off
+        """
+        ns, dot_name = _dot_arg(dot)
+        changed = cfg.store().set_public(ns, dot_name, not off)
+        state = "private" if off else "public"
+        click.echo(f"{dot} is now {state}" if changed else f"{dot} was already {state}")
 
     @hub.command("gc")
     @click.option("--dry-run", is_flag=True, help="Say what would be freed; change nothing.")

@@ -181,15 +181,22 @@ def _status_json(s: dot_ops.DotStatus) -> dict[str, Any]:
 
 
 @cli.command(name="list")
+@click.option("--remote", default=None, metavar="HUB",
+              help="List the dots you may read on this hub instead (nothing is cloned).")
 @json_flag
 @pass_ctx
-def list_(c: Ctx, as_json: bool) -> None:
+def list_(c: Ctx, remote: str | None, as_json: bool) -> None:
     """List dots: current (*), branch, size, commits, uncommitted bytes (of files added or
     changed since the last commit), state (clean, dirty, busy), last commit.
 
     \b
     Example:  dm list --json
+              dm list --remote hub
     """
+    if remote is not None:
+        from dotmesh.cli import remote_read
+
+        return remote_read.list_dots(c, remote, as_json)
     from dotmesh.ops import dots as dot_ops
 
     statuses = dot_ops.statuses(c.home)
@@ -414,15 +421,23 @@ def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
 @click.option("-n", "--max-count", type=click.IntRange(min=0), default=None,
               help="Show at most N commits.")
 @click.option("--oneline", is_flag=True, help="One line a commit: short id and subject.")
+@click.option("--remote", default=None, metavar="HUB", help="Read the log on this hub "
+              "(REF is then NAMESPACE/DOT[@REF], default the current dot's).")
 @json_flag
 @pass_ctx
-def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, as_json: bool) -> None:
+def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, remote: str | None,
+        as_json: bool) -> None:
     """Show the current branch's commits, newest first (or REF's: a branch, a commit).
 
     \b
     Example:  dm log -n 5
               dm log --oneline experiment
+              dm log --remote hub alice/app@fix/login
     """
+    if remote is not None:
+        from dotmesh.cli import remote_read
+
+        return remote_read.log(c, remote, ref, max_count, oneline, as_json)
     entries = [(e.id, e.commit) for e in c.dot().log(ref or "HEAD", max_count)]
     if as_json:
         emit_json([_commit_json(oid, cm) for oid, cm in entries])
@@ -438,14 +453,24 @@ def log(c: Ctx, ref: str | None, max_count: int | None, oneline: bool, as_json: 
 
 
 @cli.command()
+@click.argument("remote_dot", metavar="[NAMESPACE/DOT]", required=False)
+@click.option("--remote", default=None, metavar="HUB",
+              help="List the branches of a dot on this hub (default: the current dot's).")
 @json_flag
 @pass_ctx
-def branch(c: Ctx, as_json: bool) -> None:
+def branch(c: Ctx, remote_dot: str | None, remote: str | None, as_json: bool) -> None:
     """List the current dot's branches (* marks the current one).
 
     \b
     Example:  dm branch
+              dm branch --remote hub alice/app
     """
+    if remote is not None:
+        from dotmesh.cli import remote_read
+
+        return remote_read.branches(c, remote, remote_dot, as_json)
+    if remote_dot is not None:
+        raise UsageError("dm branch takes NAMESPACE/DOT only with --remote HUB")
     dot_name = c.home.require_current()
     current = c.home.branch(dot_name)
     branches = c.home.branches(dot_name)

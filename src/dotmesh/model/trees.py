@@ -8,7 +8,8 @@ One walker, :func:`walk_trees`, walks one tree, or two side by side (what ``new`
 meets it tells as :class:`Folder` (a folder, or two, entered) and :class:`Step` (a name whose
 entries differ: every name of a tree walked alone). An ``enter`` hook says which folders are
 entered: the caller's way to walk each tree once (``seen``), each pair once, or to refuse a
-depth. :func:`reachable` is built on it: every object id beneath trees, once (a gc's mark).
+depth. :func:`reachable` is built on it: every object id beneath trees, once (a gc's mark);
+so is :func:`changes`: the files that differ between two states (``dm diff``, a hub's commit).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dotmesh.model.ids import HOLE, ObjectId
-from dotmesh.model.objects import DIR, FILE, Entry, FileList, Tree
+from dotmesh.model.objects import DIR, FILE, Entry, FileList, Root, Tree
 
 Get = Callable[[ObjectId], Tree | None]  # a tree by id; None: it cannot be read (walked empty)
 Order = Literal["depth", "breadth", "path"]
@@ -185,4 +186,50 @@ def reachable(get: Get, file_list: Callable[[ObjectId], FileList | None],
                     yield c
 
 
-__all__ = ["Folder", "Get", "Order", "Step", "reachable", "walk_trees"]
+@dataclass(frozen=True)
+class Change:
+    subdot: str
+    status: str  # added, removed, changed
+    path: str
+    old_size: int
+    new_size: int
+
+
+def changes(get: Get, old_roots: dict[str, Root],
+            new_roots: dict[str, Root]) -> Iterator[Change]:
+    """What differs between two states, per subdot (in name order), each by path; a folder
+    that came or went is one change (``path/``) beside those of its files. Equal subtrees
+    are skipped by id: the work follows the changes, and a caller may stop at any one."""
+    for sub in sorted(old_roots.keys() | new_roots.keys()):
+        ra, rb = old_roots.get(sub), new_roots.get(sub)
+        if ra is not None and rb is not None and ra.tree == rb.tree:
+            continue
+        for s in walk_trees(get, rb.tree if rb else None, ra.tree if ra else None,
+                            order="path"):
+            if isinstance(s, Step):
+                yield from _step_changes(sub, s)
+
+
+def _step_changes(sub: str, s: Step) -> Iterator[Change]:
+    x, y, path = s.old, s.new, s.path
+    xd = x is not None and x.kind == DIR
+    yd = y is not None and y.kind == DIR
+    if xd or yd:  # the walk goes into the folders if they differ
+        if x is not None and not xd:
+            yield Change(sub, "removed", path, x.size, 0)
+        if y is not None and not yd:
+            yield Change(sub, "added", path, 0, y.size)
+        if xd and not yd:
+            yield Change(sub, "removed", path + "/", 0, 0)
+        if yd and not xd:
+            yield Change(sub, "added", path + "/", 0, 0)
+    elif x is None and y is not None:
+        yield Change(sub, "added", path, 0, y.size)
+    elif y is None and x is not None:
+        yield Change(sub, "removed", path, x.size, 0)
+    elif x is not None and y is not None and (
+            (x.kind, x.ref, x.size, x.mode) != (y.kind, y.ref, y.size, y.mode)):
+        yield Change(sub, "changed", path, x.size, y.size)
+
+
+__all__ = ["Change", "Folder", "Get", "Order", "Step", "changes", "reachable", "walk_trees"]

@@ -9,8 +9,9 @@ from dotmesh.errors import Conflict, Corrupt, Locked
 from dotmesh.meta import refs
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId
-from dotmesh.model.objects import DIR, Commit, Root, Tree
-from dotmesh.model.trees import Step, walk_trees
+from dotmesh.model.objects import Commit, Root, Tree
+from dotmesh.model.trees import Change as Change  # where it lived before: dotmesh.api reads it
+from dotmesh.model.trees import changes as tree_changes
 from dotmesh.store.repo import Repo, sound_reflog_row
 from dotmesh.workdir import kept
 from dotmesh.workdir.branches import snapshot_dot
@@ -55,15 +56,6 @@ def reflog(home: Repo, dot: str, limit: int | None = None) -> list[ReflogEntry]:
     return [replace(ReflogEntry(*r), kept_as=unread.get(r[0])) for r in rows]
 
 
-@dataclass(frozen=True)
-class Change:
-    subdot: str
-    status: str  # added, removed, changed
-    path: str
-    old_size: int
-    new_size: int
-
-
 def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> list[Change]:
     """Changes from ref ``a`` (default HEAD) to ref ``b`` (default: the working state)."""
     extra: dict[bytes, bytes] = {}
@@ -101,37 +93,7 @@ def changes_between(home: Repo, old_roots: dict[str, Root], new_roots: dict[str,
         data = extra.get(tree)
         return Tree.decode(data if data else home.packs.get(tree))
 
-    out: list[Change] = []
-
-    def walk(sub: str, ta: ObjectId | None, tb: ObjectId | None) -> None:
-        for s in walk_trees(get, tb, ta, order="path"):
-            if not isinstance(s, Step):
-                continue
-            x, y, path = s.old, s.new, s.path
-            xd = x is not None and x.kind == DIR
-            yd = y is not None and y.kind == DIR
-            if xd or yd:  # the walk goes into the folders if they differ
-                if x is not None and not xd:
-                    out.append(Change(sub, "removed", path, x.size, 0))
-                if y is not None and not yd:
-                    out.append(Change(sub, "added", path, 0, y.size))
-                if xd and not yd:
-                    out.append(Change(sub, "removed", path + "/", 0, 0))
-                if yd and not xd:
-                    out.append(Change(sub, "added", path + "/", 0, 0))
-            elif x is None and y is not None:
-                out.append(Change(sub, "added", path, 0, y.size))
-            elif y is None and x is not None:
-                out.append(Change(sub, "removed", path, x.size, 0))
-            elif x is not None and y is not None and (
-                    (x.kind, x.ref, x.size, x.mode) != (y.kind, y.ref, y.size, y.mode)):
-                out.append(Change(sub, "changed", path, x.size, y.size))
-
-    for sub in sorted(old_roots.keys() | new_roots.keys()):
-        ra, rb = old_roots.get(sub), new_roots.get(sub)
-        if ra is None or rb is None or ra.tree != rb.tree:
-            walk(sub, ra.tree if ra else None, rb.tree if rb else None)
-    return out
+    return list(tree_changes(get, old_roots, new_roots))
 
 
 def uncommitted_bytes(changes: list[Change]) -> int:

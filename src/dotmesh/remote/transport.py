@@ -21,18 +21,21 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dotmesh.errors import Conflict, DotmeshError, InvalidName, NotFound, error_for_status
 from dotmesh.model.graph import check_fast_forward, walk_commits
 from dotmesh.model.ids import ID_LEN, ObjectId
 from dotmesh.model.names import check_branch, check_name, ref_key, ref_of_key
-from dotmesh.model.objects import KIND_COMMIT
+from dotmesh.model.objects import KIND_COMMIT, Commit
 from dotmesh.model.tags import MAX_MESSAGE, MAX_TAGS, Tag
 from dotmesh.remote.blobs import Blobs
 from dotmesh.remote.packed import decode_index, encode_index, first_within, read_records, write_pack
 from dotmesh.remote.wire import MAX_BATCH, BadTransfer, Record, decode, encode
 from dotmesh.store.packs import PackLocation
+
+if TYPE_CHECKING:
+    from dotmesh.remote.hubread import CommitView, DotSummary
 
 LACKING_BATCH = 50_000
 FETCH_BATCH_BYTES = 16 << 20
@@ -161,6 +164,7 @@ class HubTransport:
         self.http = httpx.Client(base_url=self.url, auth=(user, key), verify=verify,
                                  timeout=httpx.Timeout(120, connect=10))
         self._httpx = httpx
+        self._parent_of: dict[ObjectId, ObjectId] = {}  # a log page's last commit: its parent
 
     def _req(self, method: str, path: str, limit: int = MAX_ANSWER, **kw: Any) -> bytes:
         """The answer's body, read up to ``limit`` bytes (a hub cannot make the client hold
@@ -260,6 +264,60 @@ class HubTransport:
     def set_tag(self, tag: Tag, old: ObjectId | None) -> None:
         self._json("PUT", self._dot(f"/tags/{tag.name}"), json={
             **tag.to_json(), "old": old.hex() if old else None})
+
+    # Reading the hub without cloning (remote/hubread.py checks every answer).
+    def list_dots(self, most: int = 10_000) -> list[DotSummary]:
+        """The dots the key's user may read (own, shared, public), by name, up to ``most``."""
+        from dotmesh.remote import hubread  # noqa: PLC0415 - it imports this module
+
+        out: list[DotSummary] = []
+        seen: set[str] = set()
+        after: str | None = None
+        while len(out) < most:
+            params = {"limit": str(min(hubread.MAX_PAGE, most - len(out)))}
+            if after:
+                params["after"] = after
+            page, after = hubread.parse_dots(self._json("GET", "/api/v1/dots", params=params),
+                                             self.where)
+            if not seen.isdisjoint(str(d) for d in page) or len(
+                    {str(d) for d in page}) != len(page):
+                raise BadTransfer(f"{self.where} listed a dot twice")
+            seen.update(str(d) for d in page)
+            out.extend(page)
+            if after is None:
+                break
+        return out[:most]
+
+    def log(self, ref: str | None = None, limit: int = 50,
+            after: ObjectId | None = None) -> tuple[list[tuple[ObjectId, Commit]],
+                                                    ObjectId | None]:
+        """A page of the dot's commits from ``ref`` (a branch, a tag, a commit id; None: the
+        hub's default) back along first parents, or from the first parent of ``after``;
+        and the commit to go on ``after`` (None: the end)."""
+        from dotmesh.remote import hubread  # noqa: PLC0415
+
+        limit = max(1, min(limit, hubread.MAX_PAGE))
+        params = {"limit": str(limit)}
+        if ref:
+            params["ref"] = ref
+        if after is not None:
+            params["after"] = after.hex()
+        got, following = hubread.parse_log(self._json("GET", self._dot("/log"), params=params),
+                                           self.where, limit)
+        known = self._parent_of.get(after) if after is not None else None
+        if known is not None and (not got or got[0][0] != known):
+            raise BadTransfer(f"{self.where} did not go on from the parent of "
+                              f"{after.hex()[:12] if after else ''}")
+        if following is not None:
+            self._parent_of[following] = got[-1][1].parents[0]
+        return got, following
+
+    def commit(self, oid: ObjectId) -> CommitView:
+        """Commit ``oid`` of the dot and the files it changed against its first parent."""
+        from dotmesh.remote import hubread  # noqa: PLC0415
+
+        return hubread.parse_commit_view(self._json("GET", self._dot(f"/commits/{oid.hex()}")),
+                                         self.where, oid)
 
     def close(self) -> None:
         self.http.close()

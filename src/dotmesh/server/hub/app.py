@@ -15,7 +15,6 @@ import json
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -27,10 +26,11 @@ from starlette.routing import Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.ids import ID_LEN, ObjectId
-from dotmesh.model.names import check_name
+from dotmesh.model.names import DEFAULT_BRANCH, check_name
 from dotmesh.model.tags import Tag
 from dotmesh.remote.wire import MAX_BATCH, decode, encode
 from dotmesh.server import hub
+from dotmesh.server.hub.browse import LOG_LIMIT, LOG_MAX, commit, commit_view, iso, log_page, newest
 from dotmesh.server.hub.config import HubConfig
 from dotmesh.server.hub.storage import Dot, HubStore, check_key_id
 
@@ -42,12 +42,13 @@ FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for
 BODIES_AT_ONCE = 2
 BODIES_PER_USER = 2
 BODY_IDLE = 30.0  # seconds a client may send nothing in the middle of a body
+LIST_LIMIT = 100  # dots of a GET /api/v1/dots page, unless asked
+LIST_MAX = 500
+FORK_BODY = 4096
+
+
 def openapi() -> str:
     return resources.files(hub).joinpath("openapi.yaml").read_text()
-
-
-def iso(ts_ns: int) -> str:
-    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
 
 def ids_of(data: bytes) -> list[ObjectId]:
@@ -66,12 +67,33 @@ def hex_id(text: str) -> ObjectId:
     return ObjectId(raw)
 
 
+def number(q: Any, name: str, default: int, most: int) -> int:
+    try:
+        return max(1, min(int(q.get(name, str(default))), most))
+    except ValueError:
+        raise UsageError(f"{name} must be a number") from None
+
+
+def json_body(body: bytes, expected: str) -> dict[str, Any]:
+    try:
+        req = json.loads(body) if body else {}
+    except (ValueError, RecursionError):
+        req = None
+    if not isinstance(req, dict):
+        raise UsageError(f"expected {expected}")
+    return req
+
+
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 
 def create_app(store: HubStore) -> Starlette:
-    def user_of(request: Request) -> str:
+    def user_of(request: Request, anonymous: bool = False) -> str | None:
+        """Who the request's API key belongs to; None for a request without one to a route
+        that serves ``anonymous`` callers (public dots)."""
         auth = request.headers.get("authorization", "")
+        if anonymous and not auth:
+            return None
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "basic" or not token:
             raise Unauthorized("this hub needs an API key: dm remote add NAME USER@HOST")
@@ -87,12 +109,16 @@ def create_app(store: HubStore) -> Starlette:
     handling = asyncio.Semaphore(BODIES_AT_ONCE)
     per_user: dict[str, asyncio.Semaphore] = {}
 
-    def route(path: str, method: str, fn: Callable[..., Any]) -> Route:
-        """Wrap a handler: authenticate, run it on a worker thread, map errors."""
+    def route(path: str, method: str, fn: Callable[..., Any],
+              anonymous: bool = False) -> Route:
+        """Wrap a handler: authenticate, run it on a worker thread, map errors.
+        ``anonymous``: a caller without a key gets there too, as user None (a GET that
+        reads public dots)."""
         async def endpoint(request: Request) -> Response:
             try:
-                user = await run_in_threadpool(user_of, request)  # before reading a body
-                if method not in ("POST", "PUT"):
+                # before reading a body
+                user = await run_in_threadpool(user_of, request, anonymous)
+                if user is None or method not in ("POST", "PUT"):
                     return await run_in_threadpool(fn, user, request.path_params, b"",
                                                    request.query_params)
                 # A user reads BODIES_PER_USER bodies at once (so nobody's slow uploads hold
@@ -115,7 +141,7 @@ def create_app(store: HubStore) -> Starlette:
     def whoami(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         return JSONResponse({"name": user})
 
-    def show(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+    def show(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
         return JSONResponse(store.describe(store.dot_for(user, p["ns"], p["dot"])))
 
     def drop(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
@@ -136,7 +162,7 @@ def create_app(store: HubStore) -> Starlette:
         return Response(b"".join(i for i in ids if i in missing), media_type=OCTETS)
 
     def receive(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
-        dot = store.dot_for(user, p["ns"], p["dot"], create=True)
+        dot = store.dot_for(user, p["ns"], p["dot"], create=True, write=True)
         records = decode(body, None, "the pusher", base=store.getter(dot))
         return JSONResponse({"received": len(records), "new": store.receive(dot, records)})
 
@@ -148,18 +174,15 @@ def create_app(store: HubStore) -> Starlette:
                 for i in range(0, len(body), ID_LEN + 1)}
         return Response(encode(store.read(dot, want, FETCH_LIMIT)), media_type=OCTETS)
 
-    def history(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+    def history(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
         dot = store.dot_for(user, p["ns"], p["dot"])
-        try:
-            limit = max(1, min(int(q.get("limit", "1000")), 10_000))
-        except ValueError:
-            raise UsageError("limit must be a number") from None
+        limit = number(q, "limit", 1000, 10_000)
         have = {hex_id(h) for h in q.getlist("have")[:100]}
         return Response(encode(store.history(dot, hex_id(p["commit"]), limit, have)),
                         media_type=OCTETS)
 
     def set_ref(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
-        dot = store.dot_for(user, p["ns"], p["dot"], create=True)
+        dot = store.dot_for(user, p["ns"], p["dot"], create=True, write=True)
         try:
             req = json.loads(body)
             old = hex_id(req["old"]) if req.get("old") else None
@@ -172,7 +195,7 @@ def create_app(store: HubStore) -> Starlette:
         return JSONResponse({"branch": p["branch"], "head": new.hex()})
 
     def set_tag(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
-        dot = store.dot_for(user, p["ns"], p["dot"])
+        dot = store.dot_for(user, p["ns"], p["dot"], write=True)
         try:
             req = json.loads(body)
             old = hex_id(req["old"]) if req.get("old") else None
@@ -186,8 +209,12 @@ def create_app(store: HubStore) -> Starlette:
     def collaborator(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         if user != p["ns"]:
             raise Forbidden(f"only {p['ns']} may add collaborators to {p['ns']}/{p['dot']}")
-        store.add_collaborator(p["ns"], p["dot"], p["user"])
-        return JSONResponse({"collaborator": p["user"]})
+        role = json_body(body, '{"role": "read" or "write"} (or nothing: write)').get(
+            "role", "write")
+        if role not in ("read", "write"):
+            raise UsageError(f"a collaborator's role is read or write, not {str(role)[:20]!r}")
+        store.add_collaborator(p["ns"], p["dot"], p["user"], role)
+        return JSONResponse({"collaborator": p["user"], "role": role})
 
     def collaborator_rm(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         if user != p["ns"]:
@@ -196,10 +223,64 @@ def create_app(store: HubStore) -> Starlette:
         store.remove_collaborator(p["ns"], p["dot"], p["user"])
         return JSONResponse({"removed": p["user"]})
 
-    def collaborators(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+    def collaborators(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
         dot = store.dot_for(user, p["ns"], p["dot"])
+        roles = store.roles_of([dot.id]).get(dot.id, {})
         return JSONResponse({"dot": str(dot), "owner": dot.namespace,
-                             "collaborators": store.collaborators_of(dot)})
+                             "collaborators": sorted(roles), "roles": roles})
+
+    def publicity(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        if user != p["ns"]:
+            raise Forbidden(f"only {p['ns']} may make {p['ns']}/{p['dot']} public or not")
+        public = json_body(body, '{"public": true or false}').get("public")
+        if not isinstance(public, bool):
+            raise UsageError('expected {"public": true or false}')
+        store.set_public(p["ns"], p["dot"], public)
+        return JSONResponse({"dot": f"{p['ns']}/{p['dot']}", "public": public})
+
+    def listing(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
+        after = None
+        if q.get("after"):
+            ns, slash, name = q["after"].partition("/")
+            if not slash:
+                raise UsageError("after names a dot: NAMESPACE/DOT")
+            after = (check_name(ns, "namespace"), check_name(name, "dot name"))
+        limit = number(q, "limit", LIST_LIMIT, LIST_MAX)
+        found = store.visible(user, after, limit)
+        out = store.summaries(found)
+        for (dot, _), summary in zip(found, out, strict=True):
+            heads = {b: hex_id(h) for b, h in summary["branches"].items()}
+            summary["last_commit"] = newest(store.getter(dot), heads)
+        last = found[-1][0] if len(found) == limit else None
+        return JSONResponse({"dots": out, "next": str(last) if last else None})
+
+    def commit_log(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        limit = number(q, "limit", LOG_LIMIT, LOG_MAX)
+        get = store.getter(dot)
+        ref = q.get("ref") or DEFAULT_BRANCH
+        if q.get("after"):
+            after = hex_id(q["after"])
+            parents = commit(get, after).parents
+            start = parents[0] if parents else None
+        else:
+            start = store.resolve(dot, ref)
+        commits, following = log_page(get, start, limit)
+        return JSONResponse({"dot": str(dot), "ref": ref, "commits": commits,
+                             "next": following})
+
+    def one_commit(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
+        dot = store.dot_for(user, p["ns"], p["dot"])
+        return JSONResponse(commit_view(store.getter(dot), hex_id(p["commit"])))
+
+    def fork(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+        source = store.dot_for(user, p["ns"], p["dot"])
+        name = json_body(body, '{"name": the new dot\'s name (or nothing: the same)}').get(
+            "name") or source.name
+        if not isinstance(name, str):
+            raise UsageError("the fork's name is a dot name")
+        new = store.fork(user, source, check_name(name, "dot name"))
+        return JSONResponse({"dot": str(new), "forked_from": str(source)}, status_code=201)
 
     def keys(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
         return JSONResponse({"keys": [{"id": kid, "created": iso(ns)}
@@ -225,15 +306,20 @@ def create_app(store: HubStore) -> Starlette:
         route("/api/v1/user/keys", "GET", keys),
         route("/api/v1/user/keys", "POST", key_new),
         route("/api/v1/user/keys/{id}", "DELETE", key_revoke),
-        route(base, "GET", show),
+        route("/api/v1/dots", "GET", listing, anonymous=True),
+        route(base, "GET", show, anonymous=True),
         route(base, "DELETE", drop),
         route(base + "/lacking", "POST", lacking),
         route(base + "/objects", "POST", receive),
         route(base + "/fetch", "POST", fetch),
-        route(base + "/history/{commit}", "GET", history),
+        route(base + "/history/{commit}", "GET", history, anonymous=True),
+        route(base + "/log", "GET", commit_log, anonymous=True),
+        route(base + "/commits/{commit}", "GET", one_commit, anonymous=True),
+        route(base + "/fork", "POST", fork),
+        route(base + "/public", "PUT", publicity),
         route(base + "/branches/{branch:path}", "PUT", set_ref),
         route(base + "/tags/{tag:path}", "PUT", set_tag),
-        route(base + "/collaborators", "GET", collaborators),
+        route(base + "/collaborators", "GET", collaborators, anonymous=True),
         route(base + "/collaborators/{user}", "PUT", collaborator),
         route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
     ])

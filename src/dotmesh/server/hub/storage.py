@@ -82,6 +82,23 @@ tags = sa.Table("tags", md, sa.Column("dot_id", sa.Integer, primary_key=True),
 # later, so that a read that found an object there just before still finds the bytes.
 doomed = sa.Table("doomed", md, sa.Column("pack", sa.String(200), primary_key=True),
                   sa.Column("doomed_ns", sa.BigInteger, nullable=False))
+# A collaborator's role: "read" or "write"; a collaborators row without one here (made before
+# roles) is "write", as every collaborator was then.
+collaborator_roles = sa.Table("collaborator_roles", md,
+                              sa.Column("dot_id", sa.Integer, primary_key=True),
+                              sa.Column("username", sa.String(64), primary_key=True),
+                              sa.Column("role", sa.String(8), nullable=False))
+# Dots anyone may read, even without an API key (pushing still takes write access).
+public_dots = sa.Table("public_dots", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                       sa.Column("since_ns", sa.BigInteger, nullable=False))
+# Which dot a fork was made from (as it was named then).
+forks = sa.Table("forks", md, sa.Column("dot_id", sa.Integer, primary_key=True),
+                 sa.Column("source", sa.String(130), nullable=False),
+                 sa.Column("forked_ns", sa.BigInteger, nullable=False))
+# Tables that hold rows per dot: they go with it (_drop_dots).
+PER_DOT = (branches, tags, members, verified, collaborators, collaborator_roles, public_dots,
+           forks)
+ROLES = ("read", "write")
 # Indexes added after version 1 (create_all makes them only with a new table): what gc asks
 # (which objects no dot holds, which rows a pack still has).
 INDEXES = ("CREATE INDEX IF NOT EXISTS members_oid ON members (oid)",
@@ -290,6 +307,8 @@ class HubStore:
                                "--with-dots deletes them too")
             c.execute(api_keys.delete().where(api_keys.c.username == name))
             c.execute(collaborators.delete().where(collaborators.c.username == name))
+            c.execute(collaborator_roles.delete().where(
+                collaborator_roles.c.username == name))
             c.execute(disabled.delete().where(disabled.c.name == name))
             self._drop_dots(c, list(owned))
         return sorted(owned.values())
@@ -314,7 +333,7 @@ class HubStore:
             # The dots first: PostgreSQL then waits for pushes holding them (_hold), and
             # the deletes below see the rows those pushes added.
             c.execute(dots.delete().where(dots.c.id.in_(batch)))
-            for table in (branches, tags, members, verified, collaborators):
+            for table in PER_DOT:
                 c.execute(table.delete().where(table.c.dot_id.in_(batch)))
 
     def list_keys(self, name: str) -> list[tuple[str, int]]:
@@ -352,25 +371,49 @@ class HubStore:
                                                       dots.c.name == name)).first()
         return Dot(row[0], namespace, name) if row else None
 
-    def may(self, user: str, namespace: str, dot: Dot | None) -> bool:
-        """Owners and collaborators may read and push; nobody else."""
-        if user == namespace:
-            return True
+    def access(self, user: str | None, namespace: str, dot: Dot | None) -> str | None:
+        """What ``user`` (None: no API key) may do with the dot: "owner" (everything),
+        "write" (read and push), "read" (fetch, clone, pull), or None. Anyone reads a
+        public dot; its owner may push a dot not made yet (which makes it)."""
+        if user is not None and user == namespace:
+            return "owner"
         if dot is None:
-            return False
+            return None
         with self.engine.connect() as c:
-            return c.execute(sa.select(collaborators.c.username).where(
-                collaborators.c.dot_id == dot.id,
-                collaborators.c.username == user)).first() is not None
+            role = None
+            if user is not None:
+                row = c.execute(sa.select(collaborators.c.username, collaborator_roles.c.role)
+                                .outerjoin(collaborator_roles, sa.and_(
+                                    collaborator_roles.c.dot_id == collaborators.c.dot_id,
+                                    collaborator_roles.c.username == collaborators.c.username))
+                                .where(collaborators.c.dot_id == dot.id,
+                                       collaborators.c.username == user)).first()
+                if row is not None:
+                    role = "read" if row[1] == "read" else "write"
+            if role is None and c.execute(sa.select(public_dots.c.dot_id).where(
+                    public_dots.c.dot_id == dot.id)).first() is not None:
+                role = "read"
+        return role
 
-    def dot_for(self, user: str, namespace: str, name: str, create: bool = False) -> Dot:
-        """The dot, if ``user`` may use it; its owner may create it."""
+    def dot_for(self, user: str | None, namespace: str, name: str, create: bool = False,
+                write: bool = False) -> Dot:
+        """The dot, if ``user`` may read it (``write``: push to it); its owner may create
+        it. Without a key (``user`` None) a dot that is not public is Unauthorized, as if
+        it did not exist; with one, Forbidden."""
         check_name(namespace, "namespace")
         check_name(name, "dot name")
         dot = self.find(namespace, name)
-        if not self.may(user, namespace, dot):
+        role = self.access(user, namespace, dot)
+        if role is None:
+            if user is None:
+                raise Unauthorized("this hub needs an API key: dm remote add NAME USER@HOST")
             raise Forbidden(f"{user} may not use {namespace}/{name}: only its owner and "
                             "collaborators may")
+        if write and role == "read":
+            who = "anyone" if user is None else user
+            raise Forbidden(f"{who} may read {namespace}/{name} but not push to it: its "
+                            f"owner may make you a write collaborator (dm hub collaborator "
+                            f"add {namespace}/{name} USER --role write)")
         if dot is None:
             if not create:
                 raise NotFound(f"the hub has no dot {namespace}/{name}")
@@ -393,13 +436,24 @@ class HubStore:
                 sa.select(sa.literal(namespace, sa.String), sa.literal(name, sa.String),
                           sa.literal(time.time_ns(), sa.BigInteger)).where(owner)))
 
-    def add_collaborator(self, namespace: str, name: str, user: str) -> None:
+    def add_collaborator(self, namespace: str, name: str, user: str,
+                         role: str = "write") -> None:
+        """Let ``user`` read (``role`` "read") or read and push ("write") the dot; a
+        collaborator already there gets the new role."""
         check_name(user, "user name")
+        if role not in ROLES:
+            raise UsageError(f"a collaborator's role is read or write, not {role!r}")
+        if user == namespace:
+            raise UsageError(f"{user} owns {namespace}/{name}: an owner is no collaborator")
         with self.engine.connect() as c:
             self._require_user(c, user)
         dot = self.dot_for(namespace, namespace, name, create=True)
         with self.tx() as c:
             c.execute(self._insert_ignore(collaborators).values(dot_id=dot.id, username=user))
+            c.execute(collaborator_roles.delete().where(
+                collaborator_roles.c.dot_id == dot.id, collaborator_roles.c.username == user))
+            c.execute(collaborator_roles.insert().values(dot_id=dot.id, username=user,
+                                                         role=role))
             self._hold(c, dot)
 
     def remove_collaborator(self, namespace: str, name: str, user: str) -> None:
@@ -409,15 +463,45 @@ class HubStore:
         with self.tx() as c:
             gone = c.execute(collaborators.delete().where(
                 collaborators.c.dot_id == dot.id, collaborators.c.username == user)).rowcount
+            c.execute(collaborator_roles.delete().where(
+                collaborator_roles.c.dot_id == dot.id, collaborator_roles.c.username == user))
         if not gone:
             raise NotFound(f"{user} is not a collaborator of {dot}")
 
     def collaborators_of(self, dot: Dot) -> list[str]:
+        return sorted(self.roles_of([dot.id]).get(dot.id, {}))
+
+    def roles_of(self, ids: list[int]) -> dict[int, dict[str, str]]:
+        """{dot id: {collaborator: role}} of the dots ``ids``."""
+        out: dict[int, dict[str, str]] = {}
         with self.engine.connect() as c:
-            return sorted(r[0] for r in c.execute(sa.select(collaborators.c.username).where(
-                collaborators.c.dot_id == dot.id)))
+            for i in range(0, len(ids), QUERY_BATCH):
+                q = sa.select(collaborators.c.dot_id, collaborators.c.username,
+                              collaborator_roles.c.role).outerjoin(
+                    collaborator_roles, sa.and_(
+                        collaborator_roles.c.dot_id == collaborators.c.dot_id,
+                        collaborator_roles.c.username == collaborators.c.username)).where(
+                    collaborators.c.dot_id.in_(ids[i:i + QUERY_BATCH]))
+                for dot_id, name, role in c.execute(q):
+                    out.setdefault(dot_id, {})[name] = "read" if role == "read" else "write"
+        return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+    def set_public(self, namespace: str, name: str, public: bool) -> bool:
+        """Make the dot readable by anyone, even without a key (``public``), or not;
+        False if it already was so."""
+        dot = self.dot_for(namespace, namespace, name)
+        with self.tx() as c:
+            if public:
+                changed = c.execute(self._insert_ignore(public_dots).values(
+                    dot_id=dot.id, since_ns=time.time_ns())).rowcount == 1
+            else:
+                changed = c.execute(public_dots.delete().where(
+                    public_dots.c.dot_id == dot.id)).rowcount == 1
+            self._hold(c, dot)
+        return changed
 
     def describe(self, dot: Dot) -> dict[str, Any]:
+        """A dot as GET /api/v1/dots/NS/DOT tells it (openapi.yaml: Dot)."""
         with self.engine.connect() as c:
             heads = {r[0]: r[1].hex() for r in c.execute(
                 sa.select(branches.c.name, branches.c.head).where(branches.c.dot_id == dot.id))}
@@ -425,8 +509,129 @@ class HubStore:
                      for r in c.execute(sa.select(tags.c.name, tags.c.head, tags.c.message,
                                                   tags.c.tagger, tags.c.ts_ns)
                                         .where(tags.c.dot_id == dot.id))}
+            public = c.execute(sa.select(public_dots.c.dot_id).where(
+                public_dots.c.dot_id == dot.id)).first() is not None
+            fork = c.execute(sa.select(forks.c.source).where(
+                forks.c.dot_id == dot.id)).scalar()
+        roles = self.roles_of([dot.id]).get(dot.id, {})
         return {"namespace": dot.namespace, "name": dot.name, "owner": dot.namespace,
-                "branches": heads, "tags": named, "collaborators": self.collaborators_of(dot)}
+                "branches": heads, "tags": named, "collaborators": sorted(roles),
+                "roles": roles, "public": public, "forked_from": fork,
+                "pushers": [dot.namespace] + [u for u, r in roles.items() if r == "write"]}
+
+
+    # ------------------------------------------------------------ browsing, forks
+    def visible(self, user: str | None, after: tuple[str, str] | None,
+                limit: int) -> list[tuple[Dot, str]]:
+        """The dots ``user`` may read (None: the public ones), each with the caller's access
+        (as :meth:`access` says), by namespace and name, after ``after``: one page."""
+        with self.engine.connect() as c:
+            cond: sa.ColumnElement[bool] = dots.c.id.in_(sa.select(public_dots.c.dot_id))
+            if user is not None:
+                cond = sa.or_(dots.c.namespace == user, cond, dots.c.id.in_(
+                    sa.select(collaborators.c.dot_id).where(collaborators.c.username == user)))
+            q = sa.select(dots.c.id, dots.c.namespace, dots.c.name).where(cond)
+            if after is not None:
+                q = q.where(sa.tuple_(dots.c.namespace, dots.c.name) > after)
+            rows = c.execute(q.order_by(dots.c.namespace, dots.c.name).limit(limit)).all()
+            ids = [r.id for r in rows]
+            public = {r[0] for r in c.execute(sa.select(public_dots.c.dot_id).where(
+                public_dots.c.dot_id.in_(ids)))}
+        roles = self.roles_of(ids)
+        out = []
+        for r in rows:
+            if r.namespace == user:
+                role = "owner"
+            elif user is not None and user in roles.get(r.id, {}):
+                role = roles[r.id][user]
+            else:
+                role = "read" if r.id in public else "none"
+            out.append((Dot(r.id, r.namespace, r.name), role))
+        return out
+
+    def summaries(self, found: list[tuple[Dot, str]]) -> list[dict[str, Any]]:
+        """What GET /api/v1/dots tells of each dot (openapi.yaml: DotSummary): branches,
+        tag count, bytes of its objects, collaborators, public or not; "last_commit" is
+        left to the caller (it reads objects)."""
+        ids = [d.id for d, _ in found]
+        heads: dict[int, dict[str, str]] = {}
+        ntags: dict[int, int] = {}
+        size: dict[int, tuple[int, int, int]] = {}
+        with self.engine.connect() as c:
+            for i in range(0, len(ids), QUERY_BATCH):
+                batch = ids[i:i + QUERY_BATCH]
+                for dot_id, name, head in c.execute(sa.select(
+                        branches.c.dot_id, branches.c.name, branches.c.head).where(
+                        branches.c.dot_id.in_(batch))):
+                    heads.setdefault(dot_id, {})[name] = bytes(head).hex()
+                for dot_id, n in c.execute(sa.select(tags.c.dot_id, sa.func.count()).where(
+                        tags.c.dot_id.in_(batch)).group_by(tags.c.dot_id)):
+                    ntags[dot_id] = n
+                for dot_id, n, stored, raw in c.execute(sa.select(
+                        members.c.dot_id, sa.func.count(), sa.func.sum(objects.c.stored_len),
+                        sa.func.sum(objects.c.raw_len)).join(
+                        objects, objects.c.oid == members.c.oid).where(
+                        members.c.dot_id.in_(batch)).group_by(members.c.dot_id)):
+                    size[dot_id] = (int(n), int(stored or 0), int(raw or 0))
+            public = {r[0] for r in c.execute(sa.select(public_dots.c.dot_id).where(
+                public_dots.c.dot_id.in_(ids)))}
+        roles = self.roles_of(ids)
+        out = []
+        for d, role in found:
+            mine = roles.get(d.id, {})
+            n, stored, raw = size.get(d.id, (0, 0, 0))
+            out.append({"namespace": d.namespace, "name": d.name, "owner": d.namespace,
+                        "access": role, "public": d.id in public,
+                        "branches": dict(sorted(heads.get(d.id, {}).items())),
+                        "tags": ntags.get(d.id, 0), "objects": n, "stored_bytes": stored,
+                        "raw_bytes": raw, "collaborators": mine,
+                        "pushers": [d.namespace] + [u for u, r in mine.items()
+                                                    if r == "write"]})
+        return out
+
+    def resolve(self, dot: Dot, ref: str) -> ObjectId:
+        """A branch, a tag or a whole commit id (hex) of the dot, as a commit id."""
+        head = self._head(dot, ref) if len(ref) <= 64 else None
+        if head is None and len(ref) <= 64:
+            head = self._tag_head(dot, ref)
+        if head is None:
+            try:
+                raw = bytes.fromhex(ref)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise NotFound(f"{dot} has no branch or tag {ref[:80]!r} (a commit is named "
+                               "by its whole id, 64 hex digits)")
+            head = ObjectId(raw)
+        return head
+
+    def fork(self, user: str, source: Dot, name: str) -> Dot:
+        """Make ``user``/``name`` a copy of ``source``: its branches, tags and objects (as
+        memberships: no bytes are copied), not its collaborators nor publicity."""
+        check_name(name, "dot name")
+        try:
+            with self.tx() as c:
+                if c.execute(sa.select(users.c.name).where(users.c.name == user)
+                             .with_for_update(read=True)).first() is None:
+                    raise NotFound(f"no user named {user!r}")
+                if c.execute(sa.select(dots.c.id).where(dots.c.namespace == user,
+                                                        dots.c.name == name)).first():
+                    raise _Exists
+                made = c.execute(dots.insert().values(namespace=user, name=name,
+                                                      created_ns=time.time_ns()))
+                new = int(made.inserted_primary_key[0])  # type: ignore[index]
+                self._hold(c, source)
+                for table in (members, verified, branches, tags):
+                    cols = [col.name for col in table.columns]
+                    c.execute(table.insert().from_select(cols, sa.select(
+                        sa.literal(new, sa.Integer), *[table.c[k] for k in cols[1:]]).where(
+                        table.c.dot_id == source.id)))
+                c.execute(forks.insert().values(dot_id=new, source=str(source),
+                                                forked_ns=time.time_ns()))
+        except (sa.exc.IntegrityError, _Exists):
+            raise AlreadyExists(f"{user}/{name} exists already: give the fork another name "
+                                '({"name": NAME})') from None
+        return Dot(new, user, name)
 
     # ------------------------------------------------------------ objects
     def _present(self, table: sa.Table, ids: list[ObjectId],
@@ -678,6 +883,10 @@ class _Collected(Exception):
     def __init__(self, gone: set[ObjectId]) -> None:
         super().__init__(f"{len(gone)} objects collected meanwhile")
         self.gone = gone
+
+
+class _Exists(Exception):
+    """A fork's name is taken."""
 
 
 class _Raced(Exception):
