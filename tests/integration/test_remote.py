@@ -161,26 +161,26 @@ def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
     f = alice.path("compat") / "f"
     f.write_text("base")
     alice.ok("commit", "-m", "base")
-    assert "alice/shared" in alice.ok("dot", "set-upstream", "hub", "shared")  # her own
+    assert "alice/habits" in alice.ok("dot", "set-upstream", "hub", "habits")  # her own
     assert alice("dot", "set-upstream", "nohub", "x").returncode == 3
-    assert json.loads(alice.ok("push", "--json"))["remote_dot"] == "alice/shared"
-    assert json.loads(alice.ok("dot", "show", "--json"))["remotes"] == {"hub": "alice/shared"}
-    again = json.loads(alice.ok("clone", "hub", "shared", "--local-name", "again",
+    assert json.loads(alice.ok("push", "--json"))["remote_dot"] == "alice/habits"
+    assert json.loads(alice.ok("dot", "show", "--json"))["remotes"] == {"hub": "alice/habits"}
+    again = json.loads(alice.ok("clone", "hub", "habits", "--local-name", "again",
                                 "--stash-on-divergence", "--json"))  # a no-op for a clone
-    assert again["remote_dot"] == "alice/shared" and again["status"] == "cloned"
+    assert again["remote_dot"] == "alice/habits" and again["status"] == "cloned"
     alice.ok("dot", "set-upstream", "again", "hub", "nothing-here")
-    pulled = json.loads(alice.ok("pull", "hub", "again", "--remote-name", "shared", "--json"))
+    pulled = json.loads(alice.ok("pull", "hub", "again", "--remote-name", "habits", "--json"))
     assert pulled["status"] == "up to date"
     assert json.loads(alice.ok("dot", "show", "again", "--json"))["remotes"] == {
-        "hub": "alice/shared"}  # remembered
+        "hub": "alice/habits"}  # remembered
 
-    hub.dm_hub("collaborator", "add", "alice/shared", "bob")
-    bob.ok("clone", "hub", "alice/shared")
+    hub.dm_hub("collaborator", "add", "alice/habits", "bob")
+    bob.ok("clone", "hub", "alice/habits")
     bob.ok("checkout", "-b", "feature")
     bob.ok("commit", "-m", "feature")
     bob.ok("push", "--branch", "feature")
     bob.ok("checkout", "master")
-    (bob.path("shared") / "f").write_text("bob")
+    (bob.path("habits") / "f").write_text("bob")
     bob.ok("commit", "-m", "bob")
     bob.ok("push")
     f.write_text("alice")
@@ -203,7 +203,7 @@ def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
 
     f.write_text("alice again")  # on bob's: now bob's newer commit diverges on the hub
     alice.ok("commit", "-m", "alice again")
-    (bob.path("shared") / "f").write_text("bob again")
+    (bob.path("habits") / "f").write_text("bob again")
     bob.ok("commit", "-m", "bob again")
     bobs = json.loads(bob.ok("push", "--json"))["new"]
     p = alice("push")
@@ -216,7 +216,7 @@ def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
     assert report[f"stash/master-{bobs[:8]}"]["new"] == bobs  # bob's commit, on the hub
     out = json.loads(bob.ok("pull", "--stash-on-divergence", "--json"))
     assert out["stashed"] == f"stash/master-{bobs[:8]}"  # the same branch: taken as it is
-    assert (bob.path("shared") / "f").read_text() == "alice again"
+    assert (bob.path("habits") / "f").read_text() == "alice again"
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
 
 

@@ -370,8 +370,9 @@ def register(cli: click.Group) -> None:
     @click.argument("dot", metavar="NAMESPACE/DOT")
     @click.option("--off", is_flag=True, help="Make it private again: only its owner and "
                   "collaborators read it.")
+    @json_flag
     @click.pass_obj
-    def dot_public(cfg: HubConfig, dot: str, off: bool) -> None:
+    def dot_public(cfg: HubConfig, dot: str, off: bool, as_json: bool) -> None:
         """Let anyone read NAMESPACE/DOT, even without an API key (GET requests; pushing
         still takes its owner or a write collaborator).
 
@@ -381,6 +382,9 @@ def register(cli: click.Group) -> None:
         ns, dot_name = _dot_arg(dot)
         changed = cfg.store().set_public(ns, dot_name, not off)
         state = "private" if off else "public"
+        if as_json:
+            emit_json({"dot": f"{ns}/{dot_name}", "public": not off, "changed": changed})
+            return
         click.echo(f"{dot} is now {state}" if changed else f"{dot} was already {state}")
 
     @hub.command("gc")
