@@ -31,9 +31,23 @@ def _one_line_error(p: subprocess.CompletedProcess[str]) -> str:
     pytest.param(["dot", "delete", "nope"], 3, "no dot named", marks=SLOW),
 ])
 def test_bad_names_and_missing_things(dm, args, code, needle):
+    dm.ok("init", "seed")  # a store with no dots in it, and no current dot
+    dm.ok("dot", "delete", "-f", "seed")
     p = dm(*args)
     assert p.returncode == code
     assert needle in _one_line_error(p)
+
+
+def test_a_mistyped_home_makes_nothing(dm, tmp_path):
+    dm.ok("init", "app")
+    typo = DM(tmp_path / "hmoe")
+    for args in (["list"], ["log"], ["commit", "-m", "x"], ["gc"]):
+        p = typo(*args)
+        assert p.returncode == 3, (args, p.stderr)
+        assert f"no dotmesh store at {tmp_path / 'hmoe'} (did you mean {dm.home}?" in \
+            _one_line_error(p)
+    assert not (tmp_path / "hmoe").exists()
+    assert "Created dot app" in typo.ok("init", "app")  # dm init makes one, as it says
 
 
 def test_a_mistyped_dot_makes_nothing(dm):

@@ -64,18 +64,19 @@ def test_under_json_an_error_is_one_json_line(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     code = run(["--home", str(tmp_path / "h"), "log", "--json"])
     out, err = capsys.readouterr()
-    assert code == 2 and out == ""
+    assert code == 3 and out == ""
     [line] = err.splitlines()
     error = json.loads(line)
-    assert error.pop("error").startswith("no current dot")
-    assert error == {"type": "UsageError", "exit_code": 2}
+    assert error.pop("error").startswith("no dotmesh store at")  # and none was made
+    assert error == {"type": "NotFound", "exit_code": 3}
+    assert not (tmp_path / "h").exists()
 
 
 def test_without_json_an_error_is_one_line(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     code = run(["--home", str(tmp_path / "h"), "checkout", "nope"])
     _, err = capsys.readouterr()
-    assert code == 2 and err.startswith("dm: error: ") and err.count("\n") == 1
+    assert code == 3 and err.startswith("dm: error: ") and err.count("\n") == 1
 
 
 def test_a_bug_is_one_line_with_exit_70(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

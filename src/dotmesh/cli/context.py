@@ -40,6 +40,8 @@ class Ctx:
         if self._home is None:
             from dotmesh.store.repo import Repo  # the store's code, only for commands that use it
 
+            if not (self.path / "meta.db").exists() and not _makes_a_store():
+                raise _no_store(self.path)
             self._home = Repo(self.path)
         return self._home
 
@@ -49,6 +51,35 @@ class Ctx:
         from dotmesh.api import Dot, Repo
 
         return Dot(Repo(self.home), self.home.require_current(name))
+
+
+# The commands that may make a store where there is none: they put something in it. Any
+# other command on a missing store (a mistyped --home or DM_HOME) says so and makes nothing.
+MAKERS = {("init",), ("clone",), ("remote", "add"), ("s3", "remote", "add"), ("serve",),
+          ("daemon",)}
+
+
+def _makes_a_store() -> bool:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return True  # not a command (the Python API, a test): as asked
+    path = tuple(ctx.command_path.split()[1:])
+    return any(path[:len(m)] == m for m in MAKERS)
+
+
+def _no_store(path: Path) -> Exception:
+    import difflib
+
+    from dotmesh.errors import NotFound
+
+    near: list[str] = []
+    try:
+        stores = [str(p) for p in path.parent.iterdir() if (p / "meta.db").exists()]
+        near = difflib.get_close_matches(str(path), stores, n=1)
+    except OSError:
+        pass
+    hint = f"did you mean {near[0]}? " if near else ""
+    return NotFound(f"no dotmesh store at {path} ({hint}dm init DOT makes one there)")
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
