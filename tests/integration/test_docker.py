@@ -145,7 +145,7 @@ def test_bad_volume_names_come_back_as_one_line(world):
         p = engine.run("volume", "create", "-d", "dm", bad, check=False)
         assert p.returncode != 0
         lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and "DOT.SUBDOT" in lines[0], p.stderr
+        assert len(lines) == 1 and "DOT[.SUBDOT][@BRANCH]" in lines[0], p.stderr
     p = engine.run("volume", "create", "-d", "dm", "-o", "size=10m", "opts.x", check=False)
     assert p.returncode != 0 and "take no options" in p.stderr
 
