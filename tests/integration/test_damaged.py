@@ -208,14 +208,26 @@ def _zero_page(db: Path, page: int) -> None:
     db.write_bytes(bytes(data))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("damage", ["a zeroed page", "an empty file", "no file"])
-def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
-    """Whatever happened to meta.db, commands say so in one line, and --repair gives back
-    the dots, their folders and every commit the packs hold."""
-    first, second, d = _two_commits(dm)
+@pytest.fixture(scope="module")
+def _long_history(tmp_path_factory) -> tuple[Path, str, str]:
+    """A store with 32 commits, made once for the three kinds of damage below (each damages
+    a copy of its own: a store's home moves with its folders)."""
+    dm = DM(tmp_path_factory.mktemp("long-history") / "home")
+    first, second, _ = _two_commits(dm)
     for i in range(30):  # enough rows that the index spans several pages
         dm.ok("commit", "-m", f"more {i}")
+    return dm.home, first, second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["a zeroed page", "an empty file", "no file"])
+def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, _long_history, damage):
+    """Whatever happened to meta.db, commands say so in one line, and --repair gives back
+    the dots, their folders and every commit the packs hold."""
+    home, first, second = _long_history
+    shutil.copytree(home, dm.home, symlinks=True)
+    d = dm.path("app.db")
+    assert d.is_relative_to(dm.home) and len(json.loads(dm.ok("log", "--json"))) == 32
     before = capture(d)
     db = dm.home / "meta.db"
     assert not (dm.home / "meta.db-wal").exists()
