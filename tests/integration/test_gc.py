@@ -152,14 +152,22 @@ def test_kill_9_at_random_moments(dm: DM) -> None:
     rng = random.Random(20260101)
     states = _store_with_garbage(dm, rng)
     d = dm.path("app.db")
-    for _ in range(7):  # more garbage each round, and a gc killed somewhere in it
+    lock = dm.home / "locks" / "store.lock"
+    # More garbage each round, and a gc killed somewhere in it: once it holds the store lock
+    # (it plans and applies holding it, some 30-100 ms after 0.1-0.3 s of start-up), at
+    # moments spread over that span (test_kill_9_at_each_step stops it at each step).
+    for delay in (0.0, 0.01, 0.02, 0.035, 0.05):
         (d / "churn").write_bytes(rng.randbytes(2 << 20))
         dm.ok("commit", "-m", "churn")
         dm.ok("reset", "--hard", "HEAD^")
         dm.ok("reflog", "expire", "--days", "0")
         t0 = time.monotonic()
         proc = dm.popen("gc")
-        time.sleep(rng.uniform(0.1, 0.6))
+        holder = f"{proc.pid} gc".encode()
+        while proc.poll() is None and time.monotonic() - t0 < 30 and not (
+                lock.exists() and lock.read_bytes() == holder):
+            time.sleep(0.0005)
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert time.monotonic() - t0 < 60
