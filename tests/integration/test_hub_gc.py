@@ -190,7 +190,7 @@ def hub(request, tmp_path_factory):
     else:
         server = request.getfixturevalue("s3")
         server.bucket("dm-hub-gc")
-        with postgres_db() as url:
+        with postgres_db(request.getfixturevalue("postgres")) as url:
             h = Hub(["--db", url, "--s3", server.spec("dm-hub-gc"), "--data", str(top / "d")],
                     top, processes=2)
             h.s3, h.bucket = server, "dm-hub-gc"
@@ -347,7 +347,7 @@ def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def db_store(request, tmp_path):
-    """A hub's store on SQLite, or on a PostgreSQL server of its own."""
+    """A hub's store on SQLite, or on a PostgreSQL database of its own."""
     def make(url: str) -> HubStore:
         store = HubStore(url, LocalBlobs(tmp_path / "blobs"))
         store.add_user("ann")
@@ -357,7 +357,7 @@ def db_store(request, tmp_path):
         yield store
         store.close()
     else:
-        with postgres_db() as url:
+        with postgres_db(request.getfixturevalue("postgres")) as url:
             store = make(url)
             yield store
             store.close()

@@ -27,7 +27,7 @@ def hub(request, tmp_path_factory):
     else:
         server = request.getfixturevalue("s3")
         server.bucket("dm-hub")
-        with postgres_db() as url:
+        with postgres_db(request.getfixturevalue("postgres")) as url:
             h = Hub(["--db", url, "--s3", server.spec("dm-hub"), "--data", str(top / "d")],
                     top, processes=2)
             h.s3, h.bucket = server, "dm-hub"
