@@ -222,10 +222,17 @@ def _dot(dm: DM, name: str, files: dict[str, bytes]) -> None:
 
 
 def _clones_exactly(tmp_path: Path, hub: Hub, remote_dot: str, want: dict[str, bytes]) -> None:
+    _all_clone_exactly(tmp_path, hub, {remote_dot: want})
+
+
+def _all_clone_exactly(tmp_path: Path, hub: Hub, dots: dict[str, dict[str, bytes]]) -> None:
+    """Clone each of ``dots`` (one owner's) into one fresh store, side by side: each holds
+    exactly its files, and fsck finds the store whole."""
     home = f"check-{os.urandom(4).hex()}"
-    dm = _dev(tmp_path, hub, remote_dot.split("/")[0], home, 1)
-    dm.ok("clone", "hub", remote_dot, "--local-name", "c")
-    assert _files(dm.path("c")) == want
+    dm = _dev(tmp_path, hub, next(iter(dots)).split("/")[0], home, 1)
+    for i, (remote_dot, want) in enumerate(dots.items()):
+        dm.ok("clone", "hub", remote_dot, "--local-name", f"c{i}")
+        assert _files(dm.path(f"c{i}")) == want
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
@@ -333,15 +340,13 @@ def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    for dot, files in list(kept.items())[:2]:  # whole while half done
-        _clones_exactly(tmp_path, hub, dot, files)
+    _all_clone_exactly(tmp_path, hub, dict(list(kept.items())[:2]))  # whole while half done
     _gc(hub, "--grace", "0")
     left = _gc(hub, "--dry-run", "--grace", "0")["plan"]
     assert (left["garbage_objects"], left["packs_emptied"], left["packs_repacked"],
             left["unindexed_packs"], left["free_now"]["packs"]) == (0, 0, 0, 0, 0)
     assert left["stored_bytes"] <= plan["stored_bytes"] - 0.9 * 2 * 4 * (512 << 10)
-    for dot, files in kept.items():
-        _clones_exactly(tmp_path, hub, dot, files)
+    _all_clone_exactly(tmp_path, hub, kept)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
