@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """dm gc and dm du on stores with history (issue 13).
 
-    python bench/gc.py --small       # ~50 MiB, 100 commits: proves the harness
-    python bench/gc.py --small --size-mib 16   # what CI runs
+    python bench/gc.py --small       # ~50 MiB, 100 commits: proves the harness (CI runs it)
     python bench/gc.py               # 2 GiB with 20 commits; 1,000 small commits
 
 Scenarios:
@@ -99,11 +98,9 @@ for i in range({commits}):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--size-mib", type=int, default=None,
-                    help="dataset size (default 48 with --small, else 2048)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args()
-    total = (args.size_mib or (48 if args.small else 2048)) << 20
+    total = (48 << 20) if args.small else (2 << 30)
     many = 100 if args.small else 1000
     results: dict[str, object] = {"size": total}
     with tempfile.TemporaryDirectory(prefix="dm-gc-bench-") as tmp:

@@ -1,5 +1,6 @@
-"""CI runs the benchmark harness once, small, to prove it works end to end: on 16 MiB, since
-what is measured does not matter here, only that every scenario runs and reports."""
+"""CI runs the benchmark harness once, small, to prove it works end to end (run.py and
+transfer.py on 16 MiB: what is measured does not matter here, only that every scenario runs
+and reports)."""
 
 import json
 import subprocess
@@ -52,8 +53,8 @@ def test_transfer_bench_small_runs(tmp_path):
 def test_gc_bench_small_runs(tmp_path):
     out = tmp_path / "gc.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gc.py"), "--small",
-                        "--size-mib", "16", "--json", str(out)], capture_output=True, text=True,
-                       timeout=900, stdin=subprocess.DEVNULL)
+                        "--json", str(out)], capture_output=True, text=True, timeout=900,
+                       stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     result = json.loads(out.read_text())
     g = result["gc after deleting half"]
