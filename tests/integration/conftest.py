@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.remote_env import seaweedfs
+from tests.integration.remote_env import postgres_server, seaweedfs
 
 
 @pytest.fixture(scope="session")
 def s3():
     """A SeaweedFS S3 server on loopback."""
     with seaweedfs() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on a unix socket, for hubs: each takes a database of its own
+    (``remote_env.postgres_db``)."""
+    with postgres_server() as server:
         yield server
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -124,8 +125,9 @@ def _weed_flags() -> str:
 
 
 @contextmanager
-def postgres_db() -> Iterator[str]:
-    """A PostgreSQL server of its own; yields a SQLAlchemy URL (unix socket, trust)."""
+def postgres_server() -> Iterator[Postgres]:
+    """A PostgreSQL server for the hubs of a whole run (the ``postgres`` fixture): initdb and
+    start once, each hub in a database of its own (:func:`postgres_db`)."""
     with shared_tmp() as top:
         data = top / "pgdata"
         data.mkdir()
@@ -133,10 +135,25 @@ def postgres_db() -> Iterator[str]:
         pg.initdb()
         pg.start()
         try:
-            pg.sql("CREATE DATABASE hub")
-            yield f"postgresql+psycopg://postgres@/hub?host={pg.sock}&port={pg.port}"
+            yield pg
         finally:
             pg.stop()
+
+
+_databases = itertools.count()
+
+
+@contextmanager
+def postgres_db(pg: Postgres) -> Iterator[str]:
+    """A fresh database on ``pg``, dropped afterwards; yields a SQLAlchemy URL (unix socket,
+    trust). What a hub keeps in PostgreSQL (rows, row locks, its gc's advisory lock) is all
+    per database, so hubs on one server see nothing of each other."""
+    name = f"hub{next(_databases)}"
+    pg.sql(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@/{name}?host={pg.sock}&port={pg.port}"
+    finally:
+        pg.sql(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 class Hub:

@@ -43,6 +43,26 @@ def _two_commits(dm: DM) -> tuple[str, str, Path]:
     return ids[1], ids[0], d
 
 
+@pytest.fixture(scope="module")
+def _two(tmp_path_factory) -> Path:
+    """The home of a store made by :func:`_two_commits`, made once for the cases that each
+    damage a copy of their own (a home holds its dots' folders and names no absolute
+    path); the stat cache tests make their own, since a copy's files are new to it."""
+    dm = DM(tmp_path_factory.mktemp("two") / "home")
+    _two_commits(dm)
+    return dm.home
+
+
+@pytest.fixture(scope="module")
+def _two_and_side(_two, tmp_path_factory) -> Path:
+    """:func:`_two` with a branch ``side`` at its head, master checked out."""
+    dm = DM(tmp_path_factory.mktemp("two-and-side") / "home")
+    shutil.copytree(_two, dm.home, symlinks=True)
+    dm.ok("checkout", "-b", "side")
+    dm.ok("checkout", "master")
+    return dm.home
+
+
 @pytest.mark.slow
 def test_a_flipped_byte_in_the_stat_cache_is_caught(dm):
     first, second, d = _two_commits(dm)
@@ -208,14 +228,26 @@ def _zero_page(db: Path, page: int) -> None:
     db.write_bytes(bytes(data))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("damage", ["a zeroed page", "an empty file", "no file"])
-def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
-    """Whatever happened to meta.db, commands say so in one line, and --repair gives back
-    the dots, their folders and every commit the packs hold."""
-    first, second, d = _two_commits(dm)
+@pytest.fixture(scope="module")
+def _long_history(tmp_path_factory) -> tuple[Path, str, str]:
+    """A store with 32 commits, made once for the three kinds of damage below (each damages
+    a copy of its own: a store's home moves with its folders)."""
+    dm = DM(tmp_path_factory.mktemp("long-history") / "home")
+    first, second, _ = _two_commits(dm)
     for i in range(30):  # enough rows that the index spans several pages
         dm.ok("commit", "-m", f"more {i}")
+    return dm.home, first, second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["a zeroed page", "an empty file", "no file"])
+def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, _long_history, damage):
+    """Whatever happened to meta.db, commands say so in one line, and --repair gives back
+    the dots, their folders and every commit the packs hold."""
+    home, first, second = _long_history
+    shutil.copytree(home, dm.home, symlinks=True)
+    d = dm.path("app.db")
+    assert d.is_relative_to(dm.home) and len(json.loads(dm.ok("log", "--json"))) == 32
     before = capture(d)
     db = dm.home / "meta.db"
     assert not (dm.home / "meta.db-wal").exists()
@@ -254,10 +286,8 @@ def test_an_index_lost_in_part_or_whole_is_rebuilt(dm, damage):
     "UPDATE packs SET name='' WHERE id=(SELECT min(id) FROM packs)",
     "UPDATE meta SET value='abc' WHERE key='format'",
 ])
-def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, sql):
-    first, second, d = _two_commits(dm)
-    dm.ok("checkout", "-b", "side")
-    dm.ok("checkout", "master")
+def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, _two_and_side, sql):
+    shutil.copytree(_two_and_side, dm.home, symlinks=True)
     with _db(dm) as db:
         db.execute(sql)
     outside = dm.home.parent
@@ -278,8 +308,8 @@ def test_damaged_rows_never_lead_out_of_the_store(dm, tmp_path, sql):
     pytest.param(-1, id="negative"), pytest.param(10**12, id="huge", marks=pytest.mark.slow),
     pytest.param(3, id="small", marks=pytest.mark.slow),
     pytest.param("abc", id="text", marks=pytest.mark.slow)])
-def test_an_index_row_whose_id_is_not_bytes_is_a_problem_not_a_crash(dm, bad_id):
-    _two_commits(dm)
+def test_an_index_row_whose_id_is_not_bytes_is_a_problem_not_a_crash(dm, _two, bad_id):
+    shutil.copytree(_two, dm.home, symlinks=True)
     with _db(dm) as db:
         db.execute("INSERT INTO objects SELECT ?, kind, pack, offset, stored_len, raw_len, zstd "
                    "FROM objects LIMIT 1", (bad_id,))

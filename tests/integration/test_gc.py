@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +114,23 @@ def _store_with_garbage(dm: DM, rng: random.Random) -> dict[str, dict[str, tuple
     return states
 
 
+States = dict[str, dict[str, tuple[object, ...]]]
+
+
+@pytest.fixture(scope="module")
+def _garbage(tmp_path_factory) -> tuple[Path, States]:
+    """A store made by :func:`_store_with_garbage`, made once: each kill test below runs
+    its gc on a copy of its own (a home holds its dots' folders and names no absolute
+    path; the copy keeps every file's times, so the captured states hold for it)."""
+    dm = DM(tmp_path_factory.mktemp("garbage") / "home")
+    return dm.home, _store_with_garbage(dm, random.Random(7))
+
+
+def _copy_of(garbage: tuple[Path, States], dm: DM) -> States:
+    shutil.copytree(garbage[0], dm.home, symlinks=True)
+    return garbage[1]
+
+
 def _check_states(dm: DM, states: dict[str, dict[str, tuple[object, ...]]]) -> None:
     d = dm.path("app.db")
     for oid, state in states.items():
@@ -120,8 +139,8 @@ def _check_states(dm: DM, states: dict[str, dict[str, tuple[object, ...]]]) -> N
 
 
 @pytest.mark.slow
-def test_kill_9_inside_gc_loses_nothing_and_a_rerun_finishes(dm: DM) -> None:
-    states = _store_with_garbage(dm, random.Random(7))
+def test_kill_9_inside_gc_loses_nothing_and_a_rerun_finishes(dm: DM, _garbage) -> None:
+    states = _copy_of(_garbage, dm)
     dm.env["DM_GC_KILL_AT"] = "repack-indexed"
     p = dm("gc")
     assert p.returncode == -signal.SIGKILL
@@ -136,8 +155,8 @@ def test_kill_9_inside_gc_loses_nothing_and_a_rerun_finishes(dm: DM) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["rows-dropped", "delete-row", "repack-written"])
-def test_kill_9_at_each_step(dm: DM, point: str) -> None:
-    states = _store_with_garbage(dm, random.Random(point))
+def test_kill_9_at_each_step(dm: DM, _garbage, point: str) -> None:
+    states = _copy_of(_garbage, dm)
     dm.env["DM_GC_KILL_AT"] = point
     assert dm("gc").returncode == -signal.SIGKILL
     del dm.env["DM_GC_KILL_AT"]
@@ -148,18 +167,26 @@ def test_kill_9_at_each_step(dm: DM, point: str) -> None:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments(dm: DM) -> None:
+def test_kill_9_at_random_moments(dm: DM, _garbage) -> None:
     rng = random.Random(20260101)
-    states = _store_with_garbage(dm, rng)
+    states = _copy_of(_garbage, dm)
     d = dm.path("app.db")
-    for _ in range(7):  # more garbage each round, and a gc killed somewhere in it
+    lock = dm.home / "locks" / "store.lock"
+    # More garbage each round, and a gc killed somewhere in it: once it holds the store lock
+    # (it plans and applies holding it, some 30-100 ms after 0.1-0.3 s of start-up), at
+    # moments spread over that span (test_kill_9_at_each_step stops it at each step).
+    for delay in (0.0, 0.01, 0.02, 0.035, 0.05):
         (d / "churn").write_bytes(rng.randbytes(2 << 20))
         dm.ok("commit", "-m", "churn")
         dm.ok("reset", "--hard", "HEAD^")
         dm.ok("reflog", "expire", "--days", "0")
         t0 = time.monotonic()
         proc = dm.popen("gc")
-        time.sleep(rng.uniform(0.1, 0.6))
+        holder = f"{proc.pid} gc".encode()
+        while proc.poll() is None and time.monotonic() - t0 < 30 and not (
+                lock.exists() and lock.read_bytes() == holder):
+            time.sleep(0.0005)
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert time.monotonic() - t0 < 60

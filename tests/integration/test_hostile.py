@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -281,18 +282,27 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def _victim(tmp_path_factory) -> tuple[Path, str]:
+    """A store with one commit of its own and its log, made once: each case below attacks
+    a copy of its own (a home holds its dots' folders and names no absolute path)."""
+    dm = DM(tmp_path_factory.mktemp("victim") / "home")
+    dm.ok("init", "app")
+    (dm.path("app.db") / "mine").write_text("precious")
+    dm.ok("commit", "-m", "mine")
+    return dm.home, dm.ok("log", "--json")
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_hostile_hub_cannot_damage_the_store(tmp_path, case):
+def test_a_hostile_hub_cannot_damage_the_store(tmp_path, _victim, case):
     c = CASES[case]
     extra: Objects = {GOOD_ID: (KIND_CHUNK, GOOD), **c.extra}
     tid, tdata = _tree(c.rows)
     cid, cdata = _commit(tid, c.subdot, c.metadata)
     objects: Objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata), **extra}
     dm = DM(tmp_path / "victim")
-    dm.ok("init", "app")
-    (dm.path("app.db") / "mine").write_text("precious")
-    dm.ok("commit", "-m", "mine")
-    before = dm.ok("log", "--json")
+    shutil.copytree(_victim[0], dm.home, symlinks=True)
+    before = _victim[1]
     outside = tmp_path / "outside"
     outside.mkdir()
     with EvilHub(objects, cid) as evil:
