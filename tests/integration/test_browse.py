@@ -74,6 +74,7 @@ def test_show_ls_and_cat_read_any_commit_without_moving(dm: DM) -> None:
     assert json.loads(dm.ok("log", "--json"))[0]["id"] == second
 
 
+@pytest.mark.slow
 def test_bad_places_are_one_line_errors(dm: DM) -> None:
     _two_commits(dm)
     for args, code, words in [
@@ -197,6 +198,7 @@ def test_tags_name_states_anywhere_a_ref_goes_and_keep_them_from_gc(dm: DM) -> N
     assert [t["name"] for t in json.loads(dm.ok("tag", "--json"))] == ["spike-state"]
 
 
+@pytest.mark.slow
 def test_fsck_finds_a_tag_whose_commit_is_gone_and_repair_drops_it(dm: DM) -> None:
     import sqlite3
 

@@ -112,6 +112,7 @@ def _same_as_plain(dm: DM, db: Path, commit: str, tmp_path: Path) -> None:
     assert ours.subdots == theirs.subdots
 
 
+@pytest.mark.slow
 def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> None:
     bdm.ok("init", "app")
     db = bdm.path("app.db")
@@ -177,6 +178,7 @@ def _discarded(home: Path) -> list[str]:
     return sorted(k for k in _kept(home) if k.startswith("discarded-"))
 
 
+@pytest.mark.slow
 def test_a_discarded_state_past_its_days_is_stored_and_fsck_notices_a_lost_one(
         bdm: DM) -> None:
     bdm.ok("init", "app")
@@ -212,6 +214,7 @@ def test_a_discarded_state_past_its_days_is_stored_and_fsck_notices_a_lost_one(
     assert all(r["kept_as"] is None for r in json.loads(bdm.ok("reflog", "--json")))
 
 
+@pytest.mark.slow
 def test_gc_keeps_what_a_discarded_state_needs_and_reflog_expiry_lets_it_go(
         bdm: DM) -> None:
     bdm.ok("init", "app")
@@ -692,6 +695,7 @@ def _trash_emptied(home: Path, dot: str = "app", timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_replaced_folders_go_in_the_background_and_a_killed_reaper_is_replaced(
         bdm: DM) -> None:
     """A reset to a kept state and the pruning of kept states do not wait for btrfs to remove

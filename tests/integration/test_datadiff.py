@@ -13,6 +13,7 @@ from tests.conftest import DM
 from tests.integration.servers import Postgres, Redis, shared_tmp
 
 
+@pytest.mark.slow
 def test_diff_data_names_the_keys_rows_and_lines_that_changed(dm: DM, tmp_path) -> None:
     dm.ok("init", "app")
     clicks, app, notes = (dm.path(f"app.{s}") for s in ("clicks-db", "app-db", "notes"))

@@ -30,6 +30,7 @@ def _head(dm: DM) -> str:
     return json.loads(dm.ok("log", "-n", "1", "--json"))[0]["id"]
 
 
+@pytest.mark.slow
 def test_dot_delete_then_gc_gives_the_space_back(dm: DM) -> None:
     dm.ok("init", "app")
     (dm.path("app.db") / "a").write_bytes(os.urandom(200_000))

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import capture
 
 
+@pytest.mark.slow
 def test_seed_journey(dm):
     dm.ok("init", "app")
     clicks, users, uploads = (dm.path(f"app.{s}") for s in ("clicks-db", "users-db", "uploads"))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import DM
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # pytest in a subprocess, a store made with dm: seconds each
 
 
 def _two_states(dm: DM):

@@ -75,6 +75,7 @@ def test_reset_and_branches_at_kept_states(xdm: DM) -> None:
     assert json.loads(xdm.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.slow
 def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
     """As on btrfs: the discarded working state is kept unread (a reflinked copy whose stat
     caches were moved to its own files), and read only when asked for."""

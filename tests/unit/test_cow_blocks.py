@@ -154,6 +154,7 @@ def test_only_lists_of_whole_page_blocks_are_patched() -> None:
 @settings(max_examples=40, deadline=None)
 @given(old=blocks_st, flips=st.lists(st.integers(0, 45), max_size=10),
        grow=st.integers(-5, 5), told=st.sets(st.integers(0, 45)), small_buffer=st.booleans())
+@pytest.mark.slow
 def test_patching_the_previous_list_gives_what_a_full_read_gives(
         old: list[bytes], flips: list[int], grow: int, told: set[int],
         small_buffer: bool) -> None:

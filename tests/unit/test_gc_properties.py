@@ -154,6 +154,7 @@ PROFILE = settings(max_examples=25, deadline=None, suppress_health_check=[Health
 @example([("branch", 0), ("other-dot", True), ("other-dot", False), ("gc", "rows-dropped"),
           ("commit", "a", 0, 0), ("branch", 1), ("gc", "rows-dropped")])  # a pack number
 # given again after a gc: a reader holding the removed pack open read the new one wrongly
+@pytest.mark.slow
 def test_gc_keeps_everything_reachable_and_only_that(steps: list[tuple[object, ...]]) -> None:
     _run(steps)
 
