@@ -40,7 +40,7 @@ class Ctx:
         if self._home is None:
             from dotmesh.store.repo import Repo  # the store's code, only for commands that use it
 
-            if not (self.path / "meta.db").exists() and not _makes_a_store():
+            if not _is_store(self.path) and not _makes_a_store():
                 raise _no_store(self.path)
             self._home = Repo(self.path)
         return self._home
@@ -56,7 +56,12 @@ class Ctx:
 # The commands that may make a store where there is none: they put something in it. Any
 # other command on a missing store (a mistyped --home or DM_HOME) says so and makes nothing.
 MAKERS = {("init",), ("clone",), ("remote", "add"), ("s3", "remote", "add"), ("serve",),
-          ("daemon",)}
+          ("daemon",), ("pool", "create")}
+
+
+def _is_store(path: Path) -> bool:
+    """A store, whole or not: one that lost its index is still one (dm fsck --repair)."""
+    return any((path / name).exists() for name in ("meta.db", "packs", "dots"))
 
 
 def _makes_a_store() -> bool:
@@ -75,7 +80,7 @@ def _no_store(path: Path) -> Exception:
     near: list[str] = []
     try:
         stores = [str(p) for p in path.parent.iterdir() if (p / "meta.db").exists()]
-        near = difflib.get_close_matches(str(path), stores, n=1)
+        near = difflib.get_close_matches(str(path), stores, n=1)  # (whole ones only)
     except OSError:
         pass
     hint = f"did you mean {near[0]}? " if near else ""
