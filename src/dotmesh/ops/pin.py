@@ -51,11 +51,11 @@ def at(home: Repo, dot: str, ref: str, stop_writers: bool = False,
     try:
         target = home.resolve(dot, ref)
     except NotFound:
-        from dotmesh.ops import remotes  # noqa: PLC0415 - the network code, only when needed
+        from dotmesh.ops import remotes, sync  # noqa: PLC0415 - network code, when needed
 
         if not fetch or remotes.default(home) is None:
             raise
-        target = fetch_ref(home, dot, ref)
+        target = sync.fetch_ref(home, dot, ref)
     visit = Visit(ref, target, branch, head)
     visit.entered = checkout_ops.reset_hard(home, dot, target.hex(), progress, stop_writers,
                                             expect_old=head, action="at",
@@ -105,12 +105,4 @@ def _restore_head(home: Repo, dot: str, branch: str, head: ObjectId, ref: str) -
             home.set_head(tx, dot, branch, now, head, "at", None, f"back from {ref}")
 
 
-def fetch_ref(home: Repo, dot: str, ref: str) -> ObjectId:
-    """A tag or branch of the dot's remote (or a whole commit id there) that is not here:
-    fetched, and a tag made here too."""
-    from dotmesh.ops import sync  # noqa: PLC0415 - the network code, only when needed
-
-    return sync.fetch_ref(home, dot, ref)
-
-
-__all__ = ["Visit", "at", "fetch_ref", "keep_on"]
+__all__ = ["Visit", "at", "keep_on"]

@@ -381,10 +381,14 @@ class S3Transport:
         return out
 
     def tags(self) -> dict[str, Tag]:
+        """As a hub's answer is: at most MAX_TAGS tags, MAX_JSON_ANSWER bytes of them."""
         out: dict[str, Tag] = {}
+        read = 0
         for name, value in self._refs("tags", MAX_TAG_BLOB):
-            if len(out) >= MAX_TAGS:
-                raise BadTransfer(f"{self.where} has over {MAX_TAGS} tags")
+            read += len(value)
+            if len(out) >= MAX_TAGS or read > MAX_JSON_ANSWER:
+                raise BadTransfer(f"{self.where} has over {MAX_TAGS} tags or "
+                                  f"{MAX_JSON_ANSWER} bytes of them")
             out[name] = self._parse_tag(name, value)
         return out
 
