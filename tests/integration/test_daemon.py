@@ -142,11 +142,24 @@ def test_a_secret_is_asked_on_the_callers_terminal_without_echo(daemon: DM) -> N
         os.write(terminal, b"s3cr3t-key\n")
         seen += _read_until(terminal, b"error")
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         os.close(terminal)
     assert b"s3cr3t-key" not in seen  # not echoed
     assert os.waitstatus_to_exitcode(status) != 0  # nobody listens on port 9
     assert _served(daemon) == before + 1
+
+
+def _reap(pid: int, timeout: float = 30) -> int:
+    """The child's wait status; a child still running after ``timeout`` is killed (so that a
+    hang fails the test instead of stopping the suite)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def _read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:

@@ -39,6 +39,27 @@ def test_progress_json_quiet_hooks_and_a_first_commit(dm):
     assert "read 0 changed files" in p.stdout and "Committing" not in p.stderr
 
 
+def test_hook_output_is_shown_as_it_is_written(dm, tmp_path):
+    """A slow hook's first line is on stderr while the hook still runs, not at its end."""
+    dm.ok("init", "app")
+    (dm.path("app") / "f").write_text("x")
+    flag = tmp_path / "go-on"
+    dm.ok("hook", "add", "pre-freeze", f"echo waiting; until [ -e {flag} ]; do sleep 0.02; "
+          "done; echo went on")
+    p = dm.popen("commit", "-m", "with a slow hook")
+    try:
+        assert p.stderr is not None
+        first = p.stderr.readline()  # blocks until the hook's first line: the flag is not there
+        assert first == "hook #1 (pre-freeze): waiting\n"
+        flag.touch()
+        out, err = p.communicate(timeout=60)
+    finally:
+        flag.touch()
+        p.kill() if p.poll() is None else None
+    assert p.returncode == 0, err
+    assert "hook #1 (pre-freeze): went on" in err and "with a slow hook" in out
+
+
 def test_the_demo_s_closing_hint_works_as_printed(dm, tmp_path):
     dm.ok("init", "app")
     closing = [line for line in (REPO / "scripts/demo.sh").read_text().splitlines()

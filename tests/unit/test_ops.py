@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,25 @@ def test_set_upstream_names_the_remote_dot_and_a_bare_name_is_the_users_own(
     with pytest.raises(NotFound):
         remotes.set_upstream(repo, "ghost", "hub", "bob/x")
     assert dots.statuses(repo, ["app"])[0].remotes == {"hub": "alice/mine"}  # untouched
+
+
+def test_a_hook_past_its_timeout_is_killed_with_what_it_started(repo: Repo, tmp_path) -> None:
+    """The hook and every process it started end at its timeout; the commit does not
+    happen, and what the hook printed before was shown."""
+    from dotmesh.capture.hooks import Hook, HookFailed, run_hooks
+
+    pidfile = tmp_path / "child.pid"
+    shown: list[str] = []
+    hook = Hook(1, "app", None, "pre-freeze", f"sleep 60 & echo $! > {pidfile}; echo started; "
+                "wait", 1.0)
+    with pytest.raises(HookFailed, match="ran past its 1 s timeout"):
+        run_hooks([hook], "pre-freeze", {}, shown.append)
+    assert shown == ["hook #1 (pre-freeze): started"]
+    child = int(pidfile.read_text())
+    for _ in range(100):  # killed; reaped by init a moment later
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(
+                f"/proc/{child}/stat").read_text().split(")")[-1][:3]:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"the hook's child {child} still runs")
