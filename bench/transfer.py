@@ -269,6 +269,7 @@ def measure(top: Path, size: int, procs: list[subprocess.Popen[bytes]]) -> dict[
     workload.generate(data, size)
     total = workload.dir_bytes(data)
     run(DM, "commit", "-m", "first", env=a)
+    run(DM, "init", env=b)  # bob's store, for the clone
     for env in (a, b):
         run(DM, "remote", "add", "hub", f"alice@127.0.0.1:{proxy.port}", "--http", env=env)
 

@@ -24,11 +24,29 @@ os.environ["DM_DAEMON_SOCKET"] = "/nonexistent/dm-tests/daemon.sock"
 class DM:
     """Runs ``dm`` as a subprocess against one home; ``dm.ok(...)`` asserts success."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, store: bool = True) -> None:
+        """``store``: before the first command, if there is nothing at ``home``, make the
+        store there, as a user's first ``dm init`` does (the only command that makes one);
+        False: leave a missing store missing."""
         self.home = home
-        self.env = {**os.environ, "DM_HOME": str(home), "DM_AUTHOR": "tester"}
+        self._env = {**os.environ, "DM_HOME": str(home), "DM_AUTHOR": "tester"}
+        self._make_store = store
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment to run dm in (the store is made on first use, as above)."""
+        self.ensure_store()
+        return self._env
+
+    def ensure_store(self) -> None:
+        if self._make_store and not self.home.exists():
+            from dotmesh.store.repo import Repo  # what a bare `dm init` does, in-process
+
+            Repo(self.home).close()
+        self._make_store = False
 
     def __call__(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        self.ensure_store()
         p = subprocess.run([DM_BIN, *args], env=self.env, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=300)
         if check and p.returncode != 0:
@@ -39,6 +57,7 @@ class DM:
         return self(*args, check=True).stdout
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
+        self.ensure_store()
         return subprocess.Popen([DM_BIN, *args], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 

@@ -36,16 +36,26 @@ from dotmesh.store.repo import Repo as Store
 from dotmesh.store.repo import default_home
 
 if TYPE_CHECKING:  # the operations are imported when called: dm's start-up stays light
+    from dotmesh.capture.hooks import Hook
     from dotmesh.capture.stop import Stopped
+    from dotmesh.fs.pool import PoolInfo
     from dotmesh.model.objects import Commit
     from dotmesh.model.tags import Tag
-    from dotmesh.ops.browse import Shown
+    from dotmesh.ops.browse import Listing, Shown
     from dotmesh.ops.checkout import ResetResult
     from dotmesh.ops.commit import CommitResult
-    from dotmesh.ops.datadiff import Report
-    from dotmesh.ops.history import Change
+    from dotmesh.ops.datadiff import Report, SubdotKind
+    from dotmesh.ops.dots import DotStatus
+    from dotmesh.ops.du import DuReport
+    from dotmesh.ops.fsck import FsckReport
+    from dotmesh.ops.gc import GcResult, Plan
+    from dotmesh.ops.history import Change, ReflogEntry
+    from dotmesh.ops.hubread import RemoteLog
+    from dotmesh.ops.mount import Mounted
     from dotmesh.ops.pin import Visit
+    from dotmesh.ops.remotes import Remote
     from dotmesh.ops.sync import Transfer
+    from dotmesh.remote.hubread import DotSummary
 
 Progress = Callable[[int], None]
 Ref = str | ObjectId  # a ref's text (HEAD~2, a branch, a tag, an id prefix) or a commit's id
@@ -76,6 +86,20 @@ class CheckoutResult:
     stopped: Stopped
 
 
+@dataclass(frozen=True)
+class FsckResult:
+    """What :meth:`Repo.fsck` found, what it repaired, and the check after the repair
+    (``report``: its counts; ``report.problems``: what is left)."""
+
+    report: FsckReport
+    found: list[str]
+    repaired: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+
 class Repo:
     """A dotmesh store: the dots of one user (``$DM_HOME``; ``/var/lib/dotmesh`` for root,
     ``~/.dotmesh`` for others)."""
@@ -103,11 +127,29 @@ class Repo:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def init(self, name: str) -> Dot:
-        """Make a new, empty dot (AlreadyExists if the name is taken)."""
+    @staticmethod
+    def backend_at(home: str | Path | None = None) -> str:
+        """The folder backend of the store at ``home`` (plain, btrfs, reflink), or the one a
+        store made there would get; nothing is made."""
         from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
 
-        dot_ops.init(self._store, name)
+        return dot_ops.store_backend(Path(home) if home is not None else default_home())
+
+    def choose_backend(self, backend: str | None = None) -> str:
+        """Fix how the store keeps folders (plain, btrfs, reflink; None: the one its disk
+        allows), which only a store without dots may change; returns it."""
+        from dotmesh.workdir.branches import choose  # noqa: PLC0415
+
+        return choose(self._store, backend)
+
+    # ------------------------------------------------------------ dots
+    def init(self, name: str, backend: str | None = None) -> Dot:
+        """Make a new, empty dot (AlreadyExists if the name is taken); it becomes the
+        current dot if there is none. ``backend`` (plain, btrfs, reflink): how the store
+        keeps folders, chosen only before its first dot."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        dot_ops.init(self._store, name, backend)
         return Dot(self, name)
 
     def dots(self) -> list[Dot]:
@@ -117,6 +159,227 @@ class Repo:
         """An existing dot (NotFound if there is none of that name)."""
         self._store.require_dot(check_name(name, "dot name"))
         return Dot(self, name)
+
+    def current(self) -> Dot | None:
+        """The dot commands act on when none is named (``dm switch``), if any."""
+        name = self._store.current_dot()
+        return None if name is None else Dot(self, name)
+
+    def current_or(self, name: str | None) -> Dot:
+        """The dot ``name``, or the current one (UsageError if there is none)."""
+        return Dot(self, self._store.require_current(name))
+
+    def switch(self, name: str) -> Dot:
+        """Make ``name`` the current dot."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        dot_ops.switch(self._store, name)
+        return Dot(self, name)
+
+    def path(self, volume: str, owner: str | None = None) -> Path:
+        """The folder of ``DOT[.SUBDOT]`` (the subdot is added if new; the dot must exist);
+        ``owner`` (``USER[:GROUP]``): give the folder to that user (root only)."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        return dot_ops.path(self._store, volume, owner)
+
+    def statuses(self, names: list[str] | None = None) -> list[DotStatus]:
+        """``dm list``: each dot's branch, head, state, size, writers and containers."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        return dot_ops.statuses(self._store, names)
+
+    # ------------------------------------------------------------ the store
+    def object_count(self) -> int:
+        """Objects in the store's index (what :meth:`fsck` verifies)."""
+        return self._store.packs.count()
+
+    def fsck(self, repair: bool = False, progress: Progress | None = None) -> FsckResult:
+        """Verify every object, index row and ref. ``repair``: drop what cannot be trusted,
+        move a branch whose head is lost back along its reflog, rebuild an unreadable index
+        from the packs; the store is then checked again (``report``)."""
+        import sqlite3  # noqa: PLC0415
+
+        from dotmesh.errors import DamagedIndex  # noqa: PLC0415
+        from dotmesh.ops import fsck as fsck_ops  # noqa: PLC0415
+
+        def check(fix: bool) -> FsckReport:
+            try:
+                return fsck_ops.fsck(self._store, progress, fix)
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as e:  # a damaged page met while reading rows
+                raise DamagedIndex(f"the store's index is damaged ({e}): run dm fsck "
+                                   "--repair") from None
+
+        rebuilt: list[str] = []
+        try:
+            r = check(repair)
+        except DamagedIndex:
+            if not repair:
+                raise
+            root = self._store.root
+            self._store.close()
+            rebuilt = self.rebuild_index(root)
+            self._store = Store(root)
+            r = check(True)
+        if not repair:
+            return FsckResult(r, r.problems, [])
+        return FsckResult(check(False), r.problems, [*rebuilt, *r.repaired])
+
+    @staticmethod
+    def rebuild_index(home: str | Path) -> list[str]:
+        """Rebuild the index (meta.db) of the store at ``home`` from its packs, when it
+        cannot be read even to open the store (the damaged one is kept aside); returns what
+        was done. :meth:`fsck` with ``repair`` does it too, for damage found later."""
+        from dotmesh.ops import fsck as fsck_ops  # noqa: PLC0415
+
+        return fsck_ops.rebuild(Path(home).absolute())
+
+    def gc(self, dry_run: bool = False, repack_below: int | None = None,
+           marking: Progress | None = None, sweeping: Progress | None = None,
+           planned: Callable[[Plan], None] | None = None) -> GcResult:
+        """Free what no ref reaches (``dm gc``); ``planned`` is called with the plan before
+        anything is deleted. ``repack_below``: rewrite packs less live than this percent."""
+        from dotmesh.ops import gc as gc_ops  # noqa: PLC0415
+
+        below = gc_ops.REPACK_BELOW if repack_below is None else repack_below
+        return gc_ops.gc(self._store, dry_run, below, marking, sweeping, planned)
+
+    def expire_reflog(self, days: int | None = None, dry_run: bool = False) -> int:
+        """Forget reflog entries older than ``days`` (default: the setting), with the
+        discarded states only they name; returns how many."""
+        from dotmesh.ops import gc as gc_ops  # noqa: PLC0415
+
+        return gc_ops.expire_reflog(self._store, days, dry_run)
+
+    def du(self, dots: list[str] | None = None, progress: Progress | None = None,
+           with_gc: bool = True) -> DuReport:
+        """Where the disk went, per dot, branch and subdot (``dm du``)."""
+        from dotmesh.ops import du as du_ops  # noqa: PLC0415
+
+        return du_ops.usage(self._store, dots, progress, with_gc)
+
+    def settings(self) -> dict[str, int]:
+        """Every setting's value (``dm config``)."""
+        from dotmesh.ops import settings as settings_ops  # noqa: PLC0415
+
+        return settings_ops.all_values(self._store)
+
+    @staticmethod
+    def setting_help() -> dict[str, str]:
+        """What each setting means."""
+        from dotmesh.ops.settings import SETTINGS  # noqa: PLC0415
+
+        return {key: s.help for key, s in SETTINGS.items()}
+
+    def setting(self, key: str) -> int:
+        from dotmesh.ops import settings as settings_ops  # noqa: PLC0415
+
+        return settings_ops.get(self._store, key)
+
+    def set_setting(self, key: str, value: str | int | None) -> int:
+        """Change a setting (``None``: back to its default); returns its value now."""
+        from dotmesh.ops import settings as settings_ops  # noqa: PLC0415
+
+        if value is None:
+            settings_ops.unset(self._store, key)
+        else:
+            settings_ops.set_value(self._store, key, str(value))
+        return settings_ops.get(self._store, key)
+
+    def pool(self) -> PoolInfo:
+        """The btrfs pool in a file under the store (``dm pool show``)."""
+        from dotmesh.ops import pool as pool_ops  # noqa: PLC0415
+
+        return pool_ops.show(self._store)
+
+    def create_pool(self, size: int) -> PoolInfo:
+        """Make and mount a btrfs pool of ``size`` bytes for the dots' folders (root only,
+        before the first dot)."""
+        from dotmesh.ops import pool as pool_ops  # noqa: PLC0415
+
+        return pool_ops.create(self._store, size)
+
+    def grow_pool(self, size: int) -> PoolInfo:
+        from dotmesh.ops import pool as pool_ops  # noqa: PLC0415
+
+        return pool_ops.grow(self._store, size)
+
+    # ------------------------------------------------------------ remotes
+    def remotes(self) -> list[Remote]:
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        return remotes.all_remotes(self._store)
+
+    def default_remote(self) -> str | None:
+        """The remote push, pull and clone use when none is named."""
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        return remotes.default(self._store)
+
+    def add_hub(self, name: str, address: str, api_key: str | Callable[[], str],
+                http: bool = False, ca_cert: Path | None = None) -> tuple[Remote, str]:
+        """Add a hub (``USER@HOST[:PORT]``) as a remote, checking the key with it first;
+        returns the remote and the user the hub knows the key as. ``api_key`` may be a
+        function that asks for it, called once the name and address are good."""
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        return remotes.add_hub(self._store, name, address, api_key, http, ca_cert)
+
+    def add_s3(self, name: str, spec: str,
+               secret: str | Callable[[], str] | None = None) -> Remote:
+        """Add a bucket (``ACCESS_KEY@ENDPOINT/BUCKET``) as a remote, after listing it with
+        the keys; ``secret`` may be a function that asks for it."""
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        return remotes.add_s3(self._store, name, spec, secret)
+
+    def remove_remote(self, name: str) -> None:
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        remotes.remove(self._store, name)
+
+    def switch_remote(self, name: str) -> None:
+        """Make ``name`` the default remote."""
+        from dotmesh.ops import remotes  # noqa: PLC0415
+
+        remotes.switch(self._store, name)
+
+    def remote_dots(self, remote: str) -> list[DotSummary]:
+        """The dots this remote's user may read on the hub ``remote`` (nothing is cloned)."""
+        from dotmesh.ops import hubread  # noqa: PLC0415 - the network code, only when used
+
+        return hubread.dots(self._store, remote)
+
+    def remote_log(self, remote: str, remote_dot: str | None = None, ref: str | None = None,
+                   limit: int | None = None, dot: str | None = None) -> RemoteLog:
+        """A dot's log on the hub ``remote``: ``remote_dot`` (NAMESPACE/DOT), else the one
+        the local ``dot`` pushes to there (default: the current dot's)."""
+        from dotmesh.ops import hubread  # noqa: PLC0415 - the network code, only when used
+
+        local = None if remote_dot else self._store.require_current(dot)
+        return hubread.log(self._store, remote, remote_dot, local, ref, limit)
+
+    def remote_branches(self, remote: str, remote_dot: str | None = None,
+                        dot: str | None = None) -> tuple[str, dict[str, ObjectId]]:
+        """The remote dot's full name and its branches' heads on the hub ``remote``."""
+        from dotmesh.ops import hubread  # noqa: PLC0415 - the network code, only when used
+
+        local = None if remote_dot else self._store.require_current(dot)
+        return hubread.heads(self._store, remote, remote_dot, local)
+
+    # ------------------------------------------------------------ mounts
+    def mounts(self) -> list[Mounted]:
+        """The commits ``dm mount`` has mounted."""
+        from dotmesh.ops import mount as mount_ops  # noqa: PLC0415
+
+        return mount_ops.mounted(self._store)
+
+    def umount(self, folder: str | Path) -> Mounted:
+        from dotmesh.ops import mount as mount_ops  # noqa: PLC0415
+
+        return mount_ops.stop(self._store, Path(folder))
 
     def clone(self, remote: str | None, remote_dot: str, branch: str | None = None,
               local_name: str | None = None, progress: Progress | None = None,
@@ -143,16 +406,59 @@ class Dot:
         return self.repo._store  # noqa: SLF001 - one package
 
     # ------------------------------------------------------------ folders
-    def path(self, subdot: str = DEFAULT_SUBDOT) -> Path:
+    def path(self, subdot: str = DEFAULT_SUBDOT, owner: str | None = None) -> Path:
         """The folder an app keeps ``subdot``'s data in (made if it is new): what
         ``dm path DOT.SUBDOT`` prints."""
-        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
-
         name = self.name if subdot == DEFAULT_SUBDOT else f"{self.name}.{subdot}"
-        return dot_ops.path(self._store, name)
+        return self.repo.path(name, owner)
 
     def subdots(self) -> list[str]:
         return self._store.subdots(self.name)
+
+    def subdot_kinds(self) -> list[SubdotKind]:
+        """Each subdot's folder and what ``diff_data`` reads it as."""
+        from dotmesh.ops import datadiff  # noqa: PLC0415
+
+        return datadiff.subdot_kinds(self._store, self.name)
+
+    def set_kind(self, subdot: str, kind: str) -> None:
+        """Say what a subdot holds (postgres, redis, sqlite, files; auto: detect again)."""
+        from dotmesh.ops import datadiff  # noqa: PLC0415
+
+        datadiff.set_kind(self._store, self.name, subdot, kind)
+
+    def status(self) -> DotStatus:
+        """Branch, head, clean or dirty (with the changes), writers, containers, remotes."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        return dot_ops.statuses(self._store, [self.name])[0]
+
+    def delete(self, stop_writers: bool = False, force: bool = True) -> Stopped:
+        """Delete the dot with its folders and history (``force=False`` refuses, as
+        ``dm dot delete`` without -f does); refused while processes or containers use it,
+        unless ``stop_writers``."""
+        from dotmesh.ops import dots as dot_ops  # noqa: PLC0415
+
+        return dot_ops.delete(self._store, self.name, force, stop_writers)
+
+    # ------------------------------------------------------------ hooks
+    def hooks(self) -> list[Hook]:
+        from dotmesh.ops import hooks as hook_ops  # noqa: PLC0415
+
+        return hook_ops.hooks(self._store, self.name)
+
+    def add_hook(self, stage: str, command: str, subdot: str | None = None,
+                 timeout: float = 60.0) -> int:
+        """Run ``command`` (a shell line) at ``stage`` (pre-freeze, post-thaw) of every
+        commit; returns its number."""
+        from dotmesh.ops import hooks as hook_ops  # noqa: PLC0415
+
+        return hook_ops.add_hook(self._store, self.name, stage, command, subdot, timeout)
+
+    def remove_hook(self, hook_id: int) -> None:
+        from dotmesh.ops import hooks as hook_ops  # noqa: PLC0415
+
+        hook_ops.remove_hook(self._store, self.name, hook_id)
 
     # ------------------------------------------------------------ history
     @property
@@ -167,6 +473,23 @@ class Dot:
 
     def branches(self) -> dict[str, ObjectId | None]:
         return self._store.branches(self.name)
+
+    def delete_branch(self, name: str, force: bool = False) -> ObjectId | None:
+        """Delete a branch that is not checked out; without ``force``, refused if its head
+        is in no other branch or its folders hold uncommitted changes. Returns its head."""
+        from dotmesh.ops import gc as gc_ops  # noqa: PLC0415
+
+        return gc_ops.delete_branch(self._store, self.name, name, force)
+
+    def reflog(self, limit: int | None = None) -> list[ReflogEntry]:
+        """How the branches moved, newest first, with the working states saved or kept."""
+        from dotmesh.ops import history  # noqa: PLC0415
+
+        return history.reflog(self._store, self.name, limit)
+
+    def commit_of(self, ref: Ref) -> Commit:
+        """The commit ``ref`` names."""
+        return self._store.commit(self.resolve(ref))
 
     def resolve(self, ref: Ref) -> ObjectId:
         """A commit id for ``HEAD``, ``HEAD~2``, a branch, a tag or an id prefix."""
@@ -210,6 +533,26 @@ class Dot:
         from dotmesh.ops import datadiff  # noqa: PLC0415
 
         return datadiff.diff_data(self._store, self.name, _opt(a), _opt(b), subdot)
+
+    def ls(self, where: str | None = None, recursive: bool = False) -> Listing:
+        """What a commit holds: ``REF`` (its subdots and sizes) or ``REF:SUBDOT/PATH``
+        (a folder's entries, or one file), without checking anything out."""
+        from dotmesh.ops import browse  # noqa: PLC0415
+
+        return browse.ls(self._store, self.name, where, recursive)
+
+    def cat(self, where: str) -> Iterator[bytes | memoryview]:
+        """The bytes of the file ``REF:SUBDOT/PATH``, streamed and checked as they come."""
+        from dotmesh.ops import browse  # noqa: PLC0415
+
+        return browse.cat(self._store, self.name, where)
+
+    def mount(self, ref: Ref, folder: str | Path) -> Mounted:
+        """Mount the commit ``ref`` read-only at ``folder`` (an empty folder) through FUSE;
+        gc keeps it until :meth:`Repo.umount`."""
+        from dotmesh.ops import mount as mount_ops  # noqa: PLC0415
+
+        return mount_ops.start(self._store, self.name, _text(ref), Path(folder))
 
     # ------------------------------------------------------------ moving
     def checkout(self, branch: str, create: bool = False, at: str | None = None,
@@ -338,4 +681,4 @@ class Dot:
         return sync.pull_all(self._store, self.name, remote, progress, stop_writers,
                              same_owner, remote_dot, stash_on_divergence)
 
-__all__ = ["CheckoutResult", "Dot", "LogEntry", "Progress", "Ref", "Repo"]
+__all__ = ["CheckoutResult", "Dot", "FsckResult", "LogEntry", "Progress", "Ref", "Repo"]

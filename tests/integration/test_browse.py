@@ -136,7 +136,7 @@ def test_status_tells_the_head_the_changes_and_the_writers(dm: DM) -> None:
     try:
         text = dm.ok("status")
         assert "  db: 25 added, 1 removed, 0 changed" in text
-        assert "    + f00" in text and "    + f19" in text and "f20" not in text
+        assert "    + f00" in text and "    + f19" in text and "    + f20" not in text
         assert "... and 6 more (dm diff)" in text  # f20-f24 and keep
         assert "Writers: tail (2 processes)" in text
         out = json.loads(dm.ok("status", "--json"))

@@ -40,14 +40,19 @@ def test_bad_names_and_missing_things(dm, args, code, needle):
 
 def test_a_mistyped_home_makes_nothing(dm, tmp_path):
     dm.ok("init", "app")
-    typo = DM(tmp_path / "hmoe")
-    for args in (["list"], ["log"], ["commit", "-m", "x"], ["gc"]):
+    typo = DM(tmp_path / "hmoe", store=False)
+    for args in (["list"], ["log"], ["commit", "-m", "x"], ["gc"],
+                 ["remote", "add", "hub", "a@127.0.0.1:9", "--http", "--api-key-file", "/x"],
+                 ["clone", "hub", "a/app"], ["pool", "create", "--size", "1G"],
+                 ["serve", "--socket", str(tmp_path / "dm.sock")]):
         p = typo(*args)
         assert p.returncode == 3, (args, p.stderr)
-        assert f"no dotmesh store at {tmp_path / 'hmoe'} (did you mean {dm.home}?" in \
-            _one_line_error(p)
+        assert f"no dotmesh store at {tmp_path / 'hmoe'} (did you mean {dm.home}? dm init " \
+            "makes one there)" in _one_line_error(p)
     assert not (tmp_path / "hmoe").exists()
-    assert "Created dot app" in typo.ok("init", "app")  # dm init makes one, as it says
+    assert "Made a dotmesh store at" in typo.ok("init")  # only dm init makes one
+    assert json.loads(typo.ok("init", "--json"))["made"] is False  # there now: nothing to do
+    assert "Created dot app" in typo.ok("init", "app")
 
 
 def test_a_mistyped_dot_makes_nothing(dm):
@@ -82,8 +87,8 @@ def test_bad_refs_and_flags(dm):
 def test_unusable_home_is_one_line(tmp_path):
     f = tmp_path / "file"
     f.write_text("not a folder")
-    p = DM(f / "home")("list")
-    _one_line_error(p)
+    p = DM(f / "home", store=False)("init", "app")  # the one command that makes a store
+    assert "cannot use" in _one_line_error(p) and p.returncode == 2
 
 
 def _flip_byte_of_largest_object(dm: DM, delta: int) -> None:

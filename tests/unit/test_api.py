@@ -104,3 +104,52 @@ def test_at_visits_a_state_and_puts_back_exactly_what_was_there(repo):
     with pytest.raises(Conflict, match="moved to branch elsewhere"), app.at("bug-42"):
         app.checkout("elsewhere", create=True)  # the block left the branch: nothing moves
     assert app.branches()["elsewhere"] == bug and app.branches()["master"] == bug
+
+
+def test_every_command_has_its_call(repo, tmp_path):
+    """The calls behind dm status, ls, cat, reflog, branch -d, hook, subdot, config, fsck,
+    gc, du, list, switch and dot delete (the CLI renders what these return)."""
+    app = repo.init("app")
+    assert repo.current().name == "app"
+    (app.path("db") / "notes").mkdir()
+    (app.path("db") / "notes" / "a.txt").write_text("alpha\n")
+    first = app.commit("one note").id
+    assert app.status().state == "clean" and repo.statuses()[0].name == "app"
+    (app.path("db") / "notes" / "a.txt").write_text("beta\n")
+    assert [(c.status, c.path) for c in app.status().changes] == [("changed", "notes/a.txt")]
+    app.commit("two")
+    top = app.ls("HEAD~1")
+    assert top.entries == [] and top.subdots["db"].files == 1
+    assert [p for p, _ in app.ls("HEAD~1:db", recursive=True).entries] == ["notes",
+                                                                        "notes/a.txt"]
+    assert b"".join(app.cat("HEAD~1:db/notes/a.txt")) == b"alpha\n"
+    with pytest.raises(UsageError):
+        app.cat("HEAD")  # names no file
+    app.reset("HEAD~1")
+    assert app.reflog(limit=1)[0].action == "reset" and app.head == first
+    app.checkout("spike", create=True)
+    app.checkout("master")
+    assert app.delete_branch("spike") == first and "spike" not in app.branches()
+    hook = app.add_hook("pre-freeze", "true", subdot="db")
+    assert [h.id for h in app.hooks()] == [hook]
+    app.remove_hook(hook)
+    assert app.hooks() == []
+    assert [(k.subdot, k.kind, k.kind_set) for k in app.subdot_kinds()] == [("db", "files",
+                                                                           False)]
+    app.set_kind("db", "sqlite")
+    assert app.subdot_kinds()[0].kind_set
+    assert repo.set_setting("snapshots.keep-days", 3) == 3 == repo.settings()[
+        "snapshots.keep-days"]
+    assert repo.set_setting("snapshots.keep-days", None) == repo.setting("snapshots.keep-days")
+    assert set(repo.setting_help()) == set(repo.settings())
+    checked = repo.fsck()
+    assert checked.ok and checked.report.commits >= 2 and checked.repaired == []
+    assert not repo.gc(dry_run=True).applied
+    assert [u.name for u in repo.du(["app"]).dots] == ["app"]
+    other = repo.init("other")
+    assert repo.current().name == "app" and repo.switch("other").name == "other"
+    with pytest.raises(UsageError):
+        other.delete(force=False)  # as dm dot delete without -f
+    other.delete()
+    assert [d.name for d in repo.dots()] == ["app"] and repo.current() is None
+    assert repo.remotes() == [] and repo.default_remote() is None and repo.mounts() == []

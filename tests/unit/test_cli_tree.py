@@ -50,8 +50,10 @@ def test_the_new_json_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert run(["--home", home, *args, "--json"]) == 0
         return json.loads(capsys.readouterr().out)
 
-    assert dm("init", "app") == {"dot": "app", "current": True}
-    assert dm("init", "other") == {"dot": "other", "current": False}
+    assert dm("init") == {"store": home, "made": True, "dot": None, "backend": None}
+    assert dm("init", "app") == {"dot": "app", "current": True, "store": home, "made": False}
+    assert dm("init", "other") == {"dot": "other", "current": False, "store": home,
+                                   "made": False}
     assert dm("switch", "app") == {"current": "app"}
     assert dm("path", "app.db")["path"].endswith("db")  # type: ignore[index]
     assert dm("subdot", "set-kind", "app.db", "files") == {"dot": "app", "subdot": "db",

@@ -87,10 +87,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm status
         """
-        from dotmesh.ops import dots as dot_ops
-
-        dot = c.home.require_current()
-        s = dot_ops.statuses(c.home, [dot])[0]
+        s = c.dot().status()
         if as_json:
             emit_json({"dot": s.name, "branch": s.branch,
                        "head": s.head.hex() if s.head else None,
@@ -179,8 +176,6 @@ def register(cli: click.Group) -> None:
         Example:  dm ls HEAD~2:users-db/base
                   dm ls          # the same as dm list
         """
-        from dotmesh.ops import browse
-
         if where is None:
             if recursive:
                 raise click.UsageError("dm ls -r needs REF[:SUBDOT[/PATH]] (dm ls -r HEAD:db)")
@@ -188,11 +183,9 @@ def register(cli: click.Group) -> None:
             assert list_cmd is not None
             cc.invoke(list_cmd, as_json=as_json)
             return
-        dot = c.home.require_current()
-        at = browse.locate(c.home, dot, where)
-        if at.subdot is None:
-            sizes = {name: browse.subdot_size(c.home, root)
-                     for name, root in sorted(c.home.commit(at.commit).subdots.items())}
+        found = c.dot().ls(where, recursive)
+        at, sizes = found.where, found.subdots
+        if sizes is not None:
             if as_json:
                 emit_json([{"subdot": n, "files": z.files, "bytes": z.bytes}
                            for n, z in sizes.items()])
@@ -200,7 +193,7 @@ def register(cli: click.Group) -> None:
             table([[safe(n), f"{z.files:,}", human_size(z.bytes)] for n, z in sizes.items()],
                   ["SUBDOT", "FILES", "SIZE"])
             return
-        entries = list(browse.listing(c.home, at, recursive))
+        entries = found.entries
         if as_json:
             emit_json([_entry_json(p, e) for p, e in entries])
             return
@@ -221,14 +214,10 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm cat HEAD^:uploads/logo.png > logo.png
         """
-        from dotmesh.ops import browse
-
-        if ":" not in where:
-            raise UsageError(f"name a file as REF:SUBDOT/PATH, not {where!r}")
-        entry = browse.file_entry(c.home, browse.locate(c.home, c.home.require_current(), where))
+        pieces = c.dot().cat(where)
         out = sys.stdout.buffer
         try:
-            for piece in browse.content(c.home, entry):
+            for piece in pieces:
                 out.write(piece)
             out.flush()
         except BrokenPipeError:  # `dm cat ... | head`: the reader has all it wanted
@@ -291,10 +280,8 @@ def register(cli: click.Group) -> None:
         \b
         Example:  mkdir /tmp/bug && dm mount bug-42 /tmp/bug && ls /tmp/bug/users-db
         """
-        from dotmesh.server import mount as mount_server
-
         if ref is None:
-            views = mount_server.mounted(c.home)
+            views = c.repo.mounts()
             if as_json:
                 emit_json([{"folder": m.folder, "dot": m.dot, "commit": m.commit.hex(),
                             "pid": m.pid, "serving": m.serving} for m in views])
@@ -307,7 +294,7 @@ def register(cli: click.Group) -> None:
             return
         if folder is None:
             raise UsageError("give the FOLDER to mount on: dm mount REF FOLDER")
-        m = mount_server.start(c.home, c.home.require_current(), ref, folder)
+        m = c.dot().mount(ref, folder)
         if as_json:
             emit_json({"folder": m.folder, "dot": m.dot, "commit": m.commit.hex(),
                        "pid": m.pid})
@@ -324,9 +311,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm umount /tmp/bug
         """
-        from dotmesh.server import mount as mount_server
-
-        m = mount_server.stop(c.home, folder)
+        m = c.repo.umount(folder)
         if as_json:
             emit_json({"folder": m.folder, "commit": m.commit.hex()})
         else:

@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from dotmesh.api import Dot
-    from dotmesh.store.repo import Repo
+    from dotmesh.api import Dot, Repo
+    from dotmesh.store.repo import Repo as Store
 
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
 class Ctx:
-    """The store named by --home or DM_HOME, opened on first use."""
+    """The store named by --home or DM_HOME, opened on first use through the Python API,
+    which the commands use: what a command does, a script can do the same way."""
 
     def __init__(self, home: Path | None) -> None:
         self._path = home  # None: the default, found on first use
-        self._home: Repo | None = None
+        self._repo: Repo | None = None
 
     @property
     def path(self) -> Path:
@@ -31,35 +32,36 @@ class Ctx:
         return self._path
 
     def close(self) -> None:
-        if self._home is not None:
-            self._home.close()
-            self._home = None
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
 
     @property
-    def home(self) -> Repo:
-        if self._home is None:
-            from dotmesh.store.repo import Repo  # the store's code, only for commands that use it
+    def repo(self) -> Repo:
+        if self._repo is None:
+            from dotmesh.api import Repo  # the store's code, only for commands that use it
 
-            if not _is_store(self.path) and not _makes_a_store():
+            if not is_store(self.path) and not _makes_a_store():
                 raise _no_store(self.path)
-            self._home = Repo(self.path)
-        return self._home
+            self._repo = Repo.open(self.path)
+        return self._repo
+
+    @property
+    def home(self) -> Store:
+        """The store itself, for the servers (dm serve, dm daemon) that run on it."""
+        return self.repo._store  # noqa: SLF001 - one package
 
     def dot(self, name: str | None = None) -> Dot:
-        """The dot ``name`` (default: the current one) through the Python API, which the
-        commands use: what a command does, a script can do the same way."""
-        from dotmesh.api import Dot, Repo
-
-        return Dot(Repo(self.home), self.home.require_current(name))
+        """The dot ``name`` (default: the current one)."""
+        return self.repo.current_or(name)
 
 
-# The commands that may make a store where there is none: they put something in it. Any
-# other command on a missing store (a mistyped --home or DM_HOME) says so and makes nothing.
-MAKERS = {("init",), ("clone",), ("remote", "add"), ("s3", "remote", "add"), ("serve",),
-          ("daemon",), ("pool", "create")}
+# The one command that makes a store where there is none. Any other command on a missing
+# store (a mistyped --home or DM_HOME) says so, names the store probably meant, makes nothing.
+MAKERS = {("init",)}
 
 
-def _is_store(path: Path) -> bool:
+def is_store(path: Path) -> bool:
     """A store, whole or not: one that lost its index is still one (dm fsck --repair)."""
     return any((path / name).exists() for name in ("meta.db", "packs", "dots"))
 
@@ -84,7 +86,7 @@ def _no_store(path: Path) -> Exception:
     except OSError:
         pass
     hint = f"did you mean {near[0]}? " if near else ""
-    return NotFound(f"no dotmesh store at {path} ({hint}dm init DOT makes one there)")
+    return NotFound(f"no dotmesh store at {path} ({hint}dm init makes one there)")
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

@@ -50,11 +50,11 @@ if TYPE_CHECKING:
     from dotmesh.capture.stop import Stopped
     from dotmesh.fs.pool import PoolInfo
     from dotmesh.ops import dots as dot_ops
-    from dotmesh.ops import fsck as fsck_ops
 
-# The ops modules (and what they import: the store, capture, the folder backends) are imported
-# inside each command, so a command loads only what it runs: start-up is most of a short
-# command's time. tests/unit/test_startup.py keeps it so.
+# Every command works through the Python API (dotmesh/api.py, reached as c.repo and c.dot()),
+# which imports the ops modules (and the store, capture, the folder backends) inside each call,
+# so a command loads only what it runs: start-up is most of a short command's time.
+# tests/unit/test_startup.py keeps it so; tests/unit/test_cli_thin.py keeps ops out of here.
 
 DEFAULT_SOCKET = Path("/run/docker/plugins/dm.sock")
 
@@ -89,25 +89,46 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("dot")
+@click.argument("dot", required=False)
 @click.option("--backend", type=click.Choice(["plain", "btrfs", "reflink"]), default=None,
               help="How the store keeps folders (only before its first dot). Default: btrfs "
                    "subvolumes (snapshots in milliseconds) where the store is on btrfs, "
                    "reflinked copies on XFS made with reflink=1, else plain folders.")
 @json_flag
 @pass_ctx
-def init(c: Ctx, dot: str, backend: str | None, as_json: bool) -> None:
-    """Create a dot (made current if there is none).
+def init(c: Ctx, dot: str | None, backend: str | None, as_json: bool) -> None:
+    """Create a dot (made current if there is none), in a store made first if there is none.
+
+    dm init is the one command that makes a store: the others, given a --home or DM_HOME
+    where there is none (a typo), say so and make nothing. With no DOT it makes only the
+    store (for dm serve, dm remote add, dm clone or dm pool create to use).
 
     \b
     Example:  dm init app
               dm init app --backend plain --json
+              dm init && dm remote add hub alice@hub.example.com && dm clone hub app
     """
-    from dotmesh.ops import dots as dot_ops
+    from dotmesh.cli.context import is_store
 
-    made_current = dot_ops.init(c.home, dot, backend)
+    existed = is_store(c.path)
+    repo = c.repo
+    if dot is None:
+        chosen = repo.choose_backend(backend) if backend else None
+        if as_json:
+            emit_json({"store": str(c.path.absolute()), "made": not existed, "dot": None,
+                       "backend": chosen})
+            return
+        click.echo(f"{'Made a' if not existed else 'A'} dotmesh store at {c.path.absolute()}"
+                   + (" (already there)" if existed else "")
+                   + (f", {chosen} backend" if chosen else "")
+                   + "; dm init DOT makes a dot in it")
+        return
+    made = repo.init(dot, backend)
+    current = repo.current()
+    made_current = current is not None and current.name == made.name
     if as_json:
-        emit_json({"dot": dot, "current": made_current})
+        emit_json({"dot": dot, "current": made_current, "store": str(c.path.absolute()),
+                   "made": not existed})
         return
     click.echo(f"Created dot {dot}" + (" (now the current dot)" if made_current else ""))
 
@@ -122,9 +143,7 @@ def switch(c: Ctx, dot: str, as_json: bool) -> None:
     \b
     Example:  dm switch app
     """
-    from dotmesh.ops import dots as dot_ops
-
-    dot_ops.switch(c.home, dot)
+    c.repo.switch(dot)
     if as_json:
         emit_json({"current": dot})
         return
@@ -148,9 +167,7 @@ def path(c: Ctx, name: str, owner: str | None, as_json: bool) -> None:
     Example:  redis-server --dir "$(dm path app.clicks-db)"
               initdb -D "$(dm path --owner postgres app.users-db)"   # as postgres
     """
-    from dotmesh.ops import dots as dot_ops
-
-    folder = dot_ops.path(c.home, name, owner)
+    folder = c.repo.path(name, owner)
     if as_json:
         emit_json({"name": name, "path": str(folder)})
         return
@@ -197,9 +214,7 @@ def list_(c: Ctx, remote: str | None, as_json: bool) -> None:
         from dotmesh.cli import remote_read
 
         return remote_read.list_dots(c, remote, as_json)
-    from dotmesh.ops import dots as dot_ops
-
-    statuses = dot_ops.statuses(c.home)
+    statuses = c.repo.statuses()
     if as_json:
         emit_json([_status_json(s) for s in statuses])
         return
@@ -231,9 +246,7 @@ def dot_show(c: Ctx, name: str | None, as_json: bool) -> None:
     \b
     Example:  dm dot show app
     """
-    from dotmesh.ops import dots as dot_ops
-
-    s = dot_ops.statuses(c.home, [c.home.require_current(name)])[0]
+    s = c.dot(name).status()
     if as_json:
         emit_json(_status_json(s))
         return
@@ -298,9 +311,7 @@ def dot_delete(c: Ctx, force: bool, stop_writers: bool, name: str, as_json: bool
     \b
     Example:  dm dot delete -f app
     """
-    from dotmesh.ops import dots as dot_ops
-
-    stopped = dot_ops.delete(c.home, name, force, stop_writers)
+    stopped = c.repo.dot(name).delete(stop_writers, force)
     if as_json:
         emit_json({"deleted": name, **_stopped_json(stopped)})
         return
@@ -325,21 +336,13 @@ def subdot_list(c: Ctx, dot_name: str | None, as_json: bool) -> None:
     \b
     Example:  dm subdot list app
     """
-    from dotmesh.ops import datadiff
-
-    name = c.home.require_current(dot_name)
-    rows: list[dict[str, Any]] = []
-    for sub in c.home.subdots(name):
-        folder = c.home.stable(name, sub)
-        kind = datadiff.kind_set(c.home, name, sub)
-        rows.append({"subdot": sub, "folder": str(folder),
-                     "kind": kind or (datadiff.kind_of(folder) if folder.is_dir() else "files"),
-                     "kind_set": kind is not None})
+    kinds = c.dot(dot_name).subdot_kinds()
     if as_json:
-        emit_json(rows)
+        emit_json([{"subdot": k.subdot, "folder": str(k.folder), "kind": k.kind,
+                    "kind_set": k.kind_set} for k in kinds])
         return
-    table([[r["subdot"], f"{r['kind']}{'' if r['kind_set'] else ' (detected)'}", r["folder"]]
-           for r in rows], ["SUBDOT", "KIND", "FOLDER"])
+    table([[k.subdot, f"{k.kind}{'' if k.kind_set else ' (detected)'}", str(k.folder)]
+           for k in kinds], ["SUBDOT", "KIND", "FOLDER"])
 
 
 @subdot.command("set-kind")
@@ -354,10 +357,8 @@ def subdot_set_kind(c: Ctx, volume: str, kind: str, as_json: bool) -> None:
     \b
     Example:  dm subdot set-kind app.uploads files   # SQLite files in it are only files
     """
-    from dotmesh.ops import datadiff
-
     vol = VolumeName.parse(volume)
-    datadiff.set_kind(c.home, vol.dot, vol.subdot, kind)
+    c.repo.dot(vol.dot).set_kind(vol.subdot, kind)
     if as_json:
         emit_json({"dot": vol.dot, "subdot": vol.subdot, "kind": kind})
         return
@@ -388,10 +389,8 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
     \b
     Example:  dm commit -m "two users, ten clicks" -d ticket=BUG-42
     """
-    from dotmesh.ops.commit import parse_metadata
-
     dot = c.dot()
-    meta = parse_metadata(list(metadata))
+    meta = _metadata(metadata)
     with progress_bar("Committing") as bar:
         r = dot.commit(message, meta, not no_freeze, freeze_timeout, author, bar)
     if as_json:
@@ -408,6 +407,17 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
         info(f"  froze {grouped_writers(r.commit.metadata['dm.writers'])} for "
              f"{r.commit.metadata['dm.freeze_ms']} ms, reading "
              f"{human_size(r.frozen_bytes_read)} meanwhile")
+
+
+def _metadata(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``-d KEY=VALUE`` options as a dict."""
+    out: dict[str, str] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"bad metadata {p!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
 
 
 def _commit_json(oid: bytes, cm: Any) -> dict[str, Any]:
@@ -471,9 +481,8 @@ def branch(c: Ctx, remote_dot: str | None, remote: str | None, as_json: bool) ->
         return remote_read.branches(c, remote, remote_dot, as_json)
     if remote_dot is not None:
         raise UsageError("dm branch takes NAMESPACE/DOT only with --remote HUB")
-    dot_name = c.home.require_current()
-    current = c.home.branch(dot_name)
-    branches = c.home.branches(dot_name)
+    dot = c.dot()
+    current, branches = dot.branch, dot.branches()
     if as_json:
         emit_json([{"name": b, "current": b == current, "head": h.hex() if h else None}
                    for b, h in branches.items()])
@@ -521,7 +530,7 @@ def checkout(c: Ctx, create: bool, stop_writers: bool, branch_name: str,
         dot = c.dot()
         r = dot.checkout(branch_name, create, start, stop_writers, bar)
     if as_json:
-        head = c.home.head(dot.name, branch_name)
+        head = dot.branches().get(branch_name)
         emit_json({"dot": dot.name, "branch": branch_name, "created": create, "moved": r.moved,
                    "head": head.hex() if head else None, **_stopped_json(r.stopped)})
         return
@@ -552,15 +561,16 @@ def reset(c: Ctx, hard: bool, ref: str, stop_writers: bool, as_json: bool) -> No
               dm reset bug-42
     """
     del hard  # every reset is hard
+    dot = c.dot()
     with progress_bar("Resetting") as bar:
-        r = c.dot().reset(ref, stop_writers, bar)
+        r = dot.reset(ref, stop_writers, bar)
     if as_json:
         emit_json({"old": r.old.hex() if r.old else None, "new": r.new.hex(),
                    "saved": r.saved.hex() if r.saved else None, "kept_as": r.kept_as,
                    **_stopped_json(r.stopped)})
         return
     _report_stopped(r.stopped)
-    click.echo(f"HEAD is now at {r.new.hex()[:12]} {first_line(c.home.commit(r.new).message)}")
+    click.echo(f"HEAD is now at {r.new.hex()[:12]} {first_line(dot.commit_of(r.new).message)}")
     if r.saved:
         click.echo(f"The discarded working state is saved as {r.saved.hex()[:12]} "
                    f"(dm reflog; dm reset --hard {r.saved.hex()[:12]} brings it back)")
@@ -579,10 +589,7 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
     \b
     Example:  dm reflog -n 10
     """
-    from dotmesh.ops import history
-
-    dot_name = c.home.require_current()
-    entries = history.reflog(c.home, dot_name, max_count)
+    entries = c.dot().reflog(max_count)
 
     def hx(x: bytes | None) -> str | None:
         return x.hex() if x else None
@@ -680,15 +687,13 @@ def hook_add(c: Ctx, stage: str, command: str, subdot: str | None, timeout: floa
     \b
     Example:  dm hook add pre-freeze --subdot users-db 'psql -h /tmp -c CHECKPOINT'
     """
-    from dotmesh.ops import hooks as hook_ops
-
-    dot_name = c.home.require_current()
-    hook_id = hook_ops.add_hook(c.home, dot_name, stage, command, subdot, timeout)
+    dot = c.dot()
+    hook_id = dot.add_hook(stage, command, subdot, timeout)
     if as_json:
-        emit_json({"id": hook_id, "dot": dot_name, "stage": stage, "subdot": subdot,
+        emit_json({"id": hook_id, "dot": dot.name, "stage": stage, "subdot": subdot,
                    "command": command, "timeout": timeout})
         return
-    click.echo(f"Added hook #{hook_id} ({stage}) to {dot_name}")
+    click.echo(f"Added hook #{hook_id} ({stage}) to {dot.name}")
 
 
 @hook.command("list")
@@ -700,9 +705,7 @@ def hook_list(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm hook list --json
     """
-    from dotmesh.ops import hooks as hook_ops
-
-    hooks = hook_ops.hooks(c.home, c.home.require_current())
+    hooks = c.dot().hooks()
     if as_json:
         emit_json([{"id": h.id, "stage": h.stage, "subdot": h.subdot, "command": h.command,
                     "timeout": h.timeout} for h in hooks])
@@ -723,9 +726,7 @@ def hook_rm(c: Ctx, hook_id: int, as_json: bool) -> None:
     \b
     Example:  dm hook rm 2
     """
-    from dotmesh.ops import hooks as hook_ops
-
-    hook_ops.remove_hook(c.home, c.home.require_current(), hook_id)
+    c.dot().remove_hook(hook_id)
     if as_json:
         emit_json({"removed": hook_id})
         return
@@ -819,31 +820,20 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
     \b
     Example:  dm fsck --repair
     """
-    import sqlite3
-
-    from dotmesh.ops import fsck as fsck_ops
+    from dotmesh.api import Repo
 
     rebuilt: list[str] = []
     try:
-        try:
-            r = _fsck(c, repair)
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as e:  # a damaged page met while reading the rows
-            raise DamagedIndex(f"the store's index is damaged ({e}): run dm fsck "
-                               "--repair") from None
-    except DamagedIndex:
+        repo = c.repo
+    except DamagedIndex:  # so damaged that the store does not open
         if not repair:
             raise
-        c.close()
-        rebuilt = fsck_ops.rebuild(c.path.absolute())
-        r = _fsck(c, True)
-    if repair:
-        found, repaired = r.problems, [*rebuilt, *r.repaired]
-        r = _fsck(c, False)  # what is left
-        remaining = r.problems
-    else:
-        found, repaired, remaining = r.problems, [], r.problems
+        rebuilt = Repo.rebuild_index(c.path)
+        repo = c.repo
+    with progress_bar("Verifying", repo.object_count(), "objects") as bar:
+        result = repo.fsck(repair, bar)
+    r, found, repaired = result.report, result.found, [*rebuilt, *result.repaired]
+    remaining = r.problems
     if as_json:
         emit_json({"ok": r.ok, "objects": r.objects, "commits": r.commits, "trees": r.trees,
                    "problems": found, "repaired": repaired, "remaining": remaining})
@@ -859,13 +849,6 @@ def fsck(c: Ctx, repair: bool, as_json: bool) -> None:
                       + ("" if repair else ": dm fsck --repair drops what cannot be trusted"))
 
 
-def _fsck(c: Ctx, repair: bool) -> fsck_ops.FsckReport:
-    from dotmesh.ops import fsck as fsck_ops
-
-    with progress_bar("Verifying", c.home.packs.count(), "objects") as bar:
-        return fsck_ops.fsck(c.home, bar, repair)
-
-
 @cli.command()
 @json_flag
 @pass_ctx
@@ -875,9 +858,9 @@ def version(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm version --json
     """
-    from dotmesh.ops import dots as dot_ops
+    from dotmesh.api import Repo
 
-    backend = dot_ops.store_backend(c.path)
+    backend = Repo.backend_at(c.path)
     if as_json:
         emit_json({"version": __version__, "format": FORMAT_VERSION, "backend": backend})
     else:
@@ -897,23 +880,18 @@ def config_(c: Ctx, key: str | None, value: str | None, unset: bool, as_json: bo
     Example:  dm config snapshots.keep-commits 5
               dm config snapshots.keep-days
     """
-    from dotmesh.ops import settings as settings_ops
-
     if key is None:
-        values = settings_ops.all_values(c.home)
+        values, meaning = c.repo.settings(), c.repo.setting_help()
         if as_json:
             emit_json(values)
             return
         for k, v in values.items():
-            click.echo(f"{k} = {v}    # {settings_ops.SETTINGS[k].help}")
+            click.echo(f"{k} = {v}    # {meaning[k]}")
         return
-    if unset:
-        if value is not None:
-            raise UsageError("--unset takes no VALUE")
-        settings_ops.unset(c.home, key)
-    elif value is not None:
-        settings_ops.set_value(c.home, key, value)
-    now = settings_ops.get(c.home, key)
+    if unset and value is not None:
+        raise UsageError("--unset takes no VALUE")
+    now = (c.repo.set_setting(key, None) if unset else
+           c.repo.set_setting(key, value) if value is not None else c.repo.setting(key))
     if as_json:
         emit_json({key: now})
     else:
@@ -951,9 +929,8 @@ def pool_create(c: Ctx, size: str, as_json: bool) -> None:
     Example:  sudo dm pool create --size 20G
     """
     from dotmesh.fs.pool import parse_size
-    from dotmesh.ops import pool as pool_ops
 
-    _pool_out(pool_ops.create(c.home, parse_size(size)), as_json)
+    _pool_out(c.repo.create_pool(parse_size(size)), as_json)
 
 
 @pool.command("show")
@@ -965,9 +942,7 @@ def pool_show(c: Ctx, as_json: bool) -> None:
     \b
     Example:  dm pool show --json
     """
-    from dotmesh.ops import pool as pool_ops
-
-    _pool_out(pool_ops.show(c.home), as_json)
+    _pool_out(c.repo.pool(), as_json)
 
 
 @pool.command("grow")
@@ -981,9 +956,8 @@ def pool_grow(c: Ctx, size: str, as_json: bool) -> None:
     Example:  sudo dm pool grow --size 40G
     """
     from dotmesh.fs.pool import parse_size
-    from dotmesh.ops import pool as pool_ops
 
-    _pool_out(pool_ops.grow(c.home, parse_size(size)), as_json)
+    _pool_out(c.repo.grow_pool(parse_size(size)), as_json)
 
 
 cli_remote.register(cli)

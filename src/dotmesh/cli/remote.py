@@ -12,13 +12,12 @@ import click
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import emit_json, human_size, progress_bar, safe
 from dotmesh.errors import Conflict, UsageError
-from dotmesh.model.names import check_name
 
 if TYPE_CHECKING:
     from dotmesh.ops import sync
 
-# The commands import dotmesh.ops.remotes and .sync (transports, the wire format, httpx) when
-# they run: the other commands do not pay for them.
+# The commands reach the network code (transports, the wire format, httpx) through the Python
+# API, which imports it when a command runs: the other commands do not pay for it.
 
 
 def _secret(path: Path | None, env: str, what: str, how: str) -> str:
@@ -65,11 +64,9 @@ def register(cli: click.Group) -> None:
         """
         if ctx.invoked_subcommand is not None:
             return
-        from dotmesh.ops import remotes
-
-        home = ctx.find_object(Ctx).home  # type: ignore[union-attr]
-        default = remotes.default(home)
-        found = remotes.all_remotes(home)
+        repo = ctx.find_object(Ctx).repo  # type: ignore[union-attr]
+        default = repo.default_remote()
+        found = repo.remotes()
         if as_json:
             emit_json([{"name": r.name, "kind": r.kind, "url": r.url, "user": r.user,
                         "bucket": r.options.get("bucket"), "default": r.name == default}
@@ -98,12 +95,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  DM_API_KEY=dmk_... dm remote add hub alice@127.0.0.1:8080 --http
         """
-        from dotmesh.ops import remotes
-
-        check_name(name, "remote name")
-        remotes.parse_hub(address, plain)  # a bad address fails before the key is asked for
-        r, who = remotes.add_hub(c.home, name, address, _api_key(api_key_file), plain,
-                                 ca_cert)
+        r, who = c.repo.add_hub(name, address, lambda: _api_key(api_key_file), plain, ca_cert)
         if as_json:
             emit_json({"name": r.name, "kind": r.kind, "url": r.url, "user": who})
             return
@@ -119,9 +111,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm remote rm hub
         """
-        from dotmesh.ops import remotes
-
-        remotes.remove(c.home, name)
+        c.repo.remove_remote(name)
         if as_json:
             emit_json({"removed": name})
             return
@@ -137,9 +127,7 @@ def register(cli: click.Group) -> None:
         \b
         Example:  dm remote switch hub
         """
-        from dotmesh.ops import remotes
-
-        remotes.switch(c.home, name)
+        c.repo.switch_remote(name)
         if as_json:
             emit_json({"default": name})
             return
@@ -171,15 +159,9 @@ def register(cli: click.Group) -> None:
         \b
         Example:  DM_S3_SECRET_KEY=... dm s3 remote add backup AKIA...@http://127.0.0.1:8333/dots
         """
-        from dotmesh.ops import remotes
-
-        check_name(name, "remote name")
-        secret = None
-        if ":" not in spec.rpartition("@")[0]:
-            remotes.parse_s3(spec, "checked")  # a bad spec fails before the secret is asked
-            secret = _secret(secret_key_file, "DM_S3_SECRET_KEY", "S3 secret key",
-                             "--secret-key-file FILE or set DM_S3_SECRET_KEY")
-        r = remotes.add_s3(c.home, name, spec, secret)
+        r = c.repo.add_s3(name, spec, lambda: _secret(
+            secret_key_file, "DM_S3_SECRET_KEY", "S3 secret key",
+            "--secret-key-file FILE or set DM_S3_SECRET_KEY"))
         if as_json:
             emit_json({"name": r.name, "kind": r.kind, "url": r.url,
                        "bucket": r.options.get("bucket")})
@@ -296,10 +278,8 @@ def register(cli: click.Group) -> None:
                   dm clone hub app          # your own app on hub
         """
         del stash  # a new dot has nothing of its own to diverge
-        from dotmesh.api import Repo
-
         with progress_bar("Cloning") as bar:
-            res = Repo(c.home).clone(remote_name, remote_dot, branch, local_name, bar,
+            res = c.repo.clone(remote_name, remote_dot, branch, local_name, bar,
                                      same_owner)
         _report(res, as_json, "fetched")
 

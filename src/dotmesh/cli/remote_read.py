@@ -8,41 +8,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dotmesh.cli.render import commit_header, emit_json, first_line, human_size, iso, safe, table
-from dotmesh.errors import UsageError
 
 if TYPE_CHECKING:
     from dotmesh.cli.context import Ctx
     from dotmesh.model.ids import ObjectId
     from dotmesh.model.objects import Commit
-    from dotmesh.remote.transport import HubTransport
-
-LOG_PAGE = 200
-
-
-def _hub(c: Ctx, remote: str, given: str | None, need_dot: bool = True) -> HubTransport:
-    """The hub ``remote``, at dot ``given`` (NAMESPACE/DOT), else the one the current dot
-    goes to there."""
-    from dotmesh.ops import remotes  # noqa: PLC0415
-    from dotmesh.remote.transport import HubTransport  # noqa: PLC0415
-
-    r = remotes.get(c.home, remote)
-    if r.kind != remotes.HUB:
-        raise UsageError(f"--remote reads a hub, and {remote} is an S3 bucket: clone from it "
-                         "instead (dm clone)")
-    rdot = ""
-    if given:
-        rdot = remotes.check_remote_dot(r, given)
-    elif need_dot:
-        rdot = remotes.remote_dot_for(c.home, r, c.home.require_current(), None)
-    return HubTransport(r.url, r.user, r.secret, rdot, r.verify())
 
 
 def list_dots(c: Ctx, remote: str, as_json: bool) -> None:
-    t = _hub(c, remote, None, need_dot=False)
-    try:
-        found = t.list_dots()
-    finally:
-        t.close()
+    found = c.repo.remote_dots(remote)
     if as_json:
         emit_json([d.to_json() for d in found])
         return
@@ -71,18 +45,7 @@ def log(c: Ctx, remote: str, spec: str | None, max_count: int | None, oneline: b
         as_json: bool) -> None:
     """``spec``: NAMESPACE/DOT, NAMESPACE/DOT@REF or @REF (the current dot's)."""
     given, _, ref = (spec or "").partition("@")
-    t = _hub(c, remote, given or None)
-    entries: list[tuple[ObjectId, Commit]] = []
-    after: ObjectId | None = None
-    try:
-        while max_count is None or len(entries) < max_count:
-            want = LOG_PAGE if max_count is None else min(LOG_PAGE, max_count - len(entries))
-            page, after = t.log(ref or None, want, after)
-            entries.extend(page)
-            if after is None:
-                break
-    finally:
-        t.close()
+    entries = c.repo.remote_log(remote, given or None, ref or None, max_count).commits
     if as_json:
         emit_json([_commit_json(oid, cm) for oid, cm in entries])
         return
@@ -96,15 +59,11 @@ def log(c: Ctx, remote: str, spec: str | None, max_count: int | None, oneline: b
 
 
 def branches(c: Ctx, remote: str, given: str | None, as_json: bool) -> None:
-    t = _hub(c, remote, given)
-    try:
-        heads = t.heads()
-    finally:
-        t.close()
+    remote_dot, heads = c.repo.remote_branches(remote, given)
     if as_json:
         emit_json([{"name": b, "head": h.hex()} for b, h in sorted(heads.items())])
         return
     if not heads:
-        click.echo(f"{t.remote_dot} has no branches on {remote}")
+        click.echo(f"{remote_dot} has no branches on {remote}")
     for b, h in sorted(heads.items()):
         click.echo(f"  {b} {h.hex()[:12]}")

@@ -17,6 +17,7 @@ from dotmesh.cli.render import emit_json, human_size, progress_bar, table
 from dotmesh.errors import UsageError
 
 if TYPE_CHECKING:  # the ops are imported by the commands that run them (start-up time)
+    from dotmesh.ops import du as du_ops
     from dotmesh.ops import gc as gc_ops
 
 # Shown by --help, which loads no store code; tests/unit/test_gc.py pins them to ops/gc.py's.
@@ -25,26 +26,22 @@ REFLOG_EXPIRE_DAYS = ("gc.reflog-expire-days", 30)
 
 
 def _plan_json(r: gc_ops.GcResult) -> dict[str, Any]:
-    from dotmesh.ops import gc as gc_ops
-
     p = r.plan
     return {"dry_run": not r.applied,
             "objects": {"indexed": p.objects, "live": p.live, "unreachable": p.dead},
-            "packs": {"total": len(p.packs), "deleted": p.count(gc_ops.DELETE),
-                      "repacked": p.count(gc_ops.REPACK), "cut": p.count(gc_ops.CUT),
-                      "orphans": p.orphans, "busy": p.count(gc_ops.BUSY)},
+            "packs": {"total": len(p.packs), "deleted": p.count("delete"),
+                      "repacked": p.count("repack"), "cut": p.count("cut"),
+                      "orphans": p.orphans, "busy": p.count("busy")},
             "bytes": {"before": p.before, "after": r.stored_after,
                       "freed": p.before - r.stored_after, "copied": p.copied}}
 
 
 def _describe(p: gc_ops.Plan) -> str:
-    from dotmesh.ops import gc as gc_ops
-
     parts = [f"{p.dead} of {p.objects} objects unreachable"]
-    for n, what in ((p.count(gc_ops.DELETE), "packs to delete"),
-                    (p.count(gc_ops.REPACK), "to repack"), (p.count(gc_ops.CUT), "to cut"),
+    for n, what in ((p.count("delete"), "packs to delete"),
+                    (p.count("repack"), "to repack"), (p.count("cut"), "to cut"),
                     (p.orphans, "of them left by killed commands"),
-                    (p.count(gc_ops.BUSY), "busy (being written)")):
+                    (p.count("busy"), "busy (being written)")):
         if n:
             parts.append(f"{n} {what}")
     return "; ".join(parts)
@@ -70,8 +67,6 @@ def gc(c: Ctx, dry_run: bool, repack_below: int, as_json: bool) -> None:
     Example:  dm gc --dry-run
               dm dot delete -f old-app && dm gc
     """
-    from dotmesh.ops import gc as gc_ops
-
     said: list[str] = []
 
     def planned(p: gc_ops.Plan) -> None:
@@ -83,7 +78,7 @@ def gc(c: Ctx, dry_run: bool, repack_below: int, as_json: bool) -> None:
         click.echo(said[-1])
 
     with progress_bar("Marking") as marking, progress_bar("Sweeping") as sweeping:
-        r = gc_ops.gc(c.home, dry_run, repack_below, marking, sweeping, planned)
+        r = c.repo.gc(dry_run, repack_below, marking, sweeping, planned)
     if as_json:
         emit_json(_plan_json(r))
     elif r.applied:
@@ -108,9 +103,7 @@ def reflog_expire(c: Ctx, days: int | None, dry_run: bool, as_json: bool) -> Non
               dm config gc.reflog-expire-days 90
               dm reflog expire --days 0 && dm gc   # everything no branch holds
     """
-    from dotmesh.ops import gc as gc_ops
-
-    n = gc_ops.expire_reflog(c.home, days, dry_run)
+    n = c.repo.expire_reflog(days, dry_run)
     if as_json:
         emit_json({"expired": n, "dry_run": dry_run})
     else:
@@ -131,22 +124,8 @@ def du(c: Ctx, dots: tuple[str, ...], no_gc: bool, as_json: bool) -> None:
     Example:  dm du
               dm du app --json
     """
-    from dotmesh.errors import Corrupt
-    from dotmesh.ops import du as du_ops
-    from dotmesh.ops import gc as gc_ops
-
-    for d in dots:
-        c.home.require_dot(d)
-
-    def reclaimable() -> int:
-        try:
-            p = gc_ops.plan(c.home)[0]
-        except Corrupt:
-            return -1  # a damaged store: dm fsck first
-        return max(0, p.before - p.after)
-
-    with c.home.store_lock("du", exclusive=False), progress_bar("Reading", unit="objects") as bar:
-        r = du_ops.du(c.home, dots or None, bar, None if no_gc else reclaimable)
+    with progress_bar("Reading", unit="objects") as bar:
+        r = c.repo.du(list(dots), bar, not no_gc)
     if as_json:
         def one(u: du_ops.Usage) -> dict[str, Any]:
             return {"name": u.name, "logical": u.logical, "stored": u.stored,
@@ -207,10 +186,7 @@ def _branch_command(listing: click.Command) -> click.Command:
         if name is None:
             click.get_current_context().invoke(listing, **kwargs)
             return
-        dot = c.home.require_current()
-        from dotmesh.ops import gc as gc_ops
-
-        head = gc_ops.delete_branch(c.home, dot, name, force=force_delete is not None)
+        head = c.dot().delete_branch(name, force=force_delete is not None)
         if kwargs.get("as_json"):
             emit_json({"deleted": name, "head": head.hex() if head else None})
             return

@@ -131,6 +131,34 @@ def subdot_size(home: Repo, root: Root) -> SubdotSize:
     return SubdotSize(files, size)
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What ``dm ls REF[:SUBDOT[/PATH]]`` shows: a commit's subdots with their sizes (REF
+    alone), or the entries at a path in one, as (path, entry)."""
+
+    where: Where
+    subdots: dict[str, SubdotSize] | None
+    entries: list[tuple[str, Entry]]
+
+
+def ls(home: Repo, dot: str, spec: str | None, recursive: bool = False) -> Listing:
+    """List what ``spec`` names in ``dot`` without checking anything out."""
+    at = locate(home, dot, spec)
+    if at.subdot is None:
+        subdots = home.commit(at.commit).subdots
+        return Listing(at, {name: subdot_size(home, root)
+                            for name, root in sorted(subdots.items())}, [])
+    return Listing(at, None, list(listing(home, at, recursive)))
+
+
+def cat(home: Repo, dot: str, spec: str) -> Iterator[bytes | memoryview]:
+    """``dm cat REF:SUBDOT/PATH``: the file's bytes, checked as they stream (UsageError for a
+    name without a colon, a folder or a symlink)."""
+    if ":" not in spec:
+        raise UsageError(f"name a file as REF:SUBDOT/PATH, not {spec!r}")
+    return content(home, file_entry(home, locate(home, dot, spec)))
+
+
 def show(home: Repo, dot: str, ref: str | None) -> Shown:
     """The commit ``ref`` names (default HEAD), with sizes and its change to its parent."""
     oid = home.resolve(dot, ref or "HEAD")

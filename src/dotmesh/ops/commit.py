@@ -65,16 +65,6 @@ def default_author() -> str:
         return "unknown"
 
 
-def parse_metadata(pairs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"bad metadata {p!r}: expected KEY=VALUE")
-        out[key.strip()] = value
-    return out
-
-
 def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None = None,
            author: str | None = None, progress: Progress | None = None, freeze: bool = True,
            freeze_timeout: float = 5.0) -> CommitResult:

@@ -128,6 +128,29 @@ def kind_set(home: Repo, dot: str, subdot: str) -> str | None:
     return kind if kind in KINDS else None
 
 
+@dataclass(frozen=True)
+class SubdotKind:
+    """What ``dm diff --data`` reads a subdot as: the kind set for it, else the one detected
+    in its folder (``kind_set`` False)."""
+
+    subdot: str
+    folder: Path
+    kind: str
+    kind_set: bool
+
+
+def subdot_kinds(home: Repo, dot: str) -> list[SubdotKind]:
+    """``dm subdot list``: each subdot of ``dot`` with its folder and kind."""
+    home.require_dot(dot)
+    out = []
+    for sub in home.subdots(dot):
+        folder = home.stable(dot, sub)
+        kind = kind_set(home, dot, sub)
+        detected = kind_of(folder) if folder.is_dir() else "files"
+        out.append(SubdotKind(sub, folder, kind or detected, kind is not None))
+    return out
+
+
 def kind_of(folder: Path) -> str:
     """What a subdot folder holds: PostgreSQL (PG_VERSION), Redis (an AOF or dump.rdb),
     SQLite (a file with its header), or plain files."""

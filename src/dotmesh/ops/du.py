@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dotmesh.errors import DotmeshError
+from dotmesh.errors import Corrupt, DotmeshError
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, FILE, Commit, Tree, chunk_ids
@@ -242,3 +242,24 @@ def _or(bits: Iterable[int]) -> int:
     for b in bits:
         out |= b
     return out
+
+
+def usage(home: Repo, only: Iterable[str] | None = None, progress: Progress | None = None,
+          with_gc: bool = True) -> DuReport:
+    """``dm du``: :func:`du` under the store lock held shared (no gc moves packs meanwhile);
+    ``with_gc``: also what dm gc would free (-1 if the store is damaged: dm fsck first)."""
+    from dotmesh.ops import gc as gc_ops  # noqa: PLC0415 - gc's planner, only when asked
+
+    names = list(only or ())
+    for d in names:
+        home.require_dot(d)
+
+    def reclaimable() -> int:
+        try:
+            p = gc_ops.plan(home)[0]
+        except Corrupt:
+            return -1
+        return max(0, p.before - p.after)
+
+    with home.store_lock("du", exclusive=False):
+        return du(home, names or None, progress, reclaimable if with_gc else None)

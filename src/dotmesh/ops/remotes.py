@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,13 +91,16 @@ def _save(home: Repo, r: Remote) -> None:
         config.set_setting_once(c, DEFAULT_REMOTE, r.name)
 
 
-def add_hub(home: Repo, name: str, spec: str, key: str, http: bool = False,
-            ca_cert: Path | None = None) -> tuple[Remote, str]:
-    """Add a hub remote after checking the key with it; returns it and the user it names."""
+def add_hub(home: Repo, name: str, spec: str, key: str | Callable[[], str],
+            http: bool = False, ca_cert: Path | None = None) -> tuple[Remote, str]:
+    """Add a hub remote after checking the key with it; returns it and the user it names.
+    ``key`` may be a function that asks for it: called once the name and address are good."""
     check_name(name, "remote name")
+    user, url = parse_hub(spec, http)
+    if callable(key):
+        key = key()
     if not key.strip():
         raise UsageError("the API key is empty")
-    user, url = parse_hub(spec, http)
     options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
     r = Remote(name, HUB, url, user, key.strip(), options)
     t = HubTransport(r.url, r.user, r.secret, "", r.verify())
@@ -108,8 +112,16 @@ def add_hub(home: Repo, name: str, spec: str, key: str, http: bool = False,
     return r, who
 
 
-def add_s3(home: Repo, name: str, spec: str, secret: str | None = None) -> Remote:
+def add_s3(home: Repo, name: str, spec: str,
+           secret: str | Callable[[], str] | None = None) -> Remote:
+    """Add a bucket after listing it with the keys. ``secret`` may be a function that asks
+    for it: called only if ``spec`` is good and holds no secret of its own."""
     check_name(name, "remote name")
+    if callable(secret):
+        inline = ":" in spec.rpartition("@")[0]
+        if not inline:
+            parse_s3(spec, "checked")  # a bad spec fails before the secret is asked for
+        secret = None if inline else secret()
     access, secret, endpoint, bucket = parse_s3(spec, secret)
     r = Remote(name, S3, endpoint, access, secret, {"bucket": bucket})
     blobs(r).list("dots/")  # the bucket is there and the keys work
