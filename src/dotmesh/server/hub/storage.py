@@ -336,6 +336,18 @@ class HubStore:
             for table in PER_DOT:
                 c.execute(table.delete().where(table.c.dot_id.in_(batch)))
 
+    def check_key_id(self, name: str, kid: str) -> None:
+        """Unauthorized unless ``name`` still holds the key whose id is ``kid`` and the
+        account is enabled: a web session signed in with that key lives as long as it."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(api_keys.c.username, disabled.c.name).outerjoin(
+                disabled, disabled.c.name == api_keys.c.username).where(
+                api_keys.c.digest.startswith(check_key_id(kid)),
+                api_keys.c.username == name)).all()
+        if len(rows) != 1 or rows[0][1] is not None:
+            raise Unauthorized("your session's API key was revoked, or the account is "
+                               "disabled: sign in again")
+
     def list_keys(self, name: str) -> list[tuple[str, int]]:
         """(id, created_ns) of each of ``name``'s API keys, oldest first."""
         check_name(name, "user name")
