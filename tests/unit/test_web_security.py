@@ -6,6 +6,7 @@ revoked key ending its session, and text from commits escaped in the HTML."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,13 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, str]:
     with dotmesh.Repo.open(home) as repo:
         app = repo.init("app")
         (app.path() / "f").write_text(HOSTILE)
+        db = sqlite3.connect(app.path("db") / "app.sqlite")
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.commit()
+        app.commit("empty users", freeze=False, author="dev")
+        db.execute("INSERT INTO users VALUES (1, 'ann'), (2, 'ben')")
+        db.commit()
+        db.close()
         app.commit(f"the state {HOSTILE}", freeze=False, author="dev")
     return TestClient(create_ui(home), base_url="http://127.0.0.1:8780"), "t0ken"
 
@@ -236,3 +244,15 @@ def test_dm_ui_needs_its_link_and_csrf(ui) -> None:
     assert r.status_code == 200 and "Committed" in r.text
     evil = TestClient(c.app, base_url="http://evil.example")
     assert evil.get("/").status_code == 400  # another name for 127.0.0.1 (DNS rebinding)
+
+
+def test_dm_ui_commit_page_tells_sizes_files_and_rows(ui) -> None:
+    c, token = ui
+    c.get(f"/open?token={token}")
+    html = c.get("/dots/app").text
+    cid = re.findall(r'href="/dots/app/commits/([0-9a-f]{64})">the state', html)[0]
+    page = c.get(f"/dots/app/commits/{cid}").text
+    assert "app.sqlite" in page and "Compute the row and key summary" in page
+    assert "KiB" in page  # humanised sizes
+    rows = c.get(f"/dots/app/commits/{cid}?data=1").text
+    assert re.search(r"<td>users</td><td class=\"num\">2</td>", rows), rows
