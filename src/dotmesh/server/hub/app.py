@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.ids import ID_LEN, ObjectId
@@ -326,7 +326,7 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
         route(base + "/collaborators", "GET", collaborators, anonymous=True),
         route(base + "/collaborators/{user}", "PUT", collaborator),
         route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
-        *hub_routes(store, secret or secrets.token_bytes(32)),
+        Mount("/", routes=hub_routes(store, secret or secrets.token_bytes(32))),  # web pages
     ])
 
 
