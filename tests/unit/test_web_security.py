@@ -256,3 +256,4 @@ def test_dm_ui_commit_page_tells_sizes_files_and_rows(ui) -> None:
     assert "KiB" in page  # humanised sizes
     rows = c.get(f"/dots/app/commits/{cid}?data=1").text
     assert re.search(r"<td>users</td><td class=\"num\">2</td>", rows), rows
+    assert "&#39;name&#39;: &#39;ben&#39;" in rows  # the first rows added, escaped
