@@ -31,6 +31,8 @@ def register(cli: click.Group) -> None:
 
         from dotmesh.server.web.local import create_app  # noqa: PLC0415
 
+        c.home  # noqa: B018 - a mistyped --home or DM_HOME is refused here, not served empty
+        c.close()  # each request opens the store for itself
         token = secrets.token_urlsafe(24)
         app = create_app(c.path, token)
         url = f"http://127.0.0.1:{port}/open?token={token}"
