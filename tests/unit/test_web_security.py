@@ -257,3 +257,11 @@ def test_dm_ui_commit_page_tells_sizes_files_and_rows(ui) -> None:
     rows = c.get(f"/dots/app/commits/{cid}?data=1").text
     assert re.search(r"<td>users</td><td class=\"num\">2</td>", rows), rows
     assert "&#39;name&#39;: &#39;ben&#39;" in rows  # the first rows added, escaped
+
+
+def test_a_form_past_the_size_limit_is_refused_unread(hub) -> None:
+    store, keys, cid = hub
+    ann = signed_in(store, "ann", keys["ann"])
+    token = csrf_of(ann.get("/keys").text)
+    r = ann.post("/dots/ann/app/collaborators", data={"csrf": token, "user": "x" * 100_000})
+    assert r.status_code == 413

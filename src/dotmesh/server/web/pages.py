@@ -4,6 +4,7 @@ their class's HTTP status), and the filters that make times and sizes readable."
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ _env.globals.update(ago=ago)
 _env.filters.update(size=size)
 
 
+@functools.cache
 def stylesheet() -> str:
     return resources.files(web).joinpath("static/style.css").read_text()
 
@@ -126,7 +128,6 @@ class Site:
     secret: bytes
     who: Who
     sign_in: bool  # a hub: pages need a signed-in user; dm ui: a session from its link
-    nav: tuple[tuple[str, str], ...] = ()
 
 
 def routes(site: Site, table: list[tuple[str, str, Handler]]) -> list[Route]:
@@ -152,7 +153,7 @@ def _endpoint(site: Site, method: str, fn: Handler) -> Callable[[Request], Any]:
         try:
             if method == "POST":
                 declared = request.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > FORM_BYTES:
+                if not declared.isdigit() or int(declared) > FORM_BYTES:  # browsers say
                     return _finish(site, request, v.page("error.html", 413, title="Too large",
                                    message="That form was too large."), s, fresh)
                 async with request.form(max_files=0, max_fields=50) as data:
