@@ -110,8 +110,8 @@ def main() -> None:
             driver.get(url)
             if not height:
                 full = int(driver.execute_script(
-                    "return document.documentElement.scrollHeight"))
-                metrics["height"] = min(max(full, 500), 1800)
+                    "return document.querySelector('footer').getBoundingClientRect().bottom"))
+                metrics["height"] = min(max(full + 8, 400), 1800)
                 driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
             driver.save_screenshot(str(OUT / f"{name}.png"))
             print(f"wrote docs/screenshots/{name}.png")
