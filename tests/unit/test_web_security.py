@@ -180,6 +180,11 @@ def test_the_session_cookie_flags(hub) -> None:
     token = csrf_of(bad.get("/signin").text)
     r = bad.post("/signin", data={"user": "ann", "api_key": keys["eve"], "csrf": token})
     assert r.status_code == 401 and "do not match" in r.text
+    away = client(store)
+    token = csrf_of(away.get("/signin").text)
+    r = away.post("/signin", data={"user": "ann", "api_key": keys["ann"], "csrf": token,
+                                   "next": "//evil.example/x"}, follow_redirects=False)
+    assert r.headers["location"] == "/"  # no open redirect after signing in
     forged = client(store)
     forged.cookies.set(COOKIE, "eyJ1c2VyIjoiYW5uIn0.AAAA")
     assert forged.get("/").status_code == 401
@@ -204,6 +209,11 @@ def test_text_from_commits_is_escaped(hub) -> None:
         assert "<script>alert" not in html and "<img src=x" not in html, path
         assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html, path
     assert "3 hours ago" in ann.get("/dots/ann/app").text
+    assert 'title="20' in ann.get("/dots/ann/app").text  # the exact time on hover
+    r = ann.get("/dots/ann/%3Cimg%20src=x%20onerror=alert(1)%3E")
+    assert r.status_code == 400 and "<img" not in r.text and "&lt;img src=x" in r.text
+    for path in pages(cid):  # no page needs (or has) a script
+        assert "<script" not in ann.get(path).text.replace("&lt;script", ""), path
 
 
 @pytest.fixture(scope="module")
