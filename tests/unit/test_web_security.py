@@ -275,3 +275,18 @@ def test_a_form_past_the_size_limit_is_refused_unread(hub) -> None:
     token = csrf_of(ann.get("/keys").text)
     r = ann.post("/dots/ann/app/collaborators", data={"csrf": token, "user": "x" * 100_000})
     assert r.status_code == 413
+
+
+def test_signing_out_ends_the_session_for_a_kept_copy_of_its_cookie_too(hub) -> None:
+    store, keys, cid = hub
+    ann = signed_in(store, "ann", keys["ann"])
+    kept = ann.cookies.get(COOKIE)  # as a thief or a shared computer's disk would keep it
+    token = csrf_of(ann.get("/").text)
+    r = ann.post("/signout", data={"csrf": token})
+    assert r.status_code == 200 and "Signed out." in r.text
+    replay = client(store)
+    replay.cookies.set(COOKIE, kept)
+    r = replay.get("/dots/ann/app")
+    assert r.status_code == 401 and SECRET_TEXT not in r.text
+    # and signing in again makes a new session that works
+    assert signed_in(store, "ann", keys["ann"]).get("/dots/ann/app").status_code == 200

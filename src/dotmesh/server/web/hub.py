@@ -17,7 +17,7 @@ from dotmesh.model.names import DEFAULT_BRANCH, check_name
 from dotmesh.server.hub.browse import LOG_LIMIT, commit, commit_view, log_page, newest
 from dotmesh.server.hub.storage import HubStore, key_digest, key_id
 from dotmesh.server.web.pages import Site, Visit, commit_row, routes, start_session
-from dotmesh.server.web.session import Session
+from dotmesh.server.web.session import MAX_AGE, Session
 
 DOTS_SHOWN = 500  # dots on the home page
 
@@ -41,6 +41,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
         if s.user is None or s.key_id is None:
             return None
         store.check_key_id(s.user, s.key_id)
+        store.check_web_session(s.nonce, s.user)  # not signed out since
         return s.user
 
     site = Site("dm hub", secret, who, sign_in=True)
@@ -77,10 +78,12 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
             return v.page("signin.html", 401, next=safe_next(v.form.get("next")),
                           message="That user name and API key do not match an account "
                           "of this hub (dm hub user key NAME makes a key).")
-        start_session(v, name, key_id(key_digest(key)))
+        new = start_session(v, name, key_id(key_digest(key)))
+        store.web_session_start(new.nonce, name, MAX_AGE)
         return v.redirect(safe_next(v.form.get("next")))
 
     def sign_out(v: Visit) -> Response:
+        store.web_session_end(v.session.nonce)  # a copy of the cookie is refused too
         start_session(v, None, None)
         return v.redirect("/signin", "Signed out.")
 
@@ -98,6 +101,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
         kid = v.params["id"]
         store.revoke_key(kid, user)
         if kid == v.session.key_id:
+            store.web_session_end(v.session.nonce)
             start_session(v, None, None)
             return v.redirect("/signin", f"Key {kid} revoked: it signed you in, so sign in "
                               "with another one.")
