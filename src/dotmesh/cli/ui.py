@@ -34,7 +34,7 @@ def register(cli: click.Group) -> None:
         c.home  # noqa: B018 - a mistyped --home or DM_HOME is refused here, not served empty
         c.close()  # each request opens the store for itself
         token = secrets.token_urlsafe(24)
-        app = create_app(c.path, token)
+        app = create_app(c.path, token, port=port)
         url = f"http://127.0.0.1:{port}/open?token={token}"
         click.echo(f"dm ui: serving the dots of {c.path} on 127.0.0.1:{port}; "
                    "open this link (Ctrl-C stops):", err=True)

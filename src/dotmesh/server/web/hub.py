@@ -63,7 +63,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
                                        and user in r["collaborators"]]),
                   ("Public", [r for r in rows if r["access"] == "read"
                               and user not in r["collaborators"]])]
-        return v.page("dots.html", groups=groups, note=v.query.get("note"),
+        return v.page("dots.html", groups=groups, note=v.note,
                       truncated=len(found) == DOTS_SHOWN)
 
     def sign_in_form(v: Visit) -> Response:
@@ -91,7 +91,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
         user = signed_in(v)
         listed = [{"id": kid, "created_ns": ns, "current": kid == v.session.key_id}
                   for kid, ns in store.list_keys(user)]
-        return v.page("keys.html", keys=listed, created=created, note=v.query.get("note"))
+        return v.page("keys.html", keys=listed, created=created, note=v.note)
 
     def key_new(v: Visit) -> Response:
         return keys(v, store.new_key(signed_in(v)))
@@ -131,7 +131,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
                       branches=[{"name": b, "head": h, "current": b == ref}
                                 for b, h in sorted(branches.items())],
                       tags=tags, commits=[commit_row(c) for c in commits], next=following,
-                      note=v.query.get("note"),
+                      note=v.note,
                       empty_hint=f"dm push hub {name}" if role == "owner" else None)
 
     def commit_page(v: Visit) -> Response:
@@ -168,7 +168,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
         roles = store.roles_of([dot.id]).get(dot.id, {})
         return v.page("collaborators.html", dot=str(dot), base=f"/dots/{dot}",
                       roles=sorted(roles.items()), public=store.describe(dot)["public"],
-                      note=v.query.get("note"))
+                      note=v.note)
 
     def collaborator_add(v: Visit) -> Response:
         ns, name = owner(v)

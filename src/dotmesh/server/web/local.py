@@ -12,7 +12,6 @@ import hmac
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -31,11 +30,15 @@ from dotmesh.server.web.session import Session
 LOCAL_USER = "local"  # the session a dm ui link starts
 
 
-def local_routes(home: Path, secret: bytes, token: str) -> list[Route]:
+def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
+                 ) -> list[Route]:
     def who(s: Session) -> str | None:
         return LOCAL_USER if s.user == LOCAL_USER else None
 
-    site = Site("dm ui", secret, who, sign_in=False)
+    # A browser sends a cookie of 127.0.0.1 to every port of it: a name of dm ui's own (with
+    # its port) keeps a hub or another dm ui on this machine from replacing this session.
+    site = Site("dm ui", secret, who, sign_in=False,
+                cookie=f"dm_ui_{port}" if port else "dm_ui")
 
     def opened(v: Visit) -> None:
         if v.user is None:
@@ -84,7 +87,7 @@ def local_routes(home: Path, secret: bytes, token: str) -> list[Route]:
                       branches=[{"name": b, "head": h.hex() if h else None,
                                  "current": b == ref, "checked_out": b == current}
                                 for b, h in sorted(branches.items())],
-                      empty_hint=None, error=v.query.get("error"))
+                      empty_hint=None, error=v.signed("error"))
 
     def commit_page(v: Visit) -> Response:
         opened(v)
@@ -118,7 +121,7 @@ def local_routes(home: Path, secret: bytes, token: str) -> list[Route]:
             with Repo.open(home) as repo:
                 note = run(repo.dot(name))
         except DotmeshError as e:
-            return v.redirect(f"/dots/{name}?error=" + quote(str(e)[:500], safe=""))
+            return v.redirect(f"/dots/{name}", str(e), name="error")
         return v.redirect(f"/dots/{name}", note)
 
     def checkout(v: Visit) -> Response:
@@ -173,10 +176,11 @@ def local_routes(home: Path, secret: bytes, token: str) -> list[Route]:
     ])
 
 
-def create_app(home: Path, token: str, secret: bytes | None = None) -> Starlette:
+def create_app(home: Path, token: str, secret: bytes | None = None,
+               port: int | None = None) -> Starlette:
     """The ``dm ui`` app over the store at ``home``; its pages need the session that
     ``/open?token=TOKEN`` starts. Only 127.0.0.1 and localhost are answered (a page of
     another site cannot reach it by a DNS name of its own)."""
-    return Starlette(routes=local_routes(home, secret or secrets.token_bytes(32), token),
+    return Starlette(routes=local_routes(home, secret or secrets.token_bytes(32), token, port),
                      middleware=[Middleware(TrustedHostMiddleware,
                                             allowed_hosts=["127.0.0.1", "localhost"])])

@@ -5,6 +5,7 @@ their class's HTTP status), and the filters that make times and sizes readable."
 from __future__ import annotations
 
 import functools
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,21 +99,43 @@ class Visit:
     def params(self) -> dict[str, str]:
         return dict(self.request.path_params)
 
+    def signed(self, name: str) -> str | None:
+        """The query parameter ``name`` if this site put it there (:meth:`redirect`), with
+        its MAC; None otherwise: a link from anyone else cannot put words on our pages."""
+        text, mac = self.query.get(name), self.query.get(name + "_mac")
+        secret = self.request.state.site.secret
+        if text is None or mac is None or not hmac.compare_digest(
+                str(mac).encode(), _note_mac(secret, name, text).encode()):
+            return None
+        return str(text)
+
+    @property
+    def note(self) -> str | None:
+        return self.signed("note")
+
     def page(self, template: str, status: int = 200, **context: Any) -> Response:
-        context.setdefault("note", self.query.get("note"))
+        context.setdefault("note", self.note)
         html = _env.get_template(template).render(csrf=self.csrf, user=self.user,
                                                   site=self.request.state.site, **context)
         return HTMLResponse(html, status_code=status)
 
-    def redirect(self, url: str, note: str | None = None) -> Response:
-        """After a POST: back to a page (303, so a reload does not post again)."""
+    def redirect(self, url: str, note: str | None = None, name: str = "note") -> Response:
+        """After a POST: back to a page (303, so a reload does not post again), which shows
+        ``note`` (signed, so that only this site's redirects show one)."""
         if note:
-            url += ("&" if "?" in url else "?") + "note=" + _quote(note)
+            note = note[:500]
+            mac = _note_mac(self.request.state.site.secret, name, note)
+            url += (("&" if "?" in url else "?") + f"{name}={_quote(note)}"
+                    f"&{name}_mac={_quote(mac)}")
         return RedirectResponse(url, status_code=303)
 
 
 def _quote(text: str) -> str:
-    return quote(text[:300], safe="")
+    return quote(text, safe="")
+
+
+def _note_mac(secret: bytes, name: str, text: str) -> str:
+    return sessions.mac(secret, f"note:{name}:{text}".encode())[:22]
 
 
 Handler = Callable[[Visit], Response]
@@ -128,6 +151,7 @@ class Site:
     secret: bytes
     who: Who
     sign_in: bool  # a hub: pages need a signed-in user; dm ui: a session from its link
+    cookie: str = sessions.COOKIE  # dm ui's has its port in it: cookies ignore ports
 
 
 def routes(site: Site, table: list[tuple[str, str, Handler]]) -> list[Route]:
@@ -143,7 +167,7 @@ async def _css(request: Request) -> Response:
 def _endpoint(site: Site, method: str, fn: Handler) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         request.state.site = site
-        raw = request.cookies.get(sessions.COOKIE)
+        raw = request.cookies.get(site.cookie)
         s = sessions.decode(site.secret, raw)
         fresh = s is None
         if s is None:
@@ -201,7 +225,7 @@ def _finish(site: Site, request: Request, response: Response, s: Session,
     if replaced is not None:
         s, fresh = replaced, True
     if fresh:
-        response.set_cookie(sessions.COOKIE, sessions.encode(site.secret, s),
+        response.set_cookie(site.cookie, sessions.encode(site.secret, s),
                             max_age=sessions.MAX_AGE, httponly=True, samesite="lax",
                             secure=request.url.scheme == "https", path="/")
     return response

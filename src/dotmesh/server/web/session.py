@@ -32,22 +32,22 @@ class Session:
         return cls(user, key_id, secrets.token_urlsafe(18), int(time.time()))
 
 
-def _mac(secret: bytes, data: bytes) -> str:
+def mac(secret: bytes, data: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.new(secret, data, hashlib.sha256).digest()).decode()
 
 
 def encode(secret: bytes, s: Session) -> str:
     payload = base64.urlsafe_b64encode(json.dumps(
         [s.user, s.key_id, s.nonce, s.issued]).encode()).decode()
-    return f"{payload}.{_mac(secret, payload.encode())}"
+    return f"{payload}.{mac(secret, payload.encode())}"
 
 
 def decode(secret: bytes, value: str | None) -> Session | None:
     """The session a cookie holds; None if it is missing, forged or too old."""
     if not value or len(value) > 1024:
         return None
-    payload, _, mac = value.partition(".")
-    if not hmac.compare_digest(mac.encode(), _mac(secret, payload.encode()).encode()):
+    payload, _, given = value.partition(".")
+    if not hmac.compare_digest(given.encode(), mac(secret, payload.encode()).encode()):
         return None
     try:
         user, kid, nonce, issued = json.loads(base64.urlsafe_b64decode(payload))
@@ -61,7 +61,7 @@ def decode(secret: bytes, value: str | None) -> Session | None:
 def csrf_token(secret: bytes, s: Session) -> str:
     """The token every form of this session carries: tied to the session's nonce, so a
     page of another site can neither read nor guess it."""
-    return _mac(secret, b"csrf:" + s.nonce.encode())
+    return mac(secret, b"csrf:" + s.nonce.encode())
 
 
 def csrf_ok(secret: bytes, s: Session, token: str | None) -> bool:
