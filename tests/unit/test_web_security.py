@@ -314,3 +314,24 @@ def test_dm_ui_shows_only_its_own_errors_and_keeps_its_own_cookie(ui) -> None:
     r = c.post("/dots/app/checkout", data={"csrf": csrf_of(html), "branch": "no-such"})
     assert r.status_code == 200 and 'id="error"' in r.text and "no-such" in r.text
     assert COOKIE not in c.cookies  # a hub on 127.0.0.1 does not replace dm ui's session
+
+
+def test_dm_ui_older_commits_of_a_commit_it_lacks_is_not_found(ui) -> None:
+    c, token = ui
+    c.get(f"/open?token={token}")
+    r = c.get("/dots/app", params={"after": "0" * 64})
+    assert r.status_code == 404 and "No commits yet" not in r.text
+
+
+def test_a_read_collaborator_may_not_manage_the_dot(hub) -> None:
+    store, keys, cid = hub
+    ben = signed_in(store, "ben", keys["ben"])
+    token = csrf_of(ben.get("/dots/ann/app").text)
+    d = "/dots/ann/app"
+    for path, form in ((f"{d}/collaborators", {"user": "eve", "role": "write"}),
+                       (f"{d}/collaborators/ben/remove", {}), (f"{d}/public", {"public": "yes"}),
+                       (f"{d}/delete", {"confirm": "app"})):
+        r = ben.post(path, data={**form, "csrf": token})
+        assert r.status_code == 403 and SECRET_TEXT not in r.text, path
+    desc = store.describe(store.dot_for("ann", "ann", "app"))
+    assert desc["roles"] == {"ben": "read"} and not desc["public"]

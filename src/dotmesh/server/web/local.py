@@ -73,6 +73,8 @@ def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
             if ref not in branches:
                 dot.resolve(ref)  # NotFound names what it lacks
             after = v.query.get("after")
+            if after:
+                dot.resolve(after)  # NotFound for a mistyped link, not an empty history
             start = f"{after}~1" if after else ref
             try:
                 log = dot.log(start, limit=LOG_LIMIT + 1) if branches.get(ref, 1) else []
