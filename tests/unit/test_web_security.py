@@ -335,3 +335,31 @@ def test_a_read_collaborator_may_not_manage_the_dot(hub) -> None:
         assert r.status_code == 403 and SECRET_TEXT not in r.text, path
     desc = store.describe(store.dot_for("ann", "ann", "app"))
     assert desc["roles"] == {"ben": "read"} and not desc["public"]
+
+
+def test_dm_ui_refuses_a_reset_while_writers_run_as_the_cli_does(tmp_path: Path) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    home = tmp_path / "store"
+    with dotmesh.Repo.open(home) as repo:
+        app = repo.init("app")
+        for text in ("1", "2"):
+            (app.path() / "f").write_text(text)
+            app.commit(text, freeze=False)
+        data = app.path() / "f"
+    c = TestClient(create_ui(home), base_url="http://127.0.0.1:8780")
+    c.get("/open?token=t0ken")
+    token = csrf_of(c.get("/dots/app").text)
+    writer = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(data)!r}, 'a');"
+                               " print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline()
+        r = c.post("/dots/app/reset", data={"csrf": token, "ref": "HEAD~1"})
+    finally:
+        writer.kill()
+        writer.wait()
+    assert r.status_code == 200 and 'id="error"' in r.text and "in use by" in r.text
+    assert "this page never stops them" in r.text
+    with dotmesh.Repo.open(home) as repo:
+        assert repo.dot("app").log("HEAD", limit=1)[0].commit.message == "2"

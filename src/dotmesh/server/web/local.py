@@ -123,7 +123,11 @@ def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
             with Repo.open(home) as repo:
                 note = run(repo.dot(name))
         except DotmeshError as e:
-            return v.redirect(f"/dots/{name}", str(e), name="error")
+            why = str(e)
+            if "--stop-writers" in why:  # the CLI's way out; a page has no such flag
+                why += " (this page never stops them: stop them, or run that dm command " \
+                       "in a terminal)"
+            return v.redirect(f"/dots/{name}", why, name="error")
         return v.redirect(f"/dots/{name}", note)
 
     def checkout(v: Visit) -> Response:
