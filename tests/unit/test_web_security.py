@@ -301,8 +301,15 @@ def test_a_note_in_a_link_from_elsewhere_is_not_shown(hub) -> None:
         assert r.status_code == 200 and "evil.example" not in r.text, path
     # the hub's own notes, after a form, are shown
     token = csrf_of(ann.get("/dots/ann/app/collaborators").text)
-    r = ann.post("/dots/ann/app/public", data={"csrf": token, "public": "no"})
-    assert r.status_code == 200 and "is private again" in r.text
+    r = ann.post("/dots/ann/app/public", data={"csrf": token, "public": "no"},
+                 follow_redirects=False)
+    shown = ann.get(r.headers["location"])
+    assert shown.status_code == 200 and "is private again" in shown.text
+    # and only to this session: the same link shows nothing in another (a lure made of a
+    # note that the hub signed for its maker)
+    eve = signed_in(store, "eve", keys["eve"])
+    eve.cookies.set(COOKIE, signed_in(store, "ann", keys["ann"]).cookies.get(COOKIE))
+    assert "is private again" not in eve.get(r.headers["location"]).text
 
 
 def test_dm_ui_shows_only_its_own_errors_and_keeps_its_own_cookie(ui) -> None:

@@ -105,7 +105,7 @@ class Visit:
         text, mac = self.query.get(name), self.query.get(name + "_mac")
         secret = self.request.state.site.secret
         if text is None or mac is None or not hmac.compare_digest(
-                str(mac).encode(), _note_mac(secret, name, text).encode()):
+                str(mac).encode(), _note_mac(secret, self.session, name, text).encode()):
             return None
         return str(text)
 
@@ -121,10 +121,12 @@ class Visit:
 
     def redirect(self, url: str, note: str | None = None, name: str = "note") -> Response:
         """After a POST: back to a page (303, so a reload does not post again), which shows
-        ``note`` (signed, so that only this site's redirects show one)."""
+        ``note`` (signed for this session, so that only this site's redirects show one, and
+        only to the browser that was redirected)."""
         if note:
             note = note[:500]
-            mac = _note_mac(self.request.state.site.secret, name, note)
+            after = getattr(self.request.state, "new_session", None) or self.session
+            mac = _note_mac(self.request.state.site.secret, after, name, note)
             url += (("&" if "?" in url else "?") + f"{name}={_quote(note)}"
                     f"&{name}_mac={_quote(mac)}")
         return RedirectResponse(url, status_code=303)
@@ -134,8 +136,9 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
-def _note_mac(secret: bytes, name: str, text: str) -> str:
-    return sessions.mac(secret, f"note:{name}:{text}".encode())[:22]
+def _note_mac(secret: bytes, s: Session, name: str, text: str) -> str:
+    """Bound to the session too: a note's link shows it to the one who did the action."""
+    return sessions.mac(secret, f"note:{s.nonce}:{name}:{text}".encode())[:22]
 
 
 Handler = Callable[[Visit], Response]
