@@ -370,3 +370,28 @@ def test_dm_ui_refuses_a_reset_while_writers_run_as_the_cli_does(tmp_path: Path)
     assert "this page never stops them" in r.text
     with dotmesh.Repo.open(home) as repo:
         assert repo.dot("app").log("HEAD", limit=1)[0].commit.message == "2"
+
+
+def test_a_session_works_on_every_host_of_a_scaled_out_hub(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """Hosts share the database, not a data folder: each signs and checks cookies with the
+    secret kept in the database, so a load balancer may send any page to any of them."""
+    import json  # noqa: PLC0415
+
+    from dotmesh.server.hub.app import app_from_env  # noqa: PLC0415
+
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    apps = []
+    for host in ("a", "b"):
+        monkeypatch.setenv("DM_HUB_CONFIG", json.dumps({"data": str(tmp_path / host),
+                                                        "db": db}))
+        apps.append(app_from_env())
+    store = HubStore(db, LocalBlobs(tmp_path / "a" / "blobs"))
+    key = store.add_user("ann").key
+    store.close()
+    a, b = (TestClient(app) for app in apps)
+    a.post("/signin", data={"user": "ann", "api_key": key,
+                            "csrf": csrf_of(a.get("/signin").text)})
+    assert a.get("/").status_code == 200
+    b.cookies.set(COOKIE, a.cookies.get(COOKIE))
+    assert b.get("/").status_code == 200

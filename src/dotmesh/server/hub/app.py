@@ -337,10 +337,8 @@ def app_from_env() -> Starlette:
     supervisor = int(os.environ.get("DM_HUB_SUPERVISOR", "0"))
     if supervisor and supervisor != os.getpid():
         _die_with(supervisor)
-    from dotmesh.server.web.session import load_secret  # noqa: PLC0415
-
-    cfg = HubConfig(json.loads(os.environ["DM_HUB_CONFIG"]))
-    return create_app(cfg.store(), load_secret(cfg.data()))
+    store = HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store()
+    return create_app(store, store.web_secret())
 
 
 def _die_with(parent: int) -> None:

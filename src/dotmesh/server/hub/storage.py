@@ -26,6 +26,7 @@ from dotmesh.errors import (
     Conflict,
     Corrupt,
     Forbidden,
+    InternalError,
     NotFound,
     Unauthorized,
     UsageError,
@@ -100,6 +101,10 @@ forks = sa.Table("forks", md, sa.Column("dot_id", sa.Integer, primary_key=True),
 web_sessions = sa.Table("web_sessions", md, sa.Column("nonce", sa.String(64), primary_key=True),
                         sa.Column("username", sa.String(64), nullable=False),
                         sa.Column("created_ns", sa.BigInteger, nullable=False))
+# Values the hub makes once, for every process and host that serves it: "web_secret" signs
+# the web pages' cookies (a hub scaled out over several hosts accepts them on each).
+settings = sa.Table("settings", md, sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("value", sa.LargeBinary, nullable=False))
 # Tables that hold rows per dot: they go with it (_drop_dots).
 PER_DOT = (branches, tags, members, verified, collaborators, collaborator_roles, public_dots,
            forks)
@@ -352,6 +357,23 @@ class HubStore:
         if len(rows) != 1 or rows[0][1] is not None:
             raise Unauthorized("your session's API key was revoked, or the account is "
                                "disabled: sign in again")
+
+    def web_secret(self) -> bytes:
+        """The key that signs the web pages' cookies: made by the first hub process to ask,
+        kept in the database so that every process and host of the hub has the same."""
+        for _ in range(3):
+            with self.engine.connect() as c:
+                row = c.execute(sa.select(settings.c.value).where(
+                    settings.c.name == "web_secret")).first()
+            if row is not None:
+                return bytes(row[0])
+            try:
+                with self.tx() as c:
+                    c.execute(settings.insert().values(name="web_secret",
+                                                       value=secrets.token_bytes(32)))
+            except sa.exc.IntegrityError:  # another process made it first: read theirs
+                pass
+        raise InternalError("the hub's web_secret could not be made")
 
     def web_session_start(self, nonce: str, name: str, max_age_s: int) -> None:
         """Record a web session of ``name`` signed in now; forget those past ``max_age_s``."""

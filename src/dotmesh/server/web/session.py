@@ -9,15 +9,12 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 COOKIE = "dm_session"
 MAX_AGE = 7 * 24 * 3600  # seconds a session lasts after sign-in
-SECRET_FILE = "web-secret"
 
 
 @dataclass(frozen=True)
@@ -68,21 +65,3 @@ def csrf_ok(secret: bytes, s: Session, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(str(token).encode(),
                                                csrf_token(secret, s).encode())
 
-
-def load_secret(folder: Path) -> bytes:
-    """The server's signing secret, kept in ``folder`` (made once, readable by its owner
-    only), so that every worker process and every restart accepts the same sessions."""
-    path = folder / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        for _ in range(50):  # another worker is writing it
-            data = path.read_bytes()
-            if len(data) == 32:
-                return data
-            time.sleep(0.02)
-        raise
-    data = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return data
