@@ -395,3 +395,22 @@ def test_a_session_works_on_every_host_of_a_scaled_out_hub(tmp_path: Path,
     assert a.get("/").status_code == 200
     b.cookies.set(COOKIE, a.cookies.get(COOKIE))
     assert b.get("/").status_code == 200
+
+
+def test_signing_in_starts_a_new_session_and_ends_the_one_before(hub) -> None:
+    store, keys, cid = hub
+    c = client(store)
+    token = csrf_of(c.get("/signin").text)
+    before = c.cookies.get(COOKIE)  # one an attacker could have planted (fixation)
+    c.post("/signin", data={"user": "ann", "api_key": keys["ann"], "csrf": token})
+    ann_cookie = c.cookies.get(COOKIE)
+    assert ann_cookie != before
+    planted = client(store)
+    planted.cookies.set(COOKIE, before)
+    assert planted.get("/").status_code == 401  # the planted one did not become ann's
+    token = csrf_of(c.get("/").text)
+    c.post("/signin", data={"user": "eve", "api_key": keys["eve"], "csrf": token})
+    assert ">eve<" in c.get("/").text
+    kept = client(store)
+    kept.cookies.set(COOKIE, ann_cookie)
+    assert kept.get("/").status_code == 401  # ann's session ended when eve signed in over it

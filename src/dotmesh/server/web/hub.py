@@ -78,6 +78,8 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
             return v.page("signin.html", 401, next=safe_next(v.form.get("next")),
                           message="That user name and API key do not match an account "
                           "of this hub (dm hub user key NAME makes a key).")
+        if v.session.user is not None:  # signing in over a session: that one ends
+            store.web_session_end(v.session.nonce)
         new = start_session(v, name, key_id(key_digest(key)))
         store.web_session_start(new.nonce, name, MAX_AGE)
         return v.redirect(safe_next(v.form.get("next")))
