@@ -1,7 +1,8 @@
 """The web UI's session: a cookie signed with a server secret (HMAC-SHA256), holding who
 signed in and with which API key (its id, never the key), and a random nonce from which
 the CSRF token of every form is derived. A session is checked against the hub on every
-request, so a revoked key or a disabled account ends it from the next page on."""
+request, so a revoked key, a disabled account or signing out (the hub forgets the nonce)
+ends it from the next page on, for every copy of its cookie."""
 
 from __future__ import annotations
 
