@@ -262,7 +262,7 @@ def test_dm_ui_shows_the_local_store_and_acts_on_it(browser, ui) -> None:
     # the commit page: sizes per subdot and the files changed
     submit(browser, find(browser, "ol.log a.title"))
     assert "notes.txt" in text(browser) and "Subdots" in text(browser)
-    browser.back()
+    browser.get(base + "/dots/app")  # not back(): its page may still be loading when clicked
     # a reset while a process uses the dot is refused, as dm reset is
     user = subprocess.Popen(["sleep", "300"], cwd=ann.path("app"))
     try:
