@@ -15,6 +15,7 @@ NO_JSON = {
     "cat": "writes a file's bytes to stdout",
     "serve": "a server: runs until stopped, logs requests",
     "hub serve": "a server: runs until stopped",
+    "ui": "a server: the web UI, runs until stopped",
     "completion": "prints a shell script",
     "help": "prints help, or writes man pages",
 }

@@ -20,6 +20,7 @@ from dotmesh.cli import output as cli_output
 from dotmesh.cli import remote as cli_remote
 from dotmesh.cli import space as cli_space
 from dotmesh.cli import tag as cli_tag
+from dotmesh.cli import ui as cli_ui
 from dotmesh.cli.context import Ctx, json_flag, pass_ctx
 from dotmesh.cli.render import (
     commit_header,
@@ -966,6 +967,7 @@ cli_space.register(cli)  # gc, reflog expire, branch -d/-D
 cli_daemon.register(cli)
 cli_browse.register(cli)  # status, show, ls, cat, export, mount, umount
 cli_tag.register(cli)
+cli_ui.register(cli)  # dm ui: the web UI over the local store
 cli_completion.register(cli)
 cli_manpages.register(cli)  # dm help [--man DIR]
 cli_completion.install(cli)  # completers for the arguments that name dots, branches, refs...

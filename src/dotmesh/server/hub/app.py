@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import os
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from dotmesh.errors import DotmeshError, Forbidden, NotFound, TooLarge, Unauthorized, UsageError
 from dotmesh.model.ids import ID_LEN, ObjectId
@@ -33,6 +34,7 @@ from dotmesh.server import hub
 from dotmesh.server.hub.browse import LOG_LIMIT, LOG_MAX, commit, commit_view, iso, log_page, newest
 from dotmesh.server.hub.config import HubConfig
 from dotmesh.server.hub.storage import Dot, HubStore, check_key_id
+from dotmesh.server.web.hub import hub_routes
 
 OCTETS = "application/octet-stream"
 FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for the rest
@@ -87,7 +89,9 @@ def json_body(body: bytes, expected: str) -> dict[str, Any]:
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 
-def create_app(store: HubStore) -> Starlette:
+def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
+    """The API under /api/v1 and the web UI's pages at / (``server/web/hub.py``); ``secret``
+    signs the pages' session cookies (default: a new one, good for this process only)."""
     def user_of(request: Request, anonymous: bool = False) -> str | None:
         """Who the request's API key belongs to; None for a request without one to a route
         that serves ``anonymous`` callers (public dots)."""
@@ -322,6 +326,7 @@ def create_app(store: HubStore) -> Starlette:
         route(base + "/collaborators", "GET", collaborators, anonymous=True),
         route(base + "/collaborators/{user}", "PUT", collaborator),
         route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
+        Mount("/", routes=hub_routes(store, secret or secrets.token_bytes(32))),  # web pages
     ])
 
 
@@ -332,7 +337,8 @@ def app_from_env() -> Starlette:
     supervisor = int(os.environ.get("DM_HUB_SUPERVISOR", "0"))
     if supervisor and supervisor != os.getpid():
         _die_with(supervisor)
-    return create_app(HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store())
+    store = HubConfig(json.loads(os.environ["DM_HUB_CONFIG"])).store()
+    return create_app(store, store.web_secret())
 
 
 def _die_with(parent: int) -> None:

@@ -26,6 +26,7 @@ from dotmesh.errors import (
     Conflict,
     Corrupt,
     Forbidden,
+    InternalError,
     NotFound,
     Unauthorized,
     UsageError,
@@ -95,6 +96,15 @@ public_dots = sa.Table("public_dots", md, sa.Column("dot_id", sa.Integer, primar
 forks = sa.Table("forks", md, sa.Column("dot_id", sa.Integer, primary_key=True),
                  sa.Column("source", sa.String(130), nullable=False),
                  sa.Column("forked_ns", sa.BigInteger, nullable=False))
+# The web pages' signed-in sessions (server/web/hub.py), by their cookie's nonce: signing
+# out deletes the row, so a copy of the cookie kept from before is refused from then on.
+web_sessions = sa.Table("web_sessions", md, sa.Column("nonce", sa.String(64), primary_key=True),
+                        sa.Column("username", sa.String(64), nullable=False),
+                        sa.Column("created_ns", sa.BigInteger, nullable=False))
+# Values the hub makes once, for every process and host that serves it: "web_secret" signs
+# the web pages' cookies (a hub scaled out over several hosts accepts them on each).
+settings = sa.Table("settings", md, sa.Column("name", sa.String(64), primary_key=True),
+                    sa.Column("value", sa.LargeBinary, nullable=False))
 # Tables that hold rows per dot: they go with it (_drop_dots).
 PER_DOT = (branches, tags, members, verified, collaborators, collaborator_roles, public_dots,
            forks)
@@ -335,6 +345,56 @@ class HubStore:
             c.execute(dots.delete().where(dots.c.id.in_(batch)))
             for table in PER_DOT:
                 c.execute(table.delete().where(table.c.dot_id.in_(batch)))
+
+    def check_key_id(self, name: str, kid: str) -> None:
+        """Unauthorized unless ``name`` still holds the key whose id is ``kid`` and the
+        account is enabled: a web session signed in with that key lives as long as it."""
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(api_keys.c.username, disabled.c.name).outerjoin(
+                disabled, disabled.c.name == api_keys.c.username).where(
+                api_keys.c.digest.startswith(check_key_id(kid)),
+                api_keys.c.username == name)).all()
+        if len(rows) != 1 or rows[0][1] is not None:
+            raise Unauthorized("your session's API key was revoked, or the account is "
+                               "disabled: sign in again")
+
+    def web_secret(self) -> bytes:
+        """The key that signs the web pages' cookies: made by the first hub process to ask,
+        kept in the database so that every process and host of the hub has the same."""
+        for _ in range(3):
+            with self.engine.connect() as c:
+                row = c.execute(sa.select(settings.c.value).where(
+                    settings.c.name == "web_secret")).first()
+            if row is not None:
+                return bytes(row[0])
+            try:
+                with self.tx() as c:
+                    c.execute(settings.insert().values(name="web_secret",
+                                                       value=secrets.token_bytes(32)))
+            except sa.exc.IntegrityError:  # another process made it first: read theirs
+                pass
+        raise InternalError("the hub's web_secret could not be made")
+
+    def web_session_start(self, nonce: str, name: str, max_age_s: int) -> None:
+        """Record a web session of ``name`` signed in now; forget those past ``max_age_s``."""
+        now = time.time_ns()
+        with self.tx() as c:
+            c.execute(web_sessions.delete().where(
+                web_sessions.c.created_ns < now - max_age_s * 10**9))
+            c.execute(web_sessions.insert().values(nonce=nonce, username=name, created_ns=now))
+
+    def web_session_end(self, nonce: str) -> None:
+        """Sign a web session out: its cookie is refused from now on, copies included."""
+        with self.tx() as c:
+            c.execute(web_sessions.delete().where(web_sessions.c.nonce == nonce))
+
+    def check_web_session(self, nonce: str, name: str) -> None:
+        """Unauthorized unless ``name``'s web session ``nonce`` is still signed in."""
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(web_sessions.c.nonce).where(
+                web_sessions.c.nonce == nonce, web_sessions.c.username == name)).first()
+        if row is None:
+            raise Unauthorized("this session was signed out: sign in again")
 
     def list_keys(self, name: str) -> list[tuple[str, int]]:
         """(id, created_ns) of each of ``name``'s API keys, oldest first."""
