@@ -1,5 +1,5 @@
 """CI runs the benchmark harness once, small, to prove it works end to end (run.py and
-transfer.py on 16 MiB: what is measured does not matter here, only that every scenario runs
+transfer.py on 8 MiB: what is measured does not matter here, only that every scenario runs
 and reports)."""
 
 import json
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_small_runs_every_scenario(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--small",
-                        "--size-mib", "16", "--many-files", "1000", "--out", str(out)],
+                        "--size-mib", "8", "--many-files", "500", "--out", str(out)],
                        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -41,7 +41,7 @@ def test_bench_small_runs_every_scenario(tmp_path):
 def test_transfer_bench_small_runs(tmp_path):
     out = tmp_path / "transfer.json"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--small",
-                        "--size-mib", "16", "--out", str(out)], capture_output=True, text=True,
+                        "--size-mib", "8", "--out", str(out)], capture_output=True, text=True,
                        timeout=900,
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

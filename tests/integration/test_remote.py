@@ -121,6 +121,7 @@ def test_only_keys_the_hub_knows_and_collaborators_get_in(hub, tmp_path):
     assert without_key.stdout == "401"
 
 
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
 def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)
     bob = _dev(tmp_path, "bob", hub, 1)
@@ -151,10 +152,9 @@ def test_diverged_branches_are_refused_with_a_way_out(hub, tmp_path):
     assert json.loads(alice.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
 def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
         hub, tmp_path):
-    if getattr(hub, "s3", None):
-        pytest.skip("client-side behaviour: the embedded hub shows it")
     alice = _dev(tmp_path, "alice", hub)
     bob = _dev(tmp_path, "bob", hub, 1)
     alice.ok("init", "compat")
@@ -220,6 +220,7 @@ def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
 
 
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
 def test_tags_and_branches_named_with_parts_travel_with_their_dot(hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)
     bob = _dev(tmp_path, "bob", hub, 1)
@@ -433,6 +434,7 @@ def test_remote_add_asks_for_the_key_on_a_terminal(hub, tmp_path):
     assert b"signed in as carol" in rest
 
 
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
 def test_a_clone_killed_while_building_its_folders_is_finished_by_running_it_again(
         hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)

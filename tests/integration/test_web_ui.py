@@ -20,9 +20,7 @@ from dotmesh.server.hub.config import HubConfig
 from tests.conftest import DM, DM_BIN
 from tests.integration.remote_env import Hub, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")),
-    reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)")]
+pytestmark = pytest.mark.slow  # a browser, a hub and dm ui
 
 USERS = ("ann", "ben", "eve")
 
@@ -31,6 +29,9 @@ USERS = ("ann", "ben", "eve")
 def browser() -> Iterator[object]:
     from selenium import webdriver  # noqa: PLC0415
     from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
+
+    assert shutil.which("chromium") and shutil.which("chromedriver"), \
+        "needs Debian's chromium and chromium-driver (scripts/setup.sh installs them)"
 
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",

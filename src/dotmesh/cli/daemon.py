@@ -111,12 +111,13 @@ def stop(as_json: bool) -> None:
     \b
     Example:  dm daemon stop
     """
+    from dotmesh.capture.proc import alive  # noqa: PLC0415
     from dotmesh.server import resident  # noqa: PLC0415 - not for every command's start-up
 
     status = resident.control("stop")
-    if status is not None:  # it answers, then leaves: wait until it is gone
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{status['pid']}"):
+    if status is not None:  # it answers, then leaves: wait until it is gone (a zombie is
+        deadline = time.monotonic() + 10  # gone: whoever adopted it may reap it late)
+        while time.monotonic() < deadline and alive(status["pid"]):
             time.sleep(0.01)
     if as_json:
         emit_json({"stopped": status is not None, "pid": status and status.get("pid")})

@@ -31,7 +31,7 @@ def register(cli: click.Group) -> None:
 
         from dotmesh.server.web.local import create_app  # noqa: PLC0415
 
-        c.home  # noqa: B018 - a mistyped --home or DM_HOME is refused here, not served empty
+        c.repo  # noqa: B018 - a mistyped --home or DM_HOME is refused here, not served empty
         c.close()  # each request opens the store for itself
         token = secrets.token_urlsafe(24)
         app = create_app(c.path, token, port=port)
