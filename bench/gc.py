@@ -99,8 +99,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="the history's dataset (default: 48 with --small, else 2048)")
     args = ap.parse_args()
-    total = (48 << 20) if args.small else (2 << 30)
+    total = (args.size_mib or (48 if args.small else 2048)) << 20
     many = 100 if args.small else 1000
     results: dict[str, object] = {"size": total}
     with tempfile.TemporaryDirectory(prefix="dm-gc-bench-") as tmp:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_inside
+from tests.conftest import DM, kill_inside
 from tests.integration.docker_env import IMAGE, docker_world
+from tests.integration.remote_env import Hub
 
 pytestmark = pytest.mark.slow  # a dockerd of its own
 
@@ -47,8 +48,9 @@ def world():
 
 
 def _logs(engine, project: Path) -> dict[str, str]:
-    """What each running service sees in its volume."""
-    return {s: engine.compose(project, "exec", "-T", s, "cat", "/data/log").stdout
+    """What each running service sees in its volume (through docker itself: a
+    docker-compose exec costs about a second)."""
+    return {s: engine.run("exec", f"mobycounter_{s}_1", "cat", "/data/log").stdout
             for s in SERVICES}
 
 
@@ -63,7 +65,10 @@ def _wait_started(engine, project: Path, times: int) -> dict[str, str]:
 
 
 def _running(engine, project: Path) -> set[str]:
-    out = engine.compose(project, "ps", "--services", "--filter", "status=running").stdout
+    """The project's services whose containers run (not paused, not stopped)."""
+    out = engine.run("ps", "--filter", "label=com.docker.compose.project=mobycounter",
+                     "--filter", "status=running", "--format",
+                     '{{.Label "com.docker.compose.service"}}').stdout
     return set(out.split())
 
 
@@ -89,18 +94,18 @@ def test_the_seeds_compose_file_works_unchanged(world, tmp_path):
     assert _running(engine, project) == set(SERVICES)  # and unpaused
 
     for s in SERVICES:
-        engine.compose(project, "exec", "-T", s, "sh", "-c", "echo changed >> /data/log")
+        engine.run("exec", f"mobycounter_{s}_1", "sh", "-c", "echo changed >> /data/log")
     reset = json.loads(dm.ok("reset", "--hard", "HEAD", "--json"))
     assert sorted(reset["restarted"]) == sorted(f"mobycounter_{s}_1" for s in SERVICES)
     assert _running(engine, project) == set(SERVICES)
     logs = _wait_started(engine, project, 2)  # the committed data, seen by new processes
     assert all(log == "started\nstarted\n" for log in logs.values()), logs
 
-    engine.compose(project, "exec", "-T", "web", "sh", "-c", "echo master-only >> /data/log")
+    engine.run("exec", "mobycounter_web_1", "sh", "-c", "echo master-only >> /data/log")
     assert "Switched to a new branch experiment" in dm.ok("checkout", "-b", "experiment")
     logs = _wait_started(engine, project, 2)  # the branch starts from the last commit
     assert "master-only" not in logs["web"], logs
-    engine.compose(project, "exec", "-T", "web", "sh", "-c", "echo experiment >> /data/log")
+    engine.run("exec", "mobycounter_web_1", "sh", "-c", "echo experiment >> /data/log")
     dm.ok("commit", "-m", "on the experiment")
     dm.ok("checkout", "master")
     logs = _wait_started(engine, project, 3)  # master's working state, kept aside
@@ -205,3 +210,50 @@ def test_kill_during_the_freeze_leaves_no_container_paused(world):
         assert json.loads(dm.ok("fsck", "--json"))["ok"]
     finally:
         engine.run("rm", "-f", "pager")
+
+
+def test_a_pull_moving_a_branch_a_container_is_pinned_to(world, tmp_path):
+    """A container pinned to branch fix (app.db@fix) while fix is not checked out: a pull
+    that moves fix is refused while it runs; with --stop-writers the container is stopped
+    and started again on the pulled state (its folders were not dropped under it)."""
+    dm, engine, _ = world
+    hub = Hub(["--data", str(tmp_path / "hub")], tmp_path)
+    hub.keys = {u: hub.user(u) for u in ("alice", "bob")}
+    hub.start()
+    try:
+        hub.join(dm, "alice", hub.keys["alice"])
+        dm.ok("init", "pin")
+        (dm.path("pin.db") / "state").write_text("v1")
+        dm.ok("switch", "pin")
+        dm.ok("commit", "-m", "v1")
+        dm.ok("checkout", "-b", "fix")
+        (dm.path("pin.db") / "state").write_text("fix 1")
+        dm.ok("commit", "-m", "fix 1")
+        dm.ok("push", "hub", "pin")  # the checked-out branch, fix
+        dm.ok("checkout", "master")
+        bob = DM(tmp_path / "bob")
+        hub.join(bob, "bob", hub.keys["bob"])
+        hub.dm_hub("collaborator", "add", "alice/pin", "bob", "--role", "write")
+        bob.ok("clone", "hub", "alice/pin", "fix")
+        (bob.path("pin.db") / "state").write_text("fix 2")
+        bob.ok("commit", "-m", "fix 2")
+        bob.ok("push", "hub")
+        engine.run("run", "-d", "--name", "pinned", "--network", "none", "-v",
+                   "pin.db@fix:/d", IMAGE, "sh", "-c", "trap 'exit 0' TERM; while true; "
+                   "do sleep 0.1; done")
+        try:
+            assert engine.run("exec", "pinned", "cat", "/d/state").stdout == "fix 1"
+            p = dm("pull", "hub", "pin", "fix")
+            assert p.returncode == 5 and "container pinned (pinned with @fix)" in p.stderr, \
+                p.stderr
+            assert engine.run("exec", "pinned", "cat", "/d/state").stdout == "fix 1"
+            out = json.loads(dm.ok("pull", "hub", "pin", "fix", "--stop-writers", "--json"))
+            assert out["status"] == "fast-forward", out
+            assert "restarted container pinned on the pulled state of fix" in out["notes"]
+            assert engine.run("exec", "pinned", "cat", "/d/state").stdout == "fix 2"
+            assert json.loads(dm.ok("dot", "show", "pin", "--json"))["branch"] == "master"
+            assert dm.ok("cat", "fix:db/state") == "fix 2"
+        finally:
+            engine.run("rm", "-f", "pinned")
+    finally:
+        hub.stop()

@@ -241,8 +241,8 @@ def _gc(hub: Hub, *args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hub", ["scale-out"], indirect=True)  # its blobs in S3; the local
-def test_a_deleted_dots_own_bytes_are_freed_and_shared_ones_kept(hub, tmp_path):  # one: above
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # the scale-out hub's deletes:
+def test_a_deleted_dots_own_bytes_are_freed_and_shared_ones_kept(hub, tmp_path):  # below
     alice = _dev(tmp_path, hub, "alice", "alice")
     shared = {"shared.bin": os.urandom(700 << 10)}
     own = {f"own{i}.bin": os.urandom(1 << 20) for i in range(4)}
@@ -318,7 +318,8 @@ def test_pushes_racing_gc_end_with_whole_dots(hub, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):
+@pytest.mark.parametrize("hub", ["scale-out"], indirect=True)  # S3 and PostgreSQL: the
+def test_a_killed_gc_loses_nothing_and_a_rerun_finishes(hub, tmp_path):  # slow deletes
     alice = _dev(tmp_path, hub, "alice", "alice")
     kept: dict[str, dict[str, bytes]] = {}
     for i in range(4):

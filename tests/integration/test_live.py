@@ -67,14 +67,14 @@ def test_commits_of_a_running_app_are_consistent():
             assert {"redis-server", "postgres"} <= names and app.pid in {
                 w["pid"] for w in shown["writers"]}
             ids = []
-            for i in range(8):
+            for i in range(5):
                 out = json.loads(dm.ok("commit", "-m", f"live {i}", "--json"))
                 assert out["freeze_ms"] is not None
                 ids.append(out["id"])
                 time.sleep(0.05)
             assert app.poll() is None, "the app died while being committed"
             log = json.loads(dm.ok("log", "--json"))
-            assert all("dm.freeze_ms" in c["metadata"] for c in log[:8])
+            assert all("dm.freeze_ms" in c["metadata"] for c in log[:5])
             refused = dm("reset", "--hard", ids[0])
             assert refused.returncode == 5 and "--stop-writers" in refused.stderr
         finally:

@@ -295,6 +295,7 @@ def _kill_midway(dm: DM, args: list[str], marker) -> None:
     kill_inside(lambda: dm.popen(*args), marker, 1, "a transfer")
 
 
+@pytest.mark.parametrize("hub", ["scale-out"], indirect=True)  # two hub processes, S3
 def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)
     _big_dot(alice, "resume", 96)  # 4 batches of a push: a 4th is still to come at the 3rd

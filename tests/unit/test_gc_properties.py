@@ -160,7 +160,7 @@ def test_gc_keeps_everything_reachable_and_only_that(steps: list[tuple[object, .
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, min_size=10, max_size=40))
 def test_gc_keeps_everything_reachable_and_only_that_long(
         steps: list[tuple[object, ...]]) -> None:

@@ -108,7 +108,11 @@ def test_api_calls_without_a_key_or_with_a_strangers(hub) -> None:
     c = client(store)
     base = "/api/v1/dots/ann/app"
     for path in (base, f"{base}/log", f"{base}/commits/{cid}", f"{base}/collaborators"):
-        assert c.get(path).status_code == 401, path
+        r = c.get(path)
+        assert r.status_code == 401, path
+        # a challenge a browser does not answer with a password prompt (which would then
+        # send the key with forged cross-site requests)
+        assert r.headers["www-authenticate"] == 'DMKey realm="dm hub"', path
         r = c.get(path, auth=("eve", keys["eve"]))
         assert r.status_code == 403 and SECRET_TEXT not in r.text, path
         assert c.get(path, auth=("ann", keys["eve"])).status_code == 401, path

@@ -15,7 +15,8 @@ from dotmesh.capture.containers import Container, containers_using
 from dotmesh.capture.containers import start as start_containers
 from dotmesh.capture.containers import stop as stop_containers
 from dotmesh.capture.writers import Writer, find_writers
-from dotmesh.errors import Conflict, DotmeshError
+from dotmesh.errors import Conflict, DotmeshError, InvalidName
+from dotmesh.model.names import DockerVolume
 
 
 def containers_of(dot: str) -> list[Container]:
@@ -30,6 +31,22 @@ def running_containers(dot: str) -> list[Container]:
 def active_containers(dot: str) -> list[Container]:
     """Containers that would go on writing (running, or paused and about to run again)."""
     return [c for c in containers_of(dot) if c.state in ("running", "paused")]
+
+
+def pinned_containers(dot: str, branch: str) -> list[Container]:
+    """Active containers that mount a volume of ``dot`` pinned to ``branch``
+    (``DOT[.SUBDOT]@BRANCH``): they use that branch's parked folders."""
+    out = []
+    for c in active_containers(dot):
+        for name in c.volumes:
+            try:
+                pinned = DockerVolume.parse(name).branch
+            except InvalidName:
+                continue
+            if pinned == branch:
+                out.append(c)
+                break
+    return out
 
 
 @dataclass

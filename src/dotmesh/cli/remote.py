@@ -206,7 +206,9 @@ def register(cli: click.Group) -> None:
     @click.argument("dot", required=False)
     @click.argument("branch", required=False)
     @click.option("--stop-writers", is_flag=True,
-                  help="Stop processes using the dot when the checked-out branch moves.")
+                  help="Stop what uses the folders of a branch that moves: processes on the "
+                       "checked-out branch's, containers pinned to a branch (@BRANCH; started "
+                       "again on the pulled state).")
     @click.option("--remote-name", "remote_dot", default=None, metavar="NAMESPACE/DOT",
                   help="The dot's name on the remote (default: as before, or USER/DOT); "
                        "remembered.")

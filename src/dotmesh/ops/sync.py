@@ -22,6 +22,10 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import zstandard
 
+from dotmesh.capture.containers import start as start_containers
+from dotmesh.capture.containers import stop as stop_containers
+from dotmesh.capture.stop import Stopped, pinned_containers, stop_processes
+from dotmesh.capture.writers import find_writers
 from dotmesh.errors import AlreadyExists, Conflict, NotFound
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
@@ -46,7 +50,7 @@ from dotmesh.remote import graph
 from dotmesh.remote.transport import Transport
 from dotmesh.remote.wire import KIND_FILELIST_DELTA, BadTransfer, Record, batches, encode_delta
 from dotmesh.store.repo import Journal, Repo
-from dotmesh.workdir.branches import backend_of, recover
+from dotmesh.workdir.branches import backend_of, materialize, recover
 
 Progress = Callable[[int], None]
 CHUNK_FETCH = 2000  # chunks asked for at once (the answer comes in parts of a few MiB)
@@ -511,7 +515,11 @@ def _land(home: Repo, res: Transfer, stop_writers: bool, stash: bool) -> None:
                 home, dot, new.hex(), stop_writers=stop_writers, expect_old=old,
                 action="pull", message=message)
         else:
-            _move_parked(home, dot, branch, old, new, message)
+            moved = _move_parked(home, dot, branch, old, new, message, stop_writers)
+            res.notes += [f"stopped {w}; dm does not restart processes it did not start"
+                          for w in moved.processes]
+            res.notes += [f"restarted {c} on the pulled state of {branch}"
+                          for c in moved.containers]
     except BaseException:
         if made and res.stashed:  # the branch did not move: it holds what the stash held
             with home.lock(dot, "pull"), Tx(home.conn) as tx:
@@ -610,9 +618,12 @@ def fetch_ref(home: Repo, dot: str, ref: str, remote_name: str | None = None) ->
 
 
 def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: ObjectId,
-                 message: str) -> None:
+                 message: str, stop_writers: bool = False) -> Stopped:
     """Fast-forward a branch that is not checked out. Its parked working folders, if clean,
-    are dropped so that the next checkout builds them from the new head."""
+    are dropped so that the next checkout builds them from the new head. Folders in use (a
+    container pinned to the branch with ``@BRANCH``, a process) make it refuse, unless
+    ``stop_writers``: then processes are stopped, and containers stopped and started again
+    on the new head's folders, built here."""
     with home.lock(dot, "pull"):
         recover(home, dot)
         before = home.commit(old) if old else None
@@ -624,12 +635,30 @@ def _move_parked(home: Repo, dot: str, branch: str, old: ObjectId | None, new: O
         if roots and is_dirty(roots, before):
             raise Conflict(f"branch {branch} has changes that are not committed: dm checkout "
                            f"{branch} and commit them, then pull again")
+        stopped = Stopped(find_writers(parked.values()) if parked else [],
+                          pinned_containers(dot, branch))
+        users = [*map(str, stopped.processes),
+                 *(f"{c} (pinned with @{branch})" for c in stopped.containers)]
+        if users and not stop_writers:
+            raise Conflict(f"branch {branch}'s folders are in use by {', '.join(users)}: stop "
+                           "them before the pull moves it, or add --stop-writers to have dm "
+                           "stop them (and start the containers again on the pulled state)")
+        stop_processes(stopped.processes, 10.0)
+        stop_containers(stopped.containers, 10)
         with Tx(home.conn) as tx:
             home.set_head(tx, dot, branch, ObjectId(old) if old else None, new, "pull", None,
                           message)
             home.drop_caches(tx, dot, branch)
-        for p in parked.values():
-            backend.discard(p)
+        if stopped.containers:  # they start again on the new head's folders, built here
+            whole = home.parked_set(dot, branch)
+            if whole.exists():
+                backend.discard(whole)
+            materialize(home, dot, branch, new, home.packs.writer())
+        else:
+            for p in parked.values():
+                backend.discard(p)
+    start_containers(stopped.containers)
+    return stopped
 
 
 # ------------------------------------------------------------------ clone

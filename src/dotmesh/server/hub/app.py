@@ -134,7 +134,10 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
                         return await run_in_threadpool(fn, user, request.path_params, body,
                                                        request.query_params)
             except DotmeshError as e:
-                headers = {"WWW-Authenticate": 'Basic realm="dm hub"'} if isinstance(
+                # Not "Basic": a browser would ask for the key in a prompt and then send it
+                # with every request, forged cross-site ones too. dm and curl -u send
+                # Basic credentials unasked.
+                headers = {"WWW-Authenticate": 'DMKey realm="dm hub"'} if isinstance(
                     e, Unauthorized) else None
                 return JSONResponse({"error": str(e)}, status_code=e.http_status,
                                     headers=headers)
