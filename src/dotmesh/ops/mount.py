@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dotmesh.capture.proc import send as send_signal
 from dotmesh.errors import AlreadyExists, DotmeshError, NotFound, UsageError
 from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
@@ -371,7 +372,7 @@ def stop(home: Repo, folder: Path) -> Mounted:
         if _fuse_mounted(where):
             raise DotmeshError(f"could not unmount {where}: {done.stderr.strip()}")
     elif found.serving:  # mounted elsewhere than recorded: end its server, which ends it
-        os.kill(found.pid, signal.SIGTERM)
+        send_signal(found.pid, signal.SIGTERM)  # (it may have ended meanwhile)
     with Tx(home.conn) as tx:
         refs.delete_view(tx, where)
     return found  # its server ends by itself once unmounted
