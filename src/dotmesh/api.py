@@ -322,7 +322,8 @@ class Repo:
                 http: bool = False, ca_cert: Path | None = None) -> tuple[Remote, str]:
         """Add a hub (``USER@HOST[:PORT]``) as a remote, checking the key with it first;
         returns the remote and the user the hub knows the key as. ``api_key`` may be a
-        function that asks for it, called once the name and address are good."""
+        function that asks for it, called once the name and address are good. A bare
+        ``HOST[:PORT]`` adds the hub without a key (user ""): public dots only."""
         from dotmesh.ops import remotes  # noqa: PLC0415
 
         return remotes.add_hub(self._store, name, address, api_key, http, ca_cert)

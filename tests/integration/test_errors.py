@@ -144,7 +144,9 @@ def test_second_process_on_a_dot_is_refused(dm):
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["remote", "add", "hub", "no-at-sign"], 2, "USER@HOST"),
+    (["remote", "add", "hub", "bad/host"], 2, "USER@HOST"),
+    pytest.param(["remote", "add", "pub", "127.0.0.1:1", "--http"], 14, "cannot reach",
+                 marks=SLOW),  # no key: checked by listing the hub's public dots
     pytest.param(["remote", "add", "hub", "a@host:99999"], 2, "bad port", marks=SLOW),
     pytest.param(["remote", "add", "bad name", "a@host"], 2, "may only contain", marks=SLOW),
     pytest.param(["remote", "add", "hub", "a@host"], 2, "no API key", marks=SLOW),

@@ -180,13 +180,47 @@ def test_a_public_dot_is_read_without_a_key_but_not_pushed(world):
             assert anyone.get(path).status_code == 401, path
         assert anyone.put("/api/v1/dots/ann/pub/branches/master",
                           json={"new": "0" * 64}).status_code == 401
-        assert anyone.post("/api/v1/dots/ann/pub/fetch", content=b"").status_code == 401
+        assert anyone.post("/api/v1/dots/ann/app/fetch", content=b"").status_code == 401
+        assert anyone.post("/api/v1/dots/ann/pub/lacking", content=b"").status_code == 401
+        assert anyone.post("/api/v1/dots/ann/pub/objects", content=b"").status_code == 401
     with http(hub, "eve") as eve:  # a key that may read it still may not push
         assert eve.post("/api/v1/dots/ann/pub/objects", content=b"").status_code == 403
         assert eve.put("/api/v1/dots/ann/pub/public", json={"public": False}
                        ).status_code == 403
     with http(hub, "ann") as ann:
         assert ann.put("/api/v1/dots/ann/pub/public", json={"public": "yes"}).status_code == 400
+
+
+def test_anyone_clones_and_pulls_a_public_dot_without_a_key(world):
+    hub, top = world
+    anon = DM(top / "anonymous")
+    out = anon.ok("remote", "add", "pub", f"127.0.0.1:{hub.ports[0]}", "--http")
+    assert "no key: public dots only" in out and "dm clone pub NAMESPACE/DOT" in out
+    listed = json.loads(anon.ok("remote", "--json"))
+    assert listed[0]["name"] == "pub" and listed[0]["user"] is None
+    assert [d["name"] for d in json.loads(anon.ok("list", "--remote", "pub", "--json"))] == [
+        "pub"]  # ann/app is not public: not even its name shows
+
+    anon.ok("clone", "pub", "ann/pub")
+    assert (anon.path("pub") / "readme").read_text() == "for everyone"
+    ann = DM(top / "ann")  # joined the hub in world()
+    (ann.path("pub") / "readme").write_text("for everyone, again")
+    ann.ok("commit", "-m", "second public state", "--no-freeze")
+    ann.ok("push", "hub", "pub")
+    anon.ok("pull", "pub", "pub")
+    assert (anon.path("pub") / "readme").read_text() == "for everyone, again"
+    assert "second public state" in anon.ok("log", "--remote", "pub", "ann/pub")
+
+    before = hub.packs()
+    anon.ok("commit", "-m", "mine", "--no-freeze")
+    p = anon("push", "pub", "pub")
+    assert p.returncode != 0 and "remote pub has no key" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and hub.packs() == before
+    p = anon("clone", "pub", "ann/app")  # private: as if it were not there
+    assert p.returncode != 0 and "needs an API key" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = anon("clone", "pub", "app")  # whose app? an anonymous remote has no namespace
+    assert p.returncode != 0 and "name the dot NAMESPACE/app" in p.stderr, p.stderr
 
 
 def test_a_fork_shares_objects_and_is_its_forkers_to_push(world):

@@ -268,7 +268,10 @@ def test_dm_ui_commit_page_tells_sizes_files_and_rows(ui) -> None:
     page = c.get(f"/dots/app/commits/{cid}").text
     assert "app.sqlite" in page and "Compute the row and key summary" in page
     assert "KiB" in page  # humanised sizes
-    rows = c.get(f"/dots/app/commits/{cid}?data=1").text
+    # a link (from any site) does not start the throwaway servers: a CSRF-checked form does
+    assert "<td>users</td>" not in c.get(f"/dots/app/commits/{cid}?data=1").text
+    assert c.post(f"/dots/app/commits/{cid}", data={"data": "1"}).status_code == 403
+    rows = c.post(f"/dots/app/commits/{cid}", data={"data": "1", "csrf": csrf_of(page)}).text
     assert re.search(r"<td>users</td><td class=\"num\">2</td>", rows), rows
     assert "&#39;name&#39;: &#39;ben&#39;" in rows  # the first rows added, escaped
 
@@ -418,3 +421,46 @@ def test_signing_in_starts_a_new_session_and_ends_the_one_before(hub) -> None:
     kept = client(store)
     kept.cookies.set(COOKIE, ann_cookie)
     assert kept.get("/").status_code == 401  # ann's session ended when eve signed in over it
+
+
+def test_public_dots_are_listed_to_anyone_and_nothing_else_is(hub) -> None:
+    store, keys, cid = hub
+    anyone = client(store)
+    r = anyone.get("/public")
+    assert r.status_code == 200 and "No public dots on this hub yet" in r.text
+    assert "ann/" not in r.text and SECRET_TEXT not in r.text
+    push(store, "ben", "open", f"open {HOSTILE}", b"for all")
+    store.set_public("ben", "open", True)
+    try:
+        r = anyone.get("/public")
+        assert 'href="/dots/ben/open"' in r.text and "ann/" not in r.text
+        assert "<script>alert" not in r.text and "dm clone pub NAMESPACE/DOT" in r.text
+        assert 'href="/signin"' in r.text
+        page = anyone.get("/dots/ben/open")
+        assert page.status_code == 200 and "open &lt;script&gt;" in page.text
+        assert anyone.get("/dots/ann/app").status_code == 401  # not public: sign in
+        assert 'href="/public"' in anyone.get("/signin").text
+        # the signed-in see the same list, their own private dots not in it
+        ann = signed_in(store, "ann", keys["ann"])
+        r = ann.get("/public")
+        assert 'href="/dots/ben/open"' in r.text and 'href="/dots/ann/app"' not in r.text
+    finally:
+        store.remove_dot("ben", "open")
+
+
+def test_every_answer_carries_the_baseline_headers(hub, ui) -> None:
+    """The framework's own 404 and 405, the API's JSON and errors: none is framed, sniffed
+    as HTML or allowed to run anything."""
+    store, keys, cid = hub
+    c = client(store)
+    answers = [c.get("/no/such/page"), c.delete("/signin"), c.get("/api/v1/dots"),
+               c.get("/api/v1/user"), c.get("/api/v1/dots/ann/app")]
+    ui_client, _ = ui
+    answers += [ui_client.get("/no/such/page"), ui_client.delete("/")]
+    assert [r.status_code for r in answers] == [404, 405, 200, 401, 401, 404, 405]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+        assert r.headers["x-frame-options"] == "DENY", r.url
+        assert "default-src 'none'" in r.headers["content-security-policy"], r.url
+    page = signed_in(store, "ann", keys["ann"]).get("/")  # a page keeps its own policy
+    assert "style-src 'self'" in page.headers["content-security-policy"]

@@ -68,7 +68,7 @@ def register(cli: click.Group) -> None:
         default = repo.default_remote()
         found = repo.remotes()
         if as_json:
-            emit_json([{"name": r.name, "kind": r.kind, "url": r.url, "user": r.user,
+            emit_json([{"name": r.name, "kind": r.kind, "url": r.url, "user": r.user or None,
                         "bucket": r.options.get("bucket"), "default": r.name == default}
                        for r in found])
             return
@@ -80,7 +80,7 @@ def register(cli: click.Group) -> None:
 
     @remote.command("add")
     @click.argument("name")
-    @click.argument("address", metavar="USER@HOST[:PORT]")
+    @click.argument("address", metavar="[USER@]HOST[:PORT]")
     @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
                   help="Read the API key from this file (else $DM_API_KEY, else asked).")
     @click.option("--http", "plain", is_flag=True, help="Plain HTTP (default: HTTPS).")
@@ -90,14 +90,20 @@ def register(cli: click.Group) -> None:
     @pass_ctx
     def remote_add(c: Ctx, name: str, address: str, api_key_file: Path | None, plain: bool,
                    ca_cert: Path | None, as_json: bool) -> None:
-        """Add a hub as a remote; the API key is checked with the hub first.
+        """Add a hub as a remote; the API key is checked with the hub first. Without
+        USER@, no key is asked for or sent: the remote clones and pulls public dots only.
 
         \b
         Example:  DM_API_KEY=dmk_... dm remote add hub alice@127.0.0.1:8080 --http
+                  dm remote add pub 127.0.0.1:8080 --http && dm clone pub alice/demo
         """
         r, who = c.repo.add_hub(name, address, lambda: _api_key(api_key_file), plain, ca_cert)
         if as_json:
-            emit_json({"name": r.name, "kind": r.kind, "url": r.url, "user": who})
+            emit_json({"name": r.name, "kind": r.kind, "url": r.url, "user": who or None})
+            return
+        if r.anonymous:
+            click.echo(f"Added remote {r.name} ({r.describe()}): dm clone {r.name} "
+                       "NAMESPACE/DOT clones a public dot")
             return
         click.echo(f"Added remote {r.name} ({r.describe()}), signed in as {who}")
 

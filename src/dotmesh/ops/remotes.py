@@ -23,7 +23,8 @@ from dotmesh.store.repo import Repo
 
 HUB, S3 = "hub", "s3"
 DEFAULT_REMOTE = "default_remote"  # the store setting naming the remote push and pull use
-_HOST = re.compile(r"^([A-Za-z0-9_-]{1,64})@([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?$")
+_HOST = re.compile(r"^(?:([A-Za-z0-9_-]{1,64})@)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"
+                   r"(?::(\d{1,5}))?$")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,14 @@ class Remote:
     secret: str
     options: dict[str, str] = field(default_factory=dict)  # bucket, ca_cert
 
+    @property
+    def anonymous(self) -> bool:
+        """A hub added without a user: it reads public dots, pushes nothing."""
+        return self.kind == HUB and not self.user
+
     def describe(self) -> str:
+        if self.anonymous:
+            return f"{self.url} (no key: public dots only)"
         if self.kind == HUB:
             return f"{self.user}@{self.url}"
         return f"s3 {self.url}/{self.options['bucket']} (key {self.user})"
@@ -45,11 +53,14 @@ class Remote:
 
 
 def parse_hub(spec: str, http: bool) -> tuple[str, str]:
-    """``USER@HOST[:PORT]`` -> (user, base URL); https on 443 unless ``http`` (port 80)."""
+    """``USER@HOST[:PORT]`` -> (user, base URL); https on 443 unless ``http`` (port 80).
+    ``HOST[:PORT]`` alone gives user "": a remote without a key, for public dots."""
     m = _HOST.match(spec)
     if not m:
-        raise UsageError(f"bad hub address {spec!r}: expected USER@HOST[:PORT]")
+        raise UsageError(f"bad hub address {spec!r}: expected USER@HOST[:PORT] (or HOST[:PORT] "
+                         "to read public dots without a key)")
     user, host, port = m.groups()
+    user = user or ""
     scheme = "http" if http else "https"
     if port is not None and not 0 < int(port) < 65536:
         raise UsageError(f"bad port in {spec!r}")
@@ -97,11 +108,20 @@ def add_hub(home: Repo, name: str, spec: str, key: str | Callable[[], str],
     ``key`` may be a function that asks for it: called once the name and address are good."""
     check_name(name, "remote name")
     user, url = parse_hub(spec, http)
+    options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
+    if not user:  # no key: the hub is asked for its public dots, as a check that it is one
+        r = Remote(name, HUB, url, "", "", options)
+        t = HubTransport(r.url, "", "", "", r.verify())
+        try:
+            t.list_dots(1)
+        finally:
+            t.close()
+        _save(home, r)
+        return r, ""
     if callable(key):
         key = key()
     if not key.strip():
         raise UsageError("the API key is empty")
-    options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
     r = Remote(name, HUB, url, user, key.strip(), options)
     t = HubTransport(r.url, r.user, r.secret, "", r.verify())
     try:
@@ -183,6 +203,8 @@ def qualify(r: Remote, given: str) -> str:
     ``NAMESPACE/`` is in the remote's user's own namespace (as in Dotmesh, where ``dm clone
     hub app`` meant your own ``app``); a bucket's names are used as given."""
     if r.kind == HUB and "/" not in given:
+        if r.anonymous:
+            raise UsageError(f"remote {r.name} has no user: name the dot NAMESPACE/{given}")
         given = f"{r.user}/{given}"
     return check_remote_dot(r, given)
 

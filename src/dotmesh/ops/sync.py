@@ -26,7 +26,7 @@ from dotmesh.capture.containers import start as start_containers
 from dotmesh.capture.containers import stop as stop_containers
 from dotmesh.capture.stop import Stopped, pinned_containers, stop_processes
 from dotmesh.capture.writers import find_writers
-from dotmesh.errors import AlreadyExists, Conflict, NotFound
+from dotmesh.errors import AlreadyExists, Conflict, NotFound, UsageError
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.graph import ancestors, check_fast_forward, commits_between
@@ -117,6 +117,9 @@ def push(home: Repo, dot: str, remote_name: str | None = None, branch: str | Non
     did) and then the branch moves to ours: nothing is lost on either side."""
     home.require_dot(dot)
     r = remotes.get(home, remote_name)
+    if r.anonymous:
+        raise UsageError(f"remote {r.name} has no key: it reads public dots but pushes "
+                         f"nothing (add the hub as USER@HOST with an API key to push)")
     rdot = remotes.remote_dot_for(home, r, dot, remote_dot)
     branch = check_branch(branch or home.branch(dot))
     head = home.head(dot, branch)

@@ -156,12 +156,14 @@ class HubTransport:
 
     def __init__(self, url: str, user: str, key: str, remote_dot: str,
                  verify: bool | str = True) -> None:
-        """``remote_dot`` is NAMESPACE/DOT ("" when only asking who the key belongs to)."""
+        """``remote_dot`` is NAMESPACE/DOT ("" when only asking who the key belongs to).
+        Without a ``user`` no key is sent: the hub answers for public dots only."""
         import httpx  # noqa: PLC0415
 
         self.url, self.remote_dot = url.rstrip("/"), remote_dot
         self.where = f"the hub at {self.url} ({remote_dot})"
-        self.http = httpx.Client(base_url=self.url, auth=(user, key), verify=verify,
+        self.http = httpx.Client(base_url=self.url, auth=(user, key) if user else None,
+                                 verify=verify,
                                  timeout=httpx.Timeout(120, connect=10))
         self._httpx = httpx
         self._parent_of: dict[ObjectId, ObjectId] = {}  # a log page's last commit: its parent

@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -35,6 +36,7 @@ from dotmesh.server.hub.browse import LOG_LIMIT, LOG_MAX, commit, commit_view, i
 from dotmesh.server.hub.config import HubConfig
 from dotmesh.server.hub.storage import Dot, HubStore, check_key_id
 from dotmesh.server.web.hub import hub_routes
+from dotmesh.server.web.pages import BaselineHeaders
 
 OCTETS = "application/octet-stream"
 FETCH_LIMIT = 32 << 20  # bytes of objects per fetch answer; the client asks for the rest
@@ -122,12 +124,14 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
             try:
                 # before reading a body
                 user = await run_in_threadpool(user_of, request, anonymous)
-                if user is None or method not in ("POST", "PUT"):
+                if method not in ("POST", "PUT"):
                     return await run_in_threadpool(fn, user, request.path_params, b"",
                                                    request.query_params)
                 # A user reads BODIES_PER_USER bodies at once (so nobody's slow uploads hold
-                # up anyone else's), and a process handles BODIES_AT_ONCE read bodies.
-                mine = per_user.setdefault(user, asyncio.Semaphore(BODIES_PER_USER))
+                # up anyone else's), and a process handles BODIES_AT_ONCE read bodies. Callers
+                # without a key (public fetches) share one allowance: " " is no user's name.
+                caller = user if user is not None else " "
+                mine = per_user.setdefault(caller, asyncio.Semaphore(BODIES_PER_USER))
                 async with mine:
                     body = await _body(request)
                     async with handling:
@@ -173,7 +177,7 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
         records = decode(body, None, "the pusher", base=store.getter(dot))
         return JSONResponse({"received": len(records), "new": store.receive(dot, records)})
 
-    def fetch(user: str, p: dict[str, str], body: bytes, q: Any) -> Response:
+    def fetch(user: str | None, p: dict[str, str], body: bytes, q: Any) -> Response:
         dot = store.dot_for(user, p["ns"], p["dot"])
         if len(body) % (ID_LEN + 1):
             raise UsageError(f"a fetch lists {ID_LEN + 1}-byte (kind, id) pairs")
@@ -318,7 +322,7 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
         route(base, "DELETE", drop),
         route(base + "/lacking", "POST", lacking),
         route(base + "/objects", "POST", receive),
-        route(base + "/fetch", "POST", fetch),
+        route(base + "/fetch", "POST", fetch, anonymous=True),
         route(base + "/history/{commit}", "GET", history, anonymous=True),
         route(base + "/log", "GET", commit_log, anonymous=True),
         route(base + "/commits/{commit}", "GET", one_commit, anonymous=True),
@@ -330,7 +334,7 @@ def create_app(store: HubStore, secret: bytes | None = None) -> Starlette:
         route(base + "/collaborators/{user}", "PUT", collaborator),
         route(base + "/collaborators/{user}", "DELETE", collaborator_rm),
         Mount("/", routes=hub_routes(store, secret or secrets.token_bytes(32))),  # web pages
-    ])
+    ], middleware=[Middleware(BaselineHeaders)])
 
 
 def app_from_env() -> Starlette:

@@ -51,6 +51,17 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
             raise Unauthorized("Sign in with your user name and API key.")
         return v.user
 
+    def public(v: Visit) -> Response:
+        """The public dots, for anyone (they may be cloned without a key)."""
+        found = store.visible(None, None, DOTS_SHOWN)
+        rows = store.summaries(found)
+        for (dot, _), row in zip(found, rows, strict=True):
+            heads = {b: commit_id(h) for b, h in row["branches"].items()}
+            row["last"] = newest(store.getter(dot), heads)
+        return v.page("dots.html", groups=[("Public dots", rows)], note=v.note,
+                      truncated=len(found) == DOTS_SHOWN, anonymous=v.user is None,
+                      public_only=True)
+
     def home(v: Visit) -> Response:
         user = signed_in(v)
         found = store.visible(user, None, DOTS_SHOWN)
@@ -64,7 +75,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
                   ("Public", [r for r in rows if r["access"] == "read"
                               and user not in r["collaborators"]])]
         return v.page("dots.html", groups=groups, note=v.note,
-                      truncated=len(found) == DOTS_SHOWN)
+                      truncated=len(found) == DOTS_SHOWN, anonymous=False, public_only=False)
 
     def sign_in_form(v: Visit) -> Response:
         return v.page("signin.html", message=None, next=safe_next(v.query.get("next")))
@@ -212,6 +223,7 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
     d = "/dots/{ns}/{dot}"
     return routes(site, [
         ("/", "GET", home),
+        ("/public", "GET", public),
         ("/signin", "GET", sign_in_form),
         ("/signin", "POST", sign_in),
         ("/signout", "POST", sign_out),

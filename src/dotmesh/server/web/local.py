@@ -24,7 +24,7 @@ from dotmesh.errors import DotmeshError, NotFound, Unauthorized, UsageError
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_name
 from dotmesh.server.hub.browse import LOG_LIMIT, commit_json
-from dotmesh.server.web.pages import Site, Visit, commit_row, routes, start_session
+from dotmesh.server.web.pages import BaselineHeaders, Site, Visit, commit_row, routes, start_session
 from dotmesh.server.web.session import Session
 
 LOCAL_USER = "local"  # the session a dm ui link starts
@@ -100,7 +100,9 @@ def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
             shown = dot.show(oid)
             parent: ObjectId | None = shown.commit.parents[0] if shown.commit.parents else None
             changes = [vars(ch) for ch in dot.diff(parent, oid)] if parent else []
-            reports = dot.diff_data(parent, oid) if parent and v.query.get("data") else None
+            # Only on a POST (CSRF-checked): a link from another site could start the
+            # throwaway database servers, and freeze a running app for a working state.
+            reports = dot.diff_data(parent, oid) if parent and v.form.get("data") else None
         c = commit_row(commit_json(oid, shown.commit))
         base = f"/dots/{name}"
         return v.page("commit.html", local=True, dot=name, base=base, c=c, changes=changes,
@@ -112,7 +114,7 @@ def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
                               "bytes_removed": shown.bytes_removed},
                       changes_note=None if parent else
                       f"The first commit: {shown.added} files, listed by dm ls {name}.",
-                      data_url=f"{base}/commits/{c['id']}?data=1" if parent else None,
+                      data_url=f"{base}/commits/{c['id']}" if parent else None,
                       data_hint="A first commit has nothing to compare its data with.")
 
     def action(v: Visit, run: Callable[[Dot], str]) -> Response:
@@ -175,6 +177,7 @@ def local_routes(home: Path, secret: bytes, token: str, port: int | None = None
         ("/open", "GET", open_link),
         (d, "GET", dot_page),
         (d + "/commits/{commit}", "GET", commit_page),
+        (d + "/commits/{commit}", "POST", commit_page),  # with the data diff
         (d + "/checkout", "POST", checkout),
         (d + "/reset", "POST", reset),
         (d + "/tag", "POST", tag),
@@ -188,5 +191,6 @@ def create_app(home: Path, token: str, secret: bytes | None = None,
     ``/open?token=TOKEN`` starts. Only 127.0.0.1 and localhost are answered (a page of
     another site cannot reach it by a DNS name of its own)."""
     return Starlette(routes=local_routes(home, secret or secrets.token_bytes(32), token, port),
-                     middleware=[Middleware(TrustedHostMiddleware,
+                     middleware=[Middleware(BaselineHeaders),
+                                 Middleware(TrustedHostMiddleware,
                                             allowed_hosts=["127.0.0.1", "localhost"])])

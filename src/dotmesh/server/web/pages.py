@@ -17,9 +17,11 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dotmesh.errors import DotmeshError, Unauthorized
 from dotmesh.server import web
@@ -33,6 +35,33 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'self'; img
            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 FORM_BYTES = 64 << 10
+# Sent with every other answer (the API's JSON, the framework's own 404 and 405): nothing a
+# browser gets from these servers is sniffed as HTML, framed or run.
+BASELINE = {"Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff"}
+
+
+class BaselineHeaders:
+    """ASGI middleware adding :data:`BASELINE` to every answer that does not set its own
+    (a page's :data:`HEADERS` stay as they are)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in BASELINE.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def ago(ts_ns: int, now: float | None = None) -> Markup:
