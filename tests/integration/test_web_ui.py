@@ -204,11 +204,31 @@ def test_fork_and_delete(browser, world) -> None:
     assert gone.status_code == 404
 
 
+def test_a_public_dot_is_browsed_without_signing_in(browser, world) -> None:
+    hub, _ = world
+    sign_in(browser, hub, "ann")
+    browser.get(url(hub, "/dots/ann/app/collaborators"))
+    click_button(browser, "Make it public")
+    assert "ann/app is now public" in text(browser)
+    browser.delete_all_cookies()  # anyone, without a key
+    browser.get(url(hub, "/signin"))
+    submit(browser, find(browser, "main a[href='/public']"))
+    assert "Public dots" in browser.title and "ann/app" in text(browser)
+    submit(browser, find(browser, "a.dot"))
+    assert "first users" in text(browser)
+    sign_in(browser, hub, "ann")
+    browser.get(url(hub, "/dots/ann/app/collaborators"))
+    click_button(browser, "Make it private")
+    browser.delete_all_cookies()
+    browser.get(url(hub, "/public"))
+    assert "No public dots on this hub yet" in text(browser)
+
+
 def test_pages_fit_a_phone(browser, world) -> None:
     hub, _ = world
     browser.set_window_size(390, 844)
     try:
-        for path in ("/", "/dots/ann/app", "/keys"):
+        for path in ("/", "/dots/ann/app", "/keys", "/public"):
             browser.get(url(hub, path))
             width = browser.execute_script("return document.documentElement.scrollWidth")
             inner = browser.execute_script("return window.innerWidth")
