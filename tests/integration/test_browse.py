@@ -30,6 +30,7 @@ def _two_commits(dm: DM) -> tuple[str, str, bytes]:
     return log[1]["id"], log[0]["id"], big
 
 
+@pytest.mark.slow
 def test_show_ls_and_cat_read_any_commit_without_moving(dm: DM) -> None:
     first, second, big = _two_commits(dm)
     before = capture(dm.path("app.db"))
@@ -116,6 +117,7 @@ def test_log_of_a_ref_and_a_branch_started_at_an_old_commit(dm: DM) -> None:
     assert "other" not in dm.ok("branch")
 
 
+@pytest.mark.slow
 def test_status_tells_the_head_the_changes_and_the_writers(dm: DM) -> None:
     dm.ok("init", "app")
     db = dm.path("app.db")

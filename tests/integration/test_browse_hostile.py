@@ -7,9 +7,12 @@ import json
 import os
 import sqlite3
 
+import pytest
+
 from tests.conftest import DM
 
 
+@pytest.mark.slow
 def test_diff_data_does_not_follow_a_symlink_out_of_the_export(dm: DM) -> None:
     dm.ok("init", "app")
     files = dm.path("app.files")
@@ -22,6 +25,7 @@ def test_diff_data_does_not_follow_a_symlink_out_of_the_export(dm: DM) -> None:
     assert "root:" not in out  # /etc/passwd is the host's, not the commit's
 
 
+@pytest.mark.slow
 def test_sqlite_table_whose_name_starts_with_sqlite_is_compared(dm: DM) -> None:
     dm.ok("init", "app")
     db = dm.path("app.db") / "app.db"
@@ -36,6 +40,7 @@ def test_sqlite_table_whose_name_starts_with_sqlite_is_compared(dm: DM) -> None:
     assert "sqlitestats" in text  # LIKE 'sqlite_%': '_' is a wildcard
 
 
+@pytest.mark.slow
 def test_sqlite_names_with_quotes_are_compared(dm: DM) -> None:
     dm.ok("init", "app")
     db = dm.path("app.db") / "app.db"
@@ -50,6 +55,7 @@ def test_sqlite_names_with_quotes_are_compared(dm: DM) -> None:
     assert db["tables"]['we"ird']["first"]["added"] == [{"id": 1, 'co"l': "x"}]
 
 
+@pytest.mark.slow
 def test_sqlite_duplicate_row_without_key_is_a_change(dm: DM) -> None:
     dm.ok("init", "app")
     db = dm.path("app.db") / "app.db"
@@ -65,6 +71,7 @@ def test_sqlite_duplicate_row_without_key_is_a_change(dm: DM) -> None:
     assert (t["added"], t["removed"]) == (1, 0) and t["first"]["added"] == [{"v": "dup"}]
 
 
+@pytest.mark.slow
 def test_binary_file_with_nuls_gets_no_text_diff(dm: DM) -> None:
     dm.ok("init", "app")
     f = dm.path("app.files") / "blob"
@@ -76,6 +83,7 @@ def test_binary_file_with_nuls_gets_no_text_diff(dm: DM) -> None:
     assert "\\x00" not in out
 
 
+@pytest.mark.slow
 def test_a_tag_cannot_shadow_a_commit_id_prefix(dm: DM) -> None:
     dm.ok("init", "app")
     (dm.path("app.files") / "a").write_text("1")
@@ -89,6 +97,7 @@ def test_a_tag_cannot_shadow_a_commit_id_prefix(dm: DM) -> None:
 
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_export_leaves_nothing_half_written(dm: DM, tmp_path) -> None:
     import signal
     import subprocess
@@ -127,6 +136,7 @@ def test_ctrl_c_in_an_export_leaves_nothing_half_written(dm: DM, tmp_path) -> No
     raise AssertionError("every export finished before Ctrl-C reached it")
 
 
+@pytest.mark.slow
 def test_mount_refuses_a_folder_another_user_could_swap(dm: DM, tmp_path) -> None:
     import shutil
 

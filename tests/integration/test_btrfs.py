@@ -81,6 +81,7 @@ def test_plain_can_be_forced_and_btrfs_cannot_be_asked_for_off_btrfs(btrfs_mount
     assert bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_commit_reads_only_the_blocks_that_changed_and_ids_match_plain(
         bdm: DM, tmp_path: Path) -> None:
     bdm.ok("init", "app")

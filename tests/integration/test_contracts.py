@@ -171,6 +171,7 @@ def test_the_openapi_description_covers_every_route(tmp_path):
     assert served == documented
 
 
+@pytest.mark.slow
 def test_a_hub_trusts_no_pusher(tmp_path):
     """Corrupt objects are refused, and a branch never moves to a commit whose closure the
     dot lacks; the hub's storage comes from a config file."""

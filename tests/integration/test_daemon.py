@@ -179,6 +179,7 @@ def _read_until(fd: int, wanted: bytes, timeout: float = 30) -> bytes:
     return seen
 
 
+@pytest.mark.slow
 def test_changed_code_makes_the_daemon_start_again_on_it(daemon: DM) -> None:
     daemon.ok("init", "app")
     before = json.loads(daemon.ok("daemon", "status", "--json"))
@@ -269,6 +270,7 @@ def _daemon_pid(dm: DM) -> int:
     return int(json.loads(dm.ok("daemon", "status", "--json"))["pid"])
 
 
+@pytest.mark.slow
 def test_a_caller_with_less_privilege_or_other_limits_runs_its_command_itself(
         daemon: DM) -> None:
     """The daemon's child has the daemon's capabilities, limits and niceness: a caller that

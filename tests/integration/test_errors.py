@@ -38,6 +38,7 @@ def test_bad_names_and_missing_things(dm, args, code, needle):
     assert needle in _one_line_error(p)
 
 
+@pytest.mark.slow
 def test_a_mistyped_home_makes_nothing(dm, tmp_path):
     dm.ok("init", "app")
     typo = DM(tmp_path / "hmoe", store=False)
@@ -105,6 +106,7 @@ def _flip_byte_of_largest_object(dm: DM, delta: int) -> None:
     pack.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_corrupted_pack_is_reported_by_fsck(dm):
     _flip_byte_of_largest_object(dm, 100)
     p = dm("fsck")
@@ -230,6 +232,7 @@ def test_reads_never_wait_for_a_writer(dm):
     assert json.loads(dm.ok("list", "--json"))[0]["state"] == "clean"
 
 
+@pytest.mark.slow
 def test_a_subdot_is_given_to_a_service_user_who_can_reach_it(dm, tmp_path):
     import pwd
     import shutil

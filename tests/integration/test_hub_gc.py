@@ -168,6 +168,7 @@ def test_bad_hub_dot_and_gc_commands(local_hub, args, code, needle):
     assert needle in _one_line_error(p)
 
 
+@pytest.mark.slow
 def test_gc_dry_run_and_json_on_an_empty_hub(local_hub):
     out = json.loads(local_hub.dm_hub("gc", "--dry-run", "--json"))
     assert out["dry_run"] and out["plan"]["garbage_objects"] == 0

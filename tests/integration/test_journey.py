@@ -171,6 +171,7 @@ def test_list_and_show_count_commits_and_uncommitted_bytes(dm):
     assert "commits:  2" in dm.ok("dot", "show")
 
 
+@pytest.mark.slow
 def test_a_dot_in_use_is_not_deleted(dm):
     dm.ok("init", "app")
     d = dm.path("app.db")

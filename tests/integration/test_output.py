@@ -8,11 +8,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DM_BIN
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_progress_json_quiet_hooks_and_a_first_commit(dm):
     dm.ok("init", "app")
     folder = dm.path("app.files")
@@ -76,6 +79,7 @@ def test_the_demo_s_closing_hint_works_as_printed(dm, tmp_path):
     assert "No commits yet" in p.stdout
 
 
+@pytest.mark.slow
 def test_shell_completion(dm):
     p = dm("completion", "bash", check=True)
     assert "_DM_COMPLETE=bash_complete" in p.stdout and "complete " in p.stdout

@@ -16,6 +16,7 @@ from dotmesh.cli.main import run
 from tests.conftest import capture
 
 
+@pytest.mark.slow
 def test_special_attributes_survive_reset(dm):
     dm.ok("init", "app")
     d = dm.path("app.pg")

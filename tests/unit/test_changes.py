@@ -94,6 +94,7 @@ def ops(*extra: str) -> st.SearchStrategy[list[tuple[str, str, str, int]]]:
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@pytest.mark.slow
 @given(first=ops("outside"), rounds=st.lists(ops(), min_size=1, max_size=3))
 def test_update_from_events_equals_a_full_snapshot(tmp_path, store, first, rounds):
     top = tmp_path / "t"

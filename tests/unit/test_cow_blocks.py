@@ -42,6 +42,7 @@ blocks_st = st.lists(st.binary(min_size=1, max_size=1).map(lambda b: b * chunker
 @settings(max_examples=40, deadline=None)
 @given(old=blocks_st, flips=st.lists(st.integers(0, 39), max_size=10),
        told=st.sets(st.integers(0, 39)))
+@pytest.mark.slow
 def test_skipping_blocks_known_equal_gives_the_ids_of_a_full_read(
         old: list[bytes], flips: list[int], told: set[int]) -> None:
     """``same`` may name any blocks that really are equal; the result is what reading and

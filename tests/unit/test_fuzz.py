@@ -137,6 +137,7 @@ COMMITS = st.builds(
                      "parents": JSON, "subdots": JSON, "message": JSON, "author": JSON,
                      "timestamp_ns": JSON, "metadata": JSON}).map(
                          lambda v: b"DMC1\n" + json.dumps(v).encode())))
+@pytest.mark.slow
 def test_commits(data):
     _survives(lambda: Commit.decode(data))
 
@@ -206,6 +207,7 @@ def test_bucket_indexes(data):
     _survives(lambda: decode_index("p.pack", data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(OBJECTS, max_size=4).map(_batch).flatmap(_mutations))
 def test_pack_files_scanned_for_a_repair(tmp_path_factory, data):
@@ -214,6 +216,7 @@ def test_pack_files_scanned_for_a_repair(tmp_path_factory, data):
     _survives(lambda: scan_pack(path))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(JSON, st.lists(COMMITS.map(lambda c: (KIND_COMMIT, c)), min_size=1, max_size=3))
 def test_answers_of_a_hub(heads, commits):

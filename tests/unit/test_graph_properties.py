@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -379,6 +380,7 @@ def test_commits_between_a_head_and_a_stop_set(history, data):
 # ------------------------------------------------------------------ delta
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(histories(), st.data())
 def test_delta_is_what_each_commit_changes_over_its_first_parent(history, data):
@@ -467,6 +469,7 @@ def test_delta_of_a_file_that_grows_or_changes_a_block():
 # ------------------------------------------------------------------ discover
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(histories(), st.data(), st.integers(1, 3))
 def test_discover_finds_exactly_what_the_receiver_lacks(history, data, batch):

@@ -159,6 +159,7 @@ def test_set_upstream_names_the_remote_dot_and_a_bare_name_is_the_users_own(
     assert dots.statuses(repo, ["app"])[0].remotes == {"hub": "alice/mine"}  # untouched
 
 
+@pytest.mark.slow
 def test_a_hook_past_its_timeout_is_killed_with_what_it_started(repo: Repo, tmp_path) -> None:
     """The hook and every process it started end at its timeout; the commit does not
     happen, and what the hook printed before was shown."""

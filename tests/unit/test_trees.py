@@ -115,6 +115,7 @@ def _get(g: Graph):
     return lambda oid: Tree.decode(g.objects[oid])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(histories())
 def test_side_by_side_reports_what_a_naive_walk_finds(history):

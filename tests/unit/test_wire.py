@@ -54,6 +54,7 @@ def test_a_batch_round_trips_and_checks_what_was_asked():
 @given(base=st.lists(st.sampled_from(IDS), max_size=60),
        edits=st.lists(st.tuples(st.integers(0, 60), st.sampled_from(IDS + [None])),
                       max_size=20))
+@pytest.mark.slow
 def test_a_file_list_delta_rebuilds_the_list(base, edits):
     old = FileList(tuple((ObjectId(i), 8192) for i in base))
     new_ids = list(base)

@@ -271,9 +271,11 @@ def _hidden_input(prompt: str = "Password: ", stream: Any = None) -> str:
     quiet = list(before)
     quiet[3] &= ~termios.ECHO
     out = stream or sys.stderr
+    # Echo off before the prompt shows (as getpass does): a key pasted as soon as the prompt
+    # appears would otherwise be echoed, then dropped by the flush.
+    termios.tcsetattr(0, termios.TCSAFLUSH, quiet)
     out.write(prompt)
     out.flush()
-    termios.tcsetattr(0, termios.TCSAFLUSH, quiet)
     try:
         line = sys.stdin.readline()
     finally:
