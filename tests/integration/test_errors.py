@@ -159,6 +159,8 @@ def test_second_process_on_a_dot_is_refused(dm):
                  marks=SLOW),
     pytest.param(["s3", "remote", "add", "s3", "k:s@host/B"], 2, "bucket name", marks=SLOW),
     pytest.param(["push"], 2, "no remote yet", marks=SLOW),
+    pytest.param(["push", "hub", "app", "a", "--branch", "b"], 2, "two branches to push",
+                 marks=SLOW),
     pytest.param(["pull", "nope"], 3, "no remote named", marks=SLOW),
     pytest.param(["clone", "nope", "a/b"], 3, "no remote named", marks=SLOW),
     pytest.param(["remote", "rm", "nope"], 3, "no remote named", marks=SLOW),

@@ -221,6 +221,56 @@ def test_dotmesh_habits_upstream_own_namespace_pull_all_and_stash_on_divergence(
 
 
 @pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
+def test_a_pull_moving_a_branch_whose_folders_a_process_uses(hub, tmp_path):
+    """Branch fix is not checked out here, but a process works in its parked folder: a pull
+    that moves fix would pull the folder from under it, so it is refused, naming the
+    process; --stop-writers stops it and moves the branch."""
+    alice = _dev(tmp_path, "alice", hub)
+    bob = _dev(tmp_path, "bob", hub, 0)
+    alice.ok("init", "parked")
+    (alice.path("parked") / "f").write_text("one")
+    alice.ok("commit", "-m", "one")
+    alice.ok("checkout", "-b", "fix")
+    (alice.path("parked") / "f").write_text("fix one")
+    alice.ok("commit", "-m", "fix one")
+    alice.ok("push", "hub", "parked", "fix")
+    alice.ok("checkout", "master")
+    alice.ok("push", "hub", "parked", "master")
+    hub.dm_hub("collaborator", "add", "alice/parked", "bob")
+    bob.ok("clone", "hub", "alice/parked")
+    bob.ok("pull", "--all")
+    bob.ok("checkout", "fix")
+    bob.ok("checkout", "master")  # fix's folder is parked, kept for the next checkout
+    from dotmesh.store.repo import Repo as Store  # noqa: PLC0415 - where dm keeps it
+
+    store = Store(bob.home)
+    folder = store.parked("parked", "fix", "__default__")
+    store.close()
+    assert (folder / "f").read_text() == "fix one"
+    alice.ok("checkout", "fix")
+    (alice.path("parked") / "f").write_text("fix two")
+    alice.ok("commit", "-m", "fix two")
+    alice.ok("push", "hub", "parked", "fix")
+    head = json.loads(bob.ok("log", "fix", "--json"))[0]["id"]
+
+    user = subprocess.Popen(["sleep", "300"], cwd=folder)
+    try:
+        p = bob("pull", "hub", "parked", "fix")
+        assert p.returncode != 0 and "in use by" in p.stderr and "sleep" in p.stderr, p.stderr
+        assert "--stop-writers" in p.stderr and "Traceback" not in p.stderr
+        assert json.loads(bob.ok("log", "fix", "--json"))[0]["id"] == head  # not moved
+        assert (folder / "f").read_text() == "fix one" and user.poll() is None
+        bob.ok("pull", "hub", "parked", "fix", "--stop-writers")
+        assert user.wait(timeout=30) is not None  # stopped
+    finally:
+        user.kill()
+        user.wait()
+    assert json.loads(bob.ok("log", "fix", "--json"))[0]["message"] == "fix two"
+    bob.ok("checkout", "fix")
+    assert (bob.path("parked") / "f").read_text() == "fix two"
+
+
+@pytest.mark.parametrize("hub", ["embedded"], indirect=True)  # client-side: one hub shows it
 def test_tags_and_branches_named_with_parts_travel_with_their_dot(hub, tmp_path):
     alice = _dev(tmp_path, "alice", hub)
     bob = _dev(tmp_path, "bob", hub, 1)

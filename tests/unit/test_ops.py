@@ -180,3 +180,31 @@ def test_a_hook_past_its_timeout_is_killed_with_what_it_started(repo: Repo, tmp_
         time.sleep(0.02)
     else:
         raise AssertionError(f"the hook's child {child} still runs")
+
+
+def test_a_mount_whose_server_is_a_zombie_is_not_serving() -> None:
+    """dm mount lists a mount as serving only while its FUSE server can still answer: an
+    ended server that its parent has not reaped yet (a zombie) answers nothing."""
+    import subprocess
+
+    from dotmesh.model.ids import HOLE
+    from dotmesh.ops.mount import Mounted
+
+    def mounted(pid: int) -> Mounted:
+        return Mounted("/mnt/x", "app", HOLE, pid, 0)
+
+    ended = subprocess.Popen(["true"])
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{ended.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not mounted(ended.pid).serving
+        assert mounted(running.pid).serving
+        assert not mounted(0).serving
+    finally:
+        running.kill()
+        for p in (ended, running):
+            p.wait()
+    assert not mounted(running.pid).serving  # gone

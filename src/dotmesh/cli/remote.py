@@ -177,7 +177,9 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("remote_name", metavar="[REMOTE]", required=False)
     @click.argument("dot", required=False)
-    @click.option("--branch", default=None, help="Default: the dot's current branch.")
+    @click.argument("branch_arg", metavar="[BRANCH]", required=False)
+    @click.option("--branch", default=None,
+                  help="The branch to send, as BRANCH (default: the dot's current one).")
     @click.option("--remote-name", "remote_dot", default=None, metavar="NAMESPACE/DOT",
                   help="The dot's name on the remote (default: USER/DOT, or as before).")
     @click.option("-f", "--force", is_flag=True,
@@ -187,9 +189,9 @@ def register(cli: click.Group) -> None:
     @stash_flag
     @json_flag
     @pass_ctx
-    def push(c: Ctx, remote_name: str | None, dot: str | None, branch: str | None,
-             remote_dot: str | None, force: bool, no_tags: bool, stash: bool,
-             as_json: bool) -> None:
+    def push(c: Ctx, remote_name: str | None, dot: str | None, branch_arg: str | None,
+             branch: str | None, remote_dot: str | None, force: bool, no_tags: bool,
+             stash: bool, as_json: bool) -> None:
         """Send a branch's commits to a remote, with the dot's tags (dm tag) and the
         commits they name; only what the remote lacks travels.
 
@@ -202,6 +204,9 @@ def register(cli: click.Group) -> None:
                   dm push hub app fix/login --no-tags
                   dm push --stash-on-divergence
         """
+        if branch_arg and branch and branch_arg != branch:
+            raise UsageError(f"two branches to push: {branch_arg} and --branch {branch}")
+        branch = branch_arg or branch
         with progress_bar("Pushing") as bar:
             res = c.dot(dot).push(remote_name, branch, force, not no_tags, remote_dot, bar,
                                   bar.total, stash)

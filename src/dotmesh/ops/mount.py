@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dotmesh.capture.proc import alive as process_alive
 from dotmesh.capture.proc import send as send_signal
 from dotmesh.errors import AlreadyExists, DotmeshError, NotFound, UsageError
 from dotmesh.meta import refs
@@ -249,8 +250,8 @@ class Mounted:
 
     @property
     def serving(self) -> bool:
-        """Whether the process serving it still runs."""
-        return self.pid > 0 and os.path.exists(f"/proc/{self.pid}")
+        """Whether the process serving it still runs (a zombie serves nothing)."""
+        return self.pid > 0 and process_alive(self.pid)
 
 
 def mounted(home: Repo, dot: str | None = None) -> list[Mounted]:
