@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import Conflict, Corrupt, NotFound
+from dotmesh.heap import no_cycle_gc
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
@@ -591,6 +592,7 @@ def _top_attrs(act: _Apply, target: Root, p: _Planner) -> None:
     act.dir_attrs((), target.mode, target.uid, target.gid, target.mtime_ns)
 
 
+@no_cycle_gc()
 def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
           progress: Progress | None = None) -> RestoreResult:
     """Write ``target`` into ``top``, a folder that must not exist yet (made here). A failure
@@ -732,6 +734,7 @@ class Prepared:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+@no_cycle_gc()
 def prepare(top: Path, store: PackStore, target: Root, current: Root | None, staging: Path,
             policy: Policy = Policy(), progress: Progress | None = None,
             seen: StatCache | None = None) -> Prepared:
