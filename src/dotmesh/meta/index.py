@@ -15,6 +15,7 @@ from typing import Any
 
 Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
 
+INSERT_CACHE_KIB = 64 << 10  # SQLite's page cache while a commit inserts its rows (default 2 MiB)
 BATCH = 500  # ids per ``IN (...)`` query: well under SQLite's limit on bound parameters
 
 
@@ -91,17 +92,22 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
     back if anything fails, the COMMIT included: a full disk leaves nothing half-indexed).
     With ``also`` (gc moving objects to a new pack), the rows replace those of the same ids
     and ``also(conn)`` runs inside the transaction."""
-    conn.execute("BEGIN IMMEDIATE")
+    cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size={-INSERT_CACHE_KIB}")
     try:
-        if also is None:
-            add_object_rows(conn, rows)
-        else:
-            replace_object_rows(conn, rows)
-            also(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if also is None:
+                add_object_rows(conn, rows)
+            else:
+                replace_object_rows(conn, rows)
+                also(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.execute(f"PRAGMA cache_size={int(cache)}")  # and the pages above it are let go
 
 
 def drop_object_row(conn: sqlite3.Connection, oid: object) -> None:
