@@ -240,6 +240,22 @@ class PackStore:
         rows = index.all_object_rows(self.conn)
         return {ObjectId(r[0]): _location(*r) for r in rows if r[0] in wanted}
 
+    def prefetch(self, locs: Iterable[Location], gap: int = 1 << 20) -> None:
+        """Ask the kernel to start reading the pack bytes of ``locs`` (stretches closer than
+        ``gap`` merged) while the caller does other work: packs are written with O_DIRECT,
+        so a restore right after a commit finds them on disk, not in the page cache."""
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for loc in locs:
+            spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
+        for pack, ranges in spans.items():
+            ranges.sort()
+            lo, hi = ranges[0]
+            for a, b in [*ranges[1:], (1 << 62, 1 << 62)]:
+                if a - hi > gap:
+                    os.posix_fadvise(self._fd(pack), lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                    lo = a
+                hi = max(hi, b)
+
     def read_run(self, run: list[tuple[ObjectId, Location]]) -> Iterator[bytes]:
         """Objects stored back to back in one pack, read with one system call."""
         first, last = run[0][1], run[-1][1]

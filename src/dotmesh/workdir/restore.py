@@ -311,6 +311,7 @@ class _Writer:
     def locate(self, files: list[_File]) -> None:
         self.locations = self.store.locate_all(
             cid for f in files for _, cid, _ in f.wanted if cid != HOLE)
+        self.store.prefetch(self.locations.values())
 
     def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
         """(offset, id, length, data) in file order; adjacent records read in one go."""
