@@ -482,17 +482,20 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
         buf: mmap.mmap | None = getattr(_direct, "buf", None)
         if buf is None:
             buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
-        pieces = [memoryview(b) for b in iov]
+        pieces = [memoryview(b) for b in reversed(iov)]  # the next piece is the last one
         try:
             while pieces:
                 pos = 0
                 while pieces and pos < DIRECT_BUFFER:  # fill the buffer
-                    take = min(len(pieces[0]), DIRECT_BUFFER - pos)
-                    buf[pos:pos + take] = pieces[0][:take]
+                    piece = pieces[-1]
+                    take = min(len(piece), DIRECT_BUFFER - pos)
+                    if take == len(piece):
+                        buf[pos:pos + take] = piece
+                        pieces.pop()
+                    else:
+                        buf[pos:pos + take] = piece[:take]
+                        pieces[-1] = piece[take:]
                     pos += take
-                    pieces[0] = pieces[0][take:]
-                    if not len(pieces[0]):
-                        pieces.pop(0)
                 padded = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
                 buf[pos:padded] = bytes(padded - pos)
                 with memoryview(buf)[:padded] as view:
@@ -509,7 +512,7 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
                         done += k
                     if done < padded:  # the rest of this buffer and of the run, buffered
                         cut = min(done, pos)
-                        iov = [bytes(view[cut:pos]), *(bytes(p) for p in pieces)]
+                        iov = [bytes(view[cut:pos]), *(bytes(p) for p in reversed(pieces))]
                         offset += cut
                         break
                 offset += pos
