@@ -121,3 +121,20 @@ def test_pack_writes_through_an_aligned_buffer(store, tmp_path, monkeypatch):
         assert scanned.tail == 0 and scanned.damaged == 0  # no padding left at the end
         found += len(scanned.records)
     assert found == len(ids)
+
+
+def test_prefetch_asks_for_needed_ranges_up_to_a_limit(store, monkeypatch):
+    from dotmesh.store import packs
+
+    w = store.writer()
+    ids = [w.put(KIND_CHUNK, random.Random(i).randbytes(5000)) for i in range(20)]
+    w.flush()
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(packs.os, "posix_fadvise", lambda fd, off, n, advice: asked.append(
+        (off, n)))
+    locs = [store.locate(oid) for oid in ids]
+    store.prefetch(locs)
+    assert len(asked) == 1 and asked[0][1] >= 20 * 5000  # neighbours merged into one range
+    asked.clear()
+    store.prefetch(locs, gap=0, limit=12_000)  # no merging across record headers
+    assert sum(n for _, n in asked) == 12_000

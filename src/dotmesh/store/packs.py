@@ -40,6 +40,7 @@ ZSTD_SLACK = 1024  # a zstd frame is at most this much larger than what it holds
 STREAM_PIECE = 1 << 20
 WRITE_BUFFER = 8 << 20  # a writer's aligned buffer: pack bytes go to the file this much at once
 WRITE_ALIGN = 4096  # what O_DIRECT writes must be aligned to (offset, length and memory)
+PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, at most
 
 _local = threading.local()
 
@@ -240,19 +241,26 @@ class PackStore:
         rows = index.all_object_rows(self.conn)
         return {ObjectId(r[0]): _location(*r) for r in rows if r[0] in wanted}
 
-    def prefetch(self, locs: Iterable[Location], gap: int = 1 << 20) -> None:
+    def prefetch(self, locs: Iterable[Location], gap: int = 1 << 20,
+                 limit: int = PREFETCH_LIMIT) -> None:
         """Ask the kernel to start reading the pack bytes of ``locs`` (stretches closer than
-        ``gap`` merged) while the caller does other work: packs are written with O_DIRECT,
-        so a restore right after a commit finds them on disk, not in the page cache."""
+        ``gap`` merged, ``limit`` bytes at most: a restore larger than memory would evict
+        its own prefetched pages) while the caller does other work: packs are written with
+        O_DIRECT, so a restore right after a commit finds them on disk, not in the page
+        cache."""
         spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
             spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
-        for pack, ranges in spans.items():
+        for pack, ranges in sorted(spans.items()):
             ranges.sort()
             lo, hi = ranges[0]
             for a, b in [*ranges[1:], (1 << 62, 1 << 62)]:
                 if a - hi > gap:
-                    os.posix_fadvise(self._fd(pack), lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                    length = min(hi - lo, limit)
+                    os.posix_fadvise(self._fd(pack), lo, length, os.POSIX_FADV_WILLNEED)
+                    limit -= length
+                    if limit <= 0:
+                        return
                     lo = a
                 hi = max(hi, b)
 
