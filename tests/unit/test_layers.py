@@ -11,7 +11,7 @@ PACKAGE = Path(dotmesh.__file__).parent
 
 # Lowest first. Packages on one line are peers: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version"),
+    ("errors", "heap", "version"),
     ("model",),
     ("meta", "capture", "fs"),
     ("store",),

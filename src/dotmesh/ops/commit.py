@@ -16,6 +16,7 @@ from dotmesh.capture.hooks import HookFailed, run_hooks
 from dotmesh.capture.stop import running_containers
 from dotmesh.capture.writers import Writer, find_writers, shared_mappings
 from dotmesh.errors import Corrupt, DotmeshError, UsageError
+from dotmesh.heap import no_cycle_gc
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import HINT_ONLY
 from dotmesh.model.ids import ObjectId
@@ -81,7 +82,7 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
     if freeze_timeout <= 0:
         raise UsageError("--freeze-timeout must be positive")
     metadata = dict(metadata or {})
-    with home.lock(dot, "commit"):
+    with home.lock(dot, "commit"), no_cycle_gc():
         recover(home, dot)
         branch = home.branch(dot)
         old = home.head(dot, branch)

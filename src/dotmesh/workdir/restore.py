@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotmesh.errors import Conflict, Corrupt, NotFound
+from dotmesh.heap import no_cycle_gc
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
@@ -310,6 +311,7 @@ class _Writer:
     def locate(self, files: list[_File]) -> None:
         self.locations = self.store.locate_all(
             cid for f in files for _, cid, _ in f.wanted if cid != HOLE)
+        self.store.prefetch(self.locations.values())
 
     def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
         """(offset, id, length, data) in file order; adjacent records read in one go."""
@@ -480,17 +482,20 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
         buf: mmap.mmap | None = getattr(_direct, "buf", None)
         if buf is None:
             buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
-        pieces = [memoryview(b) for b in iov]
+        pieces = [memoryview(b) for b in reversed(iov)]  # the next piece is the last one
         try:
             while pieces:
                 pos = 0
                 while pieces and pos < DIRECT_BUFFER:  # fill the buffer
-                    take = min(len(pieces[0]), DIRECT_BUFFER - pos)
-                    buf[pos:pos + take] = pieces[0][:take]
+                    piece = pieces[-1]
+                    take = min(len(piece), DIRECT_BUFFER - pos)
+                    if take == len(piece):
+                        buf[pos:pos + take] = piece
+                        pieces.pop()
+                    else:
+                        buf[pos:pos + take] = piece[:take]
+                        pieces[-1] = piece[take:]
                     pos += take
-                    pieces[0] = pieces[0][take:]
-                    if not len(pieces[0]):
-                        pieces.pop(0)
                 padded = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
                 buf[pos:padded] = bytes(padded - pos)
                 with memoryview(buf)[:padded] as view:
@@ -507,7 +512,7 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
                         done += k
                     if done < padded:  # the rest of this buffer and of the run, buffered
                         cut = min(done, pos)
-                        iov = [bytes(view[cut:pos]), *(bytes(p) for p in pieces)]
+                        iov = [bytes(view[cut:pos]), *(bytes(p) for p in reversed(pieces))]
                         offset += cut
                         break
                 offset += pos
@@ -591,6 +596,7 @@ def _top_attrs(act: _Apply, target: Root, p: _Planner) -> None:
     act.dir_attrs((), target.mode, target.uid, target.gid, target.mtime_ns)
 
 
+@no_cycle_gc()
 def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
           progress: Progress | None = None) -> RestoreResult:
     """Write ``target`` into ``top``, a folder that must not exist yet (made here). A failure
@@ -732,6 +738,7 @@ class Prepared:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+@no_cycle_gc()
 def prepare(top: Path, store: PackStore, target: Root, current: Root | None, staging: Path,
             policy: Policy = Policy(), progress: Progress | None = None,
             seen: StatCache | None = None) -> Prepared:
