@@ -93,36 +93,6 @@ def test_only_missing_chunks_are_compressed(tmp_path):
     assert [r[1] for r in first.new] == first.ids[:1]
 
 
-def test_pack_writes_through_an_aligned_buffer(store, tmp_path, monkeypatch):
-    """Pack bytes go to the file a buffer-full at a time (O_DIRECT where allowed): records
-    that straddle buffer-fulls, an object read back while still (partly) buffered, rotation
-    and flush leave packs that hold exactly their records, cut to size."""
-    from dotmesh.store import packs
-
-    monkeypatch.setattr(packs, "WRITE_BUFFER", 3 * packs.WRITE_ALIGN)
-    monkeypatch.setattr(packs, "PACK_ROTATE", 40_000)
-    rng = random.Random(14)
-    w = store.writer()
-    datas = [rng.randbytes(rng.randrange(1, 9000)) for _ in range(40)]
-    ids = [w.put(KIND_CHUNK, d) for d in datas]
-    assert w.read_pending(ids[-1]) == datas[-1]  # from the buffer's tail, written out first
-    more = rng.randbytes(5000)
-    ids.append(w.put(KIND_CHUNK, more))  # the tail block written again, now longer
-    datas.append(more)
-    assert w.read_pending(ids[0]) == datas[0]
-    w.flush()
-    for oid, data in zip(ids, datas, strict=True):
-        assert store.get(oid) == data
-    files = sorted((tmp_path / "packs").iterdir())
-    assert len(files) > 1  # rotated
-    found = 0
-    for f in files:
-        scanned = packs.scan_pack(f)
-        assert scanned.tail == 0 and scanned.damaged == 0  # no padding left at the end
-        found += len(scanned.records)
-    assert found == len(ids)
-
-
 def test_prefetch_asks_for_needed_ranges_up_to_a_limit(store, monkeypatch):
     from dotmesh.store import packs
 

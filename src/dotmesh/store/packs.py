@@ -38,8 +38,6 @@ PACK_ROTATE = 512 << 20
 ZSTD_LEVEL = 1
 ZSTD_SLACK = 1024  # a zstd frame is at most this much larger than what it holds
 STREAM_PIECE = 1 << 20
-WRITE_BUFFER = 8 << 20  # a writer's aligned buffer: pack bytes go to the file this much at once
-WRITE_ALIGN = 4096  # what O_DIRECT writes must be aligned to (offset, length and memory)
 PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, at most
 
 _local = threading.local()
@@ -245,9 +243,9 @@ class PackStore:
                  limit: int = PREFETCH_LIMIT) -> None:
         """Ask the kernel to start reading the pack bytes of ``locs`` (stretches closer than
         ``gap`` merged, ``limit`` bytes at most: a restore larger than memory would evict
-        its own prefetched pages) while the caller does other work: packs are written with
-        O_DIRECT, so a restore right after a commit finds them on disk, not in the page
-        cache."""
+        its own prefetched pages) while the caller does other work: packs that left the
+        page cache (a reboot, a big restore since) are read from disk in large sequential
+        stretches instead of block by block as the workers ask."""
         spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
             spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
@@ -404,10 +402,7 @@ class PackWriter:
         self.store = store
         self._fd = -1
         self._pack_id = 0
-        self._pos = 0  # where the open pack's next byte goes
-        self._disk = 0  # where the buffer's first byte goes (aligned)
-        self._used = 0  # bytes in the buffer
-        self._buf = mmap.mmap(-1, WRITE_ALIGN)  # replaced for each pack opened
+        self._pos = 0
         self._pending: dict[ObjectId, tuple[int, int, int, int, int, int]] = {}
         self._files: dict[int, tuple[str, int]] = {}  # pack id -> (name, end of indexed data)
         self._held: list[int] = []  # synced packs whose rows are not in yet (locked, open)
@@ -423,11 +418,8 @@ class PackWriter:
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # ours until its rows are in (see owned)
         self._pack_id = index.add_pack(self.store.conn, name)
         self._files[self._pack_id] = (name, 0)
-        _direct_on(self._fd)
-        self._buf = mmap.mmap(-1, WRITE_BUFFER)  # page-aligned; pages are touched as used
-        self._disk = self._used = 0
-        self._pos = 0
-        self._append(PACK_MAGIC)
+        _write_all(self._fd, PACK_MAGIC)
+        self._pos = len(PACK_MAGIC)
 
     def __contains__(self, oid: object) -> bool:
         return oid in self._pending
@@ -441,11 +433,6 @@ class PackWriter:
                 return None
             _, pack, offset, stored_len, raw_len, zstd = rec
             name = self._files[pack][0]
-            if pack == self._pack_id and self._fd >= 0 and offset + stored_len > self._disk:
-                try:  # still (partly) in the buffer
-                    self._spill(everything=True)
-                except OSError as e:
-                    raise self._fail(e) from None
         fd = os.open(self.store.dir / name, os.O_RDONLY | os.O_CLOEXEC)
         try:
             payload = os.pread(fd, stored_len, offset)
@@ -468,6 +455,7 @@ class PackWriter:
         """Append several objects with as few system calls as possible (thread-safe)."""
         with self._lock:
             self._check()
+            iov: list[bytes | memoryview] = []
             try:
                 for kind, oid, raw_len, payload, zstd in records:
                     if oid in self._pending:
@@ -477,15 +465,18 @@ class PackWriter:
                                        f"{MAX_SIZE[kind]}-byte limit of dotmesh's format "
                                        "(docs/format.md)")
                     if self._fd < 0 or self._pos > PACK_ROTATE:
+                        self._write(iov)
                         self._rotate()
-                    self._append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len,
-                                             len(payload)))
-                    offset = self._pos
-                    self._append(payload)
+                    iov.append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len,
+                                           len(payload)))
+                    iov.append(payload)
+                    offset = self._pos + RECORD.size
                     self._pending[oid] = (kind, self._pack_id, offset, len(payload), raw_len,
                                           int(zstd))
+                    self._pos = offset + len(payload)
                     self.bytes_written += RECORD.size + len(payload)
                     self.objects_written += 1
+                self._write(iov)
             except OSError as e:
                 raise self._fail(e) from None
 
@@ -528,7 +519,6 @@ class PackWriter:
         if self._fd >= 0:
             self._held.append(self._fd)
             self._fd = -1
-            self._buf.close()
         self._release()
 
     def _release(self) -> None:
@@ -537,36 +527,14 @@ class PackWriter:
             os.close(fd)
         self._held.clear()
 
-    def _append(self, data: bytes | memoryview) -> None:
-        """Add ``data`` at the end of the open pack: into the buffer, which goes to the file
-        a buffer-full at a time (the caller holds the lock)."""
-        view = memoryview(data)
-        while len(view):
-            take = min(len(view), WRITE_BUFFER - self._used)
-            self._buf[self._used:self._used + take] = view[:take]
-            self._used += take
-            self._pos += take
-            view = view[take:]
-            if self._used == WRITE_BUFFER:
-                self._spill()
-
-    def _spill(self, everything: bool = False) -> None:
-        """Write the buffer's whole aligned blocks to the file (``everything``: its partial
-        last block too, padded with zeros that the next write or the final truncation
-        replaces); the partial block stays at the buffer's start. The file is opened with
-        O_DIRECT where the filesystem allows it: fresh page-cache pages cost more than the
-        disk on these machines (bench/README.md), and fsync then has little left to do."""
-        whole = self._used // WRITE_ALIGN * WRITE_ALIGN
-        size = -(-self._used // WRITE_ALIGN) * WRITE_ALIGN if everything else whole
-        if size > self._used:
-            self._buf[self._used:size] = bytes(size - self._used)
-        with memoryview(self._buf)[:size] as view:
-            _pwrite_all(self._fd, view, self._disk)
-        if whole:
-            rest = self._used - whole
-            self._buf[:rest] = self._buf[whole:self._used]
-            self._disk += whole
-            self._used = rest
+    def _write(self, iov: list[bytes | memoryview]) -> None:
+        for i in range(0, len(iov), 1024):  # IOV_MAX
+            part = iov[i:i + 1024]
+            want = sum(len(x) for x in part)
+            done = os.writev(self._fd, part)
+            if done != want:  # a short write: finish it piece by piece
+                _write_all(self._fd, b"".join(bytes(x) for x in part)[done:])
+        iov.clear()
 
     def put(self, kind: int, data: bytes) -> ObjectId:
         """Hash, compress and add a whole object; returns its id."""
@@ -582,9 +550,6 @@ class PackWriter:
         self._open()
 
     def _sync_file(self) -> None:
-        self._spill(everything=True)
-        os.ftruncate(self._fd, self._pos)  # the padding of the last block goes
-        self._buf.close()
         os.fsync(self._fd)
         self._held.append(self._fd)  # still locked: closed once its rows are in
         self._fd = -1
@@ -623,32 +588,7 @@ class PackWriter:
             self._pending.clear()
 
 
-def _direct_on(fd: int) -> bool:
-    """Write ``fd`` with O_DIRECT if its filesystem allows it (not tmpfs, for one)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
-    except OSError:
-        return False
-    return True
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """Write all of ``view`` at ``offset``; a direct write the filesystem refuses, or cuts
-    short off the alignment, is finished through the page cache."""
-    done = 0
-    while done < len(view):
-        try:
-            k = os.pwrite(fd, view[done:], offset + done)
-        except OSError as e:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
-                raise
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            continue
-        if k <= 0:
-            raise OSError(errno.EIO, "a write to a pack file wrote nothing")
-        done += k
-        if done % WRITE_ALIGN:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if flags & os.O_DIRECT:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
