@@ -104,12 +104,22 @@ def sign_in(driver, hub: Hub, user: str, key: str | None = None) -> None:
 
 def submit(driver, element) -> None:
     """Click a form's button (or a link) and wait until the next page has replaced this."""
+    from selenium.common.exceptions import WebDriverException  # noqa: PLC0415
     from selenium.webdriver.support import expected_conditions  # noqa: PLC0415
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     old = find(driver, "html")
     element.click()
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+
+    def replaced(d: object) -> bool:
+        try:
+            return bool(expected_conditions.staleness_of(old)(d))
+        except WebDriverException as e:  # chromedriver's way of saying so mid-navigation
+            if "does not belong to the document" in str(e):
+                return True
+            raise
+
+    WebDriverWait(driver, 30).until(replaced)
 
 
 def click_button(driver, label: str) -> None:
