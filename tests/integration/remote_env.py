@@ -77,7 +77,24 @@ class S3Server:
 @contextmanager
 def seaweedfs() -> Iterator[S3Server]:
     """``weed server`` with its S3 gateway, every port on 127.0.0.1; killed with SIGKILL (it
-    takes long to stop otherwise)."""
+    takes long to stop otherwise). A start that fails is tried again on new ports, once:
+    a port found free can be taken by another process before weed binds it."""
+    for attempt in (1, 2):
+        try:
+            started = _seaweedfs()
+            server = next(started)
+        except Exception:  # noqa: BLE001 - whatever failed, once more on new ports
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield server
+        finally:
+            started.close()
+        return
+
+
+def _seaweedfs() -> Iterator[S3Server]:
     top = Path(tempfile.mkdtemp(prefix="dm-weed-", dir="/var/tmp"))
     (top / "data").mkdir()
     cfg = top / "s3.json"
