@@ -109,23 +109,19 @@ def add_hub(home: Repo, name: str, spec: str, key: str | Callable[[], str],
     check_name(name, "remote name")
     user, url = parse_hub(spec, http)
     options = {"ca_cert": str(ca_cert.absolute())} if ca_cert else {}
-    if not user:  # no key: the hub is asked for its public dots, as a check that it is one
-        r = Remote(name, HUB, url, "", "", options)
-        t = HubTransport(r.url, "", "", "", r.verify())
-        try:
-            t.list_dots(1)
-        finally:
-            t.close()
-        _save(home, r)
-        return r, ""
-    if callable(key):
-        key = key()
-    if not key.strip():
-        raise UsageError("the API key is empty")
-    r = Remote(name, HUB, url, user, key.strip(), options)
+    secret = ""  # no USER@: no key is asked for or sent
+    if user:
+        secret = (key() if callable(key) else key).strip()
+        if not secret:
+            raise UsageError("the API key is empty")
+    r = Remote(name, HUB, url, user, secret, options)
     t = HubTransport(r.url, r.user, r.secret, "", r.verify())
     try:
-        who = t.whoami()
+        if user:
+            who = t.whoami()
+        else:  # no key (public dots only): listing them checks that a hub answers there
+            t.list_dots(1)
+            who = ""
     finally:
         t.close()
     _save(home, r)

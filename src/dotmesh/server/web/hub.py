@@ -51,31 +51,32 @@ def hub_routes(store: HubStore, secret: bytes) -> list[Route]:
             raise Unauthorized("Sign in with your user name and API key.")
         return v.user
 
-    def public(v: Visit) -> Response:
-        """The public dots, for anyone (they may be cloned without a key)."""
-        found = store.visible(None, None, DOTS_SHOWN)
-        rows = store.summaries(found)
-        for (dot, _), row in zip(found, rows, strict=True):
-            heads = {b: commit_id(h) for b, h in row["branches"].items()}
-            row["last"] = newest(store.getter(dot), heads)
-        return v.page("dots.html", groups=[("Public dots", rows)], note=v.note,
-                      truncated=len(found) == DOTS_SHOWN, anonymous=v.user is None,
-                      public_only=True)
-
-    def home(v: Visit) -> Response:
-        user = signed_in(v)
+    def listed(user: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """The first DOTS_SHOWN dots ``user`` may read (None: the public ones), each with
+        its last commit; and whether there are more."""
         found = store.visible(user, None, DOTS_SHOWN)
         rows = store.summaries(found)
         for (dot, _), row in zip(found, rows, strict=True):
             heads = {b: commit_id(h) for b, h in row["branches"].items()}
             row["last"] = newest(store.getter(dot), heads)
+        return rows, len(found) == DOTS_SHOWN
+
+    def public(v: Visit) -> Response:
+        """The public dots, for anyone (they may be cloned without a key)."""
+        rows, truncated = listed(None)
+        return v.page("dots.html", groups=[("Public dots", rows)], note=v.note,
+                      truncated=truncated, anonymous=v.user is None, public_only=True)
+
+    def home(v: Visit) -> Response:
+        user = signed_in(v)
+        rows, truncated = listed(user)
         groups = [("Your dots", [r for r in rows if r["access"] == "owner"]),
                   ("Shared with you", [r for r in rows if r["access"] in ("read", "write")
                                        and user in r["collaborators"]]),
                   ("Public", [r for r in rows if r["access"] == "read"
                               and user not in r["collaborators"]])]
-        return v.page("dots.html", groups=groups, note=v.note,
-                      truncated=len(found) == DOTS_SHOWN, anonymous=False, public_only=False)
+        return v.page("dots.html", groups=groups, note=v.note, truncated=truncated,
+                      anonymous=False, public_only=False)
 
     def sign_in_form(v: Visit) -> Response:
         return v.page("signin.html", message=None, next=safe_next(v.query.get("next")))
