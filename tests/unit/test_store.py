@@ -1,13 +1,15 @@
+import errno
 import os
 import random
+import threading
 
 import pytest
 
-from dotmesh.errors import Corrupt
+from dotmesh.errors import Corrupt, OutOfSpace
 from dotmesh.meta.db import connect
 from dotmesh.model.ids import HOLE, object_id
 from dotmesh.model.objects import KIND_CHUNK
-from dotmesh.store import chunker
+from dotmesh.store import chunker, packs
 from dotmesh.store.packs import PackStore
 
 
@@ -108,3 +110,60 @@ def test_prefetch_asks_for_needed_ranges_up_to_a_limit(store, monkeypatch):
     asked.clear()
     store.prefetch(locs, gap=0, limit=12_000)  # no merging across record headers
     assert sum(n for _, n in asked) == 12_000
+
+
+def test_compress_many_compresses_what_pays_and_copies_the_rest():
+    rng = random.Random(9)
+    buf = bytearray(rng.randbytes(8192) + b"page " * 1638 + b"xy" + bytes(8192))
+    spans = [(0, 8192), (8192, 8192), (16384, 8192)]
+    out = packs.compress_many(memoryview(buf), spans)
+    assert [z for _, z in out] == [False, True, True]
+    assert bytes(out[0][0]) == bytes(buf[:8192])
+    buf[:8192] = bytes(8192)  # the caller reuses its buffer: an uncompressed span is a copy
+    assert bytes(out[0][0]) != bytes(8192)
+    for (o, n), (payload, _) in zip(spans[1:], out[1:], strict=True):
+        assert len(payload) < n and packs.decompress(bytes(payload), n) == bytes(buf[o:o + n])
+    assert packs.compress_many(memoryview(buf), []) == []
+
+
+def test_a_full_pack_is_synced_in_the_background_and_its_objects_read(store, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(packs, "PACK_ROTATE", 20_000)
+    synced: list[str] = []
+    real = packs._fsync_pack
+    monkeypatch.setattr(packs, "_fsync_pack",
+                        lambda fd, folder: (synced.append(threading.current_thread().name),
+                                            real(fd, folder))[1])
+    w = store.writer()
+    blobs = [os.urandom(6000) for _ in range(12)]
+    ids = [w.put(KIND_CHUNK, b) for b in blobs]
+    w.flush()
+    assert len(list((tmp_path / "packs").iterdir())) >= 3
+    assert "dm-pack-sync" in synced and synced[-1] == threading.current_thread().name
+    assert [store.get(i) for i in ids] == blobs
+    assert not [t for t in threading.enumerate() if t.name == "dm-pack-sync"]
+
+
+def test_a_background_sync_that_fails_gives_every_pack_back(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(packs, "PACK_ROTATE", 20_000)
+    real = packs._fsync_pack
+
+    def fsync(fd: int, folder) -> None:
+        if threading.current_thread().name == "dm-pack-sync":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, folder)
+
+    monkeypatch.setattr(packs, "_fsync_pack", fsync)
+    w = store.writer()
+    for _ in range(8):
+        w.put(KIND_CHUNK, os.urandom(6000))
+    with pytest.raises(OutOfSpace, match="no space left"):
+        w.flush()
+    assert list((tmp_path / "packs").iterdir()) == [] and store.count() == 0
+    with pytest.raises(OutOfSpace):  # the writer refuses further work
+        w.put(KIND_CHUNK, b"more" * 100)
+    again = store.writer()  # the store is as before
+    oid = again.put(KIND_CHUNK, b"after" * 100)
+    monkeypatch.setattr(packs, "_fsync_pack", real)
+    again.flush()
+    assert store.get(oid) == b"after" * 100

@@ -23,7 +23,7 @@ from pyfastcdc import FastCDC
 
 from dotmesh.model.ids import HOLE, ObjectId, object_id
 from dotmesh.model.objects import KIND_CHUNK, paged_blocks, patched_filelist
-from dotmesh.store.packs import compress
+from dotmesh.store.packs import Span, compress_many
 
 if FastCDC.__module__ != "pyfastcdc.cy.fastcdc":  # the pure-Python fallback is 400x slower
     raise ImportError("pyfastcdc's compiled extension is not available")
@@ -72,7 +72,8 @@ class Previous:
 
 
 Missing = Callable[[list[ObjectId]], set[ObjectId]]  # returns the subset of ids the store lacks
-Packer = Callable[[memoryview], tuple[bytes | memoryview, bool]]  # (payload, compressed?)
+# (payload, compressed?) for each (offset, length) of a buffer, as packs.compress_many
+Packer = Callable[[memoryview, Sequence[Span]], list[tuple[bytes | memoryview, bool]]]
 _ZERO_IDS: dict[int, ObjectId] = {}
 
 
@@ -84,7 +85,7 @@ def _zero_id(n: int) -> ObjectId:
 
 
 def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: frozenset[bytes],
-            missing: Missing, pack: Packer = compress) -> Chunks:
+            missing: Missing, pack: Packer = compress_many) -> Chunks:
     """Hash the chunks of ``buf``, then compress those the store lacks."""
     b3 = blake3.blake3
     # BLAKE3 digests, as object_id makes them (one cast for the list, not a call per chunk)
@@ -97,11 +98,15 @@ def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: froz
     need = missing(unknown) if unknown else set()
     new: list[Record] = []
     if need:
+        picked: list[tuple[ObjectId, int]] = []
+        spans: list[tuple[int, int]] = []
         for x, o, n in zip(ids, offsets, lengths, strict=True):
             if x in need:
                 need.discard(x)  # compress a repeated chunk once
-                payload, z = pack(buf[o:o + n])
-                new.append((KIND_CHUNK, x, n, bytes(payload) if not z else payload, z))
+                picked.append((x, n))
+                spans.append((o, n))
+        new = [(KIND_CHUNK, x, n, payload, z)
+               for (x, n), (payload, z) in zip(picked, pack(buf, spans), strict=True)]
     return Chunks(ids, lengths, new)
 
 
@@ -119,7 +124,7 @@ def read_exact(fd: int, buf: bytearray | memoryview, n: int, offset: int) -> int
 
 def chunk_paged(fd: int, start: int, length: int, buf: bytearray, known: frozenset[bytes],
                 missing: Missing, prev: Previous | None = None,
-                pack: Packer = compress, same: frozenset[int] = frozenset()) -> Chunks:
+                pack: Packer = compress_many, same: frozenset[int] = frozenset()) -> Chunks:
     """Cut ``length`` bytes from ``start`` (a multiple of SUPER) into page blocks.
 
     ``same``: blocks (absolute indexes) known to hold the same bytes as in ``prev``, as a
@@ -187,7 +192,7 @@ class Patched:
 
 def patch_paged(fd: int, size: int, base: bytes, base_fps: bytes | None,
                 changed: list[tuple[int, int]], buf: bytearray, missing: Missing,
-                pack: Packer = compress) -> Patched | None:
+                pack: Packer = compress_many) -> Patched | None:
     """Cut a paged file of ``size`` bytes whose blocks are ``base``'s (an encoded file list of
     the previous version) but in the runs ``changed`` ([first, end) block indexes, sorted;
     blocks past ``base``'s end must be in them), reading and hashing only those runs: the
@@ -284,7 +289,7 @@ def _read_except(fd: int, buf: bytearray, start: int, length: int, skip: set[int
 
 
 def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes], missing: Missing,
-              pack: Packer = compress) -> Iterator[Chunks]:
+              pack: Packer = compress_many) -> Iterator[Chunks]:
     """Cut a whole file with FastCDC, window by window.
 
     Each window's last chunk is re-cut with the next window, so the cut points are exactly
@@ -308,7 +313,7 @@ def chunk_cdc(fd: int, buf: bytearray, known: frozenset[bytes], missing: Missing
 
 
 def chunk_files(buf: memoryview, offsets: list[int], lengths: list[int],
-                known: frozenset[bytes], missing: Missing, pack: Packer = compress) -> Chunks:
+                known: frozenset[bytes], missing: Missing, pack: Packer = compress_many) -> Chunks:
     """Many small files laid side by side in ``buf``, one chunk each: one index lookup for
     the whole batch instead of one per file."""
     return _finish(buf, offsets, lengths, known, missing, pack)

@@ -13,7 +13,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ from dotmesh.model.objects import (
     paged_blocks,
 )
 from dotmesh.store import chunker
-from dotmesh.store.packs import PackStore, PackWriter, compress
+from dotmesh.store.packs import PackStore, PackWriter, Span, compress, compress_many
 
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
@@ -226,10 +226,11 @@ class _Sink:
         self.defer = defer and writer is not None
         self._lock = threading.Lock()
 
-    def pack(self, data: memoryview) -> tuple[bytes | memoryview, bool]:
+    def pack(self, buf: memoryview, spans: Sequence[Span]
+             ) -> list[tuple[bytes | memoryview, bool]]:
         if self.defer and self.deferred_bytes < DEFER_LIMIT:
-            return bytes(data), False
-        return compress(data)
+            return [(bytes(buf[o:o + n]), False) for o, n in spans]
+        return compress_many(buf, spans)
 
     def missing(self, oids: list[ObjectId]) -> set[ObjectId]:
         if self.writer is None:
