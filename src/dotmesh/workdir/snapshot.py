@@ -8,6 +8,7 @@ Each worker thread reuses one read buffer: first-touching fresh memory is slow o
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import threading
@@ -328,10 +329,11 @@ def store_deferred(writer: PackWriter, records: list[chunker.Record]) -> None:
         pass
 
 
-def _buffer() -> bytearray:
-    buf: bytearray | None = getattr(_tls, "buf", None)
+def _buffer() -> mmap.mmap:
+    """This thread's read buffer (see chunker.Buffer)."""
+    buf: mmap.mmap | None = getattr(_tls, "buf", None)
     if buf is None:
-        buf = _tls.buf = bytearray(chunker.SEGMENT)
+        buf = _tls.buf = mmap.mmap(-1, chunker.SEGMENT)
     return buf
 
 
