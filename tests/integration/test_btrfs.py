@@ -175,6 +175,27 @@ def test_a_new_branch_is_a_snapshot_sharing_every_block(bdm: DM) -> None:
     assert (db / "feature.txt").read_text() == "only here"
 
 
+def test_an_extent_map_longer_than_one_call_is_read_whole(btrfs_mount: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    path = btrfs_mount / uuid.uuid4().hex
+    with open(path, "wb") as f:  # every other page written: one extent each, holes between
+        for page in range(0, 40, 2):
+            f.seek(page * 4096)
+            f.write(os.urandom(4096))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole = btrfs.extents(fd)
+        monkeypatch.setattr(btrfs, "_BATCH", 3)
+        paged = btrfs.extents(fd)
+    finally:
+        os.close(fd)
+    assert len(whole) == 20 and paged == whole
+    assert [e[0] for e in whole] == [p * 4096 for p in range(0, 40, 2)]
+
+
 def _discarded(home: Path) -> list[str]:
     return sorted(k for k in _kept(home) if k.startswith("discarded-"))
 
