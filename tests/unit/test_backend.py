@@ -269,3 +269,160 @@ def test_a_folder_tree_the_store_lost_is_made_again(tmp_path: Path, store: PackS
     second = scan.snapshot(folder, store, writer, cache)
     assert second.root == first.root
     assert second.cache[folder_key("a")][2:] == entry[2:]  # the same tree, cached again
+
+
+def _forking_set(top: Path) -> dict[str, int]:
+    """Folders of files whose build goes to several child processes (one batch a folder)."""
+    import os
+
+    sizes = {}
+    for i in range(5):
+        (top / f"d{i}").mkdir(parents=True)
+        for j, size in enumerate((0, 777, 8192 * 40, 3 << 20)):
+            data = os.urandom(size // 2) + bytes(size - size // 2)
+            (top / f"d{i}" / f"f{j}").write_bytes(data)
+            os.chmod(top / f"d{i}" / f"f{j}", 0o640 if j % 2 else 0o600)
+            sizes[f"d{i}/f{j}"] = size
+    return sizes
+
+
+def test_a_build_split_across_processes_is_exact_and_counted(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dotmesh.workdir import restore
+
+    folder = tmp_path / "set"
+    sizes = _forking_set(folder)
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    restore._direct_buffer()  # made here before the fork, as a daemon's would be
+    monkeypatch.setattr(restore, "FORK_MIN", 0)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    seen: list[int] = []
+    aside = tmp_path / "aside"
+    result = PLAIN.build_aside(aside, store, snap.root, Policy(), seen.append)
+    monkeypatch.setattr(restore, "FORK_MIN", 1 << 60)
+    assert len(forks) == restore.WORKERS
+    assert _files(aside) == _files(folder)
+    for rel in sizes:
+        a, b = os.stat(aside / rel), os.stat(folder / rel)
+        assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), rel
+    threaded: list[int] = []
+    again = PLAIN.build_aside(tmp_path / "again", store, snap.root, Policy(), threaded.append)
+    assert sum(seen) == sum(threaded) == result.bytes_written == again.bytes_written
+    assert result.files_written == again.files_written == len(sizes)
+    assert result.touched.keys() == again.touched.keys() == {r.encode() for r in sizes}
+    for rel, e in result.touched.items():  # the children's stats came back whole
+        st = os.stat(aside / rel.decode())
+        assert (e.size, e.mtime_ns, e.ctime_ns, e.ino) == (
+            st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    with pytest.raises(ChildProcessError):  # every child was waited for
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_damaged_block_a_child_meets_fails_the_build_here(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dotmesh.errors import Corrupt
+    from dotmesh.model.ids import object_id
+    from dotmesh.workdir import restore
+
+    folder = tmp_path / "set"
+    _forking_set(folder)
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    victim = object_id((folder / "d3" / "f1").read_bytes())  # a small file: one chunk
+    loc = store.locate(victim)
+    assert loc is not None
+    pack = store.dir / store.pack_name(loc.pack)
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + loc.stored_len // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    store.close()
+    monkeypatch.setattr(restore, "FORK_MIN", 0)
+    with pytest.raises(Corrupt, match=victim.hex()[:16]):
+        PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+_KILLED_BUILD = r"""
+import os, sys, time
+from pathlib import Path
+from dotmesh.meta.db import connect
+from dotmesh.store.packs import PackStore
+from dotmesh.workdir import restore
+from dotmesh.workdir.backend import PLAIN
+root = Path(sys.argv[1])
+store = PackStore(root, connect(root / "meta.db"))
+for i in range(4):
+    (root / "set" / str(i)).mkdir(parents=True)
+    (root / "set" / str(i) / "f").write_bytes(os.urandom(50_000))
+writer = store.writer()
+snap = PLAIN.snapshot(root / "set", store, writer, {})
+writer.flush()
+restore.FORK_MIN = 0
+def stuck(self, *args):
+    os.write(1, f"{os.getpid()}\n".encode())  # one write: the two children share the pipe
+    time.sleep(120)
+restore._Writer.new_file = stuck
+PLAIN.build_aside(root / "aside", store, snap.root, restore.Policy())
+"""
+
+
+def test_children_writing_a_build_die_with_their_parent(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        children = [int(proc.stdout.readline()) for _ in range(2)]
+        assert proc.pid not in children
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in children)
+
+
+def test_a_childs_error_is_raised_here_as_it_was() -> None:
+    import errno
+
+    from dotmesh.errors import InternalError, OutOfSpace
+    from dotmesh.workdir import restore
+
+    def again(e: BaseException) -> BaseException:
+        return restore._rebuilt(*restore._portable(e))
+
+    full = again(OSError(errno.ENOSPC, "No space left on device", "/x/f"))
+    assert isinstance(full, OSError) and (full.errno, full.filename) == (errno.ENOSPC, "/x/f")
+    space = again(OutOfSpace("no space left in /x"))
+    assert type(space) is OutOfSpace and str(space) == "no space left in /x"
+    odd = again(KeyError("k"))
+    assert isinstance(odd, InternalError) and "KeyError" in str(odd)

@@ -193,6 +193,12 @@ class PackStore:
                 self._fds[pack] = fd
             return fd
 
+    def open_packs(self, packs: Iterable[int]) -> None:
+        """Open these packs now (a forked child reads through descriptors opened before the
+        fork, never through the index's connection)."""
+        for pack in sorted(packs):
+            self._fd(pack)
+
     # -- reads
     def read_located(self, oid: ObjectId, loc: Location) -> bytes:
         raw = os.pread(self._fd(loc.pack), loc.stored_len, loc.offset)

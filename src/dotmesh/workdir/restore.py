@@ -24,24 +24,32 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import shutil
+import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from dotmesh.errors import Conflict, Corrupt, NotFound
+from dotmesh.errors import Conflict, Corrupt, DotmeshError, InternalError, NotFound
 from dotmesh.heap import no_cycle_gc
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore
-from dotmesh.workdir.snapshot import run_all
+from dotmesh.workdir.snapshot import WORKERS, run_all
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
 PATCH_MEMORY = 64 << 20  # verified blocks of in-place patches kept for apply; beyond, read twice
+FORK_MIN = 64 << 20  # bytes a build writes from here on which its files go to child processes
+_PR_SET_PDEATHSIG = 1
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
@@ -469,6 +477,16 @@ DIRECT_BUFFER = 4 << 20  # a thread's aligned buffer: a run of any length goes t
 _direct = threading.local()
 
 
+def _direct_buffer() -> mmap.mmap:
+    """This thread's page-aligned buffer for direct writes. Private: mmap's default is
+    MAP_SHARED, and two forked children writing files through one buffer mixed them up."""
+    buf: mmap.mmap | None = getattr(_direct, "buf", None)
+    if buf is None:
+        buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER,
+                                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return buf
+
+
 def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
     """Write the run ``iov`` at ``offset`` into a new file opened with O_DIRECT, through an
     aligned buffer of DIRECT_BUFFER bytes a thread, a buffer-full at a time. The last block
@@ -476,12 +494,9 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
     later run overwrites the padding it needs); a run that does not start aligned, or a
     filesystem that refuses, is written through the page cache."""
     import fcntl
-    import mmap
 
     if offset % DIRECT_ALIGN == 0:
-        buf: mmap.mmap | None = getattr(_direct, "buf", None)
-        if buf is None:
-            buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
+        buf = _direct_buffer()
         pieces = [memoryview(b) for b in reversed(iov)]  # the next piece is the last one
         try:
             while pieces:
@@ -634,7 +649,9 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         groups: dict[Parts, list[_File]] = {}
         for f in placed:
             groups.setdefault(f.parts, []).append(f)
-        for done in run_all(one, _batches(groups.values())):
+        batches = _batches(groups.values())
+        forked = sum(f.entry.size for f in placed) >= FORK_MIN and len(batches) > 1
+        for done in (_run_forked(one, batches, w) if forked else run_all(one, batches)):
             for f, n, st in done:
                 result.bytes_written += n
                 result.files_written += 1
@@ -644,6 +661,118 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         dirs.close()
         os.close(top_fd)
     return result
+
+
+def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
+                batches: list[list[_File]], w: _Writer
+                ) -> list[list[tuple[_File, int, os.stat_result]]]:
+    """``one`` over ``batches`` in WORKERS child processes, the batches shared out by size.
+
+    Threads of one process pass the GIL to each other at every block (zstd and BLAKE3
+    release it for each 8 KiB): a second thread bought a build 12%, a process has a GIL of
+    its own (bench/README.md). The children only read packs through descriptors opened
+    here, write files and report; they die with this process, and any error of theirs is
+    raised here, once every child has ended."""
+    from multiprocessing.connection import Connection
+    from multiprocessing.connection import wait as wait_any
+
+    w.store.open_packs({loc.pack for loc in w.locations.values()})
+    shares: list[list[int]] = [[] for _ in range(min(WORKERS, len(batches)))]
+    loads = [0] * len(shares)
+    for i in sorted(range(len(batches)), key=lambda i: -sum(f.entry.size for f in batches[i])):
+        k = loads.index(min(loads))
+        shares[k].append(i)
+        loads[k] += sum(f.entry.size for f in batches[i]) + 4096
+    parent = os.getpid()
+    children: dict[Connection, int] = {}
+    results: list[list[tuple[_File, int, os.stat_result]]] = []
+    failure: BaseException | None = None
+    try:
+        for share in shares:
+            r, wr = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(r)
+                _child(Connection(wr, readable=False), parent, share, batches, one, w)
+            os.close(wr)
+            children[Connection(r, writable=False)] = pid
+        live = list(children)
+        while live:
+            for c in wait_any(live):
+                assert isinstance(c, Connection)
+                try:
+                    kind, value = c.recv()
+                except EOFError:
+                    live.remove(c)
+                    c.close()
+                    continue
+                if kind == "p" and w.progress:
+                    w.progress(value)
+                elif kind == "done":
+                    i, got = value
+                    results.append([(batches[i][j], n, st) for j, n, st in got])
+                elif kind == "error" and failure is None:
+                    failure = _rebuilt(*value)
+    except BaseException:
+        for pid in children.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise
+    finally:
+        codes = [os.waitpid(pid, 0)[1] for pid in children.values()]
+    if failure is not None:
+        raise failure
+    if any(codes) or sum(len(x) for x in results) != sum(len(b) for b in batches):
+        raise OSError(errno.EIO, "a process writing files ended without finishing them")
+    return results
+
+
+def _child(conn: Connection, parent: int, share: list[int], batches: list[list[_File]],
+           one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
+           w: _Writer) -> NoReturn:
+    """A child of :func:`_run_forked`: ends with ``os._exit`` (nothing of the parent's, its
+    index connection included, is closed or flushed here)."""
+    code = 0
+    try:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+        if w.progress:
+            w.progress = lambda n: conn.send(("p", n))
+        for i in share:
+            conn.send(("done", (i, [(j, n, st) for j, (_, n, st) in enumerate(one(batches[i]))])))
+    except BaseException as e:  # reported to the parent, which raises it
+        code = 1
+        try:
+            conn.send(("error", _portable(e)))
+        except BaseException:
+            pass
+    os._exit(code)
+
+
+def _portable(e: BaseException) -> tuple[str, object, str]:
+    """An error as (kind, detail, message), rebuilt by :func:`_rebuilt` in the parent."""
+    if isinstance(e, OSError):
+        return "os", (e.errno, e.strerror, e.filename), str(e)
+    if isinstance(e, DotmeshError):
+        return "dm", type(e).__name__, str(e)
+    return "other", type(e).__name__, str(e)
+
+
+def _rebuilt(kind: str, detail: object, message: str) -> BaseException:
+    if kind == "os" and isinstance(detail, tuple):
+        no, why, name = detail
+        return OSError(no, why, name) if name is not None else OSError(no, why)
+    if kind == "dm":
+        kinds: list[type[DotmeshError]] = [DotmeshError]
+        while kinds:  # the class of that name (every one takes a message)
+            cls = kinds.pop()
+            if cls.__name__ == detail:
+                return cls(message)
+            kinds.extend(cls.__subclasses__())
+    return InternalError(f"writing files failed: {detail}: {message}")
 
 
 def _batches(groups: Iterable[list[_File]], files: int = 64,

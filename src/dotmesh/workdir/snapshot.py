@@ -333,7 +333,9 @@ def _buffer() -> mmap.mmap:
     """This thread's read buffer (see chunker.Buffer)."""
     buf: mmap.mmap | None = getattr(_tls, "buf", None)
     if buf is None:
-        buf = _tls.buf = mmap.mmap(-1, chunker.SEGMENT)
+        # private: mmap's default (MAP_SHARED) would be one buffer for a forked child too
+        buf = _tls.buf = mmap.mmap(-1, chunker.SEGMENT,
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return buf
 
 
