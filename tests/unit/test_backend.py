@@ -426,3 +426,34 @@ def test_a_childs_error_is_raised_here_as_it_was() -> None:
     assert type(space) is OutOfSpace and str(space) == "no space left in /x"
     odd = again(KeyError("k"))
     assert isinstance(odd, InternalError) and "KeyError" in str(odd)
+
+
+@pytest.mark.parametrize("how", ["fork refused", "SIGCHLD ignored"])
+def test_a_split_build_copes_with_its_process_table(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """No process to spare: the build is done on threads. SIGCHLD ignored (as a parent may
+    leave it for us): the kernel reaps the children, and the build still ends well."""
+    import errno
+    import os
+    import signal
+
+    from dotmesh.workdir import restore
+
+    folder = tmp_path / "set"
+    _forking_set(folder)
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    monkeypatch.setattr(restore, "FORK_MIN", 0)
+    if how == "fork refused":
+        def refuse() -> int:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        monkeypatch.setattr(os, "fork", refuse)
+    else:
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        result = PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+    finally:
+        if how != "fork refused":
+            signal.signal(signal.SIGCHLD, previous)
+    assert _files(tmp_path / "aside") == _files(folder) and result.files_written == 20

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 READ_RUN = 8 << 20  # read adjacent pack records in runs of up to this many bytes
 PATCH_MEMORY = 64 << 20  # verified blocks of in-place patches kept for apply; beyond, read twice
 FORK_MIN = 64 << 20  # bytes a build writes from here on which its files go to child processes
+# ... up to this many objects: each child ends up with its own copy of most pages holding the
+# plan (reference counts change as it reads), some 40 MB a GiB of 8 KiB blocks
+FORK_MAX_OBJECTS = 1 << 20
 _PR_SET_PDEATHSIG = 1
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
@@ -650,7 +653,8 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         for f in placed:
             groups.setdefault(f.parts, []).append(f)
         batches = _batches(groups.values())
-        forked = sum(f.entry.size for f in placed) >= FORK_MIN and len(batches) > 1
+        forked = (sum(f.entry.size for f in placed) >= FORK_MIN and len(batches) > 1
+                  and len(w.locations) <= FORK_MAX_OBJECTS)
         for done in (_run_forked(one, batches, w) if forked else run_all(one, batches)):
             for f, n, st in done:
                 result.bytes_written += n
@@ -687,15 +691,16 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
     children: dict[Connection, int] = {}
     results: list[list[tuple[_File, int, os.stat_result]]] = []
     failure: BaseException | None = None
+    leftover: list[int] = []  # batches no child took (a fork refused): done here
     try:
-        for share in shares:
-            r, wr = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(r)
-                _child(Connection(wr, readable=False), parent, share, batches, one, w)
-            os.close(wr)
-            children[Connection(r, writable=False)] = pid
+        for k, share in enumerate(shares):
+            try:
+                _fork_child(children, parent, share, batches, one, w)
+            except OSError as e:  # no memory or no process to spare: threads will do
+                if e.errno not in (errno.ENOMEM, errno.EAGAIN):
+                    raise
+                leftover = [i for rest in shares[k:] for i in rest]
+                break
         live = list(children)
         while live:
             for c in wait_any(live):
@@ -713,6 +718,8 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
                     results.append([(batches[i][j], n, st) for j, n, st in got])
                 elif kind == "error" and failure is None:
                     failure = _rebuilt(*value)
+        if leftover and failure is None:
+            results.extend(run_all(one, [batches[i] for i in leftover]))
     except BaseException:
         for pid in children.values():
             try:
@@ -721,12 +728,56 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
                 pass
         raise
     finally:
-        codes = [os.waitpid(pid, 0)[1] for pid in children.values()]
+        codes = [_reap(pid) for pid in children.values()]
     if failure is not None:
         raise failure
     if any(codes) or sum(len(x) for x in results) != sum(len(b) for b in batches):
         raise OSError(errno.EIO, "a process writing files ended without finishing them")
     return results
+
+
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
+def _fork_child(children: dict[Connection, int], parent: int, share: list[int],
+                batches: list[list[_File]],
+                one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
+                w: _Writer) -> None:
+    """Start one child on ``share``, noted in ``children`` (its end of the pipe: its pid).
+    The signals a Ctrl-C or a forwarding daemon sends are held back from the fork until the
+    child is noted, and the child takes them with their default action: no exception can
+    unwind a child into its parent's code, and no child goes unnoted."""
+    from multiprocessing.connection import Connection
+
+    r, wr = os.pipe()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for signum in _STOPPING:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                os.close(r)
+                _child(Connection(wr, readable=False), parent, share, batches, one, w)
+            finally:
+                os._exit(1)
+        children[Connection(r, writable=False)] = pid
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(wr)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _reap(pid: int) -> int:
+    """A child's wait status; 0 when a parent of ours set SIGCHLD to be ignored (the kernel
+    reaped it: whether it finished is told by what it sent)."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return 0
 
 
 def _child(conn: Connection, parent: int, share: list[int], batches: list[list[_File]],
@@ -736,7 +787,8 @@ def _child(conn: Connection, parent: int, share: list[int], batches: list[list[_
     index connection included, is closed or flushed here)."""
     code = 0
     try:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "a writing process cannot be tied to its parent")
         if os.getppid() != parent:  # the parent died before the line above
             os._exit(1)
         if w.progress:
