@@ -286,6 +286,32 @@ def _forking_set(top: Path) -> dict[str, int]:
     return sizes
 
 
+def _noting_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the children forked from now on (os.fork as seen by the parent)."""
+    import os
+
+    pids: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return pids
+
+
+def _all_reaped(pids: list[int]) -> None:
+    """Every one of these children was waited for (the suite's process has others)."""
+    import os
+
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
 def test_a_build_split_across_processes_is_exact_and_counted(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
@@ -299,14 +325,7 @@ def test_a_build_split_across_processes_is_exact_and_counted(
     writer.flush()
     restore._direct_buffer()  # made here before the fork, as a daemon's would be
     monkeypatch.setattr(restore, "FORK_MIN", 0)
-    forks: list[int] = []
-    real_fork = os.fork
-
-    def fork() -> int:
-        forks.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", fork)
+    forks = _noting_forks(monkeypatch)
     seen: list[int] = []
     aside = tmp_path / "aside"
     result = PLAIN.build_aside(aside, store, snap.root, Policy(), seen.append)
@@ -325,13 +344,11 @@ def test_a_build_split_across_processes_is_exact_and_counted(
         st = os.stat(aside / rel.decode())
         assert (e.size, e.mtime_ns, e.ctime_ns, e.ino) == (
             st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    with pytest.raises(ChildProcessError):  # every child was waited for
-        os.waitpid(-1, os.WNOHANG)
+    _all_reaped(forks)
 
 
 def test_a_damaged_block_a_child_meets_fails_the_build_here(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
 
     from dotmesh.errors import Corrupt
     from dotmesh.model.ids import object_id
@@ -353,10 +370,11 @@ def test_a_damaged_block_a_child_meets_fails_the_build_here(
         f.write(bytes([byte[0] ^ 0xFF]))
     store.close()
     monkeypatch.setattr(restore, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
     with pytest.raises(Corrupt, match=victim.hex()[:16]):
         PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    assert len(forks) == restore.WORKERS
+    _all_reaped(forks)
 
 
 _KILLED_BUILD = r"""
