@@ -1,4 +1,5 @@
-"""Pausing Python's cyclic garbage collector around bulk work.
+"""Memory for bulk work: Python's cyclic garbage collector paused around it, and large
+reusable buffers that cost only the pages they touch.
 
 A commit or a restore of a large dot makes hundreds of thousands of small objects that hold
 no cycles (block ids, index rows, locations, tree rows). Each of them counts towards the
@@ -11,6 +12,7 @@ the end of the block (when the collector runs as usual again).
 from __future__ import annotations
 
 import gc
+import mmap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,3 +27,11 @@ def no_cycle_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+def private_buffer(size: int) -> mmap.mmap:
+    """A zeroed, page-aligned buffer of ``size`` bytes whose pages are only made when touched
+    (a bytearray is zeroed at once: 25-36 ms for 32 MiB here, paid by every small command).
+    Private, not mmap's default MAP_SHARED: a forked child gets its own copy, where a shared
+    one had two children writing files through the same memory."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

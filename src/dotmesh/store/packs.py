@@ -43,12 +43,17 @@ PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, 
 _local = threading.local()
 
 
-def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
-    """zstd level 1 unless it does not pay; returns (payload, compressed?)."""
-    c = getattr(_local, "cctx", None)
+def _compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor (a context is reused, not made per call)."""
+    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    out = c.compress(data)
+    return c
+
+
+def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
+    """zstd level 1 unless it does not pay; returns (payload, compressed?)."""
+    out = _compressor().compress(data)
     if len(out) < len(data):
         return out, True
     return data, False
@@ -65,11 +70,8 @@ def compress_many(buf: memoryview, spans: Sequence[Span]
     span comes back as a copy of its bytes (``buf`` is reused)."""
     if not spans:
         return []
-    c = getattr(_local, "cctx", None)
-    if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     table = struct.pack(f"<{2 * len(spans)}Q", *[v for span in spans for v in span])
-    frames = c.multi_compress_to_buffer(zstandard.BufferWithSegments(buf, table))
+    frames = _compressor().multi_compress_to_buffer(zstandard.BufferWithSegments(buf, table))
     out: list[tuple[bytes | memoryview, bool]] = []
     for i, (o, n) in enumerate(spans):
         # a view into the one buffer holding every frame (BufferSegment has the buffer

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dotmesh.errors import Conflict, Corrupt, DotmeshError, InternalError, NotFound
-from dotmesh.heap import no_cycle_gc
+from dotmesh.heap import no_cycle_gc, private_buffer
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
@@ -481,12 +481,10 @@ _direct = threading.local()
 
 
 def _direct_buffer() -> mmap.mmap:
-    """This thread's page-aligned buffer for direct writes. Private: mmap's default is
-    MAP_SHARED, and two forked children writing files through one buffer mixed them up."""
+    """This thread's page-aligned buffer for direct writes."""
     buf: mmap.mmap | None = getattr(_direct, "buf", None)
     if buf is None:
-        buf = _direct.buf = mmap.mmap(-1, DIRECT_BUFFER,
-                                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = _direct.buf = private_buffer(DIRECT_BUFFER)
     return buf
 
 
@@ -681,12 +679,13 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
     from multiprocessing.connection import wait as wait_any
 
     w.store.open_packs({loc.pack for loc in w.locations.values()})
+    sizes = [sum(f.entry.size for f in batch) + 4096 for batch in batches]
     shares: list[list[int]] = [[] for _ in range(min(WORKERS, len(batches)))]
     loads = [0] * len(shares)
-    for i in sorted(range(len(batches)), key=lambda i: -sum(f.entry.size for f in batches[i])):
+    for i in sorted(range(len(batches)), key=lambda i: -sizes[i]):
         k = loads.index(min(loads))
         shares[k].append(i)
-        loads[k] += sum(f.entry.size for f in batches[i]) + 4096
+        loads[k] += sizes[i]
     parent = os.getpid()
     children: dict[Connection, int] = {}
     results: list[list[tuple[_File, int, os.stat_result]]] = []

@@ -23,6 +23,7 @@ from typing import TypeVar
 from dotmesh.fs import btrfs, scan
 from dotmesh.fs.reflink import Stats
 from dotmesh.fs.scan import Entry
+from dotmesh.heap import private_buffer
 from dotmesh.meta.db import load_fingerprints, save_fingerprints
 from dotmesh.meta.statcache import (
     CHUNKED,
@@ -333,9 +334,7 @@ def _buffer() -> mmap.mmap:
     """This thread's read buffer (see chunker.Buffer)."""
     buf: mmap.mmap | None = getattr(_tls, "buf", None)
     if buf is None:
-        # private: mmap's default (MAP_SHARED) would be one buffer for a forked child too
-        buf = _tls.buf = mmap.mmap(-1, chunker.SEGMENT,
-                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = _tls.buf = private_buffer(chunker.SEGMENT)
     return buf
 
 
