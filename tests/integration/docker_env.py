@@ -8,6 +8,7 @@ engine that lost its plugin waits 15 s on every call: see shared/notes).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -148,6 +149,22 @@ def docker_world(home: Path | None = None) -> Iterator[tuple[DM, Engine, Plugin]
     """dm serve (on the store at ``home``, default a fresh one), then a fresh engine; torn
     down in the opposite order."""
     require_docker()
+    with _plugin_socket_held(), _world(home) as world:
+        yield world
+
+
+@contextmanager
+def _plugin_socket_held() -> Iterator[None]:
+    """The plugin socket's path is fixed (dockerd finds plugins there), so test processes
+    (scripts/test.sh runs two) take turns with it: the lock goes with the descriptor."""
+    PLUGIN_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    with open(PLUGIN_SOCKET.parent / "dm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def _world(home: Path | None) -> Iterator[tuple[DM, Engine, Plugin]]:
     top = Path(tempfile.mkdtemp(prefix="dm-docker-", dir="/var/tmp"))
     dm = DM(home or top / "home")
     engine = Engine(top / "engine")
