@@ -347,6 +347,48 @@ def test_a_build_split_across_processes_is_exact_and_counted(
     _all_reaped(forks)
 
 
+def test_a_slow_child_leaves_the_other_batches_to_the_others(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are handed out as children finish them, not shared out beforehand: while one
+    child is held up in its first batch (here a sleep; on a machine, an inode allocation
+    that scans recently deleted ones), the other writes every other batch."""
+    import os
+    import time
+
+    from dotmesh.workdir import restore
+
+    folder = tmp_path / "set"
+    _forking_set(folder)
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    log = tmp_path / "who-wrote"
+    real = restore._Writer.new_file
+
+    def noted(self: restore._Writer, dir_fd: int, name: str, f: restore._File
+              ) -> tuple[int, os.stat_result]:
+        if f.rel == b"d0/f0":  # the first file of the first batch
+            time.sleep(2)
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()} {f.rel.decode()}\n")
+        return real(self, dir_fd, name, f)
+
+    monkeypatch.setattr(restore._Writer, "new_file", noted)
+    monkeypatch.setattr(restore, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
+    PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+    assert _files(tmp_path / "aside") == _files(folder)
+    by: dict[str, set[str]] = {}
+    for line in log.read_text().splitlines():
+        pid, rel = line.split()
+        by.setdefault(pid, set()).add(rel.split("/")[0])
+    slow = next(pid for pid, folders in by.items() if "d0" in folders)
+    assert by[slow] == {"d0"}  # one batch a folder: the slow child did its own only
+    assert set().union(*(f for pid, f in by.items() if pid != slow)) == {
+        "d1", "d2", "d3", "d4"}
+    _all_reaped(forks)
+
+
 def test_a_damaged_block_a_child_meets_fails_the_build_here(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
 

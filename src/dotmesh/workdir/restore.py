@@ -28,6 +28,7 @@ import mmap
 import os
 import shutil
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -668,7 +669,9 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
 def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
                 batches: list[list[_File]], w: _Writer
                 ) -> list[list[tuple[_File, int, os.stat_result]]]:
-    """``one`` over ``batches`` in WORKERS child processes, the batches shared out by size.
+    """``one`` over ``batches`` in WORKERS child processes, each handed the next batch as it
+    finishes one: a child slowed by its files (the kernel's inode allocation can cost
+    seconds in a folder whose neighbours were just deleted) leaves the rest to the others.
 
     Threads of one process pass the GIL to each other at every block (zstd and BLAKE3
     release it for each 8 KiB): a second thread bought a build 12%, a process has a GIL of
@@ -679,27 +682,22 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
     from multiprocessing.connection import wait as wait_any
 
     w.store.open_packs({loc.pack for loc in w.locations.values()})
-    sizes = [sum(f.entry.size for f in batch) + 4096 for batch in batches]
-    shares: list[list[int]] = [[] for _ in range(min(WORKERS, len(batches)))]
-    loads = [0] * len(shares)
-    for i in sorted(range(len(batches)), key=lambda i: -sizes[i]):
-        k = loads.index(min(loads))
-        shares[k].append(i)
-        loads[k] += sizes[i]
     parent = os.getpid()
     children: dict[Connection, int] = {}
     results: list[list[tuple[_File, int, os.stat_result]]] = []
     failure: BaseException | None = None
-    leftover: list[int] = []  # batches no child took (a fork refused): done here
+    queue = iter(range(len(batches)))  # in the tree's order, which is close to the packs'
     try:
-        for k, share in enumerate(shares):
+        for _ in range(min(WORKERS, len(batches))):
             try:
-                _fork_child(children, parent, share, batches, one, w)
+                conn = _fork_child(children, parent, batches, one, w)
             except OSError as e:  # no memory or no process to spare: threads will do
                 if e.errno not in (errno.ENOMEM, errno.EAGAIN):
                     raise
-                leftover = [i for rest in shares[k:] for i in rest]
                 break
+            _hand(conn, next(queue, None))
+        if not children:
+            return run_all(one, batches)
         live = list(children)
         while live:
             for c in wait_any(live):
@@ -715,10 +713,9 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
                 elif kind == "done":
                     i, got = value
                     results.append([(batches[i][j], n, st) for j, n, st in got])
+                    _hand(c, next(queue, None) if failure is None else None)
                 elif kind == "error" and failure is None:
                     failure = _rebuilt(*value)
-        if leftover and failure is None:
-            results.extend(run_all(one, [batches[i] for i in leftover]))
     except BaseException:
         for pid in children.values():
             try:
@@ -735,20 +732,29 @@ def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_resu
     return results
 
 
+def _hand(conn: Connection, batch: int | None) -> None:
+    """Give a child its next batch (None: no more). One that died meanwhile is seen as its
+    connection ends, and what it did not finish fails the build."""
+    try:
+        conn.send(batch)
+    except OSError:
+        pass
+
+
 _STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 
-def _fork_child(children: dict[Connection, int], parent: int, share: list[int],
-                batches: list[list[_File]],
+def _fork_child(children: dict[Connection, int], parent: int, batches: list[list[_File]],
                 one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
-                w: _Writer) -> None:
-    """Start one child on ``share``, noted in ``children`` (its end of the pipe: its pid).
-    The signals a Ctrl-C or a forwarding daemon sends are held back from the fork until the
-    child is noted, and the child takes them with their default action: no exception can
-    unwind a child into its parent's code, and no child goes unnoted."""
+                w: _Writer) -> Connection:
+    """Start one child, noted in ``children`` (its connection: its pid); returned is the
+    connection, on which it waits for its first batch. The signals a Ctrl-C or a forwarding
+    daemon sends are held back from the fork until the child is noted, and the child takes
+    them with their default action: no exception can unwind a child into its parent's
+    code, and no child goes unnoted."""
     from multiprocessing.connection import Connection
 
-    r, wr = os.pipe()
+    mine, theirs = socket.socketpair()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
     try:
         pid = os.fork()
@@ -757,16 +763,18 @@ def _fork_child(children: dict[Connection, int], parent: int, share: list[int],
                 for signum in _STOPPING:
                     signal.signal(signum, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                os.close(r)
-                _child(Connection(wr, readable=False), parent, share, batches, one, w)
+                mine.close()
+                _child(Connection(theirs.detach()), parent, batches, one, w)
             finally:
                 os._exit(1)
-        children[Connection(r, writable=False)] = pid
+        conn = Connection(mine.detach())
+        children[conn] = pid
+        return conn
     except BaseException:
-        os.close(r)
+        mine.close()
         raise
     finally:
-        os.close(wr)
+        theirs.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
@@ -779,7 +787,7 @@ def _reap(pid: int) -> int:
         return 0
 
 
-def _child(conn: Connection, parent: int, share: list[int], batches: list[list[_File]],
+def _child(conn: Connection, parent: int, batches: list[list[_File]],
            one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
            w: _Writer) -> NoReturn:
     """A child of :func:`_run_forked`: ends with ``os._exit`` (nothing of the parent's, its
@@ -792,7 +800,7 @@ def _child(conn: Connection, parent: int, share: list[int], batches: list[list[_
             os._exit(1)
         if w.progress:
             w.progress = lambda n: conn.send(("p", n))
-        for i in share:
+        while (i := conn.recv()) is not None:  # the parent's next batch, None when done
             conn.send(("done", (i, [(j, n, st) for j, (_, n, st) in enumerate(one(batches[i]))])))
     except BaseException as e:  # reported to the parent, which raises it
         code = 1
