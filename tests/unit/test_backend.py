@@ -419,6 +419,37 @@ def test_a_damaged_block_a_child_meets_fails_the_build_here(
     _all_reaped(forks)
 
 
+@pytest.mark.parametrize("damage", ["a wrong length", "no row", "a bad kind"])
+def test_a_damaged_index_row_fails_a_split_build_in_its_child(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """A split build's parent reads the index rows unchecked; each child checks the rows of
+    its files before writing them, and its error is raised here."""
+    from dotmesh.errors import Corrupt, NotFound
+    from dotmesh.model.ids import object_id
+    from dotmesh.workdir import restore
+
+    folder = tmp_path / "set"
+    _forking_set(folder)
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    victim = object_id((folder / "d3" / "f1").read_bytes())  # a small file: one chunk
+    change = {"a wrong length": "UPDATE objects SET raw_len = raw_len + 1 WHERE id = ?",
+              "no row": "DELETE FROM objects WHERE id = ?",
+              "a bad kind": "UPDATE objects SET kind = 99 WHERE id = ?"}[damage]
+    with store.conn:
+        store.conn.execute(change, (victim,))
+    monkeypatch.setattr(restore, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
+    expected = {"a wrong length": (Corrupt, "d3/f1 names a block of 777 bytes that has 778"),
+                "no row": (NotFound, f"block {victim.hex()[:16]} of d3/f1 is not in"),
+                "a bad kind": (Corrupt, f"index entry of object {victim.hex()[:16]}")}[damage]
+    with pytest.raises(expected[0], match=expected[1]):
+        PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+    assert len(forks) == restore.WORKERS
+    _all_reaped(forks)
+
+
 _KILLED_BUILD = r"""
 import os, sys, time
 from pathlib import Path

@@ -147,6 +147,11 @@ def _location(oid: object, kind: object, pack: object, offset: object, stored_le
                   "run dm fsck --repair")
 
 
+def location(row: index.Row) -> Location:
+    """An index row (from :meth:`PackStore.rows_all`) as a location, checked."""
+    return _location(*row)
+
+
 class PackStore:
     """Reads objects by id; hands out writers. Safe to read from several threads."""
 
@@ -271,6 +276,17 @@ class PackStore:
             return self.locate_many(wanted)
         rows = index.all_object_rows(self.conn)
         return {ObjectId(r[0]): _location(*r) for r in rows if r[0] in wanted}
+
+    def rows_all(self, oids: Iterable[ObjectId]) -> dict[bytes, index.Row]:
+        """The index rows of ``oids`` as stored, unchecked (as :meth:`locate_all` reads
+        them): each is checked by :func:`location` where it is used, so a forked build's
+        children check their own instead of the parent checking all before forking."""
+        wanted = set(oids)
+        if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
+            rows: Iterable[index.Row] = index.object_rows_of(self.conn, list(wanted))
+        else:
+            rows = index.all_object_rows(self.conn)
+        return {r[0]: r for r in rows if r[0] in wanted}
 
     def prefetch(self, locs: Iterable[Location], gap: int = 1 << 20,
                  limit: int = PREFETCH_LIMIT) -> None:
