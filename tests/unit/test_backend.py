@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dotmesh.meta.db import connect
+from dotmesh.model.objects import Root
 from dotmesh.store.packs import PackStore
 from dotmesh.workdir.backend import PLAIN, FolderBackend
 from dotmesh.workdir.restore import Policy
@@ -286,6 +287,15 @@ def _forking_set(top: Path) -> dict[str, int]:
     return sizes
 
 
+def _stored_forking_set(top: Path, store: PackStore) -> tuple[dict[str, int], Root]:
+    """:func:`_forking_set` at ``top``, stored: its files' sizes and its root."""
+    sizes = _forking_set(top)
+    writer = store.writer()
+    root = PLAIN.snapshot(top, store, writer, {}).root
+    writer.flush()
+    return sizes, root
+
+
 def _noting_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The pids of the children forked from now on (os.fork as seen by the parent)."""
     import os
@@ -319,16 +329,13 @@ def test_a_build_split_across_processes_is_exact_and_counted(
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
-    sizes = _forking_set(folder)
-    writer = store.writer()
-    snap = PLAIN.snapshot(folder, store, writer, {})
-    writer.flush()
+    sizes, root = _stored_forking_set(folder, store)
     restore._direct_buffer()  # made here before the fork, as a daemon's would be
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     forks = _noting_forks(monkeypatch)
     seen: list[int] = []
     aside = tmp_path / "aside"
-    result = PLAIN.build_aside(aside, store, snap.root, Policy(), seen.append)
+    result = PLAIN.build_aside(aside, store, root, Policy(), seen.append)
     monkeypatch.setattr(restore, "FORK_MIN", 1 << 60)
     assert len(forks) == restore.WORKERS
     assert _files(aside) == _files(folder)
@@ -336,7 +343,7 @@ def test_a_build_split_across_processes_is_exact_and_counted(
         a, b = os.stat(aside / rel), os.stat(folder / rel)
         assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), rel
     threaded: list[int] = []
-    again = PLAIN.build_aside(tmp_path / "again", store, snap.root, Policy(), threaded.append)
+    again = PLAIN.build_aside(tmp_path / "again", store, root, Policy(), threaded.append)
     assert sum(seen) == sum(threaded) == result.bytes_written == again.bytes_written
     assert result.files_written == again.files_written == len(sizes)
     assert result.touched.keys() == again.touched.keys() == {r.encode() for r in sizes}
@@ -358,10 +365,7 @@ def test_a_slow_child_leaves_the_other_batches_to_the_others(
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
-    _forking_set(folder)
-    writer = store.writer()
-    snap = PLAIN.snapshot(folder, store, writer, {})
-    writer.flush()
+    root = _stored_forking_set(folder, store)[1]
     log = tmp_path / "who-wrote"
     real = restore._Writer.new_file
 
@@ -376,7 +380,7 @@ def test_a_slow_child_leaves_the_other_batches_to_the_others(
     monkeypatch.setattr(restore._Writer, "new_file", noted)
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     forks = _noting_forks(monkeypatch)
-    PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+    PLAIN.build_aside(tmp_path / "aside", store, root, Policy())
     assert _files(tmp_path / "aside") == _files(folder)
     by: dict[str, set[str]] = {}
     for line in log.read_text().splitlines():
@@ -397,10 +401,7 @@ def test_a_damaged_block_a_child_meets_fails_the_build_here(
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
-    _forking_set(folder)
-    writer = store.writer()
-    snap = PLAIN.snapshot(folder, store, writer, {})
-    writer.flush()
+    root = _stored_forking_set(folder, store)[1]
     victim = object_id((folder / "d3" / "f1").read_bytes())  # a small file: one chunk
     loc = store.locate(victim)
     assert loc is not None
@@ -414,12 +415,13 @@ def test_a_damaged_block_a_child_meets_fails_the_build_here(
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     forks = _noting_forks(monkeypatch)
     with pytest.raises(Corrupt, match=victim.hex()[:16]):
-        PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+        PLAIN.build_aside(tmp_path / "aside", store, root, Policy())
     assert len(forks) == restore.WORKERS
     _all_reaped(forks)
 
 
-@pytest.mark.parametrize("damage", ["a wrong length", "no row", "a bad kind"])
+@pytest.mark.parametrize("damage", ["a wrong length", "no row", "a bad kind",
+                                    "a pack not a number"])
 def test_a_damaged_index_row_fails_a_split_build_in_its_child(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     """A split build's parent reads the index rows unchecked; each child checks the rows of
@@ -429,23 +431,23 @@ def test_a_damaged_index_row_fails_a_split_build_in_its_child(
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
-    _forking_set(folder)
-    writer = store.writer()
-    snap = PLAIN.snapshot(folder, store, writer, {})
-    writer.flush()
+    root = _stored_forking_set(folder, store)[1]
     victim = object_id((folder / "d3" / "f1").read_bytes())  # a small file: one chunk
     change = {"a wrong length": "UPDATE objects SET raw_len = raw_len + 1 WHERE id = ?",
               "no row": "DELETE FROM objects WHERE id = ?",
-              "a bad kind": "UPDATE objects SET kind = 99 WHERE id = ?"}[damage]
+              "a bad kind": "UPDATE objects SET kind = 99 WHERE id = ?",
+              "a pack not a number": "UPDATE objects SET pack = 'x' WHERE id = ?"}[damage]
     with store.conn:
         store.conn.execute(change, (victim,))
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     forks = _noting_forks(monkeypatch)
     expected = {"a wrong length": (Corrupt, "d3/f1 names a block of 777 bytes that has 778"),
                 "no row": (NotFound, f"block {victim.hex()[:16]} of d3/f1 is not in"),
-                "a bad kind": (Corrupt, f"index entry of object {victim.hex()[:16]}")}[damage]
+                "a bad kind": (Corrupt, f"index entry of object {victim.hex()[:16]}"),
+                "a pack not a number": (Corrupt, f"index entry of object {victim.hex()[:16]}"),
+                }[damage]
     with pytest.raises(expected[0], match=expected[1]):
-        PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+        PLAIN.build_aside(tmp_path / "aside", store, root, Policy())
     assert len(forks) == restore.WORKERS
     _all_reaped(forks)
 
@@ -531,10 +533,7 @@ def test_a_split_build_copes_with_its_process_table(
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
-    _forking_set(folder)
-    writer = store.writer()
-    snap = PLAIN.snapshot(folder, store, writer, {})
-    writer.flush()
+    root = _stored_forking_set(folder, store)[1]
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     if how == "fork refused":
         def refuse() -> int:
@@ -543,7 +542,7 @@ def test_a_split_build_copes_with_its_process_table(
     else:
         previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
-        result = PLAIN.build_aside(tmp_path / "aside", store, snap.root, Policy())
+        result = PLAIN.build_aside(tmp_path / "aside", store, root, Policy())
     finally:
         if how != "fork refused":
             signal.signal(signal.SIGCHLD, previous)

@@ -271,16 +271,13 @@ class PackStore:
 
     def locate_all(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
         """Like :meth:`locate_many`, but reads the whole index when most of it is wanted."""
-        wanted = set(oids)
-        if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
-            return self.locate_many(wanted)
-        rows = index.all_object_rows(self.conn)
-        return {ObjectId(r[0]): _location(*r) for r in rows if r[0] in wanted}
+        return {ObjectId(oid): _location(*r) for oid, r in self.rows_all(oids).items()}
 
     def rows_all(self, oids: Iterable[ObjectId]) -> dict[bytes, index.Row]:
-        """The index rows of ``oids`` as stored, unchecked (as :meth:`locate_all` reads
-        them): each is checked by :func:`location` where it is used, so a forked build's
-        children check their own instead of the parent checking all before forking."""
+        """The index rows of ``oids`` as stored, unchecked: in batches, or the whole index in
+        one scan when most of it is wanted. Each is checked by :func:`location` where it is
+        used, so a forked build's children check their own instead of the parent checking
+        all before forking."""
         wanted = set(oids)
         if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
             rows: Iterable[index.Row] = index.object_rows_of(self.conn, list(wanted))

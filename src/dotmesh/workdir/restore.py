@@ -299,8 +299,9 @@ class _Planner:
             check_file(f, where)
 
 
-def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> None:
-    """Every block of ``f`` is in the store and as long as its list says."""
+def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> list[Location]:
+    """Every block of ``f`` is in the store and as long as its list says; their locations."""
+    found: list[Location] = []
     for _, cid, n in f.wanted:
         if cid == HOLE:
             continue
@@ -311,6 +312,8 @@ def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> None:
         if loc.raw_len != n:
             raise Corrupt(f"{os.fsdecode(f.rel)} names a block of {n} bytes that has "
                           f"{loc.raw_len}; nothing was changed (dm fsck)")
+        found.append(loc)
+    return found
 
 
 def _expect(progress: Progress | None, files: list[_File]) -> None:
@@ -347,9 +350,11 @@ class _Writer:
         return loc
 
     def packs(self) -> set[int]:
-        """The packs the build may read (unchecked rows name them too: a bad number fails
-        as the pack is opened)."""
-        return {loc.pack for loc in self.locations.values()} | {r[2] for r in self.rows.values()}
+        """The packs the build may read. Of unchecked rows, those naming a pack by a number
+        (a number the index lacks fails as the pack is opened); a row naming it otherwise
+        fails where it is checked."""
+        return ({loc.pack for loc in self.locations.values()}
+                | {r[2] for r in self.rows.values() if type(r[2]) is int})
 
     def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
         """(offset, id, length, data) in file order; adjacent records read in one go."""
@@ -676,11 +681,8 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
 
         def one(group: list[_File]) -> list[tuple[_File, int, os.stat_result]]:
             """The files of one folder (a descriptor of their own: threads share nothing)."""
-            if forked:
-                for f in group:
-                    check_file(f, w.where)
-                store.prefetch(loc for f in group for _, cid, _ in f.wanted
-                               if (loc := w.where(cid)) is not None)
+            if forked:  # all checked before any is written, then read ahead
+                store.prefetch([loc for f in group for loc in check_file(f, w.where)])
             local = _Dirs(top, top_fd)
             try:
                 fd = local.get(group[0].parts)
