@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from dotmesh.capture import proc, watchdog
 from dotmesh.capture.containers import Container, engine_url, pause, unpause
-from dotmesh.capture.watchdog import THAWED
+from dotmesh.capture.watchdog import STOPPING, THAWED
 from dotmesh.capture.writers import Writer
-from dotmesh.errors import DotmeshError
+from dotmesh.errors import DotmeshError, InternalError
 
 
 class FreezeTimeout(DotmeshError):
@@ -61,23 +62,51 @@ def _bystanders(pids: list[int]) -> list[int]:
     return sorted(p for p in parents if not proc.stopped(p))
 
 
+def _await_watchdog(ready: int, limit: float = 5.0) -> None:
+    """Wait until the watchdog says it runs, so that nothing is stopped without it and its
+    start (a Python interpreter) does not compete with the capture in the freeze."""
+    got = b""
+    if select.select([ready], [], [], limit)[0]:
+        got = os.read(ready, 1)
+    if got != watchdog.READY:
+        raise InternalError("the freeze watchdog did not start, so no writer was stopped "
+                            f"(python -m {watchdog.__name__})")
+
+
 @contextmanager
-def frozen(writers: list[Writer], timeout: float,
-           containers: Sequence[Container] = ()) -> Iterator[Freeze]:
+def frozen(writers: list[Writer], timeout: float, containers: Sequence[Container] = (),
+           settle: Callable[[], None] | None = None) -> Iterator[Freeze]:
     """Stop ``writers`` and pause ``containers`` for the block, all at once; the watchdog thaws
-    them after ``timeout`` regardless, or as soon as dm is gone."""
+    them after ``timeout`` regardless, or as soon as dm is gone. ``settle`` runs last before
+    they stop, once the watchdog is up (it writes out what they dirtied, say): what it does
+    is then not left for the freeze."""
     pids = [w.pid for w in writers]
     bystanders = _bystanders(pids)
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
     ids = ",".join(c.id for c in containers)
-    dog = subprocess.Popen(
-        [sys.executable, "-m", watchdog.__name__, str(read_end), str(timeout),
-         engine_url() if ids else "", ids, *map(str, pids + bystanders)],
-        pass_fds=(read_end,), stdin=subprocess.DEVNULL, start_new_session=True)
-    os.close(read_end)
+    try:
+        dog = subprocess.Popen(
+            [sys.executable, "-m", watchdog.__name__, str(read_end), str(ready_write),
+             str(timeout), engine_url() if ids else "", ids, *map(str, pids + bystanders)],
+            pass_fds=(read_end, ready_write), stdin=subprocess.DEVNULL, start_new_session=True)
+    except BaseException:
+        os.close(write_end)
+        os.close(ready_read)
+        raise
+    finally:
+        os.close(read_end)
+        os.close(ready_write)
     freeze = Freeze()
     paused = False
     try:
+        try:
+            if settle is not None:
+                settle()  # meanwhile the watchdog starts, on another core
+            _await_watchdog(ready_read)
+        finally:
+            os.close(ready_read)
+        os.write(write_end, STOPPING)  # the watchdog's timeout starts now
         freeze.started = time.monotonic()
         for pid in pids:
             proc.send(pid, signal.SIGSTOP)

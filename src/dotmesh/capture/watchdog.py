@@ -1,6 +1,7 @@
-"""``python -m dotmesh.capture.watchdog FD TIMEOUT ENGINE CONTAINERS PID...``: thaw the PIDs
-and unpause the CONTAINERS (comma-separated ids, on the Docker engine at ENGINE) when FD closes
-without dm having said it thawed them itself, or when TIMEOUT seconds pass. Started by
+"""``python -m dotmesh.capture.watchdog FD READY TIMEOUT ENGINE CONTAINERS PID...``: say
+:data:`READY` on the pipe READY once running; then thaw the PIDs and unpause the CONTAINERS
+(comma-separated ids, on the Docker engine at ENGINE) when FD closes without dm having said it
+thawed them itself, or when TIMEOUT seconds have passed since dm said it stops them. Started by
 :mod:`dotmesh.capture.freeze`."""
 
 from __future__ import annotations
@@ -12,25 +13,30 @@ import sys
 import time
 
 THAWED = b"t"  # what dm writes before closing when it thawed everything itself
+READY = b"r"  # what the watchdog writes once it runs: dm stops nothing before
+STOPPING = b"s"  # what dm writes just before it stops them: the timeout counts from here
 
 
 def main(argv: list[str]) -> None:
-    fd, timeout, engine, ids = int(argv[0]), float(argv[1]), argv[2], argv[3]
-    pids = [int(p) for p in argv[4:]]
+    fd, ready, timeout = int(argv[0]), int(argv[1]), float(argv[2])
+    engine, ids, pids = argv[3], argv[4], [int(p) for p in argv[5:]]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    deadline = time.monotonic() + timeout
+    os.write(ready, READY)
+    os.close(ready)
+    deadline: float | None = None
     said = b""
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
             break
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
+        if select.select([fd], [], [], left)[0]:
             got = os.read(fd, 64)
             said += got
             if not got:
                 break  # dm closed its end, or died
+            if deadline is None and STOPPING in said:
+                deadline = time.monotonic() + timeout
     if said.endswith(THAWED):
         return
     for pid in pids:

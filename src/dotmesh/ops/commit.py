@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +182,12 @@ def _capture_by_snapshots(home: Repo, dot: str, cow: SnapshotBackend, writer: Pa
     timing: list[float] = []
 
     @contextmanager
-    def freezing() -> Iterator[None]:
+    def freezing(settle: Callable[[], None]) -> Iterator[None]:
         if not (writers or containers):
+            settle()
             yield
             return
-        with frozen(writers, freeze_timeout, containers) as fz:
+        with frozen(writers, freeze_timeout, containers, settle) as fz:
             yield
         timing.append(fz.ms)
 

@@ -7,8 +7,8 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -469,20 +469,30 @@ class Frozen:
         return self.staging / kept.SET / sub
 
 
-def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
-               freeze: Callable[[], AbstractContextManager[Any]] = nullcontext) -> Frozen:
+Settle = Callable[[], None]  # run last before writers stop: writes out what they dirtied
+Freezer = Callable[[Settle], AbstractContextManager[Any]]  # stops the writers for its block
+
+
+@contextmanager
+def _settled(settle: Settle) -> Iterator[None]:
+    """No writers to stop: only settle."""
+    settle()
+    yield
+
+
+def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _settled
+               ) -> Frozen:
     """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did)."""
     ensure_folders(home, dot)
     subs = home.subdots(dot)
     staging = kept.begin(home, dot)
     try:
-        _quiet_disk(home.dot_dir(dot))
         copied: dict[str, Stats | None] = {}
         whole = cow.is_set(working_set(home, dot))
         into = staging / kept.SET
         # a reflinked tree is copied first and only brought up to date in the freeze
         pre = cow.prepare_copy(working_set(home, dot), into) if whole else None
-        with freeze():
+        with freeze(lambda: _quiet_disk(home.dot_dir(dot))):
             taken = time.time_ns()
             if whole:  # one call: one instant, one btrfs transaction
                 made = cow.freeze_copy(working_set(home, dot), into, pre)
@@ -497,15 +507,20 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend,
     return Frozen(staging, taken, subs, copied, whole)
 
 
-def _quiet_disk(path: Path, rounds: int = 4, short: float = 0.005) -> None:
-    """Write out what the writers dirtied, again while a round takes long: the snapshot in
+def _quiet_disk(path: Path, rounds: int = 8, short: float = 0.005) -> None:
+    """Write out what the writers dirtied, again while rounds get shorter: the snapshot in
     the freeze (which must write what is dirty first) then writes only what they dirtied
-    in the last round's few milliseconds, not since the command started."""
+    in the last round's few milliseconds, not since the command started. Under a steady
+    writer the rounds settle at what it dirties in one round; more would not shorten the
+    freeze."""
+    last = float("inf")
     for _ in range(rounds):
         started = time.monotonic()
         btrfs.syncfs(path)
-        if time.monotonic() - started < short:
+        took = time.monotonic() - started
+        if took < short or took > 0.9 * last:
             return
+        last = took
 
 
 def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
@@ -545,8 +560,7 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
 
 def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
                         progress: Progress | None = None,
-                        freeze: Callable[[], AbstractContextManager[Any]] = nullcontext
-                        ) -> tuple[Path, DotSnapshot]:
+                        freeze: Freezer = _settled) -> tuple[Path, DotSnapshot]:
     """:func:`freeze_set`, then :func:`scan_frozen`. Returns the snapshots' folder (for
     :func:`kept.keep` once the commit exists) and what they hold."""
     frozen = freeze_set(home, dot, cow, freeze)
