@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import sys
@@ -1042,4 +1043,7 @@ def run(args: list[str] | None = None, prog: str = "dm") -> int:
 
 def main() -> None:
     code = run()
+    # Python's exit would look at every object left for cycles (0.1-0.3 s after a commit
+    # of 200,000 files): the process ends now, and its memory goes with it.
+    gc.freeze()
     sys.exit(code)
