@@ -41,7 +41,8 @@ def test_settle_runs_with_the_watchdog_up_and_the_writers_running(sleeper):
     seen = []
 
     def settle() -> None:
-        dogs = [p for p in os.listdir("/proc") if p.isdigit()
+        dogs = [p for p in os.listdir("/proc") if p.isdigit()  # this process's own
+                and proc.parent(int(p)) == os.getpid()
                 and b"dotmesh.capture.watchdog" in _cmdline(int(p))]
         seen.append((proc.stopped(sleeper.pid), len(dogs)))
 

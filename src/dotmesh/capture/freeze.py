@@ -1,10 +1,11 @@
 """Freeze writers with SIGSTOP and always thaw them with SIGCONT.
 
-Before stopping anything, dm starts a watchdog process that holds the other end of a pipe. When
-dm closes the pipe (it is done, it failed, or it was killed with -9 and the kernel closed it) or
-the freeze timeout passes, the watchdog sends SIGCONT to every frozen process and unpauses every
-paused container. So no writer can stay stopped after dm is gone. When dm thaws them itself it
-says so on the pipe first, and the watchdog just exits.
+Before stopping anything, dm starts a watchdog process that holds the other end of a pipe, and
+waits until it says it runs. When dm closes the pipe (it is done, it failed, or it was killed
+with -9 and the kernel closed it) or the freeze timeout passes after dm said it stops them, the
+watchdog sends SIGCONT to every frozen process and unpauses every paused container. So no
+writer can stay stopped after dm is gone. When dm thaws them itself it says so on the pipe
+first, and the watchdog just exits.
 """
 
 from __future__ import annotations
