@@ -157,7 +157,129 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NN)", entry(PyUnicode_FromString(""), &own), out);
 }
 
+/* A lowercase hex str of a bytes object, as bytes.hex() makes it. */
+static PyObject *hex_of(PyObject *raw) {
+    static const char digits[] = "0123456789abcdef";
+    Py_ssize_t n = PyBytes_GET_SIZE(raw);
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(raw);
+    PyObject *out = PyUnicode_New(2 * n, 127);
+    if (out == NULL)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        d[2 * i] = (Py_UCS1)digits[b[i] >> 4];
+        d[2 * i + 1] = (Py_UCS1)digits[b[i] & 15];
+    }
+    return out;
+}
+
+/* 1 if the cache entry ``old`` vouches for the listing entry ``e`` (same size, mtime, ctime
+ * and inode, not a hint), 0 if not, -1 on error. */
+static int vouches(PyObject *old, PyObject *e, long hint_only) {
+    if (!PyTuple_Check(old) || PyTuple_GET_SIZE(old) != 6 || !PyBytes_Check(PyTuple_GET_ITEM(old, 4)))
+        return 0;
+    long flags = PyLong_AsLong(PyTuple_GET_ITEM(old, 5));
+    if (flags == -1 && PyErr_Occurred())
+        return -1;
+    if (flags & hint_only)
+        return 0;
+    static const int pairs[4][2] = {{0, 6}, {1, 7}, {2, 8}, {3, 2}}; /* size, mtime, ctime, ino */
+    for (int i = 0; i < 4; i++) {
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(old, pairs[i][0]),
+                                            PyTuple_GET_ITEM(e, pairs[i][1]), Py_EQ);
+        if (same != 1)
+            return same;
+    }
+    return 1;
+}
+
+/* The hot path of a commit's walk (snapshot._Walk.rows), for the regular files of one listing
+ * with a single link whose stat matches their cache entry: each one's tree row is appended to
+ * ``rows`` and its entry put in ``hits`` under its key (``prefix`` + its encoded name). Returns
+ * (the other entries, in order, for the caller's loop; the size of the matched files; the
+ * newest ctime among them). */
+static PyObject *match(PyObject *self, PyObject *args) {
+    PyObject *prefix, *entries, *cache, *hits, *rows, *file_kind;
+    long hint_only, has_content, chunked;
+    if (!PyArg_ParseTuple(args, "SO!O!O!O!Ulll", &prefix, &PyList_Type, &entries, &PyDict_Type,
+                          &cache, &PyDict_Type, &hits, &PyList_Type, &rows, &file_kind,
+                          &hint_only, &has_content, &chunked))
+        return NULL;
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL)
+        return NULL;
+    long long total = 0, newest = 0;
+    Py_ssize_t count = PyList_GET_SIZE(entries);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *e = PyList_GET_ITEM(entries, i), *key = NULL, *encoded = NULL, *row = NULL;
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 9) {
+            PyErr_SetString(PyExc_TypeError, "match: an entry is not a 9-tuple");
+            goto fail;
+        }
+        long mode = PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
+        long nlink = PyLong_AsLong(PyTuple_GET_ITEM(e, 3));
+        long long size = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 6));
+        long long ctime = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 8));
+        if (PyErr_Occurred())
+            goto fail;
+        if (!S_ISREG(mode) || nlink > 1)
+            goto other;
+        encoded = PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(e, 0));
+        if (encoded == NULL)
+            goto fail;
+        key = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(prefix) + PyBytes_GET_SIZE(encoded));
+        if (key == NULL)
+            goto fail;
+        memcpy(PyBytes_AS_STRING(key), PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
+        memcpy(PyBytes_AS_STRING(key) + PyBytes_GET_SIZE(prefix), PyBytes_AS_STRING(encoded),
+               PyBytes_GET_SIZE(encoded));
+        Py_CLEAR(encoded);
+        PyObject *old = PyDict_GetItemWithError(cache, key); /* borrowed */
+        if (old == NULL && PyErr_Occurred())
+            goto fail;
+        int ok = old == NULL ? 0 : vouches(old, e, hint_only);
+        if (ok < 0)
+            goto fail;
+        if (!ok) {
+            Py_CLEAR(key);
+            goto other;
+        }
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(old, 5));
+        PyObject *content = (flags & has_content) ? hex_of(PyTuple_GET_ITEM(old, 4))
+                                                  : Py_NewRef(Py_None);
+        if (content == NULL)
+            goto fail;
+        row = Py_BuildValue("[OONOOOONN]", PyTuple_GET_ITEM(e, 0), file_kind,
+                            PyLong_FromLong(mode & 07777), PyTuple_GET_ITEM(e, 4),
+                            PyTuple_GET_ITEM(e, 5), PyTuple_GET_ITEM(e, 7),
+                            PyTuple_GET_ITEM(e, 6), content, PyLong_FromLong(flags & chunked));
+        if (row == NULL || PyList_Append(rows, row) < 0 || PyDict_SetItem(hits, key, old) < 0)
+            goto fail;
+        Py_CLEAR(row);
+        Py_CLEAR(key);
+        total += size;
+        if (ctime > newest)
+            newest = ctime;
+        continue;
+    other:
+        if (PyList_Append(rest, e) < 0)
+            goto fail;
+        continue;
+    fail:
+        Py_XDECREF(encoded);
+        Py_XDECREF(key);
+        Py_XDECREF(row);
+        Py_DECREF(rest);
+        return NULL;
+    }
+    return Py_BuildValue("(NLL)", rest, total, newest);
+}
+
 static PyMethodDef methods[] = {
+    {"match", match, METH_VARARGS,
+     "match(prefix, entries, cache, hits, rows, file_kind, hint_only, has_content, chunked) "
+     "-> (rest, size, newest): the rows of the files whose stat matches the cache; the "
+     "other entries are left to the caller."},
     {"scan", scan, METH_VARARGS,
      "scan(path, nofollow=False) -> (folder, [entry]), each (name, mode, ino, nlink, uid, "
      "gid, size, mtime_ns, ctime_ns): the folder's fstat and its entries' lstat, read with "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from dotmesh.fs._scan import match
 from dotmesh.fs._scan import scan as _scan
 
 # (name, mode, inode, links, uid, gid, size, mtime_ns, ctime_ns): Lstat's layout, unnamed,
@@ -52,4 +53,4 @@ def entry(name: str, st: os.stat_result) -> Entry:
             st.st_mtime_ns, st.st_ctime_ns)
 
 
-__all__ = ["Entry", "Lstat", "entry", "listing"]
+__all__ = ["Entry", "Lstat", "entry", "listing", "match"]

@@ -423,7 +423,7 @@ class _Walk:
                 listing.cancel()
         return listed
 
-    def rows(self, rel: str, entries: Iterable[Entry], rows: list[Row]) -> list[str]:
+    def rows(self, rel: str, entries: list[Entry], rows: list[Row]) -> list[str]:
         """Append the rows of ``entries`` (in folder ``rel``); returns the sub-folders met."""
         prefix = rel + "/" if rel else ""
         cache, hits, fsencode = self.cache, self.hits, os.fsencode
@@ -431,6 +431,10 @@ class _Walk:
         subdirs: list[str] = []
         stats = self.stats
         newest = 0
+        if stats is None:  # the files the cache vouches for, in C; the others below
+            entries, size, newest = scan.match(fsencode(prefix), entries, cache, hits, rows,
+                                               FILE, HINT_ONLY, HAS_CONTENT, CHUNKED)
+            self.total += size
         for e in entries:
             name, mode, ino, nlink, uid, gid, size, mtime, ctime = e
             if is_reg(mode):
