@@ -34,6 +34,7 @@ from dotmesh.workdir.branches import (
     snapshot_dot,
     snapshots_of,
     swap,
+    writers_stopped,
 )
 
 
@@ -125,7 +126,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
             keep_as: str | None = None  # a name for the discarded state, kept unread
             keep_caches: dict[str, StatCache] = {}
             if cow is not None:  # the working state is kept as a snapshot, too
-                frozen = freeze_set(home, dot, cow)
+                frozen = freeze_set(home, dot, cow, writers_stopped)
                 staging = frozen.staging
                 try:
                     # To a kept state, a reset need not read what it discards: if any file

@@ -480,6 +480,14 @@ def _settled(settle: Settle) -> Iterator[None]:
     yield
 
 
+@contextmanager
+def writers_stopped(settle: Settle) -> Iterator[None]:
+    """For a command that stopped or refused every writer first (a reset, a checkout): no
+    settling, since nothing writes meanwhile; the snapshot writes out what is dirty itself,
+    in one btrfs transaction instead of two."""
+    yield
+
+
 def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _settled
                ) -> Frozen:
     """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did)."""
