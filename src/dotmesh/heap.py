@@ -16,6 +16,22 @@ import mmap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+_one_shot = False  # this process runs one command and exits (see one_shot)
+
+
+def one_shot() -> None:
+    """Say that this process runs one command and then exits (``dm``, a daemon's child): the
+    objects a block leaves need no collection (see :func:`no_cycle_gc`), nor at exit."""
+    global _one_shot
+    _one_shot = True
+
+
+def long_running() -> None:
+    """Say that this process serves for a long time (a hub, the web UI, the Docker plugin, a
+    mount): cycles made in blocks are collected as usual after each."""
+    global _one_shot
+    _one_shot = False
+
 
 @contextmanager
 def no_cycle_gc() -> Iterator[None]:
@@ -26,11 +42,16 @@ def no_cycle_gc() -> Iterator[None]:
         yield
     finally:
         if was:
-            # What the block made is moved to the oldest generation as it is, uncollected:
-            # counted as new, it would make the next allocation run a full collection over
-            # it (0.1-0.4 s after a walk of 200,000 files, whose objects are mostly alive).
-            gc.freeze()
-            gc.unfreeze()
+            if _one_shot and not gc.get_freeze_count():
+                # What the block made is moved to the oldest generation as it is,
+                # uncollected: counted as new, it would make the next allocation run a full
+                # collection over it (0.1-0.4 s after a walk of 200,000 files, whose objects
+                # are mostly alive). Only where the process ends soon: a long-running one
+                # (a server, an app using the API) would then keep the block's cycles until
+                # something else starts a full collection; and a process that froze its
+                # own heap (before forking) keeps it frozen.
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

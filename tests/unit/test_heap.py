@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 
+from dotmesh import heap
 from dotmesh.cli import main as cli_main
 from dotmesh.heap import no_cycle_gc
 
@@ -16,9 +17,7 @@ class _Node:
         self.me = self
 
 
-def test_what_the_block_made_does_not_start_a_collection_after_it():
-    """A walk of 200,000 files leaves about a million objects, mostly alive: counted as
-    new when the collector is back, the next allocation would examine them all."""
+def _collections_after_a_block() -> list[int]:
     collections: list[int] = []
 
     def seen(phase: str, info: dict[str, int]) -> None:
@@ -33,8 +32,34 @@ def test_what_the_block_made_does_not_start_a_collection_after_it():
     finally:
         gc.callbacks.remove(seen)
     assert gc.isenabled()
-    assert collections == []
     assert len(kept) == 200_000 and len(after) == 100
+    return collections
+
+
+def test_in_a_command_what_the_block_made_starts_no_collection_after_it(monkeypatch):
+    """A walk of 200,000 files leaves about a million objects, mostly alive: counted as
+    new when the collector is back, the next allocation would examine them all."""
+    monkeypatch.setattr(heap, "_one_shot", True)
+    assert _collections_after_a_block() == []
+
+
+def test_in_a_server_the_block_leaves_its_objects_to_the_collector(monkeypatch):
+    """A long-running process collects a block's cycles as usual: frozen and unfrozen,
+    they would wait for a full collection that such a heap may not start for hours."""
+    monkeypatch.setattr(heap, "_one_shot", False)
+    assert _collections_after_a_block() != []
+
+
+def test_a_heap_frozen_by_its_process_stays_frozen(monkeypatch):
+    monkeypatch.setattr(heap, "_one_shot", True)
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with no_cycle_gc():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_a_cycle_made_in_the_block_is_still_collected():
@@ -58,11 +83,13 @@ def test_nested_blocks_leave_the_collector_as_they_found_it():
 
 
 def test_the_command_line_spares_python_its_exit_collection(monkeypatch):
+    monkeypatch.setattr(heap, "_one_shot", False)  # main() sets it: restored after
     monkeypatch.setattr(cli_main, "run", lambda: 3)
     try:
         with pytest.raises(SystemExit) as e:
             cli_main.main()
         assert e.value.code == 3
         assert gc.get_freeze_count() > 0
+        assert heap._one_shot
     finally:
         gc.unfreeze()

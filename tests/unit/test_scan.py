@@ -140,10 +140,20 @@ def test_the_compiled_match_is_the_python_loop(tmp_path: Path, monkeypatch) -> N
         if n % 7 == 3:  # a stale entry: another size
             entry = (st.st_size + 1, *entry[1:])
         cache[os.fsencode(rel)] = entry
+    handled = []
+    real = scan.match
+
+    def counting(prefix, entries, *rest):  # type: ignore[no-untyped-def]
+        out = real(prefix, entries, *rest)
+        handled.append(len(entries) - len(out[0]))
+        return out
+
+    monkeypatch.setattr(scan, "match", counting)
     c_side = _walked(top, cache, True, monkeypatch)
+    monkeypatch.setattr(scan, "match", real)
     py_side = _walked(top, cache, False, monkeypatch)
     assert c_side == py_side
-    assert len(c_side[1]) > 20  # most files were vouched for: the C part did work
+    assert sum(handled) > 20  # most files were vouched for in C
     hexes = [r[7] for r in c_side[0]["sub"] if r[7]]
     assert hexes and all(len(h) == 64 and h == h.lower() for h in hexes)
 
@@ -153,3 +163,49 @@ def test_match_rejects_what_is_not_a_listing() -> None:
         scan.match(b"", [("name", 0o100644)], {}, {}, [], "f", 4, 2, 1)
     with pytest.raises(TypeError):
         scan.match("not bytes", [], {}, {}, [], "f", 4, 2, 1)
+
+
+def test_a_walk_tells_an_unreusable_folder_whatever_its_order(monkeypatch) -> None:
+    """An empty file not in the cache makes its folder's tree be made again (NOT_REUSED);
+    a matched file's ctime past that mark must not hide it, whichever is seen first."""
+    from dotmesh.meta.statcache import HAS_CONTENT
+    from dotmesh.workdir import snapshot
+
+    far = snapshot.NOT_REUSED + 5  # a ctime past 2116
+    empty = ("a", stat.S_IFREG | 0o644, 11, 1, 0, 0, 0, 1, 2)
+    matched = ("b", stat.S_IFREG | 0o644, 12, 1, 0, 0, 5, 3, far)
+    cache = {b"b": (5, 3, far, 12, bytes(32), HAS_CONTENT)}
+    seen = []
+    for compiled in (True, False):
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr(scan, "match", lambda prefix, entries, *rest: (entries, 0, 0))
+            walk = snapshot._Walk("/nonexistent", dict(cache), None)
+            walk.rows("", [empty, matched], [])
+            seen.append(walk._newest)
+    assert seen == [snapshot.NOT_REUSED, snapshot.NOT_REUSED]
+
+
+class _Meddler(int):
+    """An int whose comparison empties the dict it came from (what a hostile entry could)."""
+
+    victim: dict = {}
+
+    def __eq__(self, other: object) -> bool:
+        _Meddler.victim.clear()
+        return int(self) == other
+
+    __hash__ = int.__hash__
+
+
+def test_match_keeps_what_it_reads_alive_while_comparing() -> None:
+    entries = [(f"f{i}", stat.S_IFREG | 0o644, i, 1, 0, 0, 7, 1, 2) for i in range(50)]
+    cache = {os.fsencode(f"f{i}"): (_Meddler(7), 1, 2, i, bytes(range(32)), 2)
+             for i in range(50)}
+    _Meddler.victim = cache
+    hits: dict = {}
+    rows: list = []
+    rest, size, newest = scan.match(b"", entries, cache, hits, rows, "f", 4, 2, 1)
+    assert [r[0] for r in rows] == ["f0"]  # the first emptied the cache: no more matches
+    assert rows[0][7] == bytes(range(32)).hex() and size == 7 and newest == 2
+    assert len(rest) == 49 and hits[b"f0"][0] == 7

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 from dotmesh.capture import proc, watchdog
 from dotmesh.capture.containers import Container, engine_url, pause, unpause
-from dotmesh.capture.watchdog import STOPPING, THAWED
+from dotmesh.capture.watchdog import THAWED
 from dotmesh.capture.writers import Writer
-from dotmesh.errors import DotmeshError, InternalError
+from dotmesh.errors import DotmeshError
 
 
 class FreezeTimeout(DotmeshError):
-    """The capture took longer than the freeze timeout; writers were thawed, nothing committed."""
+    """The freeze was not made in time (the capture took longer than the freeze timeout, or
+    its watchdog did not start); writers were thawed or never stopped, nothing committed."""
 
     exit_code = 8
 
@@ -70,8 +71,9 @@ def _await_watchdog(ready: int, limit: float = 5.0) -> None:
     if select.select([ready], [], [], limit)[0]:
         got = os.read(ready, 1)
     if got != watchdog.READY:
-        raise InternalError("the freeze watchdog did not start, so no writer was stopped "
-                            f"(python -m {watchdog.__name__})")
+        raise FreezeTimeout(f"the freeze watchdog (python -m {watchdog.__name__}) did not "
+                            f"start within {limit:.0f} s: no writer was stopped and nothing "
+                            "was committed")
 
 
 @contextmanager
@@ -99,7 +101,7 @@ def frozen(writers: list[Writer], timeout: float, containers: Sequence[Container
         os.close(read_end)
         os.close(ready_write)
     freeze = Freeze()
-    paused = False
+    stopping = paused = False
     try:
         try:
             if settle is not None:
@@ -107,7 +109,12 @@ def frozen(writers: list[Writer], timeout: float, containers: Sequence[Container
             _await_watchdog(ready_read)
         finally:
             os.close(ready_read)
-        os.write(write_end, STOPPING)  # the watchdog's timeout starts now
+        try:
+            os.write(write_end, watchdog.stopping_at(time.monotonic()))
+        except BrokenPipeError:
+            raise FreezeTimeout("the freeze watchdog ended before the freeze: no writer was "
+                                "stopped and nothing was committed") from None
+        stopping = True
         freeze.started = time.monotonic()
         for pid in pids:
             proc.send(pid, signal.SIGSTOP)
@@ -118,8 +125,9 @@ def frozen(writers: list[Writer], timeout: float, containers: Sequence[Container
             time.sleep(0.0005)
         yield freeze
     finally:
-        for pid in pids:
-            proc.send(pid, signal.SIGCONT)
+        if stopping:  # never a process dm did not stop (a job its user paused, say)
+            for pid in pids:
+                proc.send(pid, signal.SIGCONT)
         try:
             if paused:
                 unpause(list(containers))
@@ -127,8 +135,11 @@ def frozen(writers: list[Writer], timeout: float, containers: Sequence[Container
                 os.write(write_end, THAWED)  # the watchdog has nothing left to do
         finally:  # if unpausing failed, the watchdog tries again as the pipe closes
             freeze.ended = time.monotonic()
-            _continue_stopped(bystanders)
+            if stopping:
+                _continue_stopped(bystanders)
             os.close(write_end)
+            if not stopping:
+                dog.kill()  # nothing to guard (it may not even have started)
             dog.wait()
     if freeze.ms > timeout * 1000:
         raise FreezeTimeout(f"the capture took {freeze.ms:.0f} ms, over the freeze timeout "

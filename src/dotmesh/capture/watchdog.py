@@ -14,7 +14,25 @@ import time
 
 THAWED = b"t"  # what dm writes before closing when it thawed everything itself
 READY = b"r"  # what the watchdog writes once it runs: dm stops nothing before
-STOPPING = b"s"  # what dm writes just before it stops them: the timeout counts from here
+STOPPING = b"s"  # what dm writes just before it stops them (see stopping_at)
+
+
+def stopping_at(now: float) -> bytes:
+    """What dm writes just before it stops anything: :data:`STOPPING` and its monotonic clock
+    (the same for every process), so the timeout counts from then even if the watchdog reads
+    it late."""
+    return STOPPING + repr(now).encode() + b"\n"
+
+
+def _deadline(said: bytes, timeout: float) -> float | None:
+    at = said.find(STOPPING)
+    end = said.find(b"\n", at)
+    if at < 0 or end < 0:
+        return None
+    try:
+        return float(said[at + 1:end]) + timeout
+    except ValueError:  # not dm's: thaw at once
+        return time.monotonic()
 
 
 def main(argv: list[str]) -> None:
@@ -22,8 +40,11 @@ def main(argv: list[str]) -> None:
     engine, ids, pids = argv[3], argv[4], [int(p) for p in argv[5:]]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.write(ready, READY)
-    os.close(ready)
+    try:
+        os.write(ready, READY)
+        os.close(ready)
+    except OSError:  # dm gave up waiting, and stopped nothing
+        return
     deadline: float | None = None
     said = b""
     while True:
@@ -35,10 +56,10 @@ def main(argv: list[str]) -> None:
             said += got
             if not got:
                 break  # dm closed its end, or died
-            if deadline is None and STOPPING in said:
-                deadline = time.monotonic() + timeout
-    if said.endswith(THAWED):
-        return
+            if deadline is None:
+                deadline = _deadline(said, timeout)
+    if said.endswith(THAWED) or STOPPING not in said:
+        return  # dm thawed them itself, or never stopped anything
     for pid in pids:
         try:
             os.kill(pid, signal.SIGCONT)

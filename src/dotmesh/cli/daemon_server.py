@@ -223,7 +223,9 @@ def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> N
             return
         _watch(conn)
         from dotmesh.cli.main import run
+        from dotmesh.heap import one_shot
 
+        one_shot()
         try:
             code = run(argv)
         except SystemExit as e:

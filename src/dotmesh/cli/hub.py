@@ -17,6 +17,7 @@ import click
 from dotmesh.cli.context import json_flag
 from dotmesh.cli.render import emit_json, iso, table, when
 from dotmesh.errors import UsageError
+from dotmesh.heap import long_running
 from dotmesh.model.names import check_name
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ def register(cli: click.Group) -> None:
         os.environ["DM_HUB_CONFIG"] = json.dumps(cfg.resolved())
         os.environ["DM_HUB_SUPERVISOR"] = str(os.getpid())  # workers end with this process
         factory = f"{hub_app.__name__}:{hub_app.app_from_env.__name__}"  # workers import it
+        long_running()
         uvicorn.run(factory, factory=True, workers=workers,
                     host=host, port=port, log_level="warning",
                     ssl_certfile=str(cert) if cert else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dotmesh.cli.context import Ctx, pass_ctx
+from dotmesh.heap import long_running
 
 DEFAULT_PORT = 8780
 
@@ -43,4 +44,5 @@ def register(cli: click.Group) -> None:
             import webbrowser  # noqa: PLC0415
 
             webbrowser.open(url)
+        long_running()
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

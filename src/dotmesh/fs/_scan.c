@@ -209,9 +209,12 @@ static PyObject *match(PyObject *self, PyObject *args) {
     if (rest == NULL)
         return NULL;
     long long total = 0, newest = 0;
-    Py_ssize_t count = PyList_GET_SIZE(entries);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *e = PyList_GET_ITEM(entries, i), *key = NULL, *encoded = NULL, *row = NULL;
+    /* Strong references throughout: comparing runs the operands' code, which for anything
+     * but the ints of a listing and a decoded cache could change the list or the dict. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(entries); i++) {
+        PyObject *e = Py_NewRef(PyList_GET_ITEM(entries, i));
+        PyObject *key = NULL, *encoded = NULL, *row = NULL, *old = NULL;
+        int matched = 0;
         if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 9) {
             PyErr_SetString(PyExc_TypeError, "match: an entry is not a 9-tuple");
             goto fail;
@@ -222,53 +225,54 @@ static PyObject *match(PyObject *self, PyObject *args) {
         long long ctime = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 8));
         if (PyErr_Occurred())
             goto fail;
-        if (!S_ISREG(mode) || nlink > 1)
-            goto other;
-        encoded = PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(e, 0));
-        if (encoded == NULL)
-            goto fail;
-        key = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(prefix) + PyBytes_GET_SIZE(encoded));
-        if (key == NULL)
-            goto fail;
-        memcpy(PyBytes_AS_STRING(key), PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
-        memcpy(PyBytes_AS_STRING(key) + PyBytes_GET_SIZE(prefix), PyBytes_AS_STRING(encoded),
-               PyBytes_GET_SIZE(encoded));
-        Py_CLEAR(encoded);
-        PyObject *old = PyDict_GetItemWithError(cache, key); /* borrowed */
-        if (old == NULL && PyErr_Occurred())
-            goto fail;
-        int ok = old == NULL ? 0 : vouches(old, e, hint_only);
-        if (ok < 0)
-            goto fail;
-        if (!ok) {
-            Py_CLEAR(key);
-            goto other;
+        if (S_ISREG(mode) && nlink <= 1) {
+            encoded = PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(e, 0));
+            if (encoded == NULL)
+                goto fail;
+            Py_ssize_t at = PyBytes_GET_SIZE(prefix), n = PyBytes_GET_SIZE(encoded);
+            key = PyBytes_FromStringAndSize(NULL, at + n);
+            if (key == NULL)
+                goto fail;
+            memcpy(PyBytes_AS_STRING(key), PyBytes_AS_STRING(prefix), at);
+            memcpy(PyBytes_AS_STRING(key) + at, PyBytes_AS_STRING(encoded), n);
+            old = PyDict_GetItemWithError(cache, key);
+            if (old == NULL && PyErr_Occurred())
+                goto fail;
+            Py_XINCREF(old);
+            matched = old == NULL ? 0 : vouches(old, e, hint_only);
+            if (matched < 0)
+                goto fail;
         }
-        long flags = PyLong_AsLong(PyTuple_GET_ITEM(old, 5));
-        PyObject *content = (flags & has_content) ? hex_of(PyTuple_GET_ITEM(old, 4))
-                                                  : Py_NewRef(Py_None);
-        if (content == NULL)
+        if (matched) {
+            long flags = PyLong_AsLong(PyTuple_GET_ITEM(old, 5));
+            PyObject *content = (flags & has_content) ? hex_of(PyTuple_GET_ITEM(old, 4))
+                                                      : Py_NewRef(Py_None);
+            if (content == NULL)
+                goto fail;
+            row = Py_BuildValue("[OONOOOONN]", PyTuple_GET_ITEM(e, 0), file_kind,
+                                PyLong_FromLong(mode & 07777), PyTuple_GET_ITEM(e, 4),
+                                PyTuple_GET_ITEM(e, 5), PyTuple_GET_ITEM(e, 7),
+                                PyTuple_GET_ITEM(e, 6), content, PyLong_FromLong(flags & chunked));
+            if (row == NULL || PyList_Append(rows, row) < 0 || PyDict_SetItem(hits, key, old) < 0)
+                goto fail;
+            total += size;
+            if (ctime > newest)
+                newest = ctime;
+        } else if (PyList_Append(rest, e) < 0) {
             goto fail;
-        row = Py_BuildValue("[OONOOOONN]", PyTuple_GET_ITEM(e, 0), file_kind,
-                            PyLong_FromLong(mode & 07777), PyTuple_GET_ITEM(e, 4),
-                            PyTuple_GET_ITEM(e, 5), PyTuple_GET_ITEM(e, 7),
-                            PyTuple_GET_ITEM(e, 6), content, PyLong_FromLong(flags & chunked));
-        if (row == NULL || PyList_Append(rows, row) < 0 || PyDict_SetItem(hits, key, old) < 0)
-            goto fail;
-        Py_CLEAR(row);
-        Py_CLEAR(key);
-        total += size;
-        if (ctime > newest)
-            newest = ctime;
-        continue;
-    other:
-        if (PyList_Append(rest, e) < 0)
-            goto fail;
+        }
+        Py_XDECREF(encoded);
+        Py_XDECREF(key);
+        Py_XDECREF(row);
+        Py_XDECREF(old);
+        Py_DECREF(e);
         continue;
     fail:
         Py_XDECREF(encoded);
         Py_XDECREF(key);
         Py_XDECREF(row);
+        Py_XDECREF(old);
+        Py_DECREF(e);
         Py_DECREF(rest);
         return NULL;
     }

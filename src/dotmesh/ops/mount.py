@@ -28,6 +28,7 @@ from typing import Any
 from dotmesh.capture.proc import alive as process_alive
 from dotmesh.capture.proc import send as send_signal
 from dotmesh.errors import AlreadyExists, DotmeshError, NotFound, UsageError
+from dotmesh.heap import long_running
 from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.ids import HOLE, ObjectId
@@ -220,6 +221,7 @@ def serve(home: Path, dot: str, commit: str, mountpoint: str, ready: int) -> Non
     import pyfuse3
     import trio
 
+    long_running()
     try:
         repo = Repo(home)
         oid = ObjectId(bytes.fromhex(commit))

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dotmesh.errors import AlreadyExists, DotmeshError, UsageError
+from dotmesh.heap import long_running
 from dotmesh.ops import volumes
 from dotmesh.store.repo import Repo
 
@@ -161,6 +162,8 @@ def bind(path: Path) -> socket.socket:
 def serve(home: Repo, path: Path, quiet: bool = False) -> None:
     """Answer on ``path`` until SIGTERM or SIGINT; then remove the socket."""
     import uvicorn  # noqa: PLC0415 - only the server needs it
+
+    long_running()
 
     def log(line: str) -> None:
         if not quiet:

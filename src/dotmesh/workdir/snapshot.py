@@ -480,7 +480,7 @@ class _Walk:
                 newest = NOT_REUSED  # a symlink has no entry to check it by: its folder's tree
                 # is made each time (a tree cached later must not pass for an older copy's)
             # sockets, FIFOs and devices are not stored
-        self._newest = newest
+        self._newest = min(newest, NOT_REUSED)  # whatever order the entries came in
         return subdirs
 
 
