@@ -11,7 +11,10 @@
  * between readdir and fstatat are left out; a folder that is gone or not a folder raises
  * FileNotFoundError / NotADirectoryError (ELOOP when following a symlink loop). Names
  * are decoded as os.fsdecode does (surrogateescape). ``nofollow``: a symlink at ``path`` is not
- * followed (NotADirectoryError): a folder swapped for a link mid-walk never leads outside. */
+ * followed (NotADirectoryError): a folder swapped for a link mid-walk never leads outside.
+ *
+ * match(...) is the comparison's own hot path: the files of a listing whose stat matches their
+ * stat cache entry become tree rows and cache hits here, the others go back to Python. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
