@@ -48,6 +48,25 @@ _UNTRUSTED = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
 _IGNORED = 0x1 | 0x1000 | 0x2000  # last, merged, shared: true of the same bytes either way
 _BATCH = 4096  # extents per FIEMAP call: 11,383 extents mapped in 14.4 ms, 18.7 ms at 512
 
+# A read-only subvolume's file extents read from its tree (root only): a quarter of FIEMAP's
+# kernel time, which checks each extent for sharing (13,000 extents: 5.6 ms against 22 ms)
+_SEARCH_ARGS = struct.Struct("=7Q4I4QQ")  # btrfs_ioctl_search_args_v2 less its buffer
+TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 0x94, 17, _SEARCH_ARGS.size)
+GET_SUBVOL_INFO = _ioc(_IOC_READ, 0x94, 60, 504)
+_SUBVOL_INFO_FLAGS = 288  # offset of ``flags`` in struct btrfs_ioctl_get_subvol_info_args
+_ROOT_SUBVOL_RDONLY = 1
+_SEARCH_HEADER = struct.Struct("=3Q2I")  # btrfs_ioctl_search_header: transid, key, item length
+_FILE_EXTENT = struct.Struct("=QQBBHB")  # btrfs_file_extent_item up to its type (21 bytes)
+_DISK_EXTENT = struct.Struct("=4Q")  # the rest, if not inline: disk bytenr, length, offset, length
+_REGULAR_LENGTH = _FILE_EXTENT.size + _DISK_EXTENT.size
+_REGULAR_ITEM = _SEARCH_HEADER.size + _REGULAR_LENGTH
+_RECORD = struct.Struct("=3Q2I" "QQBBHB" "4Q")  # a search header and a regular extent item
+_EXTENT_DATA_KEY = 108
+_SEARCH_BUFFER = 4 << 20  # 49,000 extent items per call
+_U64 = 2**64 - 1
+# FIEMAP's flags for what an item says: inline data, compressed or encoded, preallocated
+_INLINE_FLAGS, _ENCODED_FLAG, _UNWRITTEN_FLAG = 0x200 | 0x100, 0x8, 0x800
+
 
 class SnapshotError(DotmeshError):
     """A snapshot, a subvolume or a clone could not be made or removed."""
@@ -211,6 +230,89 @@ def extents(fd: int) -> list[Extent]:
         if out[-1][3] & EXTENT_LAST:
             return out
         start = out[-1][0] + out[-1][2]
+
+
+def file_extents(fd: int) -> list[Extent]:
+    """The extents of a file as :func:`extents` maps them, read from its subvolume's tree when
+    that subvolume is read-only and this process may search trees; by FIEMAP otherwise (a
+    writable file's extents are only final once flushed, which FIEMAP does)."""
+    global _may_search
+    if _may_search and _read_only_subvolume(fd):
+        try:
+            return _tree_extents(fd)
+        except PermissionError:  # no CAP_SYS_ADMIN: FIEMAP from now on
+            _may_search = False
+        except (OSError, ValueError):  # not what a btrfs tree holds: FIEMAP will say
+            pass
+    return extents(fd)
+
+
+_may_search = True  # until a search is refused: no CAP_SYS_ADMIN
+
+
+def _read_only_subvolume(fd: int) -> bool:
+    info = bytearray(504)
+    try:
+        fcntl.ioctl(fd, GET_SUBVOL_INFO, info)
+    except OSError:
+        return False
+    return bool(struct.unpack_from("=Q", info, _SUBVOL_INFO_FLAGS)[0] & _ROOT_SUBVOL_RDONLY)
+
+
+def _tree_extents(fd: int) -> list[Extent]:
+    """The file's extent items (key: inode, EXTENT_DATA, file offset) from tree 0, which is
+    the subvolume of ``fd``, in file order; holes are left out, as FIEMAP leaves them."""
+    ino = os.fstat(fd).st_ino
+    buf = bytearray(_SEARCH_ARGS.size + _SEARCH_BUFFER)
+    view = memoryview(buf)
+    out: list[Extent] = []
+    start = 0
+    while True:
+        _SEARCH_ARGS.pack_into(buf, 0, 0, ino, ino, start, _U64, 0, _U64, _EXTENT_DATA_KEY,
+                               _EXTENT_DATA_KEY, 2**32 - 1, 0, 0, 0, 0, 0, _SEARCH_BUFFER)
+        fcntl.ioctl(fd, TREE_SEARCH_V2, buf)
+        count = struct.unpack_from("=I", buf, 64)[0]  # key.nr_items: the items returned
+        if count == 0:
+            return out
+        last = _add_items(view[_SEARCH_ARGS.size:], count, ino, out)
+        if last == _U64:
+            return out
+        start = last + 1
+
+
+def _add_items(body: memoryview, count: int, ino: int, out: list[Extent]) -> int:
+    """Append ``count`` search results as extents; returns the last item's file offset."""
+    if count * _REGULAR_ITEM <= len(body):  # most often all regular items: read at C speed
+        records = list(_RECORD.iter_unpack(body[:count * _REGULAR_ITEM]))
+        # The first item of another length stops this (the ones before it were read right)
+        if all(r[4] == _REGULAR_LENGTH and r[1] == ino and r[3] == _EXTENT_DATA_KEY
+               and r[10] in (1, 2) for r in records):
+            out.extend((r[2], r[11] + r[13], r[14], _UNWRITTEN_FLAG if r[10] == 2 else 0)
+                       if r[7] == r[8] == r[9] == 0 else
+                       (r[2], r[11], r[14], _ENCODED_FLAG | (_UNWRITTEN_FLAG if r[10] == 2 else 0))
+                       for r in records if r[11] or r[10] == 2)  # disk 0: a hole
+            return int(records[-1][2])
+    pos, offset = 0, 0
+    for _ in range(count):  # an inline extent among them: items of other lengths
+        _, objectid, offset, key_type, length = _SEARCH_HEADER.unpack_from(body, pos)
+        pos += _SEARCH_HEADER.size
+        item = body[pos:pos + length]
+        pos += length
+        if objectid != ino or key_type != _EXTENT_DATA_KEY or length < _FILE_EXTENT.size:
+            raise ValueError("not a file extent item of this file")
+        _, ram_bytes, compression, encryption, other, kind = _FILE_EXTENT.unpack_from(item)
+        encoded = _ENCODED_FLAG if compression or encryption or other else 0
+        if kind == 0:
+            out.append((offset, 0, ram_bytes, _INLINE_FLAGS | encoded))
+            continue
+        if length != _FILE_EXTENT.size + _DISK_EXTENT.size or kind not in (1, 2):
+            raise ValueError("a file extent item of unknown form")
+        disk, _, within, num = _DISK_EXTENT.unpack_from(item, _FILE_EXTENT.size)
+        if disk == 0 and kind == 1:  # a hole
+            continue
+        out.append((offset, disk if encoded else disk + within, num,
+                    encoded | (_UNWRITTEN_FLAG if kind == 2 else 0)))
+    return offset
 
 
 def _covered(ext: list[Extent]) -> Iterator[tuple[int, int]]:
