@@ -712,6 +712,7 @@ def test_a_working_set_of_an_older_layout_is_copied_by_reflinks(bdm: DM) -> None
     db.mkdir(parents=True)
     _paged_file(db / "table", 64)
     (db / "a.txt").write_text("by hand")
+    time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     first = _commit(bdm, "one")
     assert _kept(bdm.home) == {first["id"]}
     state = bdm.home / "dots" / "app" / "snaps" / str(first["id"]) / "subdots" / "db"

@@ -44,6 +44,7 @@ def test_commits_read_what_changed_and_match_plain_folders(xdm: DM, tmp_path: Pa
     assert _kept(xdm.home) == {first["id"]}
     changed = _rewrite_pages(db / "table", every=50, start=3)
     (db / "up" / "f7").write_bytes(b"seven")
+    time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     second = _commit(xdm, "two")
     assert second["bytes_read"] == changed + 5  # the stat cache holds across copies
     assert _commit(xdm, "nothing")["bytes_read"] == 0
@@ -56,6 +57,7 @@ def test_reset_and_branches_at_kept_states(xdm: DM) -> None:
     db = xdm.path("app.db")
     _paged_file(db / "table", 256)
     (db / "a.txt").write_text("one")
+    time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     _commit(xdm, "one")
     one = capture(db)
     _rewrite_pages(db / "table", every=3)
@@ -83,6 +85,7 @@ def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
     db = xdm.path("app.db")
     _paged_file(db / "table", 256)
     (db / "a.txt").write_text("one")
+    time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     _commit(xdm, "one")
     one = capture(db)
     _rewrite_pages(db / "table", every=9)
@@ -116,6 +119,7 @@ def test_without_kept_states_a_reset_patches_a_reflinked_copy(xdm: DM) -> None:
     db = xdm.path("app.db")
     _paged_file(db / "table", 64)
     (db / "a.txt").write_text("one")
+    time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     _commit(xdm, "one")
     one = capture(db)
     _rewrite_pages(db / "table", every=4)
