@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dotmesh.meta import index
 from tests.conftest import DM, capture
 
 
@@ -28,7 +29,11 @@ def _one_line(p: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 def _db(dm: DM) -> sqlite3.Connection:
-    return sqlite3.connect(dm.home / "meta.db", isolation_level=None)
+    """The store's database with every object row in ``objects`` (a commit's rows go to
+    ``recent_objects`` first), for damaging rows by hand."""
+    db = sqlite3.connect(dm.home / "meta.db", isolation_level=None)
+    index.merge_recent(db)
+    return db
 
 
 def _two_commits(dm: DM) -> tuple[str, str, Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dotmesh.meta import index
 from tests.conftest import DM, DM_BIN, capture, kill_inside
 
 FILES = 1500
@@ -92,6 +93,7 @@ def _flip_chunk_of(dm: DM, content: bytes) -> None:
 
     oid = blake3.blake3(content).digest()
     with sqlite3.connect(dm.home / "meta.db") as db:
+        index.merge_recent(db)  # every object's row in ``objects``
         name, offset, stored = db.execute(
             "SELECT p.name, o.offset, o.stored_len FROM objects o JOIN packs p ON p.id = o.pack "
             "WHERE o.id = ?", (oid,)).fetchone()

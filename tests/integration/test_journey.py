@@ -125,7 +125,7 @@ def test_page_write_stores_about_one_page(dm):
 
 @pytest.mark.slow
 def test_dm_version_and_help(dm):
-    assert json.loads(dm.ok("version", "--json"))["format"] == 1
+    assert json.loads(dm.ok("version", "--json"))["format"] == 2
     for cmd in ("init", "list", "switch", "path", "commit", "log", "branch", "checkout",
                 "reset", "diff", "reflog", "fsck", "version"):
         assert "Example" in dm.ok(cmd, "--help"), cmd

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dotmesh.meta import index
 from dotmesh.meta.db import connect
 from dotmesh.model.objects import Root
 from dotmesh.store.packs import PackStore
@@ -438,6 +439,7 @@ def test_a_damaged_index_row_fails_a_split_build_in_its_child(
               "a bad kind": "UPDATE objects SET kind = 99 WHERE id = ?",
               "a pack not a number": "UPDATE objects SET pack = 'x' WHERE id = ?"}[damage]
     with store.conn:
+        index.merge_recent(store.conn)  # every object's row in ``objects``
         store.conn.execute(change, (victim,))
     monkeypatch.setattr(restore, "FORK_MIN", 0)
     forks = _noting_forks(monkeypatch)

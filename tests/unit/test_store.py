@@ -1,11 +1,13 @@
 import errno
 import os
 import random
+import sqlite3
 import threading
 
 import pytest
 
 from dotmesh.errors import Corrupt, OutOfSpace
+from dotmesh.meta import index
 from dotmesh.meta.db import connect
 from dotmesh.model.ids import HOLE, object_id
 from dotmesh.model.objects import KIND_CHUNK
@@ -167,3 +169,94 @@ def test_a_background_sync_that_fails_gives_every_pack_back(store, tmp_path, mon
     monkeypatch.setattr(packs, "_fsync_pack", real)
     again.flush()
     assert store.get(oid) == b"after" * 100
+
+
+def _table(store: PackStore, table: str) -> set[bytes]:
+    return {r[0] for r in store.conn.execute(f"SELECT id FROM {table}")}
+
+
+def test_a_commits_rows_go_to_the_small_table_until_it_is_full_then_all_move(
+        store, monkeypatch):
+    """Each id sits in one table; every lookup reads both; past RECENT_LIMIT rows the recent
+    ones move into ``objects`` with the commit's own."""
+    monkeypatch.setattr(index, "RECENT_LIMIT", 5)
+    w = store.writer()
+    first = [w.put(KIND_CHUNK, b"first %d" % i) for i in range(3)]
+    w.flush()
+    assert _table(store, "recent_objects") == set(first) and not _table(store, "objects")
+    for oid in first:
+        assert store.has(oid) and store.get(oid).startswith(b"first")
+    assert store.count() == 3 and not store.missing(first)
+    assert {r[0] for r in index.object_rows_of(store.conn, first)} == set(first)
+    assert {r[0] for r in index.all_object_rows(store.conn)} == set(first)
+    second = [w.put(KIND_CHUNK, b"second %d" % i) for i in range(3)]  # 3 + 3 > 5
+    w.flush()
+    assert _table(store, "objects") == set(first + second)
+    assert not _table(store, "recent_objects")
+    third = w.put(KIND_CHUNK, b"third")
+    w.flush()
+    assert _table(store, "recent_objects") == {third}
+    # An id already in one table is not indexed again in the other, either way
+    index.commit_object_rows(store.conn, [(first[0], KIND_CHUNK, 99, 1, 1, 1, 0)])
+    index.add_object_rows(store.conn, [(third, KIND_CHUNK, 99, 1, 1, 1, 0)])
+    assert store.count() == 7 and store.get(first[0]) == b"first 0"
+    assert store.get(third) == b"third"
+
+
+def test_replacing_and_dropping_rows_reach_both_tables(store):
+    w = store.writer()
+    old = w.put(KIND_CHUNK, b"old")
+    w.flush()
+    index.merge_recent(store.conn)
+    recent = w.put(KIND_CHUNK, b"recent")
+    w.flush()
+    assert _table(store, "objects") == {old} and _table(store, "recent_objects") == {recent}
+    row = index.object_row(store.conn, recent)
+    index.replace_object_rows(store.conn, [(recent, *row)])  # as fsck's re-index does
+    assert _table(store, "objects") == {old, recent} and not _table(store, "recent_objects")
+    again = w.put(KIND_CHUNK, b"again")
+    w.flush()
+    index.drop_object_rows(store.conn, [old, again])
+    assert store.missing([old, again, recent]) == {old, again}
+    one, two = w.put(KIND_CHUNK, b"one"), w.put(KIND_CHUNK, b"two")  # one pack
+    w.flush()
+    index.replace_object_rows(store.conn, [(one, *index.object_row(store.conn, one))])
+    assert one in _table(store, "objects") and two in _table(store, "recent_objects")
+    index.drop_pack_rows(store.conn, index.object_row(store.conn, two)[1])
+    assert store.missing([one, two, recent]) == {one, two}
+    index.clear(store.conn)
+    assert store.count() == 0
+
+
+def test_a_failed_move_leaves_both_tables_as_they_were(store, monkeypatch):
+    monkeypatch.setattr(index, "RECENT_LIMIT", 2)
+    w = store.writer()
+    kept = [w.put(KIND_CHUNK, b"kept %d" % i) for i in range(2)]
+    w.flush()
+
+    def failing(conn, rows):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(index, "add_object_rows", failing)
+    w.put(KIND_CHUNK, b"more")
+    with pytest.raises(sqlite3.OperationalError):
+        w.flush()
+    assert _table(store, "recent_objects") == set(kept) and not _table(store, "objects")
+
+
+def test_a_store_of_format_1_is_brought_to_format_2_and_a_newer_one_refused(tmp_path):
+    path = tmp_path / "meta.db"
+    connect(path).close()
+    with sqlite3.connect(path) as db:  # as a dm of format 1 left it
+        db.execute("DROP TABLE recent_objects")
+        db.execute("UPDATE meta SET value='1' WHERE key='format'")
+        db.execute("PRAGMA user_version=5")
+    conn = connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()[0] == "2"
+    assert index.count_objects(conn) == 0
+    conn.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='3' WHERE key='format'")
+        db.execute("PRAGMA user_version=5")
+    with pytest.raises(Corrupt, match="store format 3 is not supported"):
+        connect(path)

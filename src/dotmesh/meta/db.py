@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS objects (
     id BLOB PRIMARY KEY, kind INTEGER NOT NULL, pack INTEGER NOT NULL,
     offset INTEGER NOT NULL, stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL,
     zstd INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recent_objects (
+    id BLOB PRIMARY KEY, kind INTEGER NOT NULL, pack INTEGER NOT NULL,
+    offset INTEGER NOT NULL, stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL,
+    zstd INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dots (
     name TEXT PRIMARY KEY, branch TEXT NOT NULL, created_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS subdots (
@@ -83,7 +87,10 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-SCHEMA_REVISION = 5  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
+SCHEMA_REVISION = 6  # PRAGMA user_version once SCHEMA's tables are made; bump with a table
+# Stores of these formats are brought to FORMAT_VERSION when opened: format 2 added
+# ``recent_objects``, which a dm of format 1 would not read (it would think objects lost).
+UPGRADABLE = ("1",)
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> int:
@@ -93,6 +100,8 @@ def _ensure_schema(conn: sqlite3.Connection) -> int:
     if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_REVISION:
         conn.executescript(SCHEMA)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+        conn.execute("UPDATE meta SET value=? WHERE key='format' AND value IN ({})".format(
+            ",".join("?" * len(UPGRADABLE))), (str(FORMAT_VERSION), *UPGRADABLE))
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ns', ?)",
                      (str(time.time_ns()),))
         conn.execute(f"PRAGMA user_version={SCHEMA_REVISION}")

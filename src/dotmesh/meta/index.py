@@ -1,9 +1,16 @@
 """The object index: which pack holds each object, where, and how it is stored (tables
-``packs`` and ``objects``).
+``packs``, ``objects`` and ``recent_objects``).
 
 Rows are plain tuples as sqlite3 returns them; store/packs.py checks each one before a read
 trusts it. An object's row is committed only after its pack file is fsynced, so a crash leaves
 at worst pack bytes no row names (never read).
+
+A commit's rows go to ``recent_objects``, a small table, until it holds RECENT_LIMIT rows; then
+they all move into ``objects`` at once. Ids are random, so each row inserted into a large
+B-tree dirties a page of its own: the 2,300 rows of a 1% commit over 220,000 rewrote 1,600
+pages (6.3 MiB of WAL and as much checkpointed, 68 ms on btrfs), against 40 pages (1.5 ms)
+in the small table; the move then rewrites the large one once for many commits. An id is in
+one table or the other, never both; every function here reads both.
 """
 
 from __future__ import annotations
@@ -17,32 +24,45 @@ Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
 
 INSERT_CACHE_KIB = 64 << 10  # SQLite's page cache while a commit inserts its rows (default 2 MiB)
 BATCH = 500  # ids per ``IN (...)`` query: well under SQLite's limit on bound parameters
+RECENT_LIMIT = 20_000  # rows ``recent_objects`` takes before they move into ``objects``
+_COLUMNS = "id, kind, pack, offset, stored_len, raw_len, zstd"
+_ROW = "kind, pack, offset, stored_len, raw_len, zstd"
+
+
+def _both(select: str) -> str:
+    """``select`` (a query of table ``{t}``) over both tables."""
+    return f"{select.format(t='objects')} UNION ALL {select.format(t='recent_objects')}"
+
+
+def _ids(count: int) -> str:
+    """Numbered placeholders, so that both halves of a union bind the same values."""
+    return ",".join(f"?{i}" for i in range(1, count + 1))
 
 
 # ------------------------------------------------------------------ objects
 def object_row(conn: sqlite3.Connection, oid: bytes) -> Row | None:
     """(kind, pack, offset, stored_len, raw_len, zstd) of one object, or None if unindexed."""
     row: Row | None = conn.execute(
-        "SELECT kind, pack, offset, stored_len, raw_len, zstd FROM objects WHERE id=?", (oid,)
-    ).fetchone()
+        _both(f"SELECT {_ROW} FROM {{t}} WHERE id=?1"), (oid,)).fetchone()
     return row
 
 
 def has_object(conn: sqlite3.Connection, oid: bytes) -> bool:
     """Is the object indexed (without reading its row)?"""
-    return conn.execute("SELECT 1 FROM objects WHERE id=?", (oid,)).fetchone() is not None
+    return conn.execute(_both("SELECT 1 FROM {t} WHERE id=?1"), (oid,)).fetchone() is not None
 
 
 def count_objects(conn: sqlite3.Connection) -> int:
     """How many objects are indexed (fsck's progress total, and whether to read it all)."""
-    return int(conn.execute("SELECT count(*) FROM objects").fetchone()[0])
+    return int(conn.execute("SELECT (SELECT count(*) FROM objects) + "
+                            "(SELECT count(*) FROM recent_objects)").fetchone()[0])
 
 
 def indexed_ids(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[bytes]:
     """Those of ``oids`` that are indexed, asked in batches (a commit asks about thousands)."""
     for i in range(0, len(oids), BATCH):
         batch = oids[i:i + BATCH]
-        q = "SELECT id FROM objects WHERE id IN ({})".format(",".join("?" * len(batch)))
+        q = _both(f"SELECT id FROM {{t}} WHERE id IN ({_ids(len(batch))})")
         yield from (r[0] for r in conn.execute(q, batch))
 
 
@@ -51,8 +71,7 @@ def object_rows_of(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[
     indexed, asked in batches."""
     for i in range(0, len(oids), BATCH):
         batch = oids[i:i + BATCH]
-        q = ("SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects "
-             "WHERE id IN ({})".format(",".join("?" * len(batch))))
+        q = _both(f"SELECT {_COLUMNS} FROM {{t}} WHERE id IN ({_ids(len(batch))})")
         yield from conn.execute(q, batch)
 
 
@@ -60,8 +79,7 @@ def all_object_rows(conn: sqlite3.Connection) -> list[Row]:
     """(id, kind, pack, offset, stored_len, raw_len, zstd) of every indexed object, unchecked:
     one scan is cheaper than batches when most of the index is wanted, and fsck judges every
     row."""
-    return conn.execute(
-        "SELECT id, kind, pack, offset, stored_len, raw_len, zstd FROM objects").fetchall()
+    return conn.execute(_both(f"SELECT {_COLUMNS} FROM {{t}}")).fetchall()
 
 
 def _by_id(rows: Iterable[Row]) -> list[Row]:
@@ -70,20 +88,36 @@ def _by_id(rows: Iterable[Row]) -> list[Row]:
 
 
 def add_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
-    """Index objects (id, kind, pack, offset, stored_len, raw_len, zstd), inside the caller's
-    transaction; an id indexed already keeps its row (any copy of an object will do).
+    """Index objects (id, kind, pack, offset, stored_len, raw_len, zstd) in ``objects``,
+    inside the caller's transaction; an id indexed already keeps its row (any copy of an
+    object will do).
 
     Rows go in sorted by id: BLAKE3 ids are random, so unsorted inserts touch a random page
     of the table's B-tree each; sorted, neighbours share pages (130,000 rows, a first
     commit's of 1 GiB: 1.25 s unsorted, 0.73 s sorted)."""
-    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?,?,?,?)", _by_id(rows))
+    conn.executemany("INSERT OR IGNORE INTO objects SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 "
+                     "WHERE NOT EXISTS (SELECT 1 FROM recent_objects WHERE id=?1)",
+                     _by_id(rows))
+
+
+def _add_recent_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    conn.executemany("INSERT OR IGNORE INTO recent_objects SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 "
+                     "WHERE NOT EXISTS (SELECT 1 FROM objects WHERE id=?1)", _by_id(rows))
+
+
+def merge_recent(conn: sqlite3.Connection) -> None:
+    """Move every row of ``recent_objects`` into ``objects``, inside the caller's
+    transaction (in id order: the table's own)."""
+    conn.execute("INSERT OR IGNORE INTO objects SELECT * FROM recent_objects")
+    conn.execute("DELETE FROM recent_objects")
 
 
 def replace_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
     """Index objects, replacing what rows of those ids there are (fsck re-indexes objects whose
     rows it dropped as damaged), inside the caller's transaction."""
-    conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     _by_id(rows))
+    ordered = _by_id(rows)
+    conn.executemany("DELETE FROM recent_objects WHERE id=?", [r[:1] for r in ordered])
+    conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", ordered)
 
 
 def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
@@ -92,16 +126,20 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
     back if anything fails, the COMMIT included: a full disk leaves nothing half-indexed).
     With ``also`` (gc moving objects to a new pack), the rows replace those of the same ids
     and ``also(conn)`` runs inside the transaction."""
+    rows = list(rows)
     cache = conn.execute("PRAGMA cache_size").fetchone()[0]
     conn.execute(f"PRAGMA cache_size={-INSERT_CACHE_KIB}")
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if also is None:
-                add_object_rows(conn, rows)
-            else:
+            if also is not None:
                 replace_object_rows(conn, rows)
                 also(conn)
+            elif len(rows) + _recent_count(conn) <= RECENT_LIMIT:
+                _add_recent_rows(conn, rows)
+            else:  # one pass over the large table for these and the recent ones
+                merge_recent(conn)
+                add_object_rows(conn, rows)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -110,19 +148,26 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
         conn.execute(f"PRAGMA cache_size={int(cache)}")  # and the pages above it are let go
 
 
+def _recent_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM recent_objects").fetchone()[0])
+
+
 def drop_object_row(conn: sqlite3.Connection, oid: object) -> None:
     """Forget an object whose row or data is damaged (its pack bytes stay: never deleted)."""
-    conn.execute("DELETE FROM objects WHERE id=?", (oid,))
+    for table in ("objects", "recent_objects"):
+        conn.execute(f"DELETE FROM {table} WHERE id=?", (oid,))
 
 
 def drop_object_rows(conn: sqlite3.Connection, oids: Sequence[bytes]) -> None:
     """Forget objects gc found unreachable, inside the caller's transaction."""
-    conn.executemany("DELETE FROM objects WHERE id=?", [(x,) for x in oids])
+    for table in ("objects", "recent_objects"):
+        conn.executemany(f"DELETE FROM {table} WHERE id=?", [(x,) for x in oids])
 
 
 def drop_pack_rows(conn: sqlite3.Connection, pack: int) -> None:
     """Forget every object row of a pack (gc removes the pack next)."""
-    conn.execute("DELETE FROM objects WHERE pack=?", (pack,))
+    for table in ("objects", "recent_objects"):
+        conn.execute(f"DELETE FROM {table} WHERE pack=?", (pack,))
 
 
 # ------------------------------------------------------------------ packs
@@ -160,4 +205,5 @@ def clear(conn: sqlite3.Connection) -> None:
     """Empty the index (each statement on its own: a rebuild then indexes every pack file
     found, one transaction per pack)."""
     conn.execute("DELETE FROM objects")
+    conn.execute("DELETE FROM recent_objects")
     conn.execute("DELETE FROM packs")
