@@ -910,6 +910,8 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 return sum(job() for job in segment_jobs(f))
             sink.take(chunker.Chunks([], [], got.new))
             f.patched = got
+            # Stored here, beside the other jobs, not by _assemble one after the other
+            f.content = sink.put(KIND_FILELIST, got.filelist)
             return got.read
         return run
 
@@ -963,10 +965,9 @@ def _assemble(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCa
     fingerprints: list[tuple[bytes, bytes]] = []
     superseded: list[bytes] = []  # fingerprints of versions this commit replaces
     for f in to_read:
-        if f.patched is not None:  # a list patched in place: no block list in memory
-            f.content, f.chunked, f.size = (sink.put(KIND_FILELIST, f.patched.filelist), True,
-                                            f.st.st_size)
-            if sink.writer is not None:
+        if f.patched is not None:  # a list patched in place and stored by its job
+            f.chunked, f.size = True, f.st.st_size
+            if sink.writer is not None and f.content is not None:
                 fingerprints.append((f.content, f.patched.fingerprints))
                 old = cache.get(f.rel)
                 if old is not None and old[4] != f.content:
