@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -886,3 +887,38 @@ def test_replaced_folders_go_in_the_background_and_a_killed_reaper_is_replaced(
     _, err = deleting.communicate(timeout=60)
     assert deleting.returncode == 0, err
     assert not (bdm.home / "dots" / "app").exists()
+
+
+def test_a_reset_starts_its_reaper_only_once_the_store_is_closed(
+        btrfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reaper removing subvolumes commits btrfs transactions, which a reset's last fsyncs
+    (its COMMIT, the close's checkpoint) would wait for: it starts after them."""
+    from dotmesh.ops import checkout as checkout_ops
+    from dotmesh.ops import commit as commit_ops
+    from dotmesh.ops import dots
+
+    repo = Repo(btrfs_mount / uuid.uuid4().hex / "home")
+    dots.init(repo, "app")
+    db = Path(dots.path(repo, "app.db"))
+    for text in ("one", "two"):
+        (db / "f").write_text(text)
+        commit_ops.commit(repo, "app", text, freeze=False)
+    started: list[bool] = []  # whether the store was closed when each reaper started
+
+    def closed() -> bool:
+        try:
+            repo.conn.execute("SELECT 1")
+        except sqlite3.ProgrammingError:
+            return True
+        return False
+
+    monkeypatch.setattr(trash_mod, "_start_reaper", lambda t: started.append(closed()))
+    (db / "f").write_text("discarded")
+    checkout_ops.reset_hard(repo, "app", "HEAD^")
+    assert (db / "f").read_text() == "one"
+    trash = repo.root / "dots" / "app" / "trash"
+    assert started == [] and any(p.name != trash_mod.LOCK for p in trash.iterdir())
+    repo.close()
+    assert started == [True]
+    assert trash_mod.empty(trash)
+    _trash_emptied(repo.root)

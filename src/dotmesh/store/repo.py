@@ -32,7 +32,7 @@ from dotmesh.errors import (
     NotFound,
     UsageError,
 )
-from dotmesh.fs import pool
+from dotmesh.fs import pool, trash
 from dotmesh.fs.btrfs import remove_tree
 from dotmesh.meta import config, refs, statcache
 from dotmesh.meta.db import Tx, connect
@@ -228,6 +228,9 @@ class Repo:
     def close(self) -> None:
         self.packs.close()
         self.conn.close()
+        # Last, so that the reapers' btrfs transactions slow none of this command's fsyncs
+        # (the close's checkpoint waited 19 ms for one, against 2-4 ms)
+        trash.reap_later_ones()
 
     # ------------------------------------------------------------ paths
     def dot_dir(self, dot: str) -> Path:

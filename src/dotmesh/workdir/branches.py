@@ -647,7 +647,8 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     if ws.exists():
         os.rename(ws, old)  # a kill from here on: the journal finishes the restore
     os.rename(new, ws)
-    trash.throw_away(old, home.trash(dot))  # a copy of nothing now: the reset need not wait
+    # A copy of nothing now: the reset need not wait, nor its last transaction
+    trash.throw_away(old, home.trash(dot), reap_later=True)
     return caches
 
 
