@@ -97,8 +97,11 @@ def timed(*cmd: str, env: dict[str, str] | None = None) -> tuple[float, str]:
 
 
 def chunks_stored(home: Path) -> dict[bytes, int]:
+    """Each chunk's stored length, from both tables of the index (meta/index.py)."""
+    from dotmesh.meta import index
+
     with sqlite3.connect(home / "meta.db") as c:
-        return {r[0]: r[1] for r in c.execute("SELECT id, stored_len FROM objects WHERE kind=0")}
+        return {r[0]: r[4] for r in index.all_object_rows(c) if r[1] == 0}
 
 
 def rsync_daemon(top: Path) -> tuple[subprocess.Popen[bytes], int]:
