@@ -924,3 +924,37 @@ def test_a_reset_starts_its_reaper_only_once_the_store_is_closed(
     assert started == [True]
     assert trash_mod.empty(trash)
     _trash_emptied(repo.root)
+
+
+def test_the_disk_is_settled_before_a_freeze_only_when_there_are_writers_to_stop(
+        btrfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flush rounds shorten a freeze; with nothing to stop, the snapshot writes out what is
+    dirty itself (one btrfs transaction, not two)."""
+    from dotmesh.ops import commit as commit_ops
+    from dotmesh.ops import dots
+    from dotmesh.workdir import branches
+
+    settled: list[Path] = []
+    quiet = branches._quiet_disk
+    monkeypatch.setattr(branches, "_quiet_disk", lambda p: settled.append(p) or quiet(p))
+    repo = Repo(btrfs_mount / uuid.uuid4().hex / "home")
+    try:
+        dots.init(repo, "app")
+        db = Path(dots.path(repo, "app.db"))
+        (db / "f").write_bytes(os.urandom(100_000))
+        commit_ops.commit(repo, "app", "alone")
+        assert settled == []
+        holder = subprocess.Popen([sys.executable, "-c", "import time; f = open('f', 'a'); "
+                                   "print(flush=True); time.sleep(60)"], cwd=db,
+                                  stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline()  # it has f open
+            (db / "g").write_text("more")
+            got = commit_ops.commit(repo, "app", "with a writer")
+        finally:
+            holder.kill()
+            holder.wait()
+        assert str(holder.pid) in got.commit.metadata["dm.writers"]
+        assert len(settled) == 1
+    finally:
+        repo.close()

@@ -183,9 +183,8 @@ def _capture_by_snapshots(home: Repo, dot: str, cow: SnapshotBackend, writer: Pa
 
     @contextmanager
     def freezing(settle: Callable[[], None]) -> Iterator[None]:
-        if not (writers or containers):
-            settle()
-            yield
+        if not (writers or containers):  # no freeze to shorten: the snapshot itself writes
+            yield  # out what is dirty, in one btrfs transaction rather than two
             return
         with frozen(writers, freeze_timeout, containers, settle) as fz:
             yield
