@@ -271,8 +271,33 @@ def test_extents_read_from_the_tree_say_what_fiemap_says(btrfs_mount: Path,
         assert by_tree == by_fiemap, name
     assert both["paged"][0] and both["sparse"][0] and both["grown"][0]
     assert both["paged"][0][0] == (PAGE, 2 * PAGE)
-    monkeypatch.setattr(btrfs, "_SEARCH_BUFFER", 2 * btrfs._REGULAR_ITEM + 10)
+    monkeypatch.setattr(btrfs, "_FIRST_SEARCH", 2 * btrfs._REGULAR_ITEM + 10)  # then doubled
     assert _ranges_both_ways(old, new, names) == both
+    monkeypatch.setattr(btrfs, "_SEARCH_BUFFER", 2 * btrfs._REGULAR_ITEM + 10)  # not doubled
+    assert _ranges_both_ways(old, new, names) == both
+
+
+def test_a_subvolume_made_read_only_with_writes_in_memory_shows_them(
+        btrfs_mount: Path) -> None:
+    """Extent items reach the tree only once written out: the search flushes the file first
+    (a snapshot does, but a subvolume can be made read-only with dirty pages)."""
+    sub = btrfs_mount / uuid.uuid4().hex
+    btrfs.create_subvolume(sub)
+    _paged_file(sub / "f", 32)
+    os.sync()
+    old = btrfs_mount / uuid.uuid4().hex
+    btrfs.snapshot(sub, old, read_only=True)
+    with open(sub / "f", "r+b") as f:
+        f.seek(8 * PAGE)
+        f.write(os.urandom(PAGE))  # not flushed
+    btrfs.make_read_only(sub)
+    a, b = os.open(old / "f", os.O_RDONLY), os.open(sub / "f", os.O_RDONLY)
+    try:
+        assert btrfs.changed_ranges(btrfs.file_extents(a), btrfs.file_extents(b),
+                                    32 * PAGE) == [(8 * PAGE, 9 * PAGE)]
+    finally:
+        os.close(a)
+        os.close(b)
 
 
 def test_writable_files_and_a_process_without_cap_sys_admin_use_fiemap(
@@ -892,37 +917,42 @@ def test_replaced_folders_go_in_the_background_and_a_killed_reaper_is_replaced(
     assert not (bdm.home / "dots" / "app").exists()
 
 
-def test_a_reset_starts_its_reaper_only_once_the_store_is_closed(
-        btrfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("at_close", [True, False], ids=["one command", "long-lived"])
+def test_a_reset_starts_its_reaper_once_it_is_over(btrfs_mount: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   at_close: bool) -> None:
     """A reaper removing subvolumes commits btrfs transactions, which a reset's last fsyncs
-    (its COMMIT, the close's checkpoint) would wait for: it starts after them."""
+    would wait for: it starts once the reset is over (its lock released), or, for dm's one
+    command per process, once the store is closed (after the close's checkpoint)."""
     from dotmesh.ops import checkout as checkout_ops
     from dotmesh.ops import commit as commit_ops
     from dotmesh.ops import dots
 
     repo = Repo(btrfs_mount / uuid.uuid4().hex / "home")
+    repo.reap_at_close = at_close
     dots.init(repo, "app")
     db = Path(dots.path(repo, "app.db"))
-    for text in ("one", "two"):
-        (db / "f").write_text(text)
-        commit_ops.commit(repo, "app", text, freeze=False)
-    started: list[bool] = []  # whether the store was closed when each reaper started
+    first = commit_ops.commit(repo, "app", "one", freeze=False).id
+    (db / "f").write_text("two")
+    commit_ops.commit(repo, "app", "two", freeze=False)
+    started: list[tuple[bool, bool]] = []  # per reaper: the store closed, the reset done
 
-    def closed() -> bool:
+    def state() -> tuple[bool, bool]:
         try:
-            repo.conn.execute("SELECT 1")
+            head = repo.head("app", "master")
         except sqlite3.ProgrammingError:
-            return True
-        return False
+            return True, True
+        return False, head == first
 
-    monkeypatch.setattr(trash_mod, "_start_reaper", lambda t: started.append(closed()))
+    monkeypatch.setattr(trash_mod, "start_reaper", lambda t: started.append(state()))
     (db / "f").write_text("discarded")
     checkout_ops.reset_hard(repo, "app", "HEAD^")
-    assert (db / "f").read_text() == "one"
+    assert not (db / "f").exists()
     trash = repo.root / "dots" / "app" / "trash"
-    assert started == [] and any(p.name != trash_mod.LOCK for p in trash.iterdir())
+    assert any(p.name != trash_mod.LOCK for p in trash.iterdir())
+    assert started == ([] if at_close else [(False, True)])
     repo.close()
-    assert started == [True]
+    assert started == [(True, True)] if at_close else [(False, True)]
     assert trash_mod.empty(trash)
     _trash_emptied(repo.root)
 

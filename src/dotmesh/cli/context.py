@@ -44,12 +44,17 @@ class Ctx:
             if not is_store(self.path) and not _makes_a_store():
                 raise _no_store(self.path)
             self._repo = Repo.open(self.path)
+            # One command, then the store is closed: folders it threw away are reaped then
+            self._repo._store.reap_at_close = True  # noqa: SLF001 - one package
         return self._repo
 
     @property
     def home(self) -> Store:
-        """The store itself, for the servers (dm serve, dm daemon) that run on it."""
-        return self.repo._store  # noqa: SLF001 - one package
+        """The store itself, for the servers (dm serve, dm daemon) that run on it: they
+        reap what each operation threw away when it ends, not at their close."""
+        store = self.repo._store  # noqa: SLF001 - one package
+        store.reap_at_close = False
+        return store
 
     def dot(self, name: str | None = None) -> Dot:
         """The dot ``name`` (default: the current one)."""

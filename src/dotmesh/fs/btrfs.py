@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,13 +57,15 @@ GET_SUBVOL_INFO = _ioc(_IOC_READ, 0x94, 60, 504)
 _SUBVOL_INFO_FLAGS = 288  # offset of ``flags`` in struct btrfs_ioctl_get_subvol_info_args
 _ROOT_SUBVOL_RDONLY = 1
 _SEARCH_HEADER = struct.Struct("=3Q2I")  # btrfs_ioctl_search_header: transid, key, item length
-_FILE_EXTENT = struct.Struct("=QQBBHB")  # btrfs_file_extent_item up to its type (21 bytes)
-_DISK_EXTENT = struct.Struct("=4Q")  # the rest, if not inline: disk bytenr, length, offset, length
+_FILE_EXTENT = struct.Struct("<QQBBHB")  # btrfs_file_extent_item up to its type (21 bytes)
+_DISK_EXTENT = struct.Struct("<4Q")  # the rest, if not inline: disk bytenr, length, offset, length
 _REGULAR_LENGTH = _FILE_EXTENT.size + _DISK_EXTENT.size
 _REGULAR_ITEM = _SEARCH_HEADER.size + _REGULAR_LENGTH
 _RECORD = struct.Struct("=3Q2I" "QQBBHB" "4Q")  # a search header and a regular extent item
 _EXTENT_DATA_KEY = 108
-_SEARCH_BUFFER = 4 << 20  # 49,000 extent items per call
+_SEARCH_BUFFER = 4 << 20  # at most 49,000 extent items per call
+_FIRST_SEARCH = 64 << 10  # the first call's buffer, doubled per call: most files have few
+_LITTLE_ENDIAN = sys.byteorder == "little"  # btrfs items are; headers are the CPU's order
 _U64 = 2**64 - 1
 # FIEMAP's flags for what an item says: inline data, compressed or encoded, preallocated
 _INLINE_FLAGS, _ENCODED_FLAG, _UNWRITTEN_FLAG = 0x200 | 0x100, 0x8, 0x800
@@ -239,6 +242,9 @@ def file_extents(fd: int) -> list[Extent]:
     global _may_search
     if _may_search and _read_only_subvolume(fd):
         try:
+            # Final even if the subvolume was made read-only with writes still in memory: a
+            # file's items are in its tree only once written out (microseconds when clean)
+            os.fdatasync(fd)
             return _tree_extents(fd)
         except PermissionError:  # no CAP_SYS_ADMIN: FIEMAP from now on
             _may_search = False
@@ -263,26 +269,26 @@ def _tree_extents(fd: int) -> list[Extent]:
     """The file's extent items (key: inode, EXTENT_DATA, file offset) from tree 0, which is
     the subvolume of ``fd``, in file order; holes are left out, as FIEMAP leaves them."""
     ino = os.fstat(fd).st_ino
-    buf = bytearray(_SEARCH_ARGS.size + _SEARCH_BUFFER)
-    view = memoryview(buf)
     out: list[Extent] = []
-    start = 0
+    start, size = 0, min(_FIRST_SEARCH, _SEARCH_BUFFER)
     while True:
+        buf = bytearray(_SEARCH_ARGS.size + size)
         _SEARCH_ARGS.pack_into(buf, 0, 0, ino, ino, start, _U64, 0, _U64, _EXTENT_DATA_KEY,
-                               _EXTENT_DATA_KEY, 2**32 - 1, 0, 0, 0, 0, 0, _SEARCH_BUFFER)
+                               _EXTENT_DATA_KEY, 2**32 - 1, 0, 0, 0, 0, 0, size)
         fcntl.ioctl(fd, TREE_SEARCH_V2, buf)
         count = struct.unpack_from("=I", buf, 64)[0]  # key.nr_items: the items returned
         if count == 0:
             return out
-        last = _add_items(view[_SEARCH_ARGS.size:], count, ino, out)
+        last = _add_items(memoryview(buf)[_SEARCH_ARGS.size:], count, ino, out)
         if last == _U64:
             return out
-        start = last + 1
+        start, size = last + 1, min(size * 2, _SEARCH_BUFFER)
 
 
 def _add_items(body: memoryview, count: int, ino: int, out: list[Extent]) -> int:
     """Append ``count`` search results as extents; returns the last item's file offset."""
-    if count * _REGULAR_ITEM <= len(body):  # most often all regular items: read at C speed
+    if _LITTLE_ENDIAN and count * _REGULAR_ITEM <= len(body):  # most often all regular
+        # items: read at C speed
         records = list(_RECORD.iter_unpack(body[:count * _REGULAR_ITEM]))
         # The first item of another length stops this (the ones before it were read right)
         if all(r[4] == _REGULAR_LENGTH and r[1] == ino and r[3] == _EXTENT_DATA_KEY

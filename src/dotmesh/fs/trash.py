@@ -25,44 +25,37 @@ LOCK = ".reaper.lock"
 _started: list[subprocess.Popen[bytes]] = []  # kept, so that no warning says one still runs
 
 
-_later: list[Path] = []  # trashes whose reaper waits for the command's last transaction
-
-
-def throw_away(path: Path, trash: Path, reap_later: bool = False) -> None:
+def throw_away(path: Path, trash: Path, reap: bool = True) -> bool:
     """Remove ``path`` (a folder or subvolume) soon: at once as far as anyone can see it.
-    ``reap_later``: the reaper starts at :func:`reap_later_ones`, when the store is closed
-    (removing a subvolume commits a btrfs transaction, and an fsync waits for it: a reset's
-    last COMMIT took 20-26 ms beside a starting reaper, 5 ms without)."""
+    Returns whether it went to ``trash``; ``reap``: start a reaper for it now (else the
+    caller does, with :func:`start_reaper`: ``Repo.throw_away``)."""
     trash.mkdir(mode=0o700, exist_ok=True)
     try:
         os.rename(path, trash / uuid.uuid4().hex)
     except FileNotFoundError:
-        return
+        return False
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
         remove_tree(path)  # another filesystem: no rename, so now
-        return
-    if not reap_later:
-        _start_reaper(trash)
-    elif trash not in _later:
-        _later.append(trash)
+        return False
+    if reap:
+        start_reaper(trash)
+    return True
 
 
-def reap_later_ones() -> None:
-    """Start the reapers :func:`throw_away` was asked to put off. One not started (a process
-    killed first) is started by the next command's :func:`recover`."""
-    while _later:
-        _start_reaper(_later.pop())
-
-
-def _start_reaper(trash: Path) -> None:
+def start_reaper(trash: Path) -> None:
+    """Start a detached reaper of ``trash``. Best effort: one that cannot start leaves the
+    trash to the next command's :func:`recover`."""
     for done in [p for p in _started if p.poll() is not None]:
         _started.remove(done)
-    _started.append(subprocess.Popen(
-        [sys.executable, "-m", __name__, str(trash)], stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        cwd="/"))
+    try:
+        _started.append(subprocess.Popen(
+            [sys.executable, "-m", __name__, str(trash)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            cwd="/"))
+    except OSError:
+        pass
 
 
 def empty(trash: Path, wait: bool = True) -> bool:
@@ -96,7 +89,7 @@ def recover(trash: Path) -> None:
     if fd is None:
         return  # a reaper is at work (or the trash cannot be locked: left for later)
     os.close(fd)
-    _start_reaper(trash)
+    start_reaper(trash)
 
 
 def _locked(trash: Path, wait: bool) -> int | None:

@@ -647,8 +647,7 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     if ws.exists():
         os.rename(ws, old)  # a kill from here on: the journal finishes the restore
     os.rename(new, ws)
-    # A copy of nothing now: the reset need not wait, nor its last transaction
-    trash.throw_away(old, home.trash(dot), reap_later=True)
+    home.throw_away(dot, old)  # a copy of nothing now: the reset need not wait
     return caches
 
 

@@ -282,7 +282,7 @@ def drop(home: Repo, dot: str, commit: bytes) -> None:
     if not _real_dir(state):
         return  # not a kept state: nothing of ours to remove, nothing followed
     (state / CACHES).unlink(missing_ok=True)
-    trash.throw_away(state, home.trash(dot), reap_later=True)  # reaped once the store closes
+    home.throw_away(dot, state)
 
 
 # ------------------------------------------------------------------ discarded states
