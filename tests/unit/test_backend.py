@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -549,3 +550,44 @@ def test_a_split_build_copes_with_its_process_table(
         if how != "fork refused":
             signal.signal(signal.SIGCHLD, previous)
     assert _files(tmp_path / "aside") == _files(folder) and result.files_written == 20
+
+
+def test_a_failed_read_leaves_nothing_of_its_snapshot_running(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a file's job fails, the other jobs given to the I/O pool are dropped if queued
+    and waited for if running: none reads the store or writes the pack after the error."""
+    import threading
+
+    from dotmesh.store import chunker
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(8):  # big files that are not paged: one job each
+        (folder / f"big{i}").write_bytes(os.urandom(chunker.SMALL_FILE + 4097))
+    events: list[str] = []
+    lock = threading.Lock()
+    real_cdc = chunker.chunk_cdc
+
+    def slow_cdc(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        with lock:
+            first = not events
+            events.append("start")
+        try:
+            if first:  # the first job fails while the second runs and more are queued
+                time.sleep(0.05)
+                raise OSError(5, "Input/output error")
+            time.sleep(0.3)
+            yield from real_cdc(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                events.append("end")
+
+    monkeypatch.setattr(chunker, "chunk_cdc", slow_cdc)
+    with pytest.raises(OSError, match="Input/output error"):
+        scan.snapshot(folder, store, store.writer(), {})
+    with lock:
+        seen = list(events)
+    time.sleep(0.6)
+    assert events == seen  # nothing started or ended after the error came out
+    assert seen.count("start") == seen.count("end") < 8  # the queued ones never ran

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dotmesh.fs import btrfs, scan
 from dotmesh.fs.reflink import Stats
@@ -916,6 +916,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
         return run
 
     pool = shared_pool()
+    started: list[Future[Any]] = []  # every comparison and job given to the pool
 
     def all_jobs() -> Iterator[Callable[[], int]]:
         """Every file's jobs. The extent maps of paged files are compared on the pool first
@@ -933,8 +934,11 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                     yield small_job(small)
                     small, small_bytes = [], 0
             elif chunker.is_paged(size):
-                planned.append((f, None if reference is None else
-                                pool.submit(reference.changes, store, f.rel, f.path)))
+                comparing = None
+                if reference is not None:
+                    comparing = pool.submit(reference.changes, store, f.rel, f.path)
+                    started.append(comparing)
+                planned.append((f, comparing))
             else:
                 f.parts = [[]]
                 yield big_job(f, 0, size, 0)
@@ -949,12 +953,22 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 yield from segment_jobs(f)
 
     window: list[Future[int]] = []
-    for job in all_jobs():
-        window.append(pool.submit(job))
-        if len(window) >= WORKERS * 2:
-            _drain(window.pop(0), progress, result)
-    for fut in window:
-        _drain(fut, progress, result)
+    try:
+        for job in all_jobs():
+            window.append(pool.submit(job))
+            started.append(window[-1])
+            if len(window) >= WORKERS * 2:
+                _drain(window.pop(0), progress, result)
+        for fut in window:
+            _drain(fut, progress, result)
+    except BaseException:
+        # Nothing of this snapshot may go on reading the store (or writing into the pack)
+        # once its caller has the error and unwinds: what is queued is dropped, what runs
+        # is waited for
+        for given in started:
+            given.cancel()
+        wait(started)
+        raise
     result.files_read += len(to_read)
 
 
