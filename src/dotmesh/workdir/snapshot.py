@@ -920,7 +920,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
 
     def all_jobs() -> Iterator[Callable[[], int]]:
         """Every file's jobs. The extent maps of paged files are compared on the pool first
-        (two FIEMAPs of thousands of extents each per file: 10-50 ms, the kernel's), so
+        (two maps of thousands of extents each per file: 10-50 ms, mostly the kernel's), so
         the comparisons run side by side and beside the other files' reads."""
         small: list[_File] = []
         small_bytes = 0
