@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from dotmesh.errors import Conflict, Corrupt, DotmeshError, InternalError, NotFound
 from dotmesh.heap import no_cycle_gc, private_buffer
@@ -127,6 +127,7 @@ class _File:
     wanted: list[Want]
     staged: str = ""  # its name in the staging folder
     blocks: list[tuple[int, int, bytes | None]] | None = None  # verified, for a patch
+    located: list[Location] | None = None  # of the blocks but holes, once checked
 
 
 # Structural steps, replayed in order by apply (and by build, before the files).
@@ -300,7 +301,8 @@ class _Planner:
 
 
 def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> list[Location]:
-    """Every block of ``f`` is in the store and as long as its list says; their locations."""
+    """Every block of ``f`` is in the store and as long as its list says; their locations
+    (kept on ``f`` for its writing, which then looks none up again)."""
     found: list[Location] = []
     for _, cid, n in f.wanted:
         if cid == HOLE:
@@ -313,6 +315,7 @@ def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> list[L
             raise Corrupt(f"{os.fsdecode(f.rel)} names a block of {n} bytes that has "
                           f"{loc.raw_len}; nothing was changed (dm fsck)")
         found.append(loc)
+    f.located = found
     return found
 
 
@@ -356,8 +359,11 @@ class _Writer:
         return ({loc.pack for loc in self.locations.values()}
                 | {r[2] for r in self.rows.values() if type(r[2]) is int})
 
-    def contents(self, wanted: list[Want]) -> Iterator[tuple[int, bytes, int, bytes | None]]:
-        """(offset, id, length, data) in file order; adjacent records read in one go."""
+    def contents(self, wanted: list[Want], located: list[Location] | None = None
+                 ) -> Iterator[tuple[int, bytes, int, bytes | None]]:
+        """(offset, id, length, data) in file order; adjacent records read in one go.
+        ``located``: the blocks' locations but the holes', in order (:func:`check_file`)."""
+        found = iter(located) if located is not None else None
         run: list[tuple[int, ObjectId, int, Location]] = []
         size = 0
 
@@ -375,7 +381,7 @@ class _Writer:
                 size = 0
                 yield off, cid, n, None
                 continue
-            loc = self.where(cid)
+            loc = next(found) if found is not None else self.where(cid)
             assert loc is not None  # every block was checked before its file was begun
             if run and (loc.pack != run[-1][3].pack or size > READ_RUN
                         or loc.offset != run[-1][3].offset + run[-1][3].stored_len + RECORD.size):
@@ -398,7 +404,15 @@ class _Writer:
             (_write_direct if direct else _pwritev_all)(fd, iov, at)
 
         for off, n, data in blocks:
-            if iov and (off != iov_end or len(iov) >= 1024):
+            if iov and off == iov_end and len(iov) >= RUN_PIECES and direct:
+                # a run is cut where it is aligned and the rest carried into the next: one
+                # that began unaligned (chunks of any length) would go through the page cache
+                cut = iov_end // DIRECT_ALIGN * DIRECT_ALIGN
+                if cut > iov_at:
+                    carry = _split_tail(iov, iov_end - cut)
+                    put(iov, iov_at)
+                    iov, iov_at = carry, cut
+            if iov and (off != iov_end or len(iov) >= RUN_PIECES):
                 put(iov, iov_at)
                 iov = []
             if data is None:  # a hole
@@ -423,7 +437,7 @@ class _Writer:
         return written
 
     def read(self, f: _File) -> Iterator[tuple[int, int, bytes | None]]:
-        for off, _, n, data in self.contents(f.wanted):
+        for off, _, n, data in self.contents(f.wanted, f.located):
             yield off, n, data
 
     def new_file(self, dir_fd: int, name: str, f: _File) -> tuple[int, os.stat_result]:
@@ -508,6 +522,7 @@ class _Apply:
 # than the disk here (bench/README: a restore spent half its time in pwritev; direct writes
 # of the same data took half as long, and leave nothing to write back).
 DIRECT_MIN = 1 << 20
+RUN_PIECES = 1024  # pieces a write is given at most (IOV_MAX)
 DIRECT_ALIGN = 4096
 DIRECT_BUFFER = 4 << 20  # a thread's aligned buffer: a run of any length goes through it
 _direct = threading.local()
@@ -573,6 +588,21 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
     if flags & os.O_DIRECT:  # from here on, through the page cache
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
     _pwritev_all(fd, iov, offset)
+
+
+def _split_tail(iov: list[bytes], tail: int) -> list[bytes]:
+    """Take the last ``tail`` bytes off ``iov`` (in place); returns them as pieces."""
+    carry: list[bytes] = []
+    while tail:
+        piece = iov.pop()
+        if len(piece) > tail:
+            view = memoryview(piece)
+            iov.append(cast(bytes, view[:len(piece) - tail]))
+            piece = cast(bytes, view[len(piece) - tail:])
+        carry.append(piece)
+        tail -= len(piece)
+    carry.reverse()
+    return carry
 
 
 def _pwritev_all(fd: int, iov: list[bytes], offset: int) -> None:
