@@ -237,7 +237,7 @@ def test_a_failed_move_leaves_both_tables_as_they_were(store, monkeypatch):
     def failing(conn, rows):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(index, "add_object_rows", failing)
+    monkeypatch.setattr(index, "_add_rows_beside_no_recent", failing)
     w.put(KIND_CHUNK, b"more")
     with pytest.raises(sqlite3.OperationalError):
         w.flush()

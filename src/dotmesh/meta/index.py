@@ -100,6 +100,12 @@ def add_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
                      _by_id(rows))
 
 
+def _add_rows_beside_no_recent(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """:func:`add_object_rows` when ``recent_objects`` is empty (just merged): nothing to
+    check there for each row (7% of a first commit's insert)."""
+    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", _by_id(rows))
+
+
 def _add_recent_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
     conn.executemany("INSERT OR IGNORE INTO recent_objects SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 "
                      "WHERE NOT EXISTS (SELECT 1 FROM objects WHERE id=?1)", _by_id(rows))
@@ -139,7 +145,7 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
                 _add_recent_rows(conn, rows)
             else:  # one pass over the large table for these and the recent ones
                 merge_recent(conn)
-                add_object_rows(conn, rows)
+                _add_rows_beside_no_recent(conn, rows)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
