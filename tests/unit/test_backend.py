@@ -140,6 +140,37 @@ def test_large_files_restored_by_direct_writes_are_byte_exact(tmp_path: Path,
     assert os.stat(aside / "sparse").st_blocks * 512 < 2 * restore.DIRECT_MIN + 200_000
 
 
+def test_a_big_file_of_chunks_of_any_length_is_written_direct_to_its_end(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file cut by CDC is written in runs of RUN_PIECES chunks; a run that began where the
+    last one ended, at no aligned place, went through the page cache and so did the rest
+    of the file (most of a 165 MB dump, each page of it new memory). Runs are now cut where
+    they are aligned: nothing goes through the page cache, and the bytes come out exact."""
+    import os
+
+    from dotmesh.workdir import restore
+
+    monkeypatch.setattr(restore, "RUN_PIECES", 8)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "dump").write_bytes(os.urandom(6 * restore.DIRECT_MIN + 4321))  # ~80 chunks
+    writer = store.writer()
+    snap = PLAIN.snapshot(folder, store, writer, {})
+    writer.flush()
+    buffered: list[int] = []
+    real = restore._pwritev_all
+
+    def spy(fd: int, iov: list[bytes], offset: int) -> None:
+        buffered.append(offset)
+        real(fd, iov, offset)
+
+    monkeypatch.setattr(restore, "_pwritev_all", spy)
+    aside = tmp_path / "aside"
+    PLAIN.build_aside(aside, store, snap.root, Policy())
+    assert _files(aside) == _files(folder)
+    assert buffered == []
+
+
 def test_a_direct_write_of_a_long_run_goes_through_a_buffer_of_fixed_size(
         tmp_path: Path) -> None:
     """A run longer than the aligned buffer (a big file of large chunks) is written a
@@ -591,3 +622,33 @@ def test_a_failed_read_leaves_nothing_of_its_snapshot_running(
     time.sleep(0.6)
     assert events == seen  # nothing started or ended after the error came out
     assert seen.count("start") == seen.count("end") < 8  # the queued ones never ran
+
+
+def test_a_long_job_does_not_hold_back_the_ones_after_it() -> None:
+    """The window of jobs given to the pool moves on as any job ends, not only the oldest:
+    here the first job can only end once the sixth has run. Taken in order (the window is
+    four), the other worker ran jobs two to four, then sat idle: a deadlock here, seconds
+    of a first commit there."""
+    import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from dotmesh.workdir.snapshot import run_windowed
+
+    sixth_ran = threading.Event()
+    ended: list[int] = []
+
+    def job(i: int):  # type: ignore[no-untyped-def]
+        def run() -> int:
+            if i == 0:
+                if not sixth_ran.wait(5):
+                    raise TimeoutError("the jobs after the first were held back")
+            if i == 5:
+                sixth_ran.set()
+            return i
+        return run
+
+    started: list[Future[object]] = []
+    with ThreadPoolExecutor(2) as pool:
+        run_windowed(pool, (job(i) for i in range(8)), started, ended.append, window=4)
+    assert sorted(ended) == list(range(8)) and ended.index(0) > ended.index(5)
+    assert len(started) == 8
