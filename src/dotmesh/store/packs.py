@@ -27,6 +27,7 @@ from typing import Generic, TypeAlias, TypeVar, cast
 import zstandard
 
 from dotmesh.errors import Corrupt, NotFound, OutOfSpace, TooLarge
+from dotmesh.heap import private_buffer
 from dotmesh.meta import index
 from dotmesh.model.ids import ID_LEN, ObjectId, object_id
 from dotmesh.model.objects import KIND_NAMES, MAX_SIZE
@@ -38,6 +39,7 @@ PACK_ROTATE = 512 << 20
 ZSTD_LEVEL = 1
 ZSTD_SLACK = 1024  # a zstd frame is at most this much larger than what it holds
 STREAM_PIECE = 1 << 20
+RUN_BUFFER = 9 << 20  # a thread's buffer for runs of records read at once (READ_RUN, and one)
 PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, at most
 
 _local = threading.local()
@@ -309,13 +311,19 @@ class PackStore:
                 hi = max(hi, b)
 
     def read_run(self, run: list[tuple[ObjectId, Location]]) -> Iterator[bytes]:
-        """Objects stored back to back in one pack, read with one system call."""
+        """Objects stored back to back in one pack, read with one system call into this
+        thread's buffer, reused: a new bytes object of up to 8 MiB per run was new memory
+        each time, faulted in and zeroed page by page (6% of a 2 GiB build's CPU). Each
+        object comes out as bytes of its own, so the next run may reuse the buffer: a
+        thread reads one run out before it starts the next."""
         first, last = run[0][1], run[-1][1]
         start, end = first.offset, last.offset + last.stored_len
-        raw = os.pread(self._fd(first.pack), end - start, start)
-        if len(raw) != end - start:
+        buf: mmap.mmap | None = getattr(_local, "run_buffer", None)
+        if buf is None or len(buf) < end - start:
+            buf = _local.run_buffer = private_buffer(max(end - start, RUN_BUFFER))
+        view = memoryview(buf)[:end - start]
+        if os.preadv(self._fd(first.pack), [view], start) != end - start:
             raise Corrupt(f"pack #{first.pack} is truncated; run dm fsck")
-        view = memoryview(raw)
         for oid, loc in run:
             part = view[loc.offset - start:loc.offset - start + loc.stored_len]
             yield self._unpack(oid, loc, part)
