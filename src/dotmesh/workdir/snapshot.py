@@ -1006,8 +1006,8 @@ def run_windowed(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], int]],
                  window: int = WORKERS * 2) -> None:
     """Run ``jobs`` on ``pool``, ``window`` of them given at once, calling ``done`` with each
     one's result as it ends, in whatever order: a long job does not hold back the next ones
-    (taken in order, a 160 MiB dump cut by CDC at the head left the other worker idle for
-    seconds of a first commit). On an error, what is queued is dropped and what runs is
+    (taken in order, a 160 MiB dump cut by CDC at the head of the window left the other
+    worker waiting for it). On an error, what is queued is dropped and what runs is
     waited for before it goes up: nothing goes on reading the store, or writing the pack,
     once the caller unwinds. ``started``: every future given to the pool, this function's
     and those ``jobs`` give it themselves."""
