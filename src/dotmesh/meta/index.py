@@ -100,7 +100,7 @@ def add_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
                      _by_id(rows))
 
 
-def _add_rows_beside_no_recent(conn: sqlite3.Connection, rows: list[Row]) -> None:
+def _add_rows_after_merge(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """:func:`add_object_rows` when ``recent_objects`` is empty (just merged): nothing to
     check there for each row (7% of a first commit's insert)."""
     conn.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", _by_id(rows))
@@ -145,7 +145,7 @@ def commit_object_rows(conn: sqlite3.Connection, rows: Iterable[Row],
                 _add_recent_rows(conn, rows)
             else:  # one pass over the large table for these and the recent ones
                 merge_recent(conn)
-                _add_rows_beside_no_recent(conn, rows)
+                _add_rows_after_merge(conn, rows)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -359,13 +359,13 @@ class _Writer:
         return ({loc.pack for loc in self.locations.values()}
                 | {r[2] for r in self.rows.values() if type(r[2]) is int})
 
-    def contents(self, wanted: list[Want], located: list[Location] | None = None
+    def contents(self, wanted: list[Want], located: list[Location]
                  ) -> Iterator[tuple[int, bytes, int, bytes | None]]:
-        """(offset, id, length, data) in file order; adjacent records read in one go.
-        ``located``: the blocks' locations but the holes', in order (:func:`check_file`)."""
-        found = iter(located) if located is not None else None
+        """(offset, id, length, data) in file order; adjacent records read in one go, READ_RUN
+        bytes of pack at most (but a longer record). ``located``: the blocks' locations but
+        the holes', in order, as :func:`check_file` found them."""
+        found = iter(located)
         run: list[tuple[int, ObjectId, int, Location]] = []
-        size = 0
 
         def flush() -> Iterator[tuple[int, bytes, int, bytes | None]]:
             if not run:
@@ -378,17 +378,14 @@ class _Writer:
         for off, cid, n in wanted:
             if cid == HOLE:
                 yield from flush()
-                size = 0
                 yield off, cid, n, None
                 continue
-            loc = next(found) if found is not None else self.where(cid)
-            assert loc is not None  # every block was checked before its file was begun
-            if run and (loc.pack != run[-1][3].pack or size > READ_RUN
+            loc = next(found)
+            if run and (loc.pack != run[-1][3].pack
+                        or loc.offset + loc.stored_len - run[0][3].offset > READ_RUN
                         or loc.offset != run[-1][3].offset + run[-1][3].stored_len + RECORD.size):
                 yield from flush()
-                size = 0
             run.append((off, cid, n, loc))
-            size += loc.stored_len
         yield from flush()
 
     def write(self, fd: int, f: _File, blocks: Iterator[tuple[int, int, bytes | None]],
@@ -437,6 +434,7 @@ class _Writer:
         return written
 
     def read(self, f: _File) -> Iterator[tuple[int, int, bytes | None]]:
+        assert f.located is not None  # every file is checked before it is written
         for off, _, n, data in self.contents(f.wanted, f.located):
             yield off, n, data
 
@@ -591,7 +589,8 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
 
 
 def _split_tail(iov: list[bytes], tail: int) -> list[bytes]:
-    """Take the last ``tail`` bytes off ``iov`` (in place); returns them as pieces."""
+    """Take the last ``tail`` bytes off ``iov`` (in place); returns them as pieces. A piece
+    cut in two becomes two views of it (what the writers take, as bytes do)."""
     carry: list[bytes] = []
     while tail:
         piece = iov.pop()
