@@ -275,3 +275,17 @@ def test_runs_read_out_side_by_side_on_one_thread_each_come_out_whole(store):
     assert [object_id(x) for x in got] == [ids[0], ids[2], ids[1], ids[3]]
     again = store.read_run([(oid, locs[oid]) for oid in ids])  # the thread's buffer again
     assert [object_id(x) for x in again] == ids
+
+
+def test_many_rows_go_in_by_statements_of_several_each_exactly_once(store, monkeypatch):
+    """Past RECENT_LIMIT, rows go into ``objects`` ROWS_PER_INSERT to a statement, the rest one
+    by one: every id once, and of two rows with one id the first is kept, as before."""
+    monkeypatch.setattr(index, "RECENT_LIMIT", 10)
+    monkeypatch.setattr(index, "ROWS_PER_INSERT", 4)
+    ids = [object_id(b"%d" % i) for i in range(23)]
+    rows = [(oid, KIND_CHUNK, 1, 100 + i, 10, 10, 0) for i, oid in enumerate(ids)]
+    twice = (ids[5], KIND_CHUNK, 2, 999, 10, 10, 0)  # a second row for one id, after it
+    index.commit_object_rows(store.conn, [*rows, twice])
+    got = {r[0]: r for r in store.conn.execute("SELECT * FROM objects")}
+    assert set(got) == set(ids) and not _table(store, "recent_objects")
+    assert got[ids[5]][2:4] == (1, 105)

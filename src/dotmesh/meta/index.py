@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -25,6 +26,7 @@ Row = tuple[Any, ...]  # as sqlite3 returns it: checked by the reader
 INSERT_CACHE_KIB = 64 << 10  # SQLite's page cache while a commit inserts its rows (default 2 MiB)
 BATCH = 500  # ids per ``IN (...)`` query: well under SQLite's limit on bound parameters
 RECENT_LIMIT = 20_000  # rows ``recent_objects`` takes before they move into ``objects``
+ROWS_PER_INSERT = 64  # rows of one INSERT statement when many go in (7 parameters each)
 _COLUMNS = "id, kind, pack, offset, stored_len, raw_len, zstd"
 _ROW = "kind, pack, offset, stored_len, raw_len, zstd"
 
@@ -102,8 +104,17 @@ def add_object_rows(conn: sqlite3.Connection, rows: Iterable[Row]) -> None:
 
 def _add_rows_after_merge(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """:func:`add_object_rows` when ``recent_objects`` is empty (just merged): nothing to
-    check there for each row (7% of a first commit's insert)."""
-    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)", _by_id(rows))
+    check there for each row (7% of a first commit's insert), and ROWS_PER_INSERT rows
+    to a statement (sqlite3's executemany costs a round of binding and stepping per row:
+    212,000 rows, a 2 GiB first commit's, 0.79-0.82 s one by one, 0.43-0.54 s by 64)."""
+    ordered = _by_id(rows)
+    whole = len(ordered) // ROWS_PER_INSERT * ROWS_PER_INSERT
+    many = "INSERT OR IGNORE INTO objects VALUES " + ",".join(
+        ["(?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT)
+    for i in range(0, whole, ROWS_PER_INSERT):
+        conn.execute(many, list(chain.from_iterable(ordered[i:i + ROWS_PER_INSERT])))
+    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     ordered[whole:])
 
 
 def _add_recent_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
