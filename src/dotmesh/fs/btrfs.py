@@ -37,6 +37,8 @@ SNAP_DESTROY = _ioc(_IOC_WRITE, 0x94, 15, _VOL_ARGS)
 SNAP_CREATE_V2 = _ioc(_IOC_WRITE, 0x94, 23, _VOL_ARGS)
 SUBVOL_RDONLY = 1 << 1
 FICLONE = _ioc(_IOC_WRITE, 0x94, 9, 4)
+FICLONERANGE = _ioc(_IOC_WRITE, 0x94, 13, 32)
+CLONE_RANGE = struct.Struct("=qQQQ")  # struct file_clone_range: source fd, offset, length, dest
 FIEMAP = _ioc(_IOC_READ | _IOC_WRITE, ord("f"), 11, 32)
 
 _FIEMAP_HEAD = struct.Struct("=QQIIII")

@@ -13,13 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dotmesh.fs.btrfs import FICLONE, SnapshotError
+from dotmesh.fs import btrfs
+from dotmesh.fs.btrfs import CLONE_RANGE, FICLONE, FICLONERANGE, SnapshotError
 
 Stats = dict[bytes, os.stat_result]  # relative path -> stat, of the files copied
 
 # A file whose times are this close to a copy's start may have been written in the same clock
 # tick as its stat was taken: its copy is made again rather than trusted (see refresh_tree).
 RACY_NS = 100_000_000
+# A changed file at least this big is brought up to date range by range (two extent maps and a
+# clone per changed range) rather than cloned whole: a clone costs what the file's extent map
+# holds, and a database file rewritten page by page holds thousands (XFS, 532 MiB, 10,000
+# extents, 300 pages rewritten: 90-110 ms against 180-510 ms).
+RANGED_MIN = 1 << 20
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -84,42 +90,78 @@ def _trees(source: Path, dest: Path, make: bool = False) -> Iterator[tuple[int, 
         os.close(src_fd)
 
 
-def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int) -> Stats:
+def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int,
+                 maps: Maps | None = None) -> Stats:
     """Bring ``dest``, a :func:`copy_tree` of ``source`` begun at ``started_ns`` whose source
     stats were ``before``, up to date: only files whose stat changed since (or that were
-    written too close to that copy to tell) are cloned again, new entries copied, vanished
-    ones removed. A commit copies the tree before its freeze and only this in it. Returns
-    the stats of the source's files as the copy now holds them."""
+    written too close to that copy to tell) are cloned again, big ones only where they
+    changed (``maps``: the copy's extent maps, from :func:`map_copies`, each used once); new
+    entries are copied, vanished ones removed. A commit copies the tree before its freeze
+    and only this in it. Returns the stats of the source's files as the copy now holds them."""
     out: Stats = {}
     with _trees(source, dest) as (src_fd, dst_fd):
-        _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS)
+        _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS,
+                     {} if maps is None else maps)
     return out
 
 
+Maps = dict[bytes, list[btrfs.Extent]]  # a copy's big files' extent maps, by relative path
+
+
+def map_copies(dest: Path, stats: Stats) -> Maps:
+    """The extent maps of the big files of ``dest``, a copy whose files' stats are
+    ``stats``, for :func:`refresh_tree`: made before a freeze, they need not be made in it
+    (28 ms each for 10,000 extents on XFS)."""
+    maps: Maps = {}
+    for rel, st in stats.items():
+        if st.st_size < RANGED_MIN:
+            continue
+        try:
+            fd = os.open(os.path.join(dest, os.fsdecode(rel)), _FLAGS)
+        except OSError:
+            continue
+        try:
+            maps[rel] = btrfs.extents(fd)
+        except OSError:
+            pass  # made in the freeze, then, or the file is cloned whole
+        finally:
+            os.close(fd)
+    return maps
+
+
 def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
-                 trusted_before: int) -> None:
+                 trusted_before: int, maps: Maps) -> None:
     with os.scandir(src) as it:
         entries = {e.name: e.stat(follow_symlinks=False) for e in it}
     with os.scandir(dst) as it:
-        have = {e.name: e.stat(follow_symlinks=False) for e in it}
-    for name, st in have.items():  # what the source no longer has (or has as another kind)
+        have = {e.name: _kind(e) for e in it}  # kinds only: a stat of the copy's files
+    # would be a third of the walk. Remove what the source no longer has (or has as another kind).
+    for name, kind in have.items():
         wanted = entries.get(name)
-        if wanted is None or stat.S_IFMT(wanted.st_mode) != stat.S_IFMT(st.st_mode) \
-                or stat.S_ISLNK(st.st_mode):
-            _remove_at(dst, name, st)
+        if wanted is None or stat.S_IFMT(wanted.st_mode) != kind or kind == stat.S_IFLNK:
+            _remove_at(dst, name, kind)
     for name, st in entries.items():
         rel = prefix + os.fsencode(name)
         mode = st.st_mode
         if stat.S_ISREG(mode):
             old = before.get(rel)
             copy = have.get(name)
-            if (copy is not None and stat.S_ISREG(copy.st_mode) and old is not None
+            if (copy == stat.S_IFREG and old is not None
                     and (old.st_size, old.st_mtime_ns, old.st_ctime_ns, old.st_ino)
                     == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                     and st.st_mtime_ns < trusted_before and st.st_ctime_ns < trusted_before):
                 out[rel] = old
                 continue
-            if copy is not None and stat.S_ISREG(copy.st_mode):
+            copy_map = maps.pop(rel, None)  # the copy changes now: its map is spent
+            if copy == stat.S_IFREG:
+                if old is not None and old.st_ino == st.st_ino and st.st_size >= RANGED_MIN:
+                    try:
+                        now = _refresh_ranges(src, dst, name, copy_map)
+                        if now is not None:
+                            out[rel] = now
+                        continue
+                    except OSError:  # no extent map or ranged clone here: cloned whole
+                        pass
                 os.unlink(name, dir_fd=dst)
             _clone_file(src, dst, name, rel, out, {})
         elif stat.S_ISDIR(mode):
@@ -128,11 +170,11 @@ def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
             except FileNotFoundError:
                 continue
             try:
-                if name not in have or not stat.S_ISDIR(have[name].st_mode):
+                if have.get(name) != stat.S_IFDIR:
                     os.mkdir(name, 0o700, dir_fd=dst)
                 d = os.open(name, _DIR, dir_fd=dst)
                 try:
-                    _refresh_dir(s, d, rel + b"/", before, out, trusted_before)
+                    _refresh_dir(s, d, rel + b"/", before, out, trusted_before, maps)
                     _attrs(d, os.fstat(s))
                 finally:
                     os.close(d)
@@ -142,8 +184,19 @@ def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
             _copy_link(src, dst, name, st)
 
 
-def _remove_at(dst: int, name: str, st: os.stat_result) -> None:
-    if stat.S_ISDIR(st.st_mode):
+def _kind(entry: os.DirEntry[str]) -> int:
+    """An entry's kind (``S_IFDIR``, ...) from its directory entry, stat only if it has none."""
+    if entry.is_symlink():
+        return stat.S_IFLNK
+    if entry.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if entry.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
+
+
+def _remove_at(dst: int, name: str, kind: int) -> None:
+    if kind == stat.S_IFDIR:
         shutil.rmtree(name, dir_fd=dst)
     else:
         os.unlink(name, dir_fd=dst)
@@ -167,6 +220,56 @@ def _clone_file(src: int, dst: int, name: str, rel: bytes, before: Stats, after:
             os.close(d)
     finally:
         os.close(s)
+
+
+def _refresh_ranges(src: int, dst: int, name: str, copy_map: list[btrfs.Extent] | None
+                    ) -> os.stat_result | None:
+    """Bring the copy ``name`` in ``dst`` up to date with the file in ``src`` it was cloned
+    from, by cloning again only the ranges whose blocks the two no longer share (a block
+    both map cannot have been written since: it would have been copied first). Returns the
+    source's stat as copied, None if it is gone (and so is the copy). ``copy_map``: the
+    copy's extent map if known (nothing writes the copy but this). An OSError: the
+    filesystem cannot say or do it."""
+    try:
+        s = os.open(name, _FLAGS, dir_fd=src)
+    except FileNotFoundError:
+        os.unlink(name, dir_fd=dst)  # gone since the listing: so is its copy
+        return None
+    try:
+        d = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
+        try:
+            new = btrfs.extents(s)  # flushes the source: its map is final
+            old = btrfs.extents(d) if copy_map is None else copy_map
+            size, have = os.fstat(s).st_size, os.fstat(d).st_size
+            common = min(size, have)
+            changed = btrfs.changed_ranges(old, new, common)
+            if size > common:
+                changed.append((common, size))
+            if have != size:
+                os.ftruncate(d, size)
+            block = os.fstatvfs(d).f_bsize
+            for start, end in _aligned(changed, block, size):
+                fcntl.ioctl(d, FICLONERANGE, CLONE_RANGE.pack(s, start, end - start, start))
+            now = os.fstat(s)
+            _attrs(d, now)
+            return now
+        finally:
+            os.close(d)
+    finally:
+        os.close(s)
+
+
+def _aligned(ranges: list[tuple[int, int]], block: int, size: int) -> list[tuple[int, int]]:
+    """``ranges`` (sorted) widened to whole blocks, the last ending at ``size`` at most (a
+    clone may end mid-block only at the source's end), and merged."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        start, end = start // block * block, min(size, -(-end // block) * block)
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        elif start < end:
+            out.append((start, end))
+    return out
 
 
 def _copy_link(src: int, dst: int, name: str, st: os.stat_result) -> None:

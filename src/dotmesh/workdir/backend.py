@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -84,6 +84,7 @@ class PreCopy:
 
     stats: Stats  # the source files' stats as copied
     started_ns: int
+    maps: reflink.Maps = field(default_factory=dict)  # the copy's big files' extent maps
 
 
 class SnapshotBackend(FolderBackend, Protocol):
@@ -222,8 +223,8 @@ class ReflinkFolders(PlainFolders):
 
     def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
         started = time.time_ns()
-        before, _ = reflink.copy_tree(folder, dest)
-        return PreCopy(before, started)
+        before, after = reflink.copy_tree(folder, dest)
+        return PreCopy(before, started, reflink.map_copies(dest, after))
 
     def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
                     ) -> Stats | None:
@@ -232,7 +233,8 @@ class ReflinkFolders(PlainFolders):
         if prepared is None:
             before, _ = reflink.copy_tree(folder, dest)
             return before
-        return reflink.refresh_tree(folder, dest, prepared.stats, prepared.started_ns)
+        return reflink.refresh_tree(folder, dest, prepared.stats, prepared.started_ns,
+                                    prepared.maps)
 
     def writable_copy(self, source: Path, dest: Path) -> Stats | None:
         _, after = reflink.copy_tree(source, dest)
