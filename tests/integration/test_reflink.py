@@ -244,3 +244,47 @@ def _punch(fd: int, offset: int, length: int) -> None:
     if libc.fallocate(fd, punch_hole | keep_size, ctypes.c_longlong(offset),
                       ctypes.c_longlong(length)) != 0:
         raise OSError(ctypes.get_errno(), "fallocate")
+
+
+def test_a_freeze_with_writers_maps_the_copy_first_and_catches_what_they_wrote(
+        xdm: DM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit with writers to stop maps its copy's big files before stopping them, so the
+    freeze maps only the originals; pages written between the copy and the freeze are in
+    the frozen copy. Without writers to stop (a reset, a quiet commit) nothing is mapped."""
+    from contextlib import contextmanager
+
+    from dotmesh.store.repo import Repo
+    from dotmesh.workdir import branches
+    from dotmesh.workdir.backend import REFLINK
+
+    xdm.ok("init", "app")
+    db = xdm.path("app.db")
+    _paged_file(db / "table", 512)  # 4 MiB
+    (db / "small").write_text("small")
+    time.sleep(reflink.RACY_NS / 1e9 + 0.05)
+    mapped: list[int] = []
+    real = reflink.map_copies
+    monkeypatch.setattr(reflink, "map_copies",
+                        lambda dest, stats: mapped.append(1) or real(dest, stats))
+
+    @contextmanager
+    def writers_write_then_stop(settle):  # what a freeze with a busy writer sees
+        settle()
+        with open(db / "table", "r+b") as f:
+            for page in (3, 200, 511):
+                f.seek(page * PAGE)
+                f.write(os.urandom(PAGE))
+        yield
+
+    home = Repo(xdm.home)
+    try:
+        frozen = branches.freeze_set(home, "app", REFLINK, writers_write_then_stop)
+        assert mapped == [1]
+        assert capture(frozen.folder("db")) == capture(db)
+        REFLINK.discard(frozen.staging)
+        frozen = branches.freeze_set(home, "app", REFLINK, branches.writers_stopped)
+        assert mapped == [1]
+        assert capture(frozen.folder("db")) == capture(db)
+        REFLINK.discard(frozen.staging)
+    finally:
+        home.close()

@@ -85,6 +85,8 @@ class PreCopy:
     stats: Stats  # the source files' stats as copied
     started_ns: int
     maps: reflink.Maps = field(default_factory=dict)  # the copy's big files' extent maps
+    # Work that shortens a freeze, so worth doing only before one that stops writers
+    ahead: Callable[[], None] | None = None
 
 
 class SnapshotBackend(FolderBackend, Protocol):
@@ -224,7 +226,9 @@ class ReflinkFolders(PlainFolders):
     def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
         started = time.time_ns()
         before, after = reflink.copy_tree(folder, dest)
-        return PreCopy(before, started, reflink.map_copies(dest, after))
+        maps: reflink.Maps = {}
+        return PreCopy(before, started, maps,
+                       lambda: maps.update(reflink.map_copies(dest, after)))
 
     def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
                     ) -> Stats | None:

@@ -500,7 +500,13 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _se
         into = staging / kept.SET
         # a reflinked tree is copied first and only brought up to date in the freeze
         pre = cow.prepare_copy(working_set(home, dot), into) if whole else None
-        with freeze(lambda: _quiet_disk(home.dot_dir(dot))):
+
+        def settle() -> None:  # only before a freeze that stops writers
+            if pre is not None and pre.ahead is not None:
+                pre.ahead()
+            _quiet_disk(home.dot_dir(dot))
+
+        with freeze(settle):
             taken = time.time_ns()
             if whole:  # one call: one instant, one btrfs transaction
                 made = cow.freeze_copy(working_set(home, dot), into, pre)
