@@ -95,6 +95,10 @@ class SnapshotBackend(FolderBackend, Protocol):
     or a reflinked tree. A ZFS backend would map these calls to a dataset per working set,
     ``zfs snapshot`` and ``zfs clone``."""
 
+    # Whether a copy costs the same whatever the set holds (a snapshot); if not (a clone per
+    # file), a reset keeps the working set itself as the state it discards, not a copy of it
+    instant_copies: bool
+
     def make_set(self, path: Path) -> None:
         """Make ``path`` a working set (a folder to hold subdot folders) if it is not one;
         an existing folder with data in it is left as it is (see :meth:`is_set`)."""
@@ -174,6 +178,7 @@ class BtrfsFolders(PlainFolders):
     sharing every block until it is written."""
 
     name = "btrfs"
+    instant_copies = True
 
     def make_set(self, path: Path) -> None:
         if not path.exists():
@@ -216,6 +221,7 @@ class ReflinkFolders(PlainFolders):
     snapshot per subdot)."""
 
     name = "reflink"
+    instant_copies = False
 
     def make_set(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o711)
