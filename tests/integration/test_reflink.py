@@ -329,3 +329,59 @@ def test_kill_9_in_a_reset_that_keeps_the_working_set_loses_nothing(xdm: DM, poi
         xdm.ok("reset", "--hard", kept_as[0])
         assert capture(db) == work
     assert json.loads(xdm.ok("fsck", "--json"))["ok"]
+
+
+def test_a_commit_shares_unchanged_files_with_the_heads_kept_state_and_never_writes_them(
+        xdm: DM) -> None:
+    """A commit's copy links the files its head's kept state already holds unchanged (a
+    link costs a third of a clone) and clones the others. Files changed between the copy and
+    the freeze are replaced in the copy, never patched: the earlier state keeps its bytes."""
+    from contextlib import contextmanager
+
+    from dotmesh.store.repo import Repo
+    from dotmesh.workdir import branches
+    from dotmesh.workdir.backend import REFLINK
+
+    xdm.ok("init", "app")
+    db = xdm.path("app.db")
+    _paged_file(db / "table", 512)  # 4 MiB: would be patched by ranges if it were not shared
+    _paged_file(db / "big", 512)
+    (db / "small").write_text("small")
+    (db / "edited").write_text("one")
+    (db / "d").mkdir()
+    (db / "d" / "inner").write_text("inner")
+    time.sleep(reflink.RACY_NS / 1e9 + 0.05)
+    first = _commit(xdm, "one")["id"]
+    state = xdm.home / "dots" / "app" / "snaps" / str(first) / "subdots" / "db"
+    one = capture(state)
+    (db / "edited").write_text("two")
+    time.sleep(reflink.RACY_NS / 1e9 + 0.05)
+    second = _commit(xdm, "two")["id"]
+    copy = xdm.home / "dots" / "app" / "snaps" / str(second) / "subdots" / "db"
+    for name in ("table", "big", "small", "d/inner"):
+        assert os.stat(copy / name).st_ino == os.stat(state / name).st_ino, name
+    assert os.stat(copy / "edited").st_ino != os.stat(state / "edited").st_ino
+    assert capture(state) == one and capture(copy) == capture(db)
+
+    @contextmanager
+    def writers_write_then_stop(settle):  # what a freeze with a busy writer sees
+        settle()
+        with open(db / "table", "r+b") as f:
+            f.seek(100 * PAGE)
+            f.write(os.urandom(PAGE))
+        (db / "small").write_text("changed in the freeze's window")
+        yield
+
+    two = capture(copy)
+    home = Repo(xdm.home)
+    try:
+        frozen = branches.freeze_set(home, "app", REFLINK, writers_write_then_stop)
+        assert capture(frozen.folder("db")) == capture(db)
+        assert os.stat(frozen.folder("db") / "big").st_ino == os.stat(copy / "big").st_ino
+        REFLINK.discard(frozen.staging)
+    finally:
+        home.close()
+    assert capture(copy) == two and capture(state) == one  # the kept states are untouched
+    xdm.ok("checkout", "-b", "back", str(first))
+    assert capture(db) == one
+    assert json.loads(xdm.ok("fsck", "--json"))["ok"]

@@ -9,8 +9,9 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dotmesh.fs import btrfs
@@ -62,8 +63,42 @@ def copy_tree(source: Path, dest: Path, into: bool = False) -> tuple[Stats, Stat
     before: Stats = {}
     after: Stats = {}
     with _trees(source, dest, make=not into) as (src_fd, dst_fd):
-        _copy_dir(src_fd, dst_fd, b"", before, after)
+        _copy_dir(src_fd, dst_fd, b"", before, after, None)
     return before, after
+
+
+Same = Callable[[bytes, os.stat_result], bool]
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A read-only copy made earlier of the same tree (a kept state), whose files a new
+    read-only copy shares as hard links where ``same`` says the source's file is, by its
+    stat, the one copied there: a link costs a third of a clone (XFS: 12.5 against 38 µs a
+    file). Nothing may then write those files in place (see :func:`refresh_tree`)."""
+
+    root: Path
+    same: Same
+
+
+def copy_tree_sharing(source: Path, dest: Path, earlier: Earlier
+                      ) -> tuple[Stats, Stats, set[bytes]]:
+    """:func:`copy_tree` (``dest`` must not exist), sharing files with ``earlier``; also
+    returns the files shared (the copy's links)."""
+    before: Stats = {}
+    after: Stats = {}
+    linked: set[bytes] = set()
+    try:
+        old = os.open(earlier.root, _DIR)
+    except OSError:
+        before, after = copy_tree(source, dest)
+        return before, after, linked
+    try:
+        with _trees(source, dest, make=True) as (src_fd, dst_fd):
+            _copy_dir(src_fd, dst_fd, b"", before, after, (old, earlier.same, linked))
+    finally:
+        os.close(old)
+    return before, after, linked
 
 
 @contextmanager
@@ -91,17 +126,18 @@ def _trees(source: Path, dest: Path, make: bool = False) -> Iterator[tuple[int, 
 
 
 def refresh_tree(source: Path, dest: Path, before: Stats, started_ns: int,
-                 maps: Maps | None = None) -> Stats:
+                 maps: Maps | None = None, linked: Collection[bytes] = ()) -> Stats:
     """Bring ``dest``, a :func:`copy_tree` of ``source`` begun at ``started_ns`` whose source
     stats were ``before``, up to date: only files whose stat changed since (or that were
     written too close to that copy to tell) are cloned again, big ones only where they
-    changed (``maps``: the copy's extent maps, from :func:`map_copies`, each used once); new
+    changed (``maps``: the copy's extent maps, from :func:`map_copies`, each used once; a
+    file in ``linked`` is shared with an earlier copy, so it is replaced, never patched); new
     entries are copied, vanished ones removed. A commit copies the tree before its freeze
     and only this in it. Returns the stats of the source's files as the copy now holds them."""
     out: Stats = {}
     with _trees(source, dest) as (src_fd, dst_fd):
         _refresh_dir(src_fd, dst_fd, b"", before, out, started_ns - RACY_NS,
-                     {} if maps is None else maps)
+                     {} if maps is None else maps, linked)
     return out
 
 
@@ -130,7 +166,7 @@ def map_copies(dest: Path, stats: Stats) -> Maps:
 
 
 def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
-                 trusted_before: int, maps: Maps) -> None:
+                 trusted_before: int, maps: Maps, linked: Collection[bytes]) -> None:
     with os.scandir(src) as it:
         entries = {e.name: e.stat(follow_symlinks=False) for e in it}
     with os.scandir(dst) as it:
@@ -154,7 +190,8 @@ def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
                 continue
             copy_map = maps.pop(rel, None)  # the copy changes now: its map is spent
             if copy == stat.S_IFREG:
-                if old is not None and old.st_ino == st.st_ino and st.st_size >= RANGED_MIN:
+                if old is not None and old.st_ino == st.st_ino and st.st_size >= RANGED_MIN \
+                        and rel not in linked:
                     try:
                         now = _refresh_ranges(src, dst, name, copy_map)
                         if now is not None:
@@ -174,7 +211,7 @@ def _refresh_dir(src: int, dst: int, prefix: bytes, before: Stats, out: Stats,
                     os.mkdir(name, 0o700, dir_fd=dst)
                 d = os.open(name, _DIR, dir_fd=dst)
                 try:
-                    _refresh_dir(s, d, rel + b"/", before, out, trusted_before, maps)
+                    _refresh_dir(s, d, rel + b"/", before, out, trusted_before, maps, linked)
                     _attrs(d, os.fstat(s))
                 finally:
                     os.close(d)
@@ -282,13 +319,22 @@ def _copy_link(src: int, dst: int, name: str, st: os.stat_result) -> None:
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
 
 
-def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats) -> None:
+_Sharing = tuple[int, Same, set[bytes]]  # the earlier copy's folder, the test, the links made
+
+
+def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats,
+              sharing: _Sharing | None) -> None:
     with os.scandir(src) as it:
         entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
     for name, st in entries:
         rel = prefix + os.fsencode(name)
         mode = st.st_mode
         if stat.S_ISREG(mode):
+            if sharing is not None and sharing[1](rel, st) \
+                    and _link_file(sharing[0], dst, name, rel, st, after):
+                before[rel] = st
+                sharing[2].add(rel)
+                continue
             _clone_file(src, dst, name, rel, before, after)
         elif stat.S_ISDIR(mode):
             try:
@@ -298,15 +344,38 @@ def _copy_dir(src: int, dst: int, prefix: bytes, before: Stats, after: Stats) ->
             try:
                 os.mkdir(name, 0o700, dir_fd=dst)
                 d = os.open(name, _DIR, dir_fd=dst)
+                inner: _Sharing | None = None
+                if sharing is not None:
+                    try:
+                        inner = (os.open(name, _DIR, dir_fd=sharing[0]), sharing[1], sharing[2])
+                    except OSError:  # the earlier copy has no such folder: nothing to share
+                        pass
                 try:
-                    _copy_dir(s, d, rel + b"/", before, after)
+                    _copy_dir(s, d, rel + b"/", before, after, inner)
                     _attrs(d, os.fstat(s))
                 finally:
                     os.close(d)
+                    if inner is not None:
+                        os.close(inner[0])
             finally:
                 os.close(s)
         elif stat.S_ISLNK(mode):
             _copy_link(src, dst, name, st)
+
+
+def _link_file(old: int, dst: int, name: str, rel: bytes, st: os.stat_result,
+               after: Stats) -> bool:
+    """Link the earlier copy's file ``name`` into ``dst`` if it is a regular file of the
+    source's size (the test said its bytes are the source's); False to clone instead."""
+    try:
+        was = os.lstat(name, dir_fd=old)
+        if not stat.S_ISREG(was.st_mode) or was.st_size != st.st_size:
+            return False
+        os.link(name, name, src_dir_fd=old, dst_dir_fd=dst, follow_symlinks=False)
+    except OSError:
+        return False
+    after[rel] = was
+    return True
 
 
 def _attrs(fd: int, st: os.stat_result) -> None:

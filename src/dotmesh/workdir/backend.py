@@ -85,6 +85,7 @@ class PreCopy:
     stats: Stats  # the source files' stats as copied
     started_ns: int
     maps: reflink.Maps = field(default_factory=dict)  # the copy's big files' extent maps
+    linked: frozenset[bytes] = frozenset()  # files shared with an earlier copy: never patched
     # Work that shortens a freeze, so worth doing only before one that stops writers
     ahead: Callable[[], None] | None = None
 
@@ -106,9 +107,11 @@ class SnapshotBackend(FolderBackend, Protocol):
     def is_set(self, path: Path) -> bool:
         """Can ``path`` be copied as a whole by this backend?"""
 
-    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+    def prepare_copy(self, folder: Path, dest: Path, earlier: reflink.Earlier | None = None
+                     ) -> PreCopy | None:
         """Before a freeze: start a copy of ``folder`` at ``dest`` that :meth:`freeze_copy`
-        then only brings up to date (None: nothing to prepare, a snapshot is instant)."""
+        then only brings up to date (None: nothing to prepare, a snapshot is instant).
+        ``earlier``: a kept state whose files the copy may share."""
 
     def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
                     ) -> Stats | None:
@@ -198,7 +201,8 @@ class BtrfsFolders(PlainFolders):
     def discard(self, path: Path) -> None:
         btrfs.remove_tree(path)
 
-    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+    def prepare_copy(self, folder: Path, dest: Path, earlier: reflink.Earlier | None = None
+                     ) -> PreCopy | None:
         return None
 
     def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
@@ -229,12 +233,18 @@ class ReflinkFolders(PlainFolders):
     def is_set(self, path: Path) -> bool:
         return path.is_dir()
 
-    def prepare_copy(self, folder: Path, dest: Path) -> PreCopy | None:
+    def prepare_copy(self, folder: Path, dest: Path, earlier: reflink.Earlier | None = None
+                     ) -> PreCopy | None:
         started = time.time_ns()
-        before, after = reflink.copy_tree(folder, dest)
+        linked: set[bytes] = set()
+        if earlier is None:
+            before, after = reflink.copy_tree(folder, dest)
+        else:
+            before, after, linked = reflink.copy_tree_sharing(folder, dest, earlier)
+        own = {rel: st for rel, st in after.items() if rel not in linked}
         maps: reflink.Maps = {}
-        return PreCopy(before, started, maps,
-                       lambda: maps.update(reflink.map_copies(dest, after)))
+        return PreCopy(before, started, maps, frozenset(linked),
+                       lambda: maps.update(reflink.map_copies(dest, own)))
 
     def freeze_copy(self, folder: Path, dest: Path, prepared: PreCopy | None = None
                     ) -> Stats | None:
@@ -244,7 +254,7 @@ class ReflinkFolders(PlainFolders):
             before, _ = reflink.copy_tree(folder, dest)
             return before
         return reflink.refresh_tree(folder, dest, prepared.stats, prepared.started_ns,
-                                    prepared.maps)
+                                    prepared.maps, prepared.linked)
 
     def writable_copy(self, source: Path, dest: Path) -> Stats | None:
         _, after = reflink.copy_tree(source, dest)

@@ -499,7 +499,10 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _se
         whole = cow.is_set(working_set(home, dot))
         into = staging / kept.SET
         # a reflinked tree is copied first and only brought up to date in the freeze
-        pre = cow.prepare_copy(working_set(home, dot), into) if whole else None
+        pre = None
+        if whole and not cow.instant_copies:  # a copy's files may be links to the head's state
+            earlier = kept.earlier_copy(home, dot, home.head(dot, home.branch(dot)))
+            pre = cow.prepare_copy(working_set(home, dot), into, earlier)
 
         def settle() -> None:  # only before a freeze that stops writers
             if pre is not None and pre.ahead is not None:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from dotmesh.errors import Corrupt, DotmeshError, NotFound, UsageError
 from dotmesh.fs import trash
+from dotmesh.fs.reflink import Earlier
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import StatCache, decode_cache, encode_cache
+from dotmesh.meta.statcache import FOLDER, HINT_ONLY, StatCache, decode_cache, encode_cache
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
 from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
@@ -94,6 +95,25 @@ def keep(home: Repo, dot: str, staging: Path, commit: bytes,
         return
     os.rename(staging, final)
     _sync_dir(final.parent)
+
+
+def earlier_copy(home: Repo, dot: str, commit: bytes | None) -> Earlier | None:
+    """The kept state of ``commit`` as an earlier copy a new one may share files with (a
+    reflinked tree): a working set's file is the one kept there if its stat is the one the
+    kept state's caches say it was copied with, not too recent to trust."""
+    state = folder(home, dot, commit)
+    if state is None:
+        return None
+    saved = _read_caches(state)
+
+    def same(rel: bytes, st: os.stat_result) -> bool:
+        sub, _, inner = rel.partition(b"/")
+        entry = saved.get(os.fsdecode(sub), {}).get(inner)
+        return (entry is not None and not entry[5] & (HINT_ONLY | FOLDER)
+                and (entry[0], entry[1], entry[2], entry[3])
+                == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+
+    return Earlier(state / SET, same)
 
 
 def _write_caches(state: Path, caches: dict[str, StatCache]) -> None:
