@@ -58,14 +58,3 @@ def send(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def kill_point(env: str, name: str) -> None:
-    """For crash tests: die here, as a kill -9 would, when the variable ``env`` names this
-    point (``DM_GC_KILL_AT=cut``, say)."""
-    if os.environ.get(env) == name:
-        import signal
-        import time
-
-        send(os.getpid(), signal.SIGKILL)
-        time.sleep(10)  # never reached

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dotmesh.capture import proc
 from dotmesh.capture.stop import Stopped, stopped_for_restore
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta import refs
@@ -32,15 +31,11 @@ from dotmesh.workdir.branches import (
     recover,
     restore_folders,
     scan_frozen,
-    scan_set_cached,
     snapshot_dot,
     snapshots_of,
     swap,
-    working_set,
     writers_stopped,
 )
-
-KILL_ENV = "DM_RESET_KILL_AT"  # crash tests: a reset dies (SIGKILL) at this point
 
 
 @dataclass
@@ -130,25 +125,13 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
             staging: Path | None = None
             keep_as: str | None = None  # a name for the discarded state, kept unread
             keep_caches: dict[str, StatCache] = {}
-            keep_set = False  # the working set itself is that state (no copy made)
-            taken = 0
-            to_kept = kept.folder(home, dot, target_id) is not None
-            if cow is not None and to_kept and not cow.instant_copies \
-                    and cow.is_set(working_set(home, dot)):
-                # Nothing writes to the set (see stopped_for_restore), and the restore makes
-                # a new one from the target's kept state: the set itself is kept if changed.
-                found, taken = scan_set_cached(home, dot, writer)
-                if found is None:
-                    keep_as, keep_set = kept.new_discarded_name(), True
-                    keep_caches = {s: home.load_cache(dot, branch, s) for s in home.subdots(dot)}
-                snap = found or DotSnapshot({}, {}, {})
-            elif cow is not None:  # the working state is kept as a snapshot, too
+            if cow is not None:  # the working state is kept as a snapshot, too
                 frozen = freeze_set(home, dot, cow, writers_stopped)
-                staging, taken = frozen.staging, frozen.taken
+                staging = frozen.staging
                 try:
                     # To a kept state, a reset need not read what it discards: if any file
                     # changed, the frozen copy is kept as it is and read only if asked for.
-                    lazy = frozen.whole and to_kept
+                    lazy = frozen.whole and kept.folder(home, dot, target_id) is not None
                     found = scan_frozen(home, dot, cow, frozen, writer, progress,
                                         cached_only=lazy)
                 except BaseException:
@@ -175,18 +158,13 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                 if keep_as is not None and staging is not None:
                     kept.keep_discarded(home, dot, staging, keep_as, keep_caches)
                     staging = None  # a kill from here on: recover removes it until the row
-                elif keep_as is not None and keep_set:  # a kill from here on: recover puts
-                    kept.keep_working_set(home, dot, working_set(home, dot), keep_as,
-                                          keep_caches)  # it back until the row
-                    proc.kill_point(KILL_ENV, "set-kept")
                 with Tx(home.conn) as tx:
                     home.begin_restore(tx, dot, Journal("reset", branch, old, target_id, saved,
                                                         action, message))
                     if keep_as is not None:
                         refs.add_discarded(tx, dot, keep_as, branch, old, target_id,
-                                           taken, _author(),
+                                           frozen.taken, _author(),
                                            f"working state discarded by {action} to {ref}")
-                proc.kill_point(KILL_ENV, "journaled")
 
             try:
                 caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)

@@ -97,7 +97,7 @@ class SnapshotBackend(FolderBackend, Protocol):
     ``zfs snapshot`` and ``zfs clone``."""
 
     # Whether a copy costs the same whatever the set holds (a snapshot); if not (a clone per
-    # file), a reset keeps the working set itself as the state it discards, not a copy of it
+    # file), a copy is made before the freeze, sharing what it can with the head's kept state
     instant_copies: bool
 
     def make_set(self, path: Path) -> None:

@@ -405,7 +405,7 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
     backend = backend_of(home)
     backend.discard(home.dot_dir(dot) / "tmp")
     trash.recover(home.trash(dot))
-    kept.recover(home, dot, backend, working_set(home, dot))
+    kept.recover(home, dot, backend)
     parked = home.dot_dir(dot) / "branches"
     for folder in [working_set(home, dot), *(parked.iterdir() if parked.is_dir() else [])]:
         if folder.is_dir():  # what a killed build inside a set left
@@ -573,26 +573,6 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
                                stats=frozen.copied[sub])
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     return snap
-
-
-def scan_set_cached(home: Repo, dot: str, writer: PackWriter | None
-                    ) -> tuple[DotSnapshot | None, int]:
-    """The working set itself, scanned as :func:`scan_frozen` with ``cached_only`` scans a
-    frozen copy, and when (``time.time_ns``). Only while nothing writes to it (a reset):
-    a copy of it would cost a clone per file on a reflink backend."""
-    from dotmesh.workdir import snapshot as scan
-
-    ensure_folders(home, dot)
-    taken = time.time_ns()
-    branch = home.branch(dot)
-    snap = DotSnapshot({}, {}, {})
-    for sub in home.subdots(dot):
-        cache = home.load_cache(dot, branch, sub)
-        res = scan.snapshot_cached(home.stable(dot, sub), home.packs, writer, cache, taken)
-        if res is None:
-            return None, taken
-        snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
-    return snap, taken
 
 
 def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,

@@ -195,22 +195,15 @@ def kept_ids(home: Repo, dot: str) -> list[ObjectId]:
     return out
 
 
-def recover(home: Repo, dot: str, backend: FolderBackend, working_set: Path) -> None:
-    """Remove the snapshots of states a killed command did not finish; a working set a
-    killed reset was keeping as its discarded state (see :func:`keep_working_set`) goes
-    back in place."""
+def recover(home: Repo, dot: str, backend: FolderBackend) -> None:
+    """Remove the snapshots of states a killed command did not finish."""
     d = snaps_dir(home, dot)
     if d.is_dir():
         named = {x.name for x in discarded(home, dot)}
         for entry in d.iterdir():
             if entry.name.startswith(NEW_PREFIX) or (
                     _DISCARDED_NAME.fullmatch(entry.name) and entry.name not in named):
-                # a reset killed before its journal named it
-                if (_DISCARDED_NAME.fullmatch(entry.name) and not _real_dir(working_set)
-                        and not working_set.is_symlink() and _real_dir(entry / SET)):
-                    os.rename(entry / SET, working_set)
-                    _sync_dir(working_set.parent)
-                backend.discard(entry)
+                backend.discard(entry)  # a reset killed before its journal named it
 
 
 def _limit(home: Repo, key: str) -> int:
@@ -388,24 +381,6 @@ def keep_discarded(home: Repo, dot: str, staging: Path, name: str,
     _write_caches(staging, caches)
     os.rename(staging, snaps_dir(home, dot) / name)
     _sync_dir(snaps_dir(home, dot))
-
-
-def keep_working_set(home: Repo, dot: str, working_set: Path, name: str,
-                     caches: dict[str, StatCache]) -> None:
-    """Name the working set itself as a discarded state, for a reset whose backend would
-    clone every file to copy it (its stat caches hold as they are: the same files). The
-    state's folder is made, then the set moved into it; its row is written next, in the
-    journal's transaction. A kill before that row leaves a folder :func:`recover` moves
-    back; after it, the journal finishes the reset, which makes a new working set."""
-    snaps = snaps_dir(home, dot)
-    snaps.mkdir(mode=0o700, exist_ok=True)
-    state = snaps / name
-    state.mkdir(mode=0o700)
-    _write_caches(state, caches)
-    _sync_dir(snaps)
-    os.rename(working_set, state / SET)
-    _sync_dir(state)
-    _sync_dir(working_set.parent)
 
 
 def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
