@@ -206,7 +206,8 @@ def test_a_big_file_changed_since_the_copy_is_cloned_again_only_where_it_changed
     maps = reflink.map_copies(dst, after) if mapped_before else None
     if maps is not None:
         assert set(maps) == {b"pages", b"grown", b"shrunk", b"holed", b"replaced"}
-    held = {name: os.open(dst / name, os.O_RDONLY) for name in ("pages", "grown")}
+    held = {name: os.open(dst / name, os.O_RDONLY)
+            for name in ("pages", "grown", "shrunk", "holed")}
     try:
         fd = os.open(src / "pages", os.O_WRONLY)
         for page in (0, 7, 8, 300, 511):  # first, neighbours, middle, last
@@ -222,8 +223,8 @@ def test_a_big_file_changed_since_the_copy_is_cloned_again_only_where_it_changed
         (src / "replaced").unlink()
         (src / "replaced").write_bytes(os.urandom(size))
         stats = reflink.refresh_tree(src, dst, before, started, maps)
-        assert os.fstat(held["pages"]).st_nlink == 1  # the same copy, patched
-        assert os.fstat(held["grown"]).st_nlink == 1
+        for name, fd in held.items():
+            assert os.fstat(fd).st_nlink == 1, name  # the same copy, patched
     finally:
         for fd in held.values():
             os.close(fd)
@@ -344,3 +345,37 @@ def test_a_commit_shares_unchanged_files_with_the_heads_kept_state_and_never_wri
     xdm.ok("checkout", "-b", "back", str(first))
     assert capture(db) == one
     assert json.loads(xdm.ok("fsck", "--json"))["ok"]
+
+
+def test_a_big_file_written_during_its_refresh_is_cloned_whole(
+        xfs_mount: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges cloned one by one are not one instant of a file: if something writes it while
+    they are (a writer the freeze did not stop), the file is cloned whole instead."""
+    src, dst = xfs_mount / uuid.uuid4().hex, xfs_mount / uuid.uuid4().hex
+    src.mkdir()
+    (src / "db").write_bytes(os.urandom(4 * reflink.RANGED_MIN))
+    time.sleep(reflink.RACY_NS / 1e9 + 0.05)
+    started = time.time_ns()
+    before, after = reflink.copy_tree(src, dst)
+    maps = reflink.map_copies(dst, after)  # so the refresh maps only the original
+    held = os.open(dst / "db", os.O_RDONLY)
+    with open(src / "db", "r+b") as f:
+        f.seek(5 * PAGE)
+        f.write(os.urandom(PAGE))
+    real = reflink.btrfs.extents
+
+    def mapped_then_written(fd: int) -> list[tuple[int, int, int, int]]:
+        out = real(fd)
+        monkeypatch.setattr(reflink.btrfs, "extents", real)
+        with open(src / "db", "r+b") as f:  # after the map: not among its changed ranges
+            f.seek(300 * PAGE)
+            f.write(os.urandom(PAGE))
+        return out
+
+    monkeypatch.setattr(reflink.btrfs, "extents", mapped_then_written)
+    try:
+        reflink.refresh_tree(src, dst, before, started, maps)
+        assert os.fstat(held).st_nlink == 0  # replaced by a whole clone
+    finally:
+        os.close(held)
+    assert capture(dst) == capture(src)

@@ -4,6 +4,7 @@ calls per file and no data, so it is the snapshot of such a filesystem."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -266,7 +267,9 @@ def _refresh_ranges(src: int, dst: int, name: str, copy_map: list[btrfs.Extent] 
     both map cannot have been written since: it would have been copied first). Returns the
     source's stat as copied, None if it is gone (and so is the copy). ``copy_map``: the
     copy's extent map if known (nothing writes the copy but this). An OSError: the
-    filesystem cannot say or do it."""
+    filesystem cannot say or do it, or the file was written meanwhile (a writer the freeze
+    did not stop: a whole clone is one instant of the file, ranges cloned one by one are
+    not)."""
     try:
         s = os.open(name, _FLAGS, dir_fd=src)
     except FileNotFoundError:
@@ -275,9 +278,10 @@ def _refresh_ranges(src: int, dst: int, name: str, copy_map: list[btrfs.Extent] 
     try:
         d = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
         try:
+            first = os.fstat(s)
             new = btrfs.extents(s)  # flushes the source: its map is final
             old = btrfs.extents(d) if copy_map is None else copy_map
-            size, have = os.fstat(s).st_size, os.fstat(d).st_size
+            size, have = first.st_size, os.fstat(d).st_size
             common = min(size, have)
             changed = btrfs.changed_ranges(old, new, common)
             if size > common:
@@ -288,6 +292,9 @@ def _refresh_ranges(src: int, dst: int, name: str, copy_map: list[btrfs.Extent] 
             for start, end in _aligned(changed, block, size):
                 fcntl.ioctl(d, FICLONERANGE, CLONE_RANGE.pack(s, start, end - start, start))
             now = os.fstat(s)
+            if (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                    first.st_size, first.st_mtime_ns, first.st_ctime_ns):
+                raise OSError(errno.EAGAIN, f"{name} was written during its refresh")
             _attrs(d, now)
             return now
         finally:
