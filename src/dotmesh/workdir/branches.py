@@ -504,7 +504,7 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _se
             earlier = kept.earlier_copy(home, dot, home.head(dot, home.branch(dot)))
             pre = cow.prepare_copy(working_set(home, dot), into, earlier)
 
-        def settle() -> None:  # only before a freeze that stops writers
+        def settle() -> None:  # run by the freezer just before it stops writers, if any
             if pre is not None and pre.ahead is not None:
                 pre.ahead()
             _quiet_disk(home.dot_dir(dot))
