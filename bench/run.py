@@ -111,10 +111,10 @@ class LoopFs:
     The device reads and writes its image with direct I/O, as ``dm pool create`` sets its
     own up and as a disk behaves: buffered, every byte is cached twice (by the filesystem
     and as the image file's pages), and this VM pages out memory left untouched for about
-    60 s (DAMON's ``pageout`` scheme, /sys/kernel/mm/damon). Buffered, a chain of 1% commits
-    on btrfs (in process, 2 GiB) went from 0.4-0.6 s to 1.0-1.3 s after its ninth, the
-    pack's fsync from 40 to 230-290 ms, twice at the same point; with direct I/O, 14
-    commits stayed at 0.39-0.62 s (fsync 21-36 ms): likely the image's pages paged out."""
+    60 s (DAMON's ``pageout`` scheme, /sys/kernel/mm/damon). Buffered, chains of 1% commits
+    on btrfs (in process, 2 GiB) went from 0.4-0.6 s to 0.9-1.5 s after their 6th to 10th,
+    the pack's fsync from 21-49 to 190-360 ms; with direct I/O, 14 commits stayed at
+    0.39-0.62 s (fsync 21-36 ms): likely the image's pages paged out (bench/README.md)."""
 
     def __init__(self, work: Path, size: int, name: str, fstype: str = "btrfs") -> None:
         self.image, self.mnt = work / f"{name}.img", work / name
