@@ -114,7 +114,7 @@ class LoopFs:
     60 s (DAMON's ``pageout`` scheme, /sys/kernel/mm/damon). Buffered, chains of 1% commits
     on btrfs (in process, 2 GiB) went from 0.4-0.6 s to 0.9-1.5 s after their 6th to 10th,
     the pack's fsync from 21-49 to 190-360 ms; with direct I/O, 14 commits stayed at
-    0.39-0.62 s (fsync 21-36 ms): likely the image's pages paged out (bench/README.md)."""
+    0.39-0.62 s (fsync 21-36 ms), and so did a buffered chain with DAMON off (bench/README.md)."""
 
     def __init__(self, work: Path, size: int, name: str, fstype: str = "btrfs") -> None:
         self.image, self.mnt = work / f"{name}.img", work / name
