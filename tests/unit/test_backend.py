@@ -542,10 +542,10 @@ def test_a_childs_error_is_raised_here_as_it_was() -> None:
     import errno
 
     from dotmesh.errors import InternalError, OutOfSpace
-    from dotmesh.workdir import restore
+    from dotmesh.workdir import forked
 
     def again(e: BaseException) -> BaseException:
-        return restore._rebuilt(*restore._portable(e))
+        return forked.rebuilt(*forked.portable(e))
 
     full = again(OSError(errno.ENOSPC, "No space left on device", "/x/f"))
     assert isinstance(full, OSError) and (full.errno, full.filename) == (errno.ENOSPC, "/x/f")

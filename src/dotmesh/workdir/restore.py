@@ -27,25 +27,23 @@ import errno
 import mmap
 import os
 import shutil
-import signal
-import socket
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, cast
 
-from dotmesh.errors import Conflict, Corrupt, DotmeshError, InternalError, NotFound
+from dotmesh.errors import Conflict, Corrupt, NotFound
 from dotmesh.heap import no_cycle_gc, private_buffer
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
 from dotmesh.store.packs import RECORD, Location, PackStore, location
+from dotmesh.workdir import forked
 from dotmesh.workdir.snapshot import WORKERS, run_all
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
 
     from dotmesh.meta.index import Row
 
@@ -55,7 +53,6 @@ FORK_MIN = 64 << 20  # bytes a build writes from here on which its files go to c
 # ... up to this many objects: each child ends up with its own copy of most pages holding the
 # plan (reference counts change as it reads), some 40 MB a GiB of 8 KiB blocks
 FORK_MAX_OBJECTS = 1 << 20
-_PR_SET_PDEATHSIG = 1
 _IS_ROOT = os.geteuid() == 0
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has loaded
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
@@ -734,169 +731,31 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
 def _run_forked(one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
                 batches: list[list[_File]], w: _Writer
                 ) -> list[list[tuple[_File, int, os.stat_result]]]:
-    """``one`` over ``batches`` in WORKERS child processes, each handed the next batch as it
-    finishes one: a child slowed by its files (the kernel's inode allocation can cost
-    seconds in a folder whose neighbours were just deleted) leaves the rest to the others.
-
-    Threads of one process pass the GIL to each other at every block (zstd and BLAKE3
-    release it for each 8 KiB): a second thread bought a build 12%, a process has a GIL of
-    its own (bench/README.md). The children only read packs through descriptors opened
-    here, write files and report; they die with this process, and any error of theirs is
-    raised here, once every child has ended."""
-    from multiprocessing.connection import Connection
-    from multiprocessing.connection import wait as wait_any
-
+    """``one`` over ``batches`` in WORKERS child processes (:mod:`forked`), each handed the
+    next batch as it finishes one: a child slowed by its files (the kernel's inode
+    allocation can cost seconds in a folder whose neighbours were just deleted) leaves the
+    rest to the others. The children read packs through descriptors opened here, write
+    files and report each file's stat; the tree's order is close to the packs'."""
     w.store.open_packs(w.packs())
-    parent = os.getpid()
-    children: dict[Connection, int] = {}
     results: list[list[tuple[_File, int, os.stat_result]]] = []
-    failure: BaseException | None = None
-    queue = iter(range(len(batches)))  # in the tree's order, which is close to the packs'
-    try:
-        for _ in range(min(WORKERS, len(batches))):
-            try:
-                conn = _fork_child(children, parent, batches, one, w)
-            except OSError as e:  # no memory or no process to spare: threads will do
-                if e.errno not in (errno.ENOMEM, errno.EAGAIN):
-                    raise
-                break
-            _hand(conn, next(queue, None))
-        if not children:
-            return run_all(one, batches)
-        live = list(children)
-        while live:
-            for c in wait_any(live):
-                assert isinstance(c, Connection)
-                try:
-                    kind, value = c.recv()
-                except EOFError:
-                    live.remove(c)
-                    c.close()
-                    continue
-                if kind == "p" and w.progress:
-                    w.progress(value)
-                elif kind == "done":
-                    i, got = value
-                    results.append([(batches[i][j], n, st) for j, n, st in got])
-                    _hand(c, next(queue, None) if failure is None else None)
-                elif kind == "error" and failure is None:
-                    failure = _rebuilt(*value)
-    except BaseException:
-        for pid in children.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        raise
-    finally:
-        codes = [_reap(pid) for pid in children.values()]
-    if failure is not None:
-        raise failure
-    if any(codes) or sum(len(x) for x in results) != sum(len(b) for b in batches):
+    progress = w.progress
+
+    def setup(link: forked.Link) -> None:
+        if w.progress:
+            w.progress = link.progress
+
+    def written(i: int) -> list[tuple[int, int, os.stat_result]]:
+        return [(j, n, st) for j, (_, n, st) in enumerate(one(batches[i]))]
+
+    def done(i: int, got: list[tuple[int, int, os.stat_result]]) -> None:
+        results.append([(batches[i][j], n, st) for j, n, st in got])
+
+    if not forked.run(range(len(batches)), written, done, workers=WORKERS,
+                      what="writing files", progress=progress, setup=setup):
+        return run_all(one, batches)
+    if sum(len(x) for x in results) != sum(len(b) for b in batches):
         raise OSError(errno.EIO, "a process writing files ended without finishing them")
     return results
-
-
-def _hand(conn: Connection, batch: int | None) -> None:
-    """Give a child its next batch (None: no more). One that died meanwhile is seen as its
-    connection ends, and what it did not finish fails the build."""
-    try:
-        conn.send(batch)
-    except OSError:
-        pass
-
-
-_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-
-
-def _fork_child(children: dict[Connection, int], parent: int, batches: list[list[_File]],
-                one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
-                w: _Writer) -> Connection:
-    """Start one child, noted in ``children`` (its connection: its pid); returned is the
-    connection, on which it waits for its first batch. The signals a Ctrl-C or a forwarding
-    daemon sends are held back from the fork until the child is noted, and the child takes
-    them with their default action: no exception can unwind a child into its parent's
-    code, and no child goes unnoted."""
-    from multiprocessing.connection import Connection
-
-    mine, theirs = socket.socketpair()
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                for signum in _STOPPING:
-                    signal.signal(signum, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                mine.close()
-                _child(Connection(theirs.detach()), parent, batches, one, w)
-            finally:
-                os._exit(1)
-        conn = Connection(mine.detach())
-        children[conn] = pid
-        return conn
-    except BaseException:
-        mine.close()
-        raise
-    finally:
-        theirs.close()
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _reap(pid: int) -> int:
-    """A child's wait status; 0 when a parent of ours set SIGCHLD to be ignored (the kernel
-    reaped it: whether it finished is told by what it sent)."""
-    try:
-        return os.waitpid(pid, 0)[1]
-    except ChildProcessError:
-        return 0
-
-
-def _child(conn: Connection, parent: int, batches: list[list[_File]],
-           one: Callable[[list[_File]], list[tuple[_File, int, os.stat_result]]],
-           w: _Writer) -> NoReturn:
-    """A child of :func:`_run_forked`: ends with ``os._exit`` (nothing of the parent's, its
-    index connection included, is closed or flushed here)."""
-    code = 0
-    try:
-        if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-            raise OSError(ctypes.get_errno(), "a writing process cannot be tied to its parent")
-        if os.getppid() != parent:  # the parent died before the line above
-            os._exit(1)
-        if w.progress:
-            w.progress = lambda n: conn.send(("p", n))
-        while (i := conn.recv()) is not None:  # the parent's next batch, None when done
-            conn.send(("done", (i, [(j, n, st) for j, (_, n, st) in enumerate(one(batches[i]))])))
-    except BaseException as e:  # reported to the parent, which raises it
-        code = 1
-        try:
-            conn.send(("error", _portable(e)))
-        except BaseException:
-            pass
-    os._exit(code)
-
-
-def _portable(e: BaseException) -> tuple[str, object, str]:
-    """An error as (kind, detail, message), rebuilt by :func:`_rebuilt` in the parent."""
-    if isinstance(e, OSError):
-        return "os", (e.errno, e.strerror, e.filename), str(e)
-    if isinstance(e, DotmeshError):
-        return "dm", type(e).__name__, str(e)
-    return "other", type(e).__name__, str(e)
-
-
-def _rebuilt(kind: str, detail: object, message: str) -> BaseException:
-    if kind == "os" and isinstance(detail, tuple):
-        no, why, name = detail
-        return OSError(no, why, name) if name is not None else OSError(no, why)
-    if kind == "dm":
-        kinds: list[type[DotmeshError]] = [DotmeshError]
-        while kinds:  # the class of that name (every one takes a message)
-            cls = kinds.pop()
-            if cls.__name__ == detail:
-                return cls(message)
-            kinds.extend(cls.__subclasses__())
-    return InternalError(f"writing files failed: {detail}: {message}")
 
 
 def _batches(groups: Iterable[list[_File]], files: int = 64,
