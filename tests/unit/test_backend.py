@@ -486,6 +486,169 @@ def test_a_damaged_index_row_fails_a_split_build_in_its_child(
     _all_reaped(forks)
 
 
+def _commit_set(top: Path) -> None:
+    """Files of every kind a commit cuts: small ones (one a copy of another), one cut by
+    CDC, and paged ones (the same twice) with repeated and zero blocks."""
+    import random
+
+    rng = random.Random(7)
+    (top / "small").mkdir(parents=True)
+    for i in range(40):
+        (top / "small" / f"f{i}").write_bytes(rng.randbytes(500 + 97 * i))
+    (top / "small" / "copy").write_bytes((top / "small" / "f3").read_bytes())
+    (top / "dump").write_bytes(rng.randbytes(300_000))
+    for i in range(5):  # cut by CDC, read in batches
+        (top / f"medium{i}").write_bytes(rng.randbytes(70_000 + 11_111 * i))
+    page = rng.randbytes(8192)
+    db = rng.randbytes(8192 * 40) + page * 10 + bytes(8192 * 5) + rng.randbytes(8192 * 20)
+    (top / "db").write_bytes(db)
+    (top / "db2").write_bytes(db)
+
+
+def _records(store: PackStore) -> list[bytes]:
+    """The ids of every record in the store's packs, read from the files."""
+    from dotmesh.store.packs import scan_pack
+
+    return [r[0] for p in sorted(store.dir.glob("*.pack")) for r in scan_pack(p).records]
+
+
+def test_a_commit_split_across_processes_is_exact_and_stores_each_chunk_once(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read by child processes, a commit gives the ids a commit on threads gives, its
+    second commit too (with previous versions, and a paged file made small), and no chunk
+    is written twice, though both children meet the repeated ones."""
+    import threading
+
+    from dotmesh.store import chunker
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    _commit_set(folder)
+    monkeypatch.setattr(chunker, "SEGMENT", 256 * 1024)  # several jobs per paged file
+    monkeypatch.setattr(scan, "MEDIUM_FILE", 128 * 1024)  # two to a batch
+    monkeypatch.setattr(scan, "_tls", threading.local())  # buffers of that size, for now
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
+    seen: list[int] = []
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {}, seen.append)
+    writer.flush()
+    assert len(forks) == scan.WORKERS
+    ids = _records(store)
+    assert len(ids) == len(set(ids)) == writer.objects_written == store.count()
+    assert sum(seen) == first.bytes_read == sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    with open(folder / "db", "r+b") as f:  # pages changed, and a big file made small
+        f.seek(8192 * 3)
+        f.write(os.urandom(8192 * 2))
+    (folder / "db2").write_bytes(b"now small")
+    second = scan.snapshot(folder, store, writer, first.cache)
+    writer.flush()
+    assert len(forks) == 2 * scan.WORKERS
+
+    monkeypatch.setattr(scan, "FORK_MIN", 1 << 60)
+    (tmp_path / "other").mkdir()
+    other = PackStore(tmp_path / "other", connect(tmp_path / "other" / "meta.db"))
+    try:
+        w = other.writer()
+        threaded = scan.snapshot(folder, other, w, {})
+        w.flush()
+        assert second.root.tree == threaded.root.tree
+        assert sorted(_records(other)) == sorted(set(_records(other)))
+    finally:
+        other.close()
+    aside = tmp_path / "aside"
+    PLAIN.build_aside(aside, store, second.root, Policy())
+    assert _files(aside) == _files(folder)
+    ids = _records(store)
+    assert len(ids) == len(set(ids))
+    _all_reaped(forks)
+
+
+def test_a_failed_read_in_a_reading_process_fails_the_commit_here(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    _commit_set(folder)
+    real = scan._read_small
+
+    def failing(path: str, into: memoryview) -> int:
+        if os.getpid() != parent and path.endswith("medium2"):
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real(path, into)
+
+    parent = os.getpid()
+    monkeypatch.setattr(scan, "_read_small", failing)
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
+    with pytest.raises(OSError, match="Input/output error") as got:
+        scan.snapshot(folder, store, store.writer(), {})
+    assert got.value.errno == errno.EIO and got.value.filename == str(folder / "medium2")
+    assert len(forks) == scan.WORKERS
+    _all_reaped(forks)
+
+
+def test_a_full_disk_in_a_reading_process_gives_every_pack_back(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from dotmesh.errors import OutOfSpace
+    from dotmesh.store import packs
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    _commit_set(folder)
+    before = {p.name for p in store.dir.iterdir()}
+
+    def full(self: packs.PackFiller, iov: list[bytes], at: int) -> None:
+        if iov:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packs.PackFiller, "_write", full)
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    forks = _noting_forks(monkeypatch)
+    writer = store.writer()
+    with pytest.raises(OutOfSpace, match="no space left in"):
+        scan.snapshot(folder, store, writer, {})
+    assert len(forks) == scan.WORKERS
+    assert {p.name for p in store.dir.iterdir()} == before  # the lent packs are gone
+    with pytest.raises(OutOfSpace):  # the writer refuses further work
+        writer.flush()
+    _all_reaped(forks)
+
+
+@pytest.mark.parametrize("how", ["fork refused", "SIGCHLD ignored"])
+def test_a_split_commit_copes_with_its_process_table(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    import errno
+    import signal
+
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    _commit_set(folder)
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    if how == "fork refused":
+        def refuse() -> int:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        monkeypatch.setattr(os, "fork", refuse)
+    else:
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    writer = store.writer()
+    try:
+        result = scan.snapshot(folder, store, writer, {})
+        writer.flush()
+    finally:
+        if how != "fork refused":
+            signal.signal(signal.SIGCHLD, previous)
+    PLAIN.build_aside(tmp_path / "aside", store, result.root, Policy())
+    assert _files(tmp_path / "aside") == _files(folder)
+
+
 _KILLED_BUILD = r"""
 import os, sys, time
 from pathlib import Path
@@ -596,6 +759,7 @@ def test_a_failed_read_leaves_nothing_of_its_snapshot_running(
     folder.mkdir()
     for i in range(8):  # big files that are not paged: one job each
         (folder / f"big{i}").write_bytes(os.urandom(chunker.SMALL_FILE + 4097))
+    monkeypatch.setattr(scan, "MEDIUM_FILE", chunker.SMALL_FILE)  # (not read in batches)
     events: list[str] = []
     lock = threading.Lock()
     real_cdc = chunker.chunk_cdc

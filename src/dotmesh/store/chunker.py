@@ -304,8 +304,7 @@ def chunk_cdc(fd: int, buf: Buffer, known: frozenset[bytes], missing: Missing,
         got = read_exact(fd, buf, len(buf), pos)
         if got == 0:
             return
-        view = memoryview(buf)[:got]
-        cuts = [(c.offset, c.length) for c in CDC.cut_buf(view)]
+        cuts = cdc_cuts(memoryview(buf)[:got])
         at_end = got < len(buf)
         if not at_end and len(cuts) > 1:
             cuts.pop()
@@ -314,6 +313,11 @@ def chunk_cdc(fd: int, buf: Buffer, known: frozenset[bytes], missing: Missing,
         pos += cuts[-1][0] + cuts[-1][1]
         if at_end:
             return
+
+
+def cdc_cuts(data: memoryview) -> list[tuple[int, int]]:
+    """Where FastCDC cuts ``data``: (offset, length) of each chunk."""
+    return [(c.offset, c.length) for c in CDC.cut_buf(data)]
 
 
 def chunk_files(buf: memoryview, offsets: list[int], lengths: list[int],

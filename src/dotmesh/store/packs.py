@@ -470,19 +470,51 @@ class PackWriter:
         # fsyncs of full packs, in the background: each thread and the error it met
         self._syncing: list[tuple[threading.Thread, list[BaseException]]] = []
         self._failed: BaseException | None = None
+        self._lent: dict[int, int] = {}  # packs lent to workers and not synced yet: their fds
         self.bytes_written = 0
         self.objects_written = 0
         self._lock = threading.Lock()  # workers add chunks from several threads
 
     def _open(self) -> None:
+        self._fd, self._pack_id = self._new_pack()
+        self._pos = len(PACK_MAGIC)
+
+    def _new_pack(self) -> tuple[int, int]:
+        """Make a new pack file and its index row: (descriptor, pack id). The file is ours
+        (locked, see owned) until its rows are in."""
         name = f"{uuid.uuid4().hex}.pack"
         path = self.store.dir / name
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # ours until its rows are in (see owned)
-        self._pack_id = index.add_pack(self.store.conn, name)
-        self._files[self._pack_id] = (name, 0)
-        _write_all(self._fd, PACK_MAGIC)
-        self._pos = len(PACK_MAGIC)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pack_id = index.add_pack(self.store.conn, name)
+        self._files[pack_id] = (name, 0)
+        _write_all(fd, PACK_MAGIC)
+        return fd, pack_id
+
+    def lend(self, full: int | None) -> tuple[int, str]:
+        """A new pack for a worker in another process to fill, by name (:class:`PackFiller`):
+        made, locked and indexed here, its rows taken back by :meth:`adopt`. ``full``: the
+        pack that worker filled before, fsynced from now on in the background."""
+        with self._lock:
+            self._check()
+            try:
+                if full is not None and full in self._lent:
+                    self._sync_later(self._lent.pop(full))
+                fd, pack_id = self._new_pack()
+            except (OSError, sqlite3.OperationalError) as e:
+                raise self._fail(e) from None
+            self._lent[pack_id] = fd
+            return pack_id, self._files[pack_id][0]
+
+    def adopt(self, rows: dict[ObjectId, tuple[int, int, int, int, int, int]]) -> None:
+        """Take in the records a worker wrote into lent packs (as :meth:`add_many` notes its
+        own); they are made durable and indexed by :meth:`flush` like those."""
+        with self._lock:
+            for oid, rec in rows.items():
+                if oid not in self._pending and rec[1] in self._files:
+                    self._pending[oid] = rec
+                    self.bytes_written += RECORD.size + rec[3]
+                    self.objects_written += 1
 
     def __contains__(self, oid: object) -> bool:
         return oid in self._pending
@@ -543,6 +575,12 @@ class PackWriter:
             except OSError as e:
                 raise self._fail(e) from None
 
+    def give_back(self, e: OSError) -> BaseException:
+        """A worker that wrote into lent packs met ``e`` (a full disk): give back every
+        unindexed byte, as a failed write here does; returns the error to raise."""
+        with self._lock:
+            return self._fail(e)
+
     def _check(self) -> None:
         if self._failed is not None:
             raise OutOfSpace(str(self._failed)) if isinstance(self._failed, OutOfSpace) \
@@ -582,6 +620,8 @@ class PackWriter:
         if self._fd >= 0:
             self._held.append(self._fd)
             self._fd = -1
+        self._held.extend(self._lent.values())
+        self._lent.clear()
         self._release()
 
     def _synced(self) -> None:
@@ -625,19 +665,24 @@ class PackWriter:
         that add objects wait on this lock, and a 512 MiB pack's fsync took 0.3-0.4 s."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            self._held.append(fd)  # still locked: closed once its rows are in
-            failed: list[BaseException] = []
-
-            def sync() -> None:
-                try:
-                    _fsync_pack(fd, self.store.dir)
-                except BaseException as e:  # reported by flush
-                    failed.append(e)
-
-            thread = threading.Thread(target=sync, name="dm-pack-sync", daemon=True)
-            self._syncing.append((thread, failed))
-            thread.start()
+            self._sync_later(fd)
         self._open()
+
+    def _sync_later(self, fd: int) -> None:
+        """fsync a full pack in the background (:meth:`flush` waits for it); the pack stays
+        locked and open until its rows are in."""
+        self._held.append(fd)
+        failed: list[BaseException] = []
+
+        def sync() -> None:
+            try:
+                _fsync_pack(fd, self.store.dir)
+            except BaseException as e:  # reported by flush
+                failed.append(e)
+
+        thread = threading.Thread(target=sync, name="dm-pack-sync", daemon=True)
+        self._syncing.append((thread, failed))
+        thread.start()
 
     def _sync_file(self) -> None:
         fd, self._fd = self._fd, -1
@@ -653,6 +698,8 @@ class PackWriter:
         with self._lock:
             self._check()
             try:
+                for pack_id in list(self._lent):
+                    self._sync_later(self._lent.pop(pack_id))
                 if self._fd >= 0:
                     self._sync_file()
                 self._synced()
@@ -672,6 +719,68 @@ class PackWriter:
                 name, indexed = self._files[pack]
                 self._files[pack] = (name, max(indexed, end))
             self._pending.clear()
+
+
+class PackFiller:
+    """Appends records, in a worker process, to packs its parent's writer lent it
+    (:meth:`PackWriter.lend`): the parent makes, locks, fsyncs and indexes them; the worker
+    only writes, and hands back the rows of what it wrote (:meth:`rows`) for
+    :meth:`PackWriter.adopt`. The parent decides which objects are new, so no object is
+    written twice by two workers."""
+
+    def __init__(self, folder: Path, lend: Callable[[int | None], tuple[int, str]]) -> None:
+        self._folder, self._lend = folder, lend
+        self._fd = -1
+        self._pack_id = 0
+        self._pos = 0
+        self._rows: dict[ObjectId, tuple[int, int, int, int, int, int]] = {}
+
+    def add_many(self, records: list[tuple[int, ObjectId, int, bytes | memoryview, bool]]
+                 ) -> None:
+        iov: list[bytes | memoryview] = []
+        at = self._pos
+        for kind, oid, raw_len, payload, zstd in records:
+            if raw_len > MAX_SIZE[kind]:
+                raise TooLarge(f"a {KIND_NAMES[kind]} of {raw_len} bytes is over the "
+                               f"{MAX_SIZE[kind]}-byte limit of dotmesh's format "
+                               "(docs/format.md)")
+            if self._fd < 0 or self._pos > PACK_ROTATE:
+                self._write(iov, at)
+                self._next()
+                at = self._pos
+            iov.append(RECORD.pack(kind, FLAG_ZSTD if zstd else 0, oid, raw_len, len(payload)))
+            iov.append(payload)
+            offset = self._pos + RECORD.size
+            self._rows[oid] = (kind, self._pack_id, offset, len(payload), raw_len, int(zstd))
+            self._pos = offset + len(payload)
+        self._write(iov, at)
+
+    def rows(self) -> dict[ObjectId, tuple[int, int, int, int, int, int]]:
+        """The rows of what was written since the last call."""
+        rows, self._rows = self._rows, {}
+        return rows
+
+    def _next(self) -> None:
+        full = self._pack_id if self._fd >= 0 else None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._pack_id, name = self._lend(full)
+        self._fd = os.open(self._folder / name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._pos = len(PACK_MAGIC)
+
+    def _write(self, iov: list[bytes | memoryview], at: int) -> None:
+        for i in range(0, len(iov), 1024):  # IOV_MAX
+            part = iov[i:i + 1024]
+            done = os.pwritev(self._fd, part, at)
+            want = sum(len(x) for x in part)
+            if done != want:  # a short write: finish it piece by piece
+                rest = memoryview(b"".join(bytes(x) for x in part)[done:])
+                while rest:
+                    rest = rest[os.pwrite(self._fd, rest, at + done):]
+                    done = want - len(rest)
+            at += want
+        iov.clear()
 
 
 def _fsync_pack(fd: int, folder: Path) -> None:

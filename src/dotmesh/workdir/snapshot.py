@@ -8,8 +8,10 @@ Each worker thread reuses one read buffer: first-touching fresh memory is slow o
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -18,8 +20,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+from urllib.parse import quote
 
+from dotmesh.errors import InternalError
 from dotmesh.fs import btrfs, scan
 from dotmesh.fs.reflink import Stats
 from dotmesh.fs.scan import Entry
@@ -49,7 +53,8 @@ from dotmesh.model.objects import (
     paged_blocks,
 )
 from dotmesh.store import chunker
-from dotmesh.store.packs import PackStore, PackWriter, Span, compress, compress_many
+from dotmesh.store.packs import PackFiller, PackStore, PackWriter, Span, compress, compress_many
+from dotmesh.workdir import forked
 
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
@@ -57,6 +62,9 @@ WORKERS = 2
 AHEAD = 4  # folders a walk lists ahead of the one it compares with the cache
 NOT_REUSED = 1 << 62  # a "newest ctime" no folder entry's limit passes
 SMALL_BATCH = 4 << 20
+MEDIUM_FILE = 1 << 20  # files cut by CDC up to this size are read in batches ...
+MEDIUM_BATCH = 8 << 20  # ... of this many bytes (and as many files as fit a read buffer)
+FORK_MIN = 64 << 20  # bytes to read from which a commit's reads go to child processes
 # A paged file whose changed blocks (by the reference's extent maps) come to at most this is
 # patched by one job; more, and it is read segment by segment on every core.
 PATCH_LIMIT = 2 * chunker.SEGMENT
@@ -229,6 +237,11 @@ class _Sink:
         self.deferred_bytes = 0
         self.defer = defer and writer is not None
         self._lock = threading.Lock()
+        # In a worker process (_read_forked): the parent decides what is new, and new
+        # chunks go to packs it lends
+        self.parent: forked.Link | None = None
+        self.filler: PackFiller | None = None
+        self.granted: set[ObjectId] = set()  # what the parent said this process stores
 
     def pack(self, buf: memoryview, spans: Sequence[Span]
              ) -> list[tuple[bytes | memoryview, bool]]:
@@ -239,6 +252,13 @@ class _Sink:
     def missing(self, oids: list[ObjectId]) -> set[ObjectId]:
         if self.writer is None:
             return set()
+        if self.parent is not None:  # the index first, then the parent for the rest
+            lacking = self.store.missing(set(oids) - self.granted)
+            if not lacking:
+                return set()
+            need = cast(set[ObjectId], self.parent.ask("claim", lacking))
+            self.granted |= need
+            return need
         fresh = [o for o in oids if o not in self.writer]
         return self.store.missing(fresh) if fresh else set()
 
@@ -250,7 +270,9 @@ class _Sink:
                 with self._lock:
                     self.deferred.extend(later)
                     self.deferred_bytes += sum(r[2] for r in later)
-            if now:
+            if now and self.filler is not None:
+                self.filler.add_many(now)
+            elif now:
                 self.writer.add_many(now)
         return list(zip(chunks.ids, chunks.lengths, strict=True))
 
@@ -811,6 +833,9 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     if expect is not None:
         expect(sum(f.st.st_size for f in to_read))
 
+    memo_lock = threading.Lock()
+    memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]] = {}
+
     def small_job(batch: list[_File]) -> Callable[[], int]:
         def run() -> int:
             buf = _buffer()
@@ -827,16 +852,14 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 pos += got
             if not read:
                 return 0
-            known = frozenset(k for f in read for k in _previous(store, cache.get(f.rel))[0])
+            known = frozenset(k for f in read for k in (memo.get(f.rel) or _previous(
+                store, cache.get(f.rel)))[0])
             pairs = sink.take(chunker.chunk_files(view, offsets, lengths, known, sink.missing,
                                                   sink.pack))
             for f, pair in zip(read, pairs, strict=True):
                 f.parts = [[pair]]
             return pos
         return run
-
-    memo_lock = threading.Lock()
-    memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]] = {}
 
     # Blocks the reference shares, by file and by segment (each segment's job sees only its own)
     shared: dict[bytes, dict[int, frozenset[int]]] = {}
@@ -857,6 +880,33 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             if got is None:
                 got = memo[f.rel] = _previous(store, cache.get(f.rel))
             return got
+
+    def medium_job(batch: list[_File]) -> Callable[[], int]:
+        """Files cut by CDC that fit the buffer together, read side by side: one index
+        lookup for the batch, not one per file (a first commit has thousands)."""
+        def run() -> int:
+            buf = _buffer()
+            view = memoryview(buf)
+            pos = 0
+            offsets: list[int] = []
+            lengths: list[int] = []
+            counts: list[int] = []
+            for f in batch:  # (one that grew past its slot is cut: its stat changed)
+                got = _read_small(f.path, view[pos:pos + min(MEDIUM_FILE, len(buf) - pos)])
+                cuts = chunker.cdc_cuts(view[pos:pos + got]) if got else []
+                offsets.extend(pos + o for o, _ in cuts)
+                lengths.extend(n for _, n in cuts)
+                counts.append(len(cuts))
+                pos += got
+            known = frozenset(k for f in batch for k in known_for(f)[0])
+            pairs = sink.take(chunker.chunk_files(view, offsets, lengths, known, sink.missing,
+                                                  sink.pack)) if offsets else []
+            at = 0
+            for f, n in zip(batch, counts, strict=True):
+                f.parts = [pairs[at:at + n]]
+                at += n
+            return pos
+        return run
 
     def big_job(f: _File, start: int, length: int, idx: int) -> Callable[[], int]:
         def run() -> int:
@@ -915,6 +965,18 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             return got.read
         return run
 
+    def done(n: int) -> None:
+        result.bytes_read += n
+        if progress:
+            progress(n)
+
+    if (reference is None and sink.writer is not None and not sink.defer
+            and sum(f.st.st_size for f in to_read) >= FORK_MIN
+            and _read_forked(to_read, store, sink, cache, memo, known_for, small_job,
+                             medium_job, segment_jobs, big_job, done)):
+        result.files_read += len(to_read)
+        return
+
     pool = shared_pool()
     started: list[Future[Any]] = []  # every comparison and job given to the pool
 
@@ -922,28 +984,22 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
         """Every file's jobs. The extent maps of paged files are compared on the pool first
         (two maps of thousands of extents each per file: 10-50 ms, mostly the kernel's), so
         the comparisons run side by side and beside the other files' reads."""
-        small: list[_File] = []
-        small_bytes = 0
         planned: list[tuple[_File, Future[_Changes | None] | None]] = []
-        for f in to_read:
-            size = f.st.st_size
-            if size <= chunker.SMALL_FILE:
-                small.append(f)
-                small_bytes += size
-                if small_bytes >= SMALL_BATCH or len(small) >= 512:
-                    yield small_job(small)
-                    small, small_bytes = [], 0
-            elif chunker.is_paged(size):
+        for kind, files in _grouped(to_read):
+            if kind == "small":
+                yield small_job(files)
+            elif kind == "medium":
+                yield medium_job(files)
+            elif kind == "paged":
                 comparing = None
                 if reference is not None:
-                    comparing = pool.submit(reference.changes, store, f.rel, f.path)
+                    comparing = pool.submit(reference.changes, store, files[0].rel,
+                                            files[0].path)
                     started.append(comparing)
-                planned.append((f, comparing))
+                planned.append((files[0], comparing))
             else:
-                f.parts = [[]]
-                yield big_job(f, 0, size, 0)
-        if small:
-            yield small_job(small)
+                files[0].parts = [[]]
+                yield big_job(files[0], 0, files[0].st.st_size, 0)
         for f, comparing in planned:
             changes = None if comparing is None else comparing.result()
             if changes is not None and \
@@ -952,13 +1008,139 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
             else:
                 yield from segment_jobs(f)
 
-    def done(n: int) -> None:
-        result.bytes_read += n
-        if progress:
-            progress(n)
-
     run_windowed(pool, all_jobs(), started, done)
     result.files_read += len(to_read)
+
+
+def _grouped(to_read: list[_File]) -> Iterator[tuple[str, list[_File]]]:
+    """The files to read, as the jobs that read them: batches of "small" files (one chunk
+    each) and of "medium" ones (cut by CDC, read side by side), and "paged" and "whole" (cut
+    by CDC) files of their own, in the order of ``to_read``."""
+    small: list[_File] = []
+    small_bytes = 0
+    medium: list[_File] = []
+    medium_bytes = 0
+    medium_count = max(1, chunker.SEGMENT // MEDIUM_FILE)  # each has a slot that size
+    for f in to_read:
+        size = f.st.st_size
+        if size <= chunker.SMALL_FILE:
+            small.append(f)
+            small_bytes += size
+            if small_bytes >= SMALL_BATCH or len(small) >= 512:
+                yield "small", small
+                small, small_bytes = [], 0
+        elif chunker.is_paged(size):
+            yield "paged", [f]
+        elif size <= MEDIUM_FILE:
+            medium.append(f)
+            medium_bytes += size
+            if medium_bytes >= MEDIUM_BATCH or len(medium) >= medium_count:
+                yield "medium", medium
+                medium, medium_bytes = [], 0
+        else:
+            yield "whole", [f]
+    if small:
+        yield "small", small
+    if medium:
+        yield "medium", medium
+
+
+_ForkedJob = tuple[Callable[[], int], list[_File], int]  # a job, its files, its segment (or -1)
+
+
+def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
+                 memo: dict[bytes, tuple[frozenset[bytes], chunker.Previous | None]],
+                 known_for: Callable[[_File], object],
+                 small_job: Callable[[list[_File]], Callable[[], int]],
+                 medium_job: Callable[[list[_File]], Callable[[], int]],
+                 segment_jobs: Callable[[_File], list[Callable[[], int]]],
+                 big_job: Callable[[_File, int, int, int], Callable[[], int]],
+                 done: Callable[[int], None]) -> bool:
+    """:func:`_read_files`' jobs in WORKERS child processes (:mod:`forked`), each with a
+    GIL of its own: on threads, a first commit ran at 1.3-1.5 cores, the GIL passed from one
+    worker to the other at every block. Previous versions of the files are looked up here
+    first. A child looks its chunks up in the index through a read-only connection of its
+    own, asks this process to claim those the index lacks (so no chunk is stored twice:
+    what another child claimed first is that child's to store), writes what it was granted
+    into packs lent by the writer, and sends back its files' chunk lists and the rows of
+    what it wrote. False, with nothing read, when no child could be forked."""
+    writer = sink.writer
+    assert writer is not None
+    jobs: list[_ForkedJob] = []  # the longest first: files cut by CDC, then paged ones
+    cdc: list[_ForkedJob] = []
+    paged: list[_ForkedJob] = []
+    for kind, files in _grouped(to_read):
+        if kind == "small":
+            for f in files:
+                old = cache.get(f.rel)
+                if old is not None and old[5] & CHUNKED:  # its chunks' list is in the store
+                    memo[f.rel] = _previous(store, old)
+            jobs.append((small_job(files), files, -1))
+            continue
+        for f in files:
+            known_for(f)
+        if kind == "medium":
+            jobs.append((medium_job(files), files, -1))
+        elif kind == "paged":
+            paged.extend((job, files, i) for i, job in enumerate(segment_jobs(files[0])))
+        else:
+            files[0].parts = [[]]
+            cdc.append((big_job(files[0], 0, files[0].st.st_size, 0), files, 0))
+    cdc.sort(key=lambda j: -j[1][0].st.st_size)
+    jobs = cdc + paged + jobs
+    # Told to a child as new, so stored by that child; and what this writer holds unindexed
+    claimed: set[ObjectId] = set(writer.ids())
+    index_file = store.conn.execute("PRAGMA database_list").fetchone()[2]
+
+    def answer(kind: str, value: object) -> object:
+        if kind == "claim":  # ids the index lacks: those no one else claimed are the asker's
+            need = cast(set[ObjectId], value) - claimed
+            claimed.update(need)
+            return need
+        if kind == "pack":
+            return writer.lend(cast("int | None", value))
+        raise InternalError(f"a reading process asked {kind!r}")
+
+    def setup(link: forked.Link) -> None:
+        # A connection of its own, read-only (one made before a fork must not be used after)
+        store.conn = sqlite3.connect(f"file:{quote(index_file)}?mode=ro", uri=True,
+                                     timeout=30, isolation_level=None)
+        sink.parent = link
+        sink.filler = PackFiller(store.dir, lambda full: cast(
+            "tuple[int, str]", link.ask("pack", full)))
+
+    def one(k: int) -> tuple[int, list[tuple[object, ...]], dict[ObjectId, Any]]:
+        job, files, seg = jobs[k]
+        n = job()
+        if seg < 0:
+            back: list[tuple[object, ...]] = [(f.parts, f.content, f.size) for f in files]
+        else:
+            f = files[0]
+            back = [(f.parts[seg], f.fingerprints[seg] if f.fingerprints else None)]
+        assert sink.filler is not None
+        return n, back, sink.filler.rows()
+
+    def apply(k: int, got: tuple[int, list[tuple[Any, ...]], dict[ObjectId, Any]]) -> None:
+        n, back, rows = got
+        _, files, seg = jobs[k]
+        if seg < 0:
+            for f, (parts, content, size) in zip(files, back, strict=True):
+                f.parts, f.content, f.size = parts, content, size
+        else:
+            f = files[0]
+            f.parts[seg] = back[0][0]
+            if back[0][1] is not None:
+                f.fingerprints[seg] = back[0][1]
+        writer.adopt(rows)
+        done(n)
+
+    try:
+        return forked.run(range(len(jobs)), one, apply, workers=WORKERS, what="reading files",
+                          answer=answer, setup=setup)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a child's write into a lent pack
+            raise writer.give_back(e) from None
+        raise
 
 
 def _assemble(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCache,
