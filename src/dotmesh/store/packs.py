@@ -506,6 +506,14 @@ class PackWriter:
             self._lent[pack_id] = fd
             return pack_id, self._files[pack_id][0]
 
+    def sync_lent(self) -> None:
+        """The workers are done with their lent packs: start fsyncing them now, in the
+        background, rather than at :meth:`flush` (the caller has file lists and trees to
+        store meanwhile)."""
+        with self._lock:
+            for pack_id in list(self._lent):
+                self._sync_later(self._lent.pop(pack_id))
+
     def adopt(self, rows: dict[ObjectId, tuple[int, int, int, int, int, int]]) -> None:
         """Take in the records a worker wrote into lent packs (as :meth:`add_many` notes its
         own); they are made durable and indexed by :meth:`flush` like those."""

@@ -1135,8 +1135,10 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
         done(n)
 
     try:
-        return forked.run(range(len(jobs)), one, apply, workers=WORKERS, what="reading files",
-                          answer=answer, setup=setup)
+        ran = forked.run(range(len(jobs)), one, apply, workers=WORKERS, what="reading files",
+                         answer=answer, setup=setup)
+        writer.sync_lent()
+        return ran
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a child's write into a lent pack
             raise writer.give_back(e) from None
