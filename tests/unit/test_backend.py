@@ -486,12 +486,12 @@ def test_a_damaged_index_row_fails_a_split_build_in_its_child(
     _all_reaped(forks)
 
 
-def _commit_set(top: Path) -> None:
+def _commit_set(top: Path, seed: int = 7) -> None:
     """Files of every kind a commit cuts: small ones (one a copy of another), one cut by
     CDC, and paged ones (the same twice) with repeated and zero blocks."""
     import random
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
     (top / "small").mkdir(parents=True)
     for i in range(40):
         (top / "small" / f"f{i}").write_bytes(rng.randbytes(500 + 97 * i))
@@ -647,6 +647,128 @@ def test_a_split_commit_copes_with_its_process_table(
             signal.signal(signal.SIGCHLD, previous)
     PLAIN.build_aside(tmp_path / "aside", store, result.root, Policy())
     assert _files(tmp_path / "aside") == _files(folder)
+
+
+def test_subdots_read_by_processes_share_their_lent_packs(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forked read lends a pack to each child; the next read (a dot's next subdot,
+    with the same writer) lends them again from where their records end, so a commit
+    leaves no more packs than it has children, plus the writer's own."""
+    from dotmesh.workdir import snapshot as scan
+
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    roots = {}
+    writer = store.writer()
+    for seed, name in enumerate(("db", "cache", "uploads")):
+        _commit_set(tmp_path / name, seed)
+        roots[name] = scan.snapshot(tmp_path / name, store, writer, {}).root
+    writer.flush()
+    assert len(list(store.dir.glob("*.pack"))) <= scan.WORKERS + 1
+    ids = _records(store)
+    assert len(ids) == len(set(ids)) == store.count()
+    for name, root in roots.items():
+        PLAIN.build_aside(tmp_path / f"{name}-aside", store, root, Policy())
+        assert _files(tmp_path / f"{name}-aside") == _files(tmp_path / name)
+
+
+def test_a_writer_takes_back_rows_only_for_packs_it_lent(store: PackStore) -> None:
+    from dotmesh.errors import InternalError
+    from dotmesh.model.ids import object_id
+
+    writer = store.writer()
+    lent, _, _ = writer.lend(None)
+    with pytest.raises(InternalError, match=f"pack #{lent + 1}"):
+        writer.adopt({object_id(b"x"): (1, lent + 1, 8, 1, 1, 0)})
+
+
+@pytest.mark.parametrize("cap", ["files", "previous versions"])
+def test_a_plan_too_big_to_copy_on_write_is_read_on_threads(
+        tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, cap: str) -> None:
+    from dotmesh.workdir import snapshot as scan
+
+    folder = tmp_path / "set"
+    _commit_set(folder)
+    writer = store.writer()
+    first = scan.snapshot(folder, store, writer, {})
+    writer.flush()
+    for f in ("db", "dump", "medium1"):  # previous versions to look up
+        with open(folder / f, "r+b") as out:
+            out.write(b"changed")
+    monkeypatch.setattr(scan, "FORK_MIN", 0)
+    if cap == "files":
+        monkeypatch.setattr(scan, "FORK_MAX_FILES", 2)
+    else:
+        monkeypatch.setattr(scan, "FORK_MAX_PREVIOUS", 10)
+    forks = _noting_forks(monkeypatch)
+    second = scan.snapshot(folder, store, writer, first.cache)
+    writer.flush()
+    assert forks == []
+    PLAIN.build_aside(tmp_path / "aside", store, second.root, Policy())
+    assert _files(tmp_path / "aside") == _files(folder)
+
+
+def test_a_child_killed_in_a_job_fails_the_work_at_once() -> None:
+    """As the OOM killer would: the error names the signal, and the other child is stopped
+    rather than left to do the rest of the work alone."""
+    import signal
+
+    from dotmesh.workdir import forked
+
+    applied: list[int] = []
+
+    def one(k: int) -> int:
+        if k == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.1)
+        return k
+
+    with pytest.raises(OSError, match="a process reading files died, killed by SIGKILL"):
+        forked.run(range(30), one, lambda i, r: applied.append(i), workers=2,
+                   what="reading files")
+    assert len(applied) <= 2
+
+
+def test_a_child_that_dies_with_an_answer_unread_fails_the_work_plainly() -> None:
+    """Linux then resets the line (ECONNRESET) rather than ending it: that is a death too."""
+    import signal
+
+    from dotmesh.workdir import forked
+
+    links: list[forked.Link] = []
+
+    def one(k: int) -> int:
+        if k == 0:
+            links[0]._conn.send(("ask", ("x", 1)))  # asks, and dies before the answer
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)
+        return k
+
+    with pytest.raises(OSError, match="died, killed by SIGKILL"):
+        forked.run(range(6), one, lambda i, r: None, workers=2, what="reading files",
+                   answer=lambda kind, v: "yes", setup=links.append)
+
+
+def test_a_signal_the_parent_ignores_stays_ignored_in_its_children() -> None:
+    """``nohup dm commit &``: a hangup must not kill the children of a command that
+    ignores it, and so fail the command."""
+    import signal
+
+    from dotmesh.workdir import forked
+
+    def one(k: int) -> int:
+        if k == 0:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return k
+
+    was = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        got: list[int] = []
+        assert forked.run(range(4), one, lambda i, r: got.append(r), workers=2,
+                          what="reading files")
+    finally:
+        signal.signal(signal.SIGHUP, was)
+    assert sorted(got) == [0, 1, 2, 3]
 
 
 _KILLED_BUILD = r"""

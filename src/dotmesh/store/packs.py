@@ -26,7 +26,7 @@ from typing import Generic, TypeAlias, TypeVar, cast
 
 import zstandard
 
-from dotmesh.errors import Corrupt, NotFound, OutOfSpace, TooLarge
+from dotmesh.errors import Corrupt, InternalError, NotFound, OutOfSpace, TooLarge
 from dotmesh.heap import private_buffer
 from dotmesh.meta import index
 from dotmesh.model.ids import ID_LEN, ObjectId, object_id
@@ -471,6 +471,9 @@ class PackWriter:
         self._syncing: list[tuple[threading.Thread, list[BaseException]]] = []
         self._failed: BaseException | None = None
         self._lent: dict[int, int] = {}  # packs lent to workers and not synced yet: their fds
+        self._spare: dict[int, int] = {}  # ... of those, the ones to lend again: where to write
+        self._ends: dict[int, int] = {}  # ... where their adopted records end
+        self._ever_lent: set[int] = set()
         self.bytes_written = 0
         self.objects_written = 0
         self._lock = threading.Lock()  # workers add chunks from several threads
@@ -491,37 +494,52 @@ class PackWriter:
         _write_all(fd, PACK_MAGIC)
         return fd, pack_id
 
-    def lend(self, full: int | None) -> tuple[int, str]:
-        """A new pack for a worker in another process to fill, by name (:class:`PackFiller`):
-        made, locked and indexed here, its rows taken back by :meth:`adopt`. ``full``: the
-        pack that worker filled before, fsynced from now on in the background."""
+    def lend(self, full: int | None) -> tuple[int, str, int]:
+        """A pack for a worker in another process to fill, by name, from the position given
+        (:class:`PackFiller`): made, locked and indexed here, its rows taken back by
+        :meth:`adopt`. A pack an earlier batch of workers left room in is lent again (each
+        forked read would otherwise leave a pack per worker). ``full``: the pack that
+        worker filled before, fsynced from now on in the background."""
         with self._lock:
             self._check()
             try:
                 if full is not None and full in self._lent:
                     self._sync_later(self._lent.pop(full))
-                fd, pack_id = self._new_pack()
+                if self._spare:
+                    pack_id, end = self._spare.popitem()
+                else:
+                    fd, pack_id = self._new_pack()
+                    self._lent[pack_id] = fd
+                    self._ever_lent.add(pack_id)
+                    end = len(PACK_MAGIC)
             except (OSError, sqlite3.OperationalError) as e:
                 raise self._fail(e) from None
-            self._lent[pack_id] = fd
-            return pack_id, self._files[pack_id][0]
+            self._ends[pack_id] = end
+            return pack_id, self._files[pack_id][0], end
 
-    def sync_lent(self) -> None:
-        """The workers are done with their lent packs: start fsyncing them now, in the
-        background, rather than at :meth:`flush` (the caller has file lists and trees to
-        store meanwhile)."""
+    def settle_lent(self) -> None:
+        """The workers are done and every record they wrote is adopted: the packs they hold
+        can be lent again from where their records end, and are fsynced meanwhile, in the
+        background (:meth:`flush` syncs them once more, quickly, and waits)."""
         with self._lock:
-            for pack_id in list(self._lent):
-                self._sync_later(self._lent.pop(pack_id))
+            for pack_id, fd in self._lent.items():
+                if self._ends.get(pack_id, PACK_ROTATE + 1) <= PACK_ROTATE:
+                    self._spare[pack_id] = self._ends[pack_id]
+                self._sync_in_background(fd)
 
     def adopt(self, rows: dict[ObjectId, tuple[int, int, int, int, int, int]]) -> None:
         """Take in the records a worker wrote into lent packs (as :meth:`add_many` notes its
         own); they are made durable and indexed by :meth:`flush` like those."""
         with self._lock:
             for oid, rec in rows.items():
-                if oid not in self._pending and rec[1] in self._files:
+                kind, pack, offset, stored_len = rec[:4]
+                if pack not in self._ever_lent:
+                    raise InternalError(f"a worker wrote into pack #{pack}, not lent to it")
+                if pack in self._ends:
+                    self._ends[pack] = max(self._ends[pack], offset + stored_len)
+                if oid not in self._pending:
                     self._pending[oid] = rec
-                    self.bytes_written += RECORD.size + rec[3]
+                    self.bytes_written += RECORD.size + stored_len
                     self.objects_written += 1
 
     def __contains__(self, oid: object) -> bool:
@@ -630,6 +648,7 @@ class PackWriter:
             self._fd = -1
         self._held.extend(self._lent.values())
         self._lent.clear()
+        self._spare.clear()
         self._release()
 
     def _synced(self) -> None:
@@ -680,6 +699,9 @@ class PackWriter:
         """fsync a full pack in the background (:meth:`flush` waits for it); the pack stays
         locked and open until its rows are in."""
         self._held.append(fd)
+        self._sync_in_background(fd)
+
+    def _sync_in_background(self, fd: int) -> None:
         failed: list[BaseException] = []
 
         def sync() -> None:
@@ -706,6 +728,7 @@ class PackWriter:
         with self._lock:
             self._check()
             try:
+                self._spare.clear()
                 for pack_id in list(self._lent):
                     self._sync_later(self._lent.pop(pack_id))
                 if self._fd >= 0:
@@ -736,7 +759,8 @@ class PackFiller:
     :meth:`PackWriter.adopt`. The parent decides which objects are new, so no object is
     written twice by two workers."""
 
-    def __init__(self, folder: Path, lend: Callable[[int | None], tuple[int, str]]) -> None:
+    def __init__(self, folder: Path, lend: Callable[[int | None], tuple[int, str, int]]
+                 ) -> None:
         self._folder, self._lend = folder, lend
         self._fd = -1
         self._pack_id = 0
@@ -773,9 +797,8 @@ class PackFiller:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._pack_id, name = self._lend(full)
+        self._pack_id, name, self._pos = self._lend(full)
         self._fd = os.open(self._folder / name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._pos = len(PACK_MAGIC)
 
     def _write(self, iov: list[bytes | memoryview], at: int) -> None:
         for i in range(0, len(iov), 1024):  # IOV_MAX

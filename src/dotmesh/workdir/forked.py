@@ -33,7 +33,7 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """Raised in a child whose parent answered "stop": the parent met an error of its own."""
 
 
@@ -81,6 +81,7 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
     ended: set[int] = set()
     failure: BaseException | None = None
     queue = iter(range(len(jobs)))
+    busy: dict[Connection, int | None] = {}  # the job each child was last handed
     try:
         for _ in range(min(workers, len(jobs))):
             try:
@@ -89,18 +90,26 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
                 if e.errno not in (errno.ENOMEM, errno.EAGAIN):
                     raise
                 break
-            _hand(conn, next(queue, None))
+            busy[conn] = next(queue, None)
+            _hand(conn, busy[conn])
         if not children:
             return False
         live = list(children)
+        stopping = False
         while live:
+            if failure is not None and not stopping:  # what the others do is lost anyway
+                _kill_all(children)
+                stopping = True
             for c in wait_any(live):
                 assert isinstance(c, Connection)
                 try:
                     kind, value = c.recv()
-                except EOFError:
+                except (EOFError, ConnectionResetError):  # (reset: died, a message unread)
                     live.remove(c)
                     c.close()
+                    if busy.get(c) is not None and failure is None:  # died inside a job
+                        status = _reap(children[c])  # its line ends as it exits
+                        failure = OSError(errno.EIO, f"a process {what} died{_how(status)}")
                     continue
                 if kind == "p":
                     if progress is not None:
@@ -121,16 +130,13 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
                             ended.add(i)
                         except Exception as e:
                             failure = e
-                    _hand(c, next(queue, None) if failure is None else None)
+                    busy[c] = next(queue, None) if failure is None else None
+                    _hand(c, busy[c])
                 elif kind == "error" and failure is None:
                     sort, detail, message = value
                     failure = rebuilt(sort, detail, message, what)
     except BaseException:
-        for pid in children.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(children)
         raise
     finally:
         codes = [_reap(pid) for pid in children.values()]
@@ -139,6 +145,25 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
     if any(codes) or len(ended) != len(jobs):
         raise OSError(errno.EIO, f"a process {what} ended without finishing its work")
     return True
+
+
+def _how(status: int) -> str:
+    """How a child that died mid-job ended, for the error (", killed by SIGKILL")."""
+    if not os.WIFSIGNALED(status):
+        return ""
+    sig = os.WTERMSIG(status)
+    try:
+        return f", killed by {signal.Signals(sig).name}"
+    except ValueError:
+        return f", killed by signal {sig}"
+
+
+def _kill_all(children: dict[Connection, int]) -> None:
+    for pid in children.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _send(c: Connection, message: object) -> None:
@@ -169,8 +194,9 @@ def _fork_child(children: dict[Connection, int], parent: int, job: _Run[J, R]) -
         pid = os.fork()
         if pid == 0:
             try:
-                for signum in _STOPPING:
-                    signal.signal(signum, signal.SIG_DFL)
+                for signum in _STOPPING:  # (one the parent ignores stays ignored)
+                    if signal.getsignal(signum) != signal.SIG_IGN:
+                        signal.signal(signum, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 mine.close()
                 _child(Connection(theirs.detach()), parent, job)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import sqlite3
 import stat
 import threading
 import time
@@ -21,7 +20,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import quote
 
 from dotmesh.errors import InternalError
 from dotmesh.fs import btrfs, scan
@@ -64,7 +62,11 @@ NOT_REUSED = 1 << 62  # a "newest ctime" no folder entry's limit passes
 SMALL_BATCH = 4 << 20
 MEDIUM_FILE = 1 << 20  # files cut by CDC up to this size are read in batches ...
 MEDIUM_BATCH = 8 << 20  # ... of this many bytes (and as many files as fit a read buffer)
-FORK_MIN = 64 << 20  # bytes to read from which a commit's reads go to child processes
+FORK_MIN = 64 << 20  # bytes to read from which a commit's reads go to child processes ...
+# ... up to this many files, and this many chunk ids of their previous versions: each child
+# ends up with its own copy of most pages holding them (about 0.75 KB a file)
+FORK_MAX_FILES = 100_000
+FORK_MAX_PREVIOUS = 1 << 20
 # A paged file whose changed blocks (by the reference's extent maps) come to at most this is
 # patched by one job; more, and it is read segment by segment on every core.
 PATCH_LIMIT = 2 * chunker.SEGMENT
@@ -252,11 +254,11 @@ class _Sink:
     def missing(self, oids: list[ObjectId]) -> set[ObjectId]:
         if self.writer is None:
             return set()
-        if self.parent is not None:  # the index first, then the parent for the rest
-            lacking = self.store.missing(set(oids) - self.granted)
-            if not lacking:
+        if self.parent is not None:  # the parent decides (and tells no other child so)
+            unknown = set(oids) - self.granted
+            if not unknown:
                 return set()
-            need = cast(set[ObjectId], self.parent.ask("claim", lacking))
+            need = cast(set[ObjectId], self.parent.ask("missing", unknown))
             self.granted |= need
             return need
         fresh = [o for o in oids if o not in self.writer]
@@ -972,6 +974,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
 
     if (reference is None and sink.writer is not None and not sink.defer
             and sum(f.st.st_size for f in to_read) >= FORK_MIN
+            and len(to_read) <= FORK_MAX_FILES
             and _read_forked(to_read, store, sink, cache, memo, known_for, small_job,
                              medium_job, segment_jobs, big_job, done)):
         result.files_read += len(to_read)
@@ -1059,11 +1062,13 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
     """:func:`_read_files`' jobs in WORKERS child processes (:mod:`forked`), each with a
     GIL of its own: on threads, a first commit ran at 1.3-1.5 cores, the GIL passed from one
     worker to the other at every block. Previous versions of the files are looked up here
-    first. A child looks its chunks up in the index through a read-only connection of its
-    own, asks this process to claim those the index lacks (so no chunk is stored twice:
-    what another child claimed first is that child's to store), writes what it was granted
-    into packs lent by the writer, and sends back its files' chunk lists and the rows of
-    what it wrote. False, with nothing read, when no child could be forked."""
+    first: children never use SQLite (a connection must not cross a fork, and a new one
+    would share this process's state of the file). A child asks this process which of its
+    chunks are new: those the index lacks and no other child was told of (so none is stored
+    twice). It writes them into packs lent by the writer, and sends back its files' chunk
+    lists and the rows of what it wrote. False, with nothing read, when no child could be
+    forked, or when the plan is too big to share by copy on write (FORK_MAX_FILES files,
+    FORK_MAX_PREVIOUS ids of previous versions)."""
     writer = sink.writer
     assert writer is not None
     jobs: list[_ForkedJob] = []  # the longest first: files cut by CDC, then paged ones
@@ -1086,15 +1091,17 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
         else:
             files[0].parts = [[]]
             cdc.append((big_job(files[0], 0, files[0].st.st_size, 0), files, 0))
+    if sum(len(known) for known, _ in memo.values()) > FORK_MAX_PREVIOUS:
+        return False
     cdc.sort(key=lambda j: -j[1][0].st.st_size)
     jobs = cdc + paged + jobs
     # Told to a child as new, so stored by that child; and what this writer holds unindexed
     claimed: set[ObjectId] = set(writer.ids())
-    index_file = store.conn.execute("PRAGMA database_list").fetchone()[2]
 
     def answer(kind: str, value: object) -> object:
-        if kind == "claim":  # ids the index lacks: those no one else claimed are the asker's
-            need = cast(set[ObjectId], value) - claimed
+        if kind == "missing":  # what no one claimed and the index lacks is the asker's
+            fresh = cast(set[ObjectId], value) - claimed
+            need = store.missing(fresh) if fresh else set()
             claimed.update(need)
             return need
         if kind == "pack":
@@ -1102,12 +1109,9 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
         raise InternalError(f"a reading process asked {kind!r}")
 
     def setup(link: forked.Link) -> None:
-        # A connection of its own, read-only (one made before a fork must not be used after)
-        store.conn = sqlite3.connect(f"file:{quote(index_file)}?mode=ro", uri=True,
-                                     timeout=30, isolation_level=None)
         sink.parent = link
         sink.filler = PackFiller(store.dir, lambda full: cast(
-            "tuple[int, str]", link.ask("pack", full)))
+            "tuple[int, str, int]", link.ask("pack", full)))
 
     def one(k: int) -> tuple[int, list[tuple[object, ...]], dict[ObjectId, Any]]:
         job, files, seg = jobs[k]
@@ -1137,7 +1141,7 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
     try:
         ran = forked.run(range(len(jobs)), one, apply, workers=WORKERS, what="reading files",
                          answer=answer, setup=setup)
-        writer.sync_lent()
+        writer.settle_lent()
         return ran
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a child's write into a lent pack
