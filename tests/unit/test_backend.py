@@ -771,6 +771,55 @@ def test_a_signal_the_parent_ignores_stays_ignored_in_its_children() -> None:
     assert sorted(got) == [0, 1, 2, 3]
 
 
+_FIFO_SWAP = r"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_backend import _commit_set
+from dotmesh.meta.db import connect
+from dotmesh.store.packs import PackStore
+from dotmesh.workdir import snapshot as scan
+from dotmesh.workdir.backend import PLAIN
+from dotmesh.workdir.restore import Policy
+root = Path(sys.argv[1])
+folder = root / "set"
+_commit_set(folder)
+victims = {str(folder / "small" / "f5"), str(folder / "medium3")}
+real = scan._read_small
+def swapped(path, into):
+    if path in victims:
+        os.unlink(path)
+        os.mkfifo(path)
+    return real(path, into)
+scan._read_small = swapped
+scan.FORK_MIN = int(sys.argv[2])
+store = PackStore(root, connect(root / "meta.db"))
+writer = store.writer()
+result = scan.snapshot(folder, store, writer, {})
+writer.flush()
+PLAIN.build_aside(root / "aside", store, result.root, Policy())
+print(result.files_read, *sorted((root / "aside" / Path(v).relative_to(folder)).stat().st_size
+                                 for v in victims))
+"""
+
+
+@pytest.mark.parametrize("forking", [False, True])
+def test_a_file_swapped_for_a_fifo_after_the_scan_is_read_as_vanished(
+        tmp_path: Path, forking: bool) -> None:
+    """Between the scan and the read, a file becomes a FIFO with no writer: opening it to
+    read must not wait for one (the commit hung for good). It is recorded as empty, as a
+    file that vanished is (run in a process of its own: a hang fails only this test)."""
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", _FIFO_SWAP, str(tmp_path),
+                          "0" if forking else str(1 << 60), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    files = len([p for p in (tmp_path / "set").rglob("*") if not p.is_dir()])
+    assert got.stdout.split() == [str(files), "0", "0"]
+
+
 _KILLED_BUILD = r"""
 import os, sys, time
 from pathlib import Path

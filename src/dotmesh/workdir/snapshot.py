@@ -1219,7 +1219,13 @@ def run_windowed(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], int]],
 
 
 def _open_file(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Open a file the scan found regular. One swapped meanwhile for something else counts
+    as vanished: opened without O_NONBLOCK, a FIFO would wait for a writer forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "no longer a regular file", path)
+    return fd
 
 
 def _read_small(path: str, into: memoryview) -> int:
