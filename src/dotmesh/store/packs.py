@@ -584,10 +584,7 @@ class PackWriter:
                 for kind, oid, raw_len, payload, zstd in records:
                     if oid in self._pending:
                         continue
-                    if raw_len > MAX_SIZE[kind]:
-                        raise TooLarge(f"a {KIND_NAMES[kind]} of {raw_len} bytes is over the "
-                                       f"{MAX_SIZE[kind]}-byte limit of dotmesh's format "
-                                       "(docs/format.md)")
+                    _check_size(kind, raw_len)
                     if self._fd < 0 or self._pos > PACK_ROTATE:
                         self._write(iov)
                         self._rotate()
@@ -775,10 +772,7 @@ class PackFiller:
         iov: list[bytes | memoryview] = []
         at = self._pos
         for kind, oid, raw_len, payload, zstd in records:
-            if raw_len > MAX_SIZE[kind]:
-                raise TooLarge(f"a {KIND_NAMES[kind]} of {raw_len} bytes is over the "
-                               f"{MAX_SIZE[kind]}-byte limit of dotmesh's format "
-                               "(docs/format.md)")
+            _check_size(kind, raw_len)
             if self._fd < 0 or self._pos > PACK_ROTATE:
                 self._write(iov, at)
                 self._next()
@@ -815,6 +809,12 @@ class PackFiller:
                     done = want - len(rest)
             at += want
         iov.clear()
+
+
+def _check_size(kind: int, raw_len: int) -> None:
+    if raw_len > MAX_SIZE[kind]:
+        raise TooLarge(f"a {KIND_NAMES[kind]} of {raw_len} bytes is over the "
+                       f"{MAX_SIZE[kind]}-byte limit of dotmesh's format (docs/format.md)")
 
 
 def _fsync_pack(fd: int, folder: Path) -> None:
