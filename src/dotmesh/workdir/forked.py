@@ -69,9 +69,11 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
     """``one`` over ``jobs`` in up to ``workers`` children; ``done(i, result)`` here as each
     job ends, in whatever order. A child runs ``setup(link)`` first (to route its questions
     and progress through ``link``); its questions are answered by ``answer`` here, between
-    results. False, with nothing run, when no child could be forked (no memory or process
-    to spare): the caller then does the work on threads. ``what``: the work, as an error
-    names it ("writing files")."""
+    results. On the first failure (an error a child reports, its death inside a job, or an
+    error of ``answer`` or ``done`` here) the other children are killed, and it is raised
+    once every child has ended. False, with nothing run, when no child could be forked (no
+    memory or process to spare): the caller then does the work on threads. ``what``: the
+    work, as an error names it ("writing files")."""
     from multiprocessing.connection import Connection
     from multiprocessing.connection import wait as wait_any
 
