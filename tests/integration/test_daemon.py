@@ -410,3 +410,43 @@ def test_start_refuses_an_open_folder_and_follows_no_symlink(dm: DM, tmp_path: P
     p = dm("daemon", "start")
     assert p.returncode != 0 and p.stderr.count("\n") == 1
     assert victim.read_text() == "precious\n"
+
+
+def test_a_dot_past_the_fork_threshold_goes_through_child_processes_and_back(
+        daemon: DM) -> None:
+    """A commit that reads, and a branch that writes, more than FORK_MIN bytes do the work
+    in child processes of the daemon's command: the same files come back, the store is
+    sound, and a second commit after a page change stores what changed."""
+    import hashlib
+    import random
+    import re
+
+    from dotmesh.workdir import restore, snapshot
+
+    assert snapshot.FORK_MIN == restore.FORK_MIN == 64 << 20  # the size chosen below
+    rng = random.Random(3)
+    daemon.ok("init", "app")
+    folder = daemon.path("app.db")
+    page = rng.randbytes(8192)
+    with open(folder / "heap", "wb") as f:  # paged: 48 MiB, some pages repeated
+        for i in range(6144):
+            f.write(page if i % 7 == 0 else rng.randbytes(8192))
+    (folder / "dump").write_bytes(rng.randbytes(20 << 20))  # cut by CDC
+    for i in range(300):  # small and medium files
+        (folder / f"u{i}").write_bytes(rng.randbytes(rng.choice((700, 90_000, 300_000))))
+    served = _served(daemon)
+    out = daemon.ok("commit", "-m", "big")
+    assert "read 302 files" in out
+    with open(folder / "heap", "r+b") as f:
+        f.seek(8192 * 100)
+        f.write(rng.randbytes(8192))
+    out = daemon.ok("commit", "-m", "a page")
+    assert re.search(r"stored \d+(\.\d+)? KiB", out), out  # the page, not the file
+    assert [c["message"] for c in json.loads(daemon.ok("log", "--json"))] == ["a page", "big"]
+    digests = {p.name: hashlib.sha256(p.read_bytes()).digest() for p in folder.iterdir()}
+    daemon.ok("checkout", "-b", "copy")
+    built = daemon.path("app.db")
+    assert {p.name: hashlib.sha256(p.read_bytes()).digest()
+            for p in built.iterdir()} == digests
+    assert json.loads(daemon.ok("fsck", "--json"))["ok"]
+    assert _served(daemon) >= served + 6
