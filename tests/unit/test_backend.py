@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -355,6 +357,26 @@ def _all_reaped(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
+@contextmanager
+def _process_table(monkeypatch: pytest.MonkeyPatch, how: str) -> Iterator[None]:
+    """No process to spare ("fork refused": the work is done on threads), or SIGCHLD
+    ignored, as a parent may leave it for us (the kernel reaps the children)."""
+    import errno
+    import signal
+
+    if how == "fork refused":
+        def refuse() -> int:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        monkeypatch.setattr(os, "fork", refuse)
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 def test_a_build_split_across_processes_is_exact_and_counted(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
@@ -624,27 +646,16 @@ def test_a_full_disk_in_a_reading_process_gives_every_pack_back(
 @pytest.mark.parametrize("how", ["fork refused", "SIGCHLD ignored"])
 def test_a_split_commit_copes_with_its_process_table(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    import errno
-    import signal
-
+    """See _process_table: either way the commit stores the folder as it is."""
     from dotmesh.workdir import snapshot as scan
 
     folder = tmp_path / "set"
     _commit_set(folder)
     monkeypatch.setattr(scan, "FORK_MIN", 0)
-    if how == "fork refused":
-        def refuse() -> int:
-            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-        monkeypatch.setattr(os, "fork", refuse)
-    else:
-        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     writer = store.writer()
-    try:
+    with _process_table(monkeypatch, how):
         result = scan.snapshot(folder, store, writer, {})
         writer.flush()
-    finally:
-        if how != "fork refused":
-            signal.signal(signal.SIGCHLD, previous)
     PLAIN.build_aside(tmp_path / "aside", store, result.root, Policy())
     assert _files(tmp_path / "aside") == _files(folder)
 
@@ -892,28 +903,14 @@ def test_a_childs_error_is_raised_here_as_it_was() -> None:
 @pytest.mark.parametrize("how", ["fork refused", "SIGCHLD ignored"])
 def test_a_split_build_copes_with_its_process_table(
         tmp_path: Path, store: PackStore, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    """No process to spare: the build is done on threads. SIGCHLD ignored (as a parent may
-    leave it for us): the kernel reaps the children, and the build still ends well."""
-    import errno
-    import os
-    import signal
-
+    """See _process_table: either way the build ends well."""
     from dotmesh.workdir import restore
 
     folder = tmp_path / "set"
     root = _stored_forking_set(folder, store)[1]
     monkeypatch.setattr(restore, "FORK_MIN", 0)
-    if how == "fork refused":
-        def refuse() -> int:
-            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-        monkeypatch.setattr(os, "fork", refuse)
-    else:
-        previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    try:
+    with _process_table(monkeypatch, how):
         result = PLAIN.build_aside(tmp_path / "aside", store, root, Policy())
-    finally:
-        if how != "fork refused":
-            signal.signal(signal.SIGCHLD, previous)
     assert _files(tmp_path / "aside") == _files(folder) and result.files_written == 20
 
 

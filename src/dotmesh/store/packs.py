@@ -526,7 +526,7 @@ class PackWriter:
         background (:meth:`flush` syncs them once more, quickly, and waits)."""
         with self._lock:
             for pack_id, fd in self._lent.items():
-                if self._ends.get(pack_id, PACK_ROTATE + 1) <= PACK_ROTATE:
+                if self._ends[pack_id] <= PACK_ROTATE:
                     self._spare[pack_id] = self._ends[pack_id]
                 self._sync_in_background(fd)
 

@@ -1,8 +1,10 @@
 """Bulk work in child processes, each with a GIL of its own.
 
 Threads of one process pass the GIL to each other at every 8 KiB block (zstd, BLAKE3 and the
-reads release it for each call): two threads bought a build 12% and ran a first commit at
-1.3-1.5 cores (bench/README.md). A child forked here sees everything its parent planned
+reads release it for each call), and a commit's threads wrote their packs one at a time under
+the writer's lock: two threads bought a build 12%, and two children bought a first commit 25%
+where the kernel's copies into new page-cache pages were half its CPU (bench/README.md). A
+child forked here sees everything its parent planned
 (copy on write), is handed job after job by index as it finishes one, may ask its parent
 questions between (the parent is the one place that decides, e.g. which chunks are new),
 and sends back each job's result, which the parent applies. Children never touch the

@@ -1060,15 +1060,17 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
                  big_job: Callable[[_File, int, int, int], Callable[[], int]],
                  done: Callable[[int], None]) -> bool:
     """:func:`_read_files`' jobs in WORKERS child processes (:mod:`forked`), each with a
-    GIL of its own: on threads, a first commit ran at 1.3-1.5 cores, the GIL passed from one
-    worker to the other at every block. Previous versions of the files are looked up here
-    first: children never use SQLite (a connection must not cross a fork, and a new one
-    would share this process's state of the file). A child asks this process which of its
-    chunks are new: those the index lacks and no other child was told of (so none is stored
-    twice). It writes them into packs lent by the writer, and sends back its files' chunk
-    lists and the rows of what it wrote. False, with nothing read, when no child could be
-    forked, or when the plan is too big to share by copy on write (FORK_MAX_FILES files,
-    FORK_MAX_PREVIOUS ids of previous versions)."""
+    GIL of its own and packs of its own to write (on threads, the pack writes, the kernel's
+    copies included, ran one at a time under the writer's lock).
+
+    Previous versions of the files are looked up here first: children never use SQLite (a
+    connection must not cross a fork, and a new one would share this process's state of
+    the file). A child asks this process which of its chunks are new: those the index lacks
+    and no other child was told of (so none is stored twice). It writes them into packs
+    lent by the writer, and sends back its files' chunk lists and the rows of what it
+    wrote. False, with nothing read, when no child could be forked, or when the plan is too
+    big to share by copy on write (FORK_MAX_FILES files, FORK_MAX_PREVIOUS ids of previous
+    versions)."""
     writer = sink.writer
     assert writer is not None
     jobs: list[_ForkedJob] = []  # the longest first: files cut by CDC, then paged ones
