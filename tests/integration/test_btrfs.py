@@ -14,7 +14,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -989,3 +991,157 @@ def test_the_disk_is_settled_before_a_freeze_only_when_there_are_writers_to_stop
         assert len(settled) == 1
     finally:
         repo.close()
+
+
+def _patch_pair(root: Path, pages: int, changed: list[int]
+                ) -> tuple[Path, Path, bytes, list[tuple[int, int]], list[btrfs.Extent]]:
+    """A working subvolume holding a paged file "db", a read-only snapshot of it (the
+    reference), ``changed`` pages rewritten, and a second snapshot (the commit's). Returns
+    the working file, the commit's copy, the reference's file list, the runs a commit reads
+    and the commit's copy's extents."""
+    from dotmesh.model.objects import FileList
+    from dotmesh.store import chunker
+
+    live = root / "live"
+    btrfs.create_subvolume(live)
+    _paged_file(live / "db", pages)
+    os.sync()
+    btrfs.snapshot(live, root / "ref", read_only=True)
+    with open(live / "db", "r+b") as f:
+        for p in changed:
+            f.seek(p * PAGE)
+            f.write(os.urandom(PAGE))
+    btrfs.snapshot(live, root / "now", read_only=True)
+    fds = [os.open(root / name / "db", os.O_RDONLY) for name in ("ref", "now")]
+    try:
+        before = chunker.chunk_paged(fds[0], 0, pages * PAGE, bytearray(chunker.SEGMENT),
+                                     frozenset(), set)
+        old, new = btrfs.file_extents(fds[0]), btrfs.file_extents(fds[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    base = FileList(tuple(zip(before.ids, before.lengths, strict=True))).encode()
+    runs = btrfs.blocks_touching(btrfs.changed_ranges(old, new, pages * PAGE), PAGE, pages)
+    return live / "db", root / "now" / "db", base, runs, new
+
+
+def test_changed_pages_come_from_the_working_file_only_while_its_extents_vouch_for_them(
+        btrfs_mount: Path) -> None:
+    """A commit on btrfs reads a snapshot's changed pages from the working file it was taken
+    of (in memory, where the snapshot's are on disk) only if, after the read, every byte read
+    still maps where it does in the snapshot: a write since, flushed or not, inside the
+    pages read refuses the read; a write elsewhere or a replaced file are told apart."""
+    from dotmesh.store import chunker
+    from dotmesh.workdir import snapshot as scan
+
+    sink = scan._Sink(cast(Any, None), None)  # nothing is stored: ids only
+
+    def expected(now: Path, base: bytes, runs: list[tuple[int, int]]) -> bytes:
+        fd = os.open(now, os.O_RDONLY)
+        try:
+            got = chunker.patch_paged(fd, now.stat().st_size, base, None, runs,
+                                      bytearray(chunker.SEGMENT), sink.missing, sink.pack)
+        finally:
+            os.close(fd)
+        assert got is not None
+        return got.filelist
+
+    def case(name: str, after: Callable[[Path], None] | None) -> chunker.Patched | None:
+        root = btrfs_mount / uuid.uuid4().hex / name
+        root.parent.mkdir()
+        root.mkdir()
+        live, now, base, runs, extents = _patch_pair(root, 64, [3, 10, 11, 40])
+        assert runs == [(3, 4), (10, 12), (40, 41)]
+        if after is not None:
+            after(live)
+        got = scan._patch_live(str(live), cast(Any, os.lstat(now)), base, None, runs,
+                               extents, sink)
+        assert got is None or got.filelist == expected(now, base, runs), name
+        return got
+
+    def write(page: int, flush: bool) -> Callable[[Path], None]:
+        def run(live: Path) -> None:
+            with open(live, "r+b") as f:
+                f.seek(page * PAGE)
+                f.write(os.urandom(PAGE))
+                if flush:
+                    f.flush()
+                    os.fsync(f.fileno())
+        return run
+
+    def replace(live: Path) -> None:
+        data = live.read_bytes()
+        live.unlink()
+        live.write_bytes(data)
+
+    assert case("untouched", None) is not None
+    assert case("written elsewhere", write(20, flush=True)) is not None
+    assert case("written inside, in memory", write(10, flush=False)) is None
+    assert case("written inside, on disk", write(40, flush=True)) is None
+    assert case("replaced", replace) is None
+
+
+def test_a_commit_reads_its_reference_ahead_once_per_changed_paged_file(
+        btrfs_mount: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before the freeze, the reference's side of each changed paged file (its list, its
+    extents) is read on the I/O pool, and the comparisons start as soon as the snapshot
+    exists: each changed file is compared once, an unchanged one never, and the commit is
+    what plain folders give."""
+    from dotmesh import api
+    from dotmesh.workdir.backend import BtrfsFolders
+    from dotmesh.workdir.snapshot import Reference
+
+    monkeypatch.setenv("DM_AUTHOR", "test")
+    based: list[bytes] = []
+    compared: list[bytes] = []
+    steps: list[object] = []  # in the command's own thread, in order
+    base, changes = Reference.base, Reference.changes
+    warm, comparing, freeze = Reference.warm, Reference.comparing, BtrfsFolders.freeze_copy
+    monkeypatch.setattr(Reference, "base",
+                        lambda self, store, rel: based.append(rel) or base(self, store, rel))
+    monkeypatch.setattr(Reference, "changes", lambda self, store, rel, path: compared.append(
+        rel) or changes(self, store, rel, path))
+
+    def warming(self: Reference, store: object, rels: Any) -> None:
+        rels = list(rels)
+        steps.extend(("warm", r) for r in rels)
+        warm(self, store, rels)  # type: ignore[arg-type]
+
+    def looking(self: Reference, store: object, rel: bytes, path: str) -> object:
+        steps.append(("started ahead" if (rel, path) in self._ahead else "late", rel))
+        return comparing(self, store, rel, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Reference, "warm", warming)
+    monkeypatch.setattr(Reference, "comparing", looking)
+    monkeypatch.setattr(BtrfsFolders, "freeze_copy",
+                        lambda *a, **k: steps.append("freeze") or freeze(*a, **k))
+    home = btrfs_mount / uuid.uuid4().hex / "home"
+    with api.Repo.open(home) as repo:
+        dot = repo.init("app")
+        db, cache = dot.path("db"), dot.path("cache")
+        _paged_file(db / "hot", 256)  # 2 MiB: from WARM_MIN
+        _paged_file(db / "idle", 256)
+        _paged_file(cache / "warm", 512)
+        time.sleep(0.2)
+        dot.commit("one")
+        assert not based and not compared  # nothing to compare with yet
+        steps.clear()
+        changed = _rewrite_pages(db / "hot", every=50) + _rewrite_pages(cache / "warm",
+                                                                        every=30, start=3)
+        second = dot.commit("two")
+    assert sorted(based) == [b"hot", b"warm"]
+    assert sorted(compared) == [b"hot", b"warm"]
+    # the reference's side is asked for before the freeze, subdot by subdot (the same
+    # order each time), and every comparison the read needs was started ahead
+    assert steps == [("warm", b"warm"), ("warm", b"hot"), "freeze",
+                     ("started ahead", b"warm"), ("started ahead", b"hot")]
+    assert second.bytes_read == changed
+    for sub, folder in (("db", db), ("cache", cache)):
+        plain = DM(tmp_path / sub)
+        plain.ok("init", "app", "--backend", "plain")
+        copy = plain.path("app")
+        copy.rmdir()
+        shutil.copytree(folder, copy, copy_function=shutil.copy2)
+        shutil.copystat(folder, copy)
+        theirs = Repo(plain.home).commit(bytes.fromhex(str(_commit(plain, "same")["id"])))
+        assert second.commit.subdots[sub].tree == theirs.subdots["__default__"].tree, sub

@@ -984,3 +984,31 @@ def test_a_long_job_does_not_hold_back_the_ones_after_it() -> None:
         run_windowed(pool, (job(i) for i in range(8)), started, ended.append, window=4)
     assert sorted(ended) == list(range(8))  # (the first would have raised TimeoutError)
     assert len(started) == 8
+
+
+def test_the_paged_files_read_ahead_are_the_largest_whose_stat_moved(tmp_path: Path) -> None:
+    """Before a freeze, only paged files the cache knows, big enough, and no longer what it
+    says (or not trusted by it) have their reference read ahead: the largest few."""
+    from dotmesh.meta.statcache import HINT_ONLY, CacheEntry
+    from dotmesh.workdir import snapshot as scan
+
+    mib = 1 << 20
+    sizes = {"a": 4 * mib, "b": 3 * mib, "c": 2 * mib, "same": 5 * mib, "hint": mib,
+             "small": mib // 2, "odd": 2 * mib + 1, "flat": 2 * mib, "gone": 6 * mib}
+    cache = {}
+    for name, size in sizes.items():
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        st = os.lstat(path)
+        entry = CacheEntry.of(size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, b"x" * 32,
+                              chunked=name != "flat")
+        if name in ("a", "b", "c", "flat", "gone", "small"):  # the file moved on since
+            entry = entry._replace(mtime_ns=entry.mtime_ns - 1)
+        if name == "hint":
+            entry = entry._replace(flags=entry.flags | HINT_ONLY)
+        cache[name.encode()] = entry
+    (tmp_path / "gone").unlink()
+    assert sorted(scan.changed_paged(tmp_path, cache)) == [b"a", b"b", b"c", b"hint"]
+    # the largest few only (of those the cache names; then whether they moved)
+    assert sorted(scan.changed_paged(tmp_path, cache, count=4)) == [b"a", b"b"]

@@ -8,6 +8,7 @@ few milliseconds, so a fork and an exec would be most of it. The structures are 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -258,6 +259,24 @@ def file_extents(fd: int) -> list[Extent]:
 _may_search = True  # until a search is refused: no CAP_SYS_ADMIN
 
 
+def flushed_extents(fd: int) -> list[Extent]:
+    """The extents of a file that may be written meanwhile, once everything written to it
+    before this call is on disk: its items in its subvolume's tree after an ``fdatasync``
+    (FIEMAP checks each extent for sharing: 90-110 ms for a 532 MiB database file with
+    thousands of extents, against a few ms). What is written during the call may or may not
+    show. FIEMAP (which flushes first too) where trees cannot be searched."""
+    global _may_search
+    if _may_search:
+        try:
+            os.fdatasync(fd)
+            return _tree_extents(fd)
+        except PermissionError:  # no CAP_SYS_ADMIN: FIEMAP from now on
+            _may_search = False
+        except (OSError, ValueError):  # not what a btrfs tree holds: FIEMAP will say
+            pass
+    return extents(fd)
+
+
 def _read_only_subvolume(fd: int) -> bool:
     info = bytearray(504)
     try:
@@ -357,6 +376,43 @@ def changed_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tupl
     # both: what may differ is what the other extents cover, less what they share.
     changed += _subtract(_merge([*_covered(old), *_covered(new)]), _merge(same))
     return [(a, min(b, size)) for a, b in _merge(changed) if a < size]
+
+
+def same_within(old: list[Extent], new: list[Extent], ranges: list[tuple[int, int]]) -> bool:
+    """Whether every byte of ``ranges`` (sorted byte ranges) maps to the same disk address in
+    both maps, or is a hole in both: what :func:`changed_ranges` would find unchanged there,
+    looking only at the extents that cover them (a few per range, found by bisection, not
+    the whole maps). An extent that cannot be trusted to tell counts as a change."""
+    old_starts = [e[0] for e in old]
+    new_starts = [e[0] for e in new]
+    for lo, hi in ranges:
+        if _pieces(old, old_starts, lo, hi) != _pieces(new, new_starts, lo, hi):
+            return False
+    return True
+
+
+def _pieces(ext: list[Extent], starts: list[int], lo: int, hi: int
+            ) -> list[tuple[int, int, int, int]] | None:
+    """The parts of ``ext`` within [lo, hi) as (start, end, start's disk address, flags),
+    parts that continue each other on disk joined (two maps may split one run of blocks
+    differently); None if any is not to be trusted."""
+    out: list[tuple[int, int, int, int]] = []
+    i = max(0, bisect.bisect_right(starts, lo) - 1)
+    while i < len(ext) and ext[i][0] < hi:
+        logical, physical, length, flags = ext[i]
+        i += 1
+        a, b = max(lo, logical), min(hi, logical + length)
+        if a >= b:
+            continue
+        if flags & _UNTRUSTED:
+            return None
+        at, kept = physical + (a - logical), flags & ~_IGNORED
+        if out and out[-1][1] == a and out[-1][2] + (a - out[-1][0]) == at \
+                and out[-1][3] == kept:
+            out[-1] = (out[-1][0], b, out[-1][2], kept)
+        else:
+            out.append((a, b, at, kept))
+    return out
 
 
 def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:

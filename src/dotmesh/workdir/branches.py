@@ -29,7 +29,7 @@ from dotmesh.workdir.backend import BACKENDS, PLAIN, FolderBackend, SnapshotBack
 if TYPE_CHECKING:
     from dotmesh.capture.changes import Changes, ChangeWatcher
     from dotmesh.workdir.restore import Policy, Prepared, RestoreResult
-    from dotmesh.workdir.snapshot import SnapshotResult
+    from dotmesh.workdir.snapshot import Reference, SnapshotResult
 
 # The restore, the scan and inotify are imported by the functions that use them, so a command
 # that only reads the store (dm version, dm log) does not load them.
@@ -488,9 +488,10 @@ def writers_stopped(settle: Settle) -> Iterator[None]:
     yield
 
 
-def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _settled
-               ) -> Frozen:
-    """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did)."""
+def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _settled,
+               before_stop: Callable[[], None] | None = None) -> Frozen:
+    """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did).
+    ``before_stop``: run last before writers are stopped, if any are."""
     ensure_folders(home, dot)
     subs = home.subdots(dot)
     staging = kept.begin(home, dot)
@@ -508,6 +509,8 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _se
             if pre is not None and pre.ahead is not None:
                 pre.ahead()
             _quiet_disk(home.dot_dir(dot))
+            if before_stop is not None:
+                before_stop()
 
         with freeze(settle):
             taken = time.time_ns()
@@ -542,19 +545,22 @@ def _quiet_disk(path: Path, rounds: int = 8, short: float = 0.005) -> None:
 
 def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
                 writer: PackWriter | None, progress: Progress | None = None,
-                cached_only: bool = False) -> DotSnapshot | None:
+                cached_only: bool = False, ahead: Ahead | None = None) -> DotSnapshot | None:
     """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
     head's kept state. ``cached_only``: None as soon as any file would have to be read (the
-    stat caches do not vouch for it): a reset then keeps the copy as it is instead."""
+    stat caches do not vouch for it): a reset then keeps the copy as it is instead.
+    ``ahead``: what :func:`look_ahead` prepared before the freeze."""
     from dotmesh.workdir import snapshot as scan
 
-    branch = home.branch(dot)
-    head = home.head(dot, branch)
-    state = kept.folder(home, dot, head)
-    before = home.commit(head) if head is not None and state is not None else None
+    if ahead is None:
+        ahead = look_ahead(home, dot, cow, frozen.subdots, warm=False)
+    for sub in frozen.subdots:  # every subdot's comparisons start before the first walk
+        reference = ahead[sub][1]
+        if reference is not None and not cached_only:
+            reference.compare_ahead(home.packs, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
     for sub in frozen.subdots:
-        cache = home.load_cache(dot, branch, sub)
+        cache, reference = ahead[sub]
         if cached_only:
             got = scan.snapshot_cached(frozen.folder(sub), home.packs, writer, cache,
                                        frozen.taken, frozen.copied[sub])
@@ -562,12 +568,6 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
                 return None
             res = got
         else:
-            reference = None
-            if before is not None and state is not None and sub in before.subdots \
-                    and kept.sub_path(state, sub).is_dir():
-                from dotmesh.workdir.snapshot import Reference
-
-                reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree)
             res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
                                reference=reference, taken_ns=frozen.taken,
                                stats=frozen.copied[sub])
@@ -575,17 +575,67 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
     return snap
 
 
+# Each subdot's stat cache and the head's kept state of it to compare with (if any)
+Ahead = dict[str, "tuple[StatCache, Reference | None]"]
+
+
+def look_ahead(home: Repo, dot: str, cow: SnapshotBackend, subs: list[str],
+               warm: bool = True) -> Ahead:
+    """Each subdot's stat cache and reference (the head's kept state of it). With ``warm``,
+    the reference's side of the comparisons of the paged files that changed is read on the
+    I/O pool meanwhile: before a freeze, it runs while the snapshot is being taken."""
+    from dotmesh.workdir.snapshot import Reference, changed_paged
+
+    branch = home.branch(dot)
+    head = home.head(dot, branch)
+    state = kept.folder(home, dot, head)
+    before = home.commit(head) if head is not None and state is not None else None
+    out: Ahead = {}
+    for sub in subs:
+        cache = home.load_cache(dot, branch, sub)
+        reference = None
+        if before is not None and state is not None and sub in before.subdots \
+                and kept.sub_path(state, sub).is_dir():
+            # a true snapshot's files are the working files' inodes: their pages in memory
+            # may be read instead, where the extents prove them unchanged
+            reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree,
+                                  live=home.stable(dot, sub) if cow.instant_copies else None)
+            if warm:
+                reference.warm(home.packs, changed_paged(home.stable(dot, sub), cache))
+        out[sub] = cache, reference
+    return out
+
+
+def _wait_ahead(ahead: Ahead) -> None:
+    """Wait until what was started ahead has ended (its results are kept)."""
+    for _, reference in ahead.values():
+        if reference is not None:
+            reference.wait()
+
+
+def _settle_ahead(ahead: Ahead) -> None:
+    for _, reference in ahead.values():
+        if reference is not None:
+            reference.settle()
+
+
 def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
                         progress: Progress | None = None,
                         freeze: Freezer = _settled) -> tuple[Path, DotSnapshot]:
     """:func:`freeze_set`, then :func:`scan_frozen`. Returns the snapshots' folder (for
     :func:`kept.keep` once the commit exists) and what they hold."""
-    frozen = freeze_set(home, dot, cow, freeze)
+    ahead = look_ahead(home, dot, cow, home.subdots(dot))
     try:
-        snap = scan_frozen(home, dot, cow, frozen, writer, progress)
-    except BaseException:
-        cow.discard(frozen.staging)
-        raise
+        # with writers to stop, what was started ahead ends first: in the freeze, the
+        # snapshot must not wait for the GIL
+        frozen = freeze_set(home, dot, cow, freeze, lambda: _wait_ahead(ahead))
+        try:
+            snap = scan_frozen(home, dot, cow, frozen, writer, progress, ahead=ahead)
+        except BaseException:
+            cow.discard(frozen.staging)
+            raise
+    finally:
+        _settle_ahead(ahead)
     assert snap is not None
     return frozen.staging, snap
 
