@@ -554,10 +554,10 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
 
     if ahead is None:
         ahead = look_ahead(home, dot, cow, frozen.subdots, warm=False)
-    for sub in frozen.subdots:  # every subdot's comparisons start before the first walk
+    for sub in frozen.subdots:  # every subdot's reads start before the first walk
         reference = ahead[sub][1]
         if reference is not None and not cached_only:
-            reference.compare_ahead(home.packs, frozen.folder(sub))
+            reference.read_ahead(home.packs, writer, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
     for sub in frozen.subdots:
         cache, reference = ahead[sub]

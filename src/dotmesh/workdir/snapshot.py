@@ -113,6 +113,9 @@ class SnapshotResult:
 # A paged file as the reference holds it: its encoded file list there, that list's
 # fingerprints, the extents of its copy in the reference's folder and that copy's size
 _Base = tuple[bytes, bytes | None, list[btrfs.Extent], int]
+# What reading a changed paged file ahead gave (Reference.read_ahead): its comparison, and
+# if it was patched, the result, the content id of its list and the stat of the file read
+_Read = tuple["_Changes | None", "tuple[chunker.Patched, ObjectId, os.stat_result] | None"]
 WARM_MIN = 1 << 20  # paged files from this size get their reference's side read ahead ...
 WARM_COUNT = 16  # ... up to this many (the largest), each holding its file list meanwhile
 
@@ -125,8 +128,8 @@ class Reference:
 
     What a comparison needs from the reference alone (the file's list, its fingerprints, its
     extents) can be read ahead, while the commit's own snapshot is being taken
-    (:meth:`warm`); and the comparisons themselves started as soon as it exists, beside the
-    walk (:meth:`compare_ahead`)."""
+    (:meth:`warm`); and the files themselves compared and read as soon as it exists, beside
+    the walk (:meth:`read_ahead`)."""
 
     folder: Path
     tree: ObjectId
@@ -136,8 +139,8 @@ class Reference:
     live: Path | None = None
     _bases: dict[bytes, Future[_Base | None]] = field(default_factory=dict, compare=False,
                                                       repr=False)
-    _ahead: dict[tuple[bytes, str], Future[_Changes | None]] = field(
-        default_factory=dict, compare=False, repr=False)
+    _ahead: dict[tuple[bytes, str], Future[_Read]] = field(default_factory=dict,
+                                                           compare=False, repr=False)
 
     def content(self, store: PackStore, rel: bytes) -> ObjectId | None:
         """The content id the file at ``rel`` has in the reference (None: no such file)."""
@@ -224,22 +227,42 @@ class Reference:
             if rel not in self._bases:
                 self._bases[rel] = pool.submit(self.base, store, rel)
 
-    def compare_ahead(self, store: PackStore, top: Path) -> None:
-        """Start the comparisons of the files :meth:`warm` was given with their copies
-        under ``top`` (a read-only snapshot: what the walk will find there), on the I/O
-        pool. Those the walk finds unchanged are not used; what they cost is the pool's
-        time during the walk."""
+    def read_ahead(self, store: PackStore, writer: PackWriter | None, top: Path) -> None:
+        """Compare the files :meth:`warm` was given with their copies under ``top`` (a
+        read-only snapshot: what the walk will find there) and, with a ``writer``, read and
+        store what changed in them, on the I/O pool, beside the walk. A file the walk then
+        finds unchanged (it was changed back before the snapshot) leaves blocks that nothing
+        names, which gc takes."""
         pool = shared_pool()
         for rel in self._bases:
             path = os.path.join(top, os.fsdecode(rel))
             if (rel, path) not in self._ahead:
-                self._ahead[rel, path] = pool.submit(self.changes, store, rel, path)
+                self._ahead[rel, path] = pool.submit(self._read_one, store, writer, rel, path)
 
-    def comparing(self, store: PackStore, rel: bytes, path: str
-                  ) -> Future[_Changes | None]:
-        """The comparison of the file at ``path`` (started ahead, or now)."""
+    def _read_one(self, store: PackStore, writer: PackWriter | None, rel: bytes, path: str
+                  ) -> _Read:
+        changes = self.changes(store, rel, path)
+        if changes is None or writer is None or not _patchable(changes):
+            return changes, None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return changes, None
+        sink = _Sink(store, writer)
+        try:
+            got = _patch(self, sink, rel, path, st, changes)
+        except FileNotFoundError:  # vanished since the scan: the walk will say so
+            return changes, None
+        if got is None:
+            return changes, None
+        return changes, (got, sink.put(KIND_FILELIST, got.filelist), st)
+
+    def comparing(self, store: PackStore, rel: bytes, path: str) -> Future[_Read]:
+        """The comparison of the file at ``path``, and its read if that was done ahead
+        (started ahead, or now)."""
         got = self._ahead.pop((rel, path), None)
-        return got if got is not None else shared_pool().submit(self.changes, store, rel, path)
+        return got if got is not None else shared_pool().submit(
+            lambda: (self.changes(store, rel, path), None))
 
     def _started(self) -> list[Future[Any]]:
         return [*self._bases.values(), *self._ahead.values()]
@@ -1043,29 +1066,23 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
         return [big_job(f, i * chunker.SEGMENT, min(chunker.SEGMENT, size - i * chunker.SEGMENT),
                         i) for i in range(n)]
 
-    def patch_job(f: _File, base: bytes, fps: bytes | None, runs: list[tuple[int, int]],
-                  extents: list[btrfs.Extent]) -> Callable[[], int]:
+    def patch_job(f: _File, changes: _Changes) -> Callable[[], int]:
         def run() -> int:
-            got = None
-            if reference is not None and reference.live is not None:
-                got = _patch_live(os.path.join(reference.live, os.fsdecode(f.rel)), f.st,
-                                  base, fps, runs, extents, sink)
-            if got is None:
-                try:
-                    fd = _open_file(f.path)
-                except FileNotFoundError:  # vanished since the scan: record it as empty
-                    return 0
-                try:
-                    got = chunker.patch_paged(fd, f.st.st_size, base, fps, runs, _buffer(),
-                                              sink.missing, sink.pack)
-                finally:
-                    os.close(fd)
+            try:
+                got = _patch(reference, sink, f.rel, f.path, f.st, changes)
+            except FileNotFoundError:  # vanished since the scan: record it as empty
+                return 0
             if got is None:  # not what the reference said: read it all, here
                 return sum(job() for job in segment_jobs(f))
-            sink.take(chunker.Chunks([], [], got.new))
             f.patched = got
             # Stored here, beside the other jobs, not by _assemble one after the other
             f.content = sink.put(KIND_FILELIST, got.filelist)
+            return got.read
+        return run
+
+    def read_job(f: _File, got: chunker.Patched, content: ObjectId) -> Callable[[], int]:
+        def run() -> int:  # read ahead (Reference.read_ahead): only counted here
+            f.patched, f.content = got, content
             return got.read
         return run
 
@@ -1089,7 +1106,7 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
         """Every file's jobs. The extent maps of paged files are compared on the pool first
         (two maps of thousands of extents each per file: 10-50 ms, mostly the kernel's), so
         the comparisons run side by side and beside the other files' reads."""
-        planned: list[tuple[_File, Future[_Changes | None] | None]] = []
+        planned: list[tuple[_File, Future[_Read] | None]] = []
         for kind, files in _grouped(to_read):
             if kind == "small":
                 yield small_job(files)
@@ -1105,10 +1122,11 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
                 files[0].parts = [[]]
                 yield big_job(files[0], 0, files[0].st.st_size, 0)
         for f, comparing in planned:
-            changes = None if comparing is None else comparing.result()
-            if changes is not None and \
-                    sum(e - s for s, e in changes[2]) * chunker.PAGE_BLOCK <= PATCH_LIMIT:
-                yield patch_job(f, *changes)
+            changes, done_ahead = (None, None) if comparing is None else comparing.result()
+            if done_ahead is not None and _same_stat(done_ahead[2], f.st):
+                yield read_job(f, done_ahead[0], done_ahead[1])
+            elif changes is not None and _patchable(changes):
+                yield patch_job(f, changes)
             else:
                 yield from segment_jobs(f)
 
@@ -1116,7 +1134,41 @@ def _read_files(to_read: list[_File], store: PackStore, sink: _Sink, cache: Stat
     result.files_read += len(to_read)
 
 
-def _patch_live(live: str, st: scan.Lstat, base: bytes, fps: bytes | None,
+def _patchable(changes: _Changes) -> bool:
+    """Is a paged file's change small enough to be read by one job (else by segments)?"""
+    return sum(e - s for s, e in changes[2]) * chunker.PAGE_BLOCK <= PATCH_LIMIT
+
+
+def _same_stat(a: os.stat_result | scan.Lstat, b: os.stat_result | scan.Lstat) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
+        b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def _patch(reference: Reference | None, sink: _Sink, rel: bytes, path: str,
+           st: os.stat_result | scan.Lstat, changes: _Changes) -> chunker.Patched | None:
+    """A paged file's new list made from ``changes`` (its reference's list and what changed)
+    by reading only the changed pages: from the working file where its extents vouch for
+    them (:func:`_patch_live`), else from the snapshot at ``path``. Its new blocks are
+    stored; None if the file is not what the reference said (then it is read whole).
+    Raises FileNotFoundError if it vanished."""
+    base, fps, runs, extents = changes
+    got = None
+    if reference is not None and reference.live is not None:
+        got = _patch_live(os.path.join(reference.live, os.fsdecode(rel)), st, base, fps, runs,
+                          extents, sink)
+    if got is None:
+        fd = _open_file(path)
+        try:
+            got = chunker.patch_paged(fd, st.st_size, base, fps, runs, _buffer(), sink.missing,
+                                      sink.pack)
+        finally:
+            os.close(fd)
+    if got is not None:
+        sink.take(chunker.Chunks([], [], got.new))
+    return got
+
+
+def _patch_live(live: str, st: os.stat_result | scan.Lstat, base: bytes, fps: bytes | None,
                 runs: list[tuple[int, int]], extents: list[btrfs.Extent], sink: _Sink
                 ) -> chunker.Patched | None:
     """:func:`chunker.patch_paged` of a snapshot's file (stat ``st``, extents ``extents``),
