@@ -379,24 +379,28 @@ def changed_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tupl
 
 
 def same_within(old: list[Extent], new: list[Extent], ranges: list[tuple[int, int]]) -> bool:
-    """Whether every byte of ``ranges`` (sorted byte ranges) maps to the same disk address in
-    both maps, or is a hole in both: what :func:`changed_ranges` would find unchanged there,
-    looking only at the extents that cover them (a few per range, found by bisection, not
-    the whole maps). An extent that cannot be trusted to tell counts as a change."""
+    """Whether every byte of ``ranges`` (sorted byte ranges) is mapped, and to the same disk
+    address in both maps, looking only at the extents that cover them (a few per range,
+    found by bisection, not the whole maps). Stricter than :func:`changed_ranges`: an
+    extent that cannot be trusted to tell (compressed, inline, not yet allocated) counts
+    as a change, and so does a hole, even in both, because a hole has no address to hold
+    on to: written, read and punched again, it looks the same before and after."""
     old_starts = [e[0] for e in old]
     new_starts = [e[0] for e in new]
     for lo, hi in ranges:
-        if _pieces(old, old_starts, lo, hi) != _pieces(new, new_starts, lo, hi):
+        mine = _pieces(old, old_starts, lo, hi)
+        if mine is None or mine != _pieces(new, new_starts, lo, hi):
             return False
     return True
 
 
 def _pieces(ext: list[Extent], starts: list[int], lo: int, hi: int
-            ) -> list[tuple[int, int, int, int]] | None:
-    """The parts of ``ext`` within [lo, hi) as (start, end, start's disk address, flags),
+            ) -> list[tuple[int, int, int]] | None:
+    """The parts of ``ext`` that cover [lo, hi), as (start, end, start's disk address),
     parts that continue each other on disk joined (two maps may split one run of blocks
-    differently); None if any is not to be trusted."""
-    out: list[tuple[int, int, int, int]] = []
+    differently); None if any is not to be trusted or any byte is not covered (a hole)."""
+    out: list[tuple[int, int, int]] = []
+    at = lo  # covered up to here
     i = max(0, bisect.bisect_right(starts, lo) - 1)
     while i < len(ext) and ext[i][0] < hi:
         logical, physical, length, flags = ext[i]
@@ -404,15 +408,15 @@ def _pieces(ext: list[Extent], starts: list[int], lo: int, hi: int
         a, b = max(lo, logical), min(hi, logical + length)
         if a >= b:
             continue
-        if flags & _UNTRUSTED:
+        if flags & _UNTRUSTED or flags & ~_IGNORED or a != at:
             return None
-        at, kept = physical + (a - logical), flags & ~_IGNORED
-        if out and out[-1][1] == a and out[-1][2] + (a - out[-1][0]) == at \
-                and out[-1][3] == kept:
-            out[-1] = (out[-1][0], b, out[-1][2], kept)
+        where = physical + (a - logical)
+        if out and out[-1][2] + (a - out[-1][0]) == where:
+            out[-1] = (out[-1][0], b, out[-1][2])
         else:
-            out.append((a, b, at, kept))
-    return out
+            out.append((a, b, where))
+        at = b
+    return out if at == hi else None
 
 
 def shared_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tuple[int, int]]:

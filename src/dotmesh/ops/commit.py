@@ -190,7 +190,8 @@ def _capture_by_snapshots(home: Repo, dot: str, cow: SnapshotBackend, writer: Pa
             yield
         timing.append(fz.ms)
 
-    staging, snap = snapshot_dot_frozen(home, dot, cow, writer, progress, freezing)
+    staging, snap = snapshot_dot_frozen(home, dot, cow, writer, progress, freezing,
+                                        quiet=not (writers or containers))
     if timing:
         _note_freeze(metadata, timing[0], [*writers, *containers])
     return staging, snap

@@ -489,9 +489,10 @@ def writers_stopped(settle: Settle) -> Iterator[None]:
 
 
 def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _settled,
-               before_stop: Callable[[], None] | None = None) -> Frozen:
+               before_settle: Callable[[], None] | None = None) -> Frozen:
     """Copy every subdot read-only inside ``freeze`` (milliseconds, whatever the writers did).
-    ``before_stop``: run last before writers are stopped, if any are."""
+    ``before_settle``: run before the disk is settled for writers to be stopped, if any
+    are."""
     ensure_folders(home, dot)
     subs = home.subdots(dot)
     staging = kept.begin(home, dot)
@@ -506,11 +507,11 @@ def freeze_set(home: Repo, dot: str, cow: SnapshotBackend, freeze: Freezer = _se
             pre = cow.prepare_copy(working_set(home, dot), into, earlier)
 
         def settle() -> None:  # run by the freezer just before it stops writers, if any
+            if before_settle is not None:
+                before_settle()
             if pre is not None and pre.ahead is not None:
                 pre.ahead()
             _quiet_disk(home.dot_dir(dot))
-            if before_stop is not None:
-                before_stop()
 
         with freeze(settle):
             taken = time.time_ns()
@@ -580,10 +581,12 @@ Ahead = dict[str, "tuple[StatCache, Reference | None]"]
 
 
 def look_ahead(home: Repo, dot: str, cow: SnapshotBackend, subs: list[str],
-               warm: bool = True) -> Ahead:
+               warm: bool = True, live: bool = False) -> Ahead:
     """Each subdot's stat cache and reference (the head's kept state of it). With ``warm``,
     the reference's side of the comparisons of the paged files that changed is read on the
-    I/O pool meanwhile: before a freeze, it runs while the snapshot is being taken."""
+    I/O pool meanwhile: before a freeze, it runs while the snapshot is being taken. With
+    ``live`` (no writer is known to run), changed pages may be read from the working files
+    (see :func:`snapshot._patch_live`)."""
     from dotmesh.workdir.snapshot import Reference, changed_paged
 
     branch = home.branch(dot)
@@ -591,18 +594,23 @@ def look_ahead(home: Repo, dot: str, cow: SnapshotBackend, subs: list[str],
     state = kept.folder(home, dot, head)
     before = home.commit(head) if head is not None and state is not None else None
     out: Ahead = {}
-    for sub in subs:
-        cache = home.load_cache(dot, branch, sub)
-        reference = None
-        if before is not None and state is not None and sub in before.subdots \
-                and kept.sub_path(state, sub).is_dir():
-            # a true snapshot's files are the working files' inodes: their pages in memory
-            # may be read instead, where the extents prove them unchanged
-            reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree,
-                                  live=home.stable(dot, sub) if cow.instant_copies else None)
-            if warm:
-                reference.warm(home.packs, changed_paged(home.stable(dot, sub), cache))
-        out[sub] = cache, reference
+    try:
+        for sub in subs:
+            cache = home.load_cache(dot, branch, sub)
+            reference = None
+            if before is not None and state is not None and sub in before.subdots \
+                    and kept.sub_path(state, sub).is_dir():
+                # a true snapshot's files are the working files' inodes: their pages in
+                # memory may be read instead, where the extents prove them unchanged
+                reference = Reference(kept.sub_path(state, sub), before.subdots[sub].tree,
+                                      live=home.stable(dot, sub)
+                                      if live and cow.instant_copies else None)
+                if warm:
+                    reference.warm(home.packs, changed_paged(home.stable(dot, sub), cache))
+            out[sub] = cache, reference
+    except BaseException:  # what a subdot before started must not outlive the command
+        _settle_ahead(out)
+        raise
     return out
 
 
@@ -620,14 +628,16 @@ def _settle_ahead(ahead: Ahead) -> None:
 
 
 def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: PackWriter,
-                        progress: Progress | None = None,
-                        freeze: Freezer = _settled) -> tuple[Path, DotSnapshot]:
+                        progress: Progress | None = None, freeze: Freezer = _settled,
+                        quiet: bool = False) -> tuple[Path, DotSnapshot]:
     """:func:`freeze_set`, then :func:`scan_frozen`. Returns the snapshots' folder (for
-    :func:`kept.keep` once the commit exists) and what they hold."""
-    ahead = look_ahead(home, dot, cow, home.subdots(dot))
+    :func:`kept.keep` once the commit exists) and what they hold. ``quiet``: no writer is
+    known to run (changed pages may then be read from the working files, which writers
+    would make a wasted read)."""
+    ahead = look_ahead(home, dot, cow, home.subdots(dot), live=quiet)
     try:
-        # with writers to stop, what was started ahead ends first: in the freeze, the
-        # snapshot must not wait for the GIL
+        # with writers to stop, what was started ahead ends before the disk is settled: in
+        # the freeze, the snapshot must not wait for the GIL
         frozen = freeze_set(home, dot, cow, freeze, lambda: _wait_ahead(ahead))
         try:
             snap = scan_frozen(home, dot, cow, frozen, writer, progress, ahead=ahead)

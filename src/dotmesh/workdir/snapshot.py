@@ -1180,11 +1180,16 @@ def _patch_live(live: str, st: os.stat_result | scan.Lstat, base: bytes, fps: by
     still maps to the disk address it has in the snapshot. A copy-on-write filesystem
     never writes in place a block a snapshot shares, and the map is made once what was
     written before it is on disk (:func:`btrfs.flushed_extents`), so a write made before
-    or during the read is somewhere else by then, and shows. (What it cannot see: the very
-    extents the snapshot holds cloned back into the file after a write and the read, which
-    nothing does while the commit holds the dot's lock.) None if the file is not the same
-    inode or any byte moved: the caller then reads the snapshot. A refused read stores
-    nothing (its blocks are stored by the caller, from the read it keeps)."""
+    or during the read is somewhere else by then, and shows. Only plain extents vouch for
+    their bytes (:func:`btrfs.same_within`): a hole has no address (written, read and
+    punched again, it looks as it did), and a compressed extent's address is not its
+    bytes'; pages there come from the snapshot. (What it cannot see: the very extents the
+    snapshot holds cloned or deduplicated back into the file between a write and this
+    look, which nothing does while the commit holds the dot's lock.) None if the file is
+    not the same inode or any byte moved: the caller then reads the snapshot. A refused
+    read stores nothing (its blocks are stored by the caller, from the read it keeps).
+    Only tried when no writer is known to run (``Reference.live``): a writer's pages
+    would mostly be refused, and the flush is paid by the app's file."""
     try:
         fd = _open_file(live)
     except OSError:
