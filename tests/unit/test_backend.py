@@ -626,7 +626,7 @@ def test_a_full_disk_in_a_reading_process_gives_every_pack_back(
     _commit_set(folder)
     before = {p.name for p in store.dir.iterdir()}
 
-    def full(self: packs.PackFiller, iov: list[bytes], at: int) -> None:
+    def full(self: packs.PackFiller, iov: list[bytes]) -> None:
         if iov:
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -758,6 +758,28 @@ def test_a_child_that_dies_with_an_answer_unread_fails_the_work_plainly() -> Non
     with pytest.raises(OSError, match="died, killed by SIGKILL"):
         forked.run(range(6), one, lambda i, r: None, workers=2, what="reading files",
                    answer=lambda kind, v: "yes", setup=links.append)
+
+
+def test_each_child_finishes_before_the_work_ends_and_a_failed_finish_fails_it(
+        tmp_path: Path) -> None:
+    """A child's ``finish`` (the reading children put their last pack bytes in the file
+    there) runs once its jobs are done and before ``run`` returns; its error fails the work
+    as a job's would."""
+    from dotmesh.workdir import forked
+
+    def finish() -> None:
+        (tmp_path / str(os.getpid())).write_text("done")
+
+    assert forked.run(range(6), lambda k: k, lambda i, r: None, workers=2,
+                      what="reading files", finish=finish)
+    assert len(list(tmp_path.iterdir())) == 2  # every child's, by the time it returned
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        forked.run(range(6), lambda k: k, lambda i, r: None, workers=2,
+                   what="reading files", finish=full)
 
 
 def test_a_signal_the_parent_ignores_stays_ignored_in_its_children() -> None:

@@ -59,27 +59,30 @@ class Link:
 
 class _Run(Generic[J, R]):
     def __init__(self, jobs: Sequence[J], one: Callable[[J], R],
-                 setup: Callable[[Link], None] | None) -> None:
-        self.jobs, self.one, self.setup = jobs, one, setup
+                 setup: Callable[[Link], None] | None,
+                 finish: Callable[[], None] | None = None) -> None:
+        self.jobs, self.one, self.setup, self.finish = jobs, one, setup, finish
 
 
 def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None], *,
         workers: int, what: str,
         answer: Callable[[str, object], object] | None = None,
         progress: Callable[[int], None] | None = None,
-        setup: Callable[[Link], None] | None = None) -> bool:
+        setup: Callable[[Link], None] | None = None,
+        finish: Callable[[], None] | None = None) -> bool:
     """``one`` over ``jobs`` in up to ``workers`` children; ``done(i, result)`` here as each
     job ends, in whatever order. A child runs ``setup(link)`` first (to route its questions
-    and progress through ``link``); its questions are answered by ``answer`` here, between
-    results. On the first failure (an error a child reports, its death inside a job, or an
-    error of ``answer`` or ``done`` here) the other children are killed, and it is raised
-    once every child has ended. False, with nothing run, when no child could be forked (no
-    memory or process to spare): the caller then does the work on threads. ``what``: the
-    work, as an error names it ("writing files")."""
+    and progress through ``link``), and ``finish()`` once it has no job left (this returns
+    only after every child has ended, so what ``finish`` does is done); its questions are
+    answered by ``answer`` here, between results. On the first failure (an error a child
+    reports, its death inside a job, or an error of ``answer`` or ``done`` here) the other
+    children are killed, and it is raised once every child has ended. False, with nothing
+    run, when no child could be forked (no memory or process to spare): the caller then does
+    the work on threads. ``what``: the work, as an error names it ("writing files")."""
     from multiprocessing.connection import Connection
     from multiprocessing.connection import wait as wait_any
 
-    job = _Run(jobs, one, setup)
+    job = _Run(jobs, one, setup, finish)
     parent = os.getpid()
     children: dict[Connection, int] = {}
     ended: set[int] = set()
@@ -239,6 +242,8 @@ def _child(conn: Connection, parent: int, job: _Run[J, R]) -> NoReturn:
             job.setup(Link(conn))
         while (i := conn.recv()) is not None:  # the parent's next job, None when done
             conn.send(("done", (i, job.one(job.jobs[i]))))
+        if job.finish is not None:  # (an error here is reported as any other)
+            job.finish()
     except BaseException as e:  # reported to the parent, which raises it
         code = 1
         try:

@@ -1338,7 +1338,8 @@ def _read_forked(to_read: list[_File], store: PackStore, sink: _Sink, cache: Sta
 
     try:
         ran = forked.run(range(len(jobs)), one, apply, workers=WORKERS, what="reading files",
-                         answer=answer, setup=setup)
+                         answer=answer, setup=setup,
+                         finish=lambda: cast(PackFiller, sink.filler).finish())
         writer.settle_lent()
         return ran
     except OSError as e:
