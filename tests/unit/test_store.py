@@ -353,12 +353,12 @@ def test_a_writers_packs_bypass_the_page_cache_and_read_back_whole(store, tmp_pa
         assert store.get(oid) == data
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_runs_are_read_whole_with_o_direct_or_without(store, monkeypatch, direct):
-    """A restore's runs of records come in with O_DIRECT (whole blocks around them, from
-    any offset), or through the page cache where O_DIRECT is refused; a truncated pack is
-    named as such either way."""
-    if not direct:
+@pytest.mark.parametrize("how", ["direct", "cached", "no O_DIRECT"])
+def test_runs_are_read_whole_from_the_cache_or_with_o_direct(store, monkeypatch, how):
+    """A restore's runs of records come from the page cache as far as it holds them, the
+    rest with O_DIRECT (whole blocks around it, from any offset), or all through the page
+    cache where O_DIRECT is refused; a truncated pack is named as such every way."""
+    if how == "no O_DIRECT":
         monkeypatch.setattr(store, "_direct_fd", lambda pack: -1)
     w = store.writer()
     rng = random.Random(8)
@@ -366,11 +366,25 @@ def test_runs_are_read_whole_with_o_direct_or_without(store, monkeypatch, direct
     ids = [w.put(KIND_CHUNK, d) for d in datas]
     w.flush()
     locs = [store.locate(oid) for oid in ids]
-    for a, b in ((0, 60), (7, 9), (13, 14), (59, 60)):
+    path = store.dir / store.pack_name(locs[0].pack)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (its last block was written so)
+    if how == "cached":
+        path.read_bytes()
+    os.close(fd)
+    direct_reads = []
+    preadv = os.preadv
+
+    def noting(fd, bufs, at, *flags):
+        if fd == store._direct.get(locs[0].pack):
+            direct_reads.append(at)
+        return preadv(fd, bufs, at, *flags)
+
+    monkeypatch.setattr(packs.os, "preadv", noting)
+    for a, b in ((0, 60), (7, 9), (13, 14), (59, 60), (30, 45)):
         run = list(zip(ids[a:b], locs[a:b], strict=True))
         assert list(store.read_run(run)) == datas[a:b]
-    assert (store._direct_fd(locs[0].pack) >= 0) is direct
-    path = store.dir / store.pack_name(locs[0].pack)
+    assert bool(direct_reads) is (how == "direct")
     os.truncate(path, locs[-1].offset + 10)
     with pytest.raises(Corrupt, match="truncated"):
         list(store.read_run([(ids[-1], locs[-1])]))
