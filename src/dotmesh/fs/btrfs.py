@@ -242,18 +242,9 @@ def file_extents(fd: int) -> list[Extent]:
     """The extents of a file as :func:`extents` maps them, read from its subvolume's tree when
     that subvolume is read-only and this process may search trees; by FIEMAP otherwise (a
     writable file's extents are only final once flushed, which FIEMAP does)."""
-    global _may_search
-    if _may_search and _read_only_subvolume(fd):
-        try:
-            # Final even if the subvolume was made read-only with writes still in memory: a
-            # file's items are in its tree only once written out (microseconds when clean)
-            os.fdatasync(fd)
-            return _tree_extents(fd)
-        except PermissionError:  # no CAP_SYS_ADMIN: FIEMAP from now on
-            _may_search = False
-        except (OSError, ValueError):  # not what a btrfs tree holds: FIEMAP will say
-            pass
-    return extents(fd)
+    # Flushed first: final even if the subvolume was made read-only with writes still in
+    # memory (a file's items are in its tree only once written out; microseconds when clean)
+    return flushed_extents(fd) if _may_search and _read_only_subvolume(fd) else extents(fd)
 
 
 _may_search = True  # until a search is refused: no CAP_SYS_ADMIN
