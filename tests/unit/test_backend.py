@@ -782,6 +782,26 @@ def test_each_child_finishes_before_the_work_ends_and_a_failed_finish_fails_it(
                    what="reading files", finish=full)
 
 
+def test_a_child_that_dies_finishing_fails_the_work_even_with_sigchld_ignored() -> None:
+    """A reading child puts its last pack bytes in the file in ``finish``, after its last
+    job: dying there must fail the work. With SIGCHLD ignored by a parent of ours (it is
+    inherited), exit codes all read 0, so the children's last word is what tells."""
+    import signal
+
+    from dotmesh.workdir import forked
+
+    def dies() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    for handler in (signal.SIG_DFL, signal.SIG_IGN):
+        was = signal.signal(signal.SIGCHLD, handler)
+        try:
+            with pytest.raises(OSError, match="ended without finishing its work"):
+                forked.run(range(4), lambda k: k, lambda i, r: None, workers=2,
+                           what="reading files", finish=dies)
+        finally:
+            signal.signal(signal.SIGCHLD, was)
+
 def test_a_signal_the_parent_ignores_stays_ignored_in_its_children() -> None:
     """``nohup dm commit &``: a hangup must not kill the children of a command that
     ignores it, and so fail the command."""

@@ -353,12 +353,12 @@ def test_a_writers_packs_bypass_the_page_cache_and_read_back_whole(store, tmp_pa
         assert store.get(oid) == data
 
 
-@pytest.mark.parametrize("how", ["direct", "cached", "no O_DIRECT"])
-def test_runs_are_read_whole_from_the_cache_or_with_o_direct(store, monkeypatch, how):
-    """A restore's runs of records come from the page cache as far as it holds them, the
-    rest with O_DIRECT (whole blocks around it, from any offset), or all through the page
-    cache where O_DIRECT is refused; a truncated pack is named as such every way."""
-    if how == "no O_DIRECT":
+@pytest.mark.parametrize("direct", [True, False])
+def test_runs_are_read_whole_with_o_direct_or_without(store, monkeypatch, direct):
+    """A restore's runs of records come in with O_DIRECT (whole blocks around them, from
+    any offset), or through the page cache where O_DIRECT is refused; a truncated pack is
+    named as such either way."""
+    if not direct:
         monkeypatch.setattr(store, "_direct_fd", lambda pack: -1)
     w = store.writer()
     rng = random.Random(8)
@@ -366,25 +366,54 @@ def test_runs_are_read_whole_from_the_cache_or_with_o_direct(store, monkeypatch,
     ids = [w.put(KIND_CHUNK, d) for d in datas]
     w.flush()
     locs = [store.locate(oid) for oid in ids]
-    path = store.dir / store.pack_name(locs[0].pack)
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (its last block was written so)
-    if how == "cached":
-        path.read_bytes()
-    os.close(fd)
-    direct_reads = []
-    preadv = os.preadv
-
-    def noting(fd, bufs, at, *flags):
-        if fd == store._direct.get(locs[0].pack):
-            direct_reads.append(at)
-        return preadv(fd, bufs, at, *flags)
-
-    monkeypatch.setattr(packs.os, "preadv", noting)
     for a, b in ((0, 60), (7, 9), (13, 14), (59, 60), (30, 45)):
         run = list(zip(ids[a:b], locs[a:b], strict=True))
         assert list(store.read_run(run)) == datas[a:b]
-    assert bool(direct_reads) is (how == "direct")
+    assert (store._direct_fd(locs[0].pack) >= 0) is direct
+    path = store.dir / store.pack_name(locs[0].pack)
     os.truncate(path, locs[-1].offset + 10)
     with pytest.raises(Corrupt, match="truncated"):
         list(store.read_run([(ids[-1], locs[-1])]))
+
+
+def test_a_drain_writes_the_whole_blocks_once_and_only_the_last_block_again(tmp_path):
+    """Reading back what a writer holds drains it each time: what was written out stays
+    written, and only the partial last block goes out again (a fetch reads back every tree
+    and file list it takes in)."""
+    path = tmp_path / "p"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    written = []
+    real = os.pwrite
+
+    def noting(fd, data, at):
+        written.append(len(data))
+        return real(fd, data, at)
+
+    try:
+        app = packs._Appender(fd, 0, b"", (packs.private_buffer(4 * packs.DIRECT_ALIGN),
+                                             packs.private_buffer(4 * packs.DIRECT_ALIGN)))
+        app.write([b"x" * (3 * packs.DIRECT_ALIGN + 100)])
+        packs.os.pwrite = noting
+        for _ in range(5):
+            app.drain()
+        app.write([b"y" * 50])
+        app.drain()
+    finally:
+        packs.os.pwrite = real
+        os.close(fd)
+    assert written == [3 * packs.DIRECT_ALIGN, 100, 100, 100, 100, 100, 150]
+    assert path.read_bytes() == b"x" * (3 * packs.DIRECT_ALIGN + 100) + b"y" * 50
+
+
+def test_a_full_disk_met_reading_back_gives_the_packs_back(store, monkeypatch):
+    w = store.writer()
+    before = set(store.dir.iterdir())
+    ids = [w.put(KIND_CHUNK, random.Random(i).randbytes(3000)) for i in range(5)]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packs._Appender, "_out", full)
+    with pytest.raises(OutOfSpace, match="no space left"):
+        w.read_pending(ids[0])
+    assert set(store.dir.iterdir()) == before

@@ -158,15 +158,6 @@ def location(row: index.Row) -> Location:
     return _location(*row)
 
 
-def _cached_part(fd: int, into: memoryview, at: int) -> int:
-    """Read into ``into`` from ``at`` only what the page cache holds, up to the first page it
-    does not (RWF_NOWAIT); how many bytes that was."""
-    try:
-        return os.preadv(fd, [into], at, os.RWF_NOWAIT)
-    except OSError:  # EAGAIN: the first page is not there; or no RWF_NOWAIT here
-        return 0
-
-
 class PackStore:
     """Reads objects by id; hands out writers. Safe to read from several threads."""
 
@@ -359,10 +350,9 @@ class PackStore:
         object comes out as bytes of its own, so the next run may reuse the buffer; a run
         started while another of the thread's is still being read out gets one of its own.
 
-        What the page cache holds of the run is read from it; the rest with O_DIRECT (whole
-        blocks around it), not through the page cache: packs are written that way (see
-        :class:`_Appender`), so they are rarely there, and on these VMs every page the cache
-        takes costs what fresh memory costs when first touched."""
+        Read with O_DIRECT (whole blocks around the run), not through the page cache: packs
+        are written that way (see :class:`_Appender`), so they are rarely there, and on these
+        VMs every page the cache takes costs what fresh memory costs when first touched."""
         first, last = run[0][1], run[-1][1]
         start, end = first.offset, last.offset + last.stored_len
         fd = self._direct_fd(first.pack)
@@ -378,18 +368,14 @@ class PackStore:
         _local.run_busy = True
         try:
             view = memoryview(buf)[:hi - lo]
-            got = start - lo  # what is in place, from ``lo``
+            got = -1
             if fd >= 0:
-                got += _cached_part(self._fd(first.pack), view[start - lo:end - lo], start)
-                if got < end - lo:
-                    at = (lo + got) // DIRECT_ALIGN * DIRECT_ALIGN
-                    try:
-                        got = at - lo + os.preadv(fd, [view[at - lo:]], at)
-                    except OSError as e:
-                        if e.errno != errno.EINVAL:
-                            raise
-                        got = -1
-            if fd < 0 or got < 0:  # through the page cache
+                try:
+                    got = os.preadv(fd, [view], lo)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+            if got < 0:  # no O_DIRECT here after all: through the page cache
                 lo = start
                 view = memoryview(buf)[:end - start]
                 got = os.preadv(self._fd(first.pack), [view], start)
@@ -617,13 +603,18 @@ class _Appender:
                 done += k
 
     def drain(self) -> None:
-        """Everything staged into the file; the partial last block (through the page cache)
-        stays staged too."""
+        """Everything staged into the file: the whole blocks directly, the partial last one
+        (which stays staged, to be written again with what follows) through the page
+        cache."""
         self._wait()
         whole = self.used // DIRECT_ALIGN * DIRECT_ALIGN
         if whole:
             self._out(self.buf, self.base, whole)
-        if self.used > whole:
+            tail = self.used - whole
+            self.buf[:tail] = self.buf[whole:self.used]
+            self.base += whole
+            self.used = tail
+        if self.used:
             if self.direct:
                 _set_direct(self.fd, False)
             try:
@@ -759,7 +750,10 @@ class PackWriter:
             _, pack, offset, stored_len, raw_len, zstd = rec
             name = self._files[pack][0]
             if pack == self._pack_id and self._app is not None:
-                self._app.drain()  # (what is read back must be in the file)
+                try:
+                    self._app.drain()  # (what is read back must be in the file)
+                except OSError as e:
+                    raise self._fail(e) from None
         fd = os.open(self.store.dir / name, os.O_RDONLY | os.O_CLOEXEC)
         try:
             payload = os.pread(fd, stored_len, offset)

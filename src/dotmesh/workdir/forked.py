@@ -89,6 +89,7 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
     failure: BaseException | None = None
     queue = iter(range(len(jobs)))
     busy: dict[Connection, int | None] = {}  # the job each child was last handed
+    finished: set[Connection] = set()  # children that said they ended their work
     try:
         for _ in range(min(workers, len(jobs))):
             try:
@@ -139,6 +140,8 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
                             failure = e
                     busy[c] = next(queue, None) if failure is None else None
                     _hand(c, busy[c])
+                elif kind == "finished":
+                    finished.add(c)
                 elif kind == "error" and failure is None:
                     sort, detail, message = value
                     failure = rebuilt(sort, detail, message, what)
@@ -149,7 +152,9 @@ def run(jobs: Sequence[J], one: Callable[[J], R], done: Callable[[int, R], None]
         codes = [_reap(pid) for pid in children.values()]
     if failure is not None:
         raise failure
-    if any(codes) or len(ended) != len(jobs):
+    # (with SIGCHLD ignored by a parent of ours, every exit code reads 0: a child that died
+    # after its last job, in ``finish``, is told by the word it did not send)
+    if any(codes) or len(ended) != len(jobs) or len(finished) != len(children):
         raise OSError(errno.EIO, f"a process {what} ended without finishing its work")
     return True
 
@@ -244,6 +249,7 @@ def _child(conn: Connection, parent: int, job: _Run[J, R]) -> NoReturn:
             conn.send(("done", (i, job.one(job.jobs[i]))))
         if job.finish is not None:  # (an error here is reported as any other)
             job.finish()
+        conn.send(("finished", None))  # the parent counts these, not exit codes
     except BaseException as e:  # reported to the parent, which raises it
         code = 1
         try:
