@@ -417,3 +417,26 @@ def test_a_full_disk_met_reading_back_gives_the_packs_back(store, monkeypatch):
     with pytest.raises(OutOfSpace, match="no space left"):
         w.read_pending(ids[0])
     assert set(store.dir.iterdir()) == before
+
+
+def test_a_store_closed_under_a_writer_gives_back_what_was_not_indexed(tmp_path):
+    """A command that fails elsewhere (the index meeting a full disk first, say, while a
+    pack was still being written out by its thread) leaves no pack bytes behind: the store's
+    close gives back what its writers did not index, and leaves what they did."""
+    s = PackStore(tmp_path, connect(tmp_path / "meta.db"))
+    done = s.writer()
+    kept = done.put(KIND_CHUNK, random.Random(1).randbytes(10_000))
+    done.flush()
+    before = {p.name: p.stat().st_size for p in s.dir.iterdir()}
+    failed = s.writer()
+    rng = random.Random(2)
+    for _ in range(100):  # 20 MiB: some written out, the rest staged
+        failed.put(KIND_CHUNK, rng.randbytes(200_000))
+    assert len(list(s.dir.iterdir())) == 2
+    s.close()
+    assert {p.name: p.stat().st_size for p in s.dir.iterdir()} == before
+    again = PackStore(tmp_path, connect(tmp_path / "meta.db"))
+    try:
+        assert again.get(kept) == random.Random(1).randbytes(10_000)
+    finally:
+        again.close()

@@ -19,6 +19,7 @@ import sqlite3
 import struct
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,7 @@ class PackStore:
         self._direct: dict[int, int] = {}
         self._stale: list[int] = []
         self._lock = threading.Lock()
+        self._writers: weakref.WeakSet[PackWriter] = weakref.WeakSet()
 
     # -- index
     def locate(self, oid: ObjectId) -> Location | None:
@@ -426,9 +428,16 @@ class PackStore:
             yield ObjectId(r[0]), loc
 
     def writer(self) -> PackWriter:
-        return PackWriter(self)
+        w = PackWriter(self)
+        self._writers.add(w)
+        return w
 
     def close(self) -> None:
+        """Give back what writers wrote and did not index (a command that failed elsewhere:
+        a full disk met first by the index, say, while a pack was still being written out),
+        then close every pack."""
+        for w in list(self._writers):
+            w.abandon()
         for fd in [*self._fds.values(), *self._stale, *self._direct.values()]:
             if fd >= 0:
                 os.close(fd)
@@ -797,6 +806,13 @@ class PackWriter:
                 self._write(iov)
             except OSError as e:
                 raise self._fail(e) from None
+
+    def abandon(self) -> None:
+        """Give back every unindexed byte this writer wrote (unless it failed, which gave
+        them back already), and refuse further work: its command is over."""
+        with self._lock:
+            if self._failed is None:
+                self._fail(InternalError("this writer was given up as its store closed"))
 
     def give_back(self, e: OSError) -> BaseException:
         """A worker that wrote into lent packs met ``e`` (a full disk): give back every
