@@ -326,7 +326,8 @@ class PackStore:
         ``gap`` merged, ``limit`` bytes at most: a restore larger than memory would evict
         its own prefetched pages) while the caller does other work: packs that left the
         page cache (a reboot, a big restore since) are read from disk in large sequential
-        stretches instead of block by block as the workers ask."""
+        stretches instead of block by block as the workers ask. Only packs that cannot be read
+        with O_DIRECT: the others are read so (:meth:`read_run`), not through the cache."""
         spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
             spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
@@ -360,13 +361,13 @@ class PackStore:
         fd = self._direct_fd(first.pack)
         lo = start - start % DIRECT_ALIGN if fd >= 0 else start
         hi = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN if fd >= 0 else end
+        size = -(-(hi - lo) // DIRECT_ALIGN) * DIRECT_ALIGN  # (whole pages either way)
         busy = getattr(_local, "run_busy", False)
         buf: mmap.mmap | None = getattr(_local, "run_buffer", None)
         if busy:  # another run of this thread is still being read out: a buffer of its own
-            buf = private_buffer(-(-(hi - lo) // DIRECT_ALIGN) * DIRECT_ALIGN)
-        elif buf is None or len(buf) < hi - lo:
-            buf = _local.run_buffer = private_buffer(
-                max(-(-(hi - lo) // DIRECT_ALIGN) * DIRECT_ALIGN, RUN_BUFFER))
+            buf = private_buffer(size)
+        elif buf is None or len(buf) < size:
+            buf = _local.run_buffer = private_buffer(max(size, RUN_BUFFER))
         _local.run_busy = True
         try:
             view = memoryview(buf)[:hi - lo]
@@ -810,8 +811,8 @@ class PackWriter:
     def abandon(self) -> None:
         """Give back every unindexed byte this writer wrote (unless it failed, which gave
         them back already), and refuse further work: its command is over."""
-        with self._lock:
-            if self._failed is None:
+        with self._lock:  # (a flushed writer holds none: its packs are left as they are)
+            if self._failed is None and (self._pending or self._fd >= 0 or self._lent):
                 self._fail(InternalError("this writer was given up as its store closed"))
 
     def give_back(self, e: OSError) -> BaseException:

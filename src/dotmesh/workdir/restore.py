@@ -706,7 +706,7 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
 
         def one(group: list[_File]) -> list[tuple[_File, int, os.stat_result]]:
             """The files of one folder (a descriptor of their own: threads share nothing)."""
-            if forked:  # all checked before any is written, then read ahead
+            if forked:  # all checked before any is written (then read ahead, if not direct)
                 store.prefetch([loc for f in group for loc in check_file(f, w.where)])
             local = _Dirs(top, top_fd)
             try:
