@@ -328,11 +328,14 @@ class PackStore:
         page cache (a reboot, a big restore since) are read from disk in large sequential
         stretches instead of block by block as the workers ask. Only packs that cannot be read
         with O_DIRECT: the others are read so (:meth:`read_run`), not through the cache."""
+        locs = locs if isinstance(locs, list) else list(locs)
+        cached = {p for p in {loc.pack for loc in locs} if self._direct_fd(p) < 0}
+        if not cached:  # all read with O_DIRECT (read_run): the page cache is not used
+            return
         spans: dict[int, list[tuple[int, int]]] = {}
         for loc in locs:
-            spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
-        for pack in [p for p in spans if self._direct_fd(p) >= 0]:
-            del spans[pack]  # read with O_DIRECT (read_run): the page cache is not used
+            if loc.pack in cached:
+                spans.setdefault(loc.pack, []).append((loc.offset, loc.offset + loc.stored_len))
         for pack, ranges in sorted(spans.items()):
             ranges.sort()
             lo, hi = ranges[0]
