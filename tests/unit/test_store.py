@@ -305,7 +305,7 @@ def test_an_appender_puts_every_byte_where_it_belongs_from_any_start(tmp_path, m
     with buffers spilled mid-part, and where O_DIRECT is refused, the file holds exactly
     what was appended."""
     if not direct:
-        monkeypatch.setattr(packs, "_set_direct", lambda fd, on: False)
+        monkeypatch.setattr(packs, "set_direct", lambda fd, on: False)
     rng = random.Random(5)
     path = tmp_path / "p"
     before = rng.randbytes(5000)  # what an earlier writer left: 5000 is not aligned
@@ -374,6 +374,34 @@ def test_runs_are_read_whole_with_o_direct_or_without(store, monkeypatch, direct
     os.truncate(path, locs[-1].offset + 10)
     with pytest.raises(Corrupt, match="truncated"):
         list(store.read_run([(ids[-1], locs[-1])]))
+
+
+def test_a_pack_whose_direct_reads_are_refused_is_read_through_the_cache_from_then_on(
+        store, monkeypatch):
+    """A filesystem may take O_DIRECT at open and refuse the read: the run is read through
+    the page cache, and that pack's later runs are not tried directly again."""
+    w = store.writer()
+    datas = [random.Random(i).randbytes(7000) for i in range(6)]
+    ids = [w.put(KIND_CHUNK, d) for d in datas]
+    w.flush()
+    locs = [store.locate(oid) for oid in ids]
+    direct = store._direct_fd(locs[0].pack)
+    assert direct >= 0
+    tried: list[int] = []
+    real = os.preadv
+
+    def refusing(fd, bufs, at):
+        if fd == direct:
+            tried.append(at)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, at)
+
+    monkeypatch.setattr(packs.os, "preadv", refusing)
+    for a, b in ((0, 3), (3, 6), (1, 5)):
+        run = list(zip(ids[a:b], locs[a:b], strict=True))
+        assert list(store.read_run(run)) == datas[a:b]
+    assert len(tried) == 1
+    assert store._direct_fd(locs[0].pack) == -1
 
 
 def test_a_drain_writes_the_whole_blocks_once_and_only_the_last_block_again(tmp_path):

@@ -231,6 +231,16 @@ class PackStore:
                 self._direct[pack] = fd
         return fd
 
+    def _refuse_direct(self, pack: int) -> None:
+        """Read ``pack`` through the page cache from now on: its filesystem took O_DIRECT at
+        open, then refused a read. (Its descriptor is closed with the store: another thread
+        may be reading through it.)"""
+        with self._lock:
+            fd = self._direct.get(pack, -1)
+            self._direct[pack] = -1
+            if fd >= 0:
+                self._stale.append(fd)
+
     def open_packs(self, packs: Iterable[int]) -> None:
         """Open these packs now (a forked child reads through descriptors opened before the
         fork, never through the index's connection)."""
@@ -381,6 +391,7 @@ class PackStore:
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
+                    self._refuse_direct(first.pack)  # not tried again for this pack
             if got < 0:  # no O_DIRECT here after all: through the page cache
                 lo = start
                 view = memoryview(buf)[:end - start]
@@ -546,7 +557,7 @@ class _Appender:
         self.base = pos - len(head)  # where buf[0] goes in the file (aligned)
         self.used = len(head)
         self.buf[:len(head)] = head
-        self.direct = _set_direct(fd, True)
+        self.direct = set_direct(fd, True)
         self._writing: threading.Thread | None = None  # writing out the other buffer
         self._failed: list[BaseException] = []
 
@@ -607,12 +618,12 @@ class _Appender:
                 except OSError as e:
                     if e.errno != errno.EINVAL or not self.direct:
                         raise
-                    self.direct = _set_direct(self.fd, False)  # refused: the page cache
+                    self.direct = set_direct(self.fd, False)  # refused: the page cache
                     continue
                 if k <= 0:
                     raise OSError(errno.EIO, "a write to a pack wrote nothing")
                 if self.direct and k % DIRECT_ALIGN:  # not whole blocks: finish buffered
-                    self.direct = _set_direct(self.fd, False)
+                    self.direct = set_direct(self.fd, False)
                 done += k
 
     def drain(self) -> None:
@@ -629,12 +640,12 @@ class _Appender:
             self.used = tail
         if self.used:
             if self.direct:
-                _set_direct(self.fd, False)
+                set_direct(self.fd, False)
             try:
                 self._out(self.buf, self.base, self.used)
             finally:
                 if self.direct:
-                    _set_direct(self.fd, True)
+                    set_direct(self.fd, True)
 
     def close(self) -> None:
         """Wait for the write under way (its error is not wanted: the pack is given up)."""
@@ -643,7 +654,7 @@ class _Appender:
             self._writing = None
 
 
-def _set_direct(fd: int, on: bool) -> bool:
+def set_direct(fd: int, on: bool) -> bool:
     """Turn O_DIRECT on or off for ``fd``; whether it is on."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT

@@ -39,7 +39,7 @@ from dotmesh.heap import no_cycle_gc, private_buffer
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
 from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
-from dotmesh.store.packs import RECORD, Location, PackStore, location
+from dotmesh.store.packs import DIRECT_ALIGN, RECORD, Location, PackStore, location, set_direct
 from dotmesh.workdir import forked
 from dotmesh.workdir.snapshot import run_all
 
@@ -52,8 +52,8 @@ FORK_MIN = 64 << 20  # bytes a build writes from here on which its files go to c
 # ... up to this many objects: each child ends up with its own copy of most pages holding the
 # plan (reference counts change as it reads), some 40 MB a GiB of 8 KiB blocks
 FORK_MAX_OBJECTS = 1 << 20
-# Child processes of a split build: twice the cores. Each child waits on the disk twice a
-# batch (a direct read of its runs, a direct write of its blocks); with two, both cores
+# Child processes of a split build, twice these machines' cores. Each child waits on the disk
+# twice a batch (a direct read of its runs, a direct write of its blocks); with two, both cores
 # often stood idle at once (2 GiB: 5.8-6.3 s, CPU 58% of two cores; four: 4.9-5.5 s). Each
 # child holds its own copy of the plan's pages it touches (total PSS 452 -> 591 MiB).
 WORKERS = 4
@@ -522,7 +522,6 @@ class _Apply:
 # of the same data took half as long, and leave nothing to write back).
 DIRECT_MIN = 1 << 20
 RUN_PIECES = 1024  # pieces a write is given at most (IOV_MAX)
-DIRECT_ALIGN = 4096
 DIRECT_BUFFER = 4 << 20  # a thread's aligned buffer: a run of any length goes through it
 _direct = threading.local()
 
@@ -541,8 +540,6 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
     is padded with zeros to the alignment (the file is cut to its size afterwards, and a
     later run overwrites the padding it needs); a run that does not start aligned, or a
     filesystem that refuses, is written through the page cache."""
-    import fcntl
-
     if offset % DIRECT_ALIGN == 0:
         buf = _direct_buffer()
         pieces = [memoryview(b) for b in reversed(iov)]  # the next piece is the last one
@@ -583,9 +580,7 @@ def _write_direct(fd: int, iov: list[bytes], offset: int) -> None:
                 return
         finally:
             pieces.clear()
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if flags & os.O_DIRECT:  # from here on, through the page cache
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    set_direct(fd, False)  # from here on, through the page cache
     _pwritev_all(fd, iov, offset)
 
 
