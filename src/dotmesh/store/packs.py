@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeAlias, TypeVar, cast
+from typing import Generic, NamedTuple, TypeAlias, TypeVar, cast
 
 import zstandard
 
@@ -120,12 +120,13 @@ def decompress(data: bytes | memoryview, raw_len: int) -> bytes:
 PackKey = TypeVar("PackKey", int, str)
 
 
-@dataclass(frozen=True)
-class PackLocation(Generic[PackKey]):
+class PackLocation(NamedTuple, Generic[PackKey]):
     """Where an object's payload sits in a pack, and how it is stored: the one type for the
     local index (``pack`` is the index's pack number, :data:`Location`) and for packs kept
     remotely (``pack`` is the blob's key, ``PackLocation[str]`` in remote/packed.py).
-    ``offset`` is that of the payload, after its record header."""
+    ``offset`` is that of the payload, after its record header. A named tuple, not a frozen
+    dataclass: a full restore makes one per block, and a tuple is made in a third of the
+    time (1.1 -> 0.33 us)."""
 
     kind: int
     pack: PackKey
@@ -398,9 +399,10 @@ class PackStore:
                 got = os.preadv(self._fd(first.pack), [view], start)
             if got < end - lo:
                 raise Corrupt(f"pack #{first.pack} is truncated; run dm fsck")
+            unpack = self._unpack
             for oid, loc in run:
-                part = view[loc.offset - lo:loc.offset - lo + loc.stored_len]
-                yield self._unpack(oid, loc, part)
+                at = loc.offset - lo
+                yield unpack(oid, loc, view[at:at + loc.stored_len])
         finally:
             _local.run_busy = busy
 

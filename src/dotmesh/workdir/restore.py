@@ -295,23 +295,28 @@ class _Planner:
                 os.close(x)
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
-    def check_sizes(self, where: Callable[[ObjectId], Location | None]) -> None:
+    def check_sizes(self, w: _Writer) -> None:
         """Every block is as long as its list says, every file as long as its content."""
         for f in self.files:
-            check_file(f, where)
+            check_file(f, w)
 
 
-def check_file(f: _File, where: Callable[[ObjectId], Location | None]) -> list[Location]:
+def check_file(f: _File, w: _Writer) -> list[Location]:
     """Every block of ``f`` is in the store and as long as its list says; their locations
-    (kept on ``f`` for its writing, which then looks none up again)."""
+    (kept on ``f`` for its writing, which then looks none up again). One loop with the
+    writer's tables at hand: a full restore checks some 200,000 blocks here."""
     found: list[Location] = []
+    locations, rows = w.locations, w.rows
     for _, cid, n in f.wanted:
         if cid == HOLE:
             continue
-        loc = where(cid)
+        loc = locations.get(cid)
         if loc is None:
-            raise NotFound(f"block {cid.hex()[:16]} of {os.fsdecode(f.rel)} is not in "
-                           "the store; nothing was changed (dm fsck)")
+            row = rows.get(cid)
+            if row is None:
+                raise NotFound(f"block {cid.hex()[:16]} of {os.fsdecode(f.rel)} is not in "
+                               "the store; nothing was changed (dm fsck)")
+            loc = locations[cid] = location(row)  # Corrupt if damaged
         if loc.raw_len != n:
             raise Corrupt(f"{os.fsdecode(f.rel)} names a block of {n} bytes that has "
                           f"{loc.raw_len}; nothing was changed (dm fsck)")
@@ -347,12 +352,6 @@ class _Writer:
         self.rows = self.store.rows_all(
             cid for f in files for _, cid, _ in f.wanted if cid != HOLE)
 
-    def where(self, cid: ObjectId) -> Location | None:
-        loc = self.locations.get(cid)
-        if loc is None and (row := self.rows.get(cid)) is not None:
-            loc = self.locations[cid] = location(row)  # Corrupt if damaged
-        return loc
-
     def packs(self) -> set[int]:
         """The packs the build may read. Of unchecked rows, those naming a pack by a number
         (a number the index lacks fails as the pack is opened); a row naming it otherwise
@@ -361,33 +360,41 @@ class _Writer:
                 | {r[2] for r in self.rows.values() if type(r[2]) is int})
 
     def contents(self, wanted: list[Want], located: list[Location]
-                 ) -> Iterator[tuple[int, bytes, int, bytes | None]]:
-        """(offset, id, length, data) in file order; adjacent records read in one go, READ_RUN
-        bytes of pack at most (but a longer record). ``located``: the blocks' locations but
-        the holes', in order, as :func:`check_file` found them."""
+                 ) -> Iterator[tuple[int, int, bytes | None]]:
+        """(offset, length, data or None for a hole) in file order; adjacent records read in
+        one go, READ_RUN bytes of pack at most (but a longer record). ``located``: the blocks'
+        locations but the holes', in order, as :func:`check_file` found them."""
         found = iter(located)
-        run: list[tuple[int, ObjectId, int, Location]] = []
+        wants: list[Want] = []  # the run's blocks: the wanted tuples themselves, not copies
+        run: list[tuple[ObjectId, Location]] = []
+        read_run = self.store.read_run
 
-        def flush() -> Iterator[tuple[int, bytes, int, bytes | None]]:
-            if not run:
-                return
-            datas = self.store.read_run([(cid, loc) for _, cid, _, loc in run])
-            for (off, cid, n, _), data in zip(run, datas, strict=True):
-                yield off, cid, n, data
+        def flush() -> Iterator[tuple[int, int, bytes | None]]:
+            for (off, _, n), data in zip(wants, read_run(run), strict=True):
+                yield off, n, data
+            wants.clear()
             run.clear()
 
-        for off, cid, n in wanted:
+        start = end = pack = 0
+        header = RECORD.size
+        for want in wanted:
+            cid = want[1]
             if cid == HOLE:
-                yield from flush()
-                yield off, cid, n, None
+                if run:
+                    yield from flush()
+                yield want[0], want[2], None
                 continue
             loc = next(found)
-            if run and (loc.pack != run[-1][3].pack
-                        or loc.offset + loc.stored_len - run[0][3].offset > READ_RUN
-                        or loc.offset != run[-1][3].offset + run[-1][3].stored_len + RECORD.size):
+            if run and (loc.pack != pack or loc.offset != end + header
+                        or loc.offset + loc.stored_len - start > READ_RUN):
                 yield from flush()
-            run.append((off, cid, n, loc))
-        yield from flush()
+            if not run:
+                start, pack = loc.offset, loc.pack
+            end = loc.offset + loc.stored_len
+            wants.append(want)
+            run.append((cid, loc))
+        if run:
+            yield from flush()
 
     def write(self, fd: int, f: _File, blocks: Iterator[tuple[int, int, bytes | None]],
               direct: bool = False) -> int:
@@ -436,8 +443,7 @@ class _Writer:
 
     def read(self, f: _File) -> Iterator[tuple[int, int, bytes | None]]:
         assert f.located is not None  # every file is checked before it is written
-        for off, _, n, data in self.contents(f.wanted, f.located):
-            yield off, n, data
+        return self.contents(f.wanted, f.located)
 
     def new_file(self, dir_fd: int, name: str, f: _File) -> tuple[int, os.stat_result]:
         direct = f.entry.size >= DIRECT_MIN
@@ -697,7 +703,7 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
             w.locate_later(p.files)
         else:
             w.locate(p.files)
-            p.check_sizes(w.where)
+            p.check_sizes(w)
         _expect(progress, p.files)
         act = _Apply(dirs, policy, result)
         _replay(p, dirs, act, result, top, lambda fd, f: None)
@@ -707,7 +713,7 @@ def build(top: Path, store: PackStore, target: Root, policy: Policy = Policy(),
         def one(group: list[_File]) -> list[tuple[_File, int, os.stat_result]]:
             """The files of one folder (a descriptor of their own: threads share nothing)."""
             if forked:  # all checked before any is written (then read ahead, if not direct)
-                store.prefetch([loc for f in group for loc in check_file(f, w.where)])
+                store.prefetch([loc for f in group for loc in check_file(f, w)])
             local = _Dirs(top, top_fd)
             try:
                 fd = local.get(group[0].parts)
@@ -865,7 +871,7 @@ def prepare(top: Path, store: PackStore, target: Root, current: Root | None, sta
     w = _Writer(store, policy, progress)
     w.locate(p.files)
     _expect(progress, p.files)
-    p.check_sizes(w.where)
+    p.check_sizes(w)
     os.makedirs(staging.parent, exist_ok=True)
     os.mkdir(staging, 0o700)
     prepared = Prepared(top, store, target, p, w, staging, policy, seen or {})
