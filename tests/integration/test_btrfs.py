@@ -332,31 +332,6 @@ def test_writable_files_and_a_process_without_cap_sys_admin_use_fiemap(
         assert got["ranges"] == expected
 
 
-def test_tree_search_results_of_other_forms_are_read_one_by_one() -> None:
-    """An inline extent among regular ones: the batch is read item by item; a result that
-    is not an extent item of the file is refused (the caller then asks FIEMAP)."""
-    header, regular, inline = btrfs._SEARCH_HEADER, btrfs._FILE_EXTENT, btrfs._DISK_EXTENT
-    ino = 300
-
-    def item(offset: int, body: bytes, objectid: int = ino) -> bytes:
-        return header.pack(9, objectid, offset, btrfs._EXTENT_DATA_KEY, len(body)) + body
-
-    body = (item(0, regular.pack(7, 100, 0, 0, 0, 0) + b"x" * 100)  # inline
-            + item(4096, regular.pack(7, 8192, 0, 0, 0, 1) + inline.pack(1 << 20, 8192, 0,
-                                                                        8192))
-            + item(12288, regular.pack(7, 4096, 0, 0, 0, 1) + inline.pack(0, 0, 0, 4096))
-            + item(16384, regular.pack(7, 8192, 0, 0, 0, 2) + inline.pack(2 << 20, 8192,
-                                                                        4096, 4096))
-            + item(20480, regular.pack(7, 131072, 1, 0, 0, 1) + inline.pack(3 << 20, 4096,
-                                                                           0, 8192)))
-    out: list[btrfs.Extent] = []
-    assert btrfs._add_items(memoryview(body), 5, ino, out) == 20480
-    assert out == [(0, 0, 100, 0x300), (4096, 1 << 20, 8192, 0),
-                   (16384, (2 << 20) + 4096, 4096, 0x800), (20480, 3 << 20, 8192, 0x8)]
-    with pytest.raises(ValueError):
-        btrfs._add_items(memoryview(item(0, b"x" * 53, objectid=ino + 1)), 1, ino, [])
-
-
 def _discarded(home: Path) -> list[str]:
     return sorted(k for k in _kept(home) if k.startswith("discarded-"))
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dotmesh.fs import btrfs
 from dotmesh.fs.btrfs import (
     blocks_touching,
     changed_ranges,
@@ -250,3 +251,47 @@ def test_patching_the_previous_list_gives_what_a_full_read_gives(
         part = got.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN]
         assert part in (full.fingerprints[k * chunker.FP_LEN:(k + 1) * chunker.FP_LEN],
                         chunker.UNKNOWN_FP)
+
+
+def _search_result(offset: int, body: bytes, objectid: int = 300) -> bytes:
+    """One result of a btrfs tree search: its header, then the item."""
+    return btrfs._SEARCH_HEADER.pack(9, objectid, offset, btrfs._EXTENT_DATA_KEY,
+                                     len(body)) + body
+
+
+def test_tree_search_results_become_extents_as_fiemap_maps_them() -> None:
+    """Inline, regular, a hole, preallocated and compressed items among each other, as the
+    compiled reader (fs/_extents.c) takes them; the last item's offset is where the next
+    search starts."""
+    head, disk = btrfs._FILE_EXTENT, btrfs._DISK_EXTENT
+    body = (_search_result(0, head.pack(7, 100, 0, 0, 0, 0) + b"x" * 100)  # inline
+            + _search_result(4096, head.pack(7, 8192, 0, 0, 0, 1)
+                             + disk.pack(1 << 20, 8192, 0, 8192))
+            + _search_result(12288, head.pack(7, 4096, 0, 0, 0, 1) + disk.pack(0, 0, 0, 4096))
+            + _search_result(16384, head.pack(7, 8192, 0, 0, 0, 2)
+                             + disk.pack(2 << 20, 8192, 4096, 4096))
+            + _search_result(20480, head.pack(7, 131072, 1, 0, 0, 1)
+                             + disk.pack(3 << 20, 4096, 0, 8192)))
+    out: list[btrfs.Extent] = []
+    assert btrfs._add_items(memoryview(body), 5, 300, out) == 20480
+    assert out == [(0, 0, 100, 0x300), (4096, 1 << 20, 8192, 0),
+                   (16384, (2 << 20) + 4096, 4096, 0x800), (20480, 3 << 20, 8192, 0x8)]
+    # offsets and addresses past 2**63 come back whole (unsigned 64-bit)
+    assert btrfs._add_items(memoryview(_search_result(
+        2**63, head.pack(7, 8192, 0, 0, 0, 1) + disk.pack(2**64 - 8192, 8192, 0, 8192))),
+        1, 300, out) == 2**63
+    assert out[-1] == (2**63, 2**64 - 8192, 8192, 0)
+
+
+@pytest.mark.parametrize("body, count", [
+    (_search_result(0, b"x" * 53, objectid=301), 1),  # another file's item
+    (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 3) + bytes(32)), 1),  # kind
+    (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(8)), 1),  # short
+    (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(32)), 2),  # count
+    (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(32))[:60], 1),
+])
+def test_tree_search_results_that_are_not_a_files_extents_are_refused(body: bytes,
+                                                                       count: int) -> None:
+    """Refused with ValueError (the caller then asks FIEMAP), never read past the buffer."""
+    with pytest.raises(ValueError):
+        btrfs._add_items(memoryview(body), count, 300, [])

@@ -15,11 +15,11 @@ import fcntl
 import os
 import stat
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from dotmesh.errors import DotmeshError
+from dotmesh.fs import _extents
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 XFS_SUPER_MAGIC = 0x58465342
@@ -59,19 +59,16 @@ TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 0x94, 17, _SEARCH_ARGS.size)
 GET_SUBVOL_INFO = _ioc(_IOC_READ, 0x94, 60, 504)
 _SUBVOL_INFO_FLAGS = 288  # offset of ``flags`` in struct btrfs_ioctl_get_subvol_info_args
 _ROOT_SUBVOL_RDONLY = 1
+# The layout of a search's results, which _extents.c reads (and the tests build)
 _SEARCH_HEADER = struct.Struct("=3Q2I")  # btrfs_ioctl_search_header: transid, key, item length
 _FILE_EXTENT = struct.Struct("<QQBBHB")  # btrfs_file_extent_item up to its type (21 bytes)
 _DISK_EXTENT = struct.Struct("<4Q")  # the rest, if not inline: disk bytenr, length, offset, length
 _REGULAR_LENGTH = _FILE_EXTENT.size + _DISK_EXTENT.size
 _REGULAR_ITEM = _SEARCH_HEADER.size + _REGULAR_LENGTH
-_RECORD = struct.Struct("=3Q2I" "QQBBHB" "4Q")  # a search header and a regular extent item
 _EXTENT_DATA_KEY = 108
 _SEARCH_BUFFER = 4 << 20  # at most 49,000 extent items per call
 _FIRST_SEARCH = 64 << 10  # the first call's buffer, doubled per call: most files have few
-_LITTLE_ENDIAN = sys.byteorder == "little"  # btrfs items are; headers are the CPU's order
 _U64 = 2**64 - 1
-# FIEMAP's flags for what an item says: inline data, compressed or encoded, preallocated
-_INLINE_FLAGS, _ENCODED_FLAG, _UNWRITTEN_FLAG = 0x200 | 0x100, 0x8, 0x800
 
 
 class SnapshotError(DotmeshError):
@@ -298,39 +295,11 @@ def _tree_extents(fd: int) -> list[Extent]:
 
 
 def _add_items(body: memoryview, count: int, ino: int, out: list[Extent]) -> int:
-    """Append ``count`` search results as extents; returns the last item's file offset."""
-    if _LITTLE_ENDIAN and count * _REGULAR_ITEM <= len(body):  # most often all regular
-        # items: read at C speed
-        records = list(_RECORD.iter_unpack(body[:count * _REGULAR_ITEM]))
-        # The first item of another length stops this (the ones before it were read right)
-        if all(r[4] == _REGULAR_LENGTH and r[1] == ino and r[3] == _EXTENT_DATA_KEY
-               and r[10] in (1, 2) for r in records):
-            out.extend((r[2], r[11] + r[13], r[14], _UNWRITTEN_FLAG if r[10] == 2 else 0)
-                       if r[7] == r[8] == r[9] == 0 else
-                       (r[2], r[11], r[14], _ENCODED_FLAG | (_UNWRITTEN_FLAG if r[10] == 2 else 0))
-                       for r in records if r[11] or r[10] == 2)  # disk 0: a hole
-            return int(records[-1][2])
-    pos, offset = 0, 0
-    for _ in range(count):  # an inline extent among them: items of other lengths
-        _, objectid, offset, key_type, length = _SEARCH_HEADER.unpack_from(body, pos)
-        pos += _SEARCH_HEADER.size
-        item = body[pos:pos + length]
-        pos += length
-        if objectid != ino or key_type != _EXTENT_DATA_KEY or length < _FILE_EXTENT.size:
-            raise ValueError("not a file extent item of this file")
-        _, ram_bytes, compression, encryption, other, kind = _FILE_EXTENT.unpack_from(item)
-        encoded = _ENCODED_FLAG if compression or encryption or other else 0
-        if kind == 0:
-            out.append((offset, 0, ram_bytes, _INLINE_FLAGS | encoded))
-            continue
-        if length != _FILE_EXTENT.size + _DISK_EXTENT.size or kind not in (1, 2):
-            raise ValueError("a file extent item of unknown form")
-        disk, _, within, num = _DISK_EXTENT.unpack_from(item, _FILE_EXTENT.size)
-        if disk == 0 and kind == 1:  # a hole
-            continue
-        out.append((offset, disk if encoded else disk + within, num,
-                    encoded | (_UNWRITTEN_FLAG if kind == 2 else 0)))
-    return offset
+    """Append ``count`` search results as extents; returns the last item's file offset.
+    Compiled (``_extents.c``): with 21,000 extents, decoding them here took 20-27 ms a map."""
+    got, last = _extents.items(body, count, ino)
+    out.extend(got)
+    return last
 
 
 def _covered(ext: list[Extent]) -> Iterator[tuple[int, int]]:
