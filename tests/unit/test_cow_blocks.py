@@ -289,9 +289,19 @@ def test_tree_search_results_become_extents_as_fiemap_maps_them() -> None:
     (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(8)), 1),  # short
     (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(32)), 2),  # count
     (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1) + bytes(32))[:60], 1),
+    (_search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1)  # address past 2**64
+                    + btrfs._DISK_EXTENT.pack(2**64 - 4096, 8192, 8192, 8192)), 1),
+    (b"", -1),  # a negative count
 ])
 def test_tree_search_results_that_are_not_a_files_extents_are_refused(body: bytes,
                                                                        count: int) -> None:
     """Refused with ValueError (the caller then asks FIEMAP), never read past the buffer."""
     with pytest.raises(ValueError):
         btrfs._add_items(memoryview(body), count, 300, [])
+
+
+def test_an_inode_number_is_never_cut_to_64_bits() -> None:
+    item = _search_result(0, btrfs._FILE_EXTENT.pack(7, 8192, 0, 0, 0, 1)
+                          + btrfs._DISK_EXTENT.pack(1 << 20, 8192, 0, 8192))
+    with pytest.raises(OverflowError):
+        btrfs._add_items(memoryview(item), 1, 300 + 2**64, [])

@@ -14,11 +14,11 @@
  * otherwise encoded one gives the address of its whole encoded extent (ENCODED); a
  * preallocated one is UNWRITTEN. ``last_offset``: the file offset of the last item (where the
  * next search starts). ValueError for an item of another inode or key, of an unknown form,
- * or one that runs past the buffer (the caller then asks FIEMAP). */
+ * one that runs past the buffer or whose address would pass 2**64, or a negative count (the
+ * caller then asks FIEMAP). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <endian.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -31,10 +31,11 @@
 #define FLAG_ENCODED 0x8
 #define FLAG_UNWRITTEN 0x800
 
-static uint64_t le64_at(const unsigned char *p) {
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-    return le64toh(v);
+static uint64_t le64_at(const unsigned char *p) {  /* items are little endian on any CPU */
+    uint64_t v = 0;
+    for (int k = 7; k >= 0; k--)
+        v = (v << 8) | p[k];
+    return v;
 }
 
 static PyObject *extent(uint64_t offset, uint64_t address, uint64_t length, long flags) {
@@ -46,9 +47,19 @@ static PyObject *items(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer body;
     Py_ssize_t count;
-    unsigned long long ino;
-    if (!PyArg_ParseTuple(args, "y*nK", &body, &count, &ino))
+    PyObject *ino_obj;
+    if (!PyArg_ParseTuple(args, "y*nO!", &body, &count, &PyLong_Type, &ino_obj))
         return NULL;
+    unsigned long long ino = PyLong_AsUnsignedLongLong(ino_obj);  /* no silent masking */
+    if (ino == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    if (count < 0) {
+        PyBuffer_Release(&body);
+        PyErr_SetString(PyExc_ValueError, "a negative count of search results");
+        return NULL;
+    }
     PyObject *out = PyList_New(0);
     if (out == NULL) {
         PyBuffer_Release(&body);
@@ -98,6 +109,10 @@ static PyObject *items(PyObject *self, PyObject *args) {
             uint64_t num = le64_at(item + FILE_EXTENT_SIZE + 24);
             if (disk == 0 && kind == 1)  /* a hole */
                 continue;
+            if (!encoded && within > UINT64_MAX - disk) {  /* no address wraps around */
+                refusal = "a file extent item past the end of the address space";
+                break;
+            }
             e = extent(offset, encoded ? disk : disk + within, num,
                        encoded | (kind == 2 ? FLAG_UNWRITTEN : 0));
         }
