@@ -478,11 +478,12 @@ def summarize(runs: list[dict[str, dict[str, Sample]]]) -> dict[str, object]:
 
 
 TARGETS = [  # (scenario, peer, max dm/peer ratio)
-    ("1 initial commit", "restic", 0.35), ("1 initial commit", "borg", 0.5),
+    # issue 14's (the first harness asked 0.35 and 0.5 of a first commit, 0.5 of a restore)
+    ("1 initial commit", "restic", 0.5), ("1 initial commit", "borg", 0.6),
+    ("5 full restore of latest", "restic", 0.6),
     ("3 commit after 1% change", "restic", 0.15), ("3 commit after 1% change", "borg", 0.2),
     ("4 bytes stored by step 3", "bytes changed", 2.0),
     (RESET, "restic", 0.15),  # until 2026-12-01: to the first commit
-    ("5 full restore of latest", "restic", 0.5),
 ]
 # dm on btrfs and on XFS (issue 12): (scenario, what, limit); "wall" is seconds, "ms" the
 # freeze window, a tool name is the ratio dm (btrfs)/that tool (dm (xfs)/that tool).
