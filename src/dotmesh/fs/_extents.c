@@ -135,12 +135,31 @@ static PyObject *items(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NK)", out, (unsigned long long)offset);
 }
 
-/* common(old, new) -> (old_rest, new_rest, both): two extent maps, each sorted by file offset,
- * split into the extents both hold identically and the rest of each, in order. A merge by
- * offset, not a set: a map holds each offset once, so an extent both hold sits at the same
- * offset in both (maps that break this only leave more to the caller's walk, which judges any
- * extent it is given). */
-static int take(PyObject *list, PyObject *item) { return PyList_Append(list, item); }
+/* common(old, new) -> (old_rest, new_rest, both): two extent maps, each sorted by file offset
+ * with every offset once (as FIEMAP and a tree search give them), split into the extents both
+ * hold identically and the rest of each, in order: a merge by offset, not a set. A map out of
+ * order, or holding an offset twice, raises ValueError (the caller then splits by sets: the
+ * walk after the split needs sorted maps, and a merge would pair such extents differently).
+ * Extents must be tuples of four with an int offset, exactly: comparing them then runs no
+ * Python code that could change the lists while they are read. */
+static PyObject *offset_of(PyObject *e) {
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 4 ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(e, 0))) {
+        PyErr_SetString(PyExc_TypeError, "an extent is a tuple of four, from an int offset");
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(e, 0);
+}
+
+/* Whether ``at`` comes strictly after ``prev`` (NULL: the first); -1 with ValueError if not. */
+static int in_order(PyObject *prev, PyObject *at) {
+    if (prev == NULL)
+        return 0;
+    int after = PyObject_RichCompareBool(at, prev, Py_GT);
+    if (after == 0)
+        PyErr_SetString(PyExc_ValueError, "an extent map out of order");
+    return after == 1 ? 0 : -1;
+}
 
 static PyObject *common(PyObject *self, PyObject *args) {
     (void)self;
@@ -148,48 +167,55 @@ static PyObject *common(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &old, &PyList_Type, &new_))
         return NULL;
     PyObject *old_rest = PyList_New(0), *new_rest = PyList_New(0), *both = PyList_New(0);
+    PyObject *prev_a = NULL, *prev_b = NULL;  /* borrowed: the lists are not changed */
     if (old_rest == NULL || new_rest == NULL || both == NULL)
         goto fail;
-    Py_ssize_t i = 0, j = 0;
-    while (i < PyList_GET_SIZE(old) && j < PyList_GET_SIZE(new_)) {
-        PyObject *a = PyList_GET_ITEM(old, i), *b = PyList_GET_ITEM(new_, j);
-        if (!PyTuple_Check(a) || PyTuple_GET_SIZE(a) != 4 || !PyTuple_Check(b)
-                || PyTuple_GET_SIZE(b) != 4) {
-            PyErr_SetString(PyExc_TypeError, "an extent is a tuple of four");
+    Py_ssize_t i = 0, j = 0, n = PyList_GET_SIZE(old), m = PyList_GET_SIZE(new_);
+    while (i < n || j < m) {
+        PyObject *a = i < n ? PyList_GET_ITEM(old, i) : NULL;
+        PyObject *b = j < m ? PyList_GET_ITEM(new_, j) : NULL;
+        PyObject *oa = NULL, *ob = NULL;
+        if (a != NULL && ((oa = offset_of(a)) == NULL || in_order(prev_a, oa) < 0))
             goto fail;
-        }
-        int lt = PyObject_RichCompareBool(PyTuple_GET_ITEM(a, 0), PyTuple_GET_ITEM(b, 0), Py_LT);
-        if (lt < 0)
+        if (b != NULL && ((ob = offset_of(b)) == NULL || in_order(prev_b, ob) < 0))
             goto fail;
-        if (lt) {
-            if (take(old_rest, a) < 0)
+        int order = 0;  /* <0: a first, >0: b first, 0: the same offset */
+        if (a == NULL) {
+            order = 1;
+        } else if (b == NULL) {
+            order = -1;
+        } else {
+            int lt = PyObject_RichCompareBool(oa, ob, Py_LT);
+            int gt = lt == 0 ? PyObject_RichCompareBool(oa, ob, Py_GT) : 0;
+            if (lt < 0 || gt < 0)
                 goto fail;
+            order = lt ? -1 : gt ? 1 : 0;
+        }
+        if (order < 0) {
+            if (PyList_Append(old_rest, a) < 0)
+                goto fail;
+            prev_a = oa;
             i++;
             continue;
         }
-        int gt = PyObject_RichCompareBool(PyTuple_GET_ITEM(a, 0), PyTuple_GET_ITEM(b, 0), Py_GT);
-        if (gt < 0)
-            goto fail;
-        if (gt) {
-            if (take(new_rest, b) < 0)
+        if (order > 0) {
+            if (PyList_Append(new_rest, b) < 0)
                 goto fail;
+            prev_b = ob;
             j++;
             continue;
         }
         int same = PyObject_RichCompareBool(a, b, Py_EQ);
         if (same < 0)
             goto fail;
-        if (same ? take(both, a) < 0 : (take(old_rest, a) < 0 || take(new_rest, b) < 0))
+        if (same ? PyList_Append(both, a) < 0
+                 : (PyList_Append(old_rest, a) < 0 || PyList_Append(new_rest, b) < 0))
             goto fail;
+        prev_a = oa;
+        prev_b = ob;
         i++;
         j++;
     }
-    for (; i < PyList_GET_SIZE(old); i++)
-        if (take(old_rest, PyList_GET_ITEM(old, i)) < 0)
-            goto fail;
-    for (; j < PyList_GET_SIZE(new_); j++)
-        if (take(new_rest, PyList_GET_ITEM(new_, j)) < 0)
-            goto fail;
     return Py_BuildValue("(NNN)", old_rest, new_rest, both);
 fail:
     Py_XDECREF(old_rest);
@@ -203,8 +229,9 @@ static PyMethodDef methods[] = {
      "items(body, count, ino) -> (extents, last_offset): a btrfs tree search's "
      "EXTENT_DATA items of inode ino as (offset, address, length, flags), holes left out."},
     {"common", common, METH_VARARGS,
-     "common(old, new) -> (old_rest, new_rest, both): two extent maps sorted by offset, split "
-     "into the extents both hold identically and the rest of each."},
+     "common(old, new) -> (old_rest, new_rest, both): two extent maps sorted by offset (each "
+     "offset once), split into the extents both hold identically and the rest of each; "
+     "ValueError for a map out of order."},
     {NULL, NULL, 0, NULL},
 };
 

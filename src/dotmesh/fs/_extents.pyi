@@ -4,4 +4,5 @@ def items(body: bytes | bytearray | memoryview, count: int, ino: int, /
 _Extent = tuple[int, int, int, int]
 
 def common(old: list[_Extent], new: list[_Extent], /
-           ) -> tuple[list[_Extent], list[_Extent], list[_Extent]]: ...
+           ) -> tuple[list[_Extent], list[_Extent], list[_Extent]]:
+    """ValueError for a map out of order; TypeError for anything but tuples of ints."""

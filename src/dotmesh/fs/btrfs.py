@@ -317,7 +317,12 @@ def changed_ranges(old: list[Extent], new: list[Extent], size: int) -> list[tupl
     a merge by offset: two maps of 21,000 in 0.6-0.7 ms, against 6-16 ms with Python's
     sets); the rest, what writes since split or replaced, is walked: the work follows the
     changes, not the map."""
-    old, new, both = _extents.common(old, new)
+    try:
+        old, new, both = _extents.common(old, new)
+    except ValueError:  # a map out of order (no FIEMAP or search gives one): by sets, then
+        held = set(old).intersection(new)
+        old, new = [e for e in old if e not in held], [e for e in new if e not in held]
+        both = list(held)
     changed = [(lo, lo + n) for lo, _, n, f in both if f & _UNTRUSTED]
     same: list[tuple[int, int]] = []
     i = j = 0
