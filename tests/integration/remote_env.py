@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import DM, DM_BIN
 from tests.integration.servers import Postgres, shared_tmp
@@ -58,20 +59,23 @@ class S3Server:
     def spec(self, bucket: str) -> str:
         return f"{S3_KEY}:{S3_SECRET}@{self.endpoint}/{bucket}"
 
-    def count(self, bucket: str, prefix: str) -> int:
+    @functools.cached_property
+    def _s3(self) -> Any:
+        """One client for every question: making one takes 40 ms, and a test that polls
+        ``count`` to catch a push midway (``kill_inside``) missed it when each poll made its
+        own (a push's last batch can land between two slow polls)."""
         import boto3  # noqa: PLC0415
 
-        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def count(self, bucket: str, prefix: str) -> int:
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                  Prefix=prefix)
         return sum(len(p.get("Contents", [])) for p in pages)
 
     def bucket(self, name: str) -> None:
-        import boto3  # noqa: PLC0415
-
-        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-                          aws_secret_access_key=S3_SECRET, region_name="us-east-1")
-        s3.create_bucket(Bucket=name)
+        self._s3.create_bucket(Bucket=name)
 
 
 @contextmanager
