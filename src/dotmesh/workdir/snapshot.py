@@ -1198,8 +1198,9 @@ def _patch_live(live: str, st: os.stat_result | scan.Lstat, base: bytes, fps: by
         mine = os.fstat(fd)
         if mine.st_ino != st.st_ino or mine.st_size < st.st_size:
             return None
+        # the working file's pages are usually in memory: no read-ahead hints for them
         got = chunker.patch_paged(fd, st.st_size, base, fps, runs, _buffer(), sink.missing,
-                                  sink.pack)
+                                  sink.pack, advise=False)
         if got is None:
             return None
         now = btrfs.flushed_extents(fd)
