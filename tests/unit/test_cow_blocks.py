@@ -19,6 +19,7 @@ from dotmesh.fs.btrfs import (
     shared_ranges,
     unchanged_blocks,
 )
+from dotmesh.model.ids import ID_LEN, object_id
 from dotmesh.model.objects import FileList, paged_blocks, patched_filelist
 from dotmesh.store import chunker
 
@@ -379,3 +380,17 @@ def test_an_extent_map_of_something_else_is_refused() -> None:
             _extents.common(old, new)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _extents.common((), [])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count", [0, 1, 150, 199, 200, 230])
+def test_a_patched_list_is_the_list_encoded_afresh(count: int) -> None:
+    """First, last, neighbouring and grown-into blocks changed, as a list shrinks or grows."""
+    rng = random.Random(count)
+    old = [rng.randbytes(ID_LEN) for _ in range(200)]
+    base = FileList(tuple((b, 8192) for b in old)).encode()
+    changed = {i for i in (0, 1, 2, 57, 149, 150, 198, 199) if i < count}
+    changed |= set(range(200, count))
+    changes = {i: object_id(b"%d" % i) for i in changed}
+    want = [changes.get(i, old[i] if i < 200 else b"") for i in range(count)]
+    assert patched_filelist(base, count, 8192, changes) == FileList(
+        tuple((b, 8192) for b in want)).encode()

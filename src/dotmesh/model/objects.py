@@ -153,13 +153,19 @@ def patched_filelist(base: bytes, count: int, block: int,
     if missing or any(not 0 <= i < count for i in changes):
         raise ValueError("a patched file list would have blocks of unknown content")
     keep = min(had, count)
-    out = bytearray(_FL_HEAD.pack(MAGIC_FILELIST, count * block, count))
-    out += memoryview(base)[_FL_HEAD.size:_FL_HEAD.size + keep * _FL_ENTRY.size]
-    out += _FL_ENTRY.pack(bytes(ID_LEN), block) * (count - keep)
-    for i, oid in changes.items():
-        at = _FL_HEAD.size + i * _FL_ENTRY.size
-        out[at:at + ID_LEN] = oid
-    return bytes(out)
+    # Joined from pieces: one allocation and one copy of the 2.4 MB list of a 266 MiB file
+    # (each fresh page of memory is a fault, and these were three)
+    entries = memoryview(base)[_FL_HEAD.size:]
+    parts: list[bytes | memoryview] = [_FL_HEAD.pack(MAGIC_FILELIST, count * block, count)]
+    at = 0  # the first block not yet placed
+    for i in sorted(changes):
+        if at < min(i, keep):
+            parts.append(entries[at * _FL_ENTRY.size:min(i, keep) * _FL_ENTRY.size])
+        parts.append(_FL_ENTRY.pack(changes[i], block))
+        at = i + 1
+    if at < keep:
+        parts.append(entries[at * _FL_ENTRY.size:keep * _FL_ENTRY.size])
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- trees
