@@ -93,8 +93,58 @@ def test_a_failed_read_raises_with_its_errno(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     with pytest.raises(OSError) as raised:
-        read_runs(fd, bytearray(100), [(0, 10, 0)], False)  # closed
+        read_runs(1 << 30, bytearray(100), [(0, 10, 0)], False)  # no such descriptor
     assert raised.value.errno == errno.EBADF
+
+
+def test_runs_that_change_while_they_are_parsed_are_read_as_they_were_given(
+        tmp_path: Path) -> None:
+    """Parsing a field may run Python code, which may empty the list of runs: the runs are
+    copied first (the list's items were read after being freed)."""
+    data = bytes(range(256)) * 4
+    fd = _file(tmp_path, data)
+
+    class Run(tuple):  # type: ignore[type-arg]  # not on the tuple free list: really freed
+        pass
+
+    runs: list[object] = []
+
+    class Shrinking:
+        def __index__(self) -> int:
+            del runs[1:]
+            return 0
+
+    runs.extend([(Shrinking(), 10, 0), *(Run((i, 1, 10 + i)) for i in range(64))])
+    buf = bytearray(100)
+    try:
+        assert read_runs(fd, buf, runs, False) == 10 + 64
+    finally:
+        os.close(fd)
+    assert bytes(buf[:74]) == data[:10] + data[:64]
+
+
+def test_a_file_that_shrank_under_a_read_says_where_it_ends(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """chunk_paged's read around blocks known unchanged, of a file shorter than its stat said
+    a moment before: the bytes it has, and where it ends."""
+    data = random.Random(2).randbytes(5 * 8192 + 100)
+    fd = _file(tmp_path, data)
+    real = os.fstat
+
+    class Longer:
+        def __init__(self, st: os.stat_result) -> None:
+            self.st_size = 8 * 8192
+
+    monkeypatch.setattr(os, "fstat", lambda f: Longer(real(f)) if f == fd else real(f))
+    buf = bytearray(8 * 8192)
+    try:
+        got = chunker._read_except(fd, buf, 0, 8 * 8192, {1})
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert got == len(data)
+    assert buf[:8192] == data[:8192] and buf[16384:len(data)] == data[16384:]
+    assert buf[8192:16384] == bytes(8192)  # the block known unchanged is not read
 
 
 @pytest.mark.parametrize("n", [1, 100, 2046, 2047, 2048, 4094, 8192, 8193, 65_536])
@@ -104,6 +154,30 @@ def test_ids_hashed_without_releasing_the_gil_are_blake3_ids(n: int) -> None:
     view = memoryview(data)
     assert chunker._ids_holding_gil(view, offsets, lengths) == chunker._ids(
         view, offsets, lengths) == [object_id(data[o:o + n]) for o in offsets]
+
+
+def test_no_piece_hashed_is_long_enough_for_blake3_to_release_the_gil(monkeypatch) -> None:
+    real = chunker.blake3.blake3
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, data: memoryview) -> None:
+            seen.append(len(data))
+            self.h = real(data)
+
+        def update(self, data: memoryview) -> None:
+            seen.append(len(data))
+            self.h.update(data)
+
+        def digest(self) -> bytes:
+            return self.h.digest()
+
+    monkeypatch.setattr(chunker.blake3, "blake3", Recording)
+    data = random.Random(4).randbytes(3 * 8192)
+    ids = chunker._ids_holding_gil(memoryview(data), [0, 8192, 16384], [8192] * 3)
+    monkeypatch.undo()
+    assert ids == [object_id(data[o:o + 8192]) for o in (0, 8192, 16384)]
+    assert seen and max(seen) < 2048  # blake3's GIL_MINSIZE
 
 
 def test_uncompressed_pages_stay_whole_when_their_buffer_is_reused() -> None:

@@ -13,7 +13,8 @@
  * order). Each run is then read in full into ``buffer`` at its position; the reading stops
  * at the first run the file ends in. Returns the bytes read, so a caller that needs every
  * run compares it with their total. ValueError for a run that would not fit the buffer or
- * has a negative field; OSError for a failed read (bytes read before it are in the buffer). */
+ * has a negative field; OSError for a failed read (bytes read before it are in the buffer).
+ * A read interrupted by a signal runs Python's handlers (Ctrl-C raises) and goes on. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -23,18 +24,22 @@
 #include <stdint.h>
 #include <unistd.h>
 
+_Static_assert(sizeof(off_t) == 8, "file offsets must be 64 bits");
+
 typedef struct {
     long long offset;
     Py_ssize_t length;
     Py_ssize_t at;
 } run_t;
 
-/* The runs as C structs, each checked against the buffer; NULL with an exception set. */
+/* The runs as C structs, each checked against the buffer; NULL with an exception set. The
+ * sequence is copied into a tuple first: parsing a field may run Python code (``__index__``),
+ * which could otherwise shrink a list being read or free the item being parsed. */
 static run_t *parse_runs(PyObject *runs_obj, Py_ssize_t buffer_len, Py_ssize_t *count) {
-    PyObject *seq = PySequence_Fast(runs_obj, "runs must be a sequence of tuples");
+    PyObject *seq = PySequence_Tuple(runs_obj);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     run_t *runs = PyMem_New(run_t, n > 0 ? n : 1);
     if (runs == NULL) {
         Py_DECREF(seq);
@@ -42,7 +47,7 @@ static run_t *parse_runs(PyObject *runs_obj, Py_ssize_t buffer_len, Py_ssize_t *
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
         run_t *r = &runs[i];
         if (!PyTuple_Check(item) ||
             !PyArg_ParseTuple(item, "Lnn;a run is (offset, length, position)", &r->offset,
@@ -73,6 +78,27 @@ fail:
     return NULL;
 }
 
+/* Reads runs[*next..] on from *got bytes into its current run, without the GIL: returns 0
+ * when done (the file ended or every run is read), EINTR when a signal came (to be looked at
+ * with the GIL held, then called again), another errno when a read failed. */
+static int read_some(int fd, char *base, const run_t *runs, Py_ssize_t n, Py_ssize_t *next,
+                     Py_ssize_t *got, Py_ssize_t *total) {
+    for (; *next < n; (*next)++, *got = 0) {
+        const run_t *r = &runs[*next];
+        while (*got < r->length) {
+            ssize_t k = pread(fd, base + r->at + *got, (size_t)(r->length - *got),
+                              (off_t)(r->offset + *got));
+            if (k < 0)
+                return errno;
+            if (k == 0)
+                return 0;  /* the file ends in this run: the rest is not read */
+            *got += k;
+            *total += k;
+        }
+    }
+    return 0;
+}
+
 static PyObject *read_runs(PyObject *self, PyObject *args) {
     (void)self;
     int fd, advise;
@@ -87,35 +113,28 @@ static PyObject *read_runs(PyObject *self, PyObject *args) {
         return NULL;
     }
     char *base = (char *)buf.buf;
-    Py_ssize_t total = 0;
-    int failed = 0;
+    Py_ssize_t total = 0, next = 0, got = 0;
+    int failed;
     Py_BEGIN_ALLOW_THREADS
     if (advise)
         for (Py_ssize_t i = 0; i < n; i++)
-            (void)posix_fadvise(fd, (off_t)runs[i].offset, (off_t)runs[i].length,
-                                POSIX_FADV_WILLNEED);  /* a hint: its failure changes nothing */
-    for (Py_ssize_t i = 0; i < n && !failed; i++) {
-        Py_ssize_t got = 0;
-        while (got < runs[i].length) {
-            ssize_t k = pread(fd, base + runs[i].at + got, (size_t)(runs[i].length - got),
-                              (off_t)(runs[i].offset + got));
-            if (k < 0) {
-                if (errno == EINTR)
-                    continue;
-                failed = errno;
-                break;
-            }
-            if (k == 0)
-                break;
-            got += k;
-        }
-        total += got;
-        if (got < runs[i].length)
+            if (runs[i].length > 0)  /* a length of 0 would mean "to the end of the file" */
+                (void)posix_fadvise(fd, (off_t)runs[i].offset, (off_t)runs[i].length,
+                                    POSIX_FADV_WILLNEED);  /* a hint: a failure changes nothing */
+    Py_END_ALLOW_THREADS
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        failed = read_some(fd, base, runs, n, &next, &got, &total);
+        Py_END_ALLOW_THREADS
+        /* interrupted (a slow filesystem): Python's handlers run first, as os.pread's would;
+         * Ctrl-C then raises here, anything else goes on reading */
+        if (failed != EINTR || PyErr_CheckSignals() < 0)
             break;
     }
-    Py_END_ALLOW_THREADS
     PyMem_Free(runs);
     PyBuffer_Release(&buf);
+    if (failed == EINTR)
+        return NULL;  /* a signal handler raised */
     if (failed) {
         errno = failed;
         return PyErr_SetFromErrno(PyExc_OSError);
