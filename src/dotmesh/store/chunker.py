@@ -7,7 +7,8 @@ Policy (measured in bench/, see docs/format.md):
   write costs one block;
 - everything else uses FastCDC (avg CDC_AVG), which survives insertions and shifts.
 All the byte work happens in compiled code that releases the GIL (pyfastcdc, blake3, zstd), so
-two threads use both cores.
+two threads use both cores; but a patch's few scattered pages are read in one call and hashed
+holding the GIL (patch_paged), where a release per page cost a wait for the GIL per page.
 """
 
 from __future__ import annotations
