@@ -21,7 +21,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <stdint.h>
 #include <unistd.h>
 
 _Static_assert(sizeof(off_t) == 8, "file offsets must be 64 bits");

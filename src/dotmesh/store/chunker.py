@@ -90,6 +90,10 @@ def _zero_id(n: int) -> ObjectId:
     return z
 
 
+_PIECE = 2047  # blake3 releases the GIL for an input from 2,048 bytes (its GIL_MINSIZE)
+Hasher = Callable[[memoryview, list[int], list[int]], list[ObjectId]]
+
+
 def _ids(buf: memoryview, offsets: list[int], lengths: list[int]) -> list[ObjectId]:
     """BLAKE3 digests of the chunks, as object_id makes them (one cast for the list, not a
     call per chunk). blake3 releases the GIL for each chunk of 2 KiB or more."""
@@ -113,10 +117,6 @@ def _ids_holding_gil(buf: memoryview, offsets: list[int], lengths: list[int]
             h.update(buf[p:min(p + _PIECE, o + n)])
         out.append(cast(ObjectId, h.digest()))
     return out
-
-
-_PIECE = 2047  # blake3 releases the GIL for an input from 2,048 bytes (its GIL_MINSIZE)
-Hasher = Callable[[memoryview, list[int], list[int]], list[ObjectId]]
 
 
 def _finish(buf: memoryview, offsets: list[int], lengths: list[int], known: frozenset[bytes],
