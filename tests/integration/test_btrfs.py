@@ -130,16 +130,23 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     _commit(bdm, "two")
     (db / "a.txt").write_text("not committed")
     discarding = capture(db)
+    working_set = os.stat(db.parent).st_dev  # each subvolume has a device number of its own
     time.sleep(0.2)  # past the racy window: a file changed just before is read again later
     out = bdm.ok("reset", "--hard", "HEAD^")
     assert capture(db) == before
     assert btrfs.is_subvolume(db.parent)
-    # What it discarded was kept as a snapshot, not read: named in the reflog, read on demand.
+    # What it discarded was kept, not read nor copied: the working set itself, moved aside,
+    # named in the reflog, read on demand (and made read-only then, as kept states are).
     name = out.split("kept as ")[1].split()[0]
     assert name.startswith("discarded-") and name in _kept(bdm.home)
+    moved = bdm.home / "dots" / "app" / "snaps" / name / "subdots"
+    assert os.stat(moved).st_dev == working_set and os.stat(db.parent).st_dev != working_set
     row = json.loads(bdm.ok("reflog", "--json"))[0]
     assert row["kept_as"] == name and row["saved"] is None
     back = json.loads(bdm.ok("reset", "--hard", name[:14], "--json"))
+    sealed = bdm.home / "dots" / "app" / "snaps" / back["new"] / "subdots"
+    with pytest.raises(OSError):
+        (sealed / "db" / "new-file").write_text("a kept state is never written")
     assert capture(db) == discarding
     assert (db / "a.txt").read_text() == "not committed"
     saved = json.loads(bdm.ok("reflog", "--json"))[1]["saved"]
@@ -153,6 +160,33 @@ def test_reset_swaps_in_the_kept_state_and_keeps_the_discarded_one(bdm: DM) -> N
     two = json.loads(bdm.ok("log", "--json"))[0]["id"]
     bdm.ok("reset", "--hard", "HEAD^")
     assert two in _kept(bdm.home)
+
+
+def test_a_reset_over_deleted_files_stores_them_and_keeps_the_set_as_that_commit(bdm: DM
+                                                                              ) -> None:
+    """A small file only deleted: the stat caches alone make the discarded state's commit,
+    and the working set itself, moved aside, becomes that commit's kept state."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    _paged_file(db / "table", 64)
+    for i in range(20):  # larger than b.txt: a reset first looks at the 16 largest files
+        (db / f"{i}.bin").write_bytes(os.urandom(10_000))
+    (db / "b.txt").write_text("gone soon")
+    time.sleep(0.2)  # past the racy window: the caches vouch for every file
+    _commit(bdm, "one")
+    (db / "b.txt").unlink()
+    time.sleep(0.2)
+    without_b = capture(db)
+    working_set = os.stat(db.parent).st_dev
+    res = json.loads(bdm.ok("reset", "--hard", "HEAD", "--json"))
+    assert res["saved"] is not None and res["kept_as"] is None
+    assert (db / "b.txt").read_text() == "gone soon"
+    state = bdm.home / "dots" / "app" / "snaps" / res["saved"] / "subdots"
+    assert os.stat(state).st_dev == working_set
+    assert res["saved"] in _kept(bdm.home)
+    bdm.ok("reset", "--hard", res["saved"])
+    assert capture(db) == without_b
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
 @pytest.mark.slow
@@ -404,17 +438,23 @@ def test_gc_keeps_what_a_discarded_state_needs_and_reflog_expiry_lets_it_go(
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
-@pytest.mark.slow
-def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM) -> None:
-    """Killed before its journal names the discarded snapshot, a reset leaves the working
-    state as it was (and the next command removes the unnamed snapshot); after, it is
-    finished and the snapshot brings the discarded state back."""
-    bdm.ok("init", "app")
-    db = bdm.path("app.db")
+def _one_commit(dm: DM) -> tuple[Path, str, dict[str, tuple[object, ...]]]:
+    """A dot "app" with a paged file and a text file, committed: its subdot's folder, the
+    commit's id and what the folder held."""
+    dm.ok("init", "app")
+    db = dm.path("app.db")
     _paged_file(db / "table", 256)
     (db / "a.txt").write_text("one")
-    first = _commit(bdm, "one")["id"]
-    one = capture(db)
+    first = str(_commit(dm, "one")["id"])
+    return db, first, capture(db)
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM) -> None:
+    """Killed before its journal names the discarded state, a reset leaves the working state
+    as it was (and the next command removes the unnamed folder); after, it is finished and
+    the folder brings the discarded state back."""
+    db, first, one = _one_commit(bdm)
     snaps = bdm.home / "dots" / "app" / "snaps"
     for i in range(4):
         (db / "a.txt").write_text(f"work {i}")
@@ -434,6 +474,56 @@ def test_kill_9_in_a_reset_that_keeps_the_discarded_state_loses_nothing(bdm: DM)
             assert capture(db) == work
         bdm.ok("reset", "--hard", str(first))
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+# ``dm ARGS`` that dies (exit 137, no cleanup, as under kill -9) when about to move the working
+# set into a discarded state ("before") or right after it ("after"), before the new set is in
+_DIES_AT_THE_MOVE = """
+import os, sys
+real, at = os.rename, sys.argv[1]
+def rename(src, dst, *a, **k):
+    if os.path.basename(dst) == "subdots" and "/discarded-" in os.fspath(dst):
+        if at == "after":
+            real(src, dst, *a, **k)
+        os._exit(137)
+    return real(src, dst, *a, **k)
+os.rename = rename
+from dotmesh.cli.main import run
+sys.exit(run(sys.argv[2:]))
+"""
+
+
+def _dies_at_the_move(dm: DM, at: str, *args: str) -> None:
+    p = subprocess.run([sys.executable, "-c", _DIES_AT_THE_MOVE, at, *args], env=dm.env,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 137, p.stderr
+
+
+def killed_around_the_move_loses_nothing(dm: DM, at: str) -> None:
+    """A reset killed just before or just after it moves the working set into the discarded
+    state its journal names: lockless commands say so and touch nothing, the next command
+    finishes the reset, and the discarded state comes back whole."""
+    db, first, one = _one_commit(dm)
+    _rewrite_pages(db / "table", every=3)
+    (db / "a.txt").write_text("work")
+    work = capture(db)
+    _dies_at_the_move(dm, at, "reset", "--hard", first)
+    shown = json.loads(dm.ok("dot", "show", "--json"))
+    assert shown["state"] == "unfinished reset"
+    ws = dm.home / "dots" / "app" / "subdots"
+    assert ws.exists() == (at == "before")  # nothing made an empty working set meanwhile
+    dm.ok("commit", "-m", "after the kill")  # finishes the reset
+    assert capture(db) == one
+    [name] = [r["kept_as"] for r in json.loads(dm.ok("reflog", "--json")) if r["kept_as"]]
+    dm.ok("reset", "--hard", name)
+    assert capture(db) == work
+    assert json.loads(dm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.parametrize("at", ["before", "after"])
+def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(bdm: DM, at: str
+                                                                       ) -> None:
+    killed_around_the_move_loses_nothing(bdm, at)
 
 
 @pytest.mark.slow
@@ -900,7 +990,8 @@ def test_a_reset_starts_its_reaper_once_it_is_over(btrfs_mount: Path,
                                                    at_close: bool) -> None:
     """A reaper removing subvolumes commits btrfs transactions, which a reset's last fsyncs
     would wait for: it starts once the reset is over (its lock released), or, for dm's one
-    command per process, once the store is closed (after the close's checkpoint)."""
+    command per process, once the store is closed (after the close's checkpoint). (The
+    working state is the head's, so the set the reset replaces goes to the trash.)"""
     from dotmesh.ops import checkout as checkout_ops
     from dotmesh.ops import commit as commit_ops
     from dotmesh.ops import dots
@@ -909,22 +1000,24 @@ def test_a_reset_starts_its_reaper_once_it_is_over(btrfs_mount: Path,
     repo.reap_at_close = at_close
     dots.init(repo, "app")
     db = Path(dots.path(repo, "app.db"))
-    first = commit_ops.commit(repo, "app", "one", freeze=False).id
+    commit_ops.commit(repo, "app", "one", freeze=False)
     (db / "f").write_text("two")
-    commit_ops.commit(repo, "app", "two", freeze=False)
+    time.sleep(0.15)  # the stat cache then vouches for it: the reset reads nothing
+    second = commit_ops.commit(repo, "app", "two", freeze=False).id
     started: list[tuple[bool, bool]] = []  # per reaper: the store closed, the reset done
 
     def state() -> tuple[bool, bool]:
         try:
-            head = repo.head("app", "master")
+            moved = [r for r in repo.conn.execute("SELECT action FROM reflog")
+                     if r[0] == "reset"]
         except sqlite3.ProgrammingError:
             return True, True
-        return False, head == first
+        return False, bool(moved)
 
     monkeypatch.setattr(trash_mod, "start_reaper", lambda t: started.append(state()))
-    (db / "f").write_text("discarded")
-    checkout_ops.reset_hard(repo, "app", "HEAD^")
-    assert not (db / "f").exists()
+    res = checkout_ops.reset_hard(repo, "app", "HEAD")
+    assert (res.new, res.saved, res.kept_as) == (second, None, None)
+    assert (db / "f").read_text() == "two"
     trash = repo.root / "dots" / "app" / "trash"
     assert any(p.name != trash_mod.LOCK for p in trash.iterdir())
     assert started == ([] if at_close else [(False, True)])

@@ -15,7 +15,14 @@ import pytest
 
 from dotmesh.fs import reflink
 from tests.conftest import DM, capture
-from tests.integration.test_btrfs import _commit, _kept, _paged_file, _rewrite_pages, _same_as_plain
+from tests.integration.test_btrfs import (
+    _commit,
+    _kept,
+    _paged_file,
+    _rewrite_pages,
+    _same_as_plain,
+    killed_around_the_move_loses_nothing,
+)
 
 PAGE = 8192
 
@@ -80,8 +87,8 @@ def test_reset_and_branches_at_kept_states(xdm: DM) -> None:
 
 @pytest.mark.slow
 def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
-    """As on btrfs: the discarded working state is kept unread (a reflinked copy whose stat
-    caches were moved to its own files), and read only when asked for."""
+    """As on btrfs: the discarded working state is kept unread (the working set itself,
+    moved aside with its stat caches: no file is copied), and read only when asked for."""
     xdm.ok("init", "app")
     db = xdm.path("app.db")
     _paged_file(db / "table", 256)
@@ -92,9 +99,12 @@ def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
     _rewrite_pages(db / "table", every=9)
     (db / "b.txt").write_text("new")
     work = capture(db)
+    table = os.stat(db / "table").st_ino
     out = xdm.ok("reset", "--hard", "HEAD")
     name = out.split("kept as ")[1].split()[0]
     assert capture(db) == one and name in _kept(xdm.home)
+    moved = xdm.home / "dots" / "app" / "snaps" / name / "subdots" / "db" / "table"
+    assert os.stat(moved).st_ino == table
     back = json.loads(xdm.ok("reset", "--hard", name, "--json"))
     assert capture(db) == work
     assert json.loads(xdm.ok("dot", "show", "--json"))["state"] == "clean"
@@ -103,6 +113,12 @@ def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
     assert _commit(xdm, "again")["bytes_read"] <= 3
     assert back["new"] in _kept(xdm.home)
     assert json.loads(xdm.ok("fsck", "--json"))["ok"]
+
+
+@pytest.mark.parametrize("at", ["before", "after"])
+def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(xdm: DM, at: str
+                                                                       ) -> None:
+    killed_around_the_move_loses_nothing(xdm, at)
 
 
 def _second(dm: DM) -> str:

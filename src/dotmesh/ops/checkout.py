@@ -31,9 +31,11 @@ from dotmesh.workdir.branches import (
     recover,
     restore_folders,
     scan_frozen,
+    scan_set_cached,
     snapshot_dot,
     snapshots_of,
     swap,
+    working_set,
     writers_stopped,
 )
 
@@ -104,8 +106,8 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
     (unless False): fail if the branch is not at that head any more (a pull decided on it).
 
     The working state is stored first (nothing is lost; on a snapshot backend resetting to a
-    kept state, a changed working state is kept as a read-only snapshot and read only when
-    asked for: see :class:`kept.Discarded`), then everything the target needs is read,
+    kept state, a changed working set is itself kept, moved aside at the swap, and read only
+    when asked for: see :class:`kept.Discarded`), then everything the target needs is read,
     verified and staged; only then is the restore journaled and the folders changed,
     and the branch moved and the reflog written once they hold the target. A kill in between
     is finished by the next command; a damaged object fails before any folder is touched."""
@@ -125,23 +127,25 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
             staging: Path | None = None
             keep_as: str | None = None  # a name for the discarded state, kept unread
             keep_caches: dict[str, StatCache] = {}
-            if cow is not None:  # the working state is kept as a snapshot, too
+            taken = time.time_ns()
+            moves = cow is not None and cow.is_set(working_set(home, dot)) \
+                and kept.folder(home, dot, target_id) is not None
+            if moves:
+                # To a kept state, a reset need not read or copy what it discards: with the
+                # writers stopped the set holds still, so it is walked where it is, and if
+                # any file changed, the set itself is kept (moved aside at the swap).
+                found, keep_caches = scan_set_cached(home, dot, writer, taken)
+                if found is None:
+                    keep_as = kept.new_discarded_name()
+                snap = found or DotSnapshot({}, {}, {})
+            elif cow is not None:  # the working state is kept as a snapshot, too
                 frozen = freeze_set(home, dot, cow, writers_stopped)
                 staging = frozen.staging
                 try:
-                    # To a kept state, a reset need not read what it discards: if any file
-                    # changed, the frozen copy is kept as it is and read only if asked for.
-                    lazy = frozen.whole and kept.folder(home, dot, target_id) is not None
-                    found = scan_frozen(home, dot, cow, frozen, writer, progress,
-                                        cached_only=lazy)
+                    snap = scan_frozen(home, dot, cow, frozen, writer, progress)
                 except BaseException:
                     cow.discard(staging)
                     raise
-                if found is None:
-                    keep_as = kept.new_discarded_name()
-                    keep_caches = frozen.own_caches(
-                        {s: home.load_cache(dot, branch, s) for s in frozen.subdots})
-                snap = found or DotSnapshot({}, {}, {})
             else:
                 snap = snapshot_dot(home, dot, writer, progress)
             saved: ObjectId | None = None
@@ -152,22 +156,27 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                     author=_author(), timestamp_ns=time.time_ns(), metadata={},
                 ).encode())
             writer.flush()
+            keep_replaced: Path | None = None  # where the swap moves the set it replaces
+            if keep_as is not None:
+                keep_replaced = kept.discarded_set(home, dot, keep_as)
+            elif moves and saved is not None:  # stored from its stat caches alone (files
+                staging = kept.begin(home, dot)  # deleted): the set is kept as its state
+                keep_replaced = staging / kept.SET
 
             def journal() -> None:  # what is about to be discarded is named before it goes
-                nonlocal staging
-                if keep_as is not None and staging is not None:
-                    kept.keep_discarded(home, dot, staging, keep_as, keep_caches)
-                    staging = None  # a kill from here on: recover removes it until the row
+                if keep_as is not None:  # a kill from here on: recover removes it until the row
+                    kept.begin_discarded(home, dot, keep_as, keep_caches)
                 with Tx(home.conn) as tx:
                     home.begin_restore(tx, dot, Journal("reset", branch, old, target_id, saved,
                                                         action, message))
                     if keep_as is not None:
-                        refs.add_discarded(tx, dot, keep_as, branch, old, target_id,
-                                           frozen.taken, _author(),
+                        refs.add_discarded(tx, dot, keep_as, branch, old, target_id, taken,
+                                           _author(),
                                            f"working state discarded by {action} to {ref}")
 
             try:
-                caches = restore_folders(home, dot, target_id, snap, writer, progress, journal)
+                caches = restore_folders(home, dot, target_id, snap, writer, progress,
+                                         journal, keep_replaced)
                 with Tx(home.conn) as tx:
                     home.set_head(tx, dot, branch, old, target_id, action, saved, message)
                     refs.link_discarded(tx, dot)

@@ -77,6 +77,10 @@ class FolderBackend(Protocol):
     def discard(self, path: Path) -> None:
         """Remove a folder this backend made (and anything in it), if it exists."""
 
+    def seal(self, path: Path) -> None:
+        """Make a set kept from now on read-only, where the backend can (a working set moved
+        aside as a reset's discarded state, before it is read into a commit)."""
+
 
 @dataclass(frozen=True)
 class PreCopy:
@@ -172,6 +176,9 @@ class PlainFolders:
     def discard(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
+    def seal(self, path: Path) -> None:
+        pass  # plain folders and reflinked copies have no read-only flag; nothing writes them
+
 
 class BtrfsFolders(PlainFolders):
     """A dot's working set (``dots/DOT/subdots``, each branch's parked set, each kept state)
@@ -200,6 +207,14 @@ class BtrfsFolders(PlainFolders):
 
     def discard(self, path: Path) -> None:
         btrfs.remove_tree(path)
+
+    def seal(self, path: Path) -> None:
+        if not btrfs.is_subvolume(path):
+            return
+        try:  # a search of its extents then flushes a file first (btrfs.flushed_extents)
+            btrfs.make_read_only(path)
+        except btrfs.SnapshotError:
+            pass  # not its owner: left writable, its extents are read by FIEMAP
 
     def prepare_copy(self, folder: Path, dest: Path, earlier: reflink.Earlier | None = None
                      ) -> PreCopy | None:

@@ -239,13 +239,16 @@ def policy_for(home: Repo, dot: str, commit: bytes | None) -> Policy:
 
 def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
                     writer: PackWriter, progress: Progress | None = None,
-                    before_touching: Callable[[], None] | None = None) -> dict[str, StatCache]:
+                    before_touching: Callable[[], None] | None = None,
+                    keep_replaced: Path | None = None) -> dict[str, StatCache]:
     """Make the stable folders hold ``target`` (``snap``: what they hold now); returns each
     subdot's new stat cache.
 
     Every subdot is prepared first: its data read, verified and staged, folders that do not
     exist built aside. Only then (after ``before_touching``, which journals the restore) is
-    any folder changed, so a damaged object leaves every folder as it was."""
+    any folder changed, so a damaged object leaves every folder as it was.
+    ``keep_replaced``: where a working set swapped out whole goes instead of the trash (a
+    reset's discarded state, named by the journal; a snapshot backend only)."""
     from dotmesh.workdir.restore import merge_cache
 
     roots = target_roots(home, dot, home.commit(target), writer)
@@ -255,7 +258,8 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
     cow = _set_mode(home, dot)
     if cow is not None:
         return _restore_set(home, dot, cow, target, roots, policy, snap, progress,
-                            before_touching)
+                            before_touching, keep_replaced)
+    assert keep_replaced is None, "only a working set swapped whole is kept when replaced"
     staged: dict[str, Prepared] = {}
     built: dict[str, tuple[Path, RestoreResult]] = {}
     scratches: list[Path] = []
@@ -406,6 +410,7 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
     backend.discard(home.dot_dir(dot) / "tmp")
     trash.recover(home.trash(dot))
     kept.recover(home, dot, backend)
+    kept.finish_discarding(home, dot, working_set(home, dot))
     parked = home.dot_dir(dot) / "branches"
     for folder in [working_set(home, dot), *(parked.iterdir() if parked.is_dir() else [])]:
         if folder.is_dir():  # what a killed build inside a set left
@@ -440,30 +445,6 @@ class Frozen:
     subdots: list[str]
     copied: dict[str, Stats | None]
     whole: bool  # the working set was copied in one piece (not an older layout's subdots)
-
-    def own_caches(self, caches: dict[str, StatCache]) -> dict[str, StatCache]:
-        """The working set's stat caches made to fit this copy on its own: as they are for a
-        snapshot (the same inodes); for a reflinked copy, each entry whose file was, when
-        copied, what the entry says, moved to the copy's file (a new inode)."""
-        out: dict[str, StatCache] = {}
-        for sub in self.subdots:
-            cache, before = caches.get(sub, {}), self.copied.get(sub)
-            if before is None:
-                out[sub] = cache
-                continue
-            top, mine = os.fsencode(self.folder(sub)), {}
-            for rel, e in cache.items():
-                was = before.get(rel)
-                if was is None or (was.st_size, was.st_mtime_ns, was.st_ctime_ns,
-                                   was.st_ino) != (e[0], e[1], e[2], e[3]):
-                    continue
-                try:
-                    st = os.lstat(os.path.join(top, rel))
-                except OSError:
-                    continue
-                mine[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, e[4], e[5])
-            out[sub] = mine
-        return out
 
     def folder(self, sub: str) -> Path:
         return self.staging / kept.SET / sub
@@ -544,34 +525,42 @@ def _quiet_disk(path: Path, rounds: int = 8, short: float = 0.005) -> None:
         last = took
 
 
-def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
-                writer: PackWriter | None, progress: Progress | None = None,
-                cached_only: bool = False, ahead: Ahead | None = None) -> DotSnapshot | None:
-    """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
-    head's kept state. ``cached_only``: None as soon as any file would have to be read (the
-    stat caches do not vouch for it): a reset then keeps the copy as it is instead.
-    ``ahead``: what :func:`look_ahead` prepared before the freeze."""
+def scan_set_cached(home: Repo, dot: str, writer: PackWriter | None, taken_ns: int
+                    ) -> tuple[DotSnapshot | None, dict[str, StatCache]]:
+    """The working set's state if its stat caches vouch for every file (one walk, no file
+    read), else None; and the caches. For a command whose writers are stopped (a reset): the
+    set then holds still, so it is walked where it is, not copied first."""
     from dotmesh.workdir import snapshot as scan
 
+    ensure_folders(home, dot)
+    branch = home.branch(dot)
+    caches = {sub: home.load_cache(dot, branch, sub) for sub in home.subdots(dot)}
+    snap = DotSnapshot({}, {}, {})
+    for sub, cache in caches.items():
+        got = scan.snapshot_cached(home.stable(dot, sub), home.packs, writer, cache, taken_ns)
+        if got is None:
+            return None, caches
+        snap.roots[sub], snap.results[sub], snap.caches[sub] = got.root, got, cache
+    return snap, caches
+
+
+def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
+                writer: PackWriter | None, progress: Progress | None = None,
+                ahead: Ahead | None = None) -> DotSnapshot:
+    """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
+    head's kept state. ``ahead``: what :func:`look_ahead` prepared before the freeze."""
     if ahead is None:
         ahead = look_ahead(home, dot, cow, frozen.subdots, warm=False)
     for sub in frozen.subdots:  # every subdot's reads start before the first walk
         reference = ahead[sub][1]
-        if reference is not None and not cached_only:
+        if reference is not None:
             reference.read_ahead(home.packs, writer, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
     for sub in frozen.subdots:
         cache, reference = ahead[sub]
-        if cached_only:
-            got = scan.snapshot_cached(frozen.folder(sub), home.packs, writer, cache,
-                                       frozen.taken, frozen.copied[sub])
-            if got is None:
-                return None
-            res = got
-        else:
-            res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
-                               reference=reference, taken_ns=frozen.taken,
-                               stats=frozen.copied[sub])
+        res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
+                           reference=reference, taken_ns=frozen.taken,
+                           stats=frozen.copied[sub])
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     return snap
 
@@ -646,7 +635,6 @@ def snapshot_dot_frozen(home: Repo, dot: str, cow: SnapshotBackend, writer: Pack
             raise
     finally:
         _settle_ahead(ahead)
-    assert snap is not None
     return frozen.staging, snap
 
 
@@ -664,11 +652,13 @@ def _within(stats: Stats | None, sub: str) -> Stats | None:
 def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
                  roots: dict[str, Root], policy: Policy, snap: DotSnapshot,
                  progress: Progress | None,
-                 before_touching: Callable[[], None] | None) -> dict[str, StatCache]:
+                 before_touching: Callable[[], None] | None,
+                 keep_replaced: Path | None = None) -> dict[str, StatCache]:
     """:func:`restore_folders` for a working set copied whole: a new set is made aside (a
     writable copy of the target's kept state, else of the current set, patched), every
     subdot folder in it made to hold the target, then the sets are swapped by two renames.
-    The current set is not touched until the swap, so a kill leaves it or the new one."""
+    The current set is not touched until the swap, so a kill leaves it or the new one. The
+    set replaced goes to the trash, or to ``keep_replaced``."""
     from dotmesh.workdir.restore import merge_cache
 
     state = kept.folder(home, dot, target)
@@ -712,11 +702,12 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
         os.rename(new / f"{BUILDING}build-{sub}", new / sub)
         caches[sub] = merge_cache({}, res)
     ws = working_set(home, dot)
-    old = home.scratch(dot) / uuid.uuid4().hex
+    old = keep_replaced or home.scratch(dot) / uuid.uuid4().hex
     if ws.exists():
         os.rename(ws, old)  # a kill from here on: the journal finishes the restore
     os.rename(new, ws)
-    home.throw_away(dot, old)  # a copy of nothing now: the reset need not wait
+    if keep_replaced is None:
+        home.throw_away(dot, old)  # a copy of nothing now: the reset need not wait
     return caches
 
 

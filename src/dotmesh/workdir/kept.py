@@ -116,7 +116,9 @@ def earlier_copy(home: Repo, dot: str, commit: bytes | None) -> Earlier | None:
     return Earlier(state / SET, same)
 
 
-def _write_caches(state: Path, caches: dict[str, StatCache]) -> None:
+def _write_caches(state: Path, caches: dict[str, StatCache], durable: bool = True) -> None:
+    """``durable``: fsync'd before it is renamed in (not when a lost or short file would
+    only cost reads: an unreadable caches file reads as none)."""
     blob = bytearray()
     for sub, cache in sorted(caches.items()):
         name, body = sub.encode(), encode_cache(cache)
@@ -125,7 +127,8 @@ def _write_caches(state: Path, caches: dict[str, StatCache]) -> None:
     with open(tmp, "wb") as f:
         f.write(blob)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.rename(tmp, state / CACHES)
 
 
@@ -312,9 +315,10 @@ _DISCARDED_NAME = re.compile(r"discarded-[0-9a-f]{16}")
 
 @dataclass(frozen=True)
 class Discarded:
-    """A working state a reset discarded, kept as the read-only snapshot ``snaps/NAME`` and
-    not read yet: the reset cost a snapshot, not a commit. It becomes a commit (its reflog
-    row then names it like any saved state) when it is asked for or its days are over."""
+    """A working state a reset discarded, kept unread in ``snaps/NAME``: the working set
+    itself, moved aside by the reset's swap, so the reset cost two renames, not a commit
+    (nor a copy). It becomes a commit (its reflog row then names it like any saved state,
+    and its set is made read-only) when it is asked for or its days are over."""
 
     name: str
     branch: str
@@ -374,13 +378,37 @@ def discarded_folder(home: Repo, dot: str, name: str) -> Path | None:
         return None
 
 
-def keep_discarded(home: Repo, dot: str, staging: Path, name: str,
-                   caches: dict[str, StatCache]) -> None:
-    """Name a frozen copy of the working set as a discarded state (its row is written next,
-    in the journal's transaction: a kill between the two leaves a folder recover removes)."""
-    _write_caches(staging, caches)
-    os.rename(staging, snaps_dir(home, dot) / name)
-    _sync_dir(snaps_dir(home, dot))
+def discarded_set(home: Repo, dot: str, name: str) -> Path:
+    """Where a reset's swap moves the working set it discards (see :func:`begin_discarded`)."""
+    return snaps_dir(home, dot) / name / SET
+
+
+def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, StatCache]) -> None:
+    """Make the folder of a discarded state, with the working set's stat caches, for the
+    working set itself to be moved into (:func:`discarded_set`) by the reset's swap, once
+    the journal's transaction has written the state's row. A kill before the row leaves a
+    folder that :func:`recover` removes; a kill after it, one that :func:`finish_discarding`
+    fills.
+
+    Nothing here is fsync'd, as the swap's renames are not: a crash of the machine may undo
+    them, leaving the working state where it was; a caches file it loses costs reads."""
+    snaps = snaps_dir(home, dot)
+    snaps.mkdir(mode=0o700, exist_ok=True)
+    state = snaps / name
+    state.mkdir(mode=0o700)
+    _write_caches(state, caches, durable=False)
+
+
+def finish_discarding(home: Repo, dot: str, working_set: Path) -> None:
+    """Move the working set into the discarded state named by a reset that a kill stopped
+    before its swap (its row written, its folder still without the set): the journal's
+    restore, finished next, would otherwise replace the state the row promises to keep."""
+    for d in discarded(home, dot):
+        if d.seq is not None:
+            continue  # its reset finished: its folder is whole, or fsck reports it lost
+        state = snaps_dir(home, dot) / d.name
+        if _real_dir(state) and not os.path.lexists(state / SET) and _real_dir(working_set):
+            os.rename(working_set, state / SET)
 
 
 def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
@@ -393,6 +421,7 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
         raise Corrupt(f"the discarded state {d.name} of dot {dot!r} is gone: run dm fsck")
     from dotmesh.workdir import snapshot as scan
 
+    backend.seal(state / SET)  # a working set moved aside: read-only from now on
     caches = _read_caches(state)
     head = home.commit(d.old) if d.old is not None else None
     ref_state = folder(home, dot, d.old)

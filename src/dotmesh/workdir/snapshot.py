@@ -677,9 +677,10 @@ def _depth(rel: str) -> int:
 
 def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
                     taken_ns: int, stats: Stats | None = None) -> SnapshotResult | None:
-    """:func:`snapshot` of a read-only copy, if no file of it has to be read (each one's stat
-    matches ``cache``), else None. One walk: a reset tells from it whether the working state
-    it discards is worth keeping, without reading any file."""
+    """:func:`snapshot` of a folder nothing writes meanwhile (a working set whose writers are
+    stopped), if no file of it has to be read (each one's stat matches ``cache``), else
+    None. One walk: a reset tells from it whether the working state it discards is worth
+    keeping, without reading any file."""
     if not _largest_unchanged(top, cache, stats):
         return None
     walk = _Walk(str(top), cache, None, stats)
