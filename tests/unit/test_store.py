@@ -468,3 +468,43 @@ def test_a_store_closed_under_a_writer_gives_back_what_was_not_indexed(tmp_path)
         assert again.get(kept) == random.Random(1).randbytes(10_000)
     finally:
         again.close()
+
+
+def test_an_encoded_stat_cache_is_stored_as_it_is_and_checked_when_loaded(tmp_path):
+    """A kept state's cache passed on without decoding (statcache.Encoded) is saved as it is,
+    even over an equal decoded one; one damaged on the way loads as empty (reads, not data)."""
+    from dotmesh.meta import statcache
+    from dotmesh.meta.db import Tx
+    from dotmesh.meta.statcache import CacheEntry, Encoded, encode_cache
+
+    conn = connect(tmp_path / "meta.db")
+    cache = {b"a": CacheEntry.of(1, 2, 3, 4, bytes(range(32)), False),
+             b"dir/b": CacheEntry.of(5, 6, 7, 8, None, True)}
+    blob = Encoded(encode_cache(cache))
+    with Tx(conn) as tx:
+        statcache.save(tx, "app", "master", "db", cache, blob)
+    assert statcache.load_encoded(conn, "app", "master", "db") == blob
+    assert statcache.load(conn, "app", "master", "db") == cache
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with Tx(conn) as tx:
+        statcache.save(tx, "app", "master", "db", {}, Encoded(damaged))
+    assert statcache.load(conn, "app", "master", "db") == {}
+    assert statcache.load_encoded(conn, "app", "master", "other") is None
+    conn.close()
+
+
+def test_a_kept_states_caches_file_read_without_decoding_is_framed_or_nothing(tmp_path):
+    from dotmesh.meta.statcache import CacheEntry, Encoded, encode_cache
+    from dotmesh.workdir import kept
+
+    cache = {b"f": CacheEntry.of(1, 2, 3, 4, bytes(32), False)}
+    kept._write_caches(tmp_path, {"db": cache, "redis": Encoded(encode_cache({}))},
+                       durable=False)
+    got = kept._read_encoded(tmp_path)
+    assert got == {"db": encode_cache(cache), "redis": encode_cache({})}
+    assert all(isinstance(v, Encoded) for v in got.values())
+    assert kept._read_caches(tmp_path) == {"db": cache, "redis": {}}
+    whole = (tmp_path / kept.CACHES).read_bytes()
+    (tmp_path / kept.CACHES).write_bytes(whole[:-3])  # a body cut short: nothing trusted
+    assert kept._read_encoded(tmp_path) == {} and kept._read_caches(tmp_path) == {}

@@ -90,23 +90,42 @@ def decode_cache(blob: bytes) -> StatCache:
     return dict(zip(paths, records, strict=True))  # plain tuples: CacheEntry's layout
 
 
-def load(conn: sqlite3.Connection, dot: str, branch: str, subdot: str) -> StatCache:
-    """The subdot's cache on ``branch``; empty when there is none or it is damaged (which
-    only costs reading every file once)."""
-    row = conn.execute("SELECT data FROM statcache WHERE dot=? AND branch=? AND subdot=?",
-                       (dot, branch, subdot)).fetchone()
-    if row is None:
-        return {}
+class Encoded(bytes):
+    """A cache as :func:`encode_cache` made it, passed on without decoding (a kept state's,
+    for a copy that has the same files): saved as it is, its checksum checked when loaded.
+    Decoding and encoding again cost 7 ms for a folder of 5,000 files."""
+
+
+def decode_or_empty(blob: bytes) -> StatCache:
+    """:func:`decode_cache`, or an empty cache for a damaged blob (which only costs reading
+    every file once)."""
     try:
-        return decode_cache(row[0])
+        return decode_cache(blob)
     except (ValueError, struct.error, TypeError):
         return {}
 
 
+def load_encoded(conn: sqlite3.Connection, dot: str, branch: str, subdot: str
+                 ) -> Encoded | None:
+    """The subdot's cache on ``branch`` as stored (None: there is none)."""
+    row = conn.execute("SELECT data FROM statcache WHERE dot=? AND branch=? AND subdot=?",
+                       (dot, branch, subdot)).fetchone()
+    return Encoded(row[0]) if row is not None and isinstance(row[0], bytes) else None
+
+
+def load(conn: sqlite3.Connection, dot: str, branch: str, subdot: str) -> StatCache:
+    """The subdot's cache on ``branch``; empty when there is none or it is damaged."""
+    blob = load_encoded(conn, dot, branch, subdot)
+    return decode_or_empty(blob) if blob is not None else {}
+
+
 def save(conn: sqlite3.Connection, dot: str, branch: str, subdot: str, old: StatCache,
-         new: StatCache) -> None:
+         new: StatCache | Encoded) -> None:
     """Replace the subdot's cache (inside the caller's transaction) if it changed."""
-    if new != old:
+    if isinstance(new, Encoded):
+        conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
+                     (dot, branch, subdot, bytes(new)))
+    elif new != old:
         conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
                      (dot, branch, subdot, encode_cache(new)))
 

@@ -15,7 +15,7 @@ from dotmesh.capture.stop import Stopped, stopped_for_restore
 from dotmesh.errors import Conflict, UsageError
 from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import StatCache
+from dotmesh.meta.statcache import Encoded
 from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import check_branch
 from dotmesh.model.objects import KIND_COMMIT, Commit, is_dirty
@@ -126,7 +126,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
             cow = snapshots_of(home)
             staging: Path | None = None
             keep_as: str | None = None  # a name for the discarded state, kept unread
-            keep_caches: dict[str, StatCache] = {}
+            keep_caches: dict[str, Encoded] = {}
             taken = time.time_ns()
             moves = cow is not None and cow.is_set(working_set(home, dot)) \
                 and kept.folder(home, dot, target_id) is not None

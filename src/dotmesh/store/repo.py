@@ -571,7 +571,11 @@ class Repo:
     def load_cache(self, dot: str, branch: str, subdot: str) -> StatCache:
         return statcache.load(self.conn, dot, branch, subdot)
 
+    def load_encoded_cache(self, dot: str, branch: str, subdot: str
+                           ) -> statcache.Encoded | None:
+        return statcache.load_encoded(self.conn, dot, branch, subdot)
+
     def save_cache(self, c: sqlite3.Connection, dot: str, branch: str, subdot: str,
-                   old: StatCache, new: StatCache) -> None:
+                   old: StatCache, new: StatCache | statcache.Encoded) -> None:
         """Replace the subdot's cache, inside the caller's transaction, if it changed."""
         statcache.save(c, dot, branch, subdot, old, new)

@@ -18,7 +18,7 @@ from dotmesh.fs import btrfs, reflink, trash
 from dotmesh.fs.reflink import Stats
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import StatCache
+from dotmesh.meta.statcache import Encoded, StatCache, decode_or_empty
 from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
@@ -240,7 +240,7 @@ def policy_for(home: Repo, dot: str, commit: bytes | None) -> Policy:
 def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
                     writer: PackWriter, progress: Progress | None = None,
                     before_touching: Callable[[], None] | None = None,
-                    keep_replaced: Path | None = None) -> dict[str, StatCache]:
+                    keep_replaced: Path | None = None) -> dict[str, StatCache | Encoded]:
     """Make the stable folders hold ``target`` (``snap``: what they hold now); returns each
     subdot's new stat cache.
 
@@ -283,7 +283,7 @@ def restore_folders(home: Repo, dot: str, target: ObjectId, snap: DotSnapshot,
         raise
     if before_touching is not None:
         before_touching()
-    caches: dict[str, StatCache] = {}
+    caches: dict[str, StatCache | Encoded] = {}
     for sub, prepared in staged.items():
         base = snap.results[sub].cache if sub in snap.results else {}
         caches[sub] = merge_cache(base, prepared.apply())
@@ -421,6 +421,11 @@ def recover(home: Repo, dot: str, finish: bool = True) -> None:
         finish_restore(home, dot)
 
 
+def _for_encoded_copy(cache: Encoded, made: Stats | None) -> StatCache | Encoded:
+    """:func:`_for_copy` of a cache as stored: passed on as it is for a snapshot."""
+    return cache if made is None else _for_copy(decode_or_empty(cache), made)
+
+
 def _for_copy(cache: StatCache, made: Stats | None) -> StatCache:
     """A stat cache, for a writable copy of its folder: as is for a snapshot (same
     inodes); for a reflinked copy (new inodes), each entry moved to its new file's stat."""
@@ -526,22 +531,24 @@ def _quiet_disk(path: Path, rounds: int = 8, short: float = 0.005) -> None:
 
 
 def scan_set_cached(home: Repo, dot: str, writer: PackWriter | None, taken_ns: int
-                    ) -> tuple[DotSnapshot | None, dict[str, StatCache]]:
+                    ) -> tuple[DotSnapshot | None, dict[str, Encoded]]:
     """The working set's state if its stat caches vouch for every file (one walk, no file
-    read), else None; and the caches. For a command whose writers are stopped (a reset): the
-    set then holds still, so it is walked where it is, not copied first."""
+    read), else None; and the caches, as stored. For a command whose writers are stopped (a
+    reset): the set then holds still, so it is walked where it is, not copied first."""
     from dotmesh.workdir import snapshot as scan
 
     ensure_folders(home, dot)
     branch = home.branch(dot)
-    caches = {sub: home.load_cache(dot, branch, sub) for sub in home.subdots(dot)}
+    stored = {sub: home.load_encoded_cache(dot, branch, sub) for sub in home.subdots(dot)}
+    encoded = {sub: blob for sub, blob in stored.items() if blob is not None}
     snap = DotSnapshot({}, {}, {})
-    for sub, cache in caches.items():
+    for sub in stored:
+        cache = decode_or_empty(encoded[sub]) if sub in encoded else {}
         got = scan.snapshot_cached(home.stable(dot, sub), home.packs, writer, cache, taken_ns)
         if got is None:
-            return None, caches
+            return None, encoded
         snap.roots[sub], snap.results[sub], snap.caches[sub] = got.root, got, cache
-    return snap, caches
+    return snap, encoded
 
 
 def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
@@ -653,7 +660,7 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
                  roots: dict[str, Root], policy: Policy, snap: DotSnapshot,
                  progress: Progress | None,
                  before_touching: Callable[[], None] | None,
-                 keep_replaced: Path | None = None) -> dict[str, StatCache]:
+                 keep_replaced: Path | None = None) -> dict[str, StatCache | Encoded]:
     """:func:`restore_folders` for a working set copied whole: a new set is made aside (a
     writable copy of the target's kept state, else of the current set, patched), every
     subdot folder in it made to hold the target, then the sets are swapped by two renames.
@@ -666,18 +673,18 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     staged: dict[str, Prepared] = {}
     seen: dict[str, StatCache] = {}  # what each staged folder holds, by its own files' stats
     built: dict[str, RestoreResult] = {}
-    caches: dict[str, StatCache] = {}
+    caches: dict[str, StatCache | Encoded] = {}
     try:
         if state is not None:
             made = cow.writable_copy(state / kept.SET, new)  # shares every block
-            state_caches = kept.caches(home, dot, target)
+            state_caches = kept.encoded_caches(home, dot, target)
         else:
             made = cow.writable_copy(working_set(home, dot), new)
             state_caches = {}
         for sub, root in roots.items():
             folder = new / sub
             if state is not None and sub in state_caches and folder.is_dir():
-                caches[sub] = _for_copy(state_caches[sub], _within(made, sub))
+                caches[sub] = _for_encoded_copy(state_caches[sub], _within(made, sub))
             elif state is None and folder.is_dir() and sub in snap.roots:
                 # a copy's files are new inodes: judged by theirs (None: the same inodes)
                 seen[sub] = _for_copy(snap.results[sub].cache, _within(made, sub))
@@ -719,7 +726,8 @@ def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
     folders it lacks are built inside it, then renamed into place."""
     parked = home.parked_set(dot, branch)
     state = kept.folder(home, dot, commit)
-    state_caches = kept.caches(home, dot, commit) if state is not None and commit else {}
+    state_caches = kept.encoded_caches(home, dot, commit) if state is not None and commit \
+        else {}
     made: Stats | None = None
     if not parked.exists():
         tmp = home.scratch(dot) / uuid.uuid4().hex
@@ -742,7 +750,7 @@ def _materialize_set(home: Repo, dot: str, cow: SnapshotBackend, branch: str,
             if sub in state_caches:
                 with Tx(home.conn) as c:
                     home.save_cache(c, dot, branch, sub, home.load_cache(dot, branch, sub),
-                                    _for_copy(state_caches[sub], _within(made, sub)))
+                                    _for_encoded_copy(state_caches[sub], _within(made, sub)))
             continue
         aside = parked / f"{BUILDING}build-{uuid.uuid4().hex}"
         try:

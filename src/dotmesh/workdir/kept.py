@@ -17,7 +17,7 @@ import stat
 import struct
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from dotmesh.fs import trash
 from dotmesh.fs.reflink import Earlier
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import FOLDER, HINT_ONLY, StatCache, decode_cache, encode_cache
+from dotmesh.meta.statcache import FOLDER, HINT_ONLY, Encoded, StatCache, decode_cache, encode_cache
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
 from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
@@ -116,12 +116,14 @@ def earlier_copy(home: Repo, dot: str, commit: bytes | None) -> Earlier | None:
     return Earlier(state / SET, same)
 
 
-def _write_caches(state: Path, caches: dict[str, StatCache], durable: bool = True) -> None:
+def _write_caches(state: Path, caches: Mapping[str, StatCache | Encoded],
+                  durable: bool = True) -> None:
     """``durable``: fsync'd before it is renamed in (not when a lost or short file would
     only cost reads: an unreadable caches file reads as none)."""
     blob = bytearray()
     for sub, cache in sorted(caches.items()):
-        name, body = sub.encode(), encode_cache(cache)
+        name = sub.encode()
+        body = cache if isinstance(cache, Encoded) else encode_cache(cache)
         blob += _LEN.pack(len(name)) + name + _LEN.pack(len(body)) + body
     tmp = state / f"{CACHES}.tmp"
     with open(tmp, "wb") as f:
@@ -163,8 +165,16 @@ def caches(home: Repo, dot: str, commit: bytes) -> dict[str, StatCache]:
     return _read_caches(p) if p is not None else {}
 
 
-def _read_caches(p: Path) -> dict[str, StatCache]:
-    out: dict[str, StatCache] = {}
+def encoded_caches(home: Repo, dot: str, commit: bytes) -> dict[str, Encoded]:
+    """:func:`caches`, not decoded: for a copy of the state with the same files, whose
+    caches they are as they stand (each one's checksum is checked when it is loaded)."""
+    p = folder(home, dot, commit)
+    return _read_encoded(p) if p is not None else {}
+
+
+def _read_encoded(p: Path) -> dict[str, Encoded]:
+    """The caches file's parts, by subdot; {} if it is missing or not well framed."""
+    out: dict[str, Encoded] = {}
     try:
         blob = (p / CACHES).read_bytes()
     except OSError:
@@ -176,11 +186,20 @@ def _read_caches(p: Path) -> dict[str, StatCache]:
             name = blob[pos + 4:pos + 4 + n].decode()
             pos += 4 + n
             (m,) = _LEN.unpack_from(blob, pos)
-            out[name] = decode_cache(blob[pos + 4:pos + 4 + m])
+            if pos + 4 + m > len(blob):
+                return {}
+            out[name] = Encoded(blob[pos + 4:pos + 4 + m])
             pos += 4 + m
-    except Exception:
+    except (struct.error, UnicodeDecodeError):
         return {}
     return out
+
+
+def _read_caches(p: Path) -> dict[str, StatCache]:
+    try:
+        return {name: decode_cache(body) for name, body in _read_encoded(p).items()}
+    except Exception:
+        return {}
 
 
 def kept_ids(home: Repo, dot: str) -> list[ObjectId]:
@@ -383,7 +402,7 @@ def discarded_set(home: Repo, dot: str, name: str) -> Path:
     return snaps_dir(home, dot) / name / SET
 
 
-def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, StatCache]) -> None:
+def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, Encoded]) -> None:
     """Make the folder of a discarded state, with the working set's stat caches, for the
     working set itself to be moved into (:func:`discarded_set`) by the reset's swap, once
     the journal's transaction has written the state's row. A kill before the row leaves a
