@@ -485,6 +485,10 @@ def test_an_encoded_stat_cache_is_stored_as_it_is_and_checked_when_loaded(tmp_pa
         statcache.save(tx, "app", "master", "db", cache, blob)
     assert statcache.load_encoded(conn, "app", "master", "db") == blob
     assert statcache.load(conn, "app", "master", "db") == cache
+    writes = conn.total_changes
+    with Tx(conn) as tx:  # the same blob again (a reset to the head's state): no write
+        statcache.save(tx, "app", "master", "db", {}, Encoded(bytes(blob)))
+    assert conn.total_changes == writes
     damaged = bytearray(blob)
     damaged[-1] ^= 1
     with Tx(conn) as tx:
@@ -508,3 +512,19 @@ def test_a_kept_states_caches_file_read_without_decoding_is_framed_or_nothing(tm
     whole = (tmp_path / kept.CACHES).read_bytes()
     (tmp_path / kept.CACHES).write_bytes(whole[:-3])  # a body cut short: nothing trusted
     assert kept._read_encoded(tmp_path) == {} and kept._read_caches(tmp_path) == {}
+
+
+def test_the_largest_files_of_an_encoded_cache_are_those_of_the_decoded_one():
+    import heapq
+
+    from dotmesh.meta.statcache import FOLDER, CacheEntry, decode_cache, encode_cache, largest_files
+
+    rng = random.Random(5)
+    cache = {f"f{i}".encode(): CacheEntry.of(rng.randrange(1 << 40), i, i, i, None, False)
+             for i in range(300)}
+    cache[b"big/"] = CacheEntry(1 << 50, 0, 0, 0, bytes(32), FOLDER)  # folders do not count
+    blob = encode_cache(cache)
+    want = dict(heapq.nlargest(16, ((k, v) for k, v in decode_cache(blob).items()
+                                    if not v[5] & FOLDER), key=lambda kv: kv[1][0]))
+    assert largest_files(blob, 16) == want and len(want) == 16
+    assert largest_files(blob[:-1], 16) == {} and largest_files(b"junk", 16) == {}

@@ -96,6 +96,34 @@ class Encoded(bytes):
     Decoding and encoding again cost 7 ms for a folder of 5,000 files."""
 
 
+_SIZE_AND_FLAGS = struct.Struct("<Q56xB")  # a record's size and flags, the rest skipped
+
+
+def largest_files(blob: bytes, count: int) -> StatCache:
+    """The entries of the ``count`` largest files in an encoded cache, without decoding the
+    others (a reset tells a changed working state from them: 1 ms, not 5, at 5,000 files);
+    empty if the blob is damaged."""
+    import heapq
+
+    head = len(CACHE_MAGIC) + 8
+    body = memoryview(blob)[head:]
+    try:
+        if blob[:len(CACHE_MAGIC)] != CACHE_MAGIC or xxhash.xxh3_64_digest(body) != blob[
+                len(CACHE_MAGIC):head]:
+            return {}
+        n, names_len = struct.unpack_from("<II", body)
+        records = body[8 + names_len:]
+        if len(records) != n * _CACHE_RECORD.size:
+            return {}
+        files = ((size, i) for i, (size, flags) in enumerate(_SIZE_AND_FLAGS.iter_unpack(records))
+                 if not flags & FOLDER)
+        paths = bytes(body[8:8 + names_len]).split(b"\0")
+        return {paths[i]: _CACHE_RECORD.unpack_from(records, i * _CACHE_RECORD.size)
+                for _, i in heapq.nlargest(count, files)}
+    except (struct.error, IndexError):
+        return {}
+
+
 def decode_or_empty(blob: bytes) -> StatCache:
     """:func:`decode_cache`, or an empty cache for a damaged blob (which only costs reading
     every file once)."""
@@ -123,8 +151,10 @@ def save(conn: sqlite3.Connection, dot: str, branch: str, subdot: str, old: Stat
          new: StatCache | Encoded) -> None:
     """Replace the subdot's cache (inside the caller's transaction) if it changed."""
     if isinstance(new, Encoded):
-        conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
-                     (dot, branch, subdot, bytes(new)))
+        # (a reset to the head's kept state finds the very cache it would write)
+        if new != load_encoded(conn, dot, branch, subdot):
+            conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
+                         (dot, branch, subdot, bytes(new)))
     elif new != old:
         conn.execute("INSERT OR REPLACE INTO statcache VALUES (?, ?, ?, ?)",
                      (dot, branch, subdot, encode_cache(new)))

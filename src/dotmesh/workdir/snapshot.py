@@ -681,7 +681,7 @@ def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cach
     stopped), if no file of it has to be read (each one's stat matches ``cache``), else
     None. One walk: a reset tells from it whether the working state it discards is worth
     keeping, without reading any file."""
-    if not _largest_unchanged(top, cache, stats):
+    if not largest_unchanged(top, cache, stats):
         return None
     walk = _Walk(str(top), cache, None, stats)
     walk.tree("", until_a_read=True)  # a changed state is told from its first changed folder
@@ -712,8 +712,8 @@ def changed_paged(top: Path, cache: StatCache, count: int = WARM_COUNT) -> list[
     return out
 
 
-def _largest_unchanged(top: Path, cache: StatCache, stats: Stats | None, count: int = 16
-                       ) -> bool:
+def largest_unchanged(top: Path, cache: StatCache, stats: Stats | None = None,
+                      count: int = 16) -> bool:
     """Whether the ``count`` largest files of ``cache`` still match it: databases are the
     files that change, and they are the largest, so a changed state is usually told by a
     few stats rather than a walk. True says nothing about the other files."""
