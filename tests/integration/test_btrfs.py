@@ -184,6 +184,8 @@ def test_a_reset_over_deleted_files_stores_them_and_keeps_the_set_as_that_commit
     state = bdm.home / "dots" / "app" / "snaps" / res["saved"] / "subdots"
     assert os.stat(state).st_dev == working_set
     assert res["saved"] in _kept(bdm.home)
+    with pytest.raises(OSError):  # kept states are read-only, this one too
+        (state / "db" / "a.txt").write_text("a late writer")
     bdm.ok("reset", "--hard", res["saved"])
     assert capture(db) == without_b
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
@@ -499,10 +501,12 @@ def _dies_at_the_move(dm: DM, at: str, *args: str) -> None:
     assert p.returncode == 137, p.stderr
 
 
-def killed_around_the_move_loses_nothing(dm: DM, at: str) -> None:
+def killed_around_the_move_loses_nothing(dm: DM, at: str, then: str) -> None:
     """A reset killed just before or just after it moves the working set into the discarded
-    state its journal names: lockless commands say so and touch nothing, the next command
-    finishes the reset, and the discarded state comes back whole."""
+    state its journal names: lockless commands say so and touch nothing, fsck --repair sees
+    no lost state and drops nothing, the next command (``then``: a commit, another reset,
+    or any command after a crash of the machine that lost the state's new folder) finishes
+    the reset, and the discarded state comes back whole, with no empty state saved."""
     db, first, one = _one_commit(dm)
     _rewrite_pages(db / "table", every=3)
     (db / "a.txt").write_text("work")
@@ -512,18 +516,64 @@ def killed_around_the_move_loses_nothing(dm: DM, at: str) -> None:
     assert shown["state"] == "unfinished reset"
     ws = dm.home / "dots" / "app" / "subdots"
     assert ws.exists() == (at == "before")  # nothing made an empty working set meanwhile
-    dm.ok("commit", "-m", "after the kill")  # finishes the reset
+    report = json.loads(dm.ok("fsck", "--repair", "--json"))
+    assert not [p for p in report["problems"] if "discarded" in p], report
+    if then == "crash":  # the folder made before the journal's row, lost with the machine
+        [folder] = (dm.home / "dots" / "app" / "snaps").glob("discarded-*")
+        shutil.rmtree(folder)
+        then = "commit"
+    if then == "commit":
+        dm.ok("commit", "-m", "after the kill")  # finishes the reset
+    else:
+        dm.ok("reset", "--hard", first)  # finishes it, then resets from its result
     assert capture(db) == one
-    [name] = [r["kept_as"] for r in json.loads(dm.ok("reflog", "--json")) if r["kept_as"]]
+    rows = json.loads(dm.ok("reflog", "--json"))
+    assert not [r for r in rows if r["saved"]]  # nothing else was worth saving
+    [name] = [r["kept_as"] for r in rows if r["kept_as"]]
     dm.ok("reset", "--hard", name)
     assert capture(db) == work
     assert json.loads(dm.ok("fsck", "--json"))["ok"]
 
 
-@pytest.mark.parametrize("at", ["before", "after"])
-def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(bdm: DM, at: str
-                                                                       ) -> None:
-    killed_around_the_move_loses_nothing(bdm, at)
+KILLS = [("before", "commit"), ("after", "commit"), ("before", "reset"), ("after", "reset"),
+         ("before", "crash")]
+
+
+@pytest.mark.parametrize(("at", "then"), KILLS)
+def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(bdm: DM, at: str,
+                                                                       then: str) -> None:
+    killed_around_the_move_loses_nothing(bdm, at, then)
+
+
+def test_a_discarded_state_comes_back_whole_without_its_caches_or_stat_cache_rows(
+        bdm: DM) -> None:
+    """What a discarded state holds does not depend on its stat caches: a subdot added since
+    the last commit (no cache row), a damaged cache row, a caches file a crash left empty
+    each cost reads, never a subdot."""
+    db, _, _ = _one_commit(bdm)
+    (bdm.path("app.logs") / "today.log").write_text("logged")
+    extra = bdm.path("app.extra")  # no commit since: no cache row
+    (extra / "notes.txt").write_text("notes")
+    (db / "a.txt").write_text("work")
+    _commit(bdm, "two")
+    (extra / "notes.txt").write_text("more notes")
+    (bdm.path("app.new") / "n.txt").write_text("new subdot")  # no cache row at all
+    (db / "a.txt").write_text("more work")
+    with sqlite3.connect(bdm.home / "meta.db") as c:  # one row damaged on disk
+        (blob,) = c.execute("SELECT data FROM statcache WHERE subdot='logs'").fetchone()
+        c.execute("UPDATE statcache SET data=? WHERE subdot='logs'",
+                  (blob[:-1] + bytes([blob[-1] ^ 1]),))
+    for crash in (False, True):
+        if crash:  # a change again, to the state the first round brought back
+            (db / "a.txt").write_text("yet more work")
+        work = {s: capture(bdm.path(f"app.{s}")) for s in ("db", "logs", "extra", "new")}
+        name = json.loads(bdm.ok("reset", "--hard", "HEAD", "--json"))["kept_as"]
+        caches = bdm.home / "dots" / "app" / "snaps" / name / ".dm-caches"
+        if crash:
+            caches.write_bytes(b"")
+        bdm.ok("reset", "--hard", name)
+        assert {s: capture(bdm.path(f"app.{s}")) for s in work} == work
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
 @pytest.mark.slow

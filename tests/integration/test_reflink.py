@@ -16,6 +16,7 @@ import pytest
 from dotmesh.fs import reflink
 from tests.conftest import DM, capture
 from tests.integration.test_btrfs import (
+    KILLS,
     _commit,
     _kept,
     _paged_file,
@@ -115,10 +116,10 @@ def test_a_reset_keeps_what_it_discards_as_a_reflinked_copy(xdm: DM) -> None:
     assert json.loads(xdm.ok("fsck", "--json"))["ok"]
 
 
-@pytest.mark.parametrize("at", ["before", "after"])
-def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(xdm: DM, at: str
-                                                                       ) -> None:
-    killed_around_the_move_loses_nothing(xdm, at)
+@pytest.mark.parametrize(("at", "then"), KILLS)
+def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(xdm: DM, at: str,
+                                                                       then: str) -> None:
+    killed_around_the_move_loses_nothing(xdm, at, then)
 
 
 def _second(dm: DM) -> str:

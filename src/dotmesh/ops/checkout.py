@@ -189,6 +189,8 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                     cow.discard(staging)
                 raise
             if cow is not None:
+                if keep_replaced is not None and staging is not None:
+                    cow.seal(keep_replaced)  # the moved set, kept: written by nothing now
                 kept.settle(home, dot, staging, saved or old,
                             {s: r.cache for s, r in snap.results.items()}, cow)
         return ResetResult(old, target_id, saved, stopped, keep_as)
@@ -216,7 +218,11 @@ def _supersede(home: Repo, dot: str) -> None:
     """A reset replaces a restore that a kill interrupted: its working state was saved and is
     named in the reflog, and the half-restored folders are saved by this reset in turn."""
     j = home.pending_restore(dot)
-    if j is None or j.kind == "clone":
+    moved = snapshots_of(home) is not None and (
+        kept.moved_discarded(home, dot) or not working_set(home, dot).exists())
+    if j is None or j.kind == "clone" or moved:
+        # (a reset that had moved the working set away, into its discarded state: finished,
+        # so that this one starts from a working set, not from none it would save as empty)
         if j is not None:
             finish_restore(home, dot)
         return

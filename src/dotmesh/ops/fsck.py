@@ -407,7 +407,11 @@ class _Fsck:
                     kept.drop(self.home, dot, commit)
                     self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
                                            f"{dot} (a restore of it reads the store)")
+            pending = self.home.pending_restore(dot)
             for d in kept.discarded(self.home, dot):
+                if d.seq is None and pending is not None and pending.kind == "reset" \
+                        and pending.target == d.target:
+                    continue  # a reset a kill stopped: the state may still be the working set
                 if kept.discarded_folder(self.home, dot, d.name) is None:
                     # Unlike a kept state, this is the only copy of that working state.
                     self.r.problems.append(f"the discarded state {d.name} of {dot} named in "

@@ -18,7 +18,7 @@ from dotmesh.fs import btrfs, reflink, trash
 from dotmesh.fs.reflink import Stats
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import Encoded, StatCache, decode_or_empty, largest_files
+from dotmesh.meta.statcache import Encoded, StatCache, decode_or_empty, encode_cache, largest_files
 from dotmesh.model.ids import ObjectId, object_id
 from dotmesh.model.objects import EMPTY_TREE, KIND_TREE, Commit, Root
 from dotmesh.store.packs import PackWriter
@@ -539,14 +539,15 @@ def scan_set_cached(home: Repo, dot: str, writer: PackWriter | None, taken_ns: i
 
     ensure_folders(home, dot)
     branch = home.branch(dot)
-    stored = {sub: home.load_encoded_cache(dot, branch, sub) for sub in home.subdots(dot)}
-    encoded = {sub: blob for sub, blob in stored.items() if blob is not None}
+    none = Encoded(encode_cache({}))  # every subdot is named, with no cache row too
+    encoded = {sub: home.load_encoded_cache(dot, branch, sub) or none
+               for sub in home.subdots(dot)}
     for sub, blob in encoded.items():  # a changed state is mostly told from its largest files
         if not scan.largest_unchanged(home.stable(dot, sub), largest_files(blob, 16)):
             return None, encoded
     snap = DotSnapshot({}, {}, {})
-    for sub in stored:
-        cache = decode_or_empty(encoded[sub]) if sub in encoded else {}
+    for sub, blob in encoded.items():
+        cache = decode_or_empty(blob)
         got = scan.snapshot_cached(home.stable(dot, sub), home.packs, writer, cache, taken_ns)
         if got is None:
             return None, encoded

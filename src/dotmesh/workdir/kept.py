@@ -21,14 +21,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dotmesh.errors import Corrupt, DotmeshError, NotFound, UsageError
+from dotmesh.errors import Corrupt, DotmeshError, InvalidName, NotFound, UsageError
 from dotmesh.fs import trash
 from dotmesh.fs.reflink import Earlier
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
-from dotmesh.meta.statcache import FOLDER, HINT_ONLY, Encoded, StatCache, decode_cache, encode_cache
+from dotmesh.meta.statcache import (
+    FOLDER,
+    HINT_ONLY,
+    Encoded,
+    StatCache,
+    decode_or_empty,
+    encode_cache,
+)
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
+from dotmesh.model.names import check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
 from dotmesh.store.repo import Repo
 from dotmesh.workdir.backend import FolderBackend
@@ -118,8 +126,8 @@ def earlier_copy(home: Repo, dot: str, commit: bytes | None) -> Earlier | None:
 
 def _write_caches(state: Path, caches: Mapping[str, StatCache | Encoded],
                   durable: bool = True) -> None:
-    """``durable``: fsync'd before it is renamed in (not when a lost or short file would
-    only cost reads: an unreadable caches file reads as none)."""
+    """``durable``: fsync'd before it is renamed in (not for a discarded state's, which
+    only spares reads: a lost or short one makes its files be read whole)."""
     blob = bytearray()
     for sub, cache in sorted(caches.items()):
         name = sub.encode()
@@ -196,10 +204,9 @@ def _read_encoded(p: Path) -> dict[str, Encoded]:
 
 
 def _read_caches(p: Path) -> dict[str, StatCache]:
-    try:
-        return {name: decode_cache(body) for name, body in _read_encoded(p).items()}
-    except Exception:
-        return {}
+    """Each subdot's cache decoded on its own: a damaged one reads as empty (its files are
+    then read), never the others."""
+    return {name: decode_or_empty(body) for name, body in _read_encoded(p).items()}
 
 
 def kept_ids(home: Repo, dot: str) -> list[ObjectId]:
@@ -388,13 +395,12 @@ def find_discarded(home: Repo, dot: str, text: str) -> Discarded:
 
 
 def discarded_folder(home: Repo, dot: str, name: str) -> Path | None:
+    """The folder of a discarded state, once its set is in (its caches file may be missing
+    or short after a crash: that costs reads, see :func:`begin_discarded`)."""
     p = snaps_dir(home, dot) / name
     if not (_DISCARDED_NAME.fullmatch(name) and _real_dir(p) and _real_dir(p / SET)):
         return None
-    try:
-        return p if stat.S_ISREG(os.lstat(p / CACHES).st_mode) else None
-    except OSError:
-        return None
+    return p
 
 
 def discarded_set(home: Repo, dot: str, name: str) -> Path:
@@ -403,14 +409,18 @@ def discarded_set(home: Repo, dot: str, name: str) -> Path:
 
 
 def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, Encoded]) -> None:
-    """Make the folder of a discarded state, with the working set's stat caches, for the
-    working set itself to be moved into (:func:`discarded_set`) by the reset's swap, once
-    the journal's transaction has written the state's row. A kill before the row leaves a
-    folder that :func:`recover` removes; a kill after it, one that :func:`finish_discarding`
-    fills.
+    """Make the folder of a discarded state, with the working set's stat caches (one per
+    subdot, empty ones too), for the working set itself to be moved into
+    (:func:`discarded_set`) by the reset's swap, once the journal's transaction has written
+    the state's row. A kill before the row leaves a folder that :func:`recover` removes; a
+    kill after it, one that :func:`finish_discarding` fills.
 
-    Nothing here is fsync'd, as the swap's renames are not: a crash of the machine may undo
-    them, leaving the working state where it was; a caches file it loses costs reads."""
+    Nothing here is fsync'd, as the swap's renames are not. A crash of the machine may lose
+    the folder after the row is written (:func:`finish_discarding` makes it again) or the
+    caches file (the state's files are then read whole: :func:`store_discarded` takes its
+    subdots from its folders too). The renames are written with the reset's last
+    transaction's fsync: on btrfs, renaming a subvolume makes that fsync commit the
+    filesystem's transaction; on XFS it forces the log, which holds them."""
     snaps = snaps_dir(home, dot)
     snaps.mkdir(mode=0o700, exist_ok=True)
     state = snaps / name
@@ -420,14 +430,28 @@ def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, Encoded])
 
 def finish_discarding(home: Repo, dot: str, working_set: Path) -> None:
     """Move the working set into the discarded state named by a reset that a kill stopped
-    before its swap (its row written, its folder still without the set): the journal's
-    restore, finished next, would otherwise replace the state the row promises to keep."""
+    before its swap (its row written, its journal pending, the set not moved yet): the
+    journal's restore, finished next, would otherwise replace the state the row promises to
+    keep. The state's folder is made again if a crash lost it."""
+    j = home.pending_restore(dot)
+    if j is None or j.kind != "reset" or not _real_dir(working_set):
+        return
     for d in discarded(home, dot):
-        if d.seq is not None:
+        if d.seq is not None or d.target != j.target:
             continue  # its reset finished: its folder is whole, or fsck reports it lost
         state = snaps_dir(home, dot) / d.name
-        if _real_dir(state) and not os.path.lexists(state / SET) and _real_dir(working_set):
+        if os.path.lexists(state) and not _real_dir(state):
+            continue  # not ours: nothing is moved into it (fsck names the state lost)
+        if not os.path.lexists(state / SET):
+            state.mkdir(mode=0o700, exist_ok=True)
             os.rename(working_set, state / SET)
+            return
+
+
+def moved_discarded(home: Repo, dot: str) -> bool:
+    """Whether an unfinished reset has moved the working set into its discarded state."""
+    return any(d.seq is None and discarded_folder(home, dot, d.name) is not None
+               for d in discarded(home, dot))
 
 
 def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
@@ -447,7 +471,7 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     writer = home.packs.writer()
     roots: dict[str, Root] = {}
     scanned: dict[str, StatCache] = {}
-    for sub in sorted(caches):
+    for sub in sorted(set(caches) | _subdot_folders(state / SET)):
         top = sub_path(state, sub)
         if not _real_dir(top):
             raise Corrupt(f"the discarded state {d.name} of dot {dot!r} lacks subdot {sub}")
@@ -455,8 +479,8 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
         if head is not None and ref_state is not None and sub in head.subdots \
                 and _real_dir(sub_path(ref_state, sub)):
             reference = scan.Reference(sub_path(ref_state, sub), head.subdots[sub].tree)
-        res = scan.snapshot(top, home.packs, writer, caches[sub], reference=reference,
-                            taken_ns=d.taken_ns)
+        res = scan.snapshot(top, home.packs, writer, caches.get(sub, {}),
+                            reference=reference, taken_ns=d.taken_ns)
         roots[sub], scanned[sub] = res.root, res.cache
     saved = None
     if is_dirty(roots, head):
@@ -471,6 +495,22 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     else:
         keep(home, dot, state, saved, scanned, backend)
     return saved
+
+
+def _subdot_folders(top: Path) -> set[str]:
+    """The folders in a set that are named as subdots are (what a state holds even if its
+    caches file, which names its subdots, was lost)."""
+    def named(name: str) -> bool:
+        try:
+            return check_name(name) == name
+        except InvalidName:
+            return False
+
+    try:
+        with os.scandir(top) as entries:
+            return {e.name for e in entries if e.is_dir(follow_symlinks=False) and named(e.name)}
+    except OSError:
+        return set()
 
 
 def drop_discarded(home: Repo, dot: str, name: str) -> None:
