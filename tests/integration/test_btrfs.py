@@ -545,6 +545,40 @@ def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(bdm: DM, a
     killed_around_the_move_loses_nothing(bdm, at, then)
 
 
+_CANNOT_FINISH = """
+import sys
+from dotmesh.errors import Corrupt
+from dotmesh.ops import checkout
+def fails(*a, **k):
+    raise Corrupt("the target cannot be read")
+checkout.finish_restore = fails
+from dotmesh.cli.main import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_a_moved_reset_that_cannot_be_finished_is_undone_by_the_next_reset(bdm: DM) -> None:
+    """Killed after moving the working set into its discarded state, a reset whose target
+    then cannot be restored: the next reset puts the set back and replaces it, storing the
+    working state as any reset does, rather than failing for ever."""
+    db, first, one = _one_commit(bdm)
+    (db / "a.txt").write_text("two")
+    second = str(_commit(bdm, "two")["id"])
+    (db / "a.txt").write_text("work")
+    work = capture(db)
+    _dies_at_the_move(bdm, "after", "reset", "--hard", second)
+    p = subprocess.run([sys.executable, "-c", _CANNOT_FINISH, "reset", "--hard", first],
+                       env=bdm.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert capture(db) == one
+    rows = json.loads(bdm.ok("reflog", "--json"))
+    assert rows[0]["action"] == "reset" and "(interrupted)" in rows[1]["action"]
+    assert [r["kept_as"] for r in rows if r["kept_as"]] == [rows[0]["kept_as"]]
+    bdm.ok("reset", "--hard", rows[0]["kept_as"])  # the state the undone reset had moved
+    assert capture(db) == work
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
 def test_a_discarded_state_comes_back_whole_without_its_caches_or_stat_cache_rows(
         bdm: DM) -> None:
     """What a discarded state holds does not depend on its stat caches: a subdot added since
@@ -571,8 +605,12 @@ def test_a_discarded_state_comes_back_whole_without_its_caches_or_stat_cache_row
         caches = bdm.home / "dots" / "app" / "snaps" / name / ".dm-caches"
         if crash:
             caches.write_bytes(b"")
+        else:  # a name damaged on disk; a folder that is no subdot in the set's root
+            caches.write_bytes(caches.read_bytes().replace(b"logs", b"lo/s"))
+            (caches.parent / "subdots" / "scratch").mkdir()
         bdm.ok("reset", "--hard", name)
         assert {s: capture(bdm.path(f"app.{s}")) for s in work} == work
+        assert "scratch" not in json.loads(bdm.ok("dot", "show", "--json"))["subdots"]
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 

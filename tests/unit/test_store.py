@@ -528,3 +528,29 @@ def test_the_largest_files_of_an_encoded_cache_are_those_of_the_decoded_one():
                                     if not v[5] & FOLDER), key=lambda kv: kv[1][0]))
     assert largest_files(blob, 16) == want and len(want) == 16
     assert largest_files(blob[:-1], 16) == {} and largest_files(b"junk", 16) == {}
+
+
+def test_an_unfinished_reset_dropped_by_fsck_keeps_its_discarded_state_named(tmp_path):
+    """fsck --repair drops a restore that cannot be finished; a discarded state it had named
+    (maybe the only copy of a working state) is tied to a reflog row saying so, and a later
+    restore to another target does not take it over."""
+    from dotmesh.meta import refs
+    from dotmesh.meta.db import Tx
+
+    conn = connect(tmp_path / "meta.db")
+    old, target, other = object_id(b"old"), object_id(b"target"), object_id(b"other")
+    with Tx(conn) as tx:
+        refs.begin_restore(tx, "app", "reset", "master", old, target, None, "reset", "m")
+        refs.add_discarded(tx, "app", "discarded-0123456789abcdef", "master", old, target, 1,
+                           "me", "discarded")
+    with Tx(conn) as tx:
+        refs.log(tx, "app", "master", "reset", old, other, None, "a later restore")
+        refs.link_discarded(tx, "app", other)  # not its target: left alone
+    assert refs.discarded_rows(conn, "app")[0][5] is None
+    with Tx(conn) as tx:
+        refs.drop_restore(tx, "app")
+    assert refs.pending_restore(conn, "app") is None
+    [row] = refs.discarded_rows(conn, "app")
+    newest = conn.execute("SELECT seq, action FROM reflog ORDER BY seq DESC").fetchone()
+    assert row[5] == newest[0] and newest[1] == "reset (interrupted)"
+    conn.close()

@@ -131,11 +131,25 @@ def add_discarded(conn: sqlite3.Connection, dot: str, name: str, branch: str,
                  (dot, name, branch, old, target, taken_ns, author, message))
 
 
-def link_discarded(conn: sqlite3.Connection, dot: str) -> None:
-    """Tie the discarded states of a restore just finished to its reflog row (the dot's
-    newest), in the transaction that wrote it."""
+def link_discarded(conn: sqlite3.Connection, dot: str, target: bytes) -> None:
+    """Tie the discarded states of the restore to ``target`` just finished to its reflog row
+    (the dot's newest), in the transaction that wrote it."""
     conn.execute("UPDATE discarded SET seq=(SELECT MAX(seq) FROM reflog WHERE dot=?) "
-                 "WHERE dot=? AND seq IS NULL", (dot, dot))
+                 "WHERE dot=? AND seq IS NULL AND target=?", (dot, dot, target))
+
+
+def drop_restore(conn: sqlite3.Connection, dot: str) -> None:
+    """Drop an unfinished restore that cannot be finished (dm fsck --repair), keeping what it
+    discarded named: a reflog row says it was interrupted, and its discarded states (maybe
+    the only copy of a working state) are tied to that row."""
+    row = pending_restore(conn, dot)
+    if row is not None:
+        kind, branch, old, target, saved, action, message = row
+        if kind != "clone" and isinstance(branch, str) and isinstance(target, bytes):
+            log(conn, dot, branch, f"{action} (interrupted)", old, target, saved,
+                f"{message}: interrupted, dropped by dm fsck --repair")
+            link_discarded(conn, dot, target)
+    end_restore(conn, dot)
 
 
 def discarded_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:

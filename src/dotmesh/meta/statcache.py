@@ -113,11 +113,13 @@ def largest_files(blob: bytes, count: int) -> StatCache:
             return {}
         n, names_len = struct.unpack_from("<II", body)
         records = body[8 + names_len:]
-        if len(records) != n * _CACHE_RECORD.size:
+        if not n or len(records) != n * _CACHE_RECORD.size:
             return {}
         files = ((size, i) for i, (size, flags) in enumerate(_SIZE_AND_FLAGS.iter_unpack(records))
                  if not flags & FOLDER)
         paths = bytes(body[8:8 + names_len]).split(b"\0")
+        if len(paths) != n:
+            return {}
         return {paths[i]: _CACHE_RECORD.unpack_from(records, i * _CACHE_RECORD.size)
                 for _, i in heapq.nlargest(count, files)}
     except (struct.error, IndexError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dotmesh.capture.stop import Stopped, stopped_for_restore
-from dotmesh.errors import Conflict, UsageError
+from dotmesh.errors import Conflict, DotmeshError, UsageError
 from dotmesh.meta import refs
 from dotmesh.meta.db import Tx
 from dotmesh.meta.statcache import Encoded
@@ -46,7 +46,7 @@ class ResetResult:
     new: ObjectId
     saved: ObjectId | None  # the discarded working state, when it differed from the old head
     stopped: Stopped  # what the reset stopped (dm restarts containers, not processes)
-    kept_as: str | None = None  # the discarded working state, kept as a snapshot unread
+    kept_as: str | None = None  # the discarded working state, kept unread (moved aside)
 
 
 def checkout(home: Repo, dot: str, branch: str, create: bool = False,
@@ -179,7 +179,7 @@ def reset_hard(home: Repo, dot: str, ref: str, progress: Progress | None = None,
                                          journal, keep_replaced)
                 with Tx(home.conn) as tx:
                     home.set_head(tx, dot, branch, old, target_id, action, saved, message)
-                    refs.link_discarded(tx, dot)
+                    refs.link_discarded(tx, dot, target_id)
                     for sub, cache in caches.items():
                         base = snap.caches.get(sub, {})
                         home.save_cache(tx, dot, branch, sub, base, cache)
@@ -218,16 +218,22 @@ def _supersede(home: Repo, dot: str) -> None:
     """A reset replaces a restore that a kill interrupted: its working state was saved and is
     named in the reflog, and the half-restored folders are saved by this reset in turn."""
     j = home.pending_restore(dot)
+    if j is None:
+        return
     moved = snapshots_of(home) is not None and (
         kept.moved_discarded(home, dot) or not working_set(home, dot).exists())
-    if j is None or j.kind == "clone" or moved:
+    if j.kind == "clone" or moved:
         # (a reset that had moved the working set away, into its discarded state: finished,
         # so that this one starts from a working set, not from none it would save as empty)
-        if j is not None:
+        try:
             finish_restore(home, dot)
-        return
+            return
+        except DotmeshError:  # it cannot be: the working set is put back, and replaced
+            if j.kind == "clone" or not kept.undo_discarding(home, dot, working_set(home, dot),
+                                                             backend_of(home), j.target):
+                raise
     with Tx(home.conn) as tx:
         home.log_ref(tx, dot, j.branch, f"{j.action} (interrupted)", j.old, j.target, j.saved,
                      f"{j.message}: interrupted, replaced by a later reset")
-        refs.link_discarded(tx, dot)
+        refs.link_discarded(tx, dot, j.target)
         home.end_restore(tx, dot)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName, NotFound
+from dotmesh.errors import Corrupt, DamagedIndex, DotmeshError, InvalidName, Locked, NotFound
 from dotmesh.meta import check, config, index, refs
 from dotmesh.meta.db import Tx, connect
 from dotmesh.meta.statcache import HAS_CONTENT, decode_cache
@@ -336,7 +336,7 @@ class _Fsck:
                 self.problem(f"the unfinished restore of {dot} names a state that cannot be "
                              "read whole", f"dropped the unfinished restore of {dot} (its "
                              "folders stay as they are: dm reset --hard brings a state back)",
-                             (refs.end_restore, (dot,)))
+                             (refs.drop_restore, (dot,)))
         for rowid, dot, name, commit in check.tag_rows(c):
             if dot not in dots:
                 continue
@@ -407,18 +407,26 @@ class _Fsck:
                     kept.drop(self.home, dot, commit)
                     self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
                                            f"{dot} (a restore of it reads the store)")
-            pending = self.home.pending_restore(dot)
-            for d in kept.discarded(self.home, dot):
-                if d.seq is None and pending is not None and pending.kind == "reset" \
-                        and pending.target == d.target:
-                    continue  # a reset a kill stopped: the state may still be the working set
-                if kept.discarded_folder(self.home, dot, d.name) is None:
-                    # Unlike a kept state, this is the only copy of that working state.
-                    self.r.problems.append(f"the discarded state {d.name} of {dot} named in "
-                                           "its reflog is gone: that working state is lost")
-                    if self.repair:
-                        kept.drop_discarded(self.home, dot, d.name)
-                        self.r.repaired.append(f"forgot the discarded state {d.name} of {dot}")
+            try:  # a reset at work names its state before its set is moved in
+                with self.home.lock(dot, "fsck"):
+                    self.discarded_states(dot)
+            except Locked:
+                pass  # another dm is working on the dot: checked by the next fsck
+
+    def discarded_states(self, dot: str) -> None:
+        """Each discarded state's folder, under the dot's lock."""
+        pending = self.home.pending_restore(dot)
+        for d in kept.discarded(self.home, dot):
+            if d.seq is None and pending is not None and pending.kind == "reset" \
+                    and pending.target == d.target:
+                continue  # a reset a kill stopped: the state may still be the working set
+            if kept.discarded_folder(self.home, dot, d.name) is None:
+                # Unlike a kept state, this is the only copy of that working state.
+                self.r.problems.append(f"the discarded state {d.name} of {dot} named in "
+                                       "its reflog is gone: that working state is lost")
+                if self.repair:
+                    kept.drop_discarded(self.home, dot, d.name)
+                    self.r.repaired.append(f"forgot the discarded state {d.name} of {dot}")
 
 
 def fsck(home: Repo, progress: Progress | None = None, repair: bool = False) -> FsckReport:

@@ -342,7 +342,7 @@ def finish_restore(home: Repo, dot: str, progress: Progress | None = None) -> bo
                               logged=j.kind != "clone")
             elif j.kind != "clone":
                 home.log_ref(tx, dot, j.branch, j.action, j.old, j.target, j.saved, message)
-            refs.link_discarded(tx, dot)
+            refs.link_discarded(tx, dot, j.target)
             for sub, cache in caches.items():
                 home.save_cache(tx, dot, j.branch, sub, snap.caches.get(sub, {}), cache)
             home.end_restore(tx, dot)
@@ -719,6 +719,11 @@ def _restore_set(home: Repo, dot: str, cow: SnapshotBackend, target: ObjectId,
     os.rename(new, ws)
     if keep_replaced is None:
         home.throw_away(dot, old)  # a copy of nothing now: the reset need not wait
+    if os.statvfs(home.root).f_fsid != os.statvfs(home.dot_dir(dot)).f_fsid:
+        # The store's database is elsewhere (dots/ is a pool, or a mount): its fsync will
+        # not write the renames, so the folder is fsync'd (on btrfs, a commit of the pool's
+        # transaction, which a subvolume's rename requires; on XFS, a log force).
+        kept.sync_dir(home.dot_dir(dot))
     return caches
 
 

@@ -36,7 +36,7 @@ from dotmesh.meta.statcache import (
 )
 from dotmesh.model.graph import walk_commits
 from dotmesh.model.ids import ObjectId, parse_hex_id, parse_id_bytes
-from dotmesh.model.names import check_name
+from dotmesh.model.names import ROOT_SUBDOT, check_name
 from dotmesh.model.objects import KIND_COMMIT, Commit, Root, is_dirty
 from dotmesh.store.repo import Repo
 from dotmesh.workdir.backend import FolderBackend
@@ -102,7 +102,7 @@ def keep(home: Repo, dot: str, staging: Path, commit: bytes,
         backend.discard(staging)
         return
     os.rename(staging, final)
-    _sync_dir(final.parent)
+    sync_dir(final.parent)
 
 
 def earlier_copy(home: Repo, dot: str, commit: bytes | None) -> Earlier | None:
@@ -227,8 +227,8 @@ def kept_ids(home: Repo, dot: str) -> list[ObjectId]:
 def recover(home: Repo, dot: str, backend: FolderBackend) -> None:
     """Remove the snapshots of states a killed command did not finish."""
     d = snaps_dir(home, dot)
-    if d.is_dir():
-        named = {x.name for x in discarded(home, dot)}
+    if d.is_dir():  # (a row too damaged to use still keeps its folder: fsck names it)
+        named = {row[0] for row in refs.discarded_rows(home.conn, dot)}
         for entry in d.iterdir():
             if entry.name.startswith(NEW_PREFIX) or (
                     _DISCARDED_NAME.fullmatch(entry.name) and entry.name not in named):
@@ -284,7 +284,7 @@ def prune(home: Repo, dot: str, backend: FolderBackend,
     return dropped
 
 
-def _sync_dir(path: Path) -> None:
+def sync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -344,7 +344,8 @@ class Discarded:
     """A working state a reset discarded, kept unread in ``snaps/NAME``: the working set
     itself, moved aside by the reset's swap, so the reset cost two renames, not a commit
     (nor a copy). It becomes a commit (its reflog row then names it like any saved state,
-    and its set is made read-only) when it is asked for or its days are over."""
+    and its set is made read-only where the backend can) when it is asked for or its days
+    are over."""
 
     name: str
     branch: str
@@ -441,11 +442,42 @@ def finish_discarding(home: Repo, dot: str, working_set: Path) -> None:
             continue  # its reset finished: its folder is whole, or fsck reports it lost
         state = snaps_dir(home, dot) / d.name
         if os.path.lexists(state) and not _real_dir(state):
-            continue  # not ours: nothing is moved into it (fsck names the state lost)
+            raise Corrupt(f"{state} is not a folder, so the unfinished reset of dot {dot!r} "
+                          "cannot keep the working state in it: move it away")
         if not os.path.lexists(state / SET):
             state.mkdir(mode=0o700, exist_ok=True)
             os.rename(working_set, state / SET)
             return
+
+
+def undo_discarding(home: Repo, dot: str, working_set: Path, backend: FolderBackend,
+                    target: bytes) -> bool:
+    """Put the working set an unfinished reset to ``target`` moved into its discarded state
+    back (when the reset cannot be finished: a later reset then replaces it, storing that
+    state as any working state), and forget the state; False if there is none to put back or
+    the working set holds something (it is then left alone)."""
+    for d in discarded(home, dot):
+        state = discarded_folder(home, dot, d.name)
+        if d.seq is not None or d.target != target or state is None:
+            continue
+        if os.path.lexists(working_set):
+            if not _real_dir(working_set) or _holds_files(working_set):
+                return False
+            backend.discard(working_set)  # an empty set something made since
+        os.rename(state / SET, working_set)
+        with Tx(home.conn) as tx:
+            refs.drop_discarded(tx, dot, d.name)
+        backend.discard(state)
+        return True
+    return False
+
+
+def _holds_files(top: Path) -> bool:
+    """Whether anything but folders is under ``top`` (symlinks not followed)."""
+    for _, _, files in os.walk(top):
+        if files:
+            return True
+    return False
 
 
 def moved_discarded(home: Repo, dot: str) -> bool:
@@ -471,10 +503,11 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     writer = home.packs.writer()
     roots: dict[str, Root] = {}
     scanned: dict[str, StatCache] = {}
-    for sub in sorted(set(caches) | _subdot_folders(state / SET)):
+    names = {sub for sub in caches if _subdot_name(sub)} | set(home.subdots(dot))
+    for sub in sorted(names):
         top = sub_path(state, sub)
         if not _real_dir(top):
-            raise Corrupt(f"the discarded state {d.name} of dot {dot!r} lacks subdot {sub}")
+            continue  # none there (or not a folder): recorded as a commit would, empty
         reference = None
         if head is not None and ref_state is not None and sub in head.subdots \
                 and _real_dir(sub_path(ref_state, sub)):
@@ -497,20 +530,13 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     return saved
 
 
-def _subdot_folders(top: Path) -> set[str]:
-    """The folders in a set that are named as subdots are (what a state holds even if its
-    caches file, which names its subdots, was lost)."""
-    def named(name: str) -> bool:
-        try:
-            return check_name(name) == name
-        except InvalidName:
-            return False
-
+def _subdot_name(name: str) -> bool:
+    """Whether a name read from a caches file can be a subdot's (one a damaged file makes up
+    is then read as none)."""
     try:
-        with os.scandir(top) as entries:
-            return {e.name for e in entries if e.is_dir(follow_symlinks=False) and named(e.name)}
-    except OSError:
-        return set()
+        return check_name(name) == name and name != ROOT_SUBDOT
+    except InvalidName:
+        return False
 
 
 def drop_discarded(home: Repo, dot: str, name: str) -> None:
