@@ -554,3 +554,19 @@ def test_an_unfinished_reset_dropped_by_fsck_keeps_its_discarded_state_named(tmp
     newest = conn.execute("SELECT seq, action FROM reflog ORDER BY seq DESC").fetchone()
     assert row[5] == newest[0] and newest[1] == "reset (interrupted)"
     conn.close()
+
+
+def test_a_discarded_state_stored_without_its_reflog_entry_is_named_by_one_of_its_own(
+        tmp_path):
+    """The reflog entry of a discarded state gone (fsck dropped it as damaged): the commit it
+    is stored as still has a reflog entry naming it, so gc keeps it."""
+    from dotmesh.meta import refs
+    from dotmesh.meta.db import Tx
+
+    conn = connect(tmp_path / "meta.db")
+    old, target, saved = object_id(b"old"), object_id(b"target"), object_id(b"saved")
+    with Tx(conn) as tx:
+        refs.stored_discarded(tx, "app", "discarded-0123456789abcdef", 12345, saved, "master",
+                              old, target, "working state discarded")
+    assert saved in refs.logged_ids(conn, "app")
+    conn.close()

@@ -160,11 +160,19 @@ def discarded_rows(conn: sqlite3.Connection, dot: str) -> list[Row]:
 
 
 def stored_discarded(conn: sqlite3.Connection, dot: str, name: str, seq: int | None,
-                     saved: bytes | None) -> None:
+                     saved: bytes | None, branch: str, old: bytes | None, target: bytes,
+                     message: str) -> None:
     """A discarded state became a commit (``saved``; None: it was the head's state after
-    all): its reflog row names it like any saved state, and its row goes."""
-    if seq is not None and saved is not None:
-        conn.execute("UPDATE reflog SET saved=? WHERE dot=? AND seq=?", (saved, dot, seq))
+    all): its reflog row names it like any saved state, and its row goes. Without such a
+    row (dropped by fsck as damaged, or naming another saved state), a row of its own names
+    it: nothing else would keep that commit from gc."""
+    if saved is not None:
+        named = seq is not None and conn.execute(
+            "UPDATE reflog SET saved=? WHERE dot=? AND seq=? AND saved IS NULL",
+            (saved, dot, seq)).rowcount
+        if not named:
+            log(conn, dot, branch, "reset", old, target, saved,
+                f"{message} (kept as {name}; its reflog entry was lost)")
     conn.execute("DELETE FROM discarded WHERE dot=? AND name=?", (dot, name))
 
 

@@ -522,7 +522,8 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
             author=d.author, timestamp_ns=d.taken_ns, metadata={}).encode())
     writer.flush()
     with Tx(home.conn) as tx:
-        refs.stored_discarded(tx, dot, d.name, d.seq, saved)
+        refs.stored_discarded(tx, dot, d.name, d.seq, saved, d.branch, d.old, d.target,
+                              d.message)
     if saved is None:
         backend.discard(state)
     else:
