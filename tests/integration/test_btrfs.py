@@ -546,29 +546,42 @@ def test_a_reset_killed_around_moving_the_discarded_set_loses_nothing(bdm: DM, a
 
 
 _CANNOT_FINISH = """
-import sys
+import os, sys
 from dotmesh.errors import Corrupt
 from dotmesh.ops import checkout
+from dotmesh.workdir import kept
 def fails(*a, **k):
     raise Corrupt("the target cannot be read")
 checkout.finish_restore = fails
+if sys.argv[1] == "die":  # as under kill -9, once the set is back
+    real = kept.undo_discarding
+    kept.undo_discarding = lambda *a, **k: real(*a, **k) and os._exit(137)
 from dotmesh.cli.main import run
-sys.exit(run(sys.argv[1:]))
+sys.exit(run(sys.argv[2:]))
 """
 
 
-def test_a_moved_reset_that_cannot_be_finished_is_undone_by_the_next_reset(bdm: DM) -> None:
+@pytest.mark.parametrize("die", [False, True])
+def test_a_moved_reset_that_cannot_be_finished_is_undone_by_the_next_reset(bdm: DM,
+                                                                           die: bool) -> None:
     """Killed after moving the working set into its discarded state, a reset whose target
     then cannot be restored: the next reset puts the set back and replaces it, storing the
-    working state as any reset does, rather than failing for ever."""
+    working state as any reset does, rather than failing for ever (killed once the set is
+    back, it leaves the working state to the next command)."""
     db, first, one = _one_commit(bdm)
     (db / "a.txt").write_text("two")
     second = str(_commit(bdm, "two")["id"])
     (db / "a.txt").write_text("work")
     work = capture(db)
     _dies_at_the_move(bdm, "after", "reset", "--hard", second)
-    p = subprocess.run([sys.executable, "-c", _CANNOT_FINISH, "reset", "--hard", first],
+    p = subprocess.run([sys.executable, "-c", _CANNOT_FINISH, "die" if die else "live",
+                        "reset", "--hard", first],
                        env=bdm.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if die:
+        assert p.returncode == 137, p.stderr
+        bdm.ok("commit", "-m", "after the kill")
+        assert capture(db) == work and json.loads(bdm.ok("fsck", "--json"))["ok"]
+        return
     assert p.returncode == 0, p.stderr
     assert capture(db) == one
     rows = json.loads(bdm.ok("reflog", "--json"))
@@ -611,6 +624,22 @@ def test_a_discarded_state_comes_back_whole_without_its_caches_or_stat_cache_row
         bdm.ok("reset", "--hard", name)
         assert {s: capture(bdm.path(f"app.{s}")) for s in work} == work
         assert "scratch" not in json.loads(bdm.ok("dot", "show", "--json"))["subdots"]
+    assert json.loads(bdm.ok("fsck", "--json"))["ok"]
+
+
+def test_fsck_names_again_a_discarded_state_no_reflog_entry_names(bdm: DM) -> None:
+    db, _, _ = _one_commit(bdm)
+    (db / "a.txt").write_text("work")
+    work = capture(db)
+    name = json.loads(bdm.ok("reset", "--hard", "HEAD", "--json"))["kept_as"]
+    with sqlite3.connect(bdm.home / "meta.db") as c:  # its link lost
+        c.execute("UPDATE discarded SET seq=NULL")
+    report = json.loads(bdm("fsck", "--json").stdout)
+    assert [p for p in report["problems"] if name in p and "no reflog entry" in p]
+    bdm.ok("fsck", "--repair")
+    assert [r for r in json.loads(bdm.ok("reflog", "--json")) if r["kept_as"] == name]
+    bdm.ok("reset", "--hard", name)
+    assert capture(db) == work
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 

@@ -547,12 +547,13 @@ def test_an_unfinished_reset_dropped_by_fsck_keeps_its_discarded_state_named(tmp
         refs.log(tx, "app", "master", "reset", old, other, None, "a later restore")
         refs.link_discarded(tx, "app", other)  # not its target: left alone
     assert refs.discarded_rows(conn, "app")[0][5] is None
-    with Tx(conn) as tx:
-        refs.drop_restore(tx, "app")
+    with Tx(conn) as tx:  # its target is what could not be read: not named again
+        refs.drop_restore(tx, "app", frozenset({old}))
     assert refs.pending_restore(conn, "app") is None
     [row] = refs.discarded_rows(conn, "app")
-    newest = conn.execute("SELECT seq, action FROM reflog ORDER BY seq DESC").fetchone()
-    assert row[5] == newest[0] and newest[1] == "reset (interrupted)"
+    newest = conn.execute("SELECT seq, action, old, new FROM reflog ORDER BY seq DESC"
+                          ).fetchone()
+    assert row[5] == newest[0] and newest[1:] == ("reset (interrupted)", old, None)
     conn.close()
 
 

@@ -131,24 +131,30 @@ def add_discarded(conn: sqlite3.Connection, dot: str, name: str, branch: str,
                  (dot, name, branch, old, target, taken_ns, author, message))
 
 
-def link_discarded(conn: sqlite3.Connection, dot: str, target: bytes) -> None:
-    """Tie the discarded states of the restore to ``target`` just finished to its reflog row
-    (the dot's newest), in the transaction that wrote it."""
+def link_discarded(conn: sqlite3.Connection, dot: str, target: bytes | None) -> None:
+    """Tie the discarded states of the restore to ``target`` just finished (None: of the
+    dot's one unfinished restore, whatever it names) to its reflog row (the dot's newest),
+    in the transaction that wrote it."""
     conn.execute("UPDATE discarded SET seq=(SELECT MAX(seq) FROM reflog WHERE dot=?) "
-                 "WHERE dot=? AND seq IS NULL AND target=?", (dot, dot, target))
+                 "WHERE dot=? AND seq IS NULL AND (? IS NULL OR target=?)",
+                 (dot, dot, target, target))
 
 
-def drop_restore(conn: sqlite3.Connection, dot: str) -> None:
+def drop_restore(conn: sqlite3.Connection, dot: str, readable: frozenset[bytes]) -> None:
     """Drop an unfinished restore that cannot be finished (dm fsck --repair), keeping what it
-    discarded named: a reflog row says it was interrupted, and its discarded states (maybe
-    the only copy of a working state) are tied to that row."""
+    discarded named: a reflog row says it was interrupted (naming, of its states, those in
+    ``readable``), and its discarded states (maybe the only copy of a working state) are
+    tied to that row."""
     row = pending_restore(conn, dot)
     if row is not None:
         kind, branch, old, target, saved, action, message = row
-        if kind != "clone" and isinstance(branch, str) and isinstance(target, bytes):
-            log(conn, dot, branch, f"{action} (interrupted)", old, target, saved,
-                f"{message}: interrupted, dropped by dm fsck --repair")
-            link_discarded(conn, dot, target)
+        if kind != "clone":
+            old, target, saved = (x if x in readable else None for x in (old, target, saved))
+            log(conn, dot, branch if isinstance(branch, str) else "?",
+                f"{action if isinstance(action, str) else 'restore'} (interrupted)", old,
+                target, saved, "an unfinished restore that could not be finished, dropped "
+                "by dm fsck --repair")
+            link_discarded(conn, dot, None)
     end_restore(conn, dot)
 
 
@@ -174,6 +180,15 @@ def stored_discarded(conn: sqlite3.Connection, dot: str, name: str, seq: int | N
             log(conn, dot, branch, "reset", old, target, saved,
                 f"{message} (kept as {name}; its reflog entry was lost)")
     conn.execute("DELETE FROM discarded WHERE dot=? AND name=?", (dot, name))
+
+
+def log_orphan_discarded(conn: sqlite3.Connection, dot: str, name: str, branch: str,
+                         old: bytes | None, target: bytes) -> None:
+    """A reflog entry for a discarded state named by none (dm fsck --repair)."""
+    log(conn, dot, branch, "reset (interrupted)", old, target, None,
+        f"a working state kept as {name}, named again by dm fsck --repair")
+    conn.execute("UPDATE discarded SET seq=(SELECT MAX(seq) FROM reflog WHERE dot=?) "
+                 "WHERE dot=? AND name=?", (dot, dot, name))
 
 
 def drop_discarded(conn: sqlite3.Connection, dot: str, name: str) -> None:

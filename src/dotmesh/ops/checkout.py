@@ -7,6 +7,7 @@ it in the reflog, so a mistyped reset can always be undone.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,13 @@ def _supersede(home: Repo, dot: str) -> None:
     j = home.pending_restore(dot)
     if j is None:
         return
+
+    def replaced(tx: sqlite3.Connection) -> None:
+        home.log_ref(tx, dot, j.branch, f"{j.action} (interrupted)", j.old, j.target, j.saved,
+                     f"{j.message}: interrupted, replaced by a later reset")
+        refs.link_discarded(tx, dot, j.target)
+        home.end_restore(tx, dot)
+
     moved = snapshots_of(home) is not None and (
         kept.moved_discarded(home, dot) or not working_set(home, dot).exists())
     if j.kind == "clone" or moved:
@@ -229,11 +237,9 @@ def _supersede(home: Repo, dot: str) -> None:
             finish_restore(home, dot)
             return
         except DotmeshError:  # it cannot be: the working set is put back, and replaced
-            if j.kind == "clone" or not kept.undo_discarding(home, dot, working_set(home, dot),
-                                                             backend_of(home), j.target):
+            if j.kind == "clone" or not kept.undo_discarding(
+                    home, dot, working_set(home, dot), backend_of(home), j.target, replaced):
                 raise
+            return
     with Tx(home.conn) as tx:
-        home.log_ref(tx, dot, j.branch, f"{j.action} (interrupted)", j.old, j.target, j.saved,
-                     f"{j.message}: interrupted, replaced by a later reset")
-        refs.link_discarded(tx, dot, j.target)
-        home.end_restore(tx, dot)
+        replaced(tx)

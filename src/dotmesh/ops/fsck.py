@@ -331,12 +331,16 @@ class _Fsck:
                                  f"{x.hex()[:16]}",
                                  (check.forget_reflog_id, (rowid, col)))
         for dot, old, target, saved in check.restore_rows(c):
-            if dot in dots and not all(x is None or (_is_id(x) and self.commit(
-                    x, f"{dot} unfinished restore")) for x in (old, target, saved)):
+            if dot not in dots:
+                continue
+            named = {x for x in (old, target, saved) if x is not None}
+            readable = frozenset(x for x in named if _is_id(x) and self.commit(
+                x, f"{dot} unfinished restore"))
+            if len(readable) < len(named):
                 self.problem(f"the unfinished restore of {dot} names a state that cannot be "
                              "read whole", f"dropped the unfinished restore of {dot} (its "
                              "folders stay as they are: dm reset --hard brings a state back)",
-                             (refs.drop_restore, (dot,)))
+                             (refs.drop_restore, (dot, readable)))
         for rowid, dot, name, commit in check.tag_rows(c):
             if dot not in dots:
                 continue
@@ -407,11 +411,23 @@ class _Fsck:
                     kept.drop(self.home, dot, commit)
                     self.r.repaired.append(f"dropped the kept state {commit.hex()[:12]} of "
                                            f"{dot} (a restore of it reads the store)")
-            try:  # a reset at work names its state before its set is moved in
+            self.discarded_states_locked(dot)
+
+    def discarded_states_locked(self, dot: str, wait: float = 5.0) -> None:
+        """:meth:`discarded_states` under the dot's lock (a reset at work names its state
+        before its set is moved in), waiting a while for it."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
                 with self.home.lock(dot, "fsck"):
                     self.discarded_states(dot)
+                return
             except Locked:
-                pass  # another dm is working on the dot: checked by the next fsck
+                if time.monotonic() > deadline:
+                    self.r.problems.append(f"the discarded states of {dot} were not checked: "
+                                           "another dm kept working on it (run dm fsck again)")
+                    return
+                time.sleep(0.1)
 
     def discarded_states(self, dot: str) -> None:
         """Each discarded state's folder, under the dot's lock."""
@@ -420,6 +436,12 @@ class _Fsck:
             if d.seq is None and pending is not None and pending.kind == "reset" \
                     and pending.target == d.target:
                 continue  # a reset a kill stopped: the state may still be the working set
+            if d.seq is None:  # named by no reflog entry, and no reset will link it
+                self.problem(f"the discarded state {d.name} of {dot} has no reflog entry",
+                             f"a reflog entry names the discarded state {d.name} of {dot}",
+                             (refs.log_orphan_discarded, (dot, d.name, d.branch, d.old,
+                                                          d.target)))
+                continue
             if kept.discarded_folder(self.home, dot, d.name) is None:
                 # Unlike a kept state, this is the only copy of that working state.
                 self.r.problems.append(f"the discarded state {d.name} of {dot} named in "

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import stat
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -451,11 +452,13 @@ def finish_discarding(home: Repo, dot: str, working_set: Path) -> None:
 
 
 def undo_discarding(home: Repo, dot: str, working_set: Path, backend: FolderBackend,
-                    target: bytes) -> bool:
+                    target: bytes, replaced: Callable[[sqlite3.Connection], None]) -> bool:
     """Put the working set an unfinished reset to ``target`` moved into its discarded state
     back (when the reset cannot be finished: a later reset then replaces it, storing that
-    state as any working state), and forget the state; False if there is none to put back or
-    the working set holds something (it is then left alone)."""
+    state as any working state). One transaction then forgets the state and runs
+    ``replaced`` (which ends the reset's journal): a kill before it leaves the set to be
+    moved in again. False if there is none to put back, or the working set holds something
+    (it is then left alone)."""
     for d in discarded(home, dot):
         state = discarded_folder(home, dot, d.name)
         if d.seq is not None or d.target != target or state is None:
@@ -467,15 +470,16 @@ def undo_discarding(home: Repo, dot: str, working_set: Path, backend: FolderBack
         os.rename(state / SET, working_set)
         with Tx(home.conn) as tx:
             refs.drop_discarded(tx, dot, d.name)
+            replaced(tx)
         backend.discard(state)
         return True
     return False
 
 
 def _holds_files(top: Path) -> bool:
-    """Whether anything but folders is under ``top`` (symlinks not followed)."""
-    for _, _, files in os.walk(top):
-        if files:
+    """Whether anything but folders (a symlink counts) is under ``top``."""
+    for folder, dirs, files in os.walk(top):
+        if files or any(os.path.islink(os.path.join(folder, d)) for d in dirs):
             return True
     return False
 
@@ -503,7 +507,9 @@ def store_discarded(home: Repo, dot: str, d: Discarded, backend: FolderBackend
     writer = home.packs.writer()
     roots: dict[str, Root] = {}
     scanned: dict[str, StatCache] = {}
-    names = {sub for sub in caches if _subdot_name(sub)} | set(home.subdots(dot))
+    # (the caches file names every subdot of the time; lost, the head's and today's do)
+    names = {sub for sub in caches if _subdot_name(sub)} | set(home.subdots(dot)) \
+        | set(head.subdots if head is not None else ())
     for sub in sorted(names):
         top = sub_path(state, sub)
         if not _real_dir(top):
