@@ -627,6 +627,22 @@ def test_a_discarded_state_comes_back_whole_without_its_caches_or_stat_cache_row
     assert json.loads(bdm.ok("fsck", "--json"))["ok"]
 
 
+def test_a_reset_killed_between_its_renames_whose_target_is_unreadable_is_replaced(
+        bdm: DM) -> None:
+    """No set was moved aside (a kill between the swap's two renames left none), and the
+    journal's restore cannot be finished: the next reset replaces it, as before."""
+    db, first, one = _one_commit(bdm)
+    with sqlite3.connect(bdm.home / "meta.db") as c:  # what such a kill leaves
+        c.execute("INSERT INTO restores VALUES ('app', 'reset', 'master', ?, ?, NULL, 'reset',"
+                  " 'reset --hard', 0)", (bytes.fromhex(first), bytes.fromhex(first)))
+    shutil.rmtree(db.parent)
+    p = subprocess.run([sys.executable, "-c", _CANNOT_FINISH, "live", "reset", "--hard", first],
+                       env=bdm.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert capture(db) == one
+    assert "(interrupted)" in json.loads(bdm.ok("reflog", "--json"))[1]["action"]
+
+
 def test_fsck_names_again_a_discarded_state_no_reflog_entry_names(bdm: DM) -> None:
     db, _, _ = _one_commit(bdm)
     (db / "a.txt").write_text("work")

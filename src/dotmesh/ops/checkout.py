@@ -237,9 +237,13 @@ def _supersede(home: Repo, dot: str) -> None:
             finish_restore(home, dot)
             return
         except DotmeshError:  # it cannot be: the working set is put back, and replaced
-            if j.kind == "clone" or not kept.undo_discarding(
-                    home, dot, working_set(home, dot), backend_of(home), j.target, replaced):
+            if j.kind == "clone":
                 raise
-            return
+            if kept.undo_discarding(home, dot, working_set(home, dot), backend_of(home),
+                                    j.target, replaced):
+                return
+            if kept.moved_discarded(home, dot):
+                raise  # a set that cannot be put back (the working set holds files)
+            # no set was moved (a kill between the swap's renames): replaced, as before
     with Tx(home.conn) as tx:
         replaced(tx)
