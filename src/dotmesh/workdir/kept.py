@@ -419,8 +419,8 @@ def begin_discarded(home: Repo, dot: str, name: str, caches: dict[str, Encoded])
 
     Nothing here is fsync'd, as the swap's renames are not. A crash of the machine may lose
     the folder after the row is written (:func:`finish_discarding` makes it again) or the
-    caches file (the state's files are then read whole: :func:`store_discarded` takes its
-    subdots from its folders too). The renames are written with the reset's last
+    caches file (the state's files are then read whole: :func:`store_discarded` also takes
+    its subdots from the dot and from its old head). The renames are written with the reset's last
     transaction's fsync: on btrfs, renaming a subvolume makes that fsync commit the
     filesystem's transaction; on XFS it forces the log, which holds them."""
     snaps = snaps_dir(home, dot)

@@ -676,14 +676,14 @@ def _depth(rel: str) -> int:
 
 
 def snapshot_cached(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
-                    taken_ns: int, stats: Stats | None = None) -> SnapshotResult | None:
+                    taken_ns: int) -> SnapshotResult | None:
     """:func:`snapshot` of a folder nothing writes meanwhile (a working set whose writers are
     stopped), if no file of it has to be read (each one's stat matches ``cache``), else
     None. One walk: a reset tells from it whether the working state it discards is worth
     keeping, without reading any file."""
-    if not largest_unchanged(top, cache, stats):
+    if not largest_unchanged(top, cache):
         return None
-    walk = _Walk(str(top), cache, None, stats)
+    walk = _Walk(str(top), cache, None)
     walk.tree("", until_a_read=True)  # a changed state is told from its first changed folder
     if walk.reads:
         return None
@@ -712,8 +712,7 @@ def changed_paged(top: Path, cache: StatCache, count: int = WARM_COUNT) -> list[
     return out
 
 
-def largest_unchanged(top: Path, cache: StatCache, stats: Stats | None = None,
-                      count: int = 16) -> bool:
+def largest_unchanged(top: Path, cache: StatCache, count: int = 16) -> bool:
     """Whether the ``count`` largest files of ``cache`` still match it: databases are the
     files that change, and they are the largest, so a changed state is usually told by a
     few stats rather than a walk. True says nothing about the other files."""
@@ -727,8 +726,6 @@ def largest_unchanged(top: Path, cache: StatCache, stats: Stats | None = None,
             st = os.lstat(os.path.join(top, os.fsdecode(rel)))
         except OSError:  # gone, or a folder on its path is not one any more
             return False
-        if stats is not None:
-            st = stats.get(rel, st)
         if not (stat.S_ISREG(st.st_mode) and old[0] == st.st_size
                 and old[1] == st.st_mtime_ns and old[2] == st.st_ctime_ns
                 and old[3] == st.st_ino):
