@@ -208,3 +208,23 @@ def test_a_mount_whose_server_is_a_zombie_is_not_serving() -> None:
         for p in (ended, running):
             p.wait()
     assert not mounted(running.pid).serving  # gone
+
+
+def test_reflog_names_every_discarded_state_an_entry_was_given(repo: Repo) -> None:
+    """fsck ties every state an interrupted reset left unnamed to the one entry it writes:
+    the reflog lists them all, not the last one read."""
+    from dotmesh.meta import refs
+    from dotmesh.meta.db import Tx
+
+    _write(repo, "a", "one")
+    head = _commit(repo, "first")
+    names = ["discarded-00000000000000aa", "discarded-00000000000000bb"]
+    with Tx(repo.conn) as tx:
+        refs.begin_restore(tx, "app", "reset", "master", head, head, None, "reset", "m")
+        for i, name in enumerate(names):
+            refs.add_discarded(tx, "app", name, "master", head, head, i, "me", "discarded")
+    with Tx(repo.conn) as tx:
+        refs.drop_restore(tx, "app", frozenset({head}))
+    entry = history.reflog(repo, "app")[0]
+    assert entry.action == "reset (interrupted)"
+    assert entry.kept == tuple(names) and entry.kept_as == names[-1]

@@ -600,14 +600,15 @@ def reflog(c: Ctx, max_count: int | None, as_json: bool) -> None:
     if as_json:
         emit_json([{"branch": e.branch, "timestamp": iso(e.ts_ns), "action": e.action,
                     "old": hx(e.old), "new": hx(e.new), "saved": hx(e.saved),
-                    "kept_as": e.kept_as, "message": e.message} for e in entries])
+                    "kept_as": e.kept_as, "kept": list(e.kept), "message": e.message}
+                   for e in entries])
         return
     for e in entries:
         line = f"{(hx(e.new) or '-')[:12]:<12}  {e.branch}  {e.action}: {first_line(e.message)}"
         if e.saved:
             line += f"  (working state saved as {e.saved.hex()[:12]})"
-        elif e.kept_as:
-            line += f"  (working state kept as {e.kept_as})"
+        elif e.kept:
+            line += f"  (working state kept as {', '.join(e.kept)})"
         click.echo(f"{when(e.ts_ns)}  {line}")
 
 

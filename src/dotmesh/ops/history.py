@@ -45,15 +45,25 @@ class ReflogEntry:
     new: bytes | None
     saved: bytes | None
     message: str
-    kept_as: str | None = None  # a discarded state kept as a snapshot, not read yet
+    # Discarded states kept as snapshots, not read yet, oldest first: one per reset, but fsck
+    # ties every state an interrupted reset left unnamed to the one entry it writes for it.
+    kept: tuple[str, ...] = ()
+
+    @property
+    def kept_as(self) -> str | None:
+        """The newest of :attr:`kept`."""
+        return self.kept[-1] if self.kept else None
 
 
 def reflog(home: Repo, dot: str, limit: int | None = None) -> list[ReflogEntry]:
     rows = refs.reflog_rows(home.conn, dot, limit)
     if not all(sound_reflog_row(*r[1:]) for r in rows):
         raise Corrupt(f"a reflog entry of dot {dot!r} is damaged: run dm fsck --repair")
-    unread = {d.seq: d.name for d in kept.discarded(home, dot) if d.seq is not None}
-    return [replace(ReflogEntry(*r), kept_as=unread.get(r[0])) for r in rows]
+    unread: dict[int, tuple[str, ...]] = {}
+    for d in kept.discarded(home, dot):
+        if d.seq is not None:
+            unread[d.seq] = unread.get(d.seq, ()) + (d.name,)
+    return [replace(ReflogEntry(*r), kept=unread.get(r[0], ())) for r in rows]
 
 
 def diff(home: Repo, dot: str, a: str | None = None, b: str | None = None) -> list[Change]:
