@@ -571,3 +571,26 @@ def test_a_discarded_state_stored_without_its_reflog_entry_is_named_by_one_of_it
                               old, target, "working state discarded")
     assert saved in refs.logged_ids(conn, "app")
     conn.close()
+
+
+def test_fingerprints_are_saved_without_an_fsync_and_every_other_commit_keeps_one(tmp_path):
+    """The fingerprint cache's transaction is not waited for on disk; the connection is
+    back to synchronous=FULL after it, failed or not, so no ref or index row loses its."""
+    from dotmesh.meta.db import load_fingerprints, save_fingerprints
+
+    conn = connect(tmp_path / "meta.db")
+    full = conn.execute("PRAGMA synchronous").fetchone()[0]
+    assert full == 2
+    seen = []
+    conn.set_trace_callback(lambda sql: seen.append(
+        conn.execute("PRAGMA synchronous").fetchone()[0]) if sql == "COMMIT" else None)
+    save_fingerprints(conn, [(b"c" * 32, b"f" * 16)], [])
+    conn.set_trace_callback(None)
+    assert seen == [1]  # NORMAL while it commits
+    assert load_fingerprints(conn, b"c" * 32) == b"f" * 16
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == full
+    with pytest.raises(sqlite3.Error):
+        save_fingerprints(conn, [(b"c" * 32,)], [])  # type: ignore[list-item]
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == full
+    assert conn.execute("SELECT count(*) FROM fingerprints").fetchone()[0] == 1
+    conn.close()

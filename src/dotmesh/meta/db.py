@@ -135,10 +135,20 @@ def load_fingerprints(conn: sqlite3.Connection, content: bytes) -> bytes | None:
 def save_fingerprints(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]],
                       superseded: list[bytes]) -> None:
     """Store new fingerprints and drop those of the versions they replace (the cache then
-    holds about one version per file; another branch's files are just hashed in full)."""
-    with Tx(conn) as c:
-        c.executemany("DELETE FROM fingerprints WHERE content=?", [(x,) for x in superseded])
-        c.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", rows)
+    holds about one version per file; another branch's files are just hashed in full).
+
+    A cache, so its transaction is not waited for on disk: with ``synchronous=NORMAL`` its
+    commit is not fsync'd, and the next commit that is (the new objects' index rows, in a
+    commit) writes it out with its own. A crash before that loses it, and that costs reads.
+    On a loop device, the fsync took 3-17 ms of a 0.3 s btrfs commit."""
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with Tx(conn) as c:
+            c.executemany("DELETE FROM fingerprints WHERE content=?",
+                          [(x,) for x in superseded])
+            c.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", rows)
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
 
 
 def fingerprinted(conn: sqlite3.Connection) -> list[bytes]:
