@@ -73,3 +73,74 @@ def private_buffer(size: int) -> mmap.mmap:
         except (AttributeError, OSError):  # no THP in this kernel: small pages, as before
             pass
     return buf
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable (copies shared ones) at once
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+_SKIPPED_MAPS = ("[stack]", "[vvar]", "[vsyscall]", "[vdso]")
+_LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: its low bit says
+
+
+def own_memory(grow: int = 32 << 20) -> int:
+    """Ready a process forked ahead of its work (the daemon's spare) while nothing waits on it;
+    returns the bytes of resident memory it made its own (the parent's pages, copied).
+
+    A forked command shares every page with its parent until it writes there, and each first
+    write is a fault that copies a page (reference counts are writes: the command touches most
+    of the daemon's 40 MB of modules and objects); every page it allocates afresh is a fault
+    that zeroes one. A btrfs 1% commit in a fresh fork made 22,000 faults against 7,000 in a
+    process that had run one before, and took 0.36 s against 0.30 s. So: copy now what the
+    parent had resident (``MADV_POPULATE_WRITE``, only pages ``mincore`` finds there: no
+    reserved but untouched memory is made), and give the C heap ``grow`` bytes of touched room
+    that later frees do not hand back. Best effort: where the kernel or the C library lacks a
+    call, the work just faults as before."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    copied = 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        maps = []
+    for line in maps:
+        fields = line.split()
+        if len(fields) < 5 or fields[1] != "rw-p" or (len(fields) > 5
+                                                      and fields[5] in _SKIPPED_MAPS):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        pages = (end - start) // page
+        resident = ctypes.create_string_buffer(pages)
+        if mincore(start, end - start, resident) != 0:
+            continue
+        there = resident.raw.translate(_LOW_BIT)  # b"\x01" where a page is resident
+        i = there.find(1)
+        while i >= 0:  # each run of resident pages, copied in one call
+            j = there.find(0, i)
+            j = pages if j < 0 else j
+            if madvise(start + i * page, (j - i) * page, _MADV_POPULATE_WRITE) == 0:
+                copied += (j - i) * page
+            i = there.find(1, j)
+    if grow > 0:
+        mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
+        malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        free.argtypes = [ctypes.c_void_p]
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # buffers up to 32 MiB from the heap ...
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)  # ... which keeps what is freed
+        mallopt(_M_TOP_PAD, 16 << 20)
+        piece = 8 << 20
+        blocks = [malloc(piece) for _ in range(grow // piece)]
+        for p in blocks:
+            if p:
+                ctypes.memset(p, 0, piece)
+        for p in blocks:
+            if p:
+                free(p)
+    return copied

@@ -450,3 +450,45 @@ def test_a_dot_past_the_fork_threshold_goes_through_child_processes_and_back(
             for p in built.iterdir()} == digests
     assert json.loads(daemon.ok("fsck", "--json"))["ok"]
     assert _served(daemon) >= served + 6
+
+
+def _readied(dm: DM) -> int:
+    return int(json.loads(dm.ok("daemon", "status", "--json"))["readied"])
+
+
+@pytest.mark.slow  # seconds of waiting on purpose
+def test_a_quiet_daemon_readies_a_spare_that_runs_the_next_command_as_a_fork_would(
+        daemon: DM, tmp_path: Path) -> None:
+    """Once no command has run for a moment, the daemon forks the next command's process
+    ahead and readies its memory; that command is the caller's as a fresh fork's is (folder,
+    environment, output, exit code), and a spare left over dies with the daemon."""
+    from dotmesh.cli import daemon_server
+
+    daemon.ok("init", "app")
+    folder = daemon.path("app.db")
+    (folder / "f").write_text("x")
+    env = {**daemon.env, "DM_AUTHOR": "dave"}
+
+    def quietly() -> None:  # the spare is forked, then readied (tens of ms)
+        time.sleep(daemon_server.SPARE_AFTER + 2)
+
+    quietly()
+    before = _readied(daemon)
+    quietly()
+    p = subprocess.run([DM_BIN, "commit", "-m", "by a spare"], cwd=folder, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "read 1 file (" in p.stdout, p.stderr
+    assert json.loads(daemon.ok("log", "--json"))[0]["author"] == "dave"
+    quietly()
+    bad = daemon("checkout", "nosuch")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1
+    assert _readied(daemon) >= before + 2  # the commit and the checkout (the log came too soon)
+    quietly()  # a spare waits now: a process of the daemon's command line, as the daemon
+    sock = daemon.env["DM_DAEMON_SOCKET"]
+    assert len(subprocess.run(["pgrep", "-f", sock], capture_output=True, text=True
+                              ).stdout.split()) == 2
+    daemon.ok("daemon", "stop")
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", sock], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a spare outlived its daemon"
+        time.sleep(0.1)

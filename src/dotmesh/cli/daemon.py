@@ -21,7 +21,8 @@ START_TIMEOUT = 60.0
 def _describe(status: dict[str, Any]) -> str:
     up = time.time() - float(status.get("started", time.time()))
     return (f"dm daemon {status.get('pid')} listening on {status.get('socket')}, up "
-            f"{up:.0f} s, {status.get('served', 0)} commands served")
+            f"{up:.0f} s, {status.get('served', 0)} commands served "
+            f"({status.get('readied', 0)} in a process readied ahead)")
 
 
 @click.group()
