@@ -31,6 +31,19 @@ def long_running() -> None:
     mount): cycles made in blocks are collected as usual after each."""
     global _one_shot
     _one_shot = False
+    if _grown:  # a heap readied for one command (own_memory) gives memory back again
+        _heap_defaults()
+
+
+def _heap_defaults() -> None:
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _M_TOP_PAD):
+        mallopt(param, 128 << 10)  # glibc's starting values
 
 
 @contextmanager
@@ -77,7 +90,9 @@ def private_buffer(size: int) -> mmap.mmap:
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable (copies shared ones) at once
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
-_SKIPPED_MAPS = ("[stack]", "[vvar]", "[vsyscall]", "[vdso]")
+_WINDOW = 256 << 20  # of a mapping looked at (mincore's vector: a byte per page)
+_MOST = 512 << 20  # copied at most
+_grown = False  # own_memory changed the C heap's settings (see long_running)
 _LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's byte per page: its low bit says
 
 
@@ -90,10 +105,11 @@ def own_memory(grow: int = 32 << 20) -> int:
     of the daemon's 40 MB of modules and objects); every page it allocates afresh is a fault
     that zeroes one. A btrfs 1% commit in a fresh fork made 22,000 faults against 7,000 in a
     process that had run one before, and took 0.36 s against 0.30 s. So: copy now what the
-    parent had resident (``MADV_POPULATE_WRITE``, only pages ``mincore`` finds there: no
-    reserved but untouched memory is made), and give the C heap ``grow`` bytes of touched room
-    that later frees do not hand back. Best effort: where the kernel or the C library lacks a
-    call, the work just faults as before."""
+    parent had resident (``MADV_POPULATE_WRITE``; anonymous memory only, the pages ``mincore``
+    finds there, so no reserved but untouched memory is made; _MOST bytes at most), and give
+    the C heap ``grow`` bytes of touched room that later frees do not hand back (until
+    :func:`long_running`). Best effort: where the kernel or the C library lacks a call, the
+    work just faults as before."""
     import ctypes
 
     try:
@@ -112,26 +128,31 @@ def own_memory(grow: int = 32 << 20) -> int:
         maps = []
     for line in maps:
         fields = line.split()
+        # anonymous memory only (a private file mapping's residency is its file's)
         if len(fields) < 5 or fields[1] != "rw-p" or (len(fields) > 5
-                                                      and fields[5] in _SKIPPED_MAPS):
+                                                      and fields[5] != "[heap]"):
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        pages = (end - start) // page
-        resident = ctypes.create_string_buffer(pages)
-        if mincore(start, end - start, resident) != 0:
-            continue
-        there = resident.raw.translate(_LOW_BIT)  # b"\x01" where a page is resident
-        i = there.find(1)
-        while i >= 0:  # each run of resident pages, copied in one call
-            j = there.find(0, i)
-            j = pages if j < 0 else j
-            if madvise(start + i * page, (j - i) * page, _MADV_POPULATE_WRITE) == 0:
-                copied += (j - i) * page
-            i = there.find(1, j)
+        for lo in range(start, end, _WINDOW):  # a bounded vector, however sparse the map
+            hi = min(end, lo + _WINDOW)
+            pages = (hi - lo) // page
+            resident = ctypes.create_string_buffer(pages)
+            if mincore(lo, hi - lo, resident) != 0:
+                break
+            there = resident.raw.translate(_LOW_BIT)  # b"\x01" where a page is resident
+            i = there.find(1)
+            while i >= 0 and copied < _MOST:  # each run of resident pages, in one call
+                j = there.find(0, i)
+                j = pages if j < 0 else j
+                if madvise(lo + i * page, (j - i) * page, _MADV_POPULATE_WRITE) == 0:
+                    copied += (j - i) * page
+                i = there.find(1, j)
     if grow > 0:
+        global _grown
         mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
         malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
         free.argtypes = [ctypes.c_void_p]
+        _grown = True
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # buffers up to 32 MiB from the heap ...
         mallopt(_M_TRIM_THRESHOLD, 256 << 20)  # ... which keeps what is freed
         mallopt(_M_TOP_PAD, 16 << 20)

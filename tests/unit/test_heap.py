@@ -129,3 +129,36 @@ def test_a_readied_child_writes_its_parents_pages_without_a_fault_each() -> None
     inherited = bytearray(b"\1" * (pages * 4096))  # 8 MiB, every page resident
     assert _faults_writing_in_a_child(inherited, ready=False) >= pages * 0.9
     assert _faults_writing_in_a_child(inherited, ready=True) < pages * 0.1
+
+
+def test_readying_makes_no_memory_the_parent_did_not_have() -> None:
+    """A sparse mapping (4 GiB reserved, one page touched) is not filled in: the child's
+    resident memory grows by what the parent had resident, not by what it reserved."""
+    import mmap
+    import os
+
+    sparse = mmap.mmap(-1, 4 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    sparse[0] = 1
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+
+            def rss() -> int:
+                with open("/proc/self/statm") as f:
+                    return int(f.read().split()[1]) * mmap.PAGESIZE
+
+            before = rss()
+            heap.own_memory(grow=0)
+            os.write(w, str(rss() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        grew = int(os.read(r, 64) or b"-1")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        sparse.close()
+    assert 0 <= grew < 1 << 30

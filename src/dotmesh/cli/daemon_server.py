@@ -32,6 +32,7 @@ REQUEST_TIMEOUT = 1.0
 # script runs back to back get forks of their own, as before, with no spare being readied
 # beside them on the other core
 SPARE_AFTER = 0.25
+SPARES_LOST = 3
 
 
 def preload() -> list[str]:
@@ -132,24 +133,37 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the commands
     spare: _Spare | None = None
     running: dict[int, int] = {}  # commands still at work: a pidfd of each, its pid
-    idle_since = 0.0  # when the last of them ended
+    quiet_since = 0.0  # when the last request came, or the last command ended
+    spares_lost = 0  # spares that died before they were ready
     try:
         while True:
             wait: float | None = None
-            if spare is None and not running:  # ready the next one once all is quiet
-                wait = idle_since + SPARE_AFTER - time.monotonic()
-                if wait <= 0:
+            if spare is None and not running and spares_lost < SPARES_LOST:
+                # ready the next one once all is quiet
+                wait = max(0.0, quiet_since + SPARE_AFTER - time.monotonic())
+                if wait == 0:
                     spare, wait = _Spare.fork(listener, lock), None
-            if running or wait is not None:  # wait for a caller, a command's end, or quiet
-                ready = select.select([listener.fileno(), *running], [], [], wait)[0]
-                for fd in ready:
-                    if fd in running:
-                        del running[fd]
-                        os.close(fd)
-                        if not running:
-                            idle_since = time.monotonic()
-                if listener.fileno() not in ready:
-                    continue
+                    spares_lost += spare is None  # (no process to spare)
+            # wait for a caller, a command's end, quiet, or the spare's word (ready, or gone)
+            watched = [listener.fileno(), *running]
+            if spare is not None and not spare.ready:
+                watched.append(spare.line.fileno())
+            poller = select.poll()
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            woke = {fd for fd, _ in poller.poll(None if wait is None else wait * 1000)}
+            for fd in woke & running.keys():
+                del running[fd]
+                os.close(fd)
+                if not running:
+                    quiet_since = time.monotonic()
+            if spare is not None and spare.line.fileno() in woke:
+                spare.hear()
+                if spare.closed:  # it died unready: another once all is quiet, a few times
+                    spare, quiet_since = None, time.monotonic()
+                    spares_lost += 1  # (after SPARES_LOST, none: something kills them)
+            if listener.fileno() not in woke:
+                continue
             try:
                 conn, _ = listener.accept()
             except OSError:  # out of descriptors, say: let commands run in-process a while
@@ -189,8 +203,9 @@ def serve(path: str) -> None:
                 if len(fds) != 3:
                     continue
                 served += 1
+                quiet_since = time.monotonic()  # (without pidfds, the only sign of work)
                 pid = spare.take(conn, fds, request, caller) if spare is not None else None
-                if spare is not None and spare.closed:  # taken, or gone
+                if spare is not None and spare.closed:  # taken, or dropped
                     spare = None
                 if pid is not None:
                     readied += 1
@@ -199,6 +214,8 @@ def serve(path: str) -> None:
                     if pid == 0:
                         listener.close()
                         os.close(lock)
+                        for fd in running:
+                            os.close(fd)
                         _child(conn, fds, request, caller)  # never returns
                 try:
                     running[os.pidfd_open(pid)] = pid
@@ -233,10 +250,11 @@ class _Spare:
     took 0.36 s in such a fork and 0.30 s in a readied one (median of 6 each). It is forked
     only once no command has run for SPARE_AFTER seconds, so readying it takes no core from
     one; a request that comes before it is ready drops it and gets a fork of its own, as
-    before."""
+    before. It is signalled through a pidfd, never by pid: it may die unseen (the kernel
+    reaps the daemon's children), and its pid go to another process."""
 
-    def __init__(self, pid: int, line: Any) -> None:
-        self.pid, self.line = pid, line
+    def __init__(self, pid: int, pidfd: int, line: Any) -> None:
+        self.pid, self.pidfd, self.line = pid, pidfd, line
         self.ready = self.closed = False
 
     @classmethod
@@ -263,48 +281,78 @@ class _Spare:
                 own_memory()
                 theirs.sendall(b"r")
                 handed, fds = resident.receive(theirs, want_fds=4)
+                theirs.close()
                 if handed is not None and len(fds) == 4:
+                    for fd in fds:  # as a fork's copies are (descriptors received are not)
+                        os.set_inheritable(fd, False)
                     conn = socket.socket(fileno=fds[0])
                     _child(conn, fds[1:], handed["request"], int(handed["caller"]))
             finally:
                 os._exit(0)  # the daemon ended, or dropped this spare
         theirs.close()
-        return cls(pid, mine)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # no pidfds here: no spares either
+            mine.close()
+            os.kill(pid, signal.SIGKILL)  # (just forked: still ours, not reaped)
+            return None
+        return cls(pid, pidfd, mine)
+
+    def hear(self) -> None:
+        """Read what the spare said: that it is ready, or (its line ended) that it died."""
+        import socket
+
+        try:
+            said = self.line.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        if said == b"r":
+            self.ready = True
+        else:
+            self.end()
 
     def take(self, conn: Any, fds: list[int], request: dict[str, Any], caller: int
              ) -> int | None:
         """Hand over one command (the caller's connection and descriptors); its pid, or None
         if this spare is gone or not ready yet (then it is dropped, and the command gets a
         fork of its own, as before)."""
-        import socket
-
         if not self.ready:
-            try:
-                said = self.line.recv(1, socket.MSG_DONTWAIT)
-            except OSError:  # not ready (BlockingIOError) or gone
-                said = b""
-            if said != b"r":  # dropped: its readying must not take a core from the command
-                self.end()
-                return None
-            self.ready = True
+            self.hear()
+        if not self.ready:  # dropped: its readying must not take a core from the command
+            self.end()
+            return None
+        # (no stop between the handing over and the closing: the daemon's end would kill
+        # the command)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
+            # a stopped spare must not hold up the daemon: it gets a second, then is dropped
+            self.line.settimeout(1.0)
             resident.send(self.line, {"request": request, "caller": caller},
                           (conn.fileno(), *fds))
+            self._close()  # the command is its own now: never signalled from here
         except OSError:
             self.end()
             return None
-        self.line.close()
-        self.closed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return self.pid
 
     def end(self) -> None:
-        """Drop this spare (its line closes: it exits)."""
-        self.line.close()
-        self.closed = True
+        """Drop this spare: it is killed (it ran no command)."""
+        if self.closed:
+            return
         try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:  # gone already
             pass
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self.line.close()
+        os.close(self.pidfd)
 
 
 def _child(conn: Any, fds: list[int], request: dict[str, Any], caller: int) -> None:

@@ -84,7 +84,8 @@ def send(conn: _socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (
     if fds:
         sent = conn.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                                        struct.pack(f"{len(fds)}i", *fds))])
-    conn.sendall(frame[sent:])
+    if sent < len(frame):  # (nothing left: the peer may have read it all and gone already)
+        conn.sendall(frame[sent:])
 
 
 def receive(conn: _socket.socket, want_fds: int = 0, within: float | None = None
