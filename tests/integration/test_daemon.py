@@ -491,6 +491,16 @@ def test_a_quiet_daemon_readies_a_spare_that_runs_the_next_command_as_a_fork_wou
         return [int(p) for p in found.split() if int(p) != _daemon_pid(daemon)]
 
     [spare] = spares()
+    # A stopped spare holds up nothing: a request too big for the socket's buffer is taken
+    # back after a second and runs in a fork of its own, in the daemon, not in the caller
+    os.kill(spare, signal.SIGSTOP)
+    served = _served(daemon)
+    big = {**daemon.env, **{f"DM_BIG{i}": "x" * 100_000 for i in range(5)}}
+    p = subprocess.run([DM_BIN, "list"], env=big, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "app" in p.stdout, p.stderr
+    assert _served(daemon) == served + 1  # by the daemon: not stuck, so not run here
+    quietly()
+    [spare] = spares()  # (another one: the stopped one was dropped)
     os.kill(spare, signal.SIGKILL)  # one that dies is replaced, and costs no command
     quietly()
     assert "app" in daemon.ok("list")
