@@ -4,7 +4,8 @@ Dotmesh's ``dm`` was a thin client of a resident server; ours is a whole program
 it (Python, click, the store's modules) costs 0.1-0.3 s before any work: more than a btrfs
 snapshot, a reset to a kept state or a new branch take. ``dm daemon start`` runs this process:
 it imports everything once and listens on a private Unix socket
-(:mod:`dotmesh.server.resident`). The ``dm`` entry point asks it first; the daemon forks, and
+(:mod:`dotmesh.server.resident`). The ``dm`` entry point asks it first; the daemon forks (or
+hands the request to a child it forked ahead while all was quiet: :class:`_Spare`), and
 the child takes the caller's terminal (its stdin, stdout and stderr, passed over the socket),
 working folder, environment and umask, runs the command exactly as ``dm`` would, and sends
 back the exit code. Signals the caller gets (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT) are passed on;
