@@ -309,6 +309,35 @@ def test_an_inode_number_is_never_cut_to_64_bits() -> None:
         btrfs._add_items(memoryview(item), 1, 300 + 2**64, [])
 
 
+def test_the_compiled_ioctl_fills_the_buffer_and_raises_what_the_kernel_says() -> None:
+    """``_extents.ioctl`` (fcntl.ioctl without the GIL, for tree searches, FIEMAP and
+    snapshots): the kernel writes into the caller's buffer, and a refusal is an OSError with
+    its errno, as fcntl.ioctl gives them (the callers tell EPERM and ENOENT apart)."""
+    import errno
+    import termios
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"12345")
+        count = bytearray(4)
+        assert _extents.ioctl(r, termios.FIONREAD, count) == 0
+        assert int.from_bytes(count, "little") == 5
+        with pytest.raises(OSError) as refused:
+            _extents.ioctl(r, btrfs.TREE_SEARCH_V2, bytearray(4096))  # not a btrfs file
+        assert refused.value.errno == errno.ENOTTY
+        os.close(w)
+        w = -1
+        with pytest.raises(OSError) as closed:
+            _extents.ioctl(-1, termios.FIONREAD, count)
+        assert closed.value.errno == errno.EBADF
+        with pytest.raises(TypeError):
+            _extents.ioctl(r, termios.FIONREAD, b"1234")  # type: ignore[arg-type]  # read-only
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 def _split_by_sets(old: list[btrfs.Extent], new: list[btrfs.Extent]
                    ) -> tuple[list[btrfs.Extent], list[btrfs.Extent], set[btrfs.Extent]]:
     """What ``_extents.common`` replaced: the split by Python's sets."""

@@ -17,12 +17,19 @@
  * one that runs past the buffer or whose address would pass 2**64, or a negative count (the
  * caller then asks FIEMAP).
  *
- * common(old, new) compares two such maps' shared extents at C speed (see below). */
+ * common(old, new) compares two such maps' shared extents at C speed (see below).
+ *
+ * ioctl(fd, request, buf) is fcntl.ioctl with a mutable buffer, but with the GIL released
+ * while the kernel works: fcntl.ioctl holds it, and a tree search of a file with thousands
+ * of extents keeps the kernel busy for milliseconds, while the commit's other reader waits
+ * to run any Python. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #define EXTENT_DATA_KEY 108
 #define HEADER_SIZE 32  /* transid, objectid, offset (u64); type, len (u32) */
@@ -224,7 +231,31 @@ fail:
     return NULL;
 }
 
+static PyObject *ioctl_released(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    unsigned long request;
+    Py_buffer buf;
+    /* w*: a writable buffer, held (a bytearray cannot be resized) until released */
+    if (!PyArg_ParseTuple(args, "ikw*", &fd, &request, &buf))
+        return NULL;
+    int ret, err;
+    Py_BEGIN_ALLOW_THREADS
+    ret = ioctl(fd, request, buf.buf);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    if (ret < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(ret);
+}
+
 static PyMethodDef methods[] = {
+    {"ioctl", ioctl_released, METH_VARARGS,
+     "ioctl(fd, request, buf) -> int: ioctl(2) on a writable buffer, which the kernel may "
+     "fill, with the GIL released; OSError from errno."},
     {"items", items, METH_VARARGS,
      "items(body, count, ino) -> (extents, last_offset): a btrfs tree search's "
      "EXTENT_DATA items of inode ino as (offset, address, length, flags), holes left out."},

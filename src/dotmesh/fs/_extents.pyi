@@ -6,3 +6,6 @@ _Extent = tuple[int, int, int, int]
 def common(old: list[_Extent], new: list[_Extent], /
            ) -> tuple[list[_Extent], list[_Extent], list[_Extent]]:
     """ValueError for a map out of order; TypeError for anything but tuples of ints."""
+
+def ioctl(fd: int, request: int, buf: bytearray | memoryview, /) -> int:
+    """fcntl.ioctl on a writable buffer, with the GIL released; OSError from errno."""

@@ -21,6 +21,11 @@ from pathlib import Path
 from dotmesh.errors import DotmeshError
 from dotmesh.fs import _extents
 
+# ioctl(2) on a buffer with the GIL released (fcntl.ioctl holds it): a snapshot, a subvolume's
+# removal or a tree search keeps the kernel busy for milliseconds, while the commit's readers
+# wait to run Python
+_ioctl = _extents.ioctl
+
 BTRFS_SUPER_MAGIC = 0x9123683E
 XFS_SUPER_MAGIC = 0x58465342
 FIRST_SUBVOLUME_INODE = 256  # the root folder of every subvolume has this inode number
@@ -130,7 +135,7 @@ def create_subvolume(path: Path) -> None:
     """An empty subvolume at ``path`` (its parents made as needed)."""
     parent = _in_parent(path, "create subvolume")
     try:
-        fcntl.ioctl(parent, SUBVOL_CREATE, _name_arg(path.name, _VOL_ARGS, 8))
+        _ioctl(parent, SUBVOL_CREATE, _name_arg(path.name, _VOL_ARGS, 8))
     except OSError as e:
         raise SnapshotError(f"cannot create subvolume {path}: {e.strerror}") from None
     finally:
@@ -145,7 +150,7 @@ def snapshot(source: Path, dest: Path, read_only: bool) -> None:
         try:
             args = _name_arg(dest.name, _VOL_ARGS, 56)
             struct.pack_into("=qQQ", args, 0, src, 0, SUBVOL_RDONLY if read_only else 0)
-            fcntl.ioctl(parent, SNAP_CREATE_V2, args)
+            _ioctl(parent, SNAP_CREATE_V2, args)
         except OSError as e:
             raise SnapshotError(f"cannot snapshot {source} to {dest}: {e.strerror}") from None
         finally:
@@ -160,7 +165,7 @@ def destroy_subvolume(path: Path) -> None:
     owner: made writable, emptied, and removed with ``rmdir`` (Linux 4.18 and later)."""
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(parent, SNAP_DESTROY, _name_arg(path.name, _VOL_ARGS, 8))
+        _ioctl(parent, SNAP_DESTROY, _name_arg(path.name, _VOL_ARGS, 8))
         return
     except OSError as e:
         if e.errno == errno.ENOENT:
@@ -224,7 +229,7 @@ def extents(fd: int) -> list[Extent]:
     while True:
         buf = bytearray(_FIEMAP_HEAD.size + _BATCH * _FIEMAP_EXTENT.size)
         _FIEMAP_HEAD.pack_into(buf, 0, start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC, 0, _BATCH, 0)
-        fcntl.ioctl(fd, FIEMAP, buf)
+        _ioctl(fd, FIEMAP, buf)
         mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
         if mapped == 0:
             return out
@@ -284,7 +289,7 @@ def _tree_extents(fd: int) -> list[Extent]:
         buf = bytearray(_SEARCH_ARGS.size + size)
         _SEARCH_ARGS.pack_into(buf, 0, 0, ino, ino, start, _U64, 0, _U64, _EXTENT_DATA_KEY,
                                _EXTENT_DATA_KEY, 2**32 - 1, 0, 0, 0, 0, 0, size)
-        fcntl.ioctl(fd, TREE_SEARCH_V2, buf)
+        _ioctl(fd, TREE_SEARCH_V2, buf)
         count = struct.unpack_from("=I", buf, 64)[0]  # key.nr_items: the items returned
         if count == 0:
             return out
