@@ -156,6 +156,8 @@ def _nested(depth: int) -> tuple[list[list[object]], Objects]:
 LIST_OF_1TIB = _filelist([(GOOD_ID, len(GOOD))])  # a true list of 14 bytes...
 HOLE_OF_4GIB = _filelist([(HOLE, (1 << 32) - 1)])  # ...and one with a hole no chunker makes
 LONG_BLOCK = _filelist([(GOOD_ID, 4096), (GOOD_ID, 4096)])  # blocks said longer than they are
+# the victim's own block (its file "mine"), which the hub need not send, said longer than it is
+LONG_HELD = _filelist([(object_id(b"precious"), 4096), (object_id(b"precious"), 4096)])
 DEEP_ROWS, DEEP_TREES = _nested(300)
 EVIL_PATH = Path(tempfile.gettempdir()) / f"dm-evil-{uuid.uuid4().hex[:12]}"  # must stay absent
 
@@ -277,6 +279,9 @@ CASES = {
     "blocks said longer than they are": Case(
         [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_BLOCK[0].hex(), 1]], "where its list says 4096",
         extra={LONG_BLOCK[0]: (KIND_FILELIST, LONG_BLOCK[1])}),
+    "blocks held here said longer than they are": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_HELD[0].hex(), 1]], "is not 4096 bytes long here",
+        extra={LONG_HELD[0]: (KIND_FILELIST, LONG_HELD[1])}),
     "folders nested 300 deep": Case(DEEP_ROWS, "nested over 256", extra=DEEP_TREES),
     "an error message with terminal escapes": Case(GOOD_ROWS, "?[2J", error="\x1b[2Jgone"),
 }

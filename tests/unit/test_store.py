@@ -594,3 +594,25 @@ def test_fingerprints_are_saved_without_an_fsync_and_every_other_commit_keeps_on
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == full
     assert conn.execute("SELECT count(*) FROM fingerprints").fetchone()[0] == 1
     conn.close()
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["in batches", "one scan of the index"])
+def test_what_is_held_and_its_lengths_are_the_same_asked_either_way(store, monkeypatch, scan):
+    """A pull asks about every block of the file lists it fetched: most of the index, read
+    then in one scan (PackStore._most_of_index); a small ask goes in batches. Both tables are
+    read either way, and a damaged length is refused, not compared."""
+    w = store.writer()
+    old = [w.put(KIND_CHUNK, b"old %d" % i) for i in range(3)]
+    w.flush()
+    index.merge_recent(store.conn)
+    recent = w.put(KIND_CHUNK, b"recent!")
+    w.flush()
+    assert _table(store, "objects") == set(old) and _table(store, "recent_objects") == {recent}
+    monkeypatch.setattr(store, "_most_of_index", lambda asked: scan)
+    absent = object_id(b"absent")
+    assert store.missing([*old, recent, absent, absent]) == {absent}
+    assert store.raw_lengths([old[0], recent, absent]) == {old[0]: 5, recent: 7}
+    store.conn.execute("UPDATE objects SET raw_len=? WHERE id=?", ("five", old[1]))
+    assert store.raw_lengths([old[0]]) == {old[0]: 5}  # only the rows asked about are judged
+    with pytest.raises(Corrupt, match="length of 'five'"):
+        store.raw_lengths([old[1]])

@@ -30,7 +30,7 @@ from dotmesh.errors import AlreadyExists, Conflict, NotFound, UsageError
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
 from dotmesh.model.graph import ancestors, check_fast_forward, commits_between
-from dotmesh.model.ids import HOLE, ObjectId
+from dotmesh.model.ids import ObjectId
 from dotmesh.model.names import DEFAULT_BRANCH, MAX_NAME, check_branch, check_name
 from dotmesh.model.objects import (
     FILE,
@@ -357,32 +357,25 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
 def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
                  where: str) -> None:
     """Every file's size is what its content has, before anything names it (a tree saying
-    1 TiB for 28 bytes would make a 1 TiB file); the blocks themselves are checked against
-    their lists as they come. Objects are read back one at a time."""
+    1 TiB for 28 bytes would make a 1 TiB file). Blocks sent are checked against their
+    lists as they come; blocks held already, here, all at once (a pull of a 1% change to a
+    2 GiB dot names 200,000 of them: 1.7 s one by one). Objects are read back one at a
+    time."""
+    lengths = home.packs.raw_lengths(found.held)
+    for c, n in found.held.items():
+        if lengths.get(c) != n:
+            raise BadTransfer(f"{where} sent a tree or file list whose block {c.hex()[:16]} "
+                              f"is not {n} bytes long here; nothing was changed")
+    del lengths
     for tid in found.trees:
         for e in Tree.decode(get(tid)).entries:
-            if e.kind != FILE or not isinstance(e.ref, bytes):
-                continue
-            if e.chunked:
-                real = FileList.decode(get(e.ref)).size
-            elif e.ref in found.chunks:  # checked again as it comes
-                real = found.chunks[e.ref]
-            else:
-                loc = home.packs.locate(e.ref)
-                real = loc.raw_len if loc is not None else -1
+            if e.kind != FILE or not isinstance(e.ref, bytes) or not e.chunked:
+                continue  # a single chunk's length, checked above or as it comes
+            real = FileList.decode(get(e.ref)).size
             if real != e.size:
                 raise BadTransfer(f"{where} sent tree {tid.hex()[:16]} whose file "
                                   f"{e.name[:80]!r} says {e.size} bytes where its content "
                                   f"has {real}; nothing was changed")
-    for lid in found.lists:
-        for c, n in FileList.decode(get(lid)).chunks:
-            if c == HOLE or c in found.chunks:
-                continue
-            loc = home.packs.locate(c)
-            if loc is None or loc.raw_len != n:
-                raise BadTransfer(f"{where} sent file list {lid.hex()[:16]} whose block "
-                                  f"{c.hex()[:16]} is not {n} bytes long here; nothing was "
-                                  "changed")
 
 
 # ------------------------------------------------------------------ pull

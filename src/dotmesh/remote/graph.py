@@ -244,11 +244,14 @@ Keep = Callable[[list[Record]], None]  # puts received trees and file lists asid
 @dataclass
 class Discovered:
     """What a receiver fetched (trees and file lists, put aside) and the chunks it still
-    lacks, with the length each must have (as its file list or tree entry says)."""
+    lacks, with the length each must have (as its file list or tree entry says); and the
+    chunks those name that it holds already, with the length they are said to have (to be
+    checked against its own before anything names them)."""
 
     trees: list[ObjectId] = field(default_factory=list)
     lists: list[ObjectId] = field(default_factory=list)
     chunks: dict[ObjectId, int] = field(default_factory=dict)
+    held: dict[ObjectId, int] = field(default_factory=dict)
 
 
 def discover(roots: Iterable[ObjectId], lacking: Lacking, fetch: FetchIter, keep: Keep,
@@ -296,6 +299,7 @@ def discover(roots: Iterable[ObjectId], lacking: Lacking, fetch: FetchIter, keep
     if wanted:
         missing = lacking(list(wanted))
         out.chunks = {c: n for c, n in wanted.items() if c in missing}
+        out.held = {c: n for c, n in wanted.items() if c not in missing}
     return out
 
 

@@ -48,6 +48,7 @@ DIRECT_ALIGN = 4096  # O_DIRECT's unit of offsets, lengths and buffer addresses
 PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, at most
 
 _local = threading.local()
+_LONGEST = max(MAX_SIZE.values())  # of any object, whatever its kind
 
 
 def _compressor() -> zstandard.ZstdCompressor:
@@ -202,10 +203,17 @@ class PackStore:
         return index.count_objects(self.conn)
 
     def missing(self, oids: Iterable[ObjectId]) -> set[ObjectId]:
-        """The subset of ``oids`` not in the index (batched queries)."""
-        todo = list(set(oids))
-        found = set(index.indexed_ids(self.conn, todo))
-        return set(todo) - found
+        """The subset of ``oids`` not in the index (batched queries, or one scan of the
+        index when most of it is asked about)."""
+        todo = set(oids)
+        if self._most_of_index(len(todo)):
+            return todo - index.all_ids(self.conn)
+        return todo - set(index.indexed_ids(self.conn, list(todo)))
+
+    def _most_of_index(self, asked: int) -> bool:
+        """Whether reading the whole index costs less than asking about ``asked`` ids in
+        batches (an id costs about what 4 rows of a scan do)."""
+        return asked >= 50_000 and asked >= self.count() // 4
 
     def pack_name(self, pack: int) -> str:
         row = index.pack_row(self.conn, pack)
@@ -333,6 +341,20 @@ class PackStore:
             out[ObjectId(r[0])] = _location(*r)  # _location checks the id too
         return out
 
+    def raw_lengths(self, oids: Iterable[ObjectId]) -> dict[ObjectId, int]:
+        """The length of each of ``oids`` that is indexed, as its row says (in batches, or
+        one scan of the index when most of it is asked about). Corrupt for a row whose
+        length is not a length."""
+        wanted = set(oids)
+        rows = index.raw_lengths_of(
+            self.conn, None if self._most_of_index(len(wanted)) else list(wanted))
+        out = {ObjectId(oid): n for oid, n in rows if oid in wanted}
+        for oid, n in out.items():
+            if type(n) is not int or not 0 < n <= _LONGEST:
+                raise Corrupt(f"the index gives object {oid.hex()[:16]} a length of {n!r}; "
+                              "run dm fsck --repair")
+        return out
+
     def locate_all(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
         """Like :meth:`locate_many`, but reads the whole index when most of it is wanted."""
         return {ObjectId(oid): _location(*r) for oid, r in self.rows_all(oids).items()}
@@ -343,7 +365,7 @@ class PackStore:
         used, so a forked build's children check their own instead of the parent checking
         all before forking."""
         wanted = set(oids)
-        if len(wanted) < 50_000 or len(wanted) < self.count() // 4:
+        if not self._most_of_index(len(wanted)):
             rows: Iterable[index.Row] = index.object_rows_of(self.conn, list(wanted))
         else:
             rows = index.all_object_rows(self.conn)
