@@ -616,3 +616,40 @@ def test_what_is_held_and_its_lengths_are_the_same_asked_either_way(store, monke
     assert store.raw_lengths([old[0]]) == {old[0]: 5}  # only the rows asked about are judged
     with pytest.raises(Corrupt, match="length of 'five'"):
         store.raw_lengths([old[1]])
+
+
+def test_fingerprints_of_a_superseded_version_last_a_number_of_saves(tmp_path):
+    """A version's fingerprints outlive its superseding by KEEP_SUPERSEDED saves that
+    supersede something (a reset may bring it back meanwhile); saved again, it is current
+    and stays; gc's drop forgets both."""
+    from dotmesh.meta.db import (
+        KEEP_SUPERSEDED,
+        drop_fingerprints,
+        fingerprinted,
+        load_fingerprints,
+        save_fingerprints,
+    )
+
+    conn = connect(tmp_path / "meta.db")
+    v = [bytes([i]) * 32 for i in range(KEEP_SUPERSEDED + 3)]
+    save_fingerprints(conn, [(v[0], b"f0")], [])
+    save_fingerprints(conn, [(v[1], b"f1")], [v[0]])  # v0 superseded by v1
+    save_fingerprints(conn, [(v[0], b"f0")], [v[1]])  # v0 back (a reset), v1 superseded
+    for i in range(2, KEEP_SUPERSEDED + 1):
+        save_fingerprints(conn, [(v[i], b"f%d" % i)], [v[i - 1] if i > 2 else v[0]])
+    # v1 was superseded KEEP_SUPERSEDED - 1 saves ago, v0 (current again, then superseded
+    # by v2) one save later
+    assert load_fingerprints(conn, v[1]) == b"f1" and load_fingerprints(conn, v[0]) == b"f0"
+    save_fingerprints(conn, [(v[KEEP_SUPERSEDED + 1], b"x")], [v[KEEP_SUPERSEDED]])
+    assert load_fingerprints(conn, v[1]) is None and load_fingerprints(conn, v[0]) == b"f0"
+    save_fingerprints(conn, [(v[KEEP_SUPERSEDED + 2], b"y")], [v[KEEP_SUPERSEDED + 1]])
+    assert load_fingerprints(conn, v[0]) is None and load_fingerprints(conn, v[2]) == b"f2"
+    save_fingerprints(conn, [(v[2], b"f2")], [])  # current again: no longer marked
+    for _ in range(KEEP_SUPERSEDED + 1):
+        save_fingerprints(conn, [], [v[KEEP_SUPERSEDED + 2]])
+    assert load_fingerprints(conn, v[2]) == b"f2"
+    with conn:
+        drop_fingerprints(conn, [v[2], v[KEEP_SUPERSEDED + 2]])
+    assert v[2] not in fingerprinted(conn)
+    assert conn.execute("SELECT count(*) FROM superseded_fingerprints").fetchone()[0] == 0
+    conn.close()
