@@ -313,7 +313,11 @@ def fetch(home: Repo, t: Transport, head: ObjectId, have: Sequence[ObjectId],
                               "its subdot; nothing was changed")
     _check_sizes(home, found, get, t.where)
     writer = home.packs.writer()
-    todo = sorted(found.chunks)
+    # Asked for, and so written, in the order their lists name them: a file's blocks then
+    # lie back to back in the packs, and a restore reads them in runs. In id order (as
+    # before), every block was a read of its own: a checkout of a 2 GiB clone took 14.7 s
+    # against 4.9 s in the store it was cloned from.
+    todo = list(found.chunks)
     parts: list[dict[ObjectId, int]] = [{}]
     size = 0
     for cid in todo:  # parts of a bounded size: an answer holds what its lists said, no more
