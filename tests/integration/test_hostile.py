@@ -158,6 +158,7 @@ HOLE_OF_4GIB = _filelist([(HOLE, (1 << 32) - 1)])  # ...and one with a hole no c
 LONG_BLOCK = _filelist([(GOOD_ID, 4096), (GOOD_ID, 4096)])  # blocks said longer than they are
 # the victim's own block (its file "mine"), which the hub need not send, said longer than it is
 LONG_HELD = _filelist([(object_id(b"precious"), 4096), (object_id(b"precious"), 4096)])
+TWO_LENGTHS = _filelist([(GOOD_ID, len(GOOD)), (GOOD_ID, len(GOOD) + 1)])  # one block, two sizes
 DEEP_ROWS, DEEP_TREES = _nested(300)
 EVIL_PATH = Path(tempfile.gettempdir()) / f"dm-evil-{uuid.uuid4().hex[:12]}"  # must stay absent
 
@@ -282,6 +283,12 @@ CASES = {
     "blocks held here said longer than they are": Case(
         [["f", FILE, 0o644, 0, 0, 1, 8192, LONG_HELD[0].hex(), 1]], "is not 4096 bytes long here",
         extra={LONG_HELD[0]: (KIND_FILELIST, LONG_HELD[1])}),
+    "a block held here said longer by a tree": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 4096, object_id(b"precious").hex(), 0]],
+        "is not 4096 bytes long here"),
+    "a block said to have two lengths": Case(
+        [["f", FILE, 0o644, 0, 0, 1, 2 * len(GOOD) + 1, TWO_LENGTHS[0].hex(), 1]],
+        "is said to be", extra={TWO_LENGTHS[0]: (KIND_FILELIST, TWO_LENGTHS[1])}),
     "folders nested 300 deep": Case(DEEP_ROWS, "nested over 256", extra=DEEP_TREES),
     "an error message with terminal escapes": Case(GOOD_ROWS, "?[2J", error="\x1b[2Jgone"),
 }
@@ -457,6 +464,39 @@ def test_folders_a_killed_checkout_b_left_never_stand_in_for_a_pulled_branch(tmp
     dm.ok("checkout", "feature")
     assert (dm.path("app.db") / "f").read_bytes() == GOOD
     assert "No changes" in dm.ok("diff")
+
+
+def test_a_damaged_row_of_a_block_held_here_stops_a_fetch_before_anything_is_written(
+        tmp_path, _victim):
+    """The blocks a hub's lists name and the receiver holds are checked against the index
+    all at once; each row is checked whole, as a lookup of one would be: a row whose length
+    was damaged to what the hub claims must not let the hub's list in."""
+    import sqlite3
+
+    held = object_id(b"precious")  # the victim's file "mine"
+    listing = _filelist([(held, 4096)])
+    tid, tdata = _tree([["f", FILE, 0o644, 0, 0, 1, 4096, listing[0].hex(), 1]])
+    cid, cdata = _commit(tid)
+    objects: Objects = {tid: (KIND_TREE, tdata), cid: (KIND_COMMIT, cdata),
+                        listing[0]: (KIND_FILELIST, listing[1])}
+    dm = DM(tmp_path / "victim")
+    shutil.copytree(_victim[0], dm.home, symlinks=True)
+    db = sqlite3.connect(dm.home / "meta.db")
+    with db:
+        damaged = sum(db.execute(f"UPDATE {t} SET raw_len=4096 WHERE id=?", (held,)).rowcount
+                      for t in ("objects", "recent_objects"))
+    db.close()
+    assert damaged == 1
+    with EvilHub(objects, cid) as evil:
+        assert _add_remote(dm, evil.port).returncode == 0
+        p = dm("clone", "evil", "evil/app", "--local-name", "stolen")
+    assert p.returncode != 0 and "is damaged" in p.stderr and "Traceback" not in p.stderr
+    home = Repo(dm.home)
+    try:
+        assert not home.dot_exists("stolen")
+        assert home.packs.missing([listing[0], tid, cid]) == {listing[0], tid, cid}
+    finally:
+        home.close()
 
 
 def _add_remote(dm: DM, port: int) -> subprocess.CompletedProcess[str]:

@@ -600,7 +600,7 @@ def test_fingerprints_are_saved_without_an_fsync_and_every_other_commit_keeps_on
 def test_what_is_held_and_its_lengths_are_the_same_asked_either_way(store, monkeypatch, scan):
     """A pull asks about every block of the file lists it fetched: most of the index, read
     then in one scan (PackStore._most_of_index); a small ask goes in batches. Both tables are
-    read either way, and a damaged length is refused, not compared."""
+    read either way, and a damaged row is refused, not compared."""
     w = store.writer()
     old = [w.put(KIND_CHUNK, b"old %d" % i) for i in range(3)]
     w.flush()
@@ -611,11 +611,12 @@ def test_what_is_held_and_its_lengths_are_the_same_asked_either_way(store, monke
     monkeypatch.setattr(store, "_most_of_index", lambda asked: scan)
     absent = object_id(b"absent")
     assert store.missing([*old, recent, absent, absent]) == {absent}
-    assert store.raw_lengths([old[0], recent, absent]) == {old[0]: 5, recent: 7}
+    got = store.locate_all([old[0], recent, absent])
+    assert {oid: loc.raw_len for oid, loc in got.items()} == {old[0]: 5, recent: 7}
     store.conn.execute("UPDATE objects SET raw_len=? WHERE id=?", ("five", old[1]))
-    assert store.raw_lengths([old[0]]) == {old[0]: 5}  # only the rows asked about are judged
-    with pytest.raises(Corrupt, match="length of 'five'"):
-        store.raw_lengths([old[1]])
+    assert set(store.locate_all([old[0]])) == {old[0]}  # only the rows asked about are judged
+    with pytest.raises(Corrupt, match="is damaged"):
+        store.locate_all([old[1]])
 
 
 def test_fingerprints_of_a_superseded_version_last_a_number_of_saves(tmp_path):
@@ -652,4 +653,14 @@ def test_fingerprints_of_a_superseded_version_last_a_number_of_saves(tmp_path):
         drop_fingerprints(conn, [v[2], v[KEEP_SUPERSEDED + 2]])
     assert v[2] not in fingerprinted(conn)
     assert conn.execute("SELECT count(*) FROM superseded_fingerprints").fetchone()[0] == 0
+    # A damaged mark (not a number) neither stops the count nor stays
+    z = b"z" * 32
+    save_fingerprints(conn, [(z, b"fz")], [])
+    with conn:
+        conn.execute("INSERT INTO superseded_fingerprints VALUES (?, 'x')", (z,))
+    for i in range(KEEP_SUPERSEDED + 4):
+        save_fingerprints(conn, [(b"n" * 31 + bytes([i]), b"f")],
+                          [b"n" * 31 + bytes([i - 1])] if i else [])
+        assert (load_fingerprints(conn, z) is None) == (i > 0)
+    assert conn.execute("SELECT count(*) FROM fingerprints").fetchone()[0] <= KEEP_SUPERSEDED + 2
     conn.close()

@@ -99,7 +99,8 @@ def _ensure_schema(conn: sqlite3.Connection) -> int:
     """Create what is missing (every statement is IF NOT EXISTS, so tables added within a
     format version appear in older stores too) and return the store's format version. Only
     a store whose tables are not all made yet is written to: reads never wait on writers."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_REVISION:
+    # (not !=: a newer dm's store is left as it is, by reads above all)
+    if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_REVISION:
         conn.executescript(SCHEMA)
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
         conn.execute("UPDATE meta SET value=? WHERE key='format' AND value IN ({})".format(
@@ -160,15 +161,17 @@ def save_fingerprints(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]],
             c.executemany("DELETE FROM superseded_fingerprints WHERE content=?",
                           [(x,) for x in saved])  # current again
             if gone:
-                save = c.execute("SELECT coalesce(max(save), 0) + 1 FROM "
-                                 "superseded_fingerprints").fetchone()[0]
+                # (a damaged row, not a number, must not stop the count: it is dropped)
+                save = c.execute("SELECT coalesce(max(save), 0) + 1 FROM superseded_"
+                                 "fingerprints WHERE typeof(save)='integer'").fetchone()[0]
                 c.executemany(f"INSERT OR REPLACE INTO superseded_fingerprints VALUES "
                               f"(?, {int(save)})", gone)
-                expired = "SELECT content FROM superseded_fingerprints WHERE save <= ?"
+                expired = ("SELECT content FROM superseded_fingerprints WHERE save <= ? "
+                           "OR typeof(save)!='integer'")
                 c.execute(f"DELETE FROM fingerprints WHERE content IN ({expired})",
                           (save - KEEP_SUPERSEDED,))
-                c.execute("DELETE FROM superseded_fingerprints WHERE save <= ?",
-                          (save - KEEP_SUPERSEDED,))
+                c.execute("DELETE FROM superseded_fingerprints WHERE save <= ? "
+                          "OR typeof(save)!='integer'", (save - KEEP_SUPERSEDED,))
     finally:
         conn.execute("PRAGMA synchronous=FULL")
 

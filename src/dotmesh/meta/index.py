@@ -74,19 +74,6 @@ def all_ids(conn: sqlite3.Connection) -> set[bytes]:
     return {r[0] for r in conn.execute(_both("SELECT id FROM {t}"))}
 
 
-def raw_lengths_of(conn: sqlite3.Connection, oids: Sequence[bytes] | None
-                   ) -> Iterator[tuple[bytes, Any]]:
-    """(id, raw_len) of those of ``oids`` that are indexed, asked in batches; of every
-    indexed object, in one scan, for None."""
-    if oids is None:
-        yield from conn.execute(_both("SELECT id, raw_len FROM {t}"))
-        return
-    for i in range(0, len(oids), BATCH):
-        batch = oids[i:i + BATCH]
-        yield from conn.execute(_both(f"SELECT id, raw_len FROM {{t}} WHERE id IN "
-                                      f"({_ids(len(batch))})"), batch)
-
-
 def object_rows_of(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[Row]:
     """(id, kind, pack, offset, stored_len, raw_len, zstd) of those of ``oids`` that are
     indexed, asked in batches."""

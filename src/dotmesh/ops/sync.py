@@ -365,7 +365,9 @@ def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
     lists as they come; blocks held already, here, all at once (a pull of a 1% change to a
     2 GiB dot names 200,000 of them: 1.7 s one by one). Objects are read back one at a
     time."""
-    lengths = home.packs.raw_lengths(found.held)
+    # each row checked whole, as locate does: a damaged one stops the fetch here, before
+    # anything is written
+    lengths = {c: loc.raw_len for c, loc in home.packs.locate_all(found.held).items()}
     for c, n in found.held.items() if lengths != found.held else ():  # (compared in C)
         if lengths.get(c) != n:
             raise BadTransfer(f"{where} sent a tree or file list whose block {c.hex()[:16]} "

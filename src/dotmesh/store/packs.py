@@ -48,7 +48,6 @@ DIRECT_ALIGN = 4096  # O_DIRECT's unit of offsets, lengths and buffer addresses
 PREFETCH_LIMIT = 2 << 30  # pack bytes a restore asks the kernel to read ahead, at most
 
 _local = threading.local()
-_LONGEST = max(MAX_SIZE.values())  # of any object, whatever its kind
 
 
 def _compressor() -> zstandard.ZstdCompressor:
@@ -339,20 +338,6 @@ class PackStore:
         out: dict[ObjectId, Location] = {}
         for r in index.object_rows_of(self.conn, todo):
             out[ObjectId(r[0])] = _location(*r)  # _location checks the id too
-        return out
-
-    def raw_lengths(self, oids: Iterable[ObjectId]) -> dict[ObjectId, int]:
-        """The length of each of ``oids`` that is indexed, as its row says (in batches, or
-        one scan of the index when most of it is asked about). Corrupt for a row whose
-        length is not a length."""
-        wanted = set(oids)
-        rows = index.raw_lengths_of(
-            self.conn, None if self._most_of_index(len(wanted)) else list(wanted))
-        out = {ObjectId(oid): n for oid, n in rows if oid in wanted}
-        for oid, n in out.items():
-            if type(n) is not int or not 0 < n <= _LONGEST:
-                raise Corrupt(f"the index gives object {oid.hex()[:16]} a length of {n!r}; "
-                              "run dm fsck --repair")
         return out
 
     def locate_all(self, oids: Iterable[ObjectId]) -> dict[ObjectId, Location]:
