@@ -611,10 +611,11 @@ def test_what_is_held_and_its_lengths_are_the_same_asked_either_way(store, monke
     monkeypatch.setattr(store, "_most_of_index", lambda asked: scan)
     absent = object_id(b"absent")
     assert store.missing([*old, recent, absent, absent]) == {absent}
-    got = store.locate_all([old[0], recent, absent])
-    assert {oid: loc.raw_len for oid, loc in got.items()} == {old[0]: 5, recent: 7}
-    store.conn.execute("UPDATE objects SET raw_len=? WHERE id=?", ("five", old[1]))
-    assert set(store.locate_all([old[0]])) == {old[0]}  # only the rows asked about are judged
+    assert store.raw_lengths([old[0], recent, absent]) == {old[0]: 5, recent: 7}
+    store.conn.execute("UPDATE objects SET raw_len=? WHERE id=?", (4096, old[1]))
+    assert store.raw_lengths([old[0]]) == {old[0]: 5}  # only the rows asked about are judged
+    with pytest.raises(Corrupt, match="is damaged"):  # stored 5 bytes, not compressed: whole
+        store.raw_lengths([old[1]])  # rows are checked, not lengths alone
     with pytest.raises(Corrupt, match="is damaged"):
         store.locate_all([old[1]])
 

@@ -367,7 +367,7 @@ def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
     time."""
     # each row checked whole, as locate does: a damaged one stops the fetch here, before
     # anything is written
-    lengths = {c: loc.raw_len for c, loc in home.packs.locate_all(found.held).items()}
+    lengths = home.packs.raw_lengths(found.held)
     for c, n in found.held.items() if lengths != found.held else ():  # (compared in C)
         if lengths.get(c) != n:
             raise BadTransfer(f"{where} sent a tree or file list whose block {c.hex()[:16]} "
