@@ -267,7 +267,9 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_extents", "A btrfs tree search's extent items, in one call.", -1,
+    PyModuleDef_HEAD_INIT, "_extents",
+    "A btrfs tree search's extent items, in one call; extent maps compared; ioctl without the GIL.",
+    -1,
     methods,
 };
 

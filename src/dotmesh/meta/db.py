@@ -166,12 +166,11 @@ def save_fingerprints(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes]],
                                  "fingerprints WHERE typeof(save)='integer'").fetchone()[0]
                 c.executemany(f"INSERT OR REPLACE INTO superseded_fingerprints VALUES "
                               f"(?, {int(save)})", gone)
-                expired = ("SELECT content FROM superseded_fingerprints WHERE save <= ? "
-                           "OR typeof(save)!='integer'")
-                c.execute(f"DELETE FROM fingerprints WHERE content IN ({expired})",
+                expired = "save <= ? OR typeof(save)!='integer'"
+                c.execute("DELETE FROM fingerprints WHERE content IN (SELECT content FROM "
+                          f"superseded_fingerprints WHERE {expired})", (save - KEEP_SUPERSEDED,))
+                c.execute(f"DELETE FROM superseded_fingerprints WHERE {expired}",
                           (save - KEEP_SUPERSEDED,))
-                c.execute("DELETE FROM superseded_fingerprints WHERE save <= ? "
-                          "OR typeof(save)!='integer'", (save - KEEP_SUPERSEDED,))
     finally:
         conn.execute("PRAGMA synchronous=FULL")
 

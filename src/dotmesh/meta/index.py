@@ -68,10 +68,10 @@ def indexed_ids(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[byt
         yield from (r[0] for r in conn.execute(q, batch))
 
 
-def all_ids(conn: sqlite3.Connection) -> set[bytes]:
+def all_ids(conn: sqlite3.Connection) -> Iterator[bytes]:
     """Every indexed id, in one scan: cheaper than batches when most of the index is asked
     about (a pull of a changed 2 GiB dot asks about 200,000 block ids: 1 s in batches)."""
-    return {r[0] for r in conn.execute(_both("SELECT id FROM {t}"))}
+    return (r[0] for r in conn.execute(_both("SELECT id FROM {t}")))
 
 
 def object_rows_of(conn: sqlite3.Connection, oids: Sequence[bytes]) -> Iterator[Row]:

@@ -368,11 +368,10 @@ def _check_sizes(home: Repo, found: graph.Discovered, get: graph.Get,
     # each row checked whole, as locate does: a damaged one stops the fetch here, before
     # anything is written
     lengths = home.packs.raw_lengths(found.held)
-    for c, n in found.held.items() if lengths != found.held else ():  # (compared in C)
-        if lengths.get(c) != n:
-            raise BadTransfer(f"{where} sent a tree or file list whose block {c.hex()[:16]} "
-                              f"is not {n} bytes long here; nothing was changed")
-    del lengths
+    if lengths != found.held:  # (compared in C; which block, only when one differs)
+        c, n = next((c, n) for c, n in found.held.items() if lengths.get(c) != n)
+        raise BadTransfer(f"{where} sent a tree or file list whose block {c.hex()[:16]} "
+                          f"is not {n} bytes long here; nothing was changed")
     for tid in found.trees:
         for e in Tree.decode(get(tid)).entries:
             if e.kind != FILE or not isinstance(e.ref, bytes) or not e.chunked:

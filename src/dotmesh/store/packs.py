@@ -215,8 +215,10 @@ class PackStore:
         index when most of it is asked about)."""
         todo = set(oids)
         if self._most_of_index(len(todo)):
-            return todo - index.all_ids(self.conn)
-        return todo - set(index.indexed_ids(self.conn, list(todo)))
+            todo.difference_update(index.all_ids(self.conn))  # as they come: no second set
+        else:
+            todo.difference_update(index.indexed_ids(self.conn, list(todo)))
+        return todo
 
     def _most_of_index(self, asked: int) -> bool:
         """Whether reading the whole index costs less than asking about ``asked`` ids in
