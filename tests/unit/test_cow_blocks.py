@@ -20,7 +20,13 @@ from dotmesh.fs.btrfs import (
     unchanged_blocks,
 )
 from dotmesh.model.ids import ID_LEN, object_id
-from dotmesh.model.objects import FileList, paged_blocks, patched_filelist
+from dotmesh.model.objects import (
+    FileList,
+    differing_blocks,
+    encode_filelist,
+    paged_blocks,
+    patched_filelist,
+)
 from dotmesh.store import chunker
 
 SHARED, DELALLOC, ENCODED = 0x2000, 0x4, 0x8
@@ -423,3 +429,49 @@ def test_a_patched_list_is_the_list_encoded_afresh(count: int) -> None:
     want = [changes.get(i, old[i] if i < 200 else b"") for i in range(count)]
     assert patched_filelist(base, count, 8192, changes) == FileList(
         tuple((b, 8192) for b in want)).encode()
+
+
+def _ids(n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(ID_LEN) for _ in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(1, 700), grow=st.integers(-300, 300),
+       flips=st.lists(st.integers(0, 999), max_size=40), runs=st.lists(
+           st.tuples(st.integers(0, 999), st.integers(1, 300)), max_size=3))
+def test_differing_blocks_are_those_an_entry_by_entry_comparison_finds(
+        count: int, grow: int, flips: list[int], runs: list[tuple[int, int]]) -> None:
+    """Runs of entries compared as bytes, then the runs that differ more finely (256, 16, 1):
+    every block the plain comparison finds, at group edges too, and the blocks grown."""
+    old = _ids(count, 1)
+    new = old[:max(1, count + grow)] + _ids(max(0, grow), 2)
+    for i in flips + [k for lo, n in runs for k in range(lo, lo + n)]:
+        if i < len(new):
+            new[i] = bytes(ID_LEN) if new[i] != bytes(ID_LEN) else b"\x01" * ID_LEN
+    a = FileList(tuple((c, 8192) for c in old)).encode()
+    b = FileList(tuple((c, 8192) for c in new)).encode()
+    want = [(i * 8192, c, 8192) for i, c in enumerate(new) if i >= len(old) or old[i] != c]
+    assert differing_blocks(a, b) == want
+
+
+def test_differing_blocks_leaves_lists_of_other_blocks_to_the_full_comparison() -> None:
+    a, b = _ids(2, 3)
+    paged = FileList(((a, 8192), (b, 8192))).encode()
+    assert differing_blocks(paged, FileList(((a, 8192), (b, 4096))).encode()) is None
+    assert differing_blocks(FileList(((a, 4096), (b, 4096))).encode(), paged) is None
+    assert differing_blocks(paged, FileList(()).encode()) is None
+    assert differing_blocks(paged[:-1], paged) is None  # not a list at all
+    assert differing_blocks(paged, paged) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.sampled_from([8192, 8192, 8192, 1, 4096, 65536]), max_size=80))
+def test_a_list_encoded_at_once_is_what_entry_by_entry_gives(lengths: list[int]) -> None:
+    chunks = list(zip(_ids(len(lengths), 4), lengths, strict=True))
+    one_by_one = bytearray(FileList(()).encode()[:4])
+    one_by_one += sum(lengths).to_bytes(8, "little") + len(lengths).to_bytes(4, "little")
+    for cid, n in chunks:
+        one_by_one += cid + n.to_bytes(4, "little")
+    assert encode_filelist(chunks) == bytes(one_by_one)
+    assert FileList.decode(bytes(one_by_one)).chunks == tuple(chunks)

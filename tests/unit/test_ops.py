@@ -260,3 +260,55 @@ def test_reflog_names_every_discarded_state_an_entry_was_given(repo: Repo) -> No
     entry = history.reflog(repo, "app")[0]
     assert entry.action == "reset (interrupted)"
     assert entry.kept == tuple(names) and entry.kept_as == names[-1]
+
+
+def test_a_reset_over_paged_files_writes_their_changed_pages_found_by_comparing_lists(
+        repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two paged files' lists are compared as bytes (restore.differing_blocks), not decoded:
+    the pages the plan finds are the changed ones, and the file, grown or shrunk, comes back
+    byte for byte."""
+    from dotmesh.workdir import restore
+
+    heap = dots.path(repo, "app.db") / "heap"
+    first = bytes(range(256)) * 32 * 64  # 64 pages of 8 KiB: a paged file
+    heap.write_bytes(first)
+    _commit(repo, "first")
+    second = bytearray(first)
+    for page in (0, 15, 16, 63):
+        second[page * 8192:(page + 1) * 8192] = bytes([page]) * 8192
+    second += b"\x05" * 8192 * 2  # grown by two pages
+    heap.write_bytes(second)
+    second_id = _commit(repo, "second")
+    found: list[list[int]] = []
+    compare = restore.differing_blocks
+
+    def spy(old: bytes, new: bytes) -> list[tuple[bytes, int, int]] | None:
+        got = compare(old, new)
+        found.append([off // 8192 for off, _, _ in got or []])
+        return got
+
+    monkeypatch.setattr(restore, "differing_blocks", spy)
+    checkout_ops.reset_hard(repo, "app", "HEAD^")
+    assert heap.read_bytes() == first and found == [[0, 15, 16, 63]]
+    checkout_ops.reset_hard(repo, "app", second_id.hex())
+    assert heap.read_bytes() == bytes(second) and found[1] == [0, 15, 16, 63, 64, 65]
+
+
+def test_a_paged_list_that_disagrees_with_its_entry_stops_the_plan(repo: Repo,
+                                                                   tmp_path: Path) -> None:
+    from dotmesh.errors import Corrupt
+    from dotmesh.model.ids import object_id
+    from dotmesh.model.objects import FILE, KIND_FILELIST, Entry, FileList
+    from dotmesh.workdir.restore import Policy, _Planner
+
+    writer = repo.packs.writer()
+    lists = [writer.put(KIND_FILELIST, FileList(
+        tuple((object_id(bytes([i, k])), 8192) for k in range(3))).encode()) for i in (1, 2)]
+    writer.flush()
+    plan = _Planner(tmp_path, None, repo.packs, Policy())
+    c, t = (Entry("heap", FILE, 0o644, 0, 0, 1, 3 * 8192, ref, True) for ref in lists)
+    assert len(plan._wanted(c, t, b"heap")) == 3
+    for lying in (c, t):
+        bad = Entry("heap", FILE, 0o644, 0, 0, 1, 4 * 8192, lying.ref, True)
+        with pytest.raises(Corrupt, match="says 32768 bytes but its content has 24576"):
+            plan._wanted(bad if lying is c else c, bad if lying is t else t, b"heap")

@@ -38,7 +38,7 @@ from dotmesh.errors import Conflict, Corrupt, NotFound
 from dotmesh.heap import no_cycle_gc, private_buffer
 from dotmesh.meta.statcache import FOLDER, CacheEntry, StatCache
 from dotmesh.model.ids import HOLE, ObjectId
-from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree
+from dotmesh.model.objects import DIR, SYMLINK, Entry, FileList, Root, Tree, differing_blocks
 from dotmesh.store.packs import DIRECT_ALIGN, RECORD, Location, PackStore, location, set_direct
 from dotmesh.workdir import forked
 from dotmesh.workdir.snapshot import run_all
@@ -197,6 +197,18 @@ def open_top(top: Path, create: bool) -> int:
         raise Conflict(f"{top} is not a folder dm can restore into: {e.strerror}") from None
 
 
+def _size_mismatch(e: Entry, size: int, rel: bytes) -> Corrupt:
+    return Corrupt(f"{os.fsdecode(rel)} says {e.size} bytes but its content has {size}; "
+                   "nothing was changed")
+
+
+def _check_list_size(e: Entry, data: bytes, rel: bytes) -> None:
+    """A file list that :func:`differing_blocks` accepted holds the bytes its entry says."""
+    size = FileList.size_of(data)
+    if size != e.size:
+        raise _size_mismatch(e, size, rel)
+
+
 class _Planner:
     """Compares the trees (no change to the folder): what to remove, make and write."""
 
@@ -219,8 +231,7 @@ class _Planner:
             return [(e.ref, e.size)]
         fl = FileList.decode(self.store.get(e.ref))
         if fl.size != e.size:
-            raise Corrupt(f"{os.fsdecode(rel)} says {e.size} bytes but its content has "
-                          f"{fl.size}; nothing was changed")
+            raise _size_mismatch(e, fl.size, rel)
         return list(fl.chunks)
 
     def folder(self, parts: Parts, cur: ObjectId | None, tgt: ObjectId, exists: bool) -> None:
@@ -261,21 +272,33 @@ class _Planner:
         else:
             in_place = (exists and c is not None and c.chunked and t.chunked
                         and self._patchable(parts, name))
-            old: dict[int, tuple[bytes, int]] = {}
-            if in_place:
-                assert c is not None
-                off = 0
-                for cid, n in self.chunks(c, rel):
-                    old[off] = (cid, n)
-                    off += n
-            wanted, off = [], 0
-            for cid, n in self.chunks(t, rel):
-                if old.get(off) != (cid, n):
-                    wanted.append((off, cid, n))
-                off += n
+            wanted = self._wanted(c if in_place else None, t, rel)
             f = _File(parts, name, rel, t, in_place, wanted)
             self.files.append(f)
             self.steps.append(("patch" if in_place else "put", parts, name, f))
+
+    def _wanted(self, c: Entry | None, t: Entry, rel: bytes) -> list[tuple[int, ObjectId, int]]:
+        """The (offset, id, length) of the blocks of ``t`` to write: all of them, or, over
+        ``c`` (the file's content now, patched in place), those it lacks at their offset."""
+        if c is not None and isinstance(c.ref, bytes) and isinstance(t.ref, bytes):
+            old, new = self.store.get(c.ref), self.store.get(t.ref)
+            wanted = differing_blocks(old, new)  # two paged files' lists, compared as bytes
+            if wanted is not None:
+                for e, data in ((c, old), (t, new)):
+                    _check_list_size(e, data, rel)
+                return wanted
+        had: dict[int, tuple[bytes, int]] = {}
+        if c is not None:
+            off = 0
+            for cid, n in self.chunks(c, rel):
+                had[off] = (cid, n)
+                off += n
+        wanted, off = [], 0
+        for cid, n in self.chunks(t, rel):
+            if had.get(off) != (cid, n):
+                wanted.append((off, cid, n))
+            off += n
+        return wanted
 
     def _patchable(self, parts: Parts, name: str) -> bool:
         """A regular file with no other name: writing it in place changes nothing else."""

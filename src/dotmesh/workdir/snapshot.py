@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -47,6 +48,7 @@ from dotmesh.model.objects import (
     FileList,
     Root,
     Tree,
+    encode_filelist,
     encode_tree_rows,
     paged_blocks,
 )
@@ -1363,19 +1365,19 @@ def _assemble(to_read: list[_File], store: PackStore, sink: _Sink, cache: StatCa
                     superseded.append(old[4])
             continue
         chunks = [c for p in f.parts for c in p]
-        f.size = sum(n for _, n in chunks)
+        lengths = list(map(itemgetter(1), chunks))
+        f.size = sum(lengths)
         if not chunks:
             f.content, f.chunked = None, False
         elif len(chunks) == 1 and chunks[0][0] != HOLE:
             f.content, f.chunked = chunks[0][0], False
         else:
-            f.content = sink.put(KIND_FILELIST, FileList(
-                tuple((ObjectId(c), n) for c, n in chunks)).encode())
+            f.content = sink.put(KIND_FILELIST, encode_filelist(chunks))
             f.chunked = True
-            ids = [c for c, _ in chunks]
             fps = b"".join(f.fingerprints)
-            paged = bool(fps) and all(n == chunker.PAGE_BLOCK for _, n in chunks[:-1])
             if keep_recent:
+                ids = list(map(itemgetter(0), chunks))
+                paged = bool(fps) and lengths[:-1].count(chunker.PAGE_BLOCK) == len(lengths) - 1
                 result.recent[f.rel] = (frozenset(ids), chunker.Previous(ids, fps) if paged
                                         else None)
             if fps and sink.writer is not None:
