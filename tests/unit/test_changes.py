@@ -137,3 +137,22 @@ def test_overflow_means_look_at_everything(tmp_path):
         watcher.watch("s", str(top), "")
         watcher._lost = True  # what a full kernel queue sets
         assert watcher.take() is None
+
+
+def test_closing_a_watcher_wakes_its_reader_at_once(tmp_path, monkeypatch):
+    """A commit on plain folders ends by closing its watcher: the reader is woken, not left
+    to notice its stop flag at its next timeout (with a timeout of an hour, close would
+    hang)."""
+    import threading
+
+    from dotmesh.capture import changes
+
+    monkeypatch.setattr(changes, "WAKE_BACKSTOP", 3600.0)
+    top = _mk(tmp_path / "t")
+    watcher = ChangeWatcher()
+    watcher.watch("s", str(top), "")
+    (top / "new").write_text("x")
+    closed = threading.Thread(target=watcher.close, daemon=True)
+    closed.start()
+    closed.join(30)
+    assert not closed.is_alive()

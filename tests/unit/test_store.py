@@ -665,3 +665,29 @@ def test_fingerprints_of_a_superseded_version_last_a_number_of_saves(tmp_path):
         assert (load_fingerprints(conn, z) is None) == (i > 0)
     assert conn.execute("SELECT count(*) FROM fingerprints").fetchone()[0] <= KEEP_SUPERSEDED + 2
     conn.close()
+
+
+def test_a_changed_superblock_asks_the_index_only_of_blocks_not_where_they_were(tmp_path):
+    """Each block of a superblock whose fingerprint changed is hashed again; those that hold
+    what the previous version held at their place are known by position, so the index is
+    asked only of the page that changed (no set of every previous block is made)."""
+    p = tmp_path / "f"
+    data = bytearray(os.urandom(chunker.SUPER * 4))
+    p.write_bytes(data)
+    size = len(data)
+
+    def cut(asked: list[list[bytes]], prev: chunker.Previous | None) -> chunker.Chunks:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            return chunker.chunk_paged(fd, 0, size, bytearray(size), frozenset(),
+                                       lambda ids: asked.append(ids) or set(ids), prev)
+        finally:
+            os.close(fd)
+
+    first = cut([], None)
+    data[chunker.SUPER + 8192:chunker.SUPER + 16384] = os.urandom(8192)  # one page
+    p.write_bytes(data)
+    asked: list[list[bytes]] = []
+    second = cut(asked, chunker.Previous(first.ids, first.fingerprints))
+    assert [b for ids in asked for b in ids] == [second.ids[chunker.SUPER // 8192 + 1]]
+    assert second.ids[:9] == first.ids[:9] and second.ids[10:] == first.ids[10:]

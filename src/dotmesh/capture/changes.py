@@ -42,6 +42,9 @@ class Changes:
         return bool(self.names)
 
 
+WAKE_BACKSTOP = 1.0  # s: the reader looks at its stop flag this often even unwoken
+
+
 class ChangeWatcher:
     """inotify watches over several folder trees, each known by a key (the subdot)."""
 
@@ -54,6 +57,13 @@ class ChangeWatcher:
         try:
             self._ino: INotify | None = INotify()
         except OSError:  # too many inotify instances: fall back to looking at everything
+            self._ino, self._lost = None, True
+            return
+        try:  # the reader waits on this too, so that close() wakes it at once: with a
+            # timeout alone, every commit on plain folders waited up to its 50 ms at the end
+            self._wake_r, self._wake_w = os.pipe()
+        except OSError:  # out of descriptors: look at everything, as above
+            self._ino.close()
             self._ino, self._lost = None, True
             return
         self._thread = threading.Thread(target=self._run, name="dm-watch", daemon=True)
@@ -90,9 +100,12 @@ class ChangeWatcher:
     def close(self) -> None:
         self._stop.set()
         if self._ino is not None:
+            os.write(self._wake_w, b"x")
             self._thread.join()
             self._ino.close()
             self._ino = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> ChangeWatcher:
         return self
@@ -105,8 +118,8 @@ class ChangeWatcher:
         assert self._ino is not None
         fd = self._ino.fileno()
         while not self._stop.is_set():
-            ready, _, _ = select.select([fd], [], [], 0.05)
-            if ready:
+            ready, _, _ = select.select([fd, self._wake_r], [], [], WAKE_BACKSTOP)
+            if fd in ready:
                 with self._lock:
                     self._drain()
 

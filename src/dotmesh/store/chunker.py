@@ -203,6 +203,10 @@ def chunk_paged(fd: int, start: int, length: int, buf: Buffer, known: frozenset[
             ids[b0:b0 + per] = prev.ids[first_block + b0:first_block + b0 + per]
         else:
             todo.extend(range(b0, b1))
+    if prev is not None and todo:  # what the previous version held where a block is hashed
+        # is in the store: most blocks of a changed superblock are as they were
+        old_ids, last = prev.ids, len(prev.ids) - first_block
+        known = known | frozenset([old_ids[first_block + i] for i in todo if i < last])
     chunks = _finish(mv, [i * PAGE_BLOCK for i in todo], [lengths[i] for i in todo], known,
                      missing, pack)
     for i, oid in zip(todo, chunks.ids, strict=True):
