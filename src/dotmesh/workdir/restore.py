@@ -30,6 +30,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -355,6 +356,18 @@ def _expect(progress: Progress | None, files: list[_File]) -> None:
         expect(sum(f.entry.size for f in files))
 
 
+READERS = 8  # threads reading a patched file's scattered blocks
+SCATTERED_PIECE = 64  # blocks each of them is given at a time
+_reader_pool: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _reader_pool
+    if _reader_pool is None:
+        _reader_pool = ThreadPoolExecutor(READERS, thread_name_prefix="dm-read")
+    return _reader_pool
+
+
 class _Writer:
     """Reads what files need from the packs (verified) and writes it out."""
 
@@ -467,6 +480,25 @@ class _Writer:
     def read(self, f: _File) -> Iterator[tuple[int, int, bytes | None]]:
         assert f.located is not None  # every file is checked before it is written
         return self.contents(f.wanted, f.located)
+
+    def read_apart(self, f: _File) -> list[tuple[int, int, bytes | None]]:
+        """:meth:`read`, for a file patched in place: its blocks, read by READERS threads
+        when there are many. They lie apart in the packs (a reset brings back pages of
+        every age, one here, one there), so each read waits on the disk by itself."""
+        assert f.located is not None
+        if len(f.wanted) < 2 * SCATTERED_PIECE:
+            return list(self.contents(f.wanted, f.located))
+        pieces: list[tuple[list[Want], list[Location]]] = []
+        at = 0  # located skips holes
+        for lo in range(0, len(f.wanted), SCATTERED_PIECE):
+            part = f.wanted[lo:lo + SCATTERED_PIECE]
+            n = sum(1 for want in part if want[1] != HOLE)
+            pieces.append((part, f.located[at:at + n]))
+            at += n
+        pool = _readers()
+        got = [pool.submit(lambda piece: list(self.contents(*piece)), p) for p in pieces]
+        wait(got)  # all of them, even when one fails: none reads on once the caller unwinds
+        return [block for piece in got for block in piece.result()]
 
     def new_file(self, dir_fd: int, name: str, f: _File) -> tuple[int, os.stat_result]:
         direct = f.entry.size >= DIRECT_MIN
@@ -908,7 +940,7 @@ def prepare(top: Path, store: PackStore, target: Root, current: Root | None, sta
             f.staged = str(i)
             n, _ = w.new_file(staging_fd, f.staged, f)
             return n
-        blocks = list(w.read(f))  # verified as read
+        blocks = w.read_apart(f)  # verified as read
         size = sum(n for _, n, d in blocks if d is not None)
         with lock:
             budget[0] -= size
