@@ -156,3 +156,20 @@ def test_closing_a_watcher_wakes_its_reader_at_once(tmp_path, monkeypatch):
     closed.start()
     closed.join(30)
     assert not closed.is_alive()
+
+
+def test_a_watcher_without_a_thread_looks_at_everything_and_keeps_no_descriptor(
+        tmp_path, monkeypatch):
+    import os
+    import threading
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    watcher = ChangeWatcher()
+    monkeypatch.undo()
+    assert watcher.take() is None
+    watcher.close()
+    assert len(os.listdir("/proc/self/fd")) == before

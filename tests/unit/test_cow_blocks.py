@@ -463,6 +463,8 @@ def test_differing_blocks_leaves_lists_of_other_blocks_to_the_full_comparison() 
     assert differing_blocks(paged, FileList(()).encode()) is None
     assert differing_blocks(paged[:-1], paged) is None  # not a list at all
     assert differing_blocks(paged, paged) == []
+    huge = FileList(((a, 1 << 30), (b, 1 << 30))).encode()  # holes of 1 GiB: never made
+    assert differing_blocks(huge, huge) is None  # (so FileList.decode refuses them)
 
 
 @settings(max_examples=60, deadline=None)

@@ -716,3 +716,32 @@ def test_a_patched_files_blocks_read_by_several_threads_come_back_whole_and_in_o
     assert [(off, n) for off, n, _ in got] == [(off, n) for off, _, n in wanted]
     assert all((data is None) == (i % 7 == 3) and (data is None or data == blocks[i])
                for i, (_, _, data) in enumerate(got))
+
+
+def test_a_file_no_longer_paged_knows_its_previous_blocks_by_set():
+    """chunk_paged knows a paged file's previous blocks by position; a file cut otherwise
+    now gets them as a set (else each would be looked up in the index)."""
+    from dotmesh.workdir.snapshot import _as_known
+
+    ids = [bytes([i]) * 32 for i in range(3)]
+    prev = chunker.Previous(ids, b"")
+    assert _as_known((frozenset(), prev), 3 * 8192 * 64) == (frozenset(), prev)  # paged
+    assert _as_known((frozenset(), prev), 100_001) == (frozenset(ids), prev)
+    assert _as_known((frozenset(ids[:1]), None), 100_001) == (frozenset(ids[:1]), None)
+
+
+def test_a_forked_child_reads_with_readers_of_its_own():
+    """The daemon's commands are forks: a pool of reader threads made before the fork has
+    no threads in the child, so the child makes its own."""
+    from dotmesh.workdir import restore
+
+    assert restore._readers().submit(lambda: 1).result(timeout=30) == 1
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = restore._readers().submit(lambda: 42).result(timeout=20) == 42
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

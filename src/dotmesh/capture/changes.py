@@ -67,7 +67,13 @@ class ChangeWatcher:
             self._ino, self._lost = None, True
             return
         self._thread = threading.Thread(target=self._run, name="dm-watch", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:  # no thread to be had: look at everything
+            self._ino.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._ino, self._lost = None, True
 
     def watcher(self, key: str, top: str) -> Callable[[str], None]:
         """The callback a snapshot of ``top`` calls with each folder before listing it."""

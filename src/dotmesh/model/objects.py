@@ -174,6 +174,8 @@ def differing_blocks(old: bytes, new: bytes) -> list[tuple[int, ObjectId, int]] 
     if len(new) < _FL_HEAD.size + _FL_ENTRY.size:
         return None
     block = int(_FL_ENTRY.unpack_from(new, _FL_HEAD.size)[1])
+    if not 0 < block <= MAX_CHUNK:  # (a length dm never makes: decode names the fault)
+        return None
     had, count = paged_blocks(old, block), paged_blocks(new, block)
     if had is None or count is None:
         return None

@@ -46,6 +46,12 @@ def is_paged(size: int) -> bool:
     return size > SMALL_FILE and size % PAGE == 0
 
 
+def page_lengths(lengths: Sequence[int]) -> bool:
+    """Whether a file list's blocks are a paged file's: all page blocks but the last."""
+    rest = list(lengths[:-1])
+    return rest.count(PAGE_BLOCK) == len(rest)
+
+
 # A worker's read buffer: an anonymous mapping costs only the pages a command touches (a
 # 32 MiB bytearray is zeroed at once: 25-36 ms a thread, paid by every small commit)
 Buffer: TypeAlias = bytearray | mmap.mmap
@@ -70,7 +76,9 @@ class Previous:
 
     Re-reading a changed database file is most of a commit's cost; a superblock whose
     fingerprint (xxh3-128, 7 GB/s) is unchanged keeps its block ids without hashing each
-    8 KiB block with BLAKE3 (a call per block, about 2 GB/s).
+    8 KiB block with BLAKE3 (a call per block, about 2 GB/s). Every id in ``ids`` must be in
+    the store (a committed list's, or one this command stored): :func:`chunk_paged` takes
+    them, and those it hashes again at their place, as known without asking the index.
     """
 
     ids: Sequence[ObjectId]
@@ -161,7 +169,9 @@ def chunk_paged(fd: int, start: int, length: int, buf: Buffer, known: frozenset[
 
     ``same``: blocks (absolute indexes) known to hold the same bytes as in ``prev``, as a
     copy-on-write filesystem's extent maps tell: they are not even read. A superblock only
-    partly known gets an unknown fingerprint (it never matches, so it is hashed next time)."""
+    partly known gets an unknown fingerprint (it never matches, so it is hashed next time).
+    A block hashed again that ``prev`` holds at its place is known (no lookup): ``known``
+    need not hold ``prev``'s ids."""
     per = SUPER // PAGE_BLOCK
     first_block, first_super = start // PAGE_BLOCK, start // SUPER
     old_supers = len(prev.fingerprints) // FP_LEN if prev else 0

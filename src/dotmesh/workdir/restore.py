@@ -225,12 +225,14 @@ class _Planner:
             return {}
         return {e.name: e for e in Tree.decode(self.store.get(oid)).entries}
 
-    def chunks(self, e: Entry, rel: bytes) -> list[tuple[ObjectId, int]]:
+    def chunks(self, e: Entry, rel: bytes, data: bytes | None = None
+               ) -> list[tuple[ObjectId, int]]:
+        """The (id, length) of ``e``'s blocks; ``data``: its file list, if already read."""
         if e.ref is None or not isinstance(e.ref, bytes):
             return []
         if not e.chunked:
             return [(e.ref, e.size)]
-        fl = FileList.decode(self.store.get(e.ref))
+        fl = FileList.decode(self.store.get(e.ref) if data is None else data)
         if fl.size != e.size:
             raise _size_mismatch(e, fl.size, rel)
         return list(fl.chunks)
@@ -281,6 +283,7 @@ class _Planner:
     def _wanted(self, c: Entry | None, t: Entry, rel: bytes) -> list[tuple[int, ObjectId, int]]:
         """The (offset, id, length) of the blocks of ``t`` to write: all of them, or, over
         ``c`` (the file's content now, patched in place), those it lacks at their offset."""
+        old = new = None
         if c is not None and isinstance(c.ref, bytes) and isinstance(t.ref, bytes):
             old, new = self.store.get(c.ref), self.store.get(t.ref)
             wanted = differing_blocks(old, new)  # two paged files' lists, compared as bytes
@@ -291,11 +294,11 @@ class _Planner:
         had: dict[int, tuple[bytes, int]] = {}
         if c is not None:
             off = 0
-            for cid, n in self.chunks(c, rel):
+            for cid, n in self.chunks(c, rel, old):
                 had[off] = (cid, n)
                 off += n
         wanted, off = [], 0
-        for cid, n in self.chunks(t, rel):
+        for cid, n in self.chunks(t, rel, new):
             if had.get(off) != (cid, n):
                 wanted.append((off, cid, n))
             off += n
@@ -359,13 +362,24 @@ def _expect(progress: Progress | None, files: list[_File]) -> None:
 READERS = 8  # threads reading a patched file's scattered blocks
 SCATTERED_PIECE = 64  # blocks each of them is given at a time
 _reader_pool: ThreadPoolExecutor | None = None
+_reader_lock = threading.Lock()  # (several threads stage files at once)
 
 
 def _readers() -> ThreadPoolExecutor:
     global _reader_pool
-    if _reader_pool is None:
-        _reader_pool = ThreadPoolExecutor(READERS, thread_name_prefix="dm-read")
-    return _reader_pool
+    with _reader_lock:
+        if _reader_pool is None:
+            _reader_pool = ThreadPoolExecutor(READERS, thread_name_prefix="dm-read")
+        return _reader_pool
+
+
+def _forget_readers() -> None:
+    """In a forked child (the daemon's commands) the readers do not exist: start anew."""
+    global _reader_pool, _reader_lock
+    _reader_pool, _reader_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_readers)
 
 
 class _Writer:
