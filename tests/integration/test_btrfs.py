@@ -1421,3 +1421,142 @@ def test_with_a_writer_running_changed_pages_come_from_the_snapshot(
         changed = _rewrite_pages(db / "table", every=40, start=3)
         assert dot.commit("three, quiet").bytes_read == changed
         assert tried == [str(db / "table")]
+
+
+def _walked_tree(home: Path, commit: str, sub: str = "db") -> object:
+    """The tree a whole walk (no stat cache, nothing stored) gives of ``commit``'s kept
+    state of ``sub``: what its commit must hold."""
+    from dotmesh.workdir import snapshot as scan
+
+    state = home / "dots" / "app" / "snaps" / commit / "subdots" / sub
+    return scan.snapshot(state, Repo(home).packs, None, {}).root
+
+
+def _root_of(home: Path, commit: str, sub: str = "db") -> object:
+    return Repo(home).commit(bytes.fromhex(commit)).subdots[sub]
+
+
+def _keep_mtime(path: Path, change: Callable[[], None]) -> None:
+    st = path.stat()
+    change()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _replace_folder(db: Path) -> None:
+    shutil.rmtree(db / "sub" / "deeper")
+    (db / "moved").mkdir()
+    (db / "moved" / "inside").write_text("a folder moved in under an old name")
+    os.rename(db / "moved", db / "sub" / "deeper")
+
+
+def _hole(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _punch(fd, 3)
+    finally:
+        os.close(fd)
+
+
+# Each change, as a commit after it must see it; none may pass for no change.
+_CHANGES: list[tuple[str, Callable[[Path], None]]] = [
+    ("same size and mtime", lambda db: _keep_mtime(
+        db / "many" / "f7", lambda: (db / "many" / "f7").write_text("changed! 7"[:10]))),
+    ("file mode", lambda db: os.chmod(db / "many" / "f8", 0o600)),
+    ("folder mode", lambda db: os.chmod(db / "sub", 0o700)),
+    ("owner of a symlink", lambda db: os.lchown(db / "link", 1234, 1234)),
+    ("renamed in its folder", lambda db: os.rename(db / "many" / "f9", db / "many" / "g9")),
+    ("moved to another folder", lambda db: os.rename(db / "many" / "f10", db / "sub" / "f10")),
+    ("folder renamed", lambda db: os.rename(db / "sub" / "deep", db / "sub" / "deeper")),
+    ("folder replaced by another", _replace_folder),
+    ("folder replaced by a file", lambda db: (shutil.rmtree(db / "sub" / "deeper"),
+                                              (db / "sub" / "deeper").write_text("file"))),
+    ("removed", lambda db: os.unlink(db / "many" / "f11")),
+    ("new tree", lambda db: (os.makedirs(db / "new" / "er"),
+                             (db / "new" / "er" / "x").write_text("x"))),
+    ("symlink retargeted", lambda db: (os.unlink(db / "link"),
+                                       os.symlink("many/f12", db / "link"))),
+    ("written through a second name", lambda db: (db / "hard2").write_text("both names")),
+    ("truncated", lambda db: os.truncate(db / "many" / "f13", 1)),
+    ("hole punched", lambda db: _hole(db / "table")),
+    ("grown", lambda db: (db / "table").open("ab").write(os.urandom(PAGE))),
+    ("emptied and a new empty file", lambda db: (os.truncate(db / "many" / "f14", 0),
+                                                 (db / "many" / "empty").touch())),
+]
+
+
+@pytest.mark.slow
+def test_a_commit_looks_only_at_what_btrfs_says_changed_and_gets_a_walks_trees(
+        bdm: DM) -> None:
+    """After the first commit, a commit asks btrfs which inodes were written since the head's
+    kept state and looks only at their names (``entries_looked_at``), not at the 400 files
+    of the folder; each change of every kind still gives the trees a whole walk gives."""
+    bdm.ok("init", "app")
+    db = bdm.path("app.db")
+    (db / "many").mkdir()
+    for i in range(400):
+        (db / "many" / f"f{i}").write_text(f"file {i:5d}")
+    os.makedirs(db / "sub" / "deep")
+    (db / "sub" / "deep" / "x").write_text("deep")
+    os.symlink("many/f1", db / "link")
+    (db / "hard1").write_text("one inode")
+    os.link(db / "hard1", db / "hard2")
+    _paged_file(db / "table", 64)
+    time.sleep(0.2)
+    first = _commit(bdm, "one")
+    assert cast(int, first["entries_looked_at"]) > 400
+    same = _commit(bdm, "nothing changed")
+    assert cast(int, same["entries_looked_at"]) < 10
+    assert _root_of(bdm.home, str(same["id"])) == _root_of(bdm.home, str(first["id"]))
+    for what, change in _CHANGES:
+        before = _root_of(bdm.home, str(_commit(bdm, f"before {what}")["id"]))
+        change(db)
+        got = _commit(bdm, what)
+        assert cast(int, got["entries_looked_at"]) < 20, what
+        root = _root_of(bdm.home, str(got["id"]))
+        assert root != before, what
+        assert root == _walked_tree(bdm.home, str(got["id"])), what
+    # A working set made from a kept state (a reset) is of the same line as that state.
+    bdm.ok("reset", "--hard", "HEAD^")
+    (db / "many" / "f20").write_text("after a reset")
+    got = _commit(bdm, "after the reset")
+    assert cast(int, got["entries_looked_at"]) < 20
+    assert _root_of(bdm.home, str(got["id"])) == _walked_tree(bdm.home, str(got["id"]))
+
+
+def test_changed_inodes_are_told_only_for_snapshots_of_one_line(btrfs_mount: Path) -> None:
+    """What a search by transaction number says holds only between a snapshot and an older,
+    unchanged one of the same subvolume (or of the one it was made from)."""
+    top = btrfs_mount / uuid.uuid4().hex
+    live, other = top / "live", top / "other"
+    btrfs.create_subvolume(live)
+    btrfs.create_subvolume(other)
+    for i in range(3):
+        (live / f"f{i}").write_text("x")
+    btrfs.snapshot(live, top / "a", read_only=True)
+    (live / "f1").write_text("y")
+    (live / "new").write_text("z")
+    btrfs.snapshot(live, top / "b", read_only=True)
+    inodes = btrfs.changed_inodes(top / "b", top / "a", live)
+    assert inodes is not None
+    named = {os.lstat(top / "b" / n).st_ino for n in ("f1", "new")}
+    assert named <= inodes and os.lstat(top / "b" / "f0").st_ino not in inodes
+    assert btrfs.FIRST_SUBVOLUME_INODE in inodes  # the folder gained a name
+    # the wrong way round, of another subvolume, or against a writable one: not told
+    assert btrfs.changed_inodes(top / "a", top / "b", live) is None
+    btrfs.snapshot(other, top / "c", read_only=True)
+    assert btrfs.changed_inodes(top / "c", top / "a", other) is None
+    assert btrfs.changed_inodes(top / "b", top / "a", other) is None
+    btrfs.snapshot(live, top / "w", read_only=False)
+    assert btrfs.changed_inodes(top / "b", top / "w", live) is None
+    # a kept state changed after it was made no longer vouches for anything
+    btrfs._set_read_only(top / "a", False)
+    (top / "a" / "f2").write_text("changed in the reference")
+    btrfs.make_read_only(top / "a")
+    assert btrfs.changed_inodes(top / "b", top / "a", live) is None
+    # a working set made from a kept state, and its snapshot
+    btrfs.snapshot(top / "b", top / "clone", read_only=False)
+    (top / "clone" / "f0").write_text("w")
+    btrfs.snapshot(top / "clone", top / "d", read_only=True)
+    got = btrfs.changed_inodes(top / "d", top / "b", top / "clone")
+    assert got is not None and os.lstat(top / "d" / "f0").st_ino in got
+    assert os.lstat(top / "d" / "f1").st_ino not in got

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import tempfile
 
 import pytest
@@ -306,6 +307,42 @@ def test_tree_search_results_that_are_not_a_files_extents_are_refused(body: byte
     """Refused with ValueError (the caller then asks FIEMAP), never read past the buffer."""
     with pytest.raises(ValueError):
         btrfs._add_items(memoryview(body), count, 300, [])
+
+
+def _item(objectid: int, kind: int, body: bytes, offset: int = 0) -> bytes:
+    return btrfs._SEARCH_HEADER.pack(9, objectid, offset, kind, len(body)) + body
+
+
+def _inode_item(transid: int) -> bytes:
+    return struct.pack("<QQ", 5, transid) + bytes(144)  # generation, transid, the rest
+
+
+def test_inodes_written_after_a_transaction_are_told_from_their_items() -> None:
+    """Only inode items count, each by its own transid (a leaf rewritten for another item's
+    sake holds items of older transactions); the last result's objectid is where the next
+    search starts."""
+    body = (_item(256, 1, _inode_item(40))  # written in the reference's transaction: same
+            + _item(256, 12, b"ref")
+            + _item(257, 1, _inode_item(41))
+            + _item(257, 108, bytes(53), offset=4096)
+            + _item(2**64 - 300, 1, _inode_item(2**63))
+            + _item(2**64 - 299, 96, b"x"))
+    assert _extents.inodes_since(body, 6, 40) == ([257, 2**64 - 300], 2**64 - 299)
+    assert _extents.inodes_since(body, 6, 39) == ([256, 257, 2**64 - 300], 2**64 - 299)
+    assert _extents.inodes_since(body, 2, 40) == ([], 256)
+    assert _extents.inodes_since(b"", 0, 40) == ([], 0)
+
+
+@pytest.mark.parametrize("body, count", [
+    (_item(256, 1, bytes(15)), 1),  # an inode item too short for its transid
+    (_item(256, 1, _inode_item(50))[:100], 1),  # runs past the buffer
+    (_item(256, 1, _inode_item(50)), 2),  # more results than the buffer holds
+    (b"", -1),
+])
+def test_search_results_that_cannot_hold_what_they_say_are_refused(body: bytes,
+                                                                   count: int) -> None:
+    with pytest.raises(ValueError):
+        _extents.inodes_since(body, count, 40)
 
 
 def test_an_inode_number_is_never_cut_to_64_bits() -> None:

@@ -400,7 +400,8 @@ def commit(c: Ctx, message: str, metadata: tuple[str, ...], author: str | None,
         emit_json({"id": r.id.hex(), "dot": dot.name, "files_read": r.files_read,
                    "bytes_read": r.bytes_read, "bytes_stored": r.bytes_stored,
                    "freeze_ms": float(r.commit.metadata.get("dm.freeze_ms", 0)) or None,
-                   "freeze_bytes_read": r.frozen_bytes_read})
+                   "freeze_bytes_read": r.frozen_bytes_read,
+                   "entries_looked_at": r.looked_at})
         return
     click.echo(f"[{dot.branch} {r.id.hex()[:12]}] {first_line(message)}")
     files = f"{r.files_read} {'file' if r.files_read == 1 else 'files'}"

@@ -19,6 +19,14 @@
  *
  * common(old, new) compares two such maps' shared extents at C speed (see below).
  *
+ * inodes_since(body, count, since) -> (inodes, last_objectid): of ``count`` search results of
+ * a subvolume's tree (any items), the objectids of the INODE_ITEMs whose ``transid`` (the
+ * transaction that last wrote the inode: btrfs writes it with every change to the inode, its
+ * data or its names) is past ``since``; and the objectid of the last result, past which the
+ * next search starts (an inode's other items, its extents above all, tell nothing more).
+ * ValueError for a result that runs past the buffer, an inode item too short to hold its
+ * transid, or a negative count.
+ *
  * ioctl(fd, request, buf) is fcntl.ioctl with a mutable buffer, but with the GIL released
  * while the kernel works: fcntl.ioctl holds it, and a tree search of a file with thousands
  * of extents keeps the kernel busy for milliseconds, while the commit's other reader waits
@@ -231,6 +239,72 @@ fail:
     return NULL;
 }
 
+#define INODE_ITEM_KEY 1
+#define INODE_TRANSID_END 16  /* generation, transid (u64, little endian) */
+
+static PyObject *inodes_since(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer body;
+    Py_ssize_t count;
+    unsigned long long since;
+    if (!PyArg_ParseTuple(args, "y*nK", &body, &count, &since))
+        return NULL;
+    if (count < 0) {
+        PyBuffer_Release(&body);
+        PyErr_SetString(PyExc_ValueError, "a negative count of search results");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyBuffer_Release(&body);
+        return NULL;
+    }
+    const unsigned char *buf = body.buf;
+    size_t size = (size_t)body.len, pos = 0;
+    uint64_t objectid = 0;
+    const char *refusal = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t key_type, length;
+        if (size - pos < HEADER_SIZE) {
+            refusal = "a search result runs past its buffer";
+            break;
+        }
+        memcpy(&objectid, buf + pos + 8, 8);  /* the header is in this CPU's order */
+        memcpy(&key_type, buf + pos + 24, 4);
+        memcpy(&length, buf + pos + 28, 4);
+        pos += HEADER_SIZE;
+        if (size - pos < length) {
+            refusal = "a search result runs past its buffer";
+            break;
+        }
+        const unsigned char *item = buf + pos;
+        pos += length;
+        if (key_type != INODE_ITEM_KEY)
+            continue;
+        if (length < INODE_TRANSID_END) {
+            refusal = "an inode item too short to hold its transid";
+            break;
+        }
+        if (le64_at(item + 8) <= since)
+            continue;
+        PyObject *ino = PyLong_FromUnsignedLongLong((unsigned long long)objectid);
+        if (ino == NULL || PyList_Append(out, ino) < 0) {
+            Py_XDECREF(ino);
+            Py_DECREF(out);
+            PyBuffer_Release(&body);
+            return NULL;
+        }
+        Py_DECREF(ino);
+    }
+    PyBuffer_Release(&body);
+    if (refusal != NULL) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, refusal);
+        return NULL;
+    }
+    return Py_BuildValue("(NK)", out, (unsigned long long)objectid);
+}
+
 static PyObject *ioctl_released(PyObject *self, PyObject *args) {
     (void)self;
     int fd;
@@ -259,6 +333,9 @@ static PyMethodDef methods[] = {
     {"items", items, METH_VARARGS,
      "items(body, count, ino) -> (extents, last_offset): a btrfs tree search's "
      "EXTENT_DATA items of inode ino as (offset, address, length, flags), holes left out."},
+    {"inodes_since", inodes_since, METH_VARARGS,
+     "inodes_since(body, count, since) -> (inodes, last_objectid): the objectids of a tree "
+     "search's inode items written after transaction since, and the last result's objectid."},
     {"common", common, METH_VARARGS,
      "common(old, new) -> (old_rest, new_rest, both): two extent maps sorted by offset (each "
      "offset once), split into the extents both hold identically and the rest of each; "

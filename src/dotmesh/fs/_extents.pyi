@@ -9,3 +9,6 @@ def common(old: list[_Extent], new: list[_Extent], /
 
 def ioctl(fd: int, request: int, buf: bytearray | memoryview, /) -> int:
     """fcntl.ioctl on a writable buffer, with the GIL released; OSError from errno."""
+
+def inodes_since(body: bytes | bytearray | memoryview, count: int, since: int, /
+                 ) -> tuple[list[int], int]: ...

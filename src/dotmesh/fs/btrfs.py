@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from dotmesh.errors import DotmeshError
@@ -64,6 +65,13 @@ TREE_SEARCH_V2 = _ioc(_IOC_READ | _IOC_WRITE, 0x94, 17, _SEARCH_ARGS.size)
 GET_SUBVOL_INFO = _ioc(_IOC_READ, 0x94, 60, 504)
 _SUBVOL_INFO_FLAGS = 288  # offset of ``flags`` in struct btrfs_ioctl_get_subvol_info_args
 _ROOT_SUBVOL_RDONLY = 1
+# struct btrfs_ioctl_get_subvol_info_args from ``generation``: generation, flags, uuid,
+# parent_uuid, received_uuid, ctransid, otransid
+_SUBVOL_INFO = struct.Struct("=QQ16s16s16sQQ")
+_SUBVOL_INFO_AT = 280
+_NO_UUID = bytes(16)
+_INODE_SEARCH = 16 << 10  # a leaf or so of results per call: see changed_inodes
+_LAST_INODE = 2**64 - 256  # BTRFS_LAST_FREE_OBJECTID: higher objectids are not inodes
 # The layout of a search's results, which _extents.c reads (and the tests build)
 _SEARCH_HEADER = struct.Struct("=3Q2I")  # btrfs_ioctl_search_header: transid, key, item length
 _FILE_EXTENT = struct.Struct("<QQBBHB")  # btrfs_file_extent_item up to its type (21 bytes)
@@ -268,6 +276,98 @@ def flushed_extents(fd: int) -> list[Extent]:
         except (OSError, ValueError):  # not what a btrfs tree holds: FIEMAP will say
             pass
     return extents(fd)
+
+
+@dataclass(frozen=True)
+class Subvolume:
+    """What btrfs says of a subvolume: its identity, the one it was a snapshot of (``parent``;
+    zeros if none), the transaction that made it (``made``), the last one that changed
+    anything in it (``changed``: a snapshot starts with its source's) and whether it is
+    read-only. (The root item's generation is no such witness: taking a snapshot of a
+    subvolume writes its root anew.)"""
+
+    uuid: bytes
+    parent: bytes
+    made: int
+    changed: int
+    read_only: bool
+
+
+def subvolume_of(path: Path | str) -> Subvolume | None:
+    """The subvolume that holds ``path`` (None if it cannot be told: not btrfs, gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = bytearray(504)
+        fcntl.ioctl(fd, GET_SUBVOL_INFO, info)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    _, flags, uuid, parent, _, changed, made = _SUBVOL_INFO.unpack_from(info, _SUBVOL_INFO_AT)
+    return Subvolume(uuid, parent, made, changed, bool(flags & _ROOT_SUBVOL_RDONLY))
+
+
+def changed_inodes(snapshot: Path, reference: Path, source: Path) -> set[int] | None:
+    """The inodes of the read-only snapshot holding ``snapshot`` that may differ from those
+    of the read-only snapshot holding ``reference``: the inodes written after ``reference``
+    was made. btrfs writes an inode's item, with the transaction's number, whenever the
+    inode, its data (as each write reaches the disk) or a folder's names change, and a
+    snapshot is made at the end of a transaction: a later change has a later number. The
+    search skips every leaf of the tree older than that (``btrfs subvolume find-new`` does
+    the same), so it costs what changed, not what the subvolume holds.
+
+    None when the numbers cannot be compared: both must be of one line, taken of ``source``
+    (the working set the snapshot was just taken of) or ``source`` made from ``reference``,
+    ``reference`` unchanged since it was made, and this process allowed to search trees.
+    The set may name more than changed (a read that set an access time): callers compare
+    what it names."""
+    global _may_search
+    if not _may_search:
+        return None
+    new, ref, src = subvolume_of(snapshot), subvolume_of(reference), subvolume_of(source)
+    if (new is None or ref is None or src is None or not new.read_only or not ref.read_only
+            or ref.changed > ref.made or new.parent != src.uuid or src.uuid == _NO_UUID
+            or not (ref.parent == src.uuid or src.parent == ref.uuid)
+            or ref.made >= new.made):
+        return None
+    try:
+        fd = os.open(snapshot, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _inodes_since(fd, ref.made)
+    except PermissionError:  # no CAP_SYS_ADMIN
+        _may_search = False
+        return None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _inodes_since(fd: int, since: int) -> set[int]:
+    """The inodes of the subvolume of ``fd`` whose items were written after transaction
+    ``since``. Each call starts past the last inode the one before met, so an inode's
+    thousands of extent items cost one call at most, not their leaves (16 KiB of results a
+    call: 3.5 ms for the 56 inodes a 1% change of a 2 GiB dot touches, against 25 ms for
+    all the changed leaves' 48,000 items)."""
+    out: set[int] = set()
+    start = FIRST_SUBVOLUME_INODE
+    buf = bytearray(_SEARCH_ARGS.size + _INODE_SEARCH)
+    while start <= _LAST_INODE:
+        _SEARCH_ARGS.pack_into(buf, 0, 0, start, _LAST_INODE, 0, _U64, since + 1, _U64, 0, 255,
+                               2**32 - 1, 0, 0, 0, 0, 0, _INODE_SEARCH)
+        _ioctl(fd, TREE_SEARCH_V2, buf)
+        count = struct.unpack_from("=I", buf, 64)[0]  # key.nr_items: the items returned
+        if count == 0:
+            break
+        got, last = _extents.inodes_since(memoryview(buf)[_SEARCH_ARGS.size:], count, since)
+        out.update(got)
+        start = last + 1
+    return out
 
 
 def _read_only_subvolume(fd: int) -> bool:

@@ -51,6 +51,7 @@ class CommitResult:
     bytes_read: int
     bytes_stored: int
     frozen_bytes_read: int = 0  # read while the writers were stopped
+    looked_at: int = 0  # names whose stat the capture compared (see SnapshotResult.looked_at)
 
 
 RESERVED_PREFIX = "dm."  # metadata keys dm writes itself (dm.freeze_ms, dm.writers)
@@ -131,7 +132,8 @@ def commit(home: Repo, dot: str, message: str, metadata: dict[str, str] | None =
         run_hooks(dot_hooks, "post-thaw", folders)
     except HookFailed as e:
         raise HookFailed(f"commit {oid.hex()[:12]} was made, but {e}") from None
-    return CommitResult(oid, c, files_read, bytes_read, writer.bytes_written, frozen_read)
+    return CommitResult(oid, c, files_read, bytes_read, writer.bytes_written, frozen_read,
+                        snap.looked_at)
 
 
 def _capture_live(home: Repo, dot: str, writer: PackWriter, progress: Progress | None,

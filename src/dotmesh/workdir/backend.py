@@ -127,6 +127,12 @@ class SnapshotBackend(FolderBackend, Protocol):
         """A writable copy at ``dest`` of a copy made by :meth:`freeze_copy`; returns the new
         files' stats if they are new inodes (None for a true snapshot: same inodes)."""
 
+    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+        """The inodes of ``copy`` (made by :meth:`freeze_copy` of ``source``) that may differ
+        from those of ``reference`` (an earlier such copy), as the filesystem tells without a
+        walk; None when it cannot (the caller walks). May name more than changed, never
+        less. A ZFS backend would read ``zfs diff``."""
+
 
 class PlainFolders:
     """Ordinary folders on any filesystem."""
@@ -231,6 +237,9 @@ class BtrfsFolders(PlainFolders):
         btrfs.snapshot(source, dest, read_only=False)
         return None
 
+    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+        return btrfs.changed_inodes(copy, reference, source)
+
 
 class ReflinkFolders(PlainFolders):
     """Plain folders on a filesystem that shares blocks between files but has no subvolumes
@@ -274,6 +283,9 @@ class ReflinkFolders(PlainFolders):
     def writable_copy(self, source: Path, dest: Path) -> Stats | None:
         _, after = reflink.copy_tree(source, dest)
         return after
+
+    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+        return None  # each copy's files are new inodes
 
 
 def _reflink_copy(folder: Path, dest: Path) -> Stats:

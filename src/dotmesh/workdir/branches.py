@@ -61,6 +61,10 @@ class DotSnapshot:
     def frozen_bytes_read(self) -> int:
         return sum(r.frozen_bytes_read for r in self.results.values())
 
+    @property
+    def looked_at(self) -> int:
+        return sum(r.looked_at for r in self.results.values())
+
 
 BACKEND_SETTING = "backend"
 
@@ -560,6 +564,8 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
                 ahead: Ahead | None = None) -> DotSnapshot:
     """Scan a frozen copy: a paged file is read only where its blocks are not shared with the
     head's kept state. ``ahead``: what :func:`look_ahead` prepared before the freeze."""
+    from dotmesh.workdir.snapshot import since_reference
+
     if ahead is None:
         ahead = look_ahead(home, dot, cow, frozen.subdots, warm=False)
     for sub in frozen.subdots:  # every subdot's reads start before the first walk
@@ -567,11 +573,20 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
         if reference is not None:
             reference.read_ahead(home.packs, writer, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
+    source = working_set(home, dot)
     for sub in frozen.subdots:
         cache, reference = ahead[sub]
-        res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
-                           reference=reference, taken_ns=frozen.taken,
-                           stats=frozen.copied[sub])
+        res = None
+        if reference is not None and frozen.copied[sub] is None:  # a true snapshot
+            inodes = cow.changed_inodes(frozen.folder(sub), reference.folder,
+                                        source if frozen.whole else home.stable(dot, sub))
+            if inodes is not None:  # only what changed is looked at (no walk)
+                res = since_reference(frozen.folder(sub), home.packs, writer, cache,
+                                      reference, inodes, frozen.taken, progress)
+        if res is None:
+            res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
+                               reference=reference, taken_ns=frozen.taken,
+                               stats=frozen.copied[sub])
         snap.roots[sub], snap.results[sub], snap.caches[sub] = res.root, res, cache
     return snap
 
