@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import chain, islice, starmap
+from itertools import chain, starmap
 from operator import itemgetter
 from typing import Any, cast
 
@@ -124,14 +124,35 @@ def encode_filelist(chunks: Sequence[tuple[bytes, int]]) -> bytes:
     lists of 68,000 blocks, and a loop per block took 40 ms of each (now 7-13 ms, most of
     it the result's fresh memory, for a paged file's list, whose blocks all have one length;
     14-18 ms for another)."""
+    return filelist_of_entries([filelist_entries(chunks)], len(chunks),
+                               sum(map(itemgetter(1), chunks)))
+
+
+def filelist_entries(chunks: Sequence[tuple[bytes, int]]) -> bytes:
+    """The entries of :func:`encode_filelist`'s list, without its header: a part of a list
+    made where its chunks were read (a child process), joined by
+    :func:`filelist_of_entries`."""
+    if not chunks:
+        return b""
     lengths = list(map(itemgetter(1), chunks))
-    head = _FL_HEAD.pack(MAGIC_FILELIST, sum(lengths), len(chunks))
-    if not chunks or lengths.count(lengths[0]) != len(lengths):
-        return b"".join(chain((head,), starmap(_FL_ENTRY.pack, chunks)))
+    if lengths.count(lengths[0]) != len(lengths):
+        return b"".join(starmap(_FL_ENTRY.pack, chunks))
     # every entry is an id and the one length: the ids joined by it, and it once more
     length = _FL_LENGTH.pack(lengths[0])
-    ids = map(itemgetter(0), islice(chunks, 1, None))
-    return length.join(chain((head + chunks[0][0],), ids, (b"",)))
+    return length.join(chain(map(itemgetter(0), chunks), (b"",)))
+
+
+def filelist_of_entries(parts: Sequence[bytes], count: int, size: int) -> bytes:
+    """The encoded list of ``count`` chunks of ``size`` bytes in all, whose entries are
+    ``parts`` (from :func:`filelist_entries`), in order."""
+    return b"".join(chain((_FL_HEAD.pack(MAGIC_FILELIST, size, count),), parts))
+
+
+def filelist_chunks(data: bytes) -> list[tuple[ObjectId, int]]:
+    """The (id, length) pairs of a list this process encoded (unchecked: see
+    :meth:`FileList.decode` for one read from a store)."""
+    return cast(list[tuple[ObjectId, int]],
+                list(_FL_ENTRY.iter_unpack(memoryview(data)[_FL_HEAD.size:])))
 
 
 def chunk_ids(data: bytes) -> Iterator[bytes]:
