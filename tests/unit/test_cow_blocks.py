@@ -20,6 +20,7 @@ from dotmesh.fs.btrfs import (
     shared_ranges,
     unchanged_blocks,
 )
+from dotmesh.model import objects
 from dotmesh.model.ids import ID_LEN, object_id
 from dotmesh.model.objects import (
     FileList,
@@ -514,3 +515,19 @@ def test_a_list_encoded_at_once_is_what_entry_by_entry_gives(lengths: list[int])
         one_by_one += cid + n.to_bytes(4, "little")
     assert encode_filelist(chunks) == bytes(one_by_one)
     assert FileList.decode(bytes(one_by_one)).chunks == tuple(chunks)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.sampled_from([8192, 8192, 8192, 1, 4096, 65536]), max_size=80),
+       cuts=st.lists(st.integers(0, 80), max_size=4))
+def test_a_list_joined_from_parts_encoded_apart_is_the_whole_list(lengths: list[int],
+                                                                 cuts: list[int]) -> None:
+    """A child process encodes its segments' entries; the parent joins them under one
+    header: the bytes of the list encoded whole, whatever the cuts."""
+    chunks = list(zip(_ids(len(lengths), 5), lengths, strict=True))
+    edges = [0, *sorted(min(c, len(chunks)) for c in cuts), len(chunks)]
+    parts = [objects.filelist_entries(chunks[a:b])
+             for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    whole = objects.filelist_of_entries(parts, len(chunks), sum(lengths))
+    assert whole == encode_filelist(chunks)
+    assert objects.filelist_chunks(whole) == chunks
