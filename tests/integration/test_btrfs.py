@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import sqlite3
@@ -1449,6 +1450,11 @@ def _replace_folder(db: Path) -> None:
     os.rename(db / "moved", db / "sub" / "deeper")
 
 
+def _mmap_write(path: Path) -> None:
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[5 * PAGE:5 * PAGE + 4] = b"mmap"
+
+
 def _hole(path: Path) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -1459,6 +1465,8 @@ def _hole(path: Path) -> None:
 
 # Each change, as a commit after it must see it; none may pass for no change.
 _CHANGES: list[tuple[str, Callable[[Path], None]]] = [
+    # never stored, but listed: the commits after this one must not take it for a change
+    ("a FIFO beside", lambda db: os.mkfifo(db / "many" / "fifo")),
     ("same size and mtime", lambda db: _keep_mtime(
         db / "many" / "f7", lambda: (db / "many" / "f7").write_text("changed! 7"[:10]))),
     ("file mode", lambda db: os.chmod(db / "many" / "f8", 0o600)),
@@ -1481,6 +1489,14 @@ _CHANGES: list[tuple[str, Callable[[Path], None]]] = [
     ("grown", lambda db: (db / "table").open("ab").write(os.urandom(PAGE))),
     ("emptied and a new empty file", lambda db: (os.truncate(db / "many" / "f14", 0),
                                                  (db / "many" / "empty").touch())),
+    ("a new name for an unchanged file", lambda db: os.link(db / "many" / "f15",
+                                                            db / "sub" / "f15")),
+    ("written through a mapping", lambda db: _mmap_write(db / "table")),
+    # listed without following it (a loop, or a way out of the snapshot)
+    ("folder replaced by a symlink to itself", lambda db: (shutil.rmtree(db / "loop"),
+                                                           os.symlink("loop", db / "loop"))),
+    ("folder replaced by a symlink out", lambda db: (shutil.rmtree(db / "out"),
+                                                     os.symlink("/proc/self", db / "out"))),
 ]
 
 
@@ -1497,6 +1513,9 @@ def test_a_commit_looks_only_at_what_btrfs_says_changed_and_gets_a_walks_trees(
         (db / "many" / f"f{i}").write_text(f"file {i:5d}")
     os.makedirs(db / "sub" / "deep")
     (db / "sub" / "deep" / "x").write_text("deep")
+    for name in ("loop", "out"):
+        (db / name).mkdir()
+        (db / name / "x").write_text(name)
     os.symlink("many/f1", db / "link")
     (db / "hard1").write_text("one inode")
     os.link(db / "hard1", db / "hard2")
@@ -1515,12 +1534,15 @@ def test_a_commit_looks_only_at_what_btrfs_says_changed_and_gets_a_walks_trees(
         root = _root_of(bdm.home, str(got["id"]))
         assert root != before, what
         assert root == _walked_tree(bdm.home, str(got["id"])), what
-    # A working set made from a kept state (a reset) is of the same line as that state.
-    bdm.ok("reset", "--hard", "HEAD^")
-    (db / "many" / "f20").write_text("after a reset")
-    got = _commit(bdm, "after the reset")
-    assert cast(int, got["entries_looked_at"]) < 20
-    assert _root_of(bdm.home, str(got["id"])) == _walked_tree(bdm.home, str(got["id"]))
+    # A working set made from a kept state (a reset, a new branch, a checkout) is of the same
+    # line as that state.
+    for step in (("reset", "--hard", "HEAD^"), ("checkout", "-b", "other"),
+                 ("checkout", "master")):
+        bdm.ok(*step)
+        (db / "many" / "f20").write_text(f"after {step}")
+        got = _commit(bdm, f"after {step}")
+        assert cast(int, got["entries_looked_at"]) < 20, step
+        assert _root_of(bdm.home, str(got["id"])) == _walked_tree(bdm.home, str(got["id"]))
 
 
 def test_changed_inodes_are_told_only_for_snapshots_of_one_line(btrfs_mount: Path) -> None:

@@ -574,12 +574,18 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
             reference.read_ahead(home.packs, writer, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
     source = working_set(home, dot)
+    told: dict[tuple[Path, Path], set[int] | None] = {}  # a whole set's is asked once
     for sub in frozen.subdots:
         cache, reference = ahead[sub]
         res = None
         if reference is not None and frozen.copied[sub] is None:  # a true snapshot
-            inodes = cow.changed_inodes(frozen.folder(sub), reference.folder,
-                                        source if frozen.whole else home.stable(dot, sub))
+            pair = ((frozen.staging, reference.folder.parent) if frozen.whole
+                    else (frozen.folder(sub), reference.folder))
+            if pair not in told:
+                told[pair] = cow.changed_inodes(
+                    frozen.folder(sub), reference.folder,
+                    source if frozen.whole else home.stable(dot, sub))
+            inodes = told[pair]
             if inodes is not None:  # only what changed is looked at (no walk)
                 res = since_reference(frozen.folder(sub), home.packs, writer, cache,
                                       reference, inodes, frozen.taken, progress)

@@ -901,12 +901,14 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
     the ``inodes`` may differ from ``reference`` (see ``FolderBackend.changed_inodes``): the
     reference's commit gives every folder's rows, each folder's names are listed (no
     ``lstat``), and only the names of those inodes, or added or removed, are looked at
-    (:func:`update`). A walk of the 5,000 files of a 2 GiB dot took 56-61 ms, most of it
-    the first ``lstat`` of a new snapshot's inodes; this takes what changed.
+    (:func:`update`). No file's inode is looked up: a walk of the 5,000 files of a 2 GiB
+    dot took 56-61 ms, most of it the first ``lstat`` of a new snapshot's inodes. The
+    listings and the trees still follow the folder's size (100,000 files in 1,000
+    folders, one changed: a commit 0.9-1.1 s, against 1.6-1.8 s walking).
 
     None if the folders contradict what the filesystem said (a folder whose names changed
-    though its inode did not) or the reference's trees cannot be read: the caller then
-    walks the whole folder."""
+    though its inode did not), a folder cannot be listed, or the reference's trees cannot
+    be read: the caller then walks the whole folder."""
     folders = _folders_of(store, reference.tree)
     if folders is None:
         return None
@@ -922,10 +924,9 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
             continue
         prefix = rel + "/" if rel else ""
         try:
-            with os.scandir(os.path.join(top, rel)) as it:
-                now = {e.name: e.inode() for e in it}
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+            now, subdirs = _stored_names(os.path.join(top, rel))
+        except OSError:
+            return None
         before = {str(r[0]): r for r in rows}
         names = {name for name, ino in now.items() if ino in inodes}
         moved = now.keys() ^ before.keys()
@@ -933,7 +934,7 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
             return None  # names changed in a folder the filesystem says did not change
         names |= moved
         for name, r in before.items():
-            if r[1] == DIR and name in now:
+            if r[1] == DIR and name in subdirs:
                 inode_of[prefix + name] = now[name]
                 if name in names and not _same_inode(reference.folder, prefix + name,
                                                      now[name]):
@@ -944,6 +945,28 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
                           folders=folders)
     return update(top, store, writer, prev, changed, fresh, progress, reference=reference,
                   taken_ns=taken_ns)
+
+
+def _stored_names(folder: str) -> tuple[dict[str, int], set[str]]:
+    """The names of a folder that a tree may hold (files, folders, symlinks: not sockets,
+    FIFOs or devices) with their inodes, and which of them are folders, from the listing's
+    types alone (no ``lstat``). The folder itself must not be a symlink: a snapshot's
+    folders are listed only as their parents' listings found them."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+    finally:
+        os.close(fd)
+    names: dict[str, int] = {}
+    subdirs: set[str] = set()
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            subdirs.add(e.name)
+        elif not (e.is_file(follow_symlinks=False) or e.is_symlink()):
+            continue
+        names[e.name] = e.inode()
+    return names, subdirs
 
 
 def _same_inode(folder: Path, rel: str, ino: int) -> bool:
