@@ -1558,11 +1558,12 @@ def test_changed_inodes_are_told_only_for_snapshots_of_one_line(btrfs_mount: Pat
     (live / "f1").write_text("y")
     (live / "new").write_text("z")
     btrfs.snapshot(live, top / "b", read_only=True)
-    inodes = btrfs.changed_inodes(top / "b", top / "a", live)
-    assert inodes is not None
+    changed = btrfs.changed_inodes(top / "b", top / "a", live)
+    assert changed is not None
+    inodes = changed.inodes
     named = {os.lstat(top / "b" / n).st_ino for n in ("f1", "new")}
     assert named <= inodes and os.lstat(top / "b" / "f0").st_ino not in inodes
-    assert btrfs.FIRST_SUBVOLUME_INODE in inodes  # the folder gained a name
+    assert btrfs.FIRST_SUBVOLUME_INODE in changed.folders  # the folder gained a name
     # the wrong way round, of another subvolume, or against a writable one: not told
     assert btrfs.changed_inodes(top / "a", top / "b", live) is None
     btrfs.snapshot(other, top / "c", read_only=True)
@@ -1580,5 +1581,32 @@ def test_changed_inodes_are_told_only_for_snapshots_of_one_line(btrfs_mount: Pat
     (top / "clone" / "f0").write_text("w")
     btrfs.snapshot(top / "clone", top / "d", read_only=True)
     got = btrfs.changed_inodes(top / "d", top / "b", top / "clone")
-    assert got is not None and os.lstat(top / "d" / "f0").st_ino in got
-    assert os.lstat(top / "d" / "f1").st_ino not in got
+    assert got is not None and os.lstat(top / "d" / "f0").st_ino in got.inodes
+    assert os.lstat(top / "d" / "f1").st_ino not in got.inodes
+
+
+def test_the_folders_holding_changed_inodes_are_found_without_listing_any(
+        btrfs_mount: Path) -> None:
+    """Only the folders that hold a changed inode, or are one, and those above them, are
+    named: by each inode's names in the tree, under the folder asked about."""
+    top = btrfs_mount / uuid.uuid4().hex
+    live = top / "live"
+    btrfs.create_subvolume(live)
+    for sub in ("db", "other"):
+        for d in ("a/b", "c", "quiet/deeper"):
+            os.makedirs(live / sub / d)
+            (live / sub / d / "f").write_text("x")
+    (live / "db" / "a" / "b" / "twin").write_text("two names")
+    btrfs.snapshot(live, top / "k", read_only=True)
+    (live / "db" / "a" / "b" / "f").write_text("changed")
+    os.link(live / "db" / "a" / "b" / "twin", live / "db" / "c" / "twin")  # a name more
+    (live / "db" / "new" / "er").mkdir(parents=True)
+    (live / "other" / "c" / "f").write_text("another subdot's")
+    btrfs.snapshot(live, top / "s", read_only=True)
+    changed = btrfs.changed_inodes(top / "s", top / "k", live)
+    assert changed is not None
+    assert changed.where(top / "s" / "db") == {"", "a", "a/b", "c", "new", "new/er"}
+    assert changed.where(top / "s") == {"", "db", "db/a", "db/a/b", "db/c", "db/new",
+                                        "db/new/er", "other", "other/c"}
+    many = top / "s" / "db" / "quiet"  # a folder with nothing changed beneath it
+    assert changed.where(many) == set()

@@ -314,28 +314,31 @@ def _item(objectid: int, kind: int, body: bytes, offset: int = 0) -> bytes:
     return btrfs._SEARCH_HEADER.pack(9, objectid, offset, kind, len(body)) + body
 
 
-def _inode_item(transid: int) -> bytes:
-    return struct.pack("<QQ", 5, transid) + bytes(144)  # generation, transid, the rest
+def _inode_item(transid: int, mode: int = 0o100644) -> bytes:
+    # generation, transid, size, nbytes, block group; nlink, uid, gid, mode; the rest
+    return struct.pack("<5Q4I", 5, transid, 0, 0, 0, 1, 0, 0, mode) + bytes(104)
 
 
 def test_inodes_written_after_a_transaction_are_told_from_their_items() -> None:
     """Only inode items count, each by its own transid (a leaf rewritten for another item's
     sake holds items of older transactions); the last result's objectid is where the next
     search starts."""
-    body = (_item(256, 1, _inode_item(40))  # written in the reference's transaction: same
+    body = (_item(256, 1, _inode_item(40, 0o40755))  # written in the reference's transaction
             + _item(256, 12, b"ref")
             + _item(257, 1, _inode_item(41))
             + _item(257, 108, bytes(53), offset=4096)
-            + _item(2**64 - 300, 1, _inode_item(2**63))
+            + _item(2**64 - 300, 1, _inode_item(2**63, 0o40700))
             + _item(2**64 - 299, 96, b"x"))
-    assert _extents.inodes_since(body, 6, 40) == ([257, 2**64 - 300], 2**64 - 299)
-    assert _extents.inodes_since(body, 6, 39) == ([256, 257, 2**64 - 300], 2**64 - 299)
-    assert _extents.inodes_since(body, 2, 40) == ([], 256)
-    assert _extents.inodes_since(b"", 0, 40) == ([], 0)
+    assert _extents.inodes_since(body, 6, 40) == ([257, 2**64 - 300], [2**64 - 300],
+                                                  2**64 - 299)
+    assert _extents.inodes_since(body, 6, 39) == ([256, 257, 2**64 - 300], [256, 2**64 - 300],
+                                                  2**64 - 299)
+    assert _extents.inodes_since(body, 2, 40) == ([], [], 256)
+    assert _extents.inodes_since(b"", 0, 40) == ([], [], 0)
 
 
 @pytest.mark.parametrize("body, count", [
-    (_item(256, 1, bytes(15)), 1),  # an inode item too short for its transid
+    (_item(256, 1, bytes(55)), 1),  # an inode item too short for its mode
     (_item(256, 1, _inode_item(50))[:100], 1),  # runs past the buffer
     (_item(256, 1, _inode_item(50)), 2),  # more results than the buffer holds
     (b"", -1),

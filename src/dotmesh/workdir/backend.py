@@ -127,11 +127,12 @@ class SnapshotBackend(FolderBackend, Protocol):
         """A writable copy at ``dest`` of a copy made by :meth:`freeze_copy`; returns the new
         files' stats if they are new inodes (None for a true snapshot: same inodes)."""
 
-    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+    def changed_inodes(self, copy: Path, reference: Path, source: Path
+                       ) -> btrfs.Changed | None:
         """The inodes of ``copy`` (made by :meth:`freeze_copy` of ``source``) that may differ
-        from those of ``reference`` (an earlier such copy), as the filesystem tells without a
-        walk; None when it cannot (the caller walks). May name more than changed, never
-        less. A ZFS backend would read ``zfs diff``."""
+        from those of ``reference`` (an earlier such copy), and where they are, as the
+        filesystem tells without a walk; None when it cannot (the caller walks). May name
+        more than changed, never less. A ZFS backend would read ``zfs diff``."""
 
 
 class PlainFolders:
@@ -237,7 +238,8 @@ class BtrfsFolders(PlainFolders):
         btrfs.snapshot(source, dest, read_only=False)
         return None
 
-    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+    def changed_inodes(self, copy: Path, reference: Path, source: Path
+                       ) -> btrfs.Changed | None:
         return btrfs.changed_inodes(copy, reference, source)
 
 
@@ -284,7 +286,8 @@ class ReflinkFolders(PlainFolders):
         _, after = reflink.copy_tree(source, dest)
         return after
 
-    def changed_inodes(self, copy: Path, reference: Path, source: Path) -> set[int] | None:
+    def changed_inodes(self, copy: Path, reference: Path, source: Path
+                       ) -> btrfs.Changed | None:
         return None  # each copy's files are new inodes
 
 

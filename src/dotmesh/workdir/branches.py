@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dotmesh.errors import DotmeshError, UsageError
 from dotmesh.fs import btrfs, reflink, trash
+from dotmesh.fs.btrfs import Changed
 from dotmesh.fs.reflink import Stats
 from dotmesh.meta import config, refs
 from dotmesh.meta.db import Tx
@@ -574,7 +575,7 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
             reference.read_ahead(home.packs, writer, frozen.folder(sub))
     snap = DotSnapshot({}, {}, {})
     source = working_set(home, dot)
-    told: dict[tuple[Path, Path], set[int] | None] = {}  # a whole set's is asked once
+    told: dict[tuple[Path, Path], Changed | None] = {}  # a whole set's is asked once
     for sub in frozen.subdots:
         cache, reference = ahead[sub]
         res = None
@@ -585,10 +586,11 @@ def scan_frozen(home: Repo, dot: str, cow: SnapshotBackend, frozen: Frozen,
                 told[pair] = cow.changed_inodes(
                     frozen.folder(sub), reference.folder,
                     source if frozen.whole else home.stable(dot, sub))
-            inodes = told[pair]
-            if inodes is not None:  # only what changed is looked at (no walk)
+            changed = told[pair]
+            if changed is not None:  # only what changed is looked at (no walk)
                 res = since_reference(frozen.folder(sub), home.packs, writer, cache,
-                                      reference, inodes, frozen.taken, progress)
+                                      reference, changed.inodes, frozen.taken, progress,
+                                      changed.where(frozen.folder(sub)))
         if res is None:
             res = cow.snapshot(frozen.folder(sub), home.packs, writer, cache, progress,
                                reference=reference, taken_ns=frozen.taken,

@@ -896,20 +896,24 @@ def update(top: Path, store: PackStore, writer: PackWriter | None, prev: Snapsho
 
 def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cache: StatCache,
                     reference: Reference, inodes: Collection[int], taken_ns: int,
-                    progress: Progress | None = None) -> SnapshotResult | None:
+                    progress: Progress | None = None,
+                    where: Collection[str] | None = None) -> SnapshotResult | None:
     """:func:`snapshot` of ``top``, a read-only snapshot, when the filesystem says that only
-    the ``inodes`` may differ from ``reference`` (see ``FolderBackend.changed_inodes``): the
-    reference's commit gives every folder's rows, each folder's names are listed (no
-    ``lstat``), and only the names of those inodes, or added or removed, are looked at
-    (:func:`update`). No file's inode is looked up: a walk of the 5,000 files of a 2 GiB
-    dot took 56-61 ms, most of it the first ``lstat`` of a new snapshot's inodes. The
-    listings and the trees still follow the folder's size (100,000 files in 1,000
-    folders, one changed: a commit 0.9-1.1 s, against 1.6-1.8 s walking).
+    the ``inodes`` may differ from ``reference`` (see ``FolderBackend.changed_inodes``),
+    and, with ``where``, that only those folders (and every one above them) hold them: the
+    reference's commit gives those folders' rows, their names are listed (no ``lstat``),
+    and only the names of those inodes, or added or removed, are looked at
+    (:func:`update`); every other folder keeps its tree unread. No file's inode is looked
+    up: a walk of the 5,000 files of a 2 GiB dot took 56-61 ms, most of it the first
+    ``lstat`` of a new snapshot's inodes. Without ``where``, every folder is listed and its
+    tree read (100,000 files in 1,000 folders, one changed: a commit 0.9-1.1 s, against
+    1.6-1.8 s walking).
 
     None if the folders contradict what the filesystem said (a folder whose names changed
     though its inode did not), a folder cannot be listed, or the reference's trees cannot
-    be read: the caller then walks the whole folder."""
-    folders = _folders_of(store, reference.tree)
+    be read: the caller then walks the whole folder. ``total_size`` is left 0 when only
+    some folders were read."""
+    folders = _folders_of(store, reference.tree, where)
     if folders is None:
         return None
     changed: dict[str, set[str]] = {}
@@ -943,8 +947,11 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
             changed[rel] = names
     prev = SnapshotResult(Root(reference.tree, 0, 0, 0, 0), cache, total_size=total,
                           folders=folders)
-    return update(top, store, writer, prev, changed, fresh, progress, reference=reference,
-                  taken_ns=taken_ns)
+    got = update(top, store, writer, prev, changed, fresh, progress, reference=reference,
+                 taken_ns=taken_ns)
+    if where is not None:
+        got.total_size = 0  # not known: the folders not read hold files too
+    return got
 
 
 def _stored_names(folder: str) -> tuple[dict[str, int], set[str]]:
@@ -979,9 +986,11 @@ def _same_inode(folder: Path, rel: str, ino: int) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_ino == ino
 
 
-def _folders_of(store: PackStore, tree: ObjectId) -> dict[str, list[Row]] | None:
+def _folders_of(store: PackStore, tree: ObjectId, where: Collection[str] | None = None
+                ) -> dict[str, list[Row]] | None:
     """Every folder's tree rows under the tree ``tree`` of this store, by relative path (the
-    rows :class:`_Walk` makes); None if a tree is missing or not one dm writes. Objects are
+    rows :class:`_Walk` makes), or only the top's and those in ``where`` (which holds every
+    folder above each one it holds); None if a tree is missing or not one dm writes. Objects are
     checked against their ids as they are read, and the trees of a commit were checked
     before it was stored: only each row's shape and name are looked at here, not every
     field as ``Tree.decode`` does (a quarter of the time)."""
@@ -1002,7 +1011,7 @@ def _folders_of(store: PackStore, tree: ObjectId) -> dict[str, list[Row]] | None
             if not (isinstance(r, list) and len(r) == 9 and isinstance(r[0], str)
                     and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]):
                 return None
-            if r[1] == DIR:
+            if r[1] == DIR and (where is None or prefix + r[0] in where):
                 if not isinstance(r[7], str) or len(r[7]) != 64:
                     return None
                 try:
