@@ -1597,16 +1597,21 @@ def test_the_folders_holding_changed_inodes_are_found_without_listing_any(
             os.makedirs(live / sub / d)
             (live / sub / d / "f").write_text("x")
     (live / "db" / "a" / "b" / "twin").write_text("two names")
+    (live / "db" / "many").mkdir()
+    (live / "db" / "many" / "0").write_text("a file of 300 names: more than 4 KiB of them")
+    for i in range(1, 300):
+        os.link(live / "db" / "many" / "0", live / "db" / "many" / f"{i:040d}")
     btrfs.snapshot(live, top / "k", read_only=True)
     (live / "db" / "a" / "b" / "f").write_text("changed")
     os.link(live / "db" / "a" / "b" / "twin", live / "db" / "c" / "twin")  # a name more
     (live / "db" / "new" / "er").mkdir(parents=True)
     (live / "other" / "c" / "f").write_text("another subdot's")
+    (live / "db" / "many" / "0").write_text("changed through one of its 300 names")
     btrfs.snapshot(live, top / "s", read_only=True)
     changed = btrfs.changed_inodes(top / "s", top / "k", live)
     assert changed is not None
-    assert changed.where(top / "s" / "db") == {"", "a", "a/b", "c", "new", "new/er"}
+    assert changed.where(top / "s" / "db") == {"", "a", "a/b", "c", "new", "new/er", "many"}
     assert changed.where(top / "s") == {"", "db", "db/a", "db/a/b", "db/c", "db/new",
-                                        "db/new/er", "other", "other/c"}
+                                        "db/new/er", "db/many", "other", "other/c"}
     many = top / "s" / "db" / "quiet"  # a folder with nothing changed beneath it
     assert changed.where(many) == set()
