@@ -916,10 +916,13 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
     folders = _folders_of(store, reference.tree, where)
     if folders is None:
         return None
+    try:
+        inode_of: dict[str, int] = {"": os.lstat(top).st_ino}
+    except OSError:
+        return None
     changed: dict[str, set[str]] = {}
     fresh: set[str] = set()
     total = 0
-    inode_of: dict[str, int] = {"": os.lstat(top).st_ino}
     for rel in sorted(folders):  # a folder after its parent, whose listing has its inode
         rows = folders[rel]
         total += sum(int(r[6]) for r in rows if r[1] == FILE)  # type: ignore[call-overload]
@@ -992,8 +995,8 @@ def _folders_of(store: PackStore, tree: ObjectId, where: Collection[str] | None 
     rows :class:`_Walk` makes), or only the top's and those in ``where`` (which holds every
     folder above each one it holds); None if a tree is missing or not one dm writes. Objects are
     checked against their ids as they are read, and the trees of a commit were checked
-    before it was stored: only each row's shape and name are looked at here, not every
-    field as ``Tree.decode`` does (a quarter of the time)."""
+    before it was stored: only each row's shape, name and size are looked at here, not
+    every field as ``Tree.decode`` does (a quarter of the time)."""
     folders: dict[str, list[Row]] = {}
     todo = [("", tree)]
     head = MAGIC_TREE + b"\n"
@@ -1009,7 +1012,8 @@ def _folders_of(store: PackStore, tree: ObjectId, where: Collection[str] | None 
         prefix = rel + "/" if rel else ""
         for r in rows:
             if not (isinstance(r, list) and len(r) == 9 and isinstance(r[0], str)
-                    and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]):
+                    and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]
+                    and type(r[6]) is int):
                 return None
             if r[1] == DIR and (where is None or prefix + r[0] in where):
                 if not isinstance(r[7], str) or len(r[7]) != 64:
