@@ -28,6 +28,7 @@ from typing import Generic, NamedTuple, TypeAlias, TypeVar, cast
 import zstandard
 
 from dotmesh.errors import Corrupt, InternalError, NotFound, OutOfSpace, TooLarge
+from dotmesh.fs import btrfs
 from dotmesh.heap import HUGE_PAGE, private_buffer
 from dotmesh.meta import index
 from dotmesh.model.ids import ID_LEN, ObjectId, object_id
@@ -198,6 +199,15 @@ class PackStore:
         self._stale: list[int] = []
         self._lock = threading.Lock()
         self._writers: weakref.WeakSet[PackWriter] = weakref.WeakSet()
+        self._on_btrfs: bool | None = None  # known at the first new pack
+
+    def on_btrfs(self) -> bool:
+        if self._on_btrfs is None:
+            try:
+                self._on_btrfs = btrfs.on_btrfs(self.dir)
+            except OSError:
+                self._on_btrfs = False
+        return self._on_btrfs
 
     # -- index
     def locate(self, oid: ObjectId) -> Location | None:
@@ -757,6 +767,8 @@ class PackWriter:
         path = self.store.dir / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if self.store.on_btrfs():  # its direct writes stay direct (reads check every id)
+            btrfs.unchecksummed(fd)
         pack_id = index.add_pack(self.store.conn, name)
         self._files[pack_id] = (name, 0)
         _write_all(fd, PACK_MAGIC)
