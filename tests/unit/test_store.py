@@ -133,6 +133,22 @@ def test_compress_many_compresses_what_pays_and_copies_the_rest():
     assert packs.compress_many(memoryview(buf), []) == []
 
 
+def test_a_large_object_is_compressed_only_if_a_sample_of_it_shrinks_enough():
+    rng = random.Random(5)
+    # a paged file's list: random ids, one repeated length (6% smaller compressed)
+    ids = b"".join(rng.randbytes(32) + b"\x00\x20\x00\x00" for _ in range(40_000))
+    assert len(ids) >= packs.SAMPLE_FROM
+    payload, z = packs.compress(ids)
+    assert not z and payload is ids
+    text = b"".join(b'["%05d.txt","f",420,0,0,1,%d,null,0],' % (i, i) for i in range(40_000))
+    payload, z = packs.compress(text)
+    assert z and packs.decompress(bytes(payload), len(text)) == text
+    # below the size, zstd is asked as before: the 6% are taken
+    small = ids[:packs.SAMPLE_FROM // 2]
+    payload, z = packs.compress(small)
+    assert z and len(payload) < len(small)
+
+
 def test_a_full_pack_is_synced_in_the_background_and_its_objects_read(store, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setattr(packs, "PACK_ROTATE", 20_000)

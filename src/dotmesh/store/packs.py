@@ -59,8 +59,23 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
+SAMPLE_FROM = 1 << 20  # objects this large are first tried on a sample (see compress)
+_SAMPLE = 64 << 10
+_PAYS = 0.9  # what a sample must shrink to, at most, for the whole object to be compressed
+
+
 def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
-    """zstd at ZSTD_LEVEL unless it does not pay; returns (payload, compressed?)."""
+    """zstd at ZSTD_LEVEL unless it does not pay; returns (payload, compressed?). An object
+    of SAMPLE_FROM bytes or more is first tried on 64 KiB of its middle, and stored as it is
+    if that shrinks less than 10%: a paged file's list (a random 32-byte id and the same
+    length for each block) shrank by 6%, for 4-6 ms a 2.4 MB list to compress, and 1-2 ms
+    again at each read (three of them in every 1% commit of the bench)."""
+    n = len(data)
+    if n >= SAMPLE_FROM:
+        with memoryview(data) as view:
+            sample = view[n // 2:n // 2 + _SAMPLE]
+            if len(_compressor().compress(sample)) > len(sample) * _PAYS:
+                return data, False
     out = _compressor().compress(data)
     if len(out) < len(data):
         return out, True
