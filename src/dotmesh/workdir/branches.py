@@ -630,6 +630,7 @@ def look_ahead(home: Repo, dot: str, cow: SnapshotBackend, subs: list[str],
                                       if live and cow.instant_copies else None)
                 if warm:
                     reference.warm(home.packs, changed_paged(home.stable(dot, sub), cache))
+                    reference.warm_trees(home.packs)
             out[sub] = cache, reference
     except BaseException:  # what a subdot before started must not outlive the command
         _settle_ahead(out)

@@ -12,11 +12,12 @@ import errno
 import json
 import mmap
 import os
+import re
 import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -62,6 +63,7 @@ from dotmesh.store import chunker
 from dotmesh.store.packs import PackFiller, PackStore, PackWriter, Span, compress, compress_many
 from dotmesh.workdir import forked
 
+WARM_TREE_ROWS = 50_000  # rows of a reference's trees read while its snapshot is taken
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
@@ -154,6 +156,8 @@ class Reference:
                                                       repr=False)
     _ahead: dict[tuple[bytes, str], Future[_Read]] = field(default_factory=dict,
                                                            compare=False, repr=False)
+    _trees: list[Future[dict[ObjectId, list[Row]]]] = field(default_factory=list,
+                                                           compare=False, repr=False)
 
     def content(self, store: PackStore, rel: bytes) -> ObjectId | None:
         """The content id the file at ``rel`` has in the reference (None: no such file)."""
@@ -240,6 +244,40 @@ class Reference:
             if rel not in self._bases:
                 self._bases[rel] = pool.submit(self.base, store, rel)
 
+    def warm_trees(self, store: PackStore, limit: int = WARM_TREE_ROWS) -> None:
+        """Read the reference's top tree and the folders' under it, a level at a time, on
+        the I/O pool, ahead (until ``limit`` rows are read): a commit reads those of the
+        folders holding changes once its snapshot is taken (:func:`since_reference`),
+        and the 5,000 rows of the bench's uploads took 6-12 ms alone, 40-60 ms beside the
+        readers."""
+        def read() -> dict[ObjectId, list[Row]]:
+            got: dict[ObjectId, list[Row]] = {}
+            level, count = [self.tree], 0
+            while level and count < limit:
+                below: list[ObjectId] = []
+                for oid in level:
+                    rows = _tree_rows(store, oid)
+                    if rows is None or count >= limit:
+                        continue
+                    got[oid] = rows
+                    count += len(rows)
+                    below += [ObjectId(bytes.fromhex(cast(str, r[7]))) for r in rows
+                              if r[1] == DIR]
+                level = below
+            return got
+
+        if not self._trees:
+            self._trees.append(shared_pool().submit(read))
+
+    def trees_read(self) -> dict[ObjectId, list[Row]]:
+        """What :meth:`warm_trees` read (nothing if it was not asked, or failed)."""
+        if not self._trees:
+            return {}
+        try:
+            return self._trees[0].result()
+        except Exception:
+            return {}
+
     def read_ahead(self, store: PackStore, writer: PackWriter | None, top: Path) -> None:
         """Compare the files :meth:`warm` was given with their copies under ``top`` (a
         read-only snapshot: what the walk will find there) and, with a ``writer``, read and
@@ -278,7 +316,7 @@ class Reference:
             lambda: (self.changes(store, rel, path), None))
 
     def _started(self) -> list[Future[Any]]:
-        return [*self._bases.values(), *self._ahead.values()]
+        return [*self._bases.values(), *self._ahead.values(), *self._trees]
 
     def wait(self) -> None:
         """Wait until what was started ahead has ended (its results are kept)."""
@@ -293,6 +331,7 @@ class Reference:
         wait(started)
         self._bases.clear()
         self._ahead.clear()
+        self._trees.clear()
 
     def blocks(self, store: PackStore, rel: bytes, path: str
                ) -> tuple[chunker.Previous, frozenset[int]] | None:
@@ -913,7 +952,7 @@ def since_reference(top: Path, store: PackStore, writer: PackWriter | None, cach
     though its inode did not), a folder cannot be listed, or the reference's trees cannot
     be read: the caller then walks the whole folder. ``total_size`` is left 0 when only
     some folders were read."""
-    folders = _folders_of(store, reference.tree, where)
+    folders = _folders_of(store, reference.tree, where, reference.trees_read())
     if folders is None:
         return None
     try:
@@ -989,43 +1028,58 @@ def _same_inode(folder: Path, rel: str, ino: int) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_ino == ino
 
 
-def _folders_of(store: PackStore, tree: ObjectId, where: Collection[str] | None = None
+def _folders_of(store: PackStore, tree: ObjectId, where: Collection[str] | None = None,
+                read: Mapping[ObjectId, list[Row]] | None = None
                 ) -> dict[str, list[Row]] | None:
     """Every folder's tree rows under the tree ``tree`` of this store, by relative path (the
     rows :class:`_Walk` makes), or only the top's and those in ``where`` (which holds every
-    folder above each one it holds); None if a tree is missing or not one dm writes. Objects are
-    checked against their ids as they are read, and the trees of a commit were checked
-    before it was stored: only each row's shape, name and size are looked at here, not
-    every field as ``Tree.decode`` does (a quarter of the time)."""
+    folder above each one it holds); None if a tree is missing or not one dm writes. Trees
+    in ``read`` were read already (:meth:`Reference.warm_trees`)."""
     folders: dict[str, list[Row]] = {}
     todo = [("", tree)]
-    head = MAGIC_TREE + b"\n"
     while todo:
         rel, oid = todo.pop()
-        try:
-            data = store.get(oid)
-            rows = json.loads(data[len(head):]) if data.startswith(head) else None
-        except Exception:  # a damaged or missing tree: the whole walk then
-            return None
-        if not isinstance(rows, list):
-            return None
+        rows = read.get(oid) if read is not None else None
+        if rows is None:
+            rows = _tree_rows(store, oid)
+            if rows is None:
+                return None
         prefix = rel + "/" if rel else ""
         for r in rows:
-            if not (isinstance(r, list) and len(r) == 9 and isinstance(r[0], str)
-                    and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]
-                    and type(r[6]) is int):
-                return None
-            if r[1] == DIR and (where is None or prefix + r[0] in where):
-                if not isinstance(r[7], str) or len(r[7]) != 64:
-                    return None
-                try:
-                    todo.append((prefix + r[0], ObjectId(bytes.fromhex(r[7]))))
-                except ValueError:
-                    return None
+            if r[1] == DIR:
+                path = prefix + cast(str, r[0])
+                if where is None or path in where:
+                    todo.append((path, ObjectId(bytes.fromhex(cast(str, r[7])))))
         folders[rel] = rows
     return folders
 
 
+def _tree_rows(store: PackStore, oid: ObjectId) -> list[Row] | None:
+    """A tree's rows as :class:`_Walk` makes them; None if it is missing or not one dm
+    writes. Objects are checked against their ids as they are read, and the trees of a
+    commit were checked before it was stored: only each row's shape, name and size are
+    looked at here, and a folder's id, not every field as ``Tree.decode`` does (a quarter
+    of the time)."""
+    head = MAGIC_TREE + b"\n"
+    try:
+        data = store.get(oid)
+        rows = json.loads(data[len(head):]) if data.startswith(head) else None
+    except Exception:  # a damaged or missing tree: the whole walk then
+        return None
+    if not isinstance(rows, list):
+        return None
+    for r in rows:
+        if not (isinstance(r, list) and len(r) == 9 and isinstance(r[0], str)
+                and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]
+                and type(r[6]) is int):
+            return None
+        if r[1] == DIR and not (isinstance(r[7], str) and len(r[7]) == 64
+                                and _HEX.fullmatch(r[7])):
+            return None
+    return rows
+
+
+_HEX = re.compile(r"[0-9a-f]{64}")
 def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: StatCache,
               progress: Progress | None, result: SnapshotResult, started: int,
               dirty: set[str], unchanged_root: ObjectId | None = None,
