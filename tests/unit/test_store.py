@@ -224,6 +224,22 @@ def test_a_commits_rows_go_to_the_small_table_until_it_is_full_then_all_move(
     assert store.get(third) == b"third"
 
 
+def test_many_rows_go_to_the_small_table_by_statements_of_several_but_no_id_twice(
+        store, monkeypatch):
+    monkeypatch.setattr(index, "ROWS_PER_INSERT", 4)
+    w = store.writer()
+    old = [w.put(KIND_CHUNK, b"old %d" % i) for i in range(3)]
+    w.flush()
+    index.merge_recent(store.conn)
+    rows = [(os.urandom(32), KIND_CHUNK, 77, i, 1, 1, 0) for i in range(8)]
+    rows += [(oid, KIND_CHUNK, 77, 9, 1, 1, 0) for oid in old]  # 11 rows: 2 statements, 3 alone
+    index.commit_object_rows(store.conn, rows)
+    assert _table(store, "recent_objects") == {r[0] for r in rows[:8]}
+    assert _table(store, "objects") == set(old)
+    assert all(index.object_row(store.conn, oid)[1] != 77 for oid in old)
+    assert store.count() == 11
+
+
 def test_replacing_and_dropping_rows_reach_both_tables(store):
     w = store.writer()
     old = w.put(KIND_CHUNK, b"old")
