@@ -316,3 +316,37 @@ def test_a_folder_changed_before_its_watch_is_committed_as_it_is(tmp_path: Path,
                           ch.fresh if ch else set(), watch=real)
         writer.flush()
     assert res.root == scan.snapshot(top, store, None, {}).root
+
+
+def test_trees_read_ahead_are_the_trees_and_stop_when_asked_or_at_their_limit(
+        store: PackStore, tmp_path: Path) -> None:
+    """A btrfs commit reads the head's trees while its snapshot is taken
+    (``Reference.warm_trees``): what it read is what reading them later gives, it stops at its
+    row limit, and once asked for what it has (``trees_read``) it reads no more."""
+    top = _mk(tmp_path / "top")
+    _tree(top)
+    for i in range(30):
+        (top / "c" / f"n{i}").write_text(str(i))
+    got = _same(top, store, {})
+    tree = got.root.tree
+    whole = scan._folders_of(store, tree)
+    assert whole is not None and set(whole) == {"", "a", "a/b", "c"}
+
+    ref = scan.Reference(top, tree)
+    ref.warm_trees(store)
+    ref.wait()
+    read = ref.trees_read()
+    assert len(read) == 4 and scan._folders_of(store, tree, None, read) == whole
+    assert scan._folders_of(store, tree, {"a"}, read) == {k: whole[k] for k in ("", "a")}
+
+    short = scan.Reference(top, tree)
+    short.warm_trees(store, limit=3)  # the top's 2 rows, then a's 3: no more after
+    short.wait()
+    assert [len(rows) for rows in short.trees_read().values()] == [2, 3]
+
+    asked = scan.Reference(top, tree)
+    asked.trees_read()  # before it starts: it reads nothing, and the caller reads its own
+    asked.warm_trees(store)
+    asked.wait()
+    assert asked.trees_read() == {}
+    asked.settle()

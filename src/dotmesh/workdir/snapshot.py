@@ -63,7 +63,7 @@ from dotmesh.store import chunker
 from dotmesh.store.packs import PackFiller, PackStore, PackWriter, Span, compress, compress_many
 from dotmesh.workdir import forked
 
-WARM_TREE_ROWS = 50_000  # rows of a reference's trees read while its snapshot is taken
+WARM_TREE_ROWS = 10_000  # rows of a reference's trees read while its snapshot is taken (12-20 ms)
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
 WORKERS = 2
@@ -156,8 +156,11 @@ class Reference:
                                                       repr=False)
     _ahead: dict[tuple[bytes, str], Future[_Read]] = field(default_factory=dict,
                                                            compare=False, repr=False)
-    _trees: list[Future[dict[ObjectId, list[Row]]]] = field(default_factory=list,
-                                                           compare=False, repr=False)
+    # what warm_trees read so far, the job reading them, and the word to stop
+    _trees: dict[ObjectId, list[Row]] = field(default_factory=dict, compare=False, repr=False)
+    _tree_job: list[Future[None]] = field(default_factory=list, compare=False, repr=False)
+    _tree_stop: threading.Event = field(default_factory=threading.Event, compare=False,
+                                        repr=False)
 
     def content(self, store: PackStore, rel: bytes) -> ObjectId | None:
         """The content id the file at ``rel`` has in the reference (None: no such file)."""
@@ -246,37 +249,36 @@ class Reference:
 
     def warm_trees(self, store: PackStore, limit: int = WARM_TREE_ROWS) -> None:
         """Read the reference's top tree and the folders' under it, a level at a time, on
-        the I/O pool, ahead (until ``limit`` rows are read): a commit reads those of the
-        folders holding changes once its snapshot is taken (:func:`since_reference`),
-        and the 5,000 rows of the bench's uploads took 6-12 ms alone, 40-60 ms beside the
-        readers."""
-        def read() -> dict[ObjectId, list[Row]]:
-            got: dict[ObjectId, list[Row]] = {}
+        the I/O pool while the commit's snapshot is taken, until ``limit`` rows are read
+        or :meth:`trees_read` asks for them: a commit then reads those of the folders
+        holding changes (:func:`since_reference`), and the 5,000 rows of the bench's
+        uploads took 6-12 ms alone, 40-60 ms beside the readers."""
+        got, stop = self._trees, self._tree_stop
+
+        def read() -> None:
             level, count = [self.tree], 0
-            while level and count < limit:
+            while level:
                 below: list[ObjectId] = []
                 for oid in level:
+                    if stop.is_set() or count >= limit:
+                        return
                     rows = _tree_rows(store, oid)
-                    if rows is None or count >= limit:
+                    if rows is None:
                         continue
                     got[oid] = rows
                     count += len(rows)
                     below += [ObjectId(bytes.fromhex(cast(str, r[7]))) for r in rows
                               if r[1] == DIR]
                 level = below
-            return got
 
-        if not self._trees:
-            self._trees.append(shared_pool().submit(read))
+        if not self._tree_job:
+            self._tree_job.append(shared_pool().submit(read))
 
     def trees_read(self) -> dict[ObjectId, list[Row]]:
-        """What :meth:`warm_trees` read (nothing if it was not asked, or failed)."""
-        if not self._trees:
-            return {}
-        try:
-            return self._trees[0].result()
-        except Exception:
-            return {}
+        """What :meth:`warm_trees` has read by now; it reads no more (the caller reads
+        the rest it needs itself rather than wait)."""
+        self._tree_stop.set()
+        return dict(self._trees)
 
     def read_ahead(self, store: PackStore, writer: PackWriter | None, top: Path) -> None:
         """Compare the files :meth:`warm` was given with their copies under ``top`` (a
@@ -316,7 +318,7 @@ class Reference:
             lambda: (self.changes(store, rel, path), None))
 
     def _started(self) -> list[Future[Any]]:
-        return [*self._bases.values(), *self._ahead.values(), *self._trees]
+        return [*self._bases.values(), *self._ahead.values(), *self._tree_job]
 
     def wait(self) -> None:
         """Wait until what was started ahead has ended (its results are kept)."""
@@ -325,12 +327,14 @@ class Reference:
     def settle(self) -> None:
         """Wait for whatever was started ahead (nothing may go on reading the store once a
         command unwinds) and let it go."""
+        self._tree_stop.set()
         started = self._started()
         for fut in started:
             fut.cancel()
         wait(started)
         self._bases.clear()
         self._ahead.clear()
+        self._tree_job.clear()
         self._trees.clear()
 
     def blocks(self, store: PackStore, rel: bytes, path: str
