@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dotmesh import Repo
+from dotmesh.meta import index
 from tests.conftest import DM, DM_BIN, kill_inside
 from tests.integration.remote_env import Hub, postgres_db
 
@@ -390,6 +392,30 @@ def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
     assert 0 < out["bytes"] < 94 << 20, out
     assert _files(bob.path("resume.data")) == _files(alice.path("resume.data"))
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
+
+
+def test_a_push_checks_each_object_it_reads_before_sending_it(s3, tmp_path):
+    """A bucket keeps what it is sent: a byte gone bad in a pack (on btrfs packs keep no data
+    checksums of their own) fails the push instead of reaching the backup."""
+    s3.bucket("dm-damaged")
+    alice, bob = DM(tmp_path / "alice"), DM(tmp_path / "bob")
+    for who in (alice, bob):
+        who.ok("s3", "remote", "add", "bucket", s3.spec("dm-damaged"))
+    alice.ok("init", "app")
+    (alice.path("app.db") / "rows").write_bytes(os.urandom(200_000))
+    alice.ok("commit", "-m", "one")
+    with sqlite3.connect(alice.home / "meta.db") as db:
+        index.merge_recent(db)
+        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
+                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
+    pack = alice.home / "packs" / name
+    data = bytearray(pack.read_bytes())
+    data[offset + 100] ^= 0x55
+    pack.write_bytes(bytes(data))
+    p = alice("push")
+    assert p.returncode == 7 and "fails its hash check" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1
+    assert bob("clone", "bucket", "app").returncode != 0  # no state named there
 
 
 def test_an_s3_bucket_is_a_remote(s3, tmp_path):

@@ -332,21 +332,43 @@ def test_trees_read_ahead_are_the_trees_and_stop_when_asked_or_at_their_limit(
     whole = scan._folders_of(store, tree)
     assert whole is not None and set(whole) == {"", "a", "a/b", "c"}
 
+    for i in range(50):  # folders alike share one tree: read once
+        (top / "c" / f"empty{i}").mkdir()
+    tree = _same(top, store, {}).root.tree
+    whole = scan._folders_of(store, tree)
+    assert whole is not None and len(whole) == 54
+    reads: list[bytes] = []
+    real_get = store.get
+    store.get = lambda oid: (reads.append(oid), real_get(oid))[1]  # type: ignore[method-assign]
     ref = scan.Reference(top, tree)
     ref.warm_trees(store)
-    ref.wait()
+    _read_ahead(ref)
+    assert len(reads) == len(set(reads)) == 5
     read = ref.trees_read()
-    assert len(read) == 4 and scan._folders_of(store, tree, None, read) == whole
+    assert len(read) == 5
+    reads.clear()
+    assert scan._folders_of(store, tree, None, read) == whole and not reads
     assert scan._folders_of(store, tree, {"a"}, read) == {k: whole[k] for k in ("", "a")}
+    del store.get
 
     short = scan.Reference(top, tree)
     short.warm_trees(store, limit=3)  # the top's 2 rows, then a's 3: no more after
-    short.wait()
+    _read_ahead(short)
     assert [len(rows) for rows in short.trees_read().values()] == [2, 3]
 
     asked = scan.Reference(top, tree)
     asked.trees_read()  # before it starts: it reads nothing, and the caller reads its own
     asked.warm_trees(store)
-    asked.wait()
+    _read_ahead(asked)
     assert asked.trees_read() == {}
     asked.settle()
+    late = scan.Reference(top, tree)
+    late.warm_trees(store)
+    late.wait()  # as before a freeze: it stops where it is
+    assert late._tree_stop.is_set() and len(late.trees_read()) <= 5
+
+
+def _read_ahead(ref: scan.Reference) -> None:
+    """Wait for ``ref``'s trees read ahead without asking it to stop."""
+    for job in ref._tree_job:
+        job.result()

@@ -28,7 +28,6 @@ from typing import Generic, NamedTuple, TypeAlias, TypeVar, cast
 import zstandard
 
 from dotmesh.errors import Corrupt, InternalError, NotFound, OutOfSpace, TooLarge
-from dotmesh.fs import btrfs
 from dotmesh.heap import HUGE_PAGE, private_buffer
 from dotmesh.meta import index
 from dotmesh.model.ids import ID_LEN, ObjectId, object_id
@@ -66,15 +65,18 @@ _PAYS = 0.9  # what a sample must shrink to, at most, for the whole object to be
 
 def compress(data: bytes | memoryview) -> tuple[bytes | memoryview, bool]:
     """zstd at ZSTD_LEVEL unless it does not pay; returns (payload, compressed?). An object
-    of SAMPLE_FROM bytes or more is first tried on 64 KiB of its middle, and stored as it is
-    if that shrinks less than 10%: a paged file's list (a random 32-byte id and the same
-    length for each block) shrank by 6%, for 4-6 ms a 2.4 MB list to compress, and 1-2 ms
-    again at each read (three of them in every 1% commit of the bench)."""
+    of SAMPLE_FROM bytes or more is first tried on 64 KiB at its start, middle and end, and
+    stored as it is unless one of them shrinks 10%: a paged file's list (a random 32-byte id
+    and the same length for each block) shrank by 6%, for 4-6 ms a 2.4 MB list to
+    compress, and 1-2 ms again at each read (three of them in every 1% commit of the
+    bench). Three samples, as a sparse file's list has runs of one id wherever its holes
+    are."""
     n = len(data)
     if n >= SAMPLE_FROM:
         with memoryview(data) as view:
-            sample = view[n // 2:n // 2 + _SAMPLE]
-            if len(_compressor().compress(sample)) > len(sample) * _PAYS:
+            starts = (0, n // 2 - _SAMPLE // 2, n - _SAMPLE)
+            if not any(len(_compressor().compress(view[at:at + _SAMPLE])) <= _SAMPLE * _PAYS
+                       for at in starts):
                 return data, False
     out = _compressor().compress(data)
     if len(out) < len(data):
@@ -218,6 +220,8 @@ class PackStore:
 
     def on_btrfs(self) -> bool:
         if self._on_btrfs is None:
+            from dotmesh.fs import btrfs  # (not for a hub's or a reader's store)
+
             try:
                 self._on_btrfs = btrfs.on_btrfs(self.dir)
             except OSError:
@@ -783,7 +787,9 @@ class PackWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         if self.store.on_btrfs():  # its direct writes stay direct (reads check every id)
-            btrfs.unchecksummed(fd)
+            from dotmesh.fs.btrfs import unchecksummed
+
+            unchecksummed(fd)
         pack_id = index.add_pack(self.store.conn, name)
         self._files[pack_id] = (name, 0)
         _write_all(fd, PACK_MAGIC)

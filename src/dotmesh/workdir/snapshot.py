@@ -262,6 +262,8 @@ class Reference:
                 for oid in level:
                     if stop.is_set() or count >= limit:
                         return
+                    if oid in got:  # folders alike (empty ones) share their tree
+                        continue
                     rows = _tree_rows(store, oid)
                     if rows is None:
                         continue
@@ -269,7 +271,7 @@ class Reference:
                     count += len(rows)
                     below += [ObjectId(bytes.fromhex(cast(str, r[7]))) for r in rows
                               if r[1] == DIR]
-                level = below
+                level = list(dict.fromkeys(below))
 
         if not self._tree_job:
             self._tree_job.append(shared_pool().submit(read))
@@ -321,7 +323,9 @@ class Reference:
         return [*self._bases.values(), *self._ahead.values(), *self._tree_job]
 
     def wait(self) -> None:
-        """Wait until what was started ahead has ended (its results are kept)."""
+        """Wait until what was started ahead has ended (its results are kept); the trees
+        read ahead stop where they are (a freeze waits for this)."""
+        self._tree_stop.set()
         wait(self._started())
 
     def settle(self) -> None:
