@@ -394,7 +394,19 @@ def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
 
 
-def test_a_push_checks_each_object_it_reads_before_sending_it(s3, tmp_path):
+def _damage_largest_object(dm: DM) -> None:
+    """Flip a byte of the largest object's payload in its pack."""
+    with sqlite3.connect(dm.home / "meta.db") as db:
+        index.merge_recent(db)
+        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
+                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
+    pack = dm.home / "packs" / name
+    data = bytearray(pack.read_bytes())
+    data[offset + 100] ^= 0x55
+    pack.write_bytes(bytes(data))
+
+
+def test_a_push_to_a_bucket_checks_each_object_it_reads_before_sending_it(s3, tmp_path):
     """A bucket keeps what it is sent: a byte gone bad in a pack (on btrfs packs keep no data
     checksums of their own) fails the push instead of reaching the backup."""
     s3.bucket("dm-damaged")
@@ -404,18 +416,23 @@ def test_a_push_checks_each_object_it_reads_before_sending_it(s3, tmp_path):
     alice.ok("init", "app")
     (alice.path("app.db") / "rows").write_bytes(os.urandom(200_000))
     alice.ok("commit", "-m", "one")
-    with sqlite3.connect(alice.home / "meta.db") as db:
-        index.merge_recent(db)
-        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
-                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
-    pack = alice.home / "packs" / name
-    data = bytearray(pack.read_bytes())
-    data[offset + 100] ^= 0x55
-    pack.write_bytes(bytes(data))
+    _damage_largest_object(alice)
     p = alice("push")
     assert p.returncode == 7 and "fails its hash check" in p.stderr, p.stderr
     assert p.stderr.count("\n") == 1
     assert bob("clone", "bucket", "app").returncode != 0  # no state named there
+
+
+def test_a_hub_refuses_a_damaged_object_a_push_sends(hub, tmp_path):
+    """The pusher leaves the check to the hub, which hashes every object it is sent."""
+    alice = _dev(tmp_path, "alice", hub)
+    alice.ok("init", "damaged")
+    (alice.path("damaged.db") / "rows").write_bytes(os.urandom(200_000))
+    alice.ok("commit", "-m", "one")
+    _damage_largest_object(alice)
+    p = alice("push")
+    assert p.returncode != 0 and "does not match its id" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1
 
 
 def test_an_s3_bucket_is_a_remote(s3, tmp_path):

@@ -5,7 +5,8 @@ The contract, which one test suite checks for both:
 - ``lacking(ids)``: which of ``ids`` the dot lacks (any number of ids);
 - ``send(records)``: store one batch of objects (idempotent; a rerun of a killed push sends
   only what ``lacking`` still names); ``can_delta`` says whether file lists may travel as
-  deltas against ones the dot has;
+  deltas against ones the dot has, ``checks_objects`` whether the remote checks each object
+  against its id before it keeps it (else the pusher checks what it sends);
 - ``fetch(want)``: the objects asked for, verified (hash, kind, size, structure);
 - ``history(head)``: commit ``head`` and its ancestors there, verified;
 - ``set_ref(branch, old, new, force)``: compare-and-swap of a branch; Conflict if it moved,
@@ -55,6 +56,7 @@ class Unreachable(DotmeshError):
 class Transport(Protocol):
     where: str  # for messages: "hub (alice/app)"
     can_delta: bool
+    checks_objects: bool
 
     def heads(self) -> dict[str, ObjectId]: ...
     def lacking(self, ids: list[ObjectId]) -> set[ObjectId]: ...
@@ -153,6 +155,7 @@ class HubTransport:
     """A dot on a hub, over HTTP(S) with httpx; HTTP statuses become dm's errors."""
 
     can_delta = True
+    checks_objects = True  # the hub decodes and hashes every object it is sent (wire.decode)
 
     def __init__(self, url: str, user: str, key: str, remote_dot: str,
                  verify: bool | str = True) -> None:
@@ -337,6 +340,7 @@ class S3Transport:
     verified all the same."""
 
     can_delta = False
+    checks_objects = False  # a bucket keeps what it is sent
 
     def __init__(self, blobs: Blobs, remote_dot: str, cache: Path) -> None:
         self.blobs, self.remote_dot, self.cache = blobs, remote_dot, cache
