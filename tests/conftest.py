@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -119,3 +120,18 @@ def raw_commit(parents: tuple[bytes, ...], subdots: dict[str, object], message: 
         "subdots": {k: v.to_json() for k, v in subdots.items()},  # type: ignore[attr-defined]
         "message": message, "author": author, "timestamp_ns": timestamp_ns,
         "metadata": metadata or {}}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def flip_byte_of_largest_object(dm: DM, delta: int) -> None:
+    """Flip the byte at ``delta`` from the start of the largest object's payload in its pack
+    (a disk gone bad under the store)."""
+    from dotmesh.meta import index
+
+    with sqlite3.connect(dm.home / "meta.db") as db:
+        index.merge_recent(db)  # every object's row in ``objects``
+        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
+                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
+    pack = dm.home / "packs" / name
+    data = bytearray(pack.read_bytes())
+    data[offset + delta] ^= 0x55
+    pack.write_bytes(bytes(data))

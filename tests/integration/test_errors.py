@@ -3,13 +3,11 @@
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 
 import pytest
 
-from dotmesh.meta import index
-from tests.conftest import DM, DM_BIN
+from tests.conftest import DM, DM_BIN, flip_byte_of_largest_object
 
 SLOW = pytest.mark.slow  # each case runs dm at least once: the fast loop keeps a few
 
@@ -98,14 +96,7 @@ def _flip_byte_of_largest_object(dm: DM, delta: int) -> None:
     dm.ok("init", "app")
     (dm.path("app") / "f").write_bytes(os.urandom(100_000))
     dm.ok("commit", "-m", "one")
-    with sqlite3.connect(dm.home / "meta.db") as db:
-        index.merge_recent(db)  # every object's row in ``objects``
-        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
-                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
-    pack = dm.home / "packs" / name
-    data = bytearray(pack.read_bytes())
-    data[offset + delta] ^= 0x55
-    pack.write_bytes(bytes(data))
+    flip_byte_of_largest_object(dm, delta)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from dotmesh import Repo
-from dotmesh.meta import index
-from tests.conftest import DM, DM_BIN, kill_inside
+from tests.conftest import DM, DM_BIN, flip_byte_of_largest_object, kill_inside
 from tests.integration.remote_env import Hub, postgres_db
 
 pytestmark = pytest.mark.slow  # hubs, PostgreSQL and SeaweedFS: minutes
@@ -394,18 +392,6 @@ def test_an_interrupted_push_and_clone_resume(hub, tmp_path):
     assert json.loads(bob.ok("fsck", "--json"))["ok"]
 
 
-def _damage_largest_object(dm: DM) -> None:
-    """Flip a byte of the largest object's payload in its pack."""
-    with sqlite3.connect(dm.home / "meta.db") as db:
-        index.merge_recent(db)
-        name, offset = db.execute("SELECT p.name, o.offset FROM objects o JOIN packs p "
-                                  "ON p.id = o.pack ORDER BY o.stored_len DESC").fetchone()
-    pack = dm.home / "packs" / name
-    data = bytearray(pack.read_bytes())
-    data[offset + 100] ^= 0x55
-    pack.write_bytes(bytes(data))
-
-
 def test_a_push_to_a_bucket_checks_each_object_it_reads_before_sending_it(s3, tmp_path):
     """A bucket keeps what it is sent: a byte gone bad in a pack (on btrfs packs keep no data
     checksums of their own) fails the push instead of reaching the backup."""
@@ -416,7 +402,7 @@ def test_a_push_to_a_bucket_checks_each_object_it_reads_before_sending_it(s3, tm
     alice.ok("init", "app")
     (alice.path("app.db") / "rows").write_bytes(os.urandom(200_000))
     alice.ok("commit", "-m", "one")
-    _damage_largest_object(alice)
+    flip_byte_of_largest_object(alice, 100)
     p = alice("push")
     assert p.returncode == 7 and "fails its hash check" in p.stderr, p.stderr
     assert p.stderr.count("\n") == 1
@@ -429,7 +415,7 @@ def test_a_hub_refuses_a_damaged_object_a_push_sends(hub, tmp_path):
     alice.ok("init", "damaged")
     (alice.path("damaged.db") / "rows").write_bytes(os.urandom(200_000))
     alice.ok("commit", "-m", "one")
-    _damage_largest_object(alice)
+    flip_byte_of_largest_object(alice, 100)
     p = alice("push")
     assert p.returncode != 0 and "does not match its id" in p.stderr, p.stderr
     assert p.stderr.count("\n") == 1

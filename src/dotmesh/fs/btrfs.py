@@ -131,10 +131,11 @@ def unchecksummed(fd: int) -> bool:
     flags = bytearray(8)
     try:
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
-        if not struct.unpack_from("=I", flags)[0] & FS_NOCOW_FL:
-            struct.pack_into("=I", flags, 0, struct.unpack_from("=I", flags)[0] | FS_NOCOW_FL)
+        (now,) = struct.unpack_from("=I", flags)
+        if not now & FS_NOCOW_FL:
+            struct.pack_into("=I", flags, 0, now | FS_NOCOW_FL)
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, False)
-            fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)  # (btrfs ignores it on a full file)
     except OSError:
         return False
     return bool(struct.unpack_from("=I", flags)[0] & FS_NOCOW_FL)

@@ -113,28 +113,26 @@ def _add_rows_after_merge(conn: sqlite3.Connection, rows: list[Row]) -> None:
     check there for each row (7% of a first commit's insert), and ROWS_PER_INSERT rows
     to a statement (sqlite3's executemany costs a round of binding and stepping per row:
     212,000 rows, a 2 GiB first commit's, 0.79-0.82 s one by one, 0.43-0.54 s by 64)."""
-    ordered = _by_id(rows)
+    _insert_by_many(conn, "INSERT OR IGNORE INTO objects VALUES {}", _by_id(rows))
+
+
+def _insert_by_many(conn: sqlite3.Connection, insert: str, ordered: list[Row]) -> None:
+    """``insert`` (a statement whose ``{}`` takes a list of rows of 7 values) for
+    ``ordered``, ROWS_PER_INSERT rows at a time and the rest one by one."""
     whole = len(ordered) // ROWS_PER_INSERT * ROWS_PER_INSERT
-    many = "INSERT OR IGNORE INTO objects VALUES " + ",".join(
-        ["(?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT)
+    many = insert.format(",".join(["(?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT))
     for i in range(0, whole, ROWS_PER_INSERT):
         conn.execute(many, list(chain.from_iterable(ordered[i:i + ROWS_PER_INSERT])))
-    conn.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     ordered[whole:])
+    if whole < len(ordered):
+        conn.executemany(insert.format("(?, ?, ?, ?, ?, ?, ?)"), ordered[whole:])
 
 
 def _add_recent_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Rows into ``recent_objects`` but those of ids ``objects`` has, ROWS_PER_INSERT to a
     statement (the 2,300 rows of a 1% commit: 8-11 ms one by one, 6-9 ms so)."""
-    ordered = _by_id(rows)
-    whole = len(ordered) // ROWS_PER_INSERT * ROWS_PER_INSERT
-    many = ("INSERT OR IGNORE INTO recent_objects SELECT * FROM (VALUES "
-            + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * ROWS_PER_INSERT)
-            + ") AS v WHERE NOT EXISTS (SELECT 1 FROM objects WHERE id=v.column1)")
-    for i in range(0, whole, ROWS_PER_INSERT):
-        conn.execute(many, list(chain.from_iterable(ordered[i:i + ROWS_PER_INSERT])))
-    conn.executemany("INSERT OR IGNORE INTO recent_objects SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 "
-                     "WHERE NOT EXISTS (SELECT 1 FROM objects WHERE id=?1)", ordered[whole:])
+    _insert_by_many(conn, "INSERT OR IGNORE INTO recent_objects SELECT * FROM (VALUES {}) "
+                    "AS v WHERE NOT EXISTS (SELECT 1 FROM objects WHERE id=v.column1)",
+                    _by_id(rows))
 
 
 def merge_recent(conn: sqlite3.Connection) -> None:

@@ -63,6 +63,7 @@ from dotmesh.store import chunker
 from dotmesh.store.packs import PackFiller, PackStore, PackWriter, Span, compress, compress_many
 from dotmesh.workdir import forked
 
+_HEX = re.compile(r"[0-9a-f]{64}")  # a folder's id in a tree row
 WARM_TREE_ROWS = 10_000  # rows of a reference's trees read while its snapshot is taken (12-20 ms)
 DEFER_LIMIT = 256 << 20  # at most this much raw data waits in memory for compression
 RACY_NS = 100_000_000  # well above the timestamp tick of Linux filesystems (at most 10 ms)
@@ -1081,13 +1082,11 @@ def _tree_rows(store: PackStore, oid: ObjectId) -> list[Row] | None:
                 and r[0] not in ("", ".", "..") and "/" not in r[0] and "\0" not in r[0]
                 and type(r[6]) is int):
             return None
-        if r[1] == DIR and not (isinstance(r[7], str) and len(r[7]) == 64
-                                and _HEX.fullmatch(r[7])):
+        if r[1] == DIR and not (isinstance(r[7], str) and _HEX.fullmatch(r[7])):
             return None
     return rows
 
 
-_HEX = re.compile(r"[0-9a-f]{64}")
 def _complete(top: Path, store: PackStore, sink: _Sink, walk: _Walk, hints: StatCache,
               progress: Progress | None, result: SnapshotResult, started: int,
               dirty: set[str], unchanged_root: ObjectId | None = None,
